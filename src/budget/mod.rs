@@ -1,0 +1,362 @@
+//! Budget policy: which limits apply to a call, and whether usage plus an estimate fits.
+//! Pure functions; the store supplies counters inside its transaction and calls these.
+
+use std::collections::HashMap;
+
+use crate::clock::{Calendar, Micros, Period};
+use crate::error::{config_err, Amount, Result};
+use crate::money::Nanos;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Enforcement {
+    #[default]
+    Hard,
+    Soft,
+}
+
+impl Enforcement {
+    pub fn parse(s: &str) -> Result<Enforcement> {
+        match s {
+            "hard" => Ok(Enforcement::Hard),
+            "soft" => Ok(Enforcement::Soft),
+            other => config_err(format!("enforcement must be \"hard\" or \"soft\", got {other:?}")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Hard => "hard",
+            Enforcement::Soft => "soft",
+        }
+    }
+}
+
+/// The limits of one level (global or one tenant). `None` = no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub daily_cost: Option<Nanos>,
+    pub monthly_cost: Option<Nanos>,
+    pub daily_tokens: Option<i64>,
+    pub monthly_tokens: Option<i64>,
+    pub daily_executions: Option<i64>,
+    pub monthly_executions: Option<i64>,
+}
+
+impl Limits {
+    /// Rejects negative counts (money is validated when parsed into `Nanos`).
+    pub fn validate(&self) -> Result<()> {
+        let counts = [
+            ("daily_token_limit", self.daily_tokens),
+            ("monthly_token_limit", self.monthly_tokens),
+            ("daily_execution_limit", self.daily_executions),
+            ("monthly_execution_limit", self.monthly_executions),
+        ];
+        for (name, v) in counts {
+            if let Some(v) = v.filter(|v| *v < 0) {
+                return config_err(format!("{name} must not be negative (got {v})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each set limit as (period, metric, limit).
+    fn each(&self) -> impl Iterator<Item = (Period, Metric, Amount)> + '_ {
+        [
+            (Period::Daily, Metric::Cost, self.daily_cost.map(Amount::Usd)),
+            (Period::Monthly, Metric::Cost, self.monthly_cost.map(Amount::Usd)),
+            (Period::Daily, Metric::Tokens, self.daily_tokens.map(Amount::Count)),
+            (Period::Monthly, Metric::Tokens, self.monthly_tokens.map(Amount::Count)),
+            (Period::Daily, Metric::Executions, self.daily_executions.map(Amount::Count)),
+            (Period::Monthly, Metric::Executions, self.monthly_executions.map(Amount::Count)),
+        ]
+        .into_iter()
+        .filter_map(|(p, m, l)| l.map(|l| (p, m, l)))
+    }
+
+    /// `self` with every unset limit taken from `defaults` (how a tenant inherits global limits).
+    pub fn inheriting(&self, defaults: &Limits) -> Limits {
+        Limits {
+            daily_cost: self.daily_cost.or(defaults.daily_cost),
+            monthly_cost: self.monthly_cost.or(defaults.monthly_cost),
+            daily_tokens: self.daily_tokens.or(defaults.daily_tokens),
+            monthly_tokens: self.monthly_tokens.or(defaults.monthly_tokens),
+            daily_executions: self.daily_executions.or(defaults.daily_executions),
+            monthly_executions: self.monthly_executions.or(defaults.monthly_executions),
+        }
+    }
+}
+
+/// A tenant's own budget, as stored (`TenantBudget`) or given at run time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantBudget {
+    pub tenant_id: String,
+    pub name: Option<String>,
+    pub limits: Limits,
+    pub enforcement: Enforcement,
+}
+
+impl TenantBudget {
+    pub fn validate(&self) -> Result<()> {
+        crate::tenancy::validate_tenant_id(&self.tenant_id)?;
+        self.limits.validate()
+    }
+}
+
+/// `configure(budgets=...)`.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalBudgets {
+    pub limits: Limits,
+    pub per_agent_daily: HashMap<String, Nanos>,
+    pub per_agent_monthly: HashMap<String, Nanos>,
+    pub enforcement: Enforcement,
+}
+
+impl GlobalBudgets {
+    pub fn is_empty(&self) -> bool {
+        self.limits == Limits::default() && self.per_agent_daily.is_empty() && self.per_agent_monthly.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Cost,
+    Tokens,
+    Executions,
+}
+
+/// The counter scopes every admitted call is added to.
+pub fn scopes_of(tenant_id: Option<&str>, agent: &str) -> Vec<String> {
+    let mut s = vec!["global".to_string(), format!("agent:{agent}")];
+    if let Some(t) = tenant_id {
+        s.push(format!("tenant:{t}"));
+    }
+    s
+}
+
+pub fn tenant_scope(tenant_id: &str) -> String {
+    format!("tenant:{tenant_id}")
+}
+
+/// One limit that applies to a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// Public name: "tenant_daily", "global_monthly_tokens", "agent_daily_executions", ...
+    pub name: String,
+    pub scope: String,
+    pub period_key: String,
+    pub metric: Metric,
+    pub limit: Amount,
+    pub enforcement: Enforcement,
+    pub tenant_budget: bool,
+}
+
+/// Running totals of one (scope, period): recorded plus in-flight reservations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cost: Nanos,
+    pub tokens: i64,
+    pub executions: i64,
+}
+
+impl Usage {
+    fn of(&self, m: Metric) -> Amount {
+        match m {
+            Metric::Cost => Amount::Usd(self.cost),
+            Metric::Tokens => Amount::Count(self.tokens),
+            Metric::Executions => Amount::Count(self.executions),
+        }
+    }
+    pub fn plus(&self, o: &Usage) -> Usage {
+        Usage { cost: self.cost.saturating_add(o.cost), tokens: self.tokens + o.tokens, executions: self.executions + o.executions }
+    }
+}
+
+/// Everything needed to decide which limits apply to one call.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub global: &'a GlobalBudgets,
+    pub agent: &'a str,
+    pub tenant_id: Option<&'a str>,
+    /// Limits from the runtime tenant dict or `tenant_config_resolver`; when set the stored
+    /// budget is not consulted.
+    pub tenant_override: Option<&'a TenantBudget>,
+}
+
+fn check_name(level: &str, period: Period, metric: Metric) -> String {
+    let suffix = match metric {
+        Metric::Cost => "",
+        Metric::Tokens => "_tokens",
+        Metric::Executions => "_executions",
+    };
+    format!("{level}_{}{suffix}", period.name())
+}
+
+/// The checks for a call at `now`, given the tenant's stored budget (if the plan has no override).
+pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>, cal: &Calendar, now: Micros) -> Vec<Check> {
+    let day = cal.period_key(Period::Daily, now);
+    let month = cal.period_key(Period::Monthly, now);
+    let key = |p: Period| if p == Period::Daily { day.clone() } else { month.clone() };
+    let mut out = Vec::new();
+    for (period, metric, limit) in plan.global.limits.each() {
+        out.push(Check {
+            name: check_name("global", period, metric),
+            scope: "global".into(),
+            period_key: key(period),
+            metric,
+            limit,
+            enforcement: plan.global.enforcement,
+            tenant_budget: false,
+        });
+    }
+    for (period, map) in [(Period::Daily, &plan.global.per_agent_daily), (Period::Monthly, &plan.global.per_agent_monthly)] {
+        if let Some(l) = map.get(plan.agent) {
+            out.push(Check {
+                name: check_name("agent", period, Metric::Cost),
+                scope: format!("agent:{}", plan.agent),
+                period_key: key(period),
+                metric: Metric::Cost,
+                limit: Amount::Usd(*l),
+                enforcement: plan.global.enforcement,
+                tenant_budget: false,
+            });
+        }
+    }
+    if let (Some(tid), Some(tb)) = (plan.tenant_id, plan.tenant_override.or(stored)) {
+        for (period, metric, limit) in tb.limits.each() {
+            out.push(Check {
+                name: check_name("tenant", period, metric),
+                scope: tenant_scope(tid),
+                period_key: key(period),
+                metric,
+                limit,
+                enforcement: tb.enforcement,
+                tenant_budget: true,
+            });
+        }
+    }
+    out
+}
+
+/// The estimate a call reserves: its upper-bound cost and tokens, and one execution.
+pub fn estimate(cost: Nanos, tokens: i64) -> Usage {
+    Usage { cost, tokens, executions: 1 }
+}
+
+/// A limit that `current + estimate` would pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breach {
+    pub check: Check,
+    pub current: Amount,
+}
+
+impl Breach {
+    /// "tenant_daily limit $5 reached (current $4.99)": shown in errors and execution rows.
+    pub fn describe(&self) -> String {
+        format!("{} limit {} reached (current {})", self.check.name, self.check.limit, self.current)
+    }
+}
+
+/// Splits breaches into the first hard one (blocks the call) and soft ones (warnings).
+pub fn evaluate(checks: &[Check], usage_of: impl Fn(&Check) -> Usage, est: &Usage) -> (Option<Breach>, Vec<Breach>) {
+    let mut soft = Vec::new();
+    for c in checks {
+        let current = usage_of(c);
+        if exceeds(c.limit, current.plus(est).of(c.metric)) {
+            let b = Breach { check: c.clone(), current: current.of(c.metric) };
+            if c.enforcement == Enforcement::Hard {
+                return (Some(b), soft);
+            }
+            soft.push(b);
+        }
+    }
+    (None, soft)
+}
+
+fn exceeds(limit: Amount, value: Amount) -> bool {
+    match (limit, value) {
+        (Amount::Usd(l), Amount::Usd(v)) => v > l,
+        (Amount::Count(l), Amount::Count(v)) => v > l,
+        _ => false,
+    }
+}
+
+/// Utilisation thresholds (percent) that alert once per scope and period.
+pub const ALERT_THRESHOLDS: [i64; 2] = [80, 100];
+
+/// Thresholds of `check` reached by `usage` (the recorded total after a call settled).
+pub fn thresholds_reached(check: &Check, usage: &Usage) -> Vec<i64> {
+    let (value, limit) = match (usage.of(check.metric), check.limit) {
+        (Amount::Usd(v), Amount::Usd(l)) => (v.0 as i128, l.0 as i128),
+        (Amount::Count(v), Amount::Count(l)) => (v as i128, l as i128),
+        _ => return vec![],
+    };
+    ALERT_THRESHOLDS.iter().copied().filter(|t| value * 100 >= limit * (*t as i128)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn global(daily_usd: i64) -> GlobalBudgets {
+        GlobalBudgets {
+            limits: Limits { daily_cost: Some(Nanos(daily_usd * 1_000_000_000)), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tenant_override_wins_over_stored() {
+        let g = GlobalBudgets::default();
+        let over = TenantBudget { tenant_id: "t".into(), limits: Limits { daily_tokens: Some(5), ..Default::default() }, ..Default::default() };
+        let stored = TenantBudget { tenant_id: "t".into(), limits: Limits { daily_tokens: Some(99), ..Default::default() }, ..Default::default() };
+        let cal = Calendar::new("UTC").unwrap();
+        let plan = Plan { global: &g, agent: "A", tenant_id: Some("t"), tenant_override: Some(&over) };
+        let c = checks(&plan, Some(&stored), &cal, 0);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].name, "tenant_daily_tokens");
+        assert_eq!(c[0].limit, Amount::Count(5));
+    }
+
+    #[test]
+    fn hard_blocks_soft_warns() {
+        let g = global(1);
+        let cal = Calendar::new("UTC").unwrap();
+        let plan = Plan { global: &g, agent: "A", tenant_id: None, tenant_override: None };
+        let cs = checks(&plan, None, &cal, 0);
+        let used = Usage { cost: Nanos(900_000_000), ..Default::default() };
+        let est = estimate(Nanos(200_000_000), 10);
+        let (hard, _) = evaluate(&cs, |_| used, &est);
+        let b = hard.unwrap();
+        assert_eq!(b.check.name, "global_daily");
+        assert_eq!(b.current, Amount::Usd(Nanos(900_000_000)));
+        // exactly at the limit is allowed
+        assert!(evaluate(&cs, |_| used, &estimate(Nanos(100_000_000), 1)).0.is_none());
+        let mut soft = g.clone();
+        soft.enforcement = Enforcement::Soft;
+        let plan = Plan { global: &soft, ..plan };
+        let (hard, warn) = evaluate(&checks(&plan, None, &cal, 0), |_| used, &est);
+        assert!(hard.is_none());
+        assert_eq!(warn.len(), 1);
+    }
+
+    #[test]
+    fn thresholds() {
+        let c = Check {
+            name: "x".into(),
+            scope: "global".into(),
+            period_key: "2026-11".into(),
+            metric: Metric::Tokens,
+            limit: Amount::Count(100),
+            enforcement: Enforcement::Soft,
+            tenant_budget: false,
+        };
+        assert!(thresholds_reached(&c, &Usage { tokens: 79, ..Default::default() }).is_empty());
+        assert_eq!(thresholds_reached(&c, &Usage { tokens: 80, ..Default::default() }), vec![80]);
+        assert_eq!(thresholds_reached(&c, &Usage { tokens: 150, ..Default::default() }), vec![80, 100]);
+    }
+
+    #[test]
+    fn negative_counts_are_refused() {
+        let l = Limits { monthly_tokens: Some(-1), ..Default::default() };
+        assert!(l.validate().unwrap_err().to_string().contains("monthly_token_limit"));
+    }
+}

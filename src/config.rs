@@ -1,0 +1,62 @@
+//! The engine's settings (`tl.configure(...)`), validated once when the engine is built.
+
+use std::collections::HashMap;
+
+use crate::budget::GlobalBudgets;
+use crate::providers::MockSettings;
+
+#[derive(Debug, Clone)]
+pub struct PriceOverride {
+    pub model: String,
+    pub input: String,
+    pub output: String,
+    pub cached_input: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub database: String,
+    pub timezone: String,
+    pub multi_tenancy_enabled: bool,
+    pub budgets: GlobalBudgets,
+    pub pricing: Vec<PriceOverride>,
+    /// Provider -> key, below per-tenant keys and above the environment. Never logged.
+    pub api_keys: HashMap<String, String>,
+    pub base_urls: HashMap<String, String>,
+    pub mock: MockSettings,
+    /// Keep prompts and responses in `execution_details`.
+    pub store_prompts: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: "tenantllm.db".into(),
+            timezone: "UTC".into(),
+            multi_tenancy_enabled: true,
+            budgets: GlobalBudgets::default(),
+            pricing: vec![],
+            api_keys: HashMap::new(),
+            base_urls: HashMap::new(),
+            mock: MockSettings::default(),
+            store_prompts: true,
+        }
+    }
+}
+
+// Keys must never leak through Debug output.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database", &self.database)
+            .field("timezone", &self.timezone)
+            .field("multi_tenancy_enabled", &self.multi_tenancy_enabled)
+            .field("budgets", &self.budgets)
+            .field("pricing", &self.pricing)
+            .field("api_keys", &self.api_keys.keys().collect::<Vec<_>>())
+            .field("base_urls", &self.base_urls)
+            .field("mock", &self.mock)
+            .field("store_prompts", &self.store_prompts)
+            .finish()
+    }
+}

@@ -1,0 +1,462 @@
+//! The call flow: admit (budgets, breakers) -> provider attempts (retries, fallbacks) ->
+//! settle (execution row, counters, breaker outcomes), as DESIGN §2 describes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::breaker;
+use crate::budget::{self, Check};
+use crate::clock::{now_micros, Calendar, Micros};
+use crate::config::Config;
+use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, Result};
+use crate::execution::{Attempt, Completion, NewExecution, Status};
+use crate::money::Nanos;
+use crate::pricing::{Cost, Price, PriceTable, Usage};
+use crate::providers::{self, Providers, Reply, Request, Route, Target};
+use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
+use crate::store::{self, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, FinishRequest, Store};
+use crate::tenancy::TenantContext;
+
+/// An agent class's settings, validated once per class.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub model: String,
+    pub fallback_models: Vec<String>,
+    pub temperature: Option<f64>,
+    pub max_tokens: u32,
+    pub timeout: Duration,
+    pub retries: RetryPolicy,
+    pub breaker: Option<breaker::Policy>,
+}
+
+impl AgentSpec {
+    pub fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty() {
+            return config_err("agent name must not be empty");
+        }
+        if self.model.trim().is_empty() {
+            return config_err(format!("{}.model must be set", self.name));
+        }
+        if let Some(t) = self.temperature {
+            if !t.is_finite() || !(0.0..=2.0).contains(&t) {
+                return config_err(format!("{}.temperature must be between 0 and 2 (got {t})", self.name));
+            }
+        }
+        if self.max_tokens == 0 {
+            return config_err(format!("{}.max_tokens must be at least 1", self.name));
+        }
+        if self.timeout.is_zero() {
+            return config_err(format!("{}.timeout must be positive", self.name));
+        }
+        Ok(())
+    }
+
+    fn chain(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.model).chain(self.fallback_models.iter())
+    }
+}
+
+/// One call's rendered prompts and context.
+#[derive(Debug, Clone, Default)]
+pub struct CallRequest {
+    pub system: Option<String>,
+    pub user: String,
+    pub tenant: TenantContext,
+    /// A JSON object.
+    pub metadata: String,
+    pub parent_execution_id: Option<String>,
+    pub root_execution_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    pub execution_id: String,
+    pub tenant_id: Option<String>,
+    pub content: String,
+    pub model_id: String,
+    pub chosen_model_id: String,
+    pub provider: String,
+    pub usage: Usage,
+    pub cost: Cost,
+    pub duration_ms: i64,
+    pub attempts_count: usize,
+    pub finish_reason: Option<String>,
+    pub budget_warnings: Vec<String>,
+}
+
+/// What a call would do, without doing it (`dry_run=True`).
+#[derive(Debug, Clone)]
+pub struct CallPlan {
+    pub routes: Vec<Route>,
+    pub prices: Vec<Price>,
+    pub estimated_input_tokens: i64,
+    pub estimated_cost: Nanos,
+    pub estimated_tokens: i64,
+}
+
+pub struct Engine {
+    config: Config,
+    store: Box<dyn Store>,
+    prices: PriceTable,
+    calendar: Calendar,
+    providers: Providers,
+    alerts: Mutex<Vec<Alert>>,
+}
+
+/// Slack added to a reservation's lease beyond the call's worst-case duration.
+const LEASE_SLACK: Duration = Duration::from_secs(60);
+
+impl Engine {
+    pub fn new(config: Config) -> Result<Engine> {
+        let calendar = Calendar::new(&config.timezone)?;
+        let mut prices = PriceTable::built_in();
+        for p in &config.pricing {
+            prices.set(&p.model, &p.input, &p.output, p.cached_input.as_deref())?;
+        }
+        config.budgets.limits.validate()?;
+        let store = store::open(&config.database)?;
+        Ok(Engine { providers: Providers::new(config.mock), config, store, prices, calendar, alerts: Mutex::new(vec![]) })
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+    pub fn calendar(&self) -> &Calendar {
+        &self.calendar
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Alerts raised since the last call (budget thresholds, breakers opened/closed).
+    pub fn drain_alerts(&self) -> Vec<Alert> {
+        std::mem::take(&mut *self.alerts.lock())
+    }
+
+    fn request(spec: &AgentSpec, req: &CallRequest) -> Request {
+        Request {
+            system: req.system.clone(),
+            user: req.user.clone(),
+            temperature: spec.temperature,
+            max_tokens: spec.max_tokens,
+            timeout: spec.timeout,
+        }
+    }
+
+    pub fn plan(&self, spec: &AgentSpec, req: &CallRequest) -> Result<CallPlan> {
+        spec.validate()?;
+        let routes = spec.chain().map(|m| providers::route(m, &self.prices, &self.config.base_urls)).collect::<Result<Vec<_>>>()?;
+        let prices = spec.chain().map(|m| self.prices.price(m)).collect::<Result<Vec<_>>>()?;
+        let input = providers::prompt_token_bound(&Self::request(spec, req));
+        let output = spec.max_tokens as i64;
+        // The most expensive model of the chain bounds what the call can cost.
+        let estimated_cost = prices.iter().map(|p| p.cost(Usage { input, output, cached: 0 }).total()).max().unwrap_or_default();
+        Ok(CallPlan { routes, prices, estimated_input_tokens: input, estimated_cost, estimated_tokens: input + output })
+    }
+
+    fn lease(spec: &AgentSpec) -> Duration {
+        let per_model = spec.timeout.as_secs_f64() * (spec.retries.max + 1) as f64 + spec.retries.max_total_delay_s()
+            + spec.retries.max as f64 * MAX_RETRY_AFTER_S.min(spec.retries.max_delay_s.max(0.0));
+        Duration::from_secs_f64(per_model * (1 + spec.fallback_models.len()) as f64) + LEASE_SLACK
+    }
+
+    fn breaker_keys(&self, spec: &AgentSpec, tenant: Option<&str>) -> Vec<BreakerKey> {
+        if spec.breaker.is_none() {
+            return vec![];
+        }
+        let tenant_id = tenant.filter(|_| self.config.multi_tenancy_enabled).map(str::to_string);
+        spec.chain().map(|m| BreakerKey { agent: spec.name.clone(), model: m.clone(), tenant_id: tenant_id.clone() }).collect()
+    }
+
+    pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
+        let plan = self.plan(&spec, &req)?;
+        if let Some(t) = &req.tenant.id {
+            crate::tenancy::validate_tenant_id(t)?;
+        }
+        let tenant_id = req.tenant.id.as_deref();
+        let now = now_micros();
+        let id = uuid::Uuid::now_v7().to_string();
+        let execution = NewExecution {
+            id: id.clone(),
+            agent: spec.name.clone(),
+            model_id: spec.model.clone(),
+            provider: plan.routes[0].provider.clone(),
+            tenant_id: req.tenant.id.clone(),
+            started_at: now,
+            metadata: req.metadata.clone(),
+            root_execution_id: req.root_execution_id.clone().or_else(|| req.parent_execution_id.clone()),
+            parent_execution_id: req.parent_execution_id.clone(),
+            system_prompt: req.system.clone(),
+            user_prompt: Some(req.user.clone()),
+        };
+        let keys = self.breaker_keys(&spec, tenant_id);
+        let lease = breaker::probe_lease(spec.timeout.as_secs_f64());
+        let admitted = self.store.admit(&AdmitRequest {
+            execution: &execution,
+            plan: budget::Plan { global: &self.config.budgets, agent: &spec.name, tenant_id, tenant_override: req.tenant.limits.as_ref() },
+            estimate: budget::estimate(plan.estimated_cost, plan.estimated_tokens),
+            reservation_expires_at: now + Self::lease(&spec).as_micros() as Micros,
+            breaker_keys: &keys,
+            probe_lease: lease,
+            calendar: &self.calendar,
+            now,
+        })?;
+        let (first, probe, checks, warnings) = match admitted {
+            Admitted::Go { model_index, probe, checks, warnings } => (model_index, probe, checks, warnings),
+            Admitted::Blocked(b) => {
+                return Err(Error::BudgetExceeded(Box::new(BudgetBlock {
+                    scope: b.check.name.clone(),
+                    limit: b.check.limit,
+                    current: b.current,
+                    tenant_id: req.tenant.id.clone(),
+                    agent: spec.name.clone(),
+                    tenant_budget: b.check.tenant_budget,
+                    execution_id: id,
+                })))
+            }
+            Admitted::ShortCircuited { retry_at } => {
+                return Err(Error::CircuitOpen(Box::new(CircuitBlock {
+                    agent: spec.name.clone(),
+                    tenant_id: req.tenant.id.clone(),
+                    model: spec.model.clone(),
+                    retry_at: retry_at as f64 / 1e6,
+                    execution_id: id,
+                })))
+            }
+        };
+        let mut call = InFlight {
+            engine: &self,
+            execution: &execution,
+            reserved: !checks.is_empty(),
+            checks,
+            attempts: vec![],
+            outcomes: vec![],
+            started: Instant::now(),
+            done: false,
+        };
+        let request = Self::request(&spec, &req);
+        let mut errors: Vec<ProviderFailure> = vec![];
+        let mut probe = probe;
+        for (i, route) in plan.routes.iter().enumerate().skip(first) {
+            if i != first {
+                if let (Some(key), Some(_)) = (keys.get(i), spec.breaker) {
+                    match self.store.breaker_admit(key, lease, now_micros())? {
+                        breaker::Admission::Reject { .. } => continue,
+                        breaker::Admission::Probe => probe = true,
+                        breaker::Admission::Pass => probe = false,
+                    }
+                }
+            }
+            let target = Target {
+                route,
+                api_key: self.api_key(&req.tenant, &route.provider),
+                base_url: self.config.base_urls.get(&route.provider).map(String::as_str),
+            };
+            for retry in 0..=spec.retries.max {
+                let t0 = Instant::now();
+                let result = match tokio::time::timeout(spec.timeout, self.providers.send(&target, &request)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProviderFailure {
+                        kind: ProviderErrorKind::Timeout,
+                        provider: route.provider.clone(),
+                        model: route.model.clone(),
+                        status: None,
+                        message: format!("no answer within {:?}", spec.timeout),
+                        retryable: true,
+                        retry_after: None,
+                    }),
+                };
+                let elapsed = t0.elapsed().as_millis() as i64;
+                let key = keys.get(i).cloned();
+                match result {
+                    Ok(reply) => {
+                        call.record(key, &spec, probe, route, &plan.prices[i], Ok(&reply), elapsed);
+                        let outcome = call.succeed(&spec, route, &plan.prices[i], reply, warnings.iter().map(|w| w.describe()).collect())?;
+                        return Ok(outcome);
+                    }
+                    Err(f) => {
+                        call.record(key, &spec, probe, route, &plan.prices[i], Err(&f), elapsed);
+                        probe = false;
+                        let wait_too_long = f.retry_after.is_some_and(|s| s > MAX_RETRY_AFTER_S);
+                        let retry_after = f.retry_after;
+                        let retryable = f.retryable;
+                        errors.push(f);
+                        if !retryable || retry == spec.retries.max || wait_too_long {
+                            break;
+                        }
+                        tokio::time::sleep(spec.retries.delay(retry, fastrand::f64(), retry_after)).await;
+                    }
+                }
+            }
+        }
+        Err(call.fail(errors, plan.routes.len() > 1)?)
+    }
+
+    /// The key for `provider`: this call's tenant keys, then `configure(api_keys=)`, then the
+    /// environment.
+    fn api_key<'a>(&'a self, tenant: &'a TenantContext, provider: &str) -> Option<&'a str> {
+        tenant
+            .api_keys
+            .get(provider)
+            .or_else(|| self.config.api_keys.get(provider))
+            .map(String::as_str)
+            .filter(|k| !k.trim().is_empty())
+    }
+}
+
+/// An admitted call. Dropping it unfinished (the awaiting task was cancelled) records the
+/// execution as cancelled and releases its reservation, so no call is lost.
+struct InFlight<'a> {
+    engine: &'a Engine,
+    execution: &'a NewExecution,
+    reserved: bool,
+    checks: Vec<Check>,
+    attempts: Vec<Attempt>,
+    outcomes: Vec<BreakerOutcome>,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        key: Option<BreakerKey>,
+        spec: &AgentSpec,
+        probe: bool,
+        route: &Route,
+        price: &Price,
+        result: std::result::Result<&Reply, &ProviderFailure>,
+        duration_ms: i64,
+    ) {
+        if let (Some(key), Some(policy)) = (key, spec.breaker) {
+            self.outcomes.push(BreakerOutcome { key, policy, success: result.is_ok(), probe });
+        }
+        let (usage, cost) = match result {
+            Ok(r) => (r.usage, price.cost(r.usage)),
+            Err(_) => (Usage::default(), Cost::default()),
+        };
+        self.attempts.push(Attempt {
+            model: route.model.clone(),
+            provider: route.provider.clone(),
+            status: if result.is_ok() { "success" } else { "error" },
+            error_class: result.err().map(|f| f.kind.class_name().to_string()),
+            error_message: result.err().map(|f| f.message.clone()),
+            http_status: result.err().and_then(|f| f.status),
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            cached_tokens: usage.cached,
+            cost: cost.total().0,
+            duration_ms,
+        });
+    }
+
+    fn finish(&mut self, completion: &Completion) -> Result<()> {
+        self.done = true;
+        let e = self.engine;
+        let alerts = e.store.finish(&FinishRequest {
+            execution: self.execution,
+            completion,
+            reserved: self.reserved,
+            checks: &self.checks,
+            breakers: &self.outcomes,
+            calendar: &e.calendar,
+            store_details: e.config.store_prompts,
+        })?;
+        if !alerts.is_empty() {
+            e.alerts.lock().extend(alerts);
+        }
+        Ok(())
+    }
+
+    fn completion(&mut self, status: Status) -> Completion {
+        Completion {
+            status,
+            error_class: None,
+            error_message: None,
+            chosen_model_id: None,
+            provider: None,
+            completed_at: now_micros(),
+            duration_ms: self.started.elapsed().as_millis() as i64,
+            usage: Usage::default(),
+            cost: Cost::default(),
+            attempts: std::mem::take(&mut self.attempts),
+            finish_reason: None,
+            response: None,
+        }
+    }
+
+    fn succeed(&mut self, spec: &AgentSpec, route: &Route, price: &Price, reply: Reply, warnings: Vec<String>) -> Result<CallOutcome> {
+        let cost = price.cost(reply.usage);
+        let mut c = self.completion(Status::Success);
+        c.chosen_model_id = Some(reply.model.clone());
+        c.provider = Some(route.provider.clone());
+        c.usage = reply.usage;
+        c.cost = cost;
+        c.finish_reason = reply.finish_reason.clone();
+        c.response = Some(reply.content.clone());
+        let attempts_count = c.attempts.len();
+        self.finish(&c)?;
+        Ok(CallOutcome {
+            execution_id: self.execution.id.clone(),
+            tenant_id: self.execution.tenant_id.clone(),
+            content: reply.content,
+            model_id: spec.model.clone(),
+            chosen_model_id: reply.model,
+            provider: route.provider.clone(),
+            usage: reply.usage,
+            cost,
+            duration_ms: c.duration_ms,
+            attempts_count,
+            finish_reason: reply.finish_reason,
+            budget_warnings: warnings,
+        })
+    }
+
+    /// Records a call whose every attempt failed; returns the error to raise.
+    fn fail(&mut self, errors: Vec<ProviderFailure>, had_fallbacks: bool) -> Result<Error> {
+        let last = errors.last().cloned();
+        let timed_out = last.as_ref().is_some_and(|f| f.kind == ProviderErrorKind::Timeout);
+        let mut c = self.completion(if timed_out { Status::Timeout } else { Status::Error });
+        let err = match last {
+            Some(f) if !had_fallbacks => Error::Provider(Box::new(f)),
+            Some(_) => Error::AllModelsExhausted { errors },
+            // Every model was skipped by its breaker after the first attempts.
+            None => Error::AllModelsExhausted { errors: vec![] },
+        };
+        c.error_class = Some(error_class(&err).into());
+        c.error_message = Some(err.to_string());
+        self.finish(&c)?;
+        Ok(err)
+    }
+}
+
+pub fn error_class(e: &Error) -> &'static str {
+    match e {
+        Error::BudgetExceeded(_) => "BudgetExceededError",
+        Error::CircuitOpen(_) => "CircuitOpenError",
+        Error::AllModelsExhausted { .. } => "AllModelsExhaustedError",
+        Error::Provider(f) => f.kind.class_name(),
+        Error::Configuration(_) => "ConfigurationError",
+        Error::InvalidTenant(_) => "InvalidTenantError",
+        Error::MissingParameter(_) => "MissingParameterError",
+        Error::Store(_) => "StoreError",
+        Error::Cancelled => "CancelledError",
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut c = self.completion(Status::Cancelled);
+            c.error_class = Some("CancelledError".into());
+            c.error_message = Some("the caller cancelled the call".into());
+            // Nothing can be raised from a destructor; a failed write leaves the row
+            // `running` and the reservation to expire with its lease.
+            let _ = self.finish(&c);
+        }
+    }
+}

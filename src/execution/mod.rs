@@ -1,0 +1,268 @@
+//! Execution records (one per call) and the query language over them. Queries name fields
+//! from a fixed list; the store turns them into SQL, so no user text reaches SQL as code.
+
+use serde::Serialize;
+
+use crate::clock::Micros;
+use crate::error::{config_err, Result};
+use crate::money::Nanos;
+use crate::pricing::{Cost, Usage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Running,
+    Success,
+    Error,
+    Timeout,
+    Blocked,
+    ShortCircuited,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 7] = [
+        Status::Running,
+        Status::Success,
+        Status::Error,
+        Status::Timeout,
+        Status::Blocked,
+        Status::ShortCircuited,
+        Status::Cancelled,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Success => "success",
+            Status::Error => "error",
+            Status::Timeout => "timeout",
+            Status::Blocked => "blocked",
+            Status::ShortCircuited => "short_circuited",
+            Status::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Status> {
+        match Status::ALL.iter().find(|x| x.as_str() == s) {
+            Some(x) => Ok(*x),
+            None => config_err(format!(
+                "unknown status {s:?}; expected one of {}",
+                Status::ALL.map(|x| x.as_str()).join(", ")
+            )),
+        }
+    }
+    /// Statuses of calls that were admitted and so count toward usage counters.
+    pub fn counts_as_usage(self) -> bool {
+        !matches!(self, Status::Blocked | Status::ShortCircuited)
+    }
+}
+
+/// One request to a provider, kept in the execution's `attempts` list.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Attempt {
+    pub model: String,
+    pub provider: String,
+    pub status: &'static str,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub http_status: Option<u16>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: i64,
+    /// Nano-USD.
+    pub cost: i64,
+    pub duration_ms: i64,
+}
+
+/// What is known when a call starts.
+#[derive(Debug, Clone, Default)]
+pub struct NewExecution {
+    pub id: String,
+    pub agent: String,
+    pub model_id: String,
+    pub provider: String,
+    pub tenant_id: Option<String>,
+    pub started_at: Micros,
+    /// A JSON object.
+    pub metadata: String,
+    pub parent_execution_id: Option<String>,
+    pub root_execution_id: Option<String>,
+    /// Prompts, stored in the details table when prompt storage is on.
+    pub system_prompt: Option<String>,
+    pub user_prompt: Option<String>,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub status: Status,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub chosen_model_id: Option<String>,
+    pub provider: Option<String>,
+    pub completed_at: Micros,
+    pub duration_ms: i64,
+    pub usage: Usage,
+    pub cost: Cost,
+    pub attempts: Vec<Attempt>,
+    pub finish_reason: Option<String>,
+    pub response: Option<String>,
+}
+
+impl Completion {
+    /// A call that ended before any provider request (blocked, short-circuited).
+    pub fn refused(status: Status, error_class: &str, message: String, now: Micros) -> Completion {
+        Completion {
+            status,
+            error_class: Some(error_class.into()),
+            error_message: Some(message),
+            chosen_model_id: None,
+            provider: None,
+            completed_at: now,
+            duration_ms: 0,
+            usage: Usage::default(),
+            cost: Cost::default(),
+            attempts: vec![],
+            finish_reason: None,
+            response: None,
+        }
+    }
+}
+
+/// Fields a query may name, with how each is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Int,
+    /// Integer nano-USD, surfaced as Decimal USD.
+    Money,
+    /// Integer UTC micros, surfaced as datetime.
+    Time,
+    /// JSON text.
+    Json,
+}
+
+/// (name, column kind, can filter/group/order/sum). Names are also the SQL column names.
+pub const FIELDS: &[(&str, Kind)] = &[
+    ("id", Kind::Text),
+    ("agent", Kind::Text),
+    ("model_id", Kind::Text),
+    ("chosen_model_id", Kind::Text),
+    ("provider", Kind::Text),
+    ("tenant_id", Kind::Text),
+    ("status", Kind::Text),
+    ("error_class", Kind::Text),
+    ("error_message", Kind::Text),
+    ("started_at", Kind::Time),
+    ("completed_at", Kind::Time),
+    ("duration_ms", Kind::Int),
+    ("input_tokens", Kind::Int),
+    ("output_tokens", Kind::Int),
+    ("cached_tokens", Kind::Int),
+    ("total_tokens", Kind::Int),
+    ("input_cost", Kind::Money),
+    ("output_cost", Kind::Money),
+    ("total_cost", Kind::Money),
+    ("attempts_count", Kind::Int),
+    ("attempts", Kind::Json),
+    ("metadata", Kind::Json),
+    ("finish_reason", Kind::Text),
+    ("parent_execution_id", Kind::Text),
+    ("root_execution_id", Kind::Text),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field(pub &'static str, pub Kind);
+
+impl Field {
+    pub fn parse(name: &str) -> Result<Field> {
+        match FIELDS.iter().find(|(n, _)| *n == name) {
+            Some((n, k)) => Ok(Field(n, *k)),
+            None => config_err(format!(
+                "unknown execution field {name:?}; expected one of {}",
+                FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+    pub fn numeric(name: &str) -> Result<Field> {
+        let f = Field::parse(name)?;
+        match f.1 {
+            Kind::Int | Kind::Money => Ok(f),
+            _ => config_err(format!("cannot sum {name:?}: it is not a numeric field")),
+        }
+    }
+    pub fn groupable(name: &str) -> Result<Field> {
+        let f = Field::parse(name)?;
+        match f.1 {
+            Kind::Text => Ok(f),
+            _ => config_err(format!("cannot group by {name:?}: group by a text field such as tenant_id, agent, model_id or status")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Text(String),
+    Int(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// field = value
+    Eq(Field, Value),
+    /// field IN (values)
+    In(Field, Vec<Value>),
+    IsNull(Field),
+    NotNull(Field),
+    /// lo <= field < hi (time or integer)
+    Range(Field, Option<i64>, Option<i64>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Aggregate {
+    Count,
+    Sum(Field),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Query {
+    pub filters: Vec<Filter>,
+    /// (field, descending)
+    pub order: Vec<(Field, bool)>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+/// A value read back from the store, typed by the field's kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Null,
+    Text(String),
+    Int(i64),
+    Money(Nanos),
+    Time(Micros),
+    Json(String),
+}
+
+/// One execution row: (field name, value) in `FIELDS` order.
+pub type Row = Vec<(&'static str, Cell)>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Details {
+    pub system_prompt: Option<String>,
+    pub user_prompt: Option<String>,
+    pub response: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_a_closed_set() {
+        assert!(Field::parse("total_cost").is_ok());
+        let e = Field::parse("total_cost; DROP TABLE executions").unwrap_err().to_string();
+        assert!(e.contains("unknown execution field"));
+        assert!(Field::numeric("agent").is_err());
+        assert!(Field::groupable("total_cost").is_err());
+        assert!(Status::parse("nope").unwrap_err().to_string().contains("short_circuited"));
+    }
+}

@@ -1,0 +1,122 @@
+//! Persistent state behind one trait, so SQLite (embedded default) and a server database can
+//! provide the same guarantees. Policy lives in `budget` and `breaker`; a store only reads and
+//! writes, atomically, and calls those pure functions inside its transactions.
+
+mod schema;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::breaker;
+use crate::budget::{self, Breach, Check, TenantBudget};
+use crate::clock::{Calendar, Micros};
+use crate::error::Result;
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row};
+
+/// Everything `admit` needs to decide whether a call may start.
+pub struct AdmitRequest<'a> {
+    pub execution: &'a NewExecution,
+    pub plan: budget::Plan<'a>,
+    pub estimate: budget::Usage,
+    pub reservation_expires_at: Micros,
+    /// Breaker key of each model in the chain; empty when the agent has no breaker.
+    pub breaker_keys: &'a [BreakerKey],
+    pub probe_lease: i64,
+    pub calendar: &'a Calendar,
+    pub now: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerKey {
+    pub agent: String,
+    pub model: String,
+    pub tenant_id: Option<String>,
+}
+
+impl BreakerKey {
+    pub fn id(&self) -> String {
+        format!("{}|{}|{}", self.agent, self.model, self.tenant_id.as_deref().unwrap_or(""))
+    }
+}
+
+#[derive(Debug)]
+pub enum Admitted {
+    /// Reservation and a `running` execution row are written; start with model `model_index`.
+    Go { model_index: usize, probe: bool, checks: Vec<Check>, warnings: Vec<Breach> },
+    /// A hard limit would be passed; a `blocked` row is written.
+    Blocked(Breach),
+    /// Every model's breaker is open; a `short_circuited` row is written.
+    ShortCircuited { retry_at: Micros },
+}
+
+pub struct BreakerOutcome {
+    pub key: BreakerKey,
+    pub policy: breaker::Policy,
+    pub success: bool,
+    pub probe: bool,
+}
+
+/// Everything `finish` writes in one transaction.
+pub struct FinishRequest<'a> {
+    pub execution: &'a NewExecution,
+    pub completion: &'a Completion,
+    pub reserved: bool,
+    /// Limits checked at admission, to alert on thresholds crossed.
+    pub checks: &'a [Check],
+    pub breakers: &'a [BreakerOutcome],
+    pub calendar: &'a Calendar,
+    pub store_details: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Alert {
+    Budget { check: Check, threshold: i64, current: budget::Usage },
+    BreakerOpened { key: BreakerKey, retry_at: Micros },
+    BreakerClosed { key: BreakerKey },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerStatus {
+    pub key: BreakerKey,
+    pub state: breaker::State,
+}
+
+pub trait Store: Send + Sync {
+    fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted>;
+    /// Breaker admission for a fallback model after the first one failed.
+    fn breaker_admit(&self, key: &BreakerKey, lease: i64, now: Micros) -> Result<breaker::Admission>;
+    fn finish(&self, req: &FinishRequest<'_>) -> Result<Vec<Alert>>;
+    /// Records a call refused before admission could run (e.g. bad provider key setup).
+    fn record_refused(&self, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()>;
+
+    fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>>;
+    /// Inserts (fails if it exists when `create_only`) or replaces a budget.
+    fn budget_put(&self, b: &TenantBudget, create_only: bool) -> Result<()>;
+    fn budget_delete(&self, tenant_id: &str) -> Result<bool>;
+    fn budget_all(&self) -> Result<Vec<TenantBudget>>;
+    /// Recorded usage of a scope in a period (counters; reservations excluded).
+    fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage>;
+    /// Recorded usage of every scope with the given prefix in one period ("tenant:").
+    fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
+    /// Recomputes every counter from the execution rows; returns how many it wrote.
+    fn rebuild_counters(&self, calendar: &Calendar) -> Result<usize>;
+
+    fn query_rows(&self, q: &Query) -> Result<Vec<Row>>;
+    fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell>;
+    fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>>;
+    fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>>;
+
+    fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State>;
+    fn breaker_reset(&self, key: &BreakerKey) -> Result<()>;
+    fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>>;
+}
+
+/// Opens the store a `database` setting names: a path, ":memory:" or "sqlite:///path".
+pub fn open(database: &str) -> Result<Box<dyn Store>> {
+    // SQLAlchemy style: sqlite:///relative.db, sqlite:////absolute.db
+    let path = database.strip_prefix("sqlite:///").unwrap_or(database);
+    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        return crate::error::config_err("database: PostgreSQL is not supported yet; use a SQLite path");
+    }
+    Ok(Box::new(SqliteStore::open(path)?))
+}

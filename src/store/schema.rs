@@ -1,0 +1,115 @@
+//! Schema migrations, applied in order; `schema_version` records the last one applied.
+//! Never edit a shipped migration: add a new one.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE executions (
+        id TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        chosen_model_id TEXT,
+        provider TEXT NOT NULL,
+        tenant_id TEXT,
+        status TEXT NOT NULL,
+        error_class TEXT,
+        error_message TEXT,
+        started_at INTEGER NOT NULL,
+        completed_at INTEGER,
+        duration_ms INTEGER,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        total_tokens INTEGER NOT NULL DEFAULT 0,
+        input_cost INTEGER NOT NULL DEFAULT 0,
+        output_cost INTEGER NOT NULL DEFAULT 0,
+        total_cost INTEGER NOT NULL DEFAULT 0,
+        attempts_count INTEGER NOT NULL DEFAULT 0,
+        attempts TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        finish_reason TEXT,
+        parent_execution_id TEXT,
+        root_execution_id TEXT
+    );
+    CREATE INDEX executions_started ON executions(started_at);
+    CREATE INDEX executions_tenant ON executions(tenant_id, started_at);
+    CREATE INDEX executions_agent ON executions(agent, started_at);
+    CREATE INDEX executions_status ON executions(status, started_at);
+
+    CREATE TABLE execution_details (
+        execution_id TEXT PRIMARY KEY,
+        system_prompt TEXT,
+        user_prompt TEXT,
+        response TEXT
+    );
+
+    CREATE TABLE tenant_budgets (
+        tenant_id TEXT PRIMARY KEY,
+        name TEXT,
+        daily_limit INTEGER,
+        monthly_limit INTEGER,
+        daily_token_limit INTEGER,
+        monthly_token_limit INTEGER,
+        daily_execution_limit INTEGER,
+        monthly_execution_limit INTEGER,
+        enforcement TEXT NOT NULL CHECK (enforcement IN ('hard', 'soft')),
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+
+    -- Running totals per scope ("global", "tenant:<id>", "agent:<name>") and period
+    -- ("2026-11-28", "2026-11"). Budget checks read these, never SUM over executions.
+    CREATE TABLE usage_counters (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        cost INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        executions INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period)
+    ) WITHOUT ROWID;
+
+    -- In-flight estimates of admitted calls; a lease, so a crashed process's expire.
+    CREATE TABLE reservations (
+        execution_id TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        cost INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        executions INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (execution_id, scope, period)
+    ) WITHOUT ROWID;
+    CREATE INDEX reservations_scope ON reservations(scope, period);
+    CREATE INDEX reservations_expiry ON reservations(expires_at);
+
+    CREATE TABLE breakers (
+        key TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        model TEXT NOT NULL,
+        tenant_id TEXT,
+        phase TEXT NOT NULL,
+        failures TEXT NOT NULL DEFAULT '',
+        retry_at INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL
+    );
+
+    -- Budget alerts already sent, so each fires once per scope, period and threshold
+    -- across all processes.
+    CREATE TABLE alerts_sent (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        name TEXT NOT NULL,
+        threshold INTEGER NOT NULL,
+        PRIMARY KEY (scope, period, name, threshold)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE api_configurations (
+        scope TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        nonce BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (scope, provider)
+    ) WITHOUT ROWID;
+    "#,
+];

@@ -1,0 +1,664 @@
+//! The embedded SQLite store: one file in WAL mode, shared safely by threads and processes.
+//! Every state change is one `BEGIN IMMEDIATE` transaction, so checks and writes are atomic
+//! across processes (SQLite serialises writers on the file lock).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::schema::MIGRATIONS;
+use super::{AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, FinishRequest, Store};
+use crate::breaker::{self, Admission, Phase};
+use crate::budget::{self, Enforcement, Limits, TenantBudget};
+use crate::clock::{now_micros, Calendar, Micros, Period};
+use crate::error::{Error, Result};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Status, Value, FIELDS};
+use crate::money::Nanos;
+
+pub struct SqliteStore {
+    /// Writes (and reads inside write transactions).
+    writer: Mutex<Connection>,
+    /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
+    /// where a second connection would be a different database.
+    reader: Option<Mutex<Connection>>,
+}
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn connect(path: &str) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| Error::Store(format!("cannot open database {path:?}: {e}")))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    if path != ":memory:" {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| Error::Store(format!("database {path:?} is not usable: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Store(format!("database {path:?}: could not enable WAL mode (got {mode})")));
+        }
+    }
+    // NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the
+    // last transactions.
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &str) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .map_err(|e| Error::Store(format!("database {path:?} is not a tenantllm database or is corrupt: {e}")))?;
+    let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(Error::Store(format!(
+            "database {path:?} has schema version {current}, newer than this tenantllm supports ({known}); upgrade tenantllm"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql)?;
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i as i64 + 1])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    pub fn open(path: &str) -> Result<SqliteStore> {
+        if path.trim().is_empty() {
+            return crate::error::config_err("database must be a file path, \":memory:\" or \"sqlite:///path\"");
+        }
+        let mut writer = connect(path)?;
+        migrate(&mut writer, path)?;
+        let reader = if path == ":memory:" { None } else { Some(Mutex::new(connect(path)?)) };
+        Ok(SqliteStore { writer: Mutex::new(writer), reader })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        match &self.reader {
+            Some(r) => f(&r.lock()),
+            None => f(&self.writer.lock()),
+        }
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.writer.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------- executions
+
+fn opt_text(s: &Option<String>) -> Option<&str> {
+    s.as_deref()
+}
+
+fn insert_execution(tx: &Transaction<'_>, e: &NewExecution, store_details: bool) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+             parent_execution_id, root_execution_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        e.id,
+        e.agent,
+        e.model_id,
+        e.provider,
+        opt_text(&e.tenant_id),
+        e.started_at,
+        e.metadata,
+        opt_text(&e.parent_execution_id),
+        opt_text(&e.root_execution_id),
+    ])?;
+    if store_details {
+        tx.prepare_cached("INSERT INTO execution_details (execution_id, system_prompt, user_prompt) VALUES (?1, ?2, ?3)")?
+            .execute(params![e.id, opt_text(&e.system_prompt), opt_text(&e.user_prompt)])?;
+    }
+    Ok(())
+}
+
+fn complete_execution(tx: &Transaction<'_>, id: &str, c: &Completion, store_details: bool) -> Result<()> {
+    let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
+    let n = tx
+        .prepare_cached(
+            "UPDATE executions SET status = ?2, error_class = ?3, error_message = ?4, chosen_model_id = ?5,
+                 provider = COALESCE(?6, provider), completed_at = ?7, duration_ms = ?8, input_tokens = ?9,
+                 output_tokens = ?10, cached_tokens = ?11, total_tokens = ?12, input_cost = ?13,
+                 output_cost = ?14, total_cost = ?15, attempts_count = ?16, attempts = ?17, finish_reason = ?18
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            id,
+            c.status.as_str(),
+            opt_text(&c.error_class),
+            opt_text(&c.error_message),
+            opt_text(&c.chosen_model_id),
+            opt_text(&c.provider),
+            c.completed_at,
+            c.duration_ms,
+            c.usage.input,
+            c.usage.output,
+            c.usage.cached,
+            c.usage.input + c.usage.output,
+            c.cost.input.0,
+            c.cost.output.0,
+            c.cost.total().0,
+            c.attempts.len() as i64,
+            attempts,
+            opt_text(&c.finish_reason),
+        ])?;
+    if n != 1 {
+        return Err(Error::Store(format!("execution {id} vanished before it could be completed")));
+    }
+    if store_details && c.response.is_some() {
+        tx.prepare_cached("UPDATE execution_details SET response = ?2 WHERE execution_id = ?1")?
+            .execute(params![id, opt_text(&c.response)])?;
+    }
+    Ok(())
+}
+
+/// Adds one settled call to every counter it belongs to (global, agent, tenant x day, month).
+fn add_usage(tx: &Transaction<'_>, cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros, u: &budget::Usage) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO usage_counters (scope, period, cost, tokens, executions) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (scope, period) DO UPDATE SET cost = cost + excluded.cost,
+             tokens = tokens + excluded.tokens, executions = executions + excluded.executions",
+    )?;
+    for scope in budget::scopes_of(tenant, agent) {
+        for p in [Period::Daily, Period::Monthly] {
+            stmt.execute(params![scope, cal.period_key(p, at), u.cost.0, u.tokens, u.executions])?;
+        }
+    }
+    Ok(())
+}
+
+fn counter(tx: &Connection, scope: &str, period: &str) -> Result<budget::Usage> {
+    Ok(tx
+        .prepare_cached("SELECT cost, tokens, executions FROM usage_counters WHERE scope = ?1 AND period = ?2")?
+        .query_row(params![scope, period], |r| {
+            Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? })
+        })
+        .optional()?
+        .unwrap_or_default())
+}
+
+fn reserved(tx: &Connection, scope: &str, period: &str) -> Result<budget::Usage> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(cost), 0), COALESCE(SUM(tokens), 0), COALESCE(SUM(executions), 0)
+             FROM reservations WHERE scope = ?1 AND period = ?2",
+        )?
+        .query_row(params![scope, period], |r| {
+            Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? })
+        })?)
+}
+
+/// Releases reservations whose lease ran out (their process died) and closes their
+/// executions as abandoned, counting them as the executions they were.
+fn expire_reservations(tx: &Transaction<'_>, cal: &Calendar, now: Micros) -> Result<()> {
+    let expired: Vec<String> = tx
+        .prepare_cached("SELECT DISTINCT execution_id FROM reservations WHERE expires_at <= ?1")?
+        .query_map([now], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in expired {
+        tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&id])?;
+        let row: Option<(Option<String>, String, Micros)> = tx
+            .prepare_cached("SELECT tenant_id, agent, started_at FROM executions WHERE id = ?1 AND status = 'running'")?
+            .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if let Some((tenant, agent, started)) = row {
+            tx.prepare_cached(
+                "UPDATE executions SET status = 'error', error_class = 'Abandoned',
+                     error_message = 'the process running this call stopped before it finished', completed_at = ?2
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, now])?;
+            add_usage(tx, cal, tenant.as_deref(), &agent, started, &budget::estimate(Nanos::ZERO, 0))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- budgets
+
+fn budget_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantBudget> {
+    let enforcement: String = r.get(8)?;
+    Ok(TenantBudget {
+        tenant_id: r.get(0)?,
+        name: r.get(1)?,
+        limits: Limits {
+            daily_cost: r.get::<_, Option<i64>>(2)?.map(Nanos),
+            monthly_cost: r.get::<_, Option<i64>>(3)?.map(Nanos),
+            daily_tokens: r.get(4)?,
+            monthly_tokens: r.get(5)?,
+            daily_executions: r.get(6)?,
+            monthly_executions: r.get(7)?,
+        },
+        // The CHECK constraint keeps this to hard/soft.
+        enforcement: if enforcement == "soft" { Enforcement::Soft } else { Enforcement::Hard },
+    })
+}
+
+const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
+     daily_execution_limit, monthly_execution_limit, enforcement";
+
+fn budget_get(conn: &Connection, tenant_id: &str) -> Result<Option<TenantBudget>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {BUDGET_COLUMNS} FROM tenant_budgets WHERE tenant_id = ?1"))?
+        .query_row([tenant_id], budget_from_row)
+        .optional()?)
+}
+
+// ---------------------------------------------------------------- breakers
+
+fn breaker_get(conn: &Connection, key: &BreakerKey) -> Result<breaker::State> {
+    let row: Option<(String, String, i64)> = conn
+        .prepare_cached("SELECT phase, failures, retry_at FROM breakers WHERE key = ?1")?
+        .query_row([key.id()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(match row {
+        None => breaker::State::default(),
+        Some((phase, failures, retry_at)) => breaker::State {
+            phase: Phase::parse(&phase).ok_or_else(|| Error::Store(format!("breaker {}: corrupt phase {phase:?}", key.id())))?,
+            failures: breaker::State::decode_failures(&failures),
+            retry_at,
+        },
+    })
+}
+
+fn breaker_put(tx: &Transaction<'_>, key: &BreakerKey, s: &breaker::State, now: Micros) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (key) DO UPDATE SET phase = excluded.phase, failures = excluded.failures,
+             retry_at = excluded.retry_at, updated_at = excluded.updated_at",
+    )?
+    .execute(params![key.id(), key.agent, key.model, opt_text(&key.tenant_id), s.phase.as_str(), s.encode_failures(), s.retry_at, now])?;
+    Ok(())
+}
+
+fn breaker_admit_tx(tx: &Transaction<'_>, key: &BreakerKey, lease: i64, now: Micros) -> Result<Admission> {
+    let state = breaker_get(tx, key)?;
+    let (admission, new) = breaker::admit(&state, now, lease);
+    if let Some(new) = new {
+        breaker_put(tx, key, &new, now)?;
+    }
+    Ok(admission)
+}
+
+// ---------------------------------------------------------------- queries
+
+fn sql_value(v: &Value) -> SqlValue {
+    match v {
+        Value::Text(s) => SqlValue::Text(s.clone()),
+        Value::Int(i) => SqlValue::Integer(*i),
+    }
+}
+
+/// " WHERE ..." for a query's filters; field names come from the fixed `FIELDS` list.
+fn where_clause(q: &Query) -> (String, Vec<SqlValue>) {
+    let mut parts = Vec::new();
+    let mut args = Vec::new();
+    for f in &q.filters {
+        match f {
+            Filter::Eq(Field(n, _), v) => {
+                args.push(sql_value(v));
+                parts.push(format!("{n} = ?{}", args.len()));
+            }
+            Filter::In(Field(n, _), vs) => {
+                let mut ph = Vec::new();
+                for v in vs {
+                    args.push(sql_value(v));
+                    ph.push(format!("?{}", args.len()));
+                }
+                parts.push(if ph.is_empty() { "0".into() } else { format!("{n} IN ({})", ph.join(", ")) });
+            }
+            Filter::IsNull(Field(n, _)) => parts.push(format!("{n} IS NULL")),
+            Filter::NotNull(Field(n, _)) => parts.push(format!("{n} IS NOT NULL")),
+            Filter::Range(Field(n, _), lo, hi) => {
+                if let Some(lo) = lo {
+                    args.push(SqlValue::Integer(*lo));
+                    parts.push(format!("{n} >= ?{}", args.len()));
+                }
+                if let Some(hi) = hi {
+                    args.push(SqlValue::Integer(*hi));
+                    parts.push(format!("{n} < ?{}", args.len()));
+                }
+            }
+        }
+    }
+    let w = if parts.is_empty() { String::new() } else { format!(" WHERE {}", parts.join(" AND ")) };
+    (w, args)
+}
+
+fn cell(r: &rusqlite::Row<'_>, i: usize, kind: Kind) -> rusqlite::Result<Cell> {
+    let v: SqlValue = r.get(i)?;
+    Ok(match (v, kind) {
+        (SqlValue::Null, _) => Cell::Null,
+        (SqlValue::Integer(n), Kind::Money) => Cell::Money(Nanos(n)),
+        (SqlValue::Integer(n), Kind::Time) => Cell::Time(n),
+        (SqlValue::Integer(n), _) => Cell::Int(n),
+        (SqlValue::Text(s), Kind::Json) => Cell::Json(s),
+        (SqlValue::Text(s), _) => Cell::Text(s),
+        (other, _) => {
+            return Err(rusqlite::Error::InvalidColumnType(i, format!("{other:?}"), rusqlite::types::Type::Null));
+        }
+    })
+}
+
+fn all_columns() -> String {
+    FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    FIELDS.iter().enumerate().map(|(i, (n, k))| Ok((*n, cell(r, i, *k)?))).collect()
+}
+
+fn aggregate_sql(agg: &Aggregate) -> (String, Kind) {
+    match agg {
+        Aggregate::Count => ("COUNT(*)".into(), Kind::Int),
+        Aggregate::Sum(Field(n, k)) => (format!("COALESCE(SUM({n}), 0)"), *k),
+    }
+}
+
+impl Store for SqliteStore {
+    fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
+        let e = req.execution;
+        self.write(|tx| {
+            expire_reservations(tx, req.calendar, req.now)?;
+            let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
+                (Some(tid), None) => budget_get(tx, tid)?,
+                _ => None,
+            };
+            let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
+            let mut usage: HashMap<(&str, &str), budget::Usage> = HashMap::new();
+            for c in &checks {
+                if !usage.contains_key(&(c.scope.as_str(), c.period_key.as_str())) {
+                    let u = counter(tx, &c.scope, &c.period_key)?.plus(&reserved(tx, &c.scope, &c.period_key)?);
+                    usage.insert((&c.scope, &c.period_key), u);
+                }
+            }
+            let (hard, warnings) = budget::evaluate(&checks, |c| usage[&(c.scope.as_str(), c.period_key.as_str())], &req.estimate);
+            if let Some(b) = hard {
+                insert_execution(tx, e, false)?;
+                let c = Completion::refused(Status::Blocked, "BudgetExceededError", b.describe(), req.now);
+                complete_execution(tx, &e.id, &c, false)?;
+                return Ok(Admitted::Blocked(b));
+            }
+            let mut chosen = None;
+            let mut retry_at = i64::MAX;
+            for (i, key) in req.breaker_keys.iter().enumerate() {
+                match breaker_admit_tx(tx, key, req.probe_lease, req.now)? {
+                    Admission::Pass => chosen = Some((i, false)),
+                    Admission::Probe => chosen = Some((i, true)),
+                    Admission::Reject { retry_at: r } => retry_at = retry_at.min(r),
+                }
+                if chosen.is_some() {
+                    break;
+                }
+            }
+            if !req.breaker_keys.is_empty() && chosen.is_none() {
+                insert_execution(tx, e, false)?;
+                let msg = format!("circuit open for every model of {}; retry at {retry_at} (unix micros)", e.agent);
+                let c = Completion::refused(Status::ShortCircuited, "CircuitOpenError", msg, req.now);
+                complete_execution(tx, &e.id, &c, false)?;
+                return Ok(Admitted::ShortCircuited { retry_at });
+            }
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO reservations (execution_id, scope, period, cost, tokens, executions, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for c in &checks {
+                let est = &req.estimate;
+                stmt.execute(params![e.id, c.scope, c.period_key, est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
+            }
+            insert_execution(tx, e, true)?;
+            let (model_index, probe) = chosen.unwrap_or((0, false));
+            Ok(Admitted::Go { model_index, probe, checks, warnings })
+        })
+    }
+
+    fn breaker_admit(&self, key: &BreakerKey, lease: i64, now: Micros) -> Result<Admission> {
+        self.write(|tx| breaker_admit_tx(tx, key, lease, now))
+    }
+
+    fn finish(&self, req: &FinishRequest<'_>) -> Result<Vec<Alert>> {
+        let e = req.execution;
+        let c = req.completion;
+        self.write(|tx| {
+            complete_execution(tx, &e.id, c, req.store_details)?;
+            if req.reserved {
+                tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
+            }
+            let mut alerts = Vec::new();
+            if c.status.counts_as_usage() {
+                let used = budget::estimate(c.cost.total(), c.usage.input + c.usage.output);
+                add_usage(tx, req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at, &used)?;
+                for check in req.checks {
+                    let now_used = counter(tx, &check.scope, &check.period_key)?;
+                    for t in budget::thresholds_reached(check, &now_used) {
+                        let fresh = tx
+                            .prepare_cached("INSERT OR IGNORE INTO alerts_sent (scope, period, name, threshold) VALUES (?1, ?2, ?3, ?4)")?
+                            .execute(params![check.scope, check.period_key, check.name, t])?;
+                        if fresh == 1 {
+                            alerts.push(Alert::Budget { check: check.clone(), threshold: t, current: now_used });
+                        }
+                    }
+                }
+            }
+            for o in req.breakers {
+                let state = breaker_get(tx, &o.key)?;
+                let (new, event) = breaker::record(&state, &o.policy, o.success, o.probe, c.completed_at);
+                if let Some(new) = &new {
+                    breaker_put(tx, &o.key, new, c.completed_at)?;
+                }
+                match (event, new) {
+                    (Some(breaker::Event::Opened), Some(s)) => alerts.push(Alert::BreakerOpened { key: o.key.clone(), retry_at: s.retry_at }),
+                    (Some(breaker::Event::Closed), _) => alerts.push(Alert::BreakerClosed { key: o.key.clone() }),
+                    _ => {}
+                }
+            }
+            Ok(alerts)
+        })
+    }
+
+    fn record_refused(&self, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()> {
+        self.write(|tx| {
+            insert_execution(tx, e, store_details)?;
+            complete_execution(tx, &e.id, c, store_details)
+        })
+    }
+
+    fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>> {
+        self.read(|c| budget_get(c, tenant_id))
+    }
+
+    fn budget_put(&self, b: &TenantBudget, create_only: bool) -> Result<()> {
+        b.validate()?;
+        let now = now_micros();
+        self.write(|tx| {
+            if create_only && budget_get(tx, &b.tenant_id)?.is_some() {
+                return Err(Error::Configuration(format!("a budget for tenant {:?} already exists", b.tenant_id)));
+            }
+            let l = &b.limits;
+            tx.execute(
+                &format!(
+                    "INSERT INTO tenant_budgets ({BUDGET_COLUMNS}, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+                     ON CONFLICT (tenant_id) DO UPDATE SET name = excluded.name, daily_limit = excluded.daily_limit,
+                         monthly_limit = excluded.monthly_limit, daily_token_limit = excluded.daily_token_limit,
+                         monthly_token_limit = excluded.monthly_token_limit,
+                         daily_execution_limit = excluded.daily_execution_limit,
+                         monthly_execution_limit = excluded.monthly_execution_limit,
+                         enforcement = excluded.enforcement, updated_at = excluded.updated_at"
+                ),
+                params![
+                    b.tenant_id,
+                    b.name,
+                    l.daily_cost.map(|n| n.0),
+                    l.monthly_cost.map(|n| n.0),
+                    l.daily_tokens,
+                    l.monthly_tokens,
+                    l.daily_executions,
+                    l.monthly_executions,
+                    b.enforcement.as_str(),
+                    now
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn budget_delete(&self, tenant_id: &str) -> Result<bool> {
+        self.write(|tx| Ok(tx.execute("DELETE FROM tenant_budgets WHERE tenant_id = ?1", [tenant_id])? == 1))
+    }
+
+    fn budget_all(&self) -> Result<Vec<TenantBudget>> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {BUDGET_COLUMNS} FROM tenant_budgets ORDER BY tenant_id"))?;
+            let rows = stmt.query_map([], budget_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage> {
+        self.read(|c| counter(c, scope, period_key))
+    }
+
+    fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
+        self.read(|c| {
+            // Range scan on the primary key: scope >= prefix AND scope < prefix + U+10FFFF.
+            let mut stmt = c.prepare_cached(
+                "SELECT scope, cost, tokens, executions FROM usage_counters
+                 WHERE scope >= ?1 AND scope < ?1 || char(1114111) AND period = ?2 ORDER BY scope",
+            )?;
+            let rows = stmt
+                .query_map(params![prefix, period_key], |r| {
+                    let scope: String = r.get(0)?;
+                    Ok((scope, budget::Usage { cost: Nanos(r.get(1)?), tokens: r.get(2)?, executions: r.get(3)? }))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows.into_iter().map(|(s, u)| (s[prefix.len()..].to_string(), u)).collect())
+        })
+    }
+
+    fn rebuild_counters(&self, cal: &Calendar) -> Result<usize> {
+        self.write(|tx| {
+            let mut totals: HashMap<(String, String), budget::Usage> = HashMap::new();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions
+                     WHERE status NOT IN ('running', 'blocked', 'short_circuited')",
+                )?;
+                let mut rows = stmt.query([])?;
+                while let Some(r) = rows.next()? {
+                    let tenant: Option<String> = r.get(0)?;
+                    let agent: String = r.get(1)?;
+                    let at: Micros = r.get(2)?;
+                    let u = budget::estimate(Nanos(r.get(3)?), r.get(4)?);
+                    for scope in budget::scopes_of(tenant.as_deref(), &agent) {
+                        for p in [Period::Daily, Period::Monthly] {
+                            let t = totals.entry((scope.clone(), cal.period_key(p, at))).or_default();
+                            *t = t.plus(&u);
+                        }
+                    }
+                }
+            }
+            tx.execute("DELETE FROM usage_counters", [])?;
+            let mut ins = tx.prepare("INSERT INTO usage_counters (scope, period, cost, tokens, executions) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for ((scope, period), u) in &totals {
+                ins.execute(params![scope, period, u.cost.0, u.tokens, u.executions])?;
+            }
+            Ok(totals.len())
+        })
+    }
+
+    fn query_rows(&self, q: &Query) -> Result<Vec<Row>> {
+        let (w, mut args) = where_clause(q);
+        let mut sql = format!("SELECT {} FROM executions{w}", all_columns());
+        if !q.order.is_empty() {
+            let order: Vec<String> = q.order.iter().map(|(Field(n, _), desc)| format!("{n} {}", if *desc { "DESC" } else { "ASC" })).collect();
+            sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
+        }
+        if q.limit.is_some() || q.offset.is_some() {
+            args.push(SqlValue::Integer(q.limit.unwrap_or(-1)));
+            args.push(SqlValue::Integer(q.offset.unwrap_or(0)));
+            sql.push_str(&format!(" LIMIT ?{} OFFSET ?{}", args.len() - 1, args.len()));
+        }
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params_from_iter(args.iter()), read_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell> {
+        let (w, args) = where_clause(q);
+        let (expr, kind) = aggregate_sql(agg);
+        let sql = format!("SELECT {expr} FROM executions{w}");
+        self.read(|c| Ok(c.prepare_cached(&sql)?.query_row(params_from_iter(args.iter()), |r| cell(r, 0, kind))?))
+    }
+
+    fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>> {
+        let (w, args) = where_clause(q);
+        let (expr, kind) = aggregate_sql(agg);
+        let sql = format!("SELECT {by}, {expr} FROM executions{w} GROUP BY {by} ORDER BY {by}", by = by.0);
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(params_from_iter(args.iter()), |r| Ok((r.get::<_, Option<String>>(0)?, cell(r, 1, kind)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>> {
+        self.read(|c| {
+            let row = c
+                .prepare_cached(&format!("SELECT {} FROM executions WHERE id = ?1", all_columns()))?
+                .query_row([id], read_row)
+                .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let details = c
+                .prepare_cached("SELECT system_prompt, user_prompt, response FROM execution_details WHERE execution_id = ?1")?
+                .query_row([id], |r| Ok(Details { system_prompt: r.get(0)?, user_prompt: r.get(1)?, response: r.get(2)? }))
+                .optional()?;
+            Ok(Some((row, details)))
+        })
+    }
+
+    fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State> {
+        self.read(|c| breaker_get(c, key))
+    }
+
+    fn breaker_reset(&self, key: &BreakerKey) -> Result<()> {
+        self.write(|tx| Ok(tx.execute("DELETE FROM breakers WHERE key = ?1", [key.id()]).map(|_| ())?))
+    }
+
+    fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT agent, model, tenant_id, phase, failures, retry_at FROM breakers WHERE phase != 'closed' ORDER BY retry_at")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let phase: String = r.get(3)?;
+                    let failures: String = r.get(4)?;
+                    Ok(BreakerStatus {
+                        key: BreakerKey { agent: r.get(0)?, model: r.get(1)?, tenant_id: r.get(2)? },
+                        state: breaker::State {
+                            phase: Phase::parse(&phase).unwrap_or(Phase::Open),
+                            failures: breaker::State::decode_failures(&failures),
+                            retry_at: r.get(5)?,
+                        },
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+}

@@ -1,0 +1,371 @@
+"""Local fake LLM provider HTTP server for tests (standard library only).
+
+One server answers, on 127.0.0.1, in the real wire formats of:
+
+* OpenAI chat completions (also DeepSeek / Mistral): POST ``*/chat/completions``
+* Anthropic messages: POST ``*/v1/messages``
+* Gemini generateContent: POST ``*/models/{model}:generateContent``
+
+Behaviour per request is scripted with :class:`Step` objects (FIFO queue,
+falling back to ``FakeProvider.default``).  Every request is recorded.
+
+    with FakeProvider() as fp:
+        fp.script(Step(kind="status", status=429, retry_after="1"), Step())
+        ...  # point the client at fp.base_url
+        assert fp.requests[0].body["model"] == "gpt-4o-mini"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+KINDS = ("ok", "status", "slow", "malformed", "truncated", "reset", "empty_choices")
+_GEMINI_PATH = re.compile(r"/models/([^/:]+):generateContent$")
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+@dataclass
+class Recorded:
+    """One request as received by the fake server."""
+
+    method: str
+    path: str  # path without the query string
+    headers: dict[str, str]  # lower-cased keys
+    body: dict[str, Any] | None  # parsed JSON object, None if not a JSON object
+    query: dict[str, str]
+    raw: bytes = b""  # raw request body
+
+
+@dataclass
+class Step:
+    """How to answer one request."""
+
+    kind: str = "ok"
+    status: int = 200
+    retry_after: str | None = None
+    delay: float = 0.0
+    content: str | None = None
+    input_tokens: int = 11
+    output_tokens: int = 7
+    cached_tokens: int = 0
+    model: str | None = None
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown Step kind {self.kind!r}; expected one of {KINDS}")
+
+
+def _text_of(content: Any) -> str:
+    """Text of an OpenAI/Anthropic message content (string or list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict)
+        )
+    return ""
+
+
+def _last_user_text(fmt: str, body: dict[str, Any] | None) -> str:
+    if not body:
+        return ""
+    if fmt == "gemini":
+        for c in reversed(body.get("contents") or []):
+            if isinstance(c, dict) and c.get("role", "user") == "user":
+                return _text_of(c.get("parts"))
+        return ""
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return _text_of(m.get("content"))
+    return ""
+
+
+def _route(path: str) -> tuple[str, str | None] | None:
+    """Map a request path to (format, model-from-path) or None if unknown."""
+    if path.endswith("/chat/completions"):
+        return "openai", None
+    if path.endswith("/v1/messages"):
+        return "anthropic", None
+    m = _GEMINI_PATH.search(path)
+    if m:
+        return "gemini", unquote(m.group(1))
+    return None
+
+
+def openai_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": step.finish_reason or "stop",
+    }
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [] if empty else [choice],
+        "usage": {
+            "prompt_tokens": step.input_tokens,
+            "completion_tokens": step.output_tokens,
+            "total_tokens": step.input_tokens + step.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": step.cached_tokens},
+        },
+    }
+
+
+def anthropic_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
+    return {
+        "id": "msg_" + uuid.uuid4().hex[:24],
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [] if empty else [{"type": "text", "text": text}],
+        "stop_reason": step.finish_reason or "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": step.input_tokens,
+            "output_tokens": step.output_tokens,
+            "cache_read_input_tokens": step.cached_tokens,
+            "cache_creation_input_tokens": 0,
+        },
+    }
+
+
+def gemini_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
+    candidate = {
+        "content": {"role": "model", "parts": [{"text": text}]},
+        "finishReason": step.finish_reason or "STOP",
+        "index": 0,
+    }
+    return {
+        "candidates": [] if empty else [candidate],
+        "usageMetadata": {
+            "promptTokenCount": step.input_tokens,
+            "candidatesTokenCount": step.output_tokens,
+            "totalTokenCount": step.input_tokens + step.output_tokens,
+            "cachedContentTokenCount": step.cached_tokens,
+        },
+        "modelVersion": model,
+    }
+
+
+_OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {  # status -> (type, code)
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+}
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 529: "overloaded_error",
+}
+_GEMINI_ERRORS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+    404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+
+
+def error_body(fmt: str, status: int) -> dict[str, Any]:
+    """Provider-shaped error body for an HTTP status."""
+    msg = f"fake {fmt} error (HTTP {status})"
+    if fmt == "anthropic":
+        default = "api_error" if status >= 500 else "invalid_request_error"
+        etype = _ANTHROPIC_ERRORS.get(status, default)
+        return {"type": "error", "error": {"type": etype, "message": msg}}
+    if fmt == "gemini":
+        default = "INTERNAL" if status >= 500 else "INVALID_ARGUMENT"
+        gstatus = _GEMINI_ERRORS.get(status, default)
+        return {"error": {"code": status, "message": msg, "status": gstatus}}
+    default_o = ("server_error", None) if status >= 500 else ("invalid_request_error", None)
+    otype, code = _OPENAI_ERRORS.get(status, default_o)
+    return {"error": {"message": msg, "type": otype, "param": None, "code": code}}
+
+
+_BUILDERS = {"openai": openai_response, "anthropic": anthropic_response, "gemini": gemini_response}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    provider: FakeProvider
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up mid-response are expected; stay quiet
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # we always send Content-Length + Connection: close
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        try:
+            self._serve()
+        except _CLIENT_GONE:
+            self.close_connection = True  # client went away (e.g. timed out while we slept)
+
+    do_GET = do_PUT = do_DELETE = do_POST
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()  # trailing CRLF (no trailers expected)
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _serve(self) -> None:
+        provider = cast(_Server, self.server).provider
+        self.close_connection = True
+        url = urlsplit(self.path)
+        raw = self._read_body()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        body = parsed if isinstance(parsed, dict) else None
+        provider._record(Recorded(
+            method=self.command,
+            path=url.path,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+            query=dict(parse_qsl(url.query, keep_blank_values=True)),
+            raw=raw,
+        ))
+
+        route = _route(url.path) if self.command == "POST" else None
+        if route is None:  # unknown endpoint: does not consume a script step
+            err = {"error": {"code": 404, "message": f"no route for {self.command} {url.path}"}}
+            self._send(404, json.dumps(err).encode())
+            return
+        fmt, path_model = route
+        step = provider._next_step()
+        if step.delay > 0:
+            time.sleep(step.delay)  # only blocks this request's thread
+
+        if step.kind == "reset":
+            self._reset()
+            return
+        if step.kind == "malformed":
+            self._send(200, b'{"choices": [')
+            return
+        if step.kind == "status":
+            headers = {"Retry-After": step.retry_after} if step.retry_after is not None else {}
+            self._send(step.status, json.dumps(error_body(fmt, step.status)).encode(), headers)
+            return
+
+        model = step.model or path_model or str((body or {}).get("model") or "unknown-model")
+        text = step.content
+        if text is None:
+            text = "fake reply to: " + _last_user_text(fmt, body)[:40]
+        payload = json.dumps(_BUILDERS[fmt](step, model, text, step.kind == "empty_choices"))
+        data = payload.encode()
+        if step.kind == "truncated":
+            # Promise the whole body, deliver half, then hang up.
+            self._send(200, data[: len(data) // 2], content_length=len(data))
+            return
+        self._send(200, data)  # "ok", "slow", "empty_choices"
+
+    def _send(self, status: int, data: bytes, headers: dict[str, str] | None = None,
+              content_length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data) if content_length is None else content_length))
+        self.send_header("Connection", "close")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _reset(self) -> None:
+        """Close abruptly: SO_LINGER (1, 0) makes close() send a TCP RST."""
+        conn = self.connection
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()  # drop the makefile() reference so close() is real
+        conn.close()
+
+
+class FakeProvider:
+    """One server; start with ``with FakeProvider() as fp:`` or fp.start()/fp.stop()."""
+
+    def __init__(self) -> None:
+        self.base_url: str = ""
+        self.port: int = 0
+        self.requests: list[Recorded] = []
+        self.default: Step = Step()
+        self._script: deque[Step] = deque()
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.provider = self
+        self._server = server
+        self.port = int(server.server_address[1])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05},
+            name=f"FakeProvider:{self.port}", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def script(self, *steps: Step) -> None:
+        """Queue behaviours, consumed one per (routed) request, FIFO."""
+        with self._lock:
+            self._script.extend(steps)
+
+    def reset(self) -> None:
+        """Forget recorded requests and any queued steps."""
+        with self._lock:
+            self.requests.clear()
+            self._script.clear()
+
+    def _next_step(self) -> Step:
+        with self._lock:
+            return self._script.popleft() if self._script else self.default
+
+    def _record(self, rec: Recorded) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
