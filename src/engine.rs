@@ -349,7 +349,7 @@ impl InFlight<'_> {
             input_tokens: usage.input,
             output_tokens: usage.output,
             cached_tokens: usage.cached,
-            cost: cost.total().0,
+            cost_nanos: cost.total().0,
             duration_ms,
         });
     }
@@ -444,7 +444,6 @@ pub fn error_class(e: &Error) -> &'static str {
         Error::InvalidTenant(_) => "InvalidTenantError",
         Error::MissingParameter(_) => "MissingParameterError",
         Error::Store(_) => "StoreError",
-        Error::Cancelled => "CancelledError",
     }
 }
 

@@ -68,8 +68,6 @@ pub enum Error {
     MissingParameter(String),
     #[error("storage error: {0}")]
     Store(String),
-    #[error("call cancelled")]
-    Cancelled,
 }
 
 /// Why a call was blocked by a budget.

@@ -67,8 +67,7 @@ pub struct Attempt {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cached_tokens: i64,
-    /// Nano-USD.
-    pub cost: i64,
+    pub cost_nanos: i64,
     pub duration_ms: i64,
 }
 

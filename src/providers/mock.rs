@@ -76,6 +76,7 @@ impl Mock {
             });
         }
         let words: Vec<&str> = req.user.split_whitespace().take(12).collect();
+        let model = format!("mock/{model}");
         let mut content = format!("[{model}] You asked: {}", words.join(" "));
         let budget = req.max_tokens as usize * 4;
         let (finish, cut) = if content.len() > budget { ("length", true) } else { ("stop", false) };
@@ -90,7 +91,7 @@ impl Mock {
         Ok(Reply {
             usage: Usage { input, output: tokens_of(&content), cached: 0 },
             content,
-            model: model.to_string(),
+            model,
             finish_reason: Some(finish.into()),
         })
     }
@@ -107,8 +108,8 @@ mod tests {
     #[tokio::test]
     async fn deterministic_and_token_counts_from_text() {
         let m = Mock::new(MockSettings::default());
-        let a = m.send("mock/fast", &req("Where is my order?")).await.unwrap();
-        let b = m.send("mock/fast", &req("Where is my order?")).await.unwrap();
+        let a = m.send("fast", &req("Where is my order?")).await.unwrap();
+        let b = m.send("fast", &req("Where is my order?")).await.unwrap();
         assert_eq!(a, b);
         assert_eq!(a.content, "[mock/fast] You asked: Where is my order?");
         assert_eq!(a.usage.output, tokens_of(&a.content));

@@ -1,0 +1,46 @@
+# `make test` runs every check on a fresh machine: it makes its own virtualenv in .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CARGO_FEATURES := --features python
+
+.PHONY: test cargo-test clippy develop pytest ruff stubtest mypy bench demo clean
+
+test: cargo-test clippy develop pytest ruff stubtest mypy
+
+$(BIN)/maturin:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "pytest-asyncio>=0.23" "ruff>=0.6" "mypy>=1.10" pandas
+
+cargo-test:
+	cargo test --quiet
+
+clippy:
+	cargo clippy --all-targets --quiet -- -D warnings
+	cargo clippy --all-targets --quiet $(CARGO_FEATURES) -- -D warnings
+
+# Release build: the concurrency tests and benchmarks need realistic speed.
+develop: $(BIN)/maturin
+	$(BIN)/maturin develop --release --quiet
+
+pytest: develop
+	$(BIN)/pytest -q
+
+ruff: $(BIN)/maturin
+	$(BIN)/ruff check python tests
+
+stubtest: develop
+	$(BIN)/python -m mypy.stubtest tenantllm._core
+
+mypy: develop
+	$(BIN)/python -m mypy python/tenantllm
+
+bench: develop
+	$(BIN)/python benches/run.py
+
+demo: develop
+	$(BIN)/tenantllm demo
+
+clean:
+	rm -rf $(VENV) target python/tenantllm/*.so

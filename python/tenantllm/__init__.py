@@ -1,0 +1,53 @@
+"""tenantllm: per-tenant budgets, circuit breakers, API keys and execution tracking for LLM
+agents, with the hot path in a Rust core."""
+
+from tenantllm._core import (
+    AgentResult,
+    AllModelsExhaustedError,
+    AuthenticationError,
+    BudgetExceededError,
+    CircuitOpenError,
+    ConfigurationError,
+    InvalidResponseError,
+    InvalidTenantError,
+    MissingParameterError,
+    ProviderError,
+    ProviderTimeoutError,
+    RateLimitError,
+    StoreError,
+    TenantLLMError,
+    __version__,
+)
+from tenantllm.agent import Agent, BreakerPolicy, Retries
+from tenantllm.breaker import CircuitBreaker
+from tenantllm.budget import TenantBudget
+from tenantllm.config import configure
+from tenantllm.execution import Execution, ExecutionQuery
+from tenantllm.tenancy import tenant
+
+__all__ = [
+    "Agent",
+    "AgentResult",
+    "AllModelsExhaustedError",
+    "AuthenticationError",
+    "BreakerPolicy",
+    "BudgetExceededError",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "Execution",
+    "ExecutionQuery",
+    "InvalidResponseError",
+    "InvalidTenantError",
+    "MissingParameterError",
+    "ProviderError",
+    "ProviderTimeoutError",
+    "RateLimitError",
+    "Retries",
+    "StoreError",
+    "TenantBudget",
+    "TenantLLMError",
+    "__version__",
+    "configure",
+    "tenant",
+]

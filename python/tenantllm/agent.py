@@ -1,0 +1,250 @@
+"""`Agent`: declare a model and prompt templates on a class, then `call()` / `acall()` it."""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from tenantllm import _core
+from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
+from tenantllm.config import Settings, deliver_alerts, settings
+from tenantllm.tenancy import _UNSET, ResolvedTenant, resolve
+
+
+@dataclass(frozen=True)
+class Retries:
+    """Retry a model on retryable errors: `max` retries, waiting base * 2**n (exponential),
+    base * (n + 1) (linear) or base (constant) seconds, capped at `max_delay`, with jitter."""
+
+    max: int = 2
+    backoff: str = "exponential"
+    base: float = 0.4
+    max_delay: float = 3.0
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """Open the breaker after `errors` failures within `within` seconds, for `cooldown` seconds."""
+
+    errors: int = 10
+    within: float = 60
+    cooldown: float = 300
+
+
+def placeholders(template: str | None, where: str) -> list[str]:
+    """The parameter names a template uses, in order of first use."""
+    if template is None:
+        return []
+    names: list[str] = []
+    try:
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field is None:
+                continue
+            root = field.split(".", 1)[0].split("[", 1)[0]
+            if not root.isidentifier():
+                raise ConfigurationError(f"{where}: placeholder {{{field}}} must be a name like {{query}}")
+            if root not in names:
+                names.append(root)
+    except ValueError as e:
+        raise ConfigurationError(f"{where}: invalid template: {e}") from None
+    return names
+
+
+def _number(cls_name: str, attr: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{cls_name}.{attr} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def build_spec(
+    name: str,
+    *,
+    model: Any,
+    temperature: Any,
+    max_tokens: Any,
+    timeout: Any,
+    retries: Any,
+    fallback_models: Any,
+    circuit_breaker: Any,
+) -> _core.AgentSpec:
+    """Validates an agent's settings (shared by `Agent` classes and `@agent` functions)."""
+    if not isinstance(model, str) or not model:
+        raise ConfigurationError(f"{name}.model must be a model name such as 'gpt-4o' or 'mock/fast'")
+    if isinstance(retries, bool) or not isinstance(retries, int | Retries):
+        raise ConfigurationError(f"{name}.retries must be an int or tenantllm.Retries")
+    r = Retries(max=retries) if isinstance(retries, int) else retries
+    if r.max < 0:
+        raise ConfigurationError(f"{name}.retries must not be negative")
+    if isinstance(fallback_models, str) or not isinstance(fallback_models, Sequence) or not all(
+        isinstance(m, str) for m in fallback_models
+    ):
+        raise ConfigurationError(f"{name}.fallback_models must be a list of model names")
+    if circuit_breaker is not None and not isinstance(circuit_breaker, BreakerPolicy):
+        raise ConfigurationError(f"{name}.circuit_breaker must be a tenantllm.BreakerPolicy")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ConfigurationError(f"{name}.max_tokens must be a positive int, got {max_tokens!r}")
+    breaker = None
+    if circuit_breaker is not None:
+        if isinstance(circuit_breaker.errors, bool) or not isinstance(circuit_breaker.errors, int):
+            raise ConfigurationError(f"{name}.circuit_breaker.errors must be an int")
+        if circuit_breaker.errors < 1:
+            raise ConfigurationError("circuit_breaker.errors must be at least 1")
+        breaker = (
+            circuit_breaker.errors,
+            _number(name, "circuit_breaker.within", circuit_breaker.within),
+            _number(name, "circuit_breaker.cooldown", circuit_breaker.cooldown),
+        )
+    return _core.AgentSpec(
+        name,
+        model,
+        fallback_models=list(fallback_models),
+        temperature=None if temperature is None else _number(name, "temperature", temperature),
+        max_tokens=max_tokens,
+        timeout=_number(name, "timeout", timeout),
+        retries=r.max,
+        backoff=r.backoff,
+        base=_number(name, "retries.base", r.base),
+        max_delay=_number(name, "retries.max_delay", r.max_delay),
+        breaker=breaker,
+    )
+
+
+def metadata_json(where: str, metadata: Any) -> str:
+    if not isinstance(metadata, Mapping):
+        raise ConfigurationError(f"{where} must return a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata), default=str, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigurationError(f"{where}: metadata is not JSON-serialisable: {e}") from None
+
+
+class Agent:
+    """Subclass and set class attributes; every `{placeholder}` in `system`/`user` is a
+    required keyword parameter of `call()`.
+
+    >>> class Support(Agent):
+    ...     model = "mock/fast"
+    ...     user = "Question: {query}"
+    >>> Support.call(query="Where is my order?", tenant="acme").content
+    '[mock/fast] You asked: Question: Where is my order?'
+    """
+
+    model: ClassVar[str] = ""
+    temperature: ClassVar[float | None] = None
+    max_tokens: ClassVar[int] = 1024
+    timeout: ClassVar[float] = 30.0
+    system: ClassVar[str | None] = None
+    user: ClassVar[str] = ""
+    retries: ClassVar[int | Retries] = 0
+    fallback_models: ClassVar[Sequence[str]] = ()
+    circuit_breaker: ClassVar[BreakerPolicy | None] = None
+
+    _tl_params: ClassVar[tuple[str, ...]] = ()
+    _tl_spec: ClassVar[_core.AgentSpec | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        params = placeholders(cls.system, f"{cls.__name__}.system")
+        params += [p for p in placeholders(cls.user, f"{cls.__name__}.user") if p not in params]
+        cls._tl_params = tuple(params)
+        cls._tl_spec = None  # built on first call, once per class
+
+    def __init__(self, **params: Any) -> None:
+        cls = type(self)
+        unexpected = sorted(set(params) - set(cls._tl_params))
+        if unexpected:
+            raise TypeError(
+                f"{cls.__name__}.call() got unexpected parameter(s) {', '.join(unexpected)}; "
+                f"its prompts use {', '.join(cls._tl_params) or 'no parameters'}"
+            )
+        missing = [p for p in cls._tl_params if p not in params]
+        if missing:
+            raise MissingParameterError(f"{cls.__name__}.call() is missing required parameter(s): {', '.join(missing)}")
+        self.params: dict[str, Any] = params
+
+    def execution_metadata(self) -> Mapping[str, Any]:
+        """Override to attach data (plan, request id...) to this call's execution row."""
+        return {}
+
+    @classmethod
+    def _spec(cls) -> _core.AgentSpec:
+        spec = cls.__dict__.get("_tl_spec")
+        if spec is None:
+            if not cls.user:
+                raise ConfigurationError(f"{cls.__name__}.user must be a prompt template")
+            spec = build_spec(
+                cls.__name__,
+                model=cls.model,
+                temperature=cls.temperature,
+                max_tokens=cls.max_tokens,
+                timeout=cls.timeout,
+                retries=cls.retries,
+                fallback_models=cls.fallback_models,
+                circuit_breaker=cls.circuit_breaker,
+            )
+            cls._tl_spec = spec
+        return spec
+
+    def render(self) -> tuple[str | None, str]:
+        system = None if self.system is None else self.system.format_map(self.params)
+        return system, self.user.format_map(self.params)
+
+    def _prepare(self, s: Settings, tenant: Any) -> tuple[_core.AgentSpec, str | None, str, ResolvedTenant, str]:
+        spec = self._spec()
+        system, user = self.render()
+        t = resolve(s, tenant)
+        meta = metadata_json(f"{type(self).__name__}.execution_metadata()", self.execution_metadata())
+        return spec, system, user, t, meta
+
+    @classmethod
+    def call(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> Any:
+        """Run the agent and wait for the result (the GIL is released while waiting).
+
+        Returns an `AgentResult`, or with `dry_run=True` a dict of what would be sent."""
+        self = cls(**params)
+        s = settings()
+        spec, system, user, t, meta = self._prepare(s, tenant)
+        if dry_run:
+            return self._dry_run(s, spec, system, user, t, meta)
+        try:
+            return s.engine.run(spec, system, user, t.id, t.limits, t.api_keys, meta)
+        finally:
+            deliver_alerts(s)
+
+    @classmethod
+    async def acall(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> Any:
+        """Like `call`, as a coroutine; cancelling it aborts the request and records the
+        execution as cancelled."""
+        self = cls(**params)
+        s = settings()
+        spec, system, user, t, meta = self._prepare(s, tenant)
+        if dry_run:
+            return self._dry_run(s, spec, system, user, t, meta)
+        try:
+            result: AgentResult = await s.engine.arun(spec, system, user, t.id, t.limits, t.api_keys, meta)
+            return result
+        finally:
+            deliver_alerts(s)
+
+    def _dry_run(
+        self, s: Settings, spec: _core.AgentSpec, system: str | None, user: str, t: ResolvedTenant, meta: str
+    ) -> dict[str, Any]:
+        plan = s.engine.plan(spec, system, user)
+        cls = type(self)
+        return {
+            "agent": spec.name,
+            "system": system,
+            "user": user,
+            "tenant_id": t.id,
+            "tenant_limits": t.limits,
+            "model": cls.model,
+            "fallback_models": list(cls.fallback_models),
+            "temperature": cls.temperature,
+            "max_tokens": cls.max_tokens,
+            "timeout": cls.timeout,
+            "metadata": json.loads(meta),
+            **plan,
+        }

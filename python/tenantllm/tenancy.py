@@ -1,0 +1,108 @@
+"""Which tenant a call runs for: explicit `tenant=`, `with tenant(...)`, or the configured resolver."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tenantllm._core import InvalidTenantError
+from tenantllm.config import Settings
+
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar("tenantllm_tenant", default=None)
+
+# Keys of a runtime tenant dict that are limits (the rest: id, api_keys).
+LIMIT_KEYS = frozenset(
+    {"daily_limit", "monthly_limit", "daily_token_limit", "monthly_token_limit", "daily_execution_limit",
+     "monthly_execution_limit", "enforcement", "name"}
+)
+
+
+@dataclass(frozen=True)
+class ResolvedTenant:
+    id: str | None
+    limits: dict[str, Any] | None = None
+    api_keys: dict[str, str] | None = None
+
+    def __repr__(self) -> str:  # never show keys
+        return f"ResolvedTenant(id={self.id!r}, limits={self.limits!r})"
+
+
+NO_TENANT = ResolvedTenant(id=None)
+
+
+@contextmanager
+def tenant(value: Any) -> Iterator[None]:
+    """Run the block for `value` (an id, a tenant dict or an llm_tenant object)."""
+    token = _current.set(value)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_tenant_value() -> Any:
+    return _current.get()
+
+
+def _check_id(value: Any, source: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidTenantError(f"{source}: tenant id must be a non-empty string, got {value!r}")
+    return value
+
+
+def _from_value(value: Any, source: str) -> ResolvedTenant:
+    if value is None:
+        return NO_TENANT
+    if isinstance(value, str):
+        return ResolvedTenant(id=_check_id(value, source))
+    if isinstance(value, Mapping):
+        if "id" not in value:
+            raise InvalidTenantError(f"{source}: a tenant dict needs an 'id' key")
+        unknown = sorted(set(value) - LIMIT_KEYS - {"id", "api_keys"})
+        if unknown:
+            raise InvalidTenantError(
+                f"{source}: unknown tenant key {unknown[0]!r}; expected id, api_keys or one of "
+                + ", ".join(sorted(LIMIT_KEYS))
+            )
+        limits = {k: v for k, v in value.items() if k in LIMIT_KEYS}
+        keys = value.get("api_keys")
+        if keys is not None and not isinstance(keys, Mapping):
+            raise InvalidTenantError(f"{source}: api_keys must be a dict of provider name to key")
+        return ResolvedTenant(
+            id=_check_id(value["id"], source), limits=limits or None, api_keys=dict(keys) if keys else None
+        )
+    describe = getattr(type(value), "__tenantllm_describe__", None)
+    if describe is not None:
+        return _from_value(describe(value), source)
+    raise InvalidTenantError(
+        f"{source}: expected a tenant id, a tenant dict or an @llm_tenant object, got {type(value).__name__}"
+    )
+
+
+_UNSET: Any = object()
+
+
+def resolve(s: Settings, explicit: Any = _UNSET) -> ResolvedTenant:
+    """Resolve the tenant for one call. An explicit value wins, then `with tenant(...)`, then
+    the resolver (only when multi-tenancy is enabled). Limits come from the runtime dict,
+    else `tenant_config_resolver`, else the stored budget (looked up by the core)."""
+    if explicit is not _UNSET:
+        t = _from_value(explicit, "tenant=")
+    elif _current.get() is not None:
+        t = _from_value(_current.get(), "tenantllm.tenant()")
+    elif s.tenant_resolver is not None and s.engine.multi_tenancy_enabled:
+        t = _from_value(s.tenant_resolver(), "tenant_resolver")
+    else:
+        t = NO_TENANT
+    if t.id is not None and t.limits is None and s.tenant_config_resolver is not None:
+        limits = s.tenant_config_resolver(t.id)
+        if limits is not None:
+            if not isinstance(limits, Mapping):
+                raise InvalidTenantError(
+                    f"tenant_config_resolver must return a dict or None, got {type(limits).__name__}"
+                )
+            t = ResolvedTenant(id=t.id, limits=dict(limits), api_keys=t.api_keys)
+    return t

@@ -1,0 +1,513 @@
+//! The `Engine` pyclass: one per `configure()`, holding the store and settings. Everything
+//! that touches the database or the network runs with the GIL released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::IntoPyObjectExt;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use rust_decimal::Decimal;
+
+use super::config::config_from_dict;
+use super::convert::{budget_to_dict, cell_to_py, count, nanos_to_py, row_to_dict, string, string_map, tenant_budget};
+use super::errors::{to_py, IntoPy};
+use super::query::{parse_ops, Ops};
+use crate::breaker;
+use crate::budget::{self, tenant_scope};
+use crate::clock::{now_micros, Period};
+use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine};
+use crate::error::{Error, Result};
+use crate::execution::{Aggregate, Field};
+use crate::retry::RetryPolicy;
+use crate::store::{Alert, BreakerKey};
+use crate::tenancy::TenantContext;
+
+/// An agent class's settings, built once per class by the Python layer.
+#[pyclass(module = "tenantllm._core", name = "AgentSpec", frozen)]
+pub struct PyAgentSpec {
+    inner: Arc<AgentSpec>,
+}
+
+#[pymethods]
+impl PyAgentSpec {
+    #[new]
+    #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=1024, timeout=30.0,
+        retries=0, backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        name: String,
+        model: String,
+        fallback_models: Vec<String>,
+        temperature: Option<f64>,
+        max_tokens: u32,
+        timeout: f64,
+        retries: u32,
+        backoff: String,
+        base: f64,
+        max_delay: f64,
+        breaker: Option<(u32, f64, f64)>,
+    ) -> PyResult<Self> {
+        let build = || -> Result<AgentSpec> {
+            if !timeout.is_finite() || timeout <= 0.0 {
+                return crate::error::config_err(format!("{name}.timeout must be a positive number of seconds (got {timeout})"));
+            }
+            let spec = AgentSpec {
+                retries: RetryPolicy::new(retries, &backoff, base, max_delay)?,
+                breaker: breaker.map(|(e, w, c)| breaker::Policy::new(e, w, c)).transpose()?,
+                timeout: Duration::from_secs_f64(timeout),
+                name: name.clone(),
+                model,
+                fallback_models,
+                temperature,
+                max_tokens,
+            };
+            spec.validate()?;
+            Ok(spec)
+        };
+        Ok(PyAgentSpec { inner: Arc::new(build().py_err(py)?) })
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+}
+
+/// What `Agent.call` returns.
+#[pyclass(module = "tenantllm._core", name = "AgentResult", frozen, get_all)]
+pub struct PyAgentResult {
+    content: String,
+    model_id: String,
+    chosen_model_id: String,
+    provider: String,
+    input_tokens: i64,
+    output_tokens: i64,
+    cached_tokens: i64,
+    total_tokens: i64,
+    input_cost: Decimal,
+    output_cost: Decimal,
+    total_cost: Decimal,
+    duration_ms: i64,
+    attempts_count: usize,
+    execution_id: String,
+    tenant_id: Option<String>,
+    finish_reason: Option<String>,
+    budget_warnings: Vec<String>,
+}
+
+#[pymethods]
+impl PyAgentResult {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "AgentResult(model_id={}, chosen_model_id={}, tenant_id={}, total_tokens={}, total_cost={}, content={})",
+            pyrepr(py, &self.model_id)?,
+            pyrepr(py, &self.chosen_model_id)?,
+            pyrepr(py, &self.tenant_id)?,
+            self.total_tokens,
+            pyrepr(py, self.total_cost)?,
+            pyrepr(py, &self.content)?,
+        ))
+    }
+    fn __str__(&self) -> &str {
+        &self.content
+    }
+}
+
+fn pyrepr<'py, T: IntoPyObject<'py>>(py: Python<'py>, v: T) -> PyResult<String> {
+    let obj = v.into_bound_py_any(py)?;
+    Ok(obj.repr()?.to_string())
+}
+
+impl From<CallOutcome> for PyAgentResult {
+    fn from(o: CallOutcome) -> Self {
+        PyAgentResult {
+            content: o.content,
+            model_id: o.model_id,
+            chosen_model_id: o.chosen_model_id,
+            provider: o.provider,
+            input_tokens: o.usage.input,
+            output_tokens: o.usage.output,
+            cached_tokens: o.usage.cached,
+            total_tokens: o.usage.input + o.usage.output,
+            input_cost: o.cost.input.to_decimal(),
+            output_cost: o.cost.output.to_decimal(),
+            total_cost: o.cost.total().to_decimal(),
+            duration_ms: o.duration_ms,
+            attempts_count: o.attempts_count,
+            execution_id: o.execution_id,
+            tenant_id: o.tenant_id,
+            finish_reason: o.finish_reason,
+            budget_warnings: o.budget_warnings,
+        }
+    }
+}
+
+#[pyclass(module = "tenantllm._core", name = "Engine", frozen)]
+pub struct PyEngine {
+    inner: Arc<Engine>,
+}
+
+/// How often a blocked sync call checks for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+#[allow(clippy::too_many_arguments)]
+fn call_request(
+    system: Option<String>,
+    user: String,
+    tenant_id: Option<String>,
+    tenant_limits: Option<&Bound<'_, PyDict>>,
+    api_keys: Option<&Bound<'_, PyAny>>,
+    metadata: String,
+    parent_execution_id: Option<String>,
+) -> Result<CallRequest> {
+    let limits = match (&tenant_id, tenant_limits) {
+        (Some(t), Some(d)) => Some(tenant_budget(t, d)?),
+        (None, Some(_)) => return Err(Error::InvalidTenant("tenant limits were given without a tenant id".into())),
+        _ => None,
+    };
+    Ok(CallRequest {
+        system,
+        user,
+        tenant: TenantContext {
+            id: tenant_id,
+            limits,
+            api_keys: api_keys.map(|k| string_map("api_keys", k)).transpose()?.unwrap_or_default(),
+        },
+        metadata,
+        root_execution_id: None,
+        parent_execution_id,
+    })
+}
+
+fn breaker_key(agent: String, model: String, tenant_id: Option<String>) -> BreakerKey {
+    BreakerKey { agent, model, tenant_id }
+}
+
+fn breaker_state_dict<'py>(py: Python<'py>, key: &BreakerKey, s: &breaker::State) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("agent", &key.agent)?;
+    d.set_item("model", &key.model)?;
+    d.set_item("tenant_id", &key.tenant_id)?;
+    d.set_item("state", s.phase.as_str())?;
+    d.set_item("failures", s.failures.len())?;
+    let retry_at = (s.phase != breaker::Phase::Closed).then(|| chrono::DateTime::<chrono::Utc>::from_timestamp_micros(s.retry_at)).flatten();
+    d.set_item("retry_at", retry_at)?;
+    Ok(d)
+}
+
+fn usage_dict<'py>(py: Python<'py>, u: &budget::Usage) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("cost", nanos_to_py(py, u.cost)?)?;
+    d.set_item("tokens", u.tokens)?;
+    d.set_item("executions", u.executions)?;
+    Ok(d)
+}
+
+fn alert_dict<'py>(py: Python<'py>, a: &Alert) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match a {
+        Alert::Budget { check, threshold, current } => {
+            d.set_item("kind", "budget_threshold")?;
+            d.set_item("scope", &check.name)?;
+            d.set_item("counter", &check.scope)?;
+            d.set_item("period", &check.period_key)?;
+            d.set_item("threshold", threshold)?;
+            d.set_item("limit", super::convert::amount_to_py(py, check.limit)?)?;
+            d.set_item("current", usage_dict(py, current)?)?;
+            d.set_item("enforcement", check.enforcement.as_str())?;
+        }
+        Alert::BreakerOpened { key, retry_at } => {
+            d.set_item("kind", "breaker_opened")?;
+            d.set_item("agent", &key.agent)?;
+            d.set_item("model", &key.model)?;
+            d.set_item("tenant_id", &key.tenant_id)?;
+            d.set_item("retry_at", chrono::DateTime::<chrono::Utc>::from_timestamp_micros(*retry_at))?;
+        }
+        Alert::BreakerClosed { key } => {
+            d.set_item("kind", "breaker_closed")?;
+            d.set_item("agent", &key.agent)?;
+            d.set_item("model", &key.model)?;
+            d.set_item("tenant_id", &key.tenant_id)?;
+        }
+    }
+    Ok(d)
+}
+
+impl PyEngine {
+    /// Runs `f` on the core with the GIL released, converting its error.
+    fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&Engine) -> Result<T> + Send) -> PyResult<T> {
+        let engine = &self.inner;
+        py.detach(|| f(engine)).py_err(py)
+    }
+
+    fn ops(&self, py: Python<'_>, ops: &Bound<'_, PyList>) -> PyResult<Ops> {
+        parse_ops(ops, self.inner.calendar(), now_micros()).py_err(py)
+    }
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    fn new(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let config = config_from_dict(config).py_err(py)?;
+        let engine = py.detach(|| Engine::new(config)).py_err(py)?;
+        Ok(PyEngine { inner: Arc::new(engine) })
+    }
+
+    #[getter]
+    fn database(&self) -> &str {
+        &self.inner.config().database
+    }
+
+    #[getter]
+    fn timezone(&self) -> &str {
+        self.inner.calendar().name()
+    }
+
+    #[getter]
+    fn multi_tenancy_enabled(&self) -> bool {
+        self.inner.config().multi_tenancy_enabled
+    }
+
+    /// Runs one call to completion, blocking this thread (not the interpreter).
+    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        py: Python<'_>,
+        spec: &PyAgentSpec,
+        system: Option<String>,
+        user: String,
+        tenant_id: Option<String>,
+        tenant_limits: Option<&Bound<'_, PyDict>>,
+        api_keys: Option<&Bound<'_, PyAny>>,
+        metadata: String,
+        parent_execution_id: Option<String>,
+    ) -> PyResult<PyAgentResult> {
+        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id).py_err(py)?;
+        let (engine, spec) = (self.inner.clone(), spec.inner.clone());
+        let outcome: PyResult<Result<CallOutcome>> = py.detach(move || {
+            pyo3_async_runtimes::tokio::get_runtime().block_on(async move {
+                let call = engine.run(spec, req);
+                tokio::pin!(call);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut call => return Ok(r),
+                        // Ctrl-C: dropping the call records it as cancelled, then
+                        // KeyboardInterrupt propagates.
+                        _ = tokio::time::sleep(SIGNAL_POLL) => Python::attach(|py| py.check_signals())?,
+                    }
+                }
+            })
+        });
+        Ok(outcome?.py_err(py)?.into())
+    }
+
+    /// The awaitable form of `run`, for `Agent.acall`.
+    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn arun<'py>(
+        &self,
+        py: Python<'py>,
+        spec: &PyAgentSpec,
+        system: Option<String>,
+        user: String,
+        tenant_id: Option<String>,
+        tenant_limits: Option<&Bound<'py, PyDict>>,
+        api_keys: Option<&Bound<'py, PyAny>>,
+        metadata: String,
+        parent_execution_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id).py_err(py)?;
+        let (engine, spec) = (self.inner.clone(), spec.inner.clone());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            match engine.run(spec, req).await {
+                Ok(o) => Ok(PyAgentResult::from(o)),
+                Err(e) => Err(Python::attach(|py| to_py(py, e))),
+            }
+        })
+    }
+
+    /// What a call would send and reserve (`dry_run=True`).
+    #[pyo3(signature = (spec, system, user))]
+    fn plan<'py>(&self, py: Python<'py>, spec: &PyAgentSpec, system: Option<String>, user: String) -> PyResult<Bound<'py, PyDict>> {
+        let req = CallRequest { system, user, ..Default::default() };
+        let plan = self.inner.plan(&spec.inner, &req).py_err(py)?;
+        let d = PyDict::new(py);
+        let models = PyList::empty(py);
+        for (route, price) in plan.routes.iter().zip(&plan.prices) {
+            let m = PyDict::new(py);
+            m.set_item("provider", &route.provider)?;
+            m.set_item("model", &route.model)?;
+            m.set_item("input_price", price.input)?;
+            m.set_item("output_price", price.output)?;
+            m.set_item("cached_input_price", price.cached_input)?;
+            models.append(m)?;
+        }
+        d.set_item("models", models)?;
+        d.set_item("estimated_input_tokens", plan.estimated_input_tokens)?;
+        d.set_item("estimated_tokens", plan.estimated_tokens)?;
+        d.set_item("estimated_cost", nanos_to_py(py, plan.estimated_cost)?)?;
+        Ok(d)
+    }
+
+    fn drain_alerts<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner.drain_alerts().iter().map(|a| alert_dict(py, a)).collect()
+    }
+
+    // ------------------------------------------------------------ executions
+
+    fn query_rows<'py>(&self, py: Python<'py>, ops: &Bound<'py, PyList>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let ops = self.ops(py, ops)?;
+        let rows = self.detached(py, |e| e.store().query_rows(&ops.query))?;
+        rows.into_iter().map(|r| row_to_dict(py, r)).collect()
+    }
+
+    /// count() when `field` is None, else sum(field).
+    #[pyo3(signature = (ops, field=None))]
+    fn query_aggregate(&self, py: Python<'_>, ops: &Bound<'_, PyList>, field: Option<&str>) -> PyResult<Py<PyAny>> {
+        let ops = self.ops(py, ops)?;
+        let agg = aggregate(field).py_err(py)?;
+        let cell = self.detached(py, |e| e.store().query_aggregate(&ops.query, &agg))?;
+        cell_to_py(py, cell)
+    }
+
+    #[pyo3(signature = (ops, by, field=None))]
+    fn query_grouped<'py>(&self, py: Python<'py>, ops: &Bound<'py, PyList>, by: &str, field: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+        let ops = self.ops(py, ops)?;
+        let agg = aggregate(field).py_err(py)?;
+        let by = Field::groupable(by).py_err(py)?;
+        let groups = self.detached(py, |e| e.store().query_grouped(&ops.query, by, &agg))?;
+        let d = PyDict::new(py);
+        for (k, v) in groups {
+            d.set_item(k, cell_to_py(py, v)?)?;
+        }
+        Ok(d)
+    }
+
+    fn get_execution<'py>(&self, py: Python<'py>, id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let found = self.detached(py, |e| e.store().execution(id))?;
+        let Some((row, details)) = found else { return Ok(None) };
+        let d = row_to_dict(py, row)?;
+        if let Some(x) = details {
+            d.set_item("system_prompt", x.system_prompt)?;
+            d.set_item("user_prompt", x.user_prompt)?;
+            d.set_item("response", x.response)?;
+        }
+        Ok(Some(d))
+    }
+
+    // ------------------------------------------------------------ budgets
+
+    fn budget_get<'py>(&self, py: Python<'py>, tenant_id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let b = self.detached(py, |e| e.store().budget_get(tenant_id))?;
+        b.map(|b| budget_to_dict(py, &b)).transpose()
+    }
+
+    /// Creates (`create_only`) or replaces a tenant's budget; returns it as stored.
+    fn budget_put<'py>(&self, py: Python<'py>, tenant_id: &Bound<'py, PyAny>, fields: &Bound<'py, PyDict>, create_only: bool) -> PyResult<Bound<'py, PyDict>> {
+        let tenant_id = string("tenant_id", tenant_id).map_err(|_| Error::InvalidTenant("tenant_id must be a non-empty string".into())).py_err(py)?;
+        let b = tenant_budget(&tenant_id, fields).py_err(py)?;
+        self.detached(py, |e| e.store().budget_put(&b, create_only))?;
+        budget_to_dict(py, &b)
+    }
+
+    fn budget_delete(&self, py: Python<'_>, tenant_id: &str) -> PyResult<bool> {
+        self.detached(py, |e| e.store().budget_delete(tenant_id))
+    }
+
+    fn budget_all<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let all = self.detached(py, |e| e.store().budget_all())?;
+        all.iter().map(|b| budget_to_dict(py, b)).collect()
+    }
+
+    /// The tenant's recorded usage this day and month: {"daily": {...}, "monthly": {...}}.
+    fn tenant_usage<'py>(&self, py: Python<'py>, tenant_id: &str) -> PyResult<Bound<'py, PyDict>> {
+        let now = now_micros();
+        let cal = *self.inner.calendar();
+        let scope = tenant_scope(tenant_id);
+        let (daily, monthly) = self.detached(py, |e| {
+            Ok((
+                e.store().usage(&scope, &cal.period_key(Period::Daily, now))?,
+                e.store().usage(&scope, &cal.period_key(Period::Monthly, now))?,
+            ))
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("daily", usage_dict(py, &daily)?)?;
+        d.set_item("monthly", usage_dict(py, &monthly)?)?;
+        Ok(d)
+    }
+
+    /// The global limits (`budgets=`) a tenant inherits where its own are unset.
+    fn global_limits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let g = &self.inner.config().budgets;
+        let b = budget::TenantBudget { tenant_id: String::new(), name: None, limits: g.limits.clone(), enforcement: g.enforcement };
+        budget_to_dict(py, &b)
+    }
+
+    /// Spend per tenant in the current "daily" or "monthly" period, from the counters.
+    fn usage_by_tenant<'py>(&self, py: Python<'py>, period: &str) -> PyResult<Bound<'py, PyDict>> {
+        let p = match period {
+            "daily" => Period::Daily,
+            "monthly" => Period::Monthly,
+            other => return Err(to_py(py, Error::Configuration(format!("period must be \"daily\" or \"monthly\", got {other:?}")))),
+        };
+        let key = self.inner.calendar().period_key(p, now_micros());
+        let rows = self.detached(py, |e| e.store().usage_by_scope("tenant:", &key))?;
+        let d = PyDict::new(py);
+        for (tenant, u) in rows {
+            d.set_item(tenant, usage_dict(py, &u)?)?;
+        }
+        Ok(d)
+    }
+
+    fn rebuild_counters(&self, py: Python<'_>) -> PyResult<usize> {
+        self.detached(py, |e| e.store().rebuild_counters(e.calendar()))
+    }
+
+    // ------------------------------------------------------------ breakers
+
+    #[pyo3(signature = (agent, model, tenant_id=None))]
+    fn breaker_status<'py>(&self, py: Python<'py>, agent: String, model: String, tenant_id: Option<String>) -> PyResult<Bound<'py, PyDict>> {
+        let key = breaker_key(agent, model, tenant_id);
+        let s = self.detached(py, |e| e.store().breaker_status(&key))?;
+        breaker_state_dict(py, &key, &s)
+    }
+
+    #[pyo3(signature = (agent, model, tenant_id=None))]
+    fn breaker_reset(&self, py: Python<'_>, agent: String, model: String, tenant_id: Option<String>) -> PyResult<()> {
+        let key = breaker_key(agent, model, tenant_id);
+        self.detached(py, |e| e.store().breaker_reset(&key))
+    }
+
+    fn breakers_not_closed<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let all = self.detached(py, |e| e.store().breakers_not_closed())?;
+        all.iter().map(|b| breaker_state_dict(py, &b.key, &b.state)).collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Engine(database={:?}, timezone={:?})", self.inner.config().database, self.inner.calendar().name())
+    }
+}
+
+fn aggregate(field: Option<&str>) -> Result<Aggregate> {
+    Ok(match field {
+        None => Aggregate::Count,
+        Some(f) => Aggregate::Sum(Field::numeric(f)?),
+    })
+}
+
+/// Validates a positive count argument (`limit(n)`, `last_n_days(n)`).
+pub fn positive(field: &str, v: &Bound<'_, PyAny>) -> Result<i64> {
+    match count(field, v)? {
+        0 => crate::error::config_err(format!("{field} must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+pub fn tuple_item<'py>(t: &Bound<'py, PyTuple>, i: usize, what: &str) -> Result<Bound<'py, PyAny>> {
+    t.get_item(i).map_err(|_| Error::Configuration(format!("query operation {what}: missing argument {i}")))
+}

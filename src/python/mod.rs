@@ -1,0 +1,19 @@
+//! The Python bindings (`tenantllm._core`): the only module that uses pyo3.
+
+mod config;
+mod convert;
+mod engine;
+mod errors;
+mod query;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyAgentSpec>()?;
+    m.add_class::<engine::PyAgentResult>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

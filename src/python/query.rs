@@ -1,0 +1,97 @@
+//! Turns the Python query builder's operation list into a core `Query`. Field names are
+//! checked against the fixed list in `execution::FIELDS`.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt, PyList, PyTuple};
+
+use super::convert::{string, type_name};
+use super::engine::{positive, tuple_item};
+use crate::clock::{Calendar, Micros};
+use crate::error::{config_err, Error, Result};
+use crate::execution::{Field, Filter, Query, Status, Value};
+
+pub struct Ops {
+    pub query: Query,
+}
+
+fn value(field: &Field, v: &Bound<'_, PyAny>) -> Result<Value> {
+    let out = if v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>() {
+        Value::Int(v.extract().map_err(|_| Error::Configuration(format!("{} value out of range", field.0)))?)
+    } else {
+        Value::Text(string(field.0, v)?)
+    };
+    if field.0 == "status" {
+        if let Value::Text(s) = &out {
+            Status::parse(s)?;
+        }
+    }
+    Ok(out)
+}
+
+fn micros(field: &str, v: &Bound<'_, PyAny>) -> Result<Option<Micros>> {
+    if v.is_none() {
+        return Ok(None);
+    }
+    // Naive datetimes are taken as UTC.
+    if let Ok(t) = v.extract::<chrono::DateTime<chrono::Utc>>() {
+        return Ok(Some(t.timestamp_micros()));
+    }
+    if let Ok(t) = v.extract::<chrono::NaiveDateTime>() {
+        return Ok(Some(t.and_utc().timestamp_micros()));
+    }
+    if let Ok(d) = v.extract::<chrono::NaiveDate>() {
+        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc().timestamp_micros()));
+    }
+    config_err(format!("{field} must be a datetime or date, got {}", type_name(v)))
+}
+
+pub fn parse_ops(ops: &Bound<'_, PyList>, cal: &Calendar, now: Micros) -> Result<Ops> {
+    let mut q = Query::default();
+    for op in ops.iter() {
+        let t = op.cast::<PyTuple>().map_err(|_| Error::Configuration("query operations must be tuples".into()))?;
+        let name = string("query operation", &tuple_item(t, 0, "name")?)?;
+        let field = || Field::parse(&string("field", &tuple_item(t, 1, &name)?)?);
+        match name.as_str() {
+            "eq" => {
+                let f = field()?;
+                q.filters.push(Filter::Eq(f, value(&f, &tuple_item(t, 2, &name)?)?));
+            }
+            "in" => {
+                let f = field()?;
+                let list = tuple_item(t, 2, &name)?;
+                let vals = list.try_iter().map_err(|_| Error::Configuration(format!("{}: expected a list", f.0)))?;
+                let vals = vals.map(|v| v.map_err(|e| Error::Configuration(e.to_string())).and_then(|v| value(&f, &v))).collect::<Result<_>>()?;
+                q.filters.push(Filter::In(f, vals));
+            }
+            "null" => q.filters.push(Filter::IsNull(field()?)),
+            "notnull" => q.filters.push(Filter::NotNull(field()?)),
+            "between" => {
+                let lo = micros("start", &tuple_item(t, 1, &name)?)?;
+                let hi = micros("end", &tuple_item(t, 2, &name)?)?;
+                q.filters.push(Filter::Range(Field::parse("started_at")?, lo, hi));
+            }
+            "period" => {
+                let which = string("period", &tuple_item(t, 1, &name)?)?;
+                let (lo, hi) = match which.as_str() {
+                    "today" => cal.today(now),
+                    "this_week" => cal.this_week(now),
+                    "this_month" => cal.this_month(now),
+                    "last_n_days" => {
+                        let n = positive("last_n_days", &tuple_item(t, 2, &name)?)?;
+                        cal.last_n_days(now, n.min(100_000) as u32)
+                    }
+                    other => return config_err(format!("unknown period {other:?}")),
+                };
+                q.filters.push(Filter::Range(Field::parse("started_at")?, Some(lo), Some(hi)));
+            }
+            "order" => {
+                let desc = tuple_item(t, 2, &name)?.is_truthy().unwrap_or(false);
+                q.order.push((field()?, desc));
+            }
+            "limit" => q.limit = Some(positive("limit", &tuple_item(t, 1, &name)?)?),
+            "offset" => q.offset = Some(super::convert::count("offset", &tuple_item(t, 1, &name)?)?),
+            other => return config_err(format!("unknown query operation {other:?}")),
+        }
+    }
+    Ok(Ops { query: q })
+}
