@@ -173,6 +173,7 @@ impl Engine {
 
     pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
         let plan = self.plan(&spec, &req)?;
+        self.check_keys(&req.tenant, &plan.routes)?;
         if let Some(t) = &req.tenant.id {
             crate::tenancy::validate_tenant_id(t)?;
         }
@@ -250,11 +251,8 @@ impl Engine {
                     }
                 }
             }
-            let target = Target {
-                route,
-                api_key: self.api_key(&req.tenant, &route.provider),
-                base_url: self.config.base_urls.get(&route.provider).map(String::as_str),
-            };
+            let key = self.api_key(&req.tenant, route);
+            let target = Target { route, api_key: key.as_deref() };
             for retry in 0..=spec.retries.max {
                 let t0 = Instant::now();
                 let result = match tokio::time::timeout(spec.timeout, self.providers.send(&target, &request)).await {
@@ -295,15 +293,29 @@ impl Engine {
         Err(call.fail(errors, plan.routes.len() > 1)?)
     }
 
-    /// The key for `provider`: this call's tenant keys, then `configure(api_keys=)`, then the
-    /// environment.
-    fn api_key<'a>(&'a self, tenant: &'a TenantContext, provider: &str) -> Option<&'a str> {
-        tenant
-            .api_keys
-            .get(provider)
-            .or_else(|| self.config.api_keys.get(provider))
-            .map(String::as_str)
-            .filter(|k| !k.trim().is_empty())
+    /// The key for a route's provider: this call's tenant keys, then `configure(api_keys=)`,
+    /// then the environment. Blank values fall through.
+    fn api_key(&self, tenant: &TenantContext, route: &Route) -> Option<String> {
+        let given = [tenant.api_keys.get(&route.provider), self.config.api_keys.get(&route.provider)];
+        given
+            .into_iter()
+            .flatten()
+            .cloned()
+            .chain(providers::env_vars(&route.provider).into_iter().filter_map(|v| std::env::var(v).ok()))
+            .find(|k| !k.trim().is_empty())
+    }
+
+    /// Refuses, before anything is recorded, a call whose provider needs a key it lacks.
+    fn check_keys(&self, tenant: &TenantContext, routes: &[Route]) -> Result<()> {
+        match routes.iter().find(|r| r.needs_key && self.api_key(tenant, r).is_none()) {
+            Some(r) => config_err(format!(
+                "no API key for provider {:?}: pass api_keys={{{:?}: ...}} to configure(), give the tenant one, or set {}",
+                r.provider,
+                r.provider,
+                providers::env_vars(&r.provider).join(" or ")
+            )),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,6 +1,10 @@
 //! Providers: which one serves a model, and sending one request to it.
 
+mod anthropic;
+mod gemini;
+mod http;
 mod mock;
+mod openai;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,9 +33,31 @@ pub struct Reply {
     pub finish_reason: Option<String>,
 }
 
+/// The wire format a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
     Mock,
+    /// Chat completions; `native` = OpenAI itself (uses `max_completion_tokens`).
+    OpenAi { native: bool },
+    Anthropic,
+    Gemini,
+}
+
+/// Built-in providers (all need a key): name, wire, default base URL.
+const BUILT_IN: &[(&str, Wire, &str)] = &[
+    ("openai", Wire::OpenAi { native: true }, "https://api.openai.com/v1"),
+    ("anthropic", Wire::Anthropic, "https://api.anthropic.com"),
+    ("gemini", Wire::Gemini, "https://generativelanguage.googleapis.com"),
+    ("deepseek", Wire::OpenAi { native: false }, "https://api.deepseek.com/v1"),
+    ("mistral", Wire::OpenAi { native: false }, "https://api.mistral.ai/v1"),
+];
+
+/// The environment variables a provider's key is read from, in order.
+pub fn env_vars(provider: &str) -> Vec<String> {
+    match provider {
+        "gemini" => vec!["GEMINI_API_KEY".into(), "GOOGLE_API_KEY".into()],
+        other => vec![format!("{}_API_KEY", other.to_uppercase().replace(['-', '.'], "_"))],
+    }
 }
 
 /// Where a model's requests go.
@@ -42,6 +68,9 @@ pub struct Route {
     pub wire: Wire,
     /// The model id the provider expects (without any "provider/" prefix).
     pub model: String,
+    pub base_url: String,
+    /// Built-in providers need a key; a self-hosted compatible server may not.
+    pub needs_key: bool,
 }
 
 /// The provider of a bare model id, by the naming conventions of each vendor.
@@ -78,35 +107,48 @@ pub fn route(model: &str, prices: &PriceTable, base_urls: &HashMap<String, Strin
             }
         },
     };
-    let wire = match provider.as_str() {
-        "mock" => Wire::Mock,
-        other if base_urls.contains_key(other) => {
-            return config_err(format!("provider {other:?} is not supported yet (model {model:?})"))
-        }
-        other => return config_err(format!("unknown provider {other:?} for model {model:?}")),
+    let configured = base_urls.get(&provider).cloned();
+    let (wire, base_url, needs_key) = match (provider.as_str(), BUILT_IN.iter().find(|(n, _, _)| *n == provider)) {
+        ("mock", _) => (Wire::Mock, String::new(), false),
+        (_, Some((_, wire, default))) => (*wire, configured.unwrap_or_else(|| default.to_string()), true),
+        // Any other name with a base URL is an OpenAI-compatible server.
+        (_, None) => match configured {
+            Some(url) => (Wire::OpenAi { native: false }, url, false),
+            None => {
+                return config_err(format!(
+                    "unknown provider {provider:?} for model {model:?}; known: mock, {}, or any name given in base_urls",
+                    BUILT_IN.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+                ))
+            }
+        },
     };
-    Ok(Route { provider, wire, model: bare })
+    Ok(Route { provider, wire, model: bare, base_url, needs_key })
 }
 
 /// Everything a provider call needs besides the request.
 pub struct Target<'a> {
     pub route: &'a Route,
     pub api_key: Option<&'a str>,
-    pub base_url: Option<&'a str>,
 }
 
 pub struct Providers {
     mock: mock::Mock,
+    client: reqwest::Client,
 }
 
 impl Providers {
     pub fn new(mock: MockSettings) -> Providers {
-        Providers { mock: mock::Mock::new(mock) }
+        Providers { mock: mock::Mock::new(mock), client: http::client() }
     }
 
     pub async fn send(&self, target: &Target<'_>, req: &Request) -> std::result::Result<Reply, ProviderFailure> {
-        match target.route.wire {
-            Wire::Mock => self.mock.send(&target.route.model, req).await,
+        let r = target.route;
+        let caller = http::Caller { provider: &r.provider, model: &r.model };
+        match r.wire {
+            Wire::Mock => self.mock.send(&r.model, req).await,
+            Wire::OpenAi { native } => openai::send(&self.client, &caller, &r.base_url, target.api_key, req, native).await,
+            Wire::Anthropic => anthropic::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
+            Wire::Gemini => gemini::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
         }
     }
 }
@@ -116,4 +158,25 @@ impl Providers {
 pub fn prompt_token_bound(req: &Request) -> i64 {
     let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len();
     bytes as i64 + 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_name_prefix_and_explicit_provider() {
+        let prices = PriceTable::built_in();
+        let mut urls = HashMap::new();
+        let r = route("gpt-4o", &prices, &urls).unwrap();
+        assert_eq!((r.provider.as_str(), r.wire, r.base_url.as_str()), ("openai", Wire::OpenAi { native: true }, "https://api.openai.com/v1"));
+        assert_eq!(route("claude-sonnet-4-5", &prices, &urls).unwrap().wire, Wire::Anthropic);
+        assert_eq!(route("gemini/gemini-2.5-pro", &prices, &urls).unwrap().model, "gemini-2.5-pro");
+        assert!(route("llama-3", &prices, &urls).unwrap_err().to_string().contains("provider/model"));
+        assert!(route("ollama/llama3", &prices, &urls).is_err());
+        urls.insert("ollama".to_string(), "http://127.0.0.1:11434/v1".to_string());
+        let r = route("ollama/llama3", &prices, &urls).unwrap();
+        assert_eq!((r.wire, r.needs_key), (Wire::OpenAi { native: false }, false));
+        assert_eq!(env_vars("gemini")[0], "GEMINI_API_KEY");
+    }
 }

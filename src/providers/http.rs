@@ -1,0 +1,139 @@
+//! What every HTTP provider shares: sending JSON, reading the body, and turning statuses,
+//! transport failures and bad bodies into `ProviderFailure`s.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{ProviderErrorKind, ProviderFailure};
+
+/// Who is being called, for error messages.
+pub struct Caller<'a> {
+    pub provider: &'a str,
+    pub model: &'a str,
+}
+
+impl Caller<'_> {
+    pub fn failure(&self, kind: ProviderErrorKind, status: Option<u16>, message: String) -> ProviderFailure {
+        let retryable = match kind {
+            ProviderErrorKind::Authentication | ProviderErrorKind::BadRequest => false,
+            ProviderErrorKind::RateLimit
+            | ProviderErrorKind::Timeout
+            | ProviderErrorKind::Transport
+            | ProviderErrorKind::InvalidResponse => true,
+        };
+        ProviderFailure {
+            kind,
+            provider: self.provider.to_string(),
+            model: self.model.to_string(),
+            status,
+            message,
+            retryable,
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid(&self, what: &str) -> ProviderFailure {
+        self.failure(ProviderErrorKind::InvalidResponse, Some(200), format!("malformed response: {what}"))
+    }
+}
+
+/// Builds the shared client: connection pooling across calls, no global timeout (each
+/// attempt has its own).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("tenantllm/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Seconds from a Retry-After header: delta-seconds or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(s) = v.parse::<f64>() {
+        return (s.is_finite() && s >= 0.0).then_some(s);
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some(((when.timestamp_millis() - chrono::Utc::now().timestamp_millis()) as f64 / 1000.0).max(0.0))
+}
+
+/// The provider's own error message (`{"error": {"message": ...}}` in all three formats).
+fn error_message(body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let msg = parsed.as_ref().and_then(|v| v.pointer("/error/message")).and_then(|m| m.as_str());
+    match msg {
+        Some(m) => m.to_string(),
+        None => {
+            let text = String::from_utf8_lossy(body);
+            let short: String = text.chars().take(200).collect();
+            if short.is_empty() { "(empty body)".into() } else { short }
+        }
+    }
+}
+
+fn transport(caller: &Caller<'_>, e: reqwest::Error) -> ProviderFailure {
+    // Drop the URL: it may carry credentials for some deployments.
+    let e = e.without_url();
+    let kind = if e.is_timeout() {
+        ProviderErrorKind::Timeout
+    } else if e.is_body() || e.is_decode() {
+        ProviderErrorKind::InvalidResponse
+    } else {
+        ProviderErrorKind::Transport
+    };
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    caller.failure(kind, None, msg)
+}
+
+/// POSTs `body` and parses a 2xx answer as `T`; everything else becomes a failure.
+pub async fn post_json<T: DeserializeOwned>(
+    caller: &Caller<'_>,
+    req: reqwest::RequestBuilder,
+    body: &serde_json::Value,
+) -> Result<T, ProviderFailure> {
+    let resp = req.json(body).send().await.map_err(|e| transport(caller, e))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.map_err(|e| transport(caller, e))?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| caller.invalid(&e.to_string()));
+    }
+    let code = status.as_u16();
+    let kind = match code {
+        401 | 403 => ProviderErrorKind::Authentication,
+        429 => ProviderErrorKind::RateLimit,
+        408 => ProviderErrorKind::Timeout,
+        500..=599 => ProviderErrorKind::Transport,
+        _ => ProviderErrorKind::BadRequest,
+    };
+    let mut f = caller.failure(kind, Some(code), error_message(&bytes));
+    f.retry_after = retry_after(&headers);
+    Err(f)
+}
+
+/// Joins a base URL and a path without doubling or dropping the slash.
+pub fn join(base: &str, path: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_and_urls() {
+        assert_eq!(error_message(br#"{"error": {"message": "bad key", "type": "x"}}"#), "bad key");
+        assert_eq!(error_message(b"<html>oops</html>"), "<html>oops</html>");
+        assert_eq!(join("http://h/v1/", "/chat/completions"), "http://h/v1/chat/completions");
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(2.0));
+    }
+}
