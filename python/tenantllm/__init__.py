@@ -20,7 +20,7 @@ from tenantllm._core import (
 )
 from tenantllm.agent import Agent, BreakerPolicy, Retries
 from tenantllm.breaker import CircuitBreaker
-from tenantllm.budget import TenantBudget
+from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
 from tenantllm.config import configure
 from tenantllm.execution import Execution, ExecutionQuery
 from tenantllm.tenancy import tenant
@@ -49,5 +49,7 @@ __all__ = [
     "TenantLLMError",
     "__version__",
     "configure",
+    "rebuild_counters",
+    "spend_by_tenant",
     "tenant",
 ]

@@ -161,3 +161,16 @@ class TenantBudget:
     def monthly_remaining(self) -> Decimal | None:
         limit = self.effective_monthly_limit
         return None if limit is None else max(limit - self.current_monthly_spending, Decimal(0))
+
+
+def rebuild_counters() -> int:
+    """Recompute every usage counter (per scope and period) from the execution rows, in one
+    transaction; returns how many counters were written. Use after restoring a backup or
+    deleting executions by hand."""
+    return engine().rebuild_counters()
+
+
+def spend_by_tenant(period: str = "monthly") -> dict[str, dict[str, Any]]:
+    """{tenant_id: {"cost": Decimal, "tokens": int, "executions": int}} for the current
+    "daily" or "monthly" period, read from the counters (no scan of executions)."""
+    return engine().usage_by_tenant(period)

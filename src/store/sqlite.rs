@@ -662,3 +662,63 @@ impl Store for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{GlobalBudgets, Plan};
+    use crate::execution::Field;
+
+    fn execution(id: &str, at: Micros) -> NewExecution {
+        NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
+    }
+
+    fn admit(store: &SqliteStore, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
+        let cal = Calendar::new("UTC").unwrap();
+        let e = execution(id, now);
+        store
+            .admit(&AdmitRequest {
+                execution: &e,
+                plan: Plan { global, agent: "A", tenant_id: None, tenant_override: None },
+                estimate: budget::estimate(Nanos(600), 10),
+                reservation_expires_at: expires,
+                breaker_keys: &[],
+                probe_lease: 1,
+                calendar: &cal,
+                now,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn reservations_of_a_dead_process_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap()).unwrap();
+        let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
+        let t0 = 1_800_000_000_000_000;
+        assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
+        // "a" never finishes; while its lease runs, a second estimate does not fit.
+        assert!(matches!(admit(&store, &global, "b", t0 + 500, t0 + 10_000), Admitted::Blocked(_)));
+        // After the lease, "a" is released and closed as abandoned.
+        assert!(matches!(admit(&store, &global, "c", t0 + 2_000, t0 + 10_000), Admitted::Go { .. }));
+        let (row, _) = store.execution("a").unwrap().unwrap();
+        let get = |name: &str| row.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        assert_eq!(get("status"), Cell::Text("error".into()));
+        assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
+        let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
+        assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    }
+
+    #[test]
+    fn newer_schema_and_garbage_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, b"this is not a database at all, not even close.......").unwrap();
+        assert!(SqliteStore::open(junk.to_str().unwrap()).is_err());
+        let newer = dir.path().join("newer.db");
+        drop(SqliteStore::open(newer.to_str().unwrap()).unwrap());
+        Connection::open(&newer).unwrap().execute("UPDATE schema_version SET version = 999", []).unwrap();
+        let e = SqliteStore::open(newer.to_str().unwrap()).err().unwrap().to_string();
+        assert!(e.contains("newer"), "{e}");
+    }
+}
