@@ -28,7 +28,7 @@ pytest: develop
 	$(BIN)/pytest -q
 
 ruff: $(BIN)/maturin
-	$(BIN)/ruff check python tests
+	$(BIN)/ruff check python tests benches
 
 stubtest: develop
 	$(BIN)/python -m mypy.stubtest tenantllm._core
@@ -36,7 +36,9 @@ stubtest: develop
 mypy: develop
 	$(BIN)/python -m mypy python/tenantllm
 
+# Peers measured in the same run: pybreaker and litellm (only installed for benchmarks).
 bench: develop
+	$(BIN)/pip install -q pybreaker litellm
 	$(BIN)/python benches/run.py
 
 demo: develop

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import tenantllm as tl
 
 Configure = Callable[..., None]
@@ -39,4 +38,3 @@ def configure(db_path: Path) -> Configure:
         tl.configure(**options)
 
     return reconfigure
-

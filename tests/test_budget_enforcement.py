@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import tenantllm as tl
 
 
@@ -159,7 +158,9 @@ def test_hard_limit_holds_across_4_processes_x_4_threads(tmp_path: Path) -> None
     per_thread = 12
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, db, str(per_thread)], stdout=subprocess.PIPE, env=env, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, db, str(per_thread)], stdout=subprocess.PIPE, env=env, text=True
+        )
         for _ in range(4)
     ]
     outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]

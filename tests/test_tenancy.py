@@ -8,7 +8,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-
 import tenantllm as tl
 
 
@@ -99,7 +98,7 @@ async def test_tenant_context_is_per_task() -> None:
     async def run(tenant_id: str) -> str | None:
         with tl.tenant(tenant_id):
             await asyncio.sleep(0.01)  # interleave the tasks
-            r = await Echo.acall(text=tenant_id)
+            r: tl.AgentResult = await Echo.acall(text=tenant_id)
             return r.tenant_id
 
     got = await asyncio.gather(*(run(f"task{i}") for i in range(10)))

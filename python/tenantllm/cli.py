@@ -99,21 +99,38 @@ def demo(args: argparse.Namespace) -> int:
     for b in tl.TenantBudget.all():
         o = outcomes[b.tenant_id]
         limit = b.daily_limit
-        rows.append([
-            f"{b.tenant_id} ({b.enforcement})",
-            o["ok"], o["blocked"], o["failed"], o["warned"],
-            tokens.get(b.tenant_id, 0), _usd(cost.get(b.tenant_id, Decimal(0))),
-            _usd(limit), _usd(b.daily_remaining) if limit is not None else "-",
-        ])
+        rows.append(
+            [
+                f"{b.tenant_id} ({b.enforcement})",
+                o["ok"],
+                o["blocked"],
+                o["failed"],
+                o["warned"],
+                tokens.get(b.tenant_id, 0),
+                _usd(cost.get(b.tenant_id, Decimal(0))),
+                _usd(limit),
+                _usd(b.daily_remaining) if limit is not None else "-",
+            ]
+        )
     print(_table(["tenant", "ok", "blocked", "failed", "warned", "tokens", "spent today", "daily limit", "left"], rows))
     print("\nBy agent and status:", dict(today.group_by("agent").count()), dict(today.group_by("status").count()))
     top = today.successful().order_by("-total_cost").first()
     if top is not None:
-        print(f"Most expensive call: {top.agent} for {top.tenant_id}, {top.total_tokens} tokens, {_usd(top.total_cost)}")
-    print(f"Alerts raised: {len(alerts)}", *[f"\n  {a['kind']} {a.get('scope', '')} {a.get('threshold', '')}%"
-                                               for a in alerts if a["kind"] == "budget_threshold"])
-    print(f"\nQuery it yourself: python -c \"import tenantllm as tl; tl.configure(database='{path}'); "
-          "print(tl.Execution.this_month().group_by('tenant_id').sum('total_cost'))\"")
+        print(
+            f"Most expensive call: {top.agent} for {top.tenant_id}, {top.total_tokens} tokens, {_usd(top.total_cost)}"
+        )
+    print(
+        f"Alerts raised: {len(alerts)}",
+        *[
+            f"\n  {a['kind']} {a.get('scope', '')} {a.get('threshold', '')}%"
+            for a in alerts
+            if a["kind"] == "budget_threshold"
+        ],
+    )
+    print(
+        f"\nQuery it yourself: python -c \"import tenantllm as tl; tl.configure(database='{path}'); "
+        "print(tl.Execution.this_month().group_by('tenant_id').sum('total_cost'))\""
+    )
     return 0
 
 

@@ -86,8 +86,6 @@ pub trait Store: Send + Sync {
     /// Breaker admission for a fallback model after the first one failed.
     fn breaker_admit(&self, key: &BreakerKey, lease: i64, now: Micros) -> Result<breaker::Admission>;
     fn finish(&self, req: &FinishRequest<'_>) -> Result<Vec<Alert>>;
-    /// Records a call refused before admission could run (e.g. bad provider key setup).
-    fn record_refused(&self, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()>;
 
     fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>>;
     /// Inserts (fails if it exists when `create_only`) or replaces a budget.

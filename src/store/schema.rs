@@ -30,18 +30,17 @@ pub const MIGRATIONS: &[&str] = &[
         finish_reason TEXT,
         parent_execution_id TEXT,
         root_execution_id TEXT
-    );
+    ) WITHOUT ROWID; -- clustered on the time-ordered id: one B-tree, appends at its end
     CREATE INDEX executions_started ON executions(started_at);
     CREATE INDEX executions_tenant ON executions(tenant_id, started_at);
     CREATE INDEX executions_agent ON executions(agent, started_at);
-    CREATE INDEX executions_status ON executions(status, started_at);
 
     CREATE TABLE execution_details (
         execution_id TEXT PRIMARY KEY,
         system_prompt TEXT,
         user_prompt TEXT,
         response TEXT
-    );
+    ) WITHOUT ROWID;
 
     CREATE TABLE tenant_budgets (
         tenant_id TEXT PRIMARY KEY,

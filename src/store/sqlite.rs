@@ -3,6 +3,7 @@
 //! across processes (SQLite serialises writers on the file lock).
 
 use std::collections::HashMap;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -19,11 +20,44 @@ use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind
 use crate::money::Nanos;
 
 pub struct SqliteStore {
-    /// Writes (and reads inside write transactions).
-    writer: Mutex<Connection>,
+    /// Writes (and reads inside write transactions). Shared with the checkpointer, which
+    /// holds it while it restarts the WAL.
+    writer: Arc<Mutex<Connection>>,
     /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
     /// where a second connection would be a different database.
     reader: Option<Mutex<Connection>>,
+    /// Dropping it stops the background checkpointer.
+    _checkpointer: Option<mpsc::Sender<()>>,
+}
+
+/// How often the background thread folds the WAL back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL frames (pages) past which the checkpointer makes writers start the WAL over.
+const WAL_RESTART_FRAMES: i64 = 2000;
+
+/// Checkpoints the WAL from a thread of its own, so no call pays for copying pages and the
+/// fsync that follows (calls' connections have auto-checkpointing off). PASSIVE never
+/// blocks writers or readers; several processes may each run one. Under sustained writes a
+/// passive checkpoint never catches up, so past a size a RESTART checkpoint briefly waits for
+/// writers and lets the WAL begin again, which keeps it (and page lookups in it) small.
+fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc::Sender<()>> {
+    let conn = connect(path)?;
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("tenantllm-checkpoint".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                // A busy database just means: try again next round.
+                let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)).unwrap_or(0);
+                if frames > WAL_RESTART_FRAMES {
+                    // Pause this process's writers; other processes' wait in the busy handler.
+                    let _paused = writer.lock();
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+                }
+            }
+        })
+        .map_err(|e| Error::Store(format!("cannot start the checkpoint thread: {e}")))?;
+    Ok(stop)
 }
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,7 +75,7 @@ fn connect(path: &str) -> Result<Connection> {
     }
     // NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the
     // last transactions.
-    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")?;
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=0;")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -73,8 +107,15 @@ impl SqliteStore {
         }
         let mut writer = connect(path)?;
         migrate(&mut writer, path)?;
-        let reader = if path == ":memory:" { None } else { Some(Mutex::new(connect(path)?)) };
-        Ok(SqliteStore { writer: Mutex::new(writer), reader })
+        let writer = Arc::new(Mutex::new(writer));
+        if path == ":memory:" {
+            return Ok(SqliteStore { writer, reader: None, _checkpointer: None });
+        }
+        Ok(SqliteStore {
+            reader: Some(Mutex::new(connect(path)?)),
+            _checkpointer: Some(spawn_checkpointer(path, writer.clone())?),
+            writer,
+        })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
@@ -99,7 +140,7 @@ fn opt_text(s: &Option<String>) -> Option<&str> {
     s.as_deref()
 }
 
-fn insert_execution(tx: &Transaction<'_>, e: &NewExecution, store_details: bool) -> Result<()> {
+fn insert_execution(tx: &Transaction<'_>, e: &NewExecution) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
              parent_execution_id, root_execution_id)
@@ -116,14 +157,12 @@ fn insert_execution(tx: &Transaction<'_>, e: &NewExecution, store_details: bool)
         opt_text(&e.parent_execution_id),
         opt_text(&e.root_execution_id),
     ])?;
-    if store_details {
-        tx.prepare_cached("INSERT INTO execution_details (execution_id, system_prompt, user_prompt) VALUES (?1, ?2, ?3)")?
-            .execute(params![e.id, opt_text(&e.system_prompt), opt_text(&e.user_prompt)])?;
-    }
     Ok(())
 }
 
-fn complete_execution(tx: &Transaction<'_>, id: &str, c: &Completion, store_details: bool) -> Result<()> {
+/// Closes an execution row; with `store_details`, also writes its prompts and response
+/// (once, at the end, to keep the start of a call to one small write).
+fn complete_execution(tx: &Transaction<'_>, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()> {
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
     let n = tx
         .prepare_cached(
@@ -134,7 +173,7 @@ fn complete_execution(tx: &Transaction<'_>, id: &str, c: &Completion, store_deta
              WHERE id = ?1",
         )?
         .execute(params![
-            id,
+            e.id,
             c.status.as_str(),
             opt_text(&c.error_class),
             opt_text(&c.error_message),
@@ -154,11 +193,14 @@ fn complete_execution(tx: &Transaction<'_>, id: &str, c: &Completion, store_deta
             opt_text(&c.finish_reason),
         ])?;
     if n != 1 {
-        return Err(Error::Store(format!("execution {id} vanished before it could be completed")));
+        return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
     }
-    if store_details && c.response.is_some() {
-        tx.prepare_cached("UPDATE execution_details SET response = ?2 WHERE execution_id = ?1")?
-            .execute(params![id, opt_text(&c.response)])?;
+    if store_details {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO execution_details (execution_id, system_prompt, user_prompt, response)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![e.id, opt_text(&e.system_prompt), opt_text(&e.user_prompt), opt_text(&c.response)])?;
     }
     Ok(())
 }
@@ -386,9 +428,9 @@ impl Store for SqliteStore {
             }
             let (hard, warnings) = budget::evaluate(&checks, |c| usage[&(c.scope.as_str(), c.period_key.as_str())], &req.estimate);
             if let Some(b) = hard {
-                insert_execution(tx, e, false)?;
+                insert_execution(tx, e)?;
                 let c = Completion::refused(Status::Blocked, "BudgetExceededError", b.describe(), req.now);
-                complete_execution(tx, &e.id, &c, false)?;
+                complete_execution(tx, e, &c, false)?;
                 return Ok(Admitted::Blocked(b));
             }
             let mut chosen = None;
@@ -404,10 +446,10 @@ impl Store for SqliteStore {
                 }
             }
             if !req.breaker_keys.is_empty() && chosen.is_none() {
-                insert_execution(tx, e, false)?;
+                insert_execution(tx, e)?;
                 let msg = format!("circuit open for every model of {}; retry at {retry_at} (unix micros)", e.agent);
                 let c = Completion::refused(Status::ShortCircuited, "CircuitOpenError", msg, req.now);
-                complete_execution(tx, &e.id, &c, false)?;
+                complete_execution(tx, e, &c, false)?;
                 return Ok(Admitted::ShortCircuited { retry_at });
             }
             let mut stmt = tx.prepare_cached(
@@ -418,7 +460,7 @@ impl Store for SqliteStore {
                 let est = &req.estimate;
                 stmt.execute(params![e.id, c.scope, c.period_key, est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
             }
-            insert_execution(tx, e, true)?;
+            insert_execution(tx, e)?;
             let (model_index, probe) = chosen.unwrap_or((0, false));
             Ok(Admitted::Go { model_index, probe, checks, warnings })
         })
@@ -432,7 +474,7 @@ impl Store for SqliteStore {
         let e = req.execution;
         let c = req.completion;
         self.write(|tx| {
-            complete_execution(tx, &e.id, c, req.store_details)?;
+            complete_execution(tx, e, c, req.store_details)?;
             if req.reserved {
                 tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
             }
@@ -465,13 +507,6 @@ impl Store for SqliteStore {
                 }
             }
             Ok(alerts)
-        })
-    }
-
-    fn record_refused(&self, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()> {
-        self.write(|tx| {
-            insert_execution(tx, e, store_details)?;
-            complete_execution(tx, &e.id, c, store_details)
         })
     }
 

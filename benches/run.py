@@ -1,0 +1,331 @@
+"""tenantllm benchmark suite: `make bench` (or `python benches/run.py [--quick]`).
+
+Measures the guard's overhead on the mock provider with zero latency, next to the libraries a
+user would otherwise pick, in the same run. Prints a table and writes bench-results/latest.json.
+Numbers are medians over repeated runs; nothing here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tenantllm as tl
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS: list[dict[str, Any]] = []
+
+
+def report(name: str, value: float, unit: str, target: str = "", note: str = "") -> None:
+    RESULTS.append({"name": name, "value": value, "unit": unit, "target": target, "note": note})
+    print(f"  {name:<58} {value:>12,.1f} {unit:<8} {target:<10} {note}", flush=True)
+
+
+def per_call_us(fn: Callable[[], object], n: int, repeats: int) -> float:
+    """Median over `repeats` runs of the mean time per call (µs) of `n` calls."""
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - t) / n * 1e6)
+    return statistics.median(runs)
+
+
+class Bare(tl.Agent):
+    model = "mock/bench"
+    user = "Summarize: {text}"
+    max_tokens = 64
+
+
+class Guarded(tl.Agent):
+    model = "mock/bench"
+    user = "Summarize: {text}"
+    max_tokens = 64
+    circuit_breaker = tl.BreakerPolicy(errors=10, within=60, cooldown=300)
+
+
+class BreakerOnly(tl.Agent):
+    model = "mock/bench"
+    user = "Summarize: {text}"
+    max_tokens = 64
+    circuit_breaker = tl.BreakerPolicy(errors=10, within=60, cooldown=300)
+
+
+def sync_overhead(db: str, n: int, repeats: int) -> None:
+    print("\nSync call overhead, mock provider with zero latency (µs per call, median)")
+    tl.configure(database=db)
+    bare = per_call_us(lambda: Bare.call(text="the quarterly report"), n, repeats)
+    report("tenantllm: unbudgeted call (no tenant, no breaker)", bare, "µs")
+    breaker = per_call_us(lambda: BreakerOnly.call(text="the quarterly report"), n, repeats)
+    report("tenantllm: + breaker check (closed breaker)", breaker - bare, "µs", note="difference")
+    tl.configure(database=db, budgets={"global_daily": 1_000_000, "global_monthly": 10_000_000, "enforcement": "hard"})
+    tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, daily_token_limit=10**12, enforcement="hard")
+    with tl.tenant("bench"):
+        full = per_call_us(lambda: Guarded.call(text="the quarterly report"), n, repeats)
+    report("tenantllm: full guard (tenant, breaker, hard budgets, row)", full, "µs", "<= 100")
+    report("tenantllm: hard budget added over unbudgeted", full - breaker, "µs", note="difference")
+
+
+def sqlite_insert_peer(db: str, n: int, repeats: int) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS executions (id TEXT PRIMARY KEY, agent TEXT, model TEXT, tenant_id TEXT,"
+        " status TEXT, started_at INTEGER, input_tokens INTEGER, output_tokens INTEGER, total_cost INTEGER)"
+    )
+    counter = iter(range(10**9))
+
+    def insert() -> None:
+        i = next(counter)
+        conn.execute("BEGIN")
+        conn.execute(
+            "INSERT INTO executions VALUES (?, 'A', 'gpt-4o', 't1', 'success', ?, 100, 20, 1234)",
+            (f"id-{i}", time.time_ns()),
+        )
+        conn.execute("COMMIT")
+
+    report("peer: plain sqlite3 insert of one execution row", per_call_us(insert, n, repeats), "µs")
+
+
+def pybreaker_peer(n: int, repeats: int) -> None:
+    try:
+        import pybreaker  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        print("  (pybreaker not installed: pip install pybreaker)")
+        return
+    cb = pybreaker.CircuitBreaker(fail_max=10, reset_timeout=300)
+    report(
+        "peer: pybreaker CircuitBreaker.call (in-process only)",
+        per_call_us(lambda: cb.call(lambda: None), n, repeats),
+        "µs",
+    )
+
+
+def litellm_peer(n: int, repeats: int) -> None:
+    try:
+        import litellm  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        from litellm import BudgetManager  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        print("  (litellm not installed: pip install litellm)")
+        return
+    msgs = [{"role": "user", "content": "Summarize: the quarterly report"}]
+
+    def completion() -> Any:
+        return litellm.completion(model="gpt-4o", messages=msgs, mock_response="ok")
+
+    report("peer: litellm.completion(mock_response=...)", per_call_us(completion, max(n // 10, 20), repeats), "µs")
+    bm = BudgetManager(project_name="bench", client_type="local")
+    for u in range(100):
+        bm.create_budget(total_budget=1000, user=f"user{u}")
+    resp = completion()
+    counter = iter(range(10**9))
+    report(
+        "peer: litellm BudgetManager.update_cost (100 users)",
+        per_call_us(
+            lambda: bm.update_cost(completion_obj=resp, user=f"user{next(counter) % 100}"), max(n // 10, 20), repeats
+        ),
+        "µs",
+    )
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, threading, time, tenantllm as tl
+    class Guarded(tl.Agent):
+        model = "mock/bench"
+        user = "Summarize: {text}"
+        max_tokens = 64
+        circuit_breaker = tl.BreakerPolicy(errors=10, within=60, cooldown=300)
+    tl.configure(database=sys.argv[1], budgets={"global_daily": 1000000, "enforcement": "hard"})
+    n = int(sys.argv[2])
+    start = float(sys.argv[3])
+    while time.time() < start:
+        time.sleep(0.001)
+    def run(t):
+        for i in range(n):
+            Guarded.call(text="report", tenant=f"tenant{t % 8}")
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(time.time())
+    """
+)
+
+
+def throughput(db: str, per_thread: int) -> None:
+    print("\nThroughput, 4 processes x 4 threads, one database file, full guard")
+    start = time.time() + 1.5  # let every process import and configure first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, db, str(per_thread), str(start)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(4)
+    ]
+    ends = [float(p.communicate()[0]) for p in procs]
+    total = 16 * per_thread
+    report("tenantllm: guarded calls/s across 4x4", total / (max(ends) - start), "calls/s", ">= 5000")
+
+
+async def _fake_openai(port_holder: list[int], delay: float) -> asyncio.AbstractServer:
+    body = json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "model": "bench-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+        }
+    ).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                await asyncio.sleep(delay)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()  # client gone, or the loop is shutting down
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=2048)
+    port_holder.append(server.sockets[0].getsockname()[1])
+    return server
+
+
+def concurrent_acalls(db: str, n: int, repeats: int) -> None:
+    print(f"\n{n} concurrent acalls against a local server answering after 100 ms")
+
+    class Remote(tl.Agent):
+        model = "local/bench-model"
+        user = "Summarize: {text}"
+        max_tokens = 64
+
+    async def main() -> float:
+        port: list[int] = []
+        server = await _fake_openai(port, 0.1)
+        tl.configure(
+            database=db,
+            base_urls={"local": f"http://127.0.0.1:{port[0]}/v1"},
+            pricing={"local/bench-model": {"input": "1", "output": "2"}},
+        )
+        await Remote.acall(text="warm up", tenant="t")
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            await asyncio.gather(*(Remote.acall(text=f"doc {i}", tenant=f"t{i % 10}") for i in range(n)))
+            runs.append(time.perf_counter() - t)
+        server.close()
+        return statistics.median(runs)
+
+    report(f"tenantllm: {n} concurrent acall, total wall time", asyncio.run(main()) * 1e3, "ms", "<= 400")
+
+
+def spend_queries(db: str, rows: int, tenants: int, repeats: int) -> None:
+    print(f"\nAnalytics over {rows:,} executions and {tenants:,} tenants")
+    tl.configure(database=db)
+    conn = sqlite3.connect(db)
+    now = time.time_ns() // 1000
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO executions (id, agent, model_id, chosen_model_id, provider, tenant_id, status, started_at,"
+        " completed_at, duration_ms, input_tokens, output_tokens, total_tokens, input_cost, output_cost, total_cost,"
+        " attempts_count) VALUES (?, 'Bench', 'gpt-4o', 'gpt-4o', 'openai', ?, 'success', ?, ?, 5, 100, 20, 120,"
+        " 250000, 200000, 450000, 1)",
+        ((f"bulk-{i:08d}", f"tenant{i % tenants:04d}", now - i, now - i + 5000) for i in range(rows)),
+    )
+    conn.commit()
+    conn.close()
+    t = time.perf_counter()
+    tl.rebuild_counters()
+    print(f"  (loaded and rebuilt counters in {time.perf_counter() - t:.1f}s)")
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        spend = tl.spend_by_tenant("monthly")
+        samples.append((time.perf_counter() - t) * 1e3)
+    assert len(spend) >= tenants
+    report("tenantllm: spend by tenant this month, from counters", statistics.median(samples), "ms", "<= 10")
+    samples = []
+    for _ in range(max(repeats // 4, 3)):
+        t = time.perf_counter()
+        grouped = tl.Execution.this_month().with_tenant().group_by("tenant_id").sum("total_cost")
+        samples.append((time.perf_counter() - t) * 1e3)
+    assert len(grouped) >= tenants
+    report("tenantllm: ad-hoc group_by over executions", statistics.median(samples), "ms", "<= 150")
+
+
+def import_time(repeats: int) -> None:
+    print("\nImport time (fresh interpreter, minus `python -c pass`)")
+
+    def wall(code: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - t
+
+    base = statistics.median(wall("pass") for _ in range(repeats))
+    ours = statistics.median(wall("import tenantllm") for _ in range(repeats))
+    report("tenantllm: import tenantllm", (ours - base) * 1e3, "ms", "<= 100")
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("litellm"):
+            theirs = statistics.median(wall("import litellm") for _ in range(3))
+            report("peer: import litellm", (theirs - base) * 1e3, "ms")
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    args = p.parse_args()
+    n, repeats = (300, 3) if args.quick else (3000, 7)
+    print(f"tenantllm {tl.__version__} benchmarks, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"  {'measure':<58} {'median':>12} {'unit':<8} {'target':<10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        sync_overhead(str(d / "sync.db"), n, repeats)
+        sqlite_insert_peer(str(d / "peer.db"), n, repeats)
+        pybreaker_peer(n * 10, repeats)
+        litellm_peer(n, repeats)
+        throughput(str(d / "tp.db"), 100 if args.quick else 1000)
+        concurrent_acalls(str(d / "acall.db"), 1000, 3 if args.quick else 5)
+        spend_queries(str(d / "big.db"), 50_000 if args.quick else 1_000_000, 1000, 20)
+        import_time(3 if args.quick else 7)
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(RESULTS, indent=2))
+    print(f"\nwrote {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Circuit breakers (DESIGN §3 invariant 4): per (agent, model, tenant), shared through the
+store across processes, one half-open probe, provider failures only."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tenantllm as tl
+
+
+class Flaky(tl.Agent):
+    model = "mock/flaky"
+    user = "ping {n}"
+    circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=0.5)
+
+
+class WithFallback(tl.Agent):
+    model = "mock/primary"
+    fallback_models = ("mock/backup",)
+    user = "ping"
+    circuit_breaker = tl.BreakerPolicy(errors=2, within=60, cooldown=60)
+
+
+def _fail(tmp_path: Path, rate: float, **kw: Any) -> None:
+    tl.configure(database=str(tmp_path / "b.db"), mock={"failure_rate": rate, "seed": 1}, **kw)
+
+
+def _trip(agent: type[tl.Agent], tenant: str, n: int) -> None:
+    for i in range(n):
+        with pytest.raises(tl.ProviderError):
+            agent.call(n=i, tenant=tenant)
+
+
+def test_opens_per_tenant_then_probes_once_and_closes(tmp_path: Path) -> None:
+    alerts: list[dict[str, Any]] = []
+    _fail(tmp_path, 1.0, on_alert=alerts.append)
+    _trip(Flaky, "bad", 3)
+    assert tl.CircuitBreaker.open_for(Flaky, tenant_id="bad")
+    assert not tl.CircuitBreaker.open_for(Flaky, tenant_id="good")
+    status = tl.CircuitBreaker.status(Flaky, tenant_id="bad")
+    assert status["state"] == "open" and status["retry_at"] is not None
+    assert [a["kind"] for a in alerts] == ["breaker_opened"]
+    assert alerts[0]["tenant_id"] == "bad"
+
+    with pytest.raises(tl.CircuitOpenError) as info:
+        Flaky.call(n=9, tenant="bad")
+    e = info.value
+    assert (e.agent, e.tenant_id, e.model) == ("Flaky", "bad", "mock/flaky")
+    row = tl.Execution.by_status("short_circuited").first()
+    assert row is not None and row.tenant_id == "bad" and row.attempts_count == 0
+
+    # Another tenant is unaffected by "bad"'s breaker (its calls still reach the provider).
+    with pytest.raises(tl.ProviderError):
+        Flaky.call(n=1, tenant="good")
+
+    time.sleep(0.6)  # cooldown over: the next call is the probe; success closes the breaker
+    _fail(tmp_path, 0.0, on_alert=alerts.append)
+    assert Flaky.call(n=2, tenant="bad").content
+    assert tl.CircuitBreaker.status(Flaky, tenant_id="bad")["state"] == "closed"
+    assert alerts[-1]["kind"] == "breaker_closed"
+
+
+def test_failed_probe_reopens(tmp_path: Path) -> None:
+    _fail(tmp_path, 1.0)
+    _trip(Flaky, "t", 3)
+    time.sleep(0.6)
+    with pytest.raises(tl.ProviderError):
+        Flaky.call(n=0, tenant="t")  # the probe fails
+    assert tl.CircuitBreaker.status(Flaky, tenant_id="t")["state"] == "open"
+    with pytest.raises(tl.CircuitOpenError):
+        Flaky.call(n=0, tenant="t")
+
+
+def test_errors_before_sending_do_not_count(tmp_path: Path) -> None:
+    _fail(tmp_path, 0.0, budgets={"global_daily": "0.0000001"})
+    for i in range(5):
+        with pytest.raises(tl.BudgetExceededError):
+            Flaky.call(n=i, tenant="t")
+    with pytest.raises(tl.MissingParameterError):
+        Flaky.call(tenant="t")
+    assert tl.CircuitBreaker.status(Flaky, tenant_id="t")["failures"] == 0
+
+
+def test_open_primary_skips_to_fallback_and_all_open_short_circuits(tmp_path: Path) -> None:
+    _fail(tmp_path, 1.0)
+    for _ in range(2):
+        with pytest.raises(tl.AllModelsExhaustedError):
+            WithFallback.call(tenant="t")
+    # both models failed twice: both open now
+    assert tl.CircuitBreaker.open_for(WithFallback, tenant_id="t")
+    assert tl.CircuitBreaker.open_for("WithFallback", tenant_id="t", model="mock/backup")
+    with pytest.raises(tl.CircuitOpenError):
+        WithFallback.call(tenant="t")
+    tl.CircuitBreaker.reset("WithFallback", tenant_id="t", model="mock/backup")
+    _fail(tmp_path, 0.0)
+    r = WithFallback.call(tenant="t")  # primary still open: skipped, no request sent to it
+    assert r.chosen_model_id == "mock/backup" and r.attempts_count == 1
+    tl.CircuitBreaker.reset(WithFallback, tenant_id="t")
+    assert not tl.CircuitBreaker.open_for(WithFallback, tenant_id="t")
+
+
+def test_without_multi_tenancy_the_key_is_agent_and_model(tmp_path: Path) -> None:
+    _fail(tmp_path, 1.0, multi_tenancy_enabled=False)
+    _trip(Flaky, "a", 2)
+    _trip(Flaky, "b", 1)  # a different tenant adds to the same breaker
+    assert tl.CircuitBreaker.open_for(Flaky)
+    assert tl.CircuitBreaker.open_for(Flaky, tenant_id="anything")
+
+
+PROBE = textwrap.dedent(
+    """
+    import sys, tenantllm as tl
+    class Flaky(tl.Agent):
+        model = "mock/flaky"
+        user = "ping {n}"
+        circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=0.5)
+    tl.configure(database=sys.argv[1], mock={"failure_rate": float(sys.argv[2]), "latency_ms": float(sys.argv[3])})
+    try:
+        Flaky.call(n=1, tenant="shared")
+        print("ok")
+    except tl.CircuitOpenError:
+        print("open")
+    except tl.ProviderError:
+        print("failed")
+    """
+)
+
+
+def _run(db: str, rate: float, latency_ms: float = 0) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen(
+        [sys.executable, "-c", PROBE, db, str(rate), str(latency_ms)], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def test_a_breaker_opened_by_one_process_is_seen_by_another(tmp_path: Path) -> None:
+    db = str(tmp_path / "shared.db")
+    outs = [_run(db, 1.0).communicate(timeout=60)[0].strip() for _ in range(3)]
+    assert outs == ["failed"] * 3
+    # A fresh process that never saw a failure is refused without calling the provider.
+    assert _run(db, 0.0).communicate(timeout=60)[0].strip() == "open"
+    time.sleep(0.6)
+    # Half-open: of two processes racing after the cooldown, exactly one is the probe.
+    racers = [_run(db, 0.0, latency_ms=1500) for _ in range(2)]
+    assert sorted(p.communicate(timeout=60)[0].strip() for p in racers) == ["ok", "open"]
+    tl.configure(database=db)
+    assert tl.CircuitBreaker.status("Flaky", tenant_id="shared", model="mock/flaky")["state"] == "closed"
