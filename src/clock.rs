@@ -60,7 +60,7 @@ impl Calendar {
     }
 
     /// UTC micros of local midnight starting `date` (the earliest valid instant on DST days).
-    fn start_of(&self, date: NaiveDate) -> Micros {
+    pub fn start_of(&self, date: NaiveDate) -> Micros {
         let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
         let local = self
             .tz

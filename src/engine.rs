@@ -146,8 +146,13 @@ impl Engine {
         }
     }
 
+    /// Validates a call and works out what it would send and reserve; `run` starts here too,
+    /// so a dry run refuses exactly what a real call refuses.
     pub fn plan(&self, spec: &AgentSpec, req: &CallRequest) -> Result<CallPlan> {
         spec.validate()?;
+        if let Some(t) = &req.tenant.id {
+            crate::tenancy::validate_tenant_id(t)?;
+        }
         let routes = spec.chain().map(|m| providers::route(m, &self.prices, &self.config.base_urls)).collect::<Result<Vec<_>>>()?;
         let prices = spec.chain().map(|m| self.prices.price(m)).collect::<Result<Vec<_>>>()?;
         let input = providers::prompt_token_bound(&Self::request(spec, req));
@@ -158,8 +163,9 @@ impl Engine {
     }
 
     fn lease(spec: &AgentSpec) -> Duration {
-        let per_model = spec.timeout.as_secs_f64() * (spec.retries.max + 1) as f64 + spec.retries.max_total_delay_s()
-            + spec.retries.max as f64 * MAX_RETRY_AFTER_S.min(spec.retries.max_delay_s.max(0.0));
+        // Each wait between attempts is at most max_delay, or an honoured Retry-After.
+        let per_wait = spec.retries.max_delay_s.max(MAX_RETRY_AFTER_S);
+        let per_model = spec.timeout.as_secs_f64() * (spec.retries.max + 1) as f64 + spec.retries.max as f64 * per_wait;
         Duration::from_secs_f64(per_model * (1 + spec.fallback_models.len()) as f64) + LEASE_SLACK
     }
 
@@ -174,9 +180,6 @@ impl Engine {
     pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
         let plan = self.plan(&spec, &req)?;
         self.check_keys(&req.tenant, &plan.routes)?;
-        if let Some(t) = &req.tenant.id {
-            crate::tenancy::validate_tenant_id(t)?;
-        }
         let tenant_id = req.tenant.id.as_deref();
         let now = now_micros();
         let id = uuid::Uuid::now_v7().to_string();
@@ -302,7 +305,9 @@ impl Engine {
             .flatten()
             .cloned()
             .chain(providers::env_vars(&route.provider).into_iter().filter_map(|v| std::env::var(v).ok()))
-            .find(|k| !k.trim().is_empty())
+            // Keys read from files often end in a newline; it is never part of a key.
+            .map(|k| k.trim().to_string())
+            .find(|k| !k.is_empty())
     }
 
     /// Refuses, before anything is recorded, a call whose provider needs a key it lacks.

@@ -60,11 +60,6 @@ impl RetryPolicy {
         let jittered = capped / 2.0 + capped / 2.0 * jitter.clamp(0.0, 1.0);
         Duration::from_secs_f64(jittered.max(retry_after.unwrap_or(0.0)))
     }
-
-    /// Worst-case total time spent waiting between attempts of one model.
-    pub fn max_total_delay_s(&self) -> f64 {
-        (0..self.max).map(|r| self.delay(r, 1.0, None).as_secs_f64()).sum()
-    }
 }
 
 #[cfg(test)]

@@ -199,12 +199,6 @@ def test_dry_run_still_checks_parameters() -> None:
         Support.call(company="Acme", dry_run=True)
 
 
-@pytest.mark.xfail(
-    reason="BUG: dry_run does not validate tenant limits (agent.py _dry_run never calls the core's "
-    "tenant_budget()); a plan is returned for a tenant dict the real call rejects",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 def test_dry_run_rejects_what_the_real_call_rejects() -> None:
     tenant = {"id": "acme", "daily_limit": -1}
     with pytest.raises(tl.ConfigurationError, match="daily_limit"):
@@ -292,26 +286,6 @@ def test_invalid_template_is_a_configuration_error(template: str) -> None:
     assert rows() == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG?: templates are validated in Agent.__init_subclass__ (class definition, i.e. import "
-    "time) while every other attribute is validated at call time",
-    raises=tl.ConfigurationError,
-    strict=True,
-)
-@pytest.mark.parametrize("template", ["{0}", "{a b}"])
-def test_invalid_template_is_reported_at_call_time(template: str) -> None:
-    agent = make_agent("BadTemplate", tl.Agent, {"model": "mock/fast", "user": template})
-    with pytest.raises(tl.ConfigurationError, match="user"):
-        agent.call()
-    assert rows() == 0
-
-
-@pytest.mark.xfail(
-    reason="BUG: a bad conversion ('{x!z}') passes placeholders() and Agent.render() lets "
-    "str.format_map's ValueError escape instead of a ConfigurationError",
-    raises=ValueError,
-    strict=True,
-)
 def test_invalid_conversion_in_template_is_a_configuration_error() -> None:
     with pytest.raises(tl.ConfigurationError, match="user"):
         agent = make_agent("BadConversion", tl.Agent, {"model": "mock/fast", "user": "Say {x!z}"})
@@ -319,12 +293,6 @@ def test_invalid_conversion_in_template_is_a_configuration_error() -> None:
     assert rows() == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: a placeholder named like a call() keyword ({tenant}, {dry_run}) can never be "
-    "passed; call() consumes it and then raises MissingParameterError for it",
-    raises=tl.MissingParameterError,
-    strict=True,
-)
 def test_placeholder_shadowing_a_call_keyword_is_rejected() -> None:
     with pytest.raises(tl.ConfigurationError, match="tenant"):
         agent = make_agent("Shadow", tl.Agent, {"model": "mock/fast", "user": "For {tenant}: {q}"})

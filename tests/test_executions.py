@@ -159,14 +159,6 @@ def test_between_with_naive_datetimes_and_dates(data: Data) -> None:
     assert tl.Execution.between(today, today + timedelta(days=1)).count() == data.total
 
 
-@pytest.mark.xfail(
-    reason="BUG: src/python/query.rs micros() only accepts aware datetimes whose tzinfo is "
-    "datetime.timezone.utc; any other tzinfo (ZoneInfo('Asia/Tokyo'), ZoneInfo('UTC'), "
-    "timezone(timedelta(hours=-5))) falls through to the NaiveDate branch and is truncated to "
-    "midnight UTC of its local date",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("tz", ["Asia/Tokyo", "America/New_York", "UTC", "-05:00"])
 def test_between_with_other_timezones(data: Data, tz: str) -> None:
     from zoneinfo import ZoneInfo

@@ -34,18 +34,29 @@ class BreakerPolicy:
     cooldown: float = 300
 
 
+# Keyword arguments of call()/acall(), so no prompt parameter may be named like them.
+RESERVED_PARAMS = frozenset({"tenant", "dry_run"})
+
+
 def placeholders(template: str | None, where: str) -> list[str]:
-    """The parameter names a template uses, in order of first use."""
+    """The parameter names a template uses, in order of first use. Checked when the class is
+    defined, so a broken template fails at import rather than on a customer's request."""
     if template is None:
         return []
+    if not isinstance(template, str):
+        raise ConfigurationError(f"{where} must be a string template, got {type(template).__name__}")
     names: list[str] = []
     try:
-        for _, field, _, _ in string.Formatter().parse(template):
+        for _, field, _, conversion in string.Formatter().parse(template):
             if field is None:
                 continue
             root = field.split(".", 1)[0].split("[", 1)[0]
             if not root.isidentifier():
                 raise ConfigurationError(f"{where}: placeholder {{{field}}} must be a name like {{query}}")
+            if root in RESERVED_PARAMS:
+                raise ConfigurationError(f"{where}: {{{root}}} is reserved (it is a keyword of call()); rename it")
+            if conversion not in (None, "r", "s", "a"):
+                raise ConfigurationError(f"{where}: unknown conversion !{conversion} in {{{field}}}")
             if root not in names:
                 names.append(root)
     except ValueError as e:
@@ -110,6 +121,14 @@ def build_spec(
         max_delay=_number(name, "retries.max_delay", r.max_delay),
         breaker=breaker,
     )
+
+
+def _render(template: str, params: Mapping[str, Any], where: str) -> str:
+    try:
+        return template.format_map(params)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        # A format spec or attribute the given value does not support ({x:.2f} with a str...).
+        raise ConfigurationError(f"{where}: cannot render the template with these parameters: {e}") from None
 
 
 def metadata_json(where: str, metadata: Any) -> str:
@@ -189,8 +208,11 @@ class Agent:
         return spec
 
     def render(self) -> tuple[str | None, str]:
-        system = None if self.system is None else self.system.format_map(self.params)
-        return system, self.user.format_map(self.params)
+        name = type(self).__name__
+        return (
+            None if self.system is None else _render(self.system, self.params, f"{name}.system"),
+            _render(self.user, self.params, f"{name}.user"),
+        )
 
     def _prepare(self, s: Settings, tenant: Any) -> tuple[_core.AgentSpec, str | None, str, ResolvedTenant, str]:
         spec = self._spec()
@@ -232,7 +254,7 @@ class Agent:
     def _dry_run(
         self, s: Settings, spec: _core.AgentSpec, system: str | None, user: str, t: ResolvedTenant, meta: str
     ) -> dict[str, Any]:
-        plan = s.engine.plan(spec, system, user)
+        plan = s.engine.plan(spec, system, user, t.id, t.limits)
         cls = type(self)
         return {
             "agent": spec.name,

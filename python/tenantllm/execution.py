@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +14,13 @@ from tenantllm.config import engine, settings
 from tenantllm.tenancy import resolve
 
 Op = tuple[Any, ...]
+
+
+def _utc(t: Any) -> Any:
+    """Datetimes to UTC for the core (which checks everything else)."""
+    if isinstance(t, datetime):
+        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    return t
 
 
 def _agent_name(agent: str | type) -> str:
@@ -175,8 +182,9 @@ class ExecutionQuery:
         return self._and("period", "last_n_days", n)
 
     def between(self, start: datetime | date | None, end: datetime | date | None) -> ExecutionQuery:
-        """start <= started_at < end; naive datetimes are UTC."""
-        return self._and("between", start, end)
+        """start <= started_at < end. Naive datetimes are UTC; a date is the start of that
+        calendar day in the configured timezone; None leaves that side open."""
+        return self._and("between", _utc(start), _utc(end))
 
     def by_agent(self, agent: str | type) -> ExecutionQuery:
         return self._and("eq", "agent", _agent_name(agent))

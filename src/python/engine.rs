@@ -332,9 +332,17 @@ impl PyEngine {
     }
 
     /// What a call would send and reserve (`dry_run=True`).
-    #[pyo3(signature = (spec, system, user))]
-    fn plan<'py>(&self, py: Python<'py>, spec: &PyAgentSpec, system: Option<String>, user: String) -> PyResult<Bound<'py, PyDict>> {
-        let req = CallRequest { system, user, ..Default::default() };
+    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None))]
+    fn plan<'py>(
+        &self,
+        py: Python<'py>,
+        spec: &PyAgentSpec,
+        system: Option<String>,
+        user: String,
+        tenant_id: Option<String>,
+        tenant_limits: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let req = call_request(system, user, tenant_id, tenant_limits, None, "{}".into(), None).py_err(py)?;
         let plan = self.inner.plan(&spec.inner, &req).py_err(py)?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);

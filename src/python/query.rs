@@ -28,19 +28,17 @@ fn value(field: &Field, v: &Bound<'_, PyAny>) -> Result<Value> {
     Ok(out)
 }
 
-fn micros(field: &str, v: &Bound<'_, PyAny>) -> Result<Option<Micros>> {
+/// A bound of `between()`: the Python layer passes datetimes in UTC; a date means the start
+/// of that calendar day in the configured timezone.
+fn micros(field: &str, v: &Bound<'_, PyAny>, cal: &Calendar) -> Result<Option<Micros>> {
     if v.is_none() {
         return Ok(None);
     }
-    // Naive datetimes are taken as UTC.
     if let Ok(t) = v.extract::<chrono::DateTime<chrono::Utc>>() {
         return Ok(Some(t.timestamp_micros()));
     }
-    if let Ok(t) = v.extract::<chrono::NaiveDateTime>() {
-        return Ok(Some(t.and_utc().timestamp_micros()));
-    }
     if let Ok(d) = v.extract::<chrono::NaiveDate>() {
-        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc().timestamp_micros()));
+        return Ok(Some(cal.start_of(d)));
     }
     config_err(format!("{field} must be a datetime or date, got {}", type_name(v)))
 }
@@ -66,8 +64,8 @@ pub fn parse_ops(ops: &Bound<'_, PyList>, cal: &Calendar, now: Micros) -> Result
             "null" => q.filters.push(Filter::IsNull(field()?)),
             "notnull" => q.filters.push(Filter::NotNull(field()?)),
             "between" => {
-                let lo = micros("start", &tuple_item(t, 1, &name)?)?;
-                let hi = micros("end", &tuple_item(t, 2, &name)?)?;
+                let lo = micros("start", &tuple_item(t, 1, &name)?, cal)?;
+                let hi = micros("end", &tuple_item(t, 2, &name)?, cal)?;
                 q.filters.push(Filter::Range(Field::parse("started_at")?, lo, hi));
             }
             "period" => {
