@@ -16,6 +16,7 @@ use crate::money::Nanos;
 use crate::pricing::{Cost, Price, PriceTable, Usage};
 use crate::providers::{self, Providers, Reply, Request, Route, Target};
 use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
+use crate::secrets::{Sealer, SECRET_ENV};
 use crate::store::{self, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, FinishRequest, Store};
 use crate::tenancy::TenantContext;
 
@@ -99,6 +100,8 @@ pub struct CallPlan {
 
 pub struct Engine {
     config: Config,
+    /// Encrypts and decrypts stored API keys; `None` without TENANTLLM_SECRET_KEY.
+    sealer: Option<Sealer>,
     store: Box<dyn Store>,
     prices: PriceTable,
     calendar: Calendar,
@@ -118,7 +121,8 @@ impl Engine {
         }
         config.budgets.limits.validate()?;
         let store = store::open(&config.database)?;
-        Ok(Engine { providers: Providers::new(config.mock), config, store, prices, calendar, alerts: Mutex::new(vec![]) })
+        let sealer = Sealer::from_env()?;
+        Ok(Engine { sealer, providers: Providers::new(config.mock), config, store, prices, calendar, alerts: Mutex::new(vec![]) })
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -179,7 +183,7 @@ impl Engine {
 
     pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
         let plan = self.plan(&spec, &req)?;
-        self.check_keys(&req.tenant, &plan.routes)?;
+        let api_keys = self.keys_for(&req.tenant, &plan.routes)?;
         let tenant_id = req.tenant.id.as_deref();
         let now = now_micros();
         let id = uuid::Uuid::now_v7().to_string();
@@ -254,8 +258,7 @@ impl Engine {
                     }
                 }
             }
-            let key = self.api_key(&req.tenant, route);
-            let target = Target { route, api_key: key.as_deref() };
+            let target = Target { route, api_key: api_keys[i].as_deref() };
             for retry in 0..=spec.retries.max {
                 let t0 = Instant::now();
                 let result = match tokio::time::timeout(spec.timeout, self.providers.send(&target, &request)).await {
@@ -296,32 +299,97 @@ impl Engine {
         Err(call.fail(errors, plan.routes.len() > 1)?)
     }
 
-    /// The key for a route's provider: this call's tenant keys, then `configure(api_keys=)`,
-    /// then the environment. Blank values fall through.
-    fn api_key(&self, tenant: &TenantContext, route: &Route) -> Option<String> {
-        let given = [tenant.api_keys.get(&route.provider), self.config.api_keys.get(&route.provider)];
-        given
-            .into_iter()
-            .flatten()
-            .cloned()
-            .chain(providers::env_vars(&route.provider).into_iter().filter_map(|v| std::env::var(v).ok()))
-            // Keys read from files often end in a newline; it is never part of a key.
-            .map(|k| k.trim().to_string())
-            .find(|k| !k.is_empty())
+    /// The key for a route's provider, highest first: this call's tenant keys (tenant object
+    /// or runtime dict), the tenant's stored key, the stored global key, `configure(api_keys=)`,
+    /// the environment. Blank values fall through; surrounding whitespace is never part of a key.
+    fn api_key(&self, tenant: &TenantContext, route: &Route) -> Result<Option<String>> {
+        let usable = |k: &str| Some(k.trim().to_string()).filter(|k| !k.is_empty());
+        if let Some(k) = tenant.api_keys.get(&route.provider).and_then(|k| usable(k)) {
+            return Ok(Some(k));
+        }
+        let scopes = tenant.id.as_deref().map(key_scope).into_iter().chain(std::iter::once(GLOBAL_KEYS.to_string()));
+        for scope in scopes {
+            if let Some(k) = self.stored_key(&scope, &route.provider)?.and_then(|k| usable(&k)) {
+                return Ok(Some(k));
+            }
+        }
+        let configured = self.config.api_keys.get(&route.provider).and_then(|k| usable(k));
+        Ok(configured.or_else(|| providers::env_vars(&route.provider).into_iter().find_map(|v| std::env::var(v).ok().and_then(|k| usable(&k)))))
     }
 
-    /// Refuses, before anything is recorded, a call whose provider needs a key it lacks.
-    fn check_keys(&self, tenant: &TenantContext, routes: &[Route]) -> Result<()> {
-        match routes.iter().find(|r| r.needs_key && self.api_key(tenant, r).is_none()) {
-            Some(r) => config_err(format!(
-                "no API key for provider {:?}: pass api_keys={{{:?}: ...}} to configure(), give the tenant one, or set {}",
-                r.provider,
-                r.provider,
-                providers::env_vars(&r.provider).join(" or ")
+    fn stored_key(&self, scope: &str, provider: &str) -> Result<Option<String>> {
+        match (self.store.api_key_get(scope, provider)?, &self.sealer) {
+            (None, _) => Ok(None),
+            (Some(sealed), Some(sealer)) => sealer.open(scope, provider, &sealed).map(Some),
+            (Some(_), None) => config_err(format!(
+                "a {provider} API key is stored ({scope}) but {SECRET_ENV} is not set, so it cannot be decrypted"
             )),
-            None => Ok(()),
         }
     }
+
+    /// Every route's key, resolved before anything is recorded; refuses a call whose
+    /// provider needs a key it lacks.
+    fn keys_for(&self, tenant: &TenantContext, routes: &[Route]) -> Result<Vec<Option<String>>> {
+        let mut keys = Vec::with_capacity(routes.len());
+        for r in routes {
+            let key = if r.wire == providers::Wire::Mock { None } else { self.api_key(tenant, r)? };
+            if r.needs_key && key.is_none() {
+                return config_err(format!(
+                    "no API key for provider {:?}: pass api_keys={{{:?}: ...}} to configure(), store one with ApiConfiguration, give the tenant one, or set {}",
+                    r.provider,
+                    r.provider,
+                    providers::env_vars(&r.provider).join(" or ")
+                ));
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Stores encrypted keys (a `None` or blank value removes that provider's key), for a
+    /// tenant or globally. Everything is checked before anything is written.
+    pub fn set_api_keys(&self, tenant_id: Option<&str>, keys: &[(String, Option<String>)]) -> Result<()> {
+        if let Some(t) = tenant_id {
+            crate::tenancy::validate_tenant_id(t)?;
+        }
+        let scope = tenant_id.map(key_scope).unwrap_or_else(|| GLOBAL_KEYS.to_string());
+        let mut sealed = Vec::with_capacity(keys.len());
+        for (provider, key) in keys {
+            if !providers::is_known(provider, &self.config.base_urls) {
+                return config_err(format!(
+                    "unknown provider {provider:?} for an API key; known: {}",
+                    providers::known_names(&self.config.base_urls).join(", ")
+                ));
+            }
+            let value = match key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+                None => None,
+                Some(k) => {
+                    let Some(sealer) = &self.sealer else {
+                        return config_err(format!(
+                            "refusing to store an API key unencrypted: set {SECRET_ENV} (at least 16 characters)"
+                        ));
+                    };
+                    Some(sealer.seal(&scope, provider, k)?)
+                }
+            };
+            sealed.push((provider, value));
+        }
+        for (provider, value) in sealed {
+            self.store.api_key_put(&scope, provider, value.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Providers with a stored key for the tenant (or globally), never the keys.
+    pub fn stored_key_providers(&self, tenant_id: Option<&str>) -> Result<Vec<String>> {
+        self.store.api_key_providers(&tenant_id.map(key_scope).unwrap_or_else(|| GLOBAL_KEYS.to_string()))
+    }
+}
+
+const GLOBAL_KEYS: &str = "global";
+
+fn key_scope(tenant_id: &str) -> String {
+    format!("tenant:{tenant_id}")
 }
 
 /// An admitted call. Dropping it unfinished (the awaiting task was cancelled) records the

@@ -12,6 +12,7 @@ pub mod money;
 pub mod pricing;
 pub mod providers;
 pub mod retry;
+pub mod secrets;
 pub mod store;
 pub mod tenancy;
 

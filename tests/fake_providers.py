@@ -201,6 +201,7 @@ _BUILDERS = {"openai": openai_response, "anthropic": anthropic_response, "gemini
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # hundreds of concurrent acalls connect at once
     provider: FakeProvider
 
     def handle_error(self, request: Any, client_address: Any) -> None:

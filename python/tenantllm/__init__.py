@@ -19,16 +19,18 @@ from tenantllm._core import (
     __version__,
 )
 from tenantllm.agent import Agent, BreakerPolicy, Retries
+from tenantllm.api_keys import ApiConfiguration
 from tenantllm.breaker import CircuitBreaker
 from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
 from tenantllm.config import configure
 from tenantllm.execution import Execution, ExecutionQuery
-from tenantllm.tenancy import tenant
+from tenantllm.tenancy import llm_tenant, tenant
 
 __all__ = [
     "Agent",
     "AgentResult",
     "AllModelsExhaustedError",
+    "ApiConfiguration",
     "AuthenticationError",
     "BreakerPolicy",
     "BudgetExceededError",
@@ -49,6 +51,7 @@ __all__ = [
     "TenantLLMError",
     "__version__",
     "configure",
+    "llm_tenant",
     "rebuild_counters",
     "spend_by_tenant",
     "tenant",

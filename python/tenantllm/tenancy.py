@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from tenantllm._core import InvalidTenantError
+from tenantllm._core import ConfigurationError, InvalidTenantError
 from tenantllm.config import Settings
+
+T = TypeVar("T")
 
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("tenantllm_tenant", default=None)
 
@@ -67,7 +69,8 @@ def _from_value(value: Any, source: str) -> ResolvedTenant:
                 f"{source}: unknown tenant key {unknown[0]!r}; expected id, api_keys or one of "
                 + ", ".join(sorted(LIMIT_KEYS))
             )
-        limits = {k: v for k, v in value.items() if k in LIMIT_KEYS}
+        # "name" describes the tenant; only real limits replace the stored budget.
+        limits = {k: v for k, v in value.items() if k in LIMIT_KEYS and k != "name"}
         keys = value.get("api_keys")
         if keys is not None and not isinstance(keys, Mapping):
             raise InvalidTenantError(f"{source}: api_keys must be a dict of provider name to key")
@@ -76,7 +79,7 @@ def _from_value(value: Any, source: str) -> ResolvedTenant:
         )
     describe = getattr(type(value), "__tenantllm_describe__", None)
     if describe is not None:
-        return _from_value(describe(value), source)
+        return _from_value(describe(value), f"{source} ({type(value).__name__})")
     raise InvalidTenantError(
         f"{source}: expected a tenant id, a tenant dict or an @llm_tenant object, got {type(value).__name__}"
     )
@@ -106,3 +109,39 @@ def resolve(s: Settings, explicit: Any = _UNSET) -> ResolvedTenant:
                 )
             t = ResolvedTenant(id=t.id, limits=dict(limits), api_keys=t.api_keys)
     return t
+
+
+def _read(obj: Any, attr: str) -> Any:
+    """An attribute, or the result of a zero-argument method, read at call time."""
+    value = getattr(obj, attr)
+    return value() if callable(value) else value
+
+
+def llm_tenant(
+    *, id: str = "id", name: str | None = None, api_keys: Mapping[str, str] | None = None
+) -> Callable[[type[T]], type[T]]:
+    """Make instances of any class (Django model, dataclass, plain class) usable as `tenant=`.
+
+    `id` and `name` name attributes; `api_keys` maps a provider to an attribute or a
+    zero-argument method that returns that tenant's key (blank values fall through)."""
+    keys = dict(api_keys or {})
+    for attr in (id, name, *keys.values()):
+        if attr is not None and (not isinstance(attr, str) or not attr.isidentifier()):
+            raise ConfigurationError(f"llm_tenant: {attr!r} is not an attribute name")
+
+    def describe(obj: Any) -> dict[str, Any]:
+        tenant_id = _read(obj, id)
+        if isinstance(tenant_id, int) and not isinstance(tenant_id, bool):
+            tenant_id = str(tenant_id)  # integer primary keys
+        found = {p: _read(obj, a) for p, a in keys.items()}
+        return {
+            "id": tenant_id,
+            "api_keys": {p: k for p, k in found.items() if isinstance(k, str) and k.strip()},
+            **({"name": _read(obj, name)} if name else {}),
+        }
+
+    def decorate(cls: type[T]) -> type[T]:
+        cls.__tenantllm_describe__ = staticmethod(describe)  # type: ignore[attr-defined]
+        return cls
+
+    return decorate

@@ -52,6 +52,19 @@ const BUILT_IN: &[(&str, Wire, &str)] = &[
     ("mistral", Wire::OpenAi { native: false }, "https://api.mistral.ai/v1"),
 ];
 
+/// Providers a key can be stored for: the built-in ones and any configured base URL's name.
+pub fn known_names(base_urls: &HashMap<String, String>) -> Vec<String> {
+    let mut names: Vec<String> = BUILT_IN.iter().map(|(n, _, _)| n.to_string()).collect();
+    let mut extra: Vec<String> = base_urls.keys().filter(|k| !names.contains(k)).cloned().collect();
+    extra.sort();
+    names.extend(extra);
+    names
+}
+
+pub fn is_known(provider: &str, base_urls: &HashMap<String, String>) -> bool {
+    BUILT_IN.iter().any(|(n, _, _)| *n == provider) || base_urls.contains_key(provider)
+}
+
 /// The environment variables a provider's key is read from, in order.
 pub fn env_vars(provider: &str) -> Vec<String> {
     match provider {

@@ -476,6 +476,19 @@ impl PyEngine {
         self.detached(py, |e| e.store().rebuild_counters(e.calendar()))
     }
 
+    // ------------------------------------------------------------ API keys
+
+    /// Stores encrypted provider keys (None removes one) for a tenant, or globally.
+    #[pyo3(signature = (keys, tenant_id=None))]
+    fn set_api_keys(&self, py: Python<'_>, keys: Vec<(String, Option<String>)>, tenant_id: Option<String>) -> PyResult<()> {
+        self.detached(py, |e| e.set_api_keys(tenant_id.as_deref(), &keys))
+    }
+
+    #[pyo3(signature = (tenant_id=None))]
+    fn stored_key_providers(&self, py: Python<'_>, tenant_id: Option<String>) -> PyResult<Vec<String>> {
+        self.detached(py, |e| e.stored_key_providers(tenant_id.as_deref()))
+    }
+
     // ------------------------------------------------------------ breakers
 
     #[pyo3(signature = (agent, model, tenant_id=None))]

@@ -11,6 +11,7 @@ use crate::breaker;
 use crate::budget::{self, Breach, Check, TenantBudget};
 use crate::clock::{Calendar, Micros};
 use crate::error::Result;
+use crate::secrets::Sealed;
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row};
 
 /// Everything `admit` needs to decide whether a call may start.
@@ -103,6 +104,12 @@ pub trait Store: Send + Sync {
     fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell>;
     fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>>;
     fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>>;
+
+    /// Stores (or with `None` removes) a sealed API key for a scope ("global", "tenant:<id>").
+    fn api_key_put(&self, scope: &str, provider: &str, sealed: Option<&Sealed>) -> Result<()>;
+    fn api_key_get(&self, scope: &str, provider: &str) -> Result<Option<Sealed>>;
+    /// Providers that have a stored key in a scope (never the keys).
+    fn api_key_providers(&self, scope: &str) -> Result<Vec<String>>;
 
     fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State>;
     fn breaker_reset(&self, key: &BreakerKey) -> Result<()>;

@@ -18,6 +18,7 @@ use crate::clock::{now_micros, Calendar, Micros, Period};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Status, Value, FIELDS};
 use crate::money::Nanos;
+use crate::secrets::Sealed;
 
 pub struct SqliteStore {
     /// Writes (and reads inside write transactions). Shared with the checkpointer, which
@@ -665,6 +666,37 @@ impl Store for SqliteStore {
                 .query_row([id], |r| Ok(Details { system_prompt: r.get(0)?, user_prompt: r.get(1)?, response: r.get(2)? }))
                 .optional()?;
             Ok(Some((row, details)))
+        })
+    }
+
+    fn api_key_put(&self, scope: &str, provider: &str, sealed: Option<&Sealed>) -> Result<()> {
+        self.write(|tx| {
+            match sealed {
+                Some((nonce, ct)) => tx.execute(
+                    "INSERT INTO api_configurations (scope, provider, nonce, ciphertext, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (scope, provider) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext,
+                         updated_at = excluded.updated_at",
+                    params![scope, provider, nonce, ct, now_micros()],
+                )?,
+                None => tx.execute("DELETE FROM api_configurations WHERE scope = ?1 AND provider = ?2", params![scope, provider])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn api_key_get(&self, scope: &str, provider: &str) -> Result<Option<Sealed>> {
+        self.read(|c| {
+            Ok(c.prepare_cached("SELECT nonce, ciphertext FROM api_configurations WHERE scope = ?1 AND provider = ?2")?
+                .query_row(params![scope, provider], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?)
+        })
+    }
+
+    fn api_key_providers(&self, scope: &str) -> Result<Vec<String>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT provider FROM api_configurations WHERE scope = ?1 ORDER BY provider")?;
+            let rows = stmt.query_map([scope], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(rows)
         })
     }
 
