@@ -181,9 +181,10 @@ impl Engine {
         spec.chain().map(|m| BreakerKey { agent: spec.name.clone(), model: m.clone(), tenant_id: tenant_id.clone() }).collect()
     }
 
-    pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
-        let plan = self.plan(&spec, &req)?;
-        let api_keys = self.keys_for(&req.tenant, &plan.routes)?;
+    /// Admission (DESIGN §2): budgets and breakers checked, the estimate reserved and a
+    /// `running` row written in one transaction, or a `blocked` / `short_circuited` row and
+    /// the matching error.
+    fn admit(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, provider: &str, estimate: budget::Usage) -> Result<Admission> {
         let tenant_id = req.tenant.id.as_deref();
         let now = now_micros();
         let id = uuid::Uuid::now_v7().to_string();
@@ -191,7 +192,7 @@ impl Engine {
             id: id.clone(),
             agent: spec.name.clone(),
             model_id: spec.model.clone(),
-            provider: plan.routes[0].provider.clone(),
+            provider: provider.to_string(),
             tenant_id: req.tenant.id.clone(),
             started_at: now,
             metadata: req.metadata.clone(),
@@ -200,62 +201,68 @@ impl Engine {
             system_prompt: req.system.clone(),
             user_prompt: Some(req.user.clone()),
         };
-        let keys = self.breaker_keys(&spec, tenant_id);
-        let lease = breaker::probe_lease(spec.timeout.as_secs_f64());
+        let breaker_keys = self.breaker_keys(spec, tenant_id);
         let admitted = self.store.admit(&AdmitRequest {
             execution: &execution,
             plan: budget::Plan { global: &self.config.budgets, agent: &spec.name, tenant_id, tenant_override: req.tenant.limits.as_ref() },
-            estimate: budget::estimate(plan.estimated_cost, plan.estimated_tokens),
-            reservation_expires_at: now + Self::lease(&spec).as_micros() as Micros,
-            breaker_keys: &keys,
-            probe_lease: lease,
+            estimate,
+            reservation_expires_at: now + Self::lease(spec).as_micros() as Micros,
+            breaker_keys: &breaker_keys,
+            probe_lease: breaker::probe_lease(spec.timeout.as_secs_f64()),
             calendar: &self.calendar,
             now,
         })?;
-        let (first, probe, checks, warnings) = match admitted {
-            Admitted::Go { model_index, probe, checks, warnings } => (model_index, probe, checks, warnings),
-            Admitted::Blocked(b) => {
-                return Err(Error::BudgetExceeded(Box::new(BudgetBlock {
-                    scope: b.check.name.clone(),
-                    limit: b.check.limit,
-                    current: b.current,
-                    tenant_id: req.tenant.id.clone(),
-                    agent: spec.name.clone(),
-                    tenant_budget: b.check.tenant_budget,
-                    execution_id: id,
-                })))
-            }
-            Admitted::ShortCircuited { retry_at } => {
-                return Err(Error::CircuitOpen(Box::new(CircuitBlock {
-                    agent: spec.name.clone(),
-                    tenant_id: req.tenant.id.clone(),
-                    model: spec.model.clone(),
-                    retry_at: retry_at as f64 / 1e6,
-                    execution_id: id,
-                })))
-            }
-        };
-        let mut call = InFlight {
-            engine: &self,
-            execution: &execution,
-            reserved: !checks.is_empty(),
-            checks,
-            attempts: vec![],
-            outcomes: vec![],
-            started: Instant::now(),
-            done: false,
-        };
+        match admitted {
+            Admitted::Go { model_index, probe, checks, warnings } => Ok(Admission {
+                call: InFlight {
+                    engine: self.clone(),
+                    reserved: !checks.is_empty(),
+                    execution,
+                    checks,
+                    attempts: vec![],
+                    outcomes: vec![],
+                    started: Instant::now(),
+                    done: false,
+                },
+                first: model_index,
+                probe,
+                breaker_keys,
+                warnings: warnings.iter().map(|w| w.describe()).collect(),
+            }),
+            Admitted::Blocked(b) => Err(Error::BudgetExceeded(Box::new(BudgetBlock {
+                scope: b.check.name.clone(),
+                limit: b.check.limit,
+                current: b.current,
+                tenant_id: req.tenant.id.clone(),
+                agent: spec.name.clone(),
+                tenant_budget: b.check.tenant_budget,
+                execution_id: id,
+            }))),
+            Admitted::ShortCircuited { retry_at } => Err(Error::CircuitOpen(Box::new(CircuitBlock {
+                agent: spec.name.clone(),
+                tenant_id: req.tenant.id.clone(),
+                model: spec.model.clone(),
+                retry_at: retry_at as f64 / 1e6,
+                execution_id: id,
+            }))),
+        }
+    }
+
+    pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
+        let plan = self.plan(&spec, &req)?;
+        let api_keys = self.keys_for(&req.tenant, &plan.routes)?;
+        let estimate = budget::estimate(plan.estimated_cost, plan.estimated_tokens);
+        let Admission { mut call, first, mut probe, breaker_keys, warnings } = self.admit(&spec, &req, &plan.routes[0].provider, estimate)?;
+        let lease = breaker::probe_lease(spec.timeout.as_secs_f64());
         let request = Self::request(&spec, &req);
         let mut errors: Vec<ProviderFailure> = vec![];
-        let mut probe = probe;
         for (i, route) in plan.routes.iter().enumerate().skip(first) {
-            if i != first {
-                if let (Some(key), Some(_)) = (keys.get(i), spec.breaker) {
-                    match self.store.breaker_admit(key, lease, now_micros())? {
-                        breaker::Admission::Reject { .. } => continue,
-                        breaker::Admission::Probe => probe = true,
-                        breaker::Admission::Pass => probe = false,
-                    }
+            let key = breaker_keys.get(i);
+            if let (true, Some(key)) = (i != first, key) {
+                match self.store.breaker_admit(key, lease, now_micros())? {
+                    breaker::Admission::Reject { .. } => continue,
+                    breaker::Admission::Probe => probe = true,
+                    breaker::Admission::Pass => probe = false,
                 }
             }
             let target = Target { route, api_key: api_keys[i].as_deref() };
@@ -273,16 +280,22 @@ impl Engine {
                         retry_after: None,
                     }),
                 };
+                let attempt = AttemptOf {
+                    key: key.cloned(),
+                    policy: spec.breaker,
+                    probe,
+                    model: route.model.clone(),
+                    provider: route.provider.clone(),
+                };
                 let elapsed = t0.elapsed().as_millis() as i64;
-                let key = keys.get(i).cloned();
                 match result {
                     Ok(reply) => {
-                        call.record(key, &spec, probe, route, &plan.prices[i], Ok(&reply), elapsed);
-                        let outcome = call.succeed(&spec, route, &plan.prices[i], reply, warnings.iter().map(|w| w.describe()).collect())?;
-                        return Ok(outcome);
+                        let cost = plan.prices[i].cost(reply.usage);
+                        call.record(&attempt, Ok((reply.usage, cost)), elapsed);
+                        return call.succeed(&spec, &route.provider, reply, cost, warnings);
                     }
                     Err(f) => {
-                        call.record(key, &spec, probe, route, &plan.prices[i], Err(&f), elapsed);
+                        call.record(&attempt, Err(&f), elapsed);
                         probe = false;
                         let wait_too_long = f.retry_after.is_some_and(|s| s > MAX_RETRY_AFTER_S);
                         let retry_after = f.retry_after;
@@ -297,6 +310,23 @@ impl Engine {
             }
         }
         Err(call.fail(errors, plan.routes.len() > 1)?)
+    }
+
+    /// Starts a guarded block of the user's own code (`tl.guard`/`tl.guarded`): the same
+    /// admission as a call, reserving `max_tokens` plus the declared input estimate.
+    pub fn begin_guard(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, estimated_input_tokens: i64) -> Result<Guard> {
+        spec.validate()?;
+        if let Some(t) = &req.tenant.id {
+            crate::tenancy::validate_tenant_id(t)?;
+        }
+        let price = self.prices.price(&spec.model)?;
+        let provider = providers::route(&spec.model, &self.prices, &self.config.base_urls)
+            .map(|r| r.provider)
+            .unwrap_or_else(|_| "external".into());
+        let output = spec.max_tokens as i64;
+        let cost = price.cost(Usage { input: estimated_input_tokens, output, cached: 0 }).total();
+        let admission = self.admit(spec, req, &provider, budget::estimate(cost, estimated_input_tokens + output))?;
+        Ok(Guard { admission, spec: spec.clone(), provider })
     }
 
     /// The key for a route's provider, highest first: this call's tenant keys (tenant object
@@ -392,11 +422,31 @@ fn key_scope(tenant_id: &str) -> String {
     format!("tenant:{tenant_id}")
 }
 
-/// An admitted call. Dropping it unfinished (the awaiting task was cancelled) records the
-/// execution as cancelled and releases its reservation, so no call is lost.
-struct InFlight<'a> {
-    engine: &'a Engine,
-    execution: &'a NewExecution,
+/// What admission hands to the call (or guard) it admitted.
+struct Admission {
+    call: InFlight,
+    /// Index of the first model whose breaker let the call through.
+    first: usize,
+    probe: bool,
+    breaker_keys: Vec<BreakerKey>,
+    warnings: Vec<String>,
+}
+
+/// Who one attempt went to, for its record and its breaker outcome.
+struct AttemptOf {
+    key: Option<BreakerKey>,
+    policy: Option<breaker::Policy>,
+    probe: bool,
+    model: String,
+    provider: String,
+}
+
+/// An admitted call. Dropping it unfinished (the awaiting task was cancelled, or a guarded
+/// block was abandoned) records the execution as cancelled and releases its reservation, so
+/// no call is lost.
+struct InFlight {
+    engine: Arc<Engine>,
+    execution: NewExecution,
     reserved: bool,
     checks: Vec<Check>,
     attempts: Vec<Attempt>,
@@ -405,32 +455,20 @@ struct InFlight<'a> {
     done: bool,
 }
 
-impl InFlight<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &mut self,
-        key: Option<BreakerKey>,
-        spec: &AgentSpec,
-        probe: bool,
-        route: &Route,
-        price: &Price,
-        result: std::result::Result<&Reply, &ProviderFailure>,
-        duration_ms: i64,
-    ) {
-        if let (Some(key), Some(policy)) = (key, spec.breaker) {
-            self.outcomes.push(BreakerOutcome { key, policy, success: result.is_ok(), probe });
+impl InFlight {
+    fn record(&mut self, to: &AttemptOf, result: std::result::Result<(Usage, Cost), &ProviderFailure>, duration_ms: i64) {
+        if let (Some(key), Some(policy)) = (&to.key, to.policy) {
+            self.outcomes.push(BreakerOutcome { key: key.clone(), policy, success: result.is_ok(), probe: to.probe });
         }
-        let (usage, cost) = match result {
-            Ok(r) => (r.usage, price.cost(r.usage)),
-            Err(_) => (Usage::default(), Cost::default()),
-        };
+        let (usage, cost) = result.as_ref().map(|r| *r).unwrap_or_default();
+        let failure = result.err();
         self.attempts.push(Attempt {
-            model: route.model.clone(),
-            provider: route.provider.clone(),
-            status: if result.is_ok() { "success" } else { "error" },
-            error_class: result.err().map(|f| f.kind.class_name().to_string()),
-            error_message: result.err().map(|f| f.message.clone()),
-            http_status: result.err().and_then(|f| f.status),
+            model: to.model.clone(),
+            provider: to.provider.clone(),
+            status: if failure.is_none() { "success" } else { "error" },
+            error_class: failure.map(|f| f.kind.class_name().to_string()),
+            error_message: failure.map(|f| f.message.clone()),
+            http_status: failure.and_then(|f| f.status),
             input_tokens: usage.input,
             output_tokens: usage.output,
             cached_tokens: usage.cached,
@@ -441,9 +479,9 @@ impl InFlight<'_> {
 
     fn finish(&mut self, completion: &Completion) -> Result<()> {
         self.done = true;
-        let e = self.engine;
+        let e = &self.engine;
         let alerts = e.store.finish(&FinishRequest {
-            execution: self.execution,
+            execution: &self.execution,
             completion,
             reserved: self.reserved,
             checks: &self.checks,
@@ -474,11 +512,10 @@ impl InFlight<'_> {
         }
     }
 
-    fn succeed(&mut self, spec: &AgentSpec, route: &Route, price: &Price, reply: Reply, warnings: Vec<String>) -> Result<CallOutcome> {
-        let cost = price.cost(reply.usage);
+    fn succeed(&mut self, spec: &AgentSpec, provider: &str, reply: Reply, cost: Cost, warnings: Vec<String>) -> Result<CallOutcome> {
         let mut c = self.completion(Status::Success);
         c.chosen_model_id = Some(reply.model.clone());
-        c.provider = Some(route.provider.clone());
+        c.provider = Some(provider.to_string());
         c.usage = reply.usage;
         c.cost = cost;
         c.finish_reason = reply.finish_reason.clone();
@@ -491,7 +528,7 @@ impl InFlight<'_> {
             content: reply.content,
             model_id: spec.model.clone(),
             chosen_model_id: reply.model,
-            provider: route.provider.clone(),
+            provider: provider.to_string(),
             usage: reply.usage,
             cost,
             duration_ms: c.duration_ms,
@@ -519,6 +556,72 @@ impl InFlight<'_> {
     }
 }
 
+/// A guarded block of user code in flight: finish it with `succeed` or `fail`; dropping it
+/// unfinished records it as cancelled.
+pub struct Guard {
+    admission: Admission,
+    spec: AgentSpec,
+    provider: String,
+}
+
+impl Guard {
+    pub fn execution_id(&self) -> &str {
+        &self.admission.call.execution.id
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.admission.warnings
+    }
+
+    /// The guarded block, as the one attempt of its execution.
+    fn attempt(&self, model: &str) -> AttemptOf {
+        AttemptOf {
+            key: self.admission.breaker_keys.first().cloned(),
+            policy: self.spec.breaker,
+            probe: self.admission.probe,
+            model: model.to_string(),
+            provider: self.provider.clone(),
+        }
+    }
+
+    /// The block finished; `model` is the one that answered, if the body said so. It is
+    /// priced as that model when its price is known, else as the declared one.
+    pub fn succeed(mut self, model: Option<&str>, usage: Usage) -> Result<CallOutcome> {
+        let model = model.unwrap_or(&self.spec.model).to_string();
+        let prices = &self.admission.call.engine.prices;
+        let cost = prices.price(&model).or_else(|_| prices.price(&self.spec.model))?.cost(usage);
+        let elapsed = self.admission.call.started.elapsed().as_millis() as i64;
+        let to = self.attempt(&model);
+        self.admission.call.record(&to, Ok((usage, cost)), elapsed);
+        let reply = Reply { content: String::new(), model, usage, finish_reason: None };
+        let warnings = std::mem::take(&mut self.admission.warnings);
+        self.admission.call.succeed(&self.spec, &self.provider, reply, cost, warnings)
+    }
+
+    /// The block raised: an error row, and a failure for the breaker.
+    pub fn fail(mut self, error_class: &str, message: &str) -> Result<()> {
+        let failure = ProviderFailure {
+            kind: ProviderErrorKind::Transport,
+            provider: self.provider.clone(),
+            model: self.spec.model.clone(),
+            status: None,
+            message: message.to_string(),
+            retryable: false,
+            retry_after: None,
+        };
+        let elapsed = self.admission.call.started.elapsed().as_millis() as i64;
+        let to = self.attempt(&self.spec.model);
+        self.admission.call.record(&to, Err(&failure), elapsed);
+        if let Some(a) = self.admission.call.attempts.last_mut() {
+            a.error_class = Some(error_class.to_string());
+        }
+        let mut c = self.admission.call.completion(Status::Error);
+        c.error_class = Some(error_class.to_string());
+        c.error_message = Some(message.to_string());
+        self.admission.call.finish(&c)
+    }
+}
+
 pub fn error_class(e: &Error) -> &'static str {
     match e {
         Error::BudgetExceeded(_) => "BudgetExceededError",
@@ -532,7 +635,7 @@ pub fn error_class(e: &Error) -> &'static str {
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.done {
             let mut c = self.completion(Status::Cancelled);

@@ -23,6 +23,7 @@ from tenantllm.api_keys import ApiConfiguration
 from tenantllm.breaker import CircuitBreaker
 from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
 from tenantllm.config import configure
+from tenantllm.decorators import UsageNotReported, agent, guard, guarded
 from tenantllm.execution import Execution, ExecutionQuery
 from tenantllm.tenancy import llm_tenant, tenant
 
@@ -49,8 +50,12 @@ __all__ = [
     "StoreError",
     "TenantBudget",
     "TenantLLMError",
+    "UsageNotReported",
     "__version__",
+    "agent",
     "configure",
+    "guard",
+    "guarded",
     "llm_tenant",
     "rebuild_counters",
     "spend_by_tenant",

@@ -14,6 +14,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "Engine",
+    "Guard",
     "InvalidResponseError",
     "InvalidTenantError",
     "MissingParameterError",
@@ -115,6 +116,18 @@ class AgentResult:
     def budget_warnings(self) -> list[str]: ...
 
 @final
+class Guard:
+    @property
+    def execution_id(self) -> str: ...
+    @property
+    def budget_warnings(self) -> list[str]: ...
+    def succeed(
+        self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, model: str | None = None
+    ) -> AgentResult: ...
+    def fail(self, error_class: str, message: str) -> None: ...
+    def cancel(self) -> None: ...
+
+@final
 class Engine:
     def __new__(cls, config: Mapping[str, Any]) -> Engine: ...
     @property
@@ -145,6 +158,15 @@ class Engine:
         metadata: str = ...,
         parent_execution_id: str | None = None,
     ) -> Awaitable[AgentResult]: ...
+    def begin_guard(
+        self,
+        spec: AgentSpec,
+        tenant_id: str | None = None,
+        tenant_limits: Mapping[str, Any] | None = None,
+        metadata: str = ...,
+        parent_execution_id: str | None = None,
+        estimated_input_tokens: int = 0,
+    ) -> Guard: ...
     def plan(
         self,
         spec: AgentSpec,

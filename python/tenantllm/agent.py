@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
@@ -214,59 +215,97 @@ class Agent:
             _render(self.user, self.params, f"{name}.user"),
         )
 
-    def _prepare(self, s: Settings, tenant: Any) -> tuple[_core.AgentSpec, str | None, str, ResolvedTenant, str]:
-        spec = self._spec()
+    def _prepare(self, s: Settings, tenant: Any) -> Prepared:
         system, user = self.render()
-        t = resolve(s, tenant)
-        meta = metadata_json(f"{type(self).__name__}.execution_metadata()", self.execution_metadata())
-        return spec, system, user, t, meta
+        return Prepared(
+            spec=self._spec(),
+            system=system,
+            user=user,
+            tenant=resolve(s, tenant),
+            metadata=metadata_json(f"{type(self).__name__}.execution_metadata()", self.execution_metadata()),
+        )
 
+    @overload
     @classmethod
-    def call(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> Any:
+    def call(cls, *, tenant: Any = ..., dry_run: Literal[False] = False, **params: Any) -> AgentResult: ...
+    @overload
+    @classmethod
+    def call(cls, *, tenant: Any = ..., dry_run: Literal[True], **params: Any) -> dict[str, Any]: ...
+    @classmethod
+    def call(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> AgentResult | dict[str, Any]:
         """Run the agent and wait for the result (the GIL is released while waiting).
 
         Returns an `AgentResult`, or with `dry_run=True` a dict of what would be sent."""
         self = cls(**params)
         s = settings()
-        spec, system, user, t, meta = self._prepare(s, tenant)
-        if dry_run:
-            return self._dry_run(s, spec, system, user, t, meta)
-        try:
-            return s.engine.run(spec, system, user, t.id, t.limits, t.api_keys, meta)
-        finally:
-            deliver_alerts(s)
+        p = self._prepare(s, tenant)
+        return p.dry_run(s, self._settings()) if dry_run else p.run(s)
 
+    @overload
     @classmethod
-    async def acall(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> Any:
+    async def acall(cls, *, tenant: Any = ..., dry_run: Literal[False] = False, **params: Any) -> AgentResult: ...
+    @overload
+    @classmethod
+    async def acall(cls, *, tenant: Any = ..., dry_run: Literal[True], **params: Any) -> dict[str, Any]: ...
+    @classmethod
+    async def acall(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> AgentResult | dict[str, Any]:
         """Like `call`, as a coroutine; cancelling it aborts the request and records the
         execution as cancelled."""
         self = cls(**params)
         s = settings()
-        spec, system, user, t, meta = self._prepare(s, tenant)
-        if dry_run:
-            return self._dry_run(s, spec, system, user, t, meta)
-        try:
-            result: AgentResult = await s.engine.arun(spec, system, user, t.id, t.limits, t.api_keys, meta)
-            return result
-        finally:
-            deliver_alerts(s)
+        p = self._prepare(s, tenant)
+        return p.dry_run(s, self._settings()) if dry_run else await p.arun(s)
 
-    def _dry_run(
-        self, s: Settings, spec: _core.AgentSpec, system: str | None, user: str, t: ResolvedTenant, meta: str
-    ) -> dict[str, Any]:
-        plan = s.engine.plan(spec, system, user, t.id, t.limits)
+    def _settings(self) -> dict[str, Any]:
         cls = type(self)
         return {
-            "agent": spec.name,
-            "system": system,
-            "user": user,
-            "tenant_id": t.id,
-            "tenant_limits": t.limits,
             "model": cls.model,
             "fallback_models": list(cls.fallback_models),
             "temperature": cls.temperature,
             "max_tokens": cls.max_tokens,
             "timeout": cls.timeout,
-            "metadata": json.loads(meta),
+        }
+
+
+# The execution a guarded block is running, so calls made inside it record it as parent.
+current_execution: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenantllm_execution", default=None)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One call, rendered and resolved, ready for the core."""
+
+    spec: _core.AgentSpec
+    system: str | None
+    user: str
+    tenant: ResolvedTenant
+    metadata: str
+
+    def _args(self) -> tuple[Any, ...]:
+        t = self.tenant
+        return (self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, current_execution.get())
+
+    def run(self, s: Settings) -> AgentResult:
+        try:
+            return s.engine.run(*self._args())
+        finally:
+            deliver_alerts(s)
+
+    async def arun(self, s: Settings) -> AgentResult:
+        try:
+            return await s.engine.arun(*self._args())
+        finally:
+            deliver_alerts(s)
+
+    def dry_run(self, s: Settings, settings: dict[str, Any]) -> dict[str, Any]:
+        plan = s.engine.plan(self.spec, self.system, self.user, self.tenant.id, self.tenant.limits)
+        return {
+            "agent": self.spec.name,
+            "system": self.system,
+            "user": self.user,
+            "tenant_id": self.tenant.id,
+            "tenant_limits": self.tenant.limits,
+            **settings,
+            "metadata": json.loads(self.metadata),
             **plan,
         }

@@ -55,6 +55,18 @@ fn mock_price() -> Price {
     Price { input: Decimal::new(15, 2), output: Decimal::new(60, 2), cached_input: Some(Decimal::new(75, 3)) }
 }
 
+/// "gpt-4o-2024-08-06" -> "gpt-4o", "claude-3-5-haiku-20241022" -> "claude-3-5-haiku":
+/// providers report dated snapshots of the models they price under the undated name.
+fn undated(model: &str) -> Option<&str> {
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = model.rsplitn(4, '-').collect();
+    match parts.as_slice() {
+        [ymd, ..] if digits(ymd, 8) => Some(&model[..model.len() - 9]),
+        [d, m, y, _] if digits(d, 2) && digits(m, 2) && digits(y, 4) => Some(&model[..model.len() - 11]),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PriceTable {
     /// model id -> (provider, price)
@@ -112,6 +124,11 @@ impl PriceTable {
                 return Ok(p.clone());
             }
         }
+        if let Some(base) = undated(model) {
+            if let Ok(p) = self.price(base) {
+                return Ok(p);
+            }
+        }
         if model.starts_with("mock/") {
             return Ok(mock_price());
         }
@@ -158,6 +175,15 @@ mod tests {
         assert_eq!(c.total(), Nanos(2_000_000_000));
         assert!(t.set("bad", "-1", "2", None).is_err());
         assert!(t.set("bad", "NaN", "2", None).is_err());
+    }
+
+    #[test]
+    fn dated_snapshots_use_the_undated_price() {
+        let t = PriceTable::built_in();
+        assert_eq!(t.price("gpt-4o-2024-08-06").unwrap(), t.price("gpt-4o").unwrap());
+        assert_eq!(undated("claude-haiku-4-5-20251001"), Some("claude-haiku-4-5"));
+        assert_eq!(undated("gpt-4o"), None);
+        assert!(t.price("nonsense-2024-08-06").is_err());
     }
 
     #[test]

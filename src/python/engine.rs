@@ -16,7 +16,7 @@ use super::query::{parse_ops, Ops};
 use crate::breaker;
 use crate::budget::{self, tenant_scope};
 use crate::clock::{now_micros, Period};
-use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine};
+use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Field};
 use crate::retry::RetryPolicy;
@@ -141,6 +141,58 @@ impl From<CallOutcome> for PyAgentResult {
             finish_reason: o.finish_reason,
             budget_warnings: o.budget_warnings,
         }
+    }
+}
+
+/// A guarded block in flight (`tl.guard` / `tl.guarded`): finished once with `succeed` or
+/// `fail`; garbage-collected unfinished, it is recorded as cancelled.
+#[pyclass(module = "tenantllm._core", name = "Guard", frozen)]
+pub struct PyGuard {
+    inner: parking_lot::Mutex<Option<Guard>>,
+    execution_id: String,
+    warnings: Vec<String>,
+}
+
+impl PyGuard {
+    fn take(&self, py: Python<'_>) -> PyResult<Guard> {
+        self.inner.lock().take().ok_or_else(|| to_py(py, Error::Configuration("this guarded block is already finished".into())))
+    }
+}
+
+#[pymethods]
+impl PyGuard {
+    #[getter]
+    fn execution_id(&self) -> &str {
+        &self.execution_id
+    }
+
+    #[getter]
+    fn budget_warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
+    #[pyo3(signature = (input_tokens, output_tokens, cached_tokens=0, model=None))]
+    fn succeed(&self, py: Python<'_>, input_tokens: i64, output_tokens: i64, cached_tokens: i64, model: Option<String>) -> PyResult<PyAgentResult> {
+        for (name, v) in [("input_tokens", input_tokens), ("output_tokens", output_tokens), ("cached_tokens", cached_tokens)] {
+            if v < 0 {
+                return Err(to_py(py, Error::Configuration(format!("{name} must not be negative (got {v})"))));
+            }
+        }
+        let guard = self.take(py)?;
+        let usage = crate::pricing::Usage { input: input_tokens, output: output_tokens, cached: cached_tokens };
+        Ok(py.detach(|| guard.succeed(model.as_deref(), usage)).py_err(py)?.into())
+    }
+
+    fn fail(&self, py: Python<'_>, error_class: String, message: String) -> PyResult<()> {
+        let guard = self.take(py)?;
+        py.detach(|| guard.fail(&error_class, &message)).py_err(py)
+    }
+
+    /// The block was interrupted (KeyboardInterrupt, task cancelled): record it as cancelled.
+    fn cancel(&self, py: Python<'_>) -> PyResult<()> {
+        let guard = self.take(py)?;
+        py.detach(|| drop(guard));
+        Ok(())
     }
 }
 
@@ -329,6 +381,28 @@ impl PyEngine {
                 Err(e) => Err(Python::attach(|py| to_py(py, e))),
             }
         })
+    }
+
+    /// Admits a guarded block of user code, reserving `max_tokens` + `estimated_input_tokens`.
+    #[pyo3(signature = (spec, tenant_id=None, tenant_limits=None, metadata="{}".to_string(), parent_execution_id=None, estimated_input_tokens=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn begin_guard(
+        &self,
+        py: Python<'_>,
+        spec: &PyAgentSpec,
+        tenant_id: Option<String>,
+        tenant_limits: Option<&Bound<'_, PyDict>>,
+        metadata: String,
+        parent_execution_id: Option<String>,
+        estimated_input_tokens: i64,
+    ) -> PyResult<PyGuard> {
+        if estimated_input_tokens < 0 {
+            return Err(to_py(py, Error::Configuration("estimated_input_tokens must not be negative".into())));
+        }
+        let req = call_request(None, String::new(), tenant_id, tenant_limits, None, metadata, parent_execution_id).py_err(py)?;
+        let (engine, spec) = (self.inner.clone(), spec.inner.clone());
+        let guard = py.detach(move || engine.begin_guard(&spec, &req, estimated_input_tokens)).py_err(py)?;
+        Ok(PyGuard { execution_id: guard.execution_id().to_string(), warnings: guard.warnings().to_vec(), inner: parking_lot::Mutex::new(Some(guard)) })
     }
 
     /// What a call would send and reserve (`dry_run=True`).

@@ -1,0 +1,299 @@
+"""Decorators for code that is not an `Agent` class: `@agent` turns a function into an agent;
+`@guard` and `with guarded(...)` put tenancy, budgets, breakers and tracking around a user's
+own SDK call."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, cast
+
+from tenantllm import _core
+from tenantllm._core import AgentResult, ConfigurationError
+from tenantllm.agent import BreakerPolicy, Prepared, Retries, _render, build_spec, current_execution, metadata_json
+from tenantllm.agent import placeholders as template_params
+from tenantllm.config import deliver_alerts, settings
+from tenantllm.tenancy import _UNSET, resolve
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UsageNotReported(UserWarning):
+    """A guarded block finished without reporting token usage; it was recorded as zero."""
+
+
+def agent(
+    *,
+    model: str,
+    system: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int = 1024,
+    timeout: float = 30.0,
+    retries: int | Retries = 0,
+    fallback_models: Sequence[str] = (),
+    circuit_breaker: BreakerPolicy | None = None,
+) -> Callable[[Callable[P, Any]], Callable[P, Any]]:
+    """Make an agent from a function. Its docstring is the user prompt template (its
+    parameters fill the `{placeholders}`), unless the function returns the prompt itself.
+    Calling it runs the agent (`async def` -> awaitable) and returns an `AgentResult`;
+    `tenant=` is accepted as for `Agent.call`. The agent's name is the function's qualified name.
+    """
+
+    def decorate(fn: Callable[P, Any]) -> Callable[P, Any]:
+        name = fn.__qualname__
+        spec = build_spec(
+            name,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            timeout=timeout,
+            retries=retries,
+            fallback_models=fallback_models,
+            circuit_breaker=circuit_breaker,
+        )
+        sig = inspect.signature(fn)
+        if "tenant" in sig.parameters:
+            raise ConfigurationError(f"{name}: a parameter named 'tenant' would hide the tenant= keyword")
+        doc = inspect.getdoc(fn)
+        for where, template in ((f"{name}.__doc__", doc), (f"{name} system", system)):
+            unknown = [p for p in template_params(template, where) if p not in sig.parameters]
+            if unknown:
+                raise ConfigurationError(f"{where} uses {{{unknown[0]}}}, which is not a parameter of {name}")
+
+        def prepare(tenant: Any, returned: Any, args: Mapping[str, Any]) -> Prepared:
+            if isinstance(returned, str):
+                user = returned
+            elif returned is None and doc:
+                user = _render(doc, args, f"{name}.__doc__")
+            else:
+                raise ConfigurationError(f"{name} must return its prompt as a str, or return None and have a docstring")
+            return Prepared(
+                spec=spec,
+                system=None if system is None else _render(system, args, f"{name} system"),
+                user=user,
+                tenant=resolve(settings(), tenant),
+                metadata="{}",
+            )
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, tenant: Any = _UNSET, **kwargs: Any) -> AgentResult:
+                bound = sig.bind(*args, **kwargs)
+                bound.apply_defaults()
+                returned = await fn(*bound.args, **bound.kwargs)
+                return await prepare(tenant, returned, bound.arguments).arun(settings())
+
+            return cast(Callable[P, Awaitable[AgentResult]], run_async)
+
+        @functools.wraps(fn)
+        def run(*args: Any, tenant: Any = _UNSET, **kwargs: Any) -> AgentResult:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            returned = fn(*bound.args, **bound.kwargs)
+            return prepare(tenant, returned, bound.arguments).run(settings())
+
+        return cast(Callable[P, AgentResult], run)
+
+    return decorate
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def usage_of(response: Any) -> tuple[int, int, int, str | None] | None:
+    """(input, output, cached, model) from an OpenAI (chat or responses) or Anthropic SDK
+    response, or the equivalent dict; None when it carries no usage. Input includes cached."""
+    usage = _get(response, "usage")
+    if usage is None:
+        return None
+    model = _get(response, "model")
+    model = model if isinstance(model, str) else None
+    if _get(usage, "prompt_tokens") is not None:  # OpenAI chat completions
+        cached = _get(_get(usage, "prompt_tokens_details") or {}, "cached_tokens") or 0
+        return int(_get(usage, "prompt_tokens")), int(_get(usage, "completion_tokens") or 0), int(cached), model
+    if _get(usage, "input_tokens") is None:
+        return None
+    inp, out = int(_get(usage, "input_tokens")), int(_get(usage, "output_tokens") or 0)
+    if hasattr(usage, "cache_read_input_tokens") or (isinstance(usage, Mapping) and "cache_read_input_tokens" in usage):
+        # Anthropic reports cache reads and writes apart from input_tokens.
+        read = int(_get(usage, "cache_read_input_tokens") or 0)
+        return inp + read + int(_get(usage, "cache_creation_input_tokens") or 0), out, read, model
+    cached = _get(_get(usage, "input_tokens_details") or {}, "cached_tokens") or 0  # OpenAI responses API
+    return inp, out, int(cached), model
+
+
+class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
+    """Tenancy, breaker, budget and tracking around a block that calls an LLM itself.
+
+        with tl.guarded(agent="Batch", model="gpt-4o", max_tokens=500) as g:
+            resp = client.chat.completions.create(...)
+            g.record_response(resp)        # or g.record(input_tokens=..., output_tokens=...)
+
+    On entry the tenant is resolved, the breaker checked and `input_tokens` + `max_tokens` at
+    the model's prices reserved (BudgetExceededError / CircuitOpenError before the body runs).
+    An exception in the body is an error row and a breaker failure; a body that reports
+    nothing is recorded with zero usage and a `UsageNotReported` warning. Calls made inside
+    the block record it as their parent. Works with `async with` too.
+    """
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        model: str,
+        max_tokens: int = 1024,
+        input_tokens: int = 0,
+        circuit_breaker: BreakerPolicy | None = None,
+        tenant: Any = _UNSET,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(agent, str) or not agent:
+            raise ConfigurationError("guarded(agent=...) must be a non-empty name")
+        if isinstance(input_tokens, bool) or not isinstance(input_tokens, int) or input_tokens < 0:
+            raise ConfigurationError(f"{agent}: input_tokens must be a non-negative int")
+        self._spec = build_spec(
+            agent,
+            model=model,
+            temperature=None,
+            max_tokens=max_tokens,
+            timeout=30.0,
+            retries=0,
+            fallback_models=(),
+            circuit_breaker=circuit_breaker,
+        )
+        self._input_tokens = input_tokens
+        self._tenant = tenant
+        self._metadata = metadata_json(f"{agent} metadata", metadata or {})
+        self._usage: tuple[int, int, int, str | None] | None = None
+        self._handle: _core.Guard | None = None
+        self.result: AgentResult | None = None
+
+    @property
+    def execution_id(self) -> str | None:
+        return None if self._handle is None else self._handle.execution_id
+
+    @property
+    def budget_warnings(self) -> list[str]:
+        return [] if self._handle is None else self._handle.budget_warnings
+
+    @property
+    def recorded(self) -> bool:
+        return self._usage is not None
+
+    def record(
+        self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0, model: str | None = None
+    ) -> None:
+        """Report the block's usage (input includes cached tokens); `model` if another answered."""
+        counts = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cached_tokens": cached_tokens}
+        for field, v in counts.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigurationError(f"record(): {field} must be a non-negative int, got {v!r}")
+        self._usage = (input_tokens, output_tokens, cached_tokens, model)
+
+    def record_response(self, response: Any) -> bool:
+        """Report usage read from an OpenAI/Anthropic SDK response; False if it has none."""
+        found = usage_of(response)
+        if found is not None:
+            self._usage = found
+        return found is not None
+
+    def _enter(self) -> guarded:
+        s = settings()
+        t = resolve(s, self._tenant)
+        try:
+            self._handle = s.engine.begin_guard(
+                self._spec, t.id, t.limits, self._metadata, current_execution.get(), self._input_tokens
+            )
+        finally:
+            deliver_alerts(s)
+        self._token = current_execution.set(self._handle.execution_id)
+        return self
+
+    def _exit(self, exc: BaseException | None) -> None:
+        current_execution.reset(self._token)
+        assert self._handle is not None
+        s = settings()
+        try:
+            if exc is None:
+                usage = self._usage
+                if usage is None:
+                    warnings.warn(
+                        f"{self._spec.name}: the guarded block reported no usage; recorded with zero tokens "
+                        "(call g.record(...) or g.record_response(response))",
+                        UsageNotReported,
+                        stacklevel=3,
+                    )
+                    usage = (0, 0, 0, None)
+                self.result = self._handle.succeed(*usage)
+            elif isinstance(exc, Exception):
+                self._handle.fail(type(exc).__name__, str(exc))
+            else:  # KeyboardInterrupt, task cancellation: not the provider's failure
+                self._handle.cancel()
+        finally:
+            deliver_alerts(s)
+
+    def __enter__(self) -> guarded:
+        return self._enter()
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._exit(exc)
+
+    async def __aenter__(self) -> guarded:
+        return self._enter()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._exit(exc)
+
+
+def guard(
+    *,
+    agent: str,
+    model: str,
+    max_tokens: int = 1024,
+    input_tokens: int = 0,
+    circuit_breaker: BreakerPolicy | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """`guarded(...)` around every call of a function; usage is read from the SDK response it
+    returns. The tenant comes from `tl.tenant(...)` or the resolver. Sync or async."""
+    block = functools.partial(
+        guarded,
+        agent=agent,
+        model=model,
+        max_tokens=max_tokens,
+        input_tokens=input_tokens,
+        circuit_breaker=circuit_breaker,
+        metadata=metadata,
+    )
+    block()  # validate the options now, not on the first call
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                async with block() as g:
+                    result = await fn(*args, **kwargs)
+                    g.record_response(result)
+                    return result
+
+            return cast(Callable[P, R], run_async)
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with block() as g:
+                result = fn(*args, **kwargs)
+                g.record_response(result)
+                return result
+
+        return run
+
+    return decorate
