@@ -157,6 +157,7 @@ impl Engine {
         if let Some(t) = &req.tenant.id {
             crate::tenancy::validate_tenant_id(t)?;
         }
+        providers::check_key_names(req.tenant.api_keys.keys(), &self.config.base_urls)?;
         let routes = spec.chain().map(|m| providers::route(m, &self.prices, &self.config.base_urls)).collect::<Result<Vec<_>>>()?;
         let prices = spec.chain().map(|m| self.prices.price(m)).collect::<Result<Vec<_>>>()?;
         let input = providers::prompt_token_bound(&Self::request(spec, req));

@@ -22,7 +22,7 @@ pub type Sealed = (Vec<u8>, Vec<u8>);
 
 impl Sealer {
     pub fn new(secret: &str) -> Result<Sealer> {
-        if secret.len() < MIN_SECRET_LEN {
+        if secret.chars().count() < MIN_SECRET_LEN {
             return config_err(format!("{SECRET_ENV} must be at least {MIN_SECRET_LEN} characters long"));
         }
         let mut key = [0u8; 32];

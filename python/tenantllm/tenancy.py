@@ -113,7 +113,10 @@ def resolve(s: Settings, explicit: Any = _UNSET) -> ResolvedTenant:
 
 def _read(obj: Any, attr: str) -> Any:
     """An attribute, or the result of a zero-argument method, read at call time."""
-    value = getattr(obj, attr)
+    try:
+        value = getattr(obj, attr)
+    except AttributeError:
+        raise ConfigurationError(f"llm_tenant: {type(obj).__name__} has no attribute {attr!r}") from None
     return value() if callable(value) else value
 
 

@@ -61,6 +61,17 @@ pub fn known_names(base_urls: &HashMap<String, String>) -> Vec<String> {
     names
 }
 
+/// Rejects per-call keys for providers that do not exist (a typo would otherwise fall
+/// through to the global key silently).
+pub fn check_key_names<'a>(names: impl Iterator<Item = &'a String>, base_urls: &HashMap<String, String>) -> Result<()> {
+    for n in names {
+        if !is_known(n, base_urls) {
+            return config_err(format!("api_keys: unknown provider {n:?}; known: {}", known_names(base_urls).join(", ")));
+        }
+    }
+    Ok(())
+}
+
 pub fn is_known(provider: &str, base_urls: &HashMap<String, String>) -> bool {
     BUILT_IN.iter().any(|(n, _, _)| *n == provider) || base_urls.contains_key(provider)
 }
@@ -157,12 +168,20 @@ impl Providers {
     pub async fn send(&self, target: &Target<'_>, req: &Request) -> std::result::Result<Reply, ProviderFailure> {
         let r = target.route;
         let caller = http::Caller { provider: &r.provider, model: &r.model };
-        match r.wire {
+        let result = match r.wire {
             Wire::Mock => self.mock.send(&r.model, req).await,
             Wire::OpenAi { native } => openai::send(&self.client, &caller, &r.base_url, target.api_key, req, native).await,
             Wire::Anthropic => anthropic::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
             Wire::Gemini => gemini::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
-        }
+        };
+        // Some servers and proxies quote the key back in their error text; it must not
+        // reach exceptions, logs or execution rows.
+        result.map_err(|mut f| {
+            if let Some(key) = target.api_key.filter(|k| !k.is_empty()) {
+                f.message = f.message.replace(key, "[redacted]");
+            }
+            f
+        })
     }
 }
 
