@@ -165,6 +165,9 @@ impl Usage {
             Metric::Executions => Amount::Count(self.executions),
         }
     }
+    pub fn negated(&self) -> Usage {
+        Usage { cost: Nanos(-self.cost.0), tokens: -self.tokens, executions: -self.executions }
+    }
     pub fn plus(&self, o: &Usage) -> Usage {
         Usage { cost: self.cost.saturating_add(o.cost), tokens: self.tokens + o.tokens, executions: self.executions + o.executions }
     }

@@ -57,28 +57,30 @@ pub const MIGRATIONS: &[&str] = &[
     );
 
     -- Running totals per scope ("global", "tenant:<id>", "agent:<name>") and period
-    -- ("2026-11-28", "2026-11"). Budget checks read these, never SUM over executions.
+    -- ("2026-11-28", "2026-11"): recorded usage, plus the estimates of admitted calls still
+    -- in flight. Budget checks read these, never SUM over executions.
     CREATE TABLE usage_counters (
         scope TEXT NOT NULL,
         period TEXT NOT NULL,
         cost INTEGER NOT NULL DEFAULT 0,
         tokens INTEGER NOT NULL DEFAULT 0,
         executions INTEGER NOT NULL DEFAULT 0,
+        reserved_cost INTEGER NOT NULL DEFAULT 0,
+        reserved_tokens INTEGER NOT NULL DEFAULT 0,
+        reserved_executions INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (scope, period)
     ) WITHOUT ROWID;
 
-    -- In-flight estimates of admitted calls; a lease, so a crashed process's expire.
+    -- One row per admitted call holding a reservation: which counters it reserved on
+    -- ("scope<TAB>period" lines) and how much. A lease, so a crashed process's expire.
     CREATE TABLE reservations (
-        execution_id TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        period TEXT NOT NULL,
+        execution_id TEXT PRIMARY KEY,
+        counters TEXT NOT NULL,
         cost INTEGER NOT NULL,
         tokens INTEGER NOT NULL,
         executions INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL,
-        PRIMARY KEY (execution_id, scope, period)
+        expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;
-    CREATE INDEX reservations_scope ON reservations(scope, period);
     CREATE INDEX reservations_expiry ON reservations(expires_at);
 
     CREATE TABLE breakers (

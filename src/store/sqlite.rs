@@ -206,51 +206,75 @@ fn complete_execution(tx: &Transaction<'_>, e: &NewExecution, c: &Completion, st
     Ok(())
 }
 
-/// Adds one settled call to every counter it belongs to (global, agent, tenant x day, month).
-fn add_usage(tx: &Transaction<'_>, cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros, u: &budget::Usage) -> Result<()> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO usage_counters (scope, period, cost, tokens, executions) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (scope, period) DO UPDATE SET cost = cost + excluded.cost,
-             tokens = tokens + excluded.tokens, executions = executions + excluded.executions",
-    )?;
-    for scope in budget::scopes_of(tenant, agent) {
-        for p in [Period::Daily, Period::Monthly] {
-            stmt.execute(params![scope, cal.period_key(p, at), u.cost.0, u.tokens, u.executions])?;
-        }
-    }
-    Ok(())
+/// A counter row: (scope, period).
+type CounterKey = (String, String);
+
+/// Adds `used` to a counter's recorded usage and `reserve` (negative to release) to its
+/// in-flight reservations; returns the recorded usage after the change.
+fn bump(tx: &Transaction<'_>, key: &CounterKey, used: &budget::Usage, reserve: &budget::Usage) -> Result<budget::Usage> {
+    Ok(tx
+        .prepare_cached(
+            "INSERT INTO usage_counters (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (scope, period) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens,
+                 executions = executions + excluded.executions, reserved_cost = reserved_cost + excluded.reserved_cost,
+                 reserved_tokens = reserved_tokens + excluded.reserved_tokens,
+                 reserved_executions = reserved_executions + excluded.reserved_executions
+             RETURNING cost, tokens, executions",
+        )?
+        .query_row(
+            params![key.0, key.1, used.cost.0, used.tokens, used.executions, reserve.cost.0, reserve.tokens, reserve.executions],
+            |r| Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? }),
+        )?)
 }
 
-fn counter(tx: &Connection, scope: &str, period: &str) -> Result<budget::Usage> {
-    Ok(tx
-        .prepare_cached("SELECT cost, tokens, executions FROM usage_counters WHERE scope = ?1 AND period = ?2")?
-        .query_row(params![scope, period], |r| {
-            Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? })
-        })
+/// The counters one settled call adds to: global, agent and tenant, for the day and month
+/// it started in.
+fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> Vec<CounterKey> {
+    let periods = [cal.period_key(Period::Daily, at), cal.period_key(Period::Monthly, at)];
+    budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
+}
+
+/// A counter's usage: recorded only, or with in-flight reservations (for budget checks).
+fn counter(c: &Connection, key: (&str, &str), with_reserved: bool) -> Result<budget::Usage> {
+    let sql = if with_reserved {
+        "SELECT cost + reserved_cost, tokens + reserved_tokens, executions + reserved_executions FROM usage_counters
+         WHERE scope = ?1 AND period = ?2"
+    } else {
+        "SELECT cost, tokens, executions FROM usage_counters WHERE scope = ?1 AND period = ?2"
+    };
+    Ok(c.prepare_cached(sql)?
+        .query_row(params![key.0, key.1], |r| Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? }))
         .optional()?
         .unwrap_or_default())
 }
 
-fn reserved(tx: &Connection, scope: &str, period: &str) -> Result<budget::Usage> {
-    Ok(tx
-        .prepare_cached(
-            "SELECT COALESCE(SUM(cost), 0), COALESCE(SUM(tokens), 0), COALESCE(SUM(executions), 0)
-             FROM reservations WHERE scope = ?1 AND period = ?2",
-        )?
-        .query_row(params![scope, period], |r| {
-            Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? })
-        })?)
+fn encode_keys(keys: &[CounterKey]) -> String {
+    keys.iter().map(|(s, p)| format!("{s}\t{p}")).collect::<Vec<_>>().join("\n")
+}
+
+fn decode_keys(s: &str) -> Vec<CounterKey> {
+    s.lines().filter_map(|l| l.split_once('\t')).map(|(s, p)| (s.to_string(), p.to_string())).collect()
+}
+
+/// A reservation removed from the table: its counters and its estimate.
+fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<CounterKey>, budget::Usage)> {
+    let keys: String = r.get(first)?;
+    let est = budget::Usage { cost: Nanos(r.get(first + 1)?), tokens: r.get(first + 2)?, executions: r.get(first + 3)? };
+    Ok((decode_keys(&keys), est))
 }
 
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were.
 fn expire_reservations(tx: &Transaction<'_>, cal: &Calendar, now: Micros) -> Result<()> {
-    let expired: Vec<String> = tx
-        .prepare_cached("SELECT DISTINCT execution_id FROM reservations WHERE expires_at <= ?1")?
-        .query_map([now], |r| r.get(0))?
+    let expired: Vec<(String, (Vec<CounterKey>, budget::Usage))> = tx
+        .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions")?
+        .query_map([now], |r| Ok((r.get(0)?, release_row(r, 1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for id in expired {
-        tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&id])?;
+    for (id, (keys, est)) in expired {
+        for key in &keys {
+            bump(tx, key, &budget::Usage::default(), &est.negated())?;
+        }
         let row: Option<(Option<String>, String, Micros)> = tx
             .prepare_cached("SELECT tenant_id, agent, started_at FROM executions WHERE id = ?1 AND status = 'running'")?
             .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -262,7 +286,9 @@ fn expire_reservations(tx: &Transaction<'_>, cal: &Calendar, now: Micros) -> Res
                  WHERE id = ?1",
             )?
             .execute(params![id, now])?;
-            add_usage(tx, cal, tenant.as_deref(), &agent, started, &budget::estimate(Nanos::ZERO, 0))?;
+            for key in usage_keys(cal, tenant.as_deref(), &agent, started) {
+                bump(tx, &key, &budget::estimate(Nanos::ZERO, 0), &budget::Usage::default())?;
+            }
         }
     }
     Ok(())
@@ -422,9 +448,9 @@ impl Store for SqliteStore {
             let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
             let mut usage: HashMap<(&str, &str), budget::Usage> = HashMap::new();
             for c in &checks {
-                if !usage.contains_key(&(c.scope.as_str(), c.period_key.as_str())) {
-                    let u = counter(tx, &c.scope, &c.period_key)?.plus(&reserved(tx, &c.scope, &c.period_key)?);
-                    usage.insert((&c.scope, &c.period_key), u);
+                let key = (c.scope.as_str(), c.period_key.as_str());
+                if let std::collections::hash_map::Entry::Vacant(slot) = usage.entry(key) {
+                    slot.insert(counter(tx, key, true)?);
                 }
             }
             let (hard, warnings) = budget::evaluate(&checks, |c| usage[&(c.scope.as_str(), c.period_key.as_str())], &req.estimate);
@@ -453,13 +479,16 @@ impl Store for SqliteStore {
                 complete_execution(tx, e, &c, false)?;
                 return Ok(Admitted::ShortCircuited { retry_at });
             }
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO reservations (execution_id, scope, period, cost, tokens, executions, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for c in &checks {
+            if !usage.is_empty() {
+                let keys: Vec<CounterKey> = usage.keys().map(|(s, p)| (s.to_string(), p.to_string())).collect();
+                for key in &keys {
+                    bump(tx, key, &budget::Usage::default(), &req.estimate)?;
+                }
                 let est = &req.estimate;
-                stmt.execute(params![e.id, c.scope, c.period_key, est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
+                tx.prepare_cached(
+                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![e.id, encode_keys(&keys), est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
             }
             insert_execution(tx, e)?;
             let (model_index, probe) = chosen.unwrap_or((0, false));
@@ -476,15 +505,32 @@ impl Store for SqliteStore {
         let c = req.completion;
         self.write(|tx| {
             complete_execution(tx, e, c, req.store_details)?;
-            if req.reserved {
-                tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
+            // The reservation (if this process's lease was not taken over) is released in the
+            // same statements that add the real usage.
+            let (reserved_keys, estimate) = if req.reserved {
+                tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1 RETURNING counters, cost, tokens, executions")?
+                    .query_row([&e.id], |r| release_row(r, 0))
+                    .optional()?
+                    .unwrap_or_default()
+            } else {
+                Default::default()
+            };
+            let used = if c.status.counts_as_usage() {
+                budget::estimate(c.cost.total(), c.usage.input + c.usage.output)
+            } else {
+                budget::Usage::default()
+            };
+            let mut recorded: HashMap<CounterKey, budget::Usage> = HashMap::new();
+            let mut keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
+            keys.extend(reserved_keys.iter().filter(|k| !keys.contains(k)).cloned().collect::<Vec<_>>());
+            for key in keys {
+                let release = if reserved_keys.contains(&key) { estimate.negated() } else { budget::Usage::default() };
+                recorded.insert(key.clone(), bump(tx, &key, &used, &release)?);
             }
             let mut alerts = Vec::new();
             if c.status.counts_as_usage() {
-                let used = budget::estimate(c.cost.total(), c.usage.input + c.usage.output);
-                add_usage(tx, req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at, &used)?;
                 for check in req.checks {
-                    let now_used = counter(tx, &check.scope, &check.period_key)?;
+                    let Some(now_used) = recorded.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };
                     for t in budget::thresholds_reached(check, &now_used) {
                         let fresh = tx
                             .prepare_cached("INSERT OR IGNORE INTO alerts_sent (scope, period, name, threshold) VALUES (?1, ?2, ?3, ?4)")?
@@ -564,7 +610,7 @@ impl Store for SqliteStore {
     }
 
     fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage> {
-        self.read(|c| counter(c, scope, period_key))
+        self.read(|c| counter(c, (scope, period_key), false))
     }
 
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
@@ -586,7 +632,7 @@ impl Store for SqliteStore {
 
     fn rebuild_counters(&self, cal: &Calendar) -> Result<usize> {
         self.write(|tx| {
-            let mut totals: HashMap<(String, String), budget::Usage> = HashMap::new();
+            let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
             {
                 let mut stmt = tx.prepare(
                     "SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions
@@ -596,20 +642,26 @@ impl Store for SqliteStore {
                 while let Some(r) = rows.next()? {
                     let tenant: Option<String> = r.get(0)?;
                     let agent: String = r.get(1)?;
-                    let at: Micros = r.get(2)?;
                     let u = budget::estimate(Nanos(r.get(3)?), r.get(4)?);
-                    for scope in budget::scopes_of(tenant.as_deref(), &agent) {
-                        for p in [Period::Daily, Period::Monthly] {
-                            let t = totals.entry((scope.clone(), cal.period_key(p, at))).or_default();
-                            *t = t.plus(&u);
-                        }
+                    for key in usage_keys(cal, tenant.as_deref(), &agent, r.get(2)?) {
+                        let t = totals.entry(key).or_default();
+                        *t = t.plus(&u);
                     }
                 }
             }
             tx.execute("DELETE FROM usage_counters", [])?;
-            let mut ins = tx.prepare("INSERT INTO usage_counters (scope, period, cost, tokens, executions) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-            for ((scope, period), u) in &totals {
-                ins.execute(params![scope, period, u.cost.0, u.tokens, u.executions])?;
+            for (key, u) in &totals {
+                bump(tx, key, u, &budget::Usage::default())?;
+            }
+            // Calls in flight keep their reservations.
+            let held: Vec<(Vec<CounterKey>, budget::Usage)> = tx
+                .prepare("SELECT counters, cost, tokens, executions FROM reservations")?
+                .query_map([], |r| release_row(r, 0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (keys, est) in &held {
+                for key in keys {
+                    bump(tx, key, &budget::Usage::default(), est)?;
+                }
             }
             Ok(totals.len())
         })
