@@ -546,6 +546,16 @@ impl PyEngine {
         Ok(d)
     }
 
+    /// Usage per day of a scope ("global", "tenant:<id>", "agent:<name>") over the last
+    /// `days` days, from the counters: [(day, {"cost", "tokens", "executions"}), ...].
+    fn usage_daily<'py>(&self, py: Python<'py>, scope: &str, days: u32) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
+        let now = now_micros();
+        let (first, _) = self.inner.calendar().last_n_days(now, days.max(1));
+        let first_day = self.inner.calendar().period_key(Period::Daily, first);
+        let rows = self.detached(py, |e| e.store().usage_daily(scope, &first_day))?;
+        rows.into_iter().map(|(d, u)| Ok((d, usage_dict(py, &u)?))).collect()
+    }
+
     fn rebuild_counters(&self, py: Python<'_>) -> PyResult<usize> {
         self.detached(py, |e| e.store().rebuild_counters(e.calendar()))
     }

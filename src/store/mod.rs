@@ -97,6 +97,8 @@ pub trait Store: Send + Sync {
     fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage>;
     /// Recorded usage of every scope with the given prefix in one period ("tenant:").
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
+    /// Recorded usage of one scope per day, for days from `first_day` ("2026-11-01") on.
+    fn usage_daily(&self, scope: &str, first_day: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recomputes every counter from the execution rows; returns how many it wrote.
     fn rebuild_counters(&self, calendar: &Calendar) -> Result<usize>;
 

@@ -630,6 +630,22 @@ impl Store for SqliteStore {
         })
     }
 
+    fn usage_daily(&self, scope: &str, first_day: &str) -> Result<Vec<(String, budget::Usage)>> {
+        self.read(|c| {
+            // Daily period keys are the 10-character ones ("2026-11-28"; months are "2026-11").
+            let mut stmt = c.prepare_cached(
+                "SELECT period, cost, tokens, executions FROM usage_counters
+                 WHERE scope = ?1 AND period >= ?2 AND length(period) = 10 ORDER BY period",
+            )?;
+            let rows = stmt
+                .query_map(params![scope, first_day], |r| {
+                    Ok((r.get(0)?, budget::Usage { cost: Nanos(r.get(1)?), tokens: r.get(2)?, executions: r.get(3)? }))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
     fn rebuild_counters(&self, cal: &Calendar) -> Result<usize> {
         self.write(|tx| {
             let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
