@@ -23,15 +23,17 @@ from tenantllm.api_keys import ApiConfiguration
 from tenantllm.breaker import CircuitBreaker
 from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
 from tenantllm.config import configure
-from tenantllm.decorators import UsageNotReported, agent, guard, guarded
+from tenantllm.decorators import AgentFunction, AsyncAgentFunction, UsageNotReported, agent, guard, guarded
 from tenantllm.execution import Execution, ExecutionQuery
 from tenantllm.tenancy import llm_tenant, tenant
 
 __all__ = [
     "Agent",
+    "AgentFunction",
     "AgentResult",
     "AllModelsExhaustedError",
     "ApiConfiguration",
+    "AsyncAgentFunction",
     "AuthenticationError",
     "BreakerPolicy",
     "BudgetExceededError",

@@ -146,6 +146,7 @@ class Engine:
         api_keys: Mapping[str, str] | None = None,
         metadata: str = ...,
         parent_execution_id: str | None = None,
+        root_execution_id: str | None = None,
     ) -> AgentResult: ...
     def arun(
         self,
@@ -157,6 +158,7 @@ class Engine:
         api_keys: Mapping[str, str] | None = None,
         metadata: str = ...,
         parent_execution_id: str | None = None,
+        root_execution_id: str | None = None,
     ) -> Awaitable[AgentResult]: ...
     def begin_guard(
         self,
@@ -165,6 +167,7 @@ class Engine:
         tenant_limits: Mapping[str, Any] | None = None,
         metadata: str = ...,
         parent_execution_id: str | None = None,
+        root_execution_id: str | None = None,
         estimated_input_tokens: int = 0,
     ) -> Guard: ...
     def plan(

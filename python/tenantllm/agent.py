@@ -267,8 +267,22 @@ class Agent:
         }
 
 
-# The execution a guarded block is running, so calls made inside it record it as parent.
-current_execution: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenantllm_execution", default=None)
+@dataclass(frozen=True)
+class Lineage:
+    """The guarded block running now: calls made inside it record it as parent, and its
+    root as their root."""
+
+    parent: str
+    root: str
+
+
+current_execution: contextvars.ContextVar[Lineage | None] = contextvars.ContextVar("tenantllm_execution", default=None)
+
+
+def lineage() -> tuple[str | None, str | None]:
+    """(parent_execution_id, root_execution_id) for a call starting now."""
+    at = current_execution.get()
+    return (None, None) if at is None else (at.parent, at.root)
 
 
 @dataclass(frozen=True)
@@ -283,7 +297,7 @@ class Prepared:
 
     def _args(self) -> tuple[Any, ...]:
         t = self.tenant
-        return (self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, current_execution.get())
+        return (self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, *lineage())
 
     def run(self, s: Settings) -> AgentResult:
         try:

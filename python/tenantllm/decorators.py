@@ -9,11 +9,21 @@ import inspect
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError
-from tenantllm.agent import BreakerPolicy, Prepared, Retries, _render, build_spec, current_execution, metadata_json
+from tenantllm.agent import (
+    BreakerPolicy,
+    Lineage,
+    Prepared,
+    Retries,
+    _render,
+    build_spec,
+    current_execution,
+    lineage,
+    metadata_json,
+)
 from tenantllm.agent import placeholders as template_params
 from tenantllm.config import deliver_alerts, settings
 from tenantllm.tenancy import _UNSET, resolve
@@ -26,6 +36,33 @@ class UsageNotReported(UserWarning):
     """A guarded block finished without reporting token usage; it was recorded as zero."""
 
 
+class AgentFunction(Protocol[P]):
+    """A function made into an agent: calling it runs the agent. `tenant=` is accepted at run
+    time; type-checked code can use `with_tenant(...)` (a ParamSpec signature cannot carry an
+    extra keyword)."""
+
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> AgentResult: ...
+    def with_tenant(self, tenant: Any) -> Callable[P, AgentResult]: ...
+
+
+class AsyncAgentFunction(Protocol[P]):
+    """The `async def` form of `AgentFunction`."""
+
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[AgentResult]: ...
+    def with_tenant(self, tenant: Any) -> Callable[P, Awaitable[AgentResult]]: ...
+
+
+class _AgentDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[str | None]]) -> AsyncAgentFunction[P]: ...
+    @overload
+    def __call__(self, fn: Callable[P, str | None]) -> AgentFunction[P]: ...
+
+
 def agent(
     *,
     model: str,
@@ -36,14 +73,14 @@ def agent(
     retries: int | Retries = 0,
     fallback_models: Sequence[str] = (),
     circuit_breaker: BreakerPolicy | None = None,
-) -> Callable[[Callable[P, Any]], Callable[P, Any]]:
+) -> _AgentDecorator:
     """Make an agent from a function. Its docstring is the user prompt template (its
     parameters fill the `{placeholders}`), unless the function returns the prompt itself.
     Calling it runs the agent (`async def` -> awaitable) and returns an `AgentResult`;
     `tenant=` is accepted as for `Agent.call`. The agent's name is the function's qualified name.
     """
 
-    def decorate(fn: Callable[P, Any]) -> Callable[P, Any]:
+    def decorate(fn: Callable[..., Any]) -> Any:
         name = fn.__qualname__
         spec = build_spec(
             name,
@@ -88,18 +125,21 @@ def agent(
                 returned = await fn(*bound.args, **bound.kwargs)
                 return await prepare(tenant, returned, bound.arguments).arun(settings())
 
-            return cast(Callable[P, Awaitable[AgentResult]], run_async)
+            wrapper: Any = run_async
+        else:
 
-        @functools.wraps(fn)
-        def run(*args: Any, tenant: Any = _UNSET, **kwargs: Any) -> AgentResult:
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            returned = fn(*bound.args, **bound.kwargs)
-            return prepare(tenant, returned, bound.arguments).run(settings())
+            @functools.wraps(fn)
+            def run(*args: Any, tenant: Any = _UNSET, **kwargs: Any) -> AgentResult:
+                bound = sig.bind(*args, **kwargs)
+                bound.apply_defaults()
+                returned = fn(*bound.args, **bound.kwargs)
+                return prepare(tenant, returned, bound.arguments).run(settings())
 
-        return cast(Callable[P, AgentResult], run)
+            wrapper = run
+        wrapper.with_tenant = lambda tenant: functools.partial(wrapper, tenant=tenant)
+        return wrapper
 
-    return decorate
+    return cast(_AgentDecorator, decorate)
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -207,12 +247,14 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         s = settings()
         t = resolve(s, self._tenant)
         try:
+            parent, root = lineage()
             self._handle = s.engine.begin_guard(
-                self._spec, t.id, t.limits, self._metadata, current_execution.get(), self._input_tokens
+                self._spec, t.id, t.limits, self._metadata, parent, root, self._input_tokens
             )
         finally:
             deliver_alerts(s)
-        self._token = current_execution.set(self._handle.execution_id)
+        own = self._handle.execution_id
+        self._token = current_execution.set(Lineage(parent=own, root=root or parent or own))
         return self
 
     def _exit(self, exc: BaseException | None) -> None:

@@ -213,6 +213,7 @@ fn call_request(
     api_keys: Option<&Bound<'_, PyAny>>,
     metadata: String,
     parent_execution_id: Option<String>,
+    root_execution_id: Option<String>,
 ) -> Result<CallRequest> {
     let limits = match (&tenant_id, tenant_limits) {
         (Some(t), Some(d)) => Some(tenant_budget(t, d)?),
@@ -228,7 +229,7 @@ fn call_request(
             api_keys: api_keys.map(|k| string_map("api_keys", k)).transpose()?.unwrap_or_default(),
         },
         metadata,
-        root_execution_id: None,
+        root_execution_id,
         parent_execution_id,
     })
 }
@@ -324,7 +325,7 @@ impl PyEngine {
     }
 
     /// Runs one call to completion, blocking this thread (not the interpreter).
-    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None))]
+    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None, root_execution_id=None))]
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -337,8 +338,9 @@ impl PyEngine {
         api_keys: Option<&Bound<'_, PyAny>>,
         metadata: String,
         parent_execution_id: Option<String>,
+        root_execution_id: Option<String>,
     ) -> PyResult<PyAgentResult> {
-        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id).py_err(py)?;
+        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id, root_execution_id).py_err(py)?;
         let (engine, spec) = (self.inner.clone(), spec.inner.clone());
         let outcome: PyResult<Result<CallOutcome>> = py.detach(move || {
             pyo3_async_runtimes::tokio::get_runtime().block_on(async move {
@@ -359,7 +361,7 @@ impl PyEngine {
     }
 
     /// The awaitable form of `run`, for `Agent.acall`.
-    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None))]
+    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None, root_execution_id=None))]
     #[allow(clippy::too_many_arguments)]
     fn arun<'py>(
         &self,
@@ -372,8 +374,9 @@ impl PyEngine {
         api_keys: Option<&Bound<'py, PyAny>>,
         metadata: String,
         parent_execution_id: Option<String>,
+        root_execution_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id).py_err(py)?;
+        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id, root_execution_id).py_err(py)?;
         let (engine, spec) = (self.inner.clone(), spec.inner.clone());
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             match engine.run(spec, req).await {
@@ -384,7 +387,7 @@ impl PyEngine {
     }
 
     /// Admits a guarded block of user code, reserving `max_tokens` + `estimated_input_tokens`.
-    #[pyo3(signature = (spec, tenant_id=None, tenant_limits=None, metadata="{}".to_string(), parent_execution_id=None, estimated_input_tokens=0))]
+    #[pyo3(signature = (spec, tenant_id=None, tenant_limits=None, metadata="{}".to_string(), parent_execution_id=None, root_execution_id=None, estimated_input_tokens=0))]
     #[allow(clippy::too_many_arguments)]
     fn begin_guard(
         &self,
@@ -394,12 +397,14 @@ impl PyEngine {
         tenant_limits: Option<&Bound<'_, PyDict>>,
         metadata: String,
         parent_execution_id: Option<String>,
+        root_execution_id: Option<String>,
         estimated_input_tokens: i64,
     ) -> PyResult<PyGuard> {
         if estimated_input_tokens < 0 {
             return Err(to_py(py, Error::Configuration("estimated_input_tokens must not be negative".into())));
         }
-        let req = call_request(None, String::new(), tenant_id, tenant_limits, None, metadata, parent_execution_id).py_err(py)?;
+        let req = call_request(None, String::new(), tenant_id, tenant_limits, None, metadata, parent_execution_id, root_execution_id)
+            .py_err(py)?;
         let (engine, spec) = (self.inner.clone(), spec.inner.clone());
         let guard = py.detach(move || engine.begin_guard(&spec, &req, estimated_input_tokens)).py_err(py)?;
         Ok(PyGuard { execution_id: guard.execution_id().to_string(), warnings: guard.warnings().to_vec(), inner: parking_lot::Mutex::new(Some(guard)) })
@@ -416,7 +421,7 @@ impl PyEngine {
         tenant_id: Option<String>,
         tenant_limits: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let req = call_request(system, user, tenant_id, tenant_limits, None, "{}".into(), None).py_err(py)?;
+        let req = call_request(system, user, tenant_id, tenant_limits, None, "{}".into(), None, None).py_err(py)?;
         let plan = self.inner.plan(&spec.inner, &req).py_err(py)?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);
