@@ -53,9 +53,10 @@ impl Calendar {
     /// The key of the period containing `at`: "2026-11-28" (daily) or "2026-11" (monthly).
     pub fn period_key(&self, period: Period, at: Micros) -> String {
         let d = self.local_date(at);
+        // Plain integer formatting: chrono's strftime machinery showed up in call profiles.
         match period {
-            Period::Daily => d.format("%Y-%m-%d").to_string(),
-            Period::Monthly => d.format("%Y-%m").to_string(),
+            Period::Daily => format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()),
+            Period::Monthly => format!("{:04}-{:02}", d.year(), d.month()),
         }
     }
 

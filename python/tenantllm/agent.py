@@ -133,6 +133,8 @@ def _render(template: str, params: Mapping[str, Any], where: str) -> str:
 
 
 def metadata_json(where: str, metadata: Any) -> str:
+    if isinstance(metadata, dict) and not metadata:
+        return "{}"  # the common case, without a trip through json
     if not isinstance(metadata, Mapping):
         raise ConfigurationError(f"{where} must return a dict, got {type(metadata).__name__}")
     try:

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
 use super::schema::MIGRATIONS;
 use super::{AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, FinishRequest, Store};
 use crate::breaker::{self, Admission, Phase};
-use crate::budget::{self, Enforcement, Limits, TenantBudget};
+use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, Period};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Status, Value, FIELDS};
@@ -126,12 +126,25 @@ impl SqliteStore {
         }
     }
 
-    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.writer.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction (the write lock taken up front, so it
+    /// cannot fail to upgrade later). BEGIN/COMMIT are cached statements: parsing them
+    /// again on every call was a measurable share of a call's cost.
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.writer.lock();
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let open = OpenTx(&conn);
+        let out = f(&conn)?;
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        std::mem::forget(open);
         Ok(out)
+    }}
+
+/// Rolls back a transaction that did not reach COMMIT (an error or a panic in its body).
+struct OpenTx<'a>(&'a Connection);
+
+impl Drop for OpenTx<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
     }
 }
 
@@ -141,7 +154,7 @@ fn opt_text(s: &Option<String>) -> Option<&str> {
     s.as_deref()
 }
 
-fn insert_execution(tx: &Transaction<'_>, e: &NewExecution) -> Result<()> {
+fn insert_execution(tx: &Connection, e: &NewExecution) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
              parent_execution_id, root_execution_id)
@@ -163,7 +176,7 @@ fn insert_execution(tx: &Transaction<'_>, e: &NewExecution) -> Result<()> {
 
 /// Closes an execution row; with `store_details`, also writes its prompts and response
 /// (once, at the end, to keep the start of a call to one small write).
-fn complete_execution(tx: &Transaction<'_>, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()> {
+fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()> {
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
     let n = tx
         .prepare_cached(
@@ -209,23 +222,58 @@ fn complete_execution(tx: &Transaction<'_>, e: &NewExecution, c: &Completion, st
 /// A counter row: (scope, period).
 type CounterKey = (String, String);
 
-/// Adds `used` to a counter's recorded usage and `reserve` (negative to release) to its
-/// in-flight reservations; returns the recorded usage after the change.
-fn bump(tx: &Transaction<'_>, key: &CounterKey, used: &budget::Usage, reserve: &budget::Usage) -> Result<budget::Usage> {
-    Ok(tx
-        .prepare_cached(
-            "INSERT INTO usage_counters (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT (scope, period) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens,
-                 executions = executions + excluded.executions, reserved_cost = reserved_cost + excluded.reserved_cost,
-                 reserved_tokens = reserved_tokens + excluded.reserved_tokens,
-                 reserved_executions = reserved_executions + excluded.reserved_executions
-             RETURNING cost, tokens, executions",
-        )?
-        .query_row(
-            params![key.0, key.1, used.cost.0, used.tokens, used.executions, reserve.cost.0, reserve.tokens, reserve.executions],
-            |r| Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? }),
-        )?)
+/// One change to a counter: `used` is added to its recorded usage, `reserve` (negative to
+/// release) to its in-flight reservations.
+struct Bump<'a> {
+    key: &'a CounterKey,
+    used: budget::Usage,
+    reserve: budget::Usage,
+}
+
+/// A counter after a change: (recorded, reserved).
+type Totals = (budget::Usage, budget::Usage);
+
+/// Applies counter changes: a single-row upsert each (a multi-row upsert needs a statement
+/// journal and cost more), without RETURNING (SQLite buffers returned rows in a temporary
+/// B-tree per execution); `totals` reads counters back when they are needed.
+fn bump(tx: &Connection, changes: &[Bump<'_>]) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO usage_counters (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (scope, period) DO UPDATE SET cost = cost + excluded.cost, tokens = tokens + excluded.tokens,
+             executions = executions + excluded.executions, reserved_cost = reserved_cost + excluded.reserved_cost,
+             reserved_tokens = reserved_tokens + excluded.reserved_tokens,
+             reserved_executions = reserved_executions + excluded.reserved_executions",
+    )?;
+    for c in changes {
+        let (u, r) = (&c.used, &c.reserve);
+        stmt.execute(params![c.key.0, c.key.1, u.cost.0, u.tokens, u.executions, r.cost.0, r.tokens, r.executions])?;
+    }
+    Ok(())
+}
+
+/// The totals of several counters, one point lookup each (an OR of keys in one query makes
+/// SQLite build a temporary B-tree to de-duplicate); counters never written are absent.
+fn totals(c: &Connection, keys: &[CounterKey]) -> Result<HashMap<CounterKey, Totals>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions
+         FROM usage_counters WHERE scope = ?1 AND period = ?2",
+    )?;
+    let mut out = HashMap::with_capacity(keys.len());
+    for key in keys {
+        let found = stmt
+            .query_row(params![key.0, key.1], |r| {
+                let usage = |i: usize| -> rusqlite::Result<budget::Usage> {
+                    Ok(budget::Usage { cost: Nanos(r.get(i)?), tokens: r.get(i + 1)?, executions: r.get(i + 2)? })
+                };
+                Ok((usage(0)?, usage(3)?))
+            })
+            .optional()?;
+        if let Some(t) = found {
+            out.insert(key.clone(), t);
+        }
+    }
+    Ok(out)
 }
 
 /// The counters one settled call adds to: global, agent and tenant, for the day and month
@@ -235,15 +283,9 @@ fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> 
     budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
 }
 
-/// A counter's usage: recorded only, or with in-flight reservations (for budget checks).
-fn counter(c: &Connection, key: (&str, &str), with_reserved: bool) -> Result<budget::Usage> {
-    let sql = if with_reserved {
-        "SELECT cost + reserved_cost, tokens + reserved_tokens, executions + reserved_executions FROM usage_counters
-         WHERE scope = ?1 AND period = ?2"
-    } else {
-        "SELECT cost, tokens, executions FROM usage_counters WHERE scope = ?1 AND period = ?2"
-    };
-    Ok(c.prepare_cached(sql)?
+/// A counter's recorded usage (in-flight reservations excluded).
+fn counter(c: &Connection, key: (&str, &str)) -> Result<budget::Usage> {
+    Ok(c.prepare_cached("SELECT cost, tokens, executions FROM usage_counters WHERE scope = ?1 AND period = ?2")?
         .query_row(params![key.0, key.1], |r| Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? }))
         .optional()?
         .unwrap_or_default())
@@ -266,15 +308,14 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
 
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were.
-fn expire_reservations(tx: &Transaction<'_>, cal: &Calendar, now: Micros) -> Result<()> {
+fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<()> {
     let expired: Vec<(String, (Vec<CounterKey>, budget::Usage))> = tx
         .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions")?
         .query_map([now], |r| Ok((r.get(0)?, release_row(r, 1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     for (id, (keys, est)) in expired {
-        for key in &keys {
-            bump(tx, key, &budget::Usage::default(), &est.negated())?;
-        }
+        let release: Vec<Bump<'_>> = keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est.negated() }).collect();
+        bump(tx, &release)?;
         let row: Option<(Option<String>, String, Micros)> = tx
             .prepare_cached("SELECT tenant_id, agent, started_at FROM executions WHERE id = ?1 AND status = 'running'")?
             .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -286,9 +327,10 @@ fn expire_reservations(tx: &Transaction<'_>, cal: &Calendar, now: Micros) -> Res
                  WHERE id = ?1",
             )?
             .execute(params![id, now])?;
-            for key in usage_keys(cal, tenant.as_deref(), &agent, started) {
-                bump(tx, &key, &budget::estimate(Nanos::ZERO, 0), &budget::Usage::default())?;
-            }
+            let keys = usage_keys(cal, tenant.as_deref(), &agent, started);
+            let counted: Vec<Bump<'_>> =
+                keys.iter().map(|key| Bump { key, used: budget::estimate(Nanos::ZERO, 0), reserve: budget::Usage::default() }).collect();
+            bump(tx, &counted)?;
         }
     }
     Ok(())
@@ -341,7 +383,7 @@ fn breaker_get(conn: &Connection, key: &BreakerKey) -> Result<breaker::State> {
     })
 }
 
-fn breaker_put(tx: &Transaction<'_>, key: &BreakerKey, s: &breaker::State, now: Micros) -> Result<()> {
+fn breaker_put(tx: &Connection, key: &BreakerKey, s: &breaker::State, now: Micros) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -352,7 +394,7 @@ fn breaker_put(tx: &Transaction<'_>, key: &BreakerKey, s: &breaker::State, now: 
     Ok(())
 }
 
-fn breaker_admit_tx(tx: &Transaction<'_>, key: &BreakerKey, lease: i64, now: Micros) -> Result<Admission> {
+fn breaker_admit_tx(tx: &Connection, key: &BreakerKey, lease: i64, now: Micros) -> Result<Admission> {
     let state = breaker_get(tx, key)?;
     let (admission, new) = breaker::admit(&state, now, lease);
     if let Some(new) = new {
@@ -446,14 +488,20 @@ impl Store for SqliteStore {
                 _ => None,
             };
             let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
-            let mut usage: HashMap<(&str, &str), budget::Usage> = HashMap::new();
+            let mut keys: Vec<CounterKey> = Vec::new();
             for c in &checks {
-                let key = (c.scope.as_str(), c.period_key.as_str());
-                if let std::collections::hash_map::Entry::Vacant(slot) = usage.entry(key) {
-                    slot.insert(counter(tx, key, true)?);
+                let key = (c.scope.clone(), c.period_key.clone());
+                if !keys.contains(&key) {
+                    keys.push(key);
                 }
             }
-            let (hard, warnings) = budget::evaluate(&checks, |c| usage[&(c.scope.as_str(), c.period_key.as_str())], &req.estimate);
+            let current = totals(tx, &keys)?;
+            let in_use = |c: &Check| {
+                let (recorded, reserved) = current.get(&(c.scope.clone(), c.period_key.clone())).copied().unwrap_or_default();
+                recorded.plus(&reserved)
+            };
+            let est = req.estimate;
+            let (hard, warnings) = budget::evaluate(&checks, in_use, &est);
             if let Some(b) = hard {
                 insert_execution(tx, e)?;
                 let c = Completion::refused(Status::Blocked, "BudgetExceededError", b.describe(), req.now);
@@ -479,12 +527,8 @@ impl Store for SqliteStore {
                 complete_execution(tx, e, &c, false)?;
                 return Ok(Admitted::ShortCircuited { retry_at });
             }
-            if !usage.is_empty() {
-                let keys: Vec<CounterKey> = usage.keys().map(|(s, p)| (s.to_string(), p.to_string())).collect();
-                for key in &keys {
-                    bump(tx, key, &budget::Usage::default(), &req.estimate)?;
-                }
-                let est = &req.estimate;
+            if !keys.is_empty() {
+                bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est }).collect::<Vec<_>>())?;
                 tx.prepare_cached(
                     "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
@@ -520,17 +564,23 @@ impl Store for SqliteStore {
             } else {
                 budget::Usage::default()
             };
-            let mut recorded: HashMap<CounterKey, budget::Usage> = HashMap::new();
             let mut keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
             keys.extend(reserved_keys.iter().filter(|k| !keys.contains(k)).cloned().collect::<Vec<_>>());
-            for key in keys {
-                let release = if reserved_keys.contains(&key) { estimate.negated() } else { budget::Usage::default() };
-                recorded.insert(key.clone(), bump(tx, &key, &used, &release)?);
-            }
+            let changes: Vec<Bump<'_>> = keys
+                .iter()
+                .map(|key| Bump {
+                    key,
+                    used,
+                    reserve: if reserved_keys.contains(key) { estimate.negated() } else { budget::Usage::default() },
+                })
+                .collect();
+            bump(tx, &changes)?;
+            let check_keys: Vec<CounterKey> = req.checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
+            let after = if c.status.counts_as_usage() { totals(tx, &check_keys)? } else { HashMap::new() };
             let mut alerts = Vec::new();
             if c.status.counts_as_usage() {
                 for check in req.checks {
-                    let Some(now_used) = recorded.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };
+                    let Some((now_used, _)) = after.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };
                     for t in budget::thresholds_reached(check, &now_used) {
                         let fresh = tx
                             .prepare_cached("INSERT OR IGNORE INTO alerts_sent (scope, period, name, threshold) VALUES (?1, ?2, ?3, ?4)")?
@@ -610,7 +660,7 @@ impl Store for SqliteStore {
     }
 
     fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage> {
-        self.read(|c| counter(c, (scope, period_key), false))
+        self.read(|c| counter(c, (scope, period_key)))
     }
 
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
@@ -666,8 +716,9 @@ impl Store for SqliteStore {
                 }
             }
             tx.execute("DELETE FROM usage_counters", [])?;
-            for (key, u) in &totals {
-                bump(tx, key, u, &budget::Usage::default())?;
+            let recorded: Vec<Bump<'_>> = totals.iter().map(|(key, u)| Bump { key, used: *u, reserve: budget::Usage::default() }).collect();
+            for chunk in recorded.chunks(100) {
+                bump(tx, chunk)?;
             }
             // Calls in flight keep their reservations.
             let held: Vec<(Vec<CounterKey>, budget::Usage)> = tx
@@ -675,9 +726,7 @@ impl Store for SqliteStore {
                 .query_map([], |r| release_row(r, 0))?
                 .collect::<rusqlite::Result<_>>()?;
             for (keys, est) in &held {
-                for key in keys {
-                    bump(tx, key, &budget::Usage::default(), est)?;
-                }
+                bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: *est }).collect::<Vec<_>>())?;
             }
             Ok(totals.len())
         })
