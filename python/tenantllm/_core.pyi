@@ -11,6 +11,7 @@ __all__ = [
     "AllModelsExhaustedError",
     "AuthenticationError",
     "BudgetExceededError",
+    "Call",
     "CircuitOpenError",
     "ConfigurationError",
     "Engine",
@@ -116,6 +117,21 @@ class AgentResult:
     def budget_warnings(self) -> list[str]: ...
 
 @final
+class Call:
+    def __new__(
+        cls,
+        spec: AgentSpec,
+        system: str | None,
+        user: str,
+        tenant_id: str | None = None,
+        tenant_limits: Mapping[str, Any] | None = None,
+        api_keys: Mapping[str, str] | None = None,
+        metadata: str = ...,
+        parent_execution_id: str | None = None,
+        root_execution_id: str | None = None,
+    ) -> Call: ...
+
+@final
 class Guard:
     @property
     def execution_id(self) -> str: ...
@@ -136,48 +152,10 @@ class Engine:
     def timezone(self) -> str: ...
     @property
     def multi_tenancy_enabled(self) -> bool: ...
-    def run(
-        self,
-        spec: AgentSpec,
-        system: str | None,
-        user: str,
-        tenant_id: str | None = None,
-        tenant_limits: Mapping[str, Any] | None = None,
-        api_keys: Mapping[str, str] | None = None,
-        metadata: str = ...,
-        parent_execution_id: str | None = None,
-        root_execution_id: str | None = None,
-    ) -> AgentResult: ...
-    def arun(
-        self,
-        spec: AgentSpec,
-        system: str | None,
-        user: str,
-        tenant_id: str | None = None,
-        tenant_limits: Mapping[str, Any] | None = None,
-        api_keys: Mapping[str, str] | None = None,
-        metadata: str = ...,
-        parent_execution_id: str | None = None,
-        root_execution_id: str | None = None,
-    ) -> Awaitable[AgentResult]: ...
-    def begin_guard(
-        self,
-        spec: AgentSpec,
-        tenant_id: str | None = None,
-        tenant_limits: Mapping[str, Any] | None = None,
-        metadata: str = ...,
-        parent_execution_id: str | None = None,
-        root_execution_id: str | None = None,
-        estimated_input_tokens: int = 0,
-    ) -> Guard: ...
-    def plan(
-        self,
-        spec: AgentSpec,
-        system: str | None,
-        user: str,
-        tenant_id: str | None = None,
-        tenant_limits: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]: ...
+    def run(self, call: Call) -> AgentResult: ...
+    def arun(self, call: Call) -> Awaitable[AgentResult]: ...
+    def begin_guard(self, call: Call, estimated_input_tokens: int = 0) -> Guard: ...
+    def plan(self, call: Call) -> dict[str, Any]: ...
     def drain_alerts(self) -> list[dict[str, Any]]: ...
     def query_rows(self, ops: list[tuple[Any, ...]]) -> list[dict[str, Any]]: ...
     def query_aggregate(self, ops: list[tuple[Any, ...]], field: str | None = None) -> Any: ...

@@ -297,24 +297,25 @@ class Prepared:
     tenant: ResolvedTenant
     metadata: str
 
-    def _args(self) -> tuple[Any, ...]:
+    def call(self) -> _core.Call:
+        """The call for the core (validated there: tenant limits, keys, metadata)."""
         t = self.tenant
-        return (self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, *lineage())
+        return _core.Call(self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, *lineage())
 
     def run(self, s: Settings) -> AgentResult:
         try:
-            return s.engine.run(*self._args())
+            return s.engine.run(self.call())
         finally:
             deliver_alerts(s)
 
     async def arun(self, s: Settings) -> AgentResult:
         try:
-            return await s.engine.arun(*self._args())
+            return await s.engine.arun(self.call())
         finally:
             deliver_alerts(s)
 
     def dry_run(self, s: Settings, settings: dict[str, Any]) -> dict[str, Any]:
-        plan = s.engine.plan(self.spec, self.system, self.user, self.tenant.id, self.tenant.limits)
+        plan = s.engine.plan(self.call())
         return {
             "agent": self.spec.name,
             "system": self.system,

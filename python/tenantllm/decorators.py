@@ -248,9 +248,8 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         t = resolve(s, self._tenant)
         try:
             parent, root = lineage()
-            self._handle = s.engine.begin_guard(
-                self._spec, t.id, t.limits, self._metadata, parent, root, self._input_tokens
-            )
+            call = _core.Call(self._spec, None, "", t.id, t.limits, None, self._metadata, parent, root)
+            self._handle = s.engine.begin_guard(call, self._input_tokens)
         finally:
             deliver_alerts(s)
         own = self._handle.execution_id

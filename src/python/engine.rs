@@ -204,34 +204,53 @@ pub struct PyEngine {
 /// How often a blocked sync call checks for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
-#[allow(clippy::too_many_arguments)]
-fn call_request(
-    system: Option<String>,
-    user: String,
-    tenant_id: Option<String>,
-    tenant_limits: Option<&Bound<'_, PyDict>>,
-    api_keys: Option<&Bound<'_, PyAny>>,
-    metadata: String,
-    parent_execution_id: Option<String>,
-    root_execution_id: Option<String>,
-) -> Result<CallRequest> {
-    let limits = match (&tenant_id, tenant_limits) {
-        (Some(t), Some(d)) => Some(tenant_budget(t, d)?),
-        (None, Some(_)) => return Err(Error::InvalidTenant("tenant limits were given without a tenant id".into())),
-        _ => None,
-    };
-    Ok(CallRequest {
-        system,
-        user,
-        tenant: TenantContext {
-            id: tenant_id,
-            limits,
-            api_keys: api_keys.map(|k| string_map("api_keys", k)).transpose()?.unwrap_or_default(),
-        },
-        metadata,
-        root_execution_id,
-        parent_execution_id,
-    })
+/// One call's rendered prompts and resolved tenant, checked once when built (by the Python
+/// layer), then handed to `Engine.run`, `arun`, `plan` or `begin_guard`.
+#[pyclass(module = "tenantllm._core", name = "Call", frozen)]
+pub struct PyCall {
+    spec: Arc<AgentSpec>,
+    req: CallRequest,
+}
+
+#[pymethods]
+impl PyCall {
+    #[new]
+    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(),
+        parent_execution_id=None, root_execution_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        spec: &PyAgentSpec,
+        system: Option<String>,
+        user: String,
+        tenant_id: Option<String>,
+        tenant_limits: Option<&Bound<'_, PyDict>>,
+        api_keys: Option<&Bound<'_, PyAny>>,
+        metadata: String,
+        parent_execution_id: Option<String>,
+        root_execution_id: Option<String>,
+    ) -> PyResult<Self> {
+        let build = || -> Result<CallRequest> {
+            let limits = match (&tenant_id, tenant_limits) {
+                (Some(t), Some(d)) => Some(tenant_budget(t, d)?),
+                (None, Some(_)) => return Err(Error::InvalidTenant("tenant limits were given without a tenant id".into())),
+                _ => None,
+            };
+            Ok(CallRequest {
+                system,
+                user,
+                tenant: TenantContext {
+                    id: tenant_id,
+                    limits,
+                    api_keys: api_keys.map(|k| string_map("api_keys", k)).transpose()?.unwrap_or_default(),
+                },
+                metadata,
+                root_execution_id,
+                parent_execution_id,
+            })
+        };
+        Ok(PyCall { spec: spec.inner.clone(), req: build().py_err(py)? })
+    }
 }
 
 fn breaker_key(agent: String, model: String, tenant_id: Option<String>) -> BreakerKey {
@@ -325,23 +344,8 @@ impl PyEngine {
     }
 
     /// Runs one call to completion, blocking this thread (not the interpreter).
-    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None, root_execution_id=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        py: Python<'_>,
-        spec: &PyAgentSpec,
-        system: Option<String>,
-        user: String,
-        tenant_id: Option<String>,
-        tenant_limits: Option<&Bound<'_, PyDict>>,
-        api_keys: Option<&Bound<'_, PyAny>>,
-        metadata: String,
-        parent_execution_id: Option<String>,
-        root_execution_id: Option<String>,
-    ) -> PyResult<PyAgentResult> {
-        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id, root_execution_id).py_err(py)?;
-        let (engine, spec) = (self.inner.clone(), spec.inner.clone());
+    fn run(&self, py: Python<'_>, call: &PyCall) -> PyResult<PyAgentResult> {
+        let (engine, spec, req) = (self.inner.clone(), call.spec.clone(), call.req.clone());
         let outcome: PyResult<Result<CallOutcome>> = py.detach(move || {
             pyo3_async_runtimes::tokio::get_runtime().block_on(async move {
                 let call = engine.run(spec, req);
@@ -361,23 +365,8 @@ impl PyEngine {
     }
 
     /// The awaitable form of `run`, for `Agent.acall`.
-    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(), parent_execution_id=None, root_execution_id=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn arun<'py>(
-        &self,
-        py: Python<'py>,
-        spec: &PyAgentSpec,
-        system: Option<String>,
-        user: String,
-        tenant_id: Option<String>,
-        tenant_limits: Option<&Bound<'py, PyDict>>,
-        api_keys: Option<&Bound<'py, PyAny>>,
-        metadata: String,
-        parent_execution_id: Option<String>,
-        root_execution_id: Option<String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let req = call_request(system, user, tenant_id, tenant_limits, api_keys, metadata, parent_execution_id, root_execution_id).py_err(py)?;
-        let (engine, spec) = (self.inner.clone(), spec.inner.clone());
+    fn arun<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyAny>> {
+        let (engine, spec, req) = (self.inner.clone(), call.spec.clone(), call.req.clone());
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             match engine.run(spec, req).await {
                 Ok(o) => Ok(PyAgentResult::from(o)),
@@ -386,43 +375,21 @@ impl PyEngine {
         })
     }
 
-    /// Admits a guarded block of user code, reserving `max_tokens` + `estimated_input_tokens`.
-    #[pyo3(signature = (spec, tenant_id=None, tenant_limits=None, metadata="{}".to_string(), parent_execution_id=None, root_execution_id=None, estimated_input_tokens=0))]
-    #[allow(clippy::too_many_arguments)]
-    fn begin_guard(
-        &self,
-        py: Python<'_>,
-        spec: &PyAgentSpec,
-        tenant_id: Option<String>,
-        tenant_limits: Option<&Bound<'_, PyDict>>,
-        metadata: String,
-        parent_execution_id: Option<String>,
-        root_execution_id: Option<String>,
-        estimated_input_tokens: i64,
-    ) -> PyResult<PyGuard> {
+    /// Admits a guarded block of user code (a `Call` with no prompts), reserving the
+    /// spec's `max_tokens` plus `estimated_input_tokens`.
+    #[pyo3(signature = (call, estimated_input_tokens=0))]
+    fn begin_guard(&self, py: Python<'_>, call: &PyCall, estimated_input_tokens: i64) -> PyResult<PyGuard> {
         if estimated_input_tokens < 0 {
             return Err(to_py(py, Error::Configuration("estimated_input_tokens must not be negative".into())));
         }
-        let req = call_request(None, String::new(), tenant_id, tenant_limits, None, metadata, parent_execution_id, root_execution_id)
-            .py_err(py)?;
-        let (engine, spec) = (self.inner.clone(), spec.inner.clone());
-        let guard = py.detach(move || engine.begin_guard(&spec, &req, estimated_input_tokens)).py_err(py)?;
+        let engine = self.inner.clone();
+        let guard = py.detach(|| engine.begin_guard(&call.spec, &call.req, estimated_input_tokens)).py_err(py)?;
         Ok(PyGuard { execution_id: guard.execution_id().to_string(), warnings: guard.warnings().to_vec(), inner: parking_lot::Mutex::new(Some(guard)) })
     }
 
     /// What a call would send and reserve (`dry_run=True`).
-    #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None))]
-    fn plan<'py>(
-        &self,
-        py: Python<'py>,
-        spec: &PyAgentSpec,
-        system: Option<String>,
-        user: String,
-        tenant_id: Option<String>,
-        tenant_limits: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let req = call_request(system, user, tenant_id, tenant_limits, None, "{}".into(), None, None).py_err(py)?;
-        let plan = self.inner.plan(&spec.inner, &req).py_err(py)?;
+    fn plan<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyDict>> {
+        let plan = self.inner.plan(&call.spec, &call.req).py_err(py)?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);
         for (route, price) in plan.routes.iter().zip(&plan.prices) {

@@ -15,6 +15,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyAgentSpec>()?;
     m.add_class::<engine::PyAgentResult>()?;
     m.add_class::<engine::PyGuard>()?;
+    m.add_class::<engine::PyCall>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
