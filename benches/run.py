@@ -249,6 +249,12 @@ def concurrent_acalls(db: str, n: int, repeats: int) -> None:
     report(f"tenantllm: {n} concurrent acall, total wall time", asyncio.run(main()) * 1e3, "ms", "<= 400")
 
 
+def _uuid7(ms: int, seq: int) -> str:
+    """A UUIDv7 for a bulk-loaded row: the id's leading bits are its start time, as tenantllm's."""
+    rand_a, rand_b = (seq >> 48) & 0xFFF, 0x8000 | ((seq >> 36) & 0x3FFF)
+    return f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{rand_a:03x}-{rand_b:04x}-{seq & 0xFFFFFFFFFFFF:012x}"
+
+
 def spend_queries(db: str, rows: int, tenants: int, repeats: int) -> None:
     print(f"\nAnalytics over {rows:,} executions and {tenants:,} tenants")
     tl.configure(database=db)
@@ -260,7 +266,7 @@ def spend_queries(db: str, rows: int, tenants: int, repeats: int) -> None:
         " completed_at, duration_ms, input_tokens, output_tokens, total_tokens, input_cost, output_cost, total_cost,"
         " attempts_count) VALUES (?, 'Bench', 'gpt-4o', 'gpt-4o', 'openai', ?, 'success', ?, ?, 5, 100, 20, 120,"
         " 250000, 200000, 450000, 1)",
-        ((f"bulk-{i:08d}", f"tenant{i % tenants:04d}", now - i, now - i + 5000) for i in range(rows)),
+        ((_uuid7((now - i) // 1000, i), f"tenant{i % tenants:04d}", now - i, now - i + 5000) for i in range(rows)),
     )
     conn.commit()
     conn.close()

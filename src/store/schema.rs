@@ -31,9 +31,10 @@ pub const MIGRATIONS: &[&str] = &[
         parent_execution_id TEXT,
         root_execution_id TEXT
     ) WITHOUT ROWID; -- clustered on the time-ordered id: one B-tree, appends at its end
-    CREATE INDEX executions_started ON executions(started_at);
-    CREATE INDEX executions_tenant ON executions(tenant_id, started_at);
-    CREATE INDEX executions_agent ON executions(agent, started_at);
+    -- Ids are UUIDv7 (time-ordered), so time ranges and time order use the primary key
+    -- (see sqlite.rs `where_clause`); these indexes end in the id implicitly.
+    CREATE INDEX executions_tenant ON executions(tenant_id);
+    CREATE INDEX executions_agent ON executions(agent);
 
     CREATE TABLE execution_details (
         execution_id TEXT PRIMARY KEY,
@@ -73,6 +74,7 @@ pub const MIGRATIONS: &[&str] = &[
 
     -- One row per admitted call holding a reservation: which counters it reserved on
     -- ("scope<TAB>period" lines) and how much. A lease, so a crashed process's expire.
+    -- Only calls in flight are here, so the expiry sweep scans it without an index.
     CREATE TABLE reservations (
         execution_id TEXT PRIMARY KEY,
         counters TEXT NOT NULL,
@@ -81,7 +83,6 @@ pub const MIGRATIONS: &[&str] = &[
         executions INTEGER NOT NULL,
         expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;
-    CREATE INDEX reservations_expiry ON reservations(expires_at);
 
     CREATE TABLE breakers (
         key TEXT PRIMARY KEY,

@@ -412,6 +412,17 @@ fn sql_value(v: &Value) -> SqlValue {
     }
 }
 
+/// How far an execution's id timestamp may be from its `started_at` (both are read from the
+/// clock within microseconds of each other; the margin covers small clock steps).
+const ID_SKEW: Micros = 1_000_000;
+
+/// The UUIDv7 text prefix of ids minted at `t`: 48 bits of Unix milliseconds as
+/// "xxxxxxxx-xxxx", which sorts like the time.
+fn id_prefix(t: Micros) -> String {
+    let ms = (t.max(0) / 1000) as u64;
+    format!("{:08x}-{:04x}", ms >> 16, ms & 0xffff)
+}
+
 /// " WHERE ..." for a query's filters; field names come from the fixed `FIELDS` list.
 fn where_clause(q: &Query) -> (String, Vec<SqlValue>) {
     let mut parts = Vec::new();
@@ -433,6 +444,15 @@ fn where_clause(q: &Query) -> (String, Vec<SqlValue>) {
             Filter::IsNull(Field(n, _)) => parts.push(format!("{n} IS NULL")),
             Filter::NotNull(Field(n, _)) => parts.push(format!("{n} IS NOT NULL")),
             Filter::Range(Field(n, _), lo, hi) => {
+                if *n == "started_at" {
+                    // Narrow by the time-ordered primary key first; the exact bounds follow.
+                    for (bound, op) in [(lo.map(|t| t - ID_SKEW), ">="), (hi.map(|t| t + ID_SKEW), "<")] {
+                        if let Some(t) = bound {
+                            args.push(SqlValue::Text(id_prefix(t)));
+                            parts.push(format!("id {op} ?{}", args.len()));
+                        }
+                    }
+                }
                 if let Some(lo) = lo {
                     args.push(SqlValue::Integer(*lo));
                     parts.push(format!("{n} >= ?{}", args.len()));
@@ -736,7 +756,10 @@ impl Store for SqliteStore {
         let (w, mut args) = where_clause(q);
         let mut sql = format!("SELECT {} FROM executions{w}", all_columns());
         if !q.order.is_empty() {
-            let order: Vec<String> = q.order.iter().map(|(Field(n, _), desc)| format!("{n} {}", if *desc { "DESC" } else { "ASC" })).collect();
+            // Time order is id order (UUIDv7), which the primary key serves without a sort.
+            let column = |n: &'static str| if n == "started_at" { "id" } else { n };
+            let order: Vec<String> =
+                q.order.iter().map(|(Field(n, _), desc)| format!("{} {}", column(n), if *desc { "DESC" } else { "ASC" })).collect();
             sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
         }
         if q.limit.is_some() || q.offset.is_some() {
@@ -891,6 +914,14 @@ mod tests {
         assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
         let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
         assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    }
+
+    #[test]
+    fn id_prefixes_sort_like_time() {
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = now_micros();
+        assert!(id_prefix(now - 5_000) < id && id < id_prefix(now + 5_000), "{id}");
+        assert_eq!(id_prefix(0), "00000000-0000");
     }
 
     #[test]
