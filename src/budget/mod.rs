@@ -71,18 +71,6 @@ impl Limits {
         .into_iter()
         .filter_map(|(p, m, l)| l.map(|l| (p, m, l)))
     }
-
-    /// `self` with every unset limit taken from `defaults` (how a tenant inherits global limits).
-    pub fn inheriting(&self, defaults: &Limits) -> Limits {
-        Limits {
-            daily_cost: self.daily_cost.or(defaults.daily_cost),
-            monthly_cost: self.monthly_cost.or(defaults.monthly_cost),
-            daily_tokens: self.daily_tokens.or(defaults.daily_tokens),
-            monthly_tokens: self.monthly_tokens.or(defaults.monthly_tokens),
-            daily_executions: self.daily_executions.or(defaults.daily_executions),
-            monthly_executions: self.monthly_executions.or(defaults.monthly_executions),
-        }
-    }
 }
 
 /// A tenant's own budget, as stored (`TenantBudget`) or given at run time.

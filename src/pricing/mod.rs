@@ -141,14 +141,6 @@ impl PriceTable {
     pub fn provider_of(&self, model: &str) -> Option<&str> {
         self.entries.get(model).map(|(p, _)| p.as_str()).filter(|p| !p.is_empty())
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]
