@@ -2,9 +2,12 @@
 //! provide the same guarantees. Policy lives in `budget` and `breaker`; a store only reads and
 //! writes, atomically, and calls those pure functions inside its transactions.
 
+mod pg_schema;
+mod postgres;
 mod schema;
 mod sqlite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::breaker;
@@ -118,12 +121,13 @@ pub trait Store: Send + Sync {
     fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>>;
 }
 
-/// Opens the store a `database` setting names: a path, ":memory:" or "sqlite:///path".
+/// Opens the store a `database` setting names: a path, ":memory:" or "sqlite:///path" for
+/// SQLite; a "postgresql://" or "postgres://" URL for PostgreSQL.
 pub fn open(database: &str) -> Result<Box<dyn Store>> {
+    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        return Ok(Box::new(PostgresStore::open(database)?));
+    }
     // SQLAlchemy style: sqlite:///relative.db, sqlite:////absolute.db
     let path = database.strip_prefix("sqlite:///").unwrap_or(database);
-    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-        return crate::error::config_err("database: PostgreSQL is not supported yet; use a SQLite path");
-    }
     Ok(Box::new(SqliteStore::open(path)?))
 }

@@ -1,0 +1,121 @@
+//! PostgreSQL schema migrations, applied in order under an advisory lock; `schema_version`
+//! records the last one applied. Never edit a shipped migration: add a new one.
+//!
+//! The same tables as the SQLite schema (`schema.rs`), so both stores answer the same queries:
+//! money in BIGINT nano-USD, times in BIGINT UTC micros, JSON as TEXT. Text keys use the "C"
+//! collation: byte order, like SQLite, so sorting, prefix ranges and the order in which rows
+//! are locked agree with Rust's string order whatever the database's locale.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE executions (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        agent TEXT COLLATE "C" NOT NULL,
+        model_id TEXT COLLATE "C" NOT NULL,
+        chosen_model_id TEXT COLLATE "C",
+        provider TEXT COLLATE "C" NOT NULL,
+        tenant_id TEXT COLLATE "C",
+        status TEXT COLLATE "C" NOT NULL,
+        error_class TEXT COLLATE "C",
+        error_message TEXT COLLATE "C",
+        started_at BIGINT NOT NULL,
+        completed_at BIGINT,
+        duration_ms BIGINT,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        total_tokens BIGINT NOT NULL DEFAULT 0,
+        input_cost BIGINT NOT NULL DEFAULT 0,
+        output_cost BIGINT NOT NULL DEFAULT 0,
+        total_cost BIGINT NOT NULL DEFAULT 0,
+        attempts_count BIGINT NOT NULL DEFAULT 0,
+        attempts TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        finish_reason TEXT COLLATE "C",
+        parent_execution_id TEXT COLLATE "C",
+        root_execution_id TEXT COLLATE "C"
+    );
+    CREATE INDEX executions_started ON executions (started_at);
+    CREATE INDEX executions_tenant ON executions (tenant_id, started_at);
+    CREATE INDEX executions_agent ON executions (agent, started_at);
+
+    CREATE TABLE execution_details (
+        execution_id TEXT COLLATE "C" PRIMARY KEY,
+        system_prompt TEXT,
+        user_prompt TEXT,
+        response TEXT
+    );
+
+    CREATE TABLE tenant_budgets (
+        tenant_id TEXT COLLATE "C" PRIMARY KEY,
+        name TEXT,
+        daily_limit BIGINT,
+        monthly_limit BIGINT,
+        daily_token_limit BIGINT,
+        monthly_token_limit BIGINT,
+        daily_execution_limit BIGINT,
+        monthly_execution_limit BIGINT,
+        enforcement TEXT NOT NULL CHECK (enforcement IN ('hard', 'soft')),
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+
+    -- Running totals per scope ("global", "tenant:<id>", "agent:<name>") and period
+    -- ("2026-11-28", "2026-11"): recorded usage, plus the estimates of admitted calls still
+    -- in flight. Budget checks lock and read these rows, never SUM over executions.
+    CREATE TABLE usage_counters (
+        scope TEXT COLLATE "C" NOT NULL,
+        period TEXT COLLATE "C" NOT NULL,
+        cost BIGINT NOT NULL DEFAULT 0,
+        tokens BIGINT NOT NULL DEFAULT 0,
+        executions BIGINT NOT NULL DEFAULT 0,
+        reserved_cost BIGINT NOT NULL DEFAULT 0,
+        reserved_tokens BIGINT NOT NULL DEFAULT 0,
+        reserved_executions BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period)
+    );
+
+    -- One row per admitted call holding a reservation: which counters it reserved on
+    -- ("scope<TAB>period" lines) and how much. A lease, so a crashed process's expire.
+    CREATE TABLE reservations (
+        execution_id TEXT COLLATE "C" PRIMARY KEY,
+        counters TEXT NOT NULL,
+        cost BIGINT NOT NULL,
+        tokens BIGINT NOT NULL,
+        executions BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX reservations_expiry ON reservations (expires_at);
+
+    CREATE TABLE breakers (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        agent TEXT COLLATE "C" NOT NULL,
+        model TEXT COLLATE "C" NOT NULL,
+        tenant_id TEXT COLLATE "C",
+        phase TEXT NOT NULL,
+        failures TEXT NOT NULL DEFAULT '',
+        retry_at BIGINT NOT NULL DEFAULT 0,
+        updated_at BIGINT NOT NULL
+    );
+
+    -- Budget alerts already sent, so each fires once per scope, period and threshold
+    -- across all processes.
+    CREATE TABLE alerts_sent (
+        scope TEXT COLLATE "C" NOT NULL,
+        period TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        threshold BIGINT NOT NULL,
+        PRIMARY KEY (scope, period, name, threshold)
+    );
+
+    CREATE TABLE api_configurations (
+        scope TEXT COLLATE "C" NOT NULL,
+        provider TEXT COLLATE "C" NOT NULL,
+        nonce BYTEA NOT NULL,
+        ciphertext BYTEA NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (scope, provider)
+    );
+    "#,
+];

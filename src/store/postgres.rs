@@ -1,0 +1,1760 @@
+//! The PostgreSQL store, for deployments that outgrow one host: the same tables and the same
+//! guarantees as the SQLite store (DESIGN §3), shared by every process that points at the
+//! database.
+//!
+//! Concurrency: every state change is one transaction at READ COMMITTED. Where SQLite
+//! serialises all writers, here each transaction locks exactly the rows its decision reads:
+//! the usage counters a call is checked against (`SELECT ... FOR UPDATE`, always in
+//! (scope, period) order, so two calls never wait on each other in a cycle) and the breaker
+//! row it would change. The policy functions in `budget` and `breaker` then decide on rows
+//! no other process can change until the transaction ends.
+//!
+//! Threads: the `postgres` client drives its connection with a private tokio runtime and
+//! panics when called from inside another runtime, which is where the engine calls the store.
+//! So every database operation runs on the store's own OS threads (`Workers`); the calling
+//! thread waits for its result.
+//!
+//! Connection loss: a transaction interrupted before its commit was sent did not happen, so
+//! it runs again on a fresh connection. When the connection drops during the commit itself,
+//! the store asks the database whether it took effect (for instance: does the execution row
+//! exist?) before running it again, so nothing is applied twice; when it cannot tell, the
+//! call fails with a `StoreError`. Connections are plain TCP (`NoTls`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls, Row as PgRow, Statement, Transaction};
+use r2d2::PooledConnection;
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::pg_schema::MIGRATIONS;
+use super::{AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, FinishRequest, Store};
+use crate::breaker::{self, Admission, Phase};
+use crate::budget::{self, Enforcement, Limits, TenantBudget};
+use crate::clock::{now_micros, Calendar, Micros, Period};
+use crate::error::{Error, Result};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Status, Value, FIELDS};
+use crate::money::Nanos;
+use crate::secrets::Sealed;
+
+/// Connections (and threads running operations) per process, unless the URL says
+/// `?pool_size=N`.
+const DEFAULT_POOL_SIZE: u32 = 8;
+/// Tries of one operation when the connection is lost or the server aborts a transaction.
+const ATTEMPTS: u32 = 3;
+/// How long an operation waits for a pooled connection (including connecting).
+const POOL_WAIT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prepared statements kept per connection (the query layer makes new SQL texts).
+const STATEMENT_CACHE: usize = 256;
+/// `pg_advisory_xact_lock` key that serialises migrations across processes ("tenantll").
+const MIGRATION_LOCK: i64 = 0x7465_6e61_6e74_6c6c;
+
+// ---------------------------------------------------------------- threads
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// OS threads that run the store's database work, off any tokio runtime.
+struct Workers {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Workers {
+    fn start(n: u32) -> Result<Workers> {
+        let (queue, jobs) = mpsc::channel::<Job>();
+        let jobs = Arc::new(Mutex::new(jobs));
+        for i in 0..n {
+            let jobs = jobs.clone();
+            std::thread::Builder::new()
+                .name(format!("tenantllm-pg-{i}"))
+                .spawn(move || loop {
+                    let job = jobs.lock().recv();
+                    match job {
+                        Ok(job) => job(),
+                        // The store was dropped.
+                        Err(_) => break,
+                    }
+                })
+                .map_err(|e| Error::Store(format!("cannot start the PostgreSQL store's threads: {e}")))?;
+        }
+        Ok(Workers { queue })
+    }
+
+    /// Runs `f` on a worker thread and waits for it; a panic in `f` continues here. Never
+    /// called from a worker (it would wait on itself when all are busy).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let (done, result) = mpsc::sync_channel::<std::thread::Result<T>>(1);
+        let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+            let _ = done.send(panic::catch_unwind(AssertUnwindSafe(f)));
+        });
+        // SAFETY: `f` may borrow from this caller's stack, so the job is only valid for as long
+        // as this call. It does not outlive it: we return only after `result.recv()` has
+        // returned, which happens once the job has sent its result (after which it touches
+        // nothing but its own `done` sender) or once the job was dropped (its sender with it)
+        // without running. A job the queue refuses is handed back and dropped right here.
+        let job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + '_>, Job>(job) };
+        drop(self.queue.send(job));
+        match result.recv() {
+            Ok(Ok(v)) => v,
+            Ok(Err(p)) => panic::resume_unwind(p),
+            Err(_) => panic!("tenantllm: the PostgreSQL store's threads are gone"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- connections
+
+/// A pooled connection with its prepared statements (one round trip per statement instead
+/// of two).
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// r2d2_postgres's manager, with a statement cache on each connection.
+#[derive(Debug)]
+struct Manager(PostgresConnectionManager<NoTls>);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+        Ok(Conn { client: self.0.connect()?, statements: HashMap::new() })
+    }
+    fn is_valid(&self, c: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        self.0.is_valid(&mut c.client)
+    }
+    fn has_broken(&self, c: &mut Conn) -> bool {
+        self.0.has_broken(&mut c.client)
+    }
+}
+
+/// Why a database operation failed: the database (or the connection to it), or our own
+/// rules (a budget that already exists, a corrupt row).
+enum Failure {
+    Pg(postgres::Error),
+    Rule(Error),
+}
+
+impl From<postgres::Error> for Failure {
+    fn from(e: postgres::Error) -> Self {
+        Failure::Pg(e)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Rule(e)
+    }
+}
+
+type PgResult<T> = std::result::Result<T, Failure>;
+
+/// The connection is gone (closed, reset, or the server ended the session).
+fn connection_lost(e: &postgres::Error, client_closed: bool) -> bool {
+    client_closed
+        || e.is_closed()
+        || e.code().is_some_and(|c| {
+            let c = c.code();
+            // 08: connection exception; 57P01-03: the server is shutting down or terminated us.
+            c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03")
+        })
+}
+
+/// The server aborted the transaction and running it again may succeed.
+fn aborted_by_server(e: &postgres::Error) -> bool {
+    // serialization_failure, deadlock_detected
+    e.code().is_some_and(|c| matches!(c.code(), "40001" | "40P01"))
+}
+
+impl Failure {
+    /// True when the transaction certainly did not commit and a new try may succeed.
+    fn retryable(&self, client_closed: bool) -> bool {
+        match self {
+            Failure::Pg(e) => connection_lost(e, client_closed) || aborted_by_server(e),
+            Failure::Rule(_) => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Pg(e) => describe(e),
+            Failure::Rule(e) => e.to_string(),
+        }
+    }
+
+    fn into_error(self, target: &str) -> Error {
+        match self {
+            Failure::Pg(e) => Error::Store(format!("PostgreSQL at {target}: {}", describe(&e))),
+            Failure::Rule(e) => e,
+        }
+    }
+}
+
+/// An error with its cause: the client's `Display` alone says only "db error".
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!(" ({d})"));
+        }
+        return s;
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// A connection (or a transaction on one) with its statement cache.
+struct Db<'a, C> {
+    c: &'a mut C,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+impl<C: GenericClient> Db<'_, C> {
+    fn statement(&mut self, sql: &str) -> PgResult<Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.c.prepare(sql)?;
+        if self.statements.len() >= STATEMENT_CACHE {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Vec<PgRow>> {
+        let s = self.statement(sql)?;
+        Ok(self.c.query(&s, params)?)
+    }
+    fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Option<PgRow>> {
+        let s = self.statement(sql)?;
+        Ok(self.c.query_opt(&s, params)?)
+    }
+    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> PgResult<PgRow> {
+        let s = self.statement(sql)?;
+        Ok(self.c.query_one(&s, params)?)
+    }
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> PgResult<u64> {
+        let s = self.statement(sql)?;
+        Ok(self.c.execute(&s, params)?)
+    }
+}
+
+type Tx<'a, 'b> = Db<'a, Transaction<'b>>;
+
+/// What to do when the connection is lost while a transaction commits, so that whether it
+/// took effect is unknown.
+enum OnCommitLoss<'a, T> {
+    /// Running it again gives the same result (it sets values rather than adding to them).
+    Rerun,
+    /// Ask the database whether the transaction (which produced `T`) took effect; if it did,
+    /// its result stands, otherwise it runs again.
+    Check(&'a (dyn Fn(&mut Tx<'_, '_>, &T) -> PgResult<bool> + Sync)),
+}
+
+enum TxFailure<T> {
+    /// Nothing was committed.
+    Failed(Failure),
+    /// The connection broke during COMMIT: the transaction may or may not have committed.
+    CommitLost(postgres::Error, T),
+}
+
+fn transact<T>(conn: &mut Conn, body: &mut impl FnMut(&mut Tx<'_, '_>) -> PgResult<T>) -> std::result::Result<T, TxFailure<T>> {
+    let Conn { client, statements } = conn;
+    let mut tx = client.transaction().map_err(|e| TxFailure::Failed(e.into()))?;
+    let out = body(&mut Db { c: &mut tx, statements }).map_err(TxFailure::Failed)?;
+    match tx.commit() {
+        Ok(()) => Ok(out),
+        Err(e) if connection_lost(&e, client.is_closed()) => Err(TxFailure::CommitLost(e, out)),
+        // The server refused the commit: it rolled back.
+        Err(e) => Err(TxFailure::Failed(e.into())),
+    }
+}
+
+/// Cuts `?pool_size=N` out of a URL (the client refuses options it does not know).
+fn take_pool_size(url: &str) -> Result<(String, u32)> {
+    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_string(), DEFAULT_POOL_SIZE)) };
+    let mut size = DEFAULT_POOL_SIZE;
+    let mut rest = Vec::new();
+    for part in query.split('&') {
+        match part.strip_prefix("pool_size=") {
+            Some(v) => {
+                size = v.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+                    Error::Configuration(format!("database: pool_size must be a whole number from 1 to 1000 (got {v:?})"))
+                })?
+            }
+            None => rest.push(part),
+        }
+    }
+    let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    Ok((url, size))
+}
+
+/// "user@host:port/dbname" for messages: never the password.
+fn target(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    format!("{user}{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
+fn migrate(client: &mut Client) -> PgResult<()> {
+    let mut tx = client.transaction()?;
+    // Several processes starting on a new database: one migrates, the others wait and see
+    // its result.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let current: i64 = tx.query_one("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version", &[])?.try_get(0)?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(Error::Store(format!(
+            "the database has schema version {current}, newer than this tenantllm supports ({known}); upgrade tenantllm"
+        ))
+        .into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute("DELETE FROM schema_version", &[])?;
+        tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&(i as i64 + 1)])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+pub struct PostgresStore {
+    /// `Some` until the store is dropped (see `Drop`).
+    pool: Option<r2d2::Pool<Manager>>,
+    workers: Workers,
+    /// Where the database is, for messages.
+    target: String,
+}
+
+impl PostgresStore {
+    /// Opens (and migrates) the database a "postgresql://" or "postgres://" URL names.
+    pub fn open(url: &str) -> Result<PostgresStore> {
+        let (url, pool_size) = take_pool_size(url)?;
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| Error::Configuration(format!("database: not a valid PostgreSQL URL: {}", describe(&e))))?;
+        if config.get_application_name().is_none() {
+            config.application_name("tenantllm");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let target = target(&config);
+        let workers = Workers::start(pool_size)?;
+        // A direct connection first, so a wrong URL fails at once with the server's reason.
+        workers.run(|| -> Result<()> {
+            let mut client =
+                config.connect(NoTls).map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
+            migrate(&mut client).map_err(|f| f.into_error(&target))
+        })?;
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size)
+            .min_idle(Some(1))
+            // A broken connection shows on use; operations then validate before retrying.
+            .test_on_check_out(false)
+            .connection_timeout(POOL_WAIT)
+            .build_unchecked(Manager(PostgresConnectionManager::new(config, NoTls)));
+        Ok(PostgresStore { pool: Some(pool), workers, target })
+    }
+
+    fn pool(&self) -> &r2d2::Pool<Manager> {
+        self.pool.as_ref().expect("the pool lives as long as the store")
+    }
+
+    /// A pooled connection; with `validate`, one that answers (after a connection was lost,
+    /// the other idle ones are likely dead too).
+    fn checkout(&self, validate: bool) -> Result<PooledConnection<Manager>> {
+        let pool = self.pool();
+        for _ in 0..=pool.max_size() {
+            let mut conn = pool.get().map_err(|e| Error::Store(format!("no connection to PostgreSQL at {}: {e}", self.target)))?;
+            // A connection that fails this is closed, and the pool discards it when dropped.
+            if !validate || conn.client.simple_query("").is_ok() {
+                return Ok(conn);
+            }
+        }
+        Err(Error::Store(format!("no working connection to PostgreSQL at {}", self.target)))
+    }
+
+    fn gave_up(&self, last: Option<Failure>) -> Error {
+        match last {
+            Some(Failure::Pg(e)) => Error::Store(format!("PostgreSQL at {}: {} (gave up after {ATTEMPTS} tries)", self.target, describe(&e))),
+            Some(Failure::Rule(e)) => e,
+            None => Error::Store(format!("PostgreSQL at {}: the operation did not run", self.target)),
+        }
+    }
+
+    /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
+    fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Client>) -> PgResult<T> + Send) -> Result<T> {
+        self.workers.run(|| {
+            let mut last = None;
+            for attempt in 0..ATTEMPTS {
+                let mut conn = self.checkout(attempt > 0)?;
+                let Conn { client, statements } = &mut *conn;
+                match f(&mut Db { c: client, statements }) {
+                    Ok(v) => return Ok(v),
+                    Err(e) if e.retryable(conn.client.is_closed()) => last = Some(e),
+                    Err(e) => return Err(e.into_error(&self.target)),
+                }
+            }
+            Err(self.gave_up(last))
+        })
+    }
+
+    /// Runs `body` in one transaction on a worker thread. A transaction that did not commit
+    /// because the connection was lost or the server aborted it runs again; see
+    /// `OnCommitLoss` for a commit whose outcome is unknown.
+    fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_, '_>) -> PgResult<T> + Send) -> Result<T> {
+        self.workers.run(|| {
+            let mut last = None;
+            for attempt in 0..ATTEMPTS {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(10 * attempt as u64));
+                }
+                let mut conn = self.checkout(attempt > 0)?;
+                match transact(&mut conn, &mut body) {
+                    Ok(out) => return Ok(out),
+                    Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
+                    Err(TxFailure::Failed(f)) => return Err(f.into_error(&self.target)),
+                    Err(TxFailure::CommitLost(e, out)) => {
+                        drop(conn);
+                        if let OnCommitLoss::Check(check) = &on_loss {
+                            match self.committed(*check, &out) {
+                                Ok(true) => return Ok(out),
+                                Ok(false) => {}
+                                Err(f) => {
+                                    return Err(Error::Store(format!(
+                                        "PostgreSQL at {}: the connection was lost while committing ({}), and whether the change was saved could not be checked: {}",
+                                        self.target,
+                                        describe(&e),
+                                        f.describe()
+                                    )))
+                                }
+                            }
+                        }
+                        last = Some(Failure::Pg(e));
+                    }
+                }
+            }
+            Err(self.gave_up(last))
+        })
+    }
+
+    /// Whether a transaction whose commit was cut off took effect (on a fresh connection).
+    fn committed<T>(&self, check: &(dyn Fn(&mut Tx<'_, '_>, &T) -> PgResult<bool> + Sync), out: &T) -> PgResult<bool> {
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let mut conn = self.checkout(true)?;
+            match transact(&mut conn, &mut |db: &mut Tx<'_, '_>| check(db, out)) {
+                Ok(v) => return Ok(v),
+                Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
+                Err(TxFailure::Failed(f)) => return Err(f),
+                // A read-only check: its commit changes nothing, and its answer was read.
+                Err(TxFailure::CommitLost(_, v)) => return Ok(v),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Store("the check did not run".into()).into()))
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Closing a connection runs the client's runtime, which must not happen on a tokio
+        // thread (the last handle on an engine may be dropped in a task).
+        if let Some(pool) = self.pool.take() {
+            self.workers.run(move || drop(pool));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- executions
+
+fn insert_execution(db: &mut Tx<'_, '_>, e: &NewExecution) -> PgResult<()> {
+    db.execute(
+        "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+             parent_execution_id, root_execution_id)
+         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9)",
+        &[&e.id, &e.agent, &e.model_id, &e.provider, &e.tenant_id, &e.started_at, &e.metadata, &e.parent_execution_id, &e.root_execution_id],
+    )?;
+    Ok(())
+}
+
+/// Closes an execution row; with `store_details`, also writes its prompts and response.
+fn complete_execution(db: &mut Tx<'_, '_>, e: &NewExecution, c: &Completion, store_details: bool) -> PgResult<()> {
+    let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
+    let n = db.execute(
+        "UPDATE executions SET status = $2, error_class = $3, error_message = $4, chosen_model_id = $5,
+             provider = COALESCE($6, provider), completed_at = $7, duration_ms = $8, input_tokens = $9,
+             output_tokens = $10, cached_tokens = $11, total_tokens = $12, input_cost = $13,
+             output_cost = $14, total_cost = $15, attempts_count = $16, attempts = $17, finish_reason = $18
+         WHERE id = $1",
+        &[
+            &e.id,
+            &c.status.as_str(),
+            &c.error_class,
+            &c.error_message,
+            &c.chosen_model_id,
+            &c.provider,
+            &c.completed_at,
+            &c.duration_ms,
+            &c.usage.input,
+            &c.usage.output,
+            &c.usage.cached,
+            &(c.usage.input + c.usage.output),
+            &c.cost.input.0,
+            &c.cost.output.0,
+            &c.cost.total().0,
+            &(c.attempts.len() as i64),
+            &attempts,
+            &c.finish_reason,
+        ],
+    )?;
+    if n != 1 {
+        return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)).into());
+    }
+    if store_details {
+        db.execute(
+            "INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
+                 user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response",
+            &[&e.id, &e.system_prompt, &e.user_prompt, &c.response],
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- counters
+
+/// A counter row: (scope, period). Sorted like the "C" collation sorts them.
+type CounterKey = (String, String);
+
+/// A change to one counter: recorded usage and in-flight reservations (negative to release).
+#[derive(Debug, Clone, Copy, Default)]
+struct Delta {
+    used: budget::Usage,
+    reserved: budget::Usage,
+}
+
+/// Changes to apply, in key order (the order rows are locked in).
+type Deltas = BTreeMap<CounterKey, Delta>;
+
+fn usage_at(r: &PgRow, first: usize) -> PgResult<budget::Usage> {
+    Ok(budget::Usage { cost: Nanos(r.try_get(first)?), tokens: r.try_get(first + 1)?, executions: r.try_get(first + 2)? })
+}
+
+fn key_arrays<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> (Vec<&'a str>, Vec<&'a str>) {
+    keys.map(|(s, p)| (s.as_str(), p.as_str())).unzip()
+}
+
+/// Locks the counters (creating missing ones) in key order; returns each one's recorded usage
+/// plus reservations, which no other transaction can change until this one ends.
+fn lock_counters(db: &mut Tx<'_, '_>, keys: &BTreeSet<CounterKey>) -> PgResult<HashMap<CounterKey, budget::Usage>> {
+    const LOCK: &str = "SELECT c.scope, c.period, c.cost + c.reserved_cost, c.tokens + c.reserved_tokens,
+             c.executions + c.reserved_executions
+         FROM usage_counters c JOIN unnest($1::text[], $2::text[]) AS k(scope, period) ON c.scope = k.scope AND c.period = k.period
+         ORDER BY c.scope, c.period FOR UPDATE OF c";
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (scopes, periods) = key_arrays(keys.iter());
+    let mut rows = db.query(LOCK, &[&scopes, &periods])?;
+    if rows.len() < keys.len() {
+        // First use of a counter (a new day or month, a new tenant): create it, then lock.
+        db.execute(
+            "INSERT INTO usage_counters (scope, period)
+             SELECT scope, period FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(scope, period, n) ORDER BY n
+             ON CONFLICT (scope, period) DO NOTHING",
+            &[&scopes, &periods],
+        )?;
+        rows = db.query(LOCK, &[&scopes, &periods])?;
+    }
+    rows.iter().map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), usage_at(r, 2)?))).collect()
+}
+
+/// Applies changes to counters (creating missing ones) in key order, in one statement;
+/// returns each changed counter's recorded usage afterwards.
+fn bump(db: &mut Tx<'_, '_>, deltas: &Deltas) -> PgResult<HashMap<CounterKey, budget::Usage>> {
+    if deltas.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (scopes, periods) = key_arrays(deltas.keys());
+    let column = |f: fn(&Delta) -> i64| deltas.values().map(f).collect::<Vec<i64>>();
+    let rows = db.query(
+        "INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+         SELECT scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
+             WITH ORDINALITY AS d(scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions, n)
+         ORDER BY n
+         ON CONFLICT (scope, period) DO UPDATE SET cost = c.cost + EXCLUDED.cost, tokens = c.tokens + EXCLUDED.tokens,
+             executions = c.executions + EXCLUDED.executions, reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost,
+             reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+             reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+         RETURNING scope, period, cost, tokens, executions",
+        &[
+            &scopes,
+            &periods,
+            &column(|d| d.used.cost.0),
+            &column(|d| d.used.tokens),
+            &column(|d| d.used.executions),
+            &column(|d| d.reserved.cost.0),
+            &column(|d| d.reserved.tokens),
+            &column(|d| d.reserved.executions),
+        ],
+    )?;
+    rows.iter().map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), usage_at(r, 2)?))).collect()
+}
+
+/// The counters one settled call adds to: global, agent and tenant, for the day and month
+/// it started in.
+fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> Vec<CounterKey> {
+    let periods = [cal.period_key(Period::Daily, at), cal.period_key(Period::Monthly, at)];
+    budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
+}
+
+fn encode_keys<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> String {
+    keys.map(|(s, p)| format!("{s}\t{p}")).collect::<Vec<_>>().join("\n")
+}
+
+fn decode_keys(s: &str) -> Vec<CounterKey> {
+    s.lines().filter_map(|l| l.split_once('\t')).map(|(s, p)| (s.to_string(), p.to_string())).collect()
+}
+
+/// A reservation removed from the table: its counters and its estimate.
+fn reservation_at(r: &PgRow, first: usize) -> PgResult<(Vec<CounterKey>, budget::Usage)> {
+    let keys: String = r.try_get(first)?;
+    Ok((decode_keys(&keys), usage_at(r, first + 1)?))
+}
+
+/// Releases reservations whose lease ran out (their process died) and closes their
+/// executions as abandoned, counting them as the executions they were. The counter changes
+/// go into `deltas`, to be applied with the caller's own in key order.
+fn expire_reservations(db: &mut Tx<'_, '_>, cal: &Calendar, now: Micros, deltas: &mut Deltas) -> PgResult<()> {
+    let expired = db.query("DELETE FROM reservations WHERE expires_at <= $1 RETURNING execution_id, counters, cost, tokens, executions", &[&now])?;
+    if expired.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(expired.len());
+    for r in &expired {
+        ids.push(r.try_get::<_, String>(0)?);
+        let (keys, est) = reservation_at(r, 1)?;
+        for key in keys {
+            let d = deltas.entry(key).or_default();
+            d.reserved = d.reserved.plus(&est.negated());
+        }
+    }
+    let abandoned = db.query(
+        "UPDATE executions SET status = 'error', error_class = 'Abandoned',
+             error_message = 'the process running this call stopped before it finished', completed_at = $2
+         WHERE id = ANY($1) AND status = 'running'
+         RETURNING tenant_id, agent, started_at",
+        &[&ids, &now],
+    )?;
+    for r in &abandoned {
+        let tenant: Option<String> = r.try_get(0)?;
+        let agent: String = r.try_get(1)?;
+        for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
+            let d = deltas.entry(key).or_default();
+            d.used = d.used.plus(&budget::estimate(Nanos::ZERO, 0));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- budgets
+
+const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
+     daily_execution_limit, monthly_execution_limit, enforcement";
+
+fn budget_from_row(r: &PgRow) -> PgResult<TenantBudget> {
+    let enforcement: String = r.try_get(8)?;
+    Ok(TenantBudget {
+        tenant_id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        limits: Limits {
+            daily_cost: r.try_get::<_, Option<i64>>(2)?.map(Nanos),
+            monthly_cost: r.try_get::<_, Option<i64>>(3)?.map(Nanos),
+            daily_tokens: r.try_get(4)?,
+            monthly_tokens: r.try_get(5)?,
+            daily_executions: r.try_get(6)?,
+            monthly_executions: r.try_get(7)?,
+        },
+        // The CHECK constraint keeps this to hard/soft.
+        enforcement: if enforcement == "soft" { Enforcement::Soft } else { Enforcement::Hard },
+    })
+}
+
+fn budget_get(db: &mut Db<'_, impl GenericClient>, tenant_id: &str) -> PgResult<Option<TenantBudget>> {
+    let sql = format!("SELECT {BUDGET_COLUMNS} FROM tenant_budgets WHERE tenant_id = $1");
+    db.query_opt(&sql, &[&tenant_id])?.as_ref().map(budget_from_row).transpose()
+}
+
+// ---------------------------------------------------------------- breakers
+
+/// A breaker's stored state (`None`: no row, which reads as closed); with `lock`, the row is
+/// locked until the transaction ends.
+fn breaker_row(db: &mut Db<'_, impl GenericClient>, key: &BreakerKey, lock: bool) -> PgResult<Option<breaker::State>> {
+    let sql = if lock {
+        "SELECT phase, failures, retry_at FROM breakers WHERE key = $1 FOR UPDATE"
+    } else {
+        "SELECT phase, failures, retry_at FROM breakers WHERE key = $1"
+    };
+    let Some(r) = db.query_opt(sql, &[&key.id()])? else { return Ok(None) };
+    let phase: String = r.try_get(0)?;
+    let failures: String = r.try_get(1)?;
+    Ok(Some(breaker::State {
+        phase: Phase::parse(&phase).ok_or_else(|| Error::Store(format!("breaker {}: corrupt phase {phase:?}", key.id())))?,
+        failures: breaker::State::decode_failures(&failures),
+        retry_at: r.try_get(2)?,
+    }))
+}
+
+fn breaker_put(db: &mut Tx<'_, '_>, key: &BreakerKey, s: &breaker::State, now: Micros) -> PgResult<()> {
+    db.execute(
+        "INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (key) DO UPDATE SET phase = EXCLUDED.phase, failures = EXCLUDED.failures,
+             retry_at = EXCLUDED.retry_at, updated_at = EXCLUDED.updated_at",
+        &[&key.id(), &key.agent, &key.model, &key.tenant_id, &s.phase.as_str(), &s.encode_failures(), &s.retry_at, &now],
+    )?;
+    Ok(())
+}
+
+/// The breaker row, locked; created (closed) first if there is none, so there is a row to lock.
+fn breaker_locked(db: &mut Tx<'_, '_>, key: &BreakerKey, now: Micros) -> PgResult<breaker::State> {
+    if let Some(s) = breaker_row(db, key, true)? {
+        return Ok(s);
+    }
+    db.execute(
+        "INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
+         VALUES ($1, $2, $3, $4, 'closed', '', 0, $5) ON CONFLICT (key) DO NOTHING",
+        &[&key.id(), &key.agent, &key.model, &key.tenant_id, &now],
+    )?;
+    Ok(breaker_row(db, key, true)?.unwrap_or_default())
+}
+
+fn breaker_admit_tx(db: &mut Tx<'_, '_>, key: &BreakerKey, lease: i64, now: Micros) -> PgResult<Admission> {
+    let state = breaker_row(db, key, false)?.unwrap_or_default();
+    if let (admission, None) = breaker::admit(&state, now, lease) {
+        // Closed, or open and cooling down: nothing to write, no lock needed.
+        return Ok(admission);
+    }
+    // This call would claim the half-open probe: decide again on the locked row, so that of
+    // racing processes exactly one claims it and the others see its claim.
+    let state = breaker_locked(db, key, now)?;
+    let (admission, new) = breaker::admit(&state, now, lease);
+    if let Some(new) = new {
+        breaker_put(db, key, &new, now)?;
+    }
+    Ok(admission)
+}
+
+/// Applies one call's outcome to its breaker; returns the alert it raises, if any.
+fn breaker_record(db: &mut Tx<'_, '_>, o: &BreakerOutcome, now: Micros) -> PgResult<Option<Alert>> {
+    let state = breaker_row(db, &o.key, false)?.unwrap_or_default();
+    if breaker::record(&state, &o.policy, o.success, o.probe, now).0.is_none() {
+        // The common case (a success while closed): nothing changes, nothing is locked.
+        return Ok(None);
+    }
+    let state = breaker_locked(db, &o.key, now)?;
+    let (new, event) = breaker::record(&state, &o.policy, o.success, o.probe, now);
+    if let Some(new) = &new {
+        breaker_put(db, &o.key, new, now)?;
+    }
+    Ok(match (event, new) {
+        (Some(breaker::Event::Opened), Some(s)) => Some(Alert::BreakerOpened { key: o.key.clone(), retry_at: s.retry_at }),
+        (Some(breaker::Event::Closed), _) => Some(Alert::BreakerClosed { key: o.key.clone() }),
+        _ => None,
+    })
+}
+
+// ---------------------------------------------------------------- queries
+
+type SqlArgs = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// A filter value as the column's type: numbers given for text fields compare as their text,
+/// text given for numeric fields as the number it spells (or matches nothing).
+fn sql_value(kind: Kind, v: &Value) -> Box<dyn ToSql + Sync + Send> {
+    match (kind, v) {
+        (Kind::Text | Kind::Json, Value::Text(s)) => Box::new(s.clone()),
+        (Kind::Text | Kind::Json, Value::Int(i)) => Box::new(i.to_string()),
+        (_, Value::Int(i)) => Box::new(*i),
+        (_, Value::Text(s)) => Box::new(s.trim().parse::<i64>().ok()),
+    }
+}
+
+/// " WHERE ..." for a query's filters; field names come from the fixed `FIELDS` list.
+fn where_clause(q: &Query) -> (String, SqlArgs) {
+    let mut parts = Vec::new();
+    let mut args: SqlArgs = Vec::new();
+    for f in &q.filters {
+        match f {
+            Filter::Eq(Field(n, k), v) => {
+                args.push(sql_value(*k, v));
+                parts.push(format!("{n} = ${}", args.len()));
+            }
+            Filter::In(Field(n, k), vs) => {
+                let mut ph = Vec::new();
+                for v in vs {
+                    args.push(sql_value(*k, v));
+                    ph.push(format!("${}", args.len()));
+                }
+                parts.push(if ph.is_empty() { "FALSE".into() } else { format!("{n} IN ({})", ph.join(", ")) });
+            }
+            Filter::IsNull(Field(n, _)) => parts.push(format!("{n} IS NULL")),
+            Filter::NotNull(Field(n, _)) => parts.push(format!("{n} IS NOT NULL")),
+            Filter::Range(Field(n, _), lo, hi) => {
+                if let Some(lo) = lo {
+                    args.push(Box::new(*lo));
+                    parts.push(format!("{n} >= ${}", args.len()));
+                }
+                if let Some(hi) = hi {
+                    args.push(Box::new(*hi));
+                    parts.push(format!("{n} < ${}", args.len()));
+                }
+            }
+        }
+    }
+    let w = if parts.is_empty() { String::new() } else { format!(" WHERE {}", parts.join(" AND ")) };
+    (w, args)
+}
+
+fn params(args: &SqlArgs) -> Vec<&(dyn ToSql + Sync)> {
+    args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect()
+}
+
+fn cell(r: &PgRow, i: usize, kind: Kind) -> PgResult<Cell> {
+    Ok(match kind {
+        Kind::Text => r.try_get::<_, Option<String>>(i)?.map_or(Cell::Null, Cell::Text),
+        Kind::Json => r.try_get::<_, Option<String>>(i)?.map_or(Cell::Null, Cell::Json),
+        Kind::Int => r.try_get::<_, Option<i64>>(i)?.map_or(Cell::Null, Cell::Int),
+        Kind::Money => r.try_get::<_, Option<i64>>(i)?.map_or(Cell::Null, |n| Cell::Money(Nanos(n))),
+        Kind::Time => r.try_get::<_, Option<i64>>(i)?.map_or(Cell::Null, Cell::Time),
+    })
+}
+
+fn all_columns() -> String {
+    FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+fn read_row(r: &PgRow) -> PgResult<Row> {
+    FIELDS.iter().enumerate().map(|(i, (n, k))| Ok((*n, cell(r, i, *k)?))).collect()
+}
+
+fn aggregate_sql(agg: &Aggregate) -> (String, Kind) {
+    match agg {
+        Aggregate::Count => ("COUNT(*)".into(), Kind::Int),
+        // SUM of BIGINT is NUMERIC in PostgreSQL; the total must fit 64 bits, as in SQLite.
+        Aggregate::Sum(Field(n, k)) => (format!("COALESCE(SUM({n}), 0)::BIGINT"), *k),
+    }
+}
+
+/// The smallest string above every string that starts with `prefix` (None: there is none).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+impl Store for PostgresStore {
+    fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
+        let e = req.execution;
+        // Every outcome writes the execution row, so its presence tells whether a commit
+        // that lost its connection went through.
+        let check = |db: &mut Tx<'_, '_>, _: &Admitted| -> PgResult<bool> {
+            Ok(db.query_opt("SELECT 1 FROM executions WHERE id = $1", &[&e.id])?.is_some())
+        };
+        self.write(OnCommitLoss::Check(&check), |db| {
+            let mut deltas = Deltas::new();
+            expire_reservations(db, req.calendar, req.now, &mut deltas)?;
+            let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
+                (Some(tid), None) => budget_get(db, tid)?,
+                _ => None,
+            };
+            let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
+            let checked: BTreeSet<CounterKey> = checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
+            let mut usage = lock_counters(db, &checked.iter().chain(deltas.keys()).cloned().collect())?;
+            // What the expired reservations give back counts for this call already.
+            for (key, d) in &deltas {
+                if let Some(u) = usage.get_mut(key) {
+                    *u = u.plus(&d.used).plus(&d.reserved);
+                }
+            }
+            let usage_of = |c: &budget::Check| usage.get(&(c.scope.clone(), c.period_key.clone())).copied().unwrap_or_default();
+            let (hard, warnings) = budget::evaluate(&checks, usage_of, &req.estimate);
+            if let Some(b) = hard {
+                bump(db, &deltas)?;
+                insert_execution(db, e)?;
+                let c = Completion::refused(Status::Blocked, "BudgetExceededError", b.describe(), req.now);
+                complete_execution(db, e, &c, false)?;
+                return Ok(Admitted::Blocked(b));
+            }
+            let mut chosen = None;
+            let mut retry_at = i64::MAX;
+            for (i, key) in req.breaker_keys.iter().enumerate() {
+                match breaker_admit_tx(db, key, req.probe_lease, req.now)? {
+                    Admission::Pass => chosen = Some((i, false)),
+                    Admission::Probe => chosen = Some((i, true)),
+                    Admission::Reject { retry_at: r } => retry_at = retry_at.min(r),
+                }
+                if chosen.is_some() {
+                    break;
+                }
+            }
+            if !req.breaker_keys.is_empty() && chosen.is_none() {
+                bump(db, &deltas)?;
+                insert_execution(db, e)?;
+                let msg = format!("circuit open for every model of {}; retry at {retry_at} (unix micros)", e.agent);
+                let c = Completion::refused(Status::ShortCircuited, "CircuitOpenError", msg, req.now);
+                complete_execution(db, e, &c, false)?;
+                return Ok(Admitted::ShortCircuited { retry_at });
+            }
+            for key in &checked {
+                let d = deltas.entry(key.clone()).or_default();
+                d.reserved = d.reserved.plus(&req.estimate);
+            }
+            bump(db, &deltas)?;
+            if !checked.is_empty() {
+                let est = &req.estimate;
+                db.execute(
+                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&e.id, &encode_keys(checked.iter()), &est.cost.0, &est.tokens, &est.executions, &req.reservation_expires_at],
+                )?;
+            }
+            insert_execution(db, e)?;
+            let (model_index, probe) = chosen.unwrap_or((0, false));
+            Ok(Admitted::Go { model_index, probe, checks, warnings })
+        })
+    }
+
+    fn breaker_admit(&self, key: &BreakerKey, lease: i64, now: Micros) -> Result<Admission> {
+        // Only a claimed probe writes; it is there if the row holds exactly that claim.
+        let check = |db: &mut Tx<'_, '_>, a: &Admission| -> PgResult<bool> {
+            Ok(match a {
+                Admission::Probe => breaker_row(db, key, true)?.is_some_and(|s| s.phase == Phase::HalfOpen && s.retry_at == now + lease),
+                _ => true,
+            })
+        };
+        self.write(OnCommitLoss::Check(&check), |db| breaker_admit_tx(db, key, lease, now))
+    }
+
+    fn finish(&self, req: &FinishRequest<'_>) -> Result<Vec<Alert>> {
+        let e = req.execution;
+        let c = req.completion;
+        // The row closed with this completion's time means it went through. The lock waits
+        // out a transaction the server may still be finishing for the lost connection.
+        let check = |db: &mut Tx<'_, '_>, _: &Vec<Alert>| -> PgResult<bool> {
+            let row = db.query_opt("SELECT status, completed_at FROM executions WHERE id = $1 FOR UPDATE", &[&e.id])?;
+            Ok(match row {
+                Some(r) => r.try_get::<_, String>(0)? == c.status.as_str() && r.try_get::<_, Option<i64>>(1)? == Some(c.completed_at),
+                None => false,
+            })
+        };
+        self.write(OnCommitLoss::Check(&check), |db| {
+            // The reservation (if this process's lease was not taken over) is released in the
+            // same statement that adds the real usage.
+            let (reserved_keys, estimate) = if req.reserved {
+                match db.query_opt("DELETE FROM reservations WHERE execution_id = $1 RETURNING counters, cost, tokens, executions", &[&e.id])? {
+                    Some(r) => reservation_at(&r, 0)?,
+                    None => Default::default(),
+                }
+            } else {
+                Default::default()
+            };
+            complete_execution(db, e, c, req.store_details)?;
+            let used = if c.status.counts_as_usage() {
+                budget::estimate(c.cost.total(), c.usage.input + c.usage.output)
+            } else {
+                budget::Usage::default()
+            };
+            let mut deltas = Deltas::new();
+            for key in usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at) {
+                deltas.entry(key).or_default().used = used;
+            }
+            for key in reserved_keys {
+                deltas.entry(key).or_default().reserved = estimate.negated();
+            }
+            let recorded = bump(db, &deltas)?;
+            let mut alerts = Vec::new();
+            if c.status.counts_as_usage() {
+                for check in req.checks {
+                    let Some(now_used) = recorded.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };
+                    for t in budget::thresholds_reached(check, &now_used) {
+                        let fresh = db.execute(
+                            "INSERT INTO alerts_sent (scope, period, name, threshold) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                            &[&check.scope, &check.period_key, &check.name, &t],
+                        )?;
+                        if fresh == 1 {
+                            alerts.push(Alert::Budget { check: check.clone(), threshold: t, current: now_used });
+                        }
+                    }
+                }
+            }
+            for o in req.breakers {
+                alerts.extend(breaker_record(db, o, c.completed_at)?);
+            }
+            Ok(alerts)
+        })
+    }
+
+    fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>> {
+        self.read(|db| budget_get(db, tenant_id))
+    }
+
+    fn budget_put(&self, b: &TenantBudget, create_only: bool) -> Result<()> {
+        b.validate()?;
+        let now = now_micros();
+        let on_conflict = if create_only {
+            "DO NOTHING"
+        } else {
+            "DO UPDATE SET name = EXCLUDED.name, daily_limit = EXCLUDED.daily_limit,
+                 monthly_limit = EXCLUDED.monthly_limit, daily_token_limit = EXCLUDED.daily_token_limit,
+                 monthly_token_limit = EXCLUDED.monthly_token_limit,
+                 daily_execution_limit = EXCLUDED.daily_execution_limit,
+                 monthly_execution_limit = EXCLUDED.monthly_execution_limit,
+                 enforcement = EXCLUDED.enforcement, updated_at = EXCLUDED.updated_at"
+        };
+        let sql = format!(
+            "INSERT INTO tenant_budgets ({BUDGET_COLUMNS}, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (tenant_id) {on_conflict}"
+        );
+        // Creating twice would fail the second time: a create that went through is the
+        // budget now stored.
+        let created = |db: &mut Tx<'_, '_>, _: &()| -> PgResult<bool> { Ok(budget_get(db, &b.tenant_id)?.as_ref() == Some(b)) };
+        let on_loss = if create_only { OnCommitLoss::Check(&created) } else { OnCommitLoss::Rerun };
+        self.write(on_loss, |db| {
+            let l = &b.limits;
+            let n = db.execute(
+                &sql,
+                &[
+                    &b.tenant_id,
+                    &b.name,
+                    &l.daily_cost.map(|n| n.0),
+                    &l.monthly_cost.map(|n| n.0),
+                    &l.daily_tokens,
+                    &l.monthly_tokens,
+                    &l.daily_executions,
+                    &l.monthly_executions,
+                    &b.enforcement.as_str(),
+                    &now,
+                ],
+            )?;
+            if n == 0 {
+                return Err(Error::Configuration(format!("a budget for tenant {:?} already exists", b.tenant_id)).into());
+            }
+            Ok(())
+        })
+    }
+
+    fn budget_delete(&self, tenant_id: &str) -> Result<bool> {
+        let gone = |db: &mut Tx<'_, '_>, _: &bool| -> PgResult<bool> { Ok(budget_get(db, tenant_id)?.is_none()) };
+        self.write(OnCommitLoss::Check(&gone), |db| Ok(db.execute("DELETE FROM tenant_budgets WHERE tenant_id = $1", &[&tenant_id])? == 1))
+    }
+
+    fn budget_all(&self) -> Result<Vec<TenantBudget>> {
+        self.read(|db| {
+            let rows = db.query(&format!("SELECT {BUDGET_COLUMNS} FROM tenant_budgets ORDER BY tenant_id"), &[])?;
+            rows.iter().map(budget_from_row).collect()
+        })
+    }
+
+    fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage> {
+        self.read(|db| {
+            let r = db.query_opt("SELECT cost, tokens, executions FROM usage_counters WHERE scope = $1 AND period = $2", &[&scope, &period_key])?;
+            r.map(|r| usage_at(&r, 0)).transpose().map(Option::unwrap_or_default)
+        })
+    }
+
+    fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
+        // A range on the primary key: scope >= prefix AND scope < (first string past the prefix).
+        let end = prefix_end(prefix);
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT scope, cost, tokens, executions FROM usage_counters
+                 WHERE scope >= $1 AND ($2::text IS NULL OR scope < $2) AND period = $3 ORDER BY scope",
+                &[&prefix, &end, &period_key],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    let scope: String = r.try_get(0)?;
+                    Ok((scope[prefix.len()..].to_string(), usage_at(r, 1)?))
+                })
+                .collect()
+        })
+    }
+
+    fn usage_daily(&self, scope: &str, first_day: &str) -> Result<Vec<(String, budget::Usage)>> {
+        self.read(|db| {
+            // Daily period keys are the 10-character ones ("2026-11-28"; months are "2026-11").
+            let rows = db.query(
+                "SELECT period, cost, tokens, executions FROM usage_counters
+                 WHERE scope = $1 AND period >= $2 AND length(period) = 10 ORDER BY period",
+                &[&scope, &first_day],
+            )?;
+            rows.iter().map(|r| Ok((r.try_get(0)?, usage_at(r, 1)?))).collect()
+        })
+    }
+
+    fn rebuild_counters(&self, cal: &Calendar) -> Result<usize> {
+        self.write(OnCommitLoss::Rerun, |db| {
+            // No call is admitted or settled meanwhile (plain reads go on). Same table order as
+            // `admit` and `finish` take them in.
+            db.c.batch_execute("LOCK TABLE reservations, usage_counters IN EXCLUSIVE MODE")?;
+            let mut deltas = Deltas::new();
+            {
+                let stmt = db.statement(
+                    "SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions
+                     WHERE status NOT IN ('running', 'blocked', 'short_circuited')",
+                )?;
+                let mut rows = db.c.query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())?;
+                while let Some(r) = rows.next()? {
+                    let tenant: Option<String> = r.try_get(0)?;
+                    let agent: String = r.try_get(1)?;
+                    let u = budget::estimate(Nanos(r.try_get(3)?), r.try_get(4)?);
+                    for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
+                        let d = deltas.entry(key).or_default();
+                        d.used = d.used.plus(&u);
+                    }
+                }
+            }
+            let written = deltas.len();
+            db.execute("DELETE FROM usage_counters", &[])?;
+            // Calls in flight keep their reservations.
+            for r in db.query("SELECT counters, cost, tokens, executions FROM reservations", &[])? {
+                let (keys, est) = reservation_at(&r, 0)?;
+                for key in keys {
+                    let d = deltas.entry(key).or_default();
+                    d.reserved = d.reserved.plus(&est);
+                }
+            }
+            bump(db, &deltas)?;
+            Ok(written)
+        })
+    }
+
+    fn query_rows(&self, q: &Query) -> Result<Vec<Row>> {
+        let (w, mut args) = where_clause(q);
+        let mut sql = format!("SELECT {} FROM executions{w}", all_columns());
+        if !q.order.is_empty() {
+            // NULLs sort as in SQLite: first ascending, last descending.
+            let order: Vec<String> =
+                q.order.iter().map(|(Field(n, _), desc)| format!("{n} {}", if *desc { "DESC NULLS LAST" } else { "ASC NULLS FIRST" })).collect();
+            sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
+        }
+        if q.limit.is_some() || q.offset.is_some() {
+            args.push(Box::new(q.limit));
+            args.push(Box::new(q.offset.unwrap_or(0)));
+            sql.push_str(&format!(" LIMIT ${} OFFSET ${}", args.len() - 1, args.len()));
+        }
+        self.read(|db| db.query(&sql, &params(&args))?.iter().map(read_row).collect())
+    }
+
+    fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell> {
+        let (w, args) = where_clause(q);
+        let (expr, kind) = aggregate_sql(agg);
+        let sql = format!("SELECT {expr} FROM executions{w}");
+        self.read(|db| cell(&db.query_one(&sql, &params(&args))?, 0, kind))
+    }
+
+    fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>> {
+        let (w, args) = where_clause(q);
+        let (expr, kind) = aggregate_sql(agg);
+        let sql = format!("SELECT {by}, {expr} FROM executions{w} GROUP BY {by} ORDER BY {by} NULLS FIRST", by = by.0);
+        self.read(|db| db.query(&sql, &params(&args))?.iter().map(|r| Ok((r.try_get(0)?, cell(r, 1, kind)?))).collect())
+    }
+
+    fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>> {
+        let sql = format!("SELECT {} FROM executions WHERE id = $1", all_columns());
+        self.read(|db| {
+            let Some(row) = db.query_opt(&sql, &[&id])? else { return Ok(None) };
+            let details = db
+                .query_opt("SELECT system_prompt, user_prompt, response FROM execution_details WHERE execution_id = $1", &[&id])?
+                .map(|r| -> PgResult<Details> { Ok(Details { system_prompt: r.try_get(0)?, user_prompt: r.try_get(1)?, response: r.try_get(2)? }) })
+                .transpose()?;
+            Ok(Some((read_row(&row)?, details)))
+        })
+    }
+
+    fn api_key_put(&self, scope: &str, provider: &str, sealed: Option<&Sealed>) -> Result<()> {
+        let now = now_micros();
+        self.write(OnCommitLoss::Rerun, |db| {
+            match sealed {
+                Some((nonce, ct)) => db.execute(
+                    "INSERT INTO api_configurations (scope, provider, nonce, ciphertext, updated_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (scope, provider) DO UPDATE SET nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
+                         updated_at = EXCLUDED.updated_at",
+                    &[&scope, &provider, nonce, ct, &now],
+                )?,
+                None => db.execute("DELETE FROM api_configurations WHERE scope = $1 AND provider = $2", &[&scope, &provider])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn api_key_get(&self, scope: &str, provider: &str) -> Result<Option<Sealed>> {
+        self.read(|db| {
+            let r = db.query_opt("SELECT nonce, ciphertext FROM api_configurations WHERE scope = $1 AND provider = $2", &[&scope, &provider])?;
+            r.map(|r| -> PgResult<Sealed> { Ok((r.try_get(0)?, r.try_get(1)?)) }).transpose()
+        })
+    }
+
+    fn api_key_providers(&self, scope: &str) -> Result<Vec<String>> {
+        self.read(|db| {
+            let rows = db.query("SELECT provider FROM api_configurations WHERE scope = $1 ORDER BY provider", &[&scope])?;
+            rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        })
+    }
+
+    fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State> {
+        self.read(|db| Ok(breaker_row(db, key, false)?.unwrap_or_default()))
+    }
+
+    fn breaker_reset(&self, key: &BreakerKey) -> Result<()> {
+        self.write(OnCommitLoss::Rerun, |db| db.execute("DELETE FROM breakers WHERE key = $1", &[&key.id()]).map(|_| ()))
+    }
+
+    fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>> {
+        self.read(|db| {
+            let rows = db.query("SELECT agent, model, tenant_id, phase, failures, retry_at FROM breakers WHERE phase <> 'closed' ORDER BY retry_at", &[])?;
+            rows.iter()
+                .map(|r| {
+                    let phase: String = r.try_get(3)?;
+                    let failures: String = r.try_get(4)?;
+                    Ok(BreakerStatus {
+                        key: BreakerKey { agent: r.try_get(0)?, model: r.try_get(1)?, tenant_id: r.try_get(2)? },
+                        state: breaker::State {
+                            phase: Phase::parse(&phase).unwrap_or(Phase::Open),
+                            failures: breaker::State::decode_failures(&failures),
+                            retry_at: r.try_get(5)?,
+                        },
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run against the server named by `TENANTLLM_TEST_POSTGRES_URL`, each on a
+    //! database of its own; without the variable they return at once (and say so).
+
+    use super::*;
+    use crate::budget::{GlobalBudgets, Plan};
+    use crate::pricing::{Cost, Usage};
+    use crate::store::SqliteStore;
+
+    const URL_ENV: &str = "TENANTLLM_TEST_POSTGRES_URL";
+
+    /// Runs admin SQL from a plain thread (a test may be inside a tokio runtime).
+    fn on_server<T: Send + 'static>(url: &str, f: impl FnOnce(&mut Client) -> T + Send + 'static) -> T {
+        let url = url.to_string();
+        std::thread::spawn(move || f(&mut Client::connect(&url, NoTls).expect("connect to the test server"))).join().unwrap()
+    }
+
+    fn scalar(url: &str, sql: &str) -> i64 {
+        let sql = sql.to_string();
+        on_server(url, move |c| c.query_one(sql.as_str(), &[]).unwrap().get(0))
+    }
+
+    fn with_dbname(url: &str, db: &str) -> String {
+        let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+        let start = base.find("://").map_or(0, |i| i + 3);
+        let base = base[start..].find('/').map_or(base, |i| &base[..start + i]);
+        match query {
+            Some(q) => format!("{base}/{db}?{q}"),
+            None => format!("{base}/{db}"),
+        }
+    }
+
+    /// A new, empty database; dropped with the value.
+    struct TestDb {
+        admin: String,
+        name: String,
+        url: String,
+    }
+
+    impl TestDb {
+        fn new() -> Option<TestDb> {
+            let Ok(admin) = std::env::var(URL_ENV) else {
+                eprintln!("skipped: set {URL_ENV} to run the PostgreSQL tests");
+                return None;
+            };
+            let name = format!("tl_cargo_{}", uuid::Uuid::now_v7().simple());
+            let create = format!("CREATE DATABASE {name}");
+            on_server(&admin, move |c| c.batch_execute(&create).unwrap());
+            Some(TestDb { url: with_dbname(&admin, &name), admin, name })
+        }
+        fn open(&self) -> PostgresStore {
+            PostgresStore::open(&self.url).unwrap()
+        }
+        fn scalar(&self, sql: &str) -> i64 {
+            scalar(&self.url, sql)
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let drop_db = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+            on_server(&self.admin, move |c| c.batch_execute(&drop_db).unwrap());
+        }
+    }
+
+    fn execution(id: &str, at: Micros) -> NewExecution {
+        NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
+    }
+
+    fn admit_as(store: &dyn Store, global: &GlobalBudgets, e: &NewExecution, keys: &[BreakerKey], expires: Micros) -> Admitted {
+        let cal = Calendar::new("UTC").unwrap();
+        store
+            .admit(&AdmitRequest {
+                execution: e,
+                plan: Plan { global, agent: "A", tenant_id: e.tenant_id.as_deref(), tenant_override: None },
+                estimate: budget::estimate(Nanos(600), 10),
+                reservation_expires_at: expires,
+                breaker_keys: keys,
+                probe_lease: 1_000_000,
+                calendar: &cal,
+                now: e.started_at,
+            })
+            .unwrap()
+    }
+
+    fn admit(store: &dyn Store, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
+        admit_as(store, global, &execution(id, now), &[], expires)
+    }
+
+    fn completion(status: Status, at: Micros, cost: i64) -> Completion {
+        Completion {
+            status,
+            error_class: (status != Status::Success).then(|| "ProviderError".into()),
+            error_message: None,
+            chosen_model_id: Some("mock/x".into()),
+            provider: None,
+            completed_at: at,
+            duration_ms: 5,
+            usage: Usage { input: 3, output: 4, cached: 0 },
+            cost: Cost { input: Nanos(cost / 2), output: Nanos(cost - cost / 2) },
+            attempts: vec![],
+            finish_reason: None,
+            response: Some("hi".into()),
+        }
+    }
+
+    fn finish(store: &dyn Store, e: &NewExecution, c: &Completion, reserved: bool, breakers: &[BreakerOutcome]) -> Vec<Alert> {
+        let cal = Calendar::new("UTC").unwrap();
+        store
+            .finish(&FinishRequest { execution: e, completion: c, reserved, checks: &[], breakers, calendar: &cal, store_details: true })
+            .unwrap()
+    }
+
+    fn daily_limit(nanos: i64) -> GlobalBudgets {
+        GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(nanos)), ..Default::default() }, ..Default::default() }
+    }
+
+    const T0: Micros = 1_800_000_000_000_000;
+
+    #[test]
+    fn reservations_of_a_dead_process_expire() {
+        let Some(db) = TestDb::new() else { return };
+        let store = db.open();
+        let global = daily_limit(1000);
+        assert!(matches!(admit(&store, &global, "a", T0, T0 + 1_000), Admitted::Go { .. }));
+        // "a" never finishes; while its lease runs, a second estimate does not fit.
+        assert!(matches!(admit(&store, &global, "b", T0 + 500, T0 + 10_000), Admitted::Blocked(_)));
+        // After the lease, "a" is released and closed as abandoned.
+        assert!(matches!(admit(&store, &global, "c", T0 + 2_000, T0 + 10_000), Admitted::Go { .. }));
+        let (row, _) = store.execution("a").unwrap().unwrap();
+        let get = |name: &str| row.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        assert_eq!(get("status"), Cell::Text("error".into()));
+        assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
+        let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
+        assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+        // Only "c" holds a reservation; "a" counts as one execution.
+        assert_eq!(db.scalar("SELECT reserved_cost FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 600);
+        assert_eq!(db.scalar("SELECT executions FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn usable_from_inside_a_tokio_runtime() {
+        let Some(db) = TestDb::new() else { return };
+        // Opened, used and dropped on runtime threads, where the client itself would panic.
+        let store = Arc::new(db.open());
+        let global = daily_limit(1_000_000);
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (store, global) = (store.clone(), global.clone());
+                tokio::spawn(async move {
+                    let e = execution(&format!("e{i:02}"), T0 + i);
+                    assert!(matches!(admit(store.as_ref(), &global, &e.id, e.started_at, T0 + 60_000_000), Admitted::Go { .. }));
+                    finish(store.as_ref(), &e, &completion(Status::Success, T0 + i + 1, 100), true, &[]);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(store.query_aggregate(&Query::default(), &Aggregate::Count).unwrap(), Cell::Int(16));
+        assert_eq!(store.usage("global", "2027-01-15").unwrap().cost, Nanos(1600));
+        tokio::spawn(async move { drop(store) }).await.unwrap();
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 0);
+    }
+
+    #[test]
+    fn concurrent_first_migrations_and_newer_schemas() {
+        let Some(db) = TestDb::new() else { return };
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                std::thread::spawn(move || PostgresStore::open(&url).map(drop))
+            })
+            .collect();
+        for t in opened {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM schema_version"), 1);
+        assert_eq!(db.scalar("SELECT MAX(version) FROM schema_version"), MIGRATIONS.len() as i64);
+        on_server(&db.url, |c| c.batch_execute("UPDATE schema_version SET version = 999").unwrap());
+        let e = PostgresStore::open(&db.url).err().unwrap().to_string();
+        assert!(e.contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn bad_urls_and_unreachable_servers_fail_clearly() {
+        let e = PostgresStore::open("postgresql://u@127.0.0.1:1/x?pool_size=0").err().unwrap().to_string();
+        assert!(e.contains("pool_size"), "{e}");
+        let e = PostgresStore::open("postgresql://u:secret@127.0.0.1:1/x").err().unwrap().to_string();
+        assert!(e.contains("cannot connect") && e.contains("127.0.0.1:1") && !e.contains("secret"), "{e}");
+        assert_eq!(take_pool_size("postgres://h/d?pool_size=3&sslmode=disable").unwrap(), ("postgres://h/d?sslmode=disable".into(), 3));
+        assert_eq!(prefix_end("tenant:").as_deref(), Some("tenant;"));
+        assert_eq!(prefix_end(""), None);
+    }
+
+    #[test]
+    fn hard_limit_holds_across_stores_and_threads() {
+        let Some(db) = TestDb::new() else { return };
+        // Two stores stand for two processes; 10 estimates fit the limit.
+        let stores = [Arc::new(db.open()), Arc::new(db.open())];
+        let global = daily_limit(6000);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (store, global) = (stores[t % 2].clone(), global.clone());
+                std::thread::spawn(move || {
+                    let mut admitted = vec![];
+                    for i in 0..5 {
+                        let e = execution(&format!("t{t}-{i}"), T0 + (t * 10 + i) as i64);
+                        if matches!(admit(store.as_ref(), &global, &e.id, e.started_at, T0 + 60_000_000), Admitted::Go { .. }) {
+                            admitted.push(e);
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let admitted: Vec<NewExecution> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        assert_eq!(admitted.len(), 10);
+        assert_eq!(db.scalar("SELECT reserved_cost FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 6000);
+        for e in &admitted {
+            finish(stores[0].as_ref(), e, &completion(Status::Success, e.started_at + 1, 500), true, &[]);
+        }
+        let row = |col: &str| db.scalar(&format!("SELECT {col} FROM usage_counters WHERE scope = 'global' AND length(period) = 10"));
+        assert_eq!((row("cost"), row("executions"), row("reserved_cost"), row("reserved_executions")), (5000, 10, 0, 0));
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM executions WHERE status = 'blocked'"), 30);
+    }
+
+    #[test]
+    fn exactly_one_half_open_probe_across_stores() {
+        let Some(db) = TestDb::new() else { return };
+        let stores = [Arc::new(db.open()), Arc::new(db.open())];
+        let key = BreakerKey { agent: "A".into(), model: "mock/x".into(), tenant_id: Some("t".into()) };
+        let policy = breaker::Policy::new(2, 60.0, 1.0).unwrap();
+        let mut alerts = vec![];
+        for i in 0..2 {
+            let e = execution(&format!("f{i}"), T0 + i);
+            assert!(matches!(admit_as(stores[0].as_ref(), &GlobalBudgets::default(), &e, std::slice::from_ref(&key), T0 + 60_000_000), Admitted::Go { .. }));
+            let outcome = BreakerOutcome { key: key.clone(), policy, success: false, probe: false };
+            alerts.extend(finish(stores[0].as_ref(), &e, &completion(Status::Error, T0 + i + 1, 0), false, &[outcome]));
+        }
+        assert!(matches!(alerts.as_slice(), [Alert::BreakerOpened { .. }]));
+        assert_eq!(stores[1].breaker_status(&key).unwrap().phase, Phase::Open);
+        // After the cooldown, 8 threads over two stores race: exactly one is the probe.
+        let after = T0 + 3_000_000;
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (store, key) = (stores[t % 2].clone(), key.clone());
+                std::thread::spawn(move || store.breaker_admit(&key, 5_000_000, after).unwrap())
+            })
+            .collect();
+        let admissions: Vec<Admission> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(admissions.iter().filter(|a| **a == Admission::Probe).count(), 1, "{admissions:?}");
+        assert_eq!(admissions.iter().filter(|a| matches!(a, Admission::Reject { .. })).count(), 7);
+        stores[1].breaker_reset(&key).unwrap();
+        assert_eq!(stores[0].breaker_status(&key).unwrap(), breaker::State::default());
+    }
+
+    #[test]
+    fn a_connection_killed_mid_transaction_is_retried_once_through() {
+        let Some(db) = TestDb::new() else { return };
+        let store = Arc::new(db.open());
+        let global = daily_limit(1_000_000);
+        let first = execution("first", T0);
+        assert!(matches!(admit(store.as_ref(), &global, &first.id, T0, T0 + 60_000_000), Admitted::Go { .. }));
+        finish(store.as_ref(), &first, &completion(Status::Success, T0 + 1, 100), true, &[]);
+        // Another session holds the global counters, so the next admission waits inside its
+        // transaction; that connection is then killed.
+        let (locked, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+        let url = db.url.clone();
+        let holder = std::thread::spawn(move || {
+            let mut c = Client::connect(&url, NoTls).unwrap();
+            let mut tx = c.transaction().unwrap();
+            tx.query("SELECT * FROM usage_counters WHERE scope = 'global' FOR UPDATE", &[]).unwrap();
+            locked.0.send(()).unwrap();
+            release.1.recv().unwrap();
+            tx.commit().unwrap();
+        });
+        locked.1.recv().unwrap();
+        let call = {
+            let (store, global) = (store.clone(), global.clone());
+            std::thread::spawn(move || admit(store.as_ref(), &global, "second", T0 + 10, T0 + 60_000_000))
+        };
+        let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'tenantllm' AND wait_event_type = 'Lock'";
+        let mut killed = 0;
+        for _ in 0..500 {
+            if db.scalar(waiting) == 1 {
+                killed = db.scalar(
+                    "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND application_name = 'tenantllm' AND wait_event_type = 'Lock') t",
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(killed, 1, "the admission never waited on the lock");
+        // The retry waits on the same lock until it is released, then goes through once.
+        std::thread::sleep(Duration::from_millis(200));
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(matches!(call.join().unwrap(), Admitted::Go { .. }));
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM executions WHERE id = 'second'"), 1);
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 1);
+        assert_eq!(db.scalar("SELECT reserved_cost FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 600);
+        // Every idle pooled connection is dead now too; the next operations still work.
+        db.scalar("SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'tenantllm') t");
+        let second = execution("second", T0 + 10);
+        finish(store.as_ref(), &second, &completion(Status::Success, T0 + 11, 100), true, &[]);
+        assert_eq!(db.scalar("SELECT reserved_cost + reserved_executions FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 0);
+        assert_eq!(store.query_aggregate(&Query::default(), &Aggregate::Count).unwrap(), Cell::Int(2));
+    }
+
+    /// The query layer answers exactly as SQLite's does on the same rows.
+    #[test]
+    fn queries_match_the_sqlite_store() {
+        let Some(db) = TestDb::new() else { return };
+        let pg = db.open();
+        let dir = tempfile::tempdir().unwrap();
+        let lite = SqliteStore::open(dir.path().join("t.db").to_str().unwrap()).unwrap();
+        let global = GlobalBudgets::default();
+        // Ids are UUIDv7 minted when the call starts, as the engine makes them (SQLite narrows
+        // time ranges by id).
+        let v7 = |t: Micros| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, (t / 1_000_000) as u64, (t % 1_000_000 * 1000) as u32)).to_string();
+        let mut ids = vec![];
+        for (i, tenant) in [Some("b"), None, Some("a"), Some("b"), Some("é"), None, Some("B")].into_iter().enumerate() {
+            let at = T0 + i as i64 * 1000;
+            let mut e = execution(&v7(at), at);
+            ids.push(e.id.clone());
+            e.tenant_id = tenant.map(str::to_string);
+            let status = if i % 3 == 0 { Status::Error } else { Status::Success };
+            for store in [&pg as &dyn Store, &lite] {
+                assert!(matches!(admit_as(store, &global, &e, &[], T0 + 60_000_000), Admitted::Go { .. }));
+                finish(store, &e, &completion(status, e.started_at + 7, 100 * i as i64 + 1), false, &[]);
+            }
+        }
+        let f = |n: &str| Field::parse(n).unwrap();
+        let queries = [
+            Query::default(),
+            Query { order: vec![(f("tenant_id"), false), (f("id"), true)], ..Default::default() },
+            Query { order: vec![(f("tenant_id"), true), (f("id"), false)], limit: Some(3), offset: Some(1), ..Default::default() },
+            Query { filters: vec![Filter::In(f("tenant_id"), vec![])], ..Default::default() },
+            Query { filters: vec![Filter::In(f("tenant_id"), vec![Value::Text("a".into()), Value::Text("b".into())])], ..Default::default() },
+            Query { filters: vec![Filter::IsNull(f("tenant_id")), Filter::Range(f("started_at"), Some(T0), Some(T0 + 5500))], ..Default::default() },
+            Query { filters: vec![Filter::Range(f("started_at"), Some(T0 + 1000), None)], order: vec![(f("started_at"), true)], ..Default::default() },
+            Query { filters: vec![Filter::Eq(f("total_tokens"), Value::Text("7".into())), Filter::NotNull(f("completed_at"))], ..Default::default() },
+            Query { filters: vec![Filter::Eq(f("status"), Value::Text("error".into()))], order: vec![(f("id"), false)], offset: Some(1), ..Default::default() },
+        ];
+        // Without an order, rows come in either store's own order.
+        let rows = |store: &dyn Store, q: &Query| {
+            let mut rows = store.query_rows(q).unwrap();
+            if q.order.is_empty() {
+                rows.sort_by(|a, b| format!("{:?}", a[0]).cmp(&format!("{:?}", b[0])));
+            }
+            rows
+        };
+        for q in &queries {
+            assert_eq!(rows(&pg, q), rows(&lite, q), "{q:?}");
+            for agg in [Aggregate::Count, Aggregate::Sum(f("total_cost")), Aggregate::Sum(f("total_tokens"))] {
+                assert_eq!(pg.query_aggregate(q, &agg).unwrap(), lite.query_aggregate(q, &agg).unwrap(), "{q:?} {agg:?}");
+                for by in ["tenant_id", "status"] {
+                    assert_eq!(pg.query_grouped(q, f(by), &agg).unwrap(), lite.query_grouped(q, f(by), &agg).unwrap(), "{q:?} {by}");
+                }
+            }
+        }
+        assert_eq!(pg.execution(&ids[2]).unwrap(), lite.execution(&ids[2]).unwrap());
+        let day = Calendar::new("UTC").unwrap().period_key(Period::Daily, T0);
+        assert_eq!(pg.usage_by_scope("tenant:", &day).unwrap(), lite.usage_by_scope("tenant:", &day).unwrap());
+        assert_eq!(pg.usage_daily("global", "2000-01-01").unwrap(), lite.usage_daily("global", "2000-01-01").unwrap());
+        let cal = Calendar::new("UTC").unwrap();
+        assert_eq!(pg.rebuild_counters(&cal).unwrap(), lite.rebuild_counters(&cal).unwrap());
+        assert_eq!(pg.usage_by_scope("", &day).unwrap(), lite.usage_by_scope("", &day).unwrap());
+    }
+
+    #[test]
+    fn budgets_and_api_keys_round_trip() {
+        let Some(db) = TestDb::new() else { return };
+        let store = db.open();
+        let b = TenantBudget {
+            tenant_id: "t1".into(),
+            name: Some("Acme".into()),
+            limits: Limits { daily_cost: Some(Nanos(5)), monthly_tokens: Some(7), ..Default::default() },
+            enforcement: Enforcement::Soft,
+        };
+        store.budget_put(&b, true).unwrap();
+        assert!(store.budget_put(&b, true).unwrap_err().to_string().contains("already exists"));
+        assert_eq!(store.budget_get("t1").unwrap(), Some(b.clone()));
+        let b2 = TenantBudget { limits: Limits::default(), ..b.clone() };
+        store.budget_put(&b2, false).unwrap();
+        assert_eq!(store.budget_all().unwrap(), vec![b2]);
+        assert!(store.budget_delete("t1").unwrap());
+        assert!(!store.budget_delete("t1").unwrap());
+        let sealed = (vec![1u8, 2, 3], vec![0u8, 255, 9]);
+        store.api_key_put("tenant:t1", "openai", Some(&sealed)).unwrap();
+        assert_eq!(store.api_key_get("tenant:t1", "openai").unwrap(), Some(sealed));
+        assert_eq!(store.api_key_providers("tenant:t1").unwrap(), vec!["openai".to_string()]);
+        store.api_key_put("tenant:t1", "openai", None).unwrap();
+        assert_eq!(store.api_key_get("tenant:t1", "openai").unwrap(), None);
+    }
+
+    /// A TCP relay to the test server that can cut a connection at its next COMMIT: either
+    /// after passing it on (the server commits, the client never hears so) or before (the
+    /// server rolls back when the connection drops).
+    struct CommitCutter {
+        port: u16,
+        mode: Arc<std::sync::atomic::AtomicU8>,
+        cuts: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    const PASS: u8 = 0;
+    const CUT_AFTER_COMMIT: u8 = 1;
+    const CUT_BEFORE_COMMIT: u8 = 2;
+
+    impl CommitCutter {
+        fn start(host: String, port: u16) -> CommitCutter {
+            use std::io::{Read, Write};
+            use std::net::{Shutdown, TcpListener, TcpStream};
+            use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
+            // The simple-query message the client sends to commit.
+            const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let cutter = CommitCutter {
+                port: listener.local_addr().unwrap().port(),
+                mode: Arc::new(AtomicU8::new(PASS)),
+                cuts: Arc::new(AtomicUsize::new(0)),
+            };
+            let (mode, cuts) = (cutter.mode.clone(), cutter.cuts.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { break };
+                    let server = TcpStream::connect((host.as_str(), port)).unwrap();
+                    let swallow = Arc::new(AtomicBool::new(false));
+                    let (mut from, mut to, quiet) = (server.try_clone().unwrap(), client.try_clone().unwrap(), swallow.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if !quiet.load(SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                    let (mut from, mut to, mode, cuts) = (client, server, mode.clone(), cuts.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            let at_commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+                            let cut = if at_commit { mode.swap(PASS, SeqCst) } else { PASS };
+                            if cut != PASS {
+                                cuts.fetch_add(1, SeqCst);
+                                swallow.store(true, SeqCst);
+                                if cut == CUT_AFTER_COMMIT {
+                                    to.write_all(&buf[..n]).unwrap();
+                                    // Let the server commit (its answer is swallowed).
+                                    std::thread::sleep(Duration::from_millis(300));
+                                }
+                                break;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            });
+            cutter
+        }
+    }
+
+    #[test]
+    fn a_commit_cut_off_is_checked_never_doubled_or_lost() {
+        let Some(db) = TestDb::new() else { return };
+        let config: postgres::Config = db.url.parse().unwrap();
+        let Some(postgres::config::Host::Tcp(host)) = config.get_hosts().first().cloned() else {
+            eprintln!("skipped: the test server is not reached over TCP");
+            return;
+        };
+        let cutter = CommitCutter::start(host, config.get_ports().first().copied().unwrap_or(5432));
+        let mut url = format!("host=127.0.0.1 port={} dbname={}", cutter.port, config.get_dbname().unwrap());
+        if let Some(user) = config.get_user() {
+            url.push_str(&format!(" user={user}"));
+        }
+        if let Some(pw) = config.get_password() {
+            url.push_str(&format!(" password='{}'", String::from_utf8_lossy(pw)));
+        }
+        let store = PostgresStore::open(&url).unwrap();
+        let global = daily_limit(1_000_000);
+        for (i, cut) in [CUT_AFTER_COMMIT, CUT_BEFORE_COMMIT].into_iter().enumerate() {
+            let e = execution(&format!("cut{i}"), T0 + i as i64);
+            cutter.mode.store(cut, std::sync::atomic::Ordering::SeqCst);
+            assert!(matches!(admit(&store, &global, &e.id, e.started_at, T0 + 60_000_000), Admitted::Go { .. }));
+            cutter.mode.store(cut, std::sync::atomic::Ordering::SeqCst);
+            finish(&store, &e, &completion(Status::Success, e.started_at + 1, 100), true, &[]);
+        }
+        assert_eq!(cutter.cuts.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM executions WHERE status = 'success'"), 2);
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM executions"), 2);
+        let row = |col: &str| db.scalar(&format!("SELECT {col} FROM usage_counters WHERE scope = 'global' AND length(period) = 10"));
+        assert_eq!((row("cost"), row("executions"), row("reserved_cost"), row("reserved_executions")), (200, 2, 0, 0));
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 0);
+    }
+}
