@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test cargo-test clippy develop pytest ruff stubtest mypy bench demo clean
+.PHONY: test cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench demo clean
 
-test: cargo-test clippy develop pytest ruff stubtest mypy
+test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
 $(BIN)/maturin:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ develop: $(BIN)/maturin
 
 pytest: develop
 	$(BIN)/pytest -q
+
+# The same suite again with every database on PostgreSQL (tests/store_mode/pg_everywhere.py).
+pytest-postgres: develop
+	@if [ -n "$$TENANTLLM_TEST_POSTGRES_URL" ]; then \
+		TENANTLLM_TEST_STORE=postgres $(BIN)/pytest -q -p no:cacheprovider; \
+	else \
+		echo "SKIPPED: the suite on PostgreSQL (set TENANTLLM_TEST_POSTGRES_URL to run it; .ci/run does)"; \
+	fi
 
 ruff: $(BIN)/maturin
 	$(BIN)/ruff check python tests benches

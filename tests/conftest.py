@@ -1,13 +1,37 @@
-"""Shared fixtures: every test gets its own, fresh SQLite database file."""
+"""Shared fixtures: every test gets its own, fresh database (a SQLite file; a PostgreSQL
+database of its own when TENANTLLM_TEST_STORE=postgres, see store_mode/pg_everywhere.py)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tenantllm as tl
+
+STORE_MODE = str(Path(__file__).parent / "store_mode")
+sys.path.insert(0, STORE_MODE)
+import pg_everywhere  # found through the path above
+
+if pg_everywhere.ACTIVE:
+    pg_everywhere.install()
+    # Processes the tests start load store_mode/sitecustomize.py and map their databases too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [STORE_MODE, os.environ.get("PYTHONPATH")]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: tests of the SQLite file itself (skipped on PostgreSQL)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if pg_everywhere.ACTIVE:
+        skip = pytest.mark.skip(reason="tests the SQLite file itself; the suite is running on PostgreSQL")
+        for item in items:
+            if "sqlite_only" in item.keywords:
+                item.add_marker(skip)
 
 Configure = Callable[..., None]
 

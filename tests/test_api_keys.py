@@ -580,6 +580,7 @@ def test_refuses_to_store_without_a_secret(fp: FakeProvider, cfg: Cfg, db_path: 
     assert_not_in([K_GLOBAL, K_TENANT], db_bytes(db_path).decode("latin-1"))
 
 
+@pytest.mark.sqlite_only
 def test_stored_keys_are_encrypted_and_only_provider_names_are_listed(
     fp: FakeProvider, cfg: Cfg, db_path: Path
 ) -> None:
@@ -699,6 +700,7 @@ def test_stored_key_without_any_secret_at_call_time(fp: FakeProvider, cfg: Cfg) 
     assert last_key(fp) == K_CONF
 
 
+@pytest.mark.sqlite_only
 def test_a_ciphertext_copied_to_another_tenants_row_does_not_decrypt(
     fp: FakeProvider, cfg: Cfg, db_path: Path
 ) -> None:

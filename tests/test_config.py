@@ -285,6 +285,7 @@ def test_bad_mock_settings(configure: Any, mock: dict[str, Any], named: str) -> 
 # ---------------------------------------------------------------- database
 
 
+@pytest.mark.sqlite_only
 def test_database_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env_db = tmp_path / "from_env.db"
     monkeypatch.setenv("TENANTLLM_DATABASE", str(env_db))
@@ -298,6 +299,7 @@ def test_database_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert rows() == 1
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_url_with_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     tl.configure(database="sqlite:///relative.db")
@@ -309,6 +311,7 @@ def test_sqlite_url_with_relative_path(tmp_path: Path, monkeypatch: pytest.Monke
     assert rows() == 1
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_url_with_absolute_path(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "absolute.db"
     target.parent.mkdir()
@@ -331,6 +334,7 @@ def test_database_is_shared_by_engines_on_the_same_file(configure: Any) -> None:
     assert rows() == 2
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     "content",
     [
@@ -355,12 +359,14 @@ def test_corrupt_database_is_a_store_error(configure: Any, tmp_path: Path, conte
     assert rows() == 1
 
 
+@pytest.mark.sqlite_only
 def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
     missing_dir = tmp_path / "no" / "such" / "dir" / "x.db"
     with pytest.raises(tl.StoreError, match=r"x\.db"):
         tl.configure(database=str(missing_dir))
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("database", ["", "   ", 42])
 def test_bad_database_option(database: Any) -> None:
     with pytest.raises(tl.ConfigurationError, match="database"):

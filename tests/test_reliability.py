@@ -380,6 +380,7 @@ async def test_cancelled_acall_releases_its_reservation(fp: FakeProvider, tmp_pa
     assert tl.Execution.successful().sum("total_cost") == r.total_cost
 
 
+@pytest.mark.sqlite_only
 async def test_reservation_outlives_honoured_retry_after_waits(fp: FakeProvider, tmp_path: Path) -> None:
     """A live call's budget reservation must not expire while it waits out Retry-After headers
     (regression: the lease allowed only max_delay per retry, so after ~63 s the call was marked
