@@ -14,7 +14,7 @@ import tenantllm as tl
 
 STORE_MODE = str(Path(__file__).parent / "store_mode")
 sys.path.insert(0, STORE_MODE)
-import pg_everywhere  # found through the path above
+import pg_everywhere  # noqa: E402  (found through the path above)
 
 if pg_everywhere.ACTIVE:
     pg_everywhere.install()
