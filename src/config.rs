@@ -44,11 +44,40 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The database setting with any password in a URL masked, for reprs and messages.
+    pub fn database_display(&self) -> String {
+        mask_password(&self.database)
+    }
+}
+
+/// "postgresql://user:secret@host/db" -> "postgresql://user:***@host/db".
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(mask_password("postgresql://u:hunter2@db:5432/x"), "postgresql://u:***@db:5432/x");
+        assert_eq!(mask_password("postgresql://u@db/x"), "postgresql://u@db/x");
+        assert_eq!(mask_password("tenantllm.db"), "tenantllm.db");
+    }
+}
+
 // Keys must never leak through Debug output.
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("database", &self.database)
+            .field("database", &self.database_display())
             .field("timezone", &self.timezone)
             .field("multi_tenancy_enabled", &self.multi_tenancy_enabled)
             .field("budgets", &self.budgets)

@@ -328,9 +328,10 @@ impl PyEngine {
         Ok(PyEngine { inner: Arc::new(engine) })
     }
 
+    /// The database setting, with any password in a URL masked.
     #[getter]
-    fn database(&self) -> &str {
-        &self.inner.config().database
+    fn database(&self) -> String {
+        self.inner.config().database_display()
     }
 
     #[getter]
@@ -566,7 +567,7 @@ impl PyEngine {
     }
 
     fn __repr__(&self) -> String {
-        format!("Engine(database={:?}, timezone={:?})", self.inner.config().database, self.inner.calendar().name())
+        format!("Engine(database={:?}, timezone={:?})", self.inner.config().database_display(), self.inner.calendar().name())
     }
 }
 
