@@ -61,18 +61,6 @@ pub fn mask_password(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_masked() {
-        assert_eq!(mask_password("postgresql://u:hunter2@db:5432/x"), "postgresql://u:***@db:5432/x");
-        assert_eq!(mask_password("postgresql://u@db/x"), "postgresql://u@db/x");
-        assert_eq!(mask_password("tenantllm.db"), "tenantllm.db");
-    }
-}
-
 // Keys must never leak through Debug output.
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,5 +75,17 @@ impl std::fmt::Debug for Config {
             .field("mock", &self.mock)
             .field("store_prompts", &self.store_prompts)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(mask_password("postgresql://u:hunter2@db:5432/x"), "postgresql://u:***@db:5432/x");
+        assert_eq!(mask_password("postgresql://u@db/x"), "postgresql://u@db/x");
+        assert_eq!(mask_password("tenantllm.db"), "tenantllm.db");
     }
 }
