@@ -64,19 +64,20 @@ class BreakerOnly(tl.Agent):
     circuit_breaker = tl.BreakerPolicy(errors=10, within=60, cooldown=300)
 
 
-def sync_overhead(db: str, n: int, repeats: int) -> None:
-    print("\nSync call overhead, mock provider with zero latency (µs per call, median)")
+def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
+    print(f"\nSync call overhead on {store}, mock provider with zero latency (µs per call, median)")
+    target = "<= 100" if store == "SQLite" else ""
     tl.configure(database=db)
     bare = per_call_us(lambda: Bare.call(text="the quarterly report"), n, repeats)
-    report("tenantllm: unbudgeted call (no tenant, no breaker)", bare, "µs")
+    report(f"tenantllm/{store}: unbudgeted call (no tenant, no breaker)", bare, "µs")
     breaker = per_call_us(lambda: BreakerOnly.call(text="the quarterly report"), n, repeats)
-    report("tenantllm: + breaker check (closed breaker)", breaker - bare, "µs", note="difference")
+    report(f"tenantllm/{store}: + breaker check (closed breaker)", breaker - bare, "µs", note="difference")
     tl.configure(database=db, budgets={"global_daily": 1_000_000, "global_monthly": 10_000_000, "enforcement": "hard"})
     tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, daily_token_limit=10**12, enforcement="hard")
     with tl.tenant("bench"):
         full = per_call_us(lambda: Guarded.call(text="the quarterly report"), n, repeats)
-    report("tenantllm: full guard (tenant, breaker, hard budgets, row)", full, "µs", "<= 100")
-    report("tenantllm: hard budget added over unbudgeted", full - breaker, "µs", note="difference")
+    report(f"tenantllm/{store}: full guard (tenant, breaker, hard budgets, row)", full, "µs", target)
+    report(f"tenantllm/{store}: hard budget added over unbudgeted", full - breaker, "µs", note="difference")
 
 
 def sqlite_insert_peer(db: str, n: int, repeats: int) -> None:
@@ -166,8 +167,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def throughput(db: str, per_thread: int) -> None:
-    print("\nThroughput, 4 processes x 4 threads, one database file, full guard")
+def throughput(db: str, per_thread: int, store: str = "SQLite") -> None:
+    print(f"\nThroughput on {store}, 4 processes x 4 threads, one database, full guard")
     start = time.time() + 1.5  # let every process import and configure first
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [
@@ -178,7 +179,15 @@ def throughput(db: str, per_thread: int) -> None:
     ]
     ends = [float(p.communicate()[0]) for p in procs]
     total = 16 * per_thread
-    report("tenantllm: guarded calls/s across 4x4", total / (max(ends) - start), "calls/s", ">= 5000")
+    target = ">= 5000" if store == "SQLite" else ""
+    report(f"tenantllm/{store}: guarded calls/s across 4x4", total / (max(ends) - start), "calls/s", target)
+
+
+def postgres_database(server: str) -> str:
+    """A fresh database on the PostgreSQL server at `server` (created with psql)."""
+    name = f"tl_bench_{os.getpid()}_{time.time_ns()}"
+    subprocess.run(["psql", "-X", "-q", "-d", server, "-c", f"CREATE DATABASE {name}"], check=True)
+    return server.rsplit("/", 1)[0] + "/" + name
 
 
 async def _fake_openai(port_holder: list[int], delay: float) -> asyncio.AbstractServer:
@@ -313,6 +322,11 @@ def import_time(repeats: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    p.add_argument(
+        "--postgres",
+        default=os.environ.get("TENANTLLM_TEST_POSTGRES_URL"),
+        help="a PostgreSQL server URL: also measure the guarded call there (default: $TENANTLLM_TEST_POSTGRES_URL)",
+    )
     args = p.parse_args()
     n, repeats = (300, 3) if args.quick else (3000, 7)
     print(f"tenantllm {tl.__version__} benchmarks, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
@@ -324,6 +338,11 @@ def main() -> None:
         pybreaker_peer(n * 10, repeats)
         litellm_peer(n, repeats)
         throughput(str(d / "tp.db"), 100 if args.quick else 1000)
+        if args.postgres:
+            sync_overhead(postgres_database(args.postgres), n // 5, repeats, "PostgreSQL")
+            throughput(postgres_database(args.postgres), 100 if args.quick else 300, "PostgreSQL")
+        else:
+            print("\n(PostgreSQL skipped: pass --postgres URL or set TENANTLLM_TEST_POSTGRES_URL)")
         concurrent_acalls(str(d / "acall.db"), 1000, 3 if args.quick else 5)
         spend_queries(str(d / "big.db"), 50_000 if args.quick else 1_000_000, 1000, 20)
         import_time(3 if args.quick else 7)
