@@ -30,7 +30,7 @@ RESULTS: list[dict[str, Any]] = []
 
 def report(name: str, value: float, unit: str, target: str = "", note: str = "") -> None:
     RESULTS.append({"name": name, "value": value, "unit": unit, "target": target, "note": note})
-    print(f"  {name:<58} {value:>12,.1f} {unit:<8} {target:<10} {note}", flush=True)
+    print(f"  {name:<68} {value:>12,.1f} {unit:<8} {target:<10} {note}", flush=True)
 
 
 def per_call_us(fn: Callable[[], object], n: int, repeats: int) -> float:
@@ -330,7 +330,7 @@ def main() -> None:
     args = p.parse_args()
     n, repeats = (300, 3) if args.quick else (3000, 7)
     print(f"tenantllm {tl.__version__} benchmarks, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"  {'measure':<58} {'median':>12} {'unit':<8} {'target':<10}")
+    print(f"  {'measure':<68} {'median':>12} {'unit':<8} {'target':<10}")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         sync_overhead(str(d / "sync.db"), n, repeats)
