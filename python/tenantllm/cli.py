@@ -1,14 +1,20 @@
-"""The `tenantllm` command: `demo` and `report`."""
+"""The `tenantllm` command: `demo`, `report`, `budgets` and `dashboard`.
+
+Errors are one line on stderr, never a traceback: exit code 2 for a bad command line or a
+database that is missing or not a database, 1 for other tenantllm errors."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import ipaddress
 import os
 import sys
 import time
-from collections.abc import Sequence
-from decimal import Decimal
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import tenantllm as tl
 
@@ -28,6 +34,53 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _usd(d: Decimal | None) -> str:
     return "-" if d is None else f"${d:.6f}"
+
+
+def _int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+class CliError(Exception):
+    """A problem to report in one line and exit with `code`."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _default_database() -> str:
+    return os.environ.get("TENANTLLM_DATABASE", "tenantllm.db")
+
+
+def _file_of(database: str) -> str | None:
+    """The file a database setting names (None for ":memory:" or a server URL such as postgresql://)."""
+    if database == ":memory:" or ("://" in database and not database.startswith("sqlite:///")):
+        return None
+    return database.removeprefix("sqlite:///") if database.startswith("sqlite:///") else database
+
+
+def _shown(database: str) -> str:
+    """The database setting as it may be printed: a URL's password is masked."""
+    parts = urlsplit(database)
+    if parts.password is None:
+        return database
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _open(database: str) -> None:
+    """Configure tenantllm on an existing database; CliError (exit 2) naming the path if it is
+    missing or is not a usable database."""
+    path = _file_of(database)
+    if path is not None and not os.path.exists(path):
+        raise CliError(f"no database at {path!r} (pass --database or set TENANTLLM_DATABASE)")
+    if path is not None and os.path.isdir(path):
+        raise CliError(f"{path!r} is a directory, not a database file")
+    try:
+        tl.configure(database=database)
+        tl.config.engine().query_aggregate([])  # reads the executions table: fails early on a foreign file
+    except tl.StoreError as e:
+        raise CliError(f"cannot use {path or _shown(database)!r} as a tenantllm database: {e}") from None
 
 
 class SupportAgent(tl.Agent):
@@ -70,10 +123,15 @@ def demo(args: argparse.Namespace) -> int:
     tl.TenantBudget.create("acme", name="Acme Corp", daily_limit="0.00025", enforcement="hard")
     tl.TenantBudget.create("globex", name="Globex", daily_limit="0.00015", enforcement="soft")
     tl.TenantBudget.create("initech", name="Initech", monthly_token_limit=1_000_000)
-    print(f"tenantllm {tl.__version__} demo: 3 tenants, 2 agents, mock provider (10% failures), database {path}\n")
+    print(
+        f"tenantllm {tl.__version__} demo: 3 tenants, 2 agents, mock provider (10% failures), "
+        f"database {_shown(path)}\n"
+    )
     outcomes: dict[str, dict[str, int]] = {}
     start = time.perf_counter()
-    for tenant in ("acme", "globex", "initech"):
+    tenants = ("acme", "globex", "initech")
+    for n, tenant in enumerate(tenants, 1):
+        print(f"  [{n}/{len(tenants)}] {tenant:<8} {args.calls} calls ...", end="", flush=True)
         o = outcomes.setdefault(tenant, {"ok": 0, "blocked": 0, "failed": 0, "warned": 0})
         for i in range(args.calls):
             try:
@@ -89,9 +147,10 @@ def demo(args: argparse.Namespace) -> int:
                 o["failed"] += 1
             except tl.AllModelsExhaustedError:
                 o["failed"] += 1
+        print(f" {o['ok']} ok, {o['blocked']} blocked, {o['failed']} failed", flush=True)
     elapsed = time.perf_counter() - start
     calls = sum(sum(v for k, v in o.items() if k != "warned") for o in outcomes.values())
-    print(f"{calls} calls in {elapsed:.2f}s ({elapsed / calls * 1e3:.2f} ms per call incl. 1 ms mock latency)\n")
+    print(f"\n{calls} calls in {elapsed:.2f}s ({elapsed / calls * 1e3:.2f} ms per call incl. 1 ms mock latency)\n")
     today = tl.Execution.today()
     cost = today.group_by("tenant_id").sum("total_cost")
     tokens = today.group_by("tenant_id").sum("total_tokens")
@@ -128,23 +187,172 @@ def demo(args: argparse.Namespace) -> int:
         ],
     )
     print(
-        f"\nQuery it yourself: python -c \"import tenantllm as tl; tl.configure(database='{path}'); "
+        f"\nQuery it yourself: python -c \"import tenantllm as tl; tl.configure(database='{_shown(path)}'); "
         "print(tl.Execution.this_month().group_by('tenant_id').sum('total_cost'))\""
     )
     return 0
 
 
 def report(args: argparse.Namespace) -> int:
-    if not os.path.exists(args.database):
-        print(f"tenantllm: no database at {args.database!r}", file=sys.stderr)
-        return 2
-    tl.configure(database=args.database)
+    _open(args.database)
     q = {"today": tl.Execution.today, "week": tl.Execution.this_week, "month": tl.Execution.this_month}[args.period]()
     spend = q.group_by(args.by).sum("total_cost")
     calls = q.group_by(args.by).count()
     tokens = q.group_by(args.by).sum("total_tokens")
     rows = sorted(((k or "-", calls[k], tokens[k], _usd(v)) for k, v in spend.items()), key=lambda r: r[0])
     print(_table([args.by, "calls", "tokens", "cost"], rows))
+    return 0
+
+
+def _limit(kind: str) -> Callable[[str], Any]:
+    """argparse type for a limit: a number, or "none" to remove the tenant's own limit."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("none", "unset", "-"):
+            return None
+        try:
+            if kind == "usd":
+                value: Any = Decimal(text)
+                ok = value.is_finite() and value >= 0
+            else:
+                value = int(text.replace("_", ""))
+                ok = value >= 0
+        except (InvalidOperation, ValueError):
+            ok = False
+        if not ok:
+            what = "an amount in USD such as 25 or 0.50" if kind == "usd" else "a whole number such as 500000"
+            raise argparse.ArgumentTypeError(f"expected {what}, or 'none', got {text!r}")
+        return value
+
+    parse.__name__ = "USD amount" if kind == "usd" else "count"
+    return parse
+
+
+_BUDGET_OPTIONS = (
+    # flag, field, kind
+    ("--daily-limit", "daily_limit", "usd"),
+    ("--monthly-limit", "monthly_limit", "usd"),
+    ("--daily-token-limit", "daily_token_limit", "count"),
+    ("--monthly-token-limit", "monthly_token_limit", "count"),
+    ("--daily-execution-limit", "daily_execution_limit", "count"),
+    ("--monthly-execution-limit", "monthly_execution_limit", "count"),
+)
+
+
+def budgets_list(args: argparse.Namespace) -> int:
+    _open(args.database)
+    daily, monthly = tl.spend_by_tenant("daily"), tl.spend_by_tenant("monthly")
+    zero = {"cost": Decimal(0), "tokens": 0, "executions": 0}
+    rows = []
+    for b in tl.TenantBudget.all():
+        d, m = daily.get(b.tenant_id, zero), monthly.get(b.tenant_id, zero)
+        rows.append(
+            [
+                b.tenant_id,
+                b.name or "",
+                b.enforcement,
+                _usd(d["cost"]),
+                _usd(b.daily_limit),
+                _usd(m["cost"]),
+                _usd(b.monthly_limit),
+                _int(d["tokens"]),
+                _int(b.daily_token_limit),
+                _int(m["tokens"]),
+                _int(b.monthly_token_limit),
+            ]
+        )
+    if not rows:
+        print(f"No tenant budgets in {_shown(args.database)}. Add one: tenantllm budgets set TENANT --daily-limit 25")
+        return 0
+    headers = ["tenant", "name", "enforcement", "today", "daily limit", "this month", "monthly limit",
+               "tokens today", "daily tokens", "tokens month", "monthly tokens"]
+    print(_table(headers, rows))
+    print("\nLimits shown as '-' are the tenant's own unset ones: it inherits the global budgets= of the app.")
+    return 0
+
+
+def budgets_set(args: argparse.Namespace) -> int:
+    _open(args.database)
+    changes = {field: getattr(args, field) for _, field, _ in _BUDGET_OPTIONS if hasattr(args, field)}
+    if args.enforcement is not None:
+        changes["enforcement"] = args.enforcement
+    if args.name is not None:
+        changes["name"] = args.name or None
+    existing = tl.TenantBudget.find(args.tenant)
+    if existing is None:
+        b = tl.TenantBudget.create(args.tenant, **changes)
+        verb = "Created"
+    else:
+        b = existing.update(**changes)
+        verb = "Updated"
+    print(f"{verb} {b!r}")
+    return 0
+
+
+def budgets_delete(args: argparse.Namespace) -> int:
+    _open(args.database)
+    b = tl.TenantBudget.find(args.tenant)
+    if b is None:
+        raise CliError(f"tenant {args.tenant!r} has no budget in {_shown(args.database)}", code=1)
+    b.delete()
+    print(f"Deleted the budget of {args.tenant!r} (it now inherits the global limits)")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _load_auth(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(f"--auth must look like 'package.module:callable', got {spec!r}")
+    sys.path.insert(0, os.getcwd())  # like uvicorn: modules in the current directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CliError(f"--auth: cannot import {module_name!r}: {e}") from None
+    finally:
+        sys.path.pop(0)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise CliError(f"--auth: {spec!r} is not a callable (request -> Viewer | None)")
+    return obj
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    auth = _load_auth(args.auth) if args.auth else None
+    if auth is None and not _is_loopback(args.host) and not args.insecure_no_auth:
+        raise CliError(
+            f"refusing to serve the dashboard on {args.host} without --auth: anyone who can reach it would see "
+            "every tenant's data. Pass --auth module:callable, or --insecure-no-auth if something in front "
+            "of it authenticates users."
+        )
+    try:
+        import uvicorn
+
+        from tenantllm import dashboard as dash
+    except ImportError as e:
+        raise CliError(f"the dashboard needs the 'dashboard' extra: pip install 'tenantllm[dashboard]' ({e})") from None
+    _open(args.database)
+    app = dash.app(auth=auth, title=args.title)  # reads the database configured just above
+    url_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"tenantllm dashboard for {_shown(args.database)} at http://{url_host}:{args.port}/ (Ctrl-C to stop)")
+    if auth is None and _is_loopback(args.host):
+        print(f"No --auth configured: binding to {args.host} only, so only this machine can connect; "
+              "every visitor sees all tenants.")
+    elif auth is None:
+        print(f"WARNING: no --auth and --insecure-no-auth: anyone who can reach {args.host}:{args.port} "
+              "sees every tenant's data.")
+    sys.stdout.flush()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -155,16 +363,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--database", default=DEMO_DB)
     d.add_argument("--calls", type=int, default=12, help="calls per tenant")
     d.set_defaults(func=demo)
+
     r = sub.add_parser("report", help="spend per tenant, agent or model")
-    r.add_argument("--database", default=os.environ.get("TENANTLLM_DATABASE", "tenantllm.db"))
+    r.add_argument("--database", default=_default_database())
     r.add_argument("--by", choices=["tenant_id", "agent", "model_id", "provider", "status"], default="tenant_id")
     r.add_argument("--period", choices=["today", "week", "month"], default="month")
     r.set_defaults(func=report)
+
+    b = sub.add_parser("budgets", help="list or set tenant budgets")
+    bsub = b.add_subparsers(dest="budgets_command", required=True)
+    bl = bsub.add_parser("list", help="every tenant budget with today's and this month's usage")
+    bl.add_argument("--database", default=_default_database())
+    bl.set_defaults(func=budgets_list)
+    bs = bsub.add_parser(
+        "set", help="create or change a tenant's budget (only the options given change; 'none' removes a limit)"
+    )
+    bs.add_argument("tenant", help="tenant id")
+    bs.add_argument("--database", default=_default_database())
+    for flag, field, kind in _BUDGET_OPTIONS:
+        bs.add_argument(flag, dest=field, type=_limit(kind), default=argparse.SUPPRESS,
+                        metavar="USD" if kind == "usd" else "N")
+    bs.add_argument("--enforcement", choices=["hard", "soft"], help="hard blocks calls, soft only warns")
+    bs.add_argument("--name", help="display name of the tenant")
+    bs.set_defaults(func=budgets_set)
+    bd = bsub.add_parser("delete", help="remove a tenant's budget (it then inherits the global limits)")
+    bd.add_argument("tenant")
+    bd.add_argument("--database", default=_default_database())
+    bd.set_defaults(func=budgets_delete)
+
+    w = sub.add_parser("dashboard", help="serve the web dashboard")
+    w.add_argument("--database", default=_default_database())
+    w.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
+    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--auth", metavar="MODULE:CALLABLE",
+                   help="access control: a callable request -> tenantllm.dashboard.Viewer | None")
+    w.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without --auth (only behind an authenticating proxy)")
+    w.add_argument("--title", default="tenantllm")
+    w.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    w.set_defaults(func=dashboard)
+
     args = p.parse_args(argv)
     try:
         code: int = args.func(args)
+    except CliError as e:
+        print(f"tenantllm: {e}", file=sys.stderr)
+        return e.code
     except tl.TenantLLMError as e:
         print(f"tenantllm: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tenantllm report | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
     return code
 

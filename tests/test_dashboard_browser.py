@@ -1,0 +1,190 @@
+"""The dashboard in a real headless Chromium (Debian's chromium + chromedriver, via selenium),
+served by uvicorn on 127.0.0.1: it renders, loads nothing from elsewhere, and a tenant-scoped
+viewer sees only its tenant even when it edits the URL."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tenantllm as tl
+from dashboard_data import KEYS, Sample, populate
+from starlette.requests import Request
+from tenantllm import dashboard
+from tenantllm.dashboard import Viewer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+SCREENSHOT_COPY = Path("/tmp/tenantllm-overview.png")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'tenantllm[dashboard]')")
+
+
+def _require_browser() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:
+        pytest.skip(
+            f"browser tests need Debian's chromium and chromium-driver packages; missing: {', '.join(missing)} "
+            "(apt-get install chromium chromium-driver)"
+        )
+
+
+def cookie_auth(request: Request) -> Viewer | None:
+    """Test auth: no cookie sees everything; cookie `tenant=x` sees tenant x only."""
+    tenant = request.cookies.get("tenant")
+    return Viewer(all_tenants=True) if not tenant else Viewer(tenant_id=tenant)
+
+
+class Server:
+    """uvicorn on 127.0.0.1 on a free port, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    _require_browser()
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1500", "--hide-scrollbars", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def served(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, Sample]]:
+    _require_browser()
+    sample = populate(db_path, monkeypatch)
+    with Server(dashboard.app(auth=cookie_auth, title="tenantllm")) as server:
+        yield server, sample
+
+
+def _text(driver: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.TAG_NAME, "body").text)
+
+
+def _click_and_wait(driver: Any, by: str, selector: str) -> None:
+    """Click something that navigates, and wait for the new page (clicks do not wait)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(by, selector).click()
+    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def _row_tenants(driver: Any, kind: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [str(e.get_attribute("data-tenant")) for e in driver.find_elements(By.CSS_SELECTOR, f"tr.{kind}")]
+
+
+def test_overview_renders_in_chromium_with_nothing_fetched(
+    browser: Any, served: tuple[Server, Sample], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    server, _ = served
+    browser.delete_all_cookies()
+    browser.get(server.url + "/?period=30d")
+    assert browser.title == "Overview · tenantllm"
+    text = _text(browser).lower()  # the stat labels are upper-cased by CSS
+    for label in ("spend", "tokens", "calls", "errors", "cost per day", "spend by tenant", "recent failures"):
+        assert label in text
+    assert "All tenants" in browser.find_element(By.ID, "viewer").text
+    # The charts are laid out and visible.
+    charts = browser.find_elements(By.CSS_SELECTOR, "svg.chart")
+    assert len(charts) == 3
+    for chart in charts:
+        assert chart.is_displayed() and chart.size["width"] > 200 and chart.size["height"] > 20
+    bars = browser.find_elements(By.CSS_SELECTOR, "#cost-chart rect.bar")
+    assert len(bars) == 30 and bars[-1].size["height"] > 1  # today's spend is the tallest bar
+    # The page loaded no resources at all (no CDN, fonts, scripts, stylesheets, images).
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert resources == []
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+    shot = tmp_path / "overview.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    # Navigate through the pages by clicking, as a user would.
+    _click_and_wait(browser, By.LINK_TEXT, "Tenants")
+    assert _row_tenants(browser, "tenant") == ["acme", "globex", "initech"]
+    _click_and_wait(browser, By.LINK_TEXT, "Executions")
+    assert "15 executions" in _text(browser)
+    browser.find_element(By.CSS_SELECTOR, "select[name=tenant_id] option[value=globex]").click()
+    browser.find_element(By.CSS_SELECTOR, "select[name=status] option[value=error]").click()
+    _click_and_wait(browser, By.CSS_SELECTOR, "form.filters button")
+    assert "tenant_id=globex" in browser.current_url and "2 executions" in _text(browser)
+    _click_and_wait(browser, By.CSS_SELECTOR, "tr.execution a")
+    assert "simulated failure" in _text(browser) and "Attempts (1)" in _text(browser)
+    _click_and_wait(browser, By.LINK_TEXT, "Circuit breakers")
+    assert _row_tenants(browser, "breaker") == ["globex"]
+
+
+def test_tenant_scoped_viewer_sees_only_its_tenant_in_chromium(browser: Any, served: tuple[Server, Sample]) -> None:
+    server, sample = served
+    browser.get(server.url + "/")
+    browser.delete_all_cookies()
+    browser.add_cookie({"name": "tenant", "value": "acme", "path": "/"})
+    try:
+        browser.get(server.url + "/")
+        assert "Tenant: acme" in _text(browser)
+        for path, kind in (("/executions?tenant_id=globex", "execution"), ("/tenants", "tenant"),
+                           ("/breakers", "breaker"), ("/executions?per_page=200", "execution")):
+            browser.get(server.url + path)
+            page = _text(browser)
+            assert "globex" not in page and "initech" not in page, path
+            assert set(_row_tenants(browser, kind)) <= {"acme"}, path
+        browser.get(server.url + "/executions?tenant_id=globex")
+        assert "8 executions" in _text(browser)
+        # Another tenant's execution by URL: 404.
+        browser.get(server.url + f"/executions/{sample.ids['globex'][0]}")
+        assert "Not found" in _text(browser) and "globex" not in browser.page_source
+        browser.get(server.url + f"/executions/{sample.ids['acme'][0]}")
+        assert "acme" in _text(browser)
+        assert all(key not in browser.page_source for key in KEYS.values())
+        assert tl.Execution.by_tenant("acme").count() == 8
+    finally:
+        browser.delete_all_cookies()

@@ -1,0 +1,270 @@
+"""FastAPI and Django integrations, with the real frameworks: the request's tenant is the
+current tenant while a view runs (sync and async), and never leaks into the next request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import django
+import httpx
+import pytest
+import tenantllm as tl
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+from django.test import AsyncClient, Client, override_settings
+from django.urls import path
+from fastapi import Depends, FastAPI, Request
+from fastapi.testclient import TestClient
+from tenantllm.integrations.django import TenantMiddleware as DjangoTenantMiddleware
+from tenantllm.integrations.fastapi import TenantMiddleware, tenant_dependency
+from tenantllm.tenancy import current_tenant_value
+
+
+class Support(tl.Agent):
+    model = "mock/support"
+    user = "Question: {query}"
+    max_tokens = 50
+
+
+@pytest.fixture(autouse=True)
+def _fast_mock(configure: Any) -> None:
+    configure(mock={"latency_ms": 0})
+
+
+def tenant_of(execution_id: str) -> str | None:
+    return tl.Execution.get(execution_id).tenant_id
+
+
+@tl.llm_tenant(id="slug", name="title")
+@dataclass
+class Org:
+    slug: str
+    title: str
+
+
+# ------------------------------------------------------------------ FastAPI
+
+
+def fastapi_app(**middleware: Any) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(TenantMiddleware, **middleware)
+
+    @app.get("/sync")
+    def sync_view(q: str = "hi") -> dict[str, Any]:  # runs in a worker thread
+        r = Support.call(query=q)
+        return {"tenant": r.tenant_id, "execution": r.execution_id}
+
+    @app.get("/async")
+    async def async_view(request: Request, q: str = "hi", wait: float = 0) -> dict[str, Any]:
+        await asyncio.sleep(wait)  # let other requests interleave
+        r = await Support.acall(query=q)
+        return {"tenant": r.tenant_id, "execution": r.execution_id, "state": request.state.tenantllm_tenant_id}
+
+    return app
+
+
+def test_fastapi_middleware_from_header_sync_and_async_views() -> None:
+    with TestClient(fastapi_app(header="X-Tenant-ID")) as c:
+        for route in ("/sync", "/async"):
+            body = c.get(route, headers={"X-Tenant-ID": "acme"}).json()
+            assert body["tenant"] == "acme" and tenant_of(body["execution"]) == "acme"
+            # The next request, without the header, has no tenant: nothing leaked.
+            body = c.get(route).json()
+            assert body["tenant"] is None and tenant_of(body["execution"]) is None
+            assert c.get(route, headers={"X-Tenant-ID": "   "}).json()["tenant"] is None
+        assert c.get("/async", headers={"X-Tenant-ID": "globex"}).json()["state"] == "globex"
+    assert current_tenant_value() is None
+    assert tl.Execution.by_tenant("acme").count() == 2
+
+
+async def test_fastapi_concurrent_async_requests_keep_their_own_tenant() -> None:
+    app = fastapi_app(header="X-Tenant-ID")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        tenants = [f"t{i % 5}" for i in range(30)]
+        # Later-started requests finish first, so contexts are interleaved.
+        responses = await asyncio.gather(
+            *[
+                c.get("/async", params={"wait": (30 - i) / 1000}, headers={"X-Tenant-ID": t})
+                for i, t in enumerate(tenants)
+            ]
+        )
+    for t, r in zip(tenants, responses, strict=True):
+        body = r.json()
+        assert body["tenant"] == t and tenant_of(body["execution"]) == t
+    assert current_tenant_value() is None
+
+
+def test_fastapi_middleware_with_a_callable_returning_tenant_objects() -> None:
+    orgs = {"k1": Org("acme", "Acme Corp"), "k2": Org("globex", "Globex")}
+
+    async def from_api_key(request: Request) -> Org | None:  # async callables work too
+        return orgs.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+
+    with TestClient(fastapi_app(tenant_from_request=from_api_key)) as c:
+        assert c.get("/sync", headers={"Authorization": "Bearer k2"}).json()["tenant"] == "globex"
+        assert c.get("/async", headers={"Authorization": "Bearer k1"}).json()["state"] == "acme"
+        assert c.get("/sync", headers={"Authorization": "Bearer nope"}).json()["tenant"] is None
+
+
+def test_fastapi_dependency() -> None:
+    app = FastAPI()
+    current_tenant = tenant_dependency(tenant_from_request=lambda request: request.query_params.get("org"))
+
+    @app.get("/ask")
+    async def ask(tenant_id: str | None = Depends(current_tenant)) -> dict[str, Any]:
+        r = await Support.acall(query="hi")
+        return {"dep": tenant_id, "tenant": r.tenant_id}
+
+    @app.get("/ask-sync", dependencies=[Depends(current_tenant)])
+    def ask_sync() -> dict[str, Any]:
+        return {"tenant": Support.call(query="hi").tenant_id, "current": current_tenant_value()}
+
+    @app.get("/plain")
+    def plain() -> dict[str, Any]:
+        return {"tenant": Support.call(query="hi").tenant_id}
+
+    with TestClient(app) as c:
+        assert c.get("/ask?org=acme").json() == {"dep": "acme", "tenant": "acme"}
+        assert c.get("/ask-sync?org=globex").json() == {"tenant": "globex", "current": "globex"}
+        assert c.get("/ask").json() == {"dep": None, "tenant": None}
+        assert c.get("/plain?org=acme").json() == {"tenant": None}  # no dependency, no tenant
+    assert current_tenant_value() is None
+
+
+def test_fastapi_dependency_from_header() -> None:
+    app = FastAPI(dependencies=[Depends(tenant_dependency(header="X-Org"))])
+
+    @app.get("/")
+    async def index() -> dict[str, Any]:
+        return {"tenant": (await Support.acall(query="hi")).tenant_id}
+
+    with TestClient(app) as c:
+        assert c.get("/", headers={"X-Org": "initech"}).json() == {"tenant": "initech"}
+        assert c.get("/").json() == {"tenant": None}
+
+
+def test_fastapi_configuration_errors() -> None:
+    with pytest.raises(tl.ConfigurationError, match="exactly one"):
+        TenantMiddleware(FastAPI())
+    with pytest.raises(tl.ConfigurationError, match="exactly one"):
+        tenant_dependency(header="X-Tenant", tenant_from_request=lambda r: None)
+    with pytest.raises(tl.ConfigurationError, match="header"):
+        tenant_dependency(header=" ")
+    with pytest.raises(tl.ConfigurationError, match="callable"):
+        TenantMiddleware(FastAPI(), tenant_from_request="acme")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ Django
+
+
+def _configure_django() -> None:
+    if not settings.configured:
+        settings.configure(
+            DEBUG=False,
+            SECRET_KEY="tests-only",
+            ALLOWED_HOSTS=["testserver"],
+            ROOT_URLCONF=__name__,
+            INSTALLED_APPS=[],
+            MIDDLEWARE=[f"{__name__}.FakeAuthenticationMiddleware", "tenantllm.integrations.django.TenantMiddleware"],
+            DATABASES={},
+        )
+        django.setup()
+
+
+@dataclass
+class FakeUser:
+    """What django.contrib.auth's request.user looks like to the default resolver."""
+
+    is_authenticated: bool
+    tenant: Any = None
+
+
+class FakeAuthenticationMiddleware:
+    """Stands in for AuthenticationMiddleware: the `X-User` header names a user of a tenant."""
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> Any:
+        user = request.headers.get("X-User")
+        request.user = FakeUser(True, Org(user, user.title())) if user else FakeUser(False)  # type: ignore[attr-defined]
+        return self.get_response(request)
+
+
+def sync_view(request: HttpRequest) -> JsonResponse:
+    r = Support.call(query="hi")
+    return JsonResponse({"tenant": r.tenant_id, "execution": r.execution_id})
+
+
+async def async_view(request: HttpRequest) -> JsonResponse:
+    await asyncio.sleep(float(request.GET.get("wait", "0")))
+    r = await Support.acall(query="hi")
+    return JsonResponse({"tenant": r.tenant_id, "execution": r.execution_id})
+
+
+def tenant_from_query(request: HttpRequest) -> str | None:
+    return request.GET.get("org")
+
+
+urlpatterns = [path("sync", sync_view), path("async", async_view)]
+
+
+@pytest.fixture
+def django_ready() -> Iterator[None]:
+    _configure_django()
+    yield
+    assert current_tenant_value() is None
+
+
+def test_django_default_tenant_is_the_users(django_ready: None) -> None:
+    c = Client()
+    body = c.get("/sync", headers={"X-User": "acme"}).json()
+    assert body["tenant"] == "acme" and tenant_of(body["execution"]) == "acme"
+    body = c.get("/sync").json()  # anonymous: no tenant, nothing left over from the last request
+    assert body["tenant"] is None and tenant_of(body["execution"]) is None
+    assert c.get("/async", headers={"X-User": "globex"}).json()["tenant"] == "globex"
+
+
+def test_django_tenant_from_a_setting_callable(django_ready: None) -> None:
+    with override_settings(TENANTLLM_TENANT_FROM_REQUEST=f"{__name__}.tenant_from_query"):
+        c = Client()
+        assert c.get("/sync?org=initech").json()["tenant"] == "initech"
+        assert c.get("/sync", headers={"X-User": "acme"}).json()["tenant"] is None
+    with override_settings(TENANTLLM_TENANT_FROM_REQUEST=lambda request: {"id": "dict-tenant"}):
+        assert Client().get("/sync").json()["tenant"] == "dict-tenant"
+
+
+def test_django_tenant_from_a_header_setting(django_ready: None) -> None:
+    with override_settings(TENANTLLM_TENANT_HEADER="X-Tenant-ID"):
+        c = Client()
+        assert c.get("/sync", headers={"X-Tenant-ID": "acme"}).json()["tenant"] == "acme"
+        assert c.get("/sync").json()["tenant"] is None
+
+
+def test_django_configuration_errors(django_ready: None) -> None:
+    with override_settings(TENANTLLM_TENANT_FROM_REQUEST="no_such_module.fn"), pytest.raises(tl.ConfigurationError):
+        DjangoTenantMiddleware(lambda r: None)
+    with (
+        override_settings(TENANTLLM_TENANT_FROM_REQUEST=f"{__name__}.tenant_from_query", TENANTLLM_TENANT_HEADER="X"),
+        pytest.raises(tl.ConfigurationError, match="not both"),
+    ):
+        DjangoTenantMiddleware(lambda r: None)
+
+
+async def test_django_async_client_concurrent_requests(django_ready: None) -> None:
+    c = AsyncClient()
+    tenants = [f"org{i % 4}" for i in range(12)]
+    responses = await asyncio.gather(
+        *[c.get(f"/async?wait={(12 - i) / 1000}", headers={"X-User": t}) for i, t in enumerate(tenants)]
+    )
+    for t, r in zip(tenants, responses, strict=True):
+        body = r.json()
+        assert body["tenant"] == t and tenant_of(body["execution"]) == t
+    # A sync view served by the async handler (Django runs it in a thread with the context).
+    body = (await c.get("/sync", headers={"X-User": "acme"})).json()
+    assert body["tenant"] == "acme"
+    assert (await c.get("/sync")).json()["tenant"] is None
