@@ -24,6 +24,10 @@ from typing import Any
 
 import tenantllm as tl
 
+# litellm fetches its price map from the internet at import unless told not to; the bench
+# reaches nothing outside this machine.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS: list[dict[str, Any]] = []
 

@@ -121,6 +121,44 @@ pub trait Store: Send + Sync {
     fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>>;
 }
 
+/// Which model of a chain a call starts with, decided by the models' breakers in order.
+pub(crate) enum Choice {
+    Model { index: usize, probe: bool },
+    /// Every breaker is open; the earliest time one lets a probe through.
+    AllOpen { retry_at: Micros },
+}
+
+/// Walks the chain's breakers in order (`admit` claims a half-open probe in the store's
+/// transaction) and returns the first model let through. No breakers: the first model.
+pub(crate) fn first_admitted<E>(
+    keys: &[BreakerKey],
+    mut admit: impl FnMut(&BreakerKey) -> std::result::Result<breaker::Admission, E>,
+) -> std::result::Result<Choice, E> {
+    if keys.is_empty() {
+        return Ok(Choice::Model { index: 0, probe: false });
+    }
+    let mut retry_at = Micros::MAX;
+    for (index, key) in keys.iter().enumerate() {
+        match admit(key)? {
+            breaker::Admission::Pass => return Ok(Choice::Model { index, probe: false }),
+            breaker::Admission::Probe => return Ok(Choice::Model { index, probe: true }),
+            breaker::Admission::Reject { retry_at: r } => retry_at = retry_at.min(r),
+        }
+    }
+    Ok(Choice::AllOpen { retry_at })
+}
+
+/// The row of a call refused by a hard budget.
+pub(crate) fn blocked(b: &Breach, now: Micros) -> Completion {
+    Completion::refused(crate::execution::Status::Blocked, "BudgetExceededError", b.describe(), now)
+}
+
+/// The row of a call refused because every model's breaker is open.
+pub(crate) fn short_circuited(agent: &str, retry_at: Micros, now: Micros) -> Completion {
+    let msg = format!("circuit open for every model of {agent}; retry at {retry_at} (unix micros)");
+    Completion::refused(crate::execution::Status::ShortCircuited, "CircuitOpenError", msg, now)
+}
+
 /// Opens the store a `database` setting names: a path, ":memory:" or "sqlite:///path" for
 /// SQLite; a "postgresql://" or "postgres://" URL for PostgreSQL.
 pub fn open(database: &str) -> Result<Box<dyn Store>> {

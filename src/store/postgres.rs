@@ -33,12 +33,15 @@ use r2d2::PooledConnection;
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::pg_schema::MIGRATIONS;
-use super::{AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, FinishRequest, Store};
+use super::{
+    blocked, first_admitted, short_circuited, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, Choice, FinishRequest,
+    Store,
+};
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, Period};
 use crate::error::{Error, Result};
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Status, Value, FIELDS};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::secrets::Sealed;
 
@@ -906,30 +909,18 @@ impl Store for PostgresStore {
             if let Some(b) = hard {
                 bump(db, &deltas)?;
                 insert_execution(db, e)?;
-                let c = Completion::refused(Status::Blocked, "BudgetExceededError", b.describe(), req.now);
-                complete_execution(db, e, &c, false)?;
+                complete_execution(db, e, &blocked(&b, req.now), false)?;
                 return Ok(Admitted::Blocked(b));
             }
-            let mut chosen = None;
-            let mut retry_at = i64::MAX;
-            for (i, key) in req.breaker_keys.iter().enumerate() {
-                match breaker_admit_tx(db, key, req.probe_lease, req.now)? {
-                    Admission::Pass => chosen = Some((i, false)),
-                    Admission::Probe => chosen = Some((i, true)),
-                    Admission::Reject { retry_at: r } => retry_at = retry_at.min(r),
+            let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(db, key, req.probe_lease, req.now))? {
+                Choice::Model { index, probe } => (index, probe),
+                Choice::AllOpen { retry_at } => {
+                    bump(db, &deltas)?;
+                    insert_execution(db, e)?;
+                    complete_execution(db, e, &short_circuited(&e.agent, retry_at, req.now), false)?;
+                    return Ok(Admitted::ShortCircuited { retry_at });
                 }
-                if chosen.is_some() {
-                    break;
-                }
-            }
-            if !req.breaker_keys.is_empty() && chosen.is_none() {
-                bump(db, &deltas)?;
-                insert_execution(db, e)?;
-                let msg = format!("circuit open for every model of {}; retry at {retry_at} (unix micros)", e.agent);
-                let c = Completion::refused(Status::ShortCircuited, "CircuitOpenError", msg, req.now);
-                complete_execution(db, e, &c, false)?;
-                return Ok(Admitted::ShortCircuited { retry_at });
-            }
+            };
             for key in &checked {
                 let d = deltas.entry(key.clone()).or_default();
                 d.reserved = d.reserved.plus(&req.estimate);
@@ -943,7 +934,6 @@ impl Store for PostgresStore {
                 )?;
             }
             insert_execution(db, e)?;
-            let (model_index, probe) = chosen.unwrap_or((0, false));
             Ok(Admitted::Go { model_index, probe, checks, warnings })
         })
     }
@@ -1262,6 +1252,7 @@ mod tests {
 
     use super::*;
     use crate::budget::{GlobalBudgets, Plan};
+    use crate::execution::Status;
     use crate::pricing::{Cost, Usage};
     use crate::store::SqliteStore;
 

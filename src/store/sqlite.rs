@@ -11,12 +11,12 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
 use super::schema::MIGRATIONS;
-use super::{AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, FinishRequest, Store};
+use super::{blocked, first_admitted, short_circuited, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, Choice, FinishRequest, Store};
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, Period};
 use crate::error::{Error, Result};
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Status, Value, FIELDS};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::secrets::Sealed;
 
@@ -524,29 +524,17 @@ impl Store for SqliteStore {
             let (hard, warnings) = budget::evaluate(&checks, in_use, &est);
             if let Some(b) = hard {
                 insert_execution(tx, e)?;
-                let c = Completion::refused(Status::Blocked, "BudgetExceededError", b.describe(), req.now);
-                complete_execution(tx, e, &c, false)?;
+                complete_execution(tx, e, &blocked(&b, req.now), false)?;
                 return Ok(Admitted::Blocked(b));
             }
-            let mut chosen = None;
-            let mut retry_at = i64::MAX;
-            for (i, key) in req.breaker_keys.iter().enumerate() {
-                match breaker_admit_tx(tx, key, req.probe_lease, req.now)? {
-                    Admission::Pass => chosen = Some((i, false)),
-                    Admission::Probe => chosen = Some((i, true)),
-                    Admission::Reject { retry_at: r } => retry_at = retry_at.min(r),
+            let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(tx, key, req.probe_lease, req.now))? {
+                Choice::Model { index, probe } => (index, probe),
+                Choice::AllOpen { retry_at } => {
+                    insert_execution(tx, e)?;
+                    complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false)?;
+                    return Ok(Admitted::ShortCircuited { retry_at });
                 }
-                if chosen.is_some() {
-                    break;
-                }
-            }
-            if !req.breaker_keys.is_empty() && chosen.is_none() {
-                insert_execution(tx, e)?;
-                let msg = format!("circuit open for every model of {}; retry at {retry_at} (unix micros)", e.agent);
-                let c = Completion::refused(Status::ShortCircuited, "CircuitOpenError", msg, req.now);
-                complete_execution(tx, e, &c, false)?;
-                return Ok(Admitted::ShortCircuited { retry_at });
-            }
+            };
             if !keys.is_empty() {
                 bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est }).collect::<Vec<_>>())?;
                 tx.prepare_cached(
@@ -555,7 +543,6 @@ impl Store for SqliteStore {
                 .execute(params![e.id, encode_keys(&keys), est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
             }
             insert_execution(tx, e)?;
-            let (model_index, probe) = chosen.unwrap_or((0, false));
             Ok(Admitted::Go { model_index, probe, checks, warnings })
         })
     }
