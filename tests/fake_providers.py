@@ -351,6 +351,13 @@ class FakeProvider:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def base_urls(self) -> dict[str, str]:
+        """`configure(base_urls=...)` sending every built-in provider, and an OpenAI-compatible
+        one named "local", to this server."""
+        v1 = self.base_url + "/v1"
+        root = self.base_url
+        return {"openai": v1, "anthropic": root, "gemini": root, "deepseek": v1, "mistral": v1, "local": v1}
+
     def script(self, *steps: Step) -> None:
         """Queue behaviours, consumed one per (routed) request, FIFO."""
         with self._lock:

@@ -82,17 +82,6 @@ def fp(server: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> FakeProvider:
     return server
 
 
-def base_urls(fp: FakeProvider) -> dict[str, str]:
-    return {
-        "openai": fp.base_url + "/v1",
-        "anthropic": fp.base_url,
-        "gemini": fp.base_url,
-        "deepseek": fp.base_url + "/v1",
-        "mistral": fp.base_url + "/v1",
-        "local": fp.base_url + "/v1",
-    }
-
-
 Cfg = Callable[..., None]
 
 
@@ -108,7 +97,7 @@ def cfg(fp: FakeProvider, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cfg
             monkeypatch.setenv(SECRET_ENV, secret)
         tl.configure(
             database=str(db_path),
-            base_urls=base_urls(fp),
+            base_urls=fp.base_urls(),
             pricing={"local/llama3": LOCAL_PRICE},
             api_keys=api_keys or {},
             **options,

@@ -138,23 +138,12 @@ def fp(server: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> FakeProvider:
     return server
 
 
-def base_urls(fp: FakeProvider) -> dict[str, str]:
-    return {
-        "openai": fp.base_url + "/v1",
-        "anthropic": fp.base_url,
-        "gemini": fp.base_url,
-        "deepseek": fp.base_url + "/v1",
-        "mistral": fp.base_url + "/v1",
-        "local": fp.base_url + "/v1",
-    }
-
-
 def configure(fp: FakeProvider, tmp_path: Path, *, api_keys: dict[str, str] | None = None) -> None:
     """Points every provider at the fake server; `configure()` replaces everything, so the
     database is given too."""
     tl.configure(
         database=str(tmp_path / "p.db"),
-        base_urls=base_urls(fp),
+        base_urls=fp.base_urls(),
         api_keys=dict(KEYS) if api_keys is None else api_keys,
         pricing={"local/llama3": LOCAL_PRICE},
     )
@@ -504,7 +493,7 @@ def test_missing_openai_key_without_api_keys_option(
     fp: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    tl.configure(database=str(tmp_path / "p.db"), base_urls=base_urls(fp))
+    tl.configure(database=str(tmp_path / "p.db"), base_urls=fp.base_urls())
 
     with pytest.raises(tl.ConfigurationError, match="OPENAI_API_KEY"):
         make_agent("gpt-4o").call()
@@ -515,7 +504,7 @@ def test_missing_openai_key_without_api_keys_option(
 
 def test_openai_key_from_the_environment(fp: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env-3b7e11")
-    tl.configure(database=str(tmp_path / "p.db"), base_urls=base_urls(fp))
+    tl.configure(database=str(tmp_path / "p.db"), base_urls=fp.base_urls())
 
     r = make_agent("gpt-4o").call()
 
@@ -525,7 +514,7 @@ def test_openai_key_from_the_environment(fp: FakeProvider, tmp_path: Path, monke
 
 def test_gemini_key_from_google_api_key(fp: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GOOGLE_API_KEY", "g-from-env-42")
-    tl.configure(database=str(tmp_path / "p.db"), base_urls=base_urls(fp))
+    tl.configure(database=str(tmp_path / "p.db"), base_urls=fp.base_urls())
 
     make_agent("gemini-2.5-flash").call()
 

@@ -5,7 +5,9 @@ from decimal import Decimal
 from typing import Any, final
 
 __version__: str
+TENANT_LIMIT_KEYS: list[str]
 __all__ = [
+    "TENANT_LIMIT_KEYS",
     "AgentResult",
     "AgentSpec",
     "AllModelsExhaustedError",

@@ -5,18 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from tenantllm import _core
 from tenantllm.config import engine
 
-_FIELDS = (
-    "name",
-    "daily_limit",
-    "monthly_limit",
-    "daily_token_limit",
-    "monthly_token_limit",
-    "daily_execution_limit",
-    "monthly_execution_limit",
-    "enforcement",
-)
+_FIELDS = tuple(_core.TENANT_LIMIT_KEYS)
 
 
 class TenantBudget:

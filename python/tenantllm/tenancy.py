@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from tenantllm import _core
 from tenantllm._core import ConfigurationError, InvalidTenantError
 from tenantllm.config import Settings
 
@@ -16,10 +17,7 @@ T = TypeVar("T")
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("tenantllm_tenant", default=None)
 
 # Keys of a runtime tenant dict that are limits (the rest: id, api_keys).
-LIMIT_KEYS = frozenset(
-    {"daily_limit", "monthly_limit", "daily_token_limit", "monthly_token_limit", "daily_execution_limit",
-     "monthly_execution_limit", "enforcement", "name"}
-)
+LIMIT_KEYS = frozenset(_core.TENANT_LIMIT_KEYS)
 
 
 @dataclass(frozen=True)

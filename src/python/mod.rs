@@ -17,5 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyGuard>()?;
     m.add_class::<engine::PyCall>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The fields of a tenant budget / tenant limits dict, for the Python layer's checks.
+    m.add("TENANT_LIMIT_KEYS", convert::TENANT_LIMIT_KEYS.to_vec())?;
     Ok(())
 }
