@@ -337,6 +337,7 @@ def main() -> None:
     print(f"  {'measure':<68} {'median':>12} {'unit':<8} {'target':<10}")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        os.chdir(d)  # litellm's BudgetManager writes user_cost.json into the working directory
         sync_overhead(str(d / "sync.db"), n, repeats)
         sqlite_insert_peer(str(d / "peer.db"), n, repeats)
         pybreaker_peer(n * 10, repeats)
