@@ -15,6 +15,10 @@ import tenantllm as tl
 from starlette.testclient import TestClient
 from tenantllm.cli import main
 
+# The command line takes database files by path and checks them before opening, so the
+# PostgreSQL run of the suite (which maps paths given to configure()) cannot stand in here.
+pytestmark = pytest.mark.sqlite_only
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
