@@ -257,6 +257,9 @@ impl Engine {
         let lease = breaker::probe_lease(spec.timeout.as_secs_f64());
         let request = Self::request(&spec, &req);
         let mut errors: Vec<ProviderFailure> = vec![];
+        // Attempts and errors name models as the agent does ("mock/x", "openai/gpt-4o"),
+        // like the execution's model_id, not the provider's bare id.
+        let models: Vec<&String> = spec.chain().collect();
         for (i, route) in plan.routes.iter().enumerate().skip(first) {
             let key = breaker_keys.get(i);
             if let (true, Some(key)) = (i != first, key) {
@@ -274,18 +277,19 @@ impl Engine {
                     Err(_) => Err(ProviderFailure {
                         kind: ProviderErrorKind::Timeout,
                         provider: route.provider.clone(),
-                        model: route.model.clone(),
+                        model: String::new(),
                         status: None,
                         message: format!("no answer within {:?}", spec.timeout),
                         retryable: true,
                         retry_after: None,
                     }),
-                };
+                }
+                .map_err(|f| ProviderFailure { model: models[i].clone(), ..f });
                 let attempt = AttemptOf {
                     key: key.cloned(),
                     policy: spec.breaker,
                     probe,
-                    model: route.model.clone(),
+                    model: models[i].clone(),
                     provider: route.provider.clone(),
                 };
                 let elapsed = t0.elapsed().as_millis() as i64;

@@ -370,7 +370,7 @@ def test_failure_raises_its_class_and_leaves_one_error_row(
     assert type(e) is f.error
     assert isinstance(e, tl.TenantLLMError)
     assert e.provider == p.name
-    assert e.model == p.wire_model
+    assert e.model == p.model  # as the agent names it, like the row's model_id
     assert e.retryable is f.retryable
     if f.any_status:
         assert e.status in (None, 200)
