@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import tenantllm as tl
+from fake_providers import FakeProvider
 
 STORE_MODE = str(Path(__file__).parent / "store_mode")
 sys.path.insert(0, STORE_MODE)
@@ -62,3 +63,11 @@ def configure(db_path: Path) -> Configure:
         tl.configure(**options)
 
     return reconfigure
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeProvider]:
+    """A local fake provider server shared by a module's tests (each module's `fp` fixture
+    resets it per test)."""
+    with FakeProvider() as fp:
+        yield fp

@@ -364,10 +364,11 @@ class FakeProvider:
             self._script.extend(steps)
 
     def reset(self) -> None:
-        """Forget recorded requests and any queued steps."""
+        """Forget recorded requests and any queued steps; answer successfully by default again."""
         with self._lock:
             self.requests.clear()
             self._script.clear()
+            self.default = Step()
 
     def _next_step(self) -> Step:
         with self._lock:

@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,17 +64,10 @@ def provider_key(provider: str, owner: str) -> str:
 # ---------------------------------------------------------------- fake server and setup
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProvider]:
-    with FakeProvider() as fp:
-        yield fp
-
-
 @pytest.fixture
 def fp(server: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> FakeProvider:
     """The module's fake server, reset; no provider key and no secret in the environment."""
     server.reset()
-    server.default = Step()
     for names in ENV_VARS.values():
         for name in names:
             monkeypatch.delenv(name, raising=False)

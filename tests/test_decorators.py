@@ -65,17 +65,10 @@ def row_count() -> int:
 # ---------------------------------------------------------------- fake provider + SDK clients
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProvider]:
-    with FakeProvider() as fp:
-        yield fp
-
-
 @pytest.fixture
 def fp(server: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> FakeProvider:
     """The module's fake server, reset; no SDK environment that could redirect the clients."""
     server.reset()
-    server.default = Step()
     for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     return server

@@ -8,7 +8,6 @@ import csv
 import email.utils
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -122,17 +121,10 @@ ENV_VARS = {
 ALL_ENV_VARS = [*ENV_VARS.values(), "GOOGLE_API_KEY"]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProvider]:
-    with FakeProvider() as fp:
-        yield fp
-
-
 @pytest.fixture
 def fp(server: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> FakeProvider:
     """The module's fake server, reset, with no provider key in the environment."""
     server.reset()
-    server.default = Step()
     for var in ALL_ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     return server

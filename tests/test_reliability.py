@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,20 +26,10 @@ KEYS = {"openai": "sk-test-openai-7f3a9c", "anthropic": "sk-ant-test-51be02", "g
 FAST_RETRIES = tl.Retries(max=2, base=0.01, max_delay=0.02)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProvider]:
-    fp = FakeProvider().start()
-    try:
-        yield fp
-    finally:
-        fp.stop()
-
-
 @pytest.fixture
 def fp(server: FakeProvider, tmp_path: Path) -> FakeProvider:
     """The module's fake server, reset, with tenantllm pointed at it on a fresh database."""
     server.reset()
-    server.default = Step()
     configure(server, tmp_path / "p.db")
     return server
 
