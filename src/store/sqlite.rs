@@ -81,6 +81,15 @@ fn connect(path: &str) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The connection for queries. It reads the database file through a memory map: scans of
+/// the execution table then copy no pages through `pread`, which was a tenth of an
+/// ad-hoc group-by's time. (The WAL is never mapped; writers keep plain I/O.)
+fn connect_reader(path: &str) -> Result<Connection> {
+    let conn = connect(path)?;
+    conn.execute_batch("PRAGMA mmap_size=1073741824;")?;
+    Ok(conn)
+}
+
 fn migrate(conn: &mut Connection, path: &str) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -113,7 +122,7 @@ impl SqliteStore {
             return Ok(SqliteStore { writer, reader: None, _checkpointer: None });
         }
         Ok(SqliteStore {
-            reader: Some(Mutex::new(connect(path)?)),
+            reader: Some(Mutex::new(connect_reader(path)?)),
             _checkpointer: Some(spawn_checkpointer(path, writer.clone())?),
             writer,
         })
@@ -781,25 +790,29 @@ impl Store for SqliteStore {
         let totals = self.read(|c| {
             let mut stmt = c.prepare_cached(&sql)?;
             let mut rows = stmt.query(params_from_iter(args.iter()))?;
-            // Looked up by &str, so a row allocates only when its group is new.
-            let mut groups: HashMap<String, i64> = HashMap::new();
+            // Keyed by the raw bytes with a fast hasher, looked up by slice: a row allocates only
+            // when its group is new, and text is checked once per group, not once per row.
+            let mut groups: HashMap<Vec<u8>, i64, foldhash::fast::RandomState> = HashMap::default();
             let mut null_group: Option<i64> = None;
             while let Some(r) = rows.next()? {
                 let v: i64 = r.get(1)?;
                 match r.get_ref(0)? {
-                    rusqlite::types::ValueRef::Text(t) => {
-                        let key = std::str::from_utf8(t).map_err(|e| Error::Store(format!("{}: {e}", by.0)))?;
-                        match groups.get_mut(key) {
-                            Some(total) => *total = total.saturating_add(v),
-                            None => {
-                                groups.insert(key.to_string(), v);
-                            }
+                    rusqlite::types::ValueRef::Text(t) => match groups.get_mut(t) {
+                        Some(total) => *total = total.saturating_add(v),
+                        None => {
+                            groups.insert(t.to_vec(), v);
                         }
-                    }
+                    },
                     _ => null_group = Some(null_group.unwrap_or(0).saturating_add(v)),
                 }
             }
-            Ok(groups.into_iter().map(|(k, v)| (Some(k), v)).chain(null_group.map(|v| (None, v))).collect::<Vec<_>>())
+            let mut out = Vec::with_capacity(groups.len() + 1);
+            for (k, v) in groups {
+                let key = String::from_utf8(k).map_err(|e| Error::Store(format!("{}: {e}", by.0)))?;
+                out.push((Some(key), v));
+            }
+            out.extend(null_group.map(|v| (None, v)));
+            Ok(out)
         })?;
         let mut out: Vec<(Option<String>, Cell)> = totals
             .into_iter()
