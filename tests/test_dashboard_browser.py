@@ -101,15 +101,19 @@ def _text(driver: Any) -> str:
 
 
 def _click_and_wait(driver: Any, by: str, selector: str) -> None:
-    """Click something that navigates, and wait for the new page (clicks do not wait)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
+    """Click something that navigates, and wait for the new page (clicks do not wait).
+
+    The old page is marked on its `window`; the new page has no mark. (Waiting for the old
+    element to go stale raced: chromedriver sometimes answers a mid-navigation query with a
+    generic inspector error instead of a stale-element one.)"""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("window.__tlOldPage = true")
     driver.find_element(by, selector).click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
-    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 10, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return !window.__tlOldPage && document.readyState === 'complete'")
+    )
 
 
 def _row_tenants(driver: Any, kind: str) -> list[str]:
