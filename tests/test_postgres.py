@@ -122,6 +122,40 @@ def test_an_unreachable_server_is_a_clear_store_error() -> None:
     assert "pw" not in str(info.value)
 
 
+def test_a_lock_held_elsewhere_fails_the_call_clearly_and_changes_nothing(pg: str) -> None:
+    # A transaction stuck in another session holds the counters; the URL sets a short
+    # lock_timeout (the default is 30 s, like SQLite's busy timeout).
+    tl.TenantBudget.create("locked", daily_limit=1)
+    Capped.call(topic="before", tenant="locked")
+    spent = tl.TenantBudget.get("locked").current_daily_spending
+    exe = shutil.which("psql")
+    assert exe is not None
+    holder = subprocess.Popen(
+        [exe, "-X", "-q", "-d", pg, "-c", "BEGIN; LOCK TABLE usage_counters; SELECT pg_sleep(30); COMMIT;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PGAPPNAME": "tl-lock-holder"},
+    )
+    try:
+        granted = "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+        granted += " WHERE c.relname = 'usage_counters' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+        deadline = time.monotonic() + 20
+        while scalar(pg, granted) == 0:
+            assert time.monotonic() < deadline, "the lock holder never got its lock"
+            time.sleep(0.05)
+        tl.configure(database=pg + "?options=-c%20lock_timeout%3D500")
+        started = time.monotonic()
+        with pytest.raises(tl.StoreError, match="lock timeout"):
+            Capped.call(topic="while locked", tenant="locked")
+        assert time.monotonic() - started < 10
+    finally:
+        psql(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tl-lock-holder'")
+        holder.wait(timeout=30)
+    assert tl.Execution.by_tenant("locked").count() == 1
+    assert tl.TenantBudget.get("locked").current_daily_spending == spent
+    assert reserved(pg) == 0
+
+
 def _kill_connections(url: str) -> int:
     return scalar(
         url,

@@ -53,6 +53,15 @@ const ATTEMPTS: u32 = 3;
 /// How long an operation waits for a pooled connection (including connecting).
 const POOL_WAIT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a statement waits for a row or table lock before it fails, unless the URL's
+/// `options` set `lock_timeout`: SQLite's busy timeout, so a transaction stuck elsewhere
+/// fails a call with a clear error instead of hanging it. (No statement_timeout: long
+/// analytics queries are legitimate.)
+const LOCK_TIMEOUT_MS: u64 = 30_000;
+/// How long sent data may go unacknowledged before the connection counts as dead (and the
+/// operation runs again on a new one): a server or network that vanished without closing the
+/// connection would otherwise hang a call until the OS gives up, about 15 minutes later.
+const DEAD_PEER: Duration = Duration::from_secs(30);
 /// Prepared statements kept per connection (the query layer makes new SQL texts).
 const STATEMENT_CACHE: usize = 256;
 /// `pg_advisory_xact_lock` key that serialises migrations across processes ("tenantll").
@@ -303,6 +312,20 @@ fn take_pool_size(url: &str) -> Result<(String, u32)> {
     Ok((url, size))
 }
 
+/// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, LOCK_TIMEOUT_MS, DEAD_PEER).
+fn with_timeouts(config: &mut postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let options = config.get_options().unwrap_or("").to_string();
+    if !options.contains("lock_timeout") {
+        config.options(format!("{options} -c lock_timeout={LOCK_TIMEOUT_MS}").trim_start());
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(DEAD_PEER);
+    }
+}
+
 /// "user@host:port/dbname" for messages: never the password.
 fn target(config: &postgres::Config) -> String {
     let host = match config.get_hosts().first() {
@@ -356,9 +379,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("tenantllm");
         }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        with_timeouts(&mut config);
         let target = target(&config);
         let workers = Workers::start(pool_size)?;
         // A direct connection first, so a wrong URL fails at once with the server's reason.
@@ -1440,6 +1461,24 @@ mod tests {
         assert_eq!(take_pool_size("postgres://h/d?pool_size=3&sslmode=disable").unwrap(), ("postgres://h/d?sslmode=disable".into(), 3));
         assert_eq!(prefix_end("tenant:").as_deref(), Some("tenant;"));
         assert_eq!(prefix_end(""), None);
+    }
+
+    #[test]
+    fn timeouts_default_unless_the_url_sets_them() {
+        let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
+        with_timeouts(&mut c);
+        assert_eq!(c.get_options(), Some("-c lock_timeout=30000"));
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&DEAD_PEER));
+        let mut c: postgres::Config =
+            "postgresql://u@h/d?options=-c%20lock_timeout%3D5s&connect_timeout=3&tcp_user_timeout=7".parse().unwrap();
+        with_timeouts(&mut c);
+        assert_eq!(c.get_options(), Some("-c lock_timeout=5s"));
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+        let mut c: postgres::Config = "postgresql://u@h/d?options=-c%20search_path%3Dx".parse().unwrap();
+        with_timeouts(&mut c);
+        assert_eq!(c.get_options(), Some("-c search_path=x -c lock_timeout=30000"));
     }
 
     #[test]
