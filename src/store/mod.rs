@@ -12,10 +12,10 @@ pub use sqlite::SqliteStore;
 
 use crate::breaker;
 use crate::budget::{self, Breach, Check, TenantBudget};
-use crate::clock::{Calendar, Micros};
+use crate::clock::{Calendar, Micros, Period};
 use crate::error::Result;
 use crate::secrets::Sealed;
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row, FIELDS};
 
 /// Everything `admit` needs to decide whether a call may start.
 pub struct AdmitRequest<'a> {
@@ -168,4 +168,33 @@ pub fn open(database: &str) -> Result<Box<dyn Store>> {
     // SQLAlchemy style: sqlite:///relative.db, sqlite:////absolute.db
     let path = database.strip_prefix("sqlite:///").unwrap_or(database);
     Ok(Box::new(SqliteStore::open(path)?))
+}
+
+// ---------------------------------------------------------------- shared by both stores
+
+/// A counter row: (scope, period). Sorted like the "C" collation sorts them.
+type CounterKey = (String, String);
+
+/// The counters one settled call adds to: global, agent and tenant, for the day and month
+/// it started in.
+fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> Vec<CounterKey> {
+    let periods = [cal.period_key(Period::Daily, at), cal.period_key(Period::Monthly, at)];
+    budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
+}
+
+/// The counters a reservation holds, as stored in its `counters` column: "scope<TAB>period" lines.
+fn encode_keys<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> String {
+    keys.map(|(s, p)| format!("{s}\t{p}")).collect::<Vec<_>>().join("\n")
+}
+
+fn decode_keys(s: &str) -> Vec<CounterKey> {
+    s.lines().filter_map(|l| l.split_once('\t')).map(|(s, p)| (s.to_string(), p.to_string())).collect()
+}
+
+const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
+     daily_execution_limit, monthly_execution_limit, enforcement";
+
+/// The execution columns, in `FIELDS` order.
+fn all_columns() -> String {
+    FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }

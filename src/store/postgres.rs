@@ -34,12 +34,12 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::pg_schema::MIGRATIONS;
 use super::{
-    blocked, first_admitted, short_circuited, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, Choice, FinishRequest,
-    Store,
+    all_columns, blocked, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey,
+    BreakerOutcome, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
-use crate::clock::{now_micros, Calendar, Micros, Period};
+use crate::clock::{now_micros, Calendar, Micros};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
@@ -565,9 +565,6 @@ fn complete_execution(db: &mut Tx<'_, '_>, e: &NewExecution, c: &Completion, sto
 
 // ---------------------------------------------------------------- counters
 
-/// A counter row: (scope, period). Sorted like the "C" collation sorts them.
-type CounterKey = (String, String);
-
 /// A change to one counter: recorded usage and in-flight reservations (negative to release).
 #[derive(Debug, Clone, Copy, Default)]
 struct Delta {
@@ -644,21 +641,6 @@ fn bump(db: &mut Tx<'_, '_>, deltas: &Deltas) -> PgResult<HashMap<CounterKey, bu
     rows.iter().map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), usage_at(r, 2)?))).collect()
 }
 
-/// The counters one settled call adds to: global, agent and tenant, for the day and month
-/// it started in.
-fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> Vec<CounterKey> {
-    let periods = [cal.period_key(Period::Daily, at), cal.period_key(Period::Monthly, at)];
-    budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
-}
-
-fn encode_keys<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> String {
-    keys.map(|(s, p)| format!("{s}\t{p}")).collect::<Vec<_>>().join("\n")
-}
-
-fn decode_keys(s: &str) -> Vec<CounterKey> {
-    s.lines().filter_map(|l| l.split_once('\t')).map(|(s, p)| (s.to_string(), p.to_string())).collect()
-}
-
 /// A reservation removed from the table: its counters and its estimate.
 fn reservation_at(r: &PgRow, first: usize) -> PgResult<(Vec<CounterKey>, budget::Usage)> {
     let keys: String = r.try_get(first)?;
@@ -701,9 +683,6 @@ fn expire_reservations(db: &mut Tx<'_, '_>, cal: &Calendar, now: Micros, deltas:
 }
 
 // ---------------------------------------------------------------- budgets
-
-const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
-     daily_execution_limit, monthly_execution_limit, enforcement";
 
 fn budget_from_row(r: &PgRow) -> PgResult<TenantBudget> {
     let enforcement: String = r.try_get(8)?;
@@ -870,10 +849,6 @@ fn cell(r: &PgRow, i: usize, kind: Kind) -> PgResult<Cell> {
         Kind::Money => r.try_get::<_, Option<i64>>(i)?.map_or(Cell::Null, |n| Cell::Money(Nanos(n))),
         Kind::Time => r.try_get::<_, Option<i64>>(i)?.map_or(Cell::Null, Cell::Time),
     })
-}
-
-fn all_columns() -> String {
-    FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
 fn read_row(r: &PgRow) -> PgResult<Row> {
@@ -1273,6 +1248,7 @@ mod tests {
 
     use super::*;
     use crate::budget::{GlobalBudgets, Plan};
+    use crate::clock::Period;
     use crate::execution::Status;
     use crate::pricing::{Cost, Usage};
     use crate::store::SqliteStore;

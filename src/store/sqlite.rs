@@ -11,10 +11,13 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
 use super::schema::MIGRATIONS;
-use super::{blocked, first_admitted, short_circuited, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, Choice, FinishRequest, Store};
+use super::{
+    all_columns, blocked, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, Choice, CounterKey,
+    FinishRequest, Store, BUDGET_COLUMNS,
+};
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
-use crate::clock::{now_micros, Calendar, Micros, Period};
+use crate::clock::{now_micros, Calendar, Micros};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
@@ -244,9 +247,6 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
     Ok(())
 }
 
-/// A counter row: (scope, period).
-type CounterKey = (String, String);
-
 /// One change to a counter: `used` is added to its recorded usage, `reserve` (negative to
 /// release) to its in-flight reservations.
 struct Bump<'a> {
@@ -301,27 +301,12 @@ fn totals(c: &Connection, keys: &[CounterKey]) -> Result<HashMap<CounterKey, Tot
     Ok(out)
 }
 
-/// The counters one settled call adds to: global, agent and tenant, for the day and month
-/// it started in.
-fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> Vec<CounterKey> {
-    let periods = [cal.period_key(Period::Daily, at), cal.period_key(Period::Monthly, at)];
-    budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
-}
-
 /// A counter's recorded usage (in-flight reservations excluded).
 fn counter(c: &Connection, key: (&str, &str)) -> Result<budget::Usage> {
     Ok(c.prepare_cached("SELECT cost, tokens, executions FROM usage_counters WHERE scope = ?1 AND period = ?2")?
         .query_row(params![key.0, key.1], |r| Ok(budget::Usage { cost: Nanos(r.get(0)?), tokens: r.get(1)?, executions: r.get(2)? }))
         .optional()?
         .unwrap_or_default())
-}
-
-fn encode_keys(keys: &[CounterKey]) -> String {
-    keys.iter().map(|(s, p)| format!("{s}\t{p}")).collect::<Vec<_>>().join("\n")
-}
-
-fn decode_keys(s: &str) -> Vec<CounterKey> {
-    s.lines().filter_map(|l| l.split_once('\t')).map(|(s, p)| (s.to_string(), p.to_string())).collect()
 }
 
 /// A reservation removed from the table: its counters and its estimate.
@@ -380,9 +365,6 @@ fn budget_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantBudget> {
         enforcement: if enforcement == "soft" { Enforcement::Soft } else { Enforcement::Hard },
     })
 }
-
-const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
-     daily_execution_limit, monthly_execution_limit, enforcement";
 
 fn budget_get(conn: &Connection, tenant_id: &str) -> Result<Option<TenantBudget>> {
     Ok(conn
@@ -508,10 +490,6 @@ fn cell(r: &rusqlite::Row<'_>, i: usize, kind: Kind) -> rusqlite::Result<Cell> {
     })
 }
 
-fn all_columns() -> String {
-    FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-}
-
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     FIELDS.iter().enumerate().map(|(i, (n, k))| Ok((*n, cell(r, i, *k)?))).collect()
 }
@@ -565,7 +543,7 @@ impl Store for SqliteStore {
                 tx.prepare_cached(
                     "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
-                .execute(params![e.id, encode_keys(&keys), est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
+                .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
             }
             insert_execution(tx, e)?;
             Ok(Admitted::Go { model_index, probe, checks, warnings })
