@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use crate::clock::{Calendar, Micros, Period};
 use crate::error::{config_err, Amount, Result};
+use crate::execution::Completion;
 use crate::money::Nanos;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -230,6 +231,16 @@ pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>, cal: &Calendar, no
 /// The estimate a call reserves: its upper-bound cost and tokens, and one execution.
 pub fn estimate(cost: Nanos, tokens: i64) -> Usage {
     Usage { cost, tokens, executions: 1 }
+}
+
+/// What a settled call adds to its counters: its real cost and tokens and one execution, if
+/// it was admitted (a blocked or short-circuited call used nothing).
+pub fn recorded(c: &Completion) -> Usage {
+    if c.status.counts_as_usage() {
+        estimate(c.cost.total(), c.usage.input + c.usage.output)
+    } else {
+        Usage::default()
+    }
 }
 
 /// A limit that `current + estimate` would pass.

@@ -15,7 +15,7 @@ use crate::budget::{self, Breach, Check, TenantBudget};
 use crate::clock::{Calendar, Micros, Period};
 use crate::error::Result;
 use crate::secrets::Sealed;
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row, FIELDS};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row, Status, FIELDS};
 
 /// Everything `admit` needs to decide whether a call may start.
 pub struct AdmitRequest<'a> {
@@ -197,4 +197,30 @@ const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily
 /// The execution columns, in `FIELDS` order.
 fn all_columns() -> String {
     FIELDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+/// The settled executions `rebuild_counters` sums, as (tenant_id, agent, started_at,
+/// total_cost, total_tokens): those that count as usage. Calls still running are left out;
+/// their reservations stand for them.
+fn counted_executions_sql() -> String {
+    let left_out: Vec<String> = Status::ALL
+        .iter()
+        .filter(|s| !s.counts_as_usage() || **s == Status::Running)
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!("SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions WHERE status NOT IN ({})", left_out.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rebuild_leaves_out_calls_never_admitted_and_calls_in_flight() {
+        assert!(
+            counted_executions_sql().ends_with("WHERE status NOT IN ('running', 'blocked', 'short_circuited')"),
+            "{}",
+            counted_executions_sql()
+        );
+    }
 }

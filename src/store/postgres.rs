@@ -34,7 +34,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::pg_schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey,
+    all_columns, blocked, counted_executions_sql, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey,
     BreakerOutcome, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS,
 };
 use crate::breaker::{self, Admission, Phase};
@@ -969,11 +969,7 @@ impl Store for PostgresStore {
                 Default::default()
             };
             complete_execution(db, e, c, req.store_details)?;
-            let used = if c.status.counts_as_usage() {
-                budget::estimate(c.cost.total(), c.usage.input + c.usage.output)
-            } else {
-                budget::Usage::default()
-            };
+            let used = budget::recorded(c);
             let mut deltas = Deltas::new();
             for key in usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at) {
                 deltas.entry(key).or_default().used = used;
@@ -1110,8 +1106,7 @@ impl Store for PostgresStore {
             let mut deltas = Deltas::new();
             {
                 let stmt = db.statement(
-                    "SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions
-                     WHERE status NOT IN ('running', 'blocked', 'short_circuited')",
+                    &counted_executions_sql(),
                 )?;
                 let mut rows = db.c.query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())?;
                 while let Some(r) = rows.next()? {

@@ -12,8 +12,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 
 use super::schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, Choice, CounterKey,
-    FinishRequest, Store, BUDGET_COLUMNS,
+    all_columns, blocked, counted_executions_sql, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey,
+    BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
@@ -40,6 +40,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 const WAL_RESTART_FRAMES: i64 = 2000;
 /// Frames a restart may find still to copy: the catch-up passes before it aim below this.
 const RESTART_LEFTOVER_FRAMES: i64 = 256;
+/// At most this many catch-up passes: writers faster than the disk would outrun any number.
 const CATCH_UP_PASSES: usize = 4;
 
 /// Checkpoints the WAL from a thread of its own, so no call pays for copying pages and the
@@ -569,11 +570,7 @@ impl Store for SqliteStore {
             } else {
                 Default::default()
             };
-            let used = if c.status.counts_as_usage() {
-                budget::estimate(c.cost.total(), c.usage.input + c.usage.output)
-            } else {
-                budget::Usage::default()
-            };
+            let used = budget::recorded(c);
             let mut keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
             keys.extend(reserved_keys.iter().filter(|k| !keys.contains(k)).cloned().collect::<Vec<_>>());
             let changes: Vec<Bump<'_>> = keys
@@ -711,8 +708,7 @@ impl Store for SqliteStore {
             let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
             {
                 let mut stmt = tx.prepare(
-                    "SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions
-                     WHERE status NOT IN ('running', 'blocked', 'short_circuited')",
+                    &counted_executions_sql(),
                 )?;
                 let mut rows = stmt.query([])?;
                 while let Some(r) = rows.next()? {
