@@ -28,13 +28,17 @@ if not SERVER_URL:
 
 
 
-def psql(url: str, sql: str) -> str:
-    """Runs SQL with psql; returns the unaligned, tuples-only output."""
+def psql_exe() -> str:
     exe = shutil.which("psql")
     if exe is None:
         pytest.fail("psql is needed for the PostgreSQL tests (apt-get install postgresql-client)")
+    return exe
+
+
+def psql(url: str, sql: str) -> str:
+    """Runs SQL with psql; returns the unaligned, tuples-only output."""
     done = subprocess.run(
-        [exe, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
+        [psql_exe(), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
         capture_output=True,
         text=True,
         timeout=60,
@@ -128,10 +132,8 @@ def test_a_lock_held_elsewhere_fails_the_call_clearly_and_changes_nothing(pg: st
     tl.TenantBudget.create("locked", daily_limit=1)
     Capped.call(topic="before", tenant="locked")
     spent = tl.TenantBudget.get("locked").current_daily_spending
-    exe = shutil.which("psql")
-    assert exe is not None
     holder = subprocess.Popen(
-        [exe, "-X", "-q", "-d", pg, "-c", "BEGIN; LOCK TABLE usage_counters; SELECT pg_sleep(30); COMMIT;"],
+        [psql_exe(), "-X", "-q", "-d", pg, "-c", "BEGIN; LOCK TABLE usage_counters; SELECT pg_sleep(30); COMMIT;"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PGAPPNAME": "tl-lock-holder"},
