@@ -92,7 +92,8 @@ class Overview:
 def overview(engine: Engine, period: str, tenant: str | None) -> Overview:
     ops = period_ops(period) + tenant_ops(tenant)
     by_status: dict[str, int] = {str(k): int(v) for k, v in engine.query_grouped(ops, "status").items()}
-    cost: Decimal = engine.query_aggregate(ops, "total_cost")
+    by_agent = [(str(k), v) for k, v in engine.query_grouped(ops, "agent", "total_cost").items()]
+    cost: Decimal = sum((v for _, v in by_agent), Decimal(0))  # every execution has an agent
     tokens: int = engine.query_aggregate(ops, "total_tokens")
     by_tenant: list[tuple[str, Decimal]] = []
     if tenant is None:
@@ -100,7 +101,6 @@ def overview(engine: Engine, period: str, tenant: str | None) -> Overview:
             ("(no tenant)" if k is None else str(k), v)
             for k, v in engine.query_grouped(ops, "tenant_id", "total_cost").items()
         ]
-    by_agent = [(str(k), v) for k, v in engine.query_grouped(ops, "agent", "total_cost").items()]
     failures = engine.query_rows([*ops, ("in", "status", list(FAILED)), ("order", "started_at", True), ("limit", 10)])
 
     # Cost per day from the running counters of the viewer's scope (no scan of executions).
