@@ -3,6 +3,7 @@ database of its own when TENANTLLM_TEST_STORE=postgres, see store_mode/pg_everyw
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: tests of the SQLite file itself (skipped on PostgreSQL)")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if pg_everywhere.ACTIVE:
+        pg_everywhere.drop_created()  # databases configured outside a test's own fixture
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if pg_everywhere.ACTIVE:
         skip = pytest.mark.skip(reason="tests the SQLite file itself; the suite is running on PostgreSQL")
@@ -44,6 +50,13 @@ def _fresh_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     db = tmp_path / "t.db"
     tl.configure(database=str(db))
     yield db
+    if pg_everywhere.ACTIVE:
+        # Close this process's pool first: dropping under open connections (WITH (FORCE))
+        # works, but the killed pool then slows the next test. A test that left a broken
+        # configuration behind (say, a bad secret in the environment) gets the forced drop.
+        with contextlib.suppress(tl.ConfigurationError):
+            tl.configure(database=":memory:")
+        pg_everywhere.drop_created()
 
 
 @pytest.fixture
