@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,11 +228,17 @@ def throughput(db: str, per_thread: int, store: str = "SQLite") -> None:
     report(f"tenantllm/{store}: guarded calls/s across 4x4", total / (max(ends) - start), "calls/s", target)
 
 
-def postgres_database(server: str) -> str:
-    """A fresh database on the PostgreSQL server at `server` (created with psql)."""
+@contextlib.contextmanager
+def postgres_database(server: str) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server at `server` (created with psql), dropped
+    afterwards so runs leave nothing behind on the server."""
     name = f"tl_bench_{os.getpid()}_{time.time_ns()}"
     subprocess.run(["psql", "-X", "-q", "-d", server, "-c", f"CREATE DATABASE {name}"], check=True)
-    return server.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        tl.configure(database=":memory:")  # closes this process's connections to it
+        subprocess.run(["psql", "-X", "-q", "-d", server, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
 
 
 async def _fake_openai(port_holder: list[int], delay: float) -> asyncio.AbstractServer:
@@ -384,8 +391,10 @@ def main() -> None:
         litellm_peer(n, repeats)
         throughput(str(d / "tp.db"), 100 if args.quick else 1000)
         if args.postgres:
-            sync_overhead(postgres_database(args.postgres), n // 5, repeats, "PostgreSQL")
-            throughput(postgres_database(args.postgres), 100 if args.quick else 300, "PostgreSQL")
+            with postgres_database(args.postgres) as url:
+                sync_overhead(url, n // 5, repeats, "PostgreSQL")
+            with postgres_database(args.postgres) as url:
+                throughput(url, 100 if args.quick else 300, "PostgreSQL")
         else:
             print("\n(PostgreSQL skipped: pass --postgres URL or set TENANTLLM_TEST_POSTGRES_URL)")
         concurrent_acalls(str(d / "acall.db"), 1000, 3 if args.quick else 5)
