@@ -81,7 +81,7 @@ def interleaved_us(cases: dict[str, Case], n: int, repeats: int) -> dict[str, fl
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             config, fn = cases[name]
-            tl.configure(**config)
+            tl.configure(reset=True, **config)  # exactly this configuration
             fn()  # the first call after configure opens the store
             t = time.perf_counter()
             for _ in range(n):
@@ -98,7 +98,7 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
         "database": db,
         "budgets": {"global_daily": 1_000_000, "global_monthly": 10_000_000, "enforcement": "hard"},
     }
-    tl.configure(**budgeted)
+    tl.configure(reset=True, **budgeted)
     tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, daily_token_limit=10**12, enforcement="hard")
     us = interleaved_us(
         {
@@ -114,7 +114,7 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
     report(f"tenantllm/{store}: full guard (tenant, breaker, hard budgets, row)", us["full"], "µs", target)
     report(f"tenantllm/{store}: hard budget added over unbudgeted", us["full"] - us["breaker"], "µs", note="difference")
     # The tail: single calls that waited, mostly for the WAL restart the checkpointer makes.
-    tl.configure(**budgeted)
+    tl.configure(reset=True, **budgeted)
     each = []
     for _ in range(n * 3):
         t = time.perf_counter()
@@ -237,7 +237,7 @@ def postgres_database(server: str) -> Iterator[str]:
     try:
         yield server.rsplit("/", 1)[0] + "/" + name
     finally:
-        tl.configure(database=":memory:")  # closes this process's connections to it
+        tl.configure(reset=True, database=":memory:")  # closes this process's connections to it
         subprocess.run(["psql", "-X", "-q", "-d", server, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
 
 
@@ -293,6 +293,7 @@ def concurrent_acalls(db: str, n: int, repeats: int) -> None:
         port: list[int] = []
         server = await _fake_openai(port, 0.1)
         tl.configure(
+            reset=True,
             database=db,
             base_urls={"local": f"http://127.0.0.1:{port[0]}/v1"},
             pricing={"local/bench-model": {"input": "1", "output": "2"}},
@@ -317,7 +318,7 @@ def _uuid7(ms: int, seq: int) -> str:
 
 def spend_queries(db: str, rows: int, tenants: int, repeats: int) -> None:
     print(f"\nAnalytics over {rows:,} executions and {tenants:,} tenants")
-    tl.configure(database=db)
+    tl.configure(reset=True, database=db)
     conn = sqlite3.connect(db)
     now = time.time_ns() // 1000
     conn.execute("BEGIN")

@@ -12,6 +12,9 @@ pub fn now_micros() -> Micros {
     Utc::now().timestamp_micros()
 }
 
+/// The timezone of a database created by a process that names none.
+pub const DEFAULT_TIMEZONE: &str = "UTC";
+
 #[derive(Debug, Clone, Copy)]
 pub struct Calendar {
     tz: Tz,

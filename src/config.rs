@@ -16,7 +16,8 @@ pub struct PriceOverride {
 #[derive(Clone)]
 pub struct Config {
     pub database: String,
-    pub timezone: String,
+    /// The timezone this process expects; `None` uses the database's (`store::timezone`).
+    pub timezone: Option<String>,
     pub multi_tenancy_enabled: bool,
     pub budgets: GlobalBudgets,
     pub pricing: Vec<PriceOverride>,
@@ -32,7 +33,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             database: "tenantllm.db".into(),
-            timezone: "UTC".into(),
+            timezone: None,
             multi_tenancy_enabled: true,
             budgets: GlobalBudgets::default(),
             pricing: vec![],

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::breaker;
 use crate::budget::{self, Check};
-use crate::clock::{now_micros, Calendar, Micros};
+use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::config::Config;
 use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, Result};
 use crate::execution::{Attempt, Completion, NewExecution, Status};
@@ -104,7 +104,9 @@ pub struct Engine {
     sealer: Option<Sealer>,
     store: Box<dyn Store>,
     prices: PriceTable,
-    calendar: Calendar,
+    /// The database's timezone as last read; writes check it (`keyed`), reads refresh it
+    /// (`current_calendar`), so another process's `set_timezone` is followed.
+    calendar: RwLock<Calendar>,
     providers: Providers,
     alerts: Mutex<Vec<Alert>>,
 }
@@ -114,22 +116,90 @@ const LEASE_SLACK: Duration = Duration::from_secs(60);
 
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
-        let calendar = Calendar::new(&config.timezone)?;
+        let named = config.timezone.as_deref().map(Calendar::new).transpose()?;
         let mut prices = PriceTable::built_in();
         for p in &config.pricing {
             prices.set(&p.model, &p.input, &p.output, p.cached_input.as_deref())?;
         }
         config.budgets.limits.validate()?;
-        let store = store::open(&config.database)?;
         let sealer = Sealer::from_env()?;
-        Ok(Engine { sealer, providers: Providers::new(config.mock), config, store, prices, calendar, alerts: Mutex::new(vec![]) })
+        // A new database takes this process's zone; an existing one keeps its own.
+        let store = store::open(&config.database, named.map_or(DEFAULT_TIMEZONE, |c| c.name()))?;
+        let calendar = Calendar::new(&store.timezone()?)?;
+        if let Some(named) = named.filter(|n| n.name() != calendar.name()) {
+            return config_err(format!(
+                "timezone: this process is configured with {:?} but the database {} keeps its budget days in {:?}; \
+                 leave timezone unset to use the database's, or change it for every process with \
+                 `tenantllm timezone set {}` (tl.set_timezone), which rebuilds the counters",
+                named.name(),
+                config.database_display(),
+                calendar.name(),
+                named.name()
+            ));
+        }
+        Ok(Engine {
+            sealer,
+            providers: Providers::new(config.mock),
+            config,
+            store,
+            prices,
+            calendar: RwLock::new(calendar),
+            alerts: Mutex::new(vec![]),
+        })
     }
 
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()
     }
-    pub fn calendar(&self) -> &Calendar {
-        &self.calendar
+    /// The database's calendar as last seen (no database read).
+    pub fn calendar(&self) -> Calendar {
+        *self.calendar.read()
+    }
+
+    /// The database's calendar, read from it now.
+    pub fn current_calendar(&self) -> Result<Calendar> {
+        self.adopt(&self.store.timezone()?)
+    }
+
+    fn adopt(&self, zone: &str) -> Result<Calendar> {
+        let seen = self.calendar();
+        if seen.name() == zone {
+            return Ok(seen);
+        }
+        let cal = Calendar::new(zone)?;
+        *self.calendar.write() = cal;
+        Ok(cal)
+    }
+
+    /// Runs a write that keys counters by the calendar; if another process changed the
+    /// database's timezone, adopts the new one and runs it again.
+    fn keyed<T>(&self, mut write: impl FnMut(&Calendar) -> Result<T>) -> Result<T> {
+        let mut last = None;
+        for _ in 0..3 {
+            match write(&self.calendar()) {
+                Err(Error::TimezoneChanged(zone)) => {
+                    self.adopt(&zone)?;
+                    last = Some(zone);
+                }
+                other => return other,
+            }
+        }
+        Err(Error::TimezoneChanged(last.unwrap_or_default()))
+    }
+
+    /// Changes the database's timezone (for every process) and rebuilds its counters in it.
+    pub fn set_timezone(&self, zone: &str) -> Result<usize> {
+        let cal = Calendar::new(zone)?;
+        let written = self.store.set_timezone(&cal)?;
+        self.adopt(cal.name())?;
+        Ok(written)
+    }
+
+    /// Recomputes the counters from the executions, in the database's timezone.
+    pub fn rebuild_counters(&self) -> Result<usize> {
+        let written = self.store.rebuild_counters()?;
+        self.current_calendar()?;
+        Ok(written)
     }
     pub fn config(&self) -> &Config {
         &self.config
@@ -203,15 +273,17 @@ impl Engine {
             user_prompt: Some(req.user.clone()),
         };
         let breaker_keys = self.breaker_keys(spec, tenant_id);
-        let admitted = self.store.admit(&AdmitRequest {
-            execution: &execution,
-            plan: budget::Plan { global: &self.config.budgets, agent: &spec.name, tenant_id, tenant_override: req.tenant.limits.as_ref() },
-            estimate,
-            reservation_expires_at: now + Self::lease(spec).as_micros() as Micros,
-            breaker_keys: &breaker_keys,
-            probe_lease: breaker::probe_lease(spec.timeout.as_secs_f64()),
-            calendar: &self.calendar,
-            now,
+        let admitted = self.keyed(|calendar| {
+            self.store.admit(&AdmitRequest {
+                execution: &execution,
+                plan: budget::Plan { global: &self.config.budgets, agent: &spec.name, tenant_id, tenant_override: req.tenant.limits.as_ref() },
+                estimate,
+                reservation_expires_at: now + Self::lease(spec).as_micros() as Micros,
+                breaker_keys: &breaker_keys,
+                probe_lease: breaker::probe_lease(spec.timeout.as_secs_f64()),
+                calendar,
+                now,
+            })
         })?;
         match admitted {
             Admitted::Go { model_index, probe, checks, warnings } => Ok(Admission {
@@ -485,14 +557,16 @@ impl InFlight {
     fn finish(&mut self, completion: &Completion) -> Result<()> {
         self.done = true;
         let e = &self.engine;
-        let alerts = e.store.finish(&FinishRequest {
-            execution: &self.execution,
-            completion,
-            reserved: self.reserved,
-            checks: &self.checks,
-            breakers: &self.outcomes,
-            calendar: &e.calendar,
-            store_details: e.config.store_prompts,
+        let alerts = e.keyed(|calendar| {
+            e.store.finish(&FinishRequest {
+                execution: &self.execution,
+                completion,
+                reserved: self.reserved,
+                checks: &self.checks,
+                breakers: &self.outcomes,
+                calendar,
+                store_details: e.config.store_prompts,
+            })
         })?;
         if !alerts.is_empty() {
             e.alerts.lock().extend(alerts);
@@ -633,7 +707,7 @@ pub fn error_class(e: &Error) -> &'static str {
         Error::CircuitOpen(_) => "CircuitOpenError",
         Error::AllModelsExhausted { .. } => "AllModelsExhaustedError",
         Error::Provider(f) => f.kind.class_name(),
-        Error::Configuration(_) => "ConfigurationError",
+        Error::Configuration(_) | Error::TimezoneChanged(_) => "ConfigurationError",
         Error::InvalidTenant(_) => "InvalidTenantError",
         Error::MissingParameter(_) => "MissingParameterError",
         Error::Store(_) => "StoreError",

@@ -68,6 +68,11 @@ pub enum Error {
     MissingParameter(String),
     #[error("storage error: {0}")]
     Store(String),
+    /// A write found the database's timezone is not the one the engine keyed its counters
+    /// by (another process changed it): the engine adopts the stored zone and runs the
+    /// write again, so this reaches a caller only if the zone keeps changing.
+    #[error("the database's timezone changed to {0:?} while this process was running")]
+    TimezoneChanged(String),
 }
 
 /// Why a call was blocked by a budget.

@@ -48,14 +48,14 @@ def _fresh_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """Configures tenantllm on a new database file for each test."""
     monkeypatch.delenv("TENANTLLM_DATABASE", raising=False)
     db = tmp_path / "t.db"
-    tl.configure(database=str(db))
+    tl.configure(reset=True, database=str(db))  # nothing an earlier test configured carries over
     yield db
     if pg_everywhere.ACTIVE:
         # Close this process's pool first: dropping under open connections (WITH (FORCE))
         # works, but the killed pool then slows the next test. A test that left a broken
         # configuration behind (say, a bad secret in the environment) gets the forced drop.
         with contextlib.suppress(tl.ConfigurationError):
-            tl.configure(database=":memory:")
+            tl.configure(reset=True, database=":memory:")
         pg_everywhere.drop_created()
 
 
@@ -67,13 +67,13 @@ def db_path(_fresh_database: Path) -> Path:
 
 @pytest.fixture
 def configure(db_path: Path) -> Configure:
-    """Reconfigures tenantllm with extra options, keeping this test's database.
-
-    `tl.configure()` replaces the whole configuration, so every call states all its options."""
+    """Reconfigures tenantllm from the defaults with the options given and this test's
+    database (`reset=True`): each call states all the options it wants, whatever earlier
+    calls set. (`tl.configure()` itself changes only the options it names.)"""
 
     def reconfigure(**options: Any) -> None:
         options.setdefault("database", str(db_path))
-        tl.configure(**options)
+        tl.configure(reset=True, **options)
 
     return reconfigure
 

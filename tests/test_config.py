@@ -1,4 +1,4 @@
-"""`tl.configure()`: validation, atomic replacement, pricing, the mock provider's settings and
+"""`tl.configure()`: validation, atomic changes of only the options named, pricing, the mock provider's settings and
 the database option."""
 
 from __future__ import annotations
@@ -81,6 +81,75 @@ def test_bad_timezone_is_named_and_previous_configuration_survives(configure: An
     assert rows() == 2  # and the old database
 
 
+# ---------------------------------------------------------------- later calls
+
+
+def test_a_later_configure_changes_only_the_options_it_names(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    alerts: list[dict[str, Any]] = []
+    tl.configure(
+        reset=True,
+        database=str(db),
+        timezone="Europe/Berlin",
+        budgets={"global_daily_executions": 2, "enforcement": "hard"},
+        tenant_resolver=lambda: "kept",
+        on_alert=alerts.append,
+    )
+    Echo.call(text="one")
+    tl.configure(pricing={"mock/priced": {"input": "1.00", "output": "2.00"}})
+
+    engine = tl.config.engine()
+    assert engine.database == str(db) or engine.database.startswith("postgres")
+    assert engine.timezone == "Europe/Berlin"
+    r = Priced.call(text="two")  # the new pricing applies...
+    assert r.input_cost == r.input_tokens * Decimal("1.00") / MILLION
+    assert r.tenant_id == "kept"  # ...and the resolver, budgets and alert hook stayed
+    with pytest.raises(tl.BudgetExceededError):
+        Echo.call(text="three")
+    assert any(a["kind"] == "budget_threshold" for a in alerts)
+    assert rows() == 3
+
+
+def test_reset_starts_from_the_defaults(tmp_path: Path) -> None:
+    tl.configure(reset=True, database=str(tmp_path / "a.db"), budgets={"global_daily_executions": 1},
+                 tenant_resolver=lambda: "old")
+    tl.configure(reset=True, database=str(tmp_path / "a.db"))
+    r1, r2 = Echo.call(text="1"), Echo.call(text="2")  # no budget any more
+    assert r1.tenant_id is None and r2.tenant_id is None
+
+
+def test_an_option_named_none_goes_back_to_its_default(configure: Any) -> None:
+    tl.configure(tenant_resolver=lambda: "t", budgets={"global_daily_executions": 1})
+    tl.configure(tenant_resolver=None, budgets=None)
+    assert Echo.call(text="1").tenant_id is None
+    Echo.call(text="2")
+    assert rows() == 2
+
+
+def test_a_failed_later_configure_is_not_remembered(configure: Any) -> None:
+    tl.configure(tenant_resolver=lambda: "kept")
+    with pytest.raises(tl.ConfigurationError, match="global_daily"):
+        tl.configure(budgets={"global_daily": -1})
+    tl.configure(store_prompts=False)  # would fail if the bad budgets had been kept
+    assert Echo.call(text="x").tenant_id == "kept"
+
+
+def test_reset_must_be_a_bool(configure: Any) -> None:
+    with pytest.raises(tl.ConfigurationError, match="reset"):
+        tl.configure(reset="yes")
+    assert Echo.call(text="x") is not None
+
+
+def test_naming_another_timezone_than_the_database_is_refused(db_path: Path) -> None:
+    with pytest.raises(tl.ConfigurationError) as info:
+        tl.configure(timezone="Asia/Tokyo")
+    msg = str(info.value)
+    assert "Asia/Tokyo" in msg and "UTC" in msg and "timezone set" in msg
+    assert tl.config.engine().timezone == "UTC"  # the old configuration stands
+    Echo.call(text="x")
+    assert rows() == 1
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -100,10 +169,11 @@ def test_failed_configure_leaves_the_old_engine(configure: Any, bad: dict[str, A
     assert rows() == 1
 
 
-def test_timezone_is_accepted(configure: Any) -> None:
-    configure(timezone="America/New_York")
+def test_a_new_database_takes_the_configured_timezone(tmp_path: Path) -> None:
+    tl.configure(reset=True, database=str(tmp_path / "ny.db"), timezone="America/New_York")
     Echo.call(text="hi")
     assert tl.Execution.today().count() == 1
+    assert tl.config.engine().timezone == "America/New_York"
 
 
 # ---------------------------------------------------------------- budgets option
@@ -289,7 +359,9 @@ def test_bad_mock_settings(configure: Any, mock: dict[str, Any], named: str) -> 
 def test_database_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env_db = tmp_path / "from_env.db"
     monkeypatch.setenv("TENANTLLM_DATABASE", str(env_db))
-    tl.configure()
+    tl.configure()  # a database was named before (by the fixture): it stays
+    assert rows() == 0 and not env_db.exists()
+    tl.configure(reset=True)  # from the defaults: the environment's
     Echo.call(text="hi")
     assert env_db.exists()
 
@@ -329,7 +401,7 @@ def test_memory_database() -> None:
 
 def test_database_is_shared_by_engines_on_the_same_file(configure: Any) -> None:
     Echo.call(text="one")
-    configure(timezone="Europe/Paris")
+    configure(store_prompts=False)
     Echo.call(text="two")
     assert rows() == 2
 

@@ -126,9 +126,9 @@ def test_calendar_scopes(data: Data) -> None:
         assert q.count() == data.total, q
 
 
-def test_calendar_scopes_follow_the_configured_timezone(data: Data, configure: Any) -> None:
+def test_calendar_scopes_follow_the_database_timezone(data: Data) -> None:
     for tz in ("Pacific/Kiritimati", "Pacific/Pago_Pago", "Asia/Kolkata"):
-        configure(timezone=tz)
+        tl.set_timezone(tz)
         assert tl.Execution.today().count() == data.total
         assert tl.Execution.last_n_days(30).count() == data.total
 

@@ -22,7 +22,7 @@ from tenantllm.agent import Agent, BreakerPolicy, Retries
 from tenantllm.api_keys import ApiConfiguration
 from tenantllm.breaker import CircuitBreaker
 from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
-from tenantllm.config import configure
+from tenantllm.config import configure, set_timezone
 from tenantllm.decorators import AgentFunction, AsyncAgentFunction, UsageNotReported, agent, guard, guarded
 from tenantllm.execution import Execution, ExecutionQuery
 from tenantllm.tenancy import llm_tenant, tenant
@@ -60,6 +60,7 @@ __all__ = [
     "guarded",
     "llm_tenant",
     "rebuild_counters",
+    "set_timezone",
     "spend_by_tenant",
     "tenant",
 ]

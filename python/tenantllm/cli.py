@@ -77,7 +77,8 @@ def _open(database: str) -> None:
     if path is not None and os.path.isdir(path):
         raise CliError(f"{path!r} is a directory, not a database file")
     try:
-        tl.configure(database=database)
+        # Only the database's own settings apply here (its timezone among them).
+        tl.configure(reset=True, database=database)
         tl.config.engine().query_aggregate([])  # reads the executions table: fails early on a foreign file
     except tl.StoreError as e:
         raise CliError(f"cannot use {path or _shown(database)!r} as a tenantllm database: {e}") from None
@@ -115,6 +116,7 @@ def demo(args: argparse.Namespace) -> int:
                 os.remove(path + suffix)
     alerts: list[dict[str, Any]] = []
     tl.configure(
+        reset=True,
         database=path,
         budgets={"global_daily": 5, "enforcement": "hard"},
         mock={"latency_ms": 1, "failure_rate": 0.1, "seed": 7},
@@ -299,6 +301,22 @@ def budgets_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def timezone_show(args: argparse.Namespace) -> int:
+    _open(args.database)
+    print(tl.config.engine().timezone)
+    return 0
+
+
+def timezone_set(args: argparse.Namespace) -> int:
+    _open(args.database)
+    before = tl.config.engine().timezone
+    written = tl.set_timezone(args.zone)
+    after = tl.config.engine().timezone
+    print(f"{_shown(args.database)} now keeps its budget days and months in {after} (was {before}); "
+          f"rebuilt {written} counters")
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -390,6 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     bd.add_argument("tenant")
     bd.add_argument("--database", default=_default_database())
     bd.set_defaults(func=budgets_delete)
+
+    z = sub.add_parser("timezone", help="show or change the timezone of the database's budget days and months")
+    zsub = z.add_subparsers(dest="timezone_command", required=True)
+    zs = zsub.add_parser("show", help="print the database's timezone")
+    zs.add_argument("--database", default=_default_database())
+    zs.set_defaults(func=timezone_show)
+    zt = zsub.add_parser(
+        "set", help="change it for every process using the database and rebuild the counters in it (one transaction)"
+    )
+    zt.add_argument("zone", help="an IANA timezone name, such as Europe/Berlin or UTC")
+    zt.add_argument("--database", default=_default_database())
+    zt.set_defaults(func=timezone_set)
 
     w = sub.add_parser("dashboard", help="serve the web dashboard")
     w.add_argument("--database", default=_default_database())

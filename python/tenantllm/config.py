@@ -36,6 +36,9 @@ class Settings:
 
 _lock = threading.Lock()
 _settings: Settings | None = None
+# The options named so far (since the last reset=True): a later configure() changes only
+# the ones it names.
+_options: dict[str, Any] = {}
 
 
 def _callable_or_none(name: str, value: Any) -> Any:
@@ -44,12 +47,21 @@ def _callable_or_none(name: str, value: Any) -> Any:
     return value
 
 
-def configure(**options: Any) -> None:
-    """Configure tenantllm. Each call replaces the previous configuration.
+def configure(*, reset: bool = False, **options: Any) -> None:
+    """Configure tenantllm. A call changes only the options it names; the others (database,
+    budgets, timezone, hooks, ...) keep the values earlier calls gave them. An option named
+    with the value None goes back to its default; `reset=True` starts from the defaults.
+    Each option is replaced as a whole (a new `budgets` dict replaces the old one). Everything
+    is validated before anything is replaced: a call that fails changes nothing.
 
-    Options: database (path, ":memory:" or "sqlite:///path"; default env TENANTLLM_DATABASE or
-    "tenantllm.db"), timezone, multi_tenancy_enabled, tenant_resolver, tenant_config_resolver,
-    budgets, api_keys, base_urls, pricing, mock, store_prompts, on_alert. Unknown names are an error.
+    Options: database (path, ":memory:", "sqlite:///path" or "postgresql://..."; default env
+    TENANTLLM_DATABASE or "tenantllm.db"), timezone, multi_tenancy_enabled, tenant_resolver,
+    tenant_config_resolver, budgets, api_keys, base_urls, pricing, mock, store_prompts,
+    on_alert. Unknown names are an error.
+
+    `timezone`: the database keeps its own, set when it is created (this option's value, or
+    UTC). Naming another one raises ConfigurationError; leave it unset to use the database's,
+    and change it with `set_timezone` (or `tenantllm timezone set`).
     """
     unknown = sorted(set(options) - _CORE_OPTIONS - _HOOK_OPTIONS)
     if unknown:
@@ -57,13 +69,34 @@ def configure(**options: Any) -> None:
             f"unknown configure() option {unknown[0]!r}; expected one of "
             + ", ".join(sorted(_CORE_OPTIONS | _HOOK_OPTIONS))
         )
-    hooks = {k: _callable_or_none(k, options.get(k)) for k in _HOOK_OPTIONS}
-    core = {k: v for k, v in options.items() if k in _CORE_OPTIONS}
-    core.setdefault("database", os.environ.get("TENANTLLM_DATABASE", "tenantllm.db"))
-    engine = _core.Engine(core)  # validates everything before anything is replaced
-    global _settings
+    if not isinstance(reset, bool):
+        raise ConfigurationError(f"reset must be True or False, got {type(reset).__name__}")
+    global _settings, _options
     with _lock:
+        merged = dict(options) if reset else {**_options, **options}
+        hooks = {k: _callable_or_none(k, merged.get(k)) for k in _HOOK_OPTIONS}
+        core = {k: v for k, v in merged.items() if k in _CORE_OPTIONS}
+        if core.get("database") is None:
+            core["database"] = os.environ.get("TENANTLLM_DATABASE", "tenantllm.db")
+        engine = _core.Engine(core)  # validates everything before anything is replaced
         _settings = Settings(engine=engine, **hooks)
+        _options = merged
+
+
+def set_timezone(zone: str) -> int:
+    """Change the timezone the configured database keeps its budget days and months in (an
+    IANA name, e.g. "Europe/Berlin"), for every process using it, and rebuild its counters in
+    that zone, in one transaction; returns how many counters were written. Processes already
+    running follow at their next call; one started later that names another zone in
+    `configure` gets ConfigurationError."""
+    if not isinstance(zone, str):
+        raise ConfigurationError(f"timezone must be a string (an IANA name), got {type(zone).__name__}")
+    global _options
+    written = engine().set_timezone(zone)
+    with _lock:
+        # This process now follows the database's zone, whatever it named before.
+        _options = {k: v for k, v in _options.items() if k != "timezone"}
+    return written
 
 
 _init_lock = threading.Lock()

@@ -115,7 +115,7 @@ pub fn config_from_dict(d: &Bound<'_, PyDict>) -> Result<Config> {
         c.database = string("database", &v)?;
     }
     if let Some(v) = get(d, "timezone") {
-        c.timezone = string("timezone", &v)?;
+        c.timezone = Some(string("timezone", &v)?);
     }
     if let Some(v) = get(d, "multi_tenancy_enabled") {
         c.multi_tenancy_enabled = boolean("multi_tenancy_enabled", &v)?;

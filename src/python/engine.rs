@@ -314,8 +314,10 @@ impl PyEngine {
         py.detach(|| f(engine)).py_err(py)
     }
 
+    /// A query's operations; calendar ranges (`today()`, ...) in the database's timezone.
     fn ops(&self, py: Python<'_>, ops: &Bound<'_, PyList>) -> PyResult<Ops> {
-        parse_ops(ops, self.inner.calendar(), now_micros()).py_err(py)
+        let cal = self.detached(py, |e| e.current_calendar())?;
+        parse_ops(ops, &cal, now_micros()).py_err(py)
     }
 }
 
@@ -334,9 +336,16 @@ impl PyEngine {
         self.inner.config().database_display()
     }
 
+    /// The database's timezone (read from it, so a change by another process shows).
     #[getter]
-    fn timezone(&self) -> &str {
-        self.inner.calendar().name()
+    fn timezone(&self, py: Python<'_>) -> PyResult<&'static str> {
+        Ok(self.detached(py, |e| e.current_calendar())?.name())
+    }
+
+    /// Changes the database's timezone for every process and rebuilds the counters in it;
+    /// returns how many counters were written.
+    fn set_timezone(&self, py: Python<'_>, zone: &str) -> PyResult<usize> {
+        self.detached(py, |e| e.set_timezone(zone))
     }
 
     #[getter]
@@ -482,9 +491,9 @@ impl PyEngine {
     /// The tenant's recorded usage this day and month: {"daily": {...}, "monthly": {...}}.
     fn tenant_usage<'py>(&self, py: Python<'py>, tenant_id: &str) -> PyResult<Bound<'py, PyDict>> {
         let now = now_micros();
-        let cal = *self.inner.calendar();
         let scope = tenant_scope(tenant_id);
         let (daily, monthly) = self.detached(py, |e| {
+            let cal = e.current_calendar()?;
             Ok((
                 e.store().usage(&scope, &cal.period_key(Period::Daily, now))?,
                 e.store().usage(&scope, &cal.period_key(Period::Monthly, now))?,
@@ -510,8 +519,7 @@ impl PyEngine {
             "monthly" => Period::Monthly,
             other => return Err(to_py(py, Error::Configuration(format!("period must be \"daily\" or \"monthly\", got {other:?}")))),
         };
-        let key = self.inner.calendar().period_key(p, now_micros());
-        let rows = self.detached(py, |e| e.store().usage_by_scope("tenant:", &key))?;
+        let rows = self.detached(py, |e| e.store().usage_by_scope("tenant:", &e.current_calendar()?.period_key(p, now_micros())))?;
         let d = PyDict::new(py);
         for (tenant, u) in rows {
             d.set_item(tenant, usage_dict(py, &u)?)?;
@@ -523,14 +531,16 @@ impl PyEngine {
     /// `days` days, from the counters: [(day, {"cost", "tokens", "executions"}), ...].
     fn usage_daily<'py>(&self, py: Python<'py>, scope: &str, days: u32) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
         let now = now_micros();
-        let (first, _) = self.inner.calendar().last_n_days(now, days.max(1));
-        let first_day = self.inner.calendar().period_key(Period::Daily, first);
-        let rows = self.detached(py, |e| e.store().usage_daily(scope, &first_day))?;
+        let rows = self.detached(py, |e| {
+            let cal = e.current_calendar()?;
+            let (first, _) = cal.last_n_days(now, days.max(1));
+            e.store().usage_daily(scope, &cal.period_key(Period::Daily, first))
+        })?;
         rows.into_iter().map(|(d, u)| Ok((d, usage_dict(py, &u)?))).collect()
     }
 
     fn rebuild_counters(&self, py: Python<'_>) -> PyResult<usize> {
-        self.detached(py, |e| e.store().rebuild_counters(e.calendar()))
+        self.detached(py, |e| e.rebuild_counters())
     }
 
     // ------------------------------------------------------------ API keys

@@ -95,6 +95,7 @@ fn build(py: Python<'_>, e: Error) -> PyResult<PyErr> {
         }
         Error::Provider(f) => provider_err(py, &f)?,
         Error::Configuration(m) => ConfigurationError::new_err(m),
+        Error::TimezoneChanged(_) => ConfigurationError::new_err(msg),
         Error::InvalidTenant(m) => InvalidTenantError::new_err(m),
         Error::MissingParameter(m) => MissingParameterError::new_err(m),
         Error::Store(m) => StoreError::new_err(m),

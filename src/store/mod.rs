@@ -12,7 +12,7 @@ pub use sqlite::SqliteStore;
 
 use crate::breaker;
 use crate::budget::{self, Breach, Check, TenantBudget};
-use crate::clock::{Calendar, Micros, Period};
+use crate::clock::{Calendar, Micros, Period, DEFAULT_TIMEZONE};
 use crate::error::Result;
 use crate::secrets::Sealed;
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row, Status, FIELDS};
@@ -102,8 +102,14 @@ pub trait Store: Send + Sync {
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recorded usage of one scope per day, for days from `first_day` ("2026-11-01") on.
     fn usage_daily(&self, scope: &str, first_day: &str) -> Result<Vec<(String, budget::Usage)>>;
-    /// Recomputes every counter from the execution rows; returns how many it wrote.
-    fn rebuild_counters(&self, calendar: &Calendar) -> Result<usize>;
+    /// Recomputes every counter from the execution rows, in the database's timezone; returns
+    /// how many it wrote.
+    fn rebuild_counters(&self) -> Result<usize>;
+    /// The timezone the database keeps its calendar periods in.
+    fn timezone(&self) -> Result<String>;
+    /// Changes the database's timezone and rebuilds every counter in it, in one transaction
+    /// that no admission or settlement overlaps; returns how many counters it wrote.
+    fn set_timezone(&self, calendar: &Calendar) -> Result<usize>;
 
     fn query_rows(&self, q: &Query) -> Result<Vec<Row>>;
     fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell>;
@@ -160,17 +166,52 @@ pub(crate) fn short_circuited(agent: &str, retry_at: Micros, now: Micros) -> Com
 }
 
 /// Opens the store a `database` setting names: a path, ":memory:" or "sqlite:///path" for
-/// SQLite; a "postgresql://" or "postgres://" URL for PostgreSQL.
-pub fn open(database: &str) -> Result<Box<dyn Store>> {
+/// SQLite; a "postgresql://" or "postgres://" URL for PostgreSQL. A database that has no
+/// timezone yet (new, or made by a tenantllm before timezones were stored) gets `timezone`.
+pub fn open(database: &str, timezone: &str) -> Result<Box<dyn Store>> {
     if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-        return Ok(Box::new(PostgresStore::open(database)?));
+        return Ok(Box::new(PostgresStore::open(database, timezone)?));
     }
     // SQLAlchemy style: sqlite:///relative.db, sqlite:////absolute.db
     let path = database.strip_prefix("sqlite:///").unwrap_or(database);
-    Ok(Box::new(SqliteStore::open(path)?))
+    Ok(Box::new(SqliteStore::open(path, timezone)?))
 }
 
 // ---------------------------------------------------------------- shared by both stores
+
+/// The database's timezone; both stores read it first thing in every write that keys
+/// counters by date, so a `set_timezone` in another process cannot slip in between.
+const TIMEZONE_SQL: &str = "SELECT value FROM settings WHERE name = 'timezone'";
+
+/// Ok if the counters a write keys by `calendar` are the database's (the stored zone, UTC
+/// when none is stored); otherwise the engine must adopt the stored zone and run it again.
+fn keyed_like(stored: Option<String>, calendar: &Calendar) -> Result<()> {
+    match stored {
+        Some(zone) if zone != calendar.name() => Err(crate::error::Error::TimezoneChanged(zone)),
+        None if calendar.name() != DEFAULT_TIMEZONE => Err(crate::error::Error::TimezoneChanged(DEFAULT_TIMEZONE.into())),
+        _ => Ok(()),
+    }
+}
+
+/// The calendar of a stored zone (UTC when none is stored).
+fn calendar_of(stored: Option<String>) -> Result<Calendar> {
+    Calendar::new(stored.as_deref().unwrap_or(DEFAULT_TIMEZONE))
+}
+
+/// A reservation's counters moved to `cal`'s periods containing the call's start (daily keys
+/// are "2026-11-28", monthly "2026-11"): after a timezone change, calls in flight hold their
+/// estimates on the counters their usage will be added to.
+fn rekey(keys: &[CounterKey], cal: &Calendar, started_at: Micros) -> Vec<CounterKey> {
+    let mut out: Vec<CounterKey> = Vec::with_capacity(keys.len());
+    for (scope, period) in keys {
+        let p = if period.len() == "2026-11-28".len() { Period::Daily } else { Period::Monthly };
+        let key = (scope.clone(), cal.period_key(p, started_at));
+        if !out.contains(&key) {
+            out.push(key);
+        }
+    }
+    out
+}
 
 /// A counter row: (scope, period). Sorted like the "C" collation sorts them.
 type CounterKey = (String, String);
@@ -212,8 +253,109 @@ fn counted_executions_sql() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::budget::{GlobalBudgets, Limits, Plan};
+    use crate::error::Error;
+
+    /// Shared by both stores' tests: `set_timezone` moves settled usage and in-flight
+    /// reservations to the new zone's periods, and a write keyed by the old zone is refused.
+    pub(crate) fn set_timezone_moves_counters_and_refuses_stale_writers(store: &dyn Store) {
+        let (utc, berlin) = (Calendar::new("UTC").unwrap(), Calendar::new("Europe/Berlin").unwrap());
+        let global = GlobalBudgets { limits: Limits { daily_executions: Some(2), ..Default::default() }, ..Default::default() };
+        // 23:30 UTC on Nov 30 is Dec 1 in Berlin.
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-30T23:30:00Z").unwrap().timestamp_micros();
+        let execution = |id: &str| NewExecution {
+            id: id.into(),
+            agent: "A".into(),
+            model_id: "mock/x".into(),
+            provider: "mock".into(),
+            started_at: t,
+            metadata: "{}".into(),
+            ..Default::default()
+        };
+        let admit = |id: &str, cal: &Calendar| {
+            store.admit(&AdmitRequest {
+                execution: &execution(id),
+                plan: Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None },
+                estimate: budget::estimate(crate::money::Nanos(600), 10),
+                reservation_expires_at: t + 3_600_000_000,
+                breaker_keys: &[],
+                probe_lease: 1,
+                calendar: cal,
+                now: t,
+            })
+        };
+        let settle = |id: &str, cal: &Calendar| {
+            let done = Completion::refused(Status::Success, "", String::new(), t + 1);
+            store.finish(&FinishRequest {
+                execution: &execution(id),
+                completion: &done,
+                reserved: true,
+                checks: &[],
+                breakers: &[],
+                calendar: cal,
+                store_details: false,
+            })
+        };
+        // "a" settles and "b" stays in flight, both on UTC's Nov 30.
+        assert!(matches!(admit("a", &utc).unwrap(), Admitted::Go { .. }));
+        settle("a", &utc).unwrap();
+        assert!(matches!(admit("b", &utc).unwrap(), Admitted::Go { .. }));
+        assert_eq!(store.usage("global", "2026-11-30").unwrap().executions, 1);
+
+        assert_eq!(store.timezone().unwrap(), "UTC");
+        store.set_timezone(&berlin).unwrap();
+        assert_eq!(store.timezone().unwrap(), "Europe/Berlin");
+        assert_eq!(store.usage("global", "2026-11-30").unwrap().executions, 0);
+        assert_eq!(store.usage("global", "2026-12-01").unwrap().executions, 1);
+        assert_eq!(store.usage("global", "2026-12").unwrap().executions, 1);
+
+        // A process still on UTC is told the new zone and writes nothing.
+        match admit("c", &utc) {
+            Err(Error::TimezoneChanged(z)) => assert_eq!(z, "Europe/Berlin"),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.execution("c").unwrap().is_none());
+        assert!(matches!(settle("b", &utc), Err(Error::TimezoneChanged(_))));
+        // "b"'s reservation moved to Berlin's Dec 1 with "a": the limit of 2 is taken.
+        assert!(matches!(admit("c", &berlin).unwrap(), Admitted::Blocked(_)));
+        settle("b", &berlin).unwrap();
+        assert_eq!(store.usage("global", "2026-12-01").unwrap().executions, 2);
+        // Released exactly: nothing is left reserved, so a rebuild changes nothing.
+        assert!(matches!(admit("d", &berlin).unwrap(), Admitted::Blocked(_)));
+        store.rebuild_counters().unwrap();
+        assert_eq!(store.usage("global", "2026-12-01").unwrap().executions, 2);
+        assert_eq!(store.usage("global", "2026-11-30").unwrap().executions, 0);
+    }
+
+    #[test]
+    fn reservations_move_to_the_periods_of_the_new_zone() {
+        let berlin = Calendar::new("Europe/Berlin").unwrap();
+        // 23:30 UTC on Nov 30 is 00:30 on Dec 1 in Berlin.
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-30T23:30:00Z").unwrap().timestamp_micros();
+        let utc_keys: Vec<CounterKey> = [("global", "2026-11-30"), ("global", "2026-11"), ("tenant:t", "2026-11-30")]
+            .iter()
+            .map(|(s, p)| (s.to_string(), p.to_string()))
+            .collect();
+        let moved = rekey(&utc_keys, &berlin, t);
+        let want: Vec<CounterKey> =
+            [("global", "2026-12-01"), ("global", "2026-12"), ("tenant:t", "2026-12-01")].iter().map(|(s, p)| (s.to_string(), p.to_string())).collect();
+        assert_eq!(moved, want);
+    }
+
+    #[test]
+    fn a_write_keyed_by_another_zone_is_refused_with_the_stored_one() {
+        let utc = Calendar::new("UTC").unwrap();
+        let berlin = Calendar::new("Europe/Berlin").unwrap();
+        assert!(keyed_like(None, &utc).is_ok());
+        assert!(keyed_like(Some("Europe/Berlin".into()), &berlin).is_ok());
+        match keyed_like(Some("Europe/Berlin".into()), &utc) {
+            Err(crate::error::Error::TimezoneChanged(z)) => assert_eq!(z, "Europe/Berlin"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(keyed_like(None, &berlin), Err(crate::error::Error::TimezoneChanged(z)) if z == "UTC"));
+    }
 
     #[test]
     fn rebuild_leaves_out_calls_never_admitted_and_calls_in_flight() {

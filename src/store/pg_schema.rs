@@ -118,4 +118,13 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, provider)
     );
     "#,
+    // 2: settings that belong to the database rather than to a process: the timezone its
+    // calendar periods (the counters' keys) are in, recorded by the process that creates the
+    // database or first opens it with this version (`store::open`), changed by `set_timezone`.
+    r#"
+    CREATE TABLE settings (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
 ];

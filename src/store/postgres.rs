@@ -34,12 +34,12 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::pg_schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, counted_executions_sql, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey,
-    BreakerOutcome, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS,
+    all_columns, blocked, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey, short_circuited, usage_keys,
+    AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
-use crate::clock::{now_micros, Calendar, Micros};
+use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
@@ -338,7 +338,7 @@ fn target(config: &postgres::Config) -> String {
     format!("{user}{host}:{port}/{}", config.get_dbname().unwrap_or(""))
 }
 
-fn migrate(client: &mut Client) -> PgResult<()> {
+fn migrate(client: &mut Client, timezone: &str) -> PgResult<()> {
     let mut tx = client.transaction()?;
     // Several processes starting on a new database: one migrates, the others wait and see
     // its result.
@@ -357,6 +357,7 @@ fn migrate(client: &mut Client) -> PgResult<()> {
         tx.execute("DELETE FROM schema_version", &[])?;
         tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&(i as i64 + 1)])?;
     }
+    tx.execute("INSERT INTO settings (name, value) VALUES ('timezone', $1) ON CONFLICT (name) DO NOTHING", &[&timezone])?;
     tx.commit()?;
     Ok(())
 }
@@ -370,8 +371,9 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Opens (and migrates) the database a "postgresql://" or "postgres://" URL names.
-    pub fn open(url: &str) -> Result<PostgresStore> {
+    /// Opens (and migrates) the database a "postgresql://" or "postgres://" URL names; one
+    /// without a timezone gets `timezone`.
+    pub fn open(url: &str, timezone: &str) -> Result<PostgresStore> {
         let (url, pool_size) = take_pool_size(url)?;
         let mut config: postgres::Config = url
             .parse()
@@ -386,7 +388,7 @@ impl PostgresStore {
         workers.run(|| -> Result<()> {
             let mut client =
                 config.connect(NoTls).map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
-            migrate(&mut client).map_err(|f| f.into_error(&target))
+            migrate(&mut client, timezone).map_err(|f| f.into_error(&target))
         })?;
         let pool = r2d2::Pool::builder()
             .max_size(pool_size)
@@ -682,6 +684,59 @@ fn expire_reservations(db: &mut Tx<'_, '_>, cal: &Calendar, now: Micros, deltas:
     Ok(())
 }
 
+/// The stored timezone. In a write it must be the first statement: `set_timezone` holds the
+/// settings table exclusively while it rebuilds, so a write that read the old zone finishes
+/// before the rebuild starts, and one that starts during it waits and reads the new zone.
+fn stored_timezone(db: &mut Db<'_, impl GenericClient>) -> PgResult<Option<String>> {
+    Ok(db.query_opt(TIMEZONE_SQL, &[])?.map(|r| r.try_get(0)).transpose()?)
+}
+
+/// Recomputes every counter from the executions in `cal`'s periods (see `Store::rebuild_counters`).
+fn rebuild(db: &mut Tx<'_, '_>, cal: &Calendar) -> PgResult<usize> {
+    // No call is admitted or settled meanwhile (plain reads go on). Same table order as
+    // `admit` and `finish` take them in.
+    db.c.batch_execute("LOCK TABLE reservations, usage_counters IN EXCLUSIVE MODE")?;
+    let mut deltas = Deltas::new();
+    {
+        let stmt = db.statement(&counted_executions_sql())?;
+        let mut rows = db.c.query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())?;
+        while let Some(r) = rows.next()? {
+            let tenant: Option<String> = r.try_get(0)?;
+            let agent: String = r.try_get(1)?;
+            let u = budget::estimate(Nanos(r.try_get(3)?), r.try_get(4)?);
+            for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
+                let d = deltas.entry(key).or_default();
+                d.used = d.used.plus(&u);
+            }
+        }
+    }
+    let written = deltas.len();
+    db.execute("DELETE FROM usage_counters", &[])?;
+    // Calls in flight keep their reservations, on the periods of `cal`.
+    let held = db.query(
+        "SELECT r.counters, r.cost, r.tokens, r.executions, r.execution_id, e.started_at
+         FROM reservations r LEFT JOIN executions e ON e.id = r.execution_id",
+        &[],
+    )?;
+    for r in held {
+        let (mut keys, est) = reservation_at(&r, 0)?;
+        if let Some(started_at) = r.try_get::<_, Option<i64>>(5)? {
+            let moved = rekey(&keys, cal, started_at);
+            if moved != keys {
+                let id: String = r.try_get(4)?;
+                db.execute("UPDATE reservations SET counters = $2 WHERE execution_id = $1", &[&id, &encode_keys(moved.iter())])?;
+                keys = moved;
+            }
+        }
+        for key in keys {
+            let d = deltas.entry(key).or_default();
+            d.reserved = d.reserved.plus(&est);
+        }
+    }
+    bump(db, &deltas)?;
+    Ok(written)
+}
+
 // ---------------------------------------------------------------- budgets
 
 fn budget_from_row(r: &PgRow) -> PgResult<TenantBudget> {
@@ -885,6 +940,7 @@ impl Store for PostgresStore {
             Ok(db.query_opt("SELECT 1 FROM executions WHERE id = $1", &[&e.id])?.is_some())
         };
         self.write(OnCommitLoss::Check(&check), |db| {
+            keyed_like(stored_timezone(db)?, req.calendar)?;
             let mut deltas = Deltas::new();
             expire_reservations(db, req.calendar, req.now, &mut deltas)?;
             let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
@@ -958,6 +1014,7 @@ impl Store for PostgresStore {
             })
         };
         self.write(OnCommitLoss::Check(&check), |db| {
+            keyed_like(stored_timezone(db)?, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statement that adds the real usage.
             let (reserved_keys, estimate) = if req.reserved {
@@ -1098,39 +1155,27 @@ impl Store for PostgresStore {
         })
     }
 
-    fn rebuild_counters(&self, cal: &Calendar) -> Result<usize> {
+    fn rebuild_counters(&self) -> Result<usize> {
         self.write(OnCommitLoss::Rerun, |db| {
-            // No call is admitted or settled meanwhile (plain reads go on). Same table order as
-            // `admit` and `finish` take them in.
-            db.c.batch_execute("LOCK TABLE reservations, usage_counters IN EXCLUSIVE MODE")?;
-            let mut deltas = Deltas::new();
-            {
-                let stmt = db.statement(
-                    &counted_executions_sql(),
-                )?;
-                let mut rows = db.c.query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())?;
-                while let Some(r) = rows.next()? {
-                    let tenant: Option<String> = r.try_get(0)?;
-                    let agent: String = r.try_get(1)?;
-                    let u = budget::estimate(Nanos(r.try_get(3)?), r.try_get(4)?);
-                    for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
-                        let d = deltas.entry(key).or_default();
-                        d.used = d.used.plus(&u);
-                    }
-                }
-            }
-            let written = deltas.len();
-            db.execute("DELETE FROM usage_counters", &[])?;
-            // Calls in flight keep their reservations.
-            for r in db.query("SELECT counters, cost, tokens, executions FROM reservations", &[])? {
-                let (keys, est) = reservation_at(&r, 0)?;
-                for key in keys {
-                    let d = deltas.entry(key).or_default();
-                    d.reserved = d.reserved.plus(&est);
-                }
-            }
-            bump(db, &deltas)?;
-            Ok(written)
+            let cal = calendar_of(stored_timezone(db)?)?;
+            rebuild(db, &cal)
+        })
+    }
+
+    fn timezone(&self) -> Result<String> {
+        Ok(self.read(stored_timezone)?.unwrap_or_else(|| DEFAULT_TIMEZONE.into()))
+    }
+
+    fn set_timezone(&self, cal: &Calendar) -> Result<usize> {
+        self.write(OnCommitLoss::Rerun, |db| {
+            // Waits for the writes that read the old zone; later ones wait for this (see
+            // `stored_timezone`).
+            db.c.batch_execute("LOCK TABLE settings IN ACCESS EXCLUSIVE MODE")?;
+            db.execute(
+                "INSERT INTO settings (name, value) VALUES ('timezone', $1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                &[&cal.name()],
+            )?;
+            rebuild(db, cal)
         })
     }
 
@@ -1290,7 +1335,7 @@ mod tests {
             Some(TestDb { url: with_dbname(&admin, &name), admin, name })
         }
         fn open(&self) -> PostgresStore {
-            PostgresStore::open(&self.url).unwrap()
+            PostgresStore::open(&self.url, "UTC").unwrap()
         }
         fn scalar(&self, sql: &str) -> i64 {
             scalar(&self.url, sql)
@@ -1405,12 +1450,18 @@ mod tests {
     }
 
     #[test]
+    fn set_timezone_moves_counters_and_refuses_stale_writers() {
+        let Some(db) = TestDb::new() else { return };
+        super::super::tests::set_timezone_moves_counters_and_refuses_stale_writers(&db.open());
+    }
+
+    #[test]
     fn concurrent_first_migrations_and_newer_schemas() {
         let Some(db) = TestDb::new() else { return };
         let opened: Vec<_> = (0..4)
             .map(|_| {
                 let url = db.url.clone();
-                std::thread::spawn(move || PostgresStore::open(&url).map(drop))
+                std::thread::spawn(move || PostgresStore::open(&url, "UTC").map(drop))
             })
             .collect();
         for t in opened {
@@ -1419,15 +1470,15 @@ mod tests {
         assert_eq!(db.scalar("SELECT COUNT(*) FROM schema_version"), 1);
         assert_eq!(db.scalar("SELECT MAX(version) FROM schema_version"), MIGRATIONS.len() as i64);
         on_server(&db.url, |c| c.batch_execute("UPDATE schema_version SET version = 999").unwrap());
-        let e = PostgresStore::open(&db.url).err().unwrap().to_string();
+        let e = PostgresStore::open(&db.url, "UTC").err().unwrap().to_string();
         assert!(e.contains("newer"), "{e}");
     }
 
     #[test]
     fn bad_urls_and_unreachable_servers_fail_clearly() {
-        let e = PostgresStore::open("postgresql://u@127.0.0.1:1/x?pool_size=0").err().unwrap().to_string();
+        let e = PostgresStore::open("postgresql://u@127.0.0.1:1/x?pool_size=0", "UTC").err().unwrap().to_string();
         assert!(e.contains("pool_size"), "{e}");
-        let e = PostgresStore::open("postgresql://u:secret@127.0.0.1:1/x").err().unwrap().to_string();
+        let e = PostgresStore::open("postgresql://u:secret@127.0.0.1:1/x", "UTC").err().unwrap().to_string();
         assert!(e.contains("cannot connect") && e.contains("127.0.0.1:1") && !e.contains("secret"), "{e}");
         assert_eq!(take_pool_size("postgres://h/d?pool_size=3&sslmode=disable").unwrap(), ("postgres://h/d?sslmode=disable".into(), 3));
         assert_eq!(prefix_end("tenant:").as_deref(), Some("tenant;"));
@@ -1574,7 +1625,7 @@ mod tests {
         let Some(db) = TestDb::new() else { return };
         let pg = db.open();
         let dir = tempfile::tempdir().unwrap();
-        let lite = SqliteStore::open(dir.path().join("t.db").to_str().unwrap()).unwrap();
+        let lite = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
         let global = GlobalBudgets::default();
         // Ids are UUIDv7 minted when the call starts, as the engine makes them (SQLite narrows
         // time ranges by id).
@@ -1624,8 +1675,7 @@ mod tests {
         let day = Calendar::new("UTC").unwrap().period_key(Period::Daily, T0);
         assert_eq!(pg.usage_by_scope("tenant:", &day).unwrap(), lite.usage_by_scope("tenant:", &day).unwrap());
         assert_eq!(pg.usage_daily("global", "2000-01-01").unwrap(), lite.usage_daily("global", "2000-01-01").unwrap());
-        let cal = Calendar::new("UTC").unwrap();
-        assert_eq!(pg.rebuild_counters(&cal).unwrap(), lite.rebuild_counters(&cal).unwrap());
+        assert_eq!(pg.rebuild_counters().unwrap(), lite.rebuild_counters().unwrap());
         assert_eq!(pg.usage_by_scope("", &day).unwrap(), lite.usage_by_scope("", &day).unwrap());
     }
 
@@ -1742,7 +1792,7 @@ mod tests {
         if let Some(pw) = config.get_password() {
             url.push_str(&format!(" password='{}'", String::from_utf8_lossy(pw)));
         }
-        let store = PostgresStore::open(&url).unwrap();
+        let store = PostgresStore::open(&url, "UTC").unwrap();
         let global = daily_limit(1_000_000);
         for (i, cut) in [CUT_AFTER_COMMIT, CUT_BEFORE_COMMIT].into_iter().enumerate() {
             let e = execution(&format!("cut{i}"), T0 + i as i64);

@@ -12,12 +12,12 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 
 use super::schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, counted_executions_sql, decode_keys, encode_keys, first_admitted, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey,
-    BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS,
+    all_columns, blocked, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey, short_circuited, usage_keys,
+    AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
-use crate::clock::{now_micros, Calendar, Micros};
+use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
@@ -110,7 +110,7 @@ fn connect_reader(path: &str) -> Result<Connection> {
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection, path: &str) -> Result<()> {
+fn migrate(conn: &mut Connection, path: &str, timezone: &str) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         .map_err(|e| Error::Store(format!("database {path:?} is not a tenantllm database or is corrupt: {e}")))?;
@@ -126,17 +126,19 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<()> {
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i as i64 + 1])?;
     }
+    tx.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('timezone', ?1)", [timezone])?;
     tx.commit()?;
     Ok(())
 }
 
 impl SqliteStore {
-    pub fn open(path: &str) -> Result<SqliteStore> {
+    /// Opens (creating and migrating) the database at `path`; one without a timezone gets `timezone`.
+    pub fn open(path: &str, timezone: &str) -> Result<SqliteStore> {
         if path.trim().is_empty() {
             return crate::error::config_err("database must be a file path, \":memory:\" or \"sqlite:///path\"");
         }
         let mut writer = connect(path)?;
-        migrate(&mut writer, path)?;
+        migrate(&mut writer, path, timezone)?;
         let writer = Arc::new(Mutex::new(writer));
         if path == ":memory:" {
             return Ok(SqliteStore { writer, reader: None, _checkpointer: None });
@@ -347,6 +349,56 @@ fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<(
     Ok(())
 }
 
+fn stored_timezone(c: &Connection) -> Result<Option<String>> {
+    Ok(c.prepare_cached(TIMEZONE_SQL)?.query_row([], |r| r.get(0)).optional()?)
+}
+
+/// Recomputes every counter from the executions in `cal`'s periods (see `Store::rebuild_counters`).
+fn rebuild(tx: &Connection, cal: &Calendar) -> Result<usize> {
+    let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
+    {
+        let mut stmt = tx.prepare(&counted_executions_sql())?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let tenant: Option<String> = r.get(0)?;
+            let agent: String = r.get(1)?;
+            let u = budget::estimate(Nanos(r.get(3)?), r.get(4)?);
+            for key in usage_keys(cal, tenant.as_deref(), &agent, r.get(2)?) {
+                let t = totals.entry(key).or_default();
+                *t = t.plus(&u);
+            }
+        }
+    }
+    tx.execute("DELETE FROM usage_counters", [])?;
+    let recorded: Vec<Bump<'_>> = totals.iter().map(|(key, u)| Bump { key, used: *u, reserve: budget::Usage::default() }).collect();
+    for chunk in recorded.chunks(100) {
+        bump(tx, chunk)?;
+    }
+    // Calls in flight keep their reservations, on the periods of `cal`.
+    type Held = (String, (Vec<CounterKey>, budget::Usage), Option<Micros>); // (execution, reservation, call's start)
+    let held: Vec<Held> = tx
+        .prepare(
+            "SELECT r.execution_id, r.counters, r.cost, r.tokens, r.executions, e.started_at
+             FROM reservations r LEFT JOIN executions e ON e.id = r.execution_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, release_row(r, 1)?, r.get(5)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, (keys, est), started_at) in &held {
+        let keys = match started_at {
+            Some(t) => {
+                let moved = rekey(keys, cal, *t);
+                if &moved != keys {
+                    tx.execute("UPDATE reservations SET counters = ?2 WHERE execution_id = ?1", params![id, encode_keys(moved.iter())])?;
+                }
+                moved
+            }
+            None => keys.clone(),
+        };
+        bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: *est }).collect::<Vec<_>>())?;
+    }
+    Ok(totals.len())
+}
+
 // ---------------------------------------------------------------- budgets
 
 fn budget_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantBudget> {
@@ -506,6 +558,7 @@ impl Store for SqliteStore {
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
         let e = req.execution;
         self.write(|tx| {
+            keyed_like(stored_timezone(tx)?, req.calendar)?;
             expire_reservations(tx, req.calendar, req.now)?;
             let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
                 (Some(tid), None) => budget_get(tx, tid)?,
@@ -559,6 +612,7 @@ impl Store for SqliteStore {
         let e = req.execution;
         let c = req.completion;
         self.write(|tx| {
+            keyed_like(stored_timezone(tx)?, req.calendar)?;
             complete_execution(tx, e, c, req.store_details)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
@@ -703,38 +757,21 @@ impl Store for SqliteStore {
         })
     }
 
-    fn rebuild_counters(&self, cal: &Calendar) -> Result<usize> {
+    fn rebuild_counters(&self) -> Result<usize> {
+        self.write(|tx| rebuild(tx, &calendar_of(stored_timezone(tx)?)?))
+    }
+
+    fn timezone(&self) -> Result<String> {
+        Ok(self.read(stored_timezone)?.unwrap_or_else(|| DEFAULT_TIMEZONE.into()))
+    }
+
+    fn set_timezone(&self, cal: &Calendar) -> Result<usize> {
         self.write(|tx| {
-            let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
-            {
-                let mut stmt = tx.prepare(
-                    &counted_executions_sql(),
-                )?;
-                let mut rows = stmt.query([])?;
-                while let Some(r) = rows.next()? {
-                    let tenant: Option<String> = r.get(0)?;
-                    let agent: String = r.get(1)?;
-                    let u = budget::estimate(Nanos(r.get(3)?), r.get(4)?);
-                    for key in usage_keys(cal, tenant.as_deref(), &agent, r.get(2)?) {
-                        let t = totals.entry(key).or_default();
-                        *t = t.plus(&u);
-                    }
-                }
-            }
-            tx.execute("DELETE FROM usage_counters", [])?;
-            let recorded: Vec<Bump<'_>> = totals.iter().map(|(key, u)| Bump { key, used: *u, reserve: budget::Usage::default() }).collect();
-            for chunk in recorded.chunks(100) {
-                bump(tx, chunk)?;
-            }
-            // Calls in flight keep their reservations.
-            let held: Vec<(Vec<CounterKey>, budget::Usage)> = tx
-                .prepare("SELECT counters, cost, tokens, executions FROM reservations")?
-                .query_map([], |r| release_row(r, 0))?
-                .collect::<rusqlite::Result<_>>()?;
-            for (keys, est) in &held {
-                bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: *est }).collect::<Vec<_>>())?;
-            }
-            Ok(totals.len())
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES ('timezone', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                [cal.name()],
+            )?;
+            rebuild(tx, cal)
         })
     }
 
@@ -922,9 +959,29 @@ mod tests {
     }
 
     #[test]
+    fn set_timezone_rekeys_counters_and_reservations_and_stale_writers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        super::super::tests::set_timezone_moves_counters_and_refuses_stale_writers(&store);
+    }
+
+    #[test]
+    fn a_database_without_a_timezone_gets_its_first_openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let path = path.to_str().unwrap();
+        drop(SqliteStore::open(path, "UTC").unwrap());
+        // What a tenantllm from before stored timezones left: schema version 1, no settings.
+        Connection::open(path).unwrap().execute_batch("DROP TABLE settings; UPDATE schema_version SET version = 1").unwrap();
+        assert_eq!(SqliteStore::open(path, "Asia/Tokyo").unwrap().timezone().unwrap(), "Asia/Tokyo");
+        // Later openers find it set.
+        assert_eq!(SqliteStore::open(path, "UTC").unwrap().timezone().unwrap(), "Asia/Tokyo");
+    }
+
+    #[test]
     fn reservations_of_a_dead_process_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap()).unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
         let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
         let t0 = 1_800_000_000_000_000;
         assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
@@ -953,11 +1010,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.db");
         std::fs::write(&junk, b"this is not a database at all, not even close.......").unwrap();
-        assert!(SqliteStore::open(junk.to_str().unwrap()).is_err());
+        assert!(SqliteStore::open(junk.to_str().unwrap(), "UTC").is_err());
         let newer = dir.path().join("newer.db");
-        drop(SqliteStore::open(newer.to_str().unwrap()).unwrap());
+        drop(SqliteStore::open(newer.to_str().unwrap(), "UTC").unwrap());
         Connection::open(&newer).unwrap().execute("UPDATE schema_version SET version = 999", []).unwrap();
-        let e = SqliteStore::open(newer.to_str().unwrap()).err().unwrap().to_string();
+        let e = SqliteStore::open(newer.to_str().unwrap(), "UTC").err().unwrap().to_string();
         assert!(e.contains("newer"), "{e}");
     }
 }

@@ -41,7 +41,9 @@ def install() -> None:
     original = config.configure
 
     def configure(**options: Any) -> None:
-        db = options.get("database", os.environ.get("TENANTLLM_DATABASE"))
+        db = options.get("database")
+        if db is None and (options.get("reset") or config._settings is None):
+            db = os.environ.get("TENANTLLM_DATABASE")  # where configure() itself looks then
         if db and db != ":memory:" and not str(db).startswith(("postgres://", "postgresql://")):
             options["database"] = database_for(str(db))
         original(**options)

@@ -15,12 +15,15 @@ Mount it in your application::
 
 or serve it on its own: ``tenantllm dashboard --database tenantllm.db``.
 
+Days and months are those of the database's timezone (see ``tenantllm.set_timezone``),
+whichever way the dashboard is served.
+
 Which database it reads:
 
 - ``app()`` (no ``database``) reads whatever your application configured with
   ``tenantllm.configure(...)``, looked up on every request, so it follows reconfiguration;
 - ``app(database="path.db")`` reads that database through an engine of its own and leaves your
-  application's configuration alone (calendar in UTC unless ``timezone=`` is given);
+  application's configuration alone;
 - the ``tenantllm dashboard`` command calls ``tenantllm.configure(database=...)`` itself (its
   process has no other configuration) and then serves ``app()``.
 
@@ -57,24 +60,18 @@ def app(
     database: str | None = None,
     auth: Auth | None = None,
     title: str = "tenantllm",
-    *,
-    timezone: str | None = None,
 ) -> Starlette:
     """The dashboard as an ASGI application (mount it anywhere, or serve it with uvicorn).
 
     `database`: read this database with an engine of the dashboard's own instead of the
     application's configuration (see the module docstring). `auth`: per-request access,
-    `request -> Viewer | None`; default: everyone sees everything. `title`: shown in the header.
-    `timezone`: the calendar of a dashboard-owned engine (only with `database`)."""
+    `request -> Viewer | None`; default: everyone sees everything. `title`: shown in the header."""
     from tenantllm import _core
     from tenantllm.config import engine as configured_engine
     from tenantllm.dashboard import views
 
-    if timezone is not None and database is None:
-        raise _core.ConfigurationError("dashboard.app(): timezone= applies only with database= (otherwise the "
-                                       "application's configured timezone is used)")
     if database is not None:
-        own = _core.Engine({"database": database, **({"timezone": timezone} if timezone else {})})
+        own = _core.Engine({"database": database})
 
         def engine() -> _core.Engine:
             return own
