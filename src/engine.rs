@@ -8,10 +8,11 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::breaker;
 use crate::budget::{self, Check};
-use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
+use crate::clock::{now_micros, Calendar, DEFAULT_TIMEZONE};
 use crate::config::Config;
 use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, Result};
 use crate::execution::{Attempt, Completion, NewExecution, Status};
+use crate::lease::Leases;
 use crate::money::Nanos;
 use crate::pricing::{Cost, Price, PriceTable, Usage};
 use crate::providers::{self, Providers, Reply, Request, Route, Target};
@@ -102,7 +103,9 @@ pub struct Engine {
     config: Config,
     /// Encrypts and decrypts stored API keys; `None` without TENANTLLM_SECRET_KEY.
     sealer: Option<Sealer>,
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
+    /// This engine's in-flight reservations, renewed while they run.
+    leases: Leases,
     prices: PriceTable,
     /// The database's timezone as last read; writes check it (`keyed`), reads refresh it
     /// (`current_calendar`), so another process's `set_timezone` is followed.
@@ -110,9 +113,6 @@ pub struct Engine {
     providers: Providers,
     alerts: Mutex<Vec<Alert>>,
 }
-
-/// Slack added to a reservation's lease beyond the call's worst-case duration.
-const LEASE_SLACK: Duration = Duration::from_secs(60);
 
 impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
@@ -123,8 +123,9 @@ impl Engine {
         }
         config.budgets.limits.validate()?;
         let sealer = Sealer::from_env()?;
+        let leases = Leases::from_env()?;
         // A new database takes this process's zone; an existing one keeps its own.
-        let store = store::open(&config.database, named.map_or(DEFAULT_TIMEZONE, |c| c.name()))?;
+        let store: Arc<dyn Store> = store::open(&config.database, named.map_or(DEFAULT_TIMEZONE, |c| c.name()))?.into();
         let calendar = Calendar::new(&store.timezone()?)?;
         if let Some(named) = named.filter(|n| n.name() != calendar.name()) {
             return config_err(format!(
@@ -142,6 +143,7 @@ impl Engine {
             providers: Providers::new(config.mock),
             config,
             store,
+            leases,
             prices,
             calendar: RwLock::new(calendar),
             alerts: Mutex::new(vec![]),
@@ -237,11 +239,15 @@ impl Engine {
         Ok(CallPlan { routes, prices, estimated_input_tokens: input, estimated_cost, estimated_tokens: input + output })
     }
 
-    fn lease(spec: &AgentSpec) -> Duration {
+    /// How long a call can run: every attempt of every model timing out, with the longest
+    /// waits between. A guarded block (one attempt, no fallbacks) runs up to its timeout.
+    /// Its reservation's lease is renewed that long and no longer, so a block stuck
+    /// forever still frees its reservation.
+    fn worst_case(spec: &AgentSpec) -> Duration {
         // Each wait between attempts is at most max_delay, or an honoured Retry-After.
         let per_wait = spec.retries.max_delay_s.max(MAX_RETRY_AFTER_S);
         let per_model = spec.timeout.as_secs_f64() * (spec.retries.max + 1) as f64 + spec.retries.max as f64 * per_wait;
-        Duration::from_secs_f64(per_model * (1 + spec.fallback_models.len()) as f64) + LEASE_SLACK
+        Duration::from_secs_f64(per_model * (1 + spec.fallback_models.len()) as f64)
     }
 
     fn breaker_keys(&self, spec: &AgentSpec, tenant: Option<&str>) -> Vec<BreakerKey> {
@@ -278,7 +284,7 @@ impl Engine {
                 execution: &execution,
                 plan: budget::Plan { global: &self.config.budgets, agent: &spec.name, tenant_id, tenant_override: req.tenant.limits.as_ref() },
                 estimate,
-                reservation_expires_at: now + Self::lease(spec).as_micros() as Micros,
+                reservation_expires_at: self.leases.expires_at(now),
                 breaker_keys: &breaker_keys,
                 probe_lease: breaker::probe_lease(spec.timeout.as_secs_f64()),
                 calendar,
@@ -289,7 +295,10 @@ impl Engine {
             Admitted::Go { model_index, probe, checks, warnings } => Ok(Admission {
                 call: InFlight {
                     engine: self.clone(),
-                    reserved: !checks.is_empty(),
+                    reserved: !checks.is_empty() && {
+                        self.leases.hold(&self.store, &id, Instant::now() + Self::worst_case(spec));
+                        true
+                    },
                     execution,
                     checks,
                     attempts: vec![],
@@ -557,6 +566,9 @@ impl InFlight {
     fn finish(&mut self, completion: &Completion) -> Result<()> {
         self.done = true;
         let e = &self.engine;
+        if self.reserved {
+            e.leases.release(&self.execution.id);
+        }
         let alerts = e.keyed(|calendar| {
             e.store.finish(&FinishRequest {
                 execution: &self.execution,

@@ -1,6 +1,9 @@
 """tenantllm: per-tenant budgets, circuit breakers, API keys and execution tracking for LLM
 agents, with the hot path in a Rust core."""
 
+import atexit
+
+from tenantllm import _core
 from tenantllm._core import (
     AgentResult,
     AllModelsExhaustedError,
@@ -26,6 +29,10 @@ from tenantllm.config import configure, set_timezone
 from tenantllm.decorators import AgentFunction, AsyncAgentFunction, UsageNotReported, agent, guard, guarded
 from tenantllm.execution import Execution, ExecutionQuery
 from tenantllm.tenancy import llm_tenant, tenant
+
+# Async calls still in flight at exit (an `acall` cancelled as its event loop closed) settle
+# while the interpreter is alive, instead of after it is gone.
+atexit.register(_core.drain_tasks, 5.0)
 
 __all__ = [
     "Agent",

@@ -27,6 +27,7 @@ __all__ = [
     "StoreError",
     "TenantLLMError",
     "__version__",
+    "drain_tasks",
 ]
 
 class TenantLLMError(Exception): ...
@@ -146,6 +147,8 @@ class Guard:
     def cancel(self) -> None: ...
 
 @final
+def drain_tasks(timeout: float) -> None: ...
+
 class Engine:
     def __new__(cls, config: Mapping[str, Any]) -> Engine: ...
     @property

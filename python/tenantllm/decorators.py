@@ -168,6 +168,10 @@ def usage_of(response: Any) -> tuple[int, int, int, str | None] | None:
     return inp, out, int(cached), model
 
 
+# Seconds a guarded block keeps its reservation alive unless it says otherwise.
+DEFAULT_GUARD_TIMEOUT = 600.0
+
+
 class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
     """Tenancy, breaker, budget and tracking around a block that calls an LLM itself.
 
@@ -177,6 +181,8 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
 
     On entry the tenant is resolved, the breaker checked and `input_tokens` + `max_tokens` at
     the model's prices reserved (BudgetExceededError / CircuitOpenError before the body runs).
+    The process keeps the reservation alive while the block runs, up to `timeout` seconds
+    (1 to 86400, default 600); a block still running then loses it when its lease ends.
     An exception in the body is an error row and a breaker failure; a body that reports
     nothing is recorded with zero usage and a `UsageNotReported` warning. Calls made inside
     the block record it as their parent. Works with `async with` too.
@@ -192,9 +198,12 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         circuit_breaker: BreakerPolicy | None = None,
         tenant: Any = _UNSET,
         metadata: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_GUARD_TIMEOUT,
     ) -> None:
         if not isinstance(agent, str) or not agent:
             raise ConfigurationError("guarded(agent=...) must be a non-empty name")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 86400:
+            raise ConfigurationError(f"{agent}: timeout must be a number of seconds from 1 to 86400, got {timeout!r}")
         if isinstance(input_tokens, bool) or not isinstance(input_tokens, int) or input_tokens < 0:
             raise ConfigurationError(f"{agent}: input_tokens must be a non-negative int")
         self._spec = build_spec(
@@ -202,7 +211,7 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
             model=model,
             temperature=None,
             max_tokens=max_tokens,
-            timeout=30.0,
+            timeout=float(timeout),
             retries=0,
             fallback_models=(),
             circuit_breaker=circuit_breaker,
@@ -302,6 +311,7 @@ def guard(
     input_tokens: int = 0,
     circuit_breaker: BreakerPolicy | None = None,
     metadata: Mapping[str, Any] | None = None,
+    timeout: float = DEFAULT_GUARD_TIMEOUT,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """`guarded(...)` around every call of a function; usage is read from the SDK response it
     returns. The tenant comes from `tl.tenant(...)` or the resolver. Sync or async."""
@@ -313,6 +323,7 @@ def guard(
         input_tokens=input_tokens,
         circuit_breaker=circuit_breaker,
         metadata=metadata,
+        timeout=timeout,
     )
     block()  # validate the options now, not on the first call
 

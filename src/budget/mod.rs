@@ -243,6 +243,17 @@ pub fn recorded(c: &Completion) -> Usage {
     }
 }
 
+/// What a call settling now adds: `recorded`, less the execution when its reservation was
+/// taken over (the lease ran out), since closing its row as `Abandoned` counted it.
+pub fn settled(c: &Completion, taken_over: bool) -> Usage {
+    let used = recorded(c);
+    if taken_over {
+        Usage { executions: 0, ..used }
+    } else {
+        used
+    }
+}
+
 /// A limit that `current + estimate` would pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Breach {

@@ -13,12 +13,15 @@ use super::config::config_from_dict;
 use super::convert::{budget_to_dict, cell_to_py, count, nanos_to_py, row_to_dict, string, string_map, tenant_budget};
 use super::errors::{to_py, IntoPy};
 use super::query::{parse_ops, Ops};
+use super::runtime::{runtime, Tokio};
 use crate::breaker;
 use crate::budget::{self, tenant_scope};
 use crate::clock::{now_micros, Period};
+use crate::config::Config;
 use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Field};
+use crate::process::PerProcess;
 use crate::retry::RetryPolicy;
 use crate::store::{Alert, BreakerKey};
 use crate::tenancy::TenantContext;
@@ -151,11 +154,26 @@ pub struct PyGuard {
     inner: parking_lot::Mutex<Option<Guard>>,
     execution_id: String,
     warnings: Vec<String>,
+    /// The process that admitted it: its reservation and connections are that process's.
+    pid: u32,
 }
 
 impl PyGuard {
     fn take(&self, py: Python<'_>) -> PyResult<Guard> {
+        if self.pid != std::process::id() {
+            return Err(to_py(py, Error::Configuration("this guarded block was started in another process (before a fork); finish it there".into())));
+        }
         self.inner.lock().take().ok_or_else(|| to_py(py, Error::Configuration("this guarded block is already finished".into())))
+    }
+}
+
+impl Drop for PyGuard {
+    fn drop(&mut self) {
+        // In a forked child the block belongs to the parent: recording it as cancelled here
+        // would write through the parent's connections. Leak it; the parent settles it.
+        if self.pid != std::process::id() {
+            std::mem::forget(self.inner.get_mut().take());
+        }
     }
 }
 
@@ -196,9 +214,12 @@ impl PyGuard {
     }
 }
 
+/// One `configure()`. The core engine (store, providers, lease renewer) is per process: a
+/// forked child builds its own from the same settings on first use (`crate::process`).
 #[pyclass(module = "tenantllm._core", name = "Engine", frozen)]
 pub struct PyEngine {
-    inner: Arc<Engine>,
+    config: Config,
+    inner: PerProcess<Arc<Engine>>,
 }
 
 /// How often a blocked sync call checks for Ctrl-C.
@@ -308,9 +329,14 @@ fn alert_dict<'py>(py: Python<'py>, a: &Alert) -> PyResult<Bound<'py, PyDict>> {
 }
 
 impl PyEngine {
+    /// This process's engine: the one `configure()` built, or in a forked child a new one.
+    fn engine(&self, py: Python<'_>) -> PyResult<&Arc<Engine>> {
+        self.inner.get_or_try_init(|| py.detach(|| Engine::new(self.config.clone())).map(Arc::new)).py_err(py)
+    }
+
     /// Runs `f` on the core with the GIL released, converting its error.
     fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&Engine) -> Result<T> + Send) -> PyResult<T> {
-        let engine = &self.inner;
+        let engine = self.engine(py)?;
         py.detach(|| f(engine)).py_err(py)
     }
 
@@ -326,14 +352,14 @@ impl PyEngine {
     #[new]
     fn new(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
         let config = config_from_dict(config).py_err(py)?;
-        let engine = py.detach(|| Engine::new(config)).py_err(py)?;
-        Ok(PyEngine { inner: Arc::new(engine) })
+        let engine = py.detach(|| Engine::new(config.clone())).py_err(py)?;
+        Ok(PyEngine { config, inner: PerProcess::new(Arc::new(engine)) })
     }
 
     /// The database setting, with any password in a URL masked.
     #[getter]
     fn database(&self) -> String {
-        self.inner.config().database_display()
+        self.config.database_display()
     }
 
     /// The database's timezone (read from it, so a change by another process shows).
@@ -350,14 +376,15 @@ impl PyEngine {
 
     #[getter]
     fn multi_tenancy_enabled(&self) -> bool {
-        self.inner.config().multi_tenancy_enabled
+        self.config.multi_tenancy_enabled
     }
 
     /// Runs one call to completion, blocking this thread (not the interpreter).
     fn run(&self, py: Python<'_>, call: &PyCall) -> PyResult<PyAgentResult> {
-        let (engine, spec, req) = (self.inner.clone(), call.spec.clone(), call.req.clone());
+        let (engine, spec, req) = (self.engine(py)?.clone(), call.spec.clone(), call.req.clone());
+        let rt = runtime().py_err(py)?;
         let outcome: PyResult<Result<CallOutcome>> = py.detach(move || {
-            pyo3_async_runtimes::tokio::get_runtime().block_on(async move {
+            rt.tokio.block_on(async move {
                 let call = engine.run(spec, req);
                 tokio::pin!(call);
                 loop {
@@ -376,8 +403,9 @@ impl PyEngine {
 
     /// The awaitable form of `run`, for `Agent.acall`.
     fn arun<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyAny>> {
-        let (engine, spec, req) = (self.inner.clone(), call.spec.clone(), call.req.clone());
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let (engine, spec, req) = (self.engine(py)?.clone(), call.spec.clone(), call.req.clone());
+        runtime().py_err(py)?;
+        pyo3_async_runtimes::generic::future_into_py::<Tokio, _, _>(py, async move {
             match engine.run(spec, req).await {
                 Ok(o) => Ok(PyAgentResult::from(o)),
                 Err(e) => Err(Python::attach(|py| to_py(py, e))),
@@ -392,14 +420,19 @@ impl PyEngine {
         if estimated_input_tokens < 0 {
             return Err(to_py(py, Error::Configuration("estimated_input_tokens must not be negative".into())));
         }
-        let engine = self.inner.clone();
+        let engine = self.engine(py)?.clone();
         let guard = py.detach(|| engine.begin_guard(&call.spec, &call.req, estimated_input_tokens)).py_err(py)?;
-        Ok(PyGuard { execution_id: guard.execution_id().to_string(), warnings: guard.warnings().to_vec(), inner: parking_lot::Mutex::new(Some(guard)) })
+        Ok(PyGuard {
+            execution_id: guard.execution_id().to_string(),
+            warnings: guard.warnings().to_vec(),
+            inner: parking_lot::Mutex::new(Some(guard)),
+            pid: std::process::id(),
+        })
     }
 
     /// What a call would send and reserve (`dry_run=True`).
     fn plan<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyDict>> {
-        let plan = self.inner.plan(&call.spec, &call.req).py_err(py)?;
+        let plan = self.engine(py)?.plan(&call.spec, &call.req).py_err(py)?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);
         for (route, price) in plan.routes.iter().zip(&plan.prices) {
@@ -419,7 +452,7 @@ impl PyEngine {
     }
 
     fn drain_alerts<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.inner.drain_alerts().iter().map(|a| alert_dict(py, a)).collect()
+        self.engine(py)?.drain_alerts().iter().map(|a| alert_dict(py, a)).collect()
     }
 
     // ------------------------------------------------------------ executions
@@ -507,7 +540,7 @@ impl PyEngine {
 
     /// The global limits (`budgets=`) a tenant inherits where its own are unset.
     fn global_limits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let g = &self.inner.config().budgets;
+        let g = &self.config.budgets;
         let b = budget::TenantBudget { tenant_id: String::new(), name: None, limits: g.limits.clone(), enforcement: g.enforcement };
         budget_to_dict(py, &b)
     }
@@ -577,7 +610,7 @@ impl PyEngine {
     }
 
     fn __repr__(&self) -> String {
-        format!("Engine(database={:?}, timezone={:?})", self.inner.config().database_display(), self.inner.calendar().name())
+        format!("Engine(database={:?}, timezone={:?})", self.config.database_display(), self.config.timezone)
     }
 }
 

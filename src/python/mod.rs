@@ -5,8 +5,23 @@ mod convert;
 mod engine;
 mod errors;
 mod query;
+mod runtime;
 
 use pyo3::prelude::*;
+
+use errors::IntoPy;
+
+/// Waits up to `timeout` seconds (0 to 60) for this process's async calls to finish or
+/// settle as cancelled; `tenantllm` registers it with `atexit`, so none is cut off by
+/// interpreter shutdown.
+#[pyfunction]
+fn drain_tasks(py: Python<'_>, timeout: f64) -> PyResult<()> {
+    if !(0.0..=60.0).contains(&timeout) {
+        return Err(crate::error::Error::Configuration(format!("timeout must be from 0 to 60 seconds (got {timeout})"))).py_err(py);
+    }
+    py.detach(|| runtime::drain(std::time::Duration::from_secs_f64(timeout)));
+    Ok(())
+}
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -16,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyAgentResult>()?;
     m.add_class::<engine::PyGuard>()?;
     m.add_class::<engine::PyCall>()?;
+    m.add_function(wrap_pyfunction!(drain_tasks, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The fields of a tenant budget / tenant limits dict, for the Python layer's checks.
     m.add("TENANT_LIMIT_KEYS", convert::TENANT_LIMIT_KEYS.to_vec())?;

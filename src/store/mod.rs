@@ -89,7 +89,13 @@ pub trait Store: Send + Sync {
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted>;
     /// Breaker admission for a fallback model after the first one failed.
     fn breaker_admit(&self, key: &BreakerKey, lease: i64, now: Micros) -> Result<breaker::Admission>;
+    /// Settles a call. If its reservation was taken over (its lease ran out and the row was
+    /// closed as `Abandoned`, already counted as one execution), the row still gets the real
+    /// outcome and the counters its cost and tokens, but not a second execution.
     fn finish(&self, req: &FinishRequest<'_>) -> Result<Vec<Alert>>;
+    /// Extends the leases of these executions' reservations to `expires_at`, in one write;
+    /// returns how many were still there.
+    fn renew_leases(&self, execution_ids: &[String], expires_at: Micros) -> Result<usize>;
 
     fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>>;
     /// Inserts (fails if it exists when `create_only`) or replaces a budget.

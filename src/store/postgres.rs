@@ -25,7 +25,6 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row as PgRow, Statement, Transaction};
@@ -79,13 +78,17 @@ struct Workers {
 impl Workers {
     fn start(n: u32) -> Result<Workers> {
         let (queue, jobs) = mpsc::channel::<Job>();
-        let jobs = Arc::new(Mutex::new(jobs));
+        // A std mutex, not parking_lot's: idle workers wait on it, and parking_lot parks
+        // waiters in one table per process whose bucket locks a fork() can catch held (the
+        // child then hangs when it starts threads of its own).
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
         for i in 0..n {
             let jobs = jobs.clone();
             std::thread::Builder::new()
                 .name(format!("tenantllm-pg-{i}"))
                 .spawn(move || loop {
-                    let job = jobs.lock().recv();
+                    // A poisoned lock still holds a usable receiver (jobs run outside it).
+                    let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     match job {
                         Ok(job) => job(),
                         // The store was dropped.
@@ -392,7 +395,9 @@ impl PostgresStore {
         })?;
         let pool = r2d2::Pool::builder()
             .max_size(pool_size)
-            .min_idle(Some(1))
+            // No connections opened in the background: a fork() right after configure()
+            // must not catch r2d2's threads at work (see `Workers`).
+            .min_idle(Some(0))
             // A broken connection shows on use; operations then validate before retrying.
             .test_on_check_out(false)
             .connection_timeout(POOL_WAIT)
@@ -1017,16 +1022,18 @@ impl Store for PostgresStore {
             keyed_like(stored_timezone(db)?, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statement that adds the real usage.
-            let (reserved_keys, estimate) = if req.reserved {
+            let released = if req.reserved {
                 match db.query_opt("DELETE FROM reservations WHERE execution_id = $1 RETURNING counters, cost, tokens, executions", &[&e.id])? {
-                    Some(r) => reservation_at(&r, 0)?,
-                    None => Default::default(),
+                    Some(r) => Some(reservation_at(&r, 0)?),
+                    None => None,
                 }
             } else {
-                Default::default()
+                None
             };
+            let taken_over = req.reserved && released.is_none();
+            let (reserved_keys, estimate) = released.unwrap_or_default();
             complete_execution(db, e, c, req.store_details)?;
-            let used = budget::recorded(c);
+            let used = budget::settled(c, taken_over);
             let mut deltas = Deltas::new();
             for key in usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at) {
                 deltas.entry(key).or_default().used = used;
@@ -1055,6 +1062,14 @@ impl Store for PostgresStore {
             }
             Ok(alerts)
         })
+    }
+
+    fn renew_leases(&self, execution_ids: &[String], expires_at: Micros) -> Result<usize> {
+        let ids = execution_ids.to_vec();
+        let n = self.write(OnCommitLoss::Rerun, |db| {
+            db.execute("UPDATE reservations SET expires_at = $1 WHERE execution_id = ANY($2)", &[&expires_at, &ids])
+        })?;
+        Ok(n as usize)
     }
 
     fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>> {
@@ -1402,6 +1417,20 @@ mod tests {
     }
 
     const T0: Micros = 1_800_000_000_000_000;
+
+    #[test]
+    fn a_renewed_lease_outlives_its_first_expiry() {
+        let Some(db) = TestDb::new() else { return };
+        let store = db.open();
+        let global = daily_limit(1000);
+        let t0 = T0;
+        assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
+        assert_eq!(store.renew_leases(&["a".to_string(), "gone".to_string()], t0 + 5_000).unwrap(), 1);
+        // Past the first expiry, "a" still holds its reservation.
+        assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
+        assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
+        assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
+    }
 
     #[test]
     fn reservations_of_a_dead_process_expire() {

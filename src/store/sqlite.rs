@@ -616,15 +616,16 @@ impl Store for SqliteStore {
             complete_execution(tx, e, c, req.store_details)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
-            let (reserved_keys, estimate) = if req.reserved {
+            let released = if req.reserved {
                 tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1 RETURNING counters, cost, tokens, executions")?
                     .query_row([&e.id], |r| release_row(r, 0))
                     .optional()?
-                    .unwrap_or_default()
             } else {
-                Default::default()
+                None
             };
-            let used = budget::recorded(c);
+            let taken_over = req.reserved && released.is_none();
+            let (reserved_keys, estimate) = released.unwrap_or_default();
+            let used = budget::settled(c, taken_over);
             let mut keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
             keys.extend(reserved_keys.iter().filter(|k| !keys.contains(k)).cloned().collect::<Vec<_>>());
             let changes: Vec<Bump<'_>> = keys
@@ -665,6 +666,15 @@ impl Store for SqliteStore {
                 }
             }
             Ok(alerts)
+        })
+    }
+
+    fn renew_leases(&self, execution_ids: &[String], expires_at: Micros) -> Result<usize> {
+        let ids = serde_json::to_string(execution_ids).map_err(|e| Error::Store(e.to_string()))?;
+        self.write(|tx| {
+            Ok(tx
+                .prepare_cached("UPDATE reservations SET expires_at = ?1 WHERE execution_id IN (SELECT value FROM json_each(?2))")?
+                .execute(params![expires_at, ids])?)
         })
     }
 
@@ -976,6 +986,20 @@ mod tests {
         assert_eq!(SqliteStore::open(path, "Asia/Tokyo").unwrap().timezone().unwrap(), "Asia/Tokyo");
         // Later openers find it set.
         assert_eq!(SqliteStore::open(path, "UTC").unwrap().timezone().unwrap(), "Asia/Tokyo");
+    }
+
+    #[test]
+    fn a_renewed_lease_outlives_its_first_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
+        let t0 = 1_800_000_000_000_000;
+        assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
+        assert_eq!(store.renew_leases(&["a".to_string(), "gone".to_string()], t0 + 5_000).unwrap(), 1);
+        // Past the first expiry, "a" still holds its reservation.
+        assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
+        assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
+        assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
     }
 
     #[test]
