@@ -4,16 +4,21 @@ against 4 processes x 4 threads on one database file."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import raw_sql
 import tenantllm as tl
 
 
@@ -101,21 +106,65 @@ def test_on_alert_errors_never_break_a_call(tmp_path: Path) -> None:
     assert Capped.call(topic="x").content
 
 
-def test_rebuilt_counters_agree_to_the_nano_dollar(tmp_path: Path) -> None:
-    tl.configure(database=_db(tmp_path), mock={"failure_rate": 0.3, "seed": 3})
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def test_rebuild_counters_restores_damaged_counters_from_the_rows(db_path: Path) -> None:
+    tl.configure(database=str(db_path), timezone="UTC", mock={"failure_rate": 0.3, "seed": 3})
+
+    class Other(tl.Agent):
+        model = "mock/other"
+        user = "{q}"
+
     spent = Decimal(0)
     for i in range(40):
-        try:
+        with contextlib.suppress(tl.ProviderError):
             spent += Capped.call(topic=f"t{i}", tenant=f"t{i % 3}").total_cost
-        except tl.ProviderError:
-            pass
-    before = tl.spend_by_tenant("daily")
-    assert sum(v["cost"] for v in before.values()) == spent
+        with contextlib.suppress(tl.ProviderError):
+            Other.call(q="x" * i)  # no tenant: global and agent counters only
+    assert sum(v["cost"] for v in tl.spend_by_tenant("daily").values()) == spent
+    assert tl.Execution.failed().count() > 0
+    # A call in flight (for as long as the test needs) holds a reservation through the
+    # rebuild; calls reserve where a limit applies.
+    tl.configure(database=str(db_path), timezone="UTC", mock={"latency_ms": 600_000})
+    tl.TenantBudget.create("t0", daily_limit=1)
+    in_flight = asyncio.ensure_future(Capped.acall(topic="slow", tenant="t0"))
+    await _until(lambda: raw_sql.query(db_path, "SELECT COUNT(*) FROM reservations") == [("1",)], "no reservation")
+
+    # Damage every counter (the reservations too), add one for nothing, and lose some rows.
+    raw_sql.query(db_path, "UPDATE usage_counters SET cost = cost * 3 + 7, tokens = tokens + 1, executions = 0, "
+                           "reserved_cost = reserved_cost + 5, reserved_executions = 0")
+    raw_sql.query(db_path, "INSERT INTO usage_counters (scope, period, cost) VALUES ('tenant:ghost', '2026-01-01', 9)")
+    raw_sql.query(db_path, "DELETE FROM executions WHERE id IN (SELECT id FROM executions WHERE tenant_id = 't2' "
+                           "AND status = 'success' ORDER BY id LIMIT 5)")
+    expected = raw_sql.counters_from_rows(db_path)
+    assert raw_sql.counters(db_path) != expected
     assert tl.rebuild_counters() > 0
-    assert tl.spend_by_tenant("daily") == before
-    assert sum(before[t]["executions"] for t in before) == tl.Execution.today().count()
+    raw_sql.assert_counters_match_rows(db_path)
+    reservation = next(v for k, v in expected.items() if k[0] == "tenant:t0" and len(k[1]) == 10)[3:]
+    assert reservation[0] > 0 and reservation[2] == 1
+    # Settling the call after the rebuild releases exactly its reservation.
+    assert not in_flight.done()
+    in_flight.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await in_flight
+    await _until(lambda: tl.Execution.by_status("cancelled").count() == 1, "the cancelled call was not settled")
+    raw_sql.assert_counters_match_rows(db_path)
+    assert all(v[3:] == (0, 0, 0) for v in raw_sql.counters(db_path).values())
+    assert sum(v["cost"] for v in tl.spend_by_tenant("daily").values()) == tl.Execution.today().with_tenant().sum(
+        "total_cost"
+    )
 
 
+# Each call costs exactly what admission reserves for it: no input price, and the mock's
+# answer always fills max_tokens (8 tokens at $1 / 1M = $0.000008). With 16 calls in flight
+# for 20 ms each, a check that ignored the reservations of calls in flight would admit up
+# to 15 calls too many, and the race would overshoot the limit on every run.
+COST = Decimal("0.000008")
 WORKER = textwrap.dedent(
     """
     import json, sys, threading
@@ -124,20 +173,19 @@ WORKER = textwrap.dedent(
     class Capped(tl.Agent):
         model = "mock/capped"
         user = "Tell me about {topic}"
-        max_tokens = 50
+        max_tokens = 8
 
-    tl.configure(database=sys.argv[1], mock={"latency_ms": 1})
-    counts = {"ok": 0, "blocked": 0, "cost": "0"}
+    tl.configure(database=sys.argv[1], mock={"latency_ms": 20}, pricing={"mock/capped": {"input": "0", "output": "1"}})
+    counts = {"ok": 0, "blocked": 0, "costs": []}
     lock = threading.Lock()
 
     def run():
-        from decimal import Decimal
         for i in range(int(sys.argv[2])):
             try:
                 r = Capped.call(topic=f"race {i}", tenant="race")
                 with lock:
                     counts["ok"] += 1
-                    counts["cost"] = str(Decimal(counts["cost"]) + r.total_cost)
+                    counts["costs"].append(str(r.total_cost))
             except tl.BudgetExceededError:
                 with lock:
                     counts["blocked"] += 1
@@ -167,9 +215,11 @@ def test_hard_limit_holds_across_4_processes_x_4_threads(tmp_path: Path) -> None
     assert all(p.returncode == 0 for p in procs)
     ok = sum(o["ok"] for o in outs)
     blocked = sum(o["blocked"] for o in outs)
-    cost = sum((Decimal(o["cost"]) for o in outs), Decimal(0))
+    assert {Decimal(c) for o in outs for c in o["costs"]} == {COST}
+    cost = ok * COST
     assert ok + blocked == 4 * 4 * per_thread
-    assert ok > 0 and blocked > 0, "the limit should be reached mid-race"
+    # Reservations make admission exact: as many calls as fit the limit, not one more.
+    assert ok == limit // COST == 62, f"{ok} calls admitted, {cost} spent of {limit}"
     budget = tl.TenantBudget.get("race")
     assert budget.current_daily_spending == cost <= limit
     # every call left exactly one row
@@ -177,3 +227,4 @@ def test_hard_limit_holds_across_4_processes_x_4_threads(tmp_path: Path) -> None
     assert tl.Execution.by_tenant("race").successful().count() == ok
     assert tl.Execution.by_tenant("race").by_status("blocked").count() == blocked
     assert tl.Execution.by_tenant("race").sum("total_cost") == cost
+    raw_sql.assert_counters_match_rows(db)
