@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import tenantllm as tl
+from fake_providers import FakeProvider, Step
 
 STATUSES = ("running", "success", "error", "timeout", "blocked", "short_circuited", "cancelled")
 INJECTION = "total_cost; DROP TABLE executions"
@@ -240,6 +241,43 @@ def test_count_and_sum(data: Data) -> None:
     assert tl.Execution.by_tenant("t1").sum("input_cost") == sum(
         (r.input_cost for r in data.results if r.tenant_id == "t1"), Decimal(0)
     )
+
+
+# 17 significant digits: a float keeps 15 to 17, so any float on the way loses the last ones.
+WIDE = Decimal("98765432.123456789")
+
+
+def test_amounts_past_float_precision_stay_exact(configure: Any) -> None:
+    """Limits, prices, costs and sums with 17+ significant digits, end to end."""
+
+    class Big(tl.Agent):
+        model = "openai/big-model"
+        user = "{q}"
+        max_tokens = 1
+
+    rich = 3 * WIDE  # 296296296.370370367
+    with FakeProvider() as fp:
+        # 1M input tokens at WIDE USD per 1M tokens: each call costs exactly WIDE.
+        fp.default = Step(input_tokens=1_000_000, output_tokens=0)
+        configure(base_urls={"openai": fp.base_url + "/v1"}, api_keys={"openai": "sk-test"},
+                  pricing={"big-model": {"input": str(WIDE), "output": "0"}})
+        tl.TenantBudget.create("rich", daily_limit=4 * WIDE, monthly_limit="987654321.987654321")
+        results = [Big.call(q=f"call {i}", tenant="rich") for i in range(3)] + [Big.call(q="untenanted")]
+        # Just one nano-dollar left: the next call's estimate does not fit.
+        tl.TenantBudget.get("rich").update(daily_limit=rich + Decimal("0.000000001"))
+        with pytest.raises(tl.BudgetExceededError) as info:
+            Big.call(q="one too many", tenant="rich")
+    assert (info.value.current, info.value.limit) == (rich, Decimal("296296296.370370368"))
+    assert all((r.input_cost, r.output_cost, r.total_cost) == (WIDE, 0, WIDE) for r in results)
+    assert tl.Execution.by_tenant("rich").sum("total_cost") == rich
+    assert tl.Execution.successful().sum("input_cost") == 4 * WIDE
+    assert tl.Execution.successful().group_by("tenant_id").sum("total_cost") == {"rich": rich, None: WIDE}
+    assert [e["total_cost"] for e in tl.Execution.successful().by_tenant("rich").to_dicts()] == [WIDE] * 3
+    assert tl.spend_by_tenant("daily")["rich"]["cost"] == rich
+    b = tl.TenantBudget.get("rich")
+    assert (b.daily_limit, b.monthly_limit) == (Decimal("296296296.370370368"), Decimal("987654321.987654321"))
+    assert (b.current_daily_spending, b.daily_remaining) == (rich, Decimal("0.000000001"))
+    assert b.monthly_remaining == Decimal("987654321.987654321") - rich
 
 
 def test_sum_of_nothing_is_zero(data: Data) -> None:
