@@ -7,9 +7,11 @@ database, created and dropped with psql."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import raw_sql
 import tenantllm as tl
 from fake_providers import FakeProvider, Step
 
@@ -110,10 +113,13 @@ def test_api_configuration_is_encrypted_in_the_database(pg: str, monkeypatch: py
     assert psql(pg, "SELECT pg_typeof(ciphertext) FROM api_configurations") == "bytea"
     assert scalar(pg, f"SELECT position(convert_to('{KEY}', 'UTF8') IN ciphertext) FROM api_configurations") == 0
     assert KEY not in psql(pg, "SELECT encode(nonce || ciphertext, 'escape') FROM api_configurations")
-    dump = shutil.which("pg_dump")
-    out = subprocess.run([dump, "-d", pg], capture_output=True, text=True, timeout=60) if dump else None
-    if out is not None and out.returncode == 0:  # a pg_dump older than the server refuses to run
-        assert "api_configurations" in out.stdout and KEY not in out.stdout
+    # A pg_dump older than the server refuses to run: take the server's own when installed.
+    major = scalar(pg, "SHOW server_version_num") // 10000
+    dump = next((p for p in glob.glob(f"/usr/lib/postgresql/{major}/bin/pg_dump")), shutil.which("pg_dump"))
+    assert dump, "pg_dump is needed for this test (apt-get install postgresql-client)"
+    out = subprocess.run([dump, "-d", pg], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "api_configurations" in out.stdout and KEY not in out.stdout
 
 
 # ---------------------------------------------------------------- the server itself
@@ -156,6 +162,7 @@ def test_a_lock_held_elsewhere_fails_the_call_clearly_and_changes_nothing(pg: st
     assert tl.Execution.by_tenant("locked").count() == 1
     assert tl.TenantBudget.get("locked").current_daily_spending == spent
     assert reserved(pg) == 0
+    raw_sql.assert_counters_match_rows(pg)
 
 
 def _kill_connections(url: str) -> int:
@@ -187,13 +194,14 @@ def test_connections_lost_while_a_call_is_in_flight(pg: str) -> None:
     t.join(timeout=30)
     [result] = outcome
     # It completes (the finish runs again on a new connection) or fails clearly; either way
-    # it left exactly one row.
+    # it left exactly one row, and the counters hold what the rows say: a call left `running`
+    # holds its reservation (until its lease ends), a settled one holds none.
     assert isinstance(result, (tl.AgentResult, tl.StoreError)), result
     assert tl.Execution.by_tenant("conn").count() == 2
+    raw_sql.assert_counters_match_rows(pg)
     if isinstance(result, tl.AgentResult):
         assert tl.Execution.get(result.execution_id).status == "success"
         assert reserved(pg) == 0
-        assert scalar(pg, "SELECT COUNT(*) FROM reservations") == 0
         assert tl.TenantBudget.get("conn").current_daily_spending == warm.total_cost + result.total_cost
 
 
@@ -228,6 +236,60 @@ def test_many_calls_survive_repeated_connection_kills(pg: str) -> None:
     assert tl.Execution.by_tenant("storm").successful().count() == len(ok)
     assert {r.execution_id for r in ok} <= {e.id for e in tl.Execution.by_tenant("storm").successful()}
     assert tl.TenantBudget.get("storm").current_daily_spending == sum((r.total_cost for r in ok), Decimal(0))
+    # At most one row per call (an admission cut off before its commit leaves none), and
+    # whatever the errors, nothing is leaked: only calls left `running` hold reservations.
+    assert len(ok) <= tl.Execution.by_tenant("storm").count() <= 150
+    raw_sql.assert_counters_match_rows(pg)
     if not errors:
         assert tl.Execution.by_status("running").count() == 0
         assert reserved(pg) == 0
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_report_and_budgets_on_postgresql(pg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tenantllm.cli import main
+
+    assert main(["demo", "--database", pg, "--calls", "6"]) == 0
+    capsys.readouterr()
+    spend = tl.Execution.this_month().group_by("tenant_id").sum("total_cost")
+    calls = tl.Execution.this_month().group_by("tenant_id").count()
+
+    # A real process, as a user runs it: one line per tenant with its calls from the server.
+    p = subprocess.run([sys.executable, "-m", "tenantllm.cli", "report", "--database", pg],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["tenant_id", "calls", "tokens", "cost"]
+    per_tenant = {line.split()[0]: int(line.split()[1]) for line in lines[2:]}
+    assert per_tenant == calls == {"acme": 6, "globex": 6, "initech": 6}
+    assert main(["report", "--database", pg, "--by", "agent", "--period", "today"]) == 0
+    out = capsys.readouterr().out
+    assert "SupportAgent" in out and "SummaryAgent" in out
+
+    assert main(["budgets", "set", "newco", "--database", pg, "--daily-limit", "98765432.123456789",
+                 "--monthly-token-limit", "5_000_000", "--name", "New Co"]) == 0
+    assert capsys.readouterr().out.startswith("Created")
+    assert main(["budgets", "set", "acme", "--database", pg, "--daily-limit", "none"]) == 0
+    assert capsys.readouterr().out.startswith("Updated")
+    assert main(["budgets", "delete", "globex", "--database", pg]) == 0
+    assert main(["budgets", "list", "--database", pg]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert set(rows) >= {"acme", "initech", "newco"} and "globex" not in rows
+    assert "New Co" in rows["newco"] and "5,000,000" in rows["newco"]
+    assert f"{spend['acme']:.6f}" in rows["acme"]  # today's spend, read from the server's counters
+    b = tl.TenantBudget.get("newco")
+    assert (b.daily_limit, b.monthly_token_limit) == (Decimal("98765432.123456789"), 5_000_000)
+    assert tl.TenantBudget.get("acme").daily_limit is None and tl.TenantBudget.find("globex") is None
+    assert main(["budgets", "delete", "globex", "--database", pg]) == 1
+
+
+def test_cli_on_a_missing_postgresql_database_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from tenantllm.cli import main
+
+    url = with_database(SERVER_URL, f"tl_missing_{uuid.uuid4().hex[:12]}")
+    for command in (["report"], ["budgets", "list"]):
+        assert main([*command, "--database", url]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("tenantllm: cannot use") and "Traceback" not in err
