@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -171,16 +175,43 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return calls
 
 
-def test_dashboard_without_auth_binds_to_loopback_only(
-    demo_db: Path, served: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, _ = run(capsys, "dashboard", "--database", str(demo_db), "--port", "8123")
-    assert code == 0
-    assert "binding to 127.0.0.1 only" in out and "http://127.0.0.1:8123/" in out
-    assert served[0]["host"] == "127.0.0.1" and served[0]["port"] == 8123
-    with TestClient(served[0]["app"]) as c:  # the app it serves reads the database given
-        page = c.get("/executions?tenant_id=acme")
-        assert page.status_code == 200 and "6 executions" in page.text
+def _listeners(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (Linux /proc/net)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # /proc prints each 32-bit word in host (little-endian) order.
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+def test_dashboard_without_auth_binds_to_loopback_only(demo_db: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tenantllm.cli", "dashboard", "--database", str(demo_db), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _listeners(port):
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "the dashboard never listened"
+            time.sleep(0.05)
+        assert _listeners(port) == {"127.0.0.1"}  # not 0.0.0.0, not ::
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/executions?tenant_id=acme", timeout=30) as page:
+            assert page.status == 200 and "6 executions" in page.read().decode()
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=30)
+    assert "binding to 127.0.0.1 only" in out and f"http://127.0.0.1:{port}/" in out
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.com"])
