@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench demo clean
+.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench demo clean
 
 test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
@@ -14,9 +14,15 @@ $(BIN)/maturin:
 	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "pytest-asyncio>=0.23" pytest-timeout "ruff>=0.6" "mypy>=1.10" pandas \
 		openai anthropic "starlette>=0.37" "jinja2>=3.1" "uvicorn>=0.30" httpx fastapi django selenium gunicorn
 
+# The extension links the system's SQLite, the library Python's sqlite3 uses, so a process
+# has one SQLite (see Cargo.toml); .ci/run installs it on Debian.
+sqlite-lib:
+	@pkg-config --exists 'sqlite3 >= 3.35.0' || { echo "tenantllm links the system SQLite, 3.35.0 or newer:" \
+		"install pkg-config and libsqlite3-dev (Debian, Ubuntu), sqlite-devel (Fedora) or sqlite (Homebrew)" >&2; exit 1; }
+
 # The core's PostgreSQL tests are #[ignore]d (a plain `cargo test` lists them as ignored, never
 # as passed); with a server named they run too.
-cargo-test:
+cargo-test: sqlite-lib
 	@if [ -n "$$TENANTLLM_TEST_POSTGRES_URL" ]; then \
 		cargo test --quiet -- --include-ignored; \
 	else \
@@ -24,12 +30,12 @@ cargo-test:
 		echo "SKIPPED: the core's PostgreSQL tests (set TENANTLLM_TEST_POSTGRES_URL to run them; .ci/run does)"; \
 	fi
 
-clippy:
+clippy: sqlite-lib
 	cargo clippy --all-targets --quiet -- -D warnings
 	cargo clippy --all-targets --quiet $(CARGO_FEATURES) -- -D warnings
 
 # Release build: the concurrency tests and benchmarks need realistic speed.
-develop: $(BIN)/maturin
+develop: sqlite-lib $(BIN)/maturin
 	$(BIN)/maturin develop --release --quiet
 
 pytest: develop

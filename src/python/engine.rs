@@ -353,6 +353,9 @@ impl PyEngine {
     fn new(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
         let config = config_from_dict(config).py_err(py)?;
         let engine = py.detach(|| Engine::new(config.clone())).py_err(py)?;
+        if engine.store().is_sqlite_file() {
+            super::shared_sqlite::warn_if_separate(py)?;
+        }
         Ok(PyEngine { config, inner: PerProcess::new(Arc::new(engine)) })
     }
 

@@ -6,6 +6,7 @@ mod engine;
 mod errors;
 mod query;
 mod runtime;
+mod shared_sqlite;
 
 use pyo3::prelude::*;
 

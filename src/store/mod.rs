@@ -8,7 +8,7 @@ mod schema;
 mod sqlite;
 
 pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{library_version as sqlite_library_version, shares_library as shares_sqlite_library, SqliteStore};
 
 use crate::breaker;
 use crate::budget::{self, Breach, Check, TenantBudget};
@@ -131,6 +131,12 @@ pub trait Store: Send + Sync {
     fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State>;
     fn breaker_reset(&self, key: &BreakerKey) -> Result<()>;
     fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>>;
+
+    /// Whether this is a SQLite database file, which other SQLite users in the process (Python's
+    /// `sqlite3`) may open too.
+    fn is_sqlite_file(&self) -> bool {
+        false
+    }
 }
 
 /// Which model of a chain a call starts with, decided by the models' breakers in order.

@@ -81,6 +81,48 @@ fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc
     Ok(stop)
 }
 
+/// The oldest SQLite the store's SQL runs on: `DELETE ... RETURNING` came in 3.35.0.
+const MIN_VERSION: (i32, &str) = (3_035_000, "3.35.0");
+
+/// Refuses a SQLite library older than `MIN_VERSION` (the system's, which tenantllm links).
+fn check_version(number: i32, version: &str) -> Result<()> {
+    if number < MIN_VERSION.0 {
+        return Err(Error::Store(format!(
+            "the system's SQLite library is version {version}; tenantllm needs {} or newer (upgrade libsqlite3)",
+            MIN_VERSION.1
+        )));
+    }
+    Ok(())
+}
+
+/// Whether another SQLite in this process is the same library instance as ours: `read_other`
+/// reads `PRAGMA soft_heap_limit` through it (`None` if it could not). That limit is global
+/// to a library copy, so ours is set to two marks in turn (then restored) and the other must
+/// see both. `None` when it cannot tell (a hard heap limit below the marks clamps them).
+pub fn shares_library(mut read_other: impl FnMut() -> Option<i64>) -> Result<Option<bool>> {
+    let ours = Connection::open_in_memory()?;
+    let set = |n: i64| ours.query_row(&format!("PRAGMA soft_heap_limit={n}"), [], |r| r.get::<_, i64>(0));
+    let before: i64 = ours.query_row("PRAGMA soft_heap_limit", [], |r| r.get(0))?;
+    let mut verdict = Some(true);
+    for mark in [(1 << 62) + 12_345, (1 << 62) + 54_321] {
+        if set(mark)? != mark {
+            verdict = None;
+            break;
+        }
+        verdict = read_other().map(|seen| seen == mark);
+        if verdict != Some(true) {
+            break;
+        }
+    }
+    set(before)?;
+    Ok(verdict)
+}
+
+/// The SQLite library the store uses: its version.
+pub fn library_version() -> &'static str {
+    rusqlite::version()
+}
+
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn connect(path: &str) -> Result<Connection> {
@@ -137,6 +179,7 @@ impl SqliteStore {
         if path.trim().is_empty() {
             return crate::error::config_err("database must be a file path, \":memory:\" or \"sqlite:///path\"");
         }
+        check_version(rusqlite::version_number(), rusqlite::version())?;
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
         let writer = Arc::new(Mutex::new(writer));
@@ -555,6 +598,10 @@ fn aggregate_sql(agg: &Aggregate) -> (String, Kind) {
 }
 
 impl Store for SqliteStore {
+    fn is_sqlite_file(&self) -> bool {
+        self.reader.is_some()
+    }
+
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
         let e = req.execution;
         self.write(|tx| {
@@ -1040,5 +1087,25 @@ mod tests {
         Connection::open(&newer).unwrap().execute("UPDATE schema_version SET version = 999", []).unwrap();
         let e = SqliteStore::open(newer.to_str().unwrap(), "UTC").err().unwrap().to_string();
         assert!(e.contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn too_old_a_library_is_refused_by_name() {
+        let e = check_version(3_034_001, "3.34.1").unwrap_err().to_string();
+        assert!(e.contains("3.34.1") && e.contains("3.35.0"), "{e}");
+        check_version(3_035_000, "3.35.0").unwrap();
+        check_version(rusqlite::version_number(), rusqlite::version()).unwrap();
+    }
+
+    #[test]
+    fn one_library_is_told_apart_from_another_and_the_limit_is_restored() {
+        let other = Connection::open_in_memory().unwrap();
+        let limit = |c: &Connection| c.query_row("PRAGMA soft_heap_limit", [], |r| r.get::<_, i64>(0)).unwrap();
+        let before = limit(&other);
+        assert_eq!(shares_library(|| Some(limit(&other))).unwrap(), Some(true));
+        // A copy of its own keeps its own limit, whatever ours is set to.
+        assert_eq!(shares_library(|| Some(before)).unwrap(), Some(false));
+        assert_eq!(shares_library(|| None).unwrap(), None);
+        assert_eq!(limit(&other), before);
     }
 }
