@@ -15,7 +15,7 @@ use crate::execution::{Attempt, Completion, NewExecution, Status};
 use crate::lease::Leases;
 use crate::money::Nanos;
 use crate::pricing::{Cost, Price, PriceTable, Usage};
-use crate::providers::{self, Providers, Reply, Request, Route, Target};
+use crate::providers::{self, Providers, Reply, Request, Route, Target, MAX_REPLY_TOKENS};
 use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
 use crate::secrets::{Sealer, SECRET_ENV};
 use crate::store::{self, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, FinishRequest, Store};
@@ -36,9 +36,7 @@ pub struct AgentSpec {
 
 impl AgentSpec {
     pub fn validate(&self) -> Result<()> {
-        if self.name.trim().is_empty() {
-            return config_err("agent name must not be empty");
-        }
+        crate::tenancy::validate_agent_name(&self.name)?;
         if self.model.trim().is_empty() {
             return config_err(format!("{}.model must be set", self.name));
         }
@@ -47,11 +45,11 @@ impl AgentSpec {
                 return config_err(format!("{}.temperature must be between 0 and 2 (got {t})", self.name));
             }
         }
-        if self.max_tokens == 0 {
-            return config_err(format!("{}.max_tokens must be at least 1", self.name));
+        if !(1..=MAX_REPLY_TOKENS).contains(&(self.max_tokens as i64)) {
+            return config_err(format!("{}.max_tokens must be between 1 and {MAX_REPLY_TOKENS}", self.name));
         }
-        if self.timeout.is_zero() {
-            return config_err(format!("{}.timeout must be positive", self.name));
+        if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
+            return config_err(format!("{}.timeout must be more than 0 and at most {} seconds", self.name, MAX_TIMEOUT.as_secs()));
         }
         Ok(())
     }
@@ -60,6 +58,9 @@ impl AgentSpec {
         std::iter::once(&self.model).chain(self.fallback_models.iter())
     }
 }
+
+/// The longest per-attempt timeout an agent may set: one day.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// One call's rendered prompts and context.
 #[derive(Debug, Clone, Default)]
@@ -122,6 +123,7 @@ impl Engine {
             prices.set(&p.model, &p.input, &p.output, p.cached_input.as_deref())?;
         }
         config.budgets.limits.validate()?;
+        providers::check_key_names(config.api_keys.keys(), &config.base_urls)?;
         let sealer = Sealer::from_env()?;
         let leases = Leases::from_env()?;
         // A new database takes this process's zone; an existing one keeps its own.
@@ -677,7 +679,14 @@ impl Guard {
 
     /// The block finished; `model` is the one that answered, if the body said so. It is
     /// priced as that model when its price is known, else as the declared one.
+    /// Usage outside the range a provider may report is an `InvalidResponseError` and an
+    /// error row, as it is for a call.
     pub fn succeed(mut self, model: Option<&str>, usage: Usage) -> Result<CallOutcome> {
+        if let Err(why) = providers::check_usage(&usage) {
+            let failure = self.failure(ProviderErrorKind::InvalidResponse, format!("invalid usage: {why}"));
+            self.finish_failed(&failure, failure.kind.class_name())?;
+            return Err(Error::Provider(Box::new(failure)));
+        }
         let model = model.unwrap_or(&self.spec.model).to_string();
         let prices = &self.admission.call.engine.prices;
         let cost = prices.price(&model).or_else(|_| prices.price(&self.spec.model))?.cost(usage);
@@ -691,24 +700,32 @@ impl Guard {
 
     /// The block raised: an error row, and a failure for the breaker.
     pub fn fail(mut self, error_class: &str, message: &str) -> Result<()> {
-        let failure = ProviderFailure {
-            kind: ProviderErrorKind::Transport,
+        let failure = self.failure(ProviderErrorKind::Transport, message.to_string());
+        self.finish_failed(&failure, error_class)
+    }
+
+    fn failure(&self, kind: ProviderErrorKind, message: String) -> ProviderFailure {
+        ProviderFailure {
+            kind,
             provider: self.provider.clone(),
             model: self.spec.model.clone(),
             status: None,
-            message: message.to_string(),
+            message,
             retryable: false,
             retry_after: None,
-        };
+        }
+    }
+
+    fn finish_failed(&mut self, failure: &ProviderFailure, error_class: &str) -> Result<()> {
         let elapsed = self.admission.call.started.elapsed().as_millis() as i64;
         let to = self.attempt(&self.spec.model);
-        self.admission.call.record(&to, Err(&failure), elapsed);
+        self.admission.call.record(&to, Err(failure), elapsed);
         if let Some(a) = self.admission.call.attempts.last_mut() {
             a.error_class = Some(error_class.to_string());
         }
         let mut c = self.admission.call.completion(Status::Error);
         c.error_class = Some(error_class.to_string());
-        c.error_message = Some(message.to_string());
+        c.error_message = Some(failure.message.clone());
         self.admission.call.finish(&c)
     }
 }
@@ -723,6 +740,7 @@ pub fn error_class(e: &Error) -> &'static str {
         Error::InvalidTenant(_) => "InvalidTenantError",
         Error::MissingParameter(_) => "MissingParameterError",
         Error::Store(_) => "StoreError",
+        Error::Internal(_) => "InternalError",
     }
 }
 

@@ -73,6 +73,9 @@ pub enum Error {
     /// write again, so this reaches a caller only if the zone keeps changing.
     #[error("the database's timezone changed to {0:?} while this process was running")]
     TimezoneChanged(String),
+    /// A bug: a panic caught at the Python boundary (`catch_panic`).
+    #[error("internal error in tenantllm (please report it): {0}")]
+    Internal(String),
 }
 
 /// Why a call was blocked by a budget.
@@ -130,7 +133,45 @@ impl From<rusqlite::Error> for Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Runs `f`, turning a panic into `Error::Internal`: the bindings' last line of defence, so
+/// that no Rust panic reaches Python as a `PanicException` (which `except Exception` misses).
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_error(p)))
+}
+
+/// `catch_panic` for a future (a call awaited by `acall` or blocked on by `call`).
+pub async fn catch_panic_async<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(f).catch_unwind().await.unwrap_or_else(|p| Err(panic_error(p)))
+}
+
+fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    Error::Internal(msg)
+}
+
 /// Shorthand for a configuration error naming the offending field.
 pub fn config_err<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Configuration(msg.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_internal_errors() {
+        let e = catch_panic::<()>(|| panic!("Multiplication overflowed")).unwrap_err();
+        assert!(matches!(&e, Error::Internal(m) if m == "Multiplication overflowed"), "{e}");
+        let e = catch_panic::<()>(|| panic!("{} of {}", 1, 2)).unwrap_err();
+        assert!(e.to_string().contains("1 of 2"), "{e}");
+        assert_eq!(catch_panic(|| Ok(7)).unwrap(), 7);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let e = rt.block_on(catch_panic_async::<()>(async { panic!("in a future") })).unwrap_err();
+        assert!(e.to_string().contains("in a future"), "{e}");
+    }
 }

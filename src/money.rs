@@ -11,6 +11,10 @@ pub struct Nanos(pub i64);
 
 const NANOS_PER_USD: i64 = 1_000_000_000;
 
+/// The largest USD amount a limit may be: one billion dollars. Sums of many calls still fit
+/// an i64 of nano-dollars (about 9.2 billion USD) with room to spare.
+pub const MAX_USD: i64 = 1_000_000_000;
+
 impl Nanos {
     pub const ZERO: Nanos = Nanos(0);
 
@@ -18,19 +22,23 @@ impl Nanos {
         Decimal::from_i128_with_scale(self.0 as i128, 9).normalize()
     }
 
-    /// A user-given USD amount (a limit): must be finite, non-negative and representable
-    /// to the nano-dollar; `field` names it in the error.
+    /// A user-given USD amount (a limit): from 0 to `MAX_USD`, representable to the
+    /// nano-dollar; `field` names it in the error.
     pub fn from_usd(field: &str, usd: Decimal) -> Result<Nanos> {
         if usd.is_sign_negative() && !usd.is_zero() {
             return config_err(format!("{field} must not be negative (got {usd})"));
         }
-        let scaled = usd * Decimal::from(NANOS_PER_USD);
-        if scaled.fract() != Decimal::ZERO {
-            return config_err(format!("{field} has more precision than one nano-dollar (got {usd})"));
+        if usd > Decimal::from(MAX_USD) {
+            return config_err(format!("{field} must be at most {MAX_USD} USD (got {usd})"));
         }
+        // Cannot overflow below MAX_USD, but a checked product costs nothing.
+        let scaled = usd.checked_mul(Decimal::from(NANOS_PER_USD));
+        let Some(scaled) = scaled.filter(|s| s.fract() == Decimal::ZERO) else {
+            return config_err(format!("{field} has more precision than one nano-dollar (got {usd})"));
+        };
         match scaled.to_i64() {
             Some(n) => Ok(Nanos(n)),
-            None => config_err(format!("{field} is too large (got {usd})")),
+            None => config_err(format!("{field} must be at most {MAX_USD} USD (got {usd})")),
         }
     }
 
@@ -40,12 +48,17 @@ impl Nanos {
 }
 
 /// Price of `tokens` at `usd_per_million`, rounded half away from zero to the nano-dollar.
-/// Rounding happens once per component so input + output = total exactly.
+/// Rounding happens once per component so input + output = total exactly. A product past
+/// what an i64 of nano-dollars holds saturates (it can only come from absurd prices or
+/// counts, which admission refuses anyway) instead of overflowing.
 pub fn token_cost(tokens: i64, usd_per_million: Decimal) -> Nanos {
     // USD/1M tokens * 1e9 nanos/USD / 1e6 = price * 1000 nanos per token.
-    let nanos = Decimal::from(tokens) * usd_per_million * Decimal::from(1000);
-    let rounded = nanos.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
-    Nanos(rounded.to_i64().unwrap_or(i64::MAX))
+    let nanos = Decimal::from(tokens).checked_mul(usd_per_million).and_then(|n| n.checked_mul(Decimal::from(1000)));
+    let saturated = if (tokens < 0) != usd_per_million.is_sign_negative() { i64::MIN } else { i64::MAX };
+    match nanos {
+        Some(n) => Nanos(n.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero).to_i64().unwrap_or(saturated)),
+        None => Nanos(saturated),
+    }
 }
 
 #[cfg(test)]
@@ -74,5 +87,17 @@ mod tests {
         let e = Nanos::from_usd("daily_limit", d("0.0000000001")).unwrap_err();
         assert!(e.to_string().contains("daily_limit"));
         assert_eq!(Nanos(1_500_000_000).to_decimal(), d("1.5"));
+    }
+
+    #[test]
+    fn huge_amounts_are_errors_or_saturate_never_panic() {
+        assert_eq!(Nanos::from_usd("daily_limit", d("1000000000")).unwrap(), Nanos(MAX_USD * NANOS_PER_USD));
+        for big in ["1000000000.000000001", "100000000000000000000", "79228162514264337593543950335"] {
+            let e = Nanos::from_usd("daily_limit", d(big)).unwrap_err().to_string();
+            assert!(e.contains("daily_limit") && e.contains("at most"), "{e}");
+        }
+        assert_eq!(token_cost(i64::MAX, Decimal::MAX), Nanos(i64::MAX));
+        assert_eq!(token_cost(i64::MIN, Decimal::MAX), Nanos(i64::MIN));
+        assert_eq!(token_cost(1 << 62, d("15")), Nanos(i64::MAX));
     }
 }

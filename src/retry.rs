@@ -19,6 +19,11 @@ pub struct RetryPolicy {
     pub max_delay_s: f64,
 }
 
+/// The longest `base` and `max_delay` may be (seconds).
+pub const MAX_DELAY_S: f64 = 600.0;
+/// The most retries per model.
+pub const MAX_RETRIES: u32 = 20;
+
 /// A Retry-After longer than this is not waited for: the model is given up (fallbacks next).
 pub const MAX_RETRY_AFTER_S: f64 = 60.0;
 
@@ -37,12 +42,12 @@ impl RetryPolicy {
             other => return config_err(format!("retries.backoff must be exponential, linear or constant (got {other:?})")),
         };
         for (name, v) in [("base", base_s), ("max_delay", max_delay_s)] {
-            if !v.is_finite() || v < 0.0 {
-                return config_err(format!("retries.{name} must be a non-negative number of seconds (got {v})"));
+            if !(0.0..=MAX_DELAY_S).contains(&v) {
+                return config_err(format!("retries.{name} must be between 0 and {MAX_DELAY_S} seconds (got {v})"));
             }
         }
-        if max > 20 {
-            return config_err(format!("retries.max must be at most 20 (got {max})"));
+        if max > MAX_RETRIES {
+            return config_err(format!("retries.max must be between 0 and {MAX_RETRIES} (got {max})"));
         }
         Ok(RetryPolicy { max, backoff, base_s, max_delay_s })
     }
@@ -75,5 +80,7 @@ mod tests {
         assert_eq!(p.delay(0, 0.0, Some(2.0)), Duration::from_secs_f64(2.0));
         assert!(RetryPolicy::new(1, "fibonacci", 0.1, 1.0).unwrap_err().to_string().contains("backoff"));
         assert!(RetryPolicy::new(1, "constant", f64::NAN, 1.0).is_err());
+        assert!(RetryPolicy::new(1, "constant", 0.1, 1e300).unwrap_err().to_string().contains("max_delay"));
+        assert!(RetryPolicy::new(21, "constant", 0.1, 1.0).is_err());
     }
 }

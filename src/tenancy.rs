@@ -27,17 +27,30 @@ impl std::fmt::Debug for TenantContext {
 
 pub const MAX_TENANT_ID_LEN: usize = 255;
 
-pub fn validate_tenant_id(id: &str) -> Result<()> {
-    if id.trim().is_empty() {
-        return Err(Error::InvalidTenant("tenant_id must be a non-empty string".into()));
+/// What tenant ids and agent names must be: they become counter scopes ("tenant:<id>",
+/// "agent:<name>") and reservations keep their counters as "scope<TAB>period" lines, so a
+/// control character would corrupt what a reservation releases.
+fn check_name(what: &str, s: &str) -> std::result::Result<(), String> {
+    if s.trim().is_empty() {
+        return Err(format!("{what} must be a non-empty string"));
     }
-    if id.len() > MAX_TENANT_ID_LEN {
-        return Err(Error::InvalidTenant(format!("tenant_id is longer than {MAX_TENANT_ID_LEN} bytes")));
+    if s.len() > MAX_TENANT_ID_LEN {
+        return Err(format!("{what} is longer than {MAX_TENANT_ID_LEN} bytes"));
     }
-    if id.chars().any(char::is_control) {
-        return Err(Error::InvalidTenant(format!("tenant_id {id:?} contains control characters")));
+    if s.chars().any(char::is_control) {
+        return Err(format!("{what} {s:?} contains control characters"));
     }
     Ok(())
+}
+
+pub fn validate_tenant_id(id: &str) -> Result<()> {
+    check_name("tenant_id", id).map_err(Error::InvalidTenant)
+}
+
+/// Agent names (classes, `@agent` functions, `guarded(agent=...)`, `per_agent_*` budgets):
+/// the same rules as tenant ids.
+pub fn validate_agent_name(name: &str) -> Result<()> {
+    check_name("agent name", name).map_err(Error::Configuration)
 }
 
 #[cfg(test)]
@@ -49,6 +62,10 @@ mod tests {
         assert!(validate_tenant_id("acme").is_ok());
         assert!(validate_tenant_id(" ").is_err());
         assert!(validate_tenant_id("a\nb").is_err());
+        assert!(validate_agent_name("Batch nightly").is_ok());
+        for bad in ["Batch\tnightly", "a\nb", "", " ", &"x".repeat(256)] {
+            assert!(matches!(validate_agent_name(bad), Err(Error::Configuration(_))), "{bad:?}");
+        }
         let mut t = TenantContext { id: Some("acme".into()), ..Default::default() };
         t.api_keys.insert("openai".into(), "sk-secret".into());
         assert!(!format!("{t:?}").contains("sk-secret"));

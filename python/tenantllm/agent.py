@@ -66,9 +66,13 @@ def placeholders(template: str | None, where: str) -> list[str]:
 
 
 def _number(cls_name: str, attr: str, value: Any) -> float:
+    """A float for the core, which checks the range; an int too large for a float is out of it."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{cls_name}.{attr} must be a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigurationError(f"{cls_name}.{attr} is out of range (got {value})") from None
 
 
 def build_spec(
@@ -169,6 +173,9 @@ class Agent:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if not isinstance(cls.user, str):
+            got = type(cls.user).__name__
+            raise ConfigurationError(f"{cls.__name__}.user must be a prompt template string, got {got}")
         params = placeholders(cls.system, f"{cls.__name__}.system")
         params += [p for p in placeholders(cls.user, f"{cls.__name__}.user") if p not in params]
         cls._tl_params = tuple(params)

@@ -86,8 +86,10 @@ class TenantBudget:
         return [cls(r) for r in engine().budget_all()]
 
     def update(self, **changes: Any) -> TenantBudget:
-        """Change some fields; all are validated before anything is stored."""
-        row = engine().budget_put(self.tenant_id, {**self._fields(), **changes}, False)
+        """Change the named fields, in one statement: fields changed meanwhile elsewhere (by
+        another process or `tenantllm budgets set`) keep their new values, and this object
+        is reloaded with what is stored. All are validated before anything is stored."""
+        row = engine().budget_put(self.tenant_id, changes, False)
         self._load(row)
         return self
 

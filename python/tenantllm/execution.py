@@ -23,8 +23,9 @@ def _utc(t: Any) -> Any:
     return t
 
 
-def _agent_name(agent: str | type) -> str:
-    return agent if isinstance(agent, str) else agent.__name__
+def _agent_name(agent: str | type) -> Any:
+    """An agent class's name; anything else goes to the core, which checks it."""
+    return agent.__name__ if isinstance(agent, type) else agent
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,11 @@ use crate::error::{config_err, Result};
 
 const MICROS: i64 = 1_000_000;
 
+/// The most failures a policy may count before opening.
+pub const MAX_ERRORS: u32 = 10_000;
+/// The longest `within` and `cooldown` may be: 30 days, in seconds.
+pub const MAX_WINDOW_S: f64 = 30.0 * 86_400.0;
+
 /// `BreakerPolicy(errors, within, cooldown)`: open after `errors` failures within `within`
 /// seconds, stay open `cooldown` seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,12 +23,15 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(errors: u32, within_s: f64, cooldown_s: f64) -> Result<Policy> {
-        if errors == 0 {
-            return config_err("circuit_breaker.errors must be at least 1");
+        if !(1..=MAX_ERRORS).contains(&errors) {
+            return config_err(format!("circuit_breaker.errors must be between 1 and {MAX_ERRORS} (got {errors})"));
         }
         for (name, v) in [("within", within_s), ("cooldown", cooldown_s)] {
-            if !v.is_finite() || v <= 0.0 {
-                return config_err(format!("circuit_breaker.{name} must be a positive number of seconds (got {v})"));
+            // NaN fails both comparisons.
+            if !(v > 0.0 && v <= MAX_WINDOW_S) {
+                return config_err(format!(
+                    "circuit_breaker.{name} must be more than 0 and at most {MAX_WINDOW_S} seconds (30 days) (got {v})"
+                ));
             }
         }
         Ok(Policy { errors, within_s, cooldown_s })

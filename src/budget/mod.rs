@@ -42,8 +42,23 @@ pub struct Limits {
     pub monthly_executions: Option<i64>,
 }
 
+/// A tenant budget's fields, as `TenantBudget` keywords and as `tenant_budgets` columns.
+pub const BUDGET_FIELDS: &[&str] = &[
+    "daily_limit",
+    "monthly_limit",
+    "daily_token_limit",
+    "monthly_token_limit",
+    "daily_execution_limit",
+    "monthly_execution_limit",
+    "enforcement",
+    "name",
+];
+
+/// The largest token or execution limit: 10^15.
+pub const MAX_COUNT: i64 = 1_000_000_000_000_000;
+
 impl Limits {
-    /// Rejects negative counts (money is validated when parsed into `Nanos`).
+    /// Counts must be in 0..=MAX_COUNT (money is validated when parsed into `Nanos`).
     pub fn validate(&self) -> Result<()> {
         let counts = [
             ("daily_token_limit", self.daily_tokens),
@@ -54,6 +69,9 @@ impl Limits {
         for (name, v) in counts {
             if let Some(v) = v.filter(|v| *v < 0) {
                 return config_err(format!("{name} must not be negative (got {v})"));
+            }
+            if let Some(v) = v.filter(|v| *v > MAX_COUNT) {
+                return config_err(format!("{name} must be at most {MAX_COUNT} (got {v})"));
             }
         }
         Ok(())
@@ -155,10 +173,14 @@ impl Usage {
         }
     }
     pub fn negated(&self) -> Usage {
-        Usage { cost: Nanos(-self.cost.0), tokens: -self.tokens, executions: -self.executions }
+        Usage { cost: Nanos(self.cost.0.saturating_neg()), tokens: self.tokens.saturating_neg(), executions: self.executions.saturating_neg() }
     }
     pub fn plus(&self, o: &Usage) -> Usage {
-        Usage { cost: self.cost.saturating_add(o.cost), tokens: self.tokens + o.tokens, executions: self.executions + o.executions }
+        Usage {
+            cost: self.cost.saturating_add(o.cost),
+            tokens: self.tokens.saturating_add(o.tokens),
+            executions: self.executions.saturating_add(o.executions),
+        }
     }
 }
 
@@ -237,7 +259,7 @@ pub fn estimate(cost: Nanos, tokens: i64) -> Usage {
 /// it was admitted (a blocked or short-circuited call used nothing).
 pub fn recorded(c: &Completion) -> Usage {
     if c.status.counts_as_usage() {
-        estimate(c.cost.total(), c.usage.input + c.usage.output)
+        estimate(c.cost.total(), c.usage.input.saturating_add(c.usage.output))
     } else {
         Usage::default()
     }

@@ -39,9 +39,12 @@ impl Caller<'_> {
 }
 
 /// Builds the shared client: connection pooling across calls, no global timeout (each
-/// attempt has its own).
+/// attempt has its own). Redirects are never followed: a provider API does not redirect a
+/// POST, and following one would send the key headers (`x-api-key`, `x-goog-api-key`, which
+/// reqwest does not strip) to wherever it points; the 3xx is an error naming its target.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("tenantllm/", env!("CARGO_PKG_VERSION")))
@@ -59,17 +62,26 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
     Some(((when.timestamp_millis() - chrono::Utc::now().timestamp_millis()) as f64 / 1000.0).max(0.0))
 }
 
-/// The provider's own error message (`{"error": {"message": ...}}` in all three formats).
+/// The provider's own error message (`{"error": {"message": ...}}` in all three formats),
+/// else the body's text, whole: `Providers::send` redacts the key, then `shorten`s it.
 fn error_message(body: &[u8]) -> String {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let msg = parsed.as_ref().and_then(|v| v.pointer("/error/message")).and_then(|m| m.as_str());
     match msg {
         Some(m) => m.to_string(),
-        None => {
-            let text = String::from_utf8_lossy(body);
-            let short: String = text.chars().take(200).collect();
-            if short.is_empty() { "(empty body)".into() } else { short }
-        }
+        None if body.is_empty() => "(empty body)".into(),
+        None => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+/// The longest provider message kept in exceptions and rows, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 500;
+
+/// Cuts a provider's message (an HTML error page, say) to `MAX_MESSAGE_CHARS`.
+pub fn shorten(message: &str) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &message[..cut]),
+        None => message.to_string(),
     }
 }
 
@@ -106,6 +118,12 @@ pub async fn post_json<T: DeserializeOwned>(
         return serde_json::from_slice(&bytes).map_err(|e| caller.invalid(&e.to_string()));
     }
     let code = status.as_u16();
+    if status.is_redirection() {
+        let to = headers.get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("(no Location)");
+        let to = crate::config::mask_password(to);
+        let msg = format!("the provider redirected the request to {to}; redirects are not followed (set its base URL to the final address)");
+        return Err(caller.failure(ProviderErrorKind::BadRequest, Some(code), msg));
+    }
     let kind = match code {
         401 | 403 => ProviderErrorKind::Authentication,
         429 => ProviderErrorKind::RateLimit,
@@ -131,6 +149,8 @@ mod tests {
     fn error_messages_and_urls() {
         assert_eq!(error_message(br#"{"error": {"message": "bad key", "type": "x"}}"#), "bad key");
         assert_eq!(error_message(b"<html>oops</html>"), "<html>oops</html>");
+        assert_eq!(shorten(&"é".repeat(MAX_MESSAGE_CHARS)), "é".repeat(MAX_MESSAGE_CHARS));
+        assert_eq!(shorten(&"é".repeat(MAX_MESSAGE_CHARS + 1)), format!("{}...", "é".repeat(MAX_MESSAGE_CHARS)));
         assert_eq!(join("http://h/v1/", "/chat/completions"), "http://h/v1/chat/completions");
         let mut h = reqwest::header::HeaderMap::new();
         h.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());

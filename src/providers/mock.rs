@@ -23,10 +23,13 @@ impl Default for MockSettings {
     }
 }
 
+/// The longest simulated latency: one hour, in milliseconds.
+pub const MAX_LATENCY_MS: f64 = 3_600_000.0;
+
 impl MockSettings {
     pub fn new(latency_ms: f64, failure_rate: f64, seed: u64) -> Result<MockSettings> {
-        if !latency_ms.is_finite() || latency_ms < 0.0 {
-            return config_err(format!("mock.latency_ms must be a non-negative number (got {latency_ms})"));
+        if !(0.0..=MAX_LATENCY_MS).contains(&latency_ms) {
+            return config_err(format!("mock.latency_ms must be between 0 and {MAX_LATENCY_MS} (one hour) (got {latency_ms})"));
         }
         if !(0.0..=1.0).contains(&failure_rate) {
             return config_err(format!("mock.failure_rate must be between 0 and 1 (got {failure_rate})"));
@@ -132,5 +135,7 @@ mod tests {
         assert!((16..=48).contains(&fails), "{fails} failures of 64 at rate 0.5");
         assert!(MockSettings::new(0.0, 1.5, 0).is_err());
         assert!(MockSettings::new(-1.0, 0.0, 0).is_err());
+        assert!(MockSettings::new(1e300, 0.0, 0).is_err());
+        assert!(MockSettings::new(f64::NAN, 0.0, 0).is_err());
     }
 }

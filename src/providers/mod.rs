@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use mock::MockSettings;
 
-use crate::error::{config_err, ProviderFailure, Result};
+use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
 use crate::pricing::{PriceTable, Usage};
 
 /// One request, already rendered.
@@ -22,6 +22,21 @@ pub struct Request {
     pub temperature: Option<f64>,
     pub max_tokens: u32,
     pub timeout: Duration,
+}
+
+/// The most tokens a reply may report in each count (input, output, cached): far beyond any
+/// model's context window, far below what could overflow a cost or a counter.
+pub const MAX_REPLY_TOKENS: i64 = 100_000_000;
+
+/// Usage a provider (or a guarded block) reports, checked before it is billed: a negative
+/// count would hand the tenant budget back, an absurd one would overflow the counters.
+pub fn check_usage(u: &Usage) -> std::result::Result<(), String> {
+    for (name, v) in [("input", u.input), ("output", u.output), ("cached", u.cached)] {
+        if !(0..=MAX_REPLY_TOKENS).contains(&v) {
+            return Err(format!("reported {name} token count {v} is outside 0..={MAX_REPLY_TOKENS}"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,12 +189,28 @@ impl Providers {
             Wire::Anthropic => anthropic::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
             Wire::Gemini => gemini::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
         };
+        // Every provider's answer passes here: its usage is checked once, for all of them.
+        let result = result.and_then(|reply| match check_usage(&reply.usage) {
+            Ok(()) => Ok(reply),
+            Err(why) => Err(ProviderFailure {
+                kind: ProviderErrorKind::InvalidResponse,
+                provider: r.provider.clone(),
+                model: r.model.clone(),
+                status: None,
+                message: format!("invalid usage: {why}"),
+                // The same server would answer the same way; fallbacks may still be tried.
+                retryable: false,
+                retry_after: None,
+            }),
+        });
         // Some servers and proxies quote the key back in their error text; it must not
-        // reach exceptions, logs or execution rows.
+        // reach exceptions, logs or execution rows. Redacted before it is cut short, so no
+        // part of a key survives the cut.
         result.map_err(|mut f| {
             if let Some(key) = target.api_key.filter(|k| !k.is_empty()) {
                 f.message = f.message.replace(key, "[redacted]");
             }
+            f.message = http::shorten(&f.message);
             f
         })
     }
@@ -210,5 +241,14 @@ mod tests {
         let r = route("ollama/llama3", &prices, &urls).unwrap();
         assert_eq!((r.wire, r.needs_key), (Wire::OpenAi { native: false }, false));
         assert_eq!(env_vars("gemini")[0], "GEMINI_API_KEY");
+    }
+
+    #[test]
+    fn usage_outside_its_range_is_refused() {
+        let ok = Usage { input: MAX_REPLY_TOKENS, output: 0, cached: MAX_REPLY_TOKENS };
+        assert!(check_usage(&ok).is_ok());
+        for bad in [Usage { input: -1, ..ok }, Usage { output: MAX_REPLY_TOKENS + 1, ..ok }, Usage { cached: i64::MIN, ..ok }] {
+            assert!(check_usage(&bad).unwrap_err().contains("outside"), "{bad:?}");
+        }
     }
 }

@@ -54,6 +54,7 @@ fn budgets(v: &Bound<'_, PyAny>) -> Result<GlobalBudgets> {
         if let Some(v) = get(d, k) {
             for (agent, limit) in dict(&format!("budgets[{k:?}]"), &v)?.iter() {
                 let agent = string(&format!("budgets[{k:?}] key"), &agent)?;
+                crate::tenancy::validate_agent_name(&agent)?;
                 let limit = usd(&format!("budgets[{k:?}][{agent:?}]"), &limit)?;
                 out.insert(agent, limit);
             }

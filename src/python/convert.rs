@@ -9,7 +9,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 use rust_decimal::Decimal;
 
-use crate::budget::{Enforcement, Limits, TenantBudget};
+use crate::budget::{Enforcement, Limits, TenantBudget, MAX_COUNT};
 use crate::error::{config_err, Amount, Error, ProviderFailure, Result};
 use crate::execution::{Cell, Row};
 use crate::money::Nanos;
@@ -35,15 +35,51 @@ pub fn usd(field: &str, v: &Bound<'_, PyAny>) -> Result<Nanos> {
     }
 }
 
-/// A count (tokens, executions): a non-negative int.
+/// A count (tokens, executions): an int from 0 to `MAX_COUNT`.
 pub fn count(field: &str, v: &Bound<'_, PyAny>) -> Result<i64> {
     if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
         return config_err(format!("{field} must be a whole number, got {}", type_name(v)));
     }
     match v.extract::<i64>() {
-        Ok(n) if n >= 0 => Ok(n),
-        Ok(n) => config_err(format!("{field} must not be negative (got {n})")),
-        Err(_) => config_err(format!("{field} is out of range")),
+        Ok(n) if n < 0 => config_err(format!("{field} must not be negative (got {n})")),
+        Ok(n) if n <= MAX_COUNT => Ok(n),
+        _ => config_err(format!("{field} must be at most {MAX_COUNT} (got {})", v.str().map(|s| s.to_string()).unwrap_or_default())),
+    }
+}
+
+/// A Python int of any size, for an argument with a range: its value when it fits an i64,
+/// else `None` (outside every range), so a huge int is a `ConfigurationError` from
+/// `within`, never an `OverflowError`.
+pub struct AnyInt(Option<i64>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for AnyInt {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
+            let msg = format!("expected a whole number, got {}", type_name(&obj));
+            return Err(super::errors::ConfigurationError::new_err(msg));
+        }
+        Ok(AnyInt(obj.extract::<i64>().ok()))
+    }
+}
+
+impl AnyInt {
+    pub const fn of(n: i64) -> AnyInt {
+        AnyInt(Some(n))
+    }
+
+    /// The value, or i64::MAX for one too large (for counts checked by the core).
+    pub fn or_max(&self) -> i64 {
+        self.0.unwrap_or(i64::MAX)
+    }
+
+    pub fn within(&self, field: &str, min: i64, max: i64) -> Result<i64> {
+        match self.0 {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            Some(n) => config_err(format!("{field} must be between {min} and {max} (got {n})")),
+            None => config_err(format!("{field} must be between {min} and {max} (got a larger number)")),
+        }
     }
 }
 
@@ -73,16 +109,7 @@ pub fn only_keys(what: &str, d: &Bound<'_, PyDict>, allowed: &[&str]) -> Result<
     Ok(())
 }
 
-pub const TENANT_LIMIT_KEYS: &[&str] = &[
-    "daily_limit",
-    "monthly_limit",
-    "daily_token_limit",
-    "monthly_token_limit",
-    "daily_execution_limit",
-    "monthly_execution_limit",
-    "enforcement",
-    "name",
-];
+pub const TENANT_LIMIT_KEYS: &[&str] = crate::budget::BUDGET_FIELDS;
 
 /// A tenant budget from a dict of limits (TenantBudget fields, runtime tenant dicts,
 /// `tenant_config_resolver` results).

@@ -10,7 +10,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use rust_decimal::Decimal;
 
 use super::config::config_from_dict;
-use super::convert::{budget_to_dict, cell_to_py, count, nanos_to_py, row_to_dict, string, string_map, tenant_budget};
+use super::convert::{budget_to_dict, cell_to_py, count, nanos_to_py, row_to_dict, string, string_map, tenant_budget, AnyInt};
 use super::errors::{to_py, IntoPy};
 use super::query::{parse_ops, Ops};
 use super::runtime::{runtime, Tokio};
@@ -18,12 +18,13 @@ use crate::breaker;
 use crate::budget::{self, tenant_scope};
 use crate::clock::{now_micros, Period};
 use crate::config::Config;
-use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard};
-use crate::error::{Error, Result};
+use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard, MAX_TIMEOUT};
+use crate::error::{catch_panic, catch_panic_async, Error, Result};
 use crate::execution::{Aggregate, Field};
 use crate::process::PerProcess;
-use crate::retry::RetryPolicy;
-use crate::store::{Alert, BreakerKey};
+use crate::providers::MAX_REPLY_TOKENS;
+use crate::retry::{RetryPolicy, MAX_RETRIES};
+use crate::store::{Alert, BreakerKey, BudgetWrite};
 use crate::tenancy::TenantContext;
 
 /// An agent class's settings, built once per class by the Python layer.
@@ -35,8 +36,8 @@ pub struct PyAgentSpec {
 #[pymethods]
 impl PyAgentSpec {
     #[new]
-    #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=1024, timeout=30.0,
-        retries=0, backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None))]
+    #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=AnyInt::of(1024), timeout=30.0,
+        retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -44,32 +45,37 @@ impl PyAgentSpec {
         model: String,
         fallback_models: Vec<String>,
         temperature: Option<f64>,
-        max_tokens: u32,
+        max_tokens: AnyInt,
         timeout: f64,
-        retries: u32,
+        retries: AnyInt,
         backoff: String,
         base: f64,
         max_delay: f64,
-        breaker: Option<(u32, f64, f64)>,
+        breaker: Option<(AnyInt, f64, f64)>,
     ) -> PyResult<Self> {
         let build = || -> Result<AgentSpec> {
-            if !timeout.is_finite() || timeout <= 0.0 {
-                return crate::error::config_err(format!("{name}.timeout must be a positive number of seconds (got {timeout})"));
+            // Checked before Duration::from_secs_f64, which panics past its range.
+            if !(timeout > 0.0 && timeout <= MAX_TIMEOUT.as_secs_f64()) {
+                return crate::error::config_err(format!(
+                    "{name}.timeout must be more than 0 and at most {} seconds (got {timeout})",
+                    MAX_TIMEOUT.as_secs()
+                ));
             }
+            let errors = |e: &AnyInt| e.within(&format!("{name}.circuit_breaker.errors"), 1, breaker::MAX_ERRORS as i64);
             let spec = AgentSpec {
-                retries: RetryPolicy::new(retries, &backoff, base, max_delay)?,
-                breaker: breaker.map(|(e, w, c)| breaker::Policy::new(e, w, c)).transpose()?,
+                retries: RetryPolicy::new(retries.within(&format!("{name}.retries"), 0, MAX_RETRIES as i64)? as u32, &backoff, base, max_delay)?,
+                breaker: breaker.map(|(e, w, c)| breaker::Policy::new(errors(&e)? as u32, w, c)).transpose()?,
                 timeout: Duration::from_secs_f64(timeout),
+                max_tokens: max_tokens.within(&format!("{name}.max_tokens"), 1, MAX_REPLY_TOKENS)? as u32,
                 name: name.clone(),
                 model,
                 fallback_models,
                 temperature,
-                max_tokens,
             };
             spec.validate()?;
             Ok(spec)
         };
-        Ok(PyAgentSpec { inner: Arc::new(build().py_err(py)?) })
+        Ok(PyAgentSpec { inner: Arc::new(catch_panic(build).py_err(py)?) })
     }
 
     #[getter]
@@ -189,28 +195,30 @@ impl PyGuard {
         self.warnings.clone()
     }
 
-    #[pyo3(signature = (input_tokens, output_tokens, cached_tokens=0, model=None))]
-    fn succeed(&self, py: Python<'_>, input_tokens: i64, output_tokens: i64, cached_tokens: i64, model: Option<String>) -> PyResult<PyAgentResult> {
-        for (name, v) in [("input_tokens", input_tokens), ("output_tokens", output_tokens), ("cached_tokens", cached_tokens)] {
-            if v < 0 {
-                return Err(to_py(py, Error::Configuration(format!("{name} must not be negative (got {v})"))));
-            }
-        }
+    /// Usage out of range (negative, absurd: the core checks it as a provider's) is an
+    /// `InvalidResponseError` and an error row; an int too large for i64 is out of range too.
+    #[pyo3(signature = (input_tokens, output_tokens, cached_tokens=AnyInt::of(0), model=None))]
+    fn succeed(&self, py: Python<'_>, input_tokens: AnyInt, output_tokens: AnyInt, cached_tokens: AnyInt, model: Option<String>) -> PyResult<PyAgentResult> {
         let guard = self.take(py)?;
-        let usage = crate::pricing::Usage { input: input_tokens, output: output_tokens, cached: cached_tokens };
-        Ok(py.detach(|| guard.succeed(model.as_deref(), usage)).py_err(py)?.into())
+        let usage = crate::pricing::Usage { input: input_tokens.or_max(), output: output_tokens.or_max(), cached: cached_tokens.or_max() };
+        Ok(py.detach(|| catch_panic(|| guard.succeed(model.as_deref(), usage))).py_err(py)?.into())
     }
 
     fn fail(&self, py: Python<'_>, error_class: String, message: String) -> PyResult<()> {
         let guard = self.take(py)?;
-        py.detach(|| guard.fail(&error_class, &message)).py_err(py)
+        py.detach(|| catch_panic(|| guard.fail(&error_class, &message))).py_err(py)
     }
 
     /// The block was interrupted (KeyboardInterrupt, task cancelled): record it as cancelled.
     fn cancel(&self, py: Python<'_>) -> PyResult<()> {
         let guard = self.take(py)?;
-        py.detach(|| drop(guard));
-        Ok(())
+        py.detach(|| {
+            catch_panic(|| {
+                drop(guard);
+                Ok(())
+            })
+        })
+        .py_err(py)
     }
 }
 
@@ -270,7 +278,7 @@ impl PyCall {
                 parent_execution_id,
             })
         };
-        Ok(PyCall { spec: spec.inner.clone(), req: build().py_err(py)? })
+        Ok(PyCall { spec: spec.inner.clone(), req: catch_panic(build).py_err(py)? })
     }
 }
 
@@ -337,7 +345,7 @@ impl PyEngine {
     /// Runs `f` on the core with the GIL released, converting its error.
     fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&Engine) -> Result<T> + Send) -> PyResult<T> {
         let engine = self.engine(py)?;
-        py.detach(|| f(engine)).py_err(py)
+        py.detach(|| catch_panic(|| f(engine))).py_err(py)
     }
 
     /// A query's operations; calendar ranges (`today()`, ...) in the database's timezone.
@@ -351,8 +359,8 @@ impl PyEngine {
 impl PyEngine {
     #[new]
     fn new(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
-        let config = config_from_dict(config).py_err(py)?;
-        let engine = py.detach(|| Engine::new(config.clone())).py_err(py)?;
+        let config = catch_panic(|| config_from_dict(config)).py_err(py)?;
+        let engine = py.detach(|| catch_panic(|| Engine::new(config.clone()))).py_err(py)?;
         if engine.store().is_sqlite_file() {
             super::shared_sqlite::warn_if_separate(py)?;
         }
@@ -388,7 +396,7 @@ impl PyEngine {
         let rt = runtime().py_err(py)?;
         let outcome: PyResult<Result<CallOutcome>> = py.detach(move || {
             rt.tokio.block_on(async move {
-                let call = engine.run(spec, req);
+                let call = catch_panic_async(engine.run(spec, req));
                 tokio::pin!(call);
                 loop {
                     tokio::select! {
@@ -409,7 +417,7 @@ impl PyEngine {
         let (engine, spec, req) = (self.engine(py)?.clone(), call.spec.clone(), call.req.clone());
         runtime().py_err(py)?;
         pyo3_async_runtimes::generic::future_into_py::<Tokio, _, _>(py, async move {
-            match engine.run(spec, req).await {
+            match catch_panic_async(engine.run(spec, req)).await {
                 Ok(o) => Ok(PyAgentResult::from(o)),
                 Err(e) => Err(Python::attach(|py| to_py(py, e))),
             }
@@ -418,13 +426,11 @@ impl PyEngine {
 
     /// Admits a guarded block of user code (a `Call` with no prompts), reserving the
     /// spec's `max_tokens` plus `estimated_input_tokens`.
-    #[pyo3(signature = (call, estimated_input_tokens=0))]
-    fn begin_guard(&self, py: Python<'_>, call: &PyCall, estimated_input_tokens: i64) -> PyResult<PyGuard> {
-        if estimated_input_tokens < 0 {
-            return Err(to_py(py, Error::Configuration("estimated_input_tokens must not be negative".into())));
-        }
+    #[pyo3(signature = (call, estimated_input_tokens=AnyInt::of(0)))]
+    fn begin_guard(&self, py: Python<'_>, call: &PyCall, estimated_input_tokens: AnyInt) -> PyResult<PyGuard> {
+        let estimated_input_tokens = estimated_input_tokens.within("input_tokens", 0, MAX_REPLY_TOKENS).py_err(py)?;
         let engine = self.engine(py)?.clone();
-        let guard = py.detach(|| engine.begin_guard(&call.spec, &call.req, estimated_input_tokens)).py_err(py)?;
+        let guard = py.detach(|| catch_panic(|| engine.begin_guard(&call.spec, &call.req, estimated_input_tokens))).py_err(py)?;
         Ok(PyGuard {
             execution_id: guard.execution_id().to_string(),
             warnings: guard.warnings().to_vec(),
@@ -435,7 +441,8 @@ impl PyEngine {
 
     /// What a call would send and reserve (`dry_run=True`).
     fn plan<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyDict>> {
-        let plan = self.engine(py)?.plan(&call.spec, &call.req).py_err(py)?;
+        let engine = self.engine(py)?;
+        let plan = catch_panic(|| engine.plan(&call.spec, &call.req)).py_err(py)?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);
         for (route, price) in plan.routes.iter().zip(&plan.prices) {
@@ -488,7 +495,9 @@ impl PyEngine {
         Ok(d)
     }
 
-    fn get_execution<'py>(&self, py: Python<'py>, id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn get_execution<'py>(&self, py: Python<'py>, id: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let id = string("execution id", id).py_err(py)?;
+        let id = id.as_str();
         let found = self.detached(py, |e| e.store().execution(id))?;
         let Some((row, details)) = found else { return Ok(None) };
         let d = row_to_dict(py, row)?;
@@ -502,20 +511,27 @@ impl PyEngine {
 
     // ------------------------------------------------------------ budgets
 
-    fn budget_get<'py>(&self, py: Python<'py>, tenant_id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn budget_get<'py>(&self, py: Python<'py>, tenant_id: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let tenant_id = tenant_id_arg(tenant_id).py_err(py)?;
+        let tenant_id = tenant_id.as_str();
         let b = self.detached(py, |e| e.store().budget_get(tenant_id))?;
         b.map(|b| budget_to_dict(py, &b)).transpose()
     }
 
-    /// Creates (`create_only`) or replaces a tenant's budget; returns it as stored.
+    /// Creates (`create_only`) a tenant's budget, or changes only the fields given; returns
+    /// it as stored.
     fn budget_put<'py>(&self, py: Python<'py>, tenant_id: &Bound<'py, PyAny>, fields: &Bound<'py, PyDict>, create_only: bool) -> PyResult<Bound<'py, PyDict>> {
-        let tenant_id = string("tenant_id", tenant_id).map_err(|_| Error::InvalidTenant("tenant_id must be a non-empty string".into())).py_err(py)?;
-        let b = tenant_budget(&tenant_id, fields).py_err(py)?;
-        self.detached(py, |e| e.store().budget_put(&b, create_only))?;
-        budget_to_dict(py, &b)
+        let tenant_id = tenant_id_arg(tenant_id).py_err(py)?;
+        let b = catch_panic(|| tenant_budget(&tenant_id, fields)).py_err(py)?;
+        let named: Vec<String> = fields.keys().iter().map(|k| k.str().map(|s| s.to_string())).collect::<PyResult<_>>()?;
+        let write = if create_only { BudgetWrite::Create } else { BudgetWrite::Update(&named) };
+        let stored = self.detached(py, |e| e.store().budget_put(&b, write))?;
+        budget_to_dict(py, &stored)
     }
 
-    fn budget_delete(&self, py: Python<'_>, tenant_id: &str) -> PyResult<bool> {
+    fn budget_delete(&self, py: Python<'_>, tenant_id: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let tenant_id = tenant_id_arg(tenant_id).py_err(py)?;
+        let tenant_id = tenant_id.as_str();
         self.detached(py, |e| e.store().budget_delete(tenant_id))
     }
 
@@ -525,7 +541,9 @@ impl PyEngine {
     }
 
     /// The tenant's recorded usage this day and month: {"daily": {...}, "monthly": {...}}.
-    fn tenant_usage<'py>(&self, py: Python<'py>, tenant_id: &str) -> PyResult<Bound<'py, PyDict>> {
+    fn tenant_usage<'py>(&self, py: Python<'py>, tenant_id: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let tenant_id = tenant_id_arg(tenant_id).py_err(py)?;
+        let tenant_id = tenant_id.as_str();
         let now = now_micros();
         let scope = tenant_scope(tenant_id);
         let (daily, monthly) = self.detached(py, |e| {
@@ -583,7 +601,19 @@ impl PyEngine {
 
     /// Stores encrypted provider keys (None removes one) for a tenant, or globally.
     #[pyo3(signature = (keys, tenant_id=None))]
-    fn set_api_keys(&self, py: Python<'_>, keys: Vec<(String, Option<String>)>, tenant_id: Option<String>) -> PyResult<()> {
+    fn set_api_keys(&self, py: Python<'_>, keys: Vec<(String, Bound<'_, PyAny>)>, tenant_id: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let parse = || -> Result<_> {
+            let tenant_id = match tenant_id {
+                Some(t) => Some(string("tenant_id", t).map_err(|e| Error::InvalidTenant(e.to_string()))?),
+                None => None,
+            };
+            let keys = keys
+                .iter()
+                .map(|(p, k)| Ok((p.clone(), if k.is_none() { None } else { Some(string(&format!("API key for {p:?}"), k)?) })))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((tenant_id, keys))
+        };
+        let (tenant_id, keys) = parse().py_err(py)?;
         self.detached(py, |e| e.set_api_keys(tenant_id.as_deref(), &keys))
     }
 
@@ -615,6 +645,11 @@ impl PyEngine {
     fn __repr__(&self) -> String {
         format!("Engine(database={:?}, timezone={:?})", self.config.database_display(), self.config.timezone)
     }
+}
+
+/// A tenant id argument: a string (checked further where it is used), else `InvalidTenantError`.
+fn tenant_id_arg(v: &Bound<'_, PyAny>) -> Result<String> {
+    string("tenant_id", v).map_err(|_| Error::InvalidTenant("tenant_id must be a non-empty string".into()))
 }
 
 fn aggregate(field: Option<&str>) -> Result<Aggregate> {

@@ -21,6 +21,7 @@ create_exception!(tenantllm, ConfigurationError, TenantLLMError, "A setting or a
 create_exception!(tenantllm, InvalidTenantError, TenantLLMError, "The tenant could not be resolved or is invalid.");
 create_exception!(tenantllm, MissingParameterError, TenantLLMError, "A prompt parameter was not given.");
 create_exception!(tenantllm, StoreError, TenantLLMError, "The database could not be opened, read or written.");
+create_exception!(tenantllm, InternalError, TenantLLMError, "A bug in tenantllm (a Rust panic caught at the boundary); please report it.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -37,6 +38,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidTenantError", py.get_type::<InvalidTenantError>())?;
     m.add("MissingParameterError", py.get_type::<MissingParameterError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }
 
@@ -99,6 +101,7 @@ fn build(py: Python<'_>, e: Error) -> PyResult<PyErr> {
         Error::InvalidTenant(m) => InvalidTenantError::new_err(m),
         Error::MissingParameter(m) => MissingParameterError::new_err(m),
         Error::Store(m) => StoreError::new_err(m),
+        Error::Internal(_) => InternalError::new_err(msg),
     })
 }
 

@@ -8,14 +8,17 @@ use super::convert::{string, type_name};
 use super::engine::{positive, tuple_item};
 use crate::clock::{Calendar, Micros};
 use crate::error::{config_err, Error, Result};
-use crate::execution::{Field, Filter, Query, Status, Value};
+use crate::execution::{Field, Filter, Kind, Query, Status, Value};
 
 pub struct Ops {
     pub query: Query,
 }
 
 fn value(field: &Field, v: &Bound<'_, PyAny>) -> Result<Value> {
-    let out = if v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>() {
+    // A text column compared with a number matches nothing: say so instead.
+    let out = if field.1 == Kind::Text {
+        Value::Text(string(field.0, v)?)
+    } else if v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>() {
         Value::Int(v.extract().map_err(|_| Error::Configuration(format!("{} value out of range", field.0)))?)
     } else {
         Value::Text(string(field.0, v)?)

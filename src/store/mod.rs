@@ -13,7 +13,7 @@ pub use sqlite::{library_version as sqlite_library_version, shares_library as sh
 use crate::breaker;
 use crate::budget::{self, Breach, Check, TenantBudget};
 use crate::clock::{Calendar, Micros, Period, DEFAULT_TIMEZONE};
-use crate::error::Result;
+use crate::error::{config_err, Result};
 use crate::secrets::Sealed;
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row, Status, FIELDS};
 
@@ -98,8 +98,8 @@ pub trait Store: Send + Sync {
     fn renew_leases(&self, execution_ids: &[String], expires_at: Micros) -> Result<usize>;
 
     fn budget_get(&self, tenant_id: &str) -> Result<Option<TenantBudget>>;
-    /// Inserts (fails if it exists when `create_only`) or replaces a budget.
-    fn budget_put(&self, b: &TenantBudget, create_only: bool) -> Result<()>;
+    /// Writes a budget in one statement and returns it as stored.
+    fn budget_put(&self, b: &TenantBudget, write: BudgetWrite<'_>) -> Result<TenantBudget>;
     fn budget_delete(&self, tenant_id: &str) -> Result<bool>;
     fn budget_all(&self) -> Result<Vec<TenantBudget>>;
     /// Recorded usage of a scope in a period (counters; reservations excluded).
@@ -177,16 +177,28 @@ pub(crate) fn short_circuited(agent: &str, retry_at: Micros, now: Micros) -> Com
     Completion::refused(crate::execution::Status::ShortCircuited, "CircuitOpenError", msg, now)
 }
 
-/// Opens the store a `database` setting names: a path, ":memory:" or "sqlite:///path" for
-/// SQLite; a "postgresql://" or "postgres://" URL for PostgreSQL. A database that has no
-/// timezone yet (new, or made by a tenantllm before timezones were stored) gets `timezone`.
+/// Opens the store a `database` setting names: a path, ":memory:", "sqlite:///path" or a
+/// SQLite "file:" URI for SQLite; a "postgresql://" or "postgres://" URL for PostgreSQL.
+/// Scheme names are case-insensitive; any other scheme is an error (with the password
+/// masked), never a file name. A database that has no timezone yet (new, or made by a
+/// tenantllm before timezones were stored) gets `timezone`.
 pub fn open(database: &str, timezone: &str) -> Result<Box<dyn Store>> {
-    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-        return Ok(Box::new(PostgresStore::open(database, timezone)?));
+    let Some((scheme, rest)) = database.split_once("://") else {
+        return Ok(Box::new(SqliteStore::open(database, timezone)?));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "postgres" | "postgresql" => Ok(Box::new(PostgresStore::open(&format!("postgresql://{rest}"), timezone)?)),
+        // SQLAlchemy style: sqlite:///relative.db, sqlite:////absolute.db
+        "sqlite" => match rest.strip_prefix('/') {
+            Some(path) => Ok(Box::new(SqliteStore::open(path, timezone)?)),
+            None => config_err(format!("database {database:?}: write a SQLite URL as sqlite:///path (three slashes)")),
+        },
+        "file" => Ok(Box::new(SqliteStore::open(database, timezone)?)),
+        _ => config_err(format!(
+            "database {:?}: unsupported URL scheme {scheme:?}; use a file path, \":memory:\", \"sqlite:///path\" or \"postgresql://user:password@host/db\"",
+            crate::config::mask_password(database)
+        )),
     }
-    // SQLAlchemy style: sqlite:///relative.db, sqlite:////absolute.db
-    let path = database.strip_prefix("sqlite:///").unwrap_or(database);
-    Ok(Box::new(SqliteStore::open(path, timezone)?))
 }
 
 // ---------------------------------------------------------------- shared by both stores
@@ -242,6 +254,31 @@ fn encode_keys<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> String {
 
 fn decode_keys(s: &str) -> Vec<CounterKey> {
     s.lines().filter_map(|l| l.split_once('\t')).map(|(s, p)| (s.to_string(), p.to_string())).collect()
+}
+
+/// How `budget_put` writes a budget.
+#[derive(Debug, Clone, Copy)]
+pub enum BudgetWrite<'a> {
+    /// Insert; an error if the tenant already has a budget.
+    Create,
+    /// Insert, or change only these fields of the stored budget (`TenantBudget.update`), so
+    /// that changes made meanwhile to the other fields (by an operator, say) survive.
+    Update(&'a [String]),
+}
+
+/// The `ON CONFLICT (tenant_id)` action of a budget upsert (the same SQL for both stores).
+fn budget_on_conflict(write: BudgetWrite<'_>) -> Result<String> {
+    let BudgetWrite::Update(fields) = write else { return Ok("DO NOTHING".into()) };
+    let mut set = Vec::with_capacity(fields.len() + 1);
+    for f in fields {
+        // The field names are also the column names.
+        match budget::BUDGET_FIELDS.iter().find(|c| **c == f.as_str()) {
+            Some(c) => set.push(format!("{c} = excluded.{c}")),
+            None => return config_err(format!("unknown budget field {f:?}; expected one of {}", budget::BUDGET_FIELDS.join(", "))),
+        }
+    }
+    set.push("updated_at = excluded.updated_at".into());
+    Ok(format!("DO UPDATE SET {}", set.join(", ")))
 }
 
 const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
@@ -367,6 +404,19 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(keyed_like(None, &berlin), Err(crate::error::Error::TimezoneChanged(z)) if z == "UTC"));
+    }
+
+    #[test]
+    fn unknown_url_schemes_are_errors_with_the_password_masked() {
+        for url in ["postgresql+psycopg2://app:secret@db/x", "mysql://app:secret@db/x", "sqlite:/x.db", "http://app:secret@h/"] {
+            let e = open(url, "UTC").err().expect(url).to_string();
+            assert!(!e.contains("secret") && e.contains("database"), "{e}");
+        }
+        // Upper-case schemes are the same schemes: this one reaches SQLite.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        assert!(open(&format!("SQLITE:///{}", path.display()), "UTC").is_ok());
+        assert!(path.exists());
     }
 
     #[test]

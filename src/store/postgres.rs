@@ -33,8 +33,9 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::pg_schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey, short_circuited, usage_keys,
-    AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
+    all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey,
+    short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
+    FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
@@ -1076,27 +1077,21 @@ impl Store for PostgresStore {
         self.read(|db| budget_get(db, tenant_id))
     }
 
-    fn budget_put(&self, b: &TenantBudget, create_only: bool) -> Result<()> {
+    fn budget_put(&self, b: &TenantBudget, write: BudgetWrite<'_>) -> Result<TenantBudget> {
         b.validate()?;
         let now = now_micros();
-        let on_conflict = if create_only {
-            "DO NOTHING"
-        } else {
-            "DO UPDATE SET name = EXCLUDED.name, daily_limit = EXCLUDED.daily_limit,
-                 monthly_limit = EXCLUDED.monthly_limit, daily_token_limit = EXCLUDED.daily_token_limit,
-                 monthly_token_limit = EXCLUDED.monthly_token_limit,
-                 daily_execution_limit = EXCLUDED.daily_execution_limit,
-                 monthly_execution_limit = EXCLUDED.monthly_execution_limit,
-                 enforcement = EXCLUDED.enforcement, updated_at = EXCLUDED.updated_at"
-        };
         let sql = format!(
             "INSERT INTO tenant_budgets ({BUDGET_COLUMNS}, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (tenant_id) {on_conflict}"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (tenant_id) {}",
+            budget_on_conflict(write)?
         );
         // Creating twice would fail the second time: a create that went through is the
-        // budget now stored.
-        let created = |db: &mut Tx<'_, '_>, _: &()| -> PgResult<bool> { Ok(budget_get(db, &b.tenant_id)?.as_ref() == Some(b)) };
-        let on_loss = if create_only { OnCommitLoss::Check(&created) } else { OnCommitLoss::Rerun };
+        // budget now stored. An update can run again.
+        let created = |db: &mut Tx<'_, '_>, _: &TenantBudget| -> PgResult<bool> { Ok(budget_get(db, &b.tenant_id)?.as_ref() == Some(b)) };
+        let on_loss = match write {
+            BudgetWrite::Create => OnCommitLoss::Check(&created),
+            BudgetWrite::Update(_) => OnCommitLoss::Rerun,
+        };
         self.write(on_loss, |db| {
             let l = &b.limits;
             let n = db.execute(
@@ -1117,7 +1112,7 @@ impl Store for PostgresStore {
             if n == 0 {
                 return Err(Error::Configuration(format!("a budget for tenant {:?} already exists", b.tenant_id)).into());
             }
-            Ok(())
+            Ok(budget_get(db, &b.tenant_id)?.ok_or_else(|| Error::Store("the budget just written is missing".into()))?)
         })
     }
 
@@ -1741,11 +1736,14 @@ mod tests {
             limits: Limits { daily_cost: Some(Nanos(5)), monthly_tokens: Some(7), ..Default::default() },
             enforcement: Enforcement::Soft,
         };
-        store.budget_put(&b, true).unwrap();
-        assert!(store.budget_put(&b, true).unwrap_err().to_string().contains("already exists"));
+        assert_eq!(store.budget_put(&b, BudgetWrite::Create).unwrap(), b);
+        assert!(store.budget_put(&b, BudgetWrite::Create).unwrap_err().to_string().contains("already exists"));
         assert_eq!(store.budget_get("t1").unwrap(), Some(b.clone()));
-        let b2 = TenantBudget { limits: Limits::default(), ..b.clone() };
-        store.budget_put(&b2, false).unwrap();
+        // Only the named fields change: the stale monthly_tokens and enforcement stay.
+        let stale = TenantBudget { limits: Limits { daily_cost: Some(Nanos(9)), ..Default::default() }, ..b.clone() };
+        let named = ["daily_limit".to_string()];
+        let b2 = TenantBudget { limits: Limits { daily_cost: Some(Nanos(9)), ..b.limits.clone() }, ..b.clone() };
+        assert_eq!(store.budget_put(&stale, BudgetWrite::Update(&named)).unwrap(), b2);
         assert_eq!(store.budget_all().unwrap(), vec![b2]);
         assert!(store.budget_delete("t1").unwrap());
         assert!(!store.budget_delete("t1").unwrap());

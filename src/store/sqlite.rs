@@ -12,8 +12,9 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 
 use super::schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey, short_circuited, usage_keys,
-    AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, Choice, CounterKey, FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
+    all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey,
+    short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Store,
+    BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
@@ -163,14 +164,34 @@ fn migrate(conn: &mut Connection, path: &str, timezone: &str) -> Result<()> {
             "database {path:?} has schema version {current}, newer than this tenantllm supports ({known}); upgrade tenantllm"
         )));
     }
+    if current == 0 {
+        // Another application's file: say so in one line (the failing CREATE TABLE's error
+        // would quote a whole migration).
+        let foreign: Option<String> = tx
+            .query_row(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('executions', 'tenant_budgets', 'usage_counters') LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(table) = foreign {
+            return Err(Error::Store(format!(
+                "database {path:?} is not a tenantllm database: it has a table {table:?} but no tenantllm schema version; use another file"
+            )));
+        }
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql)?;
+        tx.execute_batch(sql).map_err(|e| Error::Store(format!("database {path:?}: migration {} failed: {}", i + 1, first_line(&e.to_string()))))?;
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i as i64 + 1])?;
     }
     tx.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('timezone', ?1)", [timezone])?;
     tx.commit()?;
     Ok(())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
 }
 
 impl SqliteStore {
@@ -729,24 +750,16 @@ impl Store for SqliteStore {
         self.read(|c| budget_get(c, tenant_id))
     }
 
-    fn budget_put(&self, b: &TenantBudget, create_only: bool) -> Result<()> {
+    fn budget_put(&self, b: &TenantBudget, write: BudgetWrite<'_>) -> Result<TenantBudget> {
         b.validate()?;
         let now = now_micros();
+        let on_conflict = budget_on_conflict(write)?;
         self.write(|tx| {
-            if create_only && budget_get(tx, &b.tenant_id)?.is_some() {
-                return Err(Error::Configuration(format!("a budget for tenant {:?} already exists", b.tenant_id)));
-            }
             let l = &b.limits;
-            tx.execute(
+            let n = tx.execute(
                 &format!(
                     "INSERT INTO tenant_budgets ({BUDGET_COLUMNS}, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
-                     ON CONFLICT (tenant_id) DO UPDATE SET name = excluded.name, daily_limit = excluded.daily_limit,
-                         monthly_limit = excluded.monthly_limit, daily_token_limit = excluded.daily_token_limit,
-                         monthly_token_limit = excluded.monthly_token_limit,
-                         daily_execution_limit = excluded.daily_execution_limit,
-                         monthly_execution_limit = excluded.monthly_execution_limit,
-                         enforcement = excluded.enforcement, updated_at = excluded.updated_at"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT (tenant_id) {on_conflict}"
                 ),
                 params![
                     b.tenant_id,
@@ -761,7 +774,10 @@ impl Store for SqliteStore {
                     now
                 ],
             )?;
-            Ok(())
+            if n == 0 {
+                return Err(Error::Configuration(format!("a budget for tenant {:?} already exists", b.tenant_id)));
+            }
+            budget_get(tx, &b.tenant_id)?.ok_or_else(|| Error::Store("the budget just written is missing".into()))
         })
     }
 
