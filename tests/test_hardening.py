@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pg_everywhere
 import pytest
 import tenantllm as tl
 from conftest import Configure
@@ -31,6 +32,12 @@ def agent(model: str = "mock/x", **attrs: Any) -> type[tl.Agent]:
 
 def call(model: str = "mock/x", tenant: Any = "acme", **attrs: Any) -> tl.AgentResult:
     return agent(model, **attrs).call(q="hello", tenant=tenant)
+
+
+def budgets_cli(db_path: Path) -> list[str]:
+    """`tenantllm budgets set acme` on this test's database, in another process."""
+    db = pg_everywhere.database_for(str(db_path)) if pg_everywhere.ACTIVE else str(db_path)
+    return [sys.executable, "-m", "tenantllm.cli", "budgets", "set", "acme", "--database", db]
 
 
 def nothing_recorded() -> None:
@@ -153,8 +160,8 @@ def test_wrong_types_are_typed_errors_not_type_errors(configure: Configure) -> N
 
 def test_cli_budget_out_of_range_is_one_line_not_a_traceback(db_path: Path) -> None:
     call()  # the database exists
-    cli = [sys.executable, "-m", "tenantllm.cli", "budgets", "set", "acme", "--database", str(db_path)]
-    r = subprocess.run([*cli, "--daily-limit", "100000000000000000000"], capture_output=True, text=True, timeout=60)
+    argv = [*budgets_cli(db_path), "--daily-limit", "100000000000000000000"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and "panic" not in r.stderr.lower(), r.stderr
     assert "daily_limit" in r.stderr and "at most" in r.stderr, r.stderr
@@ -327,9 +334,8 @@ def test_a_key_in_a_long_error_body_is_redacted_at_every_offset(configure: Confi
 def test_update_changes_only_the_named_fields(db_path: Path) -> None:
     mine = tl.TenantBudget.create("acme", daily_limit=10, enforcement="hard")
     # An operator changes other fields meanwhile, from another process.
-    cli = [sys.executable, "-m", "tenantllm.cli", "budgets", "set", "acme", "--database", str(db_path)]
-    r = subprocess.run([*cli, "--monthly-limit", "50", "--enforcement", "soft"], capture_output=True, text=True,
-                       timeout=60)
+    argv = [*budgets_cli(db_path), "--monthly-limit", "50", "--enforcement", "soft"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     mine.update(daily_limit=12)
     stored = tl.TenantBudget.get("acme")
