@@ -11,6 +11,8 @@ pub struct PriceOverride {
     pub input: String,
     pub output: String,
     pub cached_input: Option<String>,
+    pub cache_write: Option<String>,
+    pub cache_write_1h: Option<String>,
 }
 
 #[derive(Clone)]

@@ -86,7 +86,10 @@ pub struct CallOutcome {
     pub cost: Cost,
     pub duration_ms: i64,
     pub attempts_count: usize,
-    pub finish_reason: Option<String>,
+    /// Normalised (one of `providers::FINISH_REASONS`), with the provider's own word beside it.
+    pub finish_reason: Option<&'static str>,
+    pub finish_reason_raw: Option<String>,
+    pub refusal: Option<String>,
     pub budget_warnings: Vec<String>,
 }
 
@@ -95,6 +98,8 @@ pub struct CallOutcome {
 pub struct CallPlan {
     pub routes: Vec<Route>,
     pub prices: Vec<Price>,
+    /// Per route: the parameters left out because its model rejects them.
+    pub dropped_params: Vec<Vec<&'static str>>,
     pub estimated_input_tokens: i64,
     pub estimated_cost: Nanos,
     pub estimated_tokens: i64,
@@ -120,7 +125,7 @@ impl Engine {
         let named = config.timezone.as_deref().map(Calendar::new).transpose()?;
         let mut prices = PriceTable::built_in();
         for p in &config.pricing {
-            prices.set(&p.model, &p.input, &p.output, p.cached_input.as_deref())?;
+            prices.set(p)?;
         }
         config.budgets.limits.validate()?;
         providers::check_key_names(config.api_keys.keys(), &config.base_urls)?;
@@ -234,11 +239,13 @@ impl Engine {
         providers::check_key_names(req.tenant.api_keys.keys(), &self.config.base_urls)?;
         let routes = spec.chain().map(|m| providers::route(m, &self.prices, &self.config.base_urls)).collect::<Result<Vec<_>>>()?;
         let prices = spec.chain().map(|m| self.prices.price(m)).collect::<Result<Vec<_>>>()?;
-        let input = providers::prompt_token_bound(&Self::request(spec, req));
+        let request = Self::request(spec, req);
+        let dropped_params = routes.iter().map(|r| providers::unsupported_params(&r.model, &request).1).collect();
+        let input = providers::prompt_token_bound(&request);
         let output = spec.max_tokens as i64;
         // The most expensive model of the chain bounds what the call can cost.
-        let estimated_cost = prices.iter().map(|p| p.cost(Usage { input, output, cached: 0 }).total()).max().unwrap_or_default();
-        Ok(CallPlan { routes, prices, estimated_input_tokens: input, estimated_cost, estimated_tokens: input + output })
+        let estimated_cost = prices.iter().map(|p| p.upper_bound(input, output)).max().unwrap_or_default();
+        Ok(CallPlan { routes, prices, dropped_params, estimated_input_tokens: input, estimated_cost, estimated_tokens: input + output })
     }
 
     /// How long a call can run: every attempt of every model timing out, with the longest
@@ -353,9 +360,11 @@ impl Engine {
                 }
             }
             let target = Target { route, api_key: api_keys[i].as_deref() };
+            let (sent, dropped) = providers::unsupported_params(&route.model, &request);
             for retry in 0..=spec.retries.max {
                 let t0 = Instant::now();
-                let result = match tokio::time::timeout(spec.timeout, self.providers.send(&target, &request)).await {
+                let sent_at = now_micros();
+                let result = match tokio::time::timeout(spec.timeout, self.providers.send(&target, &sent)).await {
                     Ok(r) => r,
                     Err(_) => Err(ProviderFailure {
                         kind: ProviderErrorKind::Timeout,
@@ -374,12 +383,13 @@ impl Engine {
                     probe,
                     model: models[i].clone(),
                     provider: route.provider.clone(),
+                    dropped: dropped.clone(),
                 };
                 let elapsed = t0.elapsed().as_millis() as i64;
                 match result {
                     Ok(reply) => {
-                        let cost = plan.prices[i].cost(reply.usage);
-                        call.record(&attempt, Ok((reply.usage, cost)), elapsed);
+                        let cost = plan.prices[i].cost_at(reply.usage, sent_at);
+                        call.record(&attempt, Ok((&reply, cost)), elapsed);
                         return call.succeed(&spec, &route.provider, reply, cost, warnings);
                     }
                     Err(f) => {
@@ -412,7 +422,7 @@ impl Engine {
             .map(|r| r.provider)
             .unwrap_or_else(|_| "external".into());
         let output = spec.max_tokens as i64;
-        let cost = price.cost(Usage { input: estimated_input_tokens, output, cached: 0 }).total();
+        let cost = price.upper_bound(estimated_input_tokens, output);
         let admission = self.admit(spec, req, &provider, budget::estimate(cost, estimated_input_tokens + output))?;
         Ok(Guard { admission, spec: spec.clone(), provider })
     }
@@ -527,6 +537,8 @@ struct AttemptOf {
     probe: bool,
     model: String,
     provider: String,
+    /// Parameters left out of the request because the model rejects them.
+    dropped: Vec<&'static str>,
 }
 
 /// An admitted call. Dropping it unfinished (the awaiting task was cancelled, or a guarded
@@ -544,11 +556,13 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn record(&mut self, to: &AttemptOf, result: std::result::Result<(Usage, Cost), &ProviderFailure>, duration_ms: i64) {
+    fn record(&mut self, to: &AttemptOf, result: std::result::Result<(&Reply, Cost), &ProviderFailure>, duration_ms: i64) {
         if let (Some(key), Some(policy)) = (&to.key, to.policy) {
             self.outcomes.push(BreakerOutcome { key: key.clone(), policy, success: result.is_ok(), probe: to.probe });
         }
-        let (usage, cost) = result.as_ref().map(|r| *r).unwrap_or_default();
+        let reply = result.as_ref().ok().map(|(r, _)| *r);
+        let usage = reply.map(|r| r.usage).unwrap_or_default();
+        let cost = result.as_ref().map(|(_, c)| *c).unwrap_or_default();
         let failure = result.err();
         self.attempts.push(Attempt {
             model: to.model.clone(),
@@ -560,8 +574,14 @@ impl InFlight {
             input_tokens: usage.input,
             output_tokens: usage.output,
             cached_tokens: usage.cached,
+            cache_write_tokens: usage.cache_writes(),
             cost_nanos: cost.total().0,
+            cache_read_cost_nanos: cost.cache_read.0,
+            cache_write_cost_nanos: cost.cache_write.0,
             duration_ms,
+            finish_reason: reply.and_then(|r| r.finish_reason_raw.clone()),
+            refusal: reply.and_then(|r| r.refusal.clone()),
+            dropped_params: to.dropped.clone(),
         });
     }
 
@@ -611,7 +631,7 @@ impl InFlight {
         c.provider = Some(provider.to_string());
         c.usage = reply.usage;
         c.cost = cost;
-        c.finish_reason = reply.finish_reason.clone();
+        c.finish_reason = reply.finish_reason.map(String::from);
         c.response = Some(reply.content.clone());
         let attempts_count = c.attempts.len();
         self.finish(&c)?;
@@ -627,6 +647,8 @@ impl InFlight {
             duration_ms: c.duration_ms,
             attempts_count,
             finish_reason: reply.finish_reason,
+            finish_reason_raw: reply.finish_reason_raw,
+            refusal: reply.refusal,
             budget_warnings: warnings,
         })
     }
@@ -674,6 +696,7 @@ impl Guard {
             probe: self.admission.probe,
             model: model.to_string(),
             provider: self.provider.clone(),
+            dropped: vec![],
         }
     }
 
@@ -689,11 +712,11 @@ impl Guard {
         }
         let model = model.unwrap_or(&self.spec.model).to_string();
         let prices = &self.admission.call.engine.prices;
-        let cost = prices.price(&model).or_else(|_| prices.price(&self.spec.model))?.cost(usage);
+        let cost = prices.price(&model).or_else(|_| prices.price(&self.spec.model))?.cost_at(usage, self.admission.call.execution.started_at);
         let elapsed = self.admission.call.started.elapsed().as_millis() as i64;
         let to = self.attempt(&model);
-        self.admission.call.record(&to, Ok((usage, cost)), elapsed);
-        let reply = Reply { content: String::new(), model, usage, finish_reason: None };
+        let reply = Reply { content: String::new(), model, usage, finish_reason: None, finish_reason_raw: None, refusal: None };
+        self.admission.call.record(&to, Ok((&reply, cost)), elapsed);
         let warnings = std::mem::take(&mut self.admission.warnings);
         self.admission.call.succeed(&self.spec, &self.provider, reply, cost, warnings)
     }

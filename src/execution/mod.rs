@@ -67,8 +67,21 @@ pub struct Attempt {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
     pub cost_nanos: i64,
+    /// The parts of `cost_nanos` spent on cache reads and cache writes.
+    pub cache_read_cost_nanos: i64,
+    pub cache_write_cost_nanos: i64,
     pub duration_ms: i64,
+    /// The provider's own finish reason (the execution's `finish_reason` is normalised).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The model's refusal message, when the provider sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// Parameters left out of the request because the model rejects them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped_params: Vec<&'static str>,
 }
 
 /// What is known when a call starts.
@@ -166,6 +179,9 @@ pub const FIELDS: &[(&str, Kind)] = &[
     ("finish_reason", Kind::Text),
     ("parent_execution_id", Kind::Text),
     ("root_execution_id", Kind::Text),
+    ("cache_write_tokens", Kind::Int),
+    ("cache_read_cost", Kind::Money),
+    ("cache_write_cost", Kind::Money),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

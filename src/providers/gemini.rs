@@ -15,6 +15,14 @@ struct Response {
     candidates: Vec<Candidate>,
     usage_metadata: Option<ApiUsage>,
     model_version: Option<String>,
+    prompt_feedback: Option<PromptFeedback>,
+}
+
+/// Present when the prompt itself was blocked (then there are no candidates).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    block_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +41,9 @@ struct Content {
 #[derive(Deserialize)]
 struct Part {
     text: Option<String>,
+    /// A thought summary, not part of the answer.
+    #[serde(default)]
+    thought: bool,
 }
 
 #[derive(Deserialize)]
@@ -47,24 +58,47 @@ struct ApiUsage {
     thoughts_token_count: i64,
     #[serde(default)]
     cached_content_token_count: i64,
+    /// Tool-use prompt tokens are billed as input.
+    #[serde(default)]
+    tool_use_prompt_token_count: i64,
 }
 
-fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
-    let cand = r.candidates.into_iter().next().ok_or_else(|| caller.invalid("no candidates"))?;
-    let texts: Vec<String> = cand.content.map(|c| c.parts.into_iter().filter_map(|p| p.text).collect()).unwrap_or_default();
-    if texts.is_empty() {
-        return Err(caller.invalid("candidate without text"));
+fn normalise(finish_reason: &str) -> Option<&'static str> {
+    match finish_reason {
+        "STOP" => Some("stop"),
+        "MAX_TOKENS" => Some("length"),
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => Some("content_filter"),
+        _ => None,
     }
+}
+
+/// A reply with usage is a billed call even without text: a candidate stopped for SAFETY,
+/// one that spent MAX_TOKENS on thoughts, or a prompt blocked by `promptFeedback`.
+fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let u = r.usage_metadata.ok_or_else(|| caller.invalid("no usageMetadata"))?;
+    let (content, finish_reason_raw, blocked) = match r.candidates.into_iter().next() {
+        Some(cand) => {
+            let parts = cand.content.map(|c| c.parts).unwrap_or_default();
+            (parts.into_iter().filter(|p| !p.thought).filter_map(|p| p.text).collect(), cand.finish_reason, false)
+        }
+        None => match r.prompt_feedback.and_then(|f| f.block_reason) {
+            Some(reason) => (String::new(), Some(reason), true),
+            None => return Err(caller.invalid("no candidates")),
+        },
+    };
     Ok(Reply {
-        content: texts.concat(),
+        content,
         model: r.model_version.unwrap_or_else(|| caller.model.to_string()),
         usage: Usage {
-            input: u.prompt_token_count,
-            output: u.candidates_token_count + u.thoughts_token_count,
+            input: u.prompt_token_count.saturating_add(u.tool_use_prompt_token_count),
+            output: u.candidates_token_count.saturating_add(u.thoughts_token_count),
             cached: u.cached_content_token_count,
+            ..Usage::default()
         },
-        finish_reason: cand.finish_reason,
+        // Every block reason (SAFETY, BLOCKLIST, PROHIBITED_CONTENT, OTHER, ...) is a filter.
+        finish_reason: if blocked { Some("content_filter") } else { finish_reason_raw.as_deref().and_then(normalise) },
+        finish_reason_raw,
+        refusal: None,
     })
 }
 
@@ -107,7 +141,24 @@ mod tests {
         )
         .unwrap();
         let reply = parse(&Caller { provider: "gemini", model: "gemini-2.5-flash" }, r).unwrap();
-        assert_eq!(reply.usage, Usage { input: 12, output: 10, cached: 0 });
+        assert_eq!(reply.usage, Usage::new(12, 10, 0));
         assert_eq!(reply.content, "Hi!");
+    }
+
+    #[test]
+    fn empty_answers_are_billed() {
+        let c = Caller { provider: "gemini", model: "gemini-2.5-pro" };
+        let thoughts: Response = serde_json::from_str(
+            r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"thinking...","thought":true}]},"finishReason":"MAX_TOKENS"}],
+               "usageMetadata":{"promptTokenCount":12,"thoughtsTokenCount":64,"totalTokenCount":76}}"#,
+        )
+        .unwrap();
+        let reply = parse(&c, thoughts).unwrap();
+        assert_eq!((reply.content.as_str(), reply.finish_reason, reply.usage.output), ("", Some("length"), 64));
+        let blocked: Response = serde_json::from_str(r#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":9,"totalTokenCount":9}}"#).unwrap();
+        let reply = parse(&c, blocked).unwrap();
+        assert_eq!((reply.finish_reason, reply.finish_reason_raw.as_deref(), reply.usage.input), (Some("content_filter"), Some("SAFETY"), 9));
+        let nothing: Response = serde_json::from_str(r#"{"usageMetadata":{"promptTokenCount":9}}"#).unwrap();
+        assert!(parse(&c, nothing).unwrap_err().message.contains("no candidates"));
     }
 }

@@ -52,16 +52,6 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// Seconds from a Retry-After header: delta-seconds or an HTTP date.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(s) = v.parse::<f64>() {
-        return (s.is_finite() && s >= 0.0).then_some(s);
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    Some(((when.timestamp_millis() - chrono::Utc::now().timestamp_millis()) as f64 / 1000.0).max(0.0))
-}
-
 /// The provider's own error message (`{"error": {"message": ...}}` in all three formats),
 /// else the body's text, whole: `Providers::send` redacts the key, then `shorten`s it.
 fn error_message(body: &[u8]) -> String {
@@ -124,7 +114,9 @@ pub async fn post_json<T: DeserializeOwned>(
         let msg = format!("the provider redirected the request to {to}; redirects are not followed (set its base URL to the final address)");
         return Err(caller.failure(ProviderErrorKind::BadRequest, Some(code), msg));
     }
+    let hints = super::retry_hints::read(&headers, &bytes);
     let kind = match code {
+        _ if hints.invalid_key => ProviderErrorKind::Authentication,
         401 | 403 => ProviderErrorKind::Authentication,
         429 => ProviderErrorKind::RateLimit,
         408 => ProviderErrorKind::Timeout,
@@ -132,7 +124,10 @@ pub async fn post_json<T: DeserializeOwned>(
         _ => ProviderErrorKind::BadRequest,
     };
     let mut f = caller.failure(kind, Some(code), error_message(&bytes));
-    f.retry_after = retry_after(&headers);
+    f.retry_after = hints.retry_after;
+    if let Some(verdict) = hints.should_retry {
+        f.retryable = verdict;
+    }
     Err(f)
 }
 
@@ -152,8 +147,5 @@ mod tests {
         assert_eq!(shorten(&"é".repeat(MAX_MESSAGE_CHARS)), "é".repeat(MAX_MESSAGE_CHARS));
         assert_eq!(shorten(&"é".repeat(MAX_MESSAGE_CHARS + 1)), format!("{}...", "é".repeat(MAX_MESSAGE_CHARS)));
         assert_eq!(join("http://h/v1/", "/chat/completions"), "http://h/v1/chat/completions");
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(2.0));
     }
 }

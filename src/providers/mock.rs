@@ -92,10 +92,12 @@ impl Mock {
         }
         let input = tokens_of(req.system.as_deref().unwrap_or("")) + tokens_of(&req.user) + 3;
         Ok(Reply {
-            usage: Usage { input, output: tokens_of(&content), cached: 0 },
+            usage: Usage::new(input, tokens_of(&content), 0),
             content,
             model,
-            finish_reason: Some(finish.into()),
+            finish_reason: Some(finish),
+            finish_reason_raw: Some(finish.into()),
+            refusal: None,
         })
     }
 }

@@ -1,14 +1,17 @@
 //! Providers: which one serves a model, and sending one request to it.
 
 mod anthropic;
+mod capabilities;
 mod gemini;
 mod http;
 mod mock;
 mod openai;
+mod retry_hints;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+pub use capabilities::unsupported_params;
 pub use mock::MockSettings;
 
 use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
@@ -24,14 +27,14 @@ pub struct Request {
     pub timeout: Duration,
 }
 
-/// The most tokens a reply may report in each count (input, output, cached): far beyond any
+/// The most tokens a reply may report in each count (input, output, cache reads and writes): far beyond any
 /// model's context window, far below what could overflow a cost or a counter.
 pub const MAX_REPLY_TOKENS: i64 = 100_000_000;
 
 /// Usage a provider (or a guarded block) reports, checked before it is billed: a negative
 /// count would hand the tenant budget back, an absurd one would overflow the counters.
 pub fn check_usage(u: &Usage) -> std::result::Result<(), String> {
-    for (name, v) in [("input", u.input), ("output", u.output), ("cached", u.cached)] {
+    for (name, v) in [("input", u.input), ("output", u.output), ("cached", u.cached), ("cache_write", u.cache_write), ("cache_write_1h", u.cache_write_1h)] {
         if !(0..=MAX_REPLY_TOKENS).contains(&v) {
             return Err(format!("reported {name} token count {v} is outside 0..={MAX_REPLY_TOKENS}"));
         }
@@ -39,14 +42,24 @@ pub fn check_usage(u: &Usage) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// A billed answer. `content` may be empty: a refusal, a content filter or a reply cut off
+/// while thinking is still a call the provider charges for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub content: String,
     /// The model the provider says answered (may differ from the one requested).
     pub model: String,
     pub usage: Usage,
-    pub finish_reason: Option<String>,
+    /// Why the reply ended, normalised: one of `FINISH_REASONS`, or `None` when the
+    /// provider gave none or a value outside them (`finish_reason_raw` keeps it).
+    pub finish_reason: Option<&'static str>,
+    /// The provider's own word for it ("end_turn", "MAX_TOKENS", "SAFETY", ...).
+    pub finish_reason_raw: Option<String>,
+    /// The model's refusal message, when the provider sends one apart from the content.
+    pub refusal: Option<String>,
 }
+
+pub const FINISH_REASONS: [&str; 5] = ["stop", "length", "content_filter", "refusal", "tool_calls"];
 
 /// The wire format a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,10 @@ struct Choice {
 
 #[derive(Deserialize)]
 struct Message {
-    content: Option<String>,
+    /// A string; `null` with a refusal, a content filter or tool calls; a list of chunks
+    /// from Mistral's reasoning (Magistral) models.
+    content: Option<serde_json::Value>,
+    refusal: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -32,11 +35,41 @@ struct ApiUsage {
     prompt_tokens: i64,
     completion_tokens: i64,
     prompt_tokens_details: Option<Details>,
+    /// DeepSeek's documented name for cache hits (its `prompt_tokens` includes them).
+    prompt_cache_hit_tokens: Option<i64>,
 }
 
 #[derive(Deserialize)]
 struct Details {
     cached_tokens: Option<i64>,
+    cache_write_tokens: Option<i64>,
+}
+
+/// The text of a message's content: the string, or the `text` chunks of a chunk list
+/// (Magistral's `thinking` chunks are its reasoning, not the answer).
+fn text_of(content: Option<serde_json::Value>) -> Result<String, &'static str> {
+    match content {
+        None | Some(serde_json::Value::Null) => Ok(String::new()),
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(serde_json::Value::Array(chunks)) => Ok(chunks
+            .iter()
+            .filter(|c| c.get("type").and_then(|t| t.as_str()) == Some("text"))
+            .filter_map(|c| c.get("text").and_then(|t| t.as_str()))
+            .collect()),
+        Some(_) => Err("message content is neither a string nor a list of chunks"),
+    }
+}
+
+/// OpenAI's finish reasons, and Mistral's `model_length`.
+fn normalise(raw: &str, refused: bool) -> Option<&'static str> {
+    match raw {
+        _ if refused => Some("refusal"),
+        "stop" => Some("stop"),
+        "length" | "model_length" => Some("length"),
+        "content_filter" => Some("content_filter"),
+        "tool_calls" | "function_call" => Some("tool_calls"),
+        _ => None,
+    }
 }
 
 /// OpenAI itself takes `max_completion_tokens` (required by its reasoning models); the
@@ -55,19 +88,30 @@ pub fn body(model: &str, req: &Request, native_openai: bool) -> serde_json::Valu
     b
 }
 
+/// A reply with usage is a billed call, whatever its content: a refusal (`content: null`,
+/// `refusal: "..."`), a content filter or a reply cut off at the token limit are answers.
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let choice = r.choices.into_iter().next().ok_or_else(|| caller.invalid("no choices"))?;
-    let content = choice.message.and_then(|m| m.content).ok_or_else(|| caller.invalid("choice without message content"))?;
     let usage = r.usage.ok_or_else(|| caller.invalid("no usage"))?;
+    let (content, refusal) = match choice.message {
+        Some(m) => (text_of(m.content).map_err(|e| caller.invalid(e))?, m.refusal.filter(|r| !r.is_empty())),
+        None => (String::new(), None),
+    };
+    let details = usage.prompt_tokens_details;
+    let cached = details.as_ref().and_then(|d| d.cached_tokens).or(usage.prompt_cache_hit_tokens).unwrap_or(0);
     Ok(Reply {
         content,
         model: r.model.unwrap_or_else(|| caller.model.to_string()),
         usage: Usage {
             input: usage.prompt_tokens,
             output: usage.completion_tokens,
-            cached: usage.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            cached,
+            cache_write: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
+            cache_write_1h: 0,
         },
-        finish_reason: choice.finish_reason,
+        finish_reason: choice.finish_reason.as_deref().and_then(|f| normalise(f, refusal.is_some())).or(refusal.as_ref().map(|_| "refusal")),
+        finish_reason_raw: choice.finish_reason,
+        refusal,
     })
 }
 
@@ -101,9 +145,36 @@ mod tests {
         )
         .unwrap();
         let reply = parse(&C, r).unwrap();
-        assert_eq!(reply.usage, Usage { input: 20, output: 5, cached: 8 });
+        assert_eq!(reply.usage, Usage::new(20, 5, 8));
         assert_eq!(reply.model, "gpt-4o-2024-08-06");
-        assert_eq!(reply.finish_reason.as_deref(), Some("stop"));
+        assert_eq!((reply.finish_reason, reply.finish_reason_raw.as_deref()), (Some("stop"), Some("stop")));
+    }
+
+    #[test]
+    fn refusals_chunks_and_cache_fields() {
+        let refusal: Response = serde_json::from_str(
+            r#"{"choices":[{"message":{"role":"assistant","content":null,"refusal":"I can't help with that."},"finish_reason":"stop"}],
+               "usage":{"prompt_tokens":20,"completion_tokens":9,"prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":16}}}"#,
+        )
+        .unwrap();
+        let reply = parse(&C, refusal).unwrap();
+        assert_eq!((reply.content.as_str(), reply.finish_reason, reply.refusal.as_deref()), ("", Some("refusal"), Some("I can't help with that.")));
+        assert_eq!(reply.usage.cache_write, 16);
+        let chunks: Response = serde_json::from_str(
+            r#"{"choices":[{"message":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"hmm"}]},{"type":"text","text":"42"}]},"finish_reason":"stop"}],
+               "usage":{"prompt_tokens":10,"completion_tokens":30}}"#,
+        )
+        .unwrap();
+        assert_eq!(parse(&C, chunks).unwrap().content, "42");
+        let deepseek: Response = serde_json::from_str(
+            r#"{"choices":[{"message":{"content":"hi"},"finish_reason":"length"}],
+               "usage":{"prompt_tokens":100,"completion_tokens":3,"prompt_cache_hit_tokens":64,"prompt_cache_miss_tokens":36}}"#,
+        )
+        .unwrap();
+        let reply = parse(&C, deepseek).unwrap();
+        assert_eq!((reply.usage.cached, reply.finish_reason), (64, Some("length")));
+        let odd: Response = serde_json::from_str(r#"{"choices":[{"message":{"content":7}}],"usage":{"prompt_tokens":1,"completion_tokens":0}}"#).unwrap();
+        assert!(parse(&C, odd).unwrap_err().message.contains("neither a string"));
     }
 
     #[test]

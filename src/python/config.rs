@@ -84,7 +84,7 @@ fn pricing(v: &Bound<'_, PyAny>) -> Result<Vec<PriceOverride>> {
     for (model, p) in dict("pricing", v)?.iter() {
         let model = string("pricing key", &model)?;
         let p = dict(&format!("pricing[{model:?}]"), &p)?;
-        only_keys(&format!("pricing[{model:?}]"), p, &["input", "output", "cached_input"])?;
+        only_keys(&format!("pricing[{model:?}]"), p, &["input", "output", "cached_input", "cache_write", "cache_write_1h"])?;
         let field = |k: &str| -> Result<Option<String>> {
             match get(p, k) {
                 // str() of int/Decimal/float; the price table parses and validates it.
@@ -95,7 +95,14 @@ fn pricing(v: &Bound<'_, PyAny>) -> Result<Vec<PriceOverride>> {
         let (Some(input), Some(output)) = (field("input")?, field("output")?) else {
             return config_err(format!("pricing[{model:?}] needs both \"input\" and \"output\" (USD per 1M tokens)"));
         };
-        out.push(PriceOverride { model, input, output, cached_input: field("cached_input")? });
+        out.push(PriceOverride {
+            model,
+            input,
+            output,
+            cached_input: field("cached_input")?,
+            cache_write: field("cache_write")?,
+            cache_write_1h: field("cache_write_1h")?,
+        });
     }
     Ok(out)
 }

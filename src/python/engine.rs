@@ -102,7 +102,14 @@ pub struct PyAgentResult {
     attempts_count: usize,
     execution_id: String,
     tenant_id: Option<String>,
-    finish_reason: Option<String>,
+    /// stop, length, content_filter, refusal, tool_calls or None.
+    finish_reason: Option<&'static str>,
+    /// The provider's own finish reason ("end_turn", "MAX_TOKENS", ...).
+    finish_reason_raw: Option<String>,
+    refusal: Option<String>,
+    cache_write_tokens: i64,
+    cache_read_cost: Decimal,
+    cache_write_cost: Decimal,
     budget_warnings: Vec<String>,
 }
 
@@ -148,6 +155,11 @@ impl From<CallOutcome> for PyAgentResult {
             execution_id: o.execution_id,
             tenant_id: o.tenant_id,
             finish_reason: o.finish_reason,
+            finish_reason_raw: o.finish_reason_raw,
+            refusal: o.refusal,
+            cache_write_tokens: o.usage.cache_writes(),
+            cache_read_cost: o.cost.cache_read.to_decimal(),
+            cache_write_cost: o.cost.cache_write.to_decimal(),
             budget_warnings: o.budget_warnings,
         }
     }
@@ -197,10 +209,27 @@ impl PyGuard {
 
     /// Usage out of range (negative, absurd: the core checks it as a provider's) is an
     /// `InvalidResponseError` and an error row; an int too large for i64 is out of range too.
-    #[pyo3(signature = (input_tokens, output_tokens, cached_tokens=AnyInt::of(0), model=None))]
-    fn succeed(&self, py: Python<'_>, input_tokens: AnyInt, output_tokens: AnyInt, cached_tokens: AnyInt, model: Option<String>) -> PyResult<PyAgentResult> {
+    #[pyo3(signature = (input_tokens, output_tokens, cached_tokens=AnyInt::of(0), model=None,
+        cache_write_tokens=AnyInt::of(0), cache_write_1h_tokens=AnyInt::of(0)))]
+    #[allow(clippy::too_many_arguments)]
+    fn succeed(
+        &self,
+        py: Python<'_>,
+        input_tokens: AnyInt,
+        output_tokens: AnyInt,
+        cached_tokens: AnyInt,
+        model: Option<String>,
+        cache_write_tokens: AnyInt,
+        cache_write_1h_tokens: AnyInt,
+    ) -> PyResult<PyAgentResult> {
         let guard = self.take(py)?;
-        let usage = crate::pricing::Usage { input: input_tokens.or_max(), output: output_tokens.or_max(), cached: cached_tokens.or_max() };
+        let usage = crate::pricing::Usage {
+            input: input_tokens.or_max(),
+            output: output_tokens.or_max(),
+            cached: cached_tokens.or_max(),
+            cache_write: cache_write_tokens.or_max(),
+            cache_write_1h: cache_write_1h_tokens.or_max(),
+        };
         Ok(py.detach(|| catch_panic(|| guard.succeed(model.as_deref(), usage))).py_err(py)?.into())
     }
 
@@ -445,13 +474,17 @@ impl PyEngine {
         let plan = catch_panic(|| engine.plan(&call.spec, &call.req)).py_err(py)?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);
-        for (route, price) in plan.routes.iter().zip(&plan.prices) {
+        for ((route, price), dropped) in plan.routes.iter().zip(&plan.prices).zip(&plan.dropped_params) {
             let m = PyDict::new(py);
             m.set_item("provider", &route.provider)?;
             m.set_item("model", &route.model)?;
             m.set_item("input_price", price.input)?;
             m.set_item("output_price", price.output)?;
             m.set_item("cached_input_price", price.cached_input)?;
+            m.set_item("cache_write_price", price.cache_write)?;
+            m.set_item("cache_write_1h_price", price.cache_write_1h)?;
+            m.set_item("long_context", price.long_context.as_ref().map(|(above, p)| (*above, p.input, p.output)))?;
+            m.set_item("dropped_params", dropped)?;
             models.append(m)?;
         }
         d.set_item("models", models)?;

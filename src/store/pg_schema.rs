@@ -127,4 +127,10 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 3: cache writes and the cost breakdown of cache reads and writes (parts of input_cost).
+    r#"
+    ALTER TABLE executions ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE executions ADD COLUMN cache_read_cost BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE executions ADD COLUMN cache_write_cost BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];

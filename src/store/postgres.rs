@@ -534,7 +534,8 @@ fn complete_execution(db: &mut Tx<'_, '_>, e: &NewExecution, c: &Completion, sto
         "UPDATE executions SET status = $2, error_class = $3, error_message = $4, chosen_model_id = $5,
              provider = COALESCE($6, provider), completed_at = $7, duration_ms = $8, input_tokens = $9,
              output_tokens = $10, cached_tokens = $11, total_tokens = $12, input_cost = $13,
-             output_cost = $14, total_cost = $15, attempts_count = $16, attempts = $17, finish_reason = $18
+             output_cost = $14, total_cost = $15, attempts_count = $16, attempts = $17, finish_reason = $18,
+             cache_write_tokens = $19, cache_read_cost = $20, cache_write_cost = $21
          WHERE id = $1",
         &[
             &e.id,
@@ -555,6 +556,9 @@ fn complete_execution(db: &mut Tx<'_, '_>, e: &NewExecution, c: &Completion, sto
             &(c.attempts.len() as i64),
             &attempts,
             &c.finish_reason,
+            &c.usage.cache_writes(),
+            &c.cost.cache_read.0,
+            &c.cost.cache_write.0,
         ],
     )?;
     if n != 1 {
@@ -1390,8 +1394,8 @@ mod tests {
             provider: None,
             completed_at: at,
             duration_ms: 5,
-            usage: Usage { input: 3, output: 4, cached: 0 },
-            cost: Cost { input: Nanos(cost / 2), output: Nanos(cost - cost / 2) },
+            usage: Usage::new(3, 4, 0),
+            cost: Cost { input: Nanos(cost / 2), output: Nanos(cost - cost / 2), ..Cost::default() },
             attempts: vec![],
             finish_reason: None,
             response: Some("hi".into()),

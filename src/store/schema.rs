@@ -123,4 +123,10 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 3: cache writes and the cost breakdown of cache reads and writes (parts of input_cost).
+    r#"
+    ALTER TABLE executions ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE executions ADD COLUMN cache_read_cost INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE executions ADD COLUMN cache_write_cost INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
