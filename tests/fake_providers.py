@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-KINDS = ("ok", "status", "slow", "malformed", "truncated", "reset", "empty_choices")
+KINDS = ("ok", "status", "slow", "malformed", "truncated", "reset", "empty_choices", "raw")
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):generateContent$")
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -61,6 +61,9 @@ class Step:
     cached_tokens: int = 0
     model: str | None = None
     finish_reason: str | None = None
+    # kind="raw": answer `body` verbatim with `status` and `headers` (recorded replies).
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -269,6 +272,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if step.kind == "malformed":
             self._send(200, b'{"choices": [')
+            return
+        if step.kind == "raw":
+            self._send(step.status, json.dumps(step.body).encode(), step.headers)
             return
         if step.kind == "status":
             headers = {"Retry-After": step.retry_after} if step.retry_after is not None else {}

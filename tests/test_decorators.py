@@ -404,6 +404,52 @@ def test_guard_reads_usage_from_an_anthropic_response(fp: FakeProvider, ant: ant
     assert (e.input_cost, e.output_cost, e.total_cost) == (input_cost, output_cost, input_cost + output_cost)
 
 
+def contract_reply(name: str) -> dict[str, Any]:
+    """A provider reply from provider_replies.json (each names its source)."""
+    import json
+
+    replies = json.loads((Path(__file__).parent / "provider_replies.json").read_text())["replies"]
+    reply: dict[str, Any] = next(r for r in replies if r["name"] == name)
+    return reply
+
+
+def test_guard_bills_anthropic_cache_writes_by_lifetime(fp: FakeProvider, ant: anthropic.Anthropic) -> None:
+    case = contract_reply("anthropic-cache-writes-5m-1h")
+    fp.script(Step(kind="raw", body=case["reply"]))
+
+    @tl.guard(agent="Cached", model="claude-haiku-4-5", max_tokens=300)
+    def ask(q: str) -> Any:
+        return ant.messages.create(model="claude-haiku-4-5", max_tokens=300, messages=[{"role": "user", "content": q}])
+
+    ask("hi")
+
+    e = only_row()
+    # 50 plain + 1,800 read (0.1x) + 2,000 written for 5 minutes (1.25x) + 1,000 for 1 hour (2x), $1 / 1M input.
+    assert (e.input_tokens, e.cached_tokens, e.cache_write_tokens) == (4850, 1800, 3000)
+    assert (e.cache_read_cost, e.cache_write_cost) == (Decimal("0.00018"), Decimal("0.0045"))
+    assert e.input_cost == Decimal("0.00005") + Decimal("0.00018") + Decimal("0.0045")
+    assert e.output_cost == Decimal("0.001")
+
+
+def test_guard_reads_google_genai_usage_metadata(fp: FakeProvider) -> None:
+    genai = pytest.importorskip("google.genai")
+    case = contract_reply("gemini-thoughts-only-max-tokens")
+    fp.script(Step(kind="raw", body=case["reply"]))
+    client = genai.Client(api_key="x", http_options={"base_url": fp.base_url, "api_version": "v1beta"})
+
+    @tl.guard(agent="Gem", model="gemini-2.5-flash", max_tokens=1024)
+    def ask(q: str) -> Any:
+        return client.models.generate_content(model="gemini-2.5-flash", contents=q)
+
+    resp = ask("hi")
+    assert resp.usage_metadata is not None and resp.usage_metadata.thoughts_token_count == 1024
+
+    e = only_row()
+    assert (e.input_tokens, e.output_tokens, e.chosen_model_id) == (30, 1024, "gemini-2.5-flash")
+    # $0.30 / 1M input, $2.50 / 1M output (thinking included)
+    assert e.total_cost == (30 * Decimal("0.30") + 1024 * Decimal("2.50")) / 1_000_000
+
+
 def test_guarded_block_with_record_response_and_result(fp: FakeProvider, oai: openai.OpenAI) -> None:
     fp.script(Step(input_tokens=300, output_tokens=50, model=OPENAI_SERVED))
     with tl.guarded(agent="Batch", model="gpt-4o", max_tokens=500, tenant="acme", metadata={"job": 7}) as g:

@@ -4,6 +4,7 @@ own SDK call."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -146,26 +147,77 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
 
-def usage_of(response: Any) -> tuple[int, int, int, str | None] | None:
-    """(input, output, cached, model) from an OpenAI (chat or responses) or Anthropic SDK
-    response, or the equivalent dict; None when it carries no usage. Input includes cached."""
+@dataclasses.dataclass(frozen=True)
+class ReportedUsage:
+    """Token counts a guarded block reports. `input_tokens` includes the cached tokens and
+    both kinds of cache writes; writes are billed at the model's cache-write prices."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    model: str | None = None
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+
+
+def _int(obj: Any, name: str) -> int:
+    return int(_get(obj, name) or 0)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def _gemini_usage(response: Any) -> ReportedUsage | None:
+    """google-genai's `usage_metadata` (or the REST JSON's `usageMetadata`): thoughts are
+    output, tool-use prompt tokens are input."""
+    key: Callable[[str], str] = str
+    meta = _get(response, "usage_metadata")
+    if meta is None:
+        meta, key = _get(response, "usageMetadata"), _camel
+    if meta is None:
+        return None
+    model = _get(response, key("model_version"))
+    return ReportedUsage(
+        _int(meta, key("prompt_token_count")) + _int(meta, key("tool_use_prompt_token_count")),
+        _int(meta, key("candidates_token_count")) + _int(meta, key("thoughts_token_count")),
+        _int(meta, key("cached_content_token_count")),
+        model if isinstance(model, str) else None,
+    )
+
+
+def usage_of(response: Any) -> ReportedUsage | None:
+    """Usage from an OpenAI (chat or responses), Anthropic or google-genai SDK response, or
+    the equivalent dict; None when it carries no usage."""
     usage = _get(response, "usage")
     if usage is None:
-        return None
+        return _gemini_usage(response)
     model = _get(response, "model")
     model = model if isinstance(model, str) else None
-    if _get(usage, "prompt_tokens") is not None:  # OpenAI chat completions
-        cached = _get(_get(usage, "prompt_tokens_details") or {}, "cached_tokens") or 0
-        return int(_get(usage, "prompt_tokens")), int(_get(usage, "completion_tokens") or 0), int(cached), model
+    if _get(usage, "prompt_tokens") is not None:  # OpenAI chat completions (and DeepSeek)
+        details = _get(usage, "prompt_tokens_details") or {}
+        cached = _get(details, "cached_tokens")
+        if cached is None:
+            cached = _get(usage, "prompt_cache_hit_tokens")  # DeepSeek's documented field
+        return ReportedUsage(
+            _int(usage, "prompt_tokens"), _int(usage, "completion_tokens"), int(cached or 0), model,
+            cache_write_tokens=_int(details, "cache_write_tokens"),
+        )
     if _get(usage, "input_tokens") is None:
         return None
-    inp, out = int(_get(usage, "input_tokens")), int(_get(usage, "output_tokens") or 0)
+    inp, out = _int(usage, "input_tokens"), _int(usage, "output_tokens")
     if hasattr(usage, "cache_read_input_tokens") or (isinstance(usage, Mapping) and "cache_read_input_tokens" in usage):
-        # Anthropic reports cache reads and writes apart from input_tokens.
-        read = int(_get(usage, "cache_read_input_tokens") or 0)
-        return inp + read + int(_get(usage, "cache_creation_input_tokens") or 0), out, read, model
-    cached = _get(_get(usage, "input_tokens_details") or {}, "cached_tokens") or 0  # OpenAI responses API
-    return inp, out, int(cached), model
+        # Anthropic reports cache reads and writes apart from input_tokens; writes are split
+        # by cache lifetime (5 minutes, 1 hour), which are priced apart.
+        read, writes = _int(usage, "cache_read_input_tokens"), _int(usage, "cache_creation_input_tokens")
+        w5, w1h = writes, 0
+        split = _get(usage, "cache_creation")
+        if split is not None:
+            w5, w1h = _int(split, "ephemeral_5m_input_tokens"), _int(split, "ephemeral_1h_input_tokens")
+        return ReportedUsage(inp + read + max(writes, w5 + w1h), out, read, model, w5, w1h)
+    details = _get(usage, "input_tokens_details") or {}  # OpenAI responses API
+    return ReportedUsage(inp, out, _int(details, "cached_tokens"), model, _int(details, "cache_write_tokens"))
 
 
 # Seconds a guarded block keeps its reservation alive unless it says otherwise.
@@ -219,7 +271,7 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         self._input_tokens = input_tokens
         self._tenant = tenant
         self._metadata = metadata_json(f"{agent} metadata", metadata or {})
-        self._usage: tuple[int, int, int, str | None] | None = None
+        self._usage: ReportedUsage | None = None
         self._handle: _core.Guard | None = None
         self.result: AgentResult | None = None
 
@@ -236,17 +288,29 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         return self._usage is not None
 
     def record(
-        self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0, model: str | None = None
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int = 0,
+        model: str | None = None,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> None:
-        """Report the block's usage (input includes cached tokens); `model` if another answered."""
-        counts = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cached_tokens": cached_tokens}
-        for field, v in counts.items():
+        """Report the block's usage (input includes cached tokens and cache writes); `model`
+        if another answered. Cache writes: 5-minute (or OpenAI) and 1-hour (Anthropic)."""
+        usage = ReportedUsage(
+            input_tokens, output_tokens, cached_tokens, model, cache_write_tokens, cache_write_1h_tokens
+        )
+        for field in ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens"):
+            v = getattr(usage, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigurationError(f"record(): {field} must be a non-negative int, got {v!r}")
-        self._usage = (input_tokens, output_tokens, cached_tokens, model)
+        self._usage = usage
 
     def record_response(self, response: Any) -> bool:
-        """Report usage read from an OpenAI/Anthropic SDK response; False if it has none."""
+        """Report usage read from an OpenAI, Anthropic or google-genai SDK response; False if
+        it has none."""
         found = usage_of(response)
         if found is not None:
             self._usage = found
@@ -279,8 +343,8 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
                         UsageNotReported,
                         stacklevel=3,
                     )
-                    usage = (0, 0, 0, None)
-                self.result = self._handle.succeed(*usage)
+                    usage = ReportedUsage(0, 0)
+                self.result = self._handle.succeed(**dataclasses.asdict(usage))
             elif isinstance(exc, Exception):
                 self._handle.fail(type(exc).__name__, str(exc))
             else:  # KeyboardInterrupt, task cancellation: not the provider's failure

@@ -57,6 +57,11 @@ class Execution:
     finish_reason: str | None
     parent_execution_id: str | None
     root_execution_id: str | None
+    # Input tokens written to the prompt cache, and the parts of input_cost spent on cache
+    # reads and writes.
+    cache_write_tokens: int
+    cache_read_cost: Decimal
+    cache_write_cost: Decimal
     # From the details table; filled by `Execution.get` only.
     system_prompt: str | None = None
     user_prompt: str | None = None

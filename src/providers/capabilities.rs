@@ -7,8 +7,8 @@ use super::Request;
 /// - OpenAI's o-series reasoning models (o1, o3, o4-mini, ... and their dated snapshots) and
 ///   the GPT-5 reasoning models answer 400 `unsupported_parameter`
 ///   (https://platform.openai.com/docs/guides/reasoning, "unsupported parameters");
-/// - Claude models from generation 5 on no longer take sampling parameters (Anthropic's
-///   migration guide, https://platform.claude.com/docs/en/about-claude/models/migrating-to-claude-4,
+/// - Claude models from generation 5 on, and Claude Opus 4.7 and later, no longer take sampling
+///   parameters (Anthropic's migration guides, https://platform.claude.com/docs/en/about-claude/models/migrating-to-claude-4,
 ///   and https://openrouter.ai/docs/cookbook/evaluate-and-optimize/model-migrations/claude-5-sonnet).
 fn rejects_temperature(model: &str) -> bool {
     let family = |name: &str| model == name || model.strip_prefix(name).is_some_and(|rest| rest.starts_with('-'));
@@ -20,6 +20,7 @@ fn rejects_temperature(model: &str) -> bool {
     // claude-<generation>[-<minor>]-<family>[-<date>].
     let mut parts = model.split('-');
     match (parts.next(), parts.next(), parts.next().and_then(|g| g.parse::<u32>().ok())) {
+        (Some("claude"), Some("opus"), Some(4)) => parts.next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|minor| (7..100).contains(&minor)),
         (Some("claude"), Some(family), Some(generation)) => family.bytes().all(|b| b.is_ascii_alphabetic()) && generation >= 5,
         _ => false,
     }
@@ -42,10 +43,10 @@ mod tests {
 
     #[test]
     fn reasoning_models_and_claude_5_reject_temperature() {
-        for m in ["o1", "o3-mini", "o3-2025-04-16", "o4-mini", "gpt-5", "gpt-5-mini-2025-08-07", "claude-sonnet-5", "claude-opus-5-5", "claude-fable-5-1"] {
+        for m in ["o1", "o3-mini", "o3-2025-04-16", "o4-mini", "gpt-5", "gpt-5-mini-2025-08-07", "claude-sonnet-5", "claude-opus-5-5", "claude-fable-5-1", "claude-opus-4-8"] {
             assert!(rejects_temperature(m), "{m}");
         }
-        for m in ["gpt-4o", "gpt-5.4", "gpt-5-chat-latest", "claude-sonnet-4-5", "claude-3-5-haiku-20241022", "gemini-2.5-pro", "o1x"] {
+        for m in ["gpt-4o", "gpt-5.4", "gpt-5-chat-latest", "claude-sonnet-4-5", "claude-opus-4-6", "claude-opus-4-20250514", "claude-3-5-haiku-20241022", "gemini-2.5-pro", "o1x"] {
             assert!(!rejects_temperature(m), "{m}");
         }
         let req = Request { system: None, user: "hi".into(), temperature: Some(0.2), max_tokens: 5, timeout: std::time::Duration::from_secs(1) };
