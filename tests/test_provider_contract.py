@@ -250,3 +250,22 @@ def test_request_bodies_match_the_official_sdk_types(fp: FakeProvider, tmp_path:
     known = {f.alias or name for name, f in mistral_models.ChatCompletionRequest.model_fields.items()}
     assert set(body) <= known, set(body) - known
     assert request.max_tokens == 64 and request.temperature == 0.5
+
+
+def test_pricing_override_takes_cache_write_prices(fp: FakeProvider, tmp_path: Path) -> None:
+    with pytest.raises(tl.ConfigurationError, match=r'pricing\["my-model"\]\.cache_write'):
+        tl.configure(
+            database=str(tmp_path / "c.db"), pricing={"my-model": {"input": "1", "output": "2", "cache_write": "x"}}
+        )
+    tl.configure(
+        database=str(tmp_path / "c.db"),
+        base_urls=fp.base_urls(),
+        api_keys={"anthropic": "test-key-anthropic"},
+        pricing={"anthropic/my-model": {"input": "1", "output": "2", "cache_write": "3", "cache_write_1h": "4"}},
+    )
+    case = next(c for c in REPLIES if c["name"] == "anthropic-cache-writes-5m-1h")
+    fp.script(Step(kind="raw", body=case["reply"]))
+    r = agent("anthropic/my-model").call(q="hi")
+    # 50 plain x $1 + 1,800 read (no cached price: $1) + 2,000 x $3 + 1,000 x $4, per 1M tokens
+    assert r.cache_write_cost == Decimal("0.010")
+    assert r.input_cost == Decimal("0.00005") + Decimal("0.0018") + Decimal("0.010")

@@ -9,6 +9,7 @@ import email.utils
 import socket
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ def expected_cost(price: Price, prompt_tokens: int, cached: int, output: int) ->
     input_cost = ((prompt_tokens - cached) * price.input + cached * cached_price) / MILLION
     output_cost = output * price.output / MILLION
     return input_cost, output_cost
+
+
+def billed_price(p: Provider, at: datetime) -> Price:
+    """The price of a request sent at `at`: DeepSeek's "@offpeak" row outside its peak hours
+    (01:00-04:00 and 06:00-10:00 UTC, Monday to Friday)."""
+    utc = at.astimezone(UTC)
+    off_peak = PRICES.get(p.wire_model + "@offpeak")
+    peak = utc.weekday() < 5 and utc.hour in (1, 2, 3, 6, 7, 8, 9)
+    return p.price if off_peak is None or peak else off_peak
 
 
 # ---------------------------------------------------------------- providers under test
@@ -201,7 +211,9 @@ def test_success_parses_reply_tokens_model_and_exact_cost(p: Provider, fp: FakeP
     assert r.total_tokens == PROMPT_TOKENS + OUTPUT_TOKENS
     assert r.attempts_count == 1
 
-    input_cost, output_cost = expected_cost(p.price, PROMPT_TOKENS, CACHED_TOKENS, OUTPUT_TOKENS)
+    row = only_row()
+    price = billed_price(p, row.started_at)
+    input_cost, output_cost = expected_cost(price, PROMPT_TOKENS, CACHED_TOKENS, OUTPUT_TOKENS)
     # The chosen token counts make every component a whole number of nano-dollars: no rounding.
     assert (input_cost + output_cost).quantize(Decimal("1e-9")) == input_cost + output_cost
     assert input_cost > 0 and output_cost > 0
@@ -211,7 +223,6 @@ def test_success_parses_reply_tokens_model_and_exact_cost(p: Provider, fp: FakeP
     assert r.output_cost == output_cost
     assert r.total_cost == input_cost + output_cost
 
-    row = only_row()
     assert row.id == r.execution_id
     assert row.status == "success"
     assert (row.model_id, row.chosen_model_id, row.provider) == (p.model, p.served, p.name)
