@@ -1048,8 +1048,16 @@ mod tests {
         let path = dir.path().join("old.db");
         let path = path.to_str().unwrap();
         drop(SqliteStore::open(path, "UTC").unwrap());
-        // What a tenantllm from before stored timezones left: schema version 1, no settings.
-        Connection::open(path).unwrap().execute_batch("DROP TABLE settings; UPDATE schema_version SET version = 1").unwrap();
+        // What a tenantllm from before stored timezones left: schema version 1, no settings
+        // (and none of the later migrations' columns).
+        Connection::open(path)
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
+                 ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
+                 UPDATE schema_version SET version = 1",
+            )
+            .unwrap();
         assert_eq!(SqliteStore::open(path, "Asia/Tokyo").unwrap().timezone().unwrap(), "Asia/Tokyo");
         // Later openers find it set.
         assert_eq!(SqliteStore::open(path, "UTC").unwrap().timezone().unwrap(), "Asia/Tokyo");
