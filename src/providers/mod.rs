@@ -258,9 +258,9 @@ mod tests {
 
     #[test]
     fn usage_outside_its_range_is_refused() {
-        let ok = Usage { input: MAX_REPLY_TOKENS, output: 0, cached: MAX_REPLY_TOKENS };
+        let ok = Usage { input: MAX_REPLY_TOKENS, output: 0, cached: MAX_REPLY_TOKENS, cache_write: MAX_REPLY_TOKENS, cache_write_1h: 0 };
         assert!(check_usage(&ok).is_ok());
-        for bad in [Usage { input: -1, ..ok }, Usage { output: MAX_REPLY_TOKENS + 1, ..ok }, Usage { cached: i64::MIN, ..ok }] {
+        for bad in [Usage { input: -1, ..ok }, Usage { output: MAX_REPLY_TOKENS + 1, ..ok }, Usage { cached: i64::MIN, ..ok }, Usage { cache_write: -5, ..ok }, Usage { cache_write_1h: MAX_REPLY_TOKENS + 1, ..ok }] {
             assert!(check_usage(&bad).unwrap_err().contains("outside"), "{bad:?}");
         }
     }
