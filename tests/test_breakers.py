@@ -114,13 +114,14 @@ def test_without_multi_tenancy_the_key_is_agent_and_model(tmp_path: Path) -> Non
     assert tl.CircuitBreaker.open_for(Flaky, tenant_id="anything")
 
 
+COOLDOWN = 4.0
 PROBE = textwrap.dedent(
     """
     import sys, tenantllm as tl
     class Flaky(tl.Agent):
         model = "mock/flaky"
         user = "ping {n}"
-        circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=0.5)
+        circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=float(sys.argv[4]))
     tl.configure(database=sys.argv[1], mock={"failure_rate": float(sys.argv[2]), "latency_ms": float(sys.argv[3])})
     try:
         Flaky.call(n=1, tenant="shared")
@@ -136,7 +137,7 @@ PROBE = textwrap.dedent(
 def _run(db: str, rate: float, latency_ms: float = 0) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen(
-        [sys.executable, "-c", PROBE, db, str(rate), str(latency_ms)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", PROBE, db, str(rate), str(latency_ms), str(COOLDOWN)], stdout=subprocess.PIPE, text=True, env=env
     )
 
 
@@ -145,10 +146,12 @@ def test_a_breaker_opened_by_one_process_is_seen_by_another(tmp_path: Path) -> N
     outs = [_run(db, 1.0).communicate(timeout=60)[0].strip() for _ in range(3)]
     assert outs == ["failed"] * 3
     # A fresh process that never saw a failure is refused without calling the provider.
+    # (The cooldown is longer than a Python process takes to start on a loaded machine.)
     assert _run(db, 0.0).communicate(timeout=60)[0].strip() == "open"
-    time.sleep(0.6)
-    # Half-open: of two processes racing after the cooldown, exactly one is the probe.
-    racers = [_run(db, 0.0, latency_ms=1500) for _ in range(2)]
+    time.sleep(COOLDOWN + 0.2)
+    # Half-open: of two processes racing after the cooldown, exactly one is the probe; the
+    # probe's reply takes long enough for the other to start and find it claimed.
+    racers = [_run(db, 0.0, latency_ms=COOLDOWN * 1000) for _ in range(2)]
     assert sorted(p.communicate(timeout=60)[0].strip() for p in racers) == ["ok", "open"]
     tl.configure(database=db)
     assert tl.CircuitBreaker.status("Flaky", tenant_id="shared", model="mock/flaky")["state"] == "closed"
