@@ -1,10 +1,8 @@
 //! The call flow: admit (budgets, breakers) -> provider attempts (retries, fallbacks) ->
 //! settle (execution row, counters, breaker outcomes), as DESIGN §2 describes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-
-use parking_lot::{Mutex, RwLock};
 
 use crate::breaker;
 use crate::budget::{self, Check};
@@ -15,6 +13,7 @@ use crate::execution::{Attempt, Completion, NewExecution, Status};
 use crate::lease::Leases;
 use crate::money::Nanos;
 use crate::pricing::{Cost, Price, PriceTable, Usage};
+use crate::process::unpoisoned;
 use crate::providers::{self, Providers, Reply, Request, Route, Target, MAX_REPLY_TOKENS};
 use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
 use crate::secrets::{Sealer, SECRET_ENV};
@@ -162,7 +161,7 @@ impl Engine {
     }
     /// The database's calendar as last seen (no database read).
     pub fn calendar(&self) -> Calendar {
-        *self.calendar.read()
+        *unpoisoned(self.calendar.read())
     }
 
     /// The database's calendar, read from it now.
@@ -176,7 +175,7 @@ impl Engine {
             return Ok(seen);
         }
         let cal = Calendar::new(zone)?;
-        *self.calendar.write() = cal;
+        *unpoisoned(self.calendar.write()) = cal;
         Ok(cal)
     }
 
@@ -216,7 +215,7 @@ impl Engine {
 
     /// Alerts raised since the last call (budget thresholds, breakers opened/closed).
     pub fn drain_alerts(&self) -> Vec<Alert> {
-        std::mem::take(&mut *self.alerts.lock())
+        std::mem::take(&mut *unpoisoned(self.alerts.lock()))
     }
 
     fn request(spec: &AgentSpec, req: &CallRequest) -> Request {
@@ -603,7 +602,7 @@ impl InFlight {
             })
         })?;
         if !alerts.is_empty() {
-            e.alerts.lock().extend(alerts);
+            unpoisoned(e.alerts.lock()).extend(alerts);
         }
         Ok(())
     }

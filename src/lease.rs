@@ -8,13 +8,12 @@
 //! reservations free within `length` whatever the call's length.
 
 use std::collections::HashMap;
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-use parking_lot::Mutex;
 
 use crate::clock::{now_micros, Micros};
 use crate::error::{config_err, Result};
+use crate::process::unpoisoned;
 use crate::store::Store;
 
 /// Shortens (or lengthens) the lease, e.g. for tests; seconds, from 1 to 3600.
@@ -61,11 +60,11 @@ impl Leases {
     /// existed; the call itself goes on.
     pub fn hold(&self, store: &Arc<dyn Store>, execution_id: &str, until: Instant) {
         self.start_renewer(store);
-        self.held.lock().insert(execution_id.to_string(), until);
+        unpoisoned(self.held.lock()).insert(execution_id.to_string(), until);
     }
 
     pub fn release(&self, execution_id: &str) {
-        self.held.lock().remove(execution_id);
+        unpoisoned(self.held.lock()).remove(execution_id);
     }
 
     fn start_renewer(&self, store: &Arc<dyn Store>) {
@@ -82,7 +81,7 @@ impl Leases {
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     let now = Instant::now();
                     let ids: Vec<String> = {
-                        let mut held = held.lock();
+                        let mut held = unpoisoned(held.lock());
                         held.retain(|_, until| *until > now);
                         held.keys().cloned().collect()
                     };

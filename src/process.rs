@@ -13,6 +13,15 @@
 //! it keeps the rebuilding next to the values it rebuilds.
 
 use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::LockResult;
+
+/// The guard of a std lock, poisoned or not: a panic while it was held is caught at the
+/// binding boundary and the state it guards stays consistent (each holder writes it whole).
+/// std locks rather than parking_lot's: parking_lot parks contended threads in one global
+/// table, and a fork while another thread is inside it leaves that table locked in the child.
+pub fn unpoisoned<G>(r: LockResult<G>) -> G {
+    r.unwrap_or_else(|e| e.into_inner())
+}
 
 struct Entry<T> {
     pid: u32,

@@ -169,7 +169,7 @@ impl From<CallOutcome> for PyAgentResult {
 /// `fail`; garbage-collected unfinished, it is recorded as cancelled.
 #[pyclass(module = "tenantllm._core", name = "Guard", frozen)]
 pub struct PyGuard {
-    inner: parking_lot::Mutex<Option<Guard>>,
+    inner: std::sync::Mutex<Option<Guard>>,
     execution_id: String,
     warnings: Vec<String>,
     /// The process that admitted it: its reservation and connections are that process's.
@@ -181,7 +181,7 @@ impl PyGuard {
         if self.pid != std::process::id() {
             return Err(to_py(py, Error::Configuration("this guarded block was started in another process (before a fork); finish it there".into())));
         }
-        self.inner.lock().take().ok_or_else(|| to_py(py, Error::Configuration("this guarded block is already finished".into())))
+        crate::process::unpoisoned(self.inner.lock()).take().ok_or_else(|| to_py(py, Error::Configuration("this guarded block is already finished".into())))
     }
 }
 
@@ -190,7 +190,7 @@ impl Drop for PyGuard {
         // In a forked child the block belongs to the parent: recording it as cancelled here
         // would write through the parent's connections. Leak it; the parent settles it.
         if self.pid != std::process::id() {
-            std::mem::forget(self.inner.get_mut().take());
+            std::mem::forget(crate::process::unpoisoned(self.inner.get_mut()).take());
         }
     }
 }
@@ -463,7 +463,7 @@ impl PyEngine {
         Ok(PyGuard {
             execution_id: guard.execution_id().to_string(),
             warnings: guard.warnings().to_vec(),
-            inner: parking_lot::Mutex::new(Some(guard)),
+            inner: std::sync::Mutex::new(Some(guard)),
             pid: std::process::id(),
         })
     }

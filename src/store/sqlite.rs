@@ -3,10 +3,9 @@
 //! across processes (SQLite serialises writers on the file lock).
 
 use std::collections::HashMap;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
@@ -22,6 +21,7 @@ use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
+use crate::process::unpoisoned;
 use crate::secrets::Sealed;
 
 pub struct SqliteStore {
@@ -74,7 +74,7 @@ fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc
                     }
                 }
                 // Pause this process's writers; other processes' wait in the busy handler.
-                let _paused = writer.lock();
+                let _paused = unpoisoned(writer.lock());
                 let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
             }
         })
@@ -215,17 +215,15 @@ impl SqliteStore {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        match &self.reader {
-            Some(r) => f(&r.lock()),
-            None => f(&self.writer.lock()),
-        }
+        let conn = unpoisoned(self.reader.as_ref().unwrap_or(&self.writer).lock());
+        f(&conn)
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction (the write lock taken up front, so it
     /// cannot fail to upgrade later). BEGIN/COMMIT are cached statements: parsing them
     /// again on every call was a measurable share of a call's cost.
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.writer.lock();
+        let conn = unpoisoned(self.writer.lock());
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
         let out = f(&conn)?;
