@@ -137,7 +137,10 @@ PROBE = textwrap.dedent(
 def _run(db: str, rate: float, latency_ms: float = 0) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen(
-        [sys.executable, "-c", PROBE, db, str(rate), str(latency_ms), str(COOLDOWN)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", PROBE, db, str(rate), str(latency_ms), str(COOLDOWN)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
