@@ -12,8 +12,10 @@
 //! A pid check rather than an `at_fork` hook: it also covers forks that run no hooks, and
 //! it keeps the rebuilding next to the values it rebuilds.
 
-use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::LockResult;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{LockResult, Once};
+use std::time::{Duration, Instant};
 
 /// The guard of a std lock, poisoned or not: a panic while it was held is caught at the
 /// binding boundary and the state it guards stays consistent (each holder writes it whole).
@@ -81,6 +83,85 @@ impl<T> Drop for PerProcess<T> {
             drop(unsafe { Box::from_raw(p) });
         }
     }
+}
+
+// ---------------------------------------------------------------- the fork gate
+
+/// `fork()` copies every lock in the state it is in, and only the forking thread goes on in
+/// the child. SQLite's global mutexes (its allocator's, its file table's) are taken by any
+/// thread using any connection; a fork while one was held left it held forever, and the
+/// child hung on its first `open` (seen under gdb, one fork in ~50 on a busy machine). So
+/// every use of a database library runs inside `quiet()`, and a fork first waits (in a
+/// `pthread_atfork` handler) until no thread is inside, while new entries wait for the fork.
+///
+/// Two atomics rather than a lock: a lock can itself be caught held by the fork.
+static FORKING: AtomicBool = AtomicBool::new(false);
+static INSIDE: AtomicUsize = AtomicUsize::new(0);
+/// How long a fork waits for threads inside the gate before it goes ahead anyway: the gate
+/// must never turn a slow query into a hung `fork()`.
+const FORK_WAIT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// How deep this thread is in the gate: only the outermost entry counts, so a nested one
+    /// never waits for a fork that waits for its own thread.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Held while this thread uses a database library; see the gate above.
+pub struct Quiet(());
+
+/// Enters the gate (waits while a fork is under way).
+pub fn quiet() -> Quiet {
+    static HOOKS: Once = Once::new();
+    HOOKS.call_once(|| {
+        // SAFETY: the handlers only touch atomics and sleep, all async-signal-safe enough for
+        // `fork()` (no allocation, no locks).
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
+    });
+    if DEPTH.get() == 0 {
+        loop {
+            while FORKING.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            INSIDE.fetch_add(1, Ordering::SeqCst);
+            // A fork that began between the check and the increment did not see us: step out.
+            if !FORKING.load(Ordering::SeqCst) {
+                break;
+            }
+            INSIDE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    DEPTH.set(DEPTH.get() + 1);
+    Quiet(())
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        DEPTH.set(DEPTH.get() - 1);
+        if DEPTH.get() == 0 {
+            INSIDE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+extern "C" fn before_fork() {
+    FORKING.store(true, Ordering::SeqCst);
+    // The forking thread itself may be inside (a fork from code called in a query): not waited for.
+    let own = usize::from(DEPTH.get() > 0);
+    let deadline = Instant::now() + FORK_WAIT;
+    while INSIDE.load(Ordering::SeqCst) > own && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+extern "C" fn after_fork_in_parent() {
+    FORKING.store(false, Ordering::SeqCst);
+}
+
+extern "C" fn after_fork_in_child() {
+    // Only this thread came along: threads still inside when the wait gave up are gone.
+    INSIDE.store(usize::from(DEPTH.get() > 0), Ordering::SeqCst);
+    FORKING.store(false, Ordering::SeqCst);
 }
 
 // SAFETY: the cell hands out `&T` to any thread and may drop `T` on any thread, like a

@@ -28,8 +28,6 @@ use std::time::Duration;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row as PgRow, Statement, Transaction};
-use r2d2::PooledConnection;
-use r2d2_postgres::PostgresConnectionManager;
 
 use super::pg_schema::MIGRATIONS;
 use super::{
@@ -43,6 +41,7 @@ use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
+use crate::process::quiet;
 use crate::secrets::Sealed;
 
 /// Connections (and threads running operations) per process, unless the URL says
@@ -50,8 +49,6 @@ use crate::secrets::Sealed;
 const DEFAULT_POOL_SIZE: u32 = 8;
 /// Tries of one operation when the connection is lost or the server aborts a transaction.
 const ATTEMPTS: u32 = 3;
-/// How long an operation waits for a pooled connection (including connecting).
-const POOL_WAIT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a statement waits for a row or table lock before it fails, unless the URL's
 /// `options` set `lock_timeout`: SQLite's busy timeout, so a transaction stuck elsewhere
@@ -69,15 +66,19 @@ const MIGRATION_LOCK: i64 = 0x7465_6e61_6e74_6c6c;
 
 // ---------------------------------------------------------------- threads
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+type Job = Box<dyn FnOnce(&mut Slot) + Send + 'static>;
 
-/// OS threads that run the store's database work, off any tokio runtime.
+/// OS threads that run the store's database work, off any tokio runtime. Each keeps one
+/// connection of its own, so the threads are the pool: an operation never waits for a
+/// connection, only for a thread, and no pool runs threads of its own that a fork could
+/// catch at work (r2d2's parked in parking_lot's per-process table, whose bucket locks a
+/// fork could copy held).
 struct Workers {
     queue: mpsc::Sender<Job>,
 }
 
 impl Workers {
-    fn start(n: u32) -> Result<Workers> {
+    fn start(n: u32, config: &postgres::Config) -> Result<Workers> {
         let (queue, jobs) = mpsc::channel::<Job>();
         // A std mutex, not parking_lot's: idle workers wait on it, and parking_lot parks
         // waiters in one table per process whose bucket locks a fork() can catch held (the
@@ -85,35 +86,38 @@ impl Workers {
         let jobs = Arc::new(std::sync::Mutex::new(jobs));
         for i in 0..n {
             let jobs = jobs.clone();
+            let mut slot = Slot { config: config.clone(), conn: None };
             std::thread::Builder::new()
                 .name(format!("tenantllm-pg-{i}"))
-                .spawn(move || loop {
+                .spawn(move || {
                     // A poisoned lock still holds a usable receiver (jobs run outside it).
-                    let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        // The store was dropped.
-                        Err(_) => break,
+                    while let Ok(job) = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        let _quiet = quiet();
+                        job(&mut slot);
                     }
+                    // The store was dropped: close this thread's connection.
+                    let _quiet = quiet();
+                    drop(slot);
                 })
                 .map_err(|e| Error::Store(format!("cannot start the PostgreSQL store's threads: {e}")))?;
         }
         Ok(Workers { queue })
     }
 
-    /// Runs `f` on a worker thread and waits for it; a panic in `f` continues here. Never
-    /// called from a worker (it would wait on itself when all are busy).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send) -> T {
+    /// Runs `f` on a worker thread, with that thread's connection, and waits for it; a
+    /// panic in `f` continues here. Never called from a worker (it would wait on itself when
+    /// all are busy).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Slot) -> T + Send) -> T {
         let (done, result) = mpsc::sync_channel::<std::thread::Result<T>>(1);
-        let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
-            let _ = done.send(panic::catch_unwind(AssertUnwindSafe(f)));
+        let job: Box<dyn FnOnce(&mut Slot) + Send + '_> = Box::new(move |slot: &mut Slot| {
+            let _ = done.send(panic::catch_unwind(AssertUnwindSafe(|| f(slot))));
         });
         // SAFETY: `f` may borrow from this caller's stack, so the job is only valid for as long
         // as this call. It does not outlive it: we return only after `result.recv()` has
         // returned, which happens once the job has sent its result (after which it touches
         // nothing but its own `done` sender) or once the job was dropped (its sender with it)
         // without running. A job the queue refuses is handed back and dropped right here.
-        let job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + '_>, Job>(job) };
+        let job = unsafe { std::mem::transmute::<Box<dyn FnOnce(&mut Slot) + Send + '_>, Job>(job) };
         drop(self.queue.send(job));
         match result.recv() {
             Ok(Ok(v)) => v,
@@ -125,29 +129,30 @@ impl Workers {
 
 // ---------------------------------------------------------------- connections
 
-/// A pooled connection with its prepared statements (one round trip per statement instead
-/// of two).
+/// A connection with its prepared statements (one round trip per statement instead of two).
 struct Conn {
     client: Client,
     statements: HashMap<String, Statement>,
 }
 
-/// r2d2_postgres's manager, with a statement cache on each connection.
-#[derive(Debug)]
-struct Manager(PostgresConnectionManager<NoTls>);
+/// A worker thread's connection: opened on first use, opened again once lost.
+struct Slot {
+    config: postgres::Config,
+    conn: Option<Conn>,
+}
 
-impl r2d2::ManageConnection for Manager {
-    type Connection = Conn;
-    type Error = postgres::Error;
-
-    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
-        Ok(Conn { client: self.0.connect()?, statements: HashMap::new() })
-    }
-    fn is_valid(&self, c: &mut Conn) -> std::result::Result<(), postgres::Error> {
-        self.0.is_valid(&mut c.client)
-    }
-    fn has_broken(&self, c: &mut Conn) -> bool {
-        self.0.has_broken(&mut c.client)
+impl Slot {
+    /// The connection, connecting if there is none or it is closed; with `validate`, one
+    /// that answers (after a lost connection, or when the server may have gone away).
+    fn checkout(&mut self, validate: bool, target: &str) -> Result<&mut Conn> {
+        let usable = |c: &mut Conn| !c.client.is_closed() && (!validate || c.client.simple_query("").is_ok());
+        if !self.conn.as_mut().is_some_and(usable) {
+            self.conn = None;
+            let client =
+                self.config.connect(NoTls).map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
+            self.conn = Some(Conn { client, statements: HashMap::new() });
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
     }
 }
 
@@ -367,8 +372,8 @@ fn migrate(client: &mut Client, timezone: &str) -> PgResult<()> {
 }
 
 pub struct PostgresStore {
-    /// `Some` until the store is dropped (see `Drop`).
-    pool: Option<r2d2::Pool<Manager>>,
+    /// Dropping them closes their connections (on their own threads: closing one runs the
+    /// client's runtime, which must not happen on a tokio thread).
     workers: Workers,
     /// Where the database is, for messages.
     target: String,
@@ -387,41 +392,13 @@ impl PostgresStore {
         }
         with_timeouts(&mut config);
         let target = target(&config);
-        let workers = Workers::start(pool_size)?;
-        // A direct connection first, so a wrong URL fails at once with the server's reason.
-        workers.run(|| -> Result<()> {
-            let mut client =
-                config.connect(NoTls).map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
-            migrate(&mut client, timezone).map_err(|f| f.into_error(&target))
+        let workers = Workers::start(pool_size, &config)?;
+        // Connect at once, so a wrong URL fails here with the server's reason.
+        workers.run(|slot: &mut Slot| -> Result<()> {
+            let conn = slot.checkout(false, &target)?;
+            migrate(&mut conn.client, timezone).map_err(|f| f.into_error(&target))
         })?;
-        let pool = r2d2::Pool::builder()
-            .max_size(pool_size)
-            // No connections opened in the background: a fork() right after configure()
-            // must not catch r2d2's threads at work (see `Workers`).
-            .min_idle(Some(0))
-            // A broken connection shows on use; operations then validate before retrying.
-            .test_on_check_out(false)
-            .connection_timeout(POOL_WAIT)
-            .build_unchecked(Manager(PostgresConnectionManager::new(config, NoTls)));
-        Ok(PostgresStore { pool: Some(pool), workers, target })
-    }
-
-    fn pool(&self) -> &r2d2::Pool<Manager> {
-        self.pool.as_ref().expect("the pool lives as long as the store")
-    }
-
-    /// A pooled connection; with `validate`, one that answers (after a connection was lost,
-    /// the other idle ones are likely dead too).
-    fn checkout(&self, validate: bool) -> Result<PooledConnection<Manager>> {
-        let pool = self.pool();
-        for _ in 0..=pool.max_size() {
-            let mut conn = pool.get().map_err(|e| Error::Store(format!("no connection to PostgreSQL at {}: {e}", self.target)))?;
-            // A connection that fails this is closed, and the pool discards it when dropped.
-            if !validate || conn.client.simple_query("").is_ok() {
-                return Ok(conn);
-            }
-        }
-        Err(Error::Store(format!("no working connection to PostgreSQL at {}", self.target)))
+        Ok(PostgresStore { workers, target })
     }
 
     fn gave_up(&self, last: Option<Failure>) -> Error {
@@ -434,10 +411,10 @@ impl PostgresStore {
 
     /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
     fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Client>) -> PgResult<T> + Send) -> Result<T> {
-        self.workers.run(|| {
+        self.workers.run(|slot: &mut Slot| {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
-                let mut conn = self.checkout(attempt > 0)?;
+                let conn = slot.checkout(attempt > 0, &self.target)?;
                 let Conn { client, statements } = &mut *conn;
                 match f(&mut Db { c: client, statements }) {
                     Ok(v) => return Ok(v),
@@ -453,21 +430,20 @@ impl PostgresStore {
     /// because the connection was lost or the server aborted it runs again; see
     /// `OnCommitLoss` for a commit whose outcome is unknown.
     fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_, '_>) -> PgResult<T> + Send) -> Result<T> {
-        self.workers.run(|| {
+        self.workers.run(|slot: &mut Slot| {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
                 if attempt > 0 {
                     std::thread::sleep(Duration::from_millis(10 * attempt as u64));
                 }
-                let mut conn = self.checkout(attempt > 0)?;
-                match transact(&mut conn, &mut body) {
+                let conn = slot.checkout(attempt > 0, &self.target)?;
+                match transact(conn, &mut body) {
                     Ok(out) => return Ok(out),
                     Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
                     Err(TxFailure::Failed(f)) => return Err(f.into_error(&self.target)),
                     Err(TxFailure::CommitLost(e, out)) => {
-                        drop(conn);
                         if let OnCommitLoss::Check(check) = &on_loss {
-                            match self.committed(*check, &out) {
+                            match self.committed(slot, *check, &out) {
                                 Ok(true) => return Ok(out),
                                 Ok(false) => {}
                                 Err(f) => {
@@ -489,11 +465,11 @@ impl PostgresStore {
     }
 
     /// Whether a transaction whose commit was cut off took effect (on a fresh connection).
-    fn committed<T>(&self, check: &(dyn Fn(&mut Tx<'_, '_>, &T) -> PgResult<bool> + Sync), out: &T) -> PgResult<bool> {
+    fn committed<T>(&self, slot: &mut Slot, check: &(dyn Fn(&mut Tx<'_, '_>, &T) -> PgResult<bool> + Sync), out: &T) -> PgResult<bool> {
         let mut last = None;
         for _ in 0..ATTEMPTS {
-            let mut conn = self.checkout(true)?;
-            match transact(&mut conn, &mut |db: &mut Tx<'_, '_>| check(db, out)) {
+            let conn = slot.checkout(true, &self.target)?;
+            match transact(conn, &mut |db: &mut Tx<'_, '_>| check(db, out)) {
                 Ok(v) => return Ok(v),
                 Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
                 Err(TxFailure::Failed(f)) => return Err(f),
@@ -502,16 +478,6 @@ impl PostgresStore {
             }
         }
         Err(last.unwrap_or_else(|| Error::Store("the check did not run".into()).into()))
-    }
-}
-
-impl Drop for PostgresStore {
-    fn drop(&mut self) {
-        // Closing a connection runs the client's runtime, which must not happen on a tokio
-        // thread (the last handle on an engine may be dropped in a task).
-        if let Some(pool) = self.pool.take() {
-            self.workers.run(move || drop(pool));
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! across processes (SQLite serialises writers on the file lock).
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -21,16 +22,16 @@ use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
-use crate::process::unpoisoned;
+use crate::process::{quiet, unpoisoned};
 use crate::secrets::Sealed;
 
 pub struct SqliteStore {
     /// Writes (and reads inside write transactions). Shared with the checkpointer, which
     /// holds it while it restarts the WAL.
-    writer: Arc<Mutex<Connection>>,
+    writer: ManuallyDrop<Arc<Mutex<Connection>>>,
     /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
     /// where a second connection would be a different database.
-    reader: Option<Mutex<Connection>>,
+    reader: ManuallyDrop<Option<Mutex<Connection>>>,
     /// Dropping it stops the background checkpointer.
     _checkpointer: Option<mpsc::Sender<()>>,
 }
@@ -52,12 +53,15 @@ const CATCH_UP_PASSES: usize = 4;
 fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc::Sender<()>> {
     let conn = connect(path)?;
     let (stop, stopped) = mpsc::channel::<()>();
+    // Closed inside the fork gate like every other use of SQLite.
+    let conn = ManuallyDrop::new(conn);
     std::thread::Builder::new()
         .name("tenantllm-checkpoint".into())
         .spawn(move || {
             // A busy database just means: try again next round.
             let passive = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)).unwrap_or(0);
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                let _quiet = quiet();
                 let mut frames = passive();
                 if frames <= WAL_RESTART_FRAMES {
                     continue;
@@ -77,6 +81,9 @@ fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc
                 let _paused = unpoisoned(writer.lock());
                 let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
             }
+            let _quiet = quiet();
+            drop(ManuallyDrop::into_inner(conn));
+            drop(writer); // maybe the last handle on the writer connection
         })
         .map_err(|e| Error::Store(format!("cannot start the checkpoint thread: {e}")))?;
     Ok(stop)
@@ -101,6 +108,7 @@ fn check_version(number: i32, version: &str) -> Result<()> {
 /// to a library copy, so ours is set to two marks in turn (then restored) and the other must
 /// see both. `None` when it cannot tell (a hard heap limit below the marks clamps them).
 pub fn shares_library(mut read_other: impl FnMut() -> Option<i64>) -> Result<Option<bool>> {
+    let _quiet = quiet();
     let ours = Connection::open_in_memory()?;
     let set = |n: i64| ours.query_row(&format!("PRAGMA soft_heap_limit={n}"), [], |r| r.get::<_, i64>(0));
     let before: i64 = ours.query_row("PRAGMA soft_heap_limit", [], |r| r.get(0))?;
@@ -201,20 +209,22 @@ impl SqliteStore {
             return crate::error::config_err("database must be a file path, \":memory:\" or \"sqlite:///path\"");
         }
         check_version(rusqlite::version_number(), rusqlite::version())?;
+        let _quiet = quiet();
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
         let writer = Arc::new(Mutex::new(writer));
         if path == ":memory:" {
-            return Ok(SqliteStore { writer, reader: None, _checkpointer: None });
+            return Ok(SqliteStore { writer: ManuallyDrop::new(writer), reader: ManuallyDrop::new(None), _checkpointer: None });
         }
         Ok(SqliteStore {
-            reader: Some(Mutex::new(connect_reader(path)?)),
+            reader: ManuallyDrop::new(Some(Mutex::new(connect_reader(path)?))),
             _checkpointer: Some(spawn_checkpointer(path, writer.clone())?),
-            writer,
+            writer: ManuallyDrop::new(writer),
         })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let _quiet = quiet();
         let conn = unpoisoned(self.reader.as_ref().unwrap_or(&self.writer).lock());
         f(&conn)
     }
@@ -223,6 +233,7 @@ impl SqliteStore {
     /// cannot fail to upgrade later). BEGIN/COMMIT are cached statements: parsing them
     /// again on every call was a measurable share of a call's cost.
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let _quiet = quiet();
         let conn = unpoisoned(self.writer.lock());
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
@@ -231,6 +242,17 @@ impl SqliteStore {
         std::mem::forget(open);
         Ok(out)
     }}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        let _quiet = quiet();
+        // SAFETY: dropped once, here, and never used again.
+        unsafe {
+            ManuallyDrop::drop(&mut self.reader);
+            ManuallyDrop::drop(&mut self.writer);
+        }
+    }
+}
 
 /// Rolls back a transaction that did not reach COMMIT (an error or a panic in its body).
 struct OpenTx<'a>(&'a Connection);
