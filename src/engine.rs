@@ -322,7 +322,9 @@ impl Engine {
             Admitted::Blocked(b) => Err(Error::BudgetExceeded(Box::new(BudgetBlock {
                 scope: b.check.name.clone(),
                 limit: b.check.limit,
-                current: b.current,
+                current: b.current(),
+                breach: b.describe(),
+                resets_at: b.check.resets_at,
                 tenant_id: req.tenant.id.clone(),
                 agent: spec.name.clone(),
                 tenant_budget: b.check.tenant_budget,

@@ -52,7 +52,7 @@ impl std::fmt::Display for ProviderFailure {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("budget exceeded: {} limit {} reached (current {}){}", .0.scope, .0.limit, .0.current, tenant_suffix(&.0.tenant_id))]
+    #[error("budget exceeded{}: {}; resets at {}", tenant_suffix(&.0.tenant_id), .0.breach, iso_utc(.0.resets_at))]
     BudgetExceeded(Box<BudgetBlock>),
     #[error("circuit open for agent {}, model {}{}; retry at unix time {}", .0.agent, .0.model, tenant_suffix(&.0.tenant_id), .0.retry_at)]
     CircuitOpen(Box<CircuitBlock>),
@@ -83,7 +83,12 @@ pub enum Error {
 pub struct BudgetBlock {
     pub scope: String,
     pub limit: Amount,
+    /// Spent plus reserved by calls in flight.
     pub current: Amount,
+    /// `Breach::describe`: the limit, then spent, reserved in flight and this call's estimate.
+    pub breach: String,
+    /// Unix micros (UTC) when the limit's period ends.
+    pub resets_at: i64,
     pub tenant_id: Option<String>,
     pub agent: String,
     pub tenant_budget: bool,
@@ -119,6 +124,10 @@ impl std::fmt::Display for Amount {
 
 fn tenant_suffix(t: &Option<String>) -> String {
     t.as_ref().map(|t| format!(" for tenant {t}")).unwrap_or_default()
+}
+
+fn iso_utc(micros: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn summarize(errors: &[ProviderFailure]) -> String {

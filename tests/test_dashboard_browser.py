@@ -5,9 +5,6 @@ viewer sees only its tenant even when it edits the URL."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ SCREENSHOT_COPY = Path("/tmp/tenantllm-overview.png")
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'tenantllm[dashboard]')")
+from uvicorn_server import Server  # noqa: E402  (needs uvicorn, checked above)
 
 
 def _require_browser() -> None:
@@ -40,31 +38,6 @@ def cookie_auth(request: Request) -> Viewer | None:
     """Test auth: no cookie sees everything; cookie `tenant=x` sees tenant x only."""
     tenant = request.cookies.get("tenant")
     return Viewer(all_tenants=True) if not tenant else Viewer(tenant_id=tenant)
-
-
-class Server:
-    """uvicorn on 127.0.0.1 on a free port, in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,12 @@ current tenant while a view runs (sync and async), and never leaks into the next
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import django
@@ -268,3 +272,92 @@ async def test_django_async_client_concurrent_requests(django_ready: None) -> No
     body = (await c.get("/sync", headers={"X-User": "acme"})).json()
     assert body["tenant"] == "acme"
     assert (await c.get("/sync")).json()["tenant"] is None
+
+
+def test_django_answers_refused_calls_with_429_or_503(django_ready: None, configure: Any) -> None:
+    configure(mock={"latency_ms": 0}, budgets={"per_agent_daily": {"Support": 1000}})
+    tl.TenantBudget.create("poor", daily_limit="0.000000001")
+    c = Client()
+    for route in ("/sync", "/async"):
+        r = c.get(route, headers={"X-User": "poor"})
+        assert r.status_code == 429 and int(r["Retry-After"]) >= 1
+        body = r.json()
+        assert body["error"] == "budget_exceeded" and body["scope"] == "tenant_daily" and "poor" in body["message"]
+        assert c.get(route, headers={"X-User": "rich"}).status_code == 200
+    configure(mock={"latency_ms": 0}, budgets={"per_agent_daily": {"Support": "0.000000001"}})
+    r = c.get("/sync", headers={"X-User": "rich"})
+    assert r.status_code == 503 and r.json()["error"] == "budget_exceeded" and int(r["Retry-After"]) >= 1
+
+
+@dataclass
+class PlainOrg:  # not decorated with @tl.llm_tenant
+    pk: int
+
+
+def test_int_tenant_ids_and_undecorated_objects() -> None:
+    assert Support.call(query="hi", tenant=42).tenant_id == "42"
+    with tl.tenant(7):
+        assert Support.call(query="hi").tenant_id == "7"
+    with pytest.raises(tl.InvalidTenantError, match=r"got PlainOrg; .*@tenantllm.llm_tenant"):
+        Support.call(query="hi", tenant=PlainOrg(1))
+    with pytest.raises(tl.InvalidTenantError, match="got True"):
+        Support.call(query="hi", tenant=True)
+    assert tl.Execution.by_tenant("42").count() == 1 and tl.Execution.by_tenant("7").count() == 1
+
+
+DJANGO_PROJECT = """
+import django, os, sys
+os.environ["DJANGO_SETTINGS_MODULE"] = "proj_settings"
+django.setup()
+import tenantllm as tl
+
+class Support(tl.Agent):
+    model = "mock/support"
+    user = "{query}"
+
+try:
+    print(Support.call(query="hi").tenant_id)
+except tl.TenantLLMError as e:
+    print(type(e).__name__, e)
+"""
+
+SETTINGS = """
+SECRET_KEY = "tests-only"
+INSTALLED_APPS = ["tenantllm.integrations.django"]
+TENANTLLM = {TENANTLLM}
+
+def resolver():
+    return "from-settings"
+"""
+
+
+def _django_project(tmp_path: Path, tenantllm: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "proj_settings.py").write_text(SETTINGS.replace("{TENANTLLM}", tenantllm))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-c", DJANGO_PROJECT], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+
+
+def test_django_settings_configure_tenantllm(tmp_path: Path, configure: Any) -> None:
+    db = tmp_path / "django.db"
+    done = _django_project(
+        tmp_path,
+        repr(
+            {
+                "database": str(db),
+                "multi_tenancy_enabled": True,
+                "tenant_resolver": "proj_settings.resolver",
+                "mock": {"latency_ms": 0},
+            }
+        ),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "from-settings"
+    configure(database=str(db))
+    assert tl.Execution.by_tenant("from-settings").count() == 1
+
+    done = _django_project(tmp_path, repr({"database": str(db), "budget": {}}))
+    assert done.returncode != 0 and "settings.TENANTLLM: unknown configure() option 'budget'" in done.stderr
+    done = _django_project(tmp_path, repr({"tenant_resolver": "proj_settings.missing"}))
+    assert done.returncode != 0 and "settings.TENANTLLM['tenant_resolver']: cannot import" in done.stderr

@@ -1,6 +1,7 @@
 """Type stubs for the Rust extension `tenantllm._core` (checked by mypy.stubtest)."""
 
 from collections.abc import Awaitable, Mapping
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, final
 
@@ -39,7 +40,13 @@ class BudgetExceededError(TenantLLMError):
     tenant_id: str | None
     agent: str
     tenant_budget: bool
+    resets_at: datetime
+    retry_after: float
     execution_id: str
+class RateLimitedError(TenantLLMError):
+    scope: str
+    limit: int
+    retry_after: float
 class CircuitOpenError(TenantLLMError):
     agent: str
     tenant_id: str | None

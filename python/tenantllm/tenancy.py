@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,16 +48,39 @@ def current_tenant_value() -> Any:
     return _current.get()
 
 
+class Deferred:
+    """A tenant worked out at its first use, then remembered: a web request's tenant, read
+    when the first agent is called rather than when the request starts, so authentication
+    that runs after the tenant middleware has had its turn."""
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute = compute
+        self._lock = threading.Lock()  # calls from a sync view's threads
+        self._done = False
+        self._value: Any = None
+
+    def get(self) -> Any:
+        with self._lock:
+            if not self._done:
+                self._value = self._compute()
+                self._done = True
+            return self._value
+
+
 def _check_id(value: Any, source: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # integer primary keys
     if not isinstance(value, str) or not value.strip():
-        raise InvalidTenantError(f"{source}: tenant id must be a non-empty string, got {value!r}")
+        raise InvalidTenantError(f"{source}: tenant id must be a non-empty string or an int, got {value!r}")
     return value
 
 
 def _from_value(value: Any, source: str) -> ResolvedTenant:
+    if isinstance(value, Deferred):
+        value = value.get()
     if value is None:
         return NO_TENANT
-    if isinstance(value, str):
+    if isinstance(value, (str, int)):
         return ResolvedTenant(id=_check_id(value, source))
     if isinstance(value, Mapping):
         if "id" not in value:
@@ -79,7 +103,9 @@ def _from_value(value: Any, source: str) -> ResolvedTenant:
     if describe is not None:
         return _from_value(describe(value), f"{source} ({type(value).__name__})")
     raise InvalidTenantError(
-        f"{source}: expected a tenant id, a tenant dict or an @llm_tenant object, got {type(value).__name__}"
+        f"{source}: expected a tenant id (str or int), a tenant dict or an @llm_tenant object, got "
+        f"{type(value).__name__}; to pass {type(value).__name__} objects, decorate the class with "
+        f"@tenantllm.llm_tenant(id=..., name=...) (or pass its id)"
     )
 
 
@@ -132,8 +158,6 @@ def llm_tenant(
 
     def describe(obj: Any) -> dict[str, Any]:
         tenant_id = _read(obj, id)
-        if isinstance(tenant_id, int) and not isinstance(tenant_id, bool):
-            tenant_id = str(tenant_id)  # integer primary keys
         found = {p: _read(obj, a) for p, a in keys.items()}
         return {
             "id": tenant_id,

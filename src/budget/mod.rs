@@ -154,6 +154,8 @@ pub struct Check {
     pub limit: Amount,
     pub enforcement: Enforcement,
     pub tenant_budget: bool,
+    /// When the period ends and the limit starts again from zero (UTC micros).
+    pub resets_at: Micros,
 }
 
 /// Running totals of one (scope, period): recorded plus in-flight reservations.
@@ -209,6 +211,8 @@ pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>, cal: &Calendar, no
     let day = cal.period_key(Period::Daily, now);
     let month = cal.period_key(Period::Monthly, now);
     let key = |p: Period| if p == Period::Daily { day.clone() } else { month.clone() };
+    let (day_end, month_end) = (cal.today(now).1, cal.this_month(now).1);
+    let resets_at = |p: Period| if p == Period::Daily { day_end } else { month_end };
     let mut out = Vec::new();
     for (period, metric, limit) in plan.global.limits.each() {
         out.push(Check {
@@ -219,6 +223,7 @@ pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>, cal: &Calendar, no
             limit,
             enforcement: plan.global.enforcement,
             tenant_budget: false,
+            resets_at: resets_at(period),
         });
     }
     for (period, map) in [(Period::Daily, &plan.global.per_agent_daily), (Period::Monthly, &plan.global.per_agent_monthly)] {
@@ -231,6 +236,7 @@ pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>, cal: &Calendar, no
                 limit: Amount::Usd(*l),
                 enforcement: plan.global.enforcement,
                 tenant_budget: false,
+                resets_at: resets_at(period),
             });
         }
     }
@@ -244,6 +250,7 @@ pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>, cal: &Calendar, no
                 limit,
                 enforcement: tb.enforcement,
                 tenant_budget: true,
+                resets_at: resets_at(period),
             });
         }
     }
@@ -276,27 +283,46 @@ pub fn settled(c: &Completion, taken_over: bool) -> Usage {
     }
 }
 
-/// A limit that `current + estimate` would pass.
+/// A limit that `spent + reserved + needed` would pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Breach {
     pub check: Check,
-    pub current: Amount,
+    /// Recorded by calls that have finished.
+    pub spent: Amount,
+    /// Held by calls still in flight.
+    pub reserved: Amount,
+    /// This call's upper-bound estimate.
+    pub needed: Amount,
 }
 
 impl Breach {
-    /// "tenant_daily limit $5 reached (current $4.99)": shown in errors and execution rows.
+    /// `spent + reserved`: what the limit was already carrying when this call asked.
+    pub fn current(&self) -> Amount {
+        match (self.spent, self.reserved) {
+            (Amount::Usd(a), Amount::Usd(b)) => Amount::Usd(a.saturating_add(b)),
+            (Amount::Count(a), Amount::Count(b)) => Amount::Count(a.saturating_add(b)),
+            (a, _) => a,
+        }
+    }
+
+    /// "tenant_daily limit $5 reached: spent $4.10, reserved in flight $0.80, this call needs
+    /// up to $0.20": shown in errors, warnings and execution rows.
     pub fn describe(&self) -> String {
-        format!("{} limit {} reached (current {})", self.check.name, self.check.limit, self.current)
+        format!(
+            "{} limit {} reached: spent {}, reserved in flight {}, this call needs up to {}",
+            self.check.name, self.check.limit, self.spent, self.reserved, self.needed
+        )
     }
 }
 
 /// Splits breaches into the first hard one (blocks the call) and soft ones (warnings).
-pub fn evaluate(checks: &[Check], usage_of: impl Fn(&Check) -> Usage, est: &Usage) -> (Option<Breach>, Vec<Breach>) {
+/// `usage_of` gives a check's counter as (recorded, reserved by calls in flight).
+pub fn evaluate(checks: &[Check], usage_of: impl Fn(&Check) -> (Usage, Usage), est: &Usage) -> (Option<Breach>, Vec<Breach>) {
     let mut soft = Vec::new();
     for c in checks {
-        let current = usage_of(c);
-        if exceeds(c.limit, current.plus(est).of(c.metric)) {
-            let b = Breach { check: c.clone(), current: current.of(c.metric) };
+        let (spent, reserved) = usage_of(c);
+        if exceeds(c.limit, spent.plus(&reserved).plus(est).of(c.metric)) {
+            let b = Breach { check: c.clone(), spent: spent.of(c.metric), reserved: reserved.of(c.metric), needed: est.of(c.metric) };
             if c.enforcement == Enforcement::Hard {
                 return (Some(b), soft);
             }
@@ -359,16 +385,26 @@ mod tests {
         let cs = checks(&plan, None, &cal, 0);
         let used = Usage { cost: Nanos(900_000_000), ..Default::default() };
         let est = estimate(Nanos(200_000_000), 10);
-        let (hard, _) = evaluate(&cs, |_| used, &est);
+        let in_flight = Usage { cost: Nanos(50_000_000), ..Default::default() };
+        let (hard, _) = evaluate(&cs, |_| (used, Usage::default()), &est);
         let b = hard.unwrap();
         assert_eq!(b.check.name, "global_daily");
-        assert_eq!(b.current, Amount::Usd(Nanos(900_000_000)));
+        assert_eq!(b.current(), Amount::Usd(Nanos(900_000_000)));
         // exactly at the limit is allowed
-        assert!(evaluate(&cs, |_| used, &estimate(Nanos(100_000_000), 1)).0.is_none());
+        assert!(evaluate(&cs, |_| (used, Usage::default()), &estimate(Nanos(100_000_000), 1)).0.is_none());
+        // ... and calls in flight count
+        let b = evaluate(&cs, |_| (used, in_flight), &estimate(Nanos(100_000_000), 1)).0.unwrap();
+        assert_eq!(
+            b.describe(),
+            "global_daily limit $1 reached: spent $0.9, reserved in flight $0.05, this call needs up to $0.1"
+        );
+        assert_eq!(b.current(), Amount::Usd(Nanos(950_000_000)));
+        // the day ends at the next local midnight
+        assert_eq!(b.check.resets_at, 86_400_000_000);
         let mut soft = g.clone();
         soft.enforcement = Enforcement::Soft;
         let plan = Plan { global: &soft, ..plan };
-        let (hard, warn) = evaluate(&checks(&plan, None, &cal, 0), |_| used, &est);
+        let (hard, warn) = evaluate(&checks(&plan, None, &cal, 0), |_| (used, Usage::default()), &est);
         assert!(hard.is_none());
         assert_eq!(warn.len(), 1);
     }
@@ -383,6 +419,7 @@ mod tests {
             limit: Amount::Count(100),
             enforcement: Enforcement::Soft,
             tenant_budget: false,
+            resets_at: 0,
         };
         assert!(thresholds_reached(&c, &Usage { tokens: 79, ..Default::default() }).is_empty());
         assert_eq!(thresholds_reached(&c, &Usage { tokens: 80, ..Default::default() }), vec![80]);

@@ -10,6 +10,7 @@ use crate::error::{Error, ProviderErrorKind, ProviderFailure};
 
 create_exception!(tenantllm, TenantLLMError, PyException, "Base class of every tenantllm error.");
 create_exception!(tenantllm, BudgetExceededError, TenantLLMError, "A hard budget would be exceeded; no request was sent.");
+create_exception!(tenantllm, RateLimitedError, TenantLLMError, "A rate limit (requests or tokens per minute, concurrent calls) refused the call; no request was sent.");
 create_exception!(tenantllm, CircuitOpenError, TenantLLMError, "The circuit breaker is open for every model of the agent.");
 create_exception!(tenantllm, AllModelsExhaustedError, TenantLLMError, "The primary and every fallback model failed.");
 create_exception!(tenantllm, ProviderError, TenantLLMError, "The provider failed or refused the request.");
@@ -27,6 +28,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("TenantLLMError", py.get_type::<TenantLLMError>())?;
     m.add("BudgetExceededError", py.get_type::<BudgetExceededError>())?;
+    m.add("RateLimitedError", py.get_type::<RateLimitedError>())?;
     m.add("CircuitOpenError", py.get_type::<CircuitOpenError>())?;
     m.add("AllModelsExhaustedError", py.get_type::<AllModelsExhaustedError>())?;
     m.add("ProviderError", py.get_type::<ProviderError>())?;
@@ -73,6 +75,10 @@ fn build(py: Python<'_>, e: Error) -> PyResult<PyErr> {
             a.set_item("scope", &b.scope)?;
             a.set_item("limit", amount_to_py(py, b.limit)?)?;
             a.set_item("current", amount_to_py(py, b.current)?)?;
+            a.set_item("resets_at", chrono::DateTime::<chrono::Utc>::from_timestamp_micros(b.resets_at))?;
+            // Seconds until then, as of now (the error may be raised a little after the check).
+            let wait = b.resets_at.saturating_sub(crate::clock::now_micros()).max(0);
+            a.set_item("retry_after", wait as f64 / 1e6)?;
             a.set_item("tenant_id", &b.tenant_id)?;
             a.set_item("agent", &b.agent)?;
             a.set_item("tenant_budget", b.tenant_budget)?;

@@ -562,10 +562,10 @@ fn key_arrays<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> (Vec<&'a str>, 
 }
 
 /// Locks the counters (creating missing ones) in key order; returns each one's recorded usage
-/// plus reservations, which no other transaction can change until this one ends.
-fn lock_counters(db: &mut Tx<'_, '_>, keys: &BTreeSet<CounterKey>) -> PgResult<HashMap<CounterKey, budget::Usage>> {
-    const LOCK: &str = "SELECT c.scope, c.period, c.cost + c.reserved_cost, c.tokens + c.reserved_tokens,
-             c.executions + c.reserved_executions
+/// and reservations, which no other transaction can change until this one ends.
+fn lock_counters(db: &mut Tx<'_, '_>, keys: &BTreeSet<CounterKey>) -> PgResult<HashMap<CounterKey, (budget::Usage, budget::Usage)>> {
+    const LOCK: &str = "SELECT c.scope, c.period, c.cost, c.tokens, c.executions,
+             c.reserved_cost, c.reserved_tokens, c.reserved_executions
          FROM usage_counters c JOIN unnest($1::text[], $2::text[]) AS k(scope, period) ON c.scope = k.scope AND c.period = k.period
          ORDER BY c.scope, c.period FOR UPDATE OF c";
     if keys.is_empty() {
@@ -583,7 +583,7 @@ fn lock_counters(db: &mut Tx<'_, '_>, keys: &BTreeSet<CounterKey>) -> PgResult<H
         )?;
         rows = db.query(LOCK, &[&scopes, &periods])?;
     }
-    rows.iter().map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), usage_at(r, 2)?))).collect()
+    rows.iter().map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), (usage_at(r, 2)?, usage_at(r, 5)?)))).collect()
 }
 
 /// Applies changes to counters (creating missing ones) in key order, in one statement;
@@ -928,8 +928,9 @@ impl Store for PostgresStore {
             let mut usage = lock_counters(db, &checked.iter().chain(deltas.keys()).cloned().collect())?;
             // What the expired reservations give back counts for this call already.
             for (key, d) in &deltas {
-                if let Some(u) = usage.get_mut(key) {
-                    *u = u.plus(&d.used).plus(&d.reserved);
+                if let Some((recorded, reserved)) = usage.get_mut(key) {
+                    *recorded = recorded.plus(&d.used);
+                    *reserved = reserved.plus(&d.reserved);
                 }
             }
             let usage_of = |c: &budget::Check| usage.get(&(c.scope.clone(), c.period_key.clone())).copied().unwrap_or_default();

@@ -665,10 +665,7 @@ impl Store for SqliteStore {
                 }
             }
             let current = totals(tx, &keys)?;
-            let in_use = |c: &Check| {
-                let (recorded, reserved) = current.get(&(c.scope.clone(), c.period_key.clone())).copied().unwrap_or_default();
-                recorded.plus(&reserved)
-            };
+            let in_use = |c: &Check| current.get(&(c.scope.clone(), c.period_key.clone())).copied().unwrap_or_default();
             let est = req.estimate;
             let (hard, warnings) = budget::evaluate(&checks, in_use, &est);
             if let Some(b) = hard {

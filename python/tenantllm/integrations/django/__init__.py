@@ -1,7 +1,13 @@
-"""Django: a middleware that sets the current tenant for each request.
+"""Django: configuration from settings, and a middleware that sets the current tenant for
+each request and answers refused calls.
 
 settings.py::
 
+    INSTALLED_APPS = [..., "tenantllm.integrations.django"]
+    TENANTLLM = {                      # the keywords of tenantllm.configure(), applied at startup
+        "database": "tenantllm.db",
+        "budgets": {"global_daily": 100},
+    }
     MIDDLEWARE = [
         ...,
         "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -16,7 +22,9 @@ Without either setting the tenant comes from the logged-in user: `request.user.t
 object or id), else `request.user.tenant_id`; anonymous users get no tenant. Every view then
 runs inside `tenantllm.tenant(...)`, so `SupportAgent.call(...)` in a view is attributed to the
 request's tenant; the context is restored when the response is returned. Sync and async views
-(and ASGI or WSGI deployments) are supported.
+(and ASGI or WSGI deployments) are supported. A call a view makes that a budget, a rate limit
+or an open breaker refuses becomes a 429 (the tenant's own limit) or 503 (a global or
+per-agent limit, a breaker) JSON answer with `Retry-After` (see `tenantllm.integrations`).
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings  # type: ignore[import-untyped]
+from django.http import JsonResponse  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
 from tenantllm._core import ConfigurationError
-from tenantllm.integrations import clean_header_value
+from tenantllm.integrations import clean_header_value, error_response
 from tenantllm.tenancy import tenant
 
 __all__ = ["TenantMiddleware", "tenant_from_user"]
@@ -101,3 +110,13 @@ class TenantMiddleware:
             value = await value
         with tenant(value):
             return await self.get_response(request)
+
+    def process_exception(self, request: Any, exception: Exception) -> Any:
+        """Django's hook for an exception a view raised: refused calls become 429/503."""
+        answer = error_response(exception)
+        if answer is None:
+            return None
+        response = JsonResponse(answer.body, status=answer.status)
+        for name, value in answer.headers.items():
+            response[name] = value
+        return response
