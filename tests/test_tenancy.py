@@ -164,7 +164,7 @@ def test_multi_tenancy_enabled_must_be_a_bool(configure: Any) -> None:
 
 
 def test_bad_resolver_result_is_an_invalid_tenant(configure: Any) -> None:
-    configure(tenant_resolver=lambda: 123)
+    configure(tenant_resolver=lambda: 1.5)
     with pytest.raises(tl.InvalidTenantError, match="tenant_resolver"):
         Echo.call(text="hi")
     assert rows() == 0
@@ -236,13 +236,13 @@ def test_tenant_config_resolver_with_unknown_limit_key(configure: Any) -> None:
     [
         "",
         "   ",
-        123,
+        True,  # not an int id
         12.5,
         ["acme"],
         {"name": "Acme"},
         {"id": "acme", "colour": "red"},
         {"id": ""},
-        {"id": 5},
+        {"id": 5.0},
         {"id": "acme", "api_keys": "sk-not-a-dict"},
         "line\nbreak",
         "x" * 300,
@@ -260,8 +260,8 @@ def test_bad_tenant_messages_name_the_problem() -> None:
         Echo.call(text="hi", tenant={"name": "Acme"})
     with pytest.raises(tl.InvalidTenantError, match="colour"):
         Echo.call(text="hi", tenant={"id": "acme", "colour": "red"})
-    with pytest.raises(tl.InvalidTenantError, match="int"):
-        Echo.call(text="hi", tenant=123)
+    with pytest.raises(tl.InvalidTenantError, match="float"):
+        Echo.call(text="hi", tenant=12.5)
 
 
 def test_bad_tenant_in_context() -> None:
@@ -289,3 +289,70 @@ def test_bad_runtime_limits_are_rejected_without_a_row(tenant: dict[str, Any], n
     with pytest.raises(tl.TenantLLMError, match=named):
         Echo.call(text="hi", tenant=tenant)
     assert rows() == 0
+
+
+# ---------------------------------------------------------------- tenants the app already has
+
+
+def test_llm_tenant_limits_create_the_budget_once_on_first_call(configure: Any) -> None:
+    import threading
+    from dataclasses import dataclass
+
+    configure(mock={"latency_ms": 0})
+
+    @tl.llm_tenant(id="pk", name="title", limits={"daily_limit": "0.5", "monthly_token_limit": 10_000},
+                   enforcement="soft")  # fmt: skip
+    @dataclass
+    class Org:
+        pk: int
+        title: str
+
+    assert tl.TenantBudget.find("7") is None  # nothing happens before a call
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def first_call() -> None:
+        barrier.wait()
+        try:
+            Echo.call(text="hi", tenant=Org(7, "Seven"))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    b = tl.TenantBudget.get("7")
+    assert (b.daily_limit, b.monthly_token_limit, b.enforcement, b.name) == (Decimal("0.5"), 10_000, "soft", "Seven")
+    assert [x.tenant_id for x in tl.TenantBudget.all()] == ["7"]
+    assert tl.Execution.by_tenant("7").count() == 8
+
+    # An operator's change stands, in this process and in a freshly configured one.
+    b.update(daily_limit="0.000000001", enforcement="hard")
+    with pytest.raises(tl.BudgetExceededError):
+        Echo.call(text="hi", tenant=Org(7, "Seven"))
+    configure(mock={"latency_ms": 0})
+    with pytest.raises(tl.BudgetExceededError):
+        Echo.call(text="hi", tenant=Org(7, "Seven"))
+    assert tl.TenantBudget.get("7").daily_limit == Decimal("0.000000001")
+
+
+def test_llm_tenant_limits_are_checked_when_decorating() -> None:
+    with pytest.raises(tl.ConfigurationError, match="unknown limit 'daily'"):
+        tl.llm_tenant(limits={"daily": 5})
+    with pytest.raises(tl.ConfigurationError, match="limits must be a dict"):
+        tl.llm_tenant(limits=5)  # type: ignore[arg-type]
+
+
+def test_require_tenant(configure: Any) -> None:
+    configure(require_tenant=True, multi_tenancy_enabled=True)
+    with pytest.raises(tl.InvalidTenantError, match="require_tenant=True"):
+        Echo.call(text="hi")
+    assert rows() == 0  # refused before anything was recorded
+    assert Echo.call(text="hi", tenant="acme").tenant_id == "acme"
+    with pytest.raises(tl.ConfigurationError, match="require_tenant must be True or False"):
+        tl.configure(require_tenant="yes")
+    configure()  # the default: no tenant needed
+    assert Echo.call(text="hi").tenant_id is None

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tenantllm import _core
@@ -24,6 +24,8 @@ _CORE_OPTIONS = frozenset(
      "store_prompts"}
 )
 _HOOK_OPTIONS = frozenset({"tenant_resolver", "tenant_config_resolver", "on_alert"})
+# Plain options read by the Python layer.
+_PY_OPTIONS = frozenset({"require_tenant"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class Settings:
     tenant_resolver: TenantResolver | None = None
     tenant_config_resolver: TenantConfigResolver | None = None
     on_alert: AlertHandler | None = None
+    require_tenant: bool = False
+    # Tenants whose `@llm_tenant(limits=...)` budget this configuration has made sure of.
+    budgets_ensured: set[str] = field(default_factory=set)
+    budgets_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _lock = threading.Lock()
@@ -57,18 +63,25 @@ def configure(*, reset: bool = False, **options: Any) -> None:
     Options: database (path, ":memory:", "sqlite:///path" or "postgresql://..."; default env
     TENANTLLM_DATABASE or "tenantllm.db"), timezone, multi_tenancy_enabled, tenant_resolver,
     tenant_config_resolver, budgets, api_keys, base_urls, pricing, mock, store_prompts,
-    on_alert. Unknown names are an error.
+    on_alert, require_tenant. Unknown names are an error.
+
+    `require_tenant=True`: a call that resolves no tenant raises InvalidTenantError before
+    anything is recorded (default False: such calls run with `tenant_id=None` and only the
+    global and per-agent budgets apply).
 
     `timezone`: the database keeps its own, set when it is created (this option's value, or
     UTC). Naming another one raises ConfigurationError; leave it unset to use the database's,
     and change it with `set_timezone` (or `tenantllm timezone set`).
     """
-    unknown = sorted(set(options) - _CORE_OPTIONS - _HOOK_OPTIONS)
+    known = _CORE_OPTIONS | _HOOK_OPTIONS | _PY_OPTIONS
+    unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigurationError(
-            f"unknown configure() option {unknown[0]!r}; expected one of "
-            + ", ".join(sorted(_CORE_OPTIONS | _HOOK_OPTIONS))
+            f"unknown configure() option {unknown[0]!r}; expected one of " + ", ".join(sorted(known))
         )
+    require_tenant = options.get("require_tenant")
+    if require_tenant is not None and not isinstance(require_tenant, bool):
+        raise ConfigurationError(f"require_tenant must be True or False, got {type(require_tenant).__name__}")
     if not isinstance(reset, bool):
         raise ConfigurationError(f"reset must be True or False, got {type(reset).__name__}")
     global _settings, _options
@@ -79,7 +92,7 @@ def configure(*, reset: bool = False, **options: Any) -> None:
         if core.get("database") is None:
             core["database"] = os.environ.get("TENANTLLM_DATABASE", "tenantllm.db")
         engine = _core.Engine(core)  # validates everything before anything is replaced
-        _settings = Settings(engine=engine, **hooks)
+        _settings = Settings(engine=engine, require_tenant=bool(merged.get("require_tenant")), **hooks)
         _options = merged
 
 

@@ -26,6 +26,8 @@ class ResolvedTenant:
     id: str | None
     limits: dict[str, Any] | None = None
     api_keys: dict[str, str] | None = None
+    # `@llm_tenant(limits=...)`: the budget to create if the tenant has none yet.
+    budget_defaults: dict[str, Any] | None = None
 
     def __repr__(self) -> str:  # never show keys
         return f"ResolvedTenant(id={self.id!r}, limits={self.limits!r})"
@@ -101,7 +103,10 @@ def _from_value(value: Any, source: str) -> ResolvedTenant:
         )
     describe = getattr(type(value), "__tenantllm_describe__", None)
     if describe is not None:
-        return _from_value(describe(value), f"{source} ({type(value).__name__})")
+        described = dict(describe(value))
+        defaults = described.pop("budget_defaults", None)
+        t = _from_value(described, f"{source} ({type(value).__name__})")
+        return ResolvedTenant(id=t.id, limits=t.limits, api_keys=t.api_keys, budget_defaults=defaults)
     raise InvalidTenantError(
         f"{source}: expected a tenant id (str or int), a tenant dict or an @llm_tenant object, got "
         f"{type(value).__name__}; to pass {type(value).__name__} objects, decorate the class with "
@@ -124,6 +129,13 @@ def resolve(s: Settings, explicit: Any = _UNSET) -> ResolvedTenant:
         t = _from_value(s.tenant_resolver(), "tenant_resolver")
     else:
         t = NO_TENANT
+    if t.id is None and s.require_tenant:
+        raise InvalidTenantError(
+            "no tenant for this call, and configure(require_tenant=True) requires one: pass tenant=..., "
+            "run it inside tenantllm.tenant(...), or set a tenant_resolver"
+        )
+    if t.id is not None and t.budget_defaults is not None:
+        _ensure_budget(s, t.id, t.budget_defaults)
     if t.id is not None and t.limits is None and s.tenant_config_resolver is not None:
         limits = s.tenant_config_resolver(t.id)
         if limits is not None:
@@ -133,6 +145,19 @@ def resolve(s: Settings, explicit: Any = _UNSET) -> ResolvedTenant:
                 )
             t = ResolvedTenant(id=t.id, limits=dict(limits), api_keys=t.api_keys)
     return t
+
+
+def _ensure_budget(s: Settings, tenant_id: str, defaults: dict[str, Any]) -> None:
+    """Creates the tenant's budget on its first call (once per configuration; another
+    process creating it meanwhile is fine); an existing budget is left as it is."""
+    if tenant_id in s.budgets_ensured:
+        return
+    from tenantllm.budget import TenantBudget  # budget imports config; tenancy is imported first
+
+    with s.budgets_lock:
+        if tenant_id not in s.budgets_ensured:
+            TenantBudget.find_or_create(tenant_id, **defaults)
+            s.budgets_ensured.add(tenant_id)
 
 
 def _read(obj: Any, attr: str) -> Any:
@@ -145,25 +170,46 @@ def _read(obj: Any, attr: str) -> Any:
 
 
 def llm_tenant(
-    *, id: str = "id", name: str | None = None, api_keys: Mapping[str, str] | None = None
+    *,
+    id: str = "id",
+    name: str | None = None,
+    api_keys: Mapping[str, str] | None = None,
+    limits: Mapping[str, Any] | None = None,
+    enforcement: str | None = None,
 ) -> Callable[[type[T]], type[T]]:
     """Make instances of any class (Django model, dataclass, plain class) usable as `tenant=`.
 
-    `id` and `name` name attributes; `api_keys` maps a provider to an attribute or a
-    zero-argument method that returns that tenant's key (blank values fall through)."""
+    `id` and `name` name attributes (an int id is used as its decimal string); `api_keys` maps
+    a provider to an attribute or a zero-argument method that returns that tenant's key (blank
+    values fall through). `limits` (TenantBudget fields such as `daily_limit`) and
+    `enforcement` create the tenant's budget at its first call if it has none; a budget that
+    exists (say, changed by an operator since) is left as it is."""
     keys = dict(api_keys or {})
     for attr in (id, name, *keys.values()):
         if attr is not None and (not isinstance(attr, str) or not attr.isidentifier()):
             raise ConfigurationError(f"llm_tenant: {attr!r} is not an attribute name")
+    if limits is not None and not isinstance(limits, Mapping):
+        raise ConfigurationError(f"llm_tenant: limits must be a dict of TenantBudget fields, got {limits!r}")
+    budget = dict(limits or {})
+    unknown = sorted(set(budget) - LIMIT_KEYS)
+    if unknown:
+        raise ConfigurationError(
+            f"llm_tenant: unknown limit {unknown[0]!r}; expected one of " + ", ".join(sorted(LIMIT_KEYS))
+        )
+    if enforcement is not None:
+        budget["enforcement"] = enforcement
 
     def describe(obj: Any) -> dict[str, Any]:
         tenant_id = _read(obj, id)
         found = {p: _read(obj, a) for p, a in keys.items()}
-        return {
+        described = {
             "id": tenant_id,
             "api_keys": {p: k for p, k in found.items() if isinstance(k, str) and k.strip()},
             **({"name": _read(obj, name)} if name else {}),
         }
+        if budget:
+            described["budget_defaults"] = {**({"name": described["name"]} if name else {}), **budget}
+        return described
 
     def decorate(cls: type[T]) -> type[T]:
         cls.__tenantllm_describe__ = staticmethod(describe)  # type: ignore[attr-defined]
