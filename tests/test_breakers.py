@@ -158,3 +158,23 @@ def test_a_breaker_opened_by_one_process_is_seen_by_another(tmp_path: Path) -> N
     assert sorted(p.communicate(timeout=60)[0].strip() for p in racers) == ["ok", "open"]
     tl.configure(database=db)
     assert tl.CircuitBreaker.status("Flaky", tenant_id="shared", model="mock/flaky")["state"] == "closed"
+
+
+def test_status_without_a_model_covers_every_model_of_the_agent(tmp_path: Path) -> None:
+    _fail(tmp_path, 1.0, multi_tenancy_enabled=True)
+    for _ in range(2):  # each call fails on the primary, then on the backup
+        with pytest.raises(tl.TenantLLMError):
+            WithFallback.call(tenant="acme")
+    both = tl.CircuitBreaker.status(WithFallback, tenant_id="acme")
+    assert both["state"] == "open" and both["model"] is None and both["failures"] == 4
+    assert [m["model"] for m in both["models"]] == ["mock/primary", "mock/backup"]
+    assert both["retry_at"] == min(m["retry_at"] for m in both["models"])
+    # By name (as the README shows): the models whose breaker is not closed.
+    assert tl.CircuitBreaker.status("WithFallback", tenant_id="acme")["state"] == "open"
+    assert tl.CircuitBreaker.open_for("WithFallback", tenant_id="acme")
+    assert not tl.CircuitBreaker.open_for("WithFallback", tenant_id="other")
+    # One model closed again: the agent's calls go through, so the agent is closed.
+    tl.CircuitBreaker.reset("WithFallback", tenant_id="acme", model="mock/backup")
+    assert tl.CircuitBreaker.status(WithFallback, tenant_id="acme")["state"] == "closed"
+    tl.CircuitBreaker.reset("WithFallback", tenant_id="acme")
+    assert tl.CircuitBreaker.not_closed() == []

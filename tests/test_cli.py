@@ -69,6 +69,12 @@ def test_report_by_tenant_agent_and_model(demo_db: Path, capsys: pytest.CaptureF
     assert code == 0 and "SupportAgent" in out and "SummaryAgent" in out
     code, out, _ = run(capsys, "report", "--database", f"sqlite:///{demo_db}", "--by", "model_id")
     assert code == 0 and "mock/support" in out
+    # Short names as the help says, periods named as in Python (the old names still work).
+    code, by_tenant, _ = run(capsys, "report", "--database", str(demo_db), "--by", "tenant", "--period", "this_month")
+    assert code == 0 and by_tenant.splitlines()[0].split()[0] == "tenant_id"
+    assert run(capsys, "report", "--database", str(demo_db), "--period", "month")[1] == by_tenant
+    code, out, _ = run(capsys, "report", "--database", str(demo_db), "--by", "model", "--period", "this_week")
+    assert code == 0 and "mock/support" in out
 
 
 # ------------------------------------------------------------------ missing and corrupt databases

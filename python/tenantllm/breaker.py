@@ -6,23 +6,50 @@ from typing import Any
 
 from tenantllm.config import engine
 
+# The order a set of breakers reports: an agent refuses calls only when no model is closed.
+_STATES = ("closed", "half_open", "open")
 
-def _key(agent: str | type, model: str | None, tenant_id: str | None) -> tuple[str, str, str | None]:
+
+def _keys(agent: str | type, model: str | None, tenant_id: str | None) -> list[tuple[str, str, str | None]]:
+    """The breakers meant: the named model's, else every model of the agent (an agent class's
+    model and fallbacks; for an agent named by a string, the models whose breaker is not closed)."""
     name = agent if isinstance(agent, str) else agent.__name__
-    if model is None:
-        model = getattr(agent, "model", None)
-        if not isinstance(model, str) or not model:
-            raise TypeError("model= is required when agent is given by name")
     if not engine().multi_tenancy_enabled:
         tenant_id = None
-    return name, model, tenant_id
+    if model is not None:
+        models = [model]
+    elif isinstance(agent, str):
+        refusing = engine().breakers_not_closed()
+        models = [b["model"] for b in refusing if (b["agent"], b["tenant_id"]) == (name, tenant_id)]
+    else:
+        chain = (getattr(agent, "model", None), *getattr(agent, "fallback_models", ()))
+        models = [m for m in chain if isinstance(m, str)]
+    return [(name, m, tenant_id) for m in dict.fromkeys(models)]
 
 
 class CircuitBreaker:
     @staticmethod
     def status(agent: str | type, tenant_id: str | None = None, model: str | None = None) -> dict[str, Any]:
-        """{"state": "closed" | "open" | "half_open", "failures": n, "retry_at": datetime | None, ...}"""
-        return engine().breaker_status(*_key(agent, model, tenant_id))
+        """{"state": "closed" | "open" | "half_open", "failures": n, "retry_at": datetime | None,
+        "models": [one such dict per model], ...}. Without `model`, the state is the agent's:
+        closed while any of its models is (calls still go through), and `retry_at` the earliest
+        time a refused model lets a probe through."""
+        keys = _keys(agent, model, tenant_id)
+        models = [engine().breaker_status(*k) for k in keys]
+        name = agent if isinstance(agent, str) else agent.__name__
+        state = max((m["state"] for m in models), key=_STATES.index, default="closed")
+        if any(m["state"] == "closed" for m in models):
+            state = "closed"
+        retry = [m["retry_at"] for m in models if m["retry_at"] is not None]
+        return {
+            "agent": name,
+            "model": keys[0][1] if len(keys) == 1 else None,
+            "tenant_id": keys[0][2] if keys else (tenant_id if engine().multi_tenancy_enabled else None),
+            "state": state,
+            "failures": sum(m["failures"] for m in models),
+            "retry_at": min(retry) if retry and state != "closed" else None,
+            "models": models,
+        }
 
     @staticmethod
     def open_for(agent: str | type, tenant_id: str | None = None, model: str | None = None) -> bool:
@@ -31,7 +58,9 @@ class CircuitBreaker:
 
     @staticmethod
     def reset(agent: str | type, tenant_id: str | None = None, model: str | None = None) -> None:
-        engine().breaker_reset(*_key(agent, model, tenant_id))
+        """Closes the named model's breaker, or every model's of the agent."""
+        for key in _keys(agent, model, tenant_id):
+            engine().breaker_reset(*key)
 
     @staticmethod
     def not_closed() -> list[dict[str, Any]]:

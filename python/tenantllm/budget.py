@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Any
 
 from tenantllm import _core
+from tenantllm._html import html_table
 from tenantllm.config import engine
 
 _FIELDS = tuple(_core.TENANT_LIMIT_KEYS)
@@ -39,6 +40,16 @@ class TenantBudget:
     def __repr__(self) -> str:
         limits = ", ".join(f"{k}={v!r}" for k, v in self._fields().items() if v is not None)
         return f"TenantBudget(tenant_id={self.tenant_id!r}, {limits})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the limits set, with today's and this month's use."""
+        rows = [[k, v] for k, v in self._fields().items() if v is not None]
+        rows += [
+            ["spent today", self.current_daily_spending],
+            ["spent this month", self.current_monthly_spending],
+            ["tokens today", self.current_daily_tokens],
+        ]
+        return html_table(["TenantBudget " + self.tenant_id, ""], rows)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TenantBudget) and (self.tenant_id, self._fields()) == (

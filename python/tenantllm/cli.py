@@ -195,14 +195,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# `report --by`: a short name (as the help says) or the field's own name.
+_GROUPS = {"tenant": "tenant_id", "agent": "agent", "model": "model_id", "provider": "provider", "status": "status"}
+# `report --period`: named as the Python query methods are; "week"/"month" are kept as aliases.
+_PERIODS = {"today": "today", "this_week": "this_week", "this_month": "this_month", "week": "this_week",
+            "month": "this_month"}  # fmt: skip
+
+
 def report(args: argparse.Namespace) -> int:
     _open(args.database)
-    q = {"today": tl.Execution.today, "week": tl.Execution.this_week, "month": tl.Execution.this_month}[args.period]()
-    spend = q.group_by(args.by).sum("total_cost")
-    calls = q.group_by(args.by).count()
-    tokens = q.group_by(args.by).sum("total_tokens")
+    by = _GROUPS.get(args.by, args.by)
+    q = getattr(tl.Execution, _PERIODS[args.period])()
+    spend = q.group_by(by).sum("total_cost")
+    calls = q.group_by(by).count()
+    tokens = q.group_by(by).sum("total_tokens")
     rows = sorted(((k or "-", calls[k], tokens[k], _usd(v)) for k, v in spend.items()), key=lambda r: r[0])
-    print(_table([args.by, "calls", "tokens", "cost"], rows))
+    print(_table([by, "calls", "tokens", "cost"], rows))
     return 0
 
 
@@ -384,8 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     r = sub.add_parser("report", help="spend per tenant, agent or model")
     r.add_argument("--database", default=_default_database())
-    r.add_argument("--by", choices=["tenant_id", "agent", "model_id", "provider", "status"], default="tenant_id")
-    r.add_argument("--period", choices=["today", "week", "month"], default="month")
+    r.add_argument("--by", choices=[*_GROUPS, *(v for v in _GROUPS.values() if v not in _GROUPS)], default="tenant")
+    r.add_argument("--period", choices=list(_PERIODS), default="this_month")
     r.set_defaults(func=report)
 
     b = sub.add_parser("budgets", help="list or set tenant budgets")

@@ -9,7 +9,8 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from tenantllm._core import InvalidTenantError
+from tenantllm._core import ConfigurationError, InvalidTenantError
+from tenantllm._html import html_table
 from tenantllm.config import engine, settings
 from tenantllm.tenancy import resolve
 
@@ -73,6 +74,19 @@ class Execution:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __repr__(self) -> str:
+        tenant = f" tenant={self.tenant_id}" if self.tenant_id else ""
+        error = f" {self.error_class}" if self.error_class else ""
+        return (
+            f"<Execution {self.id[:8]} {self.agent} {self.chosen_model_id or self.model_id}{tenant} "
+            f"{self.status}{error} {self.total_tokens} tokens ${self.total_cost} "
+            f"{self.started_at:%Y-%m-%d %H:%M:%S}Z>"
+        )
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: one row of the main fields."""
+        return html_table(_SUMMARY, [[getattr(self, f) for f in _SUMMARY]])
 
     # Entry points: each starts a query (see ExecutionQuery for the rest).
     @classmethod
@@ -144,9 +158,27 @@ class Execution:
         return ExecutionQuery().failed()
 
 
+# The columns a notebook shows for executions.
+_SUMMARY = ("started_at", "agent", "model_id", "tenant_id", "status", "total_tokens", "total_cost", "duration_ms")
+# Columns of `to_pandas()`: every field but the details only `Execution.get` fills.
+_DETAILS = ("system_prompt", "user_prompt", "response")
+_COLUMNS = tuple(f.name for f in dataclasses.fields(Execution) if f.name not in _DETAILS)
+_MONEY = ("input_cost", "output_cost", "total_cost", "cache_read_cost", "cache_write_cost")
+_TIMES = ("started_at", "completed_at")
+_TEXTS = ("id", "agent", "model_id", "chosen_model_id", "provider", "tenant_id", "status", "error_class",
+          "error_message", "finish_reason", "parent_execution_id", "root_execution_id")  # fmt: skip
+_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "total_tokens", "attempts_count", "cache_write_tokens")
+# Rows shown by a query's notebook view.
+_HTML_ROWS = 20
+
+
 class ExecutionQuery:
     """An immutable, chainable query; nothing runs until a terminal method (count, sum,
-    iteration, first, to_dicts, to_pandas) is called."""
+    iteration, first, to_dicts, to_pandas) is called.
+
+    Statuses: `successful()` is `success`; `failed()` is `error` and `timeout` (the provider or
+    the call failed); a call refused before any request is neither: `blocked` (a budget),
+    `short_circuited` (an open breaker), `rate_limited`; and `cancelled` (the caller gave up)."""
 
     def __init__(self, ops: tuple[Op, ...] = ()) -> None:
         self._ops = ops
@@ -156,6 +188,20 @@ class ExecutionQuery:
 
     def __repr__(self) -> str:
         return f"ExecutionQuery({list(self._ops)!r})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the count and the first rows (runs the query)."""
+        total = self.count()
+        shown = list(self.limit(_HTML_ROWS)) if total else []
+        note = f"{total} execution(s)" + (f", first {len(shown)} shown" if total > len(shown) else "")
+        return html_table(_SUMMARY, [[getattr(e, f) for f in _SUMMARY] for e in shown], note)
+
+    def _is_empty(self) -> bool:
+        """`limit(0)` was applied: no rows, whatever the filters (the core takes limits >= 1)."""
+        return ("limit", 0) in self._ops
+
+    def _core_ops(self) -> list[Op]:
+        return [op for op in self._ops if op != ("limit", 0)]
 
     # ---- filters
     def by_tenant(self, tenant_id: str) -> ExecutionQuery:
@@ -208,7 +254,13 @@ class ExecutionQuery:
         return self.by_status("success")
 
     def failed(self) -> ExecutionQuery:
+        """`error` and `timeout` rows; not `blocked`, `short_circuited`, `rate_limited` (refused
+        before a request) nor `cancelled`."""
         return self._and("in", "status", ["error", "timeout"])
+
+    def all(self) -> ExecutionQuery:
+        """This query (as `Execution.all()` starts one): `Execution.today().all()`."""
+        return self
 
     def order_by(self, *fields: str) -> ExecutionQuery:
         """`order_by("-total_cost", "started_at")`: a leading '-' sorts descending."""
@@ -218,6 +270,9 @@ class ExecutionQuery:
         return q
 
     def limit(self, n: int) -> ExecutionQuery:
+        """At most n rows (n >= 0; `limit(0)` is an empty result)."""
+        if n == 0 and not isinstance(n, bool):
+            return ExecutionQuery((*self._ops, ("limit", 0)))
         return self._and("limit", n)
 
     def offset(self, n: int) -> ExecutionQuery:
@@ -228,15 +283,15 @@ class ExecutionQuery:
 
     # ---- terminal
     def count(self) -> int:
-        n: int = engine().query_aggregate(list(self._ops))
-        return n
+        n: int = engine().query_aggregate(self._core_ops())
+        return 0 if self._is_empty() else n
 
     def sum(self, field: str) -> Decimal | int:
-        total: Decimal | int = engine().query_aggregate(list(self._ops), field)
-        return total
+        total: Decimal | int = engine().query_aggregate(self._core_ops(), field)  # also checks the field
+        return type(total)(0) if self._is_empty() else total
 
     def to_dicts(self) -> list[dict[str, Any]]:
-        return engine().query_rows(list(self._ops))
+        return [] if self._is_empty() else engine().query_rows(self._core_ops())
 
     def __iter__(self) -> Iterator[Execution]:
         return (Execution._from_row(r) for r in self.to_dicts())
@@ -245,13 +300,33 @@ class ExecutionQuery:
         q = self if any(op[0] == "order" for op in self._ops) else self.order_by("started_at")
         return next(iter(q.limit(1)), None)
 
-    def to_pandas(self) -> Any:
-        """A pandas DataFrame of the rows (needs `pip install tenantllm[pandas]`)."""
+    def to_pandas(self, *, money: str = "decimal", local_times: bool = False) -> Any:
+        """A pandas DataFrame of the rows (needs `pip install tenantllm[pandas]`), with the
+        same columns and dtypes when empty. `money="float"` gives float64 cost columns for
+        `describe()` and plots (the default keeps exact `Decimal`s); `local_times=True` shows
+        times in the database's timezone instead of UTC."""
+        if money not in ("decimal", "float"):
+            raise ConfigurationError(f'to_pandas: money must be "decimal" or "float", got {money!r}')
+        if not isinstance(local_times, bool):
+            raise ConfigurationError(f"to_pandas: local_times must be True or False, got {local_times!r}")
         try:
             import pandas as pd  # type: ignore[import-untyped,unused-ignore]
         except ImportError:
             raise ImportError("to_pandas() needs pandas: pip install 'tenantllm[pandas]'") from None
-        return pd.DataFrame(self.to_dicts())
+        frame = pd.DataFrame(self.to_dicts(), columns=list(_COLUMNS))
+        text = pd.Series(["", None]).dtype  # what this pandas infers for text (object, or str in pandas 3)
+        for c in _TEXTS:
+            frame[c] = frame[c].astype(text)
+        for c in _TIMES:
+            frame[c] = pd.to_datetime(frame[c], utc=True).astype("datetime64[us, UTC]")  # the stored precision
+            if local_times:
+                frame[c] = frame[c].dt.tz_convert(engine().timezone)
+        for c in _COUNTS:
+            frame[c] = frame[c].astype("int64")
+        frame["duration_ms"] = frame["duration_ms"].astype("Int64")  # None while running
+        for c in _MONEY:
+            frame[c] = frame[c].astype("float64") if money == "float" else frame[c].astype(object)
+        return frame
 
 
 class GroupedQuery:
