@@ -73,3 +73,32 @@ def test_limit_zero_and_all(rows: None) -> None:
         list(tl.Execution.all().limit(-1))
     assert tl.Execution.today().all().count() == 3
     assert [e.tenant_id for e in tl.Execution.all().order_by("tenant_id").all()] == ["acme", "acme", "globex"]
+
+
+def test_a_real_notebook_runs_with_nbconvert(tmp_path: Any, db_path: Any) -> None:
+    """The notebook path as a user takes it: a .ipynb executed by nbconvert's kernel."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbconvert")
+    from nbconvert.preprocessors import ExecutePreprocessor
+
+    cells = [
+        f"import tenantllm as tl\ntl.configure(database={str(db_path)!r}, mock={{'latency_ms': 0}})",
+        "class Support(tl.Agent):\n    model = 'mock/support'\n    user = '{q}'\n    max_tokens = 50\n"
+        "for t in ('acme', 'acme', 'globex'):\n    Support.call(q='hi', tenant=t)",
+        "tl.Execution.this_month()",
+        "tl.Execution.this_month().first()",
+        "tl.Execution.by_tenant('nobody').to_pandas().dtypes['total_cost']",
+        "tl.Execution.this_month().to_pandas(money='float')['total_cost'].describe()['count']",
+        "tl.Execution.all().limit(0).count()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    path = tmp_path / "explore.ipynb"
+    nbformat.write(nb, path)
+    ExecutePreprocessor(timeout=120, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(tmp_path)}})
+    nbformat.write(nb, path)  # kept beside the test's database for a look after a failure
+    out = [c.outputs[0]["data"] if c.outputs else {} for c in nb.cells]
+    assert "<caption>3 execution(s)</caption>" in out[2]["text/html"]
+    assert out[3]["text/html"].count("<tr>") == 2 and out[3]["text/plain"].startswith("<Execution ")
+    assert out[4]["text/plain"] == "dtype('O')"
+    assert out[5]["text/plain"] == "np.float64(3.0)" or out[5]["text/plain"] == "3.0"
+    assert out[6]["text/plain"] == "0"
