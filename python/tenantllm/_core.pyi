@@ -26,6 +26,7 @@ __all__ = [
     "ProviderError",
     "ProviderTimeoutError",
     "RateLimitError",
+    "RateLimitedError",
     "StoreError",
     "TenantLLMError",
     "__version__",
