@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::UnboundedSender;
+
 use crate::breaker;
 use crate::budget::{self, Check};
 use crate::clock::{now_micros, Calendar, DEFAULT_TIMEZONE};
@@ -14,7 +16,7 @@ use crate::lease::Leases;
 use crate::money::Nanos;
 use crate::pricing::{Cost, Price, PriceTable, Usage};
 use crate::process::unpoisoned;
-use crate::providers::{self, Providers, Reply, Request, Route, Target, MAX_REPLY_TOKENS};
+use crate::providers::{self, ProviderStream, Providers, Reply, Request, Route, Target, MAX_REPLY_TOKENS};
 use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
 use crate::secrets::{Sealer, SECRET_ENV};
 use crate::store::{self, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, FinishRequest, Store};
@@ -90,6 +92,7 @@ pub struct CallOutcome {
     pub finish_reason_raw: Option<String>,
     pub refusal: Option<String>,
     pub budget_warnings: Vec<String>,
+    pub time_to_first_token_ms: Option<i64>,
 }
 
 /// What a call would do, without doing it (`dry_run=True`).
@@ -312,6 +315,7 @@ impl Engine {
                     attempts: vec![],
                     outcomes: vec![],
                     started: Instant::now(),
+                    time_to_first_token_ms: None,
                     done: false,
                 },
                 first: model_index,
@@ -341,41 +345,116 @@ impl Engine {
     }
 
     pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
-        let plan = self.plan(&spec, &req)?;
+        let mut started = self.start(&spec, &req)?;
+        let chosen = self.attempts(&spec, &mut started, false).await?;
+        let Opened::Reply(reply) = chosen.opened else { return Err(Error::Internal("a call's attempt opened a stream".into())) };
+        let Started { mut call, plan, warnings, .. } = started;
+        let cost = plan.prices[chosen.index].cost_at(reply.usage, chosen.sent_at);
+        call.record(&chosen.attempt, Ok((&reply, cost)), chosen.at.elapsed().as_millis() as i64);
+        call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)
+    }
+
+    /// A streamed call: each piece of text goes to `out` as it arrives. Retries and
+    /// fallbacks apply until the first piece, not after. When `out`'s receiver is dropped
+    /// (the consumer stopped), the request is abandoned and the row is `cancelled`, billing
+    /// what was received; a stream that breaks or times out after the first piece is an
+    /// error (or timeout) row billing what was received. The reservation is held throughout.
+    pub async fn run_stream(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest, out: &UnboundedSender<String>) -> Result<CallOutcome> {
+        let mut started = self.start(&spec, &req)?;
+        let chosen = tokio::select! {
+            biased;
+            _ = out.closed() => return Err(Error::Internal("cancelled".into())),
+            c = self.attempts(&spec, &mut started, true) => c?,
+        };
+        let Opened::Stream(mut stream, first) = chosen.opened else { return Err(Error::Internal("a stream's attempt did not open a stream".into())) };
+        let Started { mut call, plan, warnings, .. } = started;
+        call.time_to_first_token_ms = first.as_ref().map(|_| call.started.elapsed().as_millis() as i64);
+        let deadline = tokio::time::Instant::from_std(chosen.at + spec.timeout);
+        let broken = 'read: {
+            let Some(mut piece) = first else { break 'read None };
+            loop {
+                if out.send(piece).is_err() {
+                    break 'read Some(StreamEnd::Cancelled);
+                }
+                let next = tokio::select! {
+                    biased;
+                    _ = out.closed() => break 'read Some(StreamEnd::Cancelled),
+                    n = tokio::time::timeout_at(deadline, stream.next()) => n,
+                };
+                piece = match next {
+                    Ok(Ok(Some(p))) => p,
+                    Ok(Ok(None)) => break 'read None,
+                    Ok(Err(f)) => break 'read Some(StreamEnd::Broken(providers::redact(f, chosen.api_key.as_deref()))),
+                    Err(_) => break 'read Some(StreamEnd::Broken(timeout_failure(&chosen.attempt.provider, spec.timeout))),
+                };
+                if call.time_to_first_token_ms.is_none() {
+                    call.time_to_first_token_ms = Some(call.started.elapsed().as_millis() as i64);
+                }
+            }
+        };
+        let elapsed = chosen.at.elapsed().as_millis() as i64;
+        let reply = stream.reply();
+        let cost = plan.prices[chosen.index].cost_at(reply.usage, chosen.sent_at);
+        match broken {
+            None => match providers::check_reply(&plan.routes[chosen.index], reply) {
+                Ok(reply) => {
+                    call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
+                    call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)
+                }
+                Err(f) => {
+                    let f = ProviderFailure { model: chosen.attempt.model.clone(), ..f };
+                    call.record(&chosen.attempt, Err(&f), elapsed);
+                    Err(call.fail(vec![f], false)?)
+                }
+            },
+            Some(end) => call.end_partial(&chosen.attempt, reply, cost, elapsed, end),
+        }
+    }
+
+    /// Validation, keys and admission, shared by calls and streams.
+    fn start(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest) -> Result<Started> {
+        let plan = self.plan(spec, req)?;
         let api_keys = self.keys_for(&req.tenant, &plan.routes)?;
         let estimate = budget::estimate(plan.estimated_cost, plan.estimated_tokens);
-        let Admission { mut call, first, mut probe, breaker_keys, warnings } = self.admit(&spec, &req, &plan.routes[0].provider, estimate)?;
+        let Admission { call, first, probe, breaker_keys, warnings } = self.admit(spec, req, &plan.routes[0].provider, estimate)?;
+        Ok(Started { call, first, probe, breaker_keys, warnings, request: Self::request(spec, req), api_keys, plan })
+    }
+
+    /// Tries the chain's models in turn, each with its retries, until one answers (for a
+    /// stream: until it sends its first piece of text, or ends without any). Every failed
+    /// attempt is recorded; when all fail, the call's row is closed and its error returned.
+    async fn attempts(&self, spec: &AgentSpec, s: &mut Started, streaming: bool) -> Result<Chosen> {
         let lease = breaker::probe_lease(spec.timeout.as_secs_f64());
-        let request = Self::request(&spec, &req);
         let mut errors: Vec<ProviderFailure> = vec![];
         // Attempts and errors name models as the agent does ("mock/x", "openai/gpt-4o"),
         // like the execution's model_id, not the provider's bare id.
         let models: Vec<&String> = spec.chain().collect();
-        for (i, route) in plan.routes.iter().enumerate().skip(first) {
-            let key = breaker_keys.get(i);
-            if let (true, Some(key)) = (i != first, key) {
+        let mut probe = s.probe;
+        for (i, route) in s.plan.routes.iter().enumerate().skip(s.first) {
+            let key = s.breaker_keys.get(i);
+            if let (true, Some(key)) = (i != s.first, key) {
                 match self.store.breaker_admit(key, lease, now_micros())? {
                     breaker::Admission::Reject { .. } => continue,
                     breaker::Admission::Probe => probe = true,
                     breaker::Admission::Pass => probe = false,
                 }
             }
-            let target = Target { route, api_key: api_keys[i].as_deref() };
-            let (sent, dropped) = providers::unsupported_params(&route.model, &request);
+            let target = Target { route, api_key: s.api_keys[i].as_deref() };
+            let (sent, dropped) = providers::unsupported_params(&route.model, &s.request);
             for retry in 0..=spec.retries.max {
                 let t0 = Instant::now();
                 let sent_at = now_micros();
-                let result = match tokio::time::timeout(spec.timeout, self.providers.send(&target, &sent)).await {
+                let opening = async {
+                    if !streaming {
+                        return self.providers.send(&target, &sent).await.map(Opened::Reply);
+                    }
+                    let mut stream = self.providers.open(&target, &sent).await?;
+                    let first = stream.next().await.map_err(|f| providers::redact(f, target.api_key))?;
+                    Ok(Opened::Stream(stream, first))
+                };
+                let result = match tokio::time::timeout(spec.timeout, opening).await {
                     Ok(r) => r,
-                    Err(_) => Err(ProviderFailure {
-                        kind: ProviderErrorKind::Timeout,
-                        provider: route.provider.clone(),
-                        model: String::new(),
-                        status: None,
-                        message: format!("no answer within {:?}", spec.timeout),
-                        retryable: true,
-                        retry_after: None,
-                    }),
+                    Err(_) => Err(timeout_failure(&route.provider, spec.timeout)),
                 }
                 .map_err(|f| ProviderFailure { model: models[i].clone(), ..f });
                 let attempt = AttemptOf {
@@ -386,15 +465,10 @@ impl Engine {
                     provider: route.provider.clone(),
                     dropped: dropped.clone(),
                 };
-                let elapsed = t0.elapsed().as_millis() as i64;
                 match result {
-                    Ok(reply) => {
-                        let cost = plan.prices[i].cost_at(reply.usage, sent_at);
-                        call.record(&attempt, Ok((&reply, cost)), elapsed);
-                        return call.succeed(&spec, &route.provider, reply, cost, warnings);
-                    }
+                    Ok(opened) => return Ok(Chosen { index: i, attempt, opened, at: t0, sent_at, api_key: s.api_keys[i].clone() }),
                     Err(f) => {
-                        call.record(&attempt, Err(&f), elapsed);
+                        s.call.record(&attempt, Err(&f), t0.elapsed().as_millis() as i64);
                         probe = false;
                         let wait_too_long = f.retry_after.is_some_and(|s| s > MAX_RETRY_AFTER_S);
                         let retry_after = f.retry_after;
@@ -408,7 +482,7 @@ impl Engine {
                 }
             }
         }
-        Err(call.fail(errors, plan.routes.len() > 1)?)
+        Err(s.call.fail(errors, s.plan.routes.len() > 1)?)
     }
 
     /// Starts a guarded block of the user's own code (`tl.guard`/`tl.guarded`): the same
@@ -531,6 +605,56 @@ struct Admission {
     warnings: Vec<String>,
 }
 
+/// A call admitted and ready for its attempts.
+struct Started {
+    call: InFlight,
+    first: usize,
+    probe: bool,
+    breaker_keys: Vec<BreakerKey>,
+    warnings: Vec<String>,
+    request: Request,
+    api_keys: Vec<Option<String>>,
+    plan: CallPlan,
+}
+
+/// What a successful attempt opened: a whole reply, or a stream with its first piece of
+/// text (`None`: it ended without any).
+enum Opened {
+    Reply(Reply),
+    Stream(ProviderStream, Option<String>),
+}
+
+/// The attempt that answered.
+struct Chosen {
+    index: usize,
+    attempt: AttemptOf,
+    opened: Opened,
+    /// When the attempt started (its timeout runs from here).
+    at: Instant,
+    sent_at: crate::clock::Micros,
+    api_key: Option<String>,
+}
+
+/// How a stream ended before its reply was complete.
+enum StreamEnd {
+    /// The consumer stopped reading.
+    Cancelled,
+    /// The provider's stream failed or timed out after its first piece of text.
+    Broken(ProviderFailure),
+}
+
+fn timeout_failure(provider: &str, timeout: Duration) -> ProviderFailure {
+    ProviderFailure {
+        kind: ProviderErrorKind::Timeout,
+        provider: provider.to_string(),
+        model: String::new(),
+        status: None,
+        message: format!("no answer within {timeout:?}"),
+        retryable: true,
+        retry_after: None,
+    }
+}
+
 /// Who one attempt went to, for its record and its breaker outcome.
 struct AttemptOf {
     key: Option<BreakerKey>,
@@ -553,6 +677,8 @@ struct InFlight {
     attempts: Vec<Attempt>,
     outcomes: Vec<BreakerOutcome>,
     started: Instant,
+    /// Streams: when the first piece of text reached the consumer.
+    time_to_first_token_ms: Option<i64>,
     done: bool,
 }
 
@@ -623,6 +749,7 @@ impl InFlight {
             attempts: std::mem::take(&mut self.attempts),
             finish_reason: None,
             response: None,
+            time_to_first_token_ms: self.time_to_first_token_ms,
         }
     }
 
@@ -651,7 +778,39 @@ impl InFlight {
             finish_reason_raw: reply.finish_reason_raw,
             refusal: reply.refusal,
             budget_warnings: warnings,
+            time_to_first_token_ms: c.time_to_first_token_ms,
         })
+    }
+
+    /// Closes a stream that ended early, billing what was received: `cancelled` when the
+    /// consumer stopped (nothing is raised), else an error or timeout row and its error.
+    fn end_partial(&mut self, to: &AttemptOf, reply: Reply, cost: Cost, elapsed: i64, end: StreamEnd) -> Result<CallOutcome> {
+        let (status, failure) = match &end {
+            StreamEnd::Cancelled => (Status::Cancelled, None),
+            StreamEnd::Broken(f) if f.kind == ProviderErrorKind::Timeout => (Status::Timeout, Some(f)),
+            StreamEnd::Broken(f) => (Status::Error, Some(f)),
+        };
+        self.record(to, Ok((&reply, cost)), elapsed);
+        if let (Some(a), Some(f)) = (self.attempts.last_mut(), failure) {
+            a.status = "error";
+            a.error_class = Some(f.kind.class_name().to_string());
+            a.error_message = Some(f.message.clone());
+        }
+        let mut c = self.completion(status);
+        c.chosen_model_id = Some(reply.model.clone());
+        c.provider = Some(to.provider.clone());
+        c.usage = reply.usage;
+        c.cost = cost;
+        c.finish_reason = reply.finish_reason.map(String::from);
+        c.response = Some(reply.content.clone());
+        let err = match failure {
+            None => Error::Internal("cancelled".into()),
+            Some(f) => Error::Provider(Box::new(ProviderFailure { model: to.model.clone(), ..f.clone() })),
+        };
+        c.error_class = Some(if failure.is_some() { error_class(&err) } else { "CancelledError" }.into());
+        c.error_message = Some(if failure.is_some() { err.to_string() } else { "the consumer stopped reading the stream".into() });
+        self.finish(&c)?;
+        Err(err)
     }
 
     /// Records a call whose every attempt failed; returns the error to raise.

@@ -6,6 +6,12 @@ One server answers, on 127.0.0.1, in the real wire formats of:
 * Anthropic messages: POST ``*/v1/messages``
 * Gemini generateContent: POST ``*/models/{model}:generateContent``
 
+and, when the request asks for a stream (``"stream": true``, Gemini's
+``:streamGenerateContent?alt=sse``), as server-sent events in each provider's format: built
+from the step (text in word pieces, usage in the provider's last events), or ``Step.sse``
+replayed verbatim (recorded streams in tests/fixtures/streams), ``sse_delay`` seconds apart,
+hanging up after ``sse_cut`` events if set.
+
 Behaviour per request is scripted with :class:`Step` objects (FIFO queue,
 falling back to ``FakeProvider.default``).  Every request is recorded.
 
@@ -31,7 +37,7 @@ from typing import Any, Self, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 KINDS = ("ok", "status", "slow", "malformed", "truncated", "reset", "empty_choices", "raw")
-_GEMINI_PATH = re.compile(r"/models/([^/:]+):generateContent$")
+_GEMINI_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent)$")
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
@@ -64,6 +70,11 @@ class Step:
     # kind="raw": answer `body` verbatim with `status` and `headers` (recorded replies).
     body: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
+    # Streams: a recorded event stream to replay instead of one built from the step, the
+    # pause before each event after the first, and how many events to send before hanging up.
+    sse: str | None = None
+    sse_delay: float = 0.0
+    sse_cut: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -105,6 +116,71 @@ def _route(path: str) -> tuple[str, str | None] | None:
     if m:
         return "gemini", unquote(m.group(1))
     return None
+
+
+def _wants_stream(fmt: str, path: str, body: dict[str, Any] | None) -> bool:
+    if fmt == "gemini":
+        return path.endswith(":streamGenerateContent")
+    return bool((body or {}).get("stream"))
+
+
+def _pieces(text: str) -> list[str]:
+    """Text cut as a model streams it: word by word, spaces kept."""
+    return re.findall(r"\S*\s*", text)[:-1] or [""]
+
+
+def sse_events(fmt: str, step: Step, model: str, text: str, body: dict[str, Any] | None) -> list[str]:
+    """A reply as the provider streams it (each item one event, with its blank line)."""
+    def data(obj: Any, event: str | None = None) -> str:
+        head = f"event: {event}\n" if event else ""
+        return f"{head}data: {json.dumps(obj)}\n\n"
+
+    pieces = _pieces(text)
+    if fmt == "openai":
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return data({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": model, "choices": [choice]})
+
+        usage = openai_response(step, model, text)["usage"]
+        events = [chunk({"role": "assistant", "content": ""})]
+        events += [chunk({"content": p}) for p in pieces]
+        events.append(chunk({}, step.finish_reason or "stop"))
+        if "mistral" in model:
+            # Mistral puts the usage on its last chunk unasked (and takes no stream_options).
+            last = json.loads(events[-1][len("data: "):])
+            events[-1] = data({**last, "usage": usage})
+        elif ((body or {}).get("stream_options") or {}).get("include_usage"):
+            events.append(data({"id": cid, "object": "chat.completion.chunk", "model": model,
+                                "choices": [], "usage": usage}))
+        return [*events, "data: [DONE]\n\n"]
+    if fmt == "anthropic":
+        block = {"type": "text", "text": ""}
+        stop = {"stop_reason": step.finish_reason or "end_turn", "stop_sequence": None}
+        start = anthropic_response(step, model, "")
+        start["content"], start["stop_reason"] = [], None
+        start["usage"] = {**start["usage"], "output_tokens": 1}
+        return [
+            data({"type": "message_start", "message": start}, "message_start"),
+            data({"type": "content_block_start", "index": 0, "content_block": block}, "content_block_start"),
+            *[data({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
+                   "content_block_delta") for p in pieces],
+            data({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            data({"type": "message_delta", "delta": stop, "usage": {"output_tokens": step.output_tokens}},
+                 "message_delta"),
+            data({"type": "message_stop"}, "message_stop"),
+        ]
+    events = []
+    for i, p in enumerate(pieces):
+        last = i == len(pieces) - 1
+        r = gemini_response(step, model, p)
+        if not last:
+            del r["candidates"][0]["finishReason"]
+            r["usageMetadata"] = {"promptTokenCount": step.input_tokens, "totalTokenCount": step.input_tokens}
+        events.append(data(r))
+    return events
 
 
 def openai_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
@@ -285,6 +361,13 @@ class _Handler(BaseHTTPRequestHandler):
         text = step.content
         if text is None:
             text = "fake reply to: " + _last_user_text(fmt, body)[:40]
+        if _wants_stream(fmt, url.path, body) and step.kind in ("ok", "slow", "raw"):
+            if step.sse is not None:
+                events = [e + "\n\n" for e in step.sse.replace("\r\n", "\n").split("\n\n") if e.strip()]
+            else:
+                events = sse_events(fmt, step, model, text, body)
+            self._stream(events, step)
+            return
         payload = json.dumps(_BUILDERS[fmt](step, model, text, step.kind == "empty_choices"))
         data = payload.encode()
         if step.kind == "truncated":
@@ -292,6 +375,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, data[: len(data) // 2], content_length=len(data))
             return
         self._send(200, data)  # "ok", "slow", "empty_choices"
+
+    def _stream(self, events: list[str], step: Step) -> None:
+        """Sends events as they are "generated", until the end or `sse_cut`."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        for i, event in enumerate(events):
+            if step.sse_cut is not None and i >= step.sse_cut:
+                self._reset()
+                return
+            if i and step.sse_delay > 0:
+                time.sleep(step.sse_delay)
+            self.wfile.write(event.encode())
+            self.wfile.flush()
 
     def _send(self, status: int, data: bytes, headers: dict[str, str] | None = None,
               content_length: int | None = None) -> None:

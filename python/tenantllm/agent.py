@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, overload
 from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
 from tenantllm.config import Settings, deliver_alerts, settings
+from tenantllm.streaming import AsyncStream, Stream
 from tenantllm.tenancy import _UNSET, ResolvedTenant, resolve
 
 
@@ -264,6 +265,22 @@ class Agent:
         s = settings()
         p = self._prepare(s, tenant)
         return p.dry_run(s, self._settings()) if dry_run else await p.arun(s)
+
+    @classmethod
+    def stream(cls, *, tenant: Any = _UNSET, **params: Any) -> Stream:
+        """Run the agent, streaming its reply: iterate for str pieces as they arrive, then
+        `.result`. Errors before the first piece (budget, breaker, every attempt failed)
+        raise from the first `next()`; retries and fallbacks apply until the first piece."""
+        self = cls(**params)
+        s = settings()
+        return Stream(s.engine.stream(self._prepare(s, tenant).call()), s)
+
+    @classmethod
+    def astream(cls, *, tenant: Any = _UNSET, **params: Any) -> AsyncStream:
+        """Like `stream`, read with `async for`."""
+        self = cls(**params)
+        s = settings()
+        return AsyncStream(s.engine.stream(self._prepare(s, tenant).call()), s)
 
     def _settings(self) -> dict[str, Any]:
         cls = type(self)

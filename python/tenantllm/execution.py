@@ -63,6 +63,8 @@ class Execution:
     cache_write_tokens: int
     cache_read_cost: Decimal
     cache_write_cost: Decimal
+    # Streams only: milliseconds from the call's start to its first piece of text.
+    time_to_first_token_ms: int | None
     # From the details table; filled by `Execution.get` only.
     system_prompt: str | None = None
     user_prompt: str | None = None

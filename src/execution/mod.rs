@@ -117,6 +117,8 @@ pub struct Completion {
     pub attempts: Vec<Attempt>,
     pub finish_reason: Option<String>,
     pub response: Option<String>,
+    /// Streams only: from the call's start to its first piece of text.
+    pub time_to_first_token_ms: Option<i64>,
 }
 
 impl Completion {
@@ -135,6 +137,7 @@ impl Completion {
             attempts: vec![],
             finish_reason: None,
             response: None,
+            time_to_first_token_ms: None,
         }
     }
 }
@@ -182,6 +185,7 @@ pub const FIELDS: &[(&str, Kind)] = &[
     ("cache_write_tokens", Kind::Int),
     ("cache_read_cost", Kind::Money),
     ("cache_write_cost", Kind::Money),
+    ("time_to_first_token_ms", Kind::Int),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,8 +3,9 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::{join, post_json, Caller};
-use super::{Reply, Request};
+use super::http::{join, post, post_json, Caller};
+use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
+use super::{Reply, Request, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -54,41 +55,39 @@ fn normalise(stop_reason: &str) -> Option<&'static str> {
     }
 }
 
+fn usage_of(u: &ApiUsage) -> Usage {
+    // Anthropic reports cache reads and writes apart from `input_tokens`; ours includes them.
+    let cached = u.cache_read_input_tokens.unwrap_or(0);
+    let writes = u.cache_creation_input_tokens.unwrap_or(0);
+    let (cache_write, cache_write_1h) = match &u.cache_creation {
+        Some(c) => (c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens),
+        None => (writes, 0),
+    };
+    Usage {
+        input: u.input_tokens.saturating_add(cached).saturating_add(writes.max(cache_write.saturating_add(cache_write_1h))),
+        output: u.output_tokens,
+        cached,
+        cache_write,
+        cache_write_1h,
+    }
+}
+
 /// A reply with usage is a billed call even without text: a refusal (empty content,
 /// `stop_reason: "refusal"`) or a reply that spent `max_tokens` thinking.
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let u = r.usage.ok_or_else(|| caller.invalid("no usage"))?;
     let content: String = r.content.into_iter().filter(|b| b.kind == "text").filter_map(|b| b.text).collect();
-    // Anthropic reports cache reads and writes apart from `input_tokens`; ours includes them.
-    let cached = u.cache_read_input_tokens.unwrap_or(0);
-    let writes = u.cache_creation_input_tokens.unwrap_or(0);
-    let (cache_write, cache_write_1h) = match u.cache_creation {
-        Some(c) => (c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens),
-        None => (writes, 0),
-    };
     Ok(Reply {
         content,
         model: r.model.unwrap_or_else(|| caller.model.to_string()),
-        usage: Usage {
-            input: u.input_tokens.saturating_add(cached).saturating_add(writes.max(cache_write.saturating_add(cache_write_1h))),
-            output: u.output_tokens,
-            cached,
-            cache_write,
-            cache_write_1h,
-        },
+        usage: usage_of(&u),
         finish_reason: r.stop_reason.as_deref().and_then(normalise),
         finish_reason_raw: r.stop_reason,
         refusal: None,
     })
 }
 
-pub async fn send(
-    client: &reqwest::Client,
-    caller: &Caller<'_>,
-    base_url: &str,
-    api_key: Option<&str>,
-    req: &Request,
-) -> Result<Reply, ProviderFailure> {
+fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request, stream: bool) -> (reqwest::RequestBuilder, serde_json::Value) {
     let mut body = json!({
         "model": caller.model,
         "max_tokens": req.max_tokens,
@@ -100,12 +99,87 @@ pub async fn send(
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
     }
+    if stream {
+        body["stream"] = json!(true);
+    }
     let mut http = client.post(join(base_url, "v1/messages")).header("anthropic-version", API_VERSION);
     if let Some(k) = api_key {
         http = http.header("x-api-key", k);
     }
+    (http, body)
+}
+
+pub async fn send(
+    client: &reqwest::Client,
+    caller: &Caller<'_>,
+    base_url: &str,
+    api_key: Option<&str>,
+    req: &Request,
+) -> Result<Reply, ProviderFailure> {
+    let (http, body) = request(client, caller, base_url, api_key, req, false);
     let r: Response = post_json(caller, http, &body).await?;
     parse(caller, r)
+}
+
+pub async fn open(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request) -> Result<ProviderStream, ProviderFailure> {
+    let (http, body) = request(client, caller, base_url, api_key, req, true);
+    let resp = post(caller, http, &body).await?;
+    Ok(ProviderStream::http(resp, Wire::Anthropic, caller, super::prompt_tokens(req)))
+}
+
+/// The usage so far: message_start's, with each message_delta's fields laid over it
+/// (message_delta carries the final output count, and on newer API versions the rest).
+fn merge_usage(acc: &mut Acc, caller: &Caller<'_>, seen: Option<&serde_json::Value>, fresh: &serde_json::Value) -> Result<(), ProviderFailure> {
+    let mut merged = seen.cloned().unwrap_or_else(|| json!({}));
+    if let (Some(m), Some(f)) = (merged.as_object_mut(), fresh.as_object()) {
+        for (k, v) in f {
+            if !v.is_null() {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let parsed: ApiUsage = serde_json::from_value(merged.clone()).map_err(|e| caller.invalid(&format!("stream usage: {e}")))?;
+    acc.input = Some(usage_of(&parsed).input);
+    acc.usage = Some(usage_of(&parsed));
+    acc.raw_usage = Some(merged);
+    Ok(())
+}
+
+/// One event of a streamed message; returns its text.
+pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Option<String>, ProviderFailure> {
+    let v: serde_json::Value = serde_json::from_str(&ev.data).map_err(|e| caller.invalid(&format!("stream event: {e}")))?;
+    let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or(ev.event.as_str());
+    match kind {
+        "message_start" => {
+            let m = v.get("message").cloned().unwrap_or_default();
+            acc.model = m.get("model").and_then(|x| x.as_str()).map(String::from).or(acc.model.take());
+            if let Some(u) = m.get("usage") {
+                merge_usage(acc, caller, None, u)?;
+                // Only the input is final here; the output comes with message_delta.
+                acc.usage = None;
+            }
+        }
+        "content_block_delta" => {
+            let d = v.get("delta").cloned().unwrap_or_default();
+            if d.get("type").and_then(|t| t.as_str()) == Some("text_delta") {
+                return Ok(d.get("text").and_then(|t| t.as_str()).map(String::from));
+            }
+        }
+        "message_delta" => {
+            if let Some(r) = v.pointer("/delta/stop_reason").and_then(|r| r.as_str()) {
+                acc.finish = normalise(r);
+                acc.finish_raw = Some(r.to_string());
+            }
+            if let Some(u) = v.get("usage") {
+                let seen = acc.raw_usage.take();
+                merge_usage(acc, caller, seen.as_ref(), u)?;
+            }
+        }
+        "message_stop" => acc.done = true,
+        "error" => return Err(stream_error(caller, &ev.data)),
+        _ => {}
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::{join, post_json, Caller};
-use super::{Reply, Request};
+use super::http::{join, post, post_json, Caller};
+use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
+use super::{Reply, Request, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -72,6 +73,15 @@ fn normalise(finish_reason: &str) -> Option<&'static str> {
     }
 }
 
+fn usage_of(u: &ApiUsage) -> Usage {
+    Usage {
+        input: u.prompt_token_count.saturating_add(u.tool_use_prompt_token_count),
+        output: u.candidates_token_count.saturating_add(u.thoughts_token_count),
+        cached: u.cached_content_token_count,
+        ..Usage::default()
+    }
+}
+
 /// A reply with usage is a billed call even without text: a candidate stopped for SAFETY,
 /// one that spent MAX_TOKENS on thoughts, or a prompt blocked by `promptFeedback`.
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
@@ -89,12 +99,7 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     Ok(Reply {
         content,
         model: r.model_version.unwrap_or_else(|| caller.model.to_string()),
-        usage: Usage {
-            input: u.prompt_token_count.saturating_add(u.tool_use_prompt_token_count),
-            output: u.candidates_token_count.saturating_add(u.thoughts_token_count),
-            cached: u.cached_content_token_count,
-            ..Usage::default()
-        },
+        usage: usage_of(&u),
         // Every block reason (SAFETY, BLOCKLIST, PROHIBITED_CONTENT, OTHER, ...) is a filter.
         finish_reason: if blocked { Some("content_filter") } else { finish_reason_raw.as_deref().and_then(normalise) },
         finish_reason_raw,
@@ -102,13 +107,7 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     })
 }
 
-pub async fn send(
-    client: &reqwest::Client,
-    caller: &Caller<'_>,
-    base_url: &str,
-    api_key: Option<&str>,
-    req: &Request,
-) -> Result<Reply, ProviderFailure> {
+fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request, stream: bool) -> (reqwest::RequestBuilder, serde_json::Value) {
     let mut config = json!({"maxOutputTokens": req.max_tokens});
     if let Some(t) = req.temperature {
         config["temperature"] = json!(t);
@@ -121,12 +120,62 @@ pub async fn send(
         body["systemInstruction"] = json!({"parts": [{"text": s}]});
     }
     // The key goes in a header, never in the URL (URLs end up in logs and error messages).
-    let mut http = client.post(join(base_url, &format!("v1beta/models/{}:generateContent", caller.model)));
+    let method = if stream { "streamGenerateContent?alt=sse" } else { "generateContent" };
+    let mut http = client.post(join(base_url, &format!("v1beta/models/{}:{method}", caller.model)));
     if let Some(k) = api_key {
         http = http.header("x-goog-api-key", k);
     }
+    (http, body)
+}
+
+pub async fn send(
+    client: &reqwest::Client,
+    caller: &Caller<'_>,
+    base_url: &str,
+    api_key: Option<&str>,
+    req: &Request,
+) -> Result<Reply, ProviderFailure> {
+    let (http, body) = request(client, caller, base_url, api_key, req, false);
     let r: Response = post_json(caller, http, &body).await?;
     parse(caller, r)
+}
+
+pub async fn open(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request) -> Result<ProviderStream, ProviderFailure> {
+    let (http, body) = request(client, caller, base_url, api_key, req, true);
+    let resp = post(caller, http, &body).await?;
+    Ok(ProviderStream::http(resp, Wire::Gemini, caller, super::prompt_tokens(req)))
+}
+
+#[derive(Deserialize)]
+struct StreamError {
+    error: Option<serde_json::Value>,
+}
+
+/// One streamed `GenerateContentResponse`: its text, and usage so far (each event carries
+/// the running totals; the last one's are final).
+pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Option<String>, ProviderFailure> {
+    if serde_json::from_str::<StreamError>(&ev.data).is_ok_and(|e| e.error.is_some()) {
+        return Err(stream_error(caller, &ev.data));
+    }
+    let r: Response = serde_json::from_str(&ev.data).map_err(|e| caller.invalid(&format!("stream chunk: {e}")))?;
+    if let Some(m) = r.model_version {
+        acc.model = Some(m);
+    }
+    if let Some(u) = &r.usage_metadata {
+        acc.usage = Some(usage_of(u));
+        acc.input = Some(usage_of(u).input);
+    }
+    if let Some(reason) = r.prompt_feedback.and_then(|f| f.block_reason) {
+        acc.finish = Some("content_filter");
+        acc.finish_raw = Some(reason);
+    }
+    let Some(cand) = r.candidates.into_iter().next() else { return Ok(None) };
+    if let Some(f) = cand.finish_reason {
+        acc.finish = normalise(&f);
+        acc.finish_raw = Some(f);
+    }
+    let parts = cand.content.map(|c| c.parts).unwrap_or_default();
+    Ok(Some(parts.into_iter().filter(|p| !p.thought).filter_map(|p| p.text).collect()))
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ pub fn client() -> reqwest::Client {
 
 /// The provider's own error message (`{"error": {"message": ...}}` in all three formats),
 /// else the body's text, whole: `Providers::send` redacts the key, then `shorten`s it.
-fn error_message(body: &[u8]) -> String {
+pub fn error_message(body: &[u8]) -> String {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let msg = parsed.as_ref().and_then(|v| v.pointer("/error/message")).and_then(|m| m.as_str());
     match msg {
@@ -100,13 +100,21 @@ pub async fn post_json<T: DeserializeOwned>(
     req: reqwest::RequestBuilder,
     body: &serde_json::Value,
 ) -> Result<T, ProviderFailure> {
+    let resp = post(caller, req, body).await?;
+    let bytes = resp.bytes().await.map_err(|e| transport(caller, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| caller.invalid(&e.to_string()))
+}
+
+/// POSTs `body` and hands back a 2xx response unread (a stream's body arrives as it is
+/// generated); any other status becomes a failure.
+pub async fn post(caller: &Caller<'_>, req: reqwest::RequestBuilder, body: &serde_json::Value) -> Result<reqwest::Response, ProviderFailure> {
     let resp = req.json(body).send().await.map_err(|e| transport(caller, e))?;
     let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await.map_err(|e| transport(caller, e))?;
-    if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| caller.invalid(&e.to_string()));
-    }
     let code = status.as_u16();
     if status.is_redirection() {
         let to = headers.get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("(no Location)");
@@ -129,6 +137,17 @@ pub async fn post_json<T: DeserializeOwned>(
         f.retryable = verdict;
     }
     Err(f)
+}
+
+/// Appends the next piece of a response body, as it arrives, to `buf`; false at its end.
+pub async fn read_more(caller: &Caller<'_>, resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> Result<bool, ProviderFailure> {
+    match resp.chunk().await.map_err(|e| transport(caller, e))? {
+        Some(piece) => {
+            buf.extend_from_slice(&piece);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 /// Joins a base URL and a path without doubling or dropping the slash.

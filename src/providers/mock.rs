@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{Reply, Request};
+use super::{prompt_tokens, tokens_of, Reply, Request};
 use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
 use crate::pricing::Usage;
 
@@ -51,11 +51,6 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Roughly what BPE tokenizers give for English: one token per four bytes.
-fn tokens_of(text: &str) -> i64 {
-    (text.len() as i64 + 3) / 4
-}
-
 impl Mock {
     pub fn new(settings: MockSettings) -> Mock {
         Mock { settings, counter: AtomicU64::new(0) }
@@ -90,9 +85,8 @@ impl Mock {
             }
             content.truncate(end);
         }
-        let input = tokens_of(req.system.as_deref().unwrap_or("")) + tokens_of(&req.user) + 3;
         Ok(Reply {
-            usage: Usage::new(input, tokens_of(&content), 0),
+            usage: Usage::new(prompt_tokens(req), tokens_of(&content), 0),
             content,
             model,
             finish_reason: Some(finish),

@@ -7,12 +7,14 @@ mod http;
 mod mock;
 mod openai;
 mod retry_hints;
+mod stream;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 pub use capabilities::unsupported_params;
 pub use mock::MockSettings;
+pub use stream::ProviderStream;
 
 use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
 use crate::pricing::{PriceTable, Usage};
@@ -203,30 +205,65 @@ impl Providers {
             Wire::Gemini => gemini::send(&self.client, &caller, &r.base_url, target.api_key, req).await,
         };
         // Every provider's answer passes here: its usage is checked once, for all of them.
-        let result = result.and_then(|reply| match check_usage(&reply.usage) {
-            Ok(()) => Ok(reply),
-            Err(why) => Err(ProviderFailure {
-                kind: ProviderErrorKind::InvalidResponse,
-                provider: r.provider.clone(),
-                model: r.model.clone(),
-                status: None,
-                message: format!("invalid usage: {why}"),
-                // The same server would answer the same way; fallbacks may still be tried.
-                retryable: false,
-                retry_after: None,
-            }),
-        });
-        // Some servers and proxies quote the key back in their error text; it must not
-        // reach exceptions, logs or execution rows. Redacted before it is cut short, so no
-        // part of a key survives the cut.
-        result.map_err(|mut f| {
-            if let Some(key) = target.api_key.filter(|k| !k.is_empty()) {
-                f.message = f.message.replace(key, "[redacted]");
-            }
-            f.message = http::shorten(&f.message);
-            f
-        })
+        let result = result.and_then(|reply| check_reply(r, reply));
+        result.map_err(|f| redact(f, target.api_key))
     }
+
+    /// Sends a request for a streamed reply; the stream's own failures go through `redact`.
+    pub async fn open(&self, target: &Target<'_>, req: &Request) -> std::result::Result<ProviderStream, ProviderFailure> {
+        let r = target.route;
+        let caller = http::Caller { provider: &r.provider, model: &r.model };
+        let result = match r.wire {
+            Wire::Mock => self.mock.send(&r.model, req).await.map(|reply| {
+                // Word by word, as a model streams.
+                let pieces = reply.content.split_inclusive(' ').map(String::from).collect();
+                ProviderStream::pieces(reply, "mock", pieces)
+            }),
+            Wire::OpenAi { native } => openai::open(&self.client, &caller, &r.base_url, target.api_key, req, native).await,
+            Wire::Anthropic => anthropic::open(&self.client, &caller, &r.base_url, target.api_key, req).await,
+            Wire::Gemini => gemini::open(&self.client, &caller, &r.base_url, target.api_key, req).await,
+        };
+        result.map_err(|f| redact(f, target.api_key))
+    }
+}
+
+/// A reply's usage, checked before it is billed (a streamed reply's at its end).
+pub fn check_reply(route: &Route, reply: Reply) -> std::result::Result<Reply, ProviderFailure> {
+    match check_usage(&reply.usage) {
+        Ok(()) => Ok(reply),
+        Err(why) => Err(ProviderFailure {
+            kind: ProviderErrorKind::InvalidResponse,
+            provider: route.provider.clone(),
+            model: route.model.clone(),
+            status: None,
+            message: format!("invalid usage: {why}"),
+            // The same server would answer the same way; fallbacks may still be tried.
+            retryable: false,
+            retry_after: None,
+        }),
+    }
+}
+
+/// Some servers and proxies quote the key back in their error text; it must not reach
+/// exceptions, logs or execution rows. Redacted before it is cut short, so no part of a key
+/// survives the cut.
+pub fn redact(mut f: ProviderFailure, api_key: Option<&str>) -> ProviderFailure {
+    if let Some(key) = api_key.filter(|k| !k.is_empty()) {
+        f.message = f.message.replace(key, "[redacted]");
+    }
+    f.message = http::shorten(&f.message);
+    f
+}
+
+/// Roughly what BPE tokenizers give for English: one token per four bytes. Bills a streamed
+/// reply whose provider never reported usage (the stream broke or was cancelled).
+pub fn tokens_of(text: &str) -> i64 {
+    (text.len() as i64 + 3) / 4
+}
+
+/// The prompt's tokens as `tokens_of` counts them, with the framing of its messages.
+pub fn prompt_tokens(req: &Request) -> i64 {
+    tokens_of(req.system.as_deref().unwrap_or("")) + tokens_of(&req.user) + 3
 }
 
 /// An upper bound of the prompt's tokens: no tokenizer maps fewer than one byte to a token,

@@ -3,8 +3,9 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::{join, post_json, Caller};
-use super::{Reply, Request};
+use super::http::{join, post, post_json, Caller};
+use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
+use super::{Reply, Request, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -88,6 +89,18 @@ pub fn body(model: &str, req: &Request, native_openai: bool) -> serde_json::Valu
     b
 }
 
+fn usage_of(usage: ApiUsage) -> Usage {
+    let details = usage.prompt_tokens_details;
+    let cached = details.as_ref().and_then(|d| d.cached_tokens).or(usage.prompt_cache_hit_tokens).unwrap_or(0);
+    Usage {
+        input: usage.prompt_tokens,
+        output: usage.completion_tokens,
+        cached,
+        cache_write: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
+        cache_write_1h: 0,
+    }
+}
+
 /// A reply with usage is a billed call, whatever its content: a refusal (`content: null`,
 /// `refusal: "..."`), a content filter or a reply cut off at the token limit are answers.
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
@@ -97,22 +110,40 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
         Some(m) => (text_of(m.content).map_err(|e| caller.invalid(e))?, m.refusal.filter(|r| !r.is_empty())),
         None => (String::new(), None),
     };
-    let details = usage.prompt_tokens_details;
-    let cached = details.as_ref().and_then(|d| d.cached_tokens).or(usage.prompt_cache_hit_tokens).unwrap_or(0);
     Ok(Reply {
         content,
         model: r.model.unwrap_or_else(|| caller.model.to_string()),
-        usage: Usage {
-            input: usage.prompt_tokens,
-            output: usage.completion_tokens,
-            cached,
-            cache_write: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
-            cache_write_1h: 0,
-        },
+        usage: usage_of(usage),
         finish_reason: choice.finish_reason.as_deref().and_then(|f| normalise(f, refusal.is_some())).or(refusal.as_ref().map(|_| "refusal")),
         finish_reason_raw: choice.finish_reason,
         refusal,
     })
+}
+
+/// The request for a model: the reply whole, or streamed (`stream_options.include_usage`
+/// makes OpenAI send the usage in a last chunk; Mistral sends it unasked and refuses
+/// unknown fields).
+fn request(
+    client: &reqwest::Client,
+    caller: &Caller<'_>,
+    base_url: &str,
+    api_key: Option<&str>,
+    req: &Request,
+    native_openai: bool,
+    stream: bool,
+) -> (reqwest::RequestBuilder, serde_json::Value) {
+    let mut http = client.post(join(base_url, "chat/completions"));
+    if let Some(k) = api_key {
+        http = http.bearer_auth(k);
+    }
+    let mut b = body(caller.model, req, native_openai);
+    if stream {
+        b["stream"] = json!(true);
+        if caller.provider != "mistral" {
+            b["stream_options"] = json!({"include_usage": true});
+        }
+    }
+    (http, b)
 }
 
 pub async fn send(
@@ -123,12 +154,72 @@ pub async fn send(
     req: &Request,
     native_openai: bool,
 ) -> Result<Reply, ProviderFailure> {
-    let mut http = client.post(join(base_url, "chat/completions"));
-    if let Some(k) = api_key {
-        http = http.bearer_auth(k);
-    }
-    let r: Response = post_json(caller, http, &body(caller.model, req, native_openai)).await?;
+    let (http, body) = request(client, caller, base_url, api_key, req, native_openai, false);
+    let r: Response = post_json(caller, http, &body).await?;
     parse(caller, r)
+}
+
+pub async fn open(
+    client: &reqwest::Client,
+    caller: &Caller<'_>,
+    base_url: &str,
+    api_key: Option<&str>,
+    req: &Request,
+    native_openai: bool,
+) -> Result<ProviderStream, ProviderFailure> {
+    let (http, body) = request(client, caller, base_url, api_key, req, native_openai, true);
+    let resp = post(caller, http, &body).await?;
+    Ok(ProviderStream::http(resp, Wire::OpenAi { native: native_openai }, caller, super::prompt_tokens(req)))
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<ApiUsage>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    delta: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<serde_json::Value>,
+    refusal: Option<String>,
+}
+
+/// One `chat.completion.chunk` (or the `[DONE]` that ends them); returns its text.
+pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Option<String>, ProviderFailure> {
+    if ev.data.trim() == "[DONE]" {
+        acc.done = true;
+        return Ok(None);
+    }
+    let c: Chunk = serde_json::from_str(&ev.data).map_err(|e| caller.invalid(&format!("stream chunk: {e}")))?;
+    if c.error.is_some() {
+        return Err(stream_error(caller, &ev.data));
+    }
+    if let Some(m) = c.model {
+        acc.model = Some(m);
+    }
+    if let Some(u) = c.usage {
+        acc.usage = Some(usage_of(u));
+    }
+    let Some(choice) = c.choices.into_iter().next() else { return Ok(None) };
+    let mut text = None;
+    if let Some(d) = choice.delta {
+        text = Some(text_of(d.content).map_err(|e| caller.invalid(e))?);
+        acc.refusal.push_str(d.refusal.as_deref().unwrap_or(""));
+    }
+    if let Some(f) = choice.finish_reason {
+        acc.finish = normalise(&f, !acc.refusal.is_empty());
+        acc.finish_raw = Some(f);
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -111,6 +111,8 @@ pub struct PyAgentResult {
     cache_read_cost: Decimal,
     cache_write_cost: Decimal,
     budget_warnings: Vec<String>,
+    /// Streams only: milliseconds from the call's start to its first piece of text.
+    time_to_first_token_ms: Option<i64>,
 }
 
 #[pymethods]
@@ -161,6 +163,7 @@ impl From<CallOutcome> for PyAgentResult {
             cache_read_cost: o.cost.cache_read.to_decimal(),
             cache_write_cost: o.cost.cache_write.to_decimal(),
             budget_warnings: o.budget_warnings,
+            time_to_first_token_ms: o.time_to_first_token_ms,
         }
     }
 }
@@ -261,6 +264,27 @@ pub struct PyEngine {
 
 /// How often a blocked sync call checks for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Runs `fut` on the runtime with the GIL released, checking for Ctrl-C meanwhile: on a
+/// signal `fut` is dropped and the signal's exception raised.
+pub fn block_interruptibly<F: std::future::Future + Send>(py: Python<'_>, fut: F) -> PyResult<F::Output>
+where
+    F::Output: Send,
+{
+    let rt = runtime().py_err(py)?;
+    py.detach(move || {
+        rt.tokio.block_on(async move {
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut fut => return Ok(r),
+                    _ = tokio::time::sleep(SIGNAL_POLL) => Python::attach(|py| py.check_signals())?,
+                }
+            }
+        })
+    })
+}
 
 /// One call's rendered prompts and resolved tenant, checked once when built (by the Python
 /// layer), then handed to `Engine.run`, `arun`, `plan` or `begin_guard`.
@@ -419,26 +443,18 @@ impl PyEngine {
         self.config.multi_tenancy_enabled
     }
 
-    /// Runs one call to completion, blocking this thread (not the interpreter).
+    /// Runs one call to completion, blocking this thread (not the interpreter). Ctrl-C
+    /// drops the call, which records it as cancelled, then KeyboardInterrupt propagates.
     fn run(&self, py: Python<'_>, call: &PyCall) -> PyResult<PyAgentResult> {
         let (engine, spec, req) = (self.engine(py)?.clone(), call.spec.clone(), call.req.clone());
-        let rt = runtime().py_err(py)?;
-        let outcome: PyResult<Result<CallOutcome>> = py.detach(move || {
-            rt.tokio.block_on(async move {
-                let call = catch_panic_async(engine.run(spec, req));
-                tokio::pin!(call);
-                loop {
-                    tokio::select! {
-                        biased;
-                        r = &mut call => return Ok(r),
-                        // Ctrl-C: dropping the call records it as cancelled, then
-                        // KeyboardInterrupt propagates.
-                        _ = tokio::time::sleep(SIGNAL_POLL) => Python::attach(|py| py.check_signals())?,
-                    }
-                }
-            })
-        });
-        Ok(outcome?.py_err(py)?.into())
+        let outcome = block_interruptibly(py, catch_panic_async(engine.run(spec, req)))?;
+        Ok(outcome.py_err(py)?.into())
+    }
+
+    /// Starts a streamed call; its pieces of text are read from the returned `Stream`.
+    fn stream(&self, py: Python<'_>, call: &PyCall) -> PyResult<super::stream::PyStream> {
+        let engine = self.engine(py)?.clone();
+        super::stream::PyStream::start(py, engine, call.spec.clone(), call.req.clone())
     }
 
     /// The awaitable form of `run`, for `Agent.acall`.

@@ -7,6 +7,7 @@ mod errors;
 mod query;
 mod runtime;
 mod shared_sqlite;
+mod stream;
 
 use pyo3::prelude::*;
 
@@ -32,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyAgentResult>()?;
     m.add_class::<engine::PyGuard>()?;
     m.add_class::<engine::PyCall>()?;
+    m.add_class::<stream::PyStream>()?;
     m.add_function(wrap_pyfunction!(drain_tasks, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The fields of a tenant budget / tenant limits dict, for the Python layer's checks.

@@ -65,6 +65,19 @@ impl Drop for Counted {
     }
 }
 
+/// Spawns a task that interpreter exit waits for (`drain`).
+pub fn spawn<F>(rt: &'static ProcessRuntime, fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let counted = Counted::new(rt);
+    rt.tokio.spawn(async move {
+        let _counted = counted;
+        fut.await
+    })
+}
+
 /// pyo3-async-runtimes' view of `runtime()`.
 pub struct Tokio;
 
@@ -86,12 +99,7 @@ impl Runtime for Tokio {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let rt = built();
-        let counted = Counted::new(rt);
-        rt.tokio.spawn(async move {
-            let _counted = counted;
-            fut.await
-        })
+        spawn(built(), fut)
     }
 
     fn spawn_blocking<F>(f: F) -> Self::JoinHandle

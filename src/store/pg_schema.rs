@@ -133,4 +133,8 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE executions ADD COLUMN cache_read_cost BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE executions ADD COLUMN cache_write_cost BIGINT NOT NULL DEFAULT 0;
     "#,
+    // 4: streams: how long the caller waited for the first piece of text (NULL for calls).
+    r#"
+    ALTER TABLE executions ADD COLUMN time_to_first_token_ms BIGINT;
+    "#,
 ];

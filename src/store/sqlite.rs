@@ -299,7 +299,8 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
                  provider = COALESCE(?6, provider), completed_at = ?7, duration_ms = ?8, input_tokens = ?9,
                  output_tokens = ?10, cached_tokens = ?11, total_tokens = ?12, input_cost = ?13,
                  output_cost = ?14, total_cost = ?15, attempts_count = ?16, attempts = ?17, finish_reason = ?18,
-                 cache_write_tokens = ?19, cache_read_cost = ?20, cache_write_cost = ?21
+                 cache_write_tokens = ?19, cache_read_cost = ?20, cache_write_cost = ?21,
+                 time_to_first_token_ms = ?22
              WHERE id = ?1",
         )?
         .execute(params![
@@ -324,6 +325,7 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
             c.usage.cache_writes(),
             c.cost.cache_read.0,
             c.cost.cache_write.0,
+            c.time_to_first_token_ms,
         ])?;
     if n != 1 {
         return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
