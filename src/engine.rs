@@ -450,7 +450,7 @@ impl Engine {
                     }
                     let mut stream = self.providers.open(&target, &sent).await?;
                     let first = stream.next().await.map_err(|f| providers::redact(f, target.api_key))?;
-                    Ok(Opened::Stream(stream, first))
+                    Ok(Opened::Stream(Box::new(stream), first))
                 };
                 let result = match tokio::time::timeout(spec.timeout, opening).await {
                     Ok(r) => r,
@@ -621,7 +621,7 @@ struct Started {
 /// text (`None`: it ended without any).
 enum Opened {
     Reply(Reply),
-    Stream(ProviderStream, Option<String>),
+    Stream(Box<ProviderStream>, Option<String>),
 }
 
 /// The attempt that answered.

@@ -86,7 +86,9 @@ def counted(text: str) -> int:
 
 
 @pytest.mark.parametrize("provider", list(MODELS))
-def test_each_provider_streams_pieces_and_bills_its_reported_usage(fp: FakeProvider, provider: str, db_path: Path) -> None:
+def test_each_provider_streams_pieces_and_bills_its_reported_usage(
+    fp: FakeProvider, provider: str, db_path: Path
+) -> None:
     model, fmt, path = MODELS[provider]
     agent = setup(fp, model)
     fp.script(Step(content=TEXT, input_tokens=31, output_tokens=12))
@@ -255,7 +257,8 @@ def test_a_stream_broken_after_its_first_piece_is_not_retried(fp: FakeProvider, 
 
 def test_an_error_event_before_any_text_is_retried(fp: FakeProvider) -> None:
     agent = setup(fp, "claude-sonnet-4-5", retries=tl.Retries(max=1, base=0))
-    overloaded = 'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n'
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    overloaded = f"event: error\ndata: {json.dumps(error)}\n\n"
     fp.script(Step(sse=overloaded), Step(content="ok then"))
     s = agent.stream(q="hi", tenant="acme")
     assert "".join(s) == "ok then"
@@ -326,7 +329,7 @@ def app(fp: FakeProvider) -> Iterator[Uvicorn]:
     pytest.importorskip("fastapi")
     agent = setup(fp, "gpt-4o", user="{query}", system="You help customers of {company}.")
     namespace: dict[str, Any] = {"SupportAgent": agent, "tl": tl}
-    exec(readme_fastapi_example(), namespace)  # noqa: S102 - the README's own code
+    exec(readme_fastapi_example(), namespace)  # the README's own code
     with Uvicorn(namespace["app"]) as server:
         yield server
 

@@ -30,8 +30,8 @@ struct Shared {
 
 enum Next {
     Piece(String),
-    /// The stream ended now: the call's outcome.
-    End(Result<CallOutcome>),
+    /// The stream ended now: the call's error, if it failed (else its result is stored).
+    End(Result<()>),
     /// It had already ended, or was closed.
     Over,
 }
@@ -47,7 +47,7 @@ impl Shared {
         }
         // The task dropped its sender: it has settled the row.
         match self.task.lock().await.take() {
-            Some(task) => Next::End(self.join(task).await),
+            Some(task) => Next::End(self.join(task).await.map(drop)),
             None => Next::Over,
         }
     }
