@@ -310,6 +310,146 @@ def concurrent_acalls(db: str, n: int, repeats: int) -> None:
     report(f"tenantllm: {n} concurrent acall, total wall time", asyncio.run(main()) * 1e3, "ms", "<= 400")
 
 
+async def _fake_openai_stream(port_holder: list[int], delay: float) -> asyncio.AbstractServer:
+    """An OpenAI-compatible server streaming its reply (server-sent events, chunked) after
+    `delay` seconds, keeping connections alive."""
+    def event(obj: Any) -> bytes:
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return event({"id": "x", "object": "chat.completion.chunk", "model": "bench-model", "choices": [choice]})
+
+    usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        *(chunk({"content": w}) for w in ("Hello", " streaming", " world")),
+        chunk({}, "stop"),
+        event({"id": "x", "object": "chat.completion.chunk", "model": "bench-model", "choices": [], "usage": usage}),
+        b"data: [DONE]\n\n",
+    ]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"content-length")),
+                    0,
+                )
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                await asyncio.sleep(delay)
+                for e in events:
+                    writer.write(f"{len(e):x}\r\n".encode() + e + b"\r\n")
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=2048)
+    port_holder.append(server.sockets[0].getsockname()[1])
+    return server
+
+
+def streams(db: str, n_first: int, n_concurrent: int, repeats: int) -> None:
+    """Time to the first piece over the openai SDK's own against the same server, and
+    `n_concurrent` streams at once against a server answering in 100 ms, SDK alongside."""
+    print(f"\nstreams: time to first piece ({n_first} each, server answering at once), {n_concurrent} concurrent")
+    import openai
+
+    class Streamer(tl.Agent):
+        model = "local/bench-model"
+        user = "Summarize: {text}"
+        max_tokens = 64
+
+    async def first_piece_ms(server_delay: float) -> tuple[float, float]:
+        port: list[int] = []
+        server = await _fake_openai_stream(port, server_delay)
+        url = f"http://127.0.0.1:{port[0]}/v1"
+        tl.configure(reset=True, database=db, base_urls={"local": url},
+                     pricing={"local/bench-model": {"input": "1", "output": "2"}})
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
+
+        async def ours() -> float:
+            t = time.perf_counter()
+            async with Streamer.astream(text="doc", tenant="t") as s:
+                await anext(s)
+                took = time.perf_counter() - t
+                async for _ in s:
+                    pass
+            return took
+
+        async def sdk() -> float:
+            t = time.perf_counter()
+            stream = await client.chat.completions.create(
+                model="bench-model", messages=[{"role": "user", "content": "Summarize: doc"}], max_tokens=64,
+                stream=True, stream_options={"include_usage": True})
+            took = 0.0
+            async for c in stream:
+                if not took and c.choices and c.choices[0].delta.content:
+                    took = time.perf_counter() - t
+            return took
+
+        await ours()
+        await sdk()
+        mine, theirs = [], []
+        for _ in range(n_first):  # taking turns, so load drift hits both alike
+            mine.append(await ours())
+            theirs.append(await sdk())
+        await client.close()
+        server.close()
+        return statistics.median(mine) * 1e3, statistics.median(theirs) * 1e3
+
+    ours_ms, sdk_ms = asyncio.run(first_piece_ms(0.0))
+    report("tenantllm: astream, time to first piece", ours_ms, "ms")
+    report("openai SDK: async stream, time to first piece (same server)", sdk_ms, "ms")
+    report("tenantllm: time to first piece added over the SDK's", ours_ms - sdk_ms, "ms", "< 1")
+
+    async def concurrent(ours: bool) -> float:
+        port: list[int] = []
+        server = await _fake_openai_stream(port, 0.1)
+        url = f"http://127.0.0.1:{port[0]}/v1"
+        tl.configure(reset=True, database=db, base_urls={"local": url},
+                     pricing={"local/bench-model": {"input": "1", "output": "2"}})
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0,
+                                    http_client=openai.DefaultAsyncHttpxClient(limits=httpx_limits(n_concurrent)))
+
+        async def one(i: int) -> None:
+            if ours:
+                async for _ in Streamer.astream(text=f"doc {i}", tenant=f"t{i % 10}"):
+                    pass
+            else:
+                stream = await client.chat.completions.create(
+                    model="bench-model", messages=[{"role": "user", "content": f"Summarize: doc {i}"}],
+                    max_tokens=64, stream=True, stream_options={"include_usage": True})
+                async for _ in stream:
+                    pass
+
+        await one(0)
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(n_concurrent)))
+            runs.append(time.perf_counter() - t)
+        await client.close()
+        server.close()
+        return statistics.median(runs) * 1e3
+
+    report(f"tenantllm: {n_concurrent} concurrent astream, total wall time", asyncio.run(concurrent(True)), "ms")
+    sdk_ms = asyncio.run(concurrent(False))
+    report(f"openai SDK: {n_concurrent} concurrent async streams, total wall time", sdk_ms, "ms")
+
+
+def httpx_limits(n: int) -> Any:
+    import httpx
+
+    return httpx.Limits(max_connections=n, max_keepalive_connections=n)
+
+
 def _uuid7(ms: int, seq: int) -> str:
     """A UUIDv7 for a bulk-loaded row: the id's leading bits are its start time, as tenantllm's."""
     rand_a, rand_b = (seq >> 48) & 0xFFF, 0x8000 | ((seq >> 36) & 0x3FFF)
@@ -399,6 +539,7 @@ def main() -> None:
         else:
             print("\n(PostgreSQL skipped: pass --postgres URL or set TENANTLLM_TEST_POSTGRES_URL)")
         concurrent_acalls(str(d / "acall.db"), 1000, 3 if args.quick else 5)
+        streams(str(d / "stream.db"), 50 if args.quick else 300, 1000, 3 if args.quick else 5)
         spend_queries(str(d / "big.db"), 50_000 if args.quick else 1_000_000, 1000, 20)
         import_time(3 if args.quick else 7)
     out = ROOT / "bench-results"

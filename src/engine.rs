@@ -67,6 +67,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 #[derive(Debug, Clone, Default)]
 pub struct CallRequest {
     pub system: Option<String>,
+    /// Prior turns (`history=`), checked when the call was built.
+    pub history: Vec<providers::Turn>,
     pub user: String,
     pub tenant: TenantContext,
     /// A JSON object.
@@ -224,6 +226,7 @@ impl Engine {
     fn request(spec: &AgentSpec, req: &CallRequest) -> Request {
         Request {
             system: req.system.clone(),
+            history: req.history.clone(),
             user: req.user.clone(),
             temperature: spec.temperature,
             max_tokens: spec.max_tokens,

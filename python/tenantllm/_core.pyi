@@ -1,6 +1,6 @@
 """Type stubs for the Rust extension `tenantllm._core` (checked by mypy.stubtest)."""
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, final
@@ -155,6 +155,7 @@ class Call:
         metadata: str = ...,
         parent_execution_id: str | None = None,
         root_execution_id: str | None = None,
+        history: Sequence[Mapping[str, Any]] | None = None,
     ) -> Call: ...
 
 @final

@@ -36,8 +36,12 @@ class BreakerPolicy:
     cooldown: float = 300
 
 
+# Prior turns: [{"role": "user" | "assistant", "content": str}, ...], oldest first (checked
+# by the core, which names the bad turn).
+History = Sequence[Mapping[str, Any]] | None
+
 # Keyword arguments of call()/acall(), so no prompt parameter may be named like them.
-RESERVED_PARAMS = frozenset({"tenant", "dry_run"})
+RESERVED_PARAMS = frozenset({"tenant", "dry_run", "history"})
 
 
 def placeholders(template: str | None, where: str) -> list[str]:
@@ -225,7 +229,7 @@ class Agent:
             _render(self.user, self.params, f"{name}.user"),
         )
 
-    def _prepare(self, s: Settings, tenant: Any) -> Prepared:
+    def _prepare(self, s: Settings, tenant: Any, history: Any) -> Prepared:
         system, user = self.render()
         return Prepared(
             spec=self._spec(),
@@ -233,54 +237,69 @@ class Agent:
             user=user,
             tenant=resolve(s, tenant),
             metadata=metadata_json(f"{type(self).__name__}.execution_metadata()", self.execution_metadata()),
+            history=history,
         )
 
     @overload
     @classmethod
-    def call(cls, *, tenant: Any = ..., dry_run: Literal[False] = False, **params: Any) -> AgentResult: ...
+    def call(
+        cls, *, tenant: Any = ..., dry_run: Literal[False] = False, history: History = ..., **params: Any
+    ) -> AgentResult: ...
     @overload
     @classmethod
-    def call(cls, *, tenant: Any = ..., dry_run: Literal[True], **params: Any) -> dict[str, Any]: ...
+    def call(
+        cls, *, tenant: Any = ..., dry_run: Literal[True], history: History = ..., **params: Any
+    ) -> dict[str, Any]: ...
     @classmethod
-    def call(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> AgentResult | dict[str, Any]:
+    def call(
+        cls, *, tenant: Any = _UNSET, dry_run: bool = False, history: History = None, **params: Any
+    ) -> AgentResult | dict[str, Any]:
         """Run the agent and wait for the result (the GIL is released while waiting).
 
-        Returns an `AgentResult`, or with `dry_run=True` a dict of what would be sent."""
+        `history`: prior turns (`{"role": "user" | "assistant", "content": str}`, oldest
+        first), sent before the rendered prompt. Returns an `AgentResult`, or with
+        `dry_run=True` a dict of what would be sent."""
         self = cls(**params)
         s = settings()
-        p = self._prepare(s, tenant)
+        p = self._prepare(s, tenant, history)
         return p.dry_run(s, self._settings()) if dry_run else p.run(s)
 
     @overload
     @classmethod
-    async def acall(cls, *, tenant: Any = ..., dry_run: Literal[False] = False, **params: Any) -> AgentResult: ...
+    async def acall(
+        cls, *, tenant: Any = ..., dry_run: Literal[False] = False, history: History = ..., **params: Any
+    ) -> AgentResult: ...
     @overload
     @classmethod
-    async def acall(cls, *, tenant: Any = ..., dry_run: Literal[True], **params: Any) -> dict[str, Any]: ...
+    async def acall(
+        cls, *, tenant: Any = ..., dry_run: Literal[True], history: History = ..., **params: Any
+    ) -> dict[str, Any]: ...
     @classmethod
-    async def acall(cls, *, tenant: Any = _UNSET, dry_run: bool = False, **params: Any) -> AgentResult | dict[str, Any]:
+    async def acall(
+        cls, *, tenant: Any = _UNSET, dry_run: bool = False, history: History = None, **params: Any
+    ) -> AgentResult | dict[str, Any]:
         """Like `call`, as a coroutine; cancelling it aborts the request and records the
         execution as cancelled."""
         self = cls(**params)
         s = settings()
-        p = self._prepare(s, tenant)
+        p = self._prepare(s, tenant, history)
         return p.dry_run(s, self._settings()) if dry_run else await p.arun(s)
 
     @classmethod
-    def stream(cls, *, tenant: Any = _UNSET, **params: Any) -> Stream:
+    def stream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> Stream:
         """Run the agent, streaming its reply: iterate for str pieces as they arrive, then
         `.result`. Errors before the first piece (budget, breaker, every attempt failed)
         raise from the first `next()`; retries and fallbacks apply until the first piece."""
         self = cls(**params)
         s = settings()
-        return Stream(s.engine.stream(self._prepare(s, tenant).call()), s)
+        return Stream(s.engine.stream(self._prepare(s, tenant, history).call()), s)
 
     @classmethod
-    def astream(cls, *, tenant: Any = _UNSET, **params: Any) -> AsyncStream:
+    def astream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> AsyncStream:
         """Like `stream`, read with `async for`."""
         self = cls(**params)
         s = settings()
-        return AsyncStream(s.engine.stream(self._prepare(s, tenant).call()), s)
+        return AsyncStream(s.engine.stream(self._prepare(s, tenant, history).call()), s)
 
     def _settings(self) -> dict[str, Any]:
         cls = type(self)
@@ -320,11 +339,15 @@ class Prepared:
     user: str
     tenant: ResolvedTenant
     metadata: str
+    history: History = None
 
     def call(self) -> _core.Call:
-        """The call for the core (validated there: tenant limits, keys, metadata)."""
+        """The call for the core (validated there: tenant limits, keys, metadata, history)."""
         t = self.tenant
-        return _core.Call(self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, *lineage())
+        parent, root = lineage()
+        return _core.Call(
+            self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, parent, root, self.history
+        )
 
     def run(self, s: Settings) -> AgentResult:
         try:
@@ -346,6 +369,7 @@ class Prepared:
             "user": self.user,
             "tenant_id": self.tenant.id,
             "tenant_limits": self.tenant.limits,
+            "history": self.history or [],
             **settings,
             "metadata": json.loads(self.metadata),
             **plan,

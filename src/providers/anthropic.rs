@@ -88,11 +88,9 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
 }
 
 fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request, stream: bool) -> (reqwest::RequestBuilder, serde_json::Value) {
-    let mut body = json!({
-        "model": caller.model,
-        "max_tokens": req.max_tokens,
-        "messages": [{"role": "user", "content": req.user}],
-    });
+    let mut messages: Vec<serde_json::Value> = req.history.iter().map(|t| json!({"role": t.role.as_str(), "content": t.content})).collect();
+    messages.push(json!({"role": "user", "content": req.user}));
+    let mut body = json!({"model": caller.model, "max_tokens": req.max_tokens, "messages": messages});
     if let Some(s) = &req.system {
         body["system"] = json!(s);
     }

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::http::{join, post, post_json, Caller};
 use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
-use super::{Reply, Request, Wire};
+use super::{Reply, Request, Role, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -112,10 +112,11 @@ fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_ke
     if let Some(t) = req.temperature {
         config["temperature"] = json!(t);
     }
-    let mut body = json!({
-        "contents": [{"role": "user", "parts": [{"text": req.user}]}],
-        "generationConfig": config,
-    });
+    // Gemini calls the assistant "model".
+    let role = |r: Role| if r == Role::User { "user" } else { "model" };
+    let mut contents: Vec<serde_json::Value> = req.history.iter().map(|t| json!({"role": role(t.role), "parts": [{"text": t.content}]})).collect();
+    contents.push(json!({"role": "user", "parts": [{"text": req.user}]}));
+    let mut body = json!({"contents": contents, "generationConfig": config});
     if let Some(s) = &req.system {
         body["systemInstruction"] = json!({"parts": [{"text": s}]});
     }

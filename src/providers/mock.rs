@@ -101,7 +101,7 @@ mod tests {
     use super::*;
 
     fn req(user: &str) -> Request {
-        Request { system: Some("Be brief.".into()), user: user.into(), temperature: None, max_tokens: 100, timeout: Duration::from_secs(1) }
+        Request { system: Some("Be brief.".into()), history: vec![], user: user.into(), temperature: None, max_tokens: 100, timeout: Duration::from_secs(1) }
     }
 
     #[tokio::test]

@@ -19,10 +19,47 @@ pub use stream::ProviderStream;
 use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
 use crate::pricing::{PriceTable, Usage};
 
+/// Who said a prior turn of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn parse(field: &str, role: &str) -> Result<Role> {
+        match role {
+            "user" => Ok(Role::User),
+            "assistant" => Ok(Role::Assistant),
+            "system" => config_err(format!("{field}: role \"system\" is not a turn; the agent's `system` prompt is sent first")),
+            other => config_err(format!("{field}: role must be \"user\" or \"assistant\" (got {other:?})")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// A prior turn (`history=`), sent before the rendered prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub content: String,
+}
+
+/// The most prior turns a call may send.
+pub const MAX_HISTORY: usize = 10_000;
+
 /// One request, already rendered.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub system: Option<String>,
+    /// Prior turns, oldest first, sent between the system prompt and `user`.
+    pub history: Vec<Turn>,
     pub user: String,
     pub temperature: Option<f64>,
     pub max_tokens: u32,
@@ -263,13 +300,15 @@ pub fn tokens_of(text: &str) -> i64 {
 
 /// The prompt's tokens as `tokens_of` counts them, with the framing of its messages.
 pub fn prompt_tokens(req: &Request) -> i64 {
-    tokens_of(req.system.as_deref().unwrap_or("")) + tokens_of(&req.user) + 3
+    let history: i64 = req.history.iter().map(|t| tokens_of(&t.content) + 3).sum();
+    tokens_of(req.system.as_deref().unwrap_or("")) + history + tokens_of(&req.user) + 3
 }
 
 /// An upper bound of the prompt's tokens: no tokenizer maps fewer than one byte to a token,
 /// plus a few tokens of per-message framing.
 pub fn prompt_token_bound(req: &Request) -> i64 {
-    let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len();
+    let history: usize = req.history.iter().map(|t| t.content.len() + 8).sum();
+    let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len() + history;
     bytes as i64 + 16
 }
 

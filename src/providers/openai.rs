@@ -80,6 +80,7 @@ pub fn body(model: &str, req: &Request, native_openai: bool) -> serde_json::Valu
     if let Some(s) = &req.system {
         messages.push(json!({"role": "system", "content": s}));
     }
+    messages.extend(req.history.iter().map(|t| json!({"role": t.role.as_str(), "content": t.content})));
     messages.push(json!({"role": "user", "content": req.user}));
     let mut b = json!({"model": model, "messages": messages});
     b[if native_openai { "max_completion_tokens" } else { "max_tokens" }] = json!(req.max_tokens);

@@ -212,3 +212,31 @@ pub fn string_map(field: &str, v: &Bound<'_, PyAny>) -> Result<HashMap<String, S
     }
     Ok(out)
 }
+
+/// `history=`: a list of `{"role": "user" | "assistant", "content": str}` dicts, oldest first.
+pub fn history(v: &Bound<'_, PyAny>) -> Result<Vec<crate::providers::Turn>> {
+    use crate::providers::{Role, Turn, MAX_HISTORY};
+    // A sequence (list, tuple); pyo3 refuses to take a str or a dict as one.
+    let list: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| Error::Configuration(format!("history must be a list of {{\"role\": ..., \"content\": ...}} dicts, got {}", type_name(v))))?;
+    if list.len() > MAX_HISTORY {
+        return Err(Error::Configuration(format!("history may hold at most {MAX_HISTORY} turns (got {})", list.len())));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, turn)| {
+            let field = format!("history[{i}]");
+            let d = turn.cast::<PyDict>().map_err(|_| Error::Configuration(format!("{field} must be a dict with \"role\" and \"content\"")))?;
+            for k in d.keys() {
+                let k = k.str().map(|s| s.to_string()).unwrap_or_default();
+                if k != "role" && k != "content" {
+                    return Err(Error::Configuration(format!("{field}: unknown key {k:?}; a turn has \"role\" and \"content\"")));
+                }
+            }
+            let item = |key: &str| -> Result<String> {
+                let value = d.get_item(key).ok().flatten().ok_or_else(|| Error::Configuration(format!("{field} has no {key:?}")))?;
+                string(&format!("{field}.{key}"), &value)
+            };
+            Ok(Turn { role: Role::parse(&field, &item("role")?)?, content: item("content")? })
+        })
+        .collect()
+}

@@ -298,7 +298,7 @@ pub struct PyCall {
 impl PyCall {
     #[new]
     #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(),
-        parent_execution_id=None, root_execution_id=None))]
+        parent_execution_id=None, root_execution_id=None, history=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -311,6 +311,7 @@ impl PyCall {
         metadata: String,
         parent_execution_id: Option<String>,
         root_execution_id: Option<String>,
+        history: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let build = || -> Result<CallRequest> {
             let limits = match (&tenant_id, tenant_limits) {
@@ -320,6 +321,7 @@ impl PyCall {
             };
             Ok(CallRequest {
                 system,
+                history: history.filter(|h| !h.is_none()).map(super::convert::history).transpose()?.unwrap_or_default(),
                 user,
                 tenant: TenantContext {
                     id: tenant_id,
