@@ -1074,6 +1074,7 @@ mod tests {
             .execute_batch(
                 "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
                  ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
+                 ALTER TABLE executions DROP COLUMN time_to_first_token_ms;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();
