@@ -415,7 +415,8 @@ def streams(db: str, n_first: int, n_concurrent: int, repeats: int) -> None:
         url = f"http://127.0.0.1:{port[0]}/v1"
         tl.configure(reset=True, database=db, base_urls={"local": url},
                      pricing={"local/bench-model": {"input": "1", "output": "2"}})
-        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0,
+        # A thousand connects at once outlast the SDK's default connect timeout on a busy machine.
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=60,
                                     http_client=openai.DefaultAsyncHttpxClient(limits=httpx_limits(n_concurrent)))
 
         async def one(i: int) -> None:
