@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench demo clean
+.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench demo wheels wheel-test clean
 
 test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
@@ -67,5 +67,26 @@ bench: develop
 demo: develop
 	$(BIN)/tenantllm demo
 
+# dist/: an abi3 wheel (CPython 3.11+) tagged manylinux_2_17 (glibc 2.17 or newer), linked by zig
+# against that glibc, and an sdist; both checked by twine. The wheel depends on no libsqlite3.so
+# and bundles none (README, "Installing the wheel"): an empty libsqlite3.a stands in for the
+# library at link time, so SQLite's symbols stay undefined, and tenantllm/__init__.py makes
+# the SQLite Python's sqlite3 already loaded global before _core binds to it. maturin's
+# auditwheel check fails the build on any library outside the manylinux policy.
+WHEEL_SQLITE := target/wheel-sqlite
+wheels: $(BIN)/maturin
+	$(BIN)/pip install -q "ziglang>=0.13" "twine>=6.1"
+	rm -rf dist
+	mkdir -p $(WHEEL_SQLITE) && printf '!<arch>\n' >$(WHEEL_SQLITE)/libsqlite3.a
+	PATH="$(CURDIR)/$(BIN):$$PATH" CARGO_TARGET_DIR=target/wheels SQLITE3_LIB_DIR="$(CURDIR)/$(WHEEL_SQLITE)" \
+		SQLITE3_STATIC=1 SQLITE3_NO_PKG_CONFIG=1 \
+		$(BIN)/maturin build --release --quiet --zig --compatibility manylinux_2_17 --auditwheel check --out dist
+	$(BIN)/maturin sdist --out dist
+	$(BIN)/python -m twine check --strict dist/*
+
+# Installs dist/'s wheel (no Rust on PATH) and sdist into fresh virtualenvs and uses them.
+wheel-test:
+	PY=$(PY) .ci/test-wheels
+
 clean:
-	rm -rf $(VENV) target python/tenantllm/*.so
+	rm -rf $(VENV) target dist python/tenantllm/*.so

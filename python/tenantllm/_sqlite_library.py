@@ -1,0 +1,73 @@
+"""One SQLite per process for the wheel (README, "Python's sqlite3 on the same file").
+
+The wheel's `_core` leaves SQLite's symbols undefined and names no library for them: a
+manylinux wheel may not depend on the system's `libsqlite3.so`, and bundling a copy would make
+two SQLites in the process, whose second copy drops our locks and deletes our WAL when Python's
+`sqlite3` closes the file. So before `_core` is loaded, this makes the very SQLite Python's
+`_sqlite3` extension runs on visible to later loads (`RTLD_GLOBAL`), and `_core` binds to it.
+A build from source links the system library instead; making it global changes nothing there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_INSTALL = (
+    "install the SQLite library (libsqlite3-0 on Debian and Ubuntu, sqlite-libs on Fedora, sqlite on Alpine) "
+    "or build tenantllm from source (pip install --no-binary tenantllm tenantllm)"
+)
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = (
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    )
+
+
+def _library_of_python_sqlite3() -> str | None:
+    """The file (a libsqlite3, or `_sqlite3` itself when it exports a SQLite linked into it)
+    whose `sqlite3_libversion` Python's `_sqlite3` is bound to; None if Python has no sqlite3 or
+    keeps its SQLite's symbols private."""
+    try:
+        import _sqlite3
+    except ImportError:
+        return None
+    # dlsym on the module's handle searches the module, then the libraries it needs; a module
+    # built into the interpreter has no file of its own, and the interpreter's symbols are global.
+    try:
+        symbol = ctypes.cast(ctypes.CDLL(getattr(_sqlite3, "__file__", None)).sqlite3_libversion, ctypes.c_void_p)
+    except (AttributeError, OSError):
+        return None
+    info = _DlInfo()
+    dladdr = ctypes.CDLL(None).dladdr
+    dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
+    if not dladdr(symbol, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def load_shared_sqlite() -> None:
+    """Makes Python's SQLite (else the system's) global before `_core` is loaded; ImportError
+    naming what to install if there is none."""
+    if sys.platform == "win32":  # Windows wheels carry their own SQLite (.github/workflows)
+        return
+    path = _library_of_python_sqlite3()
+    if path is not None:
+        # Already loaded by `_sqlite3`: RTLD_NOLOAD promotes that very copy, never a new one.
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        return
+    # No sqlite3 module, or one that keeps its SQLite private: the system library (if Python's
+    # sqlite3 has its own copy, configure() warns that the two must not share a file).
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        raise ImportError(f"tenantllm needs the SQLite library and found none, loaded or on the system: {_INSTALL}")
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise ImportError(f"tenantllm could not load the SQLite library {name} ({e}): {_INSTALL}") from e
