@@ -384,6 +384,7 @@ def dashboard(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tenantllm", description=tl.__doc__)
+    p.add_argument("--version", action="version", version=f"tenantllm {tl.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run agents for three tenants on the mock provider and print a report")
     d.add_argument("--database", default=DEMO_DB)
