@@ -45,7 +45,10 @@ def _library_of_python_sqlite3() -> str | None:
     except (AttributeError, OSError):
         return None
     info = _DlInfo()
-    dladdr = ctypes.CDLL(None).dladdr
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except AttributeError:  # glibc before 2.34 keeps it in libdl
+        dladdr = ctypes.CDLL("libdl.so.2").dladdr
     dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
     if not dladdr(symbol, ctypes.byref(info)) or not info.dli_fname:
         return None
