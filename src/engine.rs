@@ -1,6 +1,7 @@
 //! The call flow: admit (budgets, breakers) -> provider attempts (retries, fallbacks) ->
 //! settle (execution row, counters, breaker outcomes), as DESIGN §2 describes.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use crate::breaker;
 use crate::budget::{self, Check};
 use crate::clock::{now_micros, Calendar, DEFAULT_TIMEZONE};
 use crate::config::Config;
-use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, Result};
+use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, RateBlock, Result};
 use crate::execution::{Attempt, Completion, NewExecution, Status};
 use crate::lease::Leases;
 use crate::money::Nanos;
@@ -33,7 +34,23 @@ pub struct AgentSpec {
     pub timeout: Duration,
     pub retries: RetryPolicy,
     pub breaker: Option<breaker::Policy>,
+    /// How long a call refused by a rate limit waits for a slot before it raises.
+    pub rate_limit_wait: Duration,
+    /// A cheaper model past a share of the tenant's cost limits (`tl.Downgrade`).
+    pub downgrade: Option<Downgrade>,
 }
+
+/// `budget_fallback = tl.Downgrade(at=0.8, model=...)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Downgrade {
+    /// Share of a cost limit (more than 0, at most 1) from which calls use `model`.
+    pub at: f64,
+    pub model: String,
+}
+
+/// The longest `rate_limit_wait`: ten minutes (a caller holding a web request longer is
+/// better told to come back).
+pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(600);
 
 impl AgentSpec {
     pub fn validate(&self) -> Result<()> {
@@ -52,6 +69,17 @@ impl AgentSpec {
         if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
             return config_err(format!("{}.timeout must be more than 0 and at most {} seconds", self.name, MAX_TIMEOUT.as_secs()));
         }
+        if self.rate_limit_wait > MAX_RATE_LIMIT_WAIT {
+            return config_err(format!("{}.rate_limit_wait must be from 0 to {} seconds", self.name, MAX_RATE_LIMIT_WAIT.as_secs()));
+        }
+        if let Some(d) = &self.downgrade {
+            if !(d.at > 0.0 && d.at <= 1.0) {
+                return config_err(format!("{}.budget_fallback.at must be more than 0 and at most 1 (got {})", self.name, d.at));
+            }
+            if d.model.trim().is_empty() {
+                return config_err(format!("{}.budget_fallback.model must be a model name", self.name));
+            }
+        }
         Ok(())
     }
 
@@ -59,6 +87,9 @@ impl AgentSpec {
         std::iter::once(&self.model).chain(self.fallback_models.iter())
     }
 }
+
+/// How often a call waiting for a `max_concurrent` slot looks again.
+const CONCURRENCY_POLL: Duration = Duration::from_millis(20);
 
 /// The longest per-attempt timeout an agent may set: one day.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
@@ -122,6 +153,10 @@ pub struct Engine {
     calendar: RwLock<Calendar>,
     providers: Providers,
     alerts: Mutex<Vec<Alert>>,
+    rate_window: Duration,
+    /// Per tenant, the calls of this process waiting for a rate-limit slot, in arrival
+    /// order (tokio's mutex is fair).
+    rate_queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Engine {
@@ -132,9 +167,11 @@ impl Engine {
             prices.set(p)?;
         }
         config.budgets.limits.validate()?;
+        crate::ratelimit::validate(&config.budgets.limits, false)?;
         providers::check_key_names(config.api_keys.keys(), &config.base_urls)?;
         let sealer = Sealer::from_env()?;
         let leases = Leases::from_env()?;
+        let rate_window = crate::ratelimit::window_from_env()?;
         // A new database takes this process's zone; an existing one keeps its own.
         let store: Arc<dyn Store> = store::open(&config.database, named.map_or(DEFAULT_TIMEZONE, |c| c.name()))?.into();
         let calendar = Calendar::new(&store.timezone()?)?;
@@ -158,6 +195,8 @@ impl Engine {
             prices,
             calendar: RwLock::new(calendar),
             alerts: Mutex::new(vec![]),
+            rate_window,
+            rate_queues: Mutex::default(),
         })
     }
 
@@ -275,7 +314,7 @@ impl Engine {
     /// Admission (DESIGN §2): budgets and breakers checked, the estimate reserved and a
     /// `running` row written in one transaction, or a `blocked` / `short_circuited` row and
     /// the matching error.
-    fn admit(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, provider: &str, estimate: budget::Usage) -> Result<Admission> {
+    fn admit(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, provider: &str, estimate: budget::Usage, record_rate_limited: bool) -> Result<Admission> {
         let tenant_id = req.tenant.id.as_deref();
         let now = now_micros();
         let id = uuid::Uuid::now_v7().to_string();
@@ -303,18 +342,21 @@ impl Engine {
                 probe_lease: breaker::probe_lease(spec.timeout.as_secs_f64()),
                 calendar,
                 now,
+                rate_window: self.rate_window.as_micros() as i64,
+                record_rate_limited,
             })
         })?;
         match admitted {
-            Admitted::Go { model_index, probe, checks, warnings } => Ok(Admission {
+            Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved } => Ok(Admission {
                 call: InFlight {
                     engine: self.clone(),
-                    reserved: !checks.is_empty() && {
+                    reserved: reserved && {
                         self.leases.hold(&self.store, &id, Instant::now() + Self::worst_case(spec));
                         true
                     },
                     execution,
                     checks,
+                    rate_scopes,
                     attempts: vec![],
                     outcomes: vec![],
                     started: Instant::now(),
@@ -337,6 +379,17 @@ impl Engine {
                 tenant_budget: b.check.tenant_budget,
                 execution_id: id,
             }))),
+            Admitted::RateLimited(b) => Err(Error::RateLimited(Box::new(RateBlock {
+                scope: b.check.name.clone(),
+                limit: b.check.limit,
+                current: b.current,
+                retry_after: b.retry_after,
+                tenant_id: req.tenant.id.clone(),
+                agent: spec.name.clone(),
+                tenant_budget: b.check.tenant_budget,
+                message: b.describe(),
+                execution_id: record_rate_limited.then_some(id),
+            }))),
             Admitted::ShortCircuited { retry_at } => Err(Error::CircuitOpen(Box::new(CircuitBlock {
                 agent: spec.name.clone(),
                 tenant_id: req.tenant.id.clone(),
@@ -347,8 +400,79 @@ impl Engine {
         }
     }
 
+    /// Admission that, for an agent with a `rate_limit_wait`, waits for a rate-limit slot:
+    /// the process's waiters for a tenant take turns in arrival order, each sleeping (no
+    /// thread held) until the refusal's `retry_after`, and the one that gives up writes the
+    /// `rate_limited` row.
+    async fn admit_waiting(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, provider: &str, estimate: budget::Usage) -> Result<Admission> {
+        if spec.rate_limit_wait.is_zero() {
+            return self.admit(spec, req, provider, estimate, true);
+        }
+        let deadline = tokio::time::Instant::now() + spec.rate_limit_wait;
+        let queue = unpoisoned(self.rate_queues.lock()).entry(req.tenant.id.clone().unwrap_or_default()).or_default().clone();
+        let Ok(_turn) = tokio::time::timeout_at(deadline, queue.lock_owned()).await else {
+            return self.admit(spec, req, provider, estimate, true);
+        };
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.admit(spec, req, provider, estimate, left.is_zero()) {
+                Err(Error::RateLimited(b)) if !left.is_zero() => {
+                    // A slot of `max_concurrent` frees when a call ends, which no one can
+                    // tell in advance: look again soon. A window frees at a known time.
+                    let concurrent = b.scope.ends_with("_concurrent");
+                    if !concurrent && b.retry_after > left.as_secs_f64() {
+                        return self.admit(spec, req, provider, estimate, true);
+                    }
+                    let pause = if concurrent { CONCURRENCY_POLL } else { Duration::from_secs_f64(b.retry_after.max(0.001)) };
+                    tokio::time::sleep(pause.min(left)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `spec`, or for a tenant past `budget_fallback.at` of one of its cost limits, `spec`
+    /// on the cheaper model, with the request's metadata saying so.
+    fn downgraded(&self, spec: &Arc<AgentSpec>, req: CallRequest) -> Result<(Arc<AgentSpec>, CallRequest)> {
+        let (Some(d), Some(tid)) = (&spec.downgrade, req.tenant.id.as_deref()) else { return Ok((spec.clone(), req)) };
+        let stored;
+        let limits = match &req.tenant.limits {
+            Some(over) => &over.limits,
+            None => {
+                stored = self.store.budget_get(tid)?;
+                match &stored {
+                    Some(b) => &b.limits,
+                    None => return Ok((spec.clone(), req)),
+                }
+            }
+        };
+        let cal = self.calendar();
+        let now = now_micros();
+        let scope = budget::tenant_scope(tid);
+        let mut past = false;
+        for (period, limit) in [(crate::clock::Period::Daily, limits.daily_cost), (crate::clock::Period::Monthly, limits.monthly_cost)] {
+            let Some(limit) = limit else { continue };
+            let used = self.store.usage(&scope, &cal.period_key(period, now))?.cost;
+            past |= used.0 as f64 >= d.at * limit.0 as f64;
+        }
+        if !past {
+            return Ok((spec.clone(), req));
+        }
+        let cheap = AgentSpec {
+            model: d.model.clone(),
+            fallback_models: spec.fallback_models.iter().filter(|m| **m != d.model).cloned().collect(),
+            downgrade: None,
+            ..(**spec).clone()
+        };
+        let mut meta: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&req.metadata).unwrap_or_default();
+        meta.insert("downgraded_from".into(), spec.model.clone().into());
+        let metadata = serde_json::Value::Object(meta).to_string();
+        Ok((Arc::new(cheap), CallRequest { metadata, ..req }))
+    }
+
     pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
-        let mut started = self.start(&spec, &req)?;
+        let (spec, req) = self.downgraded(&spec, req)?;
+        let mut started = self.start(&spec, &req).await?;
         let chosen = self.attempts(&spec, &mut started, false).await?;
         let Opened::Reply(reply) = chosen.opened else { return Err(Error::Internal("a call's attempt opened a stream".into())) };
         let Started { mut call, plan, warnings, .. } = started;
@@ -363,7 +487,8 @@ impl Engine {
     /// what was received; a stream that breaks or times out after the first piece is an
     /// error (or timeout) row billing what was received. The reservation is held throughout.
     pub async fn run_stream(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest, out: &UnboundedSender<String>) -> Result<CallOutcome> {
-        let mut started = self.start(&spec, &req)?;
+        let (spec, req) = self.downgraded(&spec, req)?;
+        let mut started = self.start(&spec, &req).await?;
         let chosen = tokio::select! {
             biased;
             _ = out.closed() => return Err(Error::Internal("cancelled".into())),
@@ -415,11 +540,11 @@ impl Engine {
     }
 
     /// Validation, keys and admission, shared by calls and streams.
-    fn start(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest) -> Result<Started> {
+    async fn start(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest) -> Result<Started> {
         let plan = self.plan(spec, req)?;
         let api_keys = self.keys_for(&req.tenant, &plan.routes)?;
         let estimate = budget::estimate(plan.estimated_cost, plan.estimated_tokens);
-        let Admission { call, first, probe, breaker_keys, warnings } = self.admit(spec, req, &plan.routes[0].provider, estimate)?;
+        let Admission { call, first, probe, breaker_keys, warnings } = self.admit_waiting(spec, req, &plan.routes[0].provider, estimate).await?;
         Ok(Started { call, first, probe, breaker_keys, warnings, request: Self::request(spec, req), api_keys, plan })
     }
 
@@ -501,7 +626,7 @@ impl Engine {
             .unwrap_or_else(|_| "external".into());
         let output = spec.max_tokens as i64;
         let cost = price.upper_bound(estimated_input_tokens, output);
-        let admission = self.admit(spec, req, &provider, budget::estimate(cost, estimated_input_tokens + output))?;
+        let admission = self.admit(spec, req, &provider, budget::estimate(cost, estimated_input_tokens + output), true)?;
         Ok(Guard { admission, spec: spec.clone(), provider })
     }
 
@@ -677,6 +802,7 @@ struct InFlight {
     execution: NewExecution,
     reserved: bool,
     checks: Vec<Check>,
+    rate_scopes: Vec<String>,
     attempts: Vec<Attempt>,
     outcomes: Vec<BreakerOutcome>,
     started: Instant,
@@ -727,6 +853,7 @@ impl InFlight {
                 completion,
                 reserved: self.reserved,
                 checks: &self.checks,
+                rate_scopes: &self.rate_scopes,
                 breakers: &self.outcomes,
                 calendar,
                 store_details: e.config.store_prompts,
@@ -920,6 +1047,7 @@ pub fn error_class(e: &Error) -> &'static str {
     match e {
         Error::BudgetExceeded(_) => "BudgetExceededError",
         Error::CircuitOpen(_) => "CircuitOpenError",
+        Error::RateLimited(_) => "RateLimitedError",
         Error::AllModelsExhausted { .. } => "AllModelsExhaustedError",
         Error::Provider(f) => f.kind.class_name(),
         Error::Configuration(_) | Error::TimezoneChanged(_) => "ConfigurationError",

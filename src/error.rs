@@ -54,6 +54,8 @@ impl std::fmt::Display for ProviderFailure {
 pub enum Error {
     #[error("budget exceeded{}: {}; resets at {}", tenant_suffix(&.0.tenant_id), .0.breach, iso_utc(.0.resets_at))]
     BudgetExceeded(Box<BudgetBlock>),
+    #[error("rate limited: {}{}", .0.message, tenant_suffix(&.0.tenant_id))]
+    RateLimited(Box<RateBlock>),
     #[error("circuit open for agent {}, model {}{}; retry at unix time {}", .0.agent, .0.model, tenant_suffix(&.0.tenant_id), .0.retry_at)]
     CircuitOpen(Box<CircuitBlock>),
     #[error("all models failed: {}", summarize(.errors))]
@@ -96,6 +98,23 @@ pub struct BudgetBlock {
 }
 
 /// Why a call was refused by open circuit breakers.
+/// A call refused by a rate limit (`crate::ratelimit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateBlock {
+    /// "tenant_rpm", "tenant_tpm", "tenant_concurrent", "global_rpm", "global_tpm".
+    pub scope: String,
+    pub limit: i64,
+    pub current: i64,
+    /// Seconds until the call would fit.
+    pub retry_after: f64,
+    pub tenant_id: Option<String>,
+    pub agent: String,
+    pub tenant_budget: bool,
+    pub message: String,
+    /// The `rate_limited` row, if one was written.
+    pub execution_id: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CircuitBlock {
     pub agent: String,

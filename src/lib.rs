@@ -11,6 +11,7 @@ pub mod execution;
 pub mod lease;
 pub mod money;
 pub mod pricing;
+pub mod ratelimit;
 pub mod process;
 pub mod providers;
 pub mod retry;

@@ -40,6 +40,11 @@ pub struct Limits {
     pub monthly_tokens: Option<i64>,
     pub daily_executions: Option<i64>,
     pub monthly_executions: Option<i64>,
+    /// Rate limits (`crate::ratelimit`): requests and tokens per minute, calls in flight
+    /// (tenants only).
+    pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    pub max_concurrent: Option<i64>,
 }
 
 /// A tenant budget's fields, as `TenantBudget` keywords and as `tenant_budgets` columns.
@@ -50,6 +55,9 @@ pub const BUDGET_FIELDS: &[&str] = &[
     "monthly_token_limit",
     "daily_execution_limit",
     "monthly_execution_limit",
+    "rpm_limit",
+    "tpm_limit",
+    "max_concurrent",
     "enforcement",
     "name",
 ];
@@ -104,7 +112,8 @@ pub struct TenantBudget {
 impl TenantBudget {
     pub fn validate(&self) -> Result<()> {
         crate::tenancy::validate_tenant_id(&self.tenant_id)?;
-        self.limits.validate()
+        self.limits.validate()?;
+        crate::ratelimit::validate(&self.limits, true)
     }
 }
 

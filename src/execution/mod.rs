@@ -17,10 +17,11 @@ pub enum Status {
     Blocked,
     ShortCircuited,
     Cancelled,
+    RateLimited,
 }
 
 impl Status {
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Running,
         Status::Success,
         Status::Error,
@@ -28,6 +29,7 @@ impl Status {
         Status::Blocked,
         Status::ShortCircuited,
         Status::Cancelled,
+        Status::RateLimited,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -38,6 +40,7 @@ impl Status {
             Status::Blocked => "blocked",
             Status::ShortCircuited => "short_circuited",
             Status::Cancelled => "cancelled",
+            Status::RateLimited => "rate_limited",
         }
     }
     pub fn parse(s: &str) -> Result<Status> {
@@ -51,7 +54,7 @@ impl Status {
     }
     /// Statuses of calls that were admitted and so count toward usage counters.
     pub fn counts_as_usage(self) -> bool {
-        !matches!(self, Status::Blocked | Status::ShortCircuited)
+        !matches!(self, Status::Blocked | Status::ShortCircuited | Status::RateLimited)
     }
 }
 

@@ -125,6 +125,9 @@ pub fn tenant_budget(tenant_id: &str, d: &Bound<'_, PyDict>) -> Result<TenantBud
             monthly_tokens: opt(d, "monthly_token_limit", count)?,
             daily_executions: opt(d, "daily_execution_limit", count)?,
             monthly_executions: opt(d, "monthly_execution_limit", count)?,
+            rpm: opt(d, "rpm_limit", count)?,
+            tpm: opt(d, "tpm_limit", count)?,
+            max_concurrent: opt(d, "max_concurrent", count)?,
         },
         enforcement: opt(d, "enforcement", |f, v| string(f, v).and_then(|s| Enforcement::parse(&s)))?.unwrap_or_default(),
     };
@@ -154,6 +157,9 @@ pub fn budget_to_dict<'py>(py: Python<'py>, b: &TenantBudget) -> PyResult<Bound<
     d.set_item("monthly_token_limit", l.monthly_tokens)?;
     d.set_item("daily_execution_limit", l.daily_executions)?;
     d.set_item("monthly_execution_limit", l.monthly_executions)?;
+    d.set_item("rpm_limit", l.rpm)?;
+    d.set_item("tpm_limit", l.tpm)?;
+    d.set_item("max_concurrent", l.max_concurrent)?;
     d.set_item("enforcement", b.enforcement.as_str())?;
     Ok(d)
 }

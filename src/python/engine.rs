@@ -37,7 +37,7 @@ pub struct PyAgentSpec {
 impl PyAgentSpec {
     #[new]
     #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=AnyInt::of(1024), timeout=30.0,
-        retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None))]
+        retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None, rate_limit_wait=0.0, downgrade=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -52,6 +52,8 @@ impl PyAgentSpec {
         base: f64,
         max_delay: f64,
         breaker: Option<(AnyInt, f64, f64)>,
+        rate_limit_wait: f64,
+        downgrade: Option<(f64, String)>,
     ) -> PyResult<Self> {
         let build = || -> Result<AgentSpec> {
             // Checked before Duration::from_secs_f64, which panics past its range.
@@ -60,6 +62,11 @@ impl PyAgentSpec {
                     "{name}.timeout must be more than 0 and at most {} seconds (got {timeout})",
                     MAX_TIMEOUT.as_secs()
                 ));
+            }
+            // Checked before Duration::from_secs_f64 too.
+            let max_wait = crate::engine::MAX_RATE_LIMIT_WAIT.as_secs_f64();
+            if !(0.0..=max_wait).contains(&rate_limit_wait) {
+                return crate::error::config_err(format!("{name}.rate_limit_wait must be from 0 to {max_wait} seconds (got {rate_limit_wait})"));
             }
             let errors = |e: &AnyInt| e.within(&format!("{name}.circuit_breaker.errors"), 1, breaker::MAX_ERRORS as i64);
             let spec = AgentSpec {
@@ -71,6 +78,8 @@ impl PyAgentSpec {
                 model,
                 fallback_models,
                 temperature,
+                rate_limit_wait: Duration::from_secs_f64(rate_limit_wait),
+                downgrade: downgrade.map(|(at, model)| crate::engine::Downgrade { at, model }),
             };
             spec.validate()?;
             Ok(spec)

@@ -85,6 +85,18 @@ fn build(py: Python<'_>, e: Error) -> PyResult<PyErr> {
             a.set_item("execution_id", &b.execution_id)?;
             with_attrs(py, BudgetExceededError::new_err(msg), &a)
         }
+        Error::RateLimited(r) => {
+            let a = PyDict::new(py);
+            a.set_item("scope", &r.scope)?;
+            a.set_item("limit", r.limit)?;
+            a.set_item("current", r.current)?;
+            a.set_item("retry_after", r.retry_after)?;
+            a.set_item("tenant_id", &r.tenant_id)?;
+            a.set_item("agent", &r.agent)?;
+            a.set_item("tenant_budget", r.tenant_budget)?;
+            a.set_item("execution_id", &r.execution_id)?;
+            with_attrs(py, RateLimitedError::new_err(msg), &a)
+        }
         Error::CircuitOpen(c) => {
             let a = PyDict::new(py);
             a.set_item("agent", &c.agent)?;

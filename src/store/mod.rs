@@ -28,6 +28,11 @@ pub struct AdmitRequest<'a> {
     pub probe_lease: i64,
     pub calendar: &'a Calendar,
     pub now: Micros,
+    /// The rate limits' window (`ratelimit::WINDOW_ENV`), microseconds.
+    pub rate_window: Micros,
+    /// Whether a refusal by a rate limit writes its `rate_limited` row; a call that will wait
+    /// for a slot and try again writes none until it gives up.
+    pub record_rate_limited: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,9 +51,14 @@ impl BreakerKey {
 #[derive(Debug)]
 pub enum Admitted {
     /// Reservation and a `running` execution row are written; start with model `model_index`.
-    Go { model_index: usize, probe: bool, checks: Vec<Check>, warnings: Vec<Breach> },
+    /// `rate_scopes` are the scopes whose admission log has this call (its tokens are
+    /// corrected at settlement); `reserved` tells whether a reservation was written (budget
+    /// counters or `max_concurrent` apply), which settlement must release.
+    Go { model_index: usize, probe: bool, checks: Vec<Check>, warnings: Vec<Breach>, rate_scopes: Vec<String>, reserved: bool },
     /// A hard limit would be passed; a `blocked` row is written.
     Blocked(Breach),
+    /// A rate limit would be passed; a `rate_limited` row is written if the request asked.
+    RateLimited(crate::ratelimit::RateBreach),
     /// Every model's breaker is open; a `short_circuited` row is written.
     ShortCircuited { retry_at: Micros },
 }
@@ -67,6 +77,8 @@ pub struct FinishRequest<'a> {
     pub reserved: bool,
     /// Limits checked at admission, to alert on thresholds crossed.
     pub checks: &'a [Check],
+    /// Scopes whose admission log holds this call's estimated tokens, to correct to its usage.
+    pub rate_scopes: &'a [String],
     pub breakers: &'a [BreakerOutcome],
     pub calendar: &'a Calendar,
     pub store_details: bool,
@@ -169,6 +181,11 @@ pub(crate) fn first_admitted<E>(
 /// The row of a call refused by a hard budget.
 pub(crate) fn blocked(b: &Breach, now: Micros) -> Completion {
     Completion::refused(crate::execution::Status::Blocked, "BudgetExceededError", b.describe(), now)
+}
+
+/// The row of a call refused by a rate limit.
+pub(crate) fn rate_limited(b: &crate::ratelimit::RateBreach, now: Micros) -> Completion {
+    Completion::refused(crate::execution::Status::RateLimited, "RateLimitedError", b.describe(), now)
 }
 
 /// The row of a call refused because every model's breaker is open.
@@ -282,7 +299,7 @@ fn budget_on_conflict(write: BudgetWrite<'_>) -> Result<String> {
 }
 
 const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
-     daily_execution_limit, monthly_execution_limit, enforcement";
+     daily_execution_limit, monthly_execution_limit, enforcement, rpm_limit, tpm_limit, max_concurrent";
 
 /// The execution columns, in `FIELDS` order.
 fn all_columns() -> String {
@@ -333,6 +350,8 @@ pub(crate) mod tests {
                 probe_lease: 1,
                 calendar: cal,
                 now: t,
+                rate_window: 60_000_000,
+                record_rate_limited: true,
             })
         };
         let settle = |id: &str, cal: &Calendar| {
@@ -342,6 +361,7 @@ pub(crate) mod tests {
                 completion: &done,
                 reserved: true,
                 checks: &[],
+                rate_scopes: &[],
                 breakers: &[],
                 calendar: cal,
                 store_details: false,
@@ -422,7 +442,7 @@ pub(crate) mod tests {
     #[test]
     fn rebuild_leaves_out_calls_never_admitted_and_calls_in_flight() {
         assert!(
-            counted_executions_sql().ends_with("WHERE status NOT IN ('running', 'blocked', 'short_circuited')"),
+            counted_executions_sql().ends_with("WHERE status NOT IN ('running', 'blocked', 'short_circuited', 'rate_limited')"),
             "{}",
             counted_executions_sql()
         );

@@ -137,4 +137,19 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE executions ADD COLUMN time_to_first_token_ms BIGINT;
     "#,
+    // 5: rate limits (see schema.rs, migration 5).
+    r#"
+    ALTER TABLE tenant_budgets ADD COLUMN rpm_limit BIGINT;
+    ALTER TABLE tenant_budgets ADD COLUMN tpm_limit BIGINT;
+    ALTER TABLE tenant_budgets ADD COLUMN max_concurrent BIGINT;
+    CREATE TABLE rate_events (
+        scope TEXT COLLATE "C" NOT NULL,
+        at BIGINT NOT NULL,
+        execution_id TEXT COLLATE "C" NOT NULL,
+        tokens BIGINT NOT NULL,
+        PRIMARY KEY (scope, at, execution_id)
+    );
+    ALTER TABLE reservations ADD COLUMN concurrency_scope TEXT COLLATE "C";
+    CREATE INDEX reservations_concurrency ON reservations (concurrency_scope) WHERE concurrency_scope IS NOT NULL;
+    "#,
 ];

@@ -31,8 +31,8 @@ use postgres::{Client, GenericClient, NoTls, Row as PgRow, Statement, Transactio
 
 use super::pg_schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey,
-    short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
+    all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
+    rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
     FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
@@ -42,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::process::quiet;
+use crate::ratelimit::{self, RateCheck, ScopeState};
 use crate::secrets::Sealed;
 
 /// Connections (and threads running operations) per process, unless the URL says
@@ -662,6 +663,33 @@ fn expire_reservations(db: &mut Tx<'_, '_>, cal: &Calendar, now: Micros, deltas:
     Ok(())
 }
 
+/// Takes the transaction-scoped advisory lock of each rate-limited scope, in scope order:
+/// the window's admissions and the calls in flight are then this admission's to count.
+fn lock_rate_scopes(db: &mut Tx<'_, '_>, checks: &[RateCheck]) -> PgResult<()> {
+    let scopes: BTreeSet<&str> = checks.iter().map(|c| c.scope.as_str()).collect();
+    for scope in scopes {
+        db.execute("SELECT pg_advisory_xact_lock(hashtextextended('tenantllm rate ' || $1, 0))", &[&scope])?;
+    }
+    Ok(())
+}
+
+/// The rate-limit state of the scopes `checks` name (see sqlite.rs `rate_state`).
+fn rate_state(db: &mut Tx<'_, '_>, checks: &[RateCheck], now: Micros, window: Micros) -> PgResult<HashMap<String, ScopeState>> {
+    let mut out: HashMap<String, ScopeState> = HashMap::new();
+    let cutoff = now - window;
+    for scope in ratelimit::window_scopes(checks) {
+        db.execute("DELETE FROM rate_events WHERE scope = $1 AND at <= $2", &[&scope, &cutoff])?;
+        let rows = db.query("SELECT at, tokens FROM rate_events WHERE scope = $1 AND at > $2 ORDER BY at", &[&scope, &cutoff])?;
+        let events = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<PgResult<Vec<(Micros, i64)>>>()?;
+        out.entry(scope).or_default().events = events;
+    }
+    if let Some(scope) = ratelimit::concurrency_scope(checks) {
+        let n: i64 = db.query_one("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = $1", &[&scope])?.try_get(0)?;
+        out.entry(scope).or_default().in_flight = n;
+    }
+    Ok(out)
+}
+
 /// The stored timezone. In a write it must be the first statement: `set_timezone` holds the
 /// settings table exclusively while it rebuilds, so a write that read the old zone finishes
 /// before the rebuild starts, and one that starts during it waits and reads the new zone.
@@ -729,6 +757,9 @@ fn budget_from_row(r: &PgRow) -> PgResult<TenantBudget> {
             monthly_tokens: r.try_get(5)?,
             daily_executions: r.try_get(6)?,
             monthly_executions: r.try_get(7)?,
+            rpm: r.try_get(9)?,
+            tpm: r.try_get(10)?,
+            max_concurrent: r.try_get(11)?,
         },
         // The CHECK constraint keeps this to hard/soft.
         enforcement: if enforcement == "soft" { Enforcement::Soft } else { Enforcement::Hard },
@@ -919,12 +950,16 @@ impl Store for PostgresStore {
         };
         self.write(OnCommitLoss::Check(&check), |db| {
             keyed_like(stored_timezone(db)?, req.calendar)?;
-            let mut deltas = Deltas::new();
-            expire_reservations(db, req.calendar, req.now, &mut deltas)?;
             let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
                 (Some(tid), None) => budget_get(db, tid)?,
                 _ => None,
             };
+            // Rate-limited scopes are locked first (before any row lock), so admissions of a
+            // scope take turns and deadlock with nothing.
+            let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
+            lock_rate_scopes(db, &rate_checks)?;
+            let mut deltas = Deltas::new();
+            expire_reservations(db, req.calendar, req.now, &mut deltas)?;
             let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
             let checked: BTreeSet<CounterKey> = checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
             let mut usage = lock_counters(db, &checked.iter().chain(deltas.keys()).cloned().collect())?;
@@ -943,6 +978,15 @@ impl Store for PostgresStore {
                 complete_execution(db, e, &blocked(&b, req.now), false)?;
                 return Ok(Admitted::Blocked(b));
             }
+            let rates = rate_state(db, &rate_checks, req.now, req.rate_window)?;
+            if let Some(b) = ratelimit::evaluate(&rate_checks, |s| rates.get(s).cloned().unwrap_or_default(), req.estimate.tokens, req.now, req.rate_window) {
+                bump(db, &deltas)?;
+                if req.record_rate_limited {
+                    insert_execution(db, e)?;
+                    complete_execution(db, e, &rate_limited(&b, req.now), false)?;
+                }
+                return Ok(Admitted::RateLimited(b));
+            }
             let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(db, key, req.probe_lease, req.now))? {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
@@ -957,15 +1001,25 @@ impl Store for PostgresStore {
                 d.reserved = d.reserved.plus(&req.estimate);
             }
             bump(db, &deltas)?;
-            if !checked.is_empty() {
+            let concurrency = ratelimit::concurrency_scope(&rate_checks);
+            let reserved = !checked.is_empty() || concurrency.is_some();
+            if reserved {
                 let est = &req.estimate;
                 db.execute(
-                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&e.id, &encode_keys(checked.iter()), &est.cost.0, &est.tokens, &est.executions, &req.reservation_expires_at],
+                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&e.id, &encode_keys(checked.iter()), &est.cost.0, &est.tokens, &est.executions, &req.reservation_expires_at, &concurrency],
+                )?;
+            }
+            let rate_scopes = ratelimit::window_scopes(&rate_checks);
+            if !rate_scopes.is_empty() {
+                db.execute(
+                    "INSERT INTO rate_events (scope, at, execution_id, tokens) SELECT s, $2, $3, $4 FROM unnest($1::text[]) AS s",
+                    &[&rate_scopes, &e.started_at, &e.id, &req.estimate.tokens],
                 )?;
             }
             insert_execution(db, e)?;
-            Ok(Admitted::Go { model_index, probe, checks, warnings })
+            Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
     }
 
@@ -1016,6 +1070,12 @@ impl Store for PostgresStore {
                 deltas.entry(key).or_default().reserved = estimate.negated();
             }
             let recorded = bump(db, &deltas)?;
+            if !req.rate_scopes.is_empty() {
+                db.execute(
+                    "UPDATE rate_events SET tokens = $4 WHERE scope = ANY($1) AND at = $2 AND execution_id = $3",
+                    &[&req.rate_scopes, &e.started_at, &e.id, &budget::recorded(c).tokens],
+                )?;
+            }
             let mut alerts = Vec::new();
             if c.status.counts_as_usage() {
                 for check in req.checks {
@@ -1055,7 +1115,7 @@ impl Store for PostgresStore {
         let now = now_micros();
         let sql = format!(
             "INSERT INTO tenant_budgets ({BUDGET_COLUMNS}, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (tenant_id) {}",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12, $13, $10, $10) ON CONFLICT (tenant_id) {}",
             budget_on_conflict(write)?
         );
         // Creating twice would fail the second time: a create that went through is the
@@ -1080,6 +1140,9 @@ impl Store for PostgresStore {
                     &l.monthly_executions,
                     &b.enforcement.as_str(),
                     &now,
+                    &l.rpm,
+                    &l.tpm,
+                    &l.max_concurrent,
                 ],
             )?;
             if n == 0 {
@@ -1346,6 +1409,8 @@ mod tests {
                 probe_lease: 1_000_000,
                 calendar: &cal,
                 now: e.started_at,
+                rate_window: 60_000_000,
+                record_rate_limited: true,
             })
             .unwrap()
     }
@@ -1375,7 +1440,7 @@ mod tests {
     fn finish(store: &dyn Store, e: &NewExecution, c: &Completion, reserved: bool, breakers: &[BreakerOutcome]) -> Vec<Alert> {
         let cal = Calendar::new("UTC").unwrap();
         store
-            .finish(&FinishRequest { execution: e, completion: c, reserved, checks: &[], breakers, calendar: &cal, store_details: true })
+            .finish(&FinishRequest { execution: e, completion: c, reserved, checks: &[], rate_scopes: &[], breakers, calendar: &cal, store_details: true })
             .unwrap()
     }
 

@@ -133,4 +133,22 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE executions ADD COLUMN time_to_first_token_ms INTEGER;
     "#,
+    // 5: rate limits. A tenant's requests and tokens per minute and calls in flight; the
+    // admissions of the last window per rate-limited scope ("global", "tenant:<id>"), with
+    // their tokens (the estimate, corrected at settlement); and which scope a reservation
+    // holds a `max_concurrent` slot of.
+    r#"
+    ALTER TABLE tenant_budgets ADD COLUMN rpm_limit INTEGER;
+    ALTER TABLE tenant_budgets ADD COLUMN tpm_limit INTEGER;
+    ALTER TABLE tenant_budgets ADD COLUMN max_concurrent INTEGER;
+    CREATE TABLE rate_events (
+        scope TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        execution_id TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (scope, at, execution_id)
+    ) WITHOUT ROWID;
+    ALTER TABLE reservations ADD COLUMN concurrency_scope TEXT;
+    CREATE INDEX reservations_concurrency ON reservations (concurrency_scope) WHERE concurrency_scope IS NOT NULL;
+    "#,
 ];

@@ -12,8 +12,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 
 use super::schema::MIGRATIONS;
 use super::{
-    all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rekey,
-    short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Store,
+    all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
+    rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Store,
     BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::process::{quiet, unpoisoned};
+use crate::ratelimit::{self, RateCheck, ScopeState};
 use crate::secrets::Sealed;
 
 pub struct SqliteStore {
@@ -409,6 +410,25 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
     Ok((decode_keys(&keys), est))
 }
 
+/// The rate-limit state of the scopes `checks` name: the admissions still in the window
+/// (older ones are deleted on the way) and the calls holding a `max_concurrent` slot.
+fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<HashMap<String, ScopeState>> {
+    let mut out: HashMap<String, ScopeState> = HashMap::new();
+    for scope in ratelimit::window_scopes(checks) {
+        tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, now - window])?;
+        let events = tx
+            .prepare_cached("SELECT at, tokens FROM rate_events WHERE scope = ?1 AND at > ?2 ORDER BY at")?
+            .query_map(params![scope, now - window], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        out.entry(scope).or_default().events = events;
+    }
+    if let Some(scope) = ratelimit::concurrency_scope(checks) {
+        let n: i64 = tx.prepare_cached("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = ?1")?.query_row([&scope], |r| r.get(0))?;
+        out.entry(scope).or_default().in_flight = n;
+    }
+    Ok(out)
+}
+
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were.
 fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<()> {
@@ -503,6 +523,9 @@ fn budget_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantBudget> {
             monthly_tokens: r.get(5)?,
             daily_executions: r.get(6)?,
             monthly_executions: r.get(7)?,
+            rpm: r.get(9)?,
+            tpm: r.get(10)?,
+            max_concurrent: r.get(11)?,
         },
         // The CHECK constraint keeps this to hard/soft.
         enforcement: if enforcement == "soft" { Enforcement::Soft } else { Enforcement::Hard },
@@ -675,6 +698,15 @@ impl Store for SqliteStore {
                 complete_execution(tx, e, &blocked(&b, req.now), false)?;
                 return Ok(Admitted::Blocked(b));
             }
+            let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
+            let rates = rate_state(tx, &rate_checks, req.now, req.rate_window)?;
+            if let Some(b) = ratelimit::evaluate(&rate_checks, |s| rates.get(s).cloned().unwrap_or_default(), est.tokens, req.now, req.rate_window) {
+                if req.record_rate_limited {
+                    insert_execution(tx, e)?;
+                    complete_execution(tx, e, &rate_limited(&b, req.now), false)?;
+                }
+                return Ok(Admitted::RateLimited(b));
+            }
             let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(tx, key, req.probe_lease, req.now))? {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
@@ -683,15 +715,23 @@ impl Store for SqliteStore {
                     return Ok(Admitted::ShortCircuited { retry_at });
                 }
             };
-            if !keys.is_empty() {
+            let concurrency = ratelimit::concurrency_scope(&rate_checks);
+            let reserved = !keys.is_empty() || concurrency.is_some();
+            if reserved {
                 bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est }).collect::<Vec<_>>())?;
                 tx.prepare_cached(
-                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
-                .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at])?;
+                .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at, concurrency])?;
+            }
+            let rate_scopes = ratelimit::window_scopes(&rate_checks);
+            for scope in &rate_scopes {
+                tx.prepare_cached("INSERT INTO rate_events (scope, at, execution_id, tokens) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![scope, e.started_at, e.id, est.tokens])?;
             }
             insert_execution(tx, e)?;
-            Ok(Admitted::Go { model_index, probe, checks, warnings })
+            Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
     }
 
@@ -728,6 +768,10 @@ impl Store for SqliteStore {
                 })
                 .collect();
             bump(tx, &changes)?;
+            for scope in req.rate_scopes {
+                tx.prepare_cached("UPDATE rate_events SET tokens = ?4 WHERE scope = ?1 AND at = ?2 AND execution_id = ?3")?
+                    .execute(params![scope, e.started_at, e.id, budget::recorded(c).tokens])?;
+            }
             let check_keys: Vec<CounterKey> = req.checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
             let after = if c.status.counts_as_usage() { totals(tx, &check_keys)? } else { HashMap::new() };
             let mut alerts = Vec::new();
@@ -782,7 +826,7 @@ impl Store for SqliteStore {
             let n = tx.execute(
                 &format!(
                     "INSERT INTO tenant_budgets ({BUDGET_COLUMNS}, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT (tenant_id) {on_conflict}"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?11, ?12, ?13, ?10, ?10) ON CONFLICT (tenant_id) {on_conflict}"
                 ),
                 params![
                     b.tenant_id,
@@ -794,7 +838,10 @@ impl Store for SqliteStore {
                     l.daily_executions,
                     l.monthly_executions,
                     b.enforcement.as_str(),
-                    now
+                    now,
+                    l.rpm,
+                    l.tpm,
+                    l.max_concurrent
                 ],
             )?;
             if n == 0 {
@@ -1050,6 +1097,8 @@ mod tests {
                 probe_lease: 1,
                 calendar: &cal,
                 now,
+                rate_window: 60_000_000,
+                record_rate_limited: true,
             })
             .unwrap()
     }
@@ -1075,6 +1124,9 @@ mod tests {
                 "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
                  ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
                  ALTER TABLE executions DROP COLUMN time_to_first_token_ms;
+                 DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
+                 ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
+                 ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();

@@ -1,0 +1,251 @@
+//! Rate-limit policy: requests and tokens per minute (a sliding window over the admissions
+//! of the last minute) and calls in flight, per tenant and globally. Pure functions; the
+//! store keeps the admissions (`rate_events`) and the in-flight calls (`reservations`) and
+//! calls these inside the admission transaction, beside the budget checks.
+//!
+//! Why a sliding-window log and not GCRA: GCRA with a burst of `rpm` lets up to twice the
+//! limit through in some 60-second window; the log admits a call only if fewer than `rpm`
+//! calls were admitted in the window ending now, so no window ever holds more.
+
+use std::time::Duration;
+
+use crate::budget::{Limits, Plan, TenantBudget};
+use crate::clock::Micros;
+use crate::error::{config_err, Result};
+
+/// The window's length, seconds (1 to 3600); tests shorten it. Default: a minute.
+pub const WINDOW_ENV: &str = "TENANTLLM_RATE_WINDOW_SECONDS";
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+/// The largest `rpm_limit` / `global_rpm`.
+pub const MAX_RPM: i64 = 1_000_000_000;
+/// The largest `tpm_limit` / `global_tpm`.
+pub const MAX_TPM: i64 = 1_000_000_000_000_000;
+/// The largest `max_concurrent`.
+pub const MAX_CONCURRENT: i64 = 100_000;
+/// What a call refused by `max_concurrent` is told to wait: how long the calls in flight
+/// will run is unknown.
+pub const CONCURRENCY_RETRY_AFTER_S: f64 = 1.0;
+
+/// Reads `WINDOW_ENV`.
+pub fn window_from_env() -> Result<Duration> {
+    match std::env::var(WINDOW_ENV) {
+        Err(_) => Ok(DEFAULT_WINDOW),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if (1.0..=3600.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            _ => config_err(format!("{WINDOW_ENV} must be a number of seconds from 1 to 3600 (got {v:?})")),
+        },
+    }
+}
+
+/// Checks the ranges of a level's rate limits (`prefix` is "" for a tenant, "global_" for
+/// `budgets=`). Zero is refused: a tenant that may make no call gets `daily_execution_limit=0`.
+pub fn validate(l: &Limits, tenant: bool) -> Result<()> {
+    let (rpm, tpm) = if tenant { ("rpm_limit", "tpm_limit") } else { ("budgets[\"global_rpm\"]", "budgets[\"global_tpm\"]") };
+    for (name, v, max) in [(rpm, l.rpm, MAX_RPM), (tpm, l.tpm, MAX_TPM), ("max_concurrent", l.max_concurrent, MAX_CONCURRENT)] {
+        if let Some(v) = v.filter(|v| !(1..=max).contains(v)) {
+            return config_err(format!("{name} must be between 1 and {max} (got {v})"));
+        }
+    }
+    if !tenant && l.max_concurrent.is_some() {
+        return config_err("max_concurrent is a tenant limit (TenantBudget), not a global one");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Requests,
+    Tokens,
+    Concurrent,
+}
+
+/// One rate limit that applies to a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateCheck {
+    /// Public name: "tenant_rpm", "tenant_tpm", "tenant_concurrent", "global_rpm", "global_tpm".
+    pub name: String,
+    /// The scope whose admissions or calls in flight count: "global" or "tenant:<id>".
+    pub scope: String,
+    pub kind: Kind,
+    pub limit: i64,
+    pub tenant_budget: bool,
+}
+
+/// The rate limits of a call: global ones from `budgets=`, the tenant's from its override
+/// (runtime dict, `tenant_config_resolver`) or else its stored budget.
+pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>) -> Vec<RateCheck> {
+    let mut out = Vec::new();
+    let mut add = |level: &str, scope: String, l: &Limits, tenant: bool| {
+        for (kind, suffix, limit) in [(Kind::Requests, "rpm", l.rpm), (Kind::Tokens, "tpm", l.tpm), (Kind::Concurrent, "concurrent", l.max_concurrent)] {
+            if let Some(limit) = limit {
+                out.push(RateCheck { name: format!("{level}_{suffix}"), scope: scope.clone(), kind, limit, tenant_budget: tenant });
+            }
+        }
+    };
+    add("global", "global".into(), &plan.global.limits, false);
+    if let (Some(tid), Some(tb)) = (plan.tenant_id, plan.tenant_override.or(stored)) {
+        add("tenant", crate::budget::tenant_scope(tid), &tb.limits, true);
+    }
+    out
+}
+
+/// The scopes whose admissions are logged (a window limit applies), each once.
+pub fn window_scopes(checks: &[RateCheck]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in checks.iter().filter(|c| c.kind != Kind::Concurrent) {
+        if !out.contains(&c.scope) {
+            out.push(c.scope.clone());
+        }
+    }
+    out
+}
+
+/// The scope whose calls in flight are counted, if a `max_concurrent` applies.
+pub fn concurrency_scope(checks: &[RateCheck]) -> Option<String> {
+    checks.iter().find(|c| c.kind == Kind::Concurrent).map(|c| c.scope.clone())
+}
+
+/// A rate limit this call would pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateBreach {
+    pub check: RateCheck,
+    /// Requests or tokens in the window, or calls in flight.
+    pub current: i64,
+    /// Seconds until the call would fit (as far as the calls already admitted go).
+    pub retry_after: f64,
+}
+
+impl RateBreach {
+    /// "tenant_rpm limit 60 reached (current 60); retry after 1.5 s": errors and rows.
+    pub fn describe(&self) -> String {
+        format!("{} limit {} reached (current {}); retry after {:.3} s", self.check.name, self.check.limit, self.current, self.retry_after)
+    }
+}
+
+/// What the store knows about one scope at admission.
+#[derive(Debug, Clone, Default)]
+pub struct ScopeState {
+    /// (admitted at, tokens) of the scope's admissions still in the window, oldest first.
+    pub events: Vec<(Micros, i64)>,
+    pub in_flight: i64,
+}
+
+/// The first rate limit that admitting a call estimated at `tokens` at `now` would pass.
+/// The window is the `window` before `now`, plus anything stamped later: an admission
+/// stamped earlier but committed after a later one still sees it, so no window of that
+/// length ever holds more than the limit (see the module comment).
+pub fn evaluate(checks: &[RateCheck], state_of: impl Fn(&str) -> ScopeState, tokens: i64, now: Micros, window: Micros) -> Option<RateBreach> {
+    for c in checks {
+        let s = state_of(&c.scope);
+        let seconds = |at: Micros| ((at + window - now).max(0) as f64) / 1e6;
+        let breach = |current: i64, retry_after: f64| RateBreach { check: c.clone(), current, retry_after };
+        match c.kind {
+            Kind::Requests => {
+                let n = s.events.len() as i64;
+                if n >= c.limit {
+                    // The call fits once all but limit - 1 of them have left the window.
+                    return Some(breach(n, seconds(s.events[(n - c.limit) as usize].0)));
+                }
+            }
+            Kind::Tokens => {
+                let used: i64 = s.events.iter().map(|e| e.1).fold(0, i64::saturating_add);
+                if used.saturating_add(tokens) > c.limit {
+                    // Oldest first, until what is left plus this call fits; a call larger
+                    // than the limit never fits and is told the whole window.
+                    let mut left = used;
+                    let mut wait = window as f64 / 1e6;
+                    if tokens <= c.limit {
+                        for (at, t) in &s.events {
+                            left -= t;
+                            if left.saturating_add(tokens) <= c.limit {
+                                wait = seconds(*at);
+                                break;
+                            }
+                        }
+                    }
+                    return Some(breach(used, wait));
+                }
+            }
+            Kind::Concurrent => {
+                if s.in_flight >= c.limit {
+                    return Some(breach(s.in_flight, CONCURRENCY_RETRY_AFTER_S));
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::GlobalBudgets;
+
+    const S: Micros = 1_000_000;
+
+    fn tenant(l: Limits) -> TenantBudget {
+        TenantBudget { tenant_id: "t".into(), limits: l, ..Default::default() }
+    }
+
+    fn state(events: &[(Micros, i64)], in_flight: i64) -> ScopeState {
+        ScopeState { events: events.to_vec(), in_flight }
+    }
+
+    #[test]
+    fn the_override_wins_and_global_limits_apply_too() {
+        let g = GlobalBudgets { limits: Limits { rpm: Some(100), ..Default::default() }, ..Default::default() };
+        let over = tenant(Limits { tpm: Some(5), max_concurrent: Some(2), ..Default::default() });
+        let stored = tenant(Limits { rpm: Some(1), ..Default::default() });
+        let plan = Plan { global: &g, agent: "A", tenant_id: Some("t"), tenant_override: Some(&over) };
+        let names: Vec<String> = checks(&plan, Some(&stored)).into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["global_rpm", "tenant_tpm", "tenant_concurrent"]);
+        let cs = checks(&plan, Some(&stored));
+        assert_eq!(window_scopes(&cs), ["global", "tenant:t"]);
+        assert_eq!(concurrency_scope(&cs).as_deref(), Some("tenant:t"));
+    }
+
+    #[test]
+    fn requests_fit_until_the_window_is_full_and_wait_for_the_oldest_to_leave() {
+        let cs = checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(Limits { rpm: Some(2), ..Default::default() })));
+        let now = 100 * S;
+        assert!(evaluate(&cs, |_| state(&[(now - 50 * S, 1)], 0), 1, now, 60 * S).is_none());
+        let b = evaluate(&cs, |_| state(&[(now - 50 * S, 1), (now - 10 * S, 1)], 0), 1, now, 60 * S).unwrap();
+        assert_eq!((b.check.name.as_str(), b.current), ("tenant_rpm", 2));
+        assert!((b.retry_after - 10.0).abs() < 1e-9, "{}", b.retry_after);
+    }
+
+    #[test]
+    fn tokens_wait_until_enough_have_left_and_a_call_too_large_is_told_the_window() {
+        let cs = checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(Limits { tpm: Some(100), ..Default::default() })));
+        let now = 100 * S;
+        let ev = [(now - 55 * S, 30), (now - 20 * S, 50)];
+        assert!(evaluate(&cs, |_| state(&ev, 0), 20, now, 60 * S).is_none());
+        let b = evaluate(&cs, |_| state(&ev, 0), 40, now, 60 * S).unwrap();
+        assert_eq!(b.current, 80);
+        assert!((b.retry_after - 5.0).abs() < 1e-9);
+        let b = evaluate(&cs, |_| state(&ev, 0), 60, now, 60 * S).unwrap();
+        assert!((b.retry_after - 40.0).abs() < 1e-9);
+        assert_eq!(evaluate(&cs, |_| state(&[], 0), 101, now, 60 * S).unwrap().retry_after, 60.0);
+    }
+
+    #[test]
+    fn calls_in_flight_are_capped() {
+        let cs = checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(Limits { max_concurrent: Some(4), ..Default::default() })));
+        assert!(evaluate(&cs, |_| state(&[], 3), 1, 0, 60 * S).is_none());
+        assert_eq!(evaluate(&cs, |_| state(&[], 4), 1, 0, 60 * S).unwrap().check.name, "tenant_concurrent");
+        assert!(window_scopes(&cs).is_empty());
+    }
+
+    #[test]
+    fn zero_negative_and_huge_limits_are_refused_by_name() {
+        for (l, name) in [
+            (Limits { rpm: Some(0), ..Default::default() }, "rpm_limit"),
+            (Limits { tpm: Some(-1), ..Default::default() }, "tpm_limit"),
+            (Limits { max_concurrent: Some(MAX_CONCURRENT + 1), ..Default::default() }, "max_concurrent"),
+        ] {
+            assert!(validate(&l, true).unwrap_err().to_string().contains(name));
+        }
+        assert!(validate(&Limits { max_concurrent: Some(1), ..Default::default() }, false).is_err());
+        assert!(validate(&Limits { rpm: Some(0), ..Default::default() }, false).unwrap_err().to_string().contains("global_rpm"));
+    }
+}
