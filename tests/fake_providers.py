@@ -294,10 +294,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
+        provider = cast(_Server, self.server).provider
+        provider._enter()
         try:
             self._serve()
         except _CLIENT_GONE:
             self.close_connection = True  # client went away (e.g. timed out while we slept)
+        finally:
+            provider._leave()
 
     do_GET = do_PUT = do_DELETE = do_POST
 
@@ -419,6 +423,9 @@ class FakeProvider:
         self.base_url: str = ""
         self.port: int = 0
         self.requests: list[Recorded] = []
+        # Requests being answered now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.default: Step = Step()
         self._script: deque[Step] = deque()
         self._lock = threading.Lock()
@@ -472,12 +479,22 @@ class FakeProvider:
         """Forget recorded requests and any queued steps; answer successfully by default again."""
         with self._lock:
             self.requests.clear()
+            self.max_in_flight = self.in_flight
             self._script.clear()
             self.default = Step()
 
     def _next_step(self) -> Step:
         with self._lock:
             return self._script.popleft() if self._script else self.default
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _record(self, rec: Recorded) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from tenantllm._core import (
     TenantLLMError,
     __version__,
 )
-from tenantllm.agent import Agent, BreakerPolicy, Retries
+from tenantllm.agent import Agent, BreakerPolicy, Downgrade, Retries
 from tenantllm.api_keys import ApiConfiguration
 from tenantllm.breaker import CircuitBreaker
 from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
@@ -53,6 +53,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigurationError",
+    "Downgrade",
     "Execution",
     "ExecutionQuery",
     "InternalError",

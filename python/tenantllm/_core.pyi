@@ -48,7 +48,12 @@ class BudgetExceededError(TenantLLMError):
 class RateLimitedError(TenantLLMError):
     scope: str
     limit: int
+    current: int
     retry_after: float
+    tenant_id: str | None
+    agent: str
+    tenant_budget: bool
+    execution_id: str | None
 class CircuitOpenError(TenantLLMError):
     agent: str
     tenant_id: str | None
@@ -89,6 +94,8 @@ class AgentSpec:
         base: float = 0.4,
         max_delay: float = 3.0,
         breaker: tuple[int, float, float] | None = None,
+        rate_limit_wait: float = 0.0,
+        downgrade: tuple[float, str] | None = None,
     ) -> AgentSpec: ...
     @property
     def name(self) -> str: ...

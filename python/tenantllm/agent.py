@@ -36,6 +36,16 @@ class BreakerPolicy:
     cooldown: float = 300
 
 
+@dataclass(frozen=True)
+class Downgrade:
+    """`budget_fallback`: once the tenant has spent `at` (a share, more than 0 and at most 1)
+    of any of its own cost limits (daily or monthly, hard or soft), its calls go to the
+    cheaper `model`; the execution's metadata has `downgraded_from`."""
+
+    at: float
+    model: str
+
+
 # Prior turns: [{"role": "user" | "assistant", "content": str}, ...], oldest first (checked
 # by the core, which names the bad turn).
 History = Sequence[Mapping[str, Any]] | None
@@ -90,6 +100,8 @@ def build_spec(
     retries: Any,
     fallback_models: Any,
     circuit_breaker: Any,
+    rate_limit_wait: Any = 0,
+    budget_fallback: Any = None,
 ) -> _core.AgentSpec:
     """Validates an agent's settings (shared by `Agent` classes and `@agent` functions)."""
     if not isinstance(model, str) or not model:
@@ -118,6 +130,13 @@ def build_spec(
             _number(name, "circuit_breaker.within", circuit_breaker.within),
             _number(name, "circuit_breaker.cooldown", circuit_breaker.cooldown),
         )
+    if budget_fallback is not None and not isinstance(budget_fallback, Downgrade):
+        raise ConfigurationError(f"{name}.budget_fallback must be a tenantllm.Downgrade")
+    if budget_fallback is not None and (not isinstance(budget_fallback.model, str) or not budget_fallback.model):
+        raise ConfigurationError(f"{name}.budget_fallback.model must be a model name")
+    downgrade = None
+    if budget_fallback is not None:
+        downgrade = (_number(name, "budget_fallback.at", budget_fallback.at), budget_fallback.model)
     return _core.AgentSpec(
         name,
         model,
@@ -130,6 +149,8 @@ def build_spec(
         base=_number(name, "retries.base", r.base),
         max_delay=_number(name, "retries.max_delay", r.max_delay),
         breaker=breaker,
+        rate_limit_wait=_number(name, "rate_limit_wait", rate_limit_wait),
+        downgrade=downgrade,
     )
 
 
@@ -172,6 +193,8 @@ class Agent:
     retries: ClassVar[int | Retries] = 0
     fallback_models: ClassVar[Sequence[str]] = ()
     circuit_breaker: ClassVar[BreakerPolicy | None] = None
+    rate_limit_wait: ClassVar[float] = 0
+    budget_fallback: ClassVar[Downgrade | None] = None
 
     _tl_params: ClassVar[tuple[str, ...]] = ()
     _tl_spec: ClassVar[_core.AgentSpec | None] = None
@@ -218,6 +241,8 @@ class Agent:
                 retries=cls.retries,
                 fallback_models=cls.fallback_models,
                 circuit_breaker=cls.circuit_breaker,
+                rate_limit_wait=cls.rate_limit_wait,
+                budget_fallback=cls.budget_fallback,
             )
             cls._tl_spec = spec
         return spec

@@ -24,6 +24,9 @@ class TenantBudget:
     monthly_token_limit: int | None
     daily_execution_limit: int | None
     monthly_execution_limit: int | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_concurrent: int | None
     enforcement: str
 
     def __init__(self, row: dict[str, Any]) -> None:

@@ -678,7 +678,7 @@ fn rate_state(db: &mut Tx<'_, '_>, checks: &[RateCheck], now: Micros, window: Mi
     let mut out: HashMap<String, ScopeState> = HashMap::new();
     let cutoff = now - window;
     for scope in ratelimit::window_scopes(checks) {
-        db.execute("DELETE FROM rate_events WHERE scope = $1 AND at <= $2", &[&scope, &cutoff])?;
+        db.execute("DELETE FROM rate_events WHERE scope = $1 AND at <= $2", &[&scope, &(now - 2 * window)])?;
         let rows = db.query("SELECT at, tokens FROM rate_events WHERE scope = $1 AND at > $2 ORDER BY at", &[&scope, &cutoff])?;
         let events = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<PgResult<Vec<(Micros, i64)>>>()?;
         out.entry(scope).or_default().events = events;

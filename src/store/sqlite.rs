@@ -411,11 +411,12 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
 }
 
 /// The rate-limit state of the scopes `checks` name: the admissions still in the window
-/// (older ones are deleted on the way) and the calls holding a `max_concurrent` slot.
+/// and the calls holding a `max_concurrent` slot. Admissions are deleted a window after they
+/// left it: an admission stamped a little earlier (it waited for the lock) still counts them.
 fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<HashMap<String, ScopeState>> {
     let mut out: HashMap<String, ScopeState> = HashMap::new();
     for scope in ratelimit::window_scopes(checks) {
-        tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, now - window])?;
+        tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, now - 2 * window])?;
         let events = tx
             .prepare_cached("SELECT at, tokens FROM rate_events WHERE scope = ?1 AND at > ?2 ORDER BY at")?
             .query_map(params![scope, now - window], |r| Ok((r.get(0)?, r.get(1)?)))?
