@@ -125,6 +125,34 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
     report(f"tenantllm/{store}: full guard, slowest single call", each[-1], "µs")
 
 
+def rate_limit_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
+    """The same guarded call for a tenant with hard budgets only and for one that also has
+    every rate limit (rpm, tpm, max_concurrent) and the global rpm/tpm: the admission then
+    also counts the window's admissions and the calls in flight, and logs this one. The
+    limits are high enough never to refuse, so both do the same work otherwise; the window
+    holds every call of the last minute (up to `n` x rounds), the worst case for the count."""
+    print(f"\nRate limits on {store} (µs per call, median; mock provider, zero latency)")
+    budgets = {"global_daily": 1_000_000, "enforcement": "hard"}
+    off: dict[str, Any] = {"database": db, "budgets": budgets}
+    on: dict[str, Any] = {"database": db, "budgets": {**budgets, "global_rpm": 10**9, "global_tpm": 10**15}}
+    tl.configure(reset=True, **off)
+    limits: dict[str, Any] = {"daily_limit": 1_000_000, "daily_token_limit": 10**12}
+    tl.TenantBudget.find_or_create("bench-budget", **limits)
+    tl.TenantBudget.find_or_create("bench-rate", rpm_limit=10**9, tpm_limit=10**15, max_concurrent=1000, **limits)
+    us = interleaved_us(
+        {
+            "off": (off, lambda: Guarded.call(text="the quarterly report", tenant="bench-budget")),
+            "on": (on, lambda: Guarded.call(text="the quarterly report", tenant="bench-rate")),
+        },
+        max(n // 3, 1),
+        repeats * 3,
+    )
+    report(f"tenantllm/{store}: guarded call, hard budgets only", us["off"], "µs")
+    report(f"tenantllm/{store}: guarded call, + tenant and global rate limits", us["on"], "µs")
+    share = (us["on"] - us["off"]) / us["off"] * 100
+    report(f"tenantllm/{store}: rate limits added over budgets only", share, "%", "< 10", note="difference")
+
+
 def sqlite_insert_peer(db: str, n: int, repeats: int) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -528,6 +556,7 @@ def main() -> None:
         d = Path(tmp)
         os.chdir(d)  # litellm's BudgetManager writes user_cost.json into the working directory
         sync_overhead(str(d / "sync.db"), n, repeats)
+        rate_limit_overhead(str(d / "rate.db"), n, repeats)
         sqlite_insert_peer(str(d / "peer.db"), n, repeats)
         pybreaker_peer(n * 10, repeats)
         litellm_peer(n, repeats)
@@ -535,6 +564,8 @@ def main() -> None:
         if args.postgres:
             with postgres_database(args.postgres) as url:
                 sync_overhead(url, n // 5, repeats, "PostgreSQL")
+            with postgres_database(args.postgres) as url:
+                rate_limit_overhead(url, n // 5, repeats, "PostgreSQL")
             with postgres_database(args.postgres) as url:
                 throughput(url, 100 if args.quick else 300, "PostgreSQL")
         else:

@@ -253,6 +253,11 @@ impl Engine {
         self.current_calendar()?;
         Ok(written)
     }
+    /// A tenant's use of its rate limits now (see `Store::rate_usage`).
+    pub fn rate_usage(&self, tenant_id: &str) -> Result<crate::ratelimit::RateUsage> {
+        self.store.rate_usage(&budget::tenant_scope(tenant_id), now_micros() - self.rate_window.as_micros() as i64)
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }

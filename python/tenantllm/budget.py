@@ -14,7 +14,8 @@ _FIELDS = tuple(_core.TENANT_LIMIT_KEYS)
 
 class TenantBudget:
     """Limits in USD (`daily_limit`, `monthly_limit`), tokens and executions per day/month,
-    with `enforcement` "hard" (block) or "soft" (warn). Unset limits inherit `budgets=`."""
+    with `enforcement` "hard" (block) or "soft" (warn), and rate limits (`rpm_limit`,
+    `tpm_limit`, `max_concurrent`, always enforced). Unset limits inherit `budgets=`."""
 
     tenant_id: str
     name: str | None
@@ -134,6 +135,24 @@ class TenantBudget:
     def current_monthly_tokens(self) -> int:
         tokens: int = self._usage("monthly")["tokens"]
         return tokens
+
+    @property
+    def current_rpm(self) -> int:
+        """Calls admitted in the rate window ending now (counted where a rpm/tpm limit applies)."""
+        n: int = self._usage("rate")["requests"]
+        return n
+
+    @property
+    def current_tpm(self) -> int:
+        """Tokens of the calls in the rate window ending now (estimates until they settle)."""
+        n: int = self._usage("rate")["tokens"]
+        return n
+
+    @property
+    def current_concurrent(self) -> int:
+        """Calls holding one of the `max_concurrent` slots now."""
+        n: int = self._usage("rate")["in_flight"]
+        return n
 
     def _effective(self, field: str) -> Any:
         own = getattr(self, field)

@@ -246,7 +246,15 @@ _BUDGET_OPTIONS = (
     ("--monthly-token-limit", "monthly_token_limit", "count"),
     ("--daily-execution-limit", "daily_execution_limit", "count"),
     ("--monthly-execution-limit", "monthly_execution_limit", "count"),
+    ("--rpm-limit", "rpm_limit", "count"),
+    ("--tpm-limit", "tpm_limit", "count"),
+    ("--max-concurrent", "max_concurrent", "count"),
 )
+
+
+def _rate(used: int, limit: int | None) -> str:
+    """A rate limit's use now: "12/60", or "-" without that limit."""
+    return "-" if limit is None else f"{used:,}/{limit:,}"
 
 
 def budgets_list(args: argparse.Namespace) -> int:
@@ -269,13 +277,16 @@ def budgets_list(args: argparse.Namespace) -> int:
                 _int(b.daily_token_limit),
                 _int(m["tokens"]),
                 _int(b.monthly_token_limit),
+                _rate(b.current_rpm, b.rpm_limit),
+                _rate(b.current_tpm, b.tpm_limit),
+                _rate(b.current_concurrent, b.max_concurrent),
             ]
         )
     if not rows:
         print(f"No tenant budgets in {_shown(args.database)}. Add one: tenantllm budgets set TENANT --daily-limit 25")
         return 0
     headers = ["tenant", "name", "enforcement", "today", "daily limit", "this month", "monthly limit",
-               "tokens today", "daily tokens", "tokens month", "monthly tokens"]
+               "tokens today", "daily tokens", "tokens month", "monthly tokens", "calls/min", "tokens/min", "in flight"]
     print(_table(headers, rows))
     print("\nLimits shown as '-' are the tenant's own unset ones: it inherits the global budgets= of the app.")
     return 0

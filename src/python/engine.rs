@@ -600,22 +600,29 @@ impl PyEngine {
         all.iter().map(|b| budget_to_dict(py, b)).collect()
     }
 
-    /// The tenant's recorded usage this day and month: {"daily": {...}, "monthly": {...}}.
+    /// The tenant's recorded usage this day and month, and its use of its rate limits in
+    /// the window ending now: {"daily": {...}, "monthly": {...}, "rate": {...}}.
     fn tenant_usage<'py>(&self, py: Python<'py>, tenant_id: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let tenant_id = tenant_id_arg(tenant_id).py_err(py)?;
         let tenant_id = tenant_id.as_str();
         let now = now_micros();
         let scope = tenant_scope(tenant_id);
-        let (daily, monthly) = self.detached(py, |e| {
+        let (daily, monthly, rate) = self.detached(py, |e| {
             let cal = e.current_calendar()?;
             Ok((
                 e.store().usage(&scope, &cal.period_key(Period::Daily, now))?,
                 e.store().usage(&scope, &cal.period_key(Period::Monthly, now))?,
+                e.rate_usage(tenant_id)?,
             ))
         })?;
         let d = PyDict::new(py);
         d.set_item("daily", usage_dict(py, &daily)?)?;
         d.set_item("monthly", usage_dict(py, &monthly)?)?;
+        let r = PyDict::new(py);
+        r.set_item("requests", rate.requests)?;
+        r.set_item("tokens", rate.tokens)?;
+        r.set_item("in_flight", rate.in_flight)?;
+        d.set_item("rate", r)?;
         Ok(d)
     }
 

@@ -122,58 +122,74 @@ impl RateBreach {
     }
 }
 
-/// What the store knows about one scope at admission.
-#[derive(Debug, Clone, Default)]
-pub struct ScopeState {
-    /// (admitted at, tokens) of the scope's admissions still in the window, oldest first.
-    pub events: Vec<(Micros, i64)>,
+/// A scope's use of its rate limits now (dashboard, CLI, `TenantBudget`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateUsage {
+    pub requests: i64,
+    pub tokens: i64,
     pub in_flight: i64,
 }
 
-/// The first rate limit that admitting a call estimated at `tokens` at `now` would pass.
-/// The window is the `window` before `now`, plus anything stamped later: an admission
-/// stamped earlier but committed after a later one still sees it, so no window of that
-/// length ever holds more than the limit (see the module comment).
-pub fn evaluate(checks: &[RateCheck], state_of: impl Fn(&str) -> ScopeState, tokens: i64, now: Micros, window: Micros) -> Option<RateBreach> {
-    for c in checks {
+/// The first rate limit that admitting a call estimated at `tokens` at `now` would pass,
+/// given each scope's use (`state_of`: admissions and tokens stamped after `now - window`,
+/// later stamps included, and calls in flight). Counting the admissions stamped later too
+/// makes it exact: an admission stamped earlier but committed after a later one (it waited
+/// for the lock) still sees it, so no window of that length ever holds more than the limit.
+/// `events_of` lists a refused scope's admissions in the window, oldest first (only read
+/// on a refusal, to tell when the call would fit).
+pub fn evaluate<E>(
+    checks: &[RateCheck],
+    state_of: impl Fn(&str) -> RateUsage,
+    tokens: i64,
+    now: Micros,
+    window: Micros,
+    events_of: impl FnOnce(&str) -> std::result::Result<Vec<(Micros, i64)>, E>,
+) -> std::result::Result<Option<RateBreach>, E> {
+    let over = checks.iter().find_map(|c| {
         let s = state_of(&c.scope);
-        let seconds = |at: Micros| ((at + window - now).max(0) as f64) / 1e6;
-        let breach = |current: i64, retry_after: f64| RateBreach { check: c.clone(), current, retry_after };
-        match c.kind {
-            Kind::Requests => {
-                let n = s.events.len() as i64;
-                if n >= c.limit {
-                    // The call fits once all but limit - 1 of them have left the window.
-                    return Some(breach(n, seconds(s.events[(n - c.limit) as usize].0)));
-                }
-            }
-            Kind::Tokens => {
-                let used: i64 = s.events.iter().map(|e| e.1).fold(0, i64::saturating_add);
-                if used.saturating_add(tokens) > c.limit {
-                    // Oldest first, until what is left plus this call fits; a call larger
-                    // than the limit never fits and is told the whole window.
-                    let mut left = used;
-                    let mut wait = window as f64 / 1e6;
-                    if tokens <= c.limit {
-                        for (at, t) in &s.events {
-                            left -= t;
-                            if left.saturating_add(tokens) <= c.limit {
-                                wait = seconds(*at);
-                                break;
-                            }
-                        }
-                    }
-                    return Some(breach(used, wait));
-                }
-            }
-            Kind::Concurrent => {
-                if s.in_flight >= c.limit {
-                    return Some(breach(s.in_flight, CONCURRENCY_RETRY_AFTER_S));
-                }
+        let current = match c.kind {
+            Kind::Requests => (s.requests >= c.limit).then_some(s.requests),
+            Kind::Tokens => (s.tokens.saturating_add(tokens) > c.limit).then_some(s.tokens),
+            Kind::Concurrent => (s.in_flight >= c.limit).then_some(s.in_flight),
+        };
+        current.map(|current| (c, current))
+    });
+    let Some((c, current)) = over else { return Ok(None) };
+    let retry_after = match c.kind {
+        Kind::Concurrent => CONCURRENCY_RETRY_AFTER_S,
+        _ => retry_after(c, &events_of(&c.scope)?, tokens, now, window),
+    };
+    Ok(Some(RateBreach { check: c.clone(), current, retry_after }))
+}
+
+/// Seconds until a call refused by a window limit would fit, as far as the admissions in the
+/// window (oldest first) go. A call larger than a token limit never fits: the whole window.
+fn retry_after(c: &RateCheck, events: &[(Micros, i64)], tokens: i64, now: Micros, window: Micros) -> f64 {
+    let seconds = |at: Micros| ((at + window - now).max(0) as f64) / 1e6;
+    match c.kind {
+        // The call fits once all but limit - 1 of them have left the window.
+        Kind::Requests => {
+            let n = events.len() as i64;
+            if n >= c.limit {
+                seconds(events[(n - c.limit) as usize].0)
+            } else {
+                0.0
             }
         }
+        Kind::Tokens => {
+            let mut left: i64 = events.iter().map(|e| e.1).fold(0, i64::saturating_add);
+            if tokens <= c.limit {
+                for (at, t) in events {
+                    left -= t;
+                    if left.saturating_add(tokens) <= c.limit {
+                        return seconds(*at);
+                    }
+                }
+            }
+            window as f64 / 1e6
+        }
+        Kind::Concurrent => CONCURRENCY_RETRY_AFTER_S,
     }
-    None
 }
 
 #[cfg(test)]
@@ -187,8 +203,14 @@ mod tests {
         TenantBudget { tenant_id: "t".into(), limits: l, ..Default::default() }
     }
 
-    fn state(events: &[(Micros, i64)], in_flight: i64) -> ScopeState {
-        ScopeState { events: events.to_vec(), in_flight }
+    /// A scope's use with these admissions in the window, and a refusal's retry_after.
+    fn check(cs: &[RateCheck], events: &[(Micros, i64)], in_flight: i64, tokens: i64, now: Micros) -> Option<RateBreach> {
+        let use_ = RateUsage { requests: events.len() as i64, tokens: events.iter().map(|e| e.1).sum(), in_flight };
+        evaluate(cs, |_| use_, tokens, now, 60 * S, |_| Ok::<_, ()>(events.to_vec())).unwrap()
+    }
+
+    fn tenant_checks(l: Limits) -> Vec<RateCheck> {
+        checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(l)))
     }
 
     #[test]
@@ -197,42 +219,41 @@ mod tests {
         let over = tenant(Limits { tpm: Some(5), max_concurrent: Some(2), ..Default::default() });
         let stored = tenant(Limits { rpm: Some(1), ..Default::default() });
         let plan = Plan { global: &g, agent: "A", tenant_id: Some("t"), tenant_override: Some(&over) };
-        let names: Vec<String> = checks(&plan, Some(&stored)).into_iter().map(|c| c.name).collect();
-        assert_eq!(names, ["global_rpm", "tenant_tpm", "tenant_concurrent"]);
         let cs = checks(&plan, Some(&stored));
+        let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["global_rpm", "tenant_tpm", "tenant_concurrent"]);
         assert_eq!(window_scopes(&cs), ["global", "tenant:t"]);
         assert_eq!(concurrency_scope(&cs).as_deref(), Some("tenant:t"));
     }
 
     #[test]
     fn requests_fit_until_the_window_is_full_and_wait_for_the_oldest_to_leave() {
-        let cs = checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(Limits { rpm: Some(2), ..Default::default() })));
+        let cs = tenant_checks(Limits { rpm: Some(2), ..Default::default() });
         let now = 100 * S;
-        assert!(evaluate(&cs, |_| state(&[(now - 50 * S, 1)], 0), 1, now, 60 * S).is_none());
-        let b = evaluate(&cs, |_| state(&[(now - 50 * S, 1), (now - 10 * S, 1)], 0), 1, now, 60 * S).unwrap();
+        assert!(check(&cs, &[(now - 50 * S, 1)], 0, 1, now).is_none());
+        let b = check(&cs, &[(now - 50 * S, 1), (now - 10 * S, 1)], 0, 1, now).unwrap();
         assert_eq!((b.check.name.as_str(), b.current), ("tenant_rpm", 2));
         assert!((b.retry_after - 10.0).abs() < 1e-9, "{}", b.retry_after);
     }
 
     #[test]
     fn tokens_wait_until_enough_have_left_and_a_call_too_large_is_told_the_window() {
-        let cs = checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(Limits { tpm: Some(100), ..Default::default() })));
+        let cs = tenant_checks(Limits { tpm: Some(100), ..Default::default() });
         let now = 100 * S;
         let ev = [(now - 55 * S, 30), (now - 20 * S, 50)];
-        assert!(evaluate(&cs, |_| state(&ev, 0), 20, now, 60 * S).is_none());
-        let b = evaluate(&cs, |_| state(&ev, 0), 40, now, 60 * S).unwrap();
+        assert!(check(&cs, &ev, 0, 20, now).is_none());
+        let b = check(&cs, &ev, 0, 40, now).unwrap();
         assert_eq!(b.current, 80);
         assert!((b.retry_after - 5.0).abs() < 1e-9);
-        let b = evaluate(&cs, |_| state(&ev, 0), 60, now, 60 * S).unwrap();
-        assert!((b.retry_after - 40.0).abs() < 1e-9);
-        assert_eq!(evaluate(&cs, |_| state(&[], 0), 101, now, 60 * S).unwrap().retry_after, 60.0);
+        assert!((check(&cs, &ev, 0, 60, now).unwrap().retry_after - 40.0).abs() < 1e-9);
+        assert_eq!(check(&cs, &[], 0, 101, now).unwrap().retry_after, 60.0);
     }
 
     #[test]
     fn calls_in_flight_are_capped() {
-        let cs = checks(&Plan { global: &GlobalBudgets::default(), agent: "A", tenant_id: Some("t"), tenant_override: None }, Some(&tenant(Limits { max_concurrent: Some(4), ..Default::default() })));
-        assert!(evaluate(&cs, |_| state(&[], 3), 1, 0, 60 * S).is_none());
-        assert_eq!(evaluate(&cs, |_| state(&[], 4), 1, 0, 60 * S).unwrap().check.name, "tenant_concurrent");
+        let cs = tenant_checks(Limits { max_concurrent: Some(4), ..Default::default() });
+        assert!(check(&cs, &[], 3, 1, 0).is_none());
+        assert_eq!(check(&cs, &[], 4, 1, 0).unwrap().check.name, "tenant_concurrent");
         assert!(window_scopes(&cs).is_empty());
     }
 

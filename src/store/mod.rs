@@ -116,6 +116,10 @@ pub trait Store: Send + Sync {
     fn budget_all(&self) -> Result<Vec<TenantBudget>>;
     /// Recorded usage of a scope in a period (counters; reservations excluded).
     fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage>;
+    /// A rate-limited scope's use now: admissions and their tokens stamped after `since`,
+    /// and calls holding one of its `max_concurrent` slots (recorded only where such a
+    /// limit applies).
+    fn rate_usage(&self, scope: &str, since: Micros) -> Result<crate::ratelimit::RateUsage>;
     /// Recorded usage of every scope with the given prefix in one period ("tenant:").
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recorded usage of one scope per day, for days from `first_day` ("2026-11-01") on.

@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::process::quiet;
-use crate::ratelimit::{self, RateCheck, ScopeState};
+use crate::ratelimit::{self, RateCheck, RateUsage};
 use crate::secrets::Sealed;
 
 /// Connections (and threads running operations) per process, unless the URL says
@@ -673,21 +673,34 @@ fn lock_rate_scopes(db: &mut Tx<'_, '_>, checks: &[RateCheck]) -> PgResult<()> {
     Ok(())
 }
 
-/// The rate-limit state of the scopes `checks` name (see sqlite.rs `rate_state`).
-fn rate_state(db: &mut Tx<'_, '_>, checks: &[RateCheck], now: Micros, window: Micros) -> PgResult<HashMap<String, ScopeState>> {
-    let mut out: HashMap<String, ScopeState> = HashMap::new();
-    let cutoff = now - window;
+/// The use of the scopes `checks` name (see sqlite.rs `rate_state`).
+fn rate_state(db: &mut Tx<'_, '_>, checks: &[RateCheck], now: Micros, window: Micros) -> PgResult<HashMap<String, RateUsage>> {
+    let mut out: HashMap<String, RateUsage> = HashMap::new();
     for scope in ratelimit::window_scopes(checks) {
         db.execute("DELETE FROM rate_events WHERE scope = $1 AND at <= $2", &[&scope, &(now - 2 * window)])?;
-        let rows = db.query("SELECT at, tokens FROM rate_events WHERE scope = $1 AND at > $2 ORDER BY at", &[&scope, &cutoff])?;
-        let events = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<PgResult<Vec<(Micros, i64)>>>()?;
-        out.entry(scope).or_default().events = events;
+        let use_ = window_use(db, &scope, now - window)?;
+        out.insert(scope, use_);
     }
     if let Some(scope) = ratelimit::concurrency_scope(checks) {
-        let n: i64 = db.query_one("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = $1", &[&scope])?.try_get(0)?;
-        out.entry(scope).or_default().in_flight = n;
+        out.entry(scope.clone()).or_default().in_flight = in_flight(db, &scope)?;
     }
     Ok(out)
+}
+
+/// Admissions of a scope stamped after `since`, and their tokens.
+fn window_use(db: &mut Db<'_, impl GenericClient>, scope: &str, since: Micros) -> PgResult<RateUsage> {
+    let r = db.query_one("SELECT COUNT(*), COALESCE(SUM(tokens), 0)::bigint FROM rate_events WHERE scope = $1 AND at > $2", &[&scope, &since])?;
+    Ok(RateUsage { requests: r.try_get(0)?, tokens: r.try_get(1)?, in_flight: 0 })
+}
+
+fn in_flight(db: &mut Db<'_, impl GenericClient>, scope: &str) -> PgResult<i64> {
+    Ok(db.query_one("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = $1", &[&scope])?.try_get(0)?)
+}
+
+/// A scope's admissions stamped after `since`, oldest first.
+fn window_events(db: &mut Tx<'_, '_>, scope: &str, since: Micros) -> PgResult<Vec<(Micros, i64)>> {
+    let rows = db.query("SELECT at, tokens FROM rate_events WHERE scope = $1 AND at > $2 ORDER BY at", &[&scope, &since])?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// The stored timezone. In a write it must be the first statement: `set_timezone` holds the
@@ -979,7 +992,11 @@ impl Store for PostgresStore {
                 return Ok(Admitted::Blocked(b));
             }
             let rates = rate_state(db, &rate_checks, req.now, req.rate_window)?;
-            if let Some(b) = ratelimit::evaluate(&rate_checks, |s| rates.get(s).cloned().unwrap_or_default(), req.estimate.tokens, req.now, req.rate_window) {
+            let since = req.now - req.rate_window;
+            let breach = ratelimit::evaluate(&rate_checks, |s| rates.get(s).copied().unwrap_or_default(), req.estimate.tokens, req.now, req.rate_window, |s| {
+                window_events(db, s, since)
+            })?;
+            if let Some(b) = breach {
                 bump(db, &deltas)?;
                 if req.record_rate_limited {
                     insert_execution(db, e)?;
@@ -1169,6 +1186,10 @@ impl Store for PostgresStore {
             let r = db.query_opt("SELECT cost, tokens, executions FROM usage_counters WHERE scope = $1 AND period = $2", &[&scope, &period_key])?;
             r.map(|r| usage_at(&r, 0)).transpose().map(Option::unwrap_or_default)
         })
+    }
+
+    fn rate_usage(&self, scope: &str, since: Micros) -> Result<RateUsage> {
+        self.read(|db| Ok(RateUsage { in_flight: in_flight(db, scope)?, ..window_use(db, scope, since)? }))
     }
 
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {

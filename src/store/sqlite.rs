@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::process::{quiet, unpoisoned};
-use crate::ratelimit::{self, RateCheck, ScopeState};
+use crate::ratelimit::{self, RateCheck, RateUsage};
 use crate::secrets::Sealed;
 
 pub struct SqliteStore {
@@ -410,24 +410,38 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
     Ok((decode_keys(&keys), est))
 }
 
-/// The rate-limit state of the scopes `checks` name: the admissions still in the window
-/// and the calls holding a `max_concurrent` slot. Admissions are deleted a window after they
-/// left it: an admission stamped a little earlier (it waited for the lock) still counts them.
-fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<HashMap<String, ScopeState>> {
-    let mut out: HashMap<String, ScopeState> = HashMap::new();
+/// The use of the scopes `checks` name: admissions and their tokens stamped after `since`
+/// (later stamps included), and calls holding a `max_concurrent` slot. Admissions are
+/// deleted a window after they left it: an admission stamped a little earlier (it waited for
+/// the lock) still counts them.
+fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<HashMap<String, RateUsage>> {
+    let mut out: HashMap<String, RateUsage> = HashMap::new();
     for scope in ratelimit::window_scopes(checks) {
         tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, now - 2 * window])?;
-        let events = tx
-            .prepare_cached("SELECT at, tokens FROM rate_events WHERE scope = ?1 AND at > ?2 ORDER BY at")?
-            .query_map(params![scope, now - window], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        out.entry(scope).or_default().events = events;
+        let use_ = window_use(tx, &scope, now - window)?;
+        out.insert(scope, use_);
     }
     if let Some(scope) = ratelimit::concurrency_scope(checks) {
-        let n: i64 = tx.prepare_cached("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = ?1")?.query_row([&scope], |r| r.get(0))?;
-        out.entry(scope).or_default().in_flight = n;
+        out.entry(scope.clone()).or_default().in_flight = in_flight(tx, &scope)?;
     }
     Ok(out)
+}
+
+/// Admissions of a scope stamped after `since`, and their tokens.
+fn window_use(c: &Connection, scope: &str, since: Micros) -> Result<RateUsage> {
+    Ok(c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_events WHERE scope = ?1 AND at > ?2")?
+        .query_row(params![scope, since], |r| Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }))?)
+}
+
+fn in_flight(c: &Connection, scope: &str) -> Result<i64> {
+    Ok(c.prepare_cached("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = ?1")?.query_row([scope], |r| r.get(0))?)
+}
+
+/// A scope's admissions stamped after `since`, oldest first.
+fn window_events(c: &Connection, scope: &str, since: Micros) -> Result<Vec<(Micros, i64)>> {
+    Ok(c.prepare_cached("SELECT at, tokens FROM rate_events WHERE scope = ?1 AND at > ?2 ORDER BY at")?
+        .query_map(params![scope, since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?)
 }
 
 /// Releases reservations whose lease ran out (their process died) and closes their
@@ -701,7 +715,11 @@ impl Store for SqliteStore {
             }
             let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
             let rates = rate_state(tx, &rate_checks, req.now, req.rate_window)?;
-            if let Some(b) = ratelimit::evaluate(&rate_checks, |s| rates.get(s).cloned().unwrap_or_default(), est.tokens, req.now, req.rate_window) {
+            let since = req.now - req.rate_window;
+            let breach = ratelimit::evaluate(&rate_checks, |s| rates.get(s).copied().unwrap_or_default(), est.tokens, req.now, req.rate_window, |s| {
+                window_events(tx, s, since)
+            })?;
+            if let Some(b) = breach {
                 if req.record_rate_limited {
                     insert_execution(tx, e)?;
                     complete_execution(tx, e, &rate_limited(&b, req.now), false)?;
@@ -866,6 +884,10 @@ impl Store for SqliteStore {
 
     fn usage(&self, scope: &str, period_key: &str) -> Result<budget::Usage> {
         self.read(|c| counter(c, (scope, period_key)))
+    }
+
+    fn rate_usage(&self, scope: &str, since: Micros) -> Result<RateUsage> {
+        self.read(|c| Ok(RateUsage { in_flight: in_flight(c, scope)?, ..window_use(c, scope, since)? }))
     }
 
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {

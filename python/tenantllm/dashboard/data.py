@@ -29,7 +29,7 @@ PERIODS: dict[str, tuple[str, list[Op]]] = {
 }
 # Days shown by the overview's cost chart for each period.
 CHART_DAYS = {"today": 14, "7d": 7, "30d": 30, "all": 30}
-STATUSES = ("success", "error", "timeout", "blocked", "short_circuited", "cancelled", "running")
+STATUSES = ("success", "error", "timeout", "blocked", "short_circuited", "rate_limited", "cancelled", "running")
 FAILED = ("error", "timeout")
 MAX_PER_PAGE = 200
 
@@ -176,6 +176,13 @@ _METERS = (
     ("Calls this month", "monthly_execution_limit", "monthly", "executions", False),
 )
 _ZERO_USAGE: dict[str, Any] = {"cost": Decimal(0), "tokens": 0, "executions": 0}
+# A tenant's own rate limits (a global one is shared, not inherited), with their use in the
+# rate window ending now: label, limit field, usage key.
+_RATE_METERS = (
+    ("Calls this minute", "rpm_limit", "requests"),
+    ("Tokens this minute", "tpm_limit", "tokens"),
+    ("Calls in flight", "max_concurrent", "in_flight"),
+)
 
 
 def tenants(engine: Engine, tenant: str | None) -> list[TenantRow]:
@@ -209,6 +216,10 @@ def tenants(engine: Engine, tenant: str | None) -> list[TenantRow]:
             if limit is None and key == "executions":
                 continue  # call limits are rare; show them only when set
             row.meters.append(Meter(label, used, limit, money))
+        rated = [(label, b[f], key) for label, f, key in _RATE_METERS if b is not None and b[f] is not None]
+        if rated:
+            rate = usage[t].get("rate") or engine.tenant_usage(t)["rate"]
+            row.meters.extend(Meter(label, rate[key], limit, False) for label, limit, key in rated)
         rows.append(row)
     return rows
 
