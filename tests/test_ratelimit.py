@@ -353,12 +353,9 @@ def test_max_concurrent_holds_across_4_processes_x_4_threads(db_path: Path, fp: 
     assert tl.Execution.by_status("rate_limited").count() == 0
 
 
-def test_budget_cli_and_dashboard_show_rate_limits_and_their_use(
-    window: float, db_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_budget_and_dashboard_show_rate_limits_and_their_use(window: float) -> None:
     from starlette.testclient import TestClient
     from tenantllm import dashboard
-    from tenantllm.cli import main
 
     tl.TenantBudget.create("acme", rpm_limit=60, tpm_limit=5000, max_concurrent=4)
     for _ in range(3):
@@ -367,7 +364,22 @@ def test_budget_cli_and_dashboard_show_rate_limits_and_their_use(
     assert (b.rpm_limit, b.tpm_limit, b.max_concurrent) == (60, 5000, 4)
     tokens = tl.Execution.by_tenant("acme").sum("total_tokens")
     assert (b.current_rpm, b.current_tpm, b.current_concurrent) == (3, tokens, 0)
+    with TestClient(dashboard.app()) as c:
+        html = c.get("/tenants").text
+    assert "Calls this minute" in html and "Tokens this minute" in html and "Calls in flight" in html
+    # The window passes: nothing is in use any more.
+    time.sleep(window)
+    assert tl.TenantBudget.get("acme").current_rpm == 0
 
+
+@pytest.mark.sqlite_only  # the command line opens database files (tests/test_cli.py)
+def test_cli_lists_and_sets_rate_limits(window: float, db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tenantllm.cli import main
+
+    tl.TenantBudget.create("acme", rpm_limit=60, tpm_limit=5000, max_concurrent=4)
+    for _ in range(3):
+        Echo.call(q="x", tenant="acme")
+    tokens = tl.Execution.by_tenant("acme").sum("total_tokens")
     assert main(["budgets", "list", "--database", str(db_path)]) == 0
     out = capsys.readouterr().out
     assert "calls/min" in out and "3/60" in out and f"{tokens}/5,000" in out and "0/4" in out
@@ -375,10 +387,3 @@ def test_budget_cli_and_dashboard_show_rate_limits_and_their_use(
     assert "rpm_limit must be between 1" in capsys.readouterr().err
     assert main(["budgets", "set", "acme", "--max-concurrent", "2", "--database", str(db_path)]) == 0
     assert tl.TenantBudget.get("acme").max_concurrent == 2
-
-    with TestClient(dashboard.app()) as c:
-        html = c.get("/tenants").text
-    assert "Calls this minute" in html and "Tokens this minute" in html and "Calls in flight" in html
-    # The window passes: nothing is in use any more.
-    time.sleep(window)
-    assert tl.TenantBudget.get("acme").current_rpm == 0
