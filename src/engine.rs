@@ -413,9 +413,27 @@ impl Engine {
         if spec.rate_limit_wait.is_zero() {
             return self.admit(spec, req, provider, estimate, true);
         }
+        let key = req.tenant.id.clone().unwrap_or_default();
+        let queue = unpoisoned(self.rate_queues.lock()).entry(key.clone()).or_default().clone();
+        let admitted = self.wait_in(&queue, spec, req, provider, estimate).await;
+        // The last one out removes the tenant's queue, so tenants seen once leave nothing.
+        let mut queues = unpoisoned(self.rate_queues.lock());
+        if Arc::strong_count(&queue) == 2 {
+            queues.remove(&key);
+        }
+        admitted
+    }
+
+    async fn wait_in(
+        self: &Arc<Self>,
+        queue: &Arc<tokio::sync::Mutex<()>>,
+        spec: &AgentSpec,
+        req: &CallRequest,
+        provider: &str,
+        estimate: budget::Usage,
+    ) -> Result<Admission> {
         let deadline = tokio::time::Instant::now() + spec.rate_limit_wait;
-        let queue = unpoisoned(self.rate_queues.lock()).entry(req.tenant.id.clone().unwrap_or_default()).or_default().clone();
-        let Ok(_turn) = tokio::time::timeout_at(deadline, queue.lock_owned()).await else {
+        let Ok(_turn) = tokio::time::timeout_at(deadline, queue.lock()).await else {
             return self.admit(spec, req, provider, estimate, true);
         };
         loop {
