@@ -293,3 +293,21 @@ def test_cli_on_a_missing_postgresql_database_is_a_clear_error(capsys: pytest.Ca
         assert main([*command, "--database", url]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("tenantllm: cannot use") and "Traceback" not in err
+
+
+def test_a_foreign_postgresql_database_is_one_line() -> None:
+    """Another application's database with an `executions` table: refused in one line, as a
+    foreign SQLite file is, and left as it was."""
+    name = f"tl_foreign_{uuid.uuid4().hex[:12]}"
+    psql(SERVER_URL, f"CREATE DATABASE {name}")
+    url = with_database(SERVER_URL, name)
+    try:
+        psql(url, "CREATE TABLE executions (id BIGSERIAL PRIMARY KEY, command TEXT); CREATE TABLE jobs (id INT)")
+        with pytest.raises(tl.StoreError, match="not a tenantllm database") as e:
+            tl.configure(database=url)
+        assert "\n" not in str(e.value) and "CREATE" not in str(e.value) and len(str(e.value)) < 300
+        tables = "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'"
+        assert psql(url, tables) == "executions,jobs"
+    finally:
+        tl.configure(database=":memory:")
+        psql(SERVER_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

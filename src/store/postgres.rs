@@ -362,6 +362,21 @@ fn migrate(client: &mut Client, timezone: &str) -> PgResult<()> {
         ))
         .into());
     }
+    if current == 0 {
+        // Another application's tables: say so in one line instead of failing a migration.
+        let foreign = tx.query_opt(
+            "SELECT table_name::TEXT FROM information_schema.tables WHERE table_schema = current_schema() \
+             AND table_name IN ('executions', 'tenant_budgets', 'usage_counters') LIMIT 1",
+            &[],
+        )?;
+        if let Some(row) = foreign {
+            let table: String = row.try_get(0)?;
+            return Err(Error::Store(format!(
+                "the database is not a tenantllm database: it has a table {table:?} but no tenantllm schema version; use another database or schema"
+            ))
+            .into());
+        }
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
         tx.batch_execute(sql)?;
         tx.execute("DELETE FROM schema_version", &[])?;
