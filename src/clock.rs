@@ -14,6 +14,8 @@ pub fn now_micros() -> Micros {
 
 /// The timezone of a database created by a process that names none.
 pub const DEFAULT_TIMEZONE: &str = "UTC";
+/// The most days a day-range argument (`last_n_days`, the dashboard's chart) may span.
+pub const MAX_DAYS: i64 = 100_000;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Calendar {
@@ -101,6 +103,7 @@ impl Calendar {
     }
 
     /// Today and the n-1 calendar days before it.
+    /// The last `n` calendar days up to and including today's; `n` is at most `MAX_DAYS`.
     pub fn last_n_days(&self, now: Micros, n: u32) -> (Micros, Micros) {
         let d = self.local_date(now);
         let first = d - Days::new(n.saturating_sub(1) as u64);

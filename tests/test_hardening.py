@@ -4,6 +4,7 @@ budget updates do not undo concurrent ones, database URLs are checked."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -250,6 +251,32 @@ def test_bad_usage_reported_by_a_guarded_block(configure: Configure) -> None:
     assert tl.spend_by_tenant("daily")["acme"]["cost"] == 0
 
 
+# ------------------------------------------------------------------ cancelled acall
+
+async def test_a_cancelled_acall_is_settled_when_the_cancellation_arrives(fp: FakeProvider,
+                                                                         configure: Configure) -> None:
+    """The row is `cancelled` (not `running`) and the reservation released by the time
+    `await task` raises CancelledError, not a moment later."""
+    slow = agent("gpt-4o", max_tokens=10)
+    estimate = slow.call(q="hi", tenant="acme", dry_run=True)["estimated_cost"]
+    # One call's reservation fits, two do not.
+    configure(base_urls=fp.base_urls(), api_keys=dict(KEYS), budgets={"global_daily": estimate * 3 / 2})
+    for i in range(1, 6):
+        fp.script(Step(kind="slow", delay=5))
+        task = asyncio.ensure_future(slow.acall(q="hi", tenant="acme"))
+        while len(fp.requests) < 2 * i - 1:  # the slow request arrived
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        rows = [r for r in tl.Execution.all() if r.status != "success"]
+        assert [(r.status, r.error_class) for r in rows] == [("cancelled", "CancelledError")] * i
+        assert all(r.completed_at is not None and r.total_cost == 0 for r in rows)
+        # The reservation is gone: a call admitted now fits the limit.
+        fp.script(Step(input_tokens=1, output_tokens=1))
+        assert (await slow.acall(q="hi", tenant="acme")).total_tokens == 2
+
+
 # ------------------------------------------------------------------ redirects
 
 class _Redirector(BaseHTTPRequestHandler):
@@ -430,3 +457,151 @@ def test_extreme_values_never_escape_as_non_tenantllm_errors(configure: Configur
             except tl.TenantLLMError:
                 pass
             configure()
+
+
+# ------------------------------------------------------------------ every public argument
+
+# Values of the wrong type or outside every range, for arguments of each kind.
+WRONG_FOR_TEXT: list[Any] = [5, 1.5, float("nan"), b"x", ["x"], {"x": 1}, object(), True]
+WRONG_FOR_ID: list[Any] = [*WRONG_FOR_TEXT, "", "a\x00b", "a\tb", "x" * 256]
+WRONG_FOR_COUNT: list[Any] = [None, "5", 1.5, float("nan"), float("inf"), -1, 2**64, 10**400, True, b"5", []]
+WRONG_FOR_SECONDS: list[Any] = [None, "5", float("nan"), float("inf"), -1, 0, 1e300, 10**400, True, []]
+
+
+def probe() -> type[tl.Agent]:
+    return type("Probe", (tl.Agent,), {"model": "mock/x", "user": "{q}"})
+
+
+def call_in(context: Any) -> None:
+    """A call that takes its tenant from `with context:` (`tl.tenant(...)`)."""
+    with context:
+        probe().call(q="x")
+
+
+# (what is probed, how, the values it must refuse, a pattern its error names)
+PUBLIC_ARGUMENTS: list[tuple[str, Callable[[Any], Any], list[Any], str]] = [
+    ("CircuitBreaker.status agent", lambda v: tl.CircuitBreaker.status(agent=v, model="mock/x"),
+     [*WRONG_FOR_TEXT, None], "agent"),
+    ("CircuitBreaker.status model", lambda v: tl.CircuitBreaker.status(agent="A", model=v), WRONG_FOR_TEXT, "model"),
+    ("CircuitBreaker.status agent without model", lambda v: tl.CircuitBreaker.status(agent=v),
+     WRONG_FOR_TEXT, "agent"),
+    ("CircuitBreaker.status tenant_id", lambda v: tl.CircuitBreaker.status(agent=probe(), tenant_id=v),
+     WRONG_FOR_TEXT, "tenant_id"),
+    ("CircuitBreaker.open_for agent", lambda v: tl.CircuitBreaker.open_for(agent=v, model="mock/x"),
+     WRONG_FOR_TEXT, "agent"),
+    ("CircuitBreaker.reset agent", lambda v: tl.CircuitBreaker.reset(agent=v, model="mock/x"), WRONG_FOR_TEXT, "agent"),
+    ("CircuitBreaker.reset tenant_id", lambda v: tl.CircuitBreaker.reset(agent=probe(), tenant_id=v),
+     WRONG_FOR_TEXT, "tenant_id"),
+    ("ApiConfiguration.providers", lambda v: tl.ApiConfiguration.providers(v), WRONG_FOR_TEXT, "tenant_id"),
+    ("ApiConfiguration.set_global", lambda v: tl.ApiConfiguration.set_global(openai=v), WRONG_FOR_TEXT, "openai"),
+    ("ApiConfiguration.set_for_tenant", lambda v: tl.ApiConfiguration.set_for_tenant(v, openai="k"),
+     [*WRONG_FOR_TEXT, None], "tenant_id"),
+    ("spend_by_tenant", lambda v: tl.spend_by_tenant(v), [*WRONG_FOR_TEXT, None, "weekly", ""], "period"),
+    ("order_by", lambda v: tl.Execution.all().order_by(v).count(), [*WRONG_FOR_TEXT, None, "", "nosuch"],
+     "order_by|field"),
+    ("group_by", lambda v: tl.Execution.all().group_by(v).count(), [*WRONG_FOR_TEXT, None, "", "nosuch"],
+     "group_by|field"),
+    ("group_by(...).sum", lambda v: tl.Execution.all().group_by("agent").sum(v), [*WRONG_FOR_TEXT, None, "agent"],
+     "sum|field"),
+    ("sum", lambda v: tl.Execution.all().sum(v), [*WRONG_FOR_TEXT, None, "status"], "sum|field"),
+    ("by_tenant", lambda v: tl.Execution.by_tenant(v).count(), WRONG_FOR_TEXT, "tenant_id"),
+    ("by_agent", lambda v: tl.Execution.by_agent(v).count(), [*WRONG_FOR_TEXT, None], "agent"),
+    ("by_model", lambda v: tl.Execution.by_model(v).count(), [*WRONG_FOR_TEXT, None], "model"),
+    ("by_status", lambda v: tl.Execution.by_status(v).count(), [*WRONG_FOR_TEXT, None, "", "nosuch"], "status"),
+    ("where field", lambda v: tl.Execution.all().where(v, "x").count(), [*WRONG_FOR_TEXT, None, "", "nosuch"], "field"),
+    ("limit", lambda v: tl.Execution.all().limit(v).count(), WRONG_FOR_COUNT, "limit"),
+    ("offset", lambda v: tl.Execution.all().offset(v).count(), WRONG_FOR_COUNT, "offset"),
+    ("last_n_days", lambda v: tl.Execution.last_n_days(v).count(), [*WRONG_FOR_COUNT, 0, 100_001], "last_n_days"),
+    ("between", lambda v: tl.Execution.between(v, None).count(), [*WRONG_FOR_TEXT, "2026-01-01"], "start"),
+    ("Execution.get", lambda v: tl.Execution.get(v), [*WRONG_FOR_TEXT, None], "execution id"),
+    ("TenantBudget.create tenant_id", lambda v: tl.TenantBudget.create(v, daily_limit=1), [*WRONG_FOR_ID, None],
+     "tenant"),
+    ("TenantBudget.create name", lambda v: tl.TenantBudget.create("acme", name=v), WRONG_FOR_TEXT, "name"),
+    ("TenantBudget.create enforcement", lambda v: tl.TenantBudget.create("acme", enforcement=v),
+     [*WRONG_FOR_TEXT, "", "strict"], "enforcement"),
+    ("TenantBudget.find", lambda v: tl.TenantBudget.find(v), [*WRONG_FOR_TEXT, None], "tenant"),
+    ("TenantBudget.find_or_create", lambda v: tl.TenantBudget.find_or_create(v), [*WRONG_FOR_ID, None], "tenant"),
+    ("usage_daily days (dashboard)", lambda v: tl.config.engine().usage_daily("global", v),
+     [*WRONG_FOR_COUNT, 0, 100_001, 2**40], "days"),
+    ("usage_daily scope (dashboard)", lambda v: tl.config.engine().usage_daily(v, 3), [*WRONG_FOR_TEXT, None], "scope"),
+    ("set_timezone", lambda v: tl.set_timezone(v), [*WRONG_FOR_TEXT, None, "", "Mars/Olympus", "a\x00b"], "timezone"),
+    ("configure database", lambda v: tl.configure(database=v), [*WRONG_FOR_TEXT, "", "a\x00b"], "database"),
+    ("configure timezone", lambda v: tl.configure(timezone=v), [*WRONG_FOR_TEXT, "", "Mars/Olympus"], "timezone"),
+    ("configure multi_tenancy_enabled", lambda v: tl.configure(multi_tenancy_enabled=v), [5, "yes", 1.5, []],
+     "multi_tenancy_enabled"),
+    ("configure budgets", lambda v: tl.configure(budgets=v), [5, "x", [], {"nosuch": 1}], "budgets|nosuch"),
+    ("configure enforcement", lambda v: tl.configure(budgets={"enforcement": v}), [*WRONG_FOR_TEXT, ""],
+     "enforcement"),
+    ("configure pricing", lambda v: tl.configure(pricing={"m": {"input": v, "output": "1"}}),
+     [b"x", ["x"], object(), True, "-1", "1e999", float("inf"), float("nan")], "input|pricing"),
+    ("configure api_keys", lambda v: tl.configure(api_keys={"openai": v}), WRONG_FOR_TEXT, "api_keys"),
+    ("configure base_urls", lambda v: tl.configure(base_urls={"openai": v}), WRONG_FOR_TEXT, "base_urls"),
+    ("configure mock seed", lambda v: tl.configure(mock={"seed": v}), [*WRONG_FOR_COUNT[1:], 2**64], "seed"),
+    ("configure hooks", lambda v: tl.configure(tenant_resolver=v), [5, "x", []], "tenant_resolver"),
+    ("Agent.model", lambda v: call(model=v), [*WRONG_FOR_TEXT, None, ""], "model"),
+    ("Agent.temperature", lambda v: call(temperature=v), ["1", float("nan"), float("inf"), -1, 3, 10**400, []],
+     "temperature"),
+    ("Agent.max_tokens", lambda v: call(max_tokens=v), [*WRONG_FOR_COUNT, 0, 100_000_001], "max_tokens"),
+    ("Agent.timeout", lambda v: call(timeout=v), WRONG_FOR_SECONDS, "timeout"),
+    ("Agent.system", lambda v: call(system=v), [5, b"x", ["x"], "{q!x}", "{0}"], "system"),
+    ("Agent.retries", lambda v: call(retries=v), [*WRONG_FOR_COUNT, 21], "retries"),
+    ("Retries.backoff", lambda v: call(retries=tl.Retries(backoff=v)), [*WRONG_FOR_TEXT, None, "", "random"],
+     "backoff"),
+    ("Retries.base", lambda v: call(retries=tl.Retries(base=v)), [None, "1", float("nan"), -1, 601, 10**400],
+     "base"),
+    ("Agent.fallback_models", lambda v: call(fallback_models=v), [5, "gpt-4o", [5], [None], [""]], "fallback|model"),
+    ("Agent.circuit_breaker", lambda v: call(circuit_breaker=v), [5, "x", {"errors": 1}], "circuit_breaker"),
+    ("BreakerPolicy.errors", lambda v: call(circuit_breaker=tl.BreakerPolicy(errors=v)), [*WRONG_FOR_COUNT, 0, 10_001],
+     "errors"),
+    ("BreakerPolicy.within", lambda v: call(circuit_breaker=tl.BreakerPolicy(within=v)), WRONG_FOR_SECONDS, "within"),
+    ("call tenant", lambda v: call(tenant=v), [*WRONG_FOR_ID[:-1], [], "x" * 256], "tenant"),
+    ("call tenant dict", lambda v: call(tenant={"id": "acme", **v}),
+     [{"nosuch": 1}, {"api_keys": 5}, {"api_keys": {"openai": 5}}, {"name": 5}, {"enforcement": "x"}],
+     "nosuch|api_keys|openai|name|enforcement"),
+    ("call dry_run", lambda v: probe().call(q="x", tenant="acme", dry_run=v), [5, "yes", None], "dry_run"),
+    ("execution_metadata", lambda v: type("M", (probe(),), {"execution_metadata": lambda self: v}).call(
+        q="x", tenant="acme"), [5, "x", [1], {"x": float("nan")}], "metadata"),
+    ("tenant()", lambda v: call_in(tl.tenant(v)), [5, 1.5, b"x", [], "", "a\tb", {"id": 5}, {"nosuch": 1}], "tenant"),
+    ("@agent model", lambda v: tl.agent(model=v)(lambda q: "x"), [*WRONG_FOR_TEXT, None, ""], "model"),
+    ("@agent system", lambda v: tl.agent(model="mock/x", system=v)(lambda q: "x"), [5, "{nosuch}"], "system|nosuch"),
+    ("guarded agent", lambda v: tl.guarded(agent=v, model="mock/x", tenant="acme").__enter__(),
+     [*WRONG_FOR_ID, None], "agent"),
+    ("guarded model", lambda v: tl.guarded(agent="B", model=v, tenant="acme").__enter__(),
+     [*WRONG_FOR_TEXT, None, ""], "model"),
+    ("guarded max_tokens", lambda v: tl.guarded(agent="B", model="mock/x", max_tokens=v), [*WRONG_FOR_COUNT, 0],
+     "max_tokens"),
+    ("guarded input_tokens", lambda v: tl.guarded(agent="B", model="mock/x", input_tokens=v, tenant="acme").__enter__(),
+     [*WRONG_FOR_COUNT, 100_000_001], "input_tokens"),
+    ("guarded timeout", lambda v: tl.guarded(agent="B", model="mock/x", timeout=v), [*WRONG_FOR_SECONDS, 86_401],
+     "timeout"),
+    ("guarded metadata", lambda v: tl.guarded(agent="B", model="mock/x", metadata=v), [5, "x", [1]], "metadata"),
+    ("guard agent", lambda v: tl.guard(agent=v, model="mock/x"), [*WRONG_FOR_ID, None], "agent"),
+    ("llm_tenant id", lambda v: tl.llm_tenant(id=v), [*WRONG_FOR_TEXT, None, "", "not an attribute"], "llm_tenant"),
+    ("guarded record", lambda v: tl.guarded(agent="B", model="mock/x").record(input_tokens=v, output_tokens=1),
+     [v for v in WRONG_FOR_COUNT if v not in (2**64, 10**400)], "input_tokens"),  # too large: InvalidResponseError
+]
+
+
+def stored_state() -> tuple[Any, ...]:
+    """Everything a refused call must leave as it was."""
+    e = tl.config.engine()
+    return (tl.Execution.all().to_dicts(), tl.TenantBudget.all(), e.database, e.timezone, tl.spend_by_tenant("daily"),
+            tl.ApiConfiguration.providers(), tl.CircuitBreaker.not_closed())
+
+
+@pytest.mark.parametrize("what, run, refused, names", PUBLIC_ARGUMENTS, ids=[p[0] for p in PUBLIC_ARGUMENTS])
+def test_every_public_argument_refuses_bad_values_naming_it(configure: Configure, monkeypatch: pytest.MonkeyPatch,
+                                                            what: str, run: Callable[[Any], Any], refused: list[Any],
+                                                            names: str) -> None:
+    """Wrong types, None, negative, NaN, inf, huge ints, empty strings and control characters:
+    a TenantLLMError naming the argument, nothing changed, never a TypeError or a panic."""
+    monkeypatch.setenv("TENANTLLM_SECRET_KEY", "tenantllm-test-secret-hardening")
+    configure()
+    call()  # a row, so queries have something to refuse to read
+    before = stored_state()
+    for v in refused:
+        with pytest.raises(tl.TenantLLMError, match=names) as e:
+            run(v)
+        assert "\n" not in str(e.value).strip(), (v, str(e.value))
+        assert stored_state() == before, (what, v)
+        configure()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import string
@@ -109,8 +110,12 @@ def build_spec(
     if isinstance(retries, bool) or not isinstance(retries, int | Retries):
         raise ConfigurationError(f"{name}.retries must be an int or tenantllm.Retries")
     r = Retries(max=retries) if isinstance(retries, int) else retries
+    if isinstance(r.max, bool) or not isinstance(r.max, int):
+        raise ConfigurationError(f"{name}.retries.max must be an int, got {type(r.max).__name__}")
     if r.max < 0:
         raise ConfigurationError(f"{name}.retries must not be negative")
+    if not isinstance(r.backoff, str):
+        raise ConfigurationError(f"{name}.retries.backoff must be a string, got {type(r.backoff).__name__}")
     if isinstance(fallback_models, str) or not isinstance(fallback_models, Sequence) or not all(
         isinstance(m, str) for m in fallback_models
     ):
@@ -154,6 +159,11 @@ def build_spec(
     )
 
 
+def _check_dry_run(dry_run: Any) -> None:
+    if not isinstance(dry_run, bool):
+        raise ConfigurationError(f"dry_run must be True or False, got {type(dry_run).__name__}")
+
+
 def _render(template: str, params: Mapping[str, Any], where: str) -> str:
     try:
         return template.format_map(params)
@@ -168,7 +178,7 @@ def metadata_json(where: str, metadata: Any) -> str:
     if not isinstance(metadata, Mapping):
         raise ConfigurationError(f"{where} must return a dict, got {type(metadata).__name__}")
     try:
-        return json.dumps(dict(metadata), default=str, sort_keys=True)
+        return json.dumps(dict(metadata), default=str, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigurationError(f"{where}: metadata is not JSON-serialisable: {e}") from None
 
@@ -284,6 +294,7 @@ class Agent:
         `history`: prior turns (`{"role": "user" | "assistant", "content": str}`, oldest
         first), sent before the rendered prompt. Returns an `AgentResult`, or with
         `dry_run=True` a dict of what would be sent."""
+        _check_dry_run(dry_run)
         self = cls(**params)
         s = settings()
         p = self._prepare(s, tenant, history)
@@ -305,6 +316,7 @@ class Agent:
     ) -> AgentResult | dict[str, Any]:
         """Like `call`, as a coroutine; cancelling it aborts the request and records the
         execution as cancelled."""
+        _check_dry_run(dry_run)
         self = cls(**params)
         s = settings()
         p = self._prepare(s, tenant, history)
@@ -355,6 +367,16 @@ def lineage() -> tuple[str | None, str | None]:
     return (None, None) if at is None else (at.parent, at.root)
 
 
+async def _settled(settlement: _core.Settlement) -> None:
+    """Waits (a few ms, at most about a second) until the core has recorded a cancelled call,
+    which it does on its own thread as the cancellation reaches it: the caller then never
+    sees its row `running` or its reservation held."""
+    for _ in range(1000):
+        if settlement.done:
+            return
+        await asyncio.sleep(0.001)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One call, rendered and resolved, ready for the core."""
@@ -382,9 +404,15 @@ class Prepared:
 
     async def arun(self, s: Settings) -> AgentResult:
         try:
-            return await s.engine.arun(self.call())
+            awaitable, settlement = s.engine.arun(self.call())
+            try:
+                return await awaitable
+            except asyncio.CancelledError:
+                await _settled(settlement)
+                raise
         finally:
             deliver_alerts(s)
+
 
     def dry_run(self, s: Settings, settings: dict[str, Any]) -> dict[str, Any]:
         plan = s.engine.plan(self.call())

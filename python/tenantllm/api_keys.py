@@ -3,6 +3,7 @@ TENANTLLM_SECRET_KEY), globally or per tenant."""
 
 from __future__ import annotations
 
+from tenantllm._core import InvalidTenantError
 from tenantllm.config import engine
 
 
@@ -19,6 +20,8 @@ class ApiConfiguration:
     @staticmethod
     def set_for_tenant(tenant_id: str, **keys: str | None) -> None:
         """`set_for_tenant("acme", anthropic="sk-ant-...")`; None or blank removes it."""
+        if tenant_id is None:  # the core would take None for "global"
+            raise InvalidTenantError("set_for_tenant: tenant_id must be a non-empty string, got None")
         engine().set_api_keys(list(keys.items()), tenant_id)
 
     @staticmethod

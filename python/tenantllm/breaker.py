@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tenantllm._core import ConfigurationError, InvalidTenantError
 from tenantllm.config import engine
 
 # The order a set of breakers reports: an agent refuses calls only when no model is closed.
@@ -13,6 +14,12 @@ _STATES = ("closed", "half_open", "open")
 def _keys(agent: str | type, model: str | None, tenant_id: str | None) -> list[tuple[str, str, str | None]]:
     """The breakers meant: the named model's, else every model of the agent (an agent class's
     model and fallbacks; for an agent named by a string, the models whose breaker is not closed)."""
+    if not isinstance(agent, str | type):
+        raise ConfigurationError(f"agent must be an Agent class or an agent name, got {type(agent).__name__}")
+    if model is not None and not isinstance(model, str):
+        raise ConfigurationError(f"model must be a model name, got {type(model).__name__}")
+    if tenant_id is not None and not isinstance(tenant_id, str):
+        raise InvalidTenantError(f"tenant_id must be a non-empty string, got {type(tenant_id).__name__}")
     name = agent if isinstance(agent, str) else agent.__name__
     if not engine().multi_tenancy_enabled:
         tenant_id = None

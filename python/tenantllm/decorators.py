@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from tenantllm import _core
-from tenantllm._core import AgentResult, ConfigurationError
+from tenantllm._core import AgentResult, ConfigurationError, InvalidResponseError
 from tenantllm.agent import (
     BreakerPolicy,
     Lineage,
@@ -161,7 +161,13 @@ class ReportedUsage:
 
 
 def _int(obj: Any, name: str) -> int:
-    return int(_get(obj, name) or 0)
+    """A token count from a response; the core checks its range."""
+    v = _get(obj, name)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidResponseError(f"usage {name} must be a whole number of tokens, got {type(v).__name__}")
+    return v
 
 
 def _camel(name: str) -> str:
@@ -197,11 +203,11 @@ def usage_of(response: Any) -> ReportedUsage | None:
     model = model if isinstance(model, str) else None
     if _get(usage, "prompt_tokens") is not None:  # OpenAI chat completions (and DeepSeek)
         details = _get(usage, "prompt_tokens_details") or {}
-        cached = _get(details, "cached_tokens")
-        if cached is None:
-            cached = _get(usage, "prompt_cache_hit_tokens")  # DeepSeek's documented field
+        cached = _int(details, "cached_tokens")
+        if _get(details, "cached_tokens") is None:
+            cached = _int(usage, "prompt_cache_hit_tokens")  # DeepSeek's documented field
         return ReportedUsage(
-            _int(usage, "prompt_tokens"), _int(usage, "completion_tokens"), int(cached or 0), model,
+            _int(usage, "prompt_tokens"), _int(usage, "completion_tokens"), cached, model,
             cache_write_tokens=_int(details, "cache_write_tokens"),
         )
     if _get(usage, "input_tokens") is None:

@@ -24,6 +24,12 @@ def _utc(t: Any) -> Any:
     return t
 
 
+def _check_sum_field(field: Any) -> None:
+    """The core takes no field for a count: a None here must not become one."""
+    if not isinstance(field, str):
+        raise ConfigurationError(f"sum field must be a string such as 'total_cost', got {type(field).__name__}")
+
+
 def _agent_name(agent: str | type) -> Any:
     """An agent class's name; anything else goes to the core, which checks it."""
     return agent.__name__ if isinstance(agent, type) else agent
@@ -268,6 +274,8 @@ class ExecutionQuery:
         """`order_by("-total_cost", "started_at")`: a leading '-' sorts descending."""
         q = self
         for f in fields:
+            if not isinstance(f, str):
+                raise ConfigurationError(f"order_by field must be a string, got {type(f).__name__}")
             q = q._and("order", f.removeprefix("-"), f.startswith("-"))
         return q
 
@@ -289,6 +297,7 @@ class ExecutionQuery:
         return 0 if self._is_empty() else n
 
     def sum(self, field: str) -> Decimal | int:
+        _check_sum_field(field)
         total: Decimal | int = engine().query_aggregate(self._core_ops(), field)  # also checks the field
         return type(total)(0) if self._is_empty() else total
 
@@ -342,4 +351,5 @@ class GroupedQuery:
         return engine().query_grouped(list(self._ops), self._field)
 
     def sum(self, field: str) -> dict[str | None, Any]:
+        _check_sum_field(field)
         return engine().query_grouped(list(self._ops), self._field, field)

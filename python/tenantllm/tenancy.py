@@ -95,6 +95,8 @@ def _from_value(value: Any, source: str) -> ResolvedTenant:
             )
         # "name" describes the tenant; only real limits replace the stored budget.
         limits = {k: v for k, v in value.items() if k in LIMIT_KEYS and k != "name"}
+        if not isinstance(value.get("name", ""), str | None):
+            raise InvalidTenantError(f"{source}: the tenant's name must be a string")
         keys = value.get("api_keys")
         if keys is not None and not isinstance(keys, Mapping):
             raise InvalidTenantError(f"{source}: api_keys must be a dict of provider name to key")
@@ -184,6 +186,11 @@ def llm_tenant(
     values fall through). `limits` (TenantBudget fields such as `daily_limit`) and
     `enforcement` create the tenant's budget at its first call if it has none; a budget that
     exists (say, changed by an operator since) is left as it is."""
+    if api_keys is not None and not isinstance(api_keys, Mapping):
+        got = type(api_keys).__name__
+        raise ConfigurationError(f"llm_tenant: api_keys must be a dict of provider to attribute, got {got}")
+    if not isinstance(id, str):
+        raise ConfigurationError(f"llm_tenant: id must name an attribute, got {type(id).__name__}")
     keys = dict(api_keys or {})
     for attr in (id, name, *keys.values()):
         if attr is not None and (not isinstance(attr, str) or not attr.isidentifier()):

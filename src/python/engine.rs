@@ -1,6 +1,7 @@
 //! The `Engine` pyclass: one per `configure()`, holding the store and settings. Everything
 //! that touches the database or the network runs with the GIL released.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use super::query::{parse_ops, Ops};
 use super::runtime::{runtime, Tokio};
 use crate::breaker;
 use crate::budget::{self, tenant_scope};
-use crate::clock::{now_micros, Period};
+use crate::clock::{now_micros, Period, MAX_DAYS};
 use crate::config::Config;
 use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard, MAX_TIMEOUT};
 use crate::error::{catch_panic, catch_panic_async, Error, Result};
@@ -90,6 +91,28 @@ impl PyAgentSpec {
     #[getter]
     fn name(&self) -> &str {
         &self.inner.name
+    }
+}
+
+/// Whether an `arun` call is over in the core, its row written. A cancelled `acall` is
+/// recorded as the core drops it, on a runtime thread, just after Python sees the
+/// cancellation: the Python layer waits for this so the row never reads `running` then.
+#[pyclass(module = "tenantllm._core", name = "Settlement", frozen)]
+pub struct PySettlement(Arc<AtomicBool>);
+
+#[pymethods]
+impl PySettlement {
+    #[getter]
+    fn done(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+struct SettleOnDrop(Arc<AtomicBool>);
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -346,8 +369,13 @@ impl PyCall {
     }
 }
 
-fn breaker_key(agent: String, model: String, tenant_id: Option<String>) -> BreakerKey {
-    BreakerKey { agent, model, tenant_id }
+/// A breaker's key from `CircuitBreaker` arguments (None for the tenant: no tenant).
+fn breaker_key(agent: &Bound<'_, PyAny>, model: &Bound<'_, PyAny>, tenant_id: Option<&Bound<'_, PyAny>>) -> Result<BreakerKey> {
+    Ok(BreakerKey {
+        agent: string("agent", agent)?,
+        model: string("model", model)?,
+        tenant_id: tenant_id.filter(|t| !t.is_none()).map(tenant_id_arg).transpose()?,
+    })
 }
 
 fn breaker_state_dict<'py>(py: Python<'py>, key: &BreakerKey, s: &breaker::State) -> PyResult<Bound<'py, PyDict>> {
@@ -468,16 +496,22 @@ impl PyEngine {
         super::stream::PyStream::start(py, engine, call.spec.clone(), call.req.clone())
     }
 
-    /// The awaitable form of `run`, for `Agent.acall`.
-    fn arun<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyAny>> {
+    /// The awaitable form of `run`, for `Agent.acall`, and its `Settlement`.
+    fn arun<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<(Bound<'py, PyAny>, PySettlement)> {
         let (engine, spec, req) = (self.engine(py)?.clone(), call.spec.clone(), call.req.clone());
         runtime().py_err(py)?;
-        pyo3_async_runtimes::generic::future_into_py::<Tokio, _, _>(py, async move {
-            match catch_panic_async(engine.run(spec, req)).await {
+        let settled = Arc::new(AtomicBool::new(false));
+        let on_drop = SettleOnDrop(settled.clone());
+        let awaitable = pyo3_async_runtimes::generic::future_into_py::<Tokio, _, _>(py, async move {
+            // Declared first, so dropped last: after the call, whose drop records a cancellation.
+            let _settled = on_drop;
+            let call = catch_panic_async(engine.run(spec, req));
+            match call.await {
                 Ok(o) => Ok(PyAgentResult::from(o)),
                 Err(e) => Err(Python::attach(|py| to_py(py, e))),
             }
-        })
+        })?;
+        Ok((awaitable, PySettlement(settled)))
     }
 
     /// Admits a guarded block of user code (a `Call` with no prompts), reserving the
@@ -535,7 +569,7 @@ impl PyEngine {
 
     /// count() when `field` is None, else sum(field).
     #[pyo3(signature = (ops, field=None))]
-    fn query_aggregate(&self, py: Python<'_>, ops: &Bound<'_, PyList>, field: Option<&str>) -> PyResult<Py<PyAny>> {
+    fn query_aggregate(&self, py: Python<'_>, ops: &Bound<'_, PyList>, field: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
         let ops = self.ops(py, ops)?;
         let agg = aggregate(field).py_err(py)?;
         let cell = self.detached(py, |e| e.store().query_aggregate(&ops.query, &agg))?;
@@ -543,10 +577,10 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (ops, by, field=None))]
-    fn query_grouped<'py>(&self, py: Python<'py>, ops: &Bound<'py, PyList>, by: &str, field: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+    fn query_grouped<'py>(&self, py: Python<'py>, ops: &Bound<'py, PyList>, by: &Bound<'py, PyAny>, field: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
         let ops = self.ops(py, ops)?;
         let agg = aggregate(field).py_err(py)?;
-        let by = Field::groupable(by).py_err(py)?;
+        let by = string("group_by field", by).and_then(|by| Field::groupable(&by)).py_err(py)?;
         let groups = self.detached(py, |e| e.store().query_grouped(&ops.query, by, &agg))?;
         let d = PyDict::new(py);
         for (k, v) in groups {
@@ -634,8 +668,9 @@ impl PyEngine {
     }
 
     /// Spend per tenant in the current "daily" or "monthly" period, from the counters.
-    fn usage_by_tenant<'py>(&self, py: Python<'py>, period: &str) -> PyResult<Bound<'py, PyDict>> {
-        let p = match period {
+    fn usage_by_tenant<'py>(&self, py: Python<'py>, period: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let period = string("period", period).py_err(py)?;
+        let p = match period.as_str() {
             "daily" => Period::Daily,
             "monthly" => Period::Monthly,
             other => return Err(to_py(py, Error::Configuration(format!("period must be \"daily\" or \"monthly\", got {other:?}")))),
@@ -650,12 +685,14 @@ impl PyEngine {
 
     /// Usage per day of a scope ("global", "tenant:<id>", "agent:<name>") over the last
     /// `days` days, from the counters: [(day, {"cost", "tokens", "executions"}), ...].
-    fn usage_daily<'py>(&self, py: Python<'py>, scope: &str, days: u32) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
+    fn usage_daily<'py>(&self, py: Python<'py>, scope: &Bound<'py, PyAny>, days: AnyInt) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
+        let scope = string("scope", scope).py_err(py)?;
+        let days = days.within("days", 1, MAX_DAYS).py_err(py)? as u32;
         let now = now_micros();
         let rows = self.detached(py, |e| {
             let cal = e.current_calendar()?;
-            let (first, _) = cal.last_n_days(now, days.max(1));
-            e.store().usage_daily(scope, &cal.period_key(Period::Daily, first))
+            let (first, _) = cal.last_n_days(now, days);
+            e.store().usage_daily(&scope, &cal.period_key(Period::Daily, first))
         })?;
         rows.into_iter().map(|(d, u)| Ok((d, usage_dict(py, &u)?))).collect()
     }
@@ -685,22 +722,23 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (tenant_id=None))]
-    fn stored_key_providers(&self, py: Python<'_>, tenant_id: Option<String>) -> PyResult<Vec<String>> {
+    fn stored_key_providers(&self, py: Python<'_>, tenant_id: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+        let tenant_id = tenant_id.map(tenant_id_arg).transpose().py_err(py)?;
         self.detached(py, |e| e.stored_key_providers(tenant_id.as_deref()))
     }
 
     // ------------------------------------------------------------ breakers
 
     #[pyo3(signature = (agent, model, tenant_id=None))]
-    fn breaker_status<'py>(&self, py: Python<'py>, agent: String, model: String, tenant_id: Option<String>) -> PyResult<Bound<'py, PyDict>> {
-        let key = breaker_key(agent, model, tenant_id);
+    fn breaker_status<'py>(&self, py: Python<'py>, agent: &Bound<'py, PyAny>, model: &Bound<'py, PyAny>, tenant_id: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
+        let key = breaker_key(agent, model, tenant_id).py_err(py)?;
         let s = self.detached(py, |e| e.store().breaker_status(&key))?;
         breaker_state_dict(py, &key, &s)
     }
 
     #[pyo3(signature = (agent, model, tenant_id=None))]
-    fn breaker_reset(&self, py: Python<'_>, agent: String, model: String, tenant_id: Option<String>) -> PyResult<()> {
-        let key = breaker_key(agent, model, tenant_id);
+    fn breaker_reset(&self, py: Python<'_>, agent: &Bound<'_, PyAny>, model: &Bound<'_, PyAny>, tenant_id: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let key = breaker_key(agent, model, tenant_id).py_err(py)?;
         self.detached(py, |e| e.store().breaker_reset(&key))
     }
 
@@ -719,10 +757,10 @@ fn tenant_id_arg(v: &Bound<'_, PyAny>) -> Result<String> {
     string("tenant_id", v).map_err(|_| Error::InvalidTenant("tenant_id must be a non-empty string".into()))
 }
 
-fn aggregate(field: Option<&str>) -> Result<Aggregate> {
+fn aggregate(field: Option<&Bound<'_, PyAny>>) -> Result<Aggregate> {
     Ok(match field {
         None => Aggregate::Count,
-        Some(f) => Aggregate::Sum(Field::numeric(f)?),
+        Some(f) => Aggregate::Sum(Field::numeric(&string("sum field", f)?)?),
     })
 }
 

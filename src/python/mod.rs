@@ -34,6 +34,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyGuard>()?;
     m.add_class::<engine::PyCall>()?;
     m.add_class::<stream::PyStream>()?;
+    m.add_class::<engine::PySettlement>()?;
     m.add_function(wrap_pyfunction!(drain_tasks, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The fields of a tenant budget / tenant limits dict, for the Python layer's checks.

@@ -6,7 +6,7 @@ use pyo3::types::{PyBool, PyInt, PyList, PyTuple};
 
 use super::convert::{string, type_name};
 use super::engine::{positive, tuple_item};
-use crate::clock::{Calendar, Micros};
+use crate::clock::{Calendar, Micros, MAX_DAYS};
 use crate::error::{config_err, Error, Result};
 use crate::execution::{Field, Filter, Kind, Query, Status, Value};
 
@@ -79,7 +79,10 @@ pub fn parse_ops(ops: &Bound<'_, PyList>, cal: &Calendar, now: Micros) -> Result
                     "this_month" => cal.this_month(now),
                     "last_n_days" => {
                         let n = positive("last_n_days", &tuple_item(t, 2, &name)?)?;
-                        cal.last_n_days(now, n.min(100_000) as u32)
+                        if n > MAX_DAYS {
+                            return config_err(format!("last_n_days must be at most {MAX_DAYS} (got {n})"));
+                        }
+                        cal.last_n_days(now, n as u32)
                     }
                     other => return config_err(format!("unknown period {other:?}")),
                 };
