@@ -26,7 +26,7 @@ use crate::process::PerProcess;
 use crate::providers::MAX_REPLY_TOKENS;
 use crate::retry::{RetryPolicy, MAX_RETRIES};
 use crate::store::{Alert, BreakerKey, BudgetWrite};
-use crate::tenancy::TenantContext;
+use crate::tenancy::{validate_tenant_id, TenantContext};
 
 /// An agent class's settings, built once per class by the Python layer.
 #[pyclass(module = "tenantllm._core", name = "AgentSpec", frozen)]
@@ -752,9 +752,12 @@ impl PyEngine {
     }
 }
 
-/// A tenant id argument: a string (checked further where it is used), else `InvalidTenantError`.
+/// A tenant id argument: a valid id (a NUL byte would even be a PostgreSQL error), else
+/// `InvalidTenantError`.
 fn tenant_id_arg(v: &Bound<'_, PyAny>) -> Result<String> {
-    string("tenant_id", v).map_err(|_| Error::InvalidTenant("tenant_id must be a non-empty string".into()))
+    let id = string("tenant_id", v).map_err(|_| Error::InvalidTenant("tenant_id must be a non-empty string".into()))?;
+    validate_tenant_id(&id)?;
+    Ok(id)
 }
 
 fn aggregate(field: Option<&Bound<'_, PyAny>>) -> Result<Aggregate> {
