@@ -554,14 +554,16 @@ PUBLIC_ARGUMENTS: list[tuple[str, Callable[[Any], Any], list[Any], str]] = [
     ("BreakerPolicy.errors", lambda v: call(circuit_breaker=tl.BreakerPolicy(errors=v)), [*WRONG_FOR_COUNT, 0, 10_001],
      "errors"),
     ("BreakerPolicy.within", lambda v: call(circuit_breaker=tl.BreakerPolicy(within=v)), WRONG_FOR_SECONDS, "within"),
-    ("call tenant", lambda v: call(tenant=v), [*WRONG_FOR_ID[:-1], [], "x" * 256], "tenant"),
+    # (int ids are taken as their decimal string)
+    ("call tenant", lambda v: call(tenant=v), [*WRONG_FOR_ID[1:-1], [], "x" * 256], "tenant"),
     ("call tenant dict", lambda v: call(tenant={"id": "acme", **v}),
      [{"nosuch": 1}, {"api_keys": 5}, {"api_keys": {"openai": 5}}, {"name": 5}, {"enforcement": "x"}],
      "nosuch|api_keys|openai|name|enforcement"),
     ("call dry_run", lambda v: probe().call(q="x", tenant="acme", dry_run=v), [5, "yes", None], "dry_run"),
     ("execution_metadata", lambda v: type("M", (probe(),), {"execution_metadata": lambda self: v}).call(
         q="x", tenant="acme"), [5, "x", [1], {"x": float("nan")}], "metadata"),
-    ("tenant()", lambda v: call_in(tl.tenant(v)), [5, 1.5, b"x", [], "", "a\tb", {"id": 5}, {"nosuch": 1}], "tenant"),
+    ("tenant()", lambda v: call_in(tl.tenant(v)), [1.5, b"x", [], "", "a\tb", {"id": 1.5}, {"nosuch": 1}],
+     "tenant"),
     ("@agent model", lambda v: tl.agent(model=v)(lambda q: "x"), [*WRONG_FOR_TEXT, None, ""], "model"),
     ("@agent system", lambda v: tl.agent(model="mock/x", system=v)(lambda q: "x"), [5, "{nosuch}"], "system|nosuch"),
     ("guarded agent", lambda v: tl.guarded(agent=v, model="mock/x", tenant="acme").__enter__(),
