@@ -304,9 +304,12 @@ where
     F::Output: Send,
 {
     let rt = runtime().py_err(py)?;
+    // Boxed once here, so the moves below move a pointer: the engine's call future is tens of
+    // kilobytes, and copying it into the closure, the async block and `block_on` was the
+    // largest single cost of a call in the core (memcpy, under callgrind).
+    let mut fut = Box::pin(fut);
     py.detach(move || {
         rt.tokio.block_on(async move {
-            tokio::pin!(fut);
             loop {
                 tokio::select! {
                     biased;
