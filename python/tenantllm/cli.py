@@ -393,56 +393,57 @@ def dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    database: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand that runs `func` on a database (`--database`, by default TENANTLLM_DATABASE)."""
+    c = sub.add_parser(name, help=help)
+    c.add_argument("--database", default=database or _default_database())
+    c.set_defaults(func=func)
+    return c
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tenantllm", description=tl.__doc__)
     p.add_argument("--version", action="version", version=f"tenantllm {tl.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run agents for three tenants on the mock provider and print a report")
-    d.add_argument("--database", default=DEMO_DB)
+    d = _command(sub, "demo", demo, "run agents for three tenants on the mock provider and print a report", DEMO_DB)
     d.add_argument("--calls", type=int, default=12, help="calls per tenant")
-    d.set_defaults(func=demo)
 
-    r = sub.add_parser("report", help="spend per tenant, agent or model")
-    r.add_argument("--database", default=_default_database())
+    r = _command(sub, "report", report, "spend per tenant, agent or model")
     r.add_argument("--by", choices=[*_GROUPS, *(v for v in _GROUPS.values() if v not in _GROUPS)], default="tenant")
     r.add_argument("--period", choices=list(_PERIODS), default="this_month")
-    r.set_defaults(func=report)
 
     b = sub.add_parser("budgets", help="list or set tenant budgets")
     bsub = b.add_subparsers(dest="budgets_command", required=True)
-    bl = bsub.add_parser("list", help="every tenant budget with today's and this month's usage")
-    bl.add_argument("--database", default=_default_database())
-    bl.set_defaults(func=budgets_list)
-    bs = bsub.add_parser(
-        "set", help="create or change a tenant's budget (only the options given change; 'none' removes a limit)"
+    _command(bsub, "list", budgets_list, "every tenant budget with today's and this month's usage")
+    bs = _command(
+        bsub, "set", budgets_set,
+        "create or change a tenant's budget (only the options given change; 'none' removes a limit)",
     )
     bs.add_argument("tenant", help="tenant id")
-    bs.add_argument("--database", default=_default_database())
     for flag, field, kind in _BUDGET_OPTIONS:
         bs.add_argument(flag, dest=field, type=_limit(kind), default=argparse.SUPPRESS,
                         metavar="USD" if kind == "usd" else "N")
     bs.add_argument("--enforcement", choices=["hard", "soft"], help="hard blocks calls, soft only warns")
     bs.add_argument("--name", help="display name of the tenant")
-    bs.set_defaults(func=budgets_set)
-    bd = bsub.add_parser("delete", help="remove a tenant's budget (it then inherits the global limits)")
+    bd = _command(bsub, "delete", budgets_delete, "remove a tenant's budget (it then inherits the global limits)")
     bd.add_argument("tenant")
-    bd.add_argument("--database", default=_default_database())
-    bd.set_defaults(func=budgets_delete)
 
     z = sub.add_parser("timezone", help="show or change the timezone of the database's budget days and months")
     zsub = z.add_subparsers(dest="timezone_command", required=True)
-    zs = zsub.add_parser("show", help="print the database's timezone")
-    zs.add_argument("--database", default=_default_database())
-    zs.set_defaults(func=timezone_show)
-    zt = zsub.add_parser(
-        "set", help="change it for every process using the database and rebuild the counters in it (one transaction)"
+    _command(zsub, "show", timezone_show, "print the database's timezone")
+    zt = _command(
+        zsub, "set", timezone_set,
+        "change it for every process using the database and rebuild the counters in it (one transaction)",
     )
     zt.add_argument("zone", help="an IANA timezone name, such as Europe/Berlin or UTC")
-    zt.add_argument("--database", default=_default_database())
-    zt.set_defaults(func=timezone_set)
 
-    w = sub.add_parser("dashboard", help="serve the web dashboard")
-    w.add_argument("--database", default=_default_database())
+    w = _command(sub, "dashboard", dashboard, "serve the web dashboard")
     w.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
     w.add_argument("--port", type=int, default=8000)
     w.add_argument("--auth", metavar="MODULE:CALLABLE",
@@ -451,7 +452,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="allow a non-loopback --host without --auth (only behind an authenticating proxy)")
     w.add_argument("--title", default="tenantllm")
     w.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    w.set_defaults(func=dashboard)
 
     args = p.parse_args(argv)
     try:
