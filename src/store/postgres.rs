@@ -41,7 +41,7 @@ use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
 use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
-use crate::process::quiet;
+use crate::process::{quiet, unpoisoned};
 use crate::ratelimit::{self, RateCheck, RateUsage};
 use crate::secrets::Sealed;
 
@@ -69,11 +69,11 @@ const MIGRATION_LOCK: i64 = 0x7465_6e61_6e74_6c6c;
 
 type Job = Box<dyn FnOnce(&mut Slot) + Send + 'static>;
 
-/// OS threads that run the store's database work, off any tokio runtime. Each keeps one
-/// connection of its own, so the threads are the pool: an operation never waits for a
-/// connection, only for a thread, and no pool runs threads of its own that a fork could
-/// catch at work (r2d2's parked in parking_lot's per-process table, whose bucket locks a
-/// fork could copy held).
+/// OS threads that run the store's database work, off any tokio runtime. They share the idle
+/// connections (at most one per thread), so the threads are the pool: an operation never waits
+/// for a connection, only for a thread, and no pool runs threads of its own that a fork could
+/// catch at work (r2d2's parked in parking_lot's per-process table, whose bucket locks a fork
+/// could copy held).
 struct Workers {
     queue: mpsc::Sender<Job>,
 }
@@ -85,27 +85,34 @@ impl Workers {
         // waiters in one table per process whose bucket locks a fork() can catch held (the
         // child then hangs when it starts threads of its own).
         let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        let config = Arc::new(config.clone());
+        let idle: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
         for i in 0..n {
-            let jobs = jobs.clone();
-            let mut slot = Slot { config: config.clone(), conn: None };
+            let (jobs, config, idle) = (jobs.clone(), config.clone(), idle.clone());
             std::thread::Builder::new()
                 .name(format!("tenantllm-pg-{i}"))
                 .spawn(move || {
                     // A poisoned lock still holds a usable receiver (jobs run outside it).
                     while let Ok(job) = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
                         let _quiet = quiet();
+                        // The connection used last: one after another, operations keep using one
+                        // connection and its prepared statements; more open only under concurrency.
+                        let mut slot = Slot { config: config.clone(), conn: unpoisoned(idle.lock()).pop() };
                         job(&mut slot);
+                        if let Some(conn) = slot.conn.take().filter(|c| !c.client.is_closed()) {
+                            unpoisoned(idle.lock()).push(conn);
+                        }
                     }
-                    // The store was dropped: close this thread's connection.
+                    // The store was dropped: the last thread out closes the idle connections.
                     let _quiet = quiet();
-                    drop(slot);
+                    drop(idle);
                 })
                 .map_err(|e| Error::Store(format!("cannot start the PostgreSQL store's threads: {e}")))?;
         }
         Ok(Workers { queue })
     }
 
-    /// Runs `f` on a worker thread, with that thread's connection, and waits for it; a
+    /// Runs `f` on a worker thread, with a connection, and waits for it; a
     /// panic in `f` continues here. Never called from a worker (it would wait on itself when
     /// all are busy).
     fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Slot) -> T + Send) -> T {
@@ -136,9 +143,9 @@ struct Conn {
     statements: HashMap<String, Statement>,
 }
 
-/// A worker thread's connection: opened on first use, opened again once lost.
+/// The connection an operation runs on: an idle one, or one opened on first use or once lost.
 struct Slot {
-    config: postgres::Config,
+    config: Arc<postgres::Config>,
     conn: Option<Conn>,
 }
 
