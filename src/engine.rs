@@ -38,6 +38,8 @@ pub struct AgentSpec {
     pub rate_limit_wait: Duration,
     /// A cheaper model past a share of the tenant's cost limits (`tl.Downgrade`).
     pub downgrade: Option<Downgrade>,
+    /// Functions the model may call (checked by `providers::parse_tools`).
+    pub tools: Vec<providers::ToolSpec>,
 }
 
 /// `budget_fallback = tl.Downgrade(at=0.8, model=...)`.
@@ -106,6 +108,11 @@ pub struct CallRequest {
     pub metadata: String,
     pub parent_execution_id: Option<String>,
     pub root_execution_id: Option<String>,
+    /// A tool loop's earlier rounds, and whether this is its last.
+    pub rounds: Vec<providers::ToolRound>,
+    pub tools_closed: bool,
+    /// The tool loop's calls so far (a JSON list), kept in the execution's details.
+    pub tool_calls: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +133,8 @@ pub struct CallOutcome {
     pub refusal: Option<String>,
     pub budget_warnings: Vec<String>,
     pub time_to_first_token_ms: Option<i64>,
+    /// The tools the model asked to call.
+    pub tool_calls: Vec<providers::ToolCall>,
 }
 
 /// What a call would do, without doing it (`dry_run=True`).
@@ -275,6 +284,9 @@ impl Engine {
             temperature: spec.temperature,
             max_tokens: spec.max_tokens,
             timeout: spec.timeout,
+            tools: spec.tools.clone(),
+            rounds: req.rounds.clone(),
+            tools_closed: req.tools_closed,
         }
     }
 
@@ -335,6 +347,7 @@ impl Engine {
             parent_execution_id: req.parent_execution_id.clone(),
             system_prompt: req.system.clone(),
             user_prompt: Some(req.user.clone()),
+            tool_calls: req.tool_calls.clone(),
         };
         let breaker_keys = self.breaker_keys(spec, tenant_id);
         let admitted = self.keyed(|calendar| {
@@ -932,6 +945,7 @@ impl InFlight {
             refusal: reply.refusal,
             budget_warnings: warnings,
             time_to_first_token_ms: c.time_to_first_token_ms,
+            tool_calls: reply.tool_calls,
         })
     }
 
@@ -1028,7 +1042,7 @@ impl Guard {
         let cost = prices.price(&model).or_else(|_| prices.price(&self.spec.model))?.cost_at(usage, self.admission.call.execution.started_at);
         let elapsed = self.admission.call.started.elapsed().as_millis() as i64;
         let to = self.attempt(&model);
-        let reply = Reply { content: String::new(), model, usage, finish_reason: None, finish_reason_raw: None, refusal: None };
+        let reply = Reply { content: String::new(), model, usage, finish_reason: None, finish_reason_raw: None, refusal: None, tool_calls: vec![] };
         self.admission.call.record(&to, Ok((&reply, cost)), elapsed);
         let warnings = std::mem::take(&mut self.admission.warnings);
         self.admission.call.succeed(&self.spec, &self.provider, reply, cost, warnings)

@@ -97,6 +97,7 @@ class AgentSpec:
         breaker: tuple[int, float, float] | None = None,
         rate_limit_wait: float = 0.0,
         downgrade: tuple[float, str] | None = None,
+        tools: str | None = None,
     ) -> AgentSpec: ...
     @property
     def name(self) -> str: ...
@@ -149,6 +150,13 @@ class AgentResult:
     def cache_write_cost(self) -> Decimal: ...
     @property
     def budget_warnings(self) -> list[str]: ...
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]: ...
+    @property
+    def _tool_requests(self) -> list[tuple[str, str, str, str | None]]: ...
+    def _with_tool_calls(
+        self, tool_calls: list[dict[str, Any]], earlier: list[AgentResult], duration_ms: int
+    ) -> AgentResult: ...
 
 @final
 class Call:
@@ -164,6 +172,9 @@ class Call:
         parent_execution_id: str | None = None,
         root_execution_id: str | None = None,
         history: Sequence[Mapping[str, Any]] | None = None,
+        rounds: str | None = None,
+        tools_closed: bool = False,
+        tool_calls: str | None = None,
     ) -> Call: ...
 
 @final

@@ -15,6 +15,7 @@ from tenantllm._core import AgentResult, ConfigurationError, MissingParameterErr
 from tenantllm.config import Settings, deliver_alerts, settings
 from tenantllm.streaming import AsyncStream, Stream
 from tenantllm.tenancy import _UNSET, ResolvedTenant, resolve
+from tenantllm.tools import MAX_TOOL_ROUNDS, Tool, ToolLoop, arun_loop, make_tools, run_loop, tools_json
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def build_spec(
     circuit_breaker: Any,
     rate_limit_wait: Any = 0,
     budget_fallback: Any = None,
+    tools: str | None = None,
 ) -> _core.AgentSpec:
     """Validates an agent's settings (shared by `Agent` classes and `@agent` functions)."""
     if not isinstance(model, str) or not model:
@@ -156,6 +158,7 @@ def build_spec(
         breaker=breaker,
         rate_limit_wait=_number(name, "rate_limit_wait", rate_limit_wait),
         downgrade=downgrade,
+        tools=tools,
     )
 
 
@@ -205,9 +208,16 @@ class Agent:
     circuit_breaker: ClassVar[BreakerPolicy | None] = None
     rate_limit_wait: ClassVar[float] = 0
     budget_fallback: ClassVar[Downgrade | None] = None
+    # Typed functions (sync or async) the model may call, run between model rounds.
+    tools: ClassVar[Sequence[Any]] = ()
+    # The most model rounds of a call with tools (1 to 50); the last must answer in text.
+    max_tool_rounds: ClassVar[int] = 5
+    # A tool that raises: False sends the error to the model; True raises it from call().
+    raise_tool_errors: ClassVar[bool] = False
 
     _tl_params: ClassVar[tuple[str, ...]] = ()
     _tl_spec: ClassVar[_core.AgentSpec | None] = None
+    _tl_tools: ClassVar[dict[str, Tool]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -218,6 +228,12 @@ class Agent:
         params += [p for p in placeholders(cls.user, f"{cls.__name__}.user") if p not in params]
         cls._tl_params = tuple(params)
         cls._tl_spec = None  # built on first call, once per class
+        cls._tl_tools = make_tools(cls.tools, f"{cls.__name__}.tools")
+        rounds = cls.max_tool_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_TOOL_ROUNDS:
+            raise ConfigurationError(f"{cls.__name__}.max_tool_rounds must be an int from 1 to {MAX_TOOL_ROUNDS}")
+        if not isinstance(cls.raise_tool_errors, bool):
+            raise ConfigurationError(f"{cls.__name__}.raise_tool_errors must be True or False")
 
     def __init__(self, **params: Any) -> None:
         cls = type(self)
@@ -253,6 +269,7 @@ class Agent:
                 circuit_breaker=cls.circuit_breaker,
                 rate_limit_wait=cls.rate_limit_wait,
                 budget_fallback=cls.budget_fallback,
+                tools=tools_json(cls._tl_tools),
             )
             cls._tl_spec = spec
         return spec
@@ -298,7 +315,9 @@ class Agent:
         self = cls(**params)
         s = settings()
         p = self._prepare(s, tenant, history)
-        return p.dry_run(s, self._settings()) if dry_run else p.run(s)
+        if dry_run:
+            return p.dry_run(s, self._settings())
+        return p.run_tools(s, self._tool_loop()) if cls._tl_tools else p.run(s)
 
     @overload
     @classmethod
@@ -320,13 +339,16 @@ class Agent:
         self = cls(**params)
         s = settings()
         p = self._prepare(s, tenant, history)
-        return p.dry_run(s, self._settings()) if dry_run else await p.arun(s)
+        if dry_run:
+            return p.dry_run(s, self._settings())
+        return await p.arun_tools(s, self._tool_loop()) if cls._tl_tools else await p.arun(s)
 
     @classmethod
     def stream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> Stream:
         """Run the agent, streaming its reply: iterate for str pieces as they arrive, then
         `.result`. Errors before the first piece (budget, breaker, every attempt failed)
         raise from the first `next()`; retries and fallbacks apply until the first piece."""
+        cls._no_stream_tools()
         self = cls(**params)
         s = settings()
         return Stream(s.engine.stream(self._prepare(s, tenant, history).call()), s)
@@ -334,9 +356,20 @@ class Agent:
     @classmethod
     def astream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> AsyncStream:
         """Like `stream`, read with `async for`."""
+        cls._no_stream_tools()
         self = cls(**params)
         s = settings()
         return AsyncStream(s.engine.stream(self._prepare(s, tenant, history).call()), s)
+
+    @classmethod
+    def _no_stream_tools(cls) -> None:
+        if cls._tl_tools:
+            raise ConfigurationError(f"{cls.__name__}: an agent with tools cannot stream yet; use call() or acall()")
+
+    def _tool_loop(self) -> ToolLoop:
+        cls = type(self)
+        parent, root = lineage()
+        return ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, parent, root)
 
     def _settings(self) -> dict[str, Any]:
         cls = type(self)
@@ -377,6 +410,16 @@ async def _settled(settlement: _core.Settlement) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _arun(s: Settings, call: _core.Call) -> AgentResult:
+    """One call awaited; cancelled, it returns only once the core has recorded it."""
+    awaitable, settlement = s.engine.arun(call)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        await _settled(settlement)
+        raise
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One call, rendered and resolved, ready for the core."""
@@ -388,12 +431,17 @@ class Prepared:
     metadata: str
     history: History = None
 
-    def call(self) -> _core.Call:
-        """The call for the core (validated there: tenant limits, keys, metadata, history)."""
+    def call(self, tool_round: dict[str, Any] | None = None) -> _core.Call:
+        """The call for the core (validated there: tenant limits, keys, metadata, history);
+        `tool_round`: a tool loop's round (`ToolLoop.round_args`), with its own lineage."""
         t = self.tenant
         parent, root = lineage()
+        extra = dict(tool_round or {})
+        parent = extra.pop("parent_execution_id", parent)
+        root = extra.pop("root_execution_id", root)
         return _core.Call(
-            self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, parent, root, self.history
+            self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, parent, root, self.history,
+            **extra,
         )
 
     def run(self, s: Settings) -> AgentResult:
@@ -404,12 +452,19 @@ class Prepared:
 
     async def arun(self, s: Settings) -> AgentResult:
         try:
-            awaitable, settlement = s.engine.arun(self.call())
-            try:
-                return await awaitable
-            except asyncio.CancelledError:
-                await _settled(settlement)
-                raise
+            return await _arun(s, self.call())
+        finally:
+            deliver_alerts(s)
+
+    def run_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
+        try:
+            return run_loop(loop, self.call, s.engine.run)
+        finally:
+            deliver_alerts(s)
+
+    async def arun_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
+        try:
+            return await arun_loop(loop, self.call, lambda c: _arun(s, c))
         finally:
             deliver_alerts(s)
 

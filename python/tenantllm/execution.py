@@ -4,6 +4,7 @@ from a fixed list of fields)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -75,9 +76,13 @@ class Execution:
     system_prompt: str | None = None
     user_prompt: str | None = None
     response: str | None = None
+    # A tool loop's round: the calls made before it (name, arguments, result or error, duration_ms).
+    tool_calls: list[dict[str, Any]] | None = None
 
     @classmethod
     def _from_row(cls, row: dict[str, Any]) -> Execution:
+        if isinstance(row.get("tool_calls"), str):
+            row = {**row, "tool_calls": json.loads(row["tool_calls"])}
         return cls(**row)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +174,7 @@ class Execution:
 # The columns a notebook shows for executions.
 _SUMMARY = ("started_at", "agent", "model_id", "tenant_id", "status", "total_tokens", "total_cost", "duration_ms")
 # Columns of `to_pandas()`: every field but the details only `Execution.get` fills.
-_DETAILS = ("system_prompt", "user_prompt", "response")
+_DETAILS = ("system_prompt", "user_prompt", "response", "tool_calls")
 _COLUMNS = tuple(f.name for f in dataclasses.fields(Execution) if f.name not in _DETAILS)
 _MONEY = ("input_cost", "output_cost", "total_cost", "cache_read_cost", "cache_write_cost")
 _TIMES = ("started_at", "completed_at")

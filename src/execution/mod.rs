@@ -103,6 +103,8 @@ pub struct NewExecution {
     /// Prompts, stored in the details table when prompt storage is on.
     pub system_prompt: Option<String>,
     pub user_prompt: Option<String>,
+    /// A tool loop's calls before this round (a JSON list), stored with the prompts.
+    pub tool_calls: Option<String>,
 }
 
 /// How a call ended.
@@ -272,6 +274,7 @@ pub struct Details {
     pub system_prompt: Option<String>,
     pub user_prompt: Option<String>,
     pub response: Option<String>,
+    pub tool_calls: Option<String>,
 }
 
 #[cfg(test)]

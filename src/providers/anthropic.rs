@@ -5,7 +5,8 @@ use serde_json::json;
 
 use super::http::{join, post, post_json, Caller};
 use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
-use super::{Reply, Request, Wire};
+use super::tools::arguments_object;
+use super::{Reply, Request, ToolCall, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -25,6 +26,10 @@ struct Block {
     #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
+    /// `tool_use` blocks: the call's id, the tool and its arguments (an object).
+    id: Option<String>,
+    name: Option<String>,
+    input: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -76,7 +81,20 @@ fn usage_of(u: &ApiUsage) -> Usage {
 /// `stop_reason: "refusal"`) or a reply that spent `max_tokens` thinking.
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let u = r.usage.ok_or_else(|| caller.invalid("no usage"))?;
-    let content: String = r.content.into_iter().filter(|b| b.kind == "text").filter_map(|b| b.text).collect();
+    let mut content = String::new();
+    let mut tool_calls = vec![];
+    for b in r.content {
+        match b.kind.as_str() {
+            "text" => content.push_str(b.text.as_deref().unwrap_or("")),
+            "tool_use" => tool_calls.push(ToolCall {
+                id: b.id.ok_or_else(|| caller.invalid("tool_use block without an id"))?,
+                name: b.name.ok_or_else(|| caller.invalid("tool_use block without a name"))?,
+                arguments: b.input.unwrap_or_else(|| json!({})).to_string(),
+                signature: None,
+            }),
+            _ => {}
+        }
+    }
     Ok(Reply {
         content,
         model: r.model.unwrap_or_else(|| caller.model.to_string()),
@@ -84,13 +102,37 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
         finish_reason: r.stop_reason.as_deref().and_then(normalise),
         finish_reason_raw: r.stop_reason,
         refusal: None,
+        tool_calls,
     })
 }
 
 fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request, stream: bool) -> (reqwest::RequestBuilder, serde_json::Value) {
     let mut messages: Vec<serde_json::Value> = req.history.iter().map(|t| json!({"role": t.role.as_str(), "content": t.content})).collect();
     messages.push(json!({"role": "user", "content": req.user}));
+    // Each earlier round: the assistant's text and `tool_use` blocks, then a user turn of
+    // `tool_result` blocks.
+    for round in &req.rounds {
+        let mut blocks: Vec<serde_json::Value> = vec![];
+        if !round.text.is_empty() {
+            blocks.push(json!({"type": "text", "text": round.text}));
+        }
+        blocks.extend(round.answers.iter().map(|a| json!({"type": "tool_use", "id": a.call.id, "name": a.call.name, "input": arguments_object(&a.call)})));
+        messages.push(json!({"role": "assistant", "content": blocks}));
+        let results: Vec<_> = round
+            .answers
+            .iter()
+            .map(|a| json!({"type": "tool_result", "tool_use_id": a.call.id, "content": a.content, "is_error": a.is_error}))
+            .collect();
+        messages.push(json!({"role": "user", "content": results}));
+    }
     let mut body = json!({"model": caller.model, "max_tokens": req.max_tokens, "messages": messages});
+    if !req.tools.is_empty() {
+        let tools: Vec<_> = req.tools.iter().map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters})).collect();
+        body["tools"] = json!(tools);
+        if req.tools_closed {
+            body["tool_choice"] = json!({"type": "none"});
+        }
+    }
     if let Some(s) = &req.system {
         body["system"] = json!(s);
     }

@@ -49,7 +49,7 @@ mod tests {
         for m in ["gpt-4o", "gpt-5.4", "gpt-5-chat-latest", "claude-sonnet-4-5", "claude-opus-4-6", "claude-opus-4-20250514", "claude-3-5-haiku-20241022", "gemini-2.5-pro", "o1x"] {
             assert!(!rejects_temperature(m), "{m}");
         }
-        let req = Request { system: None, history: vec![], user: "hi".into(), temperature: Some(0.2), max_tokens: 5, timeout: std::time::Duration::from_secs(1) };
+        let req = Request { system: None, history: vec![], user: "hi".into(), temperature: Some(0.2), max_tokens: 5, timeout: std::time::Duration::from_secs(1), ..Request::default() };
         let (sent, dropped) = unsupported_params("o3", &req);
         assert_eq!((sent.temperature, dropped), (None, vec!["temperature"]));
         let (sent, dropped) = unsupported_params("gpt-4o", &req);

@@ -5,7 +5,8 @@ use serde_json::json;
 
 use super::http::{join, post, post_json, Caller};
 use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
-use super::{Reply, Request, Role, Wire};
+use super::tools::arguments_object;
+use super::{Reply, Request, Role, ToolCall, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -40,11 +41,44 @@ struct Content {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Part {
     text: Option<String>,
     /// A thought summary, not part of the answer.
     #[serde(default)]
     thought: bool,
+    function_call: Option<FunctionCall>,
+    /// Sent back with the part it came with (Gemini 3 refuses a function call without it).
+    thought_signature: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FunctionCall {
+    id: Option<String>,
+    name: String,
+    #[serde(default)]
+    args: Option<serde_json::Value>,
+}
+
+/// The id prefix of calls Gemini gave no id; such ids are ours and are not sent back.
+const UNNAMED: &str = "tenantllm-unnamed-";
+
+/// The answer's text (thoughts left out) and its function calls; calls without an id get
+/// their position, so each result can name its call.
+fn split(parts: Vec<Part>) -> (String, Vec<ToolCall>) {
+    let mut text = String::new();
+    let mut calls = vec![];
+    for p in parts.into_iter().filter(|p| !p.thought) {
+        if let Some(t) = &p.text {
+            text.push_str(t);
+        }
+        if let Some(f) = p.function_call {
+            let id = f.id.unwrap_or_else(|| format!("{UNNAMED}{}", calls.len()));
+            let arguments = f.args.unwrap_or_else(|| json!({})).to_string();
+            calls.push(ToolCall { id, name: f.name, arguments, signature: p.thought_signature });
+        }
+    }
+    (text, calls)
 }
 
 #[derive(Deserialize)]
@@ -86,24 +120,31 @@ fn usage_of(u: &ApiUsage) -> Usage {
 /// one that spent MAX_TOKENS on thoughts, or a prompt blocked by `promptFeedback`.
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let u = r.usage_metadata.ok_or_else(|| caller.invalid("no usageMetadata"))?;
-    let (content, finish_reason_raw, blocked) = match r.candidates.into_iter().next() {
+    let (content, tool_calls, finish_reason_raw, blocked) = match r.candidates.into_iter().next() {
         Some(cand) => {
-            let parts = cand.content.map(|c| c.parts).unwrap_or_default();
-            (parts.into_iter().filter(|p| !p.thought).filter_map(|p| p.text).collect(), cand.finish_reason, false)
+            let (text, calls) = split(cand.content.map(|c| c.parts).unwrap_or_default());
+            (text, calls, cand.finish_reason, false)
         }
         None => match r.prompt_feedback.and_then(|f| f.block_reason) {
-            Some(reason) => (String::new(), Some(reason), true),
+            Some(reason) => (String::new(), vec![], Some(reason), true),
             None => return Err(caller.invalid("no candidates")),
         },
+    };
+    let finish_reason = match finish_reason_raw.as_deref() {
+        // Every block reason (SAFETY, BLOCKLIST, PROHIBITED_CONTENT, OTHER, ...) is a filter.
+        _ if blocked => Some("content_filter"),
+        // Gemini ends a reply of function calls with STOP.
+        Some("STOP") if !tool_calls.is_empty() => Some("tool_calls"),
+        raw => raw.and_then(normalise),
     };
     Ok(Reply {
         content,
         model: r.model_version.unwrap_or_else(|| caller.model.to_string()),
         usage: usage_of(&u),
-        // Every block reason (SAFETY, BLOCKLIST, PROHIBITED_CONTENT, OTHER, ...) is a filter.
-        finish_reason: if blocked { Some("content_filter") } else { finish_reason_raw.as_deref().and_then(normalise) },
+        finish_reason,
         finish_reason_raw,
         refusal: None,
+        tool_calls,
     })
 }
 
@@ -116,7 +157,45 @@ fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_ke
     let role = |r: Role| if r == Role::User { "user" } else { "model" };
     let mut contents: Vec<serde_json::Value> = req.history.iter().map(|t| json!({"role": role(t.role), "parts": [{"text": t.content}]})).collect();
     contents.push(json!({"role": "user", "parts": [{"text": req.user}]}));
+    // Each earlier round: the model's text and functionCall parts (with their signatures),
+    // then a user turn of functionResponse parts ("output" or "error", as the API documents).
+    for round in &req.rounds {
+        let mut parts: Vec<serde_json::Value> = vec![];
+        if !round.text.is_empty() {
+            parts.push(json!({"text": round.text}));
+        }
+        for a in &round.answers {
+            let mut part = json!({"functionCall": {"name": a.call.name, "args": arguments_object(&a.call)}});
+            if !a.call.id.starts_with(UNNAMED) {
+                part["functionCall"]["id"] = json!(a.call.id);
+            }
+            if let Some(sig) = &a.call.signature {
+                part["thoughtSignature"] = json!(sig);
+            }
+            parts.push(part);
+        }
+        contents.push(json!({"role": "model", "parts": parts}));
+        let responses: Vec<_> = round
+            .answers
+            .iter()
+            .map(|a| {
+                let mut r = json!({"functionResponse": {"name": a.call.name, "response": {(if a.is_error { "error" } else { "output" }): a.content}}});
+                if !a.call.id.starts_with(UNNAMED) {
+                    r["functionResponse"]["id"] = json!(a.call.id);
+                }
+                r
+            })
+            .collect();
+        contents.push(json!({"role": "user", "parts": responses}));
+    }
     let mut body = json!({"contents": contents, "generationConfig": config});
+    if !req.tools.is_empty() {
+        let declarations: Vec<_> = req.tools.iter().map(|t| json!({"name": t.name, "description": t.description, "parametersJsonSchema": t.parameters})).collect();
+        body["tools"] = json!([{"functionDeclarations": declarations}]);
+        if req.tools_closed {
+            body["toolConfig"] = json!({"functionCallingConfig": {"mode": "NONE"}});
+        }
+    }
     if let Some(s) = &req.system {
         body["systemInstruction"] = json!({"parts": [{"text": s}]});
     }
@@ -175,8 +254,7 @@ pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Optio
         acc.finish = normalise(&f);
         acc.finish_raw = Some(f);
     }
-    let parts = cand.content.map(|c| c.parts).unwrap_or_default();
-    Ok(Some(parts.into_iter().filter(|p| !p.thought).filter_map(|p| p.text).collect()))
+    Ok(Some(split(cand.content.map(|c| c.parts).unwrap_or_default()).0))
 }
 
 #[cfg(test)]

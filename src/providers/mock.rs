@@ -1,10 +1,15 @@
 //! The built-in `mock` provider: deterministic answers with no network and no key, with
 //! configurable latency and failure rate, for demos and users' own tests.
+//!
+//! Tool calls are scripted in the prompt: a line `@tool NAME {json arguments}` makes the
+//! first round call NAME (any name, any text as arguments, so bad calls can be scripted);
+//! `@loop NAME {...}` calls it in every round the tools are open. Once results have come
+//! back, the answer quotes them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{prompt_tokens, tokens_of, Reply, Request};
+use super::{prompt_tokens, tokens_of, Reply, Request, ToolCall};
 use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
 use crate::pricing::Usage;
 
@@ -73,9 +78,18 @@ impl Mock {
                 retry_after: None,
             });
         }
-        let words: Vec<&str> = req.user.split_whitespace().take(12).collect();
         let model = format!("mock/{model}");
+        let tool_calls = scripted_calls(req);
+        if !tool_calls.is_empty() {
+            let usage = Usage::new(prompt_tokens(req), tool_calls.iter().map(|c| tokens_of(&c.name) + tokens_of(&c.arguments)).sum(), 0);
+            return Ok(Reply { content: String::new(), model, usage, finish_reason: Some("tool_calls"), finish_reason_raw: Some("tool_calls".into()), refusal: None, tool_calls });
+        }
+        let words: Vec<&str> = req.user.lines().filter(|l| !l.starts_with('@')).flat_map(str::split_whitespace).take(12).collect();
         let mut content = format!("[{model}] You asked: {}", words.join(" "));
+        let results: Vec<String> = req.rounds.iter().flat_map(|r| &r.answers).map(|a| format!("{} -> {}", a.call.name, a.content)).collect();
+        if !results.is_empty() {
+            content.push_str(&format!(" | tool results: {}", results.join("; ")));
+        }
         let budget = req.max_tokens as usize * 4;
         let (finish, cut) = if content.len() > budget { ("length", true) } else { ("stop", false) };
         if cut {
@@ -92,8 +106,27 @@ impl Mock {
             finish_reason: Some(finish),
             finish_reason_raw: Some(finish.into()),
             refusal: None,
+            tool_calls: vec![],
         })
     }
+}
+
+/// The calls the prompt scripts for this round (see the module's comment).
+fn scripted_calls(req: &Request) -> Vec<ToolCall> {
+    if req.tools.is_empty() || req.tools_closed {
+        return vec![];
+    }
+    let first = req.rounds.is_empty();
+    let round = req.rounds.len();
+    req.user
+        .lines()
+        .filter_map(|l| l.strip_prefix("@loop ").or_else(|| l.strip_prefix("@tool ").filter(|_| first)))
+        .enumerate()
+        .map(|(i, l)| {
+            let (name, args) = l.trim().split_once(' ').unwrap_or((l.trim(), "{}"));
+            ToolCall { id: format!("mock_{round}_{i}"), name: name.to_string(), arguments: args.trim().to_string(), signature: None }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -101,7 +134,7 @@ mod tests {
     use super::*;
 
     fn req(user: &str) -> Request {
-        Request { system: Some("Be brief.".into()), history: vec![], user: user.into(), temperature: None, max_tokens: 100, timeout: Duration::from_secs(1) }
+        Request { system: Some("Be brief.".into()), history: vec![], user: user.into(), temperature: None, max_tokens: 100, timeout: Duration::from_secs(1), ..Request::default() }
     }
 
     #[tokio::test]

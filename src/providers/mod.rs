@@ -8,6 +8,7 @@ mod mock;
 mod openai;
 mod retry_hints;
 mod stream;
+mod tools;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 pub use capabilities::unsupported_params;
 pub use mock::MockSettings;
 pub use stream::ProviderStream;
+pub use tools::{parse_rounds, parse_tools, ToolAnswer, ToolCall, ToolRound, ToolSpec, MAX_TOOLS};
 
 use crate::error::{config_err, ProviderErrorKind, ProviderFailure, Result};
 use crate::pricing::{PriceTable, Usage};
@@ -55,7 +57,7 @@ pub struct Turn {
 pub const MAX_HISTORY: usize = 10_000;
 
 /// One request, already rendered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Request {
     pub system: Option<String>,
     /// Prior turns, oldest first, sent between the system prompt and `user`.
@@ -64,6 +66,13 @@ pub struct Request {
     pub temperature: Option<f64>,
     pub max_tokens: u32,
     pub timeout: Duration,
+    /// Functions the model may call.
+    pub tools: Vec<ToolSpec>,
+    /// The tool loop's earlier rounds, sent after `user`.
+    pub rounds: Vec<ToolRound>,
+    /// The loop's last round: the tools are declared (earlier rounds name them) but the
+    /// model is told to answer without calling one.
+    pub tools_closed: bool,
 }
 
 /// The most tokens a reply may report in each count (input, output, cache reads and writes): far beyond any
@@ -96,6 +105,8 @@ pub struct Reply {
     pub finish_reason_raw: Option<String>,
     /// The model's refusal message, when the provider sends one apart from the content.
     pub refusal: Option<String>,
+    /// The tools the model asked to call, in its order.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 pub const FINISH_REASONS: [&str; 5] = ["stop", "length", "content_filter", "refusal", "tool_calls"];
@@ -301,14 +312,15 @@ pub fn tokens_of(text: &str) -> i64 {
 /// The prompt's tokens as `tokens_of` counts them, with the framing of its messages.
 pub fn prompt_tokens(req: &Request) -> i64 {
     let history: i64 = req.history.iter().map(|t| tokens_of(&t.content) + 3).sum();
-    tokens_of(req.system.as_deref().unwrap_or("")) + history + tokens_of(&req.user) + 3
+    let tools = (tools::bytes(&req.tools, &req.rounds) as i64 + 3) / 4;
+    tokens_of(req.system.as_deref().unwrap_or("")) + history + tokens_of(&req.user) + tools + 3
 }
 
 /// An upper bound of the prompt's tokens: no tokenizer maps fewer than one byte to a token,
 /// plus a few tokens of per-message framing.
 pub fn prompt_token_bound(req: &Request) -> i64 {
     let history: usize = req.history.iter().map(|t| t.content.len() + 8).sum();
-    let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len() + history;
+    let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len() + history + tools::bytes(&req.tools, &req.rounds);
     bytes as i64 + 16
 }
 

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::http::{join, post, post_json, Caller};
 use super::stream::{stream_error, Acc, ProviderStream, SseEvent};
-use super::{Reply, Request, Wire};
+use super::{Reply, Request, ToolCall, Wire};
 use crate::error::ProviderFailure;
 use crate::pricing::Usage;
 
@@ -29,6 +29,22 @@ struct Message {
     /// from Mistral's reasoning (Magistral) models.
     content: Option<serde_json::Value>,
     refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<ApiToolCall>,
+}
+
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`, arguments as JSON text.
+#[derive(Deserialize)]
+struct ApiToolCall {
+    id: String,
+    function: ApiFunction,
+}
+
+#[derive(Deserialize)]
+struct ApiFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
 }
 
 #[derive(Deserialize)]
@@ -82,10 +98,32 @@ pub fn body(model: &str, req: &Request, native_openai: bool) -> serde_json::Valu
     }
     messages.extend(req.history.iter().map(|t| json!({"role": t.role.as_str(), "content": t.content})));
     messages.push(json!({"role": "user", "content": req.user}));
+    // Each earlier round: the assistant's calls, then one `tool` message per result.
+    for round in &req.rounds {
+        let calls: Vec<_> = round
+            .answers
+            .iter()
+            .map(|a| json!({"id": a.call.id, "type": "function", "function": {"name": a.call.name, "arguments": a.call.arguments}}))
+            .collect();
+        let text = Some(&round.text).filter(|t| !t.is_empty());
+        messages.push(json!({"role": "assistant", "content": text, "tool_calls": calls}));
+        messages.extend(round.answers.iter().map(|a| json!({"role": "tool", "tool_call_id": a.call.id, "content": a.content})));
+    }
     let mut b = json!({"model": model, "messages": messages});
     b[if native_openai { "max_completion_tokens" } else { "max_tokens" }] = json!(req.max_tokens);
     if let Some(t) = req.temperature {
         b["temperature"] = json!(t);
+    }
+    if !req.tools.is_empty() {
+        let tools: Vec<_> = req
+            .tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+            .collect();
+        b["tools"] = json!(tools);
+        if req.tools_closed {
+            b["tool_choice"] = json!("none");
+        }
     }
     b
 }
@@ -107,9 +145,12 @@ fn usage_of(usage: ApiUsage) -> Usage {
 fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let choice = r.choices.into_iter().next().ok_or_else(|| caller.invalid("no choices"))?;
     let usage = r.usage.ok_or_else(|| caller.invalid("no usage"))?;
-    let (content, refusal) = match choice.message {
-        Some(m) => (text_of(m.content).map_err(|e| caller.invalid(e))?, m.refusal.filter(|r| !r.is_empty())),
-        None => (String::new(), None),
+    let (content, refusal, tool_calls) = match choice.message {
+        Some(m) => {
+            let calls = m.tool_calls.into_iter().map(|c| ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments, signature: None });
+            (text_of(m.content).map_err(|e| caller.invalid(e))?, m.refusal.filter(|r| !r.is_empty()), calls.collect())
+        }
+        None => (String::new(), None, vec![]),
     };
     Ok(Reply {
         content,
@@ -118,6 +159,7 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
         finish_reason: choice.finish_reason.as_deref().and_then(|f| normalise(f, refusal.is_some())).or(refusal.as_ref().map(|_| "refusal")),
         finish_reason_raw: choice.finish_reason,
         refusal,
+        tool_calls,
     })
 }
 

@@ -207,6 +207,7 @@ impl ProviderStream {
             finish_reason: a.finish,
             finish_reason_raw: a.finish_raw.clone(),
             refusal: Some(a.refusal.clone()).filter(|r| !r.is_empty()),
+            tool_calls: vec![],
         }
     }
 

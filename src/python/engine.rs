@@ -38,7 +38,8 @@ pub struct PyAgentSpec {
 impl PyAgentSpec {
     #[new]
     #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=AnyInt::of(1024), timeout=30.0,
-        retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None, rate_limit_wait=0.0, downgrade=None))]
+        retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None, rate_limit_wait=0.0, downgrade=None,
+        tools=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -55,6 +56,7 @@ impl PyAgentSpec {
         breaker: Option<(AnyInt, f64, f64)>,
         rate_limit_wait: f64,
         downgrade: Option<(f64, String)>,
+        tools: Option<String>,
     ) -> PyResult<Self> {
         let build = || -> Result<AgentSpec> {
             // Checked before Duration::from_secs_f64, which panics past its range.
@@ -81,6 +83,7 @@ impl PyAgentSpec {
                 temperature,
                 rate_limit_wait: Duration::from_secs_f64(rate_limit_wait),
                 downgrade: downgrade.map(|(at, model)| crate::engine::Downgrade { at, model }),
+                tools: tools.as_deref().map(crate::providers::parse_tools).transpose()?.unwrap_or_default(),
             };
             spec.validate()?;
             Ok(spec)
@@ -145,6 +148,11 @@ pub struct PyAgentResult {
     budget_warnings: Vec<String>,
     /// Streams only: milliseconds from the call's start to its first piece of text.
     time_to_first_token_ms: Option<i64>,
+    /// A tool loop's calls: dicts of name, arguments, result or error, duration_ms.
+    tool_calls: Py<PyAny>,
+    /// The calls the model asked for in this round: (id, name, arguments, signature).
+    #[pyo3(name = "_tool_requests")]
+    tool_requests: Vec<(String, String, String, Option<String>)>,
 }
 
 #[pymethods]
@@ -163,6 +171,45 @@ impl PyAgentResult {
     fn __str__(&self) -> &str {
         &self.content
     }
+
+    /// The result of a whole tool loop: this (last) round's answer, with `tool_calls` and the
+    /// tokens, costs and attempts of every round (`earlier` ones too) added up.
+    fn _with_tool_calls(&self, tool_calls: Py<PyAny>, earlier: Vec<PyRef<'_, PyAgentResult>>, duration_ms: i64) -> PyAgentResult {
+        let all = || earlier.iter().map(|r| &**r).chain(std::iter::once(self));
+        let mut warnings: Vec<String> = vec![];
+        for w in all().flat_map(|r| &r.budget_warnings) {
+            if !warnings.contains(w) {
+                warnings.push(w.clone());
+            }
+        }
+        PyAgentResult {
+            content: self.content.clone(),
+            model_id: self.model_id.clone(),
+            chosen_model_id: self.chosen_model_id.clone(),
+            provider: self.provider.clone(),
+            input_tokens: all().map(|r| r.input_tokens).sum(),
+            output_tokens: all().map(|r| r.output_tokens).sum(),
+            cached_tokens: all().map(|r| r.cached_tokens).sum(),
+            total_tokens: all().map(|r| r.total_tokens).sum(),
+            input_cost: all().map(|r| r.input_cost).sum(),
+            output_cost: all().map(|r| r.output_cost).sum(),
+            total_cost: all().map(|r| r.total_cost).sum(),
+            duration_ms,
+            attempts_count: all().map(|r| r.attempts_count).sum(),
+            execution_id: self.execution_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            finish_reason: self.finish_reason,
+            finish_reason_raw: self.finish_reason_raw.clone(),
+            refusal: self.refusal.clone(),
+            cache_write_tokens: all().map(|r| r.cache_write_tokens).sum(),
+            cache_read_cost: all().map(|r| r.cache_read_cost).sum(),
+            cache_write_cost: all().map(|r| r.cache_write_cost).sum(),
+            budget_warnings: warnings,
+            time_to_first_token_ms: self.time_to_first_token_ms,
+            tool_calls,
+            tool_requests: self.tool_requests.clone(),
+        }
+    }
 }
 
 fn pyrepr<'py, T: IntoPyObject<'py>>(py: Python<'py>, v: T) -> PyResult<String> {
@@ -172,7 +219,10 @@ fn pyrepr<'py, T: IntoPyObject<'py>>(py: Python<'py>, v: T) -> PyResult<String> 
 
 impl From<CallOutcome> for PyAgentResult {
     fn from(o: CallOutcome) -> Self {
+        let tool_requests = o.tool_calls.into_iter().map(|c| (c.id, c.name, c.arguments, c.signature)).collect();
         PyAgentResult {
+            tool_calls: Python::attach(|py| PyList::empty(py).into_any().unbind()),
+            tool_requests,
             content: o.content,
             model_id: o.model_id,
             chosen_model_id: o.chosen_model_id,
@@ -333,7 +383,7 @@ pub struct PyCall {
 impl PyCall {
     #[new]
     #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(),
-        parent_execution_id=None, root_execution_id=None, history=None))]
+        parent_execution_id=None, root_execution_id=None, history=None, rounds=None, tools_closed=false, tool_calls=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -347,6 +397,9 @@ impl PyCall {
         parent_execution_id: Option<String>,
         root_execution_id: Option<String>,
         history: Option<&Bound<'_, PyAny>>,
+        rounds: Option<String>,
+        tools_closed: bool,
+        tool_calls: Option<String>,
     ) -> PyResult<Self> {
         let build = || -> Result<CallRequest> {
             let limits = match (&tenant_id, tenant_limits) {
@@ -366,6 +419,9 @@ impl PyCall {
                 metadata,
                 root_execution_id,
                 parent_execution_id,
+                rounds: rounds.as_deref().map(crate::providers::parse_rounds).transpose()?.unwrap_or_default(),
+                tools_closed,
+                tool_calls,
             })
         };
         Ok(PyCall { spec: spec.inner.clone(), req: catch_panic(build).py_err(py)? })
@@ -602,6 +658,7 @@ impl PyEngine {
             d.set_item("system_prompt", x.system_prompt)?;
             d.set_item("user_prompt", x.user_prompt)?;
             d.set_item("response", x.response)?;
+            d.set_item("tool_calls", x.tool_calls)?;
         }
         Ok(Some(d))
     }

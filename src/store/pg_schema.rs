@@ -152,4 +152,8 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE reservations ADD COLUMN concurrency_scope TEXT COLLATE "C";
     CREATE INDEX reservations_concurrency ON reservations (concurrency_scope) WHERE concurrency_scope IS NOT NULL;
     "#,
+    // 6: a tool loop's calls (see schema.rs, migration 6).
+    r#"
+    ALTER TABLE execution_details ADD COLUMN tool_calls TEXT;
+    "#,
 ];

@@ -557,10 +557,10 @@ fn complete_execution(db: &mut Tx<'_, '_>, e: &NewExecution, c: &Completion, sto
     }
     if store_details {
         db.execute(
-            "INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response) VALUES ($1, $2, $3, $4)
+            "INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
-                 user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response",
-            &[&e.id, &e.system_prompt, &e.user_prompt, &c.response],
+                 user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response, tool_calls = EXCLUDED.tool_calls",
+            &[&e.id, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls],
         )?;
     }
     Ok(())
@@ -1304,8 +1304,8 @@ impl Store for PostgresStore {
         self.read(|db| {
             let Some(row) = db.query_opt(&sql, &[&id])? else { return Ok(None) };
             let details = db
-                .query_opt("SELECT system_prompt, user_prompt, response FROM execution_details WHERE execution_id = $1", &[&id])?
-                .map(|r| -> PgResult<Details> { Ok(Details { system_prompt: r.try_get(0)?, user_prompt: r.try_get(1)?, response: r.try_get(2)? }) })
+                .query_opt("SELECT system_prompt, user_prompt, response, tool_calls FROM execution_details WHERE execution_id = $1", &[&id])?
+                .map(|r| -> PgResult<Details> { Ok(Details { system_prompt: r.try_get(0)?, user_prompt: r.try_get(1)?, response: r.try_get(2)?, tool_calls: r.try_get(3)? }) })
                 .transpose()?;
             Ok(Some((read_row(&row)?, details)))
         })

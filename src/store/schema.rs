@@ -151,4 +151,9 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE reservations ADD COLUMN concurrency_scope TEXT;
     CREATE INDEX reservations_concurrency ON reservations (concurrency_scope) WHERE concurrency_scope IS NOT NULL;
     "#,
+    // 6: a tool loop's calls (name, arguments, result or error, duration), a JSON list kept
+    // with the prompts of each round after the first.
+    r#"
+    ALTER TABLE execution_details ADD COLUMN tool_calls TEXT;
+    "#,
 ];

@@ -333,10 +333,10 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
     }
     if store_details {
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO execution_details (execution_id, system_prompt, user_prompt, response)
-             VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![e.id, opt_text(&e.system_prompt), opt_text(&e.user_prompt), opt_text(&c.response)])?;
+        .execute(params![e.id, opt_text(&e.system_prompt), opt_text(&e.user_prompt), opt_text(&c.response), opt_text(&e.tool_calls)])?;
     }
     Ok(())
 }
@@ -1029,8 +1029,8 @@ impl Store for SqliteStore {
                 .optional()?;
             let Some(row) = row else { return Ok(None) };
             let details = c
-                .prepare_cached("SELECT system_prompt, user_prompt, response FROM execution_details WHERE execution_id = ?1")?
-                .query_row([id], |r| Ok(Details { system_prompt: r.get(0)?, user_prompt: r.get(1)?, response: r.get(2)? }))
+                .prepare_cached("SELECT system_prompt, user_prompt, response, tool_calls FROM execution_details WHERE execution_id = ?1")?
+                .query_row([id], |r| Ok(Details { system_prompt: r.get(0)?, user_prompt: r.get(1)?, response: r.get(2)?, tool_calls: r.get(3)? }))
                 .optional()?;
             Ok(Some((row, details)))
         })
