@@ -510,3 +510,45 @@ class FakeProvider:
         with self._lock:
             self.requests.append(rec)
 
+
+
+def tool_call_step(fmt: str, calls: list[tuple[str, dict[str, Any]]], text: str | None = None) -> Step:
+    """A reply asking for tool calls, as each provider documents it (answered verbatim):
+
+    * OpenAI (and DeepSeek, Mistral): the API reference's function-calling example of "Create
+      chat completion" (https://platform.openai.com/docs/api-reference/chat/create): `content`
+      null, `tool_calls` with the arguments as JSON text, `finish_reason` "tool_calls";
+    * Anthropic: "Tool use with Claude" (https://docs.anthropic.com/en/docs/build-with-claude/tool-use):
+      a text block then `tool_use` blocks (`toolu_...` ids, `input` objects), `stop_reason` "tool_use";
+    * Gemini: "Function calling with the Gemini API", REST (https://ai.google.dev/gemini-api/docs/function-calling):
+      `functionCall` parts with `args` objects, `finishReason` "STOP".
+    """
+    if fmt == "openai":
+        tool_calls = [
+            {"id": f"call_{i}abc", "type": "function", "function": {"name": n, "arguments": json.dumps(a, indent=1)}}
+            for i, (n, a) in enumerate(calls)
+        ]
+        body: dict[str, Any] = {
+            "id": "chatcmpl-abc123", "object": "chat.completion", "created": 1699896916, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": tool_calls},
+                         "logprobs": None, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99},
+        }
+    elif fmt == "anthropic":
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        blocks += [{"type": "tool_use", "id": f"toolu_01A09q90qw90lq917835lq{i}", "name": n, "input": a}
+                   for i, (n, a) in enumerate(calls)]
+        body = {
+            "id": "msg_01Aq9w938a90dw8q", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": blocks, "stop_reason": "tool_use", "stop_sequence": None,
+            "usage": {"input_tokens": 82, "output_tokens": 17},
+        }
+    else:
+        parts: list[dict[str, Any]] = [{"text": text}] if text else []
+        parts += [{"functionCall": {"name": n, "args": a}} for n, a in calls]
+        body = {
+            "candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 82, "candidatesTokenCount": 17, "totalTokenCount": 99},
+            "modelVersion": "gemini-2.5-flash",
+        }
+    return Step(kind="raw", body=body)
