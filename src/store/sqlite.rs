@@ -1150,6 +1150,7 @@ mod tests {
                  DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
+                 ALTER TABLE execution_details DROP COLUMN tool_calls;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();
