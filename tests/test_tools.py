@@ -37,7 +37,7 @@ class Weather(tl.Agent):
     model = "gpt-4o-mini"
     system = "Be brief."
     user = "{question}"
-    tools = [get_weather, get_time]
+    tools = (get_weather, get_time,)
 
 
 def on(model: str) -> type[tl.Agent]:
@@ -115,8 +115,10 @@ def test_anthropic_wire(fp: FakeProvider) -> None:
                                  "input_schema": PARAMETERS}
     tid = "toolu_01A09q90qw90lq917835lq0"
     assert second["messages"][1:] == [
-        {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
-                                          {"type": "tool_use", "id": tid, "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": tid, "name": "get_weather", "input": {"city": "Oslo"}},
+        ]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid,
                                       "content": '{"city":"Oslo","temp":3,"unit":"c"}', "is_error": False}]},
     ]
@@ -130,12 +132,14 @@ def test_gemini_wire(fp: FakeProvider) -> None:
     first, second = (q.body for q in fp.requests)
     assert first is not None and second is not None
     decl = first["tools"][0]["functionDeclarations"][0]
-    assert decl == {"name": "get_weather", "description": "Current weather for a city.", "parametersJsonSchema": PARAMETERS}
+    assert decl == {"name": "get_weather", "description": "Current weather for a city.",
+                    "parametersJsonSchema": PARAMETERS}
     assert second["contents"][1:] == [
         {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}},
                                     {"functionCall": {"name": "get_time", "args": {"zone": "CET"}}}]},
         {"role": "user", "parts": [
-            {"functionResponse": {"name": "get_weather", "response": {"output": '{"city":"Oslo","temp":3,"unit":"c"}'}}},
+            {"functionResponse": {"name": "get_weather",
+                                  "response": {"output": '{"city":"Oslo","temp":3,"unit":"c"}'}}},
             {"functionResponse": {"name": "get_time", "response": {"output": "12:00 in CET"}}}]},
     ]
     assert rows()[0].finish_reason == "tool_calls"
@@ -152,7 +156,7 @@ def test_errors_unknown_tools_and_bad_arguments_go_back_to_the_model() -> None:
     class Mocked(tl.Agent):
         model = "mock/fast"
         user = "{q}"
-        tools = [get_weather, fails]
+        tools = (get_weather, fails,)
 
     script = '@tool fails {"x": 1}\n@tool nope {}\n@tool get_weather {"town": 1}\n@tool get_weather {oops'
     r = Mocked.call(q=f"Hi\n{script}", tenant="acme")
@@ -176,7 +180,7 @@ def test_a_tool_loop_stops_at_the_budget_and_never_overspends() -> None:
         user = "{q}"
         max_tokens = 50
         max_tool_rounds = 50
-        tools = [get_weather]
+        tools = (get_weather,)
 
     tl.TenantBudget.create("acme", daily_limit="0.0003", enforcement="hard")
     with pytest.raises(tl.BudgetExceededError) as info:
@@ -194,7 +198,7 @@ def test_max_tool_rounds_bounds_the_loop() -> None:
         model = "mock/fast"
         user = "{q}"
         max_tool_rounds = 3
-        tools = [get_weather]
+        tools = (get_weather,)
 
     r = Loop.call(q='@loop get_weather {"city": "Oslo"}', tenant="acme")
     assert tl.Execution.all().count() == 3 and len(r.tool_calls) == 2
@@ -205,7 +209,7 @@ async def test_acall_runs_sync_and_async_tools() -> None:
     class Mocked(tl.Agent):
         model = "mock/fast"
         user = "{q}"
-        tools = [get_weather, get_time]
+        tools = (get_weather, get_time,)
 
     r = await Mocked.acall(q='x\n@tool get_time {"zone": "UTC"}\n@tool get_weather {"city": "Rome"}', tenant="acme")
     assert [c.get("result") for c in r.tool_calls] == ["12:00 in UTC", {"city": "Rome", "temp": 3, "unit": "c"}]
@@ -227,7 +231,8 @@ def test_bad_tools_fail_at_class_definition() -> None:
             type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "tools": tools})
     for rounds in (0, 51, "3", True):
         with pytest.raises(tl.ConfigurationError, match="max_tool_rounds"):
-            type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "tools": [get_weather], "max_tool_rounds": rounds})
+            type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "tools": [get_weather],
+                                      "max_tool_rounds": rounds})
     with pytest.raises(tl.ConfigurationError, match="cannot stream"):
         type("S", (Weather,), {}).stream(question="x", tenant="acme")
 

@@ -251,7 +251,9 @@ def run_loop(loop: ToolLoop, call: RoundCall, run: Callable[[_core.Call], AgentR
     return loop.result()
 
 
-async def arun_loop(loop: ToolLoop, call: RoundCall, arun: Callable[[_core.Call], Awaitable[AgentResult]]) -> AgentResult:
+async def arun_loop(
+    loop: ToolLoop, call: RoundCall, arun: Callable[[_core.Call], Awaitable[AgentResult]]
+) -> AgentResult:
     """`run_loop` for `acall`: the same rounds, tools awaited (sync ones in a thread)."""
     for n in range(loop.max_rounds):
         pending = loop.pending(n, await arun(call(loop.round_args(n))))

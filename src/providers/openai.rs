@@ -29,8 +29,8 @@ struct Message {
     /// from Mistral's reasoning (Magistral) models.
     content: Option<serde_json::Value>,
     refusal: Option<String>,
-    #[serde(default)]
-    tool_calls: Vec<ApiToolCall>,
+    /// Absent, or `null` (Mistral) without calls.
+    tool_calls: Option<Vec<ApiToolCall>>,
 }
 
 /// `{"id", "type": "function", "function": {"name", "arguments"}}`, arguments as JSON text.
@@ -43,8 +43,7 @@ struct ApiToolCall {
 #[derive(Deserialize)]
 struct ApiFunction {
     name: String,
-    #[serde(default)]
-    arguments: String,
+    arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -147,7 +146,7 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let usage = r.usage.ok_or_else(|| caller.invalid("no usage"))?;
     let (content, refusal, tool_calls) = match choice.message {
         Some(m) => {
-            let calls = m.tool_calls.into_iter().map(|c| ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments, signature: None });
+            let calls = m.tool_calls.unwrap_or_default().into_iter().map(|c| ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments.unwrap_or_default(), signature: None });
             (text_of(m.content).map_err(|e| caller.invalid(e))?, m.refusal.filter(|r| !r.is_empty()), calls.collect())
         }
         None => (String::new(), None, vec![]),
@@ -309,6 +308,20 @@ mod tests {
         assert_eq!((reply.usage.cached, reply.finish_reason), (64, Some("length")));
         let odd: Response = serde_json::from_str(r#"{"choices":[{"message":{"content":7}}],"usage":{"prompt_tokens":1,"completion_tokens":0}}"#).unwrap();
         assert!(parse(&C, odd).unwrap_err().message.contains("neither a string"));
+    }
+
+    #[test]
+    fn tool_calls_absent_null_or_listed() {
+        let none: Response = serde_json::from_str(r#"{"choices":[{"message":{"content":"hi","tool_calls":null}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#).unwrap();
+        assert!(parse(&C, none).unwrap().tool_calls.is_empty());
+        let some: Response = serde_json::from_str(
+            r#"{"choices":[{"message":{"content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},"finish_reason":"tool_calls"}],
+               "usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+        )
+        .unwrap();
+        let reply = parse(&C, some).unwrap();
+        assert_eq!(reply.tool_calls, vec![ToolCall { id: "call_1".into(), name: "f".into(), arguments: r#"{"a":1}"#.into(), signature: None }]);
+        assert_eq!(reply.finish_reason, Some("tool_calls"));
     }
 
     #[test]
