@@ -1,11 +1,21 @@
 //! Rate-limit policy: requests and tokens per minute (a sliding window over the admissions
 //! of the last minute) and calls in flight, per tenant and globally. Pure functions; the
-//! store keeps the admissions (`rate_events`) and the in-flight calls (`reservations`) and
-//! calls these inside the admission transaction, beside the budget checks.
+//! store keeps the admissions (`rate_events`), their running totals per scope
+//! (`rate_totals`) and the in-flight calls (`reservations`) and calls these inside the
+//! admission transaction, beside the budget checks.
 //!
 //! Why a sliding-window log and not GCRA: GCRA with a burst of `rpm` lets up to twice the
 //! limit through in some 60-second window; the log admits a call only if fewer than `rpm`
 //! calls were admitted in the window ending now, so no window ever holds more.
+//!
+//! Why it costs O(1) per admission: the store keeps, per scope, the totals of the logged
+//! admissions stamped after a horizon that only moves forward, to the window's start of the
+//! latest admission (`step`). An admission moves it, subtracting what crossed it (each
+//! admission crosses once), and then reads its window's use from one row instead of counting
+//! the window. An admission whose clock is behind the horizon (it read the clock, then waited
+//! for the lock) adds the few admissions between its own window's start and the horizon,
+//! which the log keeps a window longer for it. On a refusal only, the log is read to tell
+//! when the call would fit.
 
 use std::time::Duration;
 
@@ -25,6 +35,28 @@ pub const MAX_CONCURRENT: i64 = 100_000;
 /// What a call refused by `max_concurrent` is told to wait: how long the calls in flight
 /// will run is unknown.
 pub const CONCURRENCY_RETRY_AFTER_S: f64 = 1.0;
+
+/// What an admission at `now` does with a scope's running totals, which count the logged
+/// admissions stamped after `horizon` (None: the scope has no totals yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The window starts after the horizon: move it to `to`, subtracting the admissions
+    /// stamped in (horizon, to]; those stamped at or before `forget` leave the log.
+    Advance { to: Micros, forget: Micros },
+    /// The window starts at or before the horizon: its use is the totals plus the
+    /// admissions stamped in (since, horizon].
+    Behind { since: Micros },
+}
+
+pub fn step(now: Micros, window: Micros, horizon: Option<Micros>) -> Step {
+    let start = now - window;
+    match horizon {
+        Some(h) if start <= h => Step::Behind { since: start },
+        // Kept a window past the horizon: calls whose clock lags by up to a window still
+        // find the admissions of theirs.
+        _ => Step::Advance { to: start, forget: start - window },
+    }
+}
 
 /// Reads `WINDOW_ENV`.
 pub fn window_from_env() -> Result<Duration> {
@@ -247,6 +279,14 @@ mod tests {
         assert!((b.retry_after - 5.0).abs() < 1e-9);
         assert!((check(&cs, &ev, 0, 60, now).unwrap().retry_after - 40.0).abs() < 1e-9);
         assert_eq!(check(&cs, &[], 0, 101, now).unwrap().retry_after, 60.0);
+    }
+
+    #[test]
+    fn the_horizon_follows_the_latest_window_and_a_lagging_clock_looks_behind_it() {
+        assert_eq!(step(100 * S, 60 * S, None), Step::Advance { to: 40 * S, forget: -20 * S });
+        assert_eq!(step(100 * S, 60 * S, Some(30 * S)), Step::Advance { to: 40 * S, forget: -20 * S });
+        assert_eq!(step(100 * S, 60 * S, Some(40 * S)), Step::Behind { since: 40 * S });
+        assert_eq!(step(99 * S, 60 * S, Some(40 * S)), Step::Behind { since: 39 * S });
     }
 
     #[test]

@@ -402,6 +402,93 @@ pub(crate) mod tests {
         assert_eq!(store.usage("global", "2026-11-30").unwrap().executions, 0);
     }
 
+    /// Shared by both stores' tests: the running totals of the rate limits refuse exactly
+    /// what counting the window would (the admissions stamped after `now - window`, later
+    /// stamps included), with clocks that lag (a call that read its clock, then waited for
+    /// the lock), tokens corrected at settlement, and calls that outlive the window.
+    pub(crate) fn rate_totals_refuse_what_counting_the_window_would(store: &dyn Store) {
+        let cal = Calendar::new("UTC").unwrap();
+        let (window, rpm, tpm) = (10_000_000, 5, 400);
+        let global = GlobalBudgets { limits: Limits { rpm: Some(rpm), tpm: Some(tpm), ..Default::default() }, ..Default::default() };
+        let mut seed = 7u64;
+        let mut random = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) % n) as i64
+        };
+        // The model: every admission (stamp, id, tokens), as `rate_events` held them.
+        let mut log: Vec<(Micros, String, i64)> = Vec::new();
+        let mut in_flight: Vec<(NewExecution, Vec<String>)> = Vec::new();
+        let mut clock = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z").unwrap().timestamp_micros();
+        let (mut admitted, mut refused, mut lagging) = (0, 0, 0);
+        for i in 0..600 {
+            clock += random(1_500_000);
+            let lag = if random(3) == 0 { random(2_000_000) } else { 0 };
+            lagging += i32::from(lag > 0);
+            let now = clock - lag;
+            let tokens = 10 + random(90);
+            let in_window = log.iter().filter(|(at, _, _)| *at > now - window);
+            let (n, used) = in_window.fold((0, 0), |(n, t), e| (n + 1, t + e.2));
+            let expected = if n >= rpm {
+                Some(("global_rpm", n))
+            } else if used + tokens > tpm {
+                Some(("global_tpm", used))
+            } else {
+                None
+            };
+            let e = NewExecution { id: format!("c{i}"), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: now, metadata: "{}".into(), ..Default::default() };
+            let got = store
+                .admit(&AdmitRequest {
+                    execution: &e,
+                    plan: Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None },
+                    estimate: budget::estimate(crate::money::Nanos(0), tokens),
+                    reservation_expires_at: now + 3_600_000_000,
+                    breaker_keys: &[],
+                    probe_lease: 1,
+                    calendar: &cal,
+                    now,
+                    rate_window: window,
+                    record_rate_limited: true,
+                    remember_tenant: false,
+                    tenant_name: None,
+                })
+                .unwrap();
+            match (got, expected) {
+                (Admitted::Go { rate_scopes, .. }, None) => {
+                    admitted += 1;
+                    log.push((now, e.id.clone(), tokens));
+                    in_flight.push((e, rate_scopes));
+                }
+                (Admitted::RateLimited(b), Some((name, current))) => {
+                    refused += 1;
+                    assert_eq!((b.check.name.as_str(), b.current), (name, current), "call {i}");
+                }
+                (got, expected) => panic!("call {i}: got {got:?}, expected {expected:?}"),
+            }
+            // Settle a call in flight now and then, with fewer tokens than it reserved.
+            if random(2) == 0 && !in_flight.is_empty() {
+                let (e, rate_scopes) = in_flight.remove(random(in_flight.len() as u64) as usize);
+                let entry = log.iter_mut().find(|l| l.1 == e.id).unwrap();
+                entry.2 = random(entry.2 as u64 + 1);
+                let mut done = Completion::refused(Status::Success, "", String::new(), clock);
+                (done.error_class, done.error_message) = (None, None);
+                done.usage = crate::pricing::Usage::new(entry.2, 0, 0);
+                store
+                    .finish(&FinishRequest {
+                        execution: &e,
+                        completion: &done,
+                        reserved: false,
+                        checks: &[],
+                        rate_scopes: &rate_scopes,
+                        breakers: &[],
+                        calendar: &cal,
+                        store_details: false,
+                    })
+                    .unwrap();
+            }
+        }
+        assert!(admitted > 100 && refused > 100 && lagging > 100, "{admitted} admitted, {refused} refused, {lagging} lagging");
+    }
+
     #[test]
     fn reservations_move_to_the_periods_of_the_new_zone() {
         let berlin = Calendar::new("Europe/Berlin").unwrap();

@@ -156,4 +156,15 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE execution_details ADD COLUMN tool_calls TEXT;
     "#,
+    // 7: running totals of each rate-limited scope's admission log (see schema.rs, migration 7).
+    r#"
+    CREATE TABLE rate_totals (
+        scope TEXT COLLATE "C" PRIMARY KEY,
+        requests BIGINT NOT NULL,
+        tokens BIGINT NOT NULL,
+        horizon BIGINT NOT NULL
+    );
+    INSERT INTO rate_totals (scope, requests, tokens, horizon)
+        SELECT scope, COUNT(*), SUM(tokens), MIN(at) - 1 FROM rate_events GROUP BY scope;
+    "#,
 ];

@@ -156,4 +156,18 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE execution_details ADD COLUMN tool_calls TEXT;
     "#,
+    // 7: running totals of each rate-limited scope's admission log (`rate_events`): how many
+    // admissions, and their tokens, are stamped after `horizon`, which follows the start of
+    // the latest admission's window; an admission reads one row instead of counting its
+    // window (src/ratelimit).
+    r#"
+    CREATE TABLE rate_totals (
+        scope TEXT PRIMARY KEY,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        horizon INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO rate_totals (scope, requests, tokens, horizon)
+        SELECT scope, COUNT(*), SUM(tokens), MIN(at) - 1 FROM rate_events GROUP BY scope;
+    "#,
 ];

@@ -410,15 +410,36 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
     Ok((decode_keys(&keys), est))
 }
 
-/// The use of the scopes `checks` name: admissions and their tokens stamped after `since`
-/// (later stamps included), and calls holding a `max_concurrent` slot. Admissions are
-/// deleted a window after they left it: an admission stamped a little earlier (it waited for
-/// the lock) still counts them.
+/// The use of the scopes `checks` name: admissions and their tokens stamped after
+/// `now - window` (later stamps included), from each scope's running totals (see
+/// `ratelimit::step`), and calls holding a `max_concurrent` slot.
 fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<HashMap<String, RateUsage>> {
     let mut out: HashMap<String, RateUsage> = HashMap::new();
     for scope in ratelimit::window_scopes(checks) {
-        tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, now - 2 * window])?;
-        let use_ = window_use(tx, &scope, now - window)?;
+        let totals = tx
+            .prepare_cached("SELECT requests, tokens, horizon FROM rate_totals WHERE scope = ?1")?
+            .query_row([&scope], |r| Ok((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }, r.get::<_, Micros>(2)?)))
+            .optional()?;
+        let mut use_ = totals.map(|t| t.0).unwrap_or_default();
+        let horizon = totals.map(|t| t.1);
+        match ratelimit::step(now, window, horizon) {
+            ratelimit::Step::Advance { to, forget } => {
+                let crossed = logged_between(tx, &scope, horizon.unwrap_or(to), to)?;
+                use_.requests -= crossed.requests;
+                use_.tokens -= crossed.tokens;
+                tx.prepare_cached(
+                    "INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (scope) DO UPDATE SET requests = ?2, tokens = ?3, horizon = ?4",
+                )?
+                .execute(params![scope, use_.requests, use_.tokens, to])?;
+                tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, forget])?;
+            }
+            ratelimit::Step::Behind { since } => {
+                let behind = logged_between(tx, &scope, since, horizon.unwrap_or(since))?;
+                use_.requests += behind.requests;
+                use_.tokens = use_.tokens.saturating_add(behind.tokens);
+            }
+        }
         out.insert(scope, use_);
     }
     if let Some(scope) = ratelimit::concurrency_scope(checks) {
@@ -427,7 +448,30 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
     Ok(out)
 }
 
-/// Admissions of a scope stamped after `since`, and their tokens.
+/// Corrects a call's logged tokens to `tokens`, and the scope's totals if they count it.
+fn rate_settle(tx: &Connection, scope: &str, e: &NewExecution, tokens: i64) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE rate_totals SET tokens = tokens + ?4
+             - COALESCE((SELECT tokens FROM rate_events WHERE scope = ?1 AND at = ?2 AND execution_id = ?3), ?4)
+         WHERE scope = ?1 AND horizon < ?2",
+    )?
+    .execute(params![scope, e.started_at, e.id, tokens])?;
+    tx.prepare_cached("UPDATE rate_events SET tokens = ?4 WHERE scope = ?1 AND at = ?2 AND execution_id = ?3")?
+        .execute(params![scope, e.started_at, e.id, tokens])?;
+    Ok(())
+}
+
+/// Admissions of a scope stamped in (after, through], and their tokens.
+fn logged_between(c: &Connection, scope: &str, after: Micros, through: Micros) -> Result<RateUsage> {
+    if through <= after {
+        return Ok(RateUsage::default());
+    }
+    Ok(c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_events WHERE scope = ?1 AND at > ?2 AND at <= ?3")?
+        .query_row(params![scope, after, through], |r| Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }))?)
+}
+
+/// Admissions of a scope stamped after `since` (later stamps included), and their tokens:
+/// the dashboard's and CLI's view, read at any time rather than at an admission.
 fn window_use(c: &Connection, scope: &str, since: Micros) -> Result<RateUsage> {
     Ok(c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_events WHERE scope = ?1 AND at > ?2")?
         .query_row(params![scope, since], |r| Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }))?)
@@ -748,6 +792,9 @@ impl Store for SqliteStore {
             for scope in &rate_scopes {
                 tx.prepare_cached("INSERT INTO rate_events (scope, at, execution_id, tokens) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![scope, e.started_at, e.id, est.tokens])?;
+                // Counted in the totals unless this call's clock is behind their horizon.
+                tx.prepare_cached("UPDATE rate_totals SET requests = requests + 1, tokens = tokens + ?2 WHERE scope = ?1 AND horizon < ?3")?
+                    .execute(params![scope, est.tokens, e.started_at])?;
             }
             insert_execution(tx, e)?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
@@ -787,9 +834,9 @@ impl Store for SqliteStore {
                 })
                 .collect();
             bump(tx, &changes)?;
+            // The logged estimate becomes the real usage, in the totals too if they count it.
             for scope in req.rate_scopes {
-                tx.prepare_cached("UPDATE rate_events SET tokens = ?4 WHERE scope = ?1 AND at = ?2 AND execution_id = ?3")?
-                    .execute(params![scope, e.started_at, e.id, budget::recorded(c).tokens])?;
+                rate_settle(tx, scope, e, budget::recorded(c).tokens)?;
             }
             let check_keys: Vec<CounterKey> = req.checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
             let after = if c.status.counts_as_usage() { totals(tx, &check_keys)? } else { HashMap::new() };
@@ -1134,6 +1181,13 @@ mod tests {
     }
 
     #[test]
+    fn rate_totals_refuse_what_counting_the_window_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        super::super::tests::rate_totals_refuse_what_counting_the_window_would(&store);
+    }
+
+    #[test]
     fn a_database_without_a_timezone_gets_its_first_openers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
@@ -1147,7 +1201,7 @@ mod tests {
                 "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
                  ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
                  ALTER TABLE executions DROP COLUMN time_to_first_token_ms;
-                 DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
+                 DROP TABLE rate_totals; DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
