@@ -21,7 +21,7 @@ use crate::providers::{self, ProviderStream, Providers, Reply, Request, Route, T
 use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
 use crate::secrets::{Sealer, SECRET_ENV};
 use crate::store::{self, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, FinishRequest, Store};
-use crate::tenancy::TenantContext;
+use crate::tenancy::{SeenCache, TenantContext};
 
 /// An agent class's settings, validated once per class.
 #[derive(Debug, Clone)]
@@ -166,6 +166,8 @@ pub struct Engine {
     /// Per tenant, the calls of this process waiting for a rate-limit slot, in arrival
     /// order (tokio's mutex is fair).
     rate_queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Tenants this process wrote to the register lately (admissions write it only then).
+    seen: SeenCache,
 }
 
 impl Engine {
@@ -206,6 +208,7 @@ impl Engine {
             alerts: Mutex::new(vec![]),
             rate_window,
             rate_queues: Mutex::default(),
+            seen: SeenCache::default(),
         })
     }
 
@@ -350,6 +353,8 @@ impl Engine {
             tool_calls: req.tool_calls.clone(),
         };
         let breaker_keys = self.breaker_keys(spec, tenant_id);
+        let tenant_name = req.tenant.name.as_deref();
+        let remember_tenant = tenant_id.is_some_and(|t| self.seen.due(t, tenant_name, now));
         let admitted = self.keyed(|calendar| {
             self.store.admit(&AdmitRequest {
                 execution: &execution,
@@ -362,8 +367,13 @@ impl Engine {
                 now,
                 rate_window: self.rate_window.as_micros() as i64,
                 record_rate_limited,
+                remember_tenant,
+                tenant_name,
             })
         })?;
+        if let (true, Some(t)) = (remember_tenant, tenant_id) {
+            self.seen.written(t, tenant_name, now);
+        }
         match admitted {
             Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved } => Ok(Admission {
                 call: InFlight {

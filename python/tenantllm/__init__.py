@@ -35,6 +35,7 @@ from tenantllm.config import configure, set_timezone
 from tenantllm.decorators import AgentFunction, AsyncAgentFunction, UsageNotReported, agent, guard, guarded
 from tenantllm.execution import Execution, ExecutionQuery
 from tenantllm.tenancy import llm_tenant, tenant
+from tenantllm.tenants import SeenTenant, tenants
 
 # Async calls still in flight at exit (an `acall` cancelled as its event loop closed) settle
 # while the interpreter is alive, instead of after it is gone.
@@ -65,6 +66,7 @@ __all__ = [
     "RateLimitError",
     "RateLimitedError",
     "Retries",
+    "SeenTenant",
     "StoreError",
     "TenantBudget",
     "TenantLLMError",
@@ -79,4 +81,5 @@ __all__ = [
     "set_timezone",
     "spend_by_tenant",
     "tenant",
+    "tenants",
 ]

@@ -441,6 +441,7 @@ class Prepared:
         root = extra.pop("root_execution_id", root)
         return _core.Call(
             self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, parent, root, self.history,
+            tenant_name=t.name,
             **extra,
         )
 

@@ -1,4 +1,4 @@
-"""The `tenantllm` command: `demo`, `report`, `budgets` and `dashboard`.
+"""The `tenantllm` command: `demo`, `report`, `budgets`, `tenants`, `timezone` and `dashboard`.
 
 Errors are one line on stderr, never a traceback: exit code 2 for a bad command line or a
 database that is missing or not a database, 1 for other tenantllm errors."""
@@ -12,9 +12,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
 
 import tenantllm as tl
 
@@ -292,6 +294,31 @@ def budgets_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def tenants_list(args: argparse.Namespace) -> int:
+    _open(args.database)
+    zone = ZoneInfo(tl.config.engine().timezone)
+    seen = {t.id: t for t in tl.tenants()}
+    budgets = {b.tenant_id: b for b in tl.TenantBudget.all()}
+    monthly = tl.spend_by_tenant("monthly")
+
+    def when(t: datetime | None) -> str:
+        return "-" if t is None else t.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+
+    rows = []
+    for tid in sorted(seen.keys() | budgets.keys()):
+        t, b = seen.get(tid), budgets.get(tid)
+        name = (t.name if t else None) or (b.name if b else None) or ""
+        spent = monthly.get(tid, {}).get("cost")
+        first, last = (t.first_used_at, t.last_used_at) if t else (None, None)
+        rows.append([tid, name, when(first), when(last), "yes" if b else "no", _usd(spent or Decimal(0))])
+    if not rows:
+        print(f"No tenants in {_shown(args.database)} yet: a tenant is remembered at its first call.")
+        return 0
+    print(_table(["tenant", "name", "first use", "last use", "budget", "this month"], rows))
+    print(f"\nTimes in the database's timezone ({zone.key}); last use is accurate to the hour.")
+    return 0
+
+
 def budgets_set(args: argparse.Namespace) -> int:
     _open(args.database)
     changes = {field: getattr(args, field) for _, field, _ in _BUDGET_OPTIONS if hasattr(args, field)}
@@ -433,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bs.add_argument("--name", help="display name of the tenant")
     bd = _command(bsub, "delete", budgets_delete, "remove a tenant's budget (it then inherits the global limits)")
     bd.add_argument("tenant")
+
+    t = sub.add_parser("tenants", help="the tenants seen, with or without a budget")
+    tsub = t.add_subparsers(dest="tenants_command", required=True)
+    _command(tsub, "list", tenants_list, "every tenant seen or with a budget: name, first and last use, spend")
 
     z = sub.add_parser("timezone", help="show or change the timezone of the database's budget days and months")
     zsub = z.add_subparsers(dest="timezone_command", required=True)

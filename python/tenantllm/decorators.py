@@ -327,7 +327,9 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         t = resolve(s, self._tenant)
         try:
             parent, root = lineage()
-            call = _core.Call(self._spec, None, "", t.id, t.limits, None, self._metadata, parent, root)
+            call = _core.Call(
+                self._spec, None, "", t.id, t.limits, None, self._metadata, parent, root, tenant_name=t.name
+            )
             self._handle = s.engine.begin_guard(call, self._input_tokens)
         finally:
             deliver_alerts(s)

@@ -25,12 +25,14 @@ LIMIT_KEYS = frozenset(_core.TENANT_LIMIT_KEYS)
 class ResolvedTenant:
     id: str | None
     limits: dict[str, Any] | None = None
+    # What the app calls the tenant, for the register of tenants seen.
+    name: str | None = None
     api_keys: dict[str, str] | None = None
     # `@llm_tenant(limits=...)`: the budget to create if the tenant has none yet.
     budget_defaults: dict[str, Any] | None = None
 
     def __repr__(self) -> str:  # never show keys
-        return f"ResolvedTenant(id={self.id!r}, limits={self.limits!r})"
+        return f"ResolvedTenant(id={self.id!r}, name={self.name!r}, limits={self.limits!r})"
 
 
 NO_TENANT = ResolvedTenant(id=None)
@@ -101,14 +103,17 @@ def _from_value(value: Any, source: str) -> ResolvedTenant:
         if keys is not None and not isinstance(keys, Mapping):
             raise InvalidTenantError(f"{source}: api_keys must be a dict of provider name to key")
         return ResolvedTenant(
-            id=_check_id(value["id"], source), limits=limits or None, api_keys=dict(keys) if keys else None
+            id=_check_id(value["id"], source),
+            limits=limits or None,
+            name=value.get("name"),
+            api_keys=dict(keys) if keys else None,
         )
     describe = getattr(type(value), "__tenantllm_describe__", None)
     if describe is not None:
         described = dict(describe(value))
         defaults = described.pop("budget_defaults", None)
         t = _from_value(described, f"{source} ({type(value).__name__})")
-        return ResolvedTenant(id=t.id, limits=t.limits, api_keys=t.api_keys, budget_defaults=defaults)
+        return ResolvedTenant(id=t.id, limits=t.limits, name=t.name, api_keys=t.api_keys, budget_defaults=defaults)
     raise InvalidTenantError(
         f"{source}: expected a tenant id (str or int), a tenant dict or an @llm_tenant object, got "
         f"{type(value).__name__}; to pass {type(value).__name__} objects, decorate the class with "
@@ -145,7 +150,7 @@ def resolve(s: Settings, explicit: Any = _UNSET) -> ResolvedTenant:
                 raise InvalidTenantError(
                     f"tenant_config_resolver must return a dict or None, got {type(limits).__name__}"
                 )
-            t = ResolvedTenant(id=t.id, limits=dict(limits), api_keys=t.api_keys)
+            t = ResolvedTenant(id=t.id, limits=dict(limits), name=t.name, api_keys=t.api_keys)
     return t
 
 

@@ -26,7 +26,7 @@ use crate::process::PerProcess;
 use crate::providers::MAX_REPLY_TOKENS;
 use crate::retry::{RetryPolicy, MAX_RETRIES};
 use crate::store::{Alert, BreakerKey, BudgetWrite};
-use crate::tenancy::{validate_tenant_id, TenantContext};
+use crate::tenancy::{validate_tenant_id, validate_tenant_name, TenantContext};
 
 /// An agent class's settings, built once per class by the Python layer.
 #[pyclass(module = "tenantllm._core", name = "AgentSpec", frozen)]
@@ -383,7 +383,7 @@ pub struct PyCall {
 impl PyCall {
     #[new]
     #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(),
-        parent_execution_id=None, root_execution_id=None, history=None, rounds=None, tools_closed=false, tool_calls=None))]
+        parent_execution_id=None, root_execution_id=None, history=None, rounds=None, tools_closed=false, tool_calls=None, tenant_name=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -400,8 +400,12 @@ impl PyCall {
         rounds: Option<String>,
         tools_closed: bool,
         tool_calls: Option<String>,
+        tenant_name: Option<String>,
     ) -> PyResult<Self> {
         let build = || -> Result<CallRequest> {
+            if let Some(name) = &tenant_name {
+                validate_tenant_name(name)?;
+            }
             let limits = match (&tenant_id, tenant_limits) {
                 (Some(t), Some(d)) => Some(tenant_budget(t, d)?),
                 (None, Some(_)) => return Err(Error::InvalidTenant("tenant limits were given without a tenant id".into())),
@@ -412,6 +416,7 @@ impl PyCall {
                 history: history.filter(|h| !h.is_none()).map(super::convert::history).transpose()?.unwrap_or_default(),
                 user,
                 tenant: TenantContext {
+                    name: tenant_name.filter(|_| tenant_id.is_some()),
                     id: tenant_id,
                     limits,
                     api_keys: api_keys.map(|k| string_map("api_keys", k)).transpose()?.unwrap_or_default(),
@@ -800,6 +805,21 @@ impl PyEngine {
     fn breaker_reset(&self, py: Python<'_>, agent: &Bound<'_, PyAny>, model: &Bound<'_, PyAny>, tenant_id: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let key = breaker_key(agent, model, tenant_id).py_err(py)?;
         self.detached(py, |e| e.store().breaker_reset(&key))
+    }
+
+    /// The register of tenants seen: [{"id", "name", "first_used_at", "last_used_at"}], by id.
+    fn tenants<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let all = self.detached(py, |e| e.store().tenants())?;
+        all.iter()
+            .map(|t| {
+                let d = PyDict::new(py);
+                d.set_item("id", &t.id)?;
+                d.set_item("name", &t.name)?;
+                d.set_item("first_used_at", chrono::DateTime::<chrono::Utc>::from_timestamp_micros(t.first_used_at))?;
+                d.set_item("last_used_at", chrono::DateTime::<chrono::Utc>::from_timestamp_micros(t.last_used_at))?;
+                Ok(d)
+            })
+            .collect()
     }
 
     fn breakers_not_closed<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {

@@ -33,6 +33,10 @@ pub struct AdmitRequest<'a> {
     /// Whether a refusal by a rate limit writes its `rate_limited` row; a call that will wait
     /// for a slot and try again writes none until it gives up.
     pub record_rate_limited: bool,
+    /// Whether to write the call's tenant (`plan.tenant_id`) to the register of tenants seen,
+    /// with `tenant_name` if given, whatever the outcome (`tenancy::SeenCache` decides when).
+    pub remember_tenant: bool,
+    pub tenant_name: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +124,8 @@ pub trait Store: Send + Sync {
     /// and calls holding one of its `max_concurrent` slots (recorded only where such a
     /// limit applies).
     fn rate_usage(&self, scope: &str, since: Micros) -> Result<crate::ratelimit::RateUsage>;
+    /// Every tenant seen (the register), by id.
+    fn tenants(&self) -> Result<Vec<crate::tenancy::SeenTenant>>;
     /// Recorded usage of every scope with the given prefix in one period ("tenant:").
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recorded usage of one scope per day, for days from `first_day` ("2026-11-01") on.
@@ -356,6 +362,8 @@ pub(crate) mod tests {
                 now: t,
                 rate_window: 60_000_000,
                 record_rate_limited: true,
+                remember_tenant: false,
+                tenant_name: None,
             })
         };
         let settle = |id: &str, cal: &Calendar| {

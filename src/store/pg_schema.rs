@@ -167,4 +167,13 @@ pub const MIGRATIONS: &[&str] = &[
     INSERT INTO rate_totals (scope, requests, tokens, horizon)
         SELECT scope, COUNT(*), SUM(tokens), MIN(at) - 1 FROM rate_events GROUP BY scope;
     "#,
+    // 8: the register of tenants seen (see schema.rs, migration 8).
+    r#"
+    CREATE TABLE tenants (
+        tenant_id TEXT COLLATE "C" PRIMARY KEY,
+        name TEXT,
+        first_used_at BIGINT NOT NULL,
+        last_used_at BIGINT NOT NULL
+    );
+    "#,
 ];

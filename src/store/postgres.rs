@@ -44,6 +44,7 @@ use crate::money::Nanos;
 use crate::process::{quiet, unpoisoned};
 use crate::ratelimit::{self, RateCheck, RateUsage};
 use crate::secrets::Sealed;
+use crate::tenancy::SeenTenant;
 
 /// Connections (and threads running operations) per process, unless the URL says
 /// `?pool_size=N`.
@@ -1015,6 +1016,15 @@ impl Store for PostgresStore {
         };
         self.write(OnCommitLoss::Check(&check), |db| {
             keyed_like(stored_timezone(db)?, req.calendar)?;
+            if let (true, Some(tid)) = (req.remember_tenant, req.plan.tenant_id) {
+                db.execute(
+                    "INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES ($1, $2, $3, $3)
+                     ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                         first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                         last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at)",
+                    &[&tid, &req.tenant_name, &req.now],
+                )?;
+            }
             let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
                 (Some(tid), None) => budget_get(db, tid)?,
                 _ => None,
@@ -1259,6 +1269,15 @@ impl Store for PostgresStore {
         self.read(|db| Ok(RateUsage { in_flight: in_flight(db, scope)?, ..window_use(db, scope, since)? }))
     }
 
+    fn tenants(&self) -> Result<Vec<SeenTenant>> {
+        self.read(|db| {
+            let rows = db.query("SELECT tenant_id, name, first_used_at, last_used_at FROM tenants ORDER BY tenant_id", &[])?;
+            rows.iter()
+                .map(|r| Ok(SeenTenant { id: r.try_get(0)?, name: r.try_get(1)?, first_used_at: r.try_get(2)?, last_used_at: r.try_get(3)? }))
+                .collect()
+        })
+    }
+
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
         // A range on the primary key: scope >= prefix AND scope < (first string past the prefix).
         let end = prefix_end(prefix);
@@ -1499,6 +1518,8 @@ mod tests {
                 now: e.started_at,
                 rate_window: 60_000_000,
                 record_rate_limited: true,
+                remember_tenant: false,
+                tenant_name: None,
             })
             .unwrap()
     }

@@ -170,4 +170,14 @@ pub const MIGRATIONS: &[&str] = &[
     INSERT INTO rate_totals (scope, requests, tokens, horizon)
         SELECT scope, COUNT(*), SUM(tokens), MIN(at) - 1 FROM rate_events GROUP BY scope;
     "#,
+    // 8: the register of tenants seen (DESIGN §1b): every tenant a call ran for, budget or
+    // not, with the name the app gave and its first and last use (to `tenancy::SEEN_REFRESH`).
+    r#"
+    CREATE TABLE tenants (
+        tenant_id TEXT PRIMARY KEY,
+        name TEXT,
+        first_used_at INTEGER NOT NULL,
+        last_used_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];

@@ -25,6 +25,7 @@ use crate::money::Nanos;
 use crate::process::{quiet, unpoisoned};
 use crate::ratelimit::{self, RateCheck, RateUsage};
 use crate::secrets::Sealed;
+use crate::tenancy::SeenTenant;
 
 pub struct SqliteStore {
     /// Writes (and reads inside write transactions). Shared with the checkpointer, which
@@ -735,6 +736,14 @@ impl Store for SqliteStore {
         let e = req.execution;
         self.write(|tx| {
             keyed_like(stored_timezone(tx)?, req.calendar)?;
+            if let (true, Some(tid)) = (req.remember_tenant, req.plan.tenant_id) {
+                tx.prepare_cached(
+                    "INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
+                     ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(excluded.name, name),
+                         first_used_at = MIN(first_used_at, excluded.first_used_at), last_used_at = MAX(last_used_at, excluded.last_used_at)",
+                )?
+                .execute(params![tid, req.tenant_name, req.now])?;
+            }
             expire_reservations(tx, req.calendar, req.now)?;
             let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
                 (Some(tid), None) => budget_get(tx, tid)?,
@@ -935,6 +944,16 @@ impl Store for SqliteStore {
 
     fn rate_usage(&self, scope: &str, since: Micros) -> Result<RateUsage> {
         self.read(|c| Ok(RateUsage { in_flight: in_flight(c, scope)?, ..window_use(c, scope, since)? }))
+    }
+
+    fn tenants(&self) -> Result<Vec<SeenTenant>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT tenant_id, name, first_used_at, last_used_at FROM tenants ORDER BY tenant_id")?;
+            let rows = stmt
+                .query_map([], |r| Ok(SeenTenant { id: r.get(0)?, name: r.get(1)?, first_used_at: r.get(2)?, last_used_at: r.get(3)? }))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
     }
 
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
@@ -1169,6 +1188,8 @@ mod tests {
                 now,
                 rate_window: 60_000_000,
                 record_rate_limited: true,
+                remember_tenant: false,
+                tenant_name: None,
             })
             .unwrap()
     }
@@ -1201,7 +1222,7 @@ mod tests {
                 "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
                  ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
                  ALTER TABLE executions DROP COLUMN time_to_first_token_ms;
-                 DROP TABLE rate_totals; DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
+                 DROP TABLE tenants; DROP TABLE rate_totals; DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;

@@ -158,6 +158,8 @@ class TenantRow:
     name: str | None
     enforcement: str
     has_budget: bool
+    # From the register of tenants seen (None: no call yet).
+    last_used_at: datetime | None = None
     meters: list[Meter] = field(default_factory=list)
 
     @property
@@ -186,15 +188,16 @@ _RATE_METERS = (
 
 
 def tenants(engine: Engine, tenant: str | None) -> list[TenantRow]:
-    """Stored budgets and every tenant with usage this month, with utilisation against the
-    effective limits (the tenant's own, else the global `budgets=`). Runtime overrides from a
-    `tenant_config_resolver` live in the application and are not shown."""
+    """Stored budgets, every tenant seen and every tenant with usage this month, with
+    utilisation against the effective limits (the tenant's own, else the global `budgets=`).
+    Runtime overrides from a `tenant_config_resolver` live in the application and are not shown."""
     glob = engine.global_limits()
     usage: dict[str, dict[str, dict[str, Any]]]
+    seen = {t["id"]: t for t in engine.tenants()}
     if tenant is None:
         budgets = {b["tenant_id"]: b for b in engine.budget_all()}
         daily, monthly = engine.usage_by_tenant("daily"), engine.usage_by_tenant("monthly")
-        ids = sorted(set(budgets) | set(daily) | set(monthly))
+        ids = sorted(set(budgets) | set(daily) | set(monthly) | set(seen))
         usage = {t: {"daily": daily.get(t, _ZERO_USAGE), "monthly": monthly.get(t, _ZERO_USAGE)} for t in ids}
     else:
         own = engine.budget_get(tenant)
@@ -203,12 +206,13 @@ def tenants(engine: Engine, tenant: str | None) -> list[TenantRow]:
         usage = {tenant: engine.tenant_usage(tenant)}
     rows = []
     for t in ids:
-        b = budgets.get(t)
+        b, s = budgets.get(t), seen.get(t)
         row = TenantRow(
             tenant_id=t,
-            name=None if b is None else b["name"],
+            name=(None if s is None else s["name"]) or (None if b is None else b["name"]),
             enforcement=(b or glob)["enforcement"],
             has_budget=b is not None,
+            last_used_at=None if s is None else s["last_used_at"],
         )
         for label, limit_field, period, key, money in _METERS:
             limit = b[limit_field] if b is not None and b[limit_field] is not None else glob[limit_field]
