@@ -4,6 +4,7 @@ current tenant while a view runs (sync and async), and never leaks into the next
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -361,3 +362,129 @@ def test_django_settings_configure_tenantllm(tmp_path: Path, configure: Any) -> 
     assert done.returncode != 0 and "settings.TENANTLLM: unknown configure() option 'budget'" in done.stderr
     done = _django_project(tmp_path, repr({"tenant_resolver": "proj_settings.missing"}))
     assert done.returncode != 0 and "settings.TENANTLLM['tenant_resolver']: cannot import" in done.stderr
+
+
+# A Django project on a real database (SQLite) with django.contrib.auth: the tenant function
+# reads `request.user`, which loads the session and the user from the database; Django
+# forbids that on the event loop (SynchronousOnlyOperation).
+ASYNC_SETTINGS = """
+SECRET_KEY = "tests-only"
+ALLOWED_HOSTS = ["testserver"]
+ROOT_URLCONF = "async_views"
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "django.contrib.sessions",
+                  "tenantllm.integrations.django"]
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": "app.db"}}
+MIDDLEWARE = ["django.contrib.sessions.middleware.SessionMiddleware",
+              "django.contrib.auth.middleware.AuthenticationMiddleware",
+              "tenantllm.integrations.django.TenantMiddleware"]
+TENANTLLM = {"database": DATABASE, "mock": {"latency_ms": 0}}
+TENANTLLM_TENANT_FROM_REQUEST = "async_views.tenant_for"
+"""
+
+ASYNC_VIEWS = """
+import threading
+from django.http import JsonResponse
+from django.urls import path
+import tenantllm as tl
+
+reads = []
+
+def tenant_for(request):
+    reads.append(threading.current_thread().name)
+    user = request.user  # the session and the user, from the database
+    return {"id": user.username, "name": user.get_full_name()} if user.is_authenticated else None
+
+class Support(tl.Agent):
+    model = "mock/support"
+    user = "{q}"
+
+async def ask(request):
+    r = await Support.acall(q="hi")
+    again = await Support.acall(q="again")  # the tenant is read once per request
+    return JsonResponse({"tenant": r.tenant_id, "again": again.tenant_id})
+
+@tl.agent(model="mock/support")
+async def summarize(text: str) -> str:
+    return text
+
+async def function(request):
+    return JsonResponse({"tenant": (await summarize("x")).tenant_id})
+
+async def guarded(request):
+    async with tl.guarded(agent="Raw", model="mock/support") as g:
+        g.record(input_tokens=3, output_tokens=2)
+        tenant = tl.Execution.get(g.execution_id).tenant_id
+    return JsonResponse({"tenant": tenant})
+
+async def stream(request):
+    await tl.tenancy.ready()
+    s = Support.astream(q="hi")
+    _ = [c async for c in s]
+    return JsonResponse({"tenant": s.result.tenant_id})
+
+async def sync_call_on_the_loop(request):
+    try:
+        Support.call(q="hi")
+    except tl.ConfigurationError as e:
+        return JsonResponse({"error": str(e)})
+    return JsonResponse({"error": None})
+
+async def no_agent(request):
+    return JsonResponse({"ok": True})
+
+def sync_view(request):
+    return JsonResponse({"tenant": Support.call(q="hi").tenant_id})
+
+urlpatterns = [path("ask", ask), path("function", function), path("guarded", guarded), path("stream", stream),
+               path("sync-call", sync_call_on_the_loop), path("none", no_agent), path("sync", sync_view)]
+"""
+
+ASYNC_MAIN = """
+import asyncio, json, os
+os.environ["DJANGO_SETTINGS_MODULE"] = "async_settings"
+import django
+django.setup()
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.test import AsyncClient
+import async_views
+
+call_command("migrate", verbosity=0)
+User.objects.create_user("acme", password="pw", first_name="Acme", last_name="Inc")
+
+async def main():
+    out = {}
+    c = AsyncClient()
+    await c.aforce_login(await User.objects.aget(username="acme"))
+    for route in ("ask", "function", "guarded", "stream", "sync-call", "sync", "none"):
+        async_views.reads.clear()
+        r = await c.get("/" + route)
+        out[route] = {"status": r.status_code, "body": r.json(), "reads": len(async_views.reads)}
+    r = await AsyncClient().get("/ask")
+    out["anonymous"] = {"status": r.status_code, "body": r.json()}
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_django_async_views_read_the_tenant_off_the_event_loop(tmp_path: Path, configure: Any, db_path: Path) -> None:
+    (tmp_path / "async_settings.py").write_text(f"DATABASE = {str(db_path)!r}\n" + ASYNC_SETTINGS)
+    (tmp_path / "async_views.py").write_text(ASYNC_VIEWS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", ASYNC_MAIN], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for route in ("ask", "function", "guarded", "stream", "sync"):
+        assert out[route]["status"] == 200 and out[route]["body"]["tenant"] == "acme", (route, out[route])
+        assert out[route]["reads"] == 1, (route, out[route])
+    assert out["ask"]["body"]["again"] == "acme"
+    # A synchronous call on the loop before the tenant was read is told what to do instead.
+    assert "await tenantllm.tenancy.ready()" in out["sync-call"]["body"]["error"]
+    # A request that calls no agent never reads the tenant.
+    assert out["none"] == {"status": 200, "body": {"ok": True}, "reads": 0}
+    assert out["anonymous"] == {"status": 200, "body": {"tenant": None, "again": None}}
+    configure(database=str(db_path))
+    assert [(t.id, t.name) for t in tl.tenants()] == [("acme", "Acme Inc")]

@@ -14,7 +14,7 @@ from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
 from tenantllm.config import Settings, deliver_alerts, settings
 from tenantllm.streaming import AsyncStream, Stream
-from tenantllm.tenancy import _UNSET, ResolvedTenant, resolve
+from tenantllm.tenancy import _UNSET, ResolvedTenant, ready, resolve
 from tenantllm.tools import MAX_TOOL_ROUNDS, Tool, ToolLoop, arun_loop, make_tools, run_loop, tools_json
 
 
@@ -338,6 +338,7 @@ class Agent:
         _check_dry_run(dry_run)
         self = cls(**params)
         s = settings()
+        await ready(tenant)
         p = self._prepare(s, tenant, history)
         if dry_run:
             return p.dry_run(s, self._settings())

@@ -27,7 +27,7 @@ from tenantllm.agent import (
 )
 from tenantllm.agent import placeholders as template_params
 from tenantllm.config import deliver_alerts, settings
-from tenantllm.tenancy import _UNSET, resolve
+from tenantllm.tenancy import _UNSET, ready, resolve
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -124,6 +124,7 @@ def agent(
                 bound = sig.bind(*args, **kwargs)
                 bound.apply_defaults()
                 returned = await fn(*bound.args, **bound.kwargs)
+                await ready(tenant)
                 return await prepare(tenant, returned, bound.arguments).arun(settings())
 
             wrapper: Any = run_async
@@ -367,6 +368,7 @@ class guarded:  # lower case: used as `with tl.guarded(...)`, like a function
         self._exit(exc)
 
     async def __aenter__(self) -> guarded:
+        await ready(self._tenant)
         return self._enter()
 
     async def __aexit__(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,20 +56,60 @@ def current_tenant_value() -> Any:
 class Deferred:
     """A tenant worked out at its first use, then remembered: a web request's tenant, read
     when the first agent is called rather than when the request starts, so authentication
-    that runs after the tenant middleware has had its turn."""
+    that runs after the tenant middleware has had its turn.
 
-    def __init__(self, compute: Callable[[], Any]) -> None:
+    `acompute` is the same work made safe to await on an event loop (Django's `request.user`
+    queries the database, which Django forbids on the loop): async entry points (`acall`,
+    async agent functions, `async with guarded`) await it through `ready()` first, and a
+    synchronous read on the loop thread before that is refused with a clear error."""
+
+    def __init__(self, compute: Callable[[], Any], acompute: Callable[[], Awaitable[Any]] | None = None) -> None:
         self._compute = compute
+        self._acompute = acompute
         self._lock = threading.Lock()  # calls from a sync view's threads
         self._done = False
         self._value: Any = None
+        self._pending: asyncio.Future[Any] | None = None  # the one `acompute` in flight
 
     def get(self) -> Any:
         with self._lock:
             if not self._done:
+                if self._acompute is not None and _on_event_loop():
+                    raise ConfigurationError(
+                        "this request's tenant must be read off the event loop (it may query the database): "
+                        "in an async view, `await tenantllm.tenancy.ready()` before a synchronous agent "
+                        "call or astream(); acall(), async agent functions and `async with guarded` do it"
+                    )
                 self._value = self._compute()
                 self._done = True
             return self._value
+
+    async def aget(self) -> Any:
+        if self._acompute is None or self._done:
+            return self.get()
+        if self._pending is None:  # concurrent first calls of one request share one read
+            self._pending = asyncio.ensure_future(self._acompute())
+        value = await asyncio.shield(self._pending)
+        with self._lock:
+            if not self._done:
+                self._value, self._done = value, True
+            return self._value
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def ready(explicit: Any = None) -> None:
+    """Reads the tenant a call will run for now if it is a request's deferred one (see
+    `Deferred`): `explicit` (a call's `tenant=`), else the current one. A no-op otherwise."""
+    value = _current.get() if explicit is None or explicit is _UNSET else explicit
+    if isinstance(value, Deferred):
+        await value.aget()
 
 
 def _check_id(value: Any, source: str) -> str:

@@ -22,7 +22,10 @@ Without either setting the tenant comes from the logged-in user: `request.user.t
 object or id), else `request.user.tenant_id`; anonymous users get no tenant. Every view then
 runs inside `tenantllm.tenant(...)`, so `SupportAgent.call(...)` in a view is attributed to the
 request's tenant; the context is restored when the response is returned. Sync and async views
-(and ASGI or WSGI deployments) are supported. A call a view makes that a budget, a rate limit
+(and ASGI or WSGI deployments) are supported. Under ASGI a sync tenant function (the default
+one reads `request.user`, a database query) runs in Django's sync thread, not on the event loop,
+when the request first calls an agent; an async view that only streams (`astream`) or calls
+agents synchronously awaits `tenantllm.tenancy.ready()` first. A call a view makes that a budget, a rate limit
 or an open breaker refuses becomes a 429 (the tenant's own limit) or 503 (a global or
 per-agent limit, a breaker) JSON answer with `Retry-After` (see `tenantllm.integrations`).
 """
@@ -30,16 +33,17 @@ per-agent limit, a breaker) JSON answer with `Retry-After` (see `tenantllm.integ
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings  # type: ignore[import-untyped]
 from django.http import JsonResponse  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
 from tenantllm._core import ConfigurationError
 from tenantllm.integrations import clean_header_value, error_response
-from tenantllm.tenancy import tenant
+from tenantllm.tenancy import Deferred, tenant
 
 __all__ = ["TenantMiddleware", "tenant_from_user"]
 
@@ -85,6 +89,13 @@ def _configured_source() -> TenantFromRequest:
     return tenant_from_user
 
 
+def _sync_only(source: TenantFromRequest, request: Any) -> Any:
+    value = source(request)
+    if isinstance(value, Awaitable):
+        raise ConfigurationError("TENANTLLM_TENANT_FROM_REQUEST returned an awaitable; make it `async def`")
+    return value
+
+
 class TenantMiddleware:
     """Runs each request inside `tenantllm.tenant(<the request's tenant>)`."""
 
@@ -105,9 +116,14 @@ class TenantMiddleware:
             return self.get_response(request)
 
     async def __acall__(self, request: Any) -> Any:
-        value = self.tenant_from_request(request)
-        if isinstance(value, Awaitable):
-            value = await value
+        source = self.tenant_from_request
+        if iscoroutinefunction(source):
+            value = await source(request)
+        else:
+            # A sync function may touch the ORM (`request.user`), which Django refuses on the
+            # event loop: it runs in Django's sync thread, at the request's first agent call
+            # (`Deferred`), so requests that call none never pay for it.
+            value = Deferred(partial(_sync_only, source, request), sync_to_async(partial(_sync_only, source, request)))
         with tenant(value):
             return await self.get_response(request)
 
