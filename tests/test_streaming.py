@@ -10,7 +10,6 @@ import asyncio
 import json
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,6 +20,7 @@ import pytest
 import raw_sql
 import tenantllm as tl
 from fake_providers import FakeProvider, Step
+from uvicorn_server import Server
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "streams"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -136,8 +136,9 @@ def test_mock_streams_word_by_word() -> None:
         ("gemini", "gemini_stream.sse", None, (8, 27), "stop"),
     ],
 )
-def test_recorded_streams(fp: FakeProvider, provider: str, fixture: str, content: str | None,
-                          usage: tuple[int, int], finish: str) -> None:
+def test_recorded_streams(
+    fp: FakeProvider, provider: str, fixture: str, content: str | None, usage: tuple[int, int], finish: str
+) -> None:
     agent = setup(fp, MODELS[provider][0])
     fp.script(Step(sse=(FIXTURES / fixture).read_text()))
     s = agent.stream(q="hi", tenant="acme")
@@ -298,43 +299,17 @@ def readme_fastapi_example() -> str:
     return block
 
 
-class Uvicorn:
-    """uvicorn serving `app` on 127.0.0.1 in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Uvicorn:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
 @pytest.fixture
-def app(fp: FakeProvider) -> Iterator[Uvicorn]:
+def app(fp: FakeProvider) -> Iterator[Server]:
     pytest.importorskip("fastapi")
     agent = setup(fp, "gpt-4o", user="{query}", system="You help customers of {company}.")
     namespace: dict[str, Any] = {"SupportAgent": agent, "tl": tl}
     exec(readme_fastapi_example(), namespace)  # the README's own code
-    with Uvicorn(namespace["app"]) as server:
+    with Server(namespace["app"]) as server:
         yield server
 
 
-def test_readme_fastapi_example_streams_events(fp: FakeProvider, app: Uvicorn) -> None:
+def test_readme_fastapi_example_streams_events(fp: FakeProvider, app: Server) -> None:
     import httpx
 
     fp.script(Step(content=TEXT, sse_delay=0.01))
@@ -348,7 +323,7 @@ def test_readme_fastapi_example_streams_events(fp: FakeProvider, app: Uvicorn) -
     assert resp2.status_code == 429 and "budget" in resp2.json()["error"]
 
 
-def test_readme_fastapi_example_client_disconnect_is_cancelled(fp: FakeProvider, app: Uvicorn, db_path: Path) -> None:
+def test_readme_fastapi_example_client_disconnect_is_cancelled(fp: FakeProvider, app: Server, db_path: Path) -> None:
     fp.script(Step(content=TEXT, sse_delay=0.2, input_tokens=31))
     with socket.create_connection(("127.0.0.1", app.port)) as sock:
         sock.sendall(b"GET /ask?q=hi&org=acme HTTP/1.1\r\nHost: x\r\n\r\n")
