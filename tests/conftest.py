@@ -31,6 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if pg_everywhere.ACTIVE:
         pg_everywhere.drop_created()  # databases configured outside a test's own fixture
+        pg_everywhere.drop_spares()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,37 +1,117 @@
 """Runs the test suite on PostgreSQL: with TENANTLLM_TEST_STORE=postgres and
 TENANTLLM_TEST_POSTGRES_URL set, every SQLite path given to `tl.configure` becomes a PostgreSQL
 database of its own (created on first use), in the test process and in the processes tests
-start (through `sitecustomize`, which PYTHONPATH brings along)."""
+start (through `sitecustomize`, which PYTHONPATH brings along).
+
+Creating, migrating and dropping a database per test cost about a second each, most of the
+suite's time on PostgreSQL. So a test's database, once the test is over, is emptied and kept
+under a spare name; the next test renames a spare to its own name and finds it migrated and
+empty, as a new one would be after `configure`. A database a test changed beyond its rows, or
+that something still uses, is dropped instead."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
+import re
+import time
+import uuid
+from pathlib import Path
 from typing import Any
+
+import psycopg
 
 SERVER = os.environ.get("TENANTLLM_TEST_POSTGRES_URL", "")
 ACTIVE = os.environ.get("TENANTLLM_TEST_STORE") == "postgres" and bool(SERVER)
 _created: set[str] = set()
+
+_SCHEMA = Path(__file__).resolve().parents[2] / "src" / "store" / "pg_schema.rs"
+_SCHEMA_TEXT = _SCHEMA.read_text() if _SCHEMA.exists() else ""
+# The tables the migrations make (and the version the store keeps beside them): a spare with
+# any other table was changed by its test.
+_TABLES = set(re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", _SCHEMA_TEXT)) | {"schema_version"}
+# Spares are kept per schema, so builds with other migrations on the same server never share.
+_SPARE = "tl_spare_" + hashlib.sha1(_SCHEMA_TEXT.encode()).hexdigest()[:10] + "_"
+_admin: tuple[int, psycopg.Connection[Any]] | None = None
+
+
+def _server() -> psycopg.Connection[Any]:
+    """This process's connection to the server's maintenance database (a forked child opens its
+    own: a connection cannot be shared across a fork)."""
+    global _admin
+    if _admin is None or _admin[0] != os.getpid() or _admin[1].closed:
+        _admin = (os.getpid(), psycopg.connect(SERVER, autocommit=True))
+    return _admin[1]
+
+
+def _url(name: str) -> str:
+    return SERVER.rsplit("/", 1)[0] + "/" + name
 
 
 def database_for(path: str) -> str:
     """The PostgreSQL URL standing in for the SQLite file `path`."""
     name = "tl_" + hashlib.sha1(path.encode()).hexdigest()[:20]
     if name not in _created:
-        # CREATE DATABASE fails harmlessly when another process created it first.
-        subprocess.run(["psql", "-X", "-q", "-d", SERVER, "-c", f"CREATE DATABASE {name}"], capture_output=True)
         _created.add(name)
-    return SERVER.rsplit("/", 1)[0] + "/" + name
+        server = _server()
+        if server.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            _claim_or_create(server, name)
+    return _url(name)
+
+
+def _claim_or_create(server: psycopg.Connection[Any], name: str) -> None:
+    spares = server.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (_SPARE + "%",)).fetchall()
+    for (spare,) in spares:
+        try:  # another process may claim the same spare first, or create `name` itself
+            server.execute(f'ALTER DATABASE "{spare}" RENAME TO "{name}"')
+            return
+        except psycopg.errors.DuplicateDatabase:
+            return
+        except psycopg.Error:
+            continue
+    try:
+        server.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.errors.DuplicateDatabase:
+        pass
 
 
 def drop_created() -> None:
-    """Drops the databases this process created: each holds a few MB, and a whole run left
-    hundreds behind, enough to fill a small disk."""
-    if _created:
-        script = "".join(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);\n" for name in sorted(_created))
-        subprocess.run(["psql", "-X", "-q", "-d", SERVER], input=script, text=True, capture_output=True)
-        _created.clear()
+    """Empties the databases this process created and keeps them as spares, or drops them:
+    each holds a few MB, and a whole run left hundreds behind, enough to fill a small disk."""
+    server = _server()
+    for name in sorted(_created):
+        if not _recycle(server, name):
+            server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _created.clear()
+
+
+def _recycle(server: psycopg.Connection[Any], name: str) -> bool:
+    try:
+        with psycopg.connect(_url(name), autocommit=True) as db:
+            tables = {r[0] for r in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            if "schema_version" not in tables or not tables <= _TABLES:
+                return False
+            with db.transaction():
+                for table in sorted(tables - {"schema_version"}):
+                    db.execute(f'DELETE FROM "{table}"')
+        # Renaming needs the database unused: connections just closed (this one, the test's
+        # pool) take a moment to end; one still open after that belongs to a stray process.
+        for _ in range(50):
+            try:
+                server.execute(f'ALTER DATABASE "{name}" RENAME TO "{_SPARE}{uuid.uuid4().hex[:12]}"')
+                return True
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.02)
+        return False
+    except psycopg.Error:  # gone already: the caller's drop does nothing
+        return False
+
+
+def drop_spares() -> None:
+    """At the end of the run: the spares are of no use to another build."""
+    server = _server()
+    for (spare,) in server.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (_SPARE + "%",)).fetchall():
+        server.execute(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)')
 
 
 def install() -> None:
