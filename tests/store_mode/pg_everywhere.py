@@ -17,9 +17,10 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 SERVER = os.environ.get("TENANTLLM_TEST_POSTGRES_URL", "")
 ACTIVE = os.environ.get("TENANTLLM_TEST_STORE") == "postgres" and bool(SERVER)
@@ -38,6 +39,8 @@ _admin: tuple[int, psycopg.Connection[Any]] | None = None
 def _server() -> psycopg.Connection[Any]:
     """This process's connection to the server's maintenance database (a forked child opens its
     own: a connection cannot be shared across a fork)."""
+    import psycopg  # only on PostgreSQL runs: a SQLite-only machine need not have it
+
     global _admin
     if _admin is None or _admin[0] != os.getpid() or _admin[1].closed:
         _admin = (os.getpid(), psycopg.connect(SERVER, autocommit=True))
@@ -60,6 +63,8 @@ def database_for(path: str) -> str:
 
 
 def _claim_or_create(server: psycopg.Connection[Any], name: str) -> None:
+    import psycopg
+
     spares = server.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (_SPARE + "%",)).fetchall()
     for (spare,) in spares:
         try:  # another process may claim the same spare first, or create `name` itself
@@ -86,6 +91,8 @@ def drop_created() -> None:
 
 
 def _recycle(server: psycopg.Connection[Any], name: str) -> bool:
+    import psycopg
+
     try:
         with psycopg.connect(_url(name), autocommit=True) as db:
             tables = {r[0] for r in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
