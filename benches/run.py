@@ -250,39 +250,50 @@ WORKER = textwrap.dedent(
     """
 )
 
-# A dashboard scan or a backup in another process: read transactions over the executions that
-# stay open for `hold` seconds each, one after another, until stdin closes.
+# Dashboard scans or backups in another process: `readers` threads, each holding read
+# transactions over the executions open for `hold` seconds, one after another, until stdin
+# closes. Two or more start `hold / readers` apart, so their reads overlap and at every moment
+# one still uses the WAL.
 LONG_READER = textwrap.dedent(
     """
     import sqlite3, sys, threading, time
-    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-    hold = float(sys.argv[2])
+    hold, readers = float(sys.argv[2]), int(sys.argv[3])
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    reads = 0
-    while not done.is_set():
-        conn.execute("BEGIN")
-        conn.execute("SELECT tenant_id, count(*), sum(total_cost) FROM executions GROUP BY tenant_id").fetchall()
-        done.wait(hold)
-        conn.execute("COMMIT")
-        reads += 1
-        done.wait(0.05)
-    print(reads)
+    reads = []
+    def read(delay):
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None, check_same_thread=False)
+        done.wait(delay)
+        while not done.is_set():
+            conn.execute("BEGIN")
+            conn.execute("SELECT tenant_id, count(*), sum(total_cost) FROM executions GROUP BY tenant_id").fetchall()
+            done.wait(hold)
+            conn.execute("COMMIT")
+            reads.append(1)
+            if readers == 1:
+                done.wait(0.05)
+    threads = [threading.Thread(target=read, args=(i * hold / readers,)) for i in range(readers)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(len(reads))
     """
 )
 
 
-def throughput(db: str, per_thread: int, store: str = "SQLite", long_reads: float = 0.0) -> None:
+def throughput(db: str, per_thread: int, store: str = "SQLite", long_reads: float = 0.0, readers: int = 1) -> None:
     """16 threads in 4 processes calling through the full guard; with `long_reads` (SQLite),
-    another process meanwhile holds read transactions of that many seconds, one after another."""
+    another process meanwhile holds read transactions of that many seconds, one after another
+    (in each of `readers` threads, overlapping when there are several)."""
     reading = f", another process reading for {long_reads:g} s at a time" if long_reads else ""
+    if readers > 1:
+        reading += f" in {readers} overlapping threads"
     print(f"\nThroughput on {store}, 4 processes x 4 threads, one database, full guard{reading}")
     tl.configure(reset=True, database=db)
     Guarded.call(text="the database exists", tenant="tenant0")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     reader = None
     if long_reads:
-        argv = [sys.executable, "-c", LONG_READER, db, str(long_reads)]
+        argv = [sys.executable, "-c", LONG_READER, db, str(long_reads), str(readers)]
         reader = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     start = time.time() + 1.5  # let every process import and configure first
     procs = [
@@ -303,7 +314,7 @@ def throughput(db: str, per_thread: int, store: str = "SQLite", long_reads: floa
     reads = reader.communicate("")[0].strip() if reader else ""
     total = 16 * per_thread
     target = ">= 5000" if store == "SQLite" and not long_reads else ""
-    name = f"tenantllm/{store}: 4x4{' + long reads' if long_reads else ''}"
+    name = f"tenantllm/{store}: 4x4{' + long reads' if long_reads else ''}{' (overlapping)' if readers > 1 else ''}"
     report(f"{name}, guarded calls/s", total / (max(ends) - start), "calls/s", target)
     report_tail(f"{name}, single calls", latencies)
     if store == "SQLite":
@@ -616,6 +627,7 @@ def main() -> None:
         litellm_peer(n, repeats)
         throughput(str(d / "tp.db"), 100 if args.quick else 1000)
         throughput(str(d / "tp-read.db"), 100 if args.quick else 1000, long_reads=1.0)
+        throughput(str(d / "tp-overlap.db"), 100 if args.quick else 1000, long_reads=0.4, readers=2)
         if args.postgres:
             with postgres_database(args.postgres) as url:
                 sync_overhead(url, n // 5, repeats, "PostgreSQL")

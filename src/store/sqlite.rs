@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
@@ -28,9 +28,8 @@ use crate::secrets::Sealed;
 use crate::tenancy::SeenTenant;
 
 pub struct SqliteStore {
-    /// Writes (and reads inside write transactions). Shared with the checkpointer, which
-    /// holds it while it restarts the WAL.
-    writer: ManuallyDrop<Arc<Mutex<Connection>>>,
+    /// Writes (and reads inside write transactions).
+    writer: ManuallyDrop<Mutex<Connection>>,
     /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
     /// where a second connection would be a different database.
     reader: ManuallyDrop<Option<Mutex<Connection>>>,
@@ -46,25 +45,68 @@ const WAL_RESTART_FRAMES: i64 = 2000;
 const RESTART_LEFTOVER_FRAMES: i64 = 256;
 /// At most this many catch-up passes: writers faster than the disk would outrun any number.
 const CATCH_UP_PASSES: usize = 4;
+/// How soon the checkpointer tries again after a restart could not be made (a long read was
+/// still in the WAL), so it catches the gap before the next one.
+const RESTART_RETRY_EVERY: Duration = Duration::from_millis(10);
+/// How long a restart below the cap may wait for locks in all. It holds the write lock while
+/// it waits, so this bounds how long any call can wait behind it.
+const RESTART_WAIT: Duration = Duration::from_millis(3);
+/// The WAL's cap (bytes). Reads that overlap (two dashboards, a backup next to a scan) may
+/// leave no moment when nothing reads from the WAL, so restarts that wait for nobody never
+/// happen and the WAL would grow without bound (358 MB in `make bench`). Past the cap the
+/// checkpointer restarts it anyway, waiting up to `CAP_WAIT` for the reads that still use it.
+const WAL_CAP_BYTES: i64 = 64 << 20;
+/// How long a restart past the cap may wait for locks in all: for writers, then for the reads
+/// older than the last frame to end so it can copy the WAL whole, then for the reads that began
+/// meanwhile (reads that begin after it was copied whole read the database file and do not hold
+/// it up), so it succeeds when overlapping reads last up to about half of it each. Calls wait
+/// behind it, so this bounds their wait on the checkpointer once the WAL passed the cap.
+const CAP_WAIT: Duration = Duration::from_secs(1);
+/// After a restart past the cap timed out (reads longer than that), the next one waits this
+/// long, so calls run at least as long as they waited.
+const CAP_RETRY_AFTER: Duration = CAP_WAIT;
+/// The size (bytes) a WAL file that grew past it is cut back to when it starts over (a long
+/// read in another process makes it grow meanwhile).
+const WAL_KEEP_BYTES: i64 = 16 << 20;
 
 /// Checkpoints the WAL from a thread of its own, so no call pays for copying pages and the
 /// fsync that follows (calls' connections have auto-checkpointing off). PASSIVE never
 /// blocks writers or readers; several processes may each run one. Under sustained writes a
-/// passive checkpoint never catches up, so past a size a RESTART checkpoint briefly waits for
-/// writers and lets the WAL begin again, which keeps it (and page lookups in it) small.
-fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc::Sender<()>> {
+/// passive checkpoint never catches up, so past a size a RESTART checkpoint copies the few
+/// frames the catch-up passes left and lets the WAL begin again, which keeps it (and page
+/// lookups in it) small. It holds SQLite's write lock meanwhile (writers of every process
+/// wait in their busy handler, briefly) but no lock of this process, and waits at most
+/// `RESTART_WAIT` in all. It is only tried when the last passive pass could copy the whole
+/// WAL: when it could not, a read (a backup, a dashboard scan) still uses the WAL, and a
+/// restart would wait for it with every writer waiting behind (it used to, holding this
+/// process's writer, for up to SQLite's 30 s busy timeout). The WAL grows while such reads
+/// last; the checkpointer then looks every `RESTART_RETRY_EVERY` for the gap after one, and
+/// past `WAL_CAP_BYTES` it restarts the WAL waiting up to `CAP_WAIT` for the reads.
+/// Every round runs inside the fork gate (a fork waits for it, `CAP_WAIT` at most).
+fn spawn_checkpointer(path: &str) -> Result<mpsc::Sender<()>> {
     let conn = connect(path)?;
+    conn.busy_handler(Some(checkpoint_busy_wait))?;
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let cap_frames = WAL_CAP_BYTES / page.max(512);
     let (stop, stopped) = mpsc::channel::<()>();
     // Closed inside the fork gate like every other use of SQLite.
     let conn = ManuallyDrop::new(conn);
     std::thread::Builder::new()
         .name("tenantllm-checkpoint".into())
         .spawn(move || {
-            // A busy database just means: try again next round.
-            let passive = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)).unwrap_or(0);
-            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+            // Each returns (busy, frames in the WAL, frames copied); a busy database just
+            // means: try again later. `wait` bounds the time it waits for locks in all.
+            let checkpoint = |mode: &str, wait: Duration| {
+                CHECKPOINT_DEADLINE.set(Instant::now() + wait);
+                conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                    .unwrap_or((true, 0, 0))
+            };
+            let mut wait = CHECKPOINT_EVERY;
+            let mut next_cap_restart = Instant::now();
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(wait) {
                 let _quiet = quiet();
-                let mut frames = passive();
+                wait = CHECKPOINT_EVERY;
+                let (_, mut frames, mut copied) = checkpoint("PASSIVE", Duration::ZERO);
                 if frames <= WAL_RESTART_FRAMES {
                     continue;
                 }
@@ -72,20 +114,28 @@ fn spawn_checkpointer(path: &str, writer: Arc<Mutex<Connection>>) -> Result<mpsc
                 // during the previous one, so the restart has little left to copy and sync
                 // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms).
                 for _ in 0..CATCH_UP_PASSES {
-                    let now = passive();
+                    let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
                     let appended = now - frames;
-                    frames = now;
+                    (frames, copied) = (now, done);
                     if appended < RESTART_LEFTOVER_FRAMES {
                         break;
                     }
                 }
-                // Pause this process's writers; other processes' wait in the busy handler.
-                let _paused = unpoisoned(writer.lock());
-                let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+                let restarted = if copied == frames {
+                    !checkpoint("RESTART", RESTART_WAIT).0
+                } else if frames > cap_frames && Instant::now() >= next_cap_restart {
+                    let done = !checkpoint("RESTART", CAP_WAIT).0;
+                    next_cap_restart = Instant::now() + CAP_RETRY_AFTER;
+                    done
+                } else {
+                    false
+                };
+                if !restarted {
+                    wait = RESTART_RETRY_EVERY; // a read still uses the WAL
+                }
             }
             let _quiet = quiet();
             drop(ManuallyDrop::into_inner(conn));
-            drop(writer); // maybe the last handle on the writer connection
         })
         .map_err(|e| Error::Store(format!("cannot start the checkpoint thread: {e}")))?;
     Ok(stop)
@@ -136,9 +186,39 @@ pub fn library_version() -> &'static str {
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Waits for another connection's lock in short steps. SQLite's own busy handler sleeps 1, 2,
+/// 5, 10, 15, 20, 25... ms between tries, so a call that found the lock taken for 5 ms waited
+/// 8, and one behind a 20 ms transaction 43. This one tries every 250 µs for the first 50 ms,
+/// then every 2 ms, until it has slept `BUSY_TIMEOUT` in all.
+fn busy_wait(tries: i32) -> bool {
+    busy_step(tries, BUSY_TIMEOUT).map(std::thread::sleep).is_some()
+}
+
+thread_local! {
+    /// When the checkpointer's current checkpoint stops waiting for locks.
+    static CHECKPOINT_DEADLINE: std::cell::Cell<Instant> = std::cell::Cell::new(Instant::now());
+}
+
+/// The checkpointer's: the same steps, until `CHECKPOINT_DEADLINE`.
+fn checkpoint_busy_wait(tries: i32) -> bool {
+    let left = CHECKPOINT_DEADLINE.get().saturating_duration_since(Instant::now());
+    let step = busy_step(tries, BUSY_TIMEOUT).map(|step| step.min(left));
+    step.filter(|step| !step.is_zero()).map(std::thread::sleep).is_some()
+}
+
+/// How long to sleep before try `tries + 1`; `None` once `limit` has been slept.
+fn busy_step(tries: i32, limit: Duration) -> Option<Duration> {
+    const FINE_TRIES: u32 = 200;
+    const FINE: Duration = Duration::from_micros(250);
+    const COARSE: Duration = Duration::from_millis(2);
+    let tries = tries.max(0) as u32;
+    let slept = FINE * tries.min(FINE_TRIES) + COARSE * tries.saturating_sub(FINE_TRIES);
+    (slept < limit).then_some(if tries < FINE_TRIES { FINE } else { COARSE })
+}
+
 fn connect(path: &str) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|e| Error::Store(format!("cannot open database {path:?}: {e}")))?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_handler(Some(busy_wait))?;
     if path != ":memory:" {
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -150,6 +230,7 @@ fn connect(path: &str) -> Result<Connection> {
     // NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the
     // last transactions.
     conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=0;")?;
+    conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -214,14 +295,14 @@ impl SqliteStore {
         let _quiet = quiet();
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
-        let writer = Arc::new(Mutex::new(writer));
+        let writer = ManuallyDrop::new(Mutex::new(writer));
         if path == ":memory:" {
-            return Ok(SqliteStore { writer: ManuallyDrop::new(writer), reader: ManuallyDrop::new(None), _checkpointer: None });
+            return Ok(SqliteStore { writer, reader: ManuallyDrop::new(None), _checkpointer: None });
         }
         Ok(SqliteStore {
             reader: ManuallyDrop::new(Some(Mutex::new(connect_reader(path)?))),
-            _checkpointer: Some(spawn_checkpointer(path, writer.clone())?),
-            writer: ManuallyDrop::new(writer),
+            _checkpointer: Some(spawn_checkpointer(path)?),
+            writer,
         })
     }
 
@@ -1168,6 +1249,22 @@ mod tests {
     use super::*;
     use crate::budget::{GlobalBudgets, Plan};
     use crate::execution::Field;
+
+    #[test]
+    fn busy_waits_in_short_steps_first_and_gives_up_after_the_busy_timeout() {
+        assert_eq!(busy_step(0, BUSY_TIMEOUT), Some(Duration::from_micros(250)));
+        let steps: Vec<Duration> = (0..).map_while(|n| busy_step(n, BUSY_TIMEOUT)).collect();
+        let slept: Duration = steps.iter().sum();
+        assert!(slept >= BUSY_TIMEOUT && slept < BUSY_TIMEOUT + Duration::from_millis(3), "{slept:?}");
+        assert_eq!(steps.iter().filter(|s| **s < Duration::from_millis(1)).count(), 200); // the first 50 ms
+        // The checkpointer waits until its deadline at most.
+        CHECKPOINT_DEADLINE.set(Instant::now() + Duration::from_millis(3));
+        let start = Instant::now();
+        let tries = (0..).take_while(|n| checkpoint_busy_wait(*n)).count();
+        assert!((1..=13).contains(&tries) && start.elapsed() >= Duration::from_millis(3), "{tries} {:?}", start.elapsed());
+        CHECKPOINT_DEADLINE.set(Instant::now());
+        assert!(!checkpoint_busy_wait(0));
+    }
 
     fn execution(id: &str, at: Micros) -> NewExecution {
         NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
