@@ -271,6 +271,36 @@ mod tests {
         assert!(t.price("openai/gpt-4o").is_ok());
     }
 
+    /// Every row says where its prices come from and when they were checked there, and which
+    /// fields were not confirmed (prices.csv's header).
+    #[test]
+    fn every_row_names_its_source_and_check_date() {
+        const FIELDS: [&str; 8] = ["model", "input", "output", "cached_input", "cache_write", "cache_write_1h", "all", ""];
+        let mut header = None;
+        let today = chrono::Utc::now().date_naive();
+        for line in BUILT_IN.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let f: Vec<&str> = line.split(',').collect();
+            let Some(columns) = header else {
+                header = Some(f.len());
+                assert_eq!(f[7..], ["source", "checked_on", "unverified"]);
+                continue;
+            };
+            assert_eq!(f.len(), columns, "{line}");
+            let (source, checked_on, unverified) = (f[7], f[8], f[9]);
+            assert!(unverified.split(' ').all(|u| FIELDS.contains(&u)), "{line}");
+            if source == "memory" {
+                assert_eq!((checked_on, unverified), ("", "all"), "{line}");
+                continue;
+            }
+            let page = source.strip_prefix("copy of ").unwrap_or(source);
+            assert!(page.starts_with("https://") && !page.contains(' '), "{line}");
+            let day = chrono::NaiveDate::parse_from_str(checked_on, "%Y-%m-%d").unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(day <= today && day.year() >= 2026, "{line}");
+            assert_ne!(unverified, "all", "{line}");
+        }
+        assert_eq!(header, Some(10));
+    }
+
     #[test]
     fn overrides_and_unknown_models() {
         let mut t = PriceTable::built_in();
