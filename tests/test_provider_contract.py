@@ -192,11 +192,31 @@ def test_a_parameter_the_model_rejects_is_not_sent(model: str, dropped: bool, fp
     assert attempt.get("dropped_params", []) == (["temperature"] if dropped else [])
 
 
-def test_unpriced_popular_models_are_priced(fp: FakeProvider, tmp_path: Path) -> None:
+def reply_with_usage(name: str, model: str) -> dict[str, Any]:
+    """The fixture `name`'s reply as `model` would send it (same usage)."""
+    case = next(c for c in REPLIES if c["name"] == name)
+    return {**case["reply"], "model": model}
+
+
+# The published prices (USD per 1M input / output tokens; prices.csv names the pages).
+@pytest.mark.parametrize(
+    ("model", "fixture", "input_price", "output_price"),
+    [
+        ("o1", "openai-dated-snapshot", "15.00", "60.00"),
+        ("o3-mini", "openai-dated-snapshot", "1.10", "4.40"),
+        ("o3-mini-2025-01-31", "openai-dated-snapshot", "1.10", "4.40"),
+        ("claude-sonnet-4", "anthropic-end-turn", "3.00", "15.00"),
+        ("claude-sonnet-4-20250514", "anthropic-end-turn", "3.00", "15.00"),
+    ],
+)
+def test_unpriced_popular_models_are_priced(
+    model: str, fixture: str, input_price: str, output_price: str, fp: FakeProvider, tmp_path: Path
+) -> None:
     configure(fp, tmp_path)
-    for model in ("o1", "o3-mini", "claude-sonnet-4", "claude-sonnet-4-20250514"):
-        plan = agent(model).call(q="hi", dry_run=True)
-        assert plan["estimated_cost"] > 0, model
+    assert agent(model).call(q="hi", dry_run=True)["estimated_cost"] > 0
+    fp.script(Step(kind="raw", body=reply_with_usage(fixture, model)))
+    r = agent(model).call(q="hi")
+    assert r.total_cost == usd([[r.input_tokens, input_price], [r.output_tokens, output_price]]) > 0, model
 
 
 # ---------------------------------------------------------------- request bodies vs the SDKs
@@ -222,10 +242,11 @@ def typed_dict_check(td: Any, body: dict[str, Any], extra_body: frozenset[str] =
 
 
 def test_request_bodies_match_the_official_sdk_types(fp: FakeProvider, tmp_path: Path) -> None:
-    openai_types = pytest.importorskip("openai.types.chat")
-    anthropic_types = pytest.importorskip("anthropic.types")
-    genai_types = pytest.importorskip("google.genai.types")
-    mistral_models = pytest.importorskip("mistralai.client.models")
+    # The SDKs are test dependencies (the dev extra, make test): a missing one fails here.
+    import anthropic.types as anthropic_types
+    import google.genai.types as genai_types
+    import mistralai.client.models as mistral_models
+    import openai.types.chat as openai_types
     configure(fp, tmp_path)
 
     for model in ("gpt-4o", "deepseek-flash"):
