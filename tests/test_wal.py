@@ -125,6 +125,7 @@ def test_overlapping_reads_cannot_grow_the_wal_past_its_cap(db_path: Path) -> No
             largest = max(largest, wal_size(db_path))
     finally:
         reader.communicate("done\n", timeout=30)
-    # 64 MB, what calls write while a restart waits for the reads, and the file's slack.
-    assert 32 * MB < largest < 100 * MB, f"largest WAL {largest / MB:.0f} MB after {calls} calls"
+    # 64 MB, what calls write while a restart waits for the reads (more on a loaded machine,
+    # where the reads stretch), and the file's slack; without the cap it holds all 192 MB.
+    assert 32 * MB < largest < 150 * MB, f"largest WAL {largest / MB:.0f} MB after {calls} calls"
     assert tl.Execution.by_tenant("w").successful().count() == calls + 1
