@@ -3,6 +3,7 @@
 //! writes, atomically, and calls those pure functions inside its transactions.
 
 mod pg_schema;
+mod pg_tls;
 mod postgres;
 mod schema;
 mod sqlite;

@@ -18,7 +18,7 @@
 //! it runs again on a fresh connection. When the connection drops during the commit itself,
 //! the store asks the database whether it took effect (for instance: does the execution row
 //! exist?) before running it again, so nothing is applied twice; when it cannot tell, the
-//! call fails with a `StoreError`. Connections are plain TCP (`NoTls`).
+//! call fails with a `StoreError`. TLS follows the URL's `sslmode` (see `pg_tls`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::{self, AssertUnwindSafe};
@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
-use postgres::{Client, GenericClient, NoTls, Row as PgRow, Statement, Transaction};
+use postgres::{Client, GenericClient, Row as PgRow, Statement, Transaction};
 
 use super::pg_schema::MIGRATIONS;
+use super::pg_tls;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
@@ -80,13 +81,13 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(n: u32, config: &postgres::Config) -> Result<Workers> {
+    fn start(n: u32, config: &postgres::Config, tls: &pg_tls::Connector) -> Result<Workers> {
         let (queue, jobs) = mpsc::channel::<Job>();
         // A std mutex, not parking_lot's: idle workers wait on it, and parking_lot parks
         // waiters in one table per process whose bucket locks a fork() can catch held (the
         // child then hangs when it starts threads of its own).
         let jobs = Arc::new(std::sync::Mutex::new(jobs));
-        let config = Arc::new(config.clone());
+        let config = Arc::new((config.clone(), tls.clone()));
         let idle: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
         for i in 0..n {
             let (jobs, config, idle) = (jobs.clone(), config.clone(), idle.clone());
@@ -146,7 +147,7 @@ struct Conn {
 
 /// The connection an operation runs on: an idle one, or one opened on first use or once lost.
 struct Slot {
-    config: Arc<postgres::Config>,
+    config: Arc<(postgres::Config, pg_tls::Connector)>,
     conn: Option<Conn>,
 }
 
@@ -157,8 +158,10 @@ impl Slot {
         let usable = |c: &mut Conn| !c.client.is_closed() && (!validate || c.client.simple_query("").is_ok());
         if !self.conn.as_mut().is_some_and(usable) {
             self.conn = None;
-            let client =
-                self.config.connect(NoTls).map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
+            let (config, tls) = &*self.config;
+            let client = config
+                .connect(tls.clone())
+                .map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
             self.conn = Some(Conn { client, statements: HashMap::new() });
         }
         Ok(self.conn.as_mut().expect("connected above"))
@@ -311,23 +314,46 @@ fn transact<T>(conn: &mut Conn, body: &mut impl FnMut(&mut Tx<'_, '_>) -> PgResu
     }
 }
 
-/// Cuts `?pool_size=N` out of a URL (the client refuses options it does not know).
-fn take_pool_size(url: &str) -> Result<(String, u32)> {
-    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_string(), DEFAULT_POOL_SIZE)) };
-    let mut size = DEFAULT_POOL_SIZE;
+/// The URL options the store reads itself (the client refuses `pool_size` and `sslrootcert`,
+/// and knows only some `sslmode`s).
+#[derive(Debug, Default, PartialEq)]
+struct OwnOptions {
+    pool_size: Option<String>,
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+}
+
+/// Cuts the store's own options out of a URL, percent-decoded.
+fn take_own_options(url: &str) -> Result<(String, OwnOptions)> {
+    let mut own = OwnOptions::default();
+    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_string(), own)) };
     let mut rest = Vec::new();
     for part in query.split('&') {
-        match part.strip_prefix("pool_size=") {
-            Some(v) => {
-                size = v.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
-                    Error::Configuration(format!("database: pool_size must be a whole number from 1 to 1000 (got {v:?})"))
-                })?
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        let slot = match name {
+            "pool_size" => &mut own.pool_size,
+            "sslmode" => &mut own.sslmode,
+            "sslrootcert" => &mut own.sslrootcert,
+            _ => {
+                rest.push(part);
+                continue;
             }
-            None => rest.push(part),
-        }
+        };
+        let decoded = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| Error::Configuration(format!("database: {name} is not valid percent-encoded UTF-8")))?;
+        *slot = Some(decoded.into_owned());
     }
     let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
-    Ok((url, size))
+    Ok((url, own))
+}
+
+fn pool_size(value: Option<&str>) -> Result<u32> {
+    let Some(v) = value else { return Ok(DEFAULT_POOL_SIZE) };
+    v.parse()
+        .ok()
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| Error::Configuration(format!("database: pool_size must be a whole number from 1 to 1000 (got {v:?})")))
 }
 
 /// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, LOCK_TIMEOUT_MS, DEAD_PEER).
@@ -407,16 +433,19 @@ impl PostgresStore {
     /// Opens (and migrates) the database a "postgresql://" or "postgres://" URL names; one
     /// without a timezone gets `timezone`.
     pub fn open(url: &str, timezone: &str) -> Result<PostgresStore> {
-        let (url, pool_size) = take_pool_size(url)?;
+        let (url, own) = take_own_options(url)?;
+        let pool_size = pool_size(own.pool_size.as_deref())?;
+        let (sslmode, tls) = pg_tls::connector(own.sslmode.as_deref(), own.sslrootcert.as_deref())?;
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e: postgres::Error| Error::Configuration(format!("database: not a valid PostgreSQL URL: {}", describe(&e))))?;
+        config.ssl_mode(sslmode);
         if config.get_application_name().is_none() {
             config.application_name("tenantllm");
         }
         with_timeouts(&mut config);
         let target = target(&config);
-        let workers = Workers::start(pool_size, &config)?;
+        let workers = Workers::start(pool_size, &config, &tls)?;
         // Connect at once, so a wrong URL fails here with the server's reason.
         workers.run(|slot: &mut Slot| -> Result<()> {
             let conn = slot.checkout(false, &target)?;
@@ -1441,6 +1470,7 @@ mod tests {
     //! variable is set, so a plain `cargo test` never reports them "ok" without a server.
 
     use super::*;
+    use postgres::NoTls;
     use crate::budget::{GlobalBudgets, Plan};
     use crate::clock::Period;
     use crate::execution::Status;
@@ -1662,7 +1692,21 @@ mod tests {
         assert!(e.contains("pool_size"), "{e}");
         let e = PostgresStore::open("postgresql://u:secret@127.0.0.1:1/x", "UTC").err().unwrap().to_string();
         assert!(e.contains("cannot connect") && e.contains("127.0.0.1:1") && !e.contains("secret"), "{e}");
-        assert_eq!(take_pool_size("postgres://h/d?pool_size=3&sslmode=disable").unwrap(), ("postgres://h/d?sslmode=disable".into(), 3));
+        let own = |pool_size: &str, sslmode: &str, sslrootcert: &str| OwnOptions {
+            pool_size: Some(pool_size.into()),
+            sslmode: Some(sslmode.into()),
+            sslrootcert: Some(sslrootcert.into()),
+        };
+        assert_eq!(
+            take_own_options("postgres://h/d?pool_size=3&sslmode=verify-full&application_name=x&sslrootcert=%2Fca%20dir%2Fca.pem").unwrap(),
+            ("postgres://h/d?application_name=x".into(), own("3", "verify-full", "/ca dir/ca.pem"))
+        );
+        assert_eq!(take_own_options("postgres://h/d").unwrap(), ("postgres://h/d".into(), OwnOptions::default()));
+        assert_eq!(pool_size(Some("3")).unwrap(), 3);
+        assert_eq!(pool_size(None).unwrap(), DEFAULT_POOL_SIZE);
+        for bad in ["postgresql://h/d?pool_size=0", "postgresql://h/d?sslmode=verify", "postgresql://h/d?sslmode=verify-ca&sslrootcert=/nonexistent.pem"] {
+            assert!(matches!(PostgresStore::open(bad, "UTC"), Err(Error::Configuration(_))), "{bad}");
+        }
         assert_eq!(prefix_end("tenant:").as_deref(), Some("tenant;"));
         assert_eq!(prefix_end(""), None);
     }
