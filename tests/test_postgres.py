@@ -28,6 +28,10 @@ from fake_providers import FakeProvider, Step
 SERVER_URL = os.environ.get("TENANTLLM_TEST_POSTGRES_URL", "")
 if not SERVER_URL:
     pytest.skip("set TENANTLLM_TEST_POSTGRES_URL to run the PostgreSQL tests", allow_module_level=True)
+# In the PostgreSQL pass, through PgBouncer when one is named (see tests/store_mode/pg_everywhere.py);
+# the SQLite pass connects directly.
+POOLER_URL = os.environ.get("TENANTLLM_TEST_PGBOUNCER_URL", "")
+STORE_URL = POOLER_URL if POOLER_URL and os.environ.get("TENANTLLM_TEST_STORE") == "postgres" else SERVER_URL
 
 
 
@@ -64,7 +68,7 @@ def pg() -> Iterator[str]:
     """A new, empty database on the test server, configured; dropped afterwards."""
     name = f"tl_{uuid.uuid4().hex[:20]}"
     psql(SERVER_URL, f"CREATE DATABASE {name}")
-    url = with_database(SERVER_URL, name)
+    url = with_database(STORE_URL, name)
     tl.configure(database=url)
     try:
         yield url
@@ -166,8 +170,10 @@ def test_a_lock_held_elsewhere_fails_the_call_clearly_and_changes_nothing(pg: st
 
 
 def _kill_connections(url: str) -> int:
+    """Ends the server's other sessions on `url`'s database (on the server itself: through
+    PgBouncer, they are its server connections)."""
     return scalar(
-        url,
+        with_database(SERVER_URL, urlsplit(url).path.lstrip("/")),
         "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
     )
@@ -300,7 +306,7 @@ def test_a_foreign_postgresql_database_is_one_line() -> None:
     foreign SQLite file is, and left as it was."""
     name = f"tl_foreign_{uuid.uuid4().hex[:12]}"
     psql(SERVER_URL, f"CREATE DATABASE {name}")
-    url = with_database(SERVER_URL, name)
+    url = with_database(STORE_URL, name)
     try:
         psql(url, "CREATE TABLE executions (id BIGSERIAL PRIMARY KEY, command TEXT); CREATE TABLE jobs (id INT)")
         with pytest.raises(tl.StoreError, match="not a tenantllm database") as e:

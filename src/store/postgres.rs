@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
-use postgres::{Client, GenericClient, Row as PgRow, Statement, Transaction};
+use postgres::types::Type;
+use postgres::{Client, Row as PgRow};
 
 use super::pg_schema::MIGRATIONS;
 use super::pg_tls;
@@ -53,17 +54,15 @@ const DEFAULT_POOL_SIZE: u32 = 8;
 /// Tries of one operation when the connection is lost or the server aborts a transaction.
 const ATTEMPTS: u32 = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a statement waits for a row or table lock before it fails, unless the URL's
-/// `options` set `lock_timeout`: SQLite's busy timeout, so a transaction stuck elsewhere
-/// fails a call with a clear error instead of hanging it. (No statement_timeout: long
+/// How long a statement in a transaction waits for a row or table lock before it fails,
+/// unless the URL's `options` set `lock_timeout`: SQLite's busy timeout, so a transaction stuck
+/// elsewhere fails a call with a clear error instead of hanging it. (No statement_timeout: long
 /// analytics queries are legitimate.)
 const LOCK_TIMEOUT_MS: u64 = 30_000;
 /// How long sent data may go unacknowledged before the connection counts as dead (and the
 /// operation runs again on a new one): a server or network that vanished without closing the
 /// connection would otherwise hang a call until the OS gives up, about 15 minutes later.
 const DEAD_PEER: Duration = Duration::from_secs(30);
-/// Prepared statements kept per connection (the query layer makes new SQL texts).
-const STATEMENT_CACHE: usize = 256;
 /// `pg_advisory_xact_lock` key that serialises migrations across processes ("tenantll").
 const MIGRATION_LOCK: i64 = 0x7465_6e61_6e74_6c6c;
 
@@ -81,13 +80,13 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(n: u32, config: &postgres::Config, tls: &pg_tls::Connector) -> Result<Workers> {
+    fn start(n: u32, connect: Connect) -> Result<Workers> {
         let (queue, jobs) = mpsc::channel::<Job>();
         // A std mutex, not parking_lot's: idle workers wait on it, and parking_lot parks
         // waiters in one table per process whose bucket locks a fork() can catch held (the
         // child then hangs when it starts threads of its own).
         let jobs = Arc::new(std::sync::Mutex::new(jobs));
-        let config = Arc::new((config.clone(), tls.clone()));
+        let config = Arc::new(connect);
         let idle: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
         for i in 0..n {
             let (jobs, config, idle) = (jobs.clone(), config.clone(), idle.clone());
@@ -98,7 +97,7 @@ impl Workers {
                     while let Ok(job) = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
                         let _quiet = quiet();
                         // The connection used last: one after another, operations keep using one
-                        // connection and its prepared statements; more open only under concurrency.
+                        // connection; more open only under concurrency.
                         let mut slot = Slot { config: config.clone(), conn: unpoisoned(idle.lock()).pop() };
                         job(&mut slot);
                         if let Some(conn) = slot.conn.take().filter(|c| !c.client.is_closed()) {
@@ -139,15 +138,24 @@ impl Workers {
 
 // ---------------------------------------------------------------- connections
 
-/// A connection with its prepared statements (one round trip per statement instead of two).
+/// How to open a connection, and how its transactions begin.
+struct Connect {
+    config: postgres::Config,
+    tls: pg_tls::Connector,
+    /// "BEGIN", with the default lock_timeout for the transaction when the URL sets none: a
+    /// `SET LOCAL` in the same round trip, since PgBouncer refuses startup options and a
+    /// session setting would stay on a server connection the pooler hands to others.
+    begin: Arc<str>,
+}
+
 struct Conn {
     client: Client,
-    statements: HashMap<String, Statement>,
+    begin: Arc<str>,
 }
 
 /// The connection an operation runs on: an idle one, or one opened on first use or once lost.
 struct Slot {
-    config: Arc<(postgres::Config, pg_tls::Connector)>,
+    config: Arc<Connect>,
     conn: Option<Conn>,
 }
 
@@ -158,11 +166,11 @@ impl Slot {
         let usable = |c: &mut Conn| !c.client.is_closed() && (!validate || c.client.simple_query("").is_ok());
         if !self.conn.as_mut().is_some_and(usable) {
             self.conn = None;
-            let (config, tls) = &*self.config;
+            let Connect { config, tls, begin } = &*self.config;
             let client = config
                 .connect(tls.clone())
                 .map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
-            self.conn = Some(Conn { client, statements: HashMap::new() });
+            self.conn = Some(Conn { client, begin: begin.clone() });
         }
         Ok(self.conn.as_mut().expect("connected above"))
     }
@@ -245,45 +253,105 @@ fn describe(e: &postgres::Error) -> String {
     }
 }
 
-/// A connection (or a transaction on one) with its statement cache.
-struct Db<'a, C> {
-    c: &'a mut C,
-    statements: &'a mut HashMap<String, Statement>,
+/// A statement parameter and the type it is sent as. Statements are unnamed, sent with their
+/// parameter types and run in one round trip (`query_typed`), so nothing prepared outlives its
+/// statement: PgBouncer in transaction pooling mode may run the next one on another server
+/// connection, where a named statement would not exist (Debian 12's PgBouncer 1.18 cannot
+/// track them; 1.21's max_prepared_statements can).
+trait Param: ToSql + Sync {
+    fn pg_type(&self) -> Type;
+    fn as_sql(&self) -> &(dyn ToSql + Sync);
 }
 
-type Params<'a> = [&'a (dyn ToSql + Sync)];
+/// The PostgreSQL type a Rust value is sent as.
+trait Typed {
+    const TYPE: Type;
+}
 
-impl<C: GenericClient> Db<'_, C> {
-    fn statement(&mut self, sql: &str) -> PgResult<Statement> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = self.c.prepare(sql)?;
-        if self.statements.len() >= STATEMENT_CACHE {
-            self.statements.clear();
-        }
-        self.statements.insert(sql.to_string(), s.clone());
-        Ok(s)
+impl<T: Typed + ToSql + Sync> Param for T {
+    fn pg_type(&self) -> Type {
+        T::TYPE
     }
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        self
+    }
+}
+
+macro_rules! typed {
+    ($($t:ty => $pg:ident),* $(,)?) => { $(impl Typed for $t { const TYPE: Type = Type::$pg; })* };
+}
+typed!(i64 => INT8, i32 => INT4, bool => BOOL, f64 => FLOAT8, String => TEXT, str => TEXT, Vec<u8> => BYTEA, [u8] => BYTEA,
+       Vec<String> => TEXT_ARRAY, [String] => TEXT_ARRAY, Vec<&str> => TEXT_ARRAY, Vec<i64> => INT8_ARRAY);
+
+impl<T: Typed> Typed for Option<T> {
+    const TYPE: Type = T::TYPE;
+}
+
+impl<T: Typed + ?Sized> Typed for &T {
+    const TYPE: Type = T::TYPE;
+}
+
+type Params<'a> = [&'a dyn Param];
+
+fn typed<'a>(params: &'a Params<'_>) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
+}
+
+/// Outside a transaction: each statement commits on its own.
+struct Autocommit;
+/// Inside one (`transact`).
+struct InTransaction;
+
+/// A connection, in a transaction (`Tx`) or not.
+struct Db<'a, Scope> {
+    c: &'a mut Client,
+    scope: std::marker::PhantomData<Scope>,
+}
+
+impl<S> Db<'_, S> {
     fn query(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Vec<PgRow>> {
-        let s = self.statement(sql)?;
-        Ok(self.c.query(&s, params)?)
+        Ok(self.c.query_typed(sql, &typed(params))?)
     }
     fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Option<PgRow>> {
-        let s = self.statement(sql)?;
-        Ok(self.c.query_opt(&s, params)?)
+        Ok(self.c.query_typed_opt(sql, &typed(params))?)
     }
     fn query_one(&mut self, sql: &str, params: &Params<'_>) -> PgResult<PgRow> {
-        let s = self.statement(sql)?;
-        Ok(self.c.query_one(&s, params)?)
+        Ok(self.c.query_typed_one(sql, &typed(params))?)
     }
     fn execute(&mut self, sql: &str, params: &Params<'_>) -> PgResult<u64> {
-        let s = self.statement(sql)?;
-        Ok(self.c.execute(&s, params)?)
+        let mut rows = self.c.query_typed_raw(sql, typed(params))?;
+        while rows.next()?.is_some() {}
+        Ok(rows.rows_affected().unwrap_or(0))
     }
 }
 
-type Tx<'a, 'b> = Db<'a, Transaction<'b>>;
+type Tx<'a> = Db<'a, InTransaction>;
+
+/// An open transaction: rolled back when dropped before `commit` (a failed body, a panic).
+struct Open<'a> {
+    client: &'a mut Client,
+    open: bool,
+}
+
+impl<'a> Open<'a> {
+    fn begin(client: &'a mut Client, begin: &str) -> std::result::Result<Open<'a>, postgres::Error> {
+        let tx = Open { client, open: true };
+        tx.client.batch_execute(begin)?;
+        Ok(tx)
+    }
+    fn commit(mut self) -> std::result::Result<(), postgres::Error> {
+        self.open = false;
+        self.client.batch_execute("COMMIT")
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.client.is_closed() {
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+    }
+}
 
 /// What to do when the connection is lost while a transaction commits, so that whether it
 /// took effect is unknown.
@@ -292,7 +360,7 @@ enum OnCommitLoss<'a, T> {
     Rerun,
     /// Ask the database whether the transaction (which produced `T`) took effect; if it did,
     /// its result stands, otherwise it runs again.
-    Check(&'a (dyn Fn(&mut Tx<'_, '_>, &T) -> PgResult<bool> + Sync)),
+    Check(&'a (dyn Fn(&mut Tx<'_>, &T) -> PgResult<bool> + Sync)),
 }
 
 enum TxFailure<T> {
@@ -302,25 +370,25 @@ enum TxFailure<T> {
     CommitLost(postgres::Error, T),
 }
 
-fn transact<T>(conn: &mut Conn, body: &mut impl FnMut(&mut Tx<'_, '_>) -> PgResult<T>) -> std::result::Result<T, TxFailure<T>> {
-    let Conn { client, statements } = conn;
-    let mut tx = client.transaction().map_err(|e| TxFailure::Failed(e.into()))?;
-    let out = body(&mut Db { c: &mut tx, statements }).map_err(TxFailure::Failed)?;
+fn transact<T>(conn: &mut Conn, body: &mut impl FnMut(&mut Tx<'_>) -> PgResult<T>) -> std::result::Result<T, TxFailure<T>> {
+    let tx = Open::begin(&mut conn.client, &conn.begin).map_err(|e| TxFailure::Failed(e.into()))?;
+    let out = body(&mut Db { c: &mut *tx.client, scope: std::marker::PhantomData }).map_err(TxFailure::Failed)?;
     match tx.commit() {
         Ok(()) => Ok(out),
-        Err(e) if connection_lost(&e, client.is_closed()) => Err(TxFailure::CommitLost(e, out)),
+        Err(e) if connection_lost(&e, conn.client.is_closed()) => Err(TxFailure::CommitLost(e, out)),
         // The server refused the commit: it rolled back.
         Err(e) => Err(TxFailure::Failed(e.into())),
     }
 }
 
 /// The URL options the store reads itself (the client refuses `pool_size` and `sslrootcert`,
-/// and knows only some `sslmode`s).
+/// and knows only some `sslmode`s; `options` loses its lock_timeout, see `Connect::begin`).
 #[derive(Debug, Default, PartialEq)]
 struct OwnOptions {
     pool_size: Option<String>,
     sslmode: Option<String>,
     sslrootcert: Option<String>,
+    options: Option<String>,
 }
 
 /// Cuts the store's own options out of a URL, percent-decoded.
@@ -334,6 +402,7 @@ fn take_own_options(url: &str) -> Result<(String, OwnOptions)> {
             "pool_size" => &mut own.pool_size,
             "sslmode" => &mut own.sslmode,
             "sslrootcert" => &mut own.sslrootcert,
+            "options" => &mut own.options,
             _ => {
                 rest.push(part);
                 continue;
@@ -356,18 +425,37 @@ fn pool_size(value: Option<&str>) -> Result<u32> {
         .ok_or_else(|| Error::Configuration(format!("database: pool_size must be a whole number from 1 to 1000 (got {v:?})")))
 }
 
-/// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, LOCK_TIMEOUT_MS, DEAD_PEER).
-fn with_timeouts(config: &mut postgres::Config) {
+/// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, DEAD_PEER), and the URL's
+/// `options` (server settings) without its lock_timeout; returns how transactions begin,
+/// with that lock_timeout or LOCK_TIMEOUT_MS (see `Connect::begin`).
+fn with_timeouts(config: &mut postgres::Config, options: Option<&str>) -> String {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
-    }
-    let options = config.get_options().unwrap_or("").to_string();
-    if !options.contains("lock_timeout") {
-        config.options(format!("{options} -c lock_timeout={LOCK_TIMEOUT_MS}").trim_start());
     }
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(DEAD_PEER);
     }
+    let mut lock_timeout = LOCK_TIMEOUT_MS.to_string();
+    let mut rest = Vec::new();
+    let mut words = options.unwrap_or("").split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = match w {
+            "-c" => match words.next() {
+                Some(s) => s,
+                None => break,
+            },
+            _ => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).unwrap_or(w),
+        };
+        match setting.strip_prefix("lock_timeout=") {
+            Some(v) => lock_timeout = format!("'{}'", v.replace('\'', "''")),
+            None if w == "-c" => rest.extend(["-c", setting]),
+            None => rest.push(w),
+        }
+    }
+    if !rest.is_empty() {
+        config.options(&rest.join(" "));
+    }
+    format!("BEGIN; SET LOCAL lock_timeout = {lock_timeout}")
 }
 
 /// "user@host:port/dbname" for messages: never the password.
@@ -382,12 +470,11 @@ fn target(config: &postgres::Config) -> String {
     format!("{user}{host}:{port}/{}", config.get_dbname().unwrap_or(""))
 }
 
-fn migrate(client: &mut Client, timezone: &str) -> PgResult<()> {
-    let mut tx = client.transaction()?;
+fn migrate(tx: &mut Tx<'_>, timezone: &str) -> PgResult<()> {
     // Several processes starting on a new database: one migrates, the others wait and see
     // its result.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    tx.c.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
     let current: i64 = tx.query_one("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version", &[])?.try_get(0)?;
     let known = MIGRATIONS.len() as i64;
     if current > known {
@@ -412,12 +499,11 @@ fn migrate(client: &mut Client, timezone: &str) -> PgResult<()> {
         }
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
-        tx.batch_execute(sql)?;
+        tx.c.batch_execute(sql)?;
         tx.execute("DELETE FROM schema_version", &[])?;
         tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&(i as i64 + 1)])?;
     }
     tx.execute("INSERT INTO settings (name, value) VALUES ('timezone', $1) ON CONFLICT (name) DO NOTHING", &[&timezone])?;
-    tx.commit()?;
     Ok(())
 }
 
@@ -443,13 +529,17 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("tenantllm");
         }
-        with_timeouts(&mut config);
+        let begin = with_timeouts(&mut config, own.options.as_deref()).into();
         let target = target(&config);
-        let workers = Workers::start(pool_size, &config, &tls)?;
+        let workers = Workers::start(pool_size, Connect { config, tls, begin })?;
         // Connect at once, so a wrong URL fails here with the server's reason.
         workers.run(|slot: &mut Slot| -> Result<()> {
             let conn = slot.checkout(false, &target)?;
-            migrate(&mut conn.client, timezone).map_err(|f| f.into_error(&target))
+            match transact(conn, &mut |tx: &mut Tx<'_>| migrate(tx, timezone)) {
+                Ok(()) => Ok(()),
+                Err(TxFailure::Failed(f)) => Err(f.into_error(&target)),
+                Err(TxFailure::CommitLost(e, ())) => Err(Failure::Pg(e).into_error(&target)),
+            }
         })?;
         Ok(PostgresStore { workers, target })
     }
@@ -463,13 +553,12 @@ impl PostgresStore {
     }
 
     /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
-    fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Client>) -> PgResult<T> + Send) -> Result<T> {
+    fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send) -> Result<T> {
         self.workers.run(|slot: &mut Slot| {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
                 let conn = slot.checkout(attempt > 0, &self.target)?;
-                let Conn { client, statements } = &mut *conn;
-                match f(&mut Db { c: client, statements }) {
+                match f(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
                     Ok(v) => return Ok(v),
                     Err(e) if e.retryable(conn.client.is_closed()) => last = Some(e),
                     Err(e) => return Err(e.into_error(&self.target)),
@@ -482,7 +571,7 @@ impl PostgresStore {
     /// Runs `body` in one transaction on a worker thread. A transaction that did not commit
     /// because the connection was lost or the server aborted it runs again; see
     /// `OnCommitLoss` for a commit whose outcome is unknown.
-    fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_, '_>) -> PgResult<T> + Send) -> Result<T> {
+    fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_>) -> PgResult<T> + Send) -> Result<T> {
         self.workers.run(|slot: &mut Slot| {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
@@ -518,11 +607,11 @@ impl PostgresStore {
     }
 
     /// Whether a transaction whose commit was cut off took effect (on a fresh connection).
-    fn committed<T>(&self, slot: &mut Slot, check: &(dyn Fn(&mut Tx<'_, '_>, &T) -> PgResult<bool> + Sync), out: &T) -> PgResult<bool> {
+    fn committed<T>(&self, slot: &mut Slot, check: &(dyn Fn(&mut Tx<'_>, &T) -> PgResult<bool> + Sync), out: &T) -> PgResult<bool> {
         let mut last = None;
         for _ in 0..ATTEMPTS {
             let conn = slot.checkout(true, &self.target)?;
-            match transact(conn, &mut |db: &mut Tx<'_, '_>| check(db, out)) {
+            match transact(conn, &mut |db: &mut Tx<'_>| check(db, out)) {
                 Ok(v) => return Ok(v),
                 Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
                 Err(TxFailure::Failed(f)) => return Err(f),
@@ -536,7 +625,7 @@ impl PostgresStore {
 
 // ---------------------------------------------------------------- executions
 
-fn insert_execution(db: &mut Tx<'_, '_>, e: &NewExecution) -> PgResult<()> {
+fn insert_execution(db: &mut Tx<'_>, e: &NewExecution) -> PgResult<()> {
     db.execute(
         "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
              parent_execution_id, root_execution_id)
@@ -547,7 +636,7 @@ fn insert_execution(db: &mut Tx<'_, '_>, e: &NewExecution) -> PgResult<()> {
 }
 
 /// Closes an execution row; with `store_details`, also writes its prompts and response.
-fn complete_execution(db: &mut Tx<'_, '_>, e: &NewExecution, c: &Completion, store_details: bool) -> PgResult<()> {
+fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_details: bool) -> PgResult<()> {
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
     let n = db.execute(
         "UPDATE executions SET status = $2, error_class = $3, error_message = $4, chosen_model_id = $5,
@@ -618,7 +707,7 @@ fn key_arrays<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> (Vec<&'a str>, 
 
 /// Locks the counters (creating missing ones) in key order; returns each one's recorded usage
 /// and reservations, which no other transaction can change until this one ends.
-fn lock_counters(db: &mut Tx<'_, '_>, keys: &BTreeSet<CounterKey>) -> PgResult<HashMap<CounterKey, (budget::Usage, budget::Usage)>> {
+fn lock_counters(db: &mut Tx<'_>, keys: &BTreeSet<CounterKey>) -> PgResult<HashMap<CounterKey, (budget::Usage, budget::Usage)>> {
     const LOCK: &str = "SELECT c.scope, c.period, c.cost, c.tokens, c.executions,
              c.reserved_cost, c.reserved_tokens, c.reserved_executions
          FROM usage_counters c JOIN unnest($1::text[], $2::text[]) AS k(scope, period) ON c.scope = k.scope AND c.period = k.period
@@ -643,7 +732,7 @@ fn lock_counters(db: &mut Tx<'_, '_>, keys: &BTreeSet<CounterKey>) -> PgResult<H
 
 /// Applies changes to counters (creating missing ones) in key order, in one statement;
 /// returns each changed counter's recorded usage afterwards.
-fn bump(db: &mut Tx<'_, '_>, deltas: &Deltas) -> PgResult<HashMap<CounterKey, budget::Usage>> {
+fn bump(db: &mut Tx<'_>, deltas: &Deltas) -> PgResult<HashMap<CounterKey, budget::Usage>> {
     if deltas.is_empty() {
         return Ok(HashMap::new());
     }
@@ -683,7 +772,7 @@ fn reservation_at(r: &PgRow, first: usize) -> PgResult<(Vec<CounterKey>, budget:
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were. The counter changes
 /// go into `deltas`, to be applied with the caller's own in key order.
-fn expire_reservations(db: &mut Tx<'_, '_>, cal: &Calendar, now: Micros, deltas: &mut Deltas) -> PgResult<()> {
+fn expire_reservations(db: &mut Tx<'_>, cal: &Calendar, now: Micros, deltas: &mut Deltas) -> PgResult<()> {
     let expired = db.query("DELETE FROM reservations WHERE expires_at <= $1 RETURNING execution_id, counters, cost, tokens, executions", &[&now])?;
     if expired.is_empty() {
         return Ok(());
@@ -717,7 +806,7 @@ fn expire_reservations(db: &mut Tx<'_, '_>, cal: &Calendar, now: Micros, deltas:
 
 /// Takes the transaction-scoped advisory lock of each rate-limited scope, in scope order:
 /// the window's admissions and the calls in flight are then this admission's to count.
-fn lock_rate_scopes(db: &mut Tx<'_, '_>, checks: &[RateCheck]) -> PgResult<()> {
+fn lock_rate_scopes(db: &mut Tx<'_>, checks: &[RateCheck]) -> PgResult<()> {
     let scopes: BTreeSet<&str> = checks.iter().map(|c| c.scope.as_str()).collect();
     for scope in scopes {
         db.execute("SELECT pg_advisory_xact_lock(hashtextextended('tenantllm rate ' || $1, 0))", &[&scope])?;
@@ -728,7 +817,7 @@ fn lock_rate_scopes(db: &mut Tx<'_, '_>, checks: &[RateCheck]) -> PgResult<()> {
 /// The use of the scopes `checks` name (see sqlite.rs `rate_state`). A scope's totals row
 /// is locked before its log is read, so a settlement correcting them either went first and
 /// is seen, or waits and finds the horizon moved past its call.
-fn rate_state(db: &mut Tx<'_, '_>, checks: &[RateCheck], now: Micros, window: Micros) -> PgResult<HashMap<String, RateUsage>> {
+fn rate_state(db: &mut Tx<'_>, checks: &[RateCheck], now: Micros, window: Micros) -> PgResult<HashMap<String, RateUsage>> {
     let mut out: HashMap<String, RateUsage> = HashMap::new();
     for scope in ratelimit::window_scopes(checks) {
         let start = now - window;
@@ -770,17 +859,17 @@ fn rate_state(db: &mut Tx<'_, '_>, checks: &[RateCheck], now: Micros, window: Mi
 
 /// Admissions of a scope stamped after `since` (later stamps included), and their tokens:
 /// the dashboard's and CLI's view, read at any time rather than at an admission.
-fn window_use(db: &mut Db<'_, impl GenericClient>, scope: &str, since: Micros) -> PgResult<RateUsage> {
+fn window_use(db: &mut Db<'_, impl Sized>, scope: &str, since: Micros) -> PgResult<RateUsage> {
     let r = db.query_one("SELECT COUNT(*), COALESCE(SUM(tokens), 0)::bigint FROM rate_events WHERE scope = $1 AND at > $2", &[&scope, &since])?;
     Ok(RateUsage { requests: r.try_get(0)?, tokens: r.try_get(1)?, in_flight: 0 })
 }
 
-fn in_flight(db: &mut Db<'_, impl GenericClient>, scope: &str) -> PgResult<i64> {
+fn in_flight(db: &mut Db<'_, impl Sized>, scope: &str) -> PgResult<i64> {
     Ok(db.query_one("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = $1", &[&scope])?.try_get(0)?)
 }
 
 /// A scope's admissions stamped after `since`, oldest first.
-fn window_events(db: &mut Tx<'_, '_>, scope: &str, since: Micros) -> PgResult<Vec<(Micros, i64)>> {
+fn window_events(db: &mut Tx<'_>, scope: &str, since: Micros) -> PgResult<Vec<(Micros, i64)>> {
     let rows = db.query("SELECT at, tokens FROM rate_events WHERE scope = $1 AND at > $2 ORDER BY at", &[&scope, &since])?;
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
@@ -788,19 +877,18 @@ fn window_events(db: &mut Tx<'_, '_>, scope: &str, since: Micros) -> PgResult<Ve
 /// The stored timezone. In a write it must be the first statement: `set_timezone` holds the
 /// settings table exclusively while it rebuilds, so a write that read the old zone finishes
 /// before the rebuild starts, and one that starts during it waits and reads the new zone.
-fn stored_timezone(db: &mut Db<'_, impl GenericClient>) -> PgResult<Option<String>> {
+fn stored_timezone(db: &mut Db<'_, impl Sized>) -> PgResult<Option<String>> {
     Ok(db.query_opt(TIMEZONE_SQL, &[])?.map(|r| r.try_get(0)).transpose()?)
 }
 
 /// Recomputes every counter from the executions in `cal`'s periods (see `Store::rebuild_counters`).
-fn rebuild(db: &mut Tx<'_, '_>, cal: &Calendar) -> PgResult<usize> {
+fn rebuild(db: &mut Tx<'_>, cal: &Calendar) -> PgResult<usize> {
     // No call is admitted or settled meanwhile (plain reads go on). Same table order as
     // `admit` and `finish` take them in.
     db.c.batch_execute("LOCK TABLE reservations, usage_counters IN EXCLUSIVE MODE")?;
     let mut deltas = Deltas::new();
     {
-        let stmt = db.statement(&counted_executions_sql())?;
-        let mut rows = db.c.query_raw(&stmt, std::iter::empty::<&(dyn ToSql + Sync)>())?;
+        let mut rows = db.c.query_typed_raw(&counted_executions_sql(), std::iter::empty::<(&(dyn ToSql + Sync), Type)>())?;
         while let Some(r) = rows.next()? {
             let tenant: Option<String> = r.try_get(0)?;
             let agent: String = r.try_get(1)?;
@@ -861,7 +949,7 @@ fn budget_from_row(r: &PgRow) -> PgResult<TenantBudget> {
     })
 }
 
-fn budget_get(db: &mut Db<'_, impl GenericClient>, tenant_id: &str) -> PgResult<Option<TenantBudget>> {
+fn budget_get(db: &mut Db<'_, impl Sized>, tenant_id: &str) -> PgResult<Option<TenantBudget>> {
     let sql = format!("SELECT {BUDGET_COLUMNS} FROM tenant_budgets WHERE tenant_id = $1");
     db.query_opt(&sql, &[&tenant_id])?.as_ref().map(budget_from_row).transpose()
 }
@@ -870,7 +958,7 @@ fn budget_get(db: &mut Db<'_, impl GenericClient>, tenant_id: &str) -> PgResult<
 
 /// A breaker's stored state (`None`: no row, which reads as closed); with `lock`, the row is
 /// locked until the transaction ends.
-fn breaker_row(db: &mut Db<'_, impl GenericClient>, key: &BreakerKey, lock: bool) -> PgResult<Option<breaker::State>> {
+fn breaker_row(db: &mut Db<'_, impl Sized>, key: &BreakerKey, lock: bool) -> PgResult<Option<breaker::State>> {
     let sql = if lock {
         "SELECT phase, failures, retry_at FROM breakers WHERE key = $1 FOR UPDATE"
     } else {
@@ -886,7 +974,7 @@ fn breaker_row(db: &mut Db<'_, impl GenericClient>, key: &BreakerKey, lock: bool
     }))
 }
 
-fn breaker_put(db: &mut Tx<'_, '_>, key: &BreakerKey, s: &breaker::State, now: Micros) -> PgResult<()> {
+fn breaker_put(db: &mut Tx<'_>, key: &BreakerKey, s: &breaker::State, now: Micros) -> PgResult<()> {
     db.execute(
         "INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -898,7 +986,7 @@ fn breaker_put(db: &mut Tx<'_, '_>, key: &BreakerKey, s: &breaker::State, now: M
 }
 
 /// The breaker row, locked; created (closed) first if there is none, so there is a row to lock.
-fn breaker_locked(db: &mut Tx<'_, '_>, key: &BreakerKey, now: Micros) -> PgResult<breaker::State> {
+fn breaker_locked(db: &mut Tx<'_>, key: &BreakerKey, now: Micros) -> PgResult<breaker::State> {
     if let Some(s) = breaker_row(db, key, true)? {
         return Ok(s);
     }
@@ -910,7 +998,7 @@ fn breaker_locked(db: &mut Tx<'_, '_>, key: &BreakerKey, now: Micros) -> PgResul
     Ok(breaker_row(db, key, true)?.unwrap_or_default())
 }
 
-fn breaker_admit_tx(db: &mut Tx<'_, '_>, key: &BreakerKey, lease: i64, now: Micros) -> PgResult<Admission> {
+fn breaker_admit_tx(db: &mut Tx<'_>, key: &BreakerKey, lease: i64, now: Micros) -> PgResult<Admission> {
     let state = breaker_row(db, key, false)?.unwrap_or_default();
     if let (admission, None) = breaker::admit(&state, now, lease) {
         // Closed, or open and cooling down: nothing to write, no lock needed.
@@ -927,7 +1015,7 @@ fn breaker_admit_tx(db: &mut Tx<'_, '_>, key: &BreakerKey, lease: i64, now: Micr
 }
 
 /// Applies one call's outcome to its breaker; returns the alert it raises, if any.
-fn breaker_record(db: &mut Tx<'_, '_>, o: &BreakerOutcome, now: Micros) -> PgResult<Option<Alert>> {
+fn breaker_record(db: &mut Tx<'_>, o: &BreakerOutcome, now: Micros) -> PgResult<Option<Alert>> {
     let state = breaker_row(db, &o.key, false)?.unwrap_or_default();
     if breaker::record(&state, &o.policy, o.success, o.probe, now).0.is_none() {
         // The common case (a success while closed): nothing changes, nothing is locked.
@@ -947,11 +1035,11 @@ fn breaker_record(db: &mut Tx<'_, '_>, o: &BreakerOutcome, now: Micros) -> PgRes
 
 // ---------------------------------------------------------------- queries
 
-type SqlArgs = Vec<Box<dyn ToSql + Sync + Send>>;
+type SqlArgs = Vec<Box<dyn Param + Send>>;
 
 /// A filter value as the column's type: numbers given for text fields compare as their text,
 /// text given for numeric fields as the number it spells (or matches nothing).
-fn sql_value(kind: Kind, v: &Value) -> Box<dyn ToSql + Sync + Send> {
+fn sql_value(kind: Kind, v: &Value) -> Box<dyn Param + Send> {
     match (kind, v) {
         (Kind::Text | Kind::Json, Value::Text(s)) => Box::new(s.clone()),
         (Kind::Text | Kind::Json, Value::Int(i)) => Box::new(i.to_string()),
@@ -996,8 +1084,8 @@ fn where_clause(q: &Query) -> (String, SqlArgs) {
     (w, args)
 }
 
-fn params(args: &SqlArgs) -> Vec<&(dyn ToSql + Sync)> {
-    args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect()
+fn params(args: &SqlArgs) -> Vec<&dyn Param> {
+    args.iter().map(|a| a.as_ref() as &dyn Param).collect()
 }
 
 fn cell(r: &PgRow, i: usize, kind: Kind) -> PgResult<Cell> {
@@ -1040,7 +1128,7 @@ impl Store for PostgresStore {
         let e = req.execution;
         // Every outcome writes the execution row, so its presence tells whether a commit
         // that lost its connection went through.
-        let check = |db: &mut Tx<'_, '_>, _: &Admitted| -> PgResult<bool> {
+        let check = |db: &mut Tx<'_>, _: &Admitted| -> PgResult<bool> {
             Ok(db.query_opt("SELECT 1 FROM executions WHERE id = $1", &[&e.id])?.is_some())
         };
         self.write(OnCommitLoss::Check(&check), |db| {
@@ -1137,7 +1225,7 @@ impl Store for PostgresStore {
 
     fn breaker_admit(&self, key: &BreakerKey, lease: i64, now: Micros) -> Result<Admission> {
         // Only a claimed probe writes; it is there if the row holds exactly that claim.
-        let check = |db: &mut Tx<'_, '_>, a: &Admission| -> PgResult<bool> {
+        let check = |db: &mut Tx<'_>, a: &Admission| -> PgResult<bool> {
             Ok(match a {
                 Admission::Probe => breaker_row(db, key, true)?.is_some_and(|s| s.phase == Phase::HalfOpen && s.retry_at == now + lease),
                 _ => true,
@@ -1151,7 +1239,7 @@ impl Store for PostgresStore {
         let c = req.completion;
         // The row closed with this completion's time means it went through. The lock waits
         // out a transaction the server may still be finishing for the lost connection.
-        let check = |db: &mut Tx<'_, '_>, _: &Vec<Alert>| -> PgResult<bool> {
+        let check = |db: &mut Tx<'_>, _: &Vec<Alert>| -> PgResult<bool> {
             let row = db.query_opt("SELECT status, completed_at FROM executions WHERE id = $1 FOR UPDATE", &[&e.id])?;
             Ok(match row {
                 Some(r) => r.try_get::<_, String>(0)? == c.status.as_str() && r.try_get::<_, Option<i64>>(1)? == Some(c.completed_at),
@@ -1243,7 +1331,7 @@ impl Store for PostgresStore {
         );
         // Creating twice would fail the second time: a create that went through is the
         // budget now stored. An update can run again.
-        let created = |db: &mut Tx<'_, '_>, _: &TenantBudget| -> PgResult<bool> { Ok(budget_get(db, &b.tenant_id)?.as_ref() == Some(b)) };
+        let created = |db: &mut Tx<'_>, _: &TenantBudget| -> PgResult<bool> { Ok(budget_get(db, &b.tenant_id)?.as_ref() == Some(b)) };
         let on_loss = match write {
             BudgetWrite::Create => OnCommitLoss::Check(&created),
             BudgetWrite::Update(_) => OnCommitLoss::Rerun,
@@ -1276,7 +1364,7 @@ impl Store for PostgresStore {
     }
 
     fn budget_delete(&self, tenant_id: &str) -> Result<bool> {
-        let gone = |db: &mut Tx<'_, '_>, _: &bool| -> PgResult<bool> { Ok(budget_get(db, tenant_id)?.is_none()) };
+        let gone = |db: &mut Tx<'_>, _: &bool| -> PgResult<bool> { Ok(budget_get(db, tenant_id)?.is_none()) };
         self.write(OnCommitLoss::Check(&gone), |db| Ok(db.execute("DELETE FROM tenant_budgets WHERE tenant_id = $1", &[&tenant_id])? == 1))
     }
 
@@ -1696,6 +1784,7 @@ mod tests {
             pool_size: Some(pool_size.into()),
             sslmode: Some(sslmode.into()),
             sslrootcert: Some(sslrootcert.into()),
+            options: None,
         };
         assert_eq!(
             take_own_options("postgres://h/d?pool_size=3&sslmode=verify-full&application_name=x&sslrootcert=%2Fca%20dir%2Fca.pem").unwrap(),
@@ -1714,19 +1803,22 @@ mod tests {
     #[test]
     fn timeouts_default_unless_the_url_sets_them() {
         let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
-        with_timeouts(&mut c);
-        assert_eq!(c.get_options(), Some("-c lock_timeout=30000"));
+        assert_eq!(with_timeouts(&mut c, None), "BEGIN; SET LOCAL lock_timeout = 30000");
+        assert_eq!(c.get_options(), None); // PgBouncer refuses startup options
         assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
         assert_eq!(c.get_tcp_user_timeout(), Some(&DEAD_PEER));
-        let mut c: postgres::Config =
-            "postgresql://u@h/d?options=-c%20lock_timeout%3D5s&connect_timeout=3&tcp_user_timeout=7".parse().unwrap();
-        with_timeouts(&mut c);
-        assert_eq!(c.get_options(), Some("-c lock_timeout=5s"));
+        let mut c: postgres::Config = "postgresql://u@h/d?connect_timeout=3&tcp_user_timeout=7".parse().unwrap();
+        assert_eq!(with_timeouts(&mut c, Some("-c lock_timeout=5s")), "BEGIN; SET LOCAL lock_timeout = '5s'");
+        assert_eq!(c.get_options(), None);
         assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
         assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
-        let mut c: postgres::Config = "postgresql://u@h/d?options=-c%20search_path%3Dx".parse().unwrap();
-        with_timeouts(&mut c);
-        assert_eq!(c.get_options(), Some("-c search_path=x -c lock_timeout=30000"));
+        let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
+        let begin = with_timeouts(&mut c, Some("-c search_path=x --lock_timeout=1min -csynchronous_commit=off -c"));
+        assert_eq!(begin, "BEGIN; SET LOCAL lock_timeout = '1min'");
+        assert_eq!(c.get_options(), Some("-c search_path=x -csynchronous_commit=off"));
+        let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
+        assert_eq!(with_timeouts(&mut c, Some("-c lock_timeout=1'; DROP")), "BEGIN; SET LOCAL lock_timeout = '1'';'");
+        assert_eq!(c.get_options(), Some("DROP"));
     }
 
     /// 8 threads on two stores (two processes) race 40 admissions for a limit that 10

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 SERVER = os.environ.get("TENANTLLM_TEST_POSTGRES_URL", "")
 ACTIVE = os.environ.get("TENANTLLM_TEST_STORE") == "postgres" and bool(SERVER)
+# With PgBouncer in front of that server (transaction pooling; .ci/run starts one), the stores
+# connect through it; databases are still created and dropped on the server itself.
+STORES = os.environ.get("TENANTLLM_TEST_PGBOUNCER_URL") or SERVER
 _created: set[str] = set()
 
 _SCHEMA = Path(__file__).resolve().parents[2] / "src" / "store" / "pg_schema.rs"
@@ -47,8 +50,8 @@ def _server() -> psycopg.Connection[Any]:
     return _admin[1]
 
 
-def _url(name: str) -> str:
-    return SERVER.rsplit("/", 1)[0] + "/" + name
+def _url(name: str, base: str = SERVER) -> str:
+    return base.rsplit("/", 1)[0] + "/" + name
 
 
 def database_for(path: str) -> str:
@@ -59,7 +62,7 @@ def database_for(path: str) -> str:
         server = _server()
         if server.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
             _claim_or_create(server, name)
-    return _url(name)
+    return _url(name, STORES)
 
 
 def _claim_or_create(server: psycopg.Connection[Any], name: str) -> None:
@@ -101,6 +104,11 @@ def _recycle(server: psycopg.Connection[Any], name: str) -> bool:
             with db.transaction():
                 for table in sorted(tables - {"schema_version"}):
                     db.execute(f'DELETE FROM "{table}"')
+        if STORES != SERVER:  # PgBouncer keeps its server connections to it: end them
+            server.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
         # Renaming needs the database unused: connections just closed (this one, the test's
         # pool) take a moment to end; one still open after that belongs to a stray process.
         for _ in range(50):
