@@ -63,6 +63,7 @@ mypy: develop
 bench: develop
 	$(BIN)/pip install -q pybreaker litellm
 	$(BIN)/python benches/run.py
+	$(BIN)/python benches/rollups.py
 
 demo: develop
 	$(BIN)/tenantllm demo

@@ -50,7 +50,8 @@ impl Calendar {
         self.tz.name()
     }
 
-    fn local_date(&self, at: Micros) -> NaiveDate {
+    /// The calendar date `at` falls on in this timezone.
+    pub fn local_date(&self, at: Micros) -> NaiveDate {
         let utc = DateTime::<Utc>::from_timestamp_micros(at).unwrap_or_default();
         utc.with_timezone(&self.tz).date_naive()
     }

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import raw_sql
 import tenantllm as tl
 from fake_providers import FakeProvider, Step
 
@@ -230,6 +232,46 @@ def test_group_by_tenant_sum_total_cost(data: Data) -> None:
 def test_group_by_agent_count(data: Data) -> None:
     assert tl.Execution.all().group_by("agent").count() == {"Support": 3, "Plain": 4, "Slow": 1}
     assert tl.Execution.successful().group_by("status").count() == {"success": 7}
+
+
+def test_group_by_several_fields_and_by_day(data: Data) -> None:
+    got = tl.Execution.all().group_by("tenant_id", "agent").count()
+    # Sorted by key, no tenant first; tuples in the order the fields were named.
+    assert list(got.items()) == [
+        ((None, "Plain"), 1), (("t1", "Slow"), 1), (("t1", "Support"), 3), (("t2", "Plain"), 3)
+    ]
+    today = datetime.now(UTC).date()  # the test database's timezone is UTC
+    assert tl.Execution.today().group_by("day").count() == {today: 8}
+    assert tl.Execution.all().group_by("day", "status").count() == {(today, "error"): 1, (today, "success"): 7}
+    by_day = tl.Execution.this_month().group_by("day").sum("total_cost")
+    assert by_day == {today: sum((r.total_cost for r in data.results), Decimal(0))}
+    assert all(type(k) is date for k in by_day)
+    # A bound inside a day reads the rows; the answer has the same shape.
+    tokens = tl.Execution.between(data.start, None).group_by("day", "tenant_id").sum("total_tokens")
+    assert tokens == {
+        (today, t): sum(r.total_tokens for r in data.results if r.tenant_id == t) for t in (None, "t1", "t2")
+    }
+    for bad in ((), ("tenant_id", "tenant_id"), ("week",), ("total_cost",)):
+        with pytest.raises(tl.ConfigurationError):
+            tl.Execution.all().group_by(*bad).count()
+
+
+def test_totals_over_whole_days_survive_purged_rows(data: Data, db_path: Path) -> None:
+    """Daily rollups keep the totals of deleted executions (DESIGN §1b); rows-only queries
+    see what is left."""
+    whole_days = [
+        lambda: tl.Execution.all().group_by("tenant_id").sum("total_cost"),
+        lambda: tl.Execution.this_month().group_by("agent", "status").count(),
+        lambda: tl.Execution.today().failed().count(),
+        lambda: tl.Execution.last_n_days(7).by_tenant("t1").sum("total_tokens"),
+    ]
+    before = [f() for f in whole_days]
+    raw_sql.query(db_path, "DELETE FROM executions")
+    assert [f() for f in whole_days] == before
+    assert tl.Execution.all().to_dicts() == []
+    assert tl.Execution.between(data.start, None).count() == 0
+    tl.rebuild_counters()  # no rows left: the rollups stay
+    assert [f() for f in whole_days] == before
 
 
 def test_count_and_sum(data: Data) -> None:

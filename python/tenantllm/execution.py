@@ -293,8 +293,15 @@ class ExecutionQuery:
     def offset(self, n: int) -> ExecutionQuery:
         return self._and("offset", n)
 
-    def group_by(self, field: str) -> GroupedQuery:
-        return GroupedQuery(self._ops, field)
+    def group_by(self, *fields: str) -> GroupedQuery:
+        """Totals per value of a field (`group_by("tenant_id")`: keys are tenant ids), of several
+        (`group_by("tenant_id", "model_id")`: keys are tuples), or per calendar day in the
+        database's timezone (`"day"`: keys are `datetime.date`). Over tenant_id, agent,
+        model_id, status and day, with whole days or no time filter, the answer comes from the
+        daily rollups, which keep the totals of purged executions."""
+        if not fields:
+            raise ConfigurationError("group_by needs at least one field, such as 'tenant_id' or 'day'")
+        return GroupedQuery(self._ops, fields)
 
     # ---- terminal
     def count(self) -> int:
@@ -346,15 +353,17 @@ class ExecutionQuery:
 
 
 class GroupedQuery:
-    """`query.group_by(field)`: aggregate per distinct value, as a dict."""
+    """`query.group_by(*fields)`: an aggregate per distinct value (or tuple of values), as a
+    dict sorted by key, None first."""
 
-    def __init__(self, ops: tuple[Op, ...], field: str) -> None:
+    def __init__(self, ops: tuple[Op, ...], fields: tuple[str, ...]) -> None:
         self._ops = ops
-        self._field = field
+        # One field: the dict's keys are its values; several: tuples.
+        self._by: str | list[str] = fields[0] if len(fields) == 1 else list(fields)
 
-    def count(self) -> dict[str | None, int]:
-        return engine().query_grouped(list(self._ops), self._field)
+    def count(self) -> dict[Any, int]:
+        return engine().query_grouped(list(self._ops), self._by)
 
-    def sum(self, field: str) -> dict[str | None, Any]:
+    def sum(self, field: str) -> dict[Any, Any]:
         _check_sum_field(field)
-        return engine().query_grouped(list(self._ops), self._field, field)
+        return engine().query_grouped(list(self._ops), self._by, field)

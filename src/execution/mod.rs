@@ -217,8 +217,25 @@ impl Field {
         let f = Field::parse(name)?;
         match f.1 {
             Kind::Text => Ok(f),
-            _ => config_err(format!("cannot group by {name:?}: group by a text field such as tenant_id, agent, model_id or status")),
+            _ => config_err(format!("cannot group by {name:?}: group by a text field such as tenant_id, agent, model_id or status, or by day")),
         }
+    }
+}
+
+/// What a grouped query groups by: a text field, or the calendar day (in the database's
+/// timezone) a call started on, as "2026-11-28".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKey {
+    Field(Field),
+    Day,
+}
+
+impl GroupKey {
+    pub fn parse(name: &str) -> Result<GroupKey> {
+        if name == "day" {
+            return Ok(GroupKey::Day);
+        }
+        Field::groupable(name).map(GroupKey::Field)
     }
 }
 

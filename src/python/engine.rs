@@ -21,7 +21,8 @@ use crate::clock::{now_micros, Period, MAX_DAYS};
 use crate::config::Config;
 use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard, MAX_TIMEOUT};
 use crate::error::{catch_panic, catch_panic_async, Error, Result};
-use crate::execution::{Aggregate, Field};
+use crate::error::config_err;
+use crate::execution::{Aggregate, Field, GroupKey};
 use crate::process::PerProcess;
 use crate::providers::MAX_REPLY_TOKENS;
 use crate::retry::{RetryPolicy, MAX_RETRIES};
@@ -640,15 +641,34 @@ impl PyEngine {
         cell_to_py(py, cell)
     }
 
+    /// Totals per group: `by` is one key name (the dict's keys are its values) or a list of
+    /// them (keys are tuples); the "day" key's values are dates.
     #[pyo3(signature = (ops, by, field=None))]
     fn query_grouped<'py>(&self, py: Python<'py>, ops: &Bound<'py, PyList>, by: &Bound<'py, PyAny>, field: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
         let ops = self.ops(py, ops)?;
         let agg = aggregate(field).py_err(py)?;
-        let by = string("group_by field", by).and_then(|by| Field::groupable(&by)).py_err(py)?;
-        let groups = self.detached(py, |e| e.store().query_grouped(&ops.query, by, &agg))?;
+        let single = !by.is_instance_of::<PyList>() && !by.is_instance_of::<PyTuple>();
+        let keys = group_keys(by, single).py_err(py)?;
+        let groups = self.detached(py, |e| e.store().query_grouped(&ops.query, &keys, &agg))?;
         let d = PyDict::new(py);
-        for (k, v) in groups {
-            d.set_item(k, cell_to_py(py, v)?)?;
+        for (values, v) in groups {
+            let parts = keys
+                .iter()
+                .zip(values)
+                .map(|(k, value)| match (k, value) {
+                    (GroupKey::Day, Some(day)) => {
+                        let date = chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d").map_err(|e| Error::Store(format!("day {day:?}: {e}"))).py_err(py)?;
+                        Ok(date.into_pyobject(py)?.into_any())
+                    }
+                    (_, value) => Ok(value.into_pyobject(py)?.into_any()),
+                })
+                .collect::<PyResult<Vec<_>>>()?;
+            let cell = cell_to_py(py, v)?;
+            if single {
+                d.set_item(&parts[0], cell)?;
+            } else {
+                d.set_item(PyTuple::new(py, parts)?, cell)?;
+            }
         }
         Ok(d)
     }
@@ -839,6 +859,30 @@ fn tenant_id_arg(v: &Bound<'_, PyAny>) -> Result<String> {
     validate_tenant_id(&id)?;
     Ok(id)
 }
+
+/// Group keys from one name (`single`) or a list or tuple of one or more names.
+fn group_keys(by: &Bound<'_, PyAny>, single: bool) -> Result<Vec<GroupKey>> {
+    if single {
+        return Ok(vec![GroupKey::parse(&string("group_by field", by)?)?]);
+    }
+    let names = by.try_iter().map_err(|_| Error::Configuration("group_by fields: expected a list of names".into()))?;
+    let mut keys = Vec::new();
+    for name in names {
+        let name = name.map_err(|e| Error::Configuration(format!("group_by fields: {e}")))?;
+        let key = GroupKey::parse(&string("group_by field", &name)?)?;
+        if keys.contains(&key) {
+            return config_err(format!("group_by field {name} named twice"));
+        }
+        keys.push(key);
+    }
+    if keys.is_empty() || keys.len() > MAX_GROUP_KEYS {
+        return config_err(format!("group_by takes 1 to {MAX_GROUP_KEYS} fields, got {}", keys.len()));
+    }
+    Ok(keys)
+}
+
+/// The most fields one `group_by` may name (every groupable field and the day).
+const MAX_GROUP_KEYS: usize = 16;
 
 fn aggregate(field: Option<&Bound<'_, PyAny>>) -> Result<Aggregate> {
     Ok(match field {

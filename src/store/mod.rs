@@ -5,10 +5,13 @@
 mod pg_schema;
 mod pg_tls;
 mod postgres;
+mod query;
+mod rollups;
 mod schema;
 mod sqlite;
 
 pub use postgres::PostgresStore;
+pub use query::GroupValues;
 pub use sqlite::{library_version as sqlite_library_version, shares_library as shares_sqlite_library, SqliteStore};
 
 use crate::breaker;
@@ -16,7 +19,7 @@ use crate::budget::{self, Breach, Check, TenantBudget};
 use crate::clock::{Calendar, Micros, Period, DEFAULT_TIMEZONE};
 use crate::error::{config_err, Result};
 use crate::secrets::Sealed;
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, NewExecution, Query, Row, Status, FIELDS};
+use crate::execution::{Aggregate, Cell, Completion, Details, GroupKey, NewExecution, Query, Row, Status, FIELDS};
 
 /// Everything `admit` needs to decide whether a call may start.
 pub struct AdmitRequest<'a> {
@@ -131,8 +134,9 @@ pub trait Store: Send + Sync {
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recorded usage of one scope per day, for days from `first_day` ("2026-11-01") on.
     fn usage_daily(&self, scope: &str, first_day: &str) -> Result<Vec<(String, budget::Usage)>>;
-    /// Recomputes every counter from the execution rows, in the database's timezone; returns
-    /// how many it wrote.
+    /// Recomputes every counter from the execution rows, in the database's timezone, and the
+    /// rollups of the days from the oldest row's on (earlier days' rows were purged: their
+    /// rollups stay); returns how many counters it wrote.
     fn rebuild_counters(&self) -> Result<usize>;
     /// The timezone the database keeps its calendar periods in.
     fn timezone(&self) -> Result<String>;
@@ -141,8 +145,12 @@ pub trait Store: Send + Sync {
     fn set_timezone(&self, calendar: &Calendar) -> Result<usize>;
 
     fn query_rows(&self, q: &Query) -> Result<Vec<Row>>;
+    /// Totals and grouped totals over tenant, agent, model, status and whole days read the
+    /// rollups (`rollups::plan`); others scan the rows. Both give the same answer while no
+    /// row has been purged.
     fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell>;
-    fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>>;
+    /// One total per group, sorted by key.
+    fn query_grouped(&self, q: &Query, by: &[GroupKey], agg: &Aggregate) -> Result<Vec<(GroupValues, Cell)>>;
     fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>>;
 
     /// Stores (or with `None` removes) a sealed API key for a scope ("global", "tenant:<id>").

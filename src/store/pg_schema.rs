@@ -176,4 +176,52 @@ pub const MIGRATIONS: &[&str] = &[
         last_used_at BIGINT NOT NULL
     );
     "#,
+    // 9: daily and monthly rollups (see schema.rs, migration 9).
+    r#"
+    CREATE TABLE daily_rollups (
+        period TEXT COLLATE "C" NOT NULL,
+        tenant_id TEXT COLLATE "C" NOT NULL,
+        agent TEXT COLLATE "C" NOT NULL,
+        model_id TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        calls BIGINT NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        total_tokens BIGINT NOT NULL DEFAULT 0,
+        input_cost BIGINT NOT NULL DEFAULT 0,
+        output_cost BIGINT NOT NULL DEFAULT 0,
+        total_cost BIGINT NOT NULL DEFAULT 0,
+        attempts_count BIGINT NOT NULL DEFAULT 0,
+        cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+        cache_read_cost BIGINT NOT NULL DEFAULT 0,
+        cache_write_cost BIGINT NOT NULL DEFAULT 0,
+        duration_ms BIGINT NOT NULL DEFAULT 0,
+        time_to_first_token_ms BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, tenant_id, agent, model_id, status)
+    );
+    CREATE TABLE monthly_rollups (
+        period TEXT COLLATE "C" NOT NULL,
+        tenant_id TEXT COLLATE "C" NOT NULL,
+        agent TEXT COLLATE "C" NOT NULL,
+        model_id TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        calls BIGINT NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        total_tokens BIGINT NOT NULL DEFAULT 0,
+        input_cost BIGINT NOT NULL DEFAULT 0,
+        output_cost BIGINT NOT NULL DEFAULT 0,
+        total_cost BIGINT NOT NULL DEFAULT 0,
+        attempts_count BIGINT NOT NULL DEFAULT 0,
+        cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+        cache_read_cost BIGINT NOT NULL DEFAULT 0,
+        cache_write_cost BIGINT NOT NULL DEFAULT 0,
+        duration_ms BIGINT NOT NULL DEFAULT 0,
+        time_to_first_token_ms BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, tenant_id, agent, model_id, status)
+    );
+    CREATE INDEX executions_running ON executions (started_at) WHERE status = 'running';
+    "#,
 ];

@@ -32,6 +32,8 @@ use postgres::{Client, Row as PgRow};
 
 use super::pg_schema::MIGRATIONS;
 use super::pg_tls;
+use super::query::{self, GroupValues, Groups};
+use super::rollups::{self, Dialect, ROLLED};
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
@@ -41,7 +43,7 @@ use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, GroupKey, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::process::{quiet, unpoisoned};
 use crate::ratelimit::{self, RateCheck, RateUsage};
@@ -504,6 +506,10 @@ fn migrate(tx: &mut Tx<'_>, timezone: &str) -> PgResult<()> {
         tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&(i as i64 + 1)])?;
     }
     tx.execute("INSERT INTO settings (name, value) VALUES ('timezone', $1) ON CONFLICT (name) DO NOTHING", &[&timezone])?;
+    if (current.max(0) as usize) < rollups::MIGRATION {
+        let cal = calendar_of(stored_timezone(tx)?)?;
+        rebuild_rollups(tx, &cal, &cal)?;
+    }
     Ok(())
 }
 
@@ -635,8 +641,19 @@ fn insert_execution(db: &mut Tx<'_>, e: &NewExecution) -> PgResult<()> {
     Ok(())
 }
 
-/// Closes an execution row; with `store_details`, also writes its prompts and response.
-fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_details: bool) -> PgResult<()> {
+/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`).
+fn roll(db: &mut Tx<'_>, id: &str, periods: &[String; 2], sign: i64) -> PgResult<()> {
+    for (sql, period) in rollups::record_sql(Dialect::Postgres).iter().zip(periods) {
+        db.execute(sql, &[period, &sign, &id])?;
+    }
+    Ok(())
+}
+
+/// Closes an execution row, moving it in the rollups from any earlier outcome to this one;
+/// with `store_details`, also writes its prompts and response.
+fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_details: bool, cal: &Calendar) -> PgResult<()> {
+    let periods = rollups::periods(cal, e.started_at);
+    roll(db, &e.id, &periods, -1)?;
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
     let n = db.execute(
         "UPDATE executions SET status = $2, error_class = $3, error_message = $4, chosen_model_id = $5,
@@ -674,6 +691,7 @@ fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_d
     if n != 1 {
         return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)).into());
     }
+    roll(db, &e.id, &periods, 1)?;
     if store_details {
         db.execute(
             "INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls) VALUES ($1, $2, $3, $4, $5)
@@ -790,12 +808,13 @@ fn expire_reservations(db: &mut Tx<'_>, cal: &Calendar, now: Micros, deltas: &mu
         "UPDATE executions SET status = 'error', error_class = 'Abandoned',
              error_message = 'the process running this call stopped before it finished', completed_at = $2
          WHERE id = ANY($1) AND status = 'running'
-         RETURNING tenant_id, agent, started_at",
+         RETURNING tenant_id, agent, started_at, id",
         &[&ids, &now],
     )?;
     for r in &abandoned {
         let tenant: Option<String> = r.try_get(0)?;
         let agent: String = r.try_get(1)?;
+        roll(db, r.try_get(3)?, &rollups::periods(cal, r.try_get(2)?), 1)?;
         for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
             let d = deltas.entry(key).or_default();
             d.used = d.used.plus(&budget::estimate(Nanos::ZERO, 0));
@@ -881,8 +900,9 @@ fn stored_timezone(db: &mut Db<'_, impl Sized>) -> PgResult<Option<String>> {
     Ok(db.query_opt(TIMEZONE_SQL, &[])?.map(|r| r.try_get(0)).transpose()?)
 }
 
-/// Recomputes every counter from the executions in `cal`'s periods (see `Store::rebuild_counters`).
-fn rebuild(db: &mut Tx<'_>, cal: &Calendar) -> PgResult<usize> {
+/// Recomputes every counter and the rollups from the executions in `cal`'s periods (see
+/// `Store::rebuild_counters`); `keyed_in` is the calendar they were keyed in until now.
+fn rebuild(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> PgResult<usize> {
     // No call is admitted or settled meanwhile (plain reads go on). Same table order as
     // `admit` and `finish` take them in.
     db.c.batch_execute("LOCK TABLE reservations, usage_counters IN EXCLUSIVE MODE")?;
@@ -923,7 +943,36 @@ fn rebuild(db: &mut Tx<'_>, cal: &Calendar) -> PgResult<usize> {
         }
     }
     bump(db, &deltas)?;
+    rebuild_rollups(db, keyed_in, cal)?;
     Ok(written)
+}
+
+/// Recomputes the daily rollups from the oldest settled call's day on, in `cal`'s periods,
+/// and every monthly one (see `rollups::OLDEST_SQL`); `keyed_in` is the calendar of the
+/// stored rollups.
+fn rebuild_rollups(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> PgResult<()> {
+    let oldest: Option<i64> = db.query_one(rollups::OLDEST_SQL, &[])?.try_get(0)?;
+    let Some(oldest) = oldest else { return Ok(()) };
+    let mut totals = rollups::Totals::default();
+    {
+        let mut rows = db.c.query_typed_raw(&rollups::source_sql(), std::iter::empty::<(&(dyn ToSql + Sync), Type)>())?;
+        while let Some(r) = rows.next()? {
+            let values = (0..ROLLED.len()).map(|i| r.try_get(5 + i)).collect::<std::result::Result<Vec<i64>, _>>()?;
+            totals.add_row(cal, r.try_get(0)?, [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?], &values);
+        }
+    }
+    db.execute("DELETE FROM daily_rollups WHERE period >= $1", &[&rollups::kept_before(keyed_in, oldest)])?;
+    let rows: Vec<_> = totals.rows().collect();
+    for chunk in rows.chunks(10_000) {
+        let texts: Vec<Vec<&str>> = (0..5).map(|i| chunk.iter().map(|(k, _)| k[i].as_str()).collect()).collect();
+        let numbers: Vec<Vec<i64>> = (0..=ROLLED.len()).map(|i| chunk.iter().map(|(_, v)| v[i]).collect()).collect();
+        let mut params: Vec<&dyn Param> = texts.iter().map(|t| t as &dyn Param).collect();
+        params.extend(numbers.iter().map(|n| n as &dyn Param));
+        db.execute(&rollups::pg_insert_sql(), &params)?;
+    }
+    db.execute("DELETE FROM monthly_rollups", &[])?;
+    db.execute(&rollups::derive_monthly_sql(Dialect::Postgres), &[])?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- budgets
@@ -1123,6 +1172,58 @@ fn prefix_end(prefix: &str) -> Option<String> {
     None
 }
 
+/// A grouped query answered by rollups, plus the matching calls still running.
+fn from_rollups(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, plan: &rollups::Plan) -> PgResult<Vec<(GroupValues, Cell)>> {
+    let mut groups = Groups::new(agg);
+    for (sql, args) in &plan.statements {
+        let args: Vec<&dyn Param> = args.iter().map(|a| a as &dyn Param).collect();
+        for r in db.query(sql, &args)? {
+            groups.begin();
+            for i in 0..by.len() {
+                groups.part(r.try_get::<_, Option<&str>>(i)?.map(str::as_bytes));
+            }
+            groups.add(r.try_get(by.len())?);
+        }
+    }
+    if plan.running {
+        scan(db, q, by, agg, cal, true, &mut groups)?;
+    }
+    Ok(groups.finish()?)
+}
+
+/// Adds the matching rows' totals to `groups`: grouped by the server, or streamed when the
+/// day (in the database's timezone, computed here) is a key. `running_only`: just the calls
+/// still running (a partial index has them).
+fn scan(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, running_only: bool, groups: &mut Groups) -> PgResult<()> {
+    let (mut w, args) = where_clause(q);
+    if running_only {
+        w = format!("{w}{} status = 'running'", if w.is_empty() { " WHERE" } else { " AND" });
+    }
+    let cols = query::key_columns(by);
+    let day = by.contains(&GroupKey::Day).then(|| cols.len() - 1);
+    let sql = if day.is_some() {
+        let select: Vec<String> = cols.iter().map(|c| c.to_string()).chain([query::row_value(agg)]).collect();
+        format!("SELECT {} FROM executions{w}", select.join(", "))
+    } else {
+        let select: Vec<String> = cols.iter().map(|c| c.to_string()).chain([aggregate_sql(agg).0]).collect();
+        let group = if cols.is_empty() { String::new() } else { format!(" GROUP BY {}", cols.join(", ")) };
+        format!("SELECT {} FROM executions{w}{group}", select.join(", "))
+    };
+    let mut rows = db.c.query_typed_raw(&sql, typed(&params(&args)))?;
+    while let Some(r) = rows.next()? {
+        let started_at = match day {
+            Some(i) => r.try_get(i)?,
+            None => 0,
+        };
+        query::row_key(groups, by, cal, started_at, |g, i| -> PgResult<()> {
+            g.part(r.try_get::<_, Option<&str>>(i)?.map(str::as_bytes));
+            Ok(())
+        })?;
+        groups.add(r.try_get(cols.len())?);
+    }
+    Ok(())
+}
+
 impl Store for PostgresStore {
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
         let e = req.execution;
@@ -1167,7 +1268,7 @@ impl Store for PostgresStore {
             if let Some(b) = hard {
                 bump(db, &deltas)?;
                 insert_execution(db, e)?;
-                complete_execution(db, e, &blocked(&b, req.now), false)?;
+                complete_execution(db, e, &blocked(&b, req.now), false, req.calendar)?;
                 return Ok(Admitted::Blocked(b));
             }
             let rates = rate_state(db, &rate_checks, req.now, req.rate_window)?;
@@ -1179,7 +1280,7 @@ impl Store for PostgresStore {
                 bump(db, &deltas)?;
                 if req.record_rate_limited {
                     insert_execution(db, e)?;
-                    complete_execution(db, e, &rate_limited(&b, req.now), false)?;
+                    complete_execution(db, e, &rate_limited(&b, req.now), false, req.calendar)?;
                 }
                 return Ok(Admitted::RateLimited(b));
             }
@@ -1188,7 +1289,7 @@ impl Store for PostgresStore {
                 Choice::AllOpen { retry_at } => {
                     bump(db, &deltas)?;
                     insert_execution(db, e)?;
-                    complete_execution(db, e, &short_circuited(&e.agent, retry_at, req.now), false)?;
+                    complete_execution(db, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
                 }
             };
@@ -1260,7 +1361,7 @@ impl Store for PostgresStore {
             };
             let taken_over = req.reserved && released.is_none();
             let (reserved_keys, estimate) = released.unwrap_or_default();
-            complete_execution(db, e, c, req.store_details)?;
+            complete_execution(db, e, c, req.store_details, req.calendar)?;
             let used = budget::settled(c, taken_over);
             let mut deltas = Deltas::new();
             for key in usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at) {
@@ -1428,7 +1529,7 @@ impl Store for PostgresStore {
     fn rebuild_counters(&self) -> Result<usize> {
         self.write(OnCommitLoss::Rerun, |db| {
             let cal = calendar_of(stored_timezone(db)?)?;
-            rebuild(db, &cal)
+            rebuild(db, &cal, &cal)
         })
     }
 
@@ -1441,11 +1542,12 @@ impl Store for PostgresStore {
             // Waits for the writes that read the old zone; later ones wait for this (see
             // `stored_timezone`).
             db.c.batch_execute("LOCK TABLE settings IN ACCESS EXCLUSIVE MODE")?;
+            let old = calendar_of(stored_timezone(db)?)?;
             db.execute(
                 "INSERT INTO settings (name, value) VALUES ('timezone', $1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 &[&cal.name()],
             )?;
-            rebuild(db, cal)
+            rebuild(db, &old, cal)
         })
     }
 
@@ -1470,14 +1572,25 @@ impl Store for PostgresStore {
         let (w, args) = where_clause(q);
         let (expr, kind) = aggregate_sql(agg);
         let sql = format!("SELECT {expr} FROM executions{w}");
-        self.read(|db| cell(&db.query_one(&sql, &params(&args))?, 0, kind))
+        self.read(|db| {
+            let cal = calendar_of(stored_timezone(db)?)?;
+            if let Some(plan) = rollups::plan(q, &[], agg, &cal, Dialect::Postgres) {
+                return Ok(from_rollups(db, q, &[], agg, &cal, &plan)?.pop().map_or_else(|| query::zero(agg), |(_, v)| v));
+            }
+            cell(&db.query_one(&sql, &params(&args))?, 0, kind)
+        })
     }
 
-    fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>> {
-        let (w, args) = where_clause(q);
-        let (expr, kind) = aggregate_sql(agg);
-        let sql = format!("SELECT {by}, {expr} FROM executions{w} GROUP BY {by} ORDER BY {by} NULLS FIRST", by = by.0);
-        self.read(|db| db.query(&sql, &params(&args))?.iter().map(|r| Ok((r.try_get(0)?, cell(r, 1, kind)?))).collect())
+    fn query_grouped(&self, q: &Query, by: &[GroupKey], agg: &Aggregate) -> Result<Vec<(GroupValues, Cell)>> {
+        self.read(|db| {
+            let cal = calendar_of(stored_timezone(db)?)?;
+            if let Some(plan) = rollups::plan(q, by, agg, &cal, Dialect::Postgres) {
+                return from_rollups(db, q, by, agg, &cal, &plan);
+            }
+            let mut groups = Groups::new(agg);
+            scan(db, q, by, agg, &cal, false, &mut groups)?;
+            Ok(groups.finish()?)
+        })
     }
 
     fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>> {
@@ -2004,7 +2117,7 @@ mod tests {
             for agg in [Aggregate::Count, Aggregate::Sum(f("total_cost")), Aggregate::Sum(f("total_tokens"))] {
                 assert_eq!(pg.query_aggregate(q, &agg).unwrap(), lite.query_aggregate(q, &agg).unwrap(), "{q:?} {agg:?}");
                 for by in ["tenant_id", "status"] {
-                    assert_eq!(pg.query_grouped(q, f(by), &agg).unwrap(), lite.query_grouped(q, f(by), &agg).unwrap(), "{q:?} {by}");
+                    assert_eq!(pg.query_grouped(q, &[GroupKey::Field(f(by))], &agg).unwrap(), lite.query_grouped(q, &[GroupKey::Field(f(by))], &agg).unwrap(), "{q:?} {by}");
                 }
             }
         }
@@ -2014,6 +2127,20 @@ mod tests {
         assert_eq!(pg.usage_daily("global", "2000-01-01").unwrap(), lite.usage_daily("global", "2000-01-01").unwrap());
         assert_eq!(pg.rebuild_counters().unwrap(), lite.rebuild_counters().unwrap());
         assert_eq!(pg.usage_by_scope("", &day).unwrap(), lite.usage_by_scope("", &day).unwrap());
+    }
+
+    #[test]
+    #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+    fn rollups_answer_like_rows_and_survive_purges() {
+        let db = TestDb::new();
+        let store = db.open();
+        let url = db.url.clone();
+        let sql = move |s: &str| {
+            let s = s.to_string();
+            on_server(&url, move |c| c.batch_execute(&s).unwrap())
+        };
+        let open_again = || Box::new(db.open()) as Box<dyn Store>;
+        super::super::rollups::tests::rollups_answer_like_rows(&store, &sql, &open_again);
     }
 
     #[test]

@@ -180,4 +180,56 @@ pub const MIGRATIONS: &[&str] = &[
         last_used_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 9: daily and monthly rollups (store/rollups.rs): per day ("2026-11-28") or month
+    // ("2026-11") in the database's timezone, tenant ('' for none), agent, model and status,
+    // the number of settled calls and the totals of their numeric fields. They outlive
+    // purged rows. The store fills them from the existing executions when it applies this.
+    // Calls still running are not rolled up; the partial index finds them.
+    r#"
+    CREATE TABLE daily_rollups (
+        period TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        total_tokens INTEGER NOT NULL DEFAULT 0,
+        input_cost INTEGER NOT NULL DEFAULT 0,
+        output_cost INTEGER NOT NULL DEFAULT 0,
+        total_cost INTEGER NOT NULL DEFAULT 0,
+        attempts_count INTEGER NOT NULL DEFAULT 0,
+        cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_cost INTEGER NOT NULL DEFAULT 0,
+        cache_write_cost INTEGER NOT NULL DEFAULT 0,
+        duration_ms INTEGER NOT NULL DEFAULT 0,
+        time_to_first_token_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, tenant_id, agent, model_id, status)
+    ) WITHOUT ROWID;
+    CREATE TABLE monthly_rollups (
+        period TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        total_tokens INTEGER NOT NULL DEFAULT 0,
+        input_cost INTEGER NOT NULL DEFAULT 0,
+        output_cost INTEGER NOT NULL DEFAULT 0,
+        total_cost INTEGER NOT NULL DEFAULT 0,
+        attempts_count INTEGER NOT NULL DEFAULT 0,
+        cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_cost INTEGER NOT NULL DEFAULT 0,
+        cache_write_cost INTEGER NOT NULL DEFAULT 0,
+        duration_ms INTEGER NOT NULL DEFAULT 0,
+        time_to_first_token_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, tenant_id, agent, model_id, status)
+    ) WITHOUT ROWID;
+    CREATE INDEX executions_running ON executions (started_at) WHERE status = 'running';
+    "#,
 ];

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
+use super::query::{self, GroupValues, Groups};
+use super::rollups::{self, Dialect, ROLLED};
 use super::schema::MIGRATIONS;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
@@ -20,7 +22,7 @@ use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
-use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, Kind, NewExecution, Query, Row, Value, FIELDS};
+use crate::execution::{Aggregate, Cell, Completion, Details, Field, Filter, GroupKey, Kind, NewExecution, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::process::{quiet, unpoisoned};
 use crate::ratelimit::{self, RateCheck, RateUsage};
@@ -277,6 +279,10 @@ fn migrate(conn: &mut Connection, path: &str, timezone: &str) -> Result<()> {
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i as i64 + 1])?;
     }
     tx.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('timezone', ?1)", [timezone])?;
+    if (current as usize) < rollups::MIGRATION {
+        let cal = calendar_of(stored_timezone(&tx)?)?;
+        rebuild_rollups(&tx, &cal, &cal)?;
+    }
     tx.commit()?;
     Ok(())
 }
@@ -372,9 +378,20 @@ fn insert_execution(tx: &Connection, e: &NewExecution) -> Result<()> {
     Ok(())
 }
 
-/// Closes an execution row; with `store_details`, also writes its prompts and response
-/// (once, at the end, to keep the start of a call to one small write).
-fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_details: bool) -> Result<()> {
+/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`).
+fn roll(tx: &Connection, id: &str, periods: &[String; 2], sign: i64) -> Result<()> {
+    for (sql, period) in rollups::record_sql(Dialect::Sqlite).iter().zip(periods) {
+        tx.prepare_cached(sql)?.execute(params![period, sign, id])?;
+    }
+    Ok(())
+}
+
+/// Closes an execution row, moving it in the rollups from any earlier outcome to this one;
+/// with `store_details`, also writes its prompts and response (once, at the end, to keep the
+/// start of a call to one small write).
+fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_details: bool, cal: &Calendar) -> Result<()> {
+    let periods = rollups::periods(cal, e.started_at);
+    roll(tx, &e.id, &periods, -1)?;
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
     let n = tx
         .prepare_cached(
@@ -413,6 +430,7 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
     if n != 1 {
         return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
     }
+    roll(tx, &e.id, &periods, 1)?;
     if store_details {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
@@ -591,6 +609,7 @@ fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<(
                  WHERE id = ?1",
             )?
             .execute(params![id, now])?;
+            roll(tx, &id, &rollups::periods(cal, started), 1)?;
             let keys = usage_keys(cal, tenant.as_deref(), &agent, started);
             let counted: Vec<Bump<'_>> =
                 keys.iter().map(|key| Bump { key, used: budget::estimate(Nanos::ZERO, 0), reserve: budget::Usage::default() }).collect();
@@ -604,8 +623,9 @@ fn stored_timezone(c: &Connection) -> Result<Option<String>> {
     Ok(c.prepare_cached(TIMEZONE_SQL)?.query_row([], |r| r.get(0)).optional()?)
 }
 
-/// Recomputes every counter from the executions in `cal`'s periods (see `Store::rebuild_counters`).
-fn rebuild(tx: &Connection, cal: &Calendar) -> Result<usize> {
+/// Recomputes every counter and the rollups from the executions in `cal`'s periods (see
+/// `Store::rebuild_counters`); `keyed_in` is the calendar they were keyed in until now.
+fn rebuild(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<usize> {
     let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
     {
         let mut stmt = tx.prepare(&counted_executions_sql())?;
@@ -647,7 +667,43 @@ fn rebuild(tx: &Connection, cal: &Calendar) -> Result<usize> {
         };
         bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: *est }).collect::<Vec<_>>())?;
     }
+    rebuild_rollups(tx, keyed_in, cal)?;
     Ok(totals.len())
+}
+
+/// Recomputes the daily rollups from the oldest settled call's day on, in `cal`'s periods,
+/// and every monthly one (see `rollups::OLDEST_SQL`); `keyed_in` is the calendar of the
+/// stored rollups.
+fn rebuild_rollups(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<()> {
+    let oldest: Option<Micros> = tx.query_row(rollups::OLDEST_SQL, [], |r| r.get(0))?;
+    let Some(oldest) = oldest else { return Ok(()) };
+    let mut totals = rollups::Totals::default();
+    {
+        let mut stmt = tx.prepare(&rollups::source_sql())?;
+        let mut rows = stmt.query([])?;
+        let mut values = vec![0; ROLLED.len()];
+        while let Some(r) = rows.next()? {
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = r.get(5 + i)?;
+            }
+            totals.add_row(cal, r.get(0)?, [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?], &values);
+        }
+    }
+    tx.execute("DELETE FROM daily_rollups WHERE period >= ?1", [rollups::kept_before(keyed_in, oldest)])?;
+    let placeholders: Vec<String> = (1..=ROLLED.len() + 6).map(|i| format!("?{i}")).collect();
+    let mut insert = tx.prepare(&format!(
+        "INSERT INTO daily_rollups ({}) VALUES ({}) {}",
+        rollups::insert_columns(),
+        placeholders.join(", "),
+        rollups::add_on_conflict()
+    ))?;
+    for (key, values) in totals.rows() {
+        let texts = key.into_iter().map(SqlValue::Text);
+        insert.execute(params_from_iter(texts.chain(values.into_iter().map(SqlValue::Integer))))?;
+    }
+    tx.execute("DELETE FROM monthly_rollups", [])?;
+    tx.execute(&rollups::derive_monthly_sql(Dialect::Sqlite), [])?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- budgets
@@ -808,6 +864,63 @@ fn aggregate_sql(agg: &Aggregate) -> (String, Kind) {
     }
 }
 
+/// A grouped query answered by rollups, plus the matching calls still running.
+fn from_rollups(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, plan: &rollups::Plan) -> Result<Vec<(GroupValues, Cell)>> {
+    let mut groups = Groups::new(agg);
+    for (sql, args) in &plan.statements {
+        let mut stmt = c.prepare_cached(sql)?;
+        let mut rows = stmt.query(params_from_iter(args.iter()))?;
+        while let Some(r) = rows.next()? {
+            groups.begin();
+            for i in 0..by.len() {
+                groups.part(text_ref(r, i)?);
+            }
+            groups.add(r.get(by.len())?);
+        }
+    }
+    if plan.running {
+        scan(c, q, by, agg, cal, true, &mut groups)?;
+    }
+    groups.finish()
+}
+
+fn text_ref<'a>(r: &'a rusqlite::Row<'_>, i: usize) -> Result<Option<&'a [u8]>> {
+    Ok(match r.get_ref(i)? {
+        rusqlite::types::ValueRef::Text(t) => Some(t),
+        _ => None,
+    })
+}
+
+/// Adds the matching rows to `groups`, in one streaming scan (SQLite's GROUP BY sorts every
+/// row through a temporary B-tree first, which was most of the time). `running_only`: just
+/// the calls still running, through their partial index.
+fn scan(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, running_only: bool, groups: &mut Groups) -> Result<()> {
+    let (mut w, args) = where_clause(q);
+    if running_only {
+        // Looked up by id from their partial index (whatever the other filters are).
+        let running = "id IN (SELECT id FROM executions INDEXED BY executions_running WHERE status = 'running')";
+        w = format!("{w}{} {running}", if w.is_empty() { " WHERE" } else { " AND" });
+    }
+    let cols = query::key_columns(by);
+    let day = by.contains(&GroupKey::Day).then(|| cols.len() - 1);
+    let value = cols.len();
+    let select: Vec<String> = cols.iter().map(|c| c.to_string()).chain([query::row_value(agg)]).collect();
+    let mut stmt = c.prepare_cached(&format!("SELECT {} FROM executions{w}", select.join(", ")))?;
+    let mut rows = stmt.query(params_from_iter(args.iter()))?;
+    while let Some(r) = rows.next()? {
+        let started_at = match day {
+            Some(i) => r.get(i)?,
+            None => 0,
+        };
+        query::row_key(groups, by, cal, started_at, |g, i| -> Result<()> {
+            g.part(text_ref(r, i)?);
+            Ok(())
+        })?;
+        groups.add(r.get(value)?);
+    }
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn is_sqlite_file(&self) -> bool {
         self.reader.is_some()
@@ -844,7 +957,7 @@ impl Store for SqliteStore {
             let (hard, warnings) = budget::evaluate(&checks, in_use, &est);
             if let Some(b) = hard {
                 insert_execution(tx, e)?;
-                complete_execution(tx, e, &blocked(&b, req.now), false)?;
+                complete_execution(tx, e, &blocked(&b, req.now), false, req.calendar)?;
                 return Ok(Admitted::Blocked(b));
             }
             let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
@@ -856,7 +969,7 @@ impl Store for SqliteStore {
             if let Some(b) = breach {
                 if req.record_rate_limited {
                     insert_execution(tx, e)?;
-                    complete_execution(tx, e, &rate_limited(&b, req.now), false)?;
+                    complete_execution(tx, e, &rate_limited(&b, req.now), false, req.calendar)?;
                 }
                 return Ok(Admitted::RateLimited(b));
             }
@@ -864,7 +977,7 @@ impl Store for SqliteStore {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
                     insert_execution(tx, e)?;
-                    complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false)?;
+                    complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
                 }
             };
@@ -900,7 +1013,7 @@ impl Store for SqliteStore {
         let c = req.completion;
         self.write(|tx| {
             keyed_like(stored_timezone(tx)?, req.calendar)?;
-            complete_execution(tx, e, c, req.store_details)?;
+            complete_execution(tx, e, c, req.store_details, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
             let released = if req.reserved {
@@ -1071,7 +1184,10 @@ impl Store for SqliteStore {
     }
 
     fn rebuild_counters(&self) -> Result<usize> {
-        self.write(|tx| rebuild(tx, &calendar_of(stored_timezone(tx)?)?))
+        self.write(|tx| {
+            let cal = calendar_of(stored_timezone(tx)?)?;
+            rebuild(tx, &cal, &cal)
+        })
     }
 
     fn timezone(&self) -> Result<String> {
@@ -1080,11 +1196,12 @@ impl Store for SqliteStore {
 
     fn set_timezone(&self, cal: &Calendar) -> Result<usize> {
         self.write(|tx| {
+            let old = calendar_of(stored_timezone(tx)?)?;
             tx.execute(
                 "INSERT INTO settings (name, value) VALUES ('timezone', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 [cal.name()],
             )?;
-            rebuild(tx, cal)
+            rebuild(tx, &old, cal)
         })
     }
 
@@ -1114,58 +1231,25 @@ impl Store for SqliteStore {
         let (w, args) = where_clause(q);
         let (expr, kind) = aggregate_sql(agg);
         let sql = format!("SELECT {expr} FROM executions{w}");
-        self.read(|c| Ok(c.prepare_cached(&sql)?.query_row(params_from_iter(args.iter()), |r| cell(r, 0, kind))?))
+        self.read(|c| {
+            let cal = calendar_of(stored_timezone(c)?)?;
+            if let Some(plan) = rollups::plan(q, &[], agg, &cal, Dialect::Sqlite) {
+                return Ok(from_rollups(c, q, &[], agg, &cal, &plan)?.pop().map_or_else(|| query::zero(agg), |(_, v)| v));
+            }
+            Ok(c.prepare_cached(&sql)?.query_row(params_from_iter(args.iter()), |r| cell(r, 0, kind))?)
+        })
     }
 
-    fn query_grouped(&self, q: &Query, by: Field, agg: &Aggregate) -> Result<Vec<(Option<String>, Cell)>> {
-        // Aggregated here in a hash map over one streaming scan: SQLite's GROUP BY sorts
-        // every matching row through a temporary B-tree first, which was most of the time.
-        let (w, args) = where_clause(q);
-        let value = match agg {
-            Aggregate::Count => "1".to_string(),
-            Aggregate::Sum(Field(n, _)) => format!("COALESCE({n}, 0)"),
-        };
-        let kind = aggregate_sql(agg).1;
-        let sql = format!("SELECT {by}, {value} FROM executions{w}", by = by.0);
-        let totals = self.read(|c| {
-            let mut stmt = c.prepare_cached(&sql)?;
-            let mut rows = stmt.query(params_from_iter(args.iter()))?;
-            // Keyed by the raw bytes with a fast hasher, looked up by slice: a row allocates only
-            // when its group is new, and text is checked once per group, not once per row.
-            let mut groups: HashMap<Vec<u8>, i64, foldhash::fast::RandomState> = HashMap::default();
-            let mut null_group: Option<i64> = None;
-            while let Some(r) = rows.next()? {
-                let v: i64 = r.get(1)?;
-                match r.get_ref(0)? {
-                    rusqlite::types::ValueRef::Text(t) => match groups.get_mut(t) {
-                        Some(total) => *total = total.saturating_add(v),
-                        None => {
-                            groups.insert(t.to_vec(), v);
-                        }
-                    },
-                    _ => null_group = Some(null_group.unwrap_or(0).saturating_add(v)),
-                }
+    fn query_grouped(&self, q: &Query, by: &[GroupKey], agg: &Aggregate) -> Result<Vec<(GroupValues, Cell)>> {
+        self.read(|c| {
+            let cal = calendar_of(stored_timezone(c)?)?;
+            if let Some(plan) = rollups::plan(q, by, agg, &cal, Dialect::Sqlite) {
+                return from_rollups(c, q, by, agg, &cal, &plan);
             }
-            let mut out = Vec::with_capacity(groups.len() + 1);
-            for (k, v) in groups {
-                let key = String::from_utf8(k).map_err(|e| Error::Store(format!("{}: {e}", by.0)))?;
-                out.push((Some(key), v));
-            }
-            out.extend(null_group.map(|v| (None, v)));
-            Ok(out)
-        })?;
-        let mut out: Vec<(Option<String>, Cell)> = totals
-            .into_iter()
-            .map(|(k, v)| {
-                let cell = match kind {
-                    Kind::Money => Cell::Money(Nanos(v)),
-                    _ => Cell::Int(v),
-                };
-                (k, cell)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+            let mut groups = Groups::new(agg);
+            scan(c, q, by, agg, &cal, false, &mut groups)?;
+            groups.finish()
+        })
     }
 
     fn execution(&self, id: &str) -> Result<Option<(Row, Option<Details>)>> {
@@ -1306,6 +1390,17 @@ mod tests {
     }
 
     #[test]
+    fn rollups_answer_like_rows_and_survive_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let path = path.to_str().unwrap();
+        let store = SqliteStore::open(path, "UTC").unwrap();
+        let sql = |s: &str| Connection::open(path).unwrap().execute_batch(s).unwrap();
+        let open_again = || Box::new(SqliteStore::open(path, "UTC").unwrap()) as Box<dyn Store>;
+        super::super::rollups::tests::rollups_answer_like_rows(&store, &sql, &open_again);
+    }
+
+    #[test]
     fn a_database_without_a_timezone_gets_its_first_openers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
@@ -1323,6 +1418,7 @@ mod tests {
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
+                 DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();
