@@ -40,6 +40,8 @@ pub struct AgentSpec {
     pub downgrade: Option<Downgrade>,
     /// Functions the model may call (checked by `providers::parse_tools`).
     pub tools: Vec<providers::ToolSpec>,
+    /// The schema answers must follow (structured output).
+    pub schema: Option<providers::ResponseSchema>,
 }
 
 /// `budget_fallback = tl.Downgrade(at=0.8, model=...)`.
@@ -113,6 +115,8 @@ pub struct CallRequest {
     pub tools_closed: bool,
     /// The tool loop's calls so far (a JSON list), kept in the execution's details.
     pub tool_calls: Option<String>,
+    /// Checks a structured answer beyond its JSON syntax (the Python layer's schema).
+    pub validator: Option<providers::Validator>,
 }
 
 #[derive(Debug, Clone)]
@@ -290,6 +294,7 @@ impl Engine {
             tools: spec.tools.clone(),
             rounds: req.rounds.clone(),
             tools_closed: req.tools_closed,
+            schema: spec.schema.clone(),
         }
     }
 
@@ -523,7 +528,23 @@ impl Engine {
         let Opened::Reply(reply) = chosen.opened else { return Err(Error::Internal("a call's attempt opened a stream".into())) };
         let Started { mut call, plan, warnings, .. } = started;
         let cost = plan.prices[chosen.index].cost_at(reply.usage, chosen.sent_at);
-        call.record(&chosen.attempt, Ok((&reply, cost)), chosen.at.elapsed().as_millis() as i64);
+        let elapsed = chosen.at.elapsed().as_millis() as i64;
+        // A structured answer that does not follow the schema was still billed: an error row
+        // with its cost, and InvalidResponseError.
+        let asked_tools = !reply.tool_calls.is_empty();
+        if let Some(why) = spec.schema.as_ref().filter(|_| !asked_tools).and_then(|_| providers::check_answer(&reply.content, req.validator.as_ref()).err()) {
+            let f = ProviderFailure {
+                kind: ProviderErrorKind::InvalidResponse,
+                provider: chosen.attempt.provider.clone(),
+                model: chosen.attempt.model.clone(),
+                status: None,
+                message: format!("structured output: {why}"),
+                retryable: false,
+                retry_after: None,
+            };
+            return call.end_partial(&chosen.attempt, reply, cost, elapsed, StreamEnd::Broken(f));
+        }
+        call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
         call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)
     }
 
@@ -959,7 +980,8 @@ impl InFlight {
         })
     }
 
-    /// Closes a stream that ended early, billing what was received: `cancelled` when the
+    /// Closes a call whose answer came but cannot be used (a stream that ended early, a
+    /// structured answer off its schema), billing what was received: `cancelled` when the
     /// consumer stopped (nothing is raised), else an error or timeout row and its error.
     fn end_partial(&mut self, to: &AttemptOf, reply: Reply, cost: Cost, elapsed: i64, end: StreamEnd) -> Result<CallOutcome> {
         let (status, failure) = match &end {

@@ -1,6 +1,6 @@
 """Type stubs for the Rust extension `tenantllm._core` (checked by mypy.stubtest)."""
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, final
@@ -98,6 +98,7 @@ class AgentSpec:
         rate_limit_wait: float = 0.0,
         downgrade: tuple[float, str] | None = None,
         tools: str | None = None,
+        schema: tuple[str, str] | None = None,
     ) -> AgentSpec: ...
     @property
     def name(self) -> str: ...
@@ -154,8 +155,10 @@ class AgentResult:
     def tool_calls(self) -> list[dict[str, Any]]: ...
     @property
     def _tool_requests(self) -> list[tuple[str, str, str, str | None]]: ...
-    def _with_tool_calls(
-        self, tool_calls: list[dict[str, Any]], earlier: list[AgentResult], duration_ms: int
+    @property
+    def parsed(self) -> Any: ...
+    def _completed(
+        self, tool_calls: list[dict[str, Any]], parsed: Any, earlier: list[AgentResult], duration_ms: int
     ) -> AgentResult: ...
 
 @final
@@ -176,6 +179,7 @@ class Call:
         tools_closed: bool = False,
         tool_calls: str | None = None,
         tenant_name: str | None = None,
+        validator: Callable[[str], str | None] | None = None,
     ) -> Call: ...
 
 @final

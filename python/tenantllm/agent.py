@@ -14,6 +14,7 @@ from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
 from tenantllm.config import Settings, deliver_alerts, settings
 from tenantllm.streaming import AsyncStream, Stream
+from tenantllm.structured import Schema, make_schema
 from tenantllm.tenancy import _UNSET, ResolvedTenant, ready, resolve
 from tenantllm.tools import MAX_TOOL_ROUNDS, Tool, ToolLoop, arun_loop, make_tools, run_loop, tools_json
 
@@ -105,6 +106,7 @@ def build_spec(
     rate_limit_wait: Any = 0,
     budget_fallback: Any = None,
     tools: str | None = None,
+    schema: Schema | None = None,
 ) -> _core.AgentSpec:
     """Validates an agent's settings (shared by `Agent` classes and `@agent` functions)."""
     if not isinstance(model, str) or not model:
@@ -159,6 +161,7 @@ def build_spec(
         rate_limit_wait=_number(name, "rate_limit_wait", rate_limit_wait),
         downgrade=downgrade,
         tools=tools,
+        schema=None if schema is None else schema.for_spec(),
     )
 
 
@@ -214,10 +217,13 @@ class Agent:
     max_tool_rounds: ClassVar[int] = 5
     # A tool that raises: False sends the error to the model; True raises it from call().
     raise_tool_errors: ClassVar[bool] = False
+    # Structured output: a pydantic model class or a JSON Schema dict; `r.parsed` is the answer.
+    schema: ClassVar[Any] = None
 
     _tl_params: ClassVar[tuple[str, ...]] = ()
     _tl_spec: ClassVar[_core.AgentSpec | None] = None
     _tl_tools: ClassVar[dict[str, Tool]] = {}
+    _tl_schema: ClassVar[Schema | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -229,6 +235,7 @@ class Agent:
         cls._tl_params = tuple(params)
         cls._tl_spec = None  # built on first call, once per class
         cls._tl_tools = make_tools(cls.tools, f"{cls.__name__}.tools")
+        cls._tl_schema = make_schema(cls.schema, f"{cls.__name__}.schema")
         rounds = cls.max_tool_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_TOOL_ROUNDS:
             raise ConfigurationError(f"{cls.__name__}.max_tool_rounds must be an int from 1 to {MAX_TOOL_ROUNDS}")
@@ -270,6 +277,7 @@ class Agent:
                 rate_limit_wait=cls.rate_limit_wait,
                 budget_fallback=cls.budget_fallback,
                 tools=tools_json(cls._tl_tools),
+                schema=cls._tl_schema,
             )
             cls._tl_spec = spec
         return spec
@@ -290,6 +298,7 @@ class Agent:
             tenant=resolve(s, tenant),
             metadata=metadata_json(f"{type(self).__name__}.execution_metadata()", self.execution_metadata()),
             history=history,
+            schema=type(self)._tl_schema,
         )
 
     @overload
@@ -364,8 +373,10 @@ class Agent:
 
     @classmethod
     def _no_stream_tools(cls) -> None:
-        if cls._tl_tools:
-            raise ConfigurationError(f"{cls.__name__}: an agent with tools cannot stream yet; use call() or acall()")
+        if cls._tl_tools or cls._tl_schema:
+            raise ConfigurationError(
+                f"{cls.__name__}: an agent with tools or a schema cannot stream yet; use call() or acall()"
+            )
 
     def _tool_loop(self) -> ToolLoop:
         cls = type(self)
@@ -431,6 +442,7 @@ class Prepared:
     tenant: ResolvedTenant
     metadata: str
     history: History = None
+    schema: Schema | None = None
 
     def call(self, tool_round: dict[str, Any] | None = None) -> _core.Call:
         """The call for the core (validated there: tenant limits, keys, metadata, history);
@@ -440,33 +452,41 @@ class Prepared:
         extra = dict(tool_round or {})
         parent = extra.pop("parent_execution_id", parent)
         root = extra.pop("root_execution_id", root)
+        if self.schema is not None:
+            extra["validator"] = self.schema.check
         return _core.Call(
             self.spec, self.system, self.user, t.id, t.limits, t.api_keys, self.metadata, parent, root, self.history,
             tenant_name=t.name,
             **extra,
         )
 
+    def parsed(self, r: AgentResult) -> AgentResult:
+        """With a schema, the result with its answer parsed (the core had it checked)."""
+        if self.schema is None:
+            return r
+        return r._completed(r.tool_calls, self.schema.parse(r.content), [], r.duration_ms)
+
     def run(self, s: Settings) -> AgentResult:
         try:
-            return s.engine.run(self.call())
+            return self.parsed(s.engine.run(self.call()))
         finally:
             deliver_alerts(s)
 
     async def arun(self, s: Settings) -> AgentResult:
         try:
-            return await _arun(s, self.call())
+            return self.parsed(await _arun(s, self.call()))
         finally:
             deliver_alerts(s)
 
     def run_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
         try:
-            return run_loop(loop, self.call, s.engine.run)
+            return self.parsed(run_loop(loop, self.call, s.engine.run))
         finally:
             deliver_alerts(s)
 
     async def arun_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
         try:
-            return await arun_loop(loop, self.call, lambda c: _arun(s, c))
+            return self.parsed(await arun_loop(loop, self.call, lambda c: _arun(s, c)))
         finally:
             deliver_alerts(s)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError
+from tenantllm.structured import describe
 
 # The most model rounds an agent may run (each one is a billed call).
 MAX_TOOL_ROUNDS = 50
@@ -126,9 +127,7 @@ def check_call(tools: Mapping[str, Tool], request: tuple[str, str, str, str | No
     try:
         validated = tool.arguments.model_validate(args)
     except Exception as e:  # pydantic's ValidationError
-        errors = getattr(e, "errors", None)
-        found = errors() if callable(errors) else [{"loc": (), "msg": str(e)}]
-        p.error = "invalid arguments: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or '.'}: {x['msg']}" for x in found)
+        p.error = f"invalid arguments: {describe(e)}"
         return p
     p.kwargs = {k: getattr(validated, k) for k in type(validated).model_fields}
     return p
@@ -206,7 +205,7 @@ class ToolLoop:
     def result(self) -> AgentResult:
         last = self.results[-1]
         duration = int((time.monotonic() - self.started) * 1000)
-        return last._with_tool_calls(list(self.records), self.results[:-1], duration)
+        return last._completed(list(self.records), None, self.results[:-1], duration)
 
     def run_sync(self, p: Pending) -> dict[str, Any]:
         t0 = time.monotonic()

@@ -78,14 +78,21 @@ fn usage_of(u: &ApiUsage) -> Usage {
 }
 
 /// A reply with usage is a billed call even without text: a refusal (empty content,
-/// `stop_reason: "refusal"`) or a reply that spent `max_tokens` thinking.
-fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
+/// `stop_reason: "refusal"`) or a reply that spent `max_tokens` thinking. A call of the
+/// `answer_tool` (structured output) is the answer, not a tool call.
+fn parse(caller: &Caller<'_>, r: Response, answer_tool: Option<&str>) -> Result<Reply, ProviderFailure> {
     let u = r.usage.ok_or_else(|| caller.invalid("no usage"))?;
     let mut content = String::new();
     let mut tool_calls = vec![];
+    let mut answered = false;
     for b in r.content {
         match b.kind.as_str() {
             "text" => content.push_str(b.text.as_deref().unwrap_or("")),
+            "tool_use" if b.name.is_some() && b.name.as_deref() == answer_tool => {
+                // The answer alone: any text before it is the model's preamble.
+                content = b.input.unwrap_or_else(|| json!({})).to_string();
+                answered = true;
+            }
             "tool_use" => tool_calls.push(ToolCall {
                 id: b.id.ok_or_else(|| caller.invalid("tool_use block without an id"))?,
                 name: b.name.ok_or_else(|| caller.invalid("tool_use block without a name"))?,
@@ -99,7 +106,10 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
         content,
         model: r.model.unwrap_or_else(|| caller.model.to_string()),
         usage: usage_of(&u),
-        finish_reason: r.stop_reason.as_deref().and_then(normalise),
+        finish_reason: match r.stop_reason.as_deref() {
+            Some("tool_use") if answered && tool_calls.is_empty() => Some("stop"),
+            other => other.and_then(normalise),
+        },
         finish_reason_raw: r.stop_reason,
         refusal: None,
         tool_calls,
@@ -133,6 +143,17 @@ fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_ke
             body["tool_choice"] = json!({"type": "none"});
         }
     }
+    // Structured output: a tool whose input is the answer, which the model must call (or,
+    // with tools of the agent's own, call some tool), as Anthropic's tool-use guide shows
+    // for JSON output (https://docs.anthropic.com/en/docs/build-with-claude/tool-use).
+    if let Some(schema) = &req.schema {
+        let answer = json!({"name": schema.name, "description": "Give the answer: this tool's input is the whole answer.", "input_schema": schema.schema});
+        match body["tools"].as_array_mut() {
+            Some(tools) => tools.push(answer),
+            None => body["tools"] = json!([answer]),
+        }
+        body["tool_choice"] = if req.tools.is_empty() || req.tools_closed { json!({"type": "tool", "name": schema.name}) } else { json!({"type": "any"}) };
+    }
     if let Some(s) = &req.system {
         body["system"] = json!(s);
     }
@@ -158,7 +179,7 @@ pub async fn send(
 ) -> Result<Reply, ProviderFailure> {
     let (http, body) = request(client, caller, base_url, api_key, req, false);
     let r: Response = post_json(caller, http, &body).await?;
-    parse(caller, r)
+    parse(caller, r, req.schema.as_ref().map(|s| s.name.as_str()))
 }
 
 pub async fn open(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request) -> Result<ProviderStream, ProviderFailure> {
@@ -233,7 +254,7 @@ mod tests {
                "stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":3,"cache_read_input_tokens":100,"cache_creation_input_tokens":0}}"#,
         )
         .unwrap();
-        let reply = parse(&Caller { provider: "anthropic", model: "claude-sonnet-4-5" }, r).unwrap();
+        let reply = parse(&Caller { provider: "anthropic", model: "claude-sonnet-4-5" }, r, None).unwrap();
         assert_eq!(reply.usage, Usage::new(110, 3, 100));
         assert_eq!(reply.content, "Hi");
         assert_eq!(reply.finish_reason, Some("stop"));
@@ -247,16 +268,16 @@ mod tests {
                "cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#,
         )
         .unwrap();
-        let reply = parse(&c, refusal).unwrap();
+        let reply = parse(&c, refusal, None).unwrap();
         assert_eq!((reply.content.as_str(), reply.finish_reason, reply.finish_reason_raw.as_deref()), ("", Some("refusal"), Some("refusal")));
         assert_eq!(reply.usage, Usage { input: 310, output: 2, cached: 0, cache_write: 100, cache_write_1h: 200 });
         let thinking: Response = serde_json::from_str(
             r#"{"content":[{"type":"thinking","thinking":"Let me","signature":"x"}],"stop_reason":"max_tokens","usage":{"input_tokens":10,"output_tokens":64}}"#,
         )
         .unwrap();
-        let reply = parse(&c, thinking).unwrap();
+        let reply = parse(&c, thinking, None).unwrap();
         assert_eq!((reply.content.as_str(), reply.finish_reason, reply.usage.output), ("", Some("length"), 64));
         let no_usage: Response = serde_json::from_str(r#"{"content":[]}"#).unwrap();
-        assert!(parse(&c, no_usage).is_err());
+        assert!(parse(&c, no_usage, None).is_err());
     }
 }

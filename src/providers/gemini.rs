@@ -153,6 +153,12 @@ fn request(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_ke
     if let Some(t) = req.temperature {
         config["temperature"] = json!(t);
     }
+    // Structured output as JSON Schema (https://ai.google.dev/gemini-api/docs/structured-output);
+    // `responseSchema` takes only an OpenAPI subset without $defs/$ref, which models have.
+    if let Some(schema) = &req.schema {
+        config["responseMimeType"] = json!("application/json");
+        config["responseJsonSchema"] = schema.schema.clone();
+    }
     // Gemini calls the assistant "model".
     let role = |r: Role| if r == Role::User { "user" } else { "model" };
     let mut contents: Vec<serde_json::Value> = req.history.iter().map(|t| json!({"role": role(t.role), "parts": [{"text": t.content}]})).collect();

@@ -4,7 +4,7 @@
 //! Tool calls are scripted in the prompt: a line `@tool NAME {json arguments}` makes the
 //! first round call NAME (any name, any text as arguments, so bad calls can be scripted);
 //! `@loop NAME {...}` calls it in every round the tools are open. Once results have come
-//! back, the answer quotes them.
+//! back, the answer quotes them. With a schema, a line `@json {...}` is the answer, verbatim.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -83,6 +83,12 @@ impl Mock {
         if !tool_calls.is_empty() {
             let usage = Usage::new(prompt_tokens(req), tool_calls.iter().map(|c| tokens_of(&c.name) + tokens_of(&c.arguments)).sum(), 0);
             return Ok(Reply { content: String::new(), model, usage, finish_reason: Some("tool_calls"), finish_reason_raw: Some("tool_calls".into()), refusal: None, tool_calls });
+        }
+        let scripted_json = req.schema.as_ref().and_then(|_| req.user.lines().find_map(|l| l.strip_prefix("@json ")));
+        if let Some(json) = scripted_json {
+            let content = json.trim().to_string();
+            let usage = Usage::new(prompt_tokens(req), tokens_of(&content), 0);
+            return Ok(Reply { content, model, usage, finish_reason: Some("stop"), finish_reason_raw: Some("stop".into()), refusal: None, tool_calls: vec![] });
         }
         let words: Vec<&str> = req.user.lines().filter(|l| !l.starts_with('@')).flat_map(str::split_whitespace).take(12).collect();
         let mut content = format!("[{model}] You asked: {}", words.join(" "));

@@ -7,6 +7,7 @@ mod http;
 mod mock;
 mod openai;
 mod retry_hints;
+mod schema;
 mod stream;
 mod tools;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 pub use capabilities::unsupported_params;
 pub use mock::MockSettings;
+pub use schema::{check_answer, ResponseSchema, Validator};
 pub use stream::ProviderStream;
 pub use tools::{parse_rounds, parse_tools, ToolAnswer, ToolCall, ToolRound, ToolSpec, MAX_TOOLS};
 
@@ -73,6 +75,8 @@ pub struct Request {
     /// The loop's last round: the tools are declared (earlier rounds name them) but the
     /// model is told to answer without calling one.
     pub tools_closed: bool,
+    /// The schema the answer must follow (structured output).
+    pub schema: Option<ResponseSchema>,
 }
 
 /// The most tokens a reply may report in each count (input, output, cache reads and writes): far beyond any
@@ -312,15 +316,20 @@ pub fn tokens_of(text: &str) -> i64 {
 /// The prompt's tokens as `tokens_of` counts them, with the framing of its messages.
 pub fn prompt_tokens(req: &Request) -> i64 {
     let history: i64 = req.history.iter().map(|t| tokens_of(&t.content) + 3).sum();
-    let tools = (tools::bytes(&req.tools, &req.rounds) as i64 + 3) / 4;
+    let tools = (extra_bytes(req) as i64 + 3) / 4;
     tokens_of(req.system.as_deref().unwrap_or("")) + history + tokens_of(&req.user) + tools + 3
+}
+
+/// What tools, earlier rounds and a schema add to a prompt.
+fn extra_bytes(req: &Request) -> usize {
+    tools::bytes(&req.tools, &req.rounds) + req.schema.as_ref().map_or(0, |s| s.schema.to_string().len() + s.name.len() + 16)
 }
 
 /// An upper bound of the prompt's tokens: no tokenizer maps fewer than one byte to a token,
 /// plus a few tokens of per-message framing.
 pub fn prompt_token_bound(req: &Request) -> i64 {
     let history: usize = req.history.iter().map(|t| t.content.len() + 8).sum();
-    let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len() + history + tools::bytes(&req.tools, &req.rounds);
+    let bytes = req.system.as_ref().map_or(0, |s| s.len()) + req.user.len() + history + extra_bytes(req);
     bytes as i64 + 16
 }
 

@@ -89,8 +89,10 @@ fn normalise(raw: &str, refused: bool) -> Option<&'static str> {
 }
 
 /// OpenAI itself takes `max_completion_tokens` (required by its reasoning models); the
-/// compatible servers take `max_tokens`.
-pub fn body(model: &str, req: &Request, native_openai: bool) -> serde_json::Value {
+/// compatible servers take `max_tokens`. A schema goes as a strict `json_schema` response
+/// format (OpenAI, Mistral, most compatible servers), or as `json_object` and a description
+/// where only that is taken (`json_object_only`).
+pub fn body(model: &str, req: &Request, native_openai: bool, json_object_only: bool) -> serde_json::Value {
     let mut messages = vec![];
     if let Some(s) = &req.system {
         messages.push(json!({"role": "system", "content": s}));
@@ -112,6 +114,19 @@ pub fn body(model: &str, req: &Request, native_openai: bool) -> serde_json::Valu
     b[if native_openai { "max_completion_tokens" } else { "max_tokens" }] = json!(req.max_tokens);
     if let Some(t) = req.temperature {
         b["temperature"] = json!(t);
+    }
+    if let Some(schema) = &req.schema {
+        if json_object_only {
+            // DeepSeek takes only `json_object`, and wants the format described in the prompt
+            // (https://api-docs.deepseek.com/guides/json_mode).
+            b["response_format"] = json!({"type": "json_object"});
+            let describe = format!("Answer with one JSON object that follows this JSON Schema: {}", schema.schema);
+            if let Some(m) = b["messages"].as_array_mut() {
+                m.insert(0, json!({"role": "system", "content": describe}));
+            }
+        } else {
+            b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": schema.name, "schema": schema.strict(), "strict": true}});
+        }
     }
     if !req.tools.is_empty() {
         let tools: Vec<_> = req
@@ -178,7 +193,7 @@ fn request(
     if let Some(k) = api_key {
         http = http.bearer_auth(k);
     }
-    let mut b = body(caller.model, req, native_openai);
+    let mut b = body(caller.model, req, native_openai, caller.provider == "deepseek");
     if stream {
         b["stream"] = json!(true);
         if caller.provider != "mistral" {

@@ -40,7 +40,7 @@ impl PyAgentSpec {
     #[new]
     #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=AnyInt::of(1024), timeout=30.0,
         retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None, rate_limit_wait=0.0, downgrade=None,
-        tools=None))]
+        tools=None, schema=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -58,6 +58,7 @@ impl PyAgentSpec {
         rate_limit_wait: f64,
         downgrade: Option<(f64, String)>,
         tools: Option<String>,
+        schema: Option<(String, String)>,
     ) -> PyResult<Self> {
         let build = || -> Result<AgentSpec> {
             // Checked before Duration::from_secs_f64, which panics past its range.
@@ -85,6 +86,7 @@ impl PyAgentSpec {
                 rate_limit_wait: Duration::from_secs_f64(rate_limit_wait),
                 downgrade: downgrade.map(|(at, model)| crate::engine::Downgrade { at, model }),
                 tools: tools.as_deref().map(crate::providers::parse_tools).transpose()?.unwrap_or_default(),
+                schema: schema.map(|(n, s)| crate::providers::ResponseSchema::new(&n, &s)).transpose()?,
             };
             spec.validate()?;
             Ok(spec)
@@ -151,6 +153,8 @@ pub struct PyAgentResult {
     time_to_first_token_ms: Option<i64>,
     /// A tool loop's calls: dicts of name, arguments, result or error, duration_ms.
     tool_calls: Py<PyAny>,
+    /// Structured output: the answer validated (a pydantic model instance or a dict).
+    parsed: Py<PyAny>,
     /// The calls the model asked for in this round: (id, name, arguments, signature).
     #[pyo3(name = "_tool_requests")]
     tool_requests: Vec<(String, String, String, Option<String>)>,
@@ -173,9 +177,10 @@ impl PyAgentResult {
         &self.content
     }
 
-    /// The result of a whole tool loop: this (last) round's answer, with `tool_calls` and the
-    /// tokens, costs and attempts of every round (`earlier` ones too) added up.
-    fn _with_tool_calls(&self, tool_calls: Py<PyAny>, earlier: Vec<PyRef<'_, PyAgentResult>>, duration_ms: i64) -> PyAgentResult {
+    /// The result as the Python layer completes it: this (last) round's answer with its
+    /// `tool_calls` and `parsed` answer, and the tokens, costs and attempts of every round of
+    /// a tool loop (`earlier` ones too) added up.
+    fn _completed(&self, tool_calls: Py<PyAny>, parsed: Py<PyAny>, earlier: Vec<PyRef<'_, PyAgentResult>>, duration_ms: i64) -> PyAgentResult {
         let all = || earlier.iter().map(|r| &**r).chain(std::iter::once(self));
         let mut warnings: Vec<String> = vec![];
         for w in all().flat_map(|r| &r.budget_warnings) {
@@ -208,6 +213,7 @@ impl PyAgentResult {
             budget_warnings: warnings,
             time_to_first_token_ms: self.time_to_first_token_ms,
             tool_calls,
+            parsed,
             tool_requests: self.tool_requests.clone(),
         }
     }
@@ -223,6 +229,7 @@ impl From<CallOutcome> for PyAgentResult {
         let tool_requests = o.tool_calls.into_iter().map(|c| (c.id, c.name, c.arguments, c.signature)).collect();
         PyAgentResult {
             tool_calls: Python::attach(|py| PyList::empty(py).into_any().unbind()),
+            parsed: Python::attach(|py| py.None()),
             tool_requests,
             content: o.content,
             model_id: o.model_id,
@@ -384,7 +391,7 @@ pub struct PyCall {
 impl PyCall {
     #[new]
     #[pyo3(signature = (spec, system, user, tenant_id=None, tenant_limits=None, api_keys=None, metadata="{}".to_string(),
-        parent_execution_id=None, root_execution_id=None, history=None, rounds=None, tools_closed=false, tool_calls=None, tenant_name=None))]
+        parent_execution_id=None, root_execution_id=None, history=None, rounds=None, tools_closed=false, tool_calls=None, tenant_name=None, validator=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -402,6 +409,7 @@ impl PyCall {
         tools_closed: bool,
         tool_calls: Option<String>,
         tenant_name: Option<String>,
+        validator: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let build = || -> Result<CallRequest> {
             if let Some(name) = &tenant_name {
@@ -428,10 +436,23 @@ impl PyCall {
                 rounds: rounds.as_deref().map(crate::providers::parse_rounds).transpose()?.unwrap_or_default(),
                 tools_closed,
                 tool_calls,
+                validator: validator.map(answer_validator),
             })
         };
         Ok(PyCall { spec: spec.inner.clone(), req: catch_panic(build).py_err(py)? })
     }
+}
+
+/// A structured answer's check by the Python layer: `check(text)` returns None when the
+/// answer follows the schema, else what is wrong (run on a runtime thread, with the GIL).
+fn answer_validator(check: Py<PyAny>) -> crate::providers::Validator {
+    crate::providers::Validator(Arc::new(move |text: &str| {
+        Python::attach(|py| match check.call1(py, (text,)) {
+            Ok(r) if r.is_none(py) => Ok(()),
+            Ok(r) => Err(r.bind(py).str().map(|s| s.to_string()).unwrap_or_else(|_| "it does not follow the schema".into())),
+            Err(e) => Err(e.to_string()),
+        })
+    }))
 }
 
 /// A breaker's key from `CircuitBreaker` arguments (None for the tenant: no tenant).

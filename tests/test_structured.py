@@ -1,0 +1,126 @@
+"""Structured output: `schema =` a pydantic model or a JSON Schema dict, sent in each provider's
+native form (checked on what the fake server received), the answer validated into `r.parsed`;
+an answer off its schema is an InvalidResponseError with an `error` row that bills it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import tenantllm as tl
+from fake_providers import FakeProvider, Step, tool_call_step
+
+KEYS = {"openai": "sk-o", "anthropic": "sk-a", "gemini": "g-k", "deepseek": "sk-d", "mistral": "sk-m"}
+ANSWER = {"number": 42, "total": 9.5, "note": None}
+
+
+class Invoice(pydantic.BaseModel):
+    number: int
+    total: float
+    note: str | None = None
+
+
+class Extract(tl.Agent):
+    model = "gpt-4o-mini"
+    user = "{text}"
+    schema = Invoice
+
+
+def on(model: str) -> type[tl.Agent]:
+    return type("Extract", (Extract,), {"model": model})
+
+
+@pytest.fixture
+def fp(server: FakeProvider, db_path: Path) -> FakeProvider:
+    server.reset()
+    tl.configure(reset=True, database=str(db_path), base_urls=server.base_urls(), api_keys=KEYS)
+    return server
+
+
+def body(fp: FakeProvider) -> dict[str, Any]:
+    b = fp.requests[-1].body
+    assert b is not None
+    return b
+
+
+def test_openai_and_mistral_get_a_strict_json_schema(fp: FakeProvider) -> None:
+    for model in ("gpt-4o-mini", "mistral-small-latest"):
+        fp.script(Step(content=json.dumps(ANSWER)))
+        r = on(model).call(text="Invoice 42, 9.50", tenant="acme")
+        assert r.parsed == Invoice(number=42, total=9.5)
+        fmt = body(fp)["response_format"]
+        assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Invoice"
+        assert fmt["json_schema"]["strict"] is True
+        strict = fmt["json_schema"]["schema"]
+        # Strict mode: closed, every property required (as the openai SDK makes pydantic schemas).
+        assert strict["additionalProperties"] is False and strict["required"] == ["number", "total", "note"]
+        assert "default" not in strict["properties"]["note"]
+
+
+def test_deepseek_gets_json_object_and_the_schema_in_the_prompt(fp: FakeProvider) -> None:
+    fp.script(Step(content=json.dumps(ANSWER)))
+    r = on("deepseek-chat").call(text="Invoice 42", tenant="acme")
+    assert r.parsed.number == 42
+    b = body(fp)
+    assert b["response_format"] == {"type": "json_object"}
+    assert b["messages"][0]["role"] == "system" and '"number"' in b["messages"][0]["content"]
+
+
+def test_anthropic_answers_through_a_forced_tool(fp: FakeProvider) -> None:
+    fp.script(tool_call_step("anthropic", [("Invoice", ANSWER)], text="Here it is."))
+    r = on("claude-sonnet-4-5").call(text="Invoice 42", tenant="acme")
+    assert r.parsed == Invoice(number=42, total=9.5)
+    assert json.loads(r.content) == ANSWER and r.finish_reason == "stop" and r.tool_calls == []
+    b = body(fp)
+    assert b["tool_choice"] == {"type": "tool", "name": "Invoice"}
+    assert b["tools"][0]["name"] == "Invoice" and b["tools"][0]["input_schema"] == Invoice.model_json_schema()
+
+
+def test_gemini_gets_a_response_json_schema(fp: FakeProvider) -> None:
+    fp.script(Step(content=json.dumps(ANSWER)))
+    r = on("gemini-2.5-flash").call(text="Invoice 42", tenant="acme")
+    assert r.parsed.total == 9.5
+    config = body(fp)["generationConfig"]
+    assert config["responseMimeType"] == "application/json"
+    assert config["responseJsonSchema"] == Invoice.model_json_schema()
+
+
+async def test_an_answer_off_its_schema_is_billed_on_an_error_row(fp: FakeProvider) -> None:
+    fp.script(Step(content='{"number": "forty-two"}'), Step(content='{"number": 4'))
+    for _ in range(2):
+        with pytest.raises(tl.InvalidResponseError, match="structured output"):
+            await on("gpt-4o-mini").acall(text="Invoice 42", tenant="acme")
+    rows = list(tl.Execution.all())
+    assert [(e.status, e.error_class) for e in rows] == [("error", "InvalidResponseError")] * 2
+    assert all(e.total_cost > 0 and e.output_tokens == 7 for e in rows)
+    messages = sorted(e.error_message or "" for e in rows)
+    assert "not valid JSON" in messages[0] + messages[1]
+    assert "number: Input should be a valid integer" in messages[0] + messages[1]
+
+
+def test_a_json_schema_dict_gives_a_dict() -> None:
+    class Dict(tl.Agent):
+        model = "mock/fast"
+        user = "{text}"
+        schema = {"title": "Point", "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+    assert Dict.call(text='@json {"x": 3}', tenant="acme").parsed == {"x": 3}
+    with pytest.raises(tl.InvalidResponseError, match="x: 'no' is not of type 'integer'"):
+        Dict.call(text='@json {"x": "no"}', tenant="acme")
+    assert tl.Execution.failed().count() == 1
+
+
+def test_bad_schemas_fail_at_class_definition() -> None:
+    for schema, why in [
+        ("Invoice", "must be a pydantic model class or a JSON Schema dict"),
+        (int, "must be a pydantic model class"),
+        ({"type": "array", "items": {}}, "of type \"object\""),
+        ({"type": "object", "properties": 3}, "not a valid JSON Schema"),
+    ]:
+        with pytest.raises(tl.ConfigurationError, match=why):
+            type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "schema": schema})
+    with pytest.raises(tl.ConfigurationError, match="cannot stream"):
+        Extract.stream(text="x", tenant="acme")
