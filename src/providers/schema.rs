@@ -9,7 +9,9 @@ use crate::error::{config_err, Result};
 /// Checks an answer beyond JSON syntax (the Python layer's pydantic model or JSON Schema):
 /// `Err` says what is wrong with it.
 #[derive(Clone)]
-pub struct Validator(pub Arc<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>);
+pub struct Validator(pub Arc<CheckFn>);
+
+pub type CheckFn = dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync;
 
 impl std::fmt::Debug for Validator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
