@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pydantic
 import pytest
@@ -105,7 +105,9 @@ def test_a_json_schema_dict_gives_a_dict() -> None:
     class Dict(tl.Agent):
         model = "mock/fast"
         user = "{text}"
-        schema = {"title": "Point", "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+        schema: ClassVar[dict[str, Any]] = {
+            "title": "Point", "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+        }
 
     assert Dict.call(text='@json {"x": 3}', tenant="acme").parsed == {"x": 3}
     with pytest.raises(tl.InvalidResponseError, match="x: 'no' is not of type 'integer'"):
