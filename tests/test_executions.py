@@ -251,9 +251,49 @@ def test_group_by_several_fields_and_by_day(data: Data) -> None:
     assert tokens == {
         (today, t): sum(r.total_tokens for r in data.results if r.tenant_id == t) for t in (None, "t1", "t2")
     }
-    for bad in ((), ("tenant_id", "tenant_id"), ("week",), ("total_cost",)):
+    for bad in ((), ("tenant_id", "tenant_id"), ("week", "day"), ("month", "week"), ("fortnight",), ("total_cost",)):
         with pytest.raises(tl.ConfigurationError):
             tl.Execution.all().group_by(*bad).count()
+
+
+def test_group_by_week_and_month_fold_the_days(data: Data, db_path: Path) -> None:
+    """Rows moved to days in other weeks and months (rollups rebuilt from them): each week and
+    month holds the sum of its days, keyed by its Monday and its first day."""
+    ids = [r["id"] for r in tl.Execution.all().to_dicts()]
+    today = datetime.now(UTC).date()
+    days = [today - timedelta(days=n) for n in (0, 1, 6, 7, 13, 31, 45, 400)]
+    for execution_id, day in zip(ids, days, strict=True):
+        noon = int(datetime.combine(day, datetime.min.time(), UTC).timestamp() + 12 * 3600) * 1_000_000  # µs
+        raw_sql.query(
+            db_path, f"UPDATE executions SET started_at = {noon}, completed_at = {noon} WHERE id = '{execution_id}'"
+        )
+    tl.rebuild_counters()
+    rows = tl.Execution.all().to_dicts()
+    assert sorted(r["started_at"].date() for r in rows) == sorted(days)
+
+    def expect(bucket: Any, by_tenant: bool = False) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for r in rows:
+            k = (bucket(r["started_at"].date()), r["tenant_id"]) if by_tenant else bucket(r["started_at"].date())
+            out[k] = out.get(k, Decimal(0)) + r["total_cost"]
+        return out
+
+    monday = lambda d: d - timedelta(days=d.weekday())  # noqa: E731
+    first = lambda d: d.replace(day=1)  # noqa: E731
+    assert tl.Execution.all().group_by("week").sum("total_cost") == expect(monday)
+    assert tl.Execution.all().group_by("month").sum("total_cost") == expect(first)
+    by_month = tl.Execution.all().group_by("month", "tenant_id").sum("total_cost")
+    assert by_month == expect(first, by_tenant=True)
+    assert list(by_month) == sorted(by_month, key=lambda k: (k[0], k[1] is not None, k[1] or ""))
+    weeks = tl.Execution.all().group_by("week").count()
+    assert sum(weeks.values()) == 8 and all(k.weekday() == 0 for k in weeks)
+    # A bound inside a day reads rows instead of rollups; the folding is the same.
+    since = datetime.combine(today - timedelta(days=13), datetime.min.time(), UTC) + timedelta(hours=1)
+    recent = [r for r in rows if r["started_at"] >= since]
+    got = tl.Execution.between(since, None).group_by("week").count()
+    assert sum(got.values()) == len(recent) and set(got) == {monday(r["started_at"].date()) for r in recent}
+    assert tl.Execution.all().limit(0).group_by("month").count() == {}
+    assert tl.Execution.all().limit(0).group_by("tenant_id").sum("total_cost") == {}
 
 
 def test_totals_over_whole_days_survive_purged_rows(data: Data, db_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -295,10 +295,11 @@ class ExecutionQuery:
 
     def group_by(self, *fields: str) -> GroupedQuery:
         """Totals per value of a field (`group_by("tenant_id")`: keys are tenant ids), of several
-        (`group_by("tenant_id", "model_id")`: keys are tuples), or per calendar day in the
-        database's timezone (`"day"`: keys are `datetime.date`). Over tenant_id, agent,
-        model_id, status and day, with whole days or no time filter, the answer comes from the
-        daily rollups, which keep the totals of purged executions."""
+        (`group_by("tenant_id", "model_id")`: keys are tuples), or per calendar day, week or
+        month in the database's timezone (`"day"`, `"week"`, `"month"`: keys are
+        `datetime.date`s, a week's Monday and a month's first day). Over tenant_id, agent,
+        model_id, status and time buckets, with whole days or no time filter, the answer comes
+        from the daily rollups, which keep the totals of purged executions."""
         if not fields:
             raise ConfigurationError("group_by needs at least one field, such as 'tenant_id' or 'day'")
         return GroupedQuery(self._ops, fields)
@@ -352,18 +353,48 @@ class ExecutionQuery:
         return frame
 
 
+# Weeks and months are folded from the core's days: counts and sums of days add up exactly.
+_BUCKETS = {"week": lambda d: d - timedelta(days=d.weekday()), "month": lambda d: d.replace(day=1)}
+
+
 class GroupedQuery:
     """`query.group_by(*fields)`: an aggregate per distinct value (or tuple of values), as a
     dict sorted by key, None first."""
 
     def __init__(self, ops: tuple[Op, ...], fields: tuple[str, ...]) -> None:
         self._ops = ops
+        self._fields = fields
+        days = ["day" if f in _BUCKETS else f for f in fields]
+        if len(set(days)) < len(days) and any(f in _BUCKETS for f in fields):
+            raise ConfigurationError(f"group_by: {', '.join(fields)} name more than one time bucket")
         # One field: the dict's keys are its values; several: tuples.
-        self._by: str | list[str] = fields[0] if len(fields) == 1 else list(fields)
+        self._by: str | list[str] = days[0] if len(days) == 1 else days
 
     def count(self) -> dict[Any, int]:
-        return engine().query_grouped(list(self._ops), self._by)
+        return self._grouped()
 
     def sum(self, field: str) -> dict[Any, Any]:
         _check_sum_field(field)
-        return engine().query_grouped(list(self._ops), self._by, field)
+        return self._grouped(field)
+
+    def _grouped(self, *field: str) -> dict[Any, Any]:
+        if ("limit", 0) in self._ops:
+            return {}
+        days: dict[Any, Any] = engine().query_grouped(list(self._ops), self._by, *field)
+        if not any(f in _BUCKETS for f in self._fields):
+            return days
+        folded: dict[Any, Any] = {}
+        for key, total in days.items():
+            parts = [
+                _BUCKETS[f](v) if f in _BUCKETS else v
+                for f, v in zip(self._fields, key if isinstance(key, tuple) else (key,), strict=True)
+            ]
+            k = tuple(parts) if len(parts) > 1 else parts[0]
+            folded[k] = folded[k] + total if k in folded else total
+        return dict(sorted(folded.items(), key=lambda kv: _none_first(kv[0])))
+
+
+def _none_first(key: Any) -> tuple[Any, ...]:
+    """The core's order of group keys: by value, None before any value."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return tuple((p is not None, p) for p in parts)
