@@ -41,11 +41,13 @@ _admin: tuple[int, psycopg.Connection[Any]] | None = None
 
 def _server() -> psycopg.Connection[Any]:
     """This process's connection to the server's maintenance database (a forked child opens its
-    own: a connection cannot be shared across a fork)."""
+    own: a connection cannot be shared across a fork; one left busy by a command that a test's
+    timeout interrupted is replaced)."""
     import psycopg  # only on PostgreSQL runs: a SQLite-only machine need not have it
 
     global _admin
-    if _admin is None or _admin[0] != os.getpid() or _admin[1].closed:
+    idle = psycopg.pq.TransactionStatus.IDLE
+    if _admin is None or _admin[0] != os.getpid() or _admin[1].closed or _admin[1].info.transaction_status != idle:
         _admin = (os.getpid(), psycopg.connect(SERVER, autocommit=True))
     return _admin[1]
 
