@@ -364,6 +364,9 @@ class GroupedQuery:
     def __init__(self, ops: tuple[Op, ...], fields: tuple[str, ...]) -> None:
         self._ops = ops
         self._fields = fields
+        for f in fields:
+            if not isinstance(f, str):
+                raise ConfigurationError(f"group_by field must be a string such as 'tenant_id', got {type(f).__name__}")
         days = ["day" if f in _BUCKETS else f for f in fields]
         if len(set(days)) < len(days) and any(f in _BUCKETS for f in fields):
             raise ConfigurationError(f"group_by: {', '.join(fields)} name more than one time bucket")
