@@ -13,7 +13,8 @@ $(BIN)/maturin:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "pytest-asyncio>=0.23" pytest-timeout "ruff>=0.6" "mypy>=1.10" pandas \
 		openai anthropic google-genai mistralai "starlette>=0.37" "jinja2>=3.1" "uvicorn>=0.30" httpx fastapi django selenium gunicorn \
-		"celery>=5.3" "psycopg[binary]>=3.1" nbconvert nbformat ipykernel "jsonschema>=4"
+		"celery>=5.3" "psycopg[binary]>=3.1" nbconvert nbformat ipykernel "jsonschema>=4" "opentelemetry-api>=1.27" "opentelemetry-sdk>=1.27" \
+		opentelemetry-instrumentation-fastapi
 
 # The extension links the system's SQLite, the library Python's sqlite3 uses, so a process
 # has one SQLite (see Cargo.toml); .ci/run installs it on Debian.

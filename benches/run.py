@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -584,6 +585,97 @@ def spend_queries(db: str, rows: int, tenants: int, repeats: int) -> None:
     report("tenantllm: ad-hoc group_by over executions", statistics.median(samples), "ms", "<= 150")
 
 
+def telemetry_overhead(db: str, n: int, repeats: int) -> None:
+    """Calls with `opentelemetry` off, on (SDK tracer and meter, spans dropped by a no-op
+    exporter), and on with content capture. Off must cost nothing: compare it with the same
+    case on main (`unbudgeted call` in sync_overhead, same machine, same run)."""
+    print("\nOpenTelemetry, mock provider with zero latency (µs per call, median)")
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    except ImportError:
+        print("  (skipped: pip install opentelemetry-sdk)")
+        return
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(Dropped()))
+    mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    on = {"tracer_provider": tp, "meter_provider": mp}
+
+    def call() -> object:
+        return Bare.call(text="the quarterly report")
+
+    us = interleaved_us(
+        {
+            "off": ({"database": db}, call),
+            "on": ({"database": db, "opentelemetry": on}, call),
+            "content": ({"database": db, "opentelemetry": {**on, "capture_content": True}}, call),
+        },
+        max(n // 3, 1),
+        repeats * 3,
+    )
+    report("tenantllm: unbudgeted call, opentelemetry off", us["off"], "µs")
+    report("tenantllm: unbudgeted call, opentelemetry on (SDK spans + metrics)", us["on"], "µs")
+    report("tenantllm: opentelemetry added over off", us["on"] - us["off"], "µs", note="difference")
+    report("tenantllm: capture_content added over on", us["content"] - us["on"], "µs", note="difference")
+
+
+def retention_under_load(db: str, rows: int, calls: int) -> None:
+    """Single-call latency while a purge deletes `rows` old executions in batches, next to the
+    same calls with no purge running: a purge must never hold the database for long."""
+    print(f"\nCalls while a purge deletes {rows:,} old executions (single-call latency)")
+    tl.configure(reset=True, database=db)
+    conn = sqlite3.connect(db)
+    old = (time.time_ns() // 1000) - 500 * 86_400_000_000
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO executions (id, agent, model_id, chosen_model_id, provider, tenant_id, status, started_at,"
+        " completed_at, duration_ms, input_tokens, output_tokens, total_tokens, input_cost, output_cost, total_cost,"
+        " attempts_count, metadata) VALUES (?, 'Bench', 'gpt-4o', 'gpt-4o', 'openai', 't', 'success', ?, ?, 5, 100,"
+        " 20, 120, 250000, 200000, 450000, 1, '{\"plan\": \"pro\"}')",
+        ((_uuid7((old + i) // 1000, i), old + i, old + i + 5000) for i in range(rows)),
+    )
+    conn.executemany(
+        "INSERT INTO execution_details (execution_id, user_prompt, response) VALUES (?, 'Summarize: a report', 'ok')",
+        ((_uuid7((old + i) // 1000, i),) for i in range(rows)),
+    )
+    conn.commit()
+    conn.close()
+
+    def timed(k: int) -> list[float]:
+        each = []
+        for _ in range(k):
+            t = time.perf_counter()
+            Guarded.call(text="the quarterly report", tenant="bench")
+            each.append((time.perf_counter() - t) * 1e6)
+        return each
+
+    tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
+    report_tail("tenantllm: guarded call, no purge", timed(calls))
+    done: dict[str, Any] = {}
+
+    def purge() -> None:
+        t = time.perf_counter()
+        done.update(tl.purge(executions_days=400))
+        done["seconds"] = time.perf_counter() - t
+
+    worker = threading.Thread(target=purge)
+    worker.start()
+    during: list[float] = []
+    while worker.is_alive():
+        during += timed(50)
+    worker.join()
+    assert done["executions"] == rows, done
+    report_tail("tenantllm: guarded call, during the purge", during)
+    report("tenantllm: purge of old executions (batches of 500)", rows / done["seconds"], "rows/s")
+
+
 def import_time(repeats: int) -> None:
     print("\nImport time (fresh interpreter, minus `python -c pass`)")
 
@@ -640,6 +732,8 @@ def main() -> None:
         concurrent_acalls(str(d / "acall.db"), 1000, 3 if args.quick else 5)
         streams(str(d / "stream.db"), 50 if args.quick else 300, 1000, 3 if args.quick else 5)
         spend_queries(str(d / "big.db"), 50_000 if args.quick else 1_000_000, 1000, 20)
+        telemetry_overhead(str(d / "otel.db"), n, repeats)
+        retention_under_load(str(d / "purge.db"), 20_000 if args.quick else 200_000, 300 if args.quick else 2000)
         import_time(3 if args.quick else 7)
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)

@@ -29,6 +29,8 @@ pub struct Config {
     pub mock: MockSettings,
     /// Keep prompts and responses in `execution_details`.
     pub store_prompts: bool,
+    /// What old executions lose or are deleted, applied in the background.
+    pub retention: crate::retention::Retention,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             base_urls: HashMap::new(),
             mock: MockSettings::default(),
             store_prompts: true,
+            retention: Default::default(),
         }
     }
 }
@@ -77,6 +80,7 @@ impl std::fmt::Debug for Config {
             .field("base_urls", &self.base_urls)
             .field("mock", &self.mock)
             .field("store_prompts", &self.store_prompts)
+            .field("retention", &self.retention)
             .finish()
     }
 }

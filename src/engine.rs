@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::breaker;
 use crate::budget::{self, Check};
-use crate::clock::{now_micros, Calendar, DEFAULT_TIMEZONE};
+use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::config::Config;
 use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, RateBlock, Result};
 use crate::execution::{Attempt, Completion, NewExecution, Status};
@@ -18,6 +18,7 @@ use crate::money::Nanos;
 use crate::pricing::{Cost, Price, PriceTable, Usage};
 use crate::process::unpoisoned;
 use crate::providers::{self, ProviderStream, Providers, Reply, Request, Route, Target, MAX_REPLY_TOKENS};
+use crate::retention::{Cutoffs, Retention};
 use crate::retry::{RetryPolicy, MAX_RETRY_AFTER_S};
 use crate::secrets::{Sealer, SECRET_ENV};
 use crate::store::{self, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, FinishRequest, Store};
@@ -139,6 +140,10 @@ pub struct CallOutcome {
     pub time_to_first_token_ms: Option<i64>,
     /// The tools the model asked to call.
     pub tool_calls: Vec<providers::ToolCall>,
+    /// When the call started and was settled (UTC micros), and each request it sent.
+    pub started_at: Micros,
+    pub completed_at: Micros,
+    pub attempts: Vec<Attempt>,
 }
 
 /// What a call would do, without doing it (`dry_run=True`).
@@ -172,6 +177,8 @@ pub struct Engine {
     rate_queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Tenants this process wrote to the register lately (admissions write it only then).
     seen: SeenCache,
+    /// Dropping it (with the engine) stops the background retention thread, if configured.
+    _retention: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Engine {
@@ -187,6 +194,7 @@ impl Engine {
         let sealer = Sealer::from_env()?;
         let leases = Leases::from_env()?;
         let rate_window = crate::ratelimit::window_from_env()?;
+        let retention_every = crate::retention::interval_from_env()?;
         // A new database takes this process's zone; an existing one keeps its own.
         let store: Arc<dyn Store> = store::open(&config.database, named.map_or(DEFAULT_TIMEZONE, |c| c.name()))?.into();
         let calendar = Calendar::new(&store.timezone()?)?;
@@ -201,7 +209,10 @@ impl Engine {
                 named.name()
             ));
         }
+        let retention = config.retention;
+        let _retention = retention.is_set().then(|| crate::retention::start(store.clone(), retention, retention_every)).flatten();
         Ok(Engine {
+            _retention,
             sealer,
             providers: Providers::new(config.mock),
             config,
@@ -218,6 +229,22 @@ impl Engine {
 
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()
+    }
+
+    /// Applies `retention` (the configured one if `None`) now, in batches; with `dry_run`,
+    /// only counts what would go. Returns the counts and the cutoffs (details, executions).
+    pub fn purge(&self, retention: Option<Retention>, dry_run: bool) -> Result<(store::Purged, Cutoffs)> {
+        let r = retention.unwrap_or(self.config.retention);
+        if !r.is_set() {
+            return config_err("purge: no retention given or configured; name details_days and/or executions_days");
+        }
+        let cutoffs = r.cutoffs(now_micros());
+        let done = if dry_run {
+            self.store.purge_preview(cutoffs.0, cutoffs.1)?
+        } else {
+            crate::retention::purge(self.store.as_ref(), cutoffs, Duration::ZERO, || true)?
+        };
+        Ok((done, cutoffs))
     }
     /// The database's calendar as last seen (no database read).
     pub fn calendar(&self) -> Calendar {
@@ -902,6 +929,7 @@ impl InFlight {
             cache_read_cost_nanos: cost.cache_read.0,
             cache_write_cost_nanos: cost.cache_write.0,
             duration_ms,
+            started_at: now_micros() - duration_ms * 1000,
             finish_reason: reply.and_then(|r| r.finish_reason_raw.clone()),
             refusal: reply.and_then(|r| r.refusal.clone()),
             dropped_params: to.dropped.clone(),
@@ -960,6 +988,7 @@ impl InFlight {
         c.response = Some(reply.content.clone());
         let attempts_count = c.attempts.len();
         self.finish(&c)?;
+        let started_at = self.execution.started_at;
         Ok(CallOutcome {
             execution_id: self.execution.id.clone(),
             tenant_id: self.execution.tenant_id.clone(),
@@ -977,6 +1006,9 @@ impl InFlight {
             budget_warnings: warnings,
             time_to_first_token_ms: c.time_to_first_token_ms,
             tool_calls: reply.tool_calls,
+            started_at,
+            completed_at: c.completed_at,
+            attempts: c.attempts,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod pricing;
 pub mod ratelimit;
 pub mod process;
 pub mod providers;
+pub mod retention;
 pub mod retry;
 pub mod secrets;
 pub mod store;

@@ -34,6 +34,7 @@ from tenantllm.budget import TenantBudget, rebuild_counters, spend_by_tenant
 from tenantllm.config import configure, set_timezone
 from tenantllm.decorators import AgentFunction, AsyncAgentFunction, UsageNotReported, agent, guard, guarded
 from tenantllm.execution import Execution, ExecutionQuery
+from tenantllm.retention import purge
 from tenantllm.tenancy import llm_tenant, tenant
 from tenantllm.tenants import SeenTenant, tenants
 
@@ -77,6 +78,7 @@ __all__ = [
     "guard",
     "guarded",
     "llm_tenant",
+    "purge",
     "rebuild_counters",
     "set_timezone",
     "spend_by_tenant",

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, overload
 
-from tenantllm import _core
+from tenantllm import _core, otel
 from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
 from tenantllm.config import Settings, deliver_alerts, settings
 from tenantllm.streaming import AsyncStream, Stream
@@ -361,7 +361,8 @@ class Agent:
         cls._no_stream_tools()
         self = cls(**params)
         s = settings()
-        return Stream(s.engine.stream(self._prepare(s, tenant, history).call()), s)
+        p = self._prepare(s, tenant, history)
+        return Stream(s.engine.stream(p.call()), s, p.observed(s))
 
     @classmethod
     def astream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> AsyncStream:
@@ -369,7 +370,8 @@ class Agent:
         cls._no_stream_tools()
         self = cls(**params)
         s = settings()
-        return AsyncStream(s.engine.stream(self._prepare(s, tenant, history).call()), s)
+        p = self._prepare(s, tenant, history)
+        return AsyncStream(s.engine.stream(p.call()), s, p.observed(s))
 
     @classmethod
     def _no_stream_tools(cls) -> None:
@@ -466,30 +468,57 @@ class Prepared:
             return r
         return r._completed(r.tool_calls, self.schema.parse(r.content), [], r.duration_ms)
 
+    def observed(self, s: Settings) -> otel.Call | None:
+        """This call's telemetry, when `opentelemetry` is configured."""
+        t = s.telemetry
+        return None if t is None else otel.start(t, self.spec, self.tenant.id, self.system, self.user, self.history)
+
     def run(self, s: Settings) -> AgentResult:
         try:
-            return self.parsed(s.engine.run(self.call()))
+            return self.parsed(self._run(s, self.call()))
         finally:
             deliver_alerts(s)
 
     async def arun(self, s: Settings) -> AgentResult:
         try:
-            return self.parsed(await _arun(s, self.call()))
+            return self.parsed(await self._arun(s, self.call()))
         finally:
             deliver_alerts(s)
 
     def run_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
+        loop.observe = None if s.telemetry is None else otel.tool_observer(s.telemetry)
         try:
-            return self.parsed(run_loop(loop, self.call, s.engine.run))
+            return self.parsed(run_loop(loop, self.call, lambda c: self._run(s, c)))
         finally:
             deliver_alerts(s)
 
     async def arun_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
+        loop.observe = None if s.telemetry is None else otel.tool_observer(s.telemetry)
         try:
-            return self.parsed(await arun_loop(loop, self.call, lambda c: _arun(s, c)))
+            return self.parsed(await arun_loop(loop, self.call, lambda c: self._arun(s, c)))
         finally:
             deliver_alerts(s)
 
+    def _run(self, s: Settings, call: _core.Call) -> AgentResult:
+        """One call to the core (a tool loop's round), observed when telemetry is on."""
+        seen = self.observed(s)
+        try:
+            r = s.engine.run(call)
+        except BaseException as e:
+            if seen is not None:
+                seen.failed(e)
+            raise
+        return r if seen is None else seen.succeeded(r)
+
+    async def _arun(self, s: Settings, call: _core.Call) -> AgentResult:
+        seen = self.observed(s)
+        try:
+            r = await _arun(s, call)
+        except BaseException as e:
+            if seen is not None:
+                seen.failed(e)
+            raise
+        return r if seen is None else seen.succeeded(r)
 
     def dry_run(self, s: Settings, settings: dict[str, Any]) -> dict[str, Any]:
         plan = s.engine.plan(self.call())

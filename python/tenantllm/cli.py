@@ -420,6 +420,24 @@ def dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def purge(args: argparse.Namespace) -> int:
+    _open(args.database)
+    if args.details_days is None and args.executions_days is None:
+        raise CliError("name --details-days and/or --executions-days")
+    done = tl.purge(details_days=args.details_days, executions_days=args.executions_days, dry_run=args.dry_run)
+    lines = []
+    if done["details_before"] is not None:
+        lines.append(f"clear the prompts, responses, metadata and error messages of {done['details']} executions "
+                     f"started before {done['details_before']:%Y-%m-%d %H:%M} UTC")
+    if done["executions_before"] is not None:
+        lines.append(f"delete {done['executions']} executions started before "
+                     f"{done['executions_before']:%Y-%m-%d %H:%M} UTC")
+    for line in lines:
+        print(f"{'Would' if args.dry_run else 'Did'} {line}")
+    print("Counters, budgets and daily totals are not changed.")
+    return 0
+
+
 def _command(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
@@ -473,6 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "change it for every process using the database and rebuild the counters in it (one transaction)",
     )
     zt.add_argument("zone", help="an IANA timezone name, such as Europe/Berlin or UTC")
+
+    pg = _command(sub, "purge", purge, "clear old executions' prompts and responses, or delete old executions")
+    pg.add_argument("--details-days", type=int, metavar="N", help="clear the details of executions older than N days")
+    pg.add_argument("--executions-days", type=int, metavar="N", help="delete executions older than N days")
+    pg.add_argument("--dry-run", action="store_true", help="print what would go and change nothing")
 
     w = _command(sub, "dashboard", dashboard, "serve the web dashboard")
     w.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")

@@ -11,6 +11,7 @@ from typing import Any
 
 from tenantllm import _core
 from tenantllm._core import ConfigurationError
+from tenantllm.otel import Telemetry
 
 log = logging.getLogger("tenantllm")
 
@@ -21,11 +22,11 @@ AlertHandler = Callable[[dict[str, Any]], None]
 # Options the Rust core owns; the rest are Python callables kept here.
 _CORE_OPTIONS = frozenset(
     {"database", "timezone", "multi_tenancy_enabled", "budgets", "api_keys", "base_urls", "pricing", "mock",
-     "store_prompts"}
+     "store_prompts", "retention"}
 )
 _HOOK_OPTIONS = frozenset({"tenant_resolver", "tenant_config_resolver", "on_alert"})
 # Plain options read by the Python layer.
-_PY_OPTIONS = frozenset({"require_tenant"})
+_PY_OPTIONS = frozenset({"require_tenant", "opentelemetry"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Settings:
     tenant_config_resolver: TenantConfigResolver | None = None
     on_alert: AlertHandler | None = None
     require_tenant: bool = False
+    # OpenTelemetry spans and metrics (`opentelemetry=`), None when off.
+    telemetry: Telemetry | None = None
     # Tenants whose `@llm_tenant(limits=...)` budget this configuration has made sure of.
     budgets_ensured: set[str] = field(default_factory=set)
     budgets_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -63,7 +66,15 @@ def configure(*, reset: bool = False, **options: Any) -> None:
     Options: database (path, ":memory:", "sqlite:///path" or "postgresql://..."; default env
     TENANTLLM_DATABASE or "tenantllm.db"), timezone, multi_tenancy_enabled, tenant_resolver,
     tenant_config_resolver, budgets, api_keys, base_urls, pricing, mock, store_prompts,
-    on_alert, require_tenant. Unknown names are an error.
+    on_alert, require_tenant, opentelemetry, retention. Unknown names are an error.
+
+    `opentelemetry=True` (or a dict of options, see `tenantllm.otel`): a span per call and
+    GenAI metrics through the OpenTelemetry API (`pip install 'tenantllm[otel]'`).
+
+    `retention={"details_days": 30, "executions_days": 400}` (whole days, 1 to 36500, each
+    optional): executions lose their prompts, response, metadata and error messages after
+    `details_days` and are deleted after `executions_days`, by a background thread in small
+    batches (see `purge`). Counters, budgets and daily totals are unaffected.
 
     `require_tenant=True`: a call that resolves no tenant raises InvalidTenantError before
     anything is recorded (default False: such calls run with `tenant_id=None` and only the
@@ -91,8 +102,12 @@ def configure(*, reset: bool = False, **options: Any) -> None:
         core = {k: v for k, v in merged.items() if k in _CORE_OPTIONS}
         if core.get("database") is None:
             core["database"] = os.environ.get("TENANTLLM_DATABASE", "tenantllm.db")
+        otel = merged.get("opentelemetry")
+        telemetry = None if otel is None or otel is False else Telemetry(otel)
         engine = _core.Engine(core)  # validates everything before anything is replaced
-        _settings = Settings(engine=engine, require_tenant=bool(merged.get("require_tenant")), **hooks)
+        _settings = Settings(
+            engine=engine, require_tenant=bool(merged.get("require_tenant")), telemetry=telemetry, **hooks
+        )
         _options = merged
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 
-from tenantllm import _core
+from tenantllm import _core, otel
 from tenantllm._core import AgentResult
 from tenantllm.config import Settings, deliver_alerts
 
@@ -26,21 +26,36 @@ def _result(core: _core.Stream, ended: bool) -> AgentResult:
     return r
 
 
+def _observe(seen: otel.Call | None, core: _core.Stream, error: BaseException | None) -> None:
+    """Ends the stream's span: failed, complete, or closed early (cancelled)."""
+    if seen is None:
+        return
+    if error is not None:
+        seen.failed(error)
+        return
+    r = core.result
+    if r is None:
+        seen.cancelled()
+    else:
+        seen.succeeded(r)
+
+
 class Stream(Iterator[str]):
     """A streamed call, read with `for piece in stream` (blocks the thread, not the GIL)."""
 
-    def __init__(self, core: _core.Stream, s: Settings) -> None:
+    def __init__(self, core: _core.Stream, s: Settings, seen: otel.Call | None = None) -> None:
         self._core = core
         self._settings = s
         self._ended = False
+        self._seen = seen
 
     def __next__(self) -> str:
         if self._ended:
             raise StopIteration
         try:
             piece = self._core.next()
-        except _core.TenantLLMError:
-            self._end()  # the call's own error: it has ended and its row is settled
+        except _core.TenantLLMError as e:
+            self._end(e)  # the call's own error: it has ended and its row is settled
             raise
         except BaseException:
             self.close()  # KeyboardInterrupt and the like
@@ -50,9 +65,10 @@ class Stream(Iterator[str]):
             raise StopIteration
         return piece
 
-    def _end(self) -> None:
+    def _end(self, error: BaseException | None = None) -> None:
         self._ended = True
         deliver_alerts(self._settings)
+        _observe(self._seen, self._core, error)
 
     def close(self) -> None:
         """Stops reading; returns once the execution row is settled."""
@@ -75,18 +91,19 @@ class Stream(Iterator[str]):
 class AsyncStream(AsyncIterator[str]):
     """A streamed call, read with `async for piece in stream`."""
 
-    def __init__(self, core: _core.Stream, s: Settings) -> None:
+    def __init__(self, core: _core.Stream, s: Settings, seen: otel.Call | None = None) -> None:
         self._core = core
         self._settings = s
         self._ended = False
+        self._seen = seen
 
     async def __anext__(self) -> str:
         if self._ended:
             raise StopAsyncIteration
         try:
             piece = await self._core.anext()
-        except _core.TenantLLMError:
-            self._end()  # the call's own error: it has ended and its row is settled
+        except _core.TenantLLMError as e:
+            self._end(e)  # the call's own error: it has ended and its row is settled
             raise
         except BaseException:
             # Cancelled: awaiting here could be cancelled again, so the stream is closed
@@ -99,9 +116,10 @@ class AsyncStream(AsyncIterator[str]):
             raise StopAsyncIteration
         return piece
 
-    def _end(self) -> None:
+    def _end(self, error: BaseException | None = None) -> None:
         self._ended = True
         deliver_alerts(self._settings)
+        _observe(self._seen, self._core, error)
 
     async def aclose(self) -> None:
         """Stops reading; returns once the execution row is settled."""

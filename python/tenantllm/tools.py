@@ -160,6 +160,9 @@ class ToolLoop:
     records: list[dict[str, Any]] = field(default_factory=list)
     results: list[AgentResult] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # Told of each tool call as it ends (its pending call, its exception, its monotonic
+    # start): tracing's span per tool call (`otel.tool_observer`).
+    observe: Callable[[Pending, BaseException | None, float], None] | None = None
 
     def round_args(self, n: int) -> dict[str, Any]:
         """What round `n` (from 0) adds to the core's call: the earlier rounds, the calls so
@@ -185,6 +188,8 @@ class ToolLoop:
 
     def finish_call(self, p: Pending, value: Any, error: BaseException | None, t0: float) -> dict[str, Any]:
         """Records one call's outcome; returns its answer for the next round."""
+        if self.observe is not None:
+            self.observe(p, error, t0)
         record: dict[str, Any] = {"name": p.name, "arguments": p.recorded_arguments}
         if error is not None:
             if self.raise_errors:

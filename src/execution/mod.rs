@@ -76,6 +76,9 @@ pub struct Attempt {
     pub cache_read_cost_nanos: i64,
     pub cache_write_cost_nanos: i64,
     pub duration_ms: i64,
+    /// When the request was sent (UTC micros; `duration_ms` later it ended), so tracing can
+    /// place each attempt where it happened.
+    pub started_at: Micros,
     /// The provider's own finish reason (the execution's `finish_reason` is normalised).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,

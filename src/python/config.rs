@@ -1,15 +1,16 @@
 //! `configure(...)` options that the core owns, from the dict the Python layer passes.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict};
+use pyo3::types::{PyBool, PyDict, PyInt};
 
 use super::convert::{count, only_keys, string, string_map, type_name, usd};
 use crate::budget::{Enforcement, GlobalBudgets, Limits};
 use crate::config::{Config, PriceOverride};
 use crate::error::{config_err, Error, Result};
 use crate::providers::MockSettings;
+use crate::retention::{Retention, MAX_DAYS};
 
-const CONFIG_KEYS: &[&str] = &["database", "timezone", "multi_tenancy_enabled", "budgets", "api_keys", "base_urls", "pricing", "mock", "store_prompts"];
+const CONFIG_KEYS: &[&str] = &["database", "timezone", "multi_tenancy_enabled", "budgets", "api_keys", "base_urls", "pricing", "mock", "store_prompts", "retention"];
 const BUDGET_KEYS: &[&str] = &[
     "global_daily",
     "global_monthly",
@@ -121,6 +122,21 @@ fn mock(v: &Bound<'_, PyAny>) -> Result<MockSettings> {
     MockSettings::new(latency, rate, seed as u64)
 }
 
+/// `retention={"details_days": 30, "executions_days": 400}`: whole days, each optional.
+pub fn retention(v: &Bound<'_, PyAny>) -> Result<Retention> {
+    let d = dict("retention", v)?;
+    only_keys("retention", d, &["details_days", "executions_days"])?;
+    let days = |k: &str| -> Result<Option<i64>> {
+        let Some(v) = get(d, k) else { return Ok(None) };
+        if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
+            return config_err(format!("retention[{k:?}] must be a whole number of days from 1 to {MAX_DAYS}, got {}", type_name(&v)));
+        }
+        // Too large for i64 is out of range too.
+        Ok(Some(v.extract::<i64>().unwrap_or(i64::MAX)))
+    };
+    Retention::new(days("details_days")?, days("executions_days")?)
+}
+
 pub fn config_from_dict(d: &Bound<'_, PyDict>) -> Result<Config> {
     only_keys("configure", d, CONFIG_KEYS)?;
     let mut c = Config::default();
@@ -135,6 +151,9 @@ pub fn config_from_dict(d: &Bound<'_, PyDict>) -> Result<Config> {
     }
     if let Some(v) = get(d, "store_prompts") {
         c.store_prompts = boolean("store_prompts", &v)?;
+    }
+    if let Some(v) = get(d, "retention") {
+        c.retention = retention(&v)?;
     }
     if let Some(v) = get(d, "budgets") {
         c.budgets = budgets(&v)?;

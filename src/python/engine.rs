@@ -8,6 +8,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 use pyo3::types::{PyDict, PyList, PyTuple};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use super::config::config_from_dict;
@@ -22,7 +23,7 @@ use crate::config::Config;
 use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine, Guard, MAX_TIMEOUT};
 use crate::error::{catch_panic, catch_panic_async, Error, Result};
 use crate::error::config_err;
-use crate::execution::{Aggregate, Field, GroupKey};
+use crate::execution::{Aggregate, Attempt, Cell, Field, GroupKey};
 use crate::process::PerProcess;
 use crate::providers::MAX_REPLY_TOKENS;
 use crate::retry::{RetryPolicy, MAX_RETRIES};
@@ -98,6 +99,11 @@ impl PyAgentSpec {
     fn name(&self) -> &str {
         &self.inner.name
     }
+
+    #[getter]
+    fn model(&self) -> &str {
+        &self.inner.model
+    }
 }
 
 /// Whether an `arun` call is over in the core, its row written. A cancelled `acall` is
@@ -158,6 +164,24 @@ pub struct PyAgentResult {
     /// The calls the model asked for in this round: (id, name, arguments, signature).
     #[pyo3(name = "_tool_requests")]
     tool_requests: Vec<(String, String, String, Option<String>)>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    /// Each request sent, as stored in the execution's `attempts`.
+    attempts: Attempts,
+}
+
+/// An execution's attempts, turned into a list of dicts only when Python asks for them.
+#[derive(Clone)]
+struct Attempts(Arc<Vec<Attempt>>);
+
+impl<'py> IntoPyObject<'py> for Attempts {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = serde_json::to_string(&*self.0).map_err(|e| to_py(py, Error::Internal(e.to_string())))?;
+        cell_to_py(py, Cell::Json(json)).map(|o| o.into_bound(py))
+    }
 }
 
 #[pymethods]
@@ -215,6 +239,10 @@ impl PyAgentResult {
             tool_calls,
             parsed,
             tool_requests: self.tool_requests.clone(),
+            // From the first round's start to the last one's end, with every round's requests.
+            started_at: all().next().and_then(|r| r.started_at),
+            completed_at: self.completed_at,
+            attempts: Attempts(Arc::new(all().flat_map(|r| r.attempts.0.iter().cloned()).collect())),
         }
     }
 }
@@ -254,6 +282,9 @@ impl From<CallOutcome> for PyAgentResult {
             cache_write_cost: o.cost.cache_write.to_decimal(),
             budget_warnings: o.budget_warnings,
             time_to_first_token_ms: o.time_to_first_token_ms,
+            started_at: DateTime::from_timestamp_micros(o.started_at),
+            completed_at: DateTime::from_timestamp_micros(o.completed_at),
+            attempts: Attempts(Arc::new(o.attempts)),
         }
     }
 }
@@ -801,6 +832,21 @@ impl PyEngine {
             e.store().usage_daily(&scope, &cal.period_key(Period::Daily, first))
         })?;
         rows.into_iter().map(|(d, u)| Ok((d, usage_dict(py, &u)?))).collect()
+    }
+
+    /// Applies a retention (`{"details_days": ..., "executions_days": ...}`, the configured
+    /// one if None) now; with `dry_run`, counts what would go and changes nothing.
+    #[pyo3(signature = (retention=None, dry_run=false))]
+    fn purge<'py>(&self, py: Python<'py>, retention: Option<&Bound<'py, PyAny>>, dry_run: bool) -> PyResult<Bound<'py, PyDict>> {
+        let r = retention.filter(|r| !r.is_none()).map(super::config::retention).transpose().py_err(py)?;
+        let (done, (details_before, executions_before)) = self.detached(py, |e| e.purge(r, dry_run))?;
+        let d = PyDict::new(py);
+        d.set_item("details", done.details)?;
+        d.set_item("executions", done.executions)?;
+        d.set_item("details_before", details_before.and_then(DateTime::<Utc>::from_timestamp_micros))?;
+        d.set_item("executions_before", executions_before.and_then(DateTime::<Utc>::from_timestamp_micros))?;
+        d.set_item("dry_run", dry_run)?;
+        Ok(d)
     }
 
     fn rebuild_counters(&self, py: Python<'_>) -> PyResult<usize> {

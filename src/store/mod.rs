@@ -6,6 +6,7 @@ mod pg_schema;
 mod pg_tls;
 mod postgres;
 mod query;
+mod retention;
 mod rollups;
 mod schema;
 mod sqlite;
@@ -163,11 +164,26 @@ pub trait Store: Send + Sync {
     fn breaker_reset(&self, key: &BreakerKey) -> Result<()>;
     fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>>;
 
+    /// One batch of retention (see `retention`), each kind in its own short transaction:
+    /// deletes up to `limit` settled executions that started before `executions_before`,
+    /// then clears the details of up to `limit` executions that started before
+    /// `details_before`. Returns how many of each; fewer than `limit` means that kind is done.
+    fn purge_batch(&self, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged>;
+    /// How many executions a purge with these cutoffs would clear and delete now; changes nothing.
+    fn purge_preview(&self, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged>;
+
     /// Whether this is a SQLite database file, which other SQLite users in the process (Python's
     /// `sqlite3`) may open too.
     fn is_sqlite_file(&self) -> bool {
         false
     }
+}
+
+/// Executions whose details were (or would be) cleared, and executions deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub details: i64,
+    pub executions: i64,
 }
 
 /// Which model of a chain a call starts with, decided by the models' breakers in order.

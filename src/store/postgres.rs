@@ -37,7 +37,7 @@ use super::rollups::{self, Dialect, ROLLED};
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
-    FinishRequest, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
+    FinishRequest, Purged, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
@@ -1523,6 +1523,66 @@ impl Store for PostgresStore {
                 &[&scope, &first_day],
             )?;
             rows.iter().map(|r| Ok((r.try_get(0)?, usage_at(r, 1)?))).collect()
+        })
+    }
+
+    fn purge_batch(&self, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged> {
+        use super::retention::{id_before, postgres as sql, CURSOR};
+        let mut out = Purged::default();
+        if let Some(t) = executions_before {
+            let cutoff = id_before(t);
+            // Deleting what is already deleted deletes nothing: running it again is safe.
+            out.executions = self.write(OnCommitLoss::Rerun, |db| {
+                let r = db.query_one(sql::EXECUTIONS_BATCH, &[&cutoff, &limit])?;
+                let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
+                if let Some(last) = last {
+                    db.execute(sql::DELETE_EXECUTION_DETAILS, &[&last])?;
+                    db.execute(sql::DELETE_EXECUTIONS, &[&last])?;
+                }
+                Ok(n)
+            })?;
+        }
+        if let Some(t) = details_before {
+            let cutoff = id_before(t);
+            out.details = self.write(OnCommitLoss::Rerun, |db| {
+                let cursor: String = match db.query_opt(sql::CURSOR_GET, &[&CURSOR])? {
+                    Some(r) => r.try_get(0)?,
+                    None => String::new(),
+                };
+                let r = db.query_one(sql::DETAILS_BATCH, &[&cursor, &cutoff, &limit])?;
+                let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
+                if let Some(last) = last {
+                    db.execute(sql::CLEAR_DETAILS, &[&cursor, &last])?;
+                    db.execute(sql::DELETE_DETAILS, &[&cursor, &last])?;
+                    db.execute(sql::CURSOR_SET, &[&CURSOR, &last])?;
+                }
+                Ok(n)
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn purge_preview(&self, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged> {
+        use super::retention::{id_before, postgres as sql, CURSOR};
+        let deleted = executions_before.map(id_before);
+        let details_cutoff = details_before.map(id_before);
+        self.read(move |db| {
+            let executions: i64 = match &deleted {
+                Some(id) => db.query_one(sql::COUNT_EXECUTIONS, &[id])?.try_get(0)?,
+                None => 0,
+            };
+            let details: i64 = match &details_cutoff {
+                Some(cutoff) => {
+                    let cursor: String = match db.query_opt(sql::CURSOR_GET, &[&CURSOR])? {
+                        Some(r) => r.try_get(0)?,
+                        None => String::new(),
+                    };
+                    let kept_from = deleted.clone().unwrap_or_default();
+                    db.query_one(sql::COUNT_DETAILS, &[&cursor, cutoff, &kept_from])?.try_get(0)?
+                }
+                None => 0,
+            };
+            Ok(Purged { details, executions })
         })
     }
 

@@ -15,8 +15,8 @@ use super::rollups::{self, Dialect, ROLLED};
 use super::schema::MIGRATIONS;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
-    rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Store,
-    BUDGET_COLUMNS, TIMEZONE_SQL,
+    rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
+    Store, BUDGET_COLUMNS, TIMEZONE_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
@@ -788,7 +788,7 @@ const ID_SKEW: Micros = 1_000_000;
 
 /// The UUIDv7 text prefix of ids minted at `t`: 48 bits of Unix milliseconds as
 /// "xxxxxxxx-xxxx", which sorts like the time.
-fn id_prefix(t: Micros) -> String {
+pub(super) fn id_prefix(t: Micros) -> String {
     let ms = (t.max(0) / 1000) as u64;
     format!("{:08x}-{:04x}", ms >> 16, ms & 0xffff)
 }
@@ -922,6 +922,59 @@ fn scan(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calen
 }
 
 impl Store for SqliteStore {
+    fn purge_batch(&self, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged> {
+        use super::retention::{id_before, sqlite as sql, CURSOR};
+        let mut out = Purged::default();
+        if let Some(t) = executions_before {
+            out.executions = self.write(|tx| {
+                let (last, n): (Option<String>, i64) =
+                    tx.prepare_cached(sql::EXECUTIONS_BATCH)?.query_row(params![id_before(t), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if let Some(last) = last {
+                    tx.prepare_cached(sql::DELETE_EXECUTION_DETAILS)?.execute(params![last])?;
+                    tx.prepare_cached(sql::DELETE_EXECUTIONS)?.execute(params![last])?;
+                }
+                Ok(n)
+            })?;
+        }
+        if let Some(t) = details_before {
+            out.details = self.write(|tx| {
+                let cursor: String =
+                    tx.prepare_cached(sql::CURSOR_GET)?.query_row(params![CURSOR], |r| r.get(0)).optional()?.unwrap_or_default();
+                let (last, n): (Option<String>, i64) = tx
+                    .prepare_cached(sql::DETAILS_BATCH)?
+                    .query_row(params![cursor, id_before(t), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if let Some(last) = last {
+                    tx.prepare_cached(sql::CLEAR_DETAILS)?.execute(params![cursor, last])?;
+                    tx.prepare_cached(sql::DELETE_DETAILS)?.execute(params![cursor, last])?;
+                    tx.prepare_cached(sql::CURSOR_SET)?.execute(params![CURSOR, last])?;
+                }
+                Ok(n)
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn purge_preview(&self, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged> {
+        use super::retention::{id_before, sqlite as sql, CURSOR};
+        self.read(|c| {
+            let deleted = executions_before.map(id_before);
+            let executions = match &deleted {
+                Some(id) => c.prepare_cached(sql::COUNT_EXECUTIONS)?.query_row(params![id], |r| r.get(0))?,
+                None => 0,
+            };
+            let details = match details_before {
+                Some(t) => {
+                    let cursor: String =
+                        c.prepare_cached(sql::CURSOR_GET)?.query_row(params![CURSOR], |r| r.get(0)).optional()?.unwrap_or_default();
+                    let kept_from = deleted.unwrap_or_default();
+                    c.prepare_cached(sql::COUNT_DETAILS)?.query_row(params![cursor, id_before(t), kept_from], |r| r.get(0))?
+                }
+                None => 0,
+            };
+            Ok(Purged { details, executions })
+        })
+    }
+
     fn is_sqlite_file(&self) -> bool {
         self.reader.is_some()
     }

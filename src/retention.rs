@@ -1,0 +1,167 @@
+//! Retention (`configure(retention={"details_days": 30, "executions_days": 400})`): old
+//! executions lose their details (prompts, response, metadata, error messages) after
+//! `details_days` and are deleted after `executions_days`. Applied by `tl.purge()` and, when
+//! configured, by one background thread per engine, in batches (`store::retention`) with a
+//! pause between them so calls get the database in between. Counters, budgets and rollups
+//! are never touched.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use crate::clock::{now_micros, Micros};
+use crate::error::{config_err, Result};
+use crate::store::{Purged, Store};
+
+/// The longest retention a setting may name (about 100 years).
+pub const MAX_DAYS: i64 = 36_500;
+/// Rows per batch: a batch holds the write lock for a few milliseconds.
+pub const BATCH: i64 = 500;
+/// The pause between two batches, during which calls write.
+const PAUSE: Duration = Duration::from_millis(20);
+/// How often the background thread looks for expired rows (it also looks once at start).
+pub const INTERVAL_ENV: &str = "TENANTLLM_RETENTION_INTERVAL_SECONDS";
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
+
+const DAY: Micros = 86_400_000_000;
+
+/// Start times before which details are cleared and executions deleted (None: that kind is off).
+pub type Cutoffs = (Option<Micros>, Option<Micros>);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Days after which an execution's details are cleared (1 to `MAX_DAYS`); None: kept.
+    pub details_days: Option<i64>,
+    /// Days after which an execution is deleted (1 to `MAX_DAYS`); None: kept.
+    pub executions_days: Option<i64>,
+}
+
+impl Retention {
+    pub fn new(details_days: Option<i64>, executions_days: Option<i64>) -> Result<Retention> {
+        for (name, v) in [("details_days", details_days), ("executions_days", executions_days)] {
+            if let Some(d) = v.filter(|d| !(1..=MAX_DAYS).contains(d)) {
+                return config_err(format!("retention[{name:?}] must be a whole number of days from 1 to {MAX_DAYS} (got {d})"));
+            }
+        }
+        Ok(Retention { details_days, executions_days })
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.details_days.is_some() || self.executions_days.is_some()
+    }
+
+    /// (details before, executions before) as of `now`.
+    pub fn cutoffs(&self, now: Micros) -> Cutoffs {
+        (self.details_days.map(|d| now - d * DAY), self.executions_days.map(|d| now - d * DAY))
+    }
+}
+
+/// Set at interpreter exit (`drain_tasks`): no batch starts after it.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Batches running now, so exit can wait for them to commit.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+struct Running;
+
+impl Running {
+    fn enter() -> Option<Running> {
+        RUNNING.fetch_add(1, Ordering::SeqCst);
+        if STOPPING.load(Ordering::SeqCst) {
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Running)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Stops retention work in this process: no batch starts after this, and a batch under way
+/// gets up to `timeout` to commit.
+pub fn stop(timeout: Duration) {
+    STOPPING.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + timeout;
+    while RUNNING.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Clears details of executions started before `details` and deletes those started before
+/// `executions`, batch after batch with `pause` between them, until nothing is left,
+/// `keep_going` says stop, or the process is exiting. Returns what it did.
+pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: impl Fn() -> bool) -> Result<Purged> {
+    let (mut details, mut executions) = cutoffs;
+    let mut total = Purged::default();
+    while (details.is_some() || executions.is_some()) && keep_going() {
+        let done = {
+            let Some(_running) = Running::enter() else { break };
+            store.purge_batch(details, executions, BATCH)?
+        };
+        total.details += done.details;
+        total.executions += done.executions;
+        // A kind whose batch came back short is done.
+        if done.details < BATCH {
+            details = None;
+        }
+        if done.executions < BATCH {
+            executions = None;
+        }
+        if details.is_some() || executions.is_some() {
+            std::thread::sleep(pause);
+        }
+    }
+    Ok(total)
+}
+
+/// How often the background thread runs (`INTERVAL_ENV`: seconds, 1 to 86400).
+pub fn interval_from_env() -> Result<Duration> {
+    match std::env::var(INTERVAL_ENV) {
+        Err(_) => Ok(DEFAULT_INTERVAL),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if (1.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            _ => config_err(format!("{INTERVAL_ENV} must be a number of seconds from 1 to 86400 (got {v:?})")),
+        },
+    }
+}
+
+/// Starts the background thread: it purges at once, then every `every`, until the returned
+/// sender is dropped (with the engine) or the process exits. In a forked child the thread
+/// does not exist; the child's own engine starts its own.
+pub fn start(store: Arc<dyn Store>, retention: Retention, every: Duration) -> Option<mpsc::Sender<()>> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let started = std::thread::Builder::new().name("tenantllm-retention".into()).spawn(move || loop {
+        // Engine dropped: `recv_timeout` says Disconnected and the loop ends.
+        let alive = || matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Empty));
+        // A failure (a busy or unreachable database) is tried again at the next interval.
+        let _ = purge(&*store, retention.cutoffs(now_micros()), PAUSE, alive);
+        if !matches!(stopped.recv_timeout(every), Err(mpsc::RecvTimeoutError::Timeout)) {
+            break;
+        }
+    });
+    started.ok().map(|_| stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_out_of_range_are_refused_by_name() {
+        assert!(Retention::new(Some(1), Some(MAX_DAYS)).is_ok());
+        let e = Retention::new(Some(0), None).unwrap_err().to_string();
+        assert!(e.contains("details_days") && e.contains("got 0"), "{e}");
+        let e = Retention::new(None, Some(MAX_DAYS + 1)).unwrap_err().to_string();
+        assert!(e.contains("executions_days"), "{e}");
+        assert!(!Retention::default().is_set());
+    }
+
+    #[test]
+    fn cutoffs_are_whole_days_before_now() {
+        let r = Retention::new(Some(30), None).unwrap();
+        assert_eq!(r.cutoffs(100 * DAY), (Some(70 * DAY), None));
+    }
+}

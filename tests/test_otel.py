@@ -1,0 +1,306 @@
+"""OpenTelemetry (`configure(opentelemetry=...)`): spans and metrics read back through the
+real SDK's in-memory exporter and metric reader, calls sent over real HTTP to the fake
+provider, and a real FastAPI app under uvicorn instrumented by OpenTelemetry's own
+FastAPI instrumentation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import tenantllm as tl
+from fake_providers import FakeProvider, Step
+
+pytest.importorskip("opentelemetry.sdk", reason="needs opentelemetry-sdk (`make develop` installs it)")
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+KEYS = {"openai": "sk-test-openai-7f3a9c", "anthropic": "sk-ant-test-51be02", "gemini": "g-test-key-88d1e4"}
+RETRIES = tl.Retries(max=2, base=0.01, max_delay=0.02)
+
+
+@dataclass
+class Otel:
+    exporter: InMemorySpanExporter
+    reader: InMemoryMetricReader
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def spans(self) -> Sequence[ReadableSpan]:
+        return self.exporter.get_finished_spans()
+
+    def calls(self) -> list[ReadableSpan]:
+        return [s for s in self.spans() if s.name.startswith("chat ")]
+
+    def points(self, name: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return [
+            p
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.name == name
+            for p in m.data.data_points
+        ]
+
+    def unit(self, name: str) -> str:
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        metrics = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        units = [m.unit for m in metrics if m.name == name]
+        assert units, name
+        return units[0]
+
+
+@pytest.fixture
+def otel(server: FakeProvider, db_path: Any) -> Otel:
+    server.reset()
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader])
+    o = Otel(exporter, reader, tp, mp)
+    configure(server, o, db=str(db_path))
+    return o
+
+
+def configure(fp: FakeProvider, o: Otel, db: str, **options: Any) -> None:
+    tl.configure(
+        reset=True,
+        database=db,
+        base_urls={"openai": fp.base_url + "/v1", "anthropic": fp.base_url, "gemini": fp.base_url},
+        api_keys=dict(KEYS),
+        opentelemetry={"tracer_provider": o.tracer_provider, "meter_provider": o.meter_provider, **options},
+    )
+
+
+def agent(model: str = "gpt-4o", **attrs: Any) -> type[tl.Agent]:
+    body: dict[str, Any] = {"model": model, "user": "Question: {q}", "max_tokens": 100, **attrs}
+    return type("Support", (tl.Agent,), body)
+
+
+def ns(t: datetime | None) -> int:
+    assert t is not None
+    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
+
+
+def children(o: Otel, parent: ReadableSpan) -> list[ReadableSpan]:
+    assert parent.context is not None
+    return [s for s in o.spans() if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def all_attribute_text(o: Otel) -> str:
+    return repr([dict(s.attributes or {}) for s in o.spans()])
+
+
+def test_a_call_is_a_client_span_with_genai_attributes_and_metrics(otel: Otel, server: FakeProvider) -> None:
+    server.script(Step(input_tokens=1000, output_tokens=100, content="Shipped."))
+
+    r = agent().call(q="Where is my order?", tenant="acme")
+
+    [span] = otel.calls()
+    assert span.name == "chat gpt-4o"
+    assert span.kind == SpanKind.CLIENT
+    a = dict(span.attributes or {})
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "gpt-4o"
+    assert a["gen_ai.response.model"] == r.chosen_model_id
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (1000, 100)
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    assert a["tenantllm.tenant_id"] == "acme"
+    assert a["tenantllm.execution_id"] == r.execution_id
+    assert a["tenantllm.cost_usd"] == float(r.total_cost) > 0
+    assert "error.type" not in a
+    assert span.status.status_code == StatusCode.UNSET
+    # The core's own times: the span is where the call was.
+    assert (span.start_time, span.end_time) == (ns(r.started_at), ns(r.completed_at))
+    assert tl.Execution.get(r.execution_id).started_at == r.started_at
+    # Neither the prompt, the reply nor the key is an attribute unless asked for.
+    text = all_attribute_text(otel)
+    assert "Where is my order" not in text and "Shipped." not in text
+    assert not any(k in text for k in KEYS.values())
+
+    [attempt] = children(otel, span)
+    assert attempt.attributes is not None and attempt.attributes["gen_ai.request.model"] == "gpt-4o"
+
+    usage = {p.attributes["gen_ai.token.type"]: p for p in otel.points("gen_ai.client.token.usage")}
+    assert (usage["input"].sum, usage["output"].sum) == (1000, 100)
+    assert usage["input"].attributes["gen_ai.request.model"] == "gpt-4o"
+    [duration] = otel.points("gen_ai.client.operation.duration")
+    assert duration.count == 1 and 0 <= duration.sum < 30
+    assert otel.unit("gen_ai.client.operation.duration") == "s"
+    [cost] = otel.points("tenantllm.cost")
+    assert cost.value == pytest.approx(float(r.total_cost))
+    assert cost.attributes["tenantllm.tenant_id"] == "acme"
+    assert otel.unit("tenantllm.cost") == "USD"
+
+
+def test_each_retry_and_fallback_is_a_child_span(otel: Otel, server: FakeProvider) -> None:
+    err = Step(kind="status", status=500)
+    server.script(err, err, Step(model="claude-sonnet-4-5-20250929"))
+
+    r = agent(retries=tl.Retries(max=1, base=0.01, max_delay=0.02), fallback_models=["claude-sonnet-4-5"]).call(q="hi")
+
+    [span] = otel.calls()
+    assert dict(span.attributes or {})["gen_ai.provider.name"] == "anthropic"
+    attempts = sorted(children(otel, span), key=lambda s: s.start_time or 0)
+    assert [(s.attributes or {})["gen_ai.request.model"] for s in attempts] == ["gpt-4o", "gpt-4o", "claude-sonnet-4-5"]
+    assert [(s.attributes or {}).get("error.type") for s in attempts] == ["ProviderError", "ProviderError", None]
+    assert [s.status.status_code for s in attempts] == [StatusCode.ERROR, StatusCode.ERROR, StatusCode.UNSET]
+    assert [(s.attributes or {})["gen_ai.provider.name"] for s in attempts] == ["openai", "openai", "anthropic"]
+    # Within the call, in order (ms precision), the trace is one.
+    assert span.start_time is not None and span.end_time is not None
+    for s in attempts:
+        assert s.context is not None and span.context is not None and s.context.trace_id == span.context.trace_id
+        assert s.start_time is not None and s.end_time is not None
+        assert span.start_time - 2_000_000 <= s.start_time <= s.end_time <= span.end_time + 2_000_000
+    assert [s.start_time for s in attempts] == sorted(s.start_time for s in attempts if s.start_time)
+    assert r.attempts_count == 3
+
+
+def test_failures_are_error_spans_with_their_class(otel: Otel, server: FakeProvider) -> None:
+    server.script(Step(kind="status", status=401))
+    with pytest.raises(tl.AuthenticationError):
+        agent().call(q="hi", tenant="acme")
+
+    tl.TenantBudget.create("poor", daily_limit="0.000001")
+    with pytest.raises(tl.BudgetExceededError) as blocked:
+        agent().call(q="hi", tenant="poor")
+
+    auth, budget = otel.calls()
+    assert auth.status.status_code == budget.status.status_code == StatusCode.ERROR
+    assert dict(auth.attributes or {})["error.type"] == "AuthenticationError"
+    assert dict(auth.attributes or {})["gen_ai.provider.name"] == "openai"
+    b = dict(budget.attributes or {})
+    assert b["error.type"] == "BudgetExceededError"
+    assert b["tenantllm.execution_id"] == blocked.value.execution_id
+    assert b["tenantllm.tenant_id"] == "poor"
+    assert not any(k in all_attribute_text(otel) for k in KEYS.values())
+    durations = {p.attributes.get("error.type") for p in otel.points("gen_ai.client.operation.duration")}
+    assert durations == {"AuthenticationError", "BudgetExceededError"}
+    assert otel.points("gen_ai.client.token.usage") == []
+
+
+def test_prompts_and_replies_are_attributes_only_when_asked(otel: Otel, server: FakeProvider, db_path: Any) -> None:
+    configure(server, otel, db=str(db_path), capture_content=True)
+    server.script(Step(content="Tomorrow."))
+
+    agent(system="Be brief.").call(q="When?", history=[{"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": "Hello"}])
+
+    [span] = otel.calls()
+    a = dict(span.attributes or {})
+    assert '"content": "Question: When?"' in str(a["gen_ai.input.messages"])
+    assert '"role": "system"' in str(a["gen_ai.input.messages"]) and "Be brief." in str(a["gen_ai.input.messages"])
+    assert '"content": "Hello"' in str(a["gen_ai.input.messages"])
+    assert '"content": "Tomorrow."' in str(a["gen_ai.output.messages"])
+    assert not any(k in all_attribute_text(otel) for k in KEYS.values())
+
+
+def test_the_span_joins_the_callers_trace_in_threads_and_tasks(otel: Otel, server: FakeProvider) -> None:
+    tracer = otel.tracer_provider.get_tracer("app")
+    parents: dict[str, int] = {}
+
+    def in_thread() -> None:
+        with tracer.start_as_current_span("job") as job:
+            parents["thread"] = job.get_span_context().span_id
+            agent().call(q="a")
+
+    async def in_task() -> None:
+        with tracer.start_as_current_span("handler") as h:
+            parents["task"] = h.get_span_context().span_id
+            await agent().acall(q="b")
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    asyncio.run(in_task())
+    agent().call(q="c")  # no current span: a trace of its own
+
+    thread_call, task_call, root = otel.calls()
+    by_name = {s.name: s for s in otel.spans() if not s.name.startswith(("chat ", "attempt "))}
+    assert thread_call.parent is not None and thread_call.parent.span_id == parents["thread"]
+    assert task_call.parent is not None and task_call.parent.span_id == parents["task"]
+    assert thread_call.context is not None and by_name["job"].context is not None
+    assert thread_call.context.trace_id == by_name["job"].context.trace_id
+    assert root.parent is None
+
+
+def test_a_fastapi_request_span_is_the_parent(otel: Otel) -> None:
+    fastapi = pytest.importorskip("fastapi")
+    instrumentation = pytest.importorskip("opentelemetry.instrumentation.fastapi")
+    from uvicorn_server import Server
+
+    app = fastapi.FastAPI()
+
+    @app.get("/ask")
+    async def ask() -> dict[str, str]:
+        r = await agent("mock/support").acall(q="hi", tenant="acme")
+        return {"id": r.execution_id}
+
+    @app.get("/ask-sync")
+    def ask_sync() -> dict[str, str]:  # run in a worker thread by Starlette
+        return {"id": agent("mock/support").call(q="hi", tenant="acme").execution_id}
+
+    instrumentation.FastAPIInstrumentor.instrument_app(app, tracer_provider=otel.tracer_provider)
+    with Server(app) as srv:
+        ids = [httpx.get(srv.url + path, timeout=10).json()["id"] for path in ("/ask", "/ask-sync")]
+
+    servers = [s for s in otel.spans() if s.kind == SpanKind.SERVER]
+    assert len(servers) == 2
+    for call, request, execution_id in zip(otel.calls(), servers, ids, strict=True):
+        assert dict(call.attributes or {})["tenantllm.execution_id"] == execution_id
+        assert call.context is not None and request.context is not None
+        assert call.context.trace_id == request.context.trace_id
+        assert call.parent is not None and call.parent.span_id == request.context.span_id
+
+
+def test_streams_are_spans_that_end_with_the_stream(otel: Otel, server: FakeProvider) -> None:
+    server.script(Step(content="one two three", input_tokens=5, output_tokens=3))
+    s = agent().stream(q="hi")
+    assert otel.calls() == []  # not before the stream has ended
+    assert "".join(s) == "one two three"
+    [done] = otel.calls()
+    a = dict(done.attributes or {})
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (5, 3)
+    assert (done.start_time, done.end_time) == (ns(s.result.started_at), ns(s.result.completed_at))
+
+    server.script(Step(content="a b c d e f", sse_delay=0.05))
+    with agent().stream(q="hi") as s2:
+        next(s2)
+    cancelled = otel.calls()[1]
+    assert dict(cancelled.attributes or {})["error.type"] == "CancelledError"
+
+    async def read_async() -> None:
+        server.script(Step(content="x y"))
+        async with agent().astream(q="hi") as s3:
+            assert "".join([p async for p in s3]) == "x y"
+
+    asyncio.run(read_async())
+    assert len(otel.calls()) == 3
+    assert "error.type" not in dict(otel.calls()[2].attributes or {})
+
+
+def test_bad_options_are_refused_by_name_and_change_nothing(otel: Otel, server: FakeProvider) -> None:
+    before = tl.config.settings()
+    for bad, word in [("yes", "opentelemetry"), ({"capture_content": 1}, "capture_content"),
+                      ({"exporter": 1}, "unknown option 'exporter'")]:
+        with pytest.raises(tl.ConfigurationError, match=word):
+            tl.configure(opentelemetry=bad)
+    assert tl.config.settings() is before
+    tl.configure(opentelemetry=False)
+    agent("mock/support").call(q="hi")
+    assert otel.calls() == []

@@ -1,0 +1,244 @@
+"""Retention: `tl.purge()`, `tenantllm purge` and `configure(retention=...)`. Rows are made by
+real calls, then aged by moving their time-ordered ids and start times back (what a clock
+running for months would have written); counters and budgets must not move."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import raw_sql
+import tenantllm as tl
+from tenantllm.cli import main
+
+DAY_MS = 86_400_000
+
+
+class Support(tl.Agent):
+    model = "mock/support"
+    system = "You help {company}."
+    user = "Question: {q}"
+
+    def execution_metadata(self) -> dict[str, Any]:
+        return {"plan": "pro"}
+
+
+def aged_id(execution_id: str, days: int) -> str:
+    """The UUIDv7 `execution_id` would have had `days` earlier: its 48-bit millisecond prefix moved."""
+    hexdigits = execution_id.replace("-", "")
+    ms = int(hexdigits[:12], 16) - days * DAY_MS
+    moved = f"{ms:012x}" + hexdigits[12:]
+    return f"{moved[:8]}-{moved[8:12]}-{moved[12:16]}-{moved[16:20]}-{moved[20:]}"
+
+
+def age(db: Path, ids: list[str], days: int) -> list[str]:
+    """Moves these executions (and their details) `days` into the past; returns their new ids."""
+    return [n for at in range(0, len(ids), 200) for n in _age(db, ids[at : at + 200], days)]
+
+
+def _age(db: Path, ids: list[str], days: int) -> list[str]:
+    new = [aged_id(i, days) for i in ids]
+    cases = " ".join(f"WHEN '{old}' THEN '{n}'" for old, n in zip(ids, new, strict=True))
+    listed = ", ".join(f"'{i}'" for i in ids)
+    raw_sql.query(db, f"UPDATE executions SET id = CASE id {cases} END, "
+                      f"started_at = started_at - {days * DAY_MS * 1000} WHERE id IN ({listed})")
+    raw_sql.query(db, f"UPDATE execution_details SET execution_id = CASE execution_id {cases} END "
+                      f"WHERE execution_id IN ({listed})")
+    return new
+
+
+def calls(n: int, tenant: str = "acme") -> list[str]:
+    return [Support.call(q=f"question {i}", company="Acme", tenant=tenant).execution_id for i in range(n)]
+
+
+def blocked_call() -> str:
+    tl.TenantBudget.create("broke", daily_limit="0.0000001")
+    with pytest.raises(tl.BudgetExceededError) as e:
+        Support.call(q="spend", company="Acme", tenant="broke")
+    return e.value.execution_id
+
+
+def spend() -> dict[str, Any]:
+    b = tl.TenantBudget.find("acme")
+    return {"usage": tl.config.engine().tenant_usage("acme"), "budget": None if b is None else b.daily_limit}
+
+
+def test_purge_clears_details_then_deletes_rows_and_leaves_counters(db_path: Path) -> None:
+    tl.TenantBudget.create("acme", daily_limit="5.00")
+    ids = [*calls(4), blocked_call()]
+    ancient = age(db_path, ids[:2], 500)
+    old = age(db_path, ids[2:], 40)  # two successes and the blocked call, with its error message
+    fresh = calls(2)
+    counters, before = raw_sql.counters(db_path), spend()
+    assert tl.Execution.get(old[-1]).error_message
+
+    plan = tl.purge(details_days=30, executions_days=400, dry_run=True)
+    assert (plan["details"], plan["executions"], plan["dry_run"]) == (3, 2, True)
+    assert tl.Execution.all().count() == 7 and tl.Execution.get(ancient[0]).user_prompt  # nothing changed
+
+    done = tl.purge(details_days=30, executions_days=400)
+    assert (done["details"], done["executions"]) == (3, 2)
+    assert sorted(e.id for e in tl.Execution.all()) == sorted(old + fresh)
+    for i in old:
+        e = tl.Execution.get(i)
+        assert (e.system_prompt, e.user_prompt, e.response, e.error_message, e.metadata) == (None, None, None, None, {})
+        assert e.status in ("success", "blocked") and e.agent == "Support"  # the row itself stays
+    assert tl.Execution.get(old[0]).total_tokens > 0
+    for i in fresh:
+        e = tl.Execution.get(i)
+        assert e.user_prompt and e.response and e.metadata == {"plan": "pro"}
+    assert raw_sql.counters(db_path) == counters
+    assert spend() == before
+    again = tl.purge(details_days=30, executions_days=400)
+    assert (again["details"], again["executions"]) == (0, 0)
+
+
+def test_error_messages_in_attempts_are_cleared_too(db_path: Path) -> None:
+    tl.configure(mock={"failure_rate": 1.0})
+    with pytest.raises(tl.ProviderError):
+        Support.call(q="fail", company="Acme")
+    [row] = tl.Execution.all()
+    [aged] = age(db_path, [row.id], 31)
+    assert tl.Execution.get(aged).attempts[0]["error_message"]
+
+    tl.purge(details_days=30)
+
+    e = tl.Execution.get(aged)
+    assert e.error_message is None
+    assert [a.get("error_message") for a in e.attempts] == [None]
+    assert e.attempts[0]["model"] == "mock/support" and e.attempts[0]["error_class"]
+
+
+def test_many_batches_while_calls_go_on(db_path: Path) -> None:
+    ids = calls(1200)
+    aged = age(db_path, ids, 500)
+    counters = raw_sql.counters(db_path)
+    made: list[str] = []
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():
+            made.extend(calls(1, tenant="busy"))
+
+    t = threading.Thread(target=caller)
+    t.start()
+    try:
+        done = tl.purge(executions_days=400)
+    finally:
+        stop.set()
+        t.join()
+    assert done["executions"] == 1200
+    assert tl.Execution.all().count() == len(made)
+    assert not set(aged) & {e.id for e in tl.Execution.all()}
+    assert made  # calls went on during the purge
+    acme = {k: v for k, v in raw_sql.counters(db_path).items() if k[0] == "tenant:acme"}
+    assert acme and acme == {k: v for k, v in counters.items() if k[0] == "tenant:acme"}
+
+
+def test_configured_retention_runs_in_the_background(db_path: Path) -> None:
+    aged = age(db_path, calls(3), 500)
+    counters = raw_sql.counters(db_path)
+
+    tl.configure(retention={"details_days": 30, "executions_days": 400})
+    Support.call(q="now", company="Acme", tenant="other")  # the engine is up (its thread with it)
+
+    deadline = time.monotonic() + 20
+    while tl.Execution.all().count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e.id for e in tl.Execution.all() if e.id in aged] == []
+    assert tl.Execution.all().count() == 1
+    acme = {k: v for k, v in raw_sql.counters(db_path).items() if k[0] == "tenant:acme"}
+    assert acme and acme == {k: v for k, v in counters.items() if k[0] == "tenant:acme"}
+    assert tl.purge(dry_run=True)["executions"] == 0  # the configured retention, as purge's default
+
+
+@pytest.mark.parametrize(
+    ("retention", "message"),
+    [
+        ({"details_days": 0}, "details_days.*from 1 to 36500.*got 0"),
+        ({"executions_days": 36501}, "executions_days"),
+        ({"executions_days": 10**30}, "executions_days"),
+        ({"details_days": "30"}, "details_days.*whole number.*str"),
+        ({"details_days": True}, "details_days.*bool"),
+        ({"details_days": 1.5}, "details_days.*float"),
+        ({"detail_days": 30}, "unknown key .detail_days."),
+        ([30], "retention must be a dict"),
+    ],
+)
+def test_bad_retention_is_refused_by_name_and_changes_nothing(retention: Any, message: str) -> None:
+    before = tl.config.settings()
+    with pytest.raises(tl.ConfigurationError, match=message):
+        tl.configure(retention=retention)
+    assert tl.config.settings() is before
+
+
+def test_bad_purge_arguments_are_refused_by_name() -> None:
+    with pytest.raises(tl.ConfigurationError, match=r"details_days.*got 0"):
+        tl.purge(details_days=0)
+    with pytest.raises(tl.ConfigurationError, match=r"executions_days.*str"):
+        tl.purge(executions_days="400")  # type: ignore[arg-type]
+
+
+def test_purge_needs_a_retention() -> None:
+    with pytest.raises(tl.ConfigurationError, match="no retention"):
+        tl.purge()
+    with pytest.raises(tl.ConfigurationError, match="dry_run"):
+        tl.purge(details_days=3, dry_run="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.sqlite_only  # the CLI checks the database file exists (PostgreSQL: tl.purge above)
+def test_cli_dry_run_prints_what_would_go_and_changes_nothing(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    age(db_path, calls(2), 500)
+    calls(1)
+    assert main(["purge", "--database", str(db_path), "--details-days", "30", "--executions-days", "400",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Would delete 2 executions started before" in out
+    assert "Would clear the prompts, responses, metadata and error messages of 0 executions" in out
+    assert tl.Execution.all().count() == 3
+
+    assert main(["purge", "--database", str(db_path), "--executions-days", "400"]) == 0
+    assert "Did delete 2 executions" in capsys.readouterr().out
+    assert tl.Execution.all().count() == 1
+    assert main(["purge", "--database", str(db_path)]) == 2
+
+
+@pytest.mark.sqlite_only
+def test_a_process_exits_cleanly_mid_purge_and_forked_children_work(db_path: Path) -> None:
+    age(db_path, calls(1500), 500)
+    script = textwrap.dedent(f"""
+        import os, tenantllm as tl
+        class Support(tl.Agent):
+            model = "mock/support"
+            system = "You help {{company}}."
+            user = "Question: {{q}}"
+        tl.configure(database={str(db_path)!r}, retention={{"executions_days": 400}})
+        Support.call(q="parent", company="Acme")  # starts the background purge
+        pid = os.fork()
+        if pid == 0:
+            # The child has no purge thread of the parent's; its own engine works (and purges).
+            Support.call(q="child", company="Acme")
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(status)
+        # Exits with the purge under way: the batch in flight commits, none starts after.
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0"
+    assert raw_sql.query(db_path, "PRAGMA integrity_check") == [("ok",)]
+    rows = raw_sql.query(db_path, "SELECT user_prompt FROM executions JOIN execution_details ON id = execution_id "
+                                  "WHERE user_prompt IN ('Question: parent', 'Question: child')")
+    assert sorted(r[0] or "" for r in rows) == ["Question: child", "Question: parent"]
+    # Whatever the exit cut short, a later purge finishes.
+    tl.purge(executions_days=400)
+    assert tl.Execution.all().count() == 2
+    assert tl.purge(executions_days=400, dry_run=True)["executions"] == 0
