@@ -304,3 +304,44 @@ def test_bad_options_are_refused_by_name_and_change_nothing(otel: Otel, server: 
     tl.configure(opentelemetry=False)
     agent("mock/support").call(q="hi")
     assert otel.calls() == []
+
+
+def weather(city: str) -> dict[str, Any]:
+    """Current weather for a city."""
+    return {"city": city, "temp": 3}
+
+
+def broken(x: int) -> str:
+    """Always raises."""
+    raise ValueError(f"bad x {x}")
+
+
+def test_a_tool_loop_has_a_chat_span_per_round_and_a_span_per_tool_call(otel: Otel) -> None:
+    pytest.importorskip("pydantic")
+
+    class Tools(tl.Agent):
+        model = "mock/fast"
+        user = "{q}"
+        tools = (weather, broken)
+
+    tracer = otel.tracer_provider.get_tracer("app")
+    with tracer.start_as_current_span("request") as request:
+        r = Tools.call(q='Hi\n@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}\n@tool nope {}', tenant="acme")
+
+    rounds = otel.calls()
+    tools = sorted((s for s in otel.spans() if s.name.startswith("execute_tool ")), key=lambda s: s.start_time or 0)
+    assert len(rounds) == 2
+    assert dict(rounds[-1].attributes or {})["tenantllm.execution_id"] == r.execution_id
+    assert [s.name for s in tools] == ["execute_tool weather", "execute_tool broken", "execute_tool nope"]
+    assert [(s.attributes or {}).get("error.type") for s in tools] == [None, "ValueError", "ToolCallRejected"]
+    assert [s.status.status_code for s in tools] == [StatusCode.UNSET, StatusCode.ERROR, StatusCode.ERROR]
+    assert dict(tools[0].attributes or {})["gen_ai.operation.name"] == "execute_tool"
+    assert "gen_ai.tool.call.arguments" not in dict(tools[0].attributes or {})
+    # All in the request's trace, in order: round 1, its tools, round 2.
+    for s in [*rounds, *tools]:
+        assert s.parent is not None and s.parent.span_id == request.get_span_context().span_id
+    assert rounds[0].end_time is not None and tools[-1].end_time is not None and rounds[1].start_time is not None
+    assert rounds[0].end_time <= tools[0].start_time and tools[-1].end_time <= rounds[1].start_time  # type: ignore[operator]
+    # The combined result spans both rounds and carries both rounds' requests.
+    first = tl.Execution.get(str(dict(rounds[0].attributes or {})["tenantllm.execution_id"]))
+    assert r.started_at == first.started_at and len(r.attempts) == 2
