@@ -80,7 +80,7 @@ def test_purge_clears_details_then_deletes_rows_and_leaves_counters(db_path: Pat
 
     plan = tl.purge(details_days=30, executions_days=400, dry_run=True)
     assert (plan["details"], plan["executions"], plan["dry_run"]) == (3, 2, True)
-    assert tl.Execution.all().count() == 7 and tl.Execution.get(ancient[0]).user_prompt  # nothing changed
+    assert len(list(tl.Execution.all())) == 7 and tl.Execution.get(ancient[0]).user_prompt  # nothing changed
 
     done = tl.purge(details_days=30, executions_days=400)
     assert (done["details"], done["executions"]) == (3, 2)
@@ -134,7 +134,7 @@ def test_many_batches_while_calls_go_on(db_path: Path) -> None:
         stop.set()
         t.join()
     assert done["executions"] == 1200
-    assert tl.Execution.all().count() == len(made)
+    assert len(list(tl.Execution.all())) == len(made)
     assert not set(aged) & {e.id for e in tl.Execution.all()}
     assert made  # calls went on during the purge
     acme = {k: v for k, v in raw_sql.counters(db_path).items() if k[0] == "tenant:acme"}
@@ -149,10 +149,10 @@ def test_configured_retention_runs_in_the_background(db_path: Path) -> None:
     Support.call(q="now", company="Acme", tenant="other")  # the engine is up (its thread with it)
 
     deadline = time.monotonic() + 20
-    while tl.Execution.all().count() > 1 and time.monotonic() < deadline:
+    while len(list(tl.Execution.all())) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [e.id for e in tl.Execution.all() if e.id in aged] == []
-    assert tl.Execution.all().count() == 1
+    assert len(list(tl.Execution.all())) == 1
     acme = {k: v for k, v in raw_sql.counters(db_path).items() if k[0] == "tenant:acme"}
     assert acme and acme == {k: v for k, v in counters.items() if k[0] == "tenant:acme"}
     assert tl.purge(dry_run=True)["executions"] == 0  # the configured retention, as purge's default
@@ -203,11 +203,11 @@ def test_cli_dry_run_prints_what_would_go_and_changes_nothing(
     out = capsys.readouterr().out
     assert "Would delete 2 executions started before" in out
     assert "Would clear the prompts, responses, metadata and error messages of 0 executions" in out
-    assert tl.Execution.all().count() == 3
+    assert len(list(tl.Execution.all())) == 3
 
     assert main(["purge", "--database", str(db_path), "--executions-days", "400"]) == 0
     assert "Did delete 2 executions" in capsys.readouterr().out
-    assert tl.Execution.all().count() == 1
+    assert len(list(tl.Execution.all())) == 1
     assert main(["purge", "--database", str(db_path)]) == 2
 
 
@@ -240,5 +240,5 @@ def test_a_process_exits_cleanly_mid_purge_and_forked_children_work(db_path: Pat
     assert sorted(r[0] or "" for r in rows) == ["Question: child", "Question: parent"]
     # Whatever the exit cut short, a later purge finishes.
     tl.purge(executions_days=400)
-    assert tl.Execution.all().count() == 2
+    assert len(list(tl.Execution.all())) == 2
     assert tl.purge(executions_days=400, dry_run=True)["executions"] == 0
