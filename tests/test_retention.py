@@ -99,6 +99,29 @@ def test_purge_clears_details_then_deletes_rows_and_leaves_counters(db_path: Pat
     assert (again["details"], again["executions"]) == (0, 0)
 
 
+def test_totals_of_past_days_and_months_are_unchanged_by_a_purge(db_path: Path) -> None:
+    """Rows aged into past days and months (rollups rebuilt from them, as if written then):
+    grouped totals over whole days read the rollups, which a purge leaves alone."""
+    ids = calls(3) + calls(2, tenant="beta")
+    age(db_path, ids[:2], 500)
+    age(db_path, ids[2:4], 45)
+    tl.rebuild_counters()
+    totals = [
+        lambda: tl.Execution.all().group_by("tenant_id").sum("total_cost"),
+        lambda: tl.Execution.all().group_by("day", "tenant_id").sum("total_tokens"),
+        lambda: tl.Execution.all().group_by("month").sum("total_cost"),
+        lambda: tl.Execution.all().group_by("month", "agent", "status").count(),
+        lambda: tl.Execution.last_n_days(60).group_by("day").count(),
+    ]
+    before = [f() for f in totals]
+    assert len(before[2]) >= 2 and sum(before[3].values()) == 5  # past months are in the rollups
+
+    done = tl.purge(details_days=30, executions_days=400)
+    assert (done["details"], done["executions"]) == (2, 2)
+    assert len(list(tl.Execution.all())) == 3
+    assert [f() for f in totals] == before
+
+
 def test_error_messages_in_attempts_are_cleared_too(db_path: Path) -> None:
     tl.configure(mock={"failure_rate": 1.0})
     with pytest.raises(tl.ProviderError):
