@@ -7,7 +7,7 @@ from tenantllm._sqlite_library import load_shared_sqlite
 
 load_shared_sqlite()  # before _core is loaded: it binds to the SQLite this makes global
 
-from tenantllm import _core
+from tenantllm import _core, alerts
 from tenantllm._core import (
     AgentResult,
     AllModelsExhaustedError,
@@ -74,6 +74,7 @@ __all__ = [
     "UsageNotReported",
     "__version__",
     "agent",
+    "alerts",
     "configure",
     "guard",
     "guarded",
