@@ -4,6 +4,7 @@ database of its own when TENANTLLM_TEST_STORE=postgres, see store_mode/pg_everyw
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ def _fresh_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         # configuration behind (say, a bad secret in the environment) gets the forced drop.
         with contextlib.suppress(tl.ConfigurationError):
             tl.configure(reset=True, database=":memory:")
+        gc.collect()  # an engine kept only by a reference cycle (an exception's frames) closes its pool now
         pg_everywhere.drop_created()
 
 
