@@ -9,6 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::breaker;
 use crate::budget::{self, Check};
+use crate::cache;
 use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::config::Config;
 use crate::error::{config_err, BudgetBlock, CircuitBlock, Error, ProviderErrorKind, ProviderFailure, RateBlock, Result};
@@ -43,6 +44,9 @@ pub struct AgentSpec {
     pub tools: Vec<providers::ToolSpec>,
     /// The schema answers must follow (structured output).
     pub schema: Option<providers::ResponseSchema>,
+    /// How long an answer is kept in the response cache (zero: not cached), at most
+    /// `cache::MAX_TTL`.
+    pub cache_ttl: Duration,
 }
 
 /// `budget_fallback = tl.Downgrade(at=0.8, model=...)`.
@@ -76,6 +80,9 @@ impl AgentSpec {
         }
         if self.rate_limit_wait > MAX_RATE_LIMIT_WAIT {
             return config_err(format!("{}.rate_limit_wait must be from 0 to {} seconds", self.name, MAX_RATE_LIMIT_WAIT.as_secs()));
+        }
+        if self.cache_ttl > cache::MAX_TTL {
+            return config_err(format!("{}.cache_ttl must be from 0 to {} seconds", self.name, cache::MAX_TTL.as_secs()));
         }
         if let Some(d) = &self.downgrade {
             if !(d.at > 0.0 && d.at <= 1.0) {
@@ -144,6 +151,8 @@ pub struct CallOutcome {
     pub started_at: Micros,
     pub completed_at: Micros,
     pub attempts: Vec<Attempt>,
+    /// Answered from the response cache.
+    pub cached: bool,
 }
 
 /// What a call would do, without doing it (`dry_run=True`).
@@ -421,6 +430,7 @@ impl Engine {
                     outcomes: vec![],
                     started: Instant::now(),
                     time_to_first_token_ms: None,
+                    cached: false,
                     done: false,
                 },
                 first: model_index,
@@ -542,16 +552,94 @@ impl Engine {
             downgrade: None,
             ..(**spec).clone()
         };
-        let mut meta: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&req.metadata).unwrap_or_default();
-        meta.insert("downgraded_from".into(), spec.model.clone().into());
-        let metadata = serde_json::Value::Object(meta).to_string();
+        let metadata = with_metadata(&req.metadata, "downgraded_from", &spec.model);
         Ok((Arc::new(cheap), CallRequest { metadata, ..req }))
     }
 
+    /// A call: from the response cache when the agent has one and it holds this call's
+    /// answer, else from the provider. A structured answer off its schema is asked for once
+    /// more, as a call of its own (admitted, recorded and billed again, its metadata's
+    /// `retry_of` naming the first); a second one off its schema is the error.
     pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
         let (spec, req) = self.downgraded(&spec, req)?;
-        let mut started = self.start(&spec, &req).await?;
-        let chosen = self.attempts(&spec, &mut started, false).await?;
+        let key = Self::cache_key(&spec, &req);
+        if let Some(hit) = self.from_cache(&spec, &req, key.as_deref()).await? {
+            return Ok(hit);
+        }
+        let outcome = match self.answer(&spec, &req).await? {
+            Answered::Valid(o) => o,
+            Answered::Invalid { execution_id, .. } => {
+                let again = CallRequest { metadata: with_metadata(&req.metadata, "retry_of", &execution_id), ..req.clone() };
+                match self.answer(&spec, &again).await? {
+                    Answered::Valid(o) => o,
+                    Answered::Invalid { error, .. } => return Err(error),
+                }
+            }
+        };
+        self.remember(&spec, &req, key, &outcome);
+        Ok(outcome)
+    }
+
+    /// The response cache's key for a call, when its agent caches answers.
+    fn cache_key(spec: &AgentSpec, req: &CallRequest) -> Option<String> {
+        let models: Vec<&String> = spec.chain().collect();
+        (!spec.cache_ttl.is_zero()).then(|| cache::key(req.tenant.id.as_deref(), &models, &Self::request(spec, req)))
+    }
+
+    /// The cached answer a call would get now (validated as the call would be), if any.
+    pub fn cached_answer(&self, spec: &AgentSpec, req: &CallRequest) -> Result<Option<cache::Entry>> {
+        self.plan(spec, req)?;
+        match Self::cache_key(spec, req) {
+            Some(key) => self.store.cache_get(req.tenant.id.as_deref(), &key, now_micros()),
+            None => Ok(None),
+        }
+    }
+
+    /// A call answered from the cache, if it holds the answer. It is admitted like a call
+    /// that costs nothing and sends no request: no breaker is asked, cost and token limits
+    /// refuse it only when already passed (it needs $0 and 0 tokens), execution-count and
+    /// rate limits count it like any call. Its row is `success` with `cached` set, cost 0,
+    /// no attempts, and `cached_from` (the execution that paid for the answer) in its metadata.
+    async fn from_cache(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, key: Option<&str>) -> Result<Option<CallOutcome>> {
+        let Some(key) = key else { return Ok(None) };
+        self.plan(spec, req)?;
+        let Some(entry) = self.store.cache_get(req.tenant.id.as_deref(), key, now_micros())? else { return Ok(None) };
+        let free = AgentSpec { breaker: None, ..spec.clone() };
+        let req = CallRequest { metadata: with_metadata(&req.metadata, "cached_from", &entry.execution_id), ..req.clone() };
+        let Admission { mut call, warnings, .. } = self.admit_waiting(&free, &req, &entry.provider, budget::estimate(Nanos(0), 0)).await?;
+        call.cached = true;
+        let finish_reason = entry.finish_reason.as_deref().and_then(|f| providers::FINISH_REASONS.iter().find(|r| **r == f).copied());
+        let reply = Reply { content: entry.content, model: entry.model, usage: Usage::default(), finish_reason, finish_reason_raw: None, refusal: None, tool_calls: vec![] };
+        call.succeed(spec, &entry.provider, reply, Cost::default(), warnings).map(Some)
+    }
+
+    /// Keeps a call's answer for its agent's `cache_ttl`: only a whole answer in text (not
+    /// one cut off, refused or asking for tools).
+    fn remember(&self, spec: &AgentSpec, req: &CallRequest, key: Option<String>, o: &CallOutcome) {
+        let Some(key) = key else { return };
+        if !o.tool_calls.is_empty() || !matches!(o.finish_reason, None | Some("stop")) {
+            return;
+        }
+        let now = now_micros();
+        let entry = cache::Entry {
+            content: o.content.clone(),
+            model: o.chosen_model_id.clone(),
+            provider: o.provider.clone(),
+            finish_reason: o.finish_reason.map(String::from),
+            execution_id: o.execution_id.clone(),
+            created_at: now,
+            expires_at: now.saturating_add(spec.cache_ttl.as_micros() as i64),
+        };
+        // The call succeeded and is billed: a failed cache write must not turn it into an
+        // error. The next call misses and writes again.
+        let _ = self.store.cache_put(req.tenant.id.as_deref(), &key, &entry);
+    }
+
+    /// One provider call, admitted and recorded; a structured answer off its schema closes
+    /// its row as an error (billed) and comes back as `Invalid`.
+    async fn answer(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest) -> Result<Answered> {
+        let mut started = self.start(spec, req).await?;
+        let chosen = self.attempts(spec, &mut started, false).await?;
         let Opened::Reply(reply) = chosen.opened else { return Err(Error::Internal("a call's attempt opened a stream".into())) };
         let Started { mut call, plan, warnings, .. } = started;
         let cost = plan.prices[chosen.index].cost_at(reply.usage, chosen.sent_at);
@@ -569,10 +657,14 @@ impl Engine {
                 retryable: false,
                 retry_after: None,
             };
-            return call.end_partial(&chosen.attempt, reply, cost, elapsed, StreamEnd::Broken(f));
+            let execution_id = call.execution.id.clone();
+            return match call.end_partial(&chosen.attempt, reply, cost, elapsed, StreamEnd::Broken(f)) {
+                Err(error @ Error::Provider(_)) => Ok(Answered::Invalid { execution_id, error }),
+                other => other.map(Answered::Valid),
+            };
         }
         call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
-        call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)
+        call.succeed(spec, &chosen.attempt.provider, reply, cost, warnings).map(Answered::Valid)
     }
 
     /// A streamed call: each piece of text goes to `out` as it arrives. Retries and
@@ -580,8 +672,15 @@ impl Engine {
     /// (the consumer stopped), the request is abandoned and the row is `cancelled`, billing
     /// what was received; a stream that breaks or times out after the first piece is an
     /// error (or timeout) row billing what was received. The reservation is held throughout.
+    /// An answer from the response cache comes as one piece.
     pub async fn run_stream(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest, out: &UnboundedSender<String>) -> Result<CallOutcome> {
         let (spec, req) = self.downgraded(&spec, req)?;
+        let key = Self::cache_key(&spec, &req);
+        if let Some(hit) = self.from_cache(&spec, &req, key.as_deref()).await? {
+            // A consumer already gone still has its (free) call recorded.
+            let _ = out.send(hit.content.clone());
+            return Ok(hit);
+        }
         let mut started = self.start(&spec, &req).await?;
         let chosen = tokio::select! {
             biased;
@@ -621,7 +720,9 @@ impl Engine {
             None => match providers::check_reply(&plan.routes[chosen.index], reply) {
                 Ok(reply) => {
                     call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
-                    call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)
+                    let outcome = call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)?;
+                    self.remember(&spec, &req, key, &outcome);
+                    Ok(outcome)
                 }
                 Err(f) => {
                     let f = ProviderFailure { model: chosen.attempt.model.clone(), ..f };
@@ -813,6 +914,13 @@ impl Engine {
 
 const GLOBAL_KEYS: &str = "global";
 
+/// A call's metadata (a JSON object, checked when the call was built) with one more entry.
+fn with_metadata(metadata: &str, name: &str, value: &str) -> String {
+    let mut meta: serde_json::Map<String, serde_json::Value> = serde_json::from_str(metadata).unwrap_or_default();
+    meta.insert(name.into(), value.into());
+    serde_json::Value::Object(meta).to_string()
+}
+
 fn key_scope(tenant_id: &str) -> String {
     format!("tenant:{tenant_id}")
 }
@@ -855,6 +963,13 @@ struct Chosen {
     at: Instant,
     sent_at: crate::clock::Micros,
     api_key: Option<String>,
+}
+
+/// How a call's answer turned out.
+enum Answered {
+    Valid(CallOutcome),
+    /// A structured answer off its schema: its row (`execution_id`) is closed as an error.
+    Invalid { execution_id: String, error: Error },
 }
 
 /// How a stream ended before its reply was complete.
@@ -902,6 +1017,8 @@ struct InFlight {
     started: Instant,
     /// Streams: when the first piece of text reached the consumer.
     time_to_first_token_ms: Option<i64>,
+    /// Answered from the response cache.
+    cached: bool,
     done: bool,
 }
 
@@ -975,6 +1092,7 @@ impl InFlight {
             finish_reason: None,
             response: None,
             time_to_first_token_ms: self.time_to_first_token_ms,
+            cached: self.cached,
         }
     }
 
@@ -1009,6 +1127,7 @@ impl InFlight {
             started_at,
             completed_at: c.completed_at,
             attempts: c.attempts,
+            cached: c.cached,
         })
     }
 

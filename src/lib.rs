@@ -3,6 +3,7 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod engine;

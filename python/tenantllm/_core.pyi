@@ -99,6 +99,7 @@ class AgentSpec:
         downgrade: tuple[float, str] | None = None,
         tools: str | None = None,
         schema: tuple[str, str] | None = None,
+        cache_ttl: float = 0.0,
     ) -> AgentSpec: ...
     @property
     def name(self) -> str: ...
@@ -109,6 +110,8 @@ class AgentSpec:
 class AgentResult:
     @property
     def time_to_first_token_ms(self) -> int | None: ...
+    @property
+    def cached(self) -> bool: ...
     @property
     def content(self) -> str: ...
     @property

@@ -107,6 +107,7 @@ def build_spec(
     budget_fallback: Any = None,
     tools: str | None = None,
     schema: Schema | None = None,
+    cache_ttl: Any = None,
 ) -> _core.AgentSpec:
     """Validates an agent's settings (shared by `Agent` classes and `@agent` functions)."""
     if not isinstance(model, str) or not model:
@@ -162,6 +163,7 @@ def build_spec(
         downgrade=downgrade,
         tools=tools,
         schema=None if schema is None else schema.for_spec(),
+        cache_ttl=0.0 if cache_ttl is None else _number(name, "cache_ttl", cache_ttl),
     )
 
 
@@ -219,6 +221,9 @@ class Agent:
     raise_tool_errors: ClassVar[bool] = False
     # Structured output: a pydantic model class or a JSON Schema dict; `r.parsed` is the answer.
     schema: ClassVar[Any] = None
+    # Seconds (0 to 2,592,000, i.e. 30 days) an answer is kept and given again to the same
+    # tenant's identical call, free; 0 or None: no cache.
+    cache_ttl: ClassVar[float | None] = None
 
     _tl_params: ClassVar[tuple[str, ...]] = ()
     _tl_spec: ClassVar[_core.AgentSpec | None] = None
@@ -278,6 +283,7 @@ class Agent:
                 budget_fallback=cls.budget_fallback,
                 tools=tools_json(cls._tl_tools),
                 schema=cls._tl_schema,
+                cache_ttl=cls.cache_ttl,
             )
             cls._tl_spec = spec
         return spec
@@ -393,6 +399,7 @@ class Agent:
             "temperature": cls.temperature,
             "max_tokens": cls.max_tokens,
             "timeout": cls.timeout,
+            "cache_ttl": cls.cache_ttl,
         }
 
 

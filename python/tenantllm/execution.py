@@ -72,6 +72,8 @@ class Execution:
     cache_write_cost: Decimal
     # Streams only: milliseconds from the call's start to its first piece of text.
     time_to_first_token_ms: int | None
+    # Answered from the response cache (`cache_ttl`): no provider request, cost 0.
+    cached: bool
     # From the details table; filled by `Execution.get` only.
     system_prompt: str | None = None
     user_prompt: str | None = None
@@ -260,8 +262,10 @@ class ExecutionQuery:
     def by_status(self, status: str) -> ExecutionQuery:
         return self._and("eq", "status", status)
 
-    def where(self, field: str, value: str | int) -> ExecutionQuery:
-        return self._and("eq", field, value)
+    def where(self, field: str, value: str | int | bool) -> ExecutionQuery:
+        """Rows whose `field` equals `value`: `where("cached", True)` for answers from the
+        response cache."""
+        return self._and("eq", field, int(value) if isinstance(value, bool) else value)
 
     def successful(self) -> ExecutionQuery:
         return self.by_status("success")

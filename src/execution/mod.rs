@@ -127,6 +127,8 @@ pub struct Completion {
     pub response: Option<String>,
     /// Streams only: from the call's start to its first piece of text.
     pub time_to_first_token_ms: Option<i64>,
+    /// Answered from the response cache: no provider request, cost 0.
+    pub cached: bool,
 }
 
 impl Completion {
@@ -146,6 +148,7 @@ impl Completion {
             finish_reason: None,
             response: None,
             time_to_first_token_ms: None,
+            cached: false,
         }
     }
 }
@@ -194,6 +197,8 @@ pub const FIELDS: &[(&str, Kind)] = &[
     ("cache_read_cost", Kind::Money),
     ("cache_write_cost", Kind::Money),
     ("time_to_first_token_ms", Kind::Int),
+    // 1 for an answer from the response cache, else 0.
+    ("cached", Kind::Int),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -202,7 +202,11 @@ pub fn cell_to_py(py: Python<'_>, c: Cell) -> PyResult<Py<PyAny>> {
 pub fn row_to_dict(py: Python<'_>, row: Row) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     for (k, v) in row {
-        d.set_item(k, cell_to_py(py, v)?)?;
+        match (k, v) {
+            // Stored as 0 or 1 (both stores); a flag in Python.
+            ("cached", v) => d.set_item(k, matches!(v, Cell::Int(1)))?,
+            (k, v) => d.set_item(k, cell_to_py(py, v)?)?,
+        }
     }
     Ok(d)
 }

@@ -41,7 +41,7 @@ impl PyAgentSpec {
     #[new]
     #[pyo3(signature = (name, model, *, fallback_models=vec![], temperature=None, max_tokens=AnyInt::of(1024), timeout=30.0,
         retries=AnyInt::of(0), backoff="exponential".to_string(), base=0.4, max_delay=3.0, breaker=None, rate_limit_wait=0.0, downgrade=None,
-        tools=None, schema=None))]
+        tools=None, schema=None, cache_ttl=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -60,6 +60,7 @@ impl PyAgentSpec {
         downgrade: Option<(f64, String)>,
         tools: Option<String>,
         schema: Option<(String, String)>,
+        cache_ttl: f64,
     ) -> PyResult<Self> {
         let build = || -> Result<AgentSpec> {
             // Checked before Duration::from_secs_f64, which panics past its range.
@@ -73,6 +74,11 @@ impl PyAgentSpec {
             let max_wait = crate::engine::MAX_RATE_LIMIT_WAIT.as_secs_f64();
             if !(0.0..=max_wait).contains(&rate_limit_wait) {
                 return crate::error::config_err(format!("{name}.rate_limit_wait must be from 0 to {max_wait} seconds (got {rate_limit_wait})"));
+            }
+            // Checked before Duration::from_secs_f64 too.
+            let max_ttl = crate::cache::MAX_TTL.as_secs_f64();
+            if !(0.0..=max_ttl).contains(&cache_ttl) {
+                return crate::error::config_err(format!("{name}.cache_ttl must be from 0 to {max_ttl} seconds (got {cache_ttl})"));
             }
             let errors = |e: &AnyInt| e.within(&format!("{name}.circuit_breaker.errors"), 1, breaker::MAX_ERRORS as i64);
             let spec = AgentSpec {
@@ -88,6 +94,7 @@ impl PyAgentSpec {
                 downgrade: downgrade.map(|(at, model)| crate::engine::Downgrade { at, model }),
                 tools: tools.as_deref().map(crate::providers::parse_tools).transpose()?.unwrap_or_default(),
                 schema: schema.map(|(n, s)| crate::providers::ResponseSchema::new(&n, &s)).transpose()?,
+                cache_ttl: Duration::from_secs_f64(cache_ttl),
             };
             spec.validate()?;
             Ok(spec)
@@ -161,6 +168,8 @@ pub struct PyAgentResult {
     tool_calls: Py<PyAny>,
     /// Structured output: the answer validated (a pydantic model instance or a dict).
     parsed: Py<PyAny>,
+    /// Answered from the response cache (no provider request, cost 0).
+    cached: bool,
     /// The calls the model asked for in this round: (id, name, arguments, signature).
     #[pyo3(name = "_tool_requests")]
     tool_requests: Vec<(String, String, String, Option<String>)>,
@@ -238,6 +247,7 @@ impl PyAgentResult {
             time_to_first_token_ms: self.time_to_first_token_ms,
             tool_calls,
             parsed,
+            cached: self.cached,
             tool_requests: self.tool_requests.clone(),
             // From the first round's start to the last one's end, with every round's requests.
             started_at: all().next().and_then(|r| r.started_at),
@@ -285,6 +295,7 @@ impl From<CallOutcome> for PyAgentResult {
             started_at: DateTime::from_timestamp_micros(o.started_at),
             completed_at: DateTime::from_timestamp_micros(o.completed_at),
             attempts: Attempts(Arc::new(o.attempts)),
+            cached: o.cached,
         }
     }
 }
@@ -648,8 +659,8 @@ impl PyEngine {
 
     /// What a call would send and reserve (`dry_run=True`).
     fn plan<'py>(&self, py: Python<'py>, call: &PyCall) -> PyResult<Bound<'py, PyDict>> {
-        let engine = self.engine(py)?;
-        let plan = catch_panic(|| engine.plan(&call.spec, &call.req)).py_err(py)?;
+        let (spec, req) = (&call.spec, &call.req);
+        let (plan, cached) = self.detached(py, |e| Ok((e.plan(spec, req)?, e.cached_answer(spec, req)?.is_some())))?;
         let d = PyDict::new(py);
         let models = PyList::empty(py);
         for ((route, price), dropped) in plan.routes.iter().zip(&plan.prices).zip(&plan.dropped_params) {
@@ -669,6 +680,7 @@ impl PyEngine {
         d.set_item("estimated_input_tokens", plan.estimated_input_tokens)?;
         d.set_item("estimated_tokens", plan.estimated_tokens)?;
         d.set_item("estimated_cost", nanos_to_py(py, plan.estimated_cost)?)?;
+        d.set_item("cached", cached)?;
         Ok(d)
     }
 

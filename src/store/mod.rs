@@ -16,6 +16,7 @@ pub use query::GroupValues;
 pub use sqlite::{library_version as sqlite_library_version, shares_library as shares_sqlite_library, SqliteStore};
 
 use crate::breaker;
+use crate::cache;
 use crate::budget::{self, Breach, Check, TenantBudget};
 use crate::clock::{Calendar, Micros, Period, DEFAULT_TIMEZONE};
 use crate::error::{config_err, Result};
@@ -171,6 +172,12 @@ pub trait Store: Send + Sync {
     fn purge_batch(&self, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged>;
     /// How many executions a purge with these cutoffs would clear and delete now; changes nothing.
     fn purge_preview(&self, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged>;
+    /// The response cache's unexpired entry for `key` of this tenant, at `now`.
+    fn cache_get(&self, tenant_id: Option<&str>, key: &str, now: Micros) -> Result<Option<cache::Entry>>;
+    /// Stores an answer for `key` of this tenant unless an unexpired one is there (of
+    /// several callers that missed at once, the first to write wins and the entry stays
+    /// whole), and removes up to `cache::SWEEP` expired entries, in one transaction.
+    fn cache_put(&self, tenant_id: Option<&str>, key: &str, entry: &cache::Entry) -> Result<()>;
 
     /// Whether this is a SQLite database file, which other SQLite users in the process (Python's
     /// `sqlite3`) may open too.
@@ -335,6 +342,20 @@ fn budget_on_conflict(write: BudgetWrite<'_>) -> Result<String> {
 
 const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
      daily_execution_limit, monthly_execution_limit, enforcement, rpm_limit, tpm_limit, max_concurrent";
+
+/// The response cache's SQL, shared by both stores (PostgreSQL writes `$` for `?`): read an
+/// entry; remove expired ones, a bounded batch; write one, replacing only an expired one.
+const CACHE_GET_SQL: &str = "SELECT content, model, provider, finish_reason, execution_id, created_at, expires_at
+     FROM response_cache WHERE tenant_id = ?1 AND key = ?2 AND expires_at > ?3";
+const CACHE_SWEEP_SQL: &str = "DELETE FROM response_cache WHERE (tenant_id, key) IN
+     (SELECT tenant_id, key FROM response_cache WHERE expires_at <= ?1 LIMIT ?2)";
+const CACHE_PUT_SQL: &str = "INSERT INTO response_cache
+         (tenant_id, key, content, model, provider, finish_reason, execution_id, created_at, expires_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+     ON CONFLICT (tenant_id, key) DO UPDATE SET content = excluded.content, model = excluded.model,
+         provider = excluded.provider, finish_reason = excluded.finish_reason, execution_id = excluded.execution_id,
+         created_at = excluded.created_at, expires_at = excluded.expires_at
+     WHERE response_cache.expires_at <= excluded.created_at";
 
 /// The execution columns, in `FIELDS` order.
 fn all_columns() -> String {

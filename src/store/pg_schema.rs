@@ -224,4 +224,21 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX executions_running ON executions (started_at) WHERE status = 'running';
     "#,
+    // 10: the response cache (see schema.rs, migration 10).
+    r#"
+    ALTER TABLE executions ADD COLUMN cached BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE response_cache (
+        tenant_id TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        content TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        finish_reason TEXT,
+        execution_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant_id, key)
+    );
+    CREATE INDEX response_cache_expiry ON response_cache (expires_at);
+    "#,
 ];

@@ -37,9 +37,10 @@ use super::rollups::{self, Dialect, ROLLED};
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerOutcome, BreakerStatus, BudgetWrite, Choice, CounterKey,
-    FinishRequest, Purged, Store, BUDGET_COLUMNS, TIMEZONE_SQL,
+    FinishRequest, Purged, Store, BUDGET_COLUMNS, TIMEZONE_SQL, CACHE_GET_SQL, CACHE_PUT_SQL, CACHE_SWEEP_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
+use crate::cache;
 use crate::budget::{self, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
@@ -661,7 +662,7 @@ fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_d
              output_tokens = $10, cached_tokens = $11, total_tokens = $12, input_cost = $13,
              output_cost = $14, total_cost = $15, attempts_count = $16, attempts = $17, finish_reason = $18,
              cache_write_tokens = $19, cache_read_cost = $20, cache_write_cost = $21,
-             time_to_first_token_ms = $22
+             time_to_first_token_ms = $22, cached = $23
          WHERE id = $1",
         &[
             &e.id,
@@ -686,6 +687,7 @@ fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_d
             &c.cost.cache_read.0,
             &c.cost.cache_write.0,
             &c.time_to_first_token_ms,
+            &i64::from(c.cached),
         ],
     )?;
     if n != 1 {
@@ -1695,6 +1697,32 @@ impl Store for PostgresStore {
         })
     }
 
+    fn cache_get(&self, tenant_id: Option<&str>, key: &str, now: Micros) -> Result<Option<cache::Entry>> {
+        let (sql, tenant) = (CACHE_GET_SQL.replace('?', "$"), tenant_id.unwrap_or(""));
+        self.read(|db| {
+            let Some(r) = db.query_opt(&sql, &[&tenant, &key, &now])? else { return Ok(None) };
+            Ok(Some(cache::Entry {
+                content: r.try_get(0)?,
+                model: r.try_get(1)?,
+                provider: r.try_get(2)?,
+                finish_reason: r.try_get(3)?,
+                execution_id: r.try_get(4)?,
+                created_at: r.try_get(5)?,
+                expires_at: r.try_get(6)?,
+            }))
+        })
+    }
+
+    fn cache_put(&self, tenant_id: Option<&str>, key: &str, e: &cache::Entry) -> Result<()> {
+        let (sweep, put, tenant) = (CACHE_SWEEP_SQL.replace('?', "$"), CACHE_PUT_SQL.replace('?', "$"), tenant_id.unwrap_or(""));
+        // Running it again after a lost commit writes the same entry.
+        self.write(OnCommitLoss::Rerun, |db| {
+            db.execute(&sweep, &[&e.created_at, &cache::SWEEP])?;
+            db.execute(&put, &[&tenant, &key, &e.content, &e.model, &e.provider, &e.finish_reason, &e.execution_id, &e.created_at, &e.expires_at])?;
+            Ok(())
+        })
+    }
+
     fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State> {
         self.read(|db| Ok(breaker_row(db, key, false)?.unwrap_or_default()))
     }
@@ -1834,6 +1862,7 @@ mod tests {
             finish_reason: None,
             response: Some("hi".into()),
             time_to_first_token_ms: None,
+            cached: false,
         }
     }
 

@@ -543,6 +543,7 @@ pub(crate) mod tests {
             finish_reason: None,
             response: None,
             time_to_first_token_ms: rng.bool().then(|| rng.i64(1..500)),
+            cached: false,
         };
         store
             .finish(&FinishRequest {

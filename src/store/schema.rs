@@ -232,4 +232,24 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX executions_running ON executions (started_at) WHERE status = 'running';
     "#,
+    // 10: the response cache (`cache_ttl`, src/cache.rs): per tenant ('' for none) and key,
+    // an answer until `expires_at` (UTC micros); expired entries are removed a few at a time
+    // by later writes (the index finds them). `executions.cached` marks the rows answered
+    // from it.
+    r#"
+    ALTER TABLE executions ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE response_cache (
+        tenant_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        content TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        finish_reason TEXT,
+        execution_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX response_cache_expiry ON response_cache (expires_at);
+    "#,
 ];

@@ -16,9 +16,10 @@ use super::schema::MIGRATIONS;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
-    Store, BUDGET_COLUMNS, TIMEZONE_SQL,
+    Store, BUDGET_COLUMNS, TIMEZONE_SQL, CACHE_GET_SQL, CACHE_PUT_SQL, CACHE_SWEEP_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
+use crate::cache;
 use crate::budget::{self, Check, Enforcement, Limits, TenantBudget};
 use crate::clock::{now_micros, Calendar, Micros, DEFAULT_TIMEZONE};
 use crate::error::{Error, Result};
@@ -400,7 +401,7 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
                  output_tokens = ?10, cached_tokens = ?11, total_tokens = ?12, input_cost = ?13,
                  output_cost = ?14, total_cost = ?15, attempts_count = ?16, attempts = ?17, finish_reason = ?18,
                  cache_write_tokens = ?19, cache_read_cost = ?20, cache_write_cost = ?21,
-                 time_to_first_token_ms = ?22
+                 time_to_first_token_ms = ?22, cached = ?23
              WHERE id = ?1",
         )?
         .execute(params![
@@ -426,6 +427,7 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
             c.cost.cache_read.0,
             c.cost.cache_write.0,
             c.time_to_first_token_ms,
+            i64::from(c.cached),
         ])?;
     if n != 1 {
         return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
@@ -1351,6 +1353,41 @@ impl Store for SqliteStore {
         })
     }
 
+    fn cache_get(&self, tenant_id: Option<&str>, key: &str, now: Micros) -> Result<Option<cache::Entry>> {
+        self.read(|c| {
+            let entry = |r: &rusqlite::Row<'_>| {
+                Ok(cache::Entry {
+                    content: r.get(0)?,
+                    model: r.get(1)?,
+                    provider: r.get(2)?,
+                    finish_reason: r.get(3)?,
+                    execution_id: r.get(4)?,
+                    created_at: r.get(5)?,
+                    expires_at: r.get(6)?,
+                })
+            };
+            Ok(c.prepare_cached(CACHE_GET_SQL)?.query_row(params![tenant_id.unwrap_or(""), key, now], entry).optional()?)
+        })
+    }
+
+    fn cache_put(&self, tenant_id: Option<&str>, key: &str, e: &cache::Entry) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached(CACHE_SWEEP_SQL)?.execute(params![e.created_at, cache::SWEEP])?;
+            tx.prepare_cached(CACHE_PUT_SQL)?.execute(params![
+                tenant_id.unwrap_or(""),
+                key,
+                e.content,
+                e.model,
+                e.provider,
+                e.finish_reason,
+                e.execution_id,
+                e.created_at,
+                e.expires_at
+            ])?;
+            Ok(())
+        })
+    }
+
     fn breaker_status(&self, key: &BreakerKey) -> Result<breaker::State> {
         self.read(|c| breaker_get(c, key))
     }
@@ -1472,6 +1509,7 @@ mod tests {
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
                  DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running;
+                 DROP TABLE response_cache; ALTER TABLE executions DROP COLUMN cached;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();
