@@ -1,6 +1,7 @@
 """Structured output: `schema =` a pydantic model or a JSON Schema dict, sent in each provider's
 native form (checked on what the fake server received), the answer validated into `r.parsed`;
-an answer off its schema is an InvalidResponseError with an `error` row that bills it."""
+an answer off its schema is billed on an `error` row and asked for once more; a second one off
+it is an InvalidResponseError."""
 
 from __future__ import annotations
 
@@ -88,17 +89,33 @@ def test_gemini_gets_a_response_json_schema(fp: FakeProvider) -> None:
     assert config["responseJsonSchema"] == Invoice.model_json_schema()
 
 
-async def test_an_answer_off_its_schema_is_billed_on_an_error_row(fp: FakeProvider) -> None:
+async def test_an_answer_off_its_schema_twice_is_billed_on_two_error_rows(fp: FakeProvider) -> None:
     fp.script(Step(content='{"number": "forty-two"}'), Step(content='{"number": 4'))
-    for _ in range(2):
-        with pytest.raises(tl.InvalidResponseError, match="structured output"):
-            await on("gpt-4o-mini").acall(text="Invoice 42", tenant="acme")
-    rows = list(tl.Execution.all())
-    assert [(e.status, e.error_class) for e in rows] == [("error", "InvalidResponseError")] * 2
-    assert all(e.total_cost > 0 and e.output_tokens == 7 for e in rows)
-    messages = sorted(e.error_message or "" for e in rows)
-    assert "not valid JSON" in messages[0] + messages[1]
-    assert "number: Input should be a valid integer" in messages[0] + messages[1]
+    with pytest.raises(tl.InvalidResponseError, match="structured output"):
+        await on("gpt-4o-mini").acall(text="Invoice 42", tenant="acme")
+    assert len(fp.requests) == 2
+    first, second = tl.Execution.all().order_by("started_at")
+    assert [(e.status, e.error_class) for e in (first, second)] == [("error", "InvalidResponseError")] * 2
+    assert all(e.total_cost > 0 and e.output_tokens == 7 for e in (first, second))
+    assert "number: Input should be a valid integer" in (first.error_message or "")
+    assert "not valid JSON" in (second.error_message or "")
+    assert second.metadata == {"retry_of": first.id}
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet-4-5"])
+def test_an_answer_off_its_schema_is_asked_for_once_more(fp: FakeProvider, model: str) -> None:
+    fmt = "anthropic" if model.startswith("claude") else "openai"
+    if fmt == "anthropic":
+        fp.script(tool_call_step(fmt, [("Invoice", {"number": "x"})]), tool_call_step(fmt, [("Invoice", ANSWER)]))
+    else:
+        fp.script(Step(content="Sure! Here is the invoice."), Step(content=json.dumps(ANSWER)))
+    r = on(model).call(text="Invoice 42", tenant="acme")
+    assert r.parsed == Invoice(number=42, total=9.5) and len(fp.requests) == 2
+    assert fp.requests[0].body == fp.requests[1].body, "the same request again"
+    bad, good = tl.Execution.all().order_by("started_at")
+    assert (bad.status, bad.error_class, good.status) == ("error", "InvalidResponseError", "success")
+    assert bad.total_cost > 0 and good.total_cost > 0, "both billed"
+    assert good.id == r.execution_id and good.metadata == {"retry_of": bad.id}
 
 
 def test_a_json_schema_dict_gives_a_dict() -> None:
@@ -112,7 +129,7 @@ def test_a_json_schema_dict_gives_a_dict() -> None:
     assert Dict.call(text='@json {"x": 3}', tenant="acme").parsed == {"x": 3}
     with pytest.raises(tl.InvalidResponseError, match="x: 'no' is not of type 'integer'"):
         Dict.call(text='@json {"x": "no"}', tenant="acme")
-    assert tl.Execution.failed().count() == 1
+    assert tl.Execution.failed().count() == 2  # asked once more
 
 
 def test_bad_schemas_fail_at_class_definition() -> None:
