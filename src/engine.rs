@@ -567,11 +567,11 @@ impl Engine {
             return Ok(hit);
         }
         let outcome = match self.answer(&spec, &req).await? {
-            Answered::Valid(o) => o,
+            Answered::Valid(o) => *o,
             Answered::Invalid { execution_id, .. } => {
                 let again = CallRequest { metadata: with_metadata(&req.metadata, "retry_of", &execution_id), ..req.clone() };
                 match self.answer(&spec, &again).await? {
-                    Answered::Valid(o) => o,
+                    Answered::Valid(o) => *o,
                     Answered::Invalid { error, .. } => return Err(error),
                 }
             }
@@ -660,11 +660,11 @@ impl Engine {
             let execution_id = call.execution.id.clone();
             return match call.end_partial(&chosen.attempt, reply, cost, elapsed, StreamEnd::Broken(f)) {
                 Err(error @ Error::Provider(_)) => Ok(Answered::Invalid { execution_id, error }),
-                other => other.map(Answered::Valid),
+                other => other.map(|o| Answered::Valid(Box::new(o))),
             };
         }
         call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
-        call.succeed(spec, &chosen.attempt.provider, reply, cost, warnings).map(Answered::Valid)
+        call.succeed(spec, &chosen.attempt.provider, reply, cost, warnings).map(|o| Answered::Valid(Box::new(o)))
     }
 
     /// A streamed call: each piece of text goes to `out` as it arrives. Retries and
@@ -967,7 +967,7 @@ struct Chosen {
 
 /// How a call's answer turned out.
 enum Answered {
-    Valid(CallOutcome),
+    Valid(Box<CallOutcome>),
     /// A structured answer off its schema: its row (`execution_id`) is closed as an error.
     Invalid { execution_id: String, error: Error },
 }

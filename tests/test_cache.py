@@ -233,8 +233,13 @@ def test_no_cache_ttl_means_no_cache(fp: FakeProvider, db_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("ttl", "why"),
-    [(-1, "cache_ttl must be from 0 to 2592000"), (2_592_001, "cache_ttl must be from 0"), ("1h", "cache_ttl must be a number"),
-     (True, "cache_ttl must be a number"), (float("nan"), "cache_ttl must be from 0")],
+    [
+        (-1, "cache_ttl must be from 0 to 2592000"),
+        (2_592_001, "cache_ttl must be from 0"),
+        ("1h", "cache_ttl must be a number"),
+        (True, "cache_ttl must be a number"),
+        (float("nan"), "cache_ttl must be from 0"),
+    ],
 )
 def test_bad_cache_ttl_is_refused_and_records_nothing(fp: FakeProvider, ttl: Any, why: str) -> None:
     bad = type("Bad", (Faq,), {"cache_ttl": ttl})
