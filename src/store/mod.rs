@@ -543,6 +543,47 @@ pub(crate) mod tests {
         assert!(admitted > 100 && refused > 100 && lagging > 100, "{admitted} admitted, {refused} refused, {lagging} lagging");
     }
 
+    /// Shared by both stores' tests: an unexpired entry is kept against a second writer and
+    /// an expired one replaced; entries are per tenant; each write removes at most
+    /// `cache::SWEEP` expired entries.
+    pub(crate) fn cache_entries_keep_the_first_writer_and_are_swept(store: &dyn Store) {
+        let t: Micros = 1_800_000_000_000_000;
+        let entry = |content: &str, at: Micros, ttl: Micros| cache::Entry {
+            content: content.into(),
+            model: "m".into(),
+            provider: "p".into(),
+            finish_reason: Some("stop".into()),
+            execution_id: format!("e-{content}"),
+            created_at: at,
+            expires_at: at + ttl,
+        };
+        let get = |tenant: Option<&str>, key: &str, now: Micros| store.cache_get(tenant, key, now).unwrap().map(|e| e.content);
+        store.cache_put(Some("t1"), "k", &entry("a", t, 10)).unwrap();
+        store.cache_put(Some("t1"), "k", &entry("b", t + 1, 10)).unwrap();
+        assert_eq!(get(Some("t1"), "k", t + 9).as_deref(), Some("a"));
+        assert_eq!(store.cache_get(Some("t1"), "k", t).unwrap(), Some(entry("a", t, 10)));
+        assert_eq!((get(Some("t2"), "k", t), get(None, "k", t)), (None, None), "another tenant, no tenant");
+        assert_eq!(get(Some("t1"), "k", t + 10), None, "expired at expires_at");
+        store.cache_put(Some("t1"), "k", &entry("c", t + 10, 10)).unwrap();
+        assert_eq!(get(Some("t1"), "k", t + 11).as_deref(), Some("c"));
+        // 250 entries expiring at t + 1 (read back at t, while still there).
+        let old: Vec<String> = (0..250).map(|i| format!("old{i}")).collect();
+        for k in &old {
+            store.cache_put(None, k, &entry("o", t, 1)).unwrap();
+        }
+        let left = || old.iter().filter(|k| get(None, k, t).is_some()).count();
+        assert_eq!(left(), 250);
+        // The expired "c" (at t + 20) and 250 old ones: one write removes 100 of them.
+        store.cache_put(None, "new", &entry("n", t + 100, 1000)).unwrap();
+        let c_left = usize::from(get(Some("t1"), "k", t + 11).is_some());
+        assert_eq!(left() + c_left, 251 - cache::SWEEP as usize);
+        for _ in 0..2 {
+            store.cache_put(None, "new", &entry("n2", t + 100, 1000)).unwrap();
+        }
+        assert_eq!((left(), get(Some("t1"), "k", t + 11)), (0, None));
+        assert_eq!(get(None, "new", t + 100).as_deref(), Some("n"), "still the first, unexpired");
+    }
+
     #[test]
     fn reservations_move_to_the_periods_of_the_new_zone() {
         let berlin = Calendar::new("Europe/Berlin").unwrap();

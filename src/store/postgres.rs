@@ -1958,6 +1958,13 @@ mod tests {
 
     #[test]
     #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+    fn cache_entries_keep_the_first_writer_and_are_swept() {
+        let db = TestDb::new();
+        super::super::tests::cache_entries_keep_the_first_writer_and_are_swept(&db.open());
+    }
+
+    #[test]
+    #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
     fn concurrent_first_migrations_and_newer_schemas() {
         let db = TestDb::new();
         let opened: Vec<_> = (0..4)

@@ -507,7 +507,8 @@ pub(crate) mod tests {
             }
         }
         // A database from before rollups: the migration fills them from the rows that are left.
-        sql("DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running");
+        sql("DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running;
+             DROP TABLE response_cache; ALTER TABLE executions DROP COLUMN cached");
         sql(&format!("UPDATE schema_version SET version = {}", MIGRATION - 1));
         let reopened = open_again();
         for (q, by, agg, _) in &before {

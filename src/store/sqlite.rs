@@ -1480,6 +1480,13 @@ mod tests {
     }
 
     #[test]
+    fn cache_entries_keep_the_first_writer_and_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        super::super::tests::cache_entries_keep_the_first_writer_and_are_swept(&store);
+    }
+
+    #[test]
     fn rollups_answer_like_rows_and_survive_purges() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
