@@ -124,6 +124,30 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
     report_tail(f"tenantllm/{store}: full guard, single calls", each, "<= 10000" if store == "SQLite" else "")
 
 
+class Cached(Guarded):
+    cache_ttl = 3600
+
+
+def cache_hits(db: str, n: int, repeats: int) -> None:
+    """A response-cache hit (a read of the entry, then the admission and the row of a call
+    that costs nothing) next to the same guarded call answered by the mock provider."""
+    print("\nResponse cache on SQLite, mock provider with zero latency (µs per call, median)")
+    budgeted: dict[str, Any] = {"database": db, "budgets": {"global_daily": 1_000_000, "enforcement": "hard"}}
+    tl.configure(reset=True, **budgeted)
+    tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
+    Cached.call(text="the quarterly report", tenant="bench")
+    us = interleaved_us(
+        {
+            "miss": (budgeted, lambda: Guarded.call(text="the quarterly report", tenant="bench")),
+            "hit": (budgeted, lambda: Cached.call(text="the quarterly report", tenant="bench")),
+        },
+        max(n // 3, 1),
+        repeats * 3,
+    )
+    report("tenantllm/SQLite: full guard, answered by the provider", us["miss"], "µs")
+    report("tenantllm/SQLite: full guard, answered from the cache", us["hit"], "µs")
+
+
 def report_tail(name: str, latencies_us: list[float], max_target: str = "") -> None:
     """p50, p99, p99.9 and the slowest of single-call latencies (µs)."""
     each = sorted(latencies_us)
@@ -729,6 +753,7 @@ def main() -> None:
                 throughput(url, 100 if args.quick else 300, "PostgreSQL")
         else:
             print("\n(PostgreSQL skipped: pass --postgres URL or set TENANTLLM_TEST_POSTGRES_URL)")
+        cache_hits(str(d / "cache.db"), n, repeats)
         concurrent_acalls(str(d / "acall.db"), 1000, 3 if args.quick else 5)
         streams(str(d / "stream.db"), 50 if args.quick else 300, 1000, 3 if args.quick else 5)
         spend_queries(str(d / "big.db"), 50_000 if args.quick else 1_000_000, 1000, 20)
