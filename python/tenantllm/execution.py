@@ -352,6 +352,7 @@ class ExecutionQuery:
         for c in _COUNTS:
             frame[c] = frame[c].astype("int64")
         frame["duration_ms"] = frame["duration_ms"].astype("Int64")  # None while running
+        frame["cached"] = frame["cached"].astype("bool")
         for c in _MONEY:
             frame[c] = frame[c].astype("float64") if money == "float" else frame[c].astype(object)
         return frame
