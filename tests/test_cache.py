@@ -270,3 +270,17 @@ def test_a_cached_answer_across_processes(db_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == f"True {first.content}"
+
+
+def test_a_function_agent_caches_too() -> None:
+    @tl.agent(model="mock/faq", cache_ttl=60)
+    def answer(q: str) -> str:
+        """{q}"""
+
+    assert not answer(q="why?", tenant="acme").cached
+    assert answer(q="why?", tenant="acme").cached
+    with pytest.raises(tl.ConfigurationError, match="cache_ttl must be from 0"):
+
+        @tl.agent(model="mock/faq", cache_ttl=-5)
+        def bad(q: str) -> str:
+            """{q}"""

@@ -74,11 +74,13 @@ def agent(
     retries: int | Retries = 0,
     fallback_models: Sequence[str] = (),
     circuit_breaker: BreakerPolicy | None = None,
+    cache_ttl: float | None = None,
 ) -> _AgentDecorator:
     """Make an agent from a function. Its docstring is the user prompt template (its
     parameters fill the `{placeholders}`), unless the function returns the prompt itself.
     Calling it runs the agent (`async def` -> awaitable) and returns an `AgentResult`;
     `tenant=` is accepted as for `Agent.call`. The agent's name is the function's qualified name.
+    `cache_ttl` is the response cache's, as on `Agent`.
     """
 
     def decorate(fn: Callable[..., Any]) -> Any:
@@ -92,6 +94,7 @@ def agent(
             retries=retries,
             fallback_models=fallback_models,
             circuit_breaker=circuit_breaker,
+            cache_ttl=cache_ttl,
         )
         sig = inspect.signature(fn)
         if "tenant" in sig.parameters:
