@@ -3,10 +3,12 @@ control, no API keys anywhere, 404s, mounting in FastAPI, and the SVG charts."""
 
 from __future__ import annotations
 
+import calendar
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from tenantllm import dashboard
 from tenantllm.dashboard import Viewer, charts
 from tenantllm.dashboard.views import usd
 
-PAGES = ["/", "/?period=7d", "/?period=30d", "/?period=month", "/?period=all", "/tenants", "/executions", "/breakers"]
+PAGES = ["/", "/?period=7d", "/?period=30d", "/?period=month", "/?period=all", "/tenants", "/executions", "/breakers",
+         "/tenants?sort=errors&order=asc", "/tenants?q=a&filter=near_limit&filter=no_budget", "/tenants?page=2",
+         "/tenants/acme"]
 
 
 @pytest.fixture
@@ -100,7 +104,8 @@ def test_overview_shows_period_totals_charts_and_spend_by_tenant(client: TestCli
     assert chart and chart.group(1).count('<rect class="bar"') == 14
     spend = re.search(r'id="spend-by-tenant">(.*?)</div>', html, re.S)
     assert spend is not None
-    for tenant in ("acme", "globex", "(no tenant)"):
+    # The biggest spenders from the counters, the rest (here the call without a tenant) in one bar.
+    for tenant in ("acme", "globex", "(all others)"):
         assert f">{tenant}<" in spend.group(1)
     failures = re.search(r'id="recent-failures">(.*?)</table>', html, re.S)
     assert failures and failures.group(1).count("/executions/") == 2
@@ -124,6 +129,207 @@ def test_tenants_page_shows_budget_status_and_utilisation(client: TestClient, sa
     assert "limit reached" in initech and "of $0.00" in initech  # a zero limit is 100% used
 
 
+def tenants_total(html: str) -> int:
+    m = re.search(r'<p class="muted" id="total">([\d,]+) tenant', html)
+    assert m, "no total on the page"
+    return int(m.group(1).replace(",", ""))
+
+
+def test_tenants_are_sorted_searched_filtered_and_paged(client: TestClient, sample: Sample) -> None:
+    def listed(query: str) -> list[str]:
+        r = client.get(f"/tenants?{query}")
+        assert r.status_code == 200, query
+        return rows(r.text, "tenant")
+
+    # Spend today, largest first, is the default; globex spent less than acme, initech nothing.
+    assert listed("") == listed("sort=spend_today&order=desc") == ["acme", "globex", "initech"]
+    assert listed("sort=spend_today&order=asc") == ["initech", "globex", "acme"]
+    assert listed("sort=spend_month") == ["acme", "globex", "initech"]
+    assert listed("sort=name") == ["acme", "globex", "initech"]  # names, A first
+    assert listed("sort=name&order=desc") == ["initech", "globex", "acme"]
+    assert listed("sort=errors")[0] == "globex"  # its 2 errors today
+    # Share of the nearest limit: initech's zero limit is 100 % used.
+    assert listed("sort=share")[0] == "initech"
+    # Search: part of the id or of the name, any case; LIKE wildcards are plain characters.
+    assert listed("q=glob") == ["globex"]
+    assert listed("q=CORP") == ["acme"]
+    assert listed("q=%25") == listed("q=_") == []
+    assert "No tenant matches" in client.get("/tenants?q=nobody").text
+    # Filters.
+    assert listed("filter=breaker_open") == ["globex"]
+    assert listed("filter=blocked_today") == ["initech"]
+    near = {t for t in ("acme", "globex", "initech") if _nearest_share(t) >= 0.8}
+    assert "initech" in near and set(listed("filter=near_limit")) == near
+    assert listed("filter=no_budget") == []
+    assert listed("filter=breaker_open&filter=blocked_today") == []  # filters combine
+    assert listed("filter=bogus&sort=bogus") == ["acme", "globex", "initech"]  # unknown: ignored
+    # Pages, with links that keep the order.
+    html = client.get("/tenants?per_page=1&page=2&sort=name").text
+    assert rows(html, "tenant") == ["globex"] and "Page 2 of 3" in html and tenants_total(html) == 3
+    assert 'rel="next" href="/tenants?sort=name&amp;order=asc&amp;per_page=1&amp;page=3"' in html
+    filtered = client.get("/tenants?per_page=1&filter=near_limit&filter=breaker_open&sort=name").text
+    assert "filter=near_limit&amp;filter=breaker_open" in filtered  # the CSV link and pager keep both
+    assert rows(client.get("/tenants?per_page=1&page=99&sort=name").text, "tenant") == ["initech"]  # the last
+
+
+def _projection(spent: Decimal, limit: Decimal | None) -> tuple[Decimal, date | None]:
+    """The README's rule, worked out here independently: this month's spend / days elapsed
+    (today included) * days in the month, in nano-dollars rounded down; the limit runs out on
+    the first day of the month whose end that rate reaches it."""
+    today = datetime.now(UTC).date()  # the sample database's calendar is UTC
+    days = calendar.monthrange(today.year, today.month)[1]
+    nanos = int(spent * 10**9)
+    projected = Decimal(nanos * days // today.day) / 10**9
+    if limit is None:
+        return projected, None
+    if spent >= limit:
+        return projected, today
+    if spent == 0:
+        return projected, None
+    day = -(-int(limit * 10**9) * today.day // nanos)
+    return projected, today.replace(day=day) if day <= days else None
+
+
+def test_month_end_projection_and_when_the_budget_runs_out(client: TestClient, sample: Sample) -> None:
+    from tenantllm.config import engine
+
+    acme = tl.TenantBudget.get("acme")
+    spent = acme.current_monthly_spending
+    assert spent > 0
+    # globex: a monthly limit its rate reaches this month; acme: $20, far off; initech: none.
+    tl.TenantBudget.get("globex").update(monthly_limit=tl.TenantBudget.get("globex").current_monthly_spending * 2)
+    listed = {r["tenant_id"]: r for r in engine().tenant_list(sort="name", descending=False)["rows"]}
+    for t in ("acme", "globex", "initech"):
+        b = tl.TenantBudget.get(t)
+        expected = _projection(b.current_monthly_spending, b.monthly_limit)
+        assert (listed[t]["projected_month"], listed[t]["runs_out"]) == expected, t
+    assert listed["acme"]["runs_out"] is None and listed["initech"]["runs_out"] is None
+    # Spent exactly the limit: out today.
+    acme.update(monthly_limit=spent)
+    [row] = engine().tenant_list(tenant_id="acme")["rows"]
+    assert row["runs_out"] == _projection(spent, spent)[1] == datetime.now(UTC).date()
+    # The page, the list's filter and its sort (soonest first; never-out last either way).
+    html = client.get("/tenants/acme").text
+    assert re.search(rf'id="runs-out">{row["runs_out"].isoformat()}<', html)
+    assert usd(row["projected_month"]) in html
+    out = {t for t, r in listed.items() if r["runs_out"] is not None} | {"acme"}
+    assert set(rows(client.get("/tenants?filter=runs_out").text, "tenant")) == out
+    soonest = rows(client.get("/tenants?sort=runs_out&order=asc").text, "tenant")
+    latest = rows(client.get("/tenants?sort=runs_out&order=desc").text, "tenant")
+    assert soonest[0] == "acme" and soonest[-1] == latest[-1] == "initech"
+    # Without any monthly limit (own or global) nothing runs out; a global limit applies.
+    acme.update(monthly_limit=None)
+    assert "acme" not in rows(client.get("/tenants?filter=runs_out").text, "tenant")
+    tl.configure(budgets={"global_monthly": str(spent)})
+    assert "acme" in rows(client.get("/tenants?filter=runs_out").text, "tenant")
+    csv_table = csv_rows(client.get("/tenants.csv?q=acme").text)
+    acme_csv = dict(zip(csv_table[0], csv_table[1], strict=True))
+    assert acme_csv["monthly_budget_runs_out"] == datetime.now(UTC).date().isoformat()
+    assert Decimal(acme_csv["projected_month_cost"]) == _projection(spent, None)[0]
+
+
+def test_spend_by_tenant_reads_the_counters(sample: Sample) -> None:
+    from tenantllm.config import engine
+
+    e = engine()
+    month = {t: tl.TenantBudget.get(t).current_monthly_spending for t in ("acme", "globex", "initech")}
+    ranked = sorted(month.items(), key=lambda tc: (-tc[1], tc[0]))
+    top = [(t, u["cost"]) for t, u in e.top_tenants("month", 10)]
+    assert [t for t, c in top if c > 0] == [t for t, c in ranked if c > 0]
+    assert dict(top) == {t: c for t, c in month.items() if t in dict(top)}
+    assert e.top_tenants("month", 1) == e.top_tenants("month", 10)[:1]
+    # Every call in the sample ran today: the last days and all months give the same (a
+    # counter left at zero by a refused call may exist in one period and not the other).
+    def used(kind: str, days: int | None = None) -> list[tuple[str, dict[str, object]]]:
+        return [(t, u) for t, u in e.top_tenants(kind, 10, days) if any(u.values())]
+
+    for kind, days in (("days", 1), ("days", 30), ("all", None)):
+        assert used(kind, days) == used("month"), kind
+    for args, field in ((("week", 1), "period"), (("days", 0), "limit"), (("days", 1, 0), "days"),
+                        (("days", 10_001), "limit")):
+        with pytest.raises(tl.ConfigurationError, match=field):
+            e.top_tenants(*args)
+
+
+def _nearest_share(tenant: str) -> float:
+    b = tl.TenantBudget.get(tenant)
+    pairs = [(b.current_daily_spending, b.daily_limit), (b.current_daily_tokens, b.daily_token_limit)]
+    return max(1.0 if lim == 0 else float(Decimal(used) / Decimal(lim)) for used, lim in pairs if lim is not None)
+
+
+def test_tenant_detail_page(client: TestClient, sample: Sample) -> None:
+    html = client.get("/tenants/acme").text
+    agents = re.search(r'id="by-agent">(.*?)</table>', html, re.S)
+    assert agents and "SupportAgent" in agents.group(1) and "SummaryAgent" in agents.group(1)
+    assert re.search(r"SupportAgent</a></td>\s*<td class=\"num\">6<", agents.group(1))
+    models = re.search(r'id="by-model">(.*?)</table>', html, re.S)
+    assert models and "mock/support" in models.group(1) and "mock/summary" in models.group(1)
+    assert "No failed calls" in html and "globex" not in html
+    assert html.count('<rect class="bar"') == 30
+    globex = client.get("/tenants/globex").text
+    failures = re.search(r'id="failures">(.*?)</table>', globex, re.S)
+    assert failures and failures.group(1).count('class="execution"') == 2
+    assert rows(globex, "breaker") == ["globex"]
+    assert re.search(r'id="errors-today">2<', globex)
+    # The list links to it.
+    assert 'href="/tenants/acme"' in client.get("/tenants").text
+
+
+def csv_rows(text: str) -> list[list[str]]:
+    import csv
+    import io
+
+    return list(csv.reader(io.StringIO(text)))
+
+
+def test_csv_exports_follow_the_filters(client: TestClient, sample: Sample) -> None:
+    r = client.get("/tenants.csv?filter=breaker_open")
+    assert r.headers["content-type"].startswith("text/csv")
+    assert "attachment" in r.headers["content-disposition"]
+    table = csv_rows(r.text)
+    assert table[0][:3] == ["tenant_id", "name", "enforcement"] and [t[0] for t in table[1:]] == ["globex"]
+    everyone = csv_rows(client.get("/tenants.csv?sort=name").text)
+    assert [t[0] for t in everyone[1:]] == ["acme", "globex", "initech"]
+    acme = dict(zip(everyone[0], everyone[1], strict=True))
+    assert Decimal(acme["Today limit"]) == 1
+    assert Decimal(acme["Today used"]) == tl.TenantBudget.get("acme").current_daily_spending
+    executions = csv_rows(client.get("/executions.csv?tenant_id=acme").text)
+    assert len(executions) == 9 and {e[2] for e in executions[1:]} == {"acme"}
+    ids = [e.id for e in tl.Execution.by_tenant("acme").order_by("-started_at", "-id")]
+    assert [e[0] for e in executions[1:]] == ids
+    assert len(csv_rows(client.get("/executions.csv").text)) == 16
+    assert len(csv_rows(client.get("/executions.csv?status=failed").text)) == 3
+
+
+def test_csv_cells_never_start_a_formula(client: TestClient, sample: Sample) -> None:
+    tl.TenantBudget.create("evil", name='=HYPERLINK("http://x.invalid","y")')
+    table = csv_rows(client.get("/tenants.csv?q=evil").text)
+    assert table[1][1] == "'=HYPERLINK(\"http://x.invalid\",\"y\")"
+
+
+def test_long_exports_are_read_in_chunks(client: TestClient, sample: Sample, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tenantllm.dashboard import data
+
+    monkeypatch.setattr(data, "EXPORT_CHUNK", 2)  # 15 executions, 3 tenants: several chunks each
+    ids = [e.id for e in tl.Execution.all().order_by("-started_at", "-id")]
+    assert [e[0] for e in csv_rows(client.get("/executions.csv").text)[1:]] == ids
+    assert [t[0] for t in csv_rows(client.get("/tenants.csv?sort=name").text)[1:]] == ["acme", "globex", "initech"]
+
+
+def test_tenant_list_rejects_bad_arguments_by_name(sample: Sample) -> None:
+    from tenantllm.config import engine
+
+    e = engine()
+    for kwargs, field in (({"sort": "cost"}, "sort"), ({"filters": ["hot"]}, "filter"), ({"limit": 0}, "limit"),
+                          ({"offset": -1}, "offset"), ({"search": "x" * 201}, "search")):
+        with pytest.raises(tl.ConfigurationError, match=field):
+            e.tenant_list(**kwargs)
+    listed = e.tenant_list(sort="name", descending=False, limit=2)
+    assert listed["total"] == 3 and [r["tenant_id"] for r in listed["rows"]] == ["acme", "globex"]
+    only = e.tenant_list(tenant_id="nobody")  # a scoped viewer's tenant is listed even without data
+    assert only["total"] == 1 and only["rows"][0]["budget"] is None and only["rows"][0]["share"] is None
+
+
 def test_executions_filters(client: TestClient, sample: Sample) -> None:
     def count(query: str) -> int:
         r = client.get(f"/executions?{query}")
@@ -144,10 +350,10 @@ def test_executions_filters(client: TestClient, sample: Sample) -> None:
     assert count("tenant_id=nobody") == 0
     assert "No executions match" in client.get("/executions?tenant_id=nobody").text
     assert count("status=bogus") == 15  # unknown status: no filter rather than an error
-    # The filter form offers the values that exist.
-    form = client.get("/executions").text
-    for option in ("acme", "globex", "initech", "SupportAgent", "FlakyAgent", "mock/summary"):
-        assert f'<option value="{option}"' in form
+    # The form keeps the filters (free text: no scan of executions for a list of values).
+    form = client.get("/executions?tenant_id=acme&agent=SupportAgent&model=mock/support").text
+    for name, value in (("tenant_id", "acme"), ("agent", "SupportAgent"), ("model", "mock/support")):
+        assert f'name="{name}" value="{value}"' in form
 
 
 def test_executions_are_paginated_newest_first(client: TestClient, sample: Sample) -> None:
@@ -235,6 +441,14 @@ def test_tenant_scoped_viewer_sees_only_its_tenant(sample: Sample) -> None:
     for execution_id in sample.ids["acme"]:
         assert c.get(f"/executions/{execution_id}", headers=h).status_code == 200
     assert rows(c.get("/tenants", headers=h).text, "tenant") == ["acme"]
+    # Every control of the tenants list and the exports stays within the viewer's tenant.
+    for query in ("q=glob", "filter=breaker_open", "sort=errors", "page=2", "per_page=1&page=3"):
+        assert set(rows(c.get(f"/tenants?{query}", headers=h).text, "tenant")) <= {"acme"}, query
+    assert c.get("/tenants/globex", headers=h).status_code == 404
+    assert c.get("/tenants/acme", headers=h).status_code == 200
+    exported = c.get("/tenants.csv?q=glob", headers=h).text + c.get("/executions.csv?tenant_id=globex", headers=h).text
+    assert "globex" not in exported and "initech" not in exported
+    assert len(csv_rows(c.get("/executions.csv?tenant_id=globex", headers=h).text)) == 9
     assert rows(c.get("/breakers", headers=h).text, "breaker") == []
     # globex sees its own breaker and executions.
     g = {"X-Tenant": "globex"}

@@ -4,8 +4,11 @@ viewer sees only its tenant even when it edits the URL."""
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,23 @@ def _click_and_wait(driver: Any, by: str, selector: str) -> None:
     )
 
 
+def _download(driver: Any, url: str, into: Path) -> str:
+    """What the browser saves when the viewer opens `url`, a CSV export (served as an
+    attachment, with the viewer's cookies), into an empty directory of its own."""
+    import time
+
+    into.mkdir(parents=True)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(into)})
+    driver.get(url)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done = [p for p in into.iterdir() if not p.name.endswith(".crdownload")]
+        if done:
+            return done[0].read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"no download from {url}")
+
+
 def _row_tenants(driver: Any, kind: str) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -130,7 +150,7 @@ def test_overview_renders_in_chromium_with_nothing_fetched(
     assert _row_tenants(browser, "tenant") == ["acme", "globex", "initech"]
     _click_and_wait(browser, By.LINK_TEXT, "Executions")
     assert "15 executions" in _text(browser)
-    browser.find_element(By.CSS_SELECTOR, "select[name=tenant_id] option[value=globex]").click()
+    browser.find_element(By.CSS_SELECTOR, "input[name=tenant_id]").send_keys("globex")
     browser.find_element(By.CSS_SELECTOR, "select[name=status] option[value=error]").click()
     _click_and_wait(browser, By.CSS_SELECTOR, "form.filters button")
     assert "tenant_id=globex" in browser.current_url and "2 executions" in _text(browser)
@@ -140,7 +160,62 @@ def test_overview_renders_in_chromium_with_nothing_fetched(
     assert _row_tenants(browser, "breaker") == ["globex"]
 
 
-def test_tenant_scoped_viewer_sees_only_its_tenant_in_chromium(browser: Any, served: tuple[Server, Sample]) -> None:
+def test_tenants_list_pages_sorts_and_searches_in_chromium(
+    browser: Any, served: tuple[Server, Sample], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    server, _ = served
+    browser.delete_all_cookies()
+    browser.get(server.url + "/tenants?per_page=2")
+    assert _row_tenants(browser, "tenant") == ["acme", "globex"]  # spend today, largest first
+    assert "3 tenants" in _text(browser) and "Page 1 of 2" in _text(browser)
+    _click_and_wait(browser, By.CSS_SELECTOR, "a[rel=next]")
+    assert _row_tenants(browser, "tenant") == ["initech"] and "Page 2 of 2" in _text(browser)
+    _click_and_wait(browser, By.CSS_SELECTOR, "a[rel=prev]")
+    assert _row_tenants(browser, "tenant") == ["acme", "globex"]
+    # Sorting by a column heading, then the other way by clicking it again; paging keeps it.
+    _click_and_wait(browser, By.CSS_SELECTOR, "a.sort[href*=\"sort=errors\"]")
+    assert _row_tenants(browser, "tenant")[0] == "globex" and "sort=errors" in browser.current_url
+    _click_and_wait(browser, By.CSS_SELECTOR, "a.sort[href*=\"sort=name\"]")
+    assert _row_tenants(browser, "tenant") == ["acme", "globex"]
+    _click_and_wait(browser, By.CSS_SELECTOR, "a.sort[href*=\"sort=name\"]")  # again: Z first
+    assert _row_tenants(browser, "tenant") == ["initech", "globex"]
+    _click_and_wait(browser, By.CSS_SELECTOR, "a[rel=next]")
+    assert _row_tenants(browser, "tenant") == ["acme"] and "order=asc" not in browser.current_url
+    # Search by name, then a filter, from the form.
+    browser.get(server.url + "/tenants")
+    browser.find_element(By.CSS_SELECTOR, "input[name=q]").send_keys("corp")
+    _click_and_wait(browser, By.CSS_SELECTOR, "form.filters button")
+    assert _row_tenants(browser, "tenant") == ["acme"]
+    browser.find_element(By.CSS_SELECTOR, "input[name=q]").clear()
+    browser.find_element(By.CSS_SELECTOR, "input[name=filter][value=breaker_open]").click()
+    _click_and_wait(browser, By.CSS_SELECTOR, "form.filters button")
+    assert _row_tenants(browser, "tenant") == ["globex"]
+    # Into the tenant's page.
+    _click_and_wait(browser, By.CSS_SELECTOR, "tr.tenant a")
+    assert browser.title.startswith("globex") and "Recent failures" in _text(browser)
+    assert _row_tenants(browser, "breaker") == ["globex"]
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    # When budgets run out: globex's monthly limit is what it spent, so it is out today.
+    globex = tl.TenantBudget.get("globex")
+    globex.update(monthly_limit=globex.current_monthly_spending)
+    browser.get(server.url + "/tenants?per_page=2")
+    _click_and_wait(browser, By.CSS_SELECTOR, "a.sort[href*=\"sort=runs_out\"]")
+    assert "order=asc" in browser.current_url and _row_tenants(browser, "tenant")[0] == "globex"
+    assert "runs out " + datetime.now(UTC).date().isoformat() in _text(browser)
+    browser.find_element(By.CSS_SELECTOR, "input[name=filter][value=runs_out]").click()
+    _click_and_wait(browser, By.CSS_SELECTOR, "form.filters button")
+    assert _row_tenants(browser, "tenant") == ["globex"] and "1 tenant" in _text(browser)
+    exported = _download(browser, browser.find_element(By.ID, "tenants-csv").get_attribute("href"), tmp_path / "csv")
+    assert [r[0] for r in csv.reader(io.StringIO(exported))] == ["tenant_id", "globex"]
+
+
+def test_tenant_scoped_viewer_sees_only_its_tenant_in_chromium(
+    browser: Any, served: tuple[Server, Sample], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
     server, sample = served
     browser.get(server.url + "/")
     browser.delete_all_cookies()
@@ -154,6 +229,27 @@ def test_tenant_scoped_viewer_sees_only_its_tenant_in_chromium(browser: Any, ser
             page = _text(browser)
             assert "globex" not in page and "initech" not in page, path
             assert set(_row_tenants(browser, kind)) <= {"acme"}, path
+        # The tenants list's controls: search, filters, sorting and paging stay within acme.
+        for query in ("q=globex", "filter=breaker_open", "sort=errors&order=asc", "per_page=1&page=2",
+                      "filter=runs_out", "sort=runs_out&order=asc", "filter=no_budget&q=initech"):
+            browser.get(server.url + "/tenants?" + query)
+            assert "globex" not in _text(browser) and set(_row_tenants(browser, "tenant")) <= {"acme"}, query
+        # The CSV exports, whatever they are asked for, hold acme's rows only (url, tenant
+        # column, lines with the header).
+        exports = (("/tenants.csv", 0, 2), ("/tenants.csv?q=globex", 0, 1), ("/tenants.csv?filter=runs_out", 0, 1),
+                   ("/tenants.csv?sort=runs_out&order=asc", 0, 2), ("/executions.csv", 2, 9),
+                   ("/executions.csv?tenant_id=globex", 2, 9), ("/executions.csv?status=failed", 2, 1))
+        for i, (url, column, lines) in enumerate(exports):
+            table = list(csv.reader(io.StringIO(_download(browser, server.url + url, tmp_path / str(i)))))
+            assert table[0][column] == "tenant_id" and {r[column] for r in table[1:]} <= {"acme"}, url
+            assert len(table) == lines and "globex" not in str(table) and "initech" not in str(table), url
+        browser.get(server.url + "/tenants/acme")
+        assert "month-end projection" in _text(browser).lower() and "globex" not in _text(browser)
+        browser.get(server.url + "/tenants/globex")
+        assert "Not found" in _text(browser) and "globex" not in browser.page_source.replace("/tenants/globex", "")
+        browser.get(server.url + "/tenants")
+        _click_and_wait(browser, By.CSS_SELECTOR, "tr.tenant a")
+        assert browser.title.startswith("acme") and "globex" not in _text(browser)
         browser.get(server.url + "/executions?tenant_id=globex")
         assert "8 executions" in _text(browser)
         # Another tenant's execution by URL: 404.

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tenantllm as tl
@@ -118,3 +119,23 @@ def test_cli_lists_tenants_seen_and_tenants_with_a_budget(db_path: Path, capsys:
     assert "Acme Inc." in acme and acme.split()[-2] == "no" and datetime.now(UTC).strftime("%Y-%m-%d") in acme
     assert "Planned Ltd" in planned and planned.split()[-2] == "yes" and planned.count(" - ") >= 1
     assert "database's timezone (UTC)" in out
+
+
+def test_the_dashboard_lists_tenants_seen_without_a_budget_or_usage(configure: Any) -> None:
+    from starlette.testclient import TestClient
+    from tenantllm import dashboard
+    from tenantllm.dashboard import data
+
+    configure(budgets={"per_agent_daily": {"Echo": "0.000000001"}})
+    with pytest.raises(tl.BudgetExceededError):
+        Echo.call(q="hi", tenant={"id": "ghost", "name": "Ghost Ltd"})
+    [row] = data.tenants(tl.config.engine(), None, data.TenantQuery()).rows
+    assert (row.tenant_id, row.name, row.has_budget) == ("ghost", "Ghost Ltd", False)
+    assert row.last_used_at == tl.tenants()[0].last_used_at
+    with TestClient(dashboard.app()) as c:
+        html = c.get("/tenants").text
+        assert 'data-tenant="ghost"' in html and "Ghost Ltd" in html and "last call " in html
+        # Found by its registered name; listed with no budget; its page opens.
+        assert 'data-tenant="ghost"' in c.get("/tenants?q=ghost+ltd").text
+        assert 'data-tenant="ghost"' in c.get("/tenants?filter=no_budget").text
+        assert "Ghost Ltd" in c.get("/tenants/ghost").text

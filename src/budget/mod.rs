@@ -1,6 +1,8 @@
 //! Budget policy: which limits apply to a call, and whether usage plus an estimate fits.
 //! Pure functions; the store supplies counters inside its transaction and calls these.
 
+pub mod projection;
+
 use std::collections::HashMap;
 
 use crate::clock::{Calendar, Micros, Period};

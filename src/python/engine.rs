@@ -27,7 +27,7 @@ use crate::execution::{Aggregate, Attempt, Cell, Field, GroupKey};
 use crate::process::PerProcess;
 use crate::providers::MAX_REPLY_TOKENS;
 use crate::retry::{RetryPolicy, MAX_RETRIES};
-use crate::store::{Alert, BreakerKey, BudgetWrite};
+use crate::store::{Alert, BreakerKey, BudgetWrite, TenantFilter, TenantListQuery, TenantSort, MAX_TENANT_PAGE};
 use crate::tenancy::{validate_tenant_id, validate_tenant_name, TenantContext};
 
 /// An agent class's settings, built once per class by the Python layer.
@@ -859,6 +859,95 @@ impl PyEngine {
         d.set_item("executions_before", executions_before.and_then(DateTime::<Utc>::from_timestamp_micros))?;
         d.set_item("dry_run", dry_run)?;
         Ok(d)
+    }
+
+    /// One page of the dashboard's list of tenants, sorted, searched and filtered by the
+    /// database: {"total": matches over all pages, "rows": [{"tenant_id", "name",
+    /// "last_used_at" (aware datetime or None), "budget" (dict or None), "today", "month"
+    /// (usage dicts), "errors_today", "blocked_today", "breakers_open", "share" (float or
+    /// None), "projected_month" (Decimal), "runs_out" (date or None)}, ...]}.
+    #[pyo3(signature = (*, sort="spend_today", descending=true, search=None, filters=Vec::new(), tenant_id=None, offset=0, limit=50))]
+    #[allow(clippy::too_many_arguments)]
+    fn tenant_list<'py>(
+        &self,
+        py: Python<'py>,
+        sort: &str,
+        descending: bool,
+        search: Option<String>,
+        filters: Vec<String>,
+        tenant_id: Option<String>,
+        offset: i64,
+        limit: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let parse = || -> Result<(TenantSort, Vec<TenantFilter>)> {
+            Ok((TenantSort::parse(sort)?, filters.iter().map(|f| TenantFilter::parse(f)).collect::<Result<Vec<_>>>()?))
+        };
+        let (sort, filters) = parse().py_err(py)?;
+        let now = now_micros();
+        let global = self.config.budgets.limits.clone();
+        let list = self.detached(py, |e| {
+            let cal = e.current_calendar()?;
+            let q = TenantListQuery {
+                tenant_id: tenant_id.clone(),
+                search: search.clone(),
+                filters: filters.clone(),
+                sort,
+                descending,
+                offset,
+                limit,
+                global: global.clone(),
+                today: cal.local_date(now),
+                day: cal.period_key(Period::Daily, now),
+                month: cal.period_key(Period::Monthly, now),
+                day_start: cal.last_n_days(now, 1).0,
+            };
+            e.store().tenant_list(&q)
+        })?;
+        let rows = PyList::empty(py);
+        for r in &list.rows {
+            let d = PyDict::new(py);
+            d.set_item("tenant_id", &r.tenant_id)?;
+            d.set_item("name", &r.name)?;
+            d.set_item("last_used_at", r.last_used_at.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_micros))?;
+            d.set_item("budget", r.budget.as_ref().map(|b| budget_to_dict(py, b)).transpose()?)?;
+            d.set_item("projected_month", nanos_to_py(py, r.projection.month_end)?)?;
+            d.set_item("runs_out", r.projection.runs_out)?;
+            d.set_item("today", usage_dict(py, &r.today)?)?;
+            d.set_item("month", usage_dict(py, &r.month)?)?;
+            d.set_item("errors_today", r.errors_today)?;
+            d.set_item("blocked_today", r.blocked_today)?;
+            d.set_item("breakers_open", r.breakers_open)?;
+            d.set_item("share", r.share)?;
+            rows.append(d)?;
+        }
+        let out = PyDict::new(py);
+        out.set_item("total", list.total)?;
+        out.set_item("rows", rows)?;
+        Ok(out)
+    }
+
+    /// The `limit` (1 to 10,000) tenants that spent most, from the counters, most first:
+    /// [(tenant_id, usage dict)]. `period`: "days" (the last `days` days, 1 to MAX_DAYS,
+    /// today included), "month" (this month) or "all" (every month counted).
+    #[pyo3(signature = (period, limit, days=None))]
+    fn top_tenants<'py>(&self, py: Python<'py>, period: &Bound<'py, PyAny>, limit: AnyInt, days: Option<AnyInt>) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
+        let period = string("period", period).py_err(py)?;
+        let limit = limit.within("limit", 1, MAX_TENANT_PAGE).py_err(py)?;
+        let days = days.map_or(Ok(1), |d| d.within("days", 1, MAX_DAYS)).py_err(py)? as u32;
+        if !["days", "month", "all"].contains(&period.as_str()) {
+            return Err(to_py(py, Error::Configuration(format!("period must be \"days\", \"month\" or \"all\", got {period:?}"))));
+        }
+        let now = now_micros();
+        let rows = self.detached(py, |e| {
+            let cal = e.current_calendar()?;
+            let periods: Option<Vec<String>> = match period.as_str() {
+                "days" => Some((0..days).map(|i| cal.period_key(Period::Daily, cal.last_n_days(now, i + 1).0)).collect()),
+                "month" => Some(vec![cal.period_key(Period::Monthly, now)]),
+                _ => None,
+            };
+            e.store().top_tenants(periods.as_deref(), limit)
+        })?;
+        rows.into_iter().map(|(t, u)| Ok((t, usage_dict(py, &u)?))).collect()
     }
 
     fn rebuild_counters(&self, py: Python<'_>) -> PyResult<usize> {

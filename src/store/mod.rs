@@ -10,9 +10,11 @@ mod retention;
 mod rollups;
 mod schema;
 mod sqlite;
+mod tenant_list;
 
 pub use postgres::PostgresStore;
 pub use query::GroupValues;
+pub use tenant_list::{TenantFilter, TenantList, TenantListQuery, TenantListRow, TenantSort, MAX_LIMIT as MAX_TENANT_PAGE};
 pub use sqlite::{library_version as sqlite_library_version, shares_library as shares_sqlite_library, SqliteStore};
 
 use crate::breaker;
@@ -178,6 +180,11 @@ pub trait Store: Send + Sync {
     /// several callers that missed at once, the first to write wins and the entry stays
     /// whole), and removes up to `cache::SWEEP` expired entries, in one transaction.
     fn cache_put(&self, tenant_id: Option<&str>, key: &str, entry: &cache::Entry) -> Result<()>;
+    /// One page of the dashboard's list of tenants (`tenant_list`).
+    fn tenant_list(&self, q: &TenantListQuery) -> Result<TenantList>;
+    /// The `limit` tenants that spent most over these counter periods (None: every month),
+    /// with their usage summed over them, most first: the dashboard's spend by tenant.
+    fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>>;
 
     /// Whether this is a SQLite database file, which other SQLite users in the process (Python's
     /// `sqlite3`) may open too.

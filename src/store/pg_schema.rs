@@ -241,4 +241,14 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX response_cache_expiry ON response_cache (expires_at);
     "#,
+    // 11: the dashboard's list of tenants (store/tenant_list.rs): this period's counters of
+    // every tenant by period first, and today's failed or refused calls without a scan; a
+    // tenant's page reads its own days of rollups (the primary key is by day first: every
+    // tenant's rows). IF NOT EXISTS: a test that re-runs the rollups' migration 9 re-runs this.
+    r#"
+    CREATE INDEX IF NOT EXISTS usage_counters_period ON usage_counters (period, scope);
+    CREATE INDEX IF NOT EXISTS executions_problems ON executions (started_at, tenant_id, status)
+        WHERE status IN ('error', 'timeout', 'blocked');
+    CREATE INDEX IF NOT EXISTS daily_rollups_tenant ON daily_rollups (tenant_id, period);
+    "#,
 ];

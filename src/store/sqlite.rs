@@ -13,6 +13,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 use super::query::{self, GroupValues, Groups};
 use super::rollups::{self, Dialect, ROLLED};
 use super::schema::MIGRATIONS;
+use super::tenant_list::{self, TenantList, TenantListQuery};
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
@@ -1416,7 +1417,51 @@ impl Store for SqliteStore {
             Ok(rows)
         })
     }
+
+    fn tenant_list(&self, q: &TenantListQuery) -> Result<TenantList> {
+        q.validate()?;
+        let dialect = SQLITE_LIST;
+        let (sql, args) = tenant_list::sql(q, &dialect);
+        let args: Vec<SqlValue> = args
+            .into_iter()
+            .map(|a| match a {
+                tenant_list::Arg::Text(s) => SqlValue::Text(s),
+                tenant_list::Arg::Int(i) => i.map_or(SqlValue::Null, SqlValue::Integer),
+            })
+            .collect();
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(params_from_iter(args.iter()), |r| tenant_list::RawRow::read(|i| r.get(i), |i| r.get(i), |i| r.get(i)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(tenant_list::assemble(rows, q.today))
+        })
+    }
+
+    fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
+        let sql = tenant_list::top_tenants_sql(periods, &SQLITE_LIST, |c| format!("SUM({c})"));
+        let mut args: Vec<SqlValue> = periods.unwrap_or_default().iter().map(|p| SqlValue::Text(p.clone())).collect();
+        args.push(SqlValue::Integer(limit));
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(params_from_iter(args.iter()), |r| {
+                    Ok((r.get(0)?, budget::Usage { cost: Nanos(r.get(1)?), tokens: r.get(2)?, executions: r.get(3)? }))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
 }
+
+/// The tenants list's SQL for SQLite.
+const SQLITE_LIST: tenant_list::Dialect = tenant_list::Dialect {
+    placeholder: |n| format!("?{n}"),
+    greatest: "max",
+    float: "REAL",
+    problems_from: "executions INDEXED BY executions_problems",
+    wide: "INTEGER",
+};
 
 #[cfg(test)]
 mod tests {
@@ -1517,6 +1562,7 @@ mod tests {
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
                  DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running;
                  DROP TABLE response_cache; ALTER TABLE executions DROP COLUMN cached;
+                 DROP INDEX usage_counters_period; DROP INDEX executions_problems;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -27,6 +28,16 @@ PERIODS: dict[str, tuple[str, list[Op]]] = {
     "month": ("This month", [("period", "this_month")]),
     "all": ("All time", []),
 }
+# The overview's periods as counter periods (`Engine.top_tenants`): kind and days.
+_COUNTER_PERIODS: dict[str, tuple[str, int]] = {
+    "today": ("days", 1),
+    "7d": ("days", 7),
+    "30d": ("days", 30),
+    "month": ("month", 1),
+    "all": ("all", 1),
+}
+TOP_TENANTS = 11  # the spend-by-tenant chart's bars besides OTHER_TENANTS
+OTHER_TENANTS = "(all others)"  # other tenants and calls without one
 # Days shown by the overview's cost chart for each period.
 CHART_DAYS = {"today": 14, "7d": 7, "30d": 30, "all": 30}
 STATUSES = ("success", "error", "timeout", "blocked", "short_circuited", "rate_limited", "cancelled", "running")
@@ -97,10 +108,13 @@ def overview(engine: Engine, period: str, tenant: str | None) -> Overview:
     tokens: int = engine.query_aggregate(ops, "total_tokens")
     by_tenant: list[tuple[str, Decimal]] = []
     if tenant is None:
-        by_tenant = [
-            ("(no tenant)" if k is None else str(k), v)
-            for k, v in engine.query_grouped(ops, "tenant_id", "total_cost").items()
-        ]
+        # The biggest spenders from the counters (at 50,000 tenants nearly every call is its
+        # own rollup row); the rest in one row, so the bars still add up to the period's cost.
+        kind, days = _COUNTER_PERIODS[period]
+        by_tenant = [(t, u["cost"]) for t, u in engine.top_tenants(kind, TOP_TENANTS, days)]
+        rest = cost - sum((v for _, v in by_tenant), Decimal(0))
+        if rest > 0:
+            by_tenant.append((OTHER_TENANTS, rest))
     failures = engine.query_rows([*ops, ("in", "status", list(FAILED)), ("order", "started_at", True), ("limit", 10)])
 
     # Cost per day from the running counters of the viewer's scope (no scan of executions).
@@ -160,6 +174,14 @@ class TenantRow:
     has_budget: bool
     # From the register of tenants seen (None: no call yet).
     last_used_at: datetime | None = None
+    errors_today: int = 0
+    blocked_today: int = 0
+    breakers_open: int = 0
+    share: float | None = None
+    # This month's spend at its daily average so far, carried to the month's end, and the day
+    # the effective monthly limit runs out at that rate (None: not this month, or no limit).
+    projected_month: Decimal = Decimal(0)
+    runs_out: date | None = None
     meters: list[Meter] = field(default_factory=list)
 
     @property
@@ -168,15 +190,16 @@ class TenantRow:
         return next((lv for lv in ("over", "warn", "ok") if lv in levels), "none")
 
 
-_METERS = (
+METERS = (
     # label, limit field, period, usage key, money
-    ("Today", "daily_limit", "daily", "cost", True),
-    ("This month", "monthly_limit", "monthly", "cost", True),
-    ("Tokens today", "daily_token_limit", "daily", "tokens", False),
-    ("Tokens this month", "monthly_token_limit", "monthly", "tokens", False),
-    ("Calls today", "daily_execution_limit", "daily", "executions", False),
-    ("Calls this month", "monthly_execution_limit", "monthly", "executions", False),
+    ("Today", "daily_limit", "today", "cost", True),
+    ("This month", "monthly_limit", "month", "cost", True),
+    ("Tokens today", "daily_token_limit", "today", "tokens", False),
+    ("Tokens this month", "monthly_token_limit", "month", "tokens", False),
+    ("Calls today", "daily_execution_limit", "today", "executions", False),
+    ("Calls this month", "monthly_execution_limit", "month", "executions", False),
 )
+
 _ZERO_USAGE: dict[str, Any] = {"cost": Decimal(0), "tokens": 0, "executions": 0}
 # A tenant's own rate limits (a global one is shared, not inherited), with their use in the
 # rate window ending now: label, limit field, usage key.
@@ -186,46 +209,187 @@ _RATE_METERS = (
     ("Calls in flight", "max_concurrent", "in_flight"),
 )
 
+# The tenants list: sort keys and filters (the core's names) with their labels.
+TENANT_SORTS = {
+    "spend_today": "Spend today",
+    "spend_month": "Spend this month",
+    "share": "Share of nearest limit",
+    "errors": "Errors today",
+    "name": "Name",
+    "runs_out": "Monthly budget runs out",
+}
+TENANT_FILTERS = {
+    "near_limit": "Over 80 % of a limit",
+    "blocked_today": "Blocked today",
+    "breaker_open": "Breaker open",
+    "no_budget": "No budget",
+    "runs_out": "Runs out this month",
+}
+TENANTS_PER_PAGE = 50
+MAX_SEARCH = 200  # the core's limit on a search
 
-def tenants(engine: Engine, tenant: str | None) -> list[TenantRow]:
-    """Stored budgets, every tenant seen and every tenant with usage this month, with
-    utilisation against the effective limits (the tenant's own, else the global `budgets=`).
+
+@dataclass
+class TenantQuery:
+    """What the tenants list shows: search, filters, order and page (URL parameters)."""
+
+    search: str | None = None
+    filters: list[str] = field(default_factory=list)
+    sort: str = "spend_today"
+    descending: bool = True
+    page: int = 1
+    per_page: int = TENANTS_PER_PAGE
+
+    def params(self) -> dict[str, Any]:
+        """The query as URL parameters (for links and forms that keep it), page left out."""
+        out: dict[str, Any] = {"sort": self.sort, "order": "desc" if self.descending else "asc"}
+        if self.search:
+            out["q"] = self.search
+        if self.filters:
+            out["filter"] = list(self.filters)
+        if self.per_page != TENANTS_PER_PAGE:
+            out["per_page"] = str(self.per_page)
+        return out
+
+
+@dataclass
+class TenantPage:
+    rows: list[TenantRow]
+    total: int
+    page: int
+    pages: int
+    per_page: int
+
+
+def _tenant_row(engine: Engine, r: dict[str, Any], glob: dict[str, Any], *, rates: bool = True) -> TenantRow:
+    """A row of `Engine.tenant_list` with its meters against the effective limits (the
+    tenant's own, else the global `budgets=`), and with `rates` its own rate limits' use now
+    (one more read per tenant that has them)."""
+    b = r["budget"]
+    row = TenantRow(
+        tenant_id=r["tenant_id"],
+        name=r["name"],
+        enforcement=(b or glob)["enforcement"],
+        has_budget=b is not None,
+        last_used_at=r["last_used_at"],
+        errors_today=r["errors_today"],
+        blocked_today=r["blocked_today"],
+        breakers_open=r["breakers_open"],
+        share=r["share"],
+        projected_month=r["projected_month"],
+        runs_out=r["runs_out"],
+    )
+    for label, limit_field, period, key, money in METERS:
+        limit = b[limit_field] if b is not None and b[limit_field] is not None else glob[limit_field]
+        if limit is None and key == "executions":
+            continue  # call limits are rare; show them only when set
+        row.meters.append(Meter(label, r[period][key], limit, money))
+    rated = [(label, b[f], key) for label, f, key in _RATE_METERS if rates and b is not None and b[f] is not None]
+    if rated:
+        rate = engine.tenant_usage(row.tenant_id)["rate"]
+        row.meters.extend(Meter(label, rate[key], limit, False) for label, limit, key in rated)
+    return row
+
+
+def tenants(engine: Engine, tenant: str | None, q: TenantQuery) -> TenantPage:
+    """One page of tenants: every tenant seen (the register), with a stored budget or with usage
+    this month (a scoped viewer: only its own), sorted, searched and filtered by the database
+    from the running counters.
     Runtime overrides from a `tenant_config_resolver` live in the application and are not shown."""
     glob = engine.global_limits()
-    usage: dict[str, dict[str, dict[str, Any]]]
-    seen = {t["id"]: t for t in engine.tenants()}
-    if tenant is None:
-        budgets = {b["tenant_id"]: b for b in engine.budget_all()}
-        daily, monthly = engine.usage_by_tenant("daily"), engine.usage_by_tenant("monthly")
-        ids = sorted(set(budgets) | set(daily) | set(monthly) | set(seen))
-        usage = {t: {"daily": daily.get(t, _ZERO_USAGE), "monthly": monthly.get(t, _ZERO_USAGE)} for t in ids}
-    else:
-        own = engine.budget_get(tenant)
-        budgets = {} if own is None else {tenant: own}
-        ids = [tenant]
-        usage = {tenant: engine.tenant_usage(tenant)}
-    rows = []
-    for t in ids:
-        b, s = budgets.get(t), seen.get(t)
-        row = TenantRow(
-            tenant_id=t,
-            name=(None if s is None else s["name"]) or (None if b is None else b["name"]),
-            enforcement=(b or glob)["enforcement"],
-            has_budget=b is not None,
-            last_used_at=None if s is None else s["last_used_at"],
+
+    def fetch(page: int) -> dict[str, Any]:
+        return engine.tenant_list(
+            sort=q.sort,
+            descending=q.descending,
+            search=q.search,
+            filters=q.filters,
+            tenant_id=tenant,
+            offset=(page - 1) * q.per_page,
+            limit=q.per_page,
         )
-        for label, limit_field, period, key, money in _METERS:
-            limit = b[limit_field] if b is not None and b[limit_field] is not None else glob[limit_field]
-            used = usage[t][period][key]
-            if limit is None and key == "executions":
-                continue  # call limits are rare; show them only when set
-            row.meters.append(Meter(label, used, limit, money))
-        rated = [(label, b[f], key) for label, f, key in _RATE_METERS if b is not None and b[f] is not None]
-        if rated:
-            rate = usage[t].get("rate") or engine.tenant_usage(t)["rate"]
-            row.meters.extend(Meter(label, rate[key], limit, False) for label, limit, key in rated)
-        rows.append(row)
-    return rows
+
+    found = fetch(q.page)
+    if not found["rows"] and q.page > 1:  # past the end: the last page, whose number we now know
+        found = fetch(1)
+        last = max(1, -(-found["total"] // q.per_page))
+        found = fetch(last) if last > 1 else found
+    total = found["total"]
+    pages = max(1, -(-total // q.per_page))
+    page = min(q.page, pages)
+    return TenantPage([_tenant_row(engine, r, glob) for r in found["rows"]], total, page, pages, q.per_page)
+
+
+EXPORT_CHUNK = 1000
+
+
+def tenants_export(engine: Engine, tenant: str | None, q: TenantQuery) -> Iterator[TenantRow]:
+    """Every tenant the list's search and filters select, in its order, a chunk at a time."""
+    glob = engine.global_limits()
+    offset = 0
+    while True:
+        found = engine.tenant_list(
+            sort=q.sort,
+            descending=q.descending,
+            search=q.search,
+            filters=q.filters,
+            tenant_id=tenant,
+            offset=offset,
+            limit=EXPORT_CHUNK,
+        )
+        yield from (_tenant_row(engine, r, glob, rates=False) for r in found["rows"])
+        offset += EXPORT_CHUNK
+        if len(found["rows"]) < EXPORT_CHUNK:
+            return
+
+
+@dataclass
+class TenantDetail:
+    row: TenantRow
+    daily: list[tuple[str, dict[str, Any]]]  # the last DETAIL_DAYS days, oldest first
+    by_agent: list[tuple[str, Decimal, int]]  # name, cost, calls over DETAIL_DAYS
+    by_model: list[tuple[str, Decimal, int]]
+    recent_failures: list[dict[str, Any]]
+    breakers: list[dict[str, Any]]
+
+
+DETAIL_DAYS = 30
+
+
+def tenant_detail(engine: Engine, tenant_id: str, viewer_scope: str | None) -> TenantDetail | None:
+    """One tenant's page, or None when the viewer may not see it (indistinguishable from a
+    tenant that does not exist). Per-day usage comes from the counters; agents, models and
+    failures from the tenant's own executions of the last DETAIL_DAYS days (its index)."""
+    if viewer_scope is not None and tenant_id != viewer_scope:
+        return None
+    found = engine.tenant_list(tenant_id=tenant_id, limit=1)["rows"]
+    if not found:
+        return None
+    glob = engine.global_limits()
+    today = today_in(engine)
+    per_day = dict(engine.usage_daily(f"tenant:{tenant_id}", DETAIL_DAYS))
+    daily = []
+    for i in range(DETAIL_DAYS - 1, -1, -1):
+        d = (today - timedelta(days=i)).isoformat()
+        daily.append((d, per_day.get(d, dict(_ZERO_USAGE))))
+    ops: list[Op] = [("period", "last_n_days", DETAIL_DAYS), *tenant_ops(tenant_id)]
+
+    def grouped(by: str) -> list[tuple[str, Decimal, int]]:
+        cost = engine.query_grouped(ops, by, "total_cost")
+        calls = engine.query_grouped(ops, by)
+        return sorted(((str(k), cost[k], int(calls[k])) for k in calls), key=lambda t: (-t[1], t[0]))
+
+    failures = engine.query_rows(
+        [*tenant_ops(tenant_id), ("in", "status", list(FAILED)), ("order", "started_at", True), ("limit", 20)]
+    )
+    return TenantDetail(
+        row=_tenant_row(engine, found[0], glob),
+        daily=daily,
+        by_agent=grouped("agent"),
+        by_model=grouped("model_id"),
+        recent_failures=[_row(r) for r in failures],
+        breakers=breakers(engine, tenant_id),
+    )
 
 
 # ------------------------------------------------------------------ executions
@@ -280,18 +444,19 @@ def executions(engine: Engine, filters: Filters, page: int, per_page: int) -> Pa
     return Page(rows=[_row(r) for r in rows], total=total, page=page, pages=pages, per_page=per_page)
 
 
-def filter_options(engine: Engine, tenant: str | None) -> dict[str, list[str]]:
-    """Distinct tenants, agents and models the viewer may filter by."""
-    ops = tenant_ops(tenant)
-
-    def distinct(by: str) -> list[str]:
-        return sorted(str(k) for k in engine.query_grouped(ops, by) if k is not None)
-
-    return {
-        "tenants": [] if tenant is not None else distinct("tenant_id"),
-        "agents": distinct("agent"),
-        "models": distinct("model_id"),
-    }
+def executions_export(engine: Engine, filters: Filters) -> Iterator[dict[str, Any]]:
+    """Every execution the filters select, newest first, a chunk at a time (offset paging:
+    fine for the tens of thousands of rows a filter usually selects; each chunk of a very
+    long export steps over the rows before it)."""
+    ops = filters.ops()
+    newest_first: list[Op] = [("order", "started_at", True), ("order", "id", True)]
+    offset = 0
+    while True:
+        rows = engine.query_rows([*ops, *newest_first, ("offset", offset), ("limit", EXPORT_CHUNK)])
+        yield from (_row(r) for r in rows)
+        offset += EXPORT_CHUNK
+        if len(rows) < EXPORT_CHUNK:
+            return
 
 
 def execution(engine: Engine, execution_id: str, tenant: str | None) -> dict[str, Any] | None:

@@ -3,8 +3,10 @@ CSS and server-side SVG charts. Read-only: nothing on these pages changes state.
 
 from __future__ import annotations
 
+import csv
 import inspect
-from collections.abc import Callable, Mapping
+import io
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -18,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -99,7 +101,8 @@ def percent(fraction: float | None) -> str:
 
 def _query(params: Mapping[str, Any], **changes: Any) -> str:
     merged = {**params, **changes}
-    return urlencode({k: v for k, v in merged.items() if v not in (None, "")})
+    # doseq: a list (the tenants list's filters) is the parameter repeated, not its repr.
+    return urlencode({k: v for k, v in merged.items() if v not in (None, "", [])}, doseq=True)
 
 
 def _environment() -> jinja2.Environment:
@@ -136,6 +139,59 @@ def _period(request: Request, default: str) -> str:
     return value if value in data.PERIODS else default
 
 
+def _execution_filters(request: Request, viewer: Viewer) -> data.Filters:
+    status = _param(request, "status")
+    return data.Filters(
+        # A tenant-scoped viewer's own tenant replaces whatever the URL asks for.
+        tenant_id=viewer.scope if viewer.scope is not None else _param(request, "tenant_id"),
+        agent=_param(request, "agent"),
+        model=_param(request, "model"),
+        status=status if status in (*data.STATUSES, "failed") else None,
+        period=_period(request, "all"),
+    )
+
+
+def _tenant_query(request: Request) -> data.TenantQuery:
+    """The tenants list's URL parameters; unknown values fall back to the defaults."""
+    sort = _param(request, "sort") or "spend_today"
+    if sort not in data.TENANT_SORTS:
+        sort = "spend_today"
+    order = _param(request, "order")
+    filters = [f for f in dict.fromkeys(request.query_params.getlist("filter")) if f in data.TENANT_FILTERS]
+    return data.TenantQuery(
+        search=(_param(request, "q") or "")[: data.MAX_SEARCH] or None,
+        filters=filters,
+        sort=sort,
+        # Names read A to Z; amounts largest first, unless the URL says otherwise.
+        descending=order == "desc" if order in ("asc", "desc") else sort != "name",
+        page=_int_param(request, "page", 1, 1, 1_000_000),
+        per_page=_int_param(request, "per_page", data.TENANTS_PER_PAGE, 1, data.MAX_PER_PAGE),
+    )
+
+
+# Cells a spreadsheet would read as a formula get a leading quote (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_line(values: list[Any]) -> str:
+    out = io.StringIO()
+    cells = []
+    for v in values:
+        text = "" if v is None else exact(v) if isinstance(v, Decimal) else str(v)
+        cells.append("'" + text if text.startswith(_FORMULA_START) else text)
+    csv.writer(out).writerow(cells)
+    return out.getvalue()
+
+
+def _csv_response(lines: Iterator[str], filename: str) -> Response:
+    """Streamed: rows are read from the database a chunk at a time as the client takes them."""
+    return StreamingResponse(
+        lines,
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )
+
+
 class Dashboard:
     """Routes and rendering; `engine` is read on every request so a dashboard mounted in an
     application follows that application's `tenantllm.configure(...)`."""
@@ -150,7 +206,10 @@ class Dashboard:
         return [
             Route("/", self.overview, name="overview"),
             Route("/tenants", self.tenants, name="tenants"),
+            Route("/tenants.csv", self.tenants_csv, name="tenants_csv"),
+            Route("/tenants/{tenant_id:path}", self.tenant, name="tenant"),
             Route("/executions", self.executions, name="executions"),
+            Route("/executions.csv", self.executions_csv, name="executions_csv"),
             Route("/executions/{execution_id}", self.execution, name="execution"),
             Route("/breakers", self.breakers, name="breakers"),
         ]
@@ -245,28 +304,82 @@ class Dashboard:
     async def tenants(self, request: Request) -> Response:
         viewer = await self.viewer(request)
         engine = self.engine()
-        rows = await run_in_threadpool(data.tenants, engine, viewer.scope)
-        return self.render(request, "tenants.html", viewer, "tenants", timezone=engine.timezone, rows=rows)
+        q = _tenant_query(request)
+        result = await run_in_threadpool(data.tenants, engine, viewer.scope, q)
+        return self.render(
+            request,
+            "tenants.html",
+            viewer,
+            "tenants",
+            timezone=engine.timezone,
+            result=result,
+            q=q,
+            params=q.params(),
+            sorts=data.TENANT_SORTS,
+            tenant_filters=data.TENANT_FILTERS,
+        )
+
+    async def tenants_csv(self, request: Request) -> Response:
+        viewer = await self.viewer(request)
+        engine, q = self.engine(), _tenant_query(request)
+        header = ["tenant_id", "name", "enforcement", "has_budget", "share_of_nearest_limit", "errors_today",
+                  "blocked_today", "breakers_open", "projected_month_cost", "monthly_budget_runs_out"]
+        meters = [label for label, *_ in data.METERS]
+
+        def lines() -> Iterator[str]:
+            yield _csv_line([*header, *(f"{m} used" for m in meters), *(f"{m} limit" for m in meters)])
+            for t in data.tenants_export(engine, viewer.scope, q):
+                by_label = {m.label: m for m in t.meters}
+                used = [by_label[m].used if m in by_label else "" for m in meters]
+                limits = [by_label[m].limit if m in by_label else "" for m in meters]
+                yield _csv_line([t.tenant_id, t.name, t.enforcement, t.has_budget, t.share, t.errors_today,
+                                 t.blocked_today, t.breakers_open, t.projected_month, t.runs_out, *used, *limits])
+
+        return _csv_response(lines(), "tenants.csv")
+
+    async def tenant(self, request: Request) -> Response:
+        viewer = await self.viewer(request)
+        engine = self.engine()
+        detail = await run_in_threadpool(data.tenant_detail, engine, request.path_params["tenant_id"], viewer.scope)
+        if detail is None:
+            raise HTTPException(404)
+        days = [(d, u["cost"]) for d, u in detail.daily]
+        return self.render(
+            request,
+            "tenant.html",
+            viewer,
+            "tenants",
+            timezone=engine.timezone,
+            d=detail,
+            t=detail.row,
+            days=data.DETAIL_DAYS,
+            cost_chart=charts.column_chart(
+                days, fmt=usd, label=f"Cost per day, last {len(days)} days", tick=lambda day: day[5:]
+            ),
+        )
+
+    async def executions_csv(self, request: Request) -> Response:
+        viewer = await self.viewer(request)
+        engine, filters = self.engine(), _execution_filters(request, viewer)
+        columns = ["id", "started_at", "tenant_id", "agent", "model_id", "chosen_model_id", "provider", "status",
+                   "duration_ms", "input_tokens", "output_tokens", "total_tokens", "total_cost", "attempts_count",
+                   "error_class", "error_message"]
+
+        def lines() -> Iterator[str]:
+            yield _csv_line(columns)
+            for r in data.executions_export(engine, filters):
+                yield _csv_line([r.get(c) for c in columns])
+
+        return _csv_response(lines(), "executions.csv")
 
     async def executions(self, request: Request) -> Response:
         viewer = await self.viewer(request)
-        status = _param(request, "status")
-        filters = data.Filters(
-            # A tenant-scoped viewer's own tenant replaces whatever the URL asks for.
-            tenant_id=viewer.scope if viewer.scope is not None else _param(request, "tenant_id"),
-            agent=_param(request, "agent"),
-            model=_param(request, "model"),
-            status=status if status in (*data.STATUSES, "failed") else None,
-            period=_period(request, "all"),
-        )
+        filters = _execution_filters(request, viewer)
         page_no = _int_param(request, "page", 1, 1, 1_000_000)
         per_page = _int_param(request, "per_page", 25, 1, data.MAX_PER_PAGE)
         engine = self.engine()
 
-        def load() -> tuple[data.Page, dict[str, list[str]]]:
-            return data.executions(engine, filters, page_no, per_page), data.filter_options(engine, viewer.scope)
-
-        result, options = await run_in_threadpool(load)
+        result = await run_in_threadpool(data.executions, engine, filters, page_no, per_page)
         params = filters.params()
         if viewer.scope is not None:
             params.pop("tenant_id", None)  # implied
@@ -281,7 +394,6 @@ class Dashboard:
             result=result,
             filters=filters,
             params=params,
-            options=options,
         )
 
     async def execution(self, request: Request) -> Response:
