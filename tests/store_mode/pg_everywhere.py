@@ -112,8 +112,10 @@ def _recycle(server: psycopg.Connection[Any], name: str) -> bool:
                 (name,),
             )
         # Renaming needs the database unused: connections just closed (this one, the test's
-        # pool) take a moment to end; one still open after that belongs to a stray process.
-        for _ in range(50):
+        # pool) take a moment to end, and the server itself waits up to 5 s for them before
+        # refusing; one still open after two tries belongs to an engine still alive (a test
+        # that left a failing configuration) or a stray process: the caller drops it (FORCE).
+        for _ in range(2):
             try:
                 server.execute(f'ALTER DATABASE "{name}" RENAME TO "{_SPARE}{uuid.uuid4().hex[:12]}"')
                 return True
