@@ -1,0 +1,386 @@
+//! Connections: the threads that run database work (and are the pool), the URL options the
+//! store reads itself, how failures are told apart, and the retries of `read` and `write`.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use postgres::Client;
+
+use super::db::{transact, Autocommit, Db, OnCommitLoss, Tx, TxFailure};
+use super::PostgresStore;
+use crate::error::{Error, Result};
+use crate::process::{quiet, unpoisoned};
+use crate::store::pg_tls;
+
+/// Connections (and threads running operations) per process, unless the URL says
+/// `?pool_size=N`.
+pub(super) const DEFAULT_POOL_SIZE: u32 = 8;
+/// Tries of one operation when the connection is lost or the server aborts a transaction.
+pub(super) const ATTEMPTS: u32 = 3;
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a statement in a transaction waits for a row or table lock before it fails,
+/// unless the URL's `options` set `lock_timeout`: SQLite's busy timeout, so a transaction stuck
+/// elsewhere fails a call with a clear error instead of hanging it. (No statement_timeout: long
+/// analytics queries are legitimate.)
+pub(super) const LOCK_TIMEOUT_MS: u64 = 30_000;
+/// How long sent data may go unacknowledged before the connection counts as dead (and the
+/// operation runs again on a new one): a server or network that vanished without closing the
+/// connection would otherwise hang a call until the OS gives up, about 15 minutes later.
+pub(super) const DEAD_PEER: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- threads
+
+pub(super) type Job = Box<dyn FnOnce(&mut Slot) + Send + 'static>;
+
+/// OS threads that run the store's database work, off any tokio runtime. They share the idle
+/// connections (at most one per thread), so the threads are the pool: an operation never waits
+/// for a connection, only for a thread, and no pool runs threads of its own that a fork could
+/// catch at work (r2d2's parked in parking_lot's per-process table, whose bucket locks a fork
+/// could copy held).
+pub(super) struct Workers {
+    pub(super) queue: mpsc::Sender<Job>,
+}
+
+impl Workers {
+    pub(super) fn start(n: u32, connect: Connect) -> Result<Workers> {
+        let (queue, jobs) = mpsc::channel::<Job>();
+        // A std mutex, not parking_lot's: idle workers wait on it, and parking_lot parks
+        // waiters in one table per process whose bucket locks a fork() can catch held (the
+        // child then hangs when it starts threads of its own).
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        let config = Arc::new(connect);
+        let idle: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
+        for i in 0..n {
+            let (jobs, config, idle) = (jobs.clone(), config.clone(), idle.clone());
+            std::thread::Builder::new()
+                .name(format!("tenantllm-pg-{i}"))
+                .spawn(move || {
+                    // A poisoned lock still holds a usable receiver (jobs run outside it).
+                    while let Ok(job) = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        let _quiet = quiet();
+                        // The connection used last: one after another, operations keep using one
+                        // connection; more open only under concurrency.
+                        let mut slot = Slot { config: config.clone(), conn: unpoisoned(idle.lock()).pop() };
+                        job(&mut slot);
+                        if let Some(conn) = slot.conn.take().filter(|c| !c.client.is_closed()) {
+                            unpoisoned(idle.lock()).push(conn);
+                        }
+                    }
+                    // The store was dropped: the last thread out closes the idle connections.
+                    let _quiet = quiet();
+                    drop(idle);
+                })
+                .map_err(|e| Error::Store(format!("cannot start the PostgreSQL store's threads: {e}")))?;
+        }
+        Ok(Workers { queue })
+    }
+
+    /// Runs `f` on a worker thread, with a connection, and waits for it; a
+    /// panic in `f` continues here. Never called from a worker (it would wait on itself when
+    /// all are busy).
+    pub(super) fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Slot) -> T + Send) -> T {
+        let (done, result) = mpsc::sync_channel::<std::thread::Result<T>>(1);
+        let job: Box<dyn FnOnce(&mut Slot) + Send + '_> = Box::new(move |slot: &mut Slot| {
+            let _ = done.send(panic::catch_unwind(AssertUnwindSafe(|| f(slot))));
+        });
+        // SAFETY: `f` may borrow from this caller's stack, so the job is only valid for as long
+        // as this call. It does not outlive it: we return only after `result.recv()` has
+        // returned, which happens once the job has sent its result (after which it touches
+        // nothing but its own `done` sender) or once the job was dropped (its sender with it)
+        // without running. A job the queue refuses is handed back and dropped right here.
+        let job = unsafe { std::mem::transmute::<Box<dyn FnOnce(&mut Slot) + Send + '_>, Job>(job) };
+        drop(self.queue.send(job));
+        match result.recv() {
+            Ok(Ok(v)) => v,
+            Ok(Err(p)) => panic::resume_unwind(p),
+            Err(_) => panic!("tenantllm: the PostgreSQL store's threads are gone"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- connections
+
+/// How to open a connection, and how its transactions begin.
+pub(super) struct Connect {
+    pub(super) config: postgres::Config,
+    pub(super) tls: pg_tls::Connector,
+    /// "BEGIN", with the default lock_timeout for the transaction when the URL sets none: a
+    /// `SET LOCAL` in the same round trip, since PgBouncer refuses startup options and a
+    /// session setting would stay on a server connection the pooler hands to others.
+    pub(super) begin: Arc<str>,
+}
+
+pub(super) struct Conn {
+    pub(super) client: Client,
+    pub(super) begin: Arc<str>,
+}
+
+/// The connection an operation runs on: an idle one, or one opened on first use or once lost.
+pub(super) struct Slot {
+    pub(super) config: Arc<Connect>,
+    pub(super) conn: Option<Conn>,
+}
+
+impl Slot {
+    /// The connection, connecting if there is none or it is closed; with `validate`, one
+    /// that answers (after a lost connection, or when the server may have gone away).
+    pub(super) fn checkout(&mut self, validate: bool, target: &str) -> Result<&mut Conn> {
+        let usable = |c: &mut Conn| !c.client.is_closed() && (!validate || c.client.simple_query("").is_ok());
+        if !self.conn.as_mut().is_some_and(usable) {
+            self.conn = None;
+            let Connect { config, tls, begin } = &*self.config;
+            let client = config
+                .connect(tls.clone())
+                .map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
+            self.conn = Some(Conn { client, begin: begin.clone() });
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+}
+
+/// Why a database operation failed: the database (or the connection to it), or our own
+/// rules (a budget that already exists, a corrupt row).
+pub(super) enum Failure {
+    Pg(postgres::Error),
+    Rule(Error),
+}
+
+impl From<postgres::Error> for Failure {
+    fn from(e: postgres::Error) -> Self {
+        Failure::Pg(e)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Rule(e)
+    }
+}
+
+pub(super) type PgResult<T> = std::result::Result<T, Failure>;
+
+/// The connection is gone (closed, reset, or the server ended the session).
+pub(super) fn connection_lost(e: &postgres::Error, client_closed: bool) -> bool {
+    client_closed
+        || e.is_closed()
+        || e.code().is_some_and(|c| {
+            let c = c.code();
+            // 08: connection exception; 57P01-03: the server is shutting down or terminated us.
+            c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03")
+        })
+}
+
+/// The server aborted the transaction and running it again may succeed.
+pub(super) fn aborted_by_server(e: &postgres::Error) -> bool {
+    // serialization_failure, deadlock_detected
+    e.code().is_some_and(|c| matches!(c.code(), "40001" | "40P01"))
+}
+
+impl Failure {
+    /// True when the transaction certainly did not commit and a new try may succeed.
+    pub(super) fn retryable(&self, client_closed: bool) -> bool {
+        match self {
+            Failure::Pg(e) => connection_lost(e, client_closed) || aborted_by_server(e),
+            Failure::Rule(_) => false,
+        }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Failure::Pg(e) => describe(e),
+            Failure::Rule(e) => e.to_string(),
+        }
+    }
+
+    pub(super) fn into_error(self, target: &str) -> Error {
+        match self {
+            Failure::Pg(e) => Error::Store(format!("PostgreSQL at {target}: {}", describe(&e))),
+            Failure::Rule(e) => e,
+        }
+    }
+}
+
+/// An error with its cause: the client's `Display` alone says only "db error".
+pub(super) fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!(" ({d})"));
+        }
+        return s;
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// The URL options the store reads itself (the client refuses `pool_size` and `sslrootcert`,
+/// and knows only some `sslmode`s; `options` loses its lock_timeout, see `Connect::begin`).
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct OwnOptions {
+    pub(super) pool_size: Option<String>,
+    pub(super) sslmode: Option<String>,
+    pub(super) sslrootcert: Option<String>,
+    pub(super) options: Option<String>,
+}
+
+/// Cuts the store's own options out of a URL, percent-decoded.
+pub(super) fn take_own_options(url: &str) -> Result<(String, OwnOptions)> {
+    let mut own = OwnOptions::default();
+    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_string(), own)) };
+    let mut rest = Vec::new();
+    for part in query.split('&') {
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        let slot = match name {
+            "pool_size" => &mut own.pool_size,
+            "sslmode" => &mut own.sslmode,
+            "sslrootcert" => &mut own.sslrootcert,
+            "options" => &mut own.options,
+            _ => {
+                rest.push(part);
+                continue;
+            }
+        };
+        let decoded = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| Error::Configuration(format!("database: {name} is not valid percent-encoded UTF-8")))?;
+        *slot = Some(decoded.into_owned());
+    }
+    let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    Ok((url, own))
+}
+
+pub(super) fn pool_size(value: Option<&str>) -> Result<u32> {
+    let Some(v) = value else { return Ok(DEFAULT_POOL_SIZE) };
+    v.parse()
+        .ok()
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| Error::Configuration(format!("database: pool_size must be a whole number from 1 to 1000 (got {v:?})")))
+}
+
+/// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, DEAD_PEER), and the URL's
+/// `options` (server settings) without its lock_timeout; returns how transactions begin,
+/// with that lock_timeout or LOCK_TIMEOUT_MS (see `Connect::begin`).
+pub(super) fn with_timeouts(config: &mut postgres::Config, options: Option<&str>) -> String {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(DEAD_PEER);
+    }
+    let mut lock_timeout = LOCK_TIMEOUT_MS.to_string();
+    let mut rest = Vec::new();
+    let mut words = options.unwrap_or("").split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = match w {
+            "-c" => match words.next() {
+                Some(s) => s,
+                None => break,
+            },
+            _ => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).unwrap_or(w),
+        };
+        match setting.strip_prefix("lock_timeout=") {
+            Some(v) => lock_timeout = format!("'{}'", v.replace('\'', "''")),
+            None if w == "-c" => rest.extend(["-c", setting]),
+            None => rest.push(w),
+        }
+    }
+    if !rest.is_empty() {
+        config.options(&rest.join(" "));
+    }
+    format!("BEGIN; SET LOCAL lock_timeout = {lock_timeout}")
+}
+
+/// "user@host:port/dbname" for messages: never the password.
+pub(super) fn target(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    format!("{user}{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
+impl PostgresStore {
+    pub(super) fn gave_up(&self, last: Option<Failure>) -> Error {
+        match last {
+            Some(Failure::Pg(e)) => Error::Store(format!("PostgreSQL at {}: {} (gave up after {ATTEMPTS} tries)", self.target, describe(&e))),
+            Some(Failure::Rule(e)) => e,
+            None => Error::Store(format!("PostgreSQL at {}: the operation did not run", self.target)),
+        }
+    }
+
+    /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
+    pub(super) fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send) -> Result<T> {
+        self.workers.run(|slot: &mut Slot| {
+            let mut last = None;
+            for attempt in 0..ATTEMPTS {
+                let conn = slot.checkout(attempt > 0, &self.target)?;
+                match f(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
+                    Ok(v) => return Ok(v),
+                    Err(e) if e.retryable(conn.client.is_closed()) => last = Some(e),
+                    Err(e) => return Err(e.into_error(&self.target)),
+                }
+            }
+            Err(self.gave_up(last))
+        })
+    }
+
+    /// Runs `body` in one transaction on a worker thread. A transaction that did not commit
+    /// because the connection was lost or the server aborted it runs again; see
+    /// `OnCommitLoss` for a commit whose outcome is unknown.
+    pub(super) fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_>) -> PgResult<T> + Send) -> Result<T> {
+        self.workers.run(|slot: &mut Slot| {
+            let mut last = None;
+            for attempt in 0..ATTEMPTS {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(10 * attempt as u64));
+                }
+                let conn = slot.checkout(attempt > 0, &self.target)?;
+                match transact(conn, &mut body) {
+                    Ok(out) => return Ok(out),
+                    Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
+                    Err(TxFailure::Failed(f)) => return Err(f.into_error(&self.target)),
+                    Err(TxFailure::CommitLost(e, out)) => {
+                        if let OnCommitLoss::Check(check) = &on_loss {
+                            match self.committed(slot, *check, &out) {
+                                Ok(true) => return Ok(out),
+                                Ok(false) => {}
+                                Err(f) => {
+                                    return Err(Error::Store(format!(
+                                        "PostgreSQL at {}: the connection was lost while committing ({}), and whether the change was saved could not be checked: {}",
+                                        self.target,
+                                        describe(&e),
+                                        f.describe()
+                                    )))
+                                }
+                            }
+                        }
+                        last = Some(Failure::Pg(e));
+                    }
+                }
+            }
+            Err(self.gave_up(last))
+        })
+    }
+
+    /// Whether a transaction whose commit was cut off took effect (on a fresh connection).
+    pub(super) fn committed<T>(&self, slot: &mut Slot, check: &(dyn Fn(&mut Tx<'_>, &T) -> PgResult<bool> + Sync), out: &T) -> PgResult<bool> {
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let conn = slot.checkout(true, &self.target)?;
+            match transact(conn, &mut |db: &mut Tx<'_>| check(db, out)) {
+                Ok(v) => return Ok(v),
+                Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
+                Err(TxFailure::Failed(f)) => return Err(f),
+                // A read-only check: its commit changes nothing, and its answer was read.
+                Err(TxFailure::CommitLost(_, v)) => return Ok(v),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Store("the check did not run".into()).into()))
+    }
+}

@@ -1,0 +1,81 @@
+//! Execution rows: written at admission, closed at settlement, counted in the rollups.
+
+use super::connect::PgResult;
+use super::db::Tx;
+use crate::clock::Calendar;
+use crate::error::Error;
+use crate::execution::{Completion, NewExecution};
+use crate::store::rollups::{self, Dialect};
+
+pub(super) fn insert_execution(db: &mut Tx<'_>, e: &NewExecution) -> PgResult<()> {
+    db.execute(
+        "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+             parent_execution_id, root_execution_id)
+         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9)",
+        &[&e.id, &e.agent, &e.model_id, &e.provider, &e.tenant_id, &e.started_at, &e.metadata, &e.parent_execution_id, &e.root_execution_id],
+    )?;
+    Ok(())
+}
+
+/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`).
+pub(super) fn roll(db: &mut Tx<'_>, id: &str, periods: &[String; 2], sign: i64) -> PgResult<()> {
+    for (sql, period) in rollups::record_sql(Dialect::Postgres).iter().zip(periods) {
+        db.execute(sql, &[period, &sign, &id])?;
+    }
+    Ok(())
+}
+
+/// Closes an execution row, moving it in the rollups from any earlier outcome to this one;
+/// with `store_details`, also writes its prompts and response.
+pub(super) fn complete_execution(db: &mut Tx<'_>, e: &NewExecution, c: &Completion, store_details: bool, cal: &Calendar) -> PgResult<()> {
+    let periods = rollups::periods(cal, e.started_at);
+    roll(db, &e.id, &periods, -1)?;
+    let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
+    let n = db.execute(
+        "UPDATE executions SET status = $2, error_class = $3, error_message = $4, chosen_model_id = $5,
+             provider = COALESCE($6, provider), completed_at = $7, duration_ms = $8, input_tokens = $9,
+             output_tokens = $10, cached_tokens = $11, total_tokens = $12, input_cost = $13,
+             output_cost = $14, total_cost = $15, attempts_count = $16, attempts = $17, finish_reason = $18,
+             cache_write_tokens = $19, cache_read_cost = $20, cache_write_cost = $21,
+             time_to_first_token_ms = $22, cached = $23
+         WHERE id = $1",
+        &[
+            &e.id,
+            &c.status.as_str(),
+            &c.error_class,
+            &c.error_message,
+            &c.chosen_model_id,
+            &c.provider,
+            &c.completed_at,
+            &c.duration_ms,
+            &c.usage.input,
+            &c.usage.output,
+            &c.usage.cached,
+            &(c.usage.input + c.usage.output),
+            &c.cost.input.0,
+            &c.cost.output.0,
+            &c.cost.total().0,
+            &(c.attempts.len() as i64),
+            &attempts,
+            &c.finish_reason,
+            &c.usage.cache_writes(),
+            &c.cost.cache_read.0,
+            &c.cost.cache_write.0,
+            &c.time_to_first_token_ms,
+            &i64::from(c.cached),
+        ],
+    )?;
+    if n != 1 {
+        return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)).into());
+    }
+    roll(db, &e.id, &periods, 1)?;
+    if store_details {
+        db.execute(
+            "INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
+                 user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response, tool_calls = EXCLUDED.tool_calls",
+            &[&e.id, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls],
+        )?;
+    }
+    Ok(())
+}

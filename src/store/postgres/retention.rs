@@ -1,0 +1,67 @@
+//! Retention: purging old executions and their details in batches (`crate::retention`).
+
+use super::db::OnCommitLoss;
+use super::PostgresStore;
+use crate::clock::Micros;
+use crate::error::Result;
+use crate::store::Purged;
+
+pub(super) fn purge_batch(store: &PostgresStore, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged> {
+    use crate::store::retention::{id_before, postgres as sql, CURSOR};
+    let mut out = Purged::default();
+    if let Some(t) = executions_before {
+        let cutoff = id_before(t);
+        // Deleting what is already deleted deletes nothing: running it again is safe.
+        out.executions = store.write(OnCommitLoss::Rerun, |db| {
+            let r = db.query_one(sql::EXECUTIONS_BATCH, &[&cutoff, &limit])?;
+            let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
+            if let Some(last) = last {
+                db.execute(sql::DELETE_EXECUTION_DETAILS, &[&last])?;
+                db.execute(sql::DELETE_EXECUTIONS, &[&last])?;
+            }
+            Ok(n)
+        })?;
+    }
+    if let Some(t) = details_before {
+        let cutoff = id_before(t);
+        out.details = store.write(OnCommitLoss::Rerun, |db| {
+            let cursor: String = match db.query_opt(sql::CURSOR_GET, &[&CURSOR])? {
+                Some(r) => r.try_get(0)?,
+                None => String::new(),
+            };
+            let r = db.query_one(sql::DETAILS_BATCH, &[&cursor, &cutoff, &limit])?;
+            let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
+            if let Some(last) = last {
+                db.execute(sql::CLEAR_DETAILS, &[&cursor, &last])?;
+                db.execute(sql::DELETE_DETAILS, &[&cursor, &last])?;
+                db.execute(sql::CURSOR_SET, &[&CURSOR, &last])?;
+            }
+            Ok(n)
+        })?;
+    }
+    Ok(out)
+}
+
+pub(super) fn purge_preview(store: &PostgresStore, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged> {
+    use crate::store::retention::{id_before, postgres as sql, CURSOR};
+    let deleted = executions_before.map(id_before);
+    let details_cutoff = details_before.map(id_before);
+    store.read(move |db| {
+        let executions: i64 = match &deleted {
+            Some(id) => db.query_one(sql::COUNT_EXECUTIONS, &[id])?.try_get(0)?,
+            None => 0,
+        };
+        let details: i64 = match &details_cutoff {
+            Some(cutoff) => {
+                let cursor: String = match db.query_opt(sql::CURSOR_GET, &[&CURSOR])? {
+                    Some(r) => r.try_get(0)?,
+                    None => String::new(),
+                };
+                let kept_from = deleted.clone().unwrap_or_default();
+                db.query_one(sql::COUNT_DETAILS, &[&cursor, cutoff, &kept_from])?.try_get(0)?
+            }
+            None => 0,
+        };
+        Ok(Purged { details, executions })
+    })
+}

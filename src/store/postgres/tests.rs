@@ -1,0 +1,631 @@
+//! The ones marked `#[ignore]` run against the server named by `TENANTLLM_TEST_POSTGRES_URL`,
+//! each on a database of its own: `make test` runs them (`--include-ignored`) when the
+//! variable is set, so a plain `cargo test` never reports them "ok" without a server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+
+use super::connect::{pool_size, take_own_options, with_timeouts, OwnOptions, CONNECT_TIMEOUT, DEAD_PEER, DEFAULT_POOL_SIZE};
+use super::queries::prefix_end;
+use super::*;
+use crate::breaker::Phase;
+use crate::budget::{Enforcement, Limits};
+use crate::execution::{Completion, Field, Filter, NewExecution, Value};
+use crate::money::Nanos;
+use crate::store::pg_schema::MIGRATIONS;
+use crate::store::BreakerOutcome;
+use crate::budget::{GlobalBudgets, Plan};
+use crate::clock::Period;
+use crate::execution::Status;
+use crate::pricing::{Cost, Usage};
+use crate::store::SqliteStore;
+
+const URL_ENV: &str = "TENANTLLM_TEST_POSTGRES_URL";
+
+/// Runs admin SQL from a plain thread (a test may be inside a tokio runtime).
+fn on_server<T: Send + 'static>(url: &str, f: impl FnOnce(&mut Client) -> T + Send + 'static) -> T {
+    let url = url.to_string();
+    std::thread::spawn(move || f(&mut Client::connect(&url, NoTls).expect("connect to the test server"))).join().unwrap()
+}
+
+fn scalar(url: &str, sql: &str) -> i64 {
+    let sql = sql.to_string();
+    on_server(url, move |c| c.query_one(sql.as_str(), &[]).unwrap().get(0))
+}
+
+fn with_dbname(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let start = base.find("://").map_or(0, |i| i + 3);
+    let base = base[start..].find('/').map_or(base, |i| &base[..start + i]);
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// A new, empty database; dropped with the value.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    fn new() -> TestDb {
+        let admin = std::env::var(URL_ENV).unwrap_or_else(|_| panic!("set {URL_ENV} to run the ignored PostgreSQL tests"));
+        let name = format!("tl_cargo_{}", uuid::Uuid::now_v7().simple());
+        let create = format!("CREATE DATABASE {name}");
+        on_server(&admin, move |c| c.batch_execute(&create).unwrap());
+        TestDb { url: with_dbname(&admin, &name), admin, name }
+    }
+    fn open(&self) -> PostgresStore {
+        PostgresStore::open(&self.url, "UTC").unwrap()
+    }
+    fn scalar(&self, sql: &str) -> i64 {
+        scalar(&self.url, sql)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let drop_db = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        on_server(&self.admin, move |c| c.batch_execute(&drop_db).unwrap());
+    }
+}
+
+fn execution(id: &str, at: Micros) -> NewExecution {
+    NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
+}
+
+fn admit_as(store: &dyn Store, global: &GlobalBudgets, e: &NewExecution, keys: &[BreakerKey], expires: Micros) -> Admitted {
+    let cal = Calendar::new("UTC").unwrap();
+    store
+        .admit(&AdmitRequest {
+            execution: e,
+            plan: Plan { global, agent: "A", tenant_id: e.tenant_id.as_deref(), tenant_override: None },
+            estimate: budget::estimate(Nanos(600), 10),
+            reservation_expires_at: expires,
+            breaker_keys: keys,
+            probe_lease: 1_000_000,
+            calendar: &cal,
+            now: e.started_at,
+            rate_window: 60_000_000,
+            record_rate_limited: true,
+            remember_tenant: false,
+            tenant_name: None,
+        })
+        .unwrap()
+}
+
+fn admit(store: &dyn Store, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
+    admit_as(store, global, &execution(id, now), &[], expires)
+}
+
+fn completion(status: Status, at: Micros, cost: i64) -> Completion {
+    Completion {
+        status,
+        error_class: (status != Status::Success).then(|| "ProviderError".into()),
+        error_message: None,
+        chosen_model_id: Some("mock/x".into()),
+        provider: None,
+        completed_at: at,
+        duration_ms: 5,
+        usage: Usage::new(3, 4, 0),
+        cost: Cost { input: Nanos(cost / 2), output: Nanos(cost - cost / 2), ..Cost::default() },
+        attempts: vec![],
+        finish_reason: None,
+        response: Some("hi".into()),
+        time_to_first_token_ms: None,
+        cached: false,
+    }
+}
+
+fn finish(store: &dyn Store, e: &NewExecution, c: &Completion, reserved: bool, breakers: &[BreakerOutcome]) -> Vec<Alert> {
+    let cal = Calendar::new("UTC").unwrap();
+    store
+        .finish(&FinishRequest { execution: e, completion: c, reserved, checks: &[], rate_scopes: &[], breakers, calendar: &cal, store_details: true })
+        .unwrap()
+}
+
+fn daily_limit(nanos: i64) -> GlobalBudgets {
+    GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(nanos)), ..Default::default() }, ..Default::default() }
+}
+
+const T0: Micros = 1_800_000_000_000_000;
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn a_renewed_lease_outlives_its_first_expiry() {
+    let db = TestDb::new();
+    let store = db.open();
+    let global = daily_limit(1000);
+    let t0 = T0;
+    assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
+    assert_eq!(store.renew_leases(&["a".to_string(), "gone".to_string()], t0 + 5_000).unwrap(), 1);
+    // Past the first expiry, "a" still holds its reservation.
+    assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
+    assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
+    assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn reservations_of_a_dead_process_expire() {
+    let db = TestDb::new();
+    let store = db.open();
+    let global = daily_limit(1000);
+    assert!(matches!(admit(&store, &global, "a", T0, T0 + 1_000), Admitted::Go { .. }));
+    // "a" never finishes; while its lease runs, a second estimate does not fit.
+    assert!(matches!(admit(&store, &global, "b", T0 + 500, T0 + 10_000), Admitted::Blocked(_)));
+    // After the lease, "a" is released and closed as abandoned.
+    assert!(matches!(admit(&store, &global, "c", T0 + 2_000, T0 + 10_000), Admitted::Go { .. }));
+    let (row, _) = store.execution("a").unwrap().unwrap();
+    let get = |name: &str| row.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    assert_eq!(get("status"), Cell::Text("error".into()));
+    assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
+    let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
+    assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    // Only "c" holds a reservation; "a" counts as one execution.
+    assert_eq!(db.scalar("SELECT reserved_cost FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 600);
+    assert_eq!(db.scalar("SELECT executions FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+async fn usable_from_inside_a_tokio_runtime() {
+    let db = TestDb::new();
+    // Opened, used and dropped on runtime threads, where the client itself would panic.
+    let store = Arc::new(db.open());
+    let global = daily_limit(1_000_000);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (store, global) = (store.clone(), global.clone());
+            tokio::spawn(async move {
+                let e = execution(&format!("e{i:02}"), T0 + i);
+                assert!(matches!(admit(store.as_ref(), &global, &e.id, e.started_at, T0 + 60_000_000), Admitted::Go { .. }));
+                finish(store.as_ref(), &e, &completion(Status::Success, T0 + i + 1, 100), true, &[]);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.query_aggregate(&Query::default(), &Aggregate::Count).unwrap(), Cell::Int(16));
+    assert_eq!(store.usage("global", "2027-01-15").unwrap().cost, Nanos(1600));
+    tokio::spawn(async move { drop(store) }).await.unwrap();
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 0);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn set_timezone_moves_counters_and_refuses_stale_writers() {
+    let db = TestDb::new();
+    super::super::tests::set_timezone_moves_counters_and_refuses_stale_writers(&db.open());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn rate_totals_refuse_what_counting_the_window_would() {
+    let db = TestDb::new();
+    super::super::tests::rate_totals_refuse_what_counting_the_window_would(&db.open());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn cache_entries_keep_the_first_writer_and_are_swept() {
+    let db = TestDb::new();
+    super::super::tests::cache_entries_keep_the_first_writer_and_are_swept(&db.open());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn concurrent_first_migrations_and_newer_schemas() {
+    let db = TestDb::new();
+    let opened: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            std::thread::spawn(move || PostgresStore::open(&url, "UTC").map(drop))
+        })
+        .collect();
+    for t in opened {
+        t.join().unwrap().unwrap();
+    }
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM schema_version"), 1);
+    assert_eq!(db.scalar("SELECT MAX(version) FROM schema_version"), MIGRATIONS.len() as i64);
+    on_server(&db.url, |c| c.batch_execute("UPDATE schema_version SET version = 999").unwrap());
+    let e = PostgresStore::open(&db.url, "UTC").err().unwrap().to_string();
+    assert!(e.contains("newer"), "{e}");
+}
+
+#[test]
+fn bad_urls_and_unreachable_servers_fail_clearly() {
+    let e = PostgresStore::open("postgresql://u@127.0.0.1:1/x?pool_size=0", "UTC").err().unwrap().to_string();
+    assert!(e.contains("pool_size"), "{e}");
+    let e = PostgresStore::open("postgresql://u:secret@127.0.0.1:1/x", "UTC").err().unwrap().to_string();
+    assert!(e.contains("cannot connect") && e.contains("127.0.0.1:1") && !e.contains("secret"), "{e}");
+    let own = |pool_size: &str, sslmode: &str, sslrootcert: &str| OwnOptions {
+        pool_size: Some(pool_size.into()),
+        sslmode: Some(sslmode.into()),
+        sslrootcert: Some(sslrootcert.into()),
+        options: None,
+    };
+    assert_eq!(
+        take_own_options("postgres://h/d?pool_size=3&sslmode=verify-full&application_name=x&sslrootcert=%2Fca%20dir%2Fca.pem").unwrap(),
+        ("postgres://h/d?application_name=x".into(), own("3", "verify-full", "/ca dir/ca.pem"))
+    );
+    assert_eq!(take_own_options("postgres://h/d").unwrap(), ("postgres://h/d".into(), OwnOptions::default()));
+    assert_eq!(pool_size(Some("3")).unwrap(), 3);
+    assert_eq!(pool_size(None).unwrap(), DEFAULT_POOL_SIZE);
+    for bad in ["postgresql://h/d?pool_size=0", "postgresql://h/d?sslmode=verify", "postgresql://h/d?sslmode=verify-ca&sslrootcert=/nonexistent.pem"] {
+        assert!(matches!(PostgresStore::open(bad, "UTC"), Err(Error::Configuration(_))), "{bad}");
+    }
+    assert_eq!(prefix_end("tenant:").as_deref(), Some("tenant;"));
+    assert_eq!(prefix_end(""), None);
+}
+
+#[test]
+fn timeouts_default_unless_the_url_sets_them() {
+    let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
+    assert_eq!(with_timeouts(&mut c, None), "BEGIN; SET LOCAL lock_timeout = 30000");
+    assert_eq!(c.get_options(), None); // PgBouncer refuses startup options
+    assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+    assert_eq!(c.get_tcp_user_timeout(), Some(&DEAD_PEER));
+    let mut c: postgres::Config = "postgresql://u@h/d?connect_timeout=3&tcp_user_timeout=7".parse().unwrap();
+    assert_eq!(with_timeouts(&mut c, Some("-c lock_timeout=5s")), "BEGIN; SET LOCAL lock_timeout = '5s'");
+    assert_eq!(c.get_options(), None);
+    assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+    assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+    let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
+    let begin = with_timeouts(&mut c, Some("-c search_path=x --lock_timeout=1min -csynchronous_commit=off -c"));
+    assert_eq!(begin, "BEGIN; SET LOCAL lock_timeout = '1min'");
+    assert_eq!(c.get_options(), Some("-c search_path=x -csynchronous_commit=off"));
+    let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
+    assert_eq!(with_timeouts(&mut c, Some("-c lock_timeout=1'; DROP")), "BEGIN; SET LOCAL lock_timeout = '1'';'");
+    assert_eq!(c.get_options(), Some("DROP"));
+}
+
+/// 8 threads on two stores (two processes) race 40 admissions for a limit that 10
+/// estimates fit: exactly 10 go, and settling them leaves the counters exact. `scalar`
+/// reads the stores' database.
+fn exactly_10_of_40_admitted(stores: [Arc<dyn Store>; 2], scalar: impl Fn(&str) -> i64) {
+    let global = daily_limit(6000);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (store, global) = (stores[t % 2].clone(), global.clone());
+            std::thread::spawn(move || {
+                let mut admitted = vec![];
+                for i in 0..5 {
+                    let e = execution(&format!("t{t}-{i}"), T0 + (t * 10 + i) as i64);
+                    if matches!(admit(store.as_ref(), &global, &e.id, e.started_at, T0 + 60_000_000), Admitted::Go { .. }) {
+                        admitted.push(e);
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let admitted: Vec<NewExecution> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let row = |col: &str| scalar(&format!("SELECT {col} FROM usage_counters WHERE scope = 'global' AND length(period) = 10"));
+    assert_eq!(admitted.len(), 10);
+    assert_eq!(row("reserved_cost"), 6000);
+    for e in &admitted {
+        finish(stores[0].as_ref(), e, &completion(Status::Success, e.started_at + 1, 500), true, &[]);
+    }
+    assert_eq!((row("cost"), row("executions"), row("reserved_cost"), row("reserved_executions")), (5000, 10, 0, 0));
+    assert_eq!(scalar("SELECT COUNT(*) FROM executions WHERE status = 'blocked'"), 30);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn hard_limit_holds_across_stores_and_threads() {
+    let db = TestDb::new();
+    exactly_10_of_40_admitted([Arc::new(db.open()), Arc::new(db.open())], |sql| db.scalar(sql));
+}
+
+/// The same race on one SQLite file (runs without a server).
+#[test]
+fn hard_limit_holds_across_sqlite_stores_and_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("race.db");
+    let open = || Arc::new(SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap());
+    let file = rusqlite::Connection::open(&path).unwrap();
+    exactly_10_of_40_admitted([open(), open()], |sql| file.query_row(sql, [], |r| r.get(0)).unwrap());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn exactly_one_half_open_probe_across_stores() {
+    let db = TestDb::new();
+    let stores = [Arc::new(db.open()), Arc::new(db.open())];
+    let key = BreakerKey { agent: "A".into(), model: "mock/x".into(), tenant_id: Some("t".into()) };
+    let policy = breaker::Policy::new(2, 60.0, 1.0).unwrap();
+    let mut alerts = vec![];
+    for i in 0..2 {
+        let e = execution(&format!("f{i}"), T0 + i);
+        assert!(matches!(admit_as(stores[0].as_ref(), &GlobalBudgets::default(), &e, std::slice::from_ref(&key), T0 + 60_000_000), Admitted::Go { .. }));
+        let outcome = BreakerOutcome { key: key.clone(), policy, success: false, probe: false };
+        alerts.extend(finish(stores[0].as_ref(), &e, &completion(Status::Error, T0 + i + 1, 0), false, &[outcome]));
+    }
+    assert!(matches!(alerts.as_slice(), [Alert::BreakerOpened { .. }]));
+    assert_eq!(stores[1].breaker_status(&key).unwrap().phase, Phase::Open);
+    // After the cooldown, 8 threads over two stores race: exactly one is the probe.
+    let after = T0 + 3_000_000;
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (store, key) = (stores[t % 2].clone(), key.clone());
+            std::thread::spawn(move || store.breaker_admit(&key, 5_000_000, after).unwrap())
+        })
+        .collect();
+    let admissions: Vec<Admission> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(admissions.iter().filter(|a| **a == Admission::Probe).count(), 1, "{admissions:?}");
+    assert_eq!(admissions.iter().filter(|a| matches!(a, Admission::Reject { .. })).count(), 7);
+    stores[1].breaker_reset(&key).unwrap();
+    assert_eq!(stores[0].breaker_status(&key).unwrap(), breaker::State::default());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn a_connection_killed_mid_transaction_is_retried_once_through() {
+    let db = TestDb::new();
+    let store = Arc::new(db.open());
+    let global = daily_limit(1_000_000);
+    let first = execution("first", T0);
+    assert!(matches!(admit(store.as_ref(), &global, &first.id, T0, T0 + 60_000_000), Admitted::Go { .. }));
+    finish(store.as_ref(), &first, &completion(Status::Success, T0 + 1, 100), true, &[]);
+    // Another session holds the global counters, so the next admission waits inside its
+    // transaction; that connection is then killed.
+    let (locked, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+    let url = db.url.clone();
+    let holder = std::thread::spawn(move || {
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.query("SELECT * FROM usage_counters WHERE scope = 'global' FOR UPDATE", &[]).unwrap();
+        locked.0.send(()).unwrap();
+        release.1.recv().unwrap();
+        tx.commit().unwrap();
+    });
+    locked.1.recv().unwrap();
+    let call = {
+        let (store, global) = (store.clone(), global.clone());
+        std::thread::spawn(move || admit(store.as_ref(), &global, "second", T0 + 10, T0 + 60_000_000))
+    };
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'tenantllm' AND wait_event_type = 'Lock'";
+    let mut killed = 0;
+    for _ in 0..500 {
+        if db.scalar(waiting) == 1 {
+            killed = db.scalar(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'tenantllm' AND wait_event_type = 'Lock') t",
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(killed, 1, "the admission never waited on the lock");
+    // The retry waits on the same lock until it is released, then goes through once.
+    std::thread::sleep(Duration::from_millis(200));
+    release.0.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(matches!(call.join().unwrap(), Admitted::Go { .. }));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM executions WHERE id = 'second'"), 1);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 1);
+    assert_eq!(db.scalar("SELECT reserved_cost FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 600);
+    // Every idle pooled connection is dead now too; the next operations still work.
+    db.scalar("SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'tenantllm') t");
+    let second = execution("second", T0 + 10);
+    finish(store.as_ref(), &second, &completion(Status::Success, T0 + 11, 100), true, &[]);
+    assert_eq!(db.scalar("SELECT reserved_cost + reserved_executions FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 0);
+    assert_eq!(store.query_aggregate(&Query::default(), &Aggregate::Count).unwrap(), Cell::Int(2));
+}
+
+/// The query layer answers exactly as SQLite's does on the same rows.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn queries_match_the_sqlite_store() {
+    let db = TestDb::new();
+    let pg = db.open();
+    let dir = tempfile::tempdir().unwrap();
+    let lite = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+    let global = GlobalBudgets::default();
+    // Ids are UUIDv7 minted when the call starts, as the engine makes them (SQLite narrows
+    // time ranges by id).
+    let v7 = |t: Micros| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, (t / 1_000_000) as u64, (t % 1_000_000 * 1000) as u32)).to_string();
+    let mut ids = vec![];
+    for (i, tenant) in [Some("b"), None, Some("a"), Some("b"), Some("é"), None, Some("B")].into_iter().enumerate() {
+        let at = T0 + i as i64 * 1000;
+        let mut e = execution(&v7(at), at);
+        ids.push(e.id.clone());
+        e.tenant_id = tenant.map(str::to_string);
+        let status = if i % 3 == 0 { Status::Error } else { Status::Success };
+        for store in [&pg as &dyn Store, &lite] {
+            assert!(matches!(admit_as(store, &global, &e, &[], T0 + 60_000_000), Admitted::Go { .. }));
+            finish(store, &e, &completion(status, e.started_at + 7, 100 * i as i64 + 1), false, &[]);
+        }
+    }
+    let f = |n: &str| Field::parse(n).unwrap();
+    let queries = [
+        Query::default(),
+        Query { order: vec![(f("tenant_id"), false), (f("id"), true)], ..Default::default() },
+        Query { order: vec![(f("tenant_id"), true), (f("id"), false)], limit: Some(3), offset: Some(1), ..Default::default() },
+        Query { filters: vec![Filter::In(f("tenant_id"), vec![])], ..Default::default() },
+        Query { filters: vec![Filter::In(f("tenant_id"), vec![Value::Text("a".into()), Value::Text("b".into())])], ..Default::default() },
+        Query { filters: vec![Filter::IsNull(f("tenant_id")), Filter::Range(f("started_at"), Some(T0), Some(T0 + 5500))], ..Default::default() },
+        Query { filters: vec![Filter::Range(f("started_at"), Some(T0 + 1000), None)], order: vec![(f("started_at"), true)], ..Default::default() },
+        Query { filters: vec![Filter::Eq(f("total_tokens"), Value::Text("7".into())), Filter::NotNull(f("completed_at"))], ..Default::default() },
+        Query { filters: vec![Filter::Eq(f("status"), Value::Text("error".into()))], order: vec![(f("id"), false)], offset: Some(1), ..Default::default() },
+    ];
+    // Without an order, rows come in either store's own order.
+    let rows = |store: &dyn Store, q: &Query| {
+        let mut rows = store.query_rows(q).unwrap();
+        if q.order.is_empty() {
+            rows.sort_by(|a, b| format!("{:?}", a[0]).cmp(&format!("{:?}", b[0])));
+        }
+        rows
+    };
+    for q in &queries {
+        assert_eq!(rows(&pg, q), rows(&lite, q), "{q:?}");
+        for agg in [Aggregate::Count, Aggregate::Sum(f("total_cost")), Aggregate::Sum(f("total_tokens"))] {
+            assert_eq!(pg.query_aggregate(q, &agg).unwrap(), lite.query_aggregate(q, &agg).unwrap(), "{q:?} {agg:?}");
+            for by in ["tenant_id", "status"] {
+                assert_eq!(pg.query_grouped(q, &[GroupKey::Field(f(by))], &agg).unwrap(), lite.query_grouped(q, &[GroupKey::Field(f(by))], &agg).unwrap(), "{q:?} {by}");
+            }
+        }
+    }
+    assert_eq!(pg.execution(&ids[2]).unwrap(), lite.execution(&ids[2]).unwrap());
+    let day = Calendar::new("UTC").unwrap().period_key(Period::Daily, T0);
+    assert_eq!(pg.usage_by_scope("tenant:", &day).unwrap(), lite.usage_by_scope("tenant:", &day).unwrap());
+    assert_eq!(pg.usage_daily("global", "2000-01-01").unwrap(), lite.usage_daily("global", "2000-01-01").unwrap());
+    assert_eq!(pg.rebuild_counters().unwrap(), lite.rebuild_counters().unwrap());
+    assert_eq!(pg.usage_by_scope("", &day).unwrap(), lite.usage_by_scope("", &day).unwrap());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn rollups_answer_like_rows_and_survive_purges() {
+    let db = TestDb::new();
+    let store = db.open();
+    let url = db.url.clone();
+    let sql = move |s: &str| {
+        let s = s.to_string();
+        on_server(&url, move |c| c.batch_execute(&s).unwrap())
+    };
+    let open_again = || Box::new(db.open()) as Box<dyn Store>;
+    super::super::rollups::tests::rollups_answer_like_rows(&store, &sql, &open_again);
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn budgets_and_api_keys_round_trip() {
+    let db = TestDb::new();
+    let store = db.open();
+    let b = TenantBudget {
+        tenant_id: "t1".into(),
+        name: Some("Acme".into()),
+        limits: Limits { daily_cost: Some(Nanos(5)), monthly_tokens: Some(7), ..Default::default() },
+        enforcement: Enforcement::Soft,
+    };
+    assert_eq!(store.budget_put(&b, BudgetWrite::Create).unwrap(), b);
+    assert!(store.budget_put(&b, BudgetWrite::Create).unwrap_err().to_string().contains("already exists"));
+    assert_eq!(store.budget_get("t1").unwrap(), Some(b.clone()));
+    // Only the named fields change: the stale monthly_tokens and enforcement stay.
+    let stale = TenantBudget { limits: Limits { daily_cost: Some(Nanos(9)), ..Default::default() }, ..b.clone() };
+    let named = ["daily_limit".to_string()];
+    let b2 = TenantBudget { limits: Limits { daily_cost: Some(Nanos(9)), ..b.limits.clone() }, ..b.clone() };
+    assert_eq!(store.budget_put(&stale, BudgetWrite::Update(&named)).unwrap(), b2);
+    assert_eq!(store.budget_all().unwrap(), vec![b2]);
+    assert!(store.budget_delete("t1").unwrap());
+    assert!(!store.budget_delete("t1").unwrap());
+    let sealed = (vec![1u8, 2, 3], vec![0u8, 255, 9]);
+    store.api_key_put("tenant:t1", "openai", Some(&sealed)).unwrap();
+    assert_eq!(store.api_key_get("tenant:t1", "openai").unwrap(), Some(sealed));
+    assert_eq!(store.api_key_providers("tenant:t1").unwrap(), vec!["openai".to_string()]);
+    store.api_key_put("tenant:t1", "openai", None).unwrap();
+    assert_eq!(store.api_key_get("tenant:t1", "openai").unwrap(), None);
+}
+
+/// A TCP relay to the test server that can cut a connection at its next COMMIT: either
+/// after passing it on (the server commits, the client never hears so) or before (the
+/// server rolls back when the connection drops).
+struct CommitCutter {
+    port: u16,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const PASS: u8 = 0;
+const CUT_AFTER_COMMIT: u8 = 1;
+const CUT_BEFORE_COMMIT: u8 = 2;
+
+impl CommitCutter {
+    fn start(host: String, port: u16) -> CommitCutter {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
+        // The simple-query message the client sends to commit.
+        const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let cutter = CommitCutter {
+            port: listener.local_addr().unwrap().port(),
+            mode: Arc::new(AtomicU8::new(PASS)),
+            cuts: Arc::new(AtomicUsize::new(0)),
+        };
+        let (mode, cuts) = (cutter.mode.clone(), cutter.cuts.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let server = TcpStream::connect((host.as_str(), port)).unwrap();
+                let swallow = Arc::new(AtomicBool::new(false));
+                let (mut from, mut to, quiet) = (server.try_clone().unwrap(), client.try_clone().unwrap(), swallow.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        if !quiet.load(SeqCst) && to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+                let (mut from, mut to, mode, cuts) = (client, server, mode.clone(), cuts.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        let at_commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+                        let cut = if at_commit { mode.swap(PASS, SeqCst) } else { PASS };
+                        if cut != PASS {
+                            cuts.fetch_add(1, SeqCst);
+                            swallow.store(true, SeqCst);
+                            if cut == CUT_AFTER_COMMIT {
+                                to.write_all(&buf[..n]).unwrap();
+                                // Let the server commit (its answer is swallowed).
+                                std::thread::sleep(Duration::from_millis(300));
+                            }
+                            break;
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        cutter
+    }
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn a_commit_cut_off_is_checked_never_doubled_or_lost() {
+    let db = TestDb::new();
+    let config: postgres::Config = db.url.parse().unwrap();
+    let Some(postgres::config::Host::Tcp(host)) = config.get_hosts().first().cloned() else {
+        eprintln!("skipped: the test server is not reached over TCP");
+        return;
+    };
+    let cutter = CommitCutter::start(host, config.get_ports().first().copied().unwrap_or(5432));
+    let mut url = format!("host=127.0.0.1 port={} dbname={}", cutter.port, config.get_dbname().unwrap());
+    if let Some(user) = config.get_user() {
+        url.push_str(&format!(" user={user}"));
+    }
+    if let Some(pw) = config.get_password() {
+        url.push_str(&format!(" password='{}'", String::from_utf8_lossy(pw)));
+    }
+    let store = PostgresStore::open(&url, "UTC").unwrap();
+    let global = daily_limit(1_000_000);
+    for (i, cut) in [CUT_AFTER_COMMIT, CUT_BEFORE_COMMIT].into_iter().enumerate() {
+        let e = execution(&format!("cut{i}"), T0 + i as i64);
+        cutter.mode.store(cut, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(admit(&store, &global, &e.id, e.started_at, T0 + 60_000_000), Admitted::Go { .. }));
+        cutter.mode.store(cut, std::sync::atomic::Ordering::SeqCst);
+        finish(&store, &e, &completion(Status::Success, e.started_at + 1, 100), true, &[]);
+    }
+    assert_eq!(cutter.cuts.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM executions WHERE status = 'success'"), 2);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM executions"), 2);
+    let row = |col: &str| db.scalar(&format!("SELECT {col} FROM usage_counters WHERE scope = 'global' AND length(period) = 10"));
+    assert_eq!((row("cost"), row("executions"), row("reserved_cost"), row("reserved_executions")), (200, 2, 0, 0));
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 0);
+}
