@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench demo wheels wheel-test clean
+.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions demo wheels wheel-test clean
 
 test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
@@ -67,6 +67,11 @@ bench: develop
 	$(BIN)/python benches/run.py
 	$(BIN)/python benches/rollups.py
 	$(BIN)/python benches/dashboard.py
+
+# Instructions per guarded call (callgrind; needs valgrind): load-independent, for comparing
+# builds, e.g. BASE=/path/to/other/.venv/bin/python to measure that build in the same run.
+bench-instructions: develop
+	$(BIN)/python benches/instructions.py $(if $(BASE),--python $(BASE))
 
 demo: develop
 	$(BIN)/tenantllm demo
