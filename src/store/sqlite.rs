@@ -233,7 +233,10 @@ fn connect(path: &str) -> Result<Connection> {
     }
     // NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the
     // last transactions.
-    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=0;")?;
+    // secure_delete: Debian's libsqlite3 (the one we share with Python) turns it on by
+    // default, zeroing the old bytes of every row a call rewrites or deletes (counters,
+    // reservations, the rate log); SQLite's own default is off.
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=0; PRAGMA secure_delete=OFF;")?;
     conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
@@ -388,15 +391,39 @@ fn roll(tx: &Connection, id: &str, periods: &[String; 2], sign: i64) -> Result<(
     Ok(())
 }
 
-/// Closes an execution row, moving it in the rollups from any earlier outcome to this one;
-/// with `store_details`, also writes its prompts and response (once, at the end, to keep the
-/// start of a call to one small write).
-fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_details: bool, cal: &Calendar) -> Result<()> {
-    let periods = rollups::periods(cal, e.started_at);
-    roll(tx, &e.id, &periods, -1)?;
+/// Writes an execution's outcome (`COMPLETE_SQL` or `COMPLETE_RUNNING_SQL`); the rows changed.
+fn close_execution(tx: &Connection, sql: &str, e: &NewExecution, c: &Completion) -> Result<usize> {
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
-    let n = tx
-        .prepare_cached(
+    Ok(tx.prepare_cached(sql)?.execute(params![
+        e.id,
+        c.status.as_str(),
+        opt_text(&c.error_class),
+        opt_text(&c.error_message),
+        opt_text(&c.chosen_model_id),
+        opt_text(&c.provider),
+        c.completed_at,
+        c.duration_ms,
+        c.usage.input,
+        c.usage.output,
+        c.usage.cached,
+        c.usage.input + c.usage.output,
+        c.cost.input.0,
+        c.cost.output.0,
+        c.cost.total().0,
+        c.attempts.len() as i64,
+        attempts,
+        opt_text(&c.finish_reason),
+        c.usage.cache_writes(),
+        c.cost.cache_read.0,
+        c.cost.cache_write.0,
+        c.time_to_first_token_ms,
+        i64::from(c.cached),
+    ])?)
+}
+
+macro_rules! complete_sql {
+    ($condition:literal) => {
+        concat!(
             "UPDATE executions SET status = ?2, error_class = ?3, error_message = ?4, chosen_model_id = ?5,
                  provider = COALESCE(?6, provider), completed_at = ?7, duration_ms = ?8, input_tokens = ?9,
                  output_tokens = ?10, cached_tokens = ?11, total_tokens = ?12, input_cost = ?13,
@@ -404,34 +431,27 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
                  cache_write_tokens = ?19, cache_read_cost = ?20, cache_write_cost = ?21,
                  time_to_first_token_ms = ?22, cached = ?23
              WHERE id = ?1",
-        )?
-        .execute(params![
-            e.id,
-            c.status.as_str(),
-            opt_text(&c.error_class),
-            opt_text(&c.error_message),
-            opt_text(&c.chosen_model_id),
-            opt_text(&c.provider),
-            c.completed_at,
-            c.duration_ms,
-            c.usage.input,
-            c.usage.output,
-            c.usage.cached,
-            c.usage.input + c.usage.output,
-            c.cost.input.0,
-            c.cost.output.0,
-            c.cost.total().0,
-            c.attempts.len() as i64,
-            attempts,
-            opt_text(&c.finish_reason),
-            c.usage.cache_writes(),
-            c.cost.cache_read.0,
-            c.cost.cache_write.0,
-            c.time_to_first_token_ms,
-            i64::from(c.cached),
-        ])?;
-    if n != 1 {
-        return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
+            $condition
+        )
+    };
+}
+/// Closes execution ?1 whatever its status.
+const COMPLETE_SQL: &str = complete_sql!("");
+/// Closes execution ?1 if it is still running.
+const COMPLETE_RUNNING_SQL: &str = complete_sql!(" AND status = 'running'");
+
+/// Closes an execution row, moving it in the rollups from any earlier outcome to this one;
+/// with `store_details`, also writes its prompts and response (once, at the end, to keep the
+/// start of a call to one small write).
+fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_details: bool, cal: &Calendar) -> Result<()> {
+    let periods = rollups::periods(cal, e.started_at);
+    // A running row (nearly always) is in no rollup: closing it needs no subtraction first.
+    // Only one that already had an outcome (its lease was taken over) is moved.
+    if close_execution(tx, COMPLETE_RUNNING_SQL, e, c)? == 0 {
+        roll(tx, &e.id, &periods, -1)?;
+        if close_execution(tx, COMPLETE_SQL, e, c)? != 1 {
+            return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
+        }
     }
     roll(tx, &e.id, &periods, 1)?;
     if store_details {
@@ -513,11 +533,21 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
     Ok((decode_keys(&keys), est))
 }
 
+/// A scope's running totals moved to a new horizon by this admission: written once, at its
+/// end, with the admission itself counted when it was admitted (`write_totals`).
+struct Advanced {
+    scope: String,
+    totals: RateUsage,
+    horizon: Micros,
+}
+
 /// The use of the scopes `checks` name: admissions and their tokens stamped after
 /// `now - window` (later stamps included), from each scope's running totals (see
-/// `ratelimit::step`), and calls holding a `max_concurrent` slot.
-fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<HashMap<String, RateUsage>> {
+/// `ratelimit::step`), and calls holding a `max_concurrent` slot; and the totals this
+/// admission moved.
+fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<(HashMap<String, RateUsage>, Vec<Advanced>)> {
     let mut out: HashMap<String, RateUsage> = HashMap::new();
+    let mut advanced = Vec::new();
     for scope in ratelimit::window_scopes(checks) {
         let totals = tx
             .prepare_cached("SELECT requests, tokens, horizon FROM rate_totals WHERE scope = ?1")?
@@ -530,12 +560,10 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
                 let crossed = logged_between(tx, &scope, horizon.unwrap_or(to), to)?;
                 use_.requests -= crossed.requests;
                 use_.tokens -= crossed.tokens;
-                tx.prepare_cached(
-                    "INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (scope) DO UPDATE SET requests = ?2, tokens = ?3, horizon = ?4",
-                )?
-                .execute(params![scope, use_.requests, use_.tokens, to])?;
-                tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, forget])?;
+                if ratelimit::prune_due(horizon, to, window) {
+                    tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, forget])?;
+                }
+                advanced.push(Advanced { scope: scope.clone(), totals: use_, horizon: to });
             }
             ratelimit::Step::Behind { since } => {
                 let behind = logged_between(tx, &scope, since, horizon.unwrap_or(since))?;
@@ -548,7 +576,35 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
     if let Some(scope) = ratelimit::concurrency_scope(checks) {
         out.entry(scope.clone()).or_default().in_flight = in_flight(tx, &scope)?;
     }
-    Ok(out)
+    Ok((out, advanced))
+}
+
+/// Writes the totals this admission moved and logs the admission (`admitted`: execution, its
+/// stamp and estimated tokens; None when refused) in its window `scopes`: one write of each
+/// scope's totals, the admission counted in unless its clock is behind their horizon.
+fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admitted: Option<(&str, Micros, i64)>) -> Result<()> {
+    for a in advanced {
+        let mut t = a.totals;
+        // Counted unless this call's clock is behind the horizon.
+        if let Some((_, _, tokens)) = admitted.filter(|&(_, at, _)| at > a.horizon) {
+            t.requests += 1;
+            t.tokens = t.tokens.saturating_add(tokens);
+        }
+        tx.prepare_cached(
+            "INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (scope) DO UPDATE SET requests = ?2, tokens = ?3, horizon = ?4",
+        )?
+        .execute(params![a.scope, t.requests, t.tokens, a.horizon])?;
+    }
+    let Some((id, at, tokens)) = admitted else { return Ok(()) };
+    for scope in scopes {
+        tx.prepare_cached("INSERT INTO rate_events (scope, at, execution_id, tokens) VALUES (?1, ?2, ?3, ?4)")?.execute(params![scope, at, id, tokens])?;
+        if !advanced.iter().any(|a| &a.scope == scope) {
+            tx.prepare_cached("UPDATE rate_totals SET requests = requests + 1, tokens = tokens + ?2 WHERE scope = ?1 AND horizon < ?3")?
+                .execute(params![scope, tokens, at])?;
+        }
+    }
+    Ok(())
 }
 
 /// Corrects a call's logged tokens to `tokens`, and the scope's totals if they count it.
@@ -594,6 +650,12 @@ fn window_events(c: &Connection, scope: &str, since: Micros) -> Result<Vec<(Micr
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were.
 fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<()> {
+    // Nearly always there is none. A DELETE ... RETURNING builds a temporary table for its
+    // rows even when it returns none, so a plain look comes first.
+    let any: bool = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM reservations WHERE expires_at <= ?1)")?.query_row([now], |r| r.get(0))?;
+    if !any {
+        return Ok(());
+    }
     let expired: Vec<(String, (Vec<CounterKey>, budget::Usage))> = tx
         .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions")?
         .query_map([now], |r| Ok((r.get(0)?, release_row(r, 1)?)))?
@@ -1017,12 +1079,14 @@ impl Store for SqliteStore {
                 return Ok(Admitted::Blocked(b));
             }
             let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
-            let rates = rate_state(tx, &rate_checks, req.now, req.rate_window)?;
+            let (rates, advanced) = rate_state(tx, &rate_checks, req.now, req.rate_window)?;
+            let rate_scopes = ratelimit::window_scopes(&rate_checks);
             let since = req.now - req.rate_window;
             let breach = ratelimit::evaluate(&rate_checks, |s| rates.get(s).copied().unwrap_or_default(), est.tokens, req.now, req.rate_window, |s| {
                 window_events(tx, s, since)
             })?;
             if let Some(b) = breach {
+                write_totals(tx, &rate_scopes, &advanced, None)?;
                 if req.record_rate_limited {
                     insert_execution(tx, e)?;
                     complete_execution(tx, e, &rate_limited(&b, req.now), false, req.calendar)?;
@@ -1032,6 +1096,7 @@ impl Store for SqliteStore {
             let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(tx, key, req.probe_lease, req.now))? {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
+                    write_totals(tx, &rate_scopes, &advanced, None)?;
                     insert_execution(tx, e)?;
                     complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
@@ -1047,14 +1112,7 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at, concurrency])?;
             }
-            let rate_scopes = ratelimit::window_scopes(&rate_checks);
-            for scope in &rate_scopes {
-                tx.prepare_cached("INSERT INTO rate_events (scope, at, execution_id, tokens) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(params![scope, e.started_at, e.id, est.tokens])?;
-                // Counted in the totals unless this call's clock is behind their horizon.
-                tx.prepare_cached("UPDATE rate_totals SET requests = requests + 1, tokens = tokens + ?2 WHERE scope = ?1 AND horizon < ?3")?
-                    .execute(params![scope, est.tokens, e.started_at])?;
-            }
+            write_totals(tx, &rate_scopes, &advanced, Some((&e.id, e.started_at, est.tokens)))?;
             insert_execution(tx, e)?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
@@ -1072,10 +1130,16 @@ impl Store for SqliteStore {
             complete_execution(tx, e, c, req.store_details, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
+            // Read, then deleted: a DELETE ... RETURNING builds a temporary table for its row.
             let released = if req.reserved {
-                tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1 RETURNING counters, cost, tokens, executions")?
+                let held = tx
+                    .prepare_cached("SELECT counters, cost, tokens, executions FROM reservations WHERE execution_id = ?1")?
                     .query_row([&e.id], |r| release_row(r, 0))
-                    .optional()?
+                    .optional()?;
+                if held.is_some() {
+                    tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
+                }
+                held
             } else {
                 None
             };
