@@ -41,7 +41,8 @@ pub const CONCURRENCY_RETRY_AFTER_S: f64 = 1.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// The window starts after the horizon: move it to `to`, subtracting the admissions
-    /// stamped in (horizon, to]; those stamped at or before `forget` leave the log.
+    /// stamped in (horizon, to]; those stamped at or before `forget` may leave the log
+    /// (when `prune_due`).
     Advance { to: Micros, forget: Micros },
     /// The window starts at or before the horizon: its use is the totals plus the
     /// admissions stamped in (since, horizon].
