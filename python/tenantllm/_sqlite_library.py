@@ -11,7 +11,6 @@ A build from source links the system library instead; making it global changes n
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -67,7 +66,9 @@ def load_shared_sqlite() -> None:
         return
     # No sqlite3 module, or one that keeps its SQLite private: the system library (if Python's
     # sqlite3 has its own copy, configure() warns that the two must not share a file).
-    name = ctypes.util.find_library("sqlite3")
+    from ctypes.util import find_library  # here, not at the top: it costs ~10 ms (subprocess, shutil)
+
+    name = find_library("sqlite3")
     if name is None:
         raise ImportError(f"tenantllm needs the SQLite library and found none, loaded or on the system: {_INSTALL}")
     try:

@@ -10,6 +10,7 @@ the Rust boundary. A call only appends the encoded alert to a bounded queue.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import hmac
 import json
@@ -17,18 +18,19 @@ import logging
 import os
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 import weakref
 from collections import deque
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenantllm._core import ConfigurationError
+
+if TYPE_CHECKING:
+    import urllib.request
 
 log = logging.getLogger("tenantllm.alerts")
 
@@ -83,14 +85,19 @@ def _slack_payload(alert: Mapping[str, Any]) -> dict[str, Any]:
     return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]}
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failed delivery (urllib would resend a POST as a GET without its body)."""
+@functools.cache
+def _opener() -> urllib.request.OpenerDirector:
+    """Built at the first delivery, not at import: urllib.request (http.client, email) costs
+    `import tenantllm` ~10 ms, and most apps never send a webhook."""
+    import urllib.request
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        """A redirect is a failed delivery (urllib would resend a POST as a GET without its body)."""
 
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
 
-_opener = urllib.request.build_opener(_NoRedirect)
+    return urllib.request.build_opener(NoRedirect)
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
@@ -221,9 +228,12 @@ class Webhook:
         headers = {"Content-Type": "application/json", DELIVERY_HEADER: delivery, "User-Agent": "tenantllm-alerts"}
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, int(time.time()), body)
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with _opener.open(request, timeout=timeout) as response:
+            with _opener().open(request, timeout=timeout) as response:
                 response.read()
                 return None
         except urllib.error.HTTPError as e:
