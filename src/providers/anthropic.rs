@@ -185,7 +185,8 @@ pub async fn send(
 pub async fn open(client: &reqwest::Client, caller: &Caller<'_>, base_url: &str, api_key: Option<&str>, req: &Request) -> Result<ProviderStream, ProviderFailure> {
     let (http, body) = request(client, caller, base_url, api_key, req, true);
     let resp = post(caller, http, &body).await?;
-    Ok(ProviderStream::http(resp, Wire::Anthropic, caller, super::prompt_tokens(req)))
+    let answer_tool = req.schema.as_ref().map(|s| s.name.as_str());
+    Ok(ProviderStream::http(resp, Wire::Anthropic, caller, super::prompt_tokens(req)).answering(answer_tool))
 }
 
 /// The usage so far: message_start's, with each message_delta's fields laid over it
@@ -220,10 +221,37 @@ pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Optio
                 acc.usage = None;
             }
         }
+        "content_block_start" => {
+            let block = v.get("content_block").cloned().unwrap_or_default();
+            if block.get("type").and_then(|t| t.as_str()) == Some("tool_use") {
+                let index = v.get("index").and_then(|i| i.as_i64()).unwrap_or(acc.calls.len() as i64);
+                let text = |k: &str| block.get(k).and_then(|x| x.as_str()).map(String::from);
+                let (Some(id), Some(name)) = (text("id"), text("name")) else {
+                    return Err(caller.invalid("tool_use block without an id or a name"));
+                };
+                if acc.answer_tool.as_deref() == Some(name.as_str()) {
+                    acc.answer_block = Some(index);
+                } else {
+                    acc.start_call(index, id, name);
+                }
+            }
+        }
         "content_block_delta" => {
             let d = v.get("delta").cloned().unwrap_or_default();
-            if d.get("type").and_then(|t| t.as_str()) == Some("text_delta") {
-                return Ok(d.get("text").and_then(|t| t.as_str()).map(String::from));
+            let index = v.get("index").and_then(|i| i.as_i64());
+            let piece = |k: &str| d.get(k).and_then(|t| t.as_str()).unwrap_or("").to_string();
+            match d.get("type").and_then(|t| t.as_str()) {
+                // With a schema, text before the answer tool is the model's preamble.
+                Some("text_delta") if acc.answer_tool.is_some() => acc.preamble.push_str(&piece("text")),
+                Some("text_delta") => return Ok(Some(piece("text"))),
+                // The answer's JSON, as it is written: the text streamed.
+                Some("input_json_delta") if index.is_some() && index == acc.answer_block => return Ok(Some(piece("partial_json"))),
+                Some("input_json_delta") => {
+                    if let Some(call) = index.and_then(|i| acc.call_at(i)) {
+                        call.arguments.push_str(&piece("partial_json"));
+                    }
+                }
+                _ => {}
             }
         }
         "message_delta" => {

@@ -64,8 +64,9 @@ struct FunctionCall {
 const UNNAMED: &str = "tenantllm-unnamed-";
 
 /// The answer's text (thoughts left out) and its function calls; calls without an id get
-/// their position, so each result can name its call.
-fn split(parts: Vec<Part>) -> (String, Vec<ToolCall>) {
+/// their position (counting `before` calls of earlier chunks of a stream), so each result
+/// can name its call.
+fn split(parts: Vec<Part>, before: usize) -> (String, Vec<ToolCall>) {
     let mut text = String::new();
     let mut calls = vec![];
     for p in parts.into_iter().filter(|p| !p.thought) {
@@ -73,7 +74,7 @@ fn split(parts: Vec<Part>) -> (String, Vec<ToolCall>) {
             text.push_str(t);
         }
         if let Some(f) = p.function_call {
-            let id = f.id.unwrap_or_else(|| format!("{UNNAMED}{}", calls.len()));
+            let id = f.id.unwrap_or_else(|| format!("{UNNAMED}{}", before + calls.len()));
             let arguments = f.args.unwrap_or_else(|| json!({})).to_string();
             calls.push(ToolCall { id, name: f.name, arguments, signature: p.thought_signature });
         }
@@ -122,7 +123,7 @@ fn parse(caller: &Caller<'_>, r: Response) -> Result<Reply, ProviderFailure> {
     let u = r.usage_metadata.ok_or_else(|| caller.invalid("no usageMetadata"))?;
     let (content, tool_calls, finish_reason_raw, blocked) = match r.candidates.into_iter().next() {
         Some(cand) => {
-            let (text, calls) = split(cand.content.map(|c| c.parts).unwrap_or_default());
+            let (text, calls) = split(cand.content.map(|c| c.parts).unwrap_or_default(), 0);
             (text, calls, cand.finish_reason, false)
         }
         None => match r.prompt_feedback.and_then(|f| f.block_reason) {
@@ -260,7 +261,10 @@ pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Optio
         acc.finish = normalise(&f);
         acc.finish_raw = Some(f);
     }
-    Ok(Some(split(cand.content.map(|c| c.parts).unwrap_or_default()).0))
+    // Function calls come whole, each in the chunk that names it.
+    let (text, calls) = split(cand.content.map(|c| c.parts).unwrap_or_default(), acc.calls.len());
+    acc.add_calls(calls);
+    Ok(Some(text))
 }
 
 #[cfg(test)]

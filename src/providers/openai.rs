@@ -248,6 +248,48 @@ struct ChunkChoice {
 struct Delta {
     content: Option<serde_json::Value>,
     refusal: Option<String>,
+    /// Fragments of the calls: the first of each has its id and name, the rest pieces of
+    /// its arguments, found by `index`. Mistral and some compatible servers send each call
+    /// whole in one fragment, and may give several the same index.
+    tool_calls: Option<Vec<DeltaToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaToolCall {
+    index: Option<i64>,
+    id: Option<String>,
+    function: Option<DeltaFunction>,
+}
+
+#[derive(Deserialize)]
+struct DeltaFunction {
+    name: Option<String>,
+    arguments: Option<String>,
+}
+
+/// Adds a chunk's call fragments to the calls so far. A fragment with an id other than its
+/// index's call starts a new call.
+fn add_fragments(acc: &mut Acc, fragments: Vec<DeltaToolCall>) {
+    for (i, f) in fragments.into_iter().enumerate() {
+        let index = f.index.unwrap_or(i as i64);
+        let id = f.id.filter(|id| !id.is_empty());
+        let function = f.function.unwrap_or(DeltaFunction { name: None, arguments: None });
+        let fresh = match acc.call_at(index) {
+            Some(c) => id.as_ref().is_some_and(|id| !c.id.is_empty() && *id != c.id),
+            None => true,
+        };
+        if fresh {
+            acc.start_call(index, String::new(), String::new());
+        }
+        let Some(call) = acc.call_at(index) else { continue };
+        if let (true, Some(id)) = (call.id.is_empty(), id) {
+            call.id = id;
+        }
+        if let (true, Some(name)) = (call.name.is_empty(), function.name) {
+            call.name = name;
+        }
+        call.arguments.push_str(function.arguments.as_deref().unwrap_or(""));
+    }
 }
 
 /// One `chat.completion.chunk` (or the `[DONE]` that ends them); returns its text.
@@ -271,6 +313,7 @@ pub fn decode(caller: &Caller<'_>, acc: &mut Acc, ev: &SseEvent) -> Result<Optio
     if let Some(d) = choice.delta {
         text = Some(text_of(d.content).map_err(|e| caller.invalid(e))?);
         acc.refusal.push_str(d.refusal.as_deref().unwrap_or(""));
+        add_fragments(acc, d.tool_calls.unwrap_or_default());
     }
     if let Some(f) = choice.finish_reason {
         acc.finish = normalise(&f, !acc.refusal.is_empty());

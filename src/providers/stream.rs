@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 use super::http::{self, Caller};
-use super::{anthropic, gemini, openai, tokens_of, Reply, Wire};
+use super::{anthropic, gemini, openai, tokens_of, Reply, ToolCall, Wire};
 use crate::error::{ProviderErrorKind, ProviderFailure};
 use crate::pricing::Usage;
 
@@ -81,6 +81,43 @@ pub struct Acc {
     pub done: bool,
     /// Anthropic's usage object as merged so far (message_start, then message_delta).
     pub raw_usage: Option<serde_json::Value>,
+    /// The tools the model asked to call so far, each with the index its wire format gives
+    /// it (OpenAI's `tool_calls[].index`, Anthropic's content block), so that the fragments
+    /// of its arguments find it.
+    pub calls: Vec<(i64, ToolCall)>,
+    /// Anthropic with a schema: the tool whose input is the answer, the content block it is
+    /// in once started, and the text before it (the model's preamble, not the answer).
+    pub answer_tool: Option<String>,
+    pub answer_block: Option<i64>,
+    pub preamble: String,
+}
+
+impl Acc {
+    /// The call the latest fragment at `index` belongs to.
+    pub fn call_at(&mut self, index: i64) -> Option<&mut ToolCall> {
+        self.calls.iter_mut().rev().find(|(i, _)| *i == index).map(|(_, c)| c)
+    }
+
+    /// A new call at `index`.
+    pub fn start_call(&mut self, index: i64, id: String, name: String) {
+        self.calls.push((index, ToolCall { id, name, arguments: String::new(), signature: None }));
+    }
+
+    /// Calls that came whole (Gemini's, the mock's), numbered in order.
+    pub fn add_calls(&mut self, calls: Vec<ToolCall>) {
+        for c in calls {
+            self.calls.push((self.calls.len() as i64, c));
+        }
+    }
+
+    /// The end of a reply: every call it asked for must have been named.
+    fn end(&mut self, caller: &Caller<'_>) -> Result<Option<String>, ProviderFailure> {
+        self.done = true;
+        if self.calls.iter().any(|(_, c)| c.name.is_empty()) {
+            return Err(caller.invalid("a streamed tool call without a name"));
+        }
+        Ok(None)
+    }
 }
 
 /// A provider's error sent inside a stream (`{"error": {...}}` or Anthropic's `error` event).
@@ -125,7 +162,7 @@ impl ProviderStream {
 
     /// A whole reply delivered in pieces (the mock provider).
     pub fn pieces(reply: Reply, provider: &str, pieces: VecDeque<String>) -> ProviderStream {
-        let acc = Acc {
+        let mut acc = Acc {
             model: Some(reply.model),
             usage: Some(reply.usage),
             finish: reply.finish_reason,
@@ -133,7 +170,15 @@ impl ProviderStream {
             done: true,
             ..Acc::default()
         };
+        acc.add_calls(reply.tool_calls);
         ProviderStream { source: Source::Pieces(pieces), acc, provider: provider.to_string(), model: String::new(), prompt_tokens: 0 }
+    }
+
+    /// With a schema, Anthropic's answer comes as the input of the tool named so: that
+    /// input's JSON is the text streamed.
+    pub fn answering(mut self, tool: Option<&str>) -> ProviderStream {
+        self.acc.answer_tool = tool.map(String::from);
+        self
     }
 
     /// The next piece of text; `None` once the reply is complete. A stream that stops
@@ -164,7 +209,7 @@ impl ProviderStream {
                 }
             }
             if self.acc.done {
-                return Ok(None);
+                return self.acc.end(&caller);
             }
             if buf.len() > MAX_EVENT_BYTES {
                 return Err(caller.invalid(&format!("a stream event longer than {MAX_EVENT_BYTES} bytes")));
@@ -173,8 +218,7 @@ impl ProviderStream {
                 // Gemini marks no end but its last event's finishReason; other servers may omit
                 // the [DONE] after a finished reply.
                 if self.acc.finish_raw.is_some() && (wire == Wire::Gemini || matches!(wire, Wire::OpenAi { .. })) {
-                    self.acc.done = true;
-                    return Ok(None);
+                    return self.acc.end(&caller);
                 }
                 let mut f = caller.invalid("the stream ended before the reply was complete");
                 f.status = None;
@@ -191,9 +235,25 @@ impl ProviderStream {
     /// What the reply came to: the provider's usage, or where it sent none (the stream broke,
     /// was cancelled, or the server does not report usage in streams) the tokens counted from
     /// the prompt and the text received. A reply cut short is billed at least the output
-    /// counted from its text (Gemini's running totals lag behind the text).
+    /// counted from its text (Gemini's running totals lag behind the text). Its tool calls
+    /// are those complete so far (a reply cut short may hold a call whose arguments were cut).
     pub fn reply(&self) -> Reply {
         let a = &self.acc;
+        let tool_calls: Vec<ToolCall> = a.calls.iter().map(|(_, c)| c.clone()).collect();
+        // Gemini ends a reply of function calls with STOP; a reply whose only "call" was
+        // Anthropic's answer tool is an answer.
+        let finish = match a.finish {
+            Some("stop") if !tool_calls.is_empty() => Some("tool_calls"),
+            Some("tool_calls") if tool_calls.is_empty() && a.answer_block.is_some() => Some("stop"),
+            other => other,
+        };
+        let content = match (&a.answer_tool, a.answer_block) {
+            // The answer tool was never called: the text is what the model said instead.
+            (Some(_), None) => a.preamble.clone(),
+            // Its input had no fragments: an empty object.
+            (Some(_), Some(_)) if a.text.is_empty() => "{}".to_string(),
+            _ => a.text.clone(),
+        };
         let counted = Usage::new(a.input.unwrap_or(self.prompt_tokens), tokens_of(&a.text), 0);
         let usage = match a.usage {
             Some(u) if a.done => u,
@@ -201,13 +261,13 @@ impl ProviderStream {
             None => counted,
         };
         Reply {
-            content: a.text.clone(),
+            content,
             model: a.model.clone().unwrap_or_else(|| self.model.clone()),
             usage,
-            finish_reason: a.finish,
+            finish_reason: finish,
             finish_reason_raw: a.finish_raw.clone(),
             refusal: Some(a.refusal.clone()).filter(|r| !r.is_empty()),
-            tool_calls: vec![],
+            tool_calls,
         }
     }
 
@@ -260,6 +320,93 @@ mod tests {
         assert_eq!((acc.usage.unwrap().input, acc.usage.unwrap().output, acc.model.as_deref()), (11, 6, Some("claude-3-opus-latest")));
         let (acc, pieces) = replay(Wire::Gemini, include_str!("../../tests/fixtures/streams/gemini_stream.sse"));
         assert_eq!((pieces.len(), acc.usage.unwrap().output, acc.finish_raw.as_deref()), (3, 27, Some("STOP")));
+    }
+
+    fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+        ToolCall { id: id.into(), name: name.into(), arguments: arguments.into(), signature: None }
+    }
+
+    /// What a decoded stream came to, as `ProviderStream::reply` makes it.
+    fn replied(acc: Acc) -> Reply {
+        ProviderStream { source: Source::Pieces(VecDeque::new()), acc, provider: "p".into(), model: "m".into(), prompt_tokens: 0 }.reply()
+    }
+
+    #[test]
+    fn assembles_recorded_tool_call_streams() {
+        let (acc, pieces) = replay(Wire::OpenAi { native: true }, include_str!("../../tests/fixtures/streams/openai_chat_parallel_tool_calls.sse"));
+        assert!(pieces.is_empty());
+        let r = replied(acc);
+        assert_eq!(
+            r.tool_calls,
+            [
+                call("call_JMW1whyEaYG438VE1OIflxA2", "GetWeatherArgs", r#"{"city": "Edinburgh", "country": "GB", "units": "c"}"#),
+                call("call_DNYTawLBoN8fj3KN6qU9N1Ou", "get_stock_price", r#"{"ticker": "AAPL", "exchange": "NASDAQ"}"#),
+            ]
+        );
+        assert_eq!((r.finish_reason, r.usage.input, r.usage.output), (Some("tool_calls"), 149, 60));
+
+        let (acc, pieces) = replay(Wire::OpenAi { native: false }, include_str!("../../tests/fixtures/streams/mistral_tool_calls.sse"));
+        assert!(pieces.is_empty());
+        let r = replied(acc);
+        assert_eq!(r.tool_calls, [call("D681PevKs", "get_weather", r#"{"location": "Paris"}"#), call("Kq2ZxbLmT", "get_time", r#"{"zone": "CET"}"#)]);
+
+        let (acc, pieces) = replay(Wire::Anthropic, include_str!("../../tests/fixtures/streams/anthropic_tool_use.sse"));
+        assert_eq!(pieces.concat(), "I'll check the current weather in Paris for you.");
+        let r = replied(acc);
+        assert_eq!(r.tool_calls, [call("toolu_01NRLabsLyVHZPKxbKvkfSMn", "get_weather", r#"{"location": "Paris"}"#)]);
+        assert_eq!((r.finish_reason, r.usage.input, r.usage.output), (Some("tool_calls"), 377, 65));
+
+        let (acc, pieces) = replay(Wire::Gemini, include_str!("../../tests/fixtures/streams/gemini_function_calls.sse"));
+        assert!(pieces.is_empty());
+        let r = replied(acc);
+        let ids: Vec<&str> = r.tool_calls.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["tenantllm-unnamed-0", "tenantllm-unnamed-1"], "numbered across chunks");
+        assert_eq!((r.tool_calls[0].arguments.as_str(), r.tool_calls[1].name.as_str()), (r#"{"location":"Paris"}"#, "get_time"));
+        assert!(r.tool_calls[0].signature.is_some() && r.tool_calls[1].signature.is_none());
+        assert_eq!((r.finish_reason, r.finish_reason_raw.as_deref(), r.usage.output), (Some("tool_calls"), Some("STOP"), 24 + 45));
+    }
+
+    #[test]
+    fn anthropic_streams_a_schema_answer_as_its_tool_input() {
+        let caller = Caller { provider: "anthropic", model: "m" };
+        let mut acc = Acc { answer_tool: Some("Invoice".into()), ..Acc::default() };
+        let raw = concat!(
+            "data: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"Invoice\",\"input\":{}}}\n\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"number\\\": \"}}\n\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"42}\"}}\n\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":12}}\n\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut pieces = vec![];
+        for ev in events(raw.as_bytes(), 7) {
+            if let Some(p) = anthropic::decode(&caller, &mut acc, &ev).unwrap().filter(|p| !p.is_empty()) {
+                acc.text.push_str(&p);
+                pieces.push(p);
+            }
+        }
+        assert_eq!(pieces, ["{\"number\": ", "42}"]);
+        let r = replied(acc);
+        assert_eq!((r.content.as_str(), r.finish_reason, r.tool_calls.len()), ("{\"number\": 42}", Some("stop"), 0));
+    }
+
+    #[test]
+    fn fragments_with_a_new_id_start_a_new_call() {
+        // Servers that send each call whole may give them all one index (or none).
+        let caller = Caller { provider: "local", model: "m" };
+        let mut acc = Acc::default();
+        for data in [
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":"{}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"b","function":{"name":"g","arguments":"{"x":"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"id":"c","function":{"name":"h"}}]},"finish_reason":"tool_calls"}]}"#,
+        ] {
+            openai::decode(&caller, &mut acc, &SseEvent { event: String::new(), data: data.into() }).unwrap();
+        }
+        assert_eq!(replied(acc).tool_calls, [call("a", "f", "{}"), call("b", "g", r#"{"x":1}"#), call("c", "h", "")]);
+        let mut unnamed = Acc::default();
+        openai::decode(&caller, &mut unnamed, &SseEvent { event: String::new(), data: r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#.into() }).unwrap();
+        assert!(unnamed.end(&caller).unwrap_err().message.contains("without a name"));
     }
 
     #[test]
