@@ -568,13 +568,7 @@ impl Engine {
         }
         let outcome = match self.answer(&spec, &req).await? {
             Answered::Valid(o) => *o,
-            Answered::Invalid { execution_id, .. } => {
-                let again = CallRequest { metadata: with_metadata(&req.metadata, "retry_of", &execution_id), ..req.clone() };
-                match self.answer(&spec, &again).await? {
-                    Answered::Valid(o) => *o,
-                    Answered::Invalid { error, .. } => return Err(error),
-                }
-            }
+            Answered::Invalid { execution_id, .. } => self.answer(&spec, &retry_of(&req, &execution_id)).await?.outcome()?,
         };
         self.remember(&spec, &req, key, &outcome);
         Ok(outcome)
@@ -644,27 +638,7 @@ impl Engine {
         let Started { mut call, plan, warnings, .. } = started;
         let cost = plan.prices[chosen.index].cost_at(reply.usage, chosen.sent_at);
         let elapsed = chosen.at.elapsed().as_millis() as i64;
-        // A structured answer that does not follow the schema was still billed: an error row
-        // with its cost, and InvalidResponseError.
-        let asked_tools = !reply.tool_calls.is_empty();
-        if let Some(why) = spec.schema.as_ref().filter(|_| !asked_tools).and_then(|_| providers::check_answer(&reply.content, req.validator.as_ref()).err()) {
-            let f = ProviderFailure {
-                kind: ProviderErrorKind::InvalidResponse,
-                provider: chosen.attempt.provider.clone(),
-                model: chosen.attempt.model.clone(),
-                status: None,
-                message: format!("structured output: {why}"),
-                retryable: false,
-                retry_after: None,
-            };
-            let execution_id = call.execution.id.clone();
-            return match call.end_partial(&chosen.attempt, reply, cost, elapsed, StreamEnd::Broken(f)) {
-                Err(error @ Error::Provider(_)) => Ok(Answered::Invalid { execution_id, error }),
-                other => other.map(|o| Answered::Valid(Box::new(o))),
-            };
-        }
-        call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
-        call.succeed(spec, &chosen.attempt.provider, reply, cost, warnings).map(|o| Answered::Valid(Box::new(o)))
+        call.answered(spec, req, &chosen.attempt, reply, cost, elapsed, warnings)
     }
 
     /// A streamed call: each piece of text goes to `out` as it arrives. Retries and
@@ -672,7 +646,9 @@ impl Engine {
     /// (the consumer stopped), the request is abandoned and the row is `cancelled`, billing
     /// what was received; a stream that breaks or times out after the first piece is an
     /// error (or timeout) row billing what was received. The reservation is held throughout.
-    /// An answer from the response cache comes as one piece.
+    /// An answer from the response cache comes as one piece. A structured answer off its
+    /// schema is asked for once more, as `run` does, and that answer streams too: its pieces
+    /// follow the first one's.
     pub async fn run_stream(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest, out: &UnboundedSender<String>) -> Result<CallOutcome> {
         let (spec, req) = self.downgraded(&spec, req)?;
         let key = Self::cache_key(&spec, &req);
@@ -681,11 +657,24 @@ impl Engine {
             let _ = out.send(hit.content.clone());
             return Ok(hit);
         }
-        let mut started = self.start(&spec, &req).await?;
+        let outcome = match self.stream_answer(&spec, &req, out).await? {
+            Answered::Valid(o) => *o,
+            // Nobody reads on: no second request.
+            Answered::Invalid { error, .. } if out.is_closed() => return Err(error),
+            Answered::Invalid { execution_id, .. } => self.stream_answer(&spec, &retry_of(&req, &execution_id), out).await?.outcome()?,
+        };
+        self.remember(&spec, &req, key, &outcome);
+        Ok(outcome)
+    }
+
+    /// One streamed provider call, admitted and recorded (see `run_stream`); a structured
+    /// answer off its schema closes its row as an error and comes back as `Invalid`.
+    async fn stream_answer(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, out: &UnboundedSender<String>) -> Result<Answered> {
+        let mut started = self.start(spec, req).await?;
         let chosen = tokio::select! {
             biased;
             _ = out.closed() => return Err(Error::Internal("cancelled".into())),
-            c = self.attempts(&spec, &mut started, true) => c?,
+            c = self.attempts(spec, &mut started, true) => c?,
         };
         let Opened::Stream(mut stream, first) = chosen.opened else { return Err(Error::Internal("a stream's attempt did not open a stream".into())) };
         let Started { mut call, plan, warnings, .. } = started;
@@ -718,19 +707,14 @@ impl Engine {
         let cost = plan.prices[chosen.index].cost_at(reply.usage, chosen.sent_at);
         match broken {
             None => match providers::check_reply(&plan.routes[chosen.index], reply) {
-                Ok(reply) => {
-                    call.record(&chosen.attempt, Ok((&reply, cost)), elapsed);
-                    let outcome = call.succeed(&spec, &chosen.attempt.provider, reply, cost, warnings)?;
-                    self.remember(&spec, &req, key, &outcome);
-                    Ok(outcome)
-                }
+                Ok(reply) => call.answered(spec, req, &chosen.attempt, reply, cost, elapsed, warnings),
                 Err(f) => {
                     let f = ProviderFailure { model: chosen.attempt.model.clone(), ..f };
                     call.record(&chosen.attempt, Err(&f), elapsed);
                     Err(call.fail(vec![f], false)?)
                 }
             },
-            Some(end) => call.end_partial(&chosen.attempt, reply, cost, elapsed, end),
+            Some(end) => call.end_partial(&chosen.attempt, reply, cost, elapsed, end).map(|o| Answered::Valid(Box::new(o))),
         }
     }
 
@@ -921,6 +905,12 @@ fn with_metadata(metadata: &str, name: &str, value: &str) -> String {
     serde_json::Value::Object(meta).to_string()
 }
 
+/// The request again, for a structured answer off its schema: its metadata's `retry_of`
+/// names the execution of the first answer.
+fn retry_of(req: &CallRequest, execution_id: &str) -> CallRequest {
+    CallRequest { metadata: with_metadata(&req.metadata, "retry_of", execution_id), ..req.clone() }
+}
+
 fn key_scope(tenant_id: &str) -> String {
     format!("tenant:{tenant_id}")
 }
@@ -970,6 +960,16 @@ enum Answered {
     Valid(Box<CallOutcome>),
     /// A structured answer off its schema: its row (`execution_id`) is closed as an error.
     Invalid { execution_id: String, error: Error },
+}
+
+impl Answered {
+    /// The answer asked for again: off its schema a second time, it is the error.
+    fn outcome(self) -> Result<CallOutcome> {
+        match self {
+            Answered::Valid(o) => Ok(*o),
+            Answered::Invalid { error, .. } => Err(error),
+        }
+    }
 }
 
 /// How a stream ended before its reply was complete.
@@ -1129,6 +1129,32 @@ impl InFlight {
             attempts: c.attempts,
             cached: c.cached,
         })
+    }
+
+    /// Settles a call whose reply came whole: a success, or for a structured answer that
+    /// does not follow the schema (a reply asking for tools is not the answer yet) an error
+    /// row that still bills it, and `Invalid`.
+    #[allow(clippy::too_many_arguments)]
+    fn answered(&mut self, spec: &AgentSpec, req: &CallRequest, to: &AttemptOf, reply: Reply, cost: Cost, elapsed: i64, warnings: Vec<String>) -> Result<Answered> {
+        let asked_tools = !reply.tool_calls.is_empty();
+        if let Some(why) = spec.schema.as_ref().filter(|_| !asked_tools).and_then(|_| providers::check_answer(&reply.content, req.validator.as_ref()).err()) {
+            let f = ProviderFailure {
+                kind: ProviderErrorKind::InvalidResponse,
+                provider: to.provider.clone(),
+                model: to.model.clone(),
+                status: None,
+                message: format!("structured output: {why}"),
+                retryable: false,
+                retry_after: None,
+            };
+            let execution_id = self.execution.id.clone();
+            return match self.end_partial(to, reply, cost, elapsed, StreamEnd::Broken(f)) {
+                Err(error @ Error::Provider(_)) => Ok(Answered::Invalid { execution_id, error }),
+                other => other.map(|o| Answered::Valid(Box::new(o))),
+            };
+        }
+        self.record(to, Ok((&reply, cost)), elapsed);
+        self.succeed(spec, &to.provider, reply, cost, warnings).map(|o| Answered::Valid(Box::new(o)))
     }
 
     /// Closes a call whose answer came but cannot be used (a stream that ended early, a
