@@ -141,5 +141,3 @@ def test_bad_schemas_fail_at_class_definition() -> None:
     ]:
         with pytest.raises(tl.ConfigurationError, match=why):
             type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "schema": schema})
-    with pytest.raises(tl.ConfigurationError, match="cannot stream"):
-        Extract.stream(text="x", tenant="acme")

@@ -233,8 +233,6 @@ def test_bad_tools_fail_at_class_definition() -> None:
         with pytest.raises(tl.ConfigurationError, match="max_tool_rounds"):
             type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "tools": [get_weather],
                                       "max_tool_rounds": rounds})
-    with pytest.raises(tl.ConfigurationError, match="cannot stream"):
-        type("S", (Weather,), {}).stream(question="x", tenant="acme")
 
 
 def test_a_result_that_is_not_json_is_a_clear_error() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import string
 from collections.abc import Mapping, Sequence
@@ -13,10 +14,20 @@ from typing import Any, ClassVar, Literal, overload
 from tenantllm import _core, otel
 from tenantllm._core import AgentResult, ConfigurationError, MissingParameterError
 from tenantllm.config import Settings, deliver_alerts, settings
-from tenantllm.streaming import AsyncStream, Stream
+from tenantllm.streaming import AsyncStream, Finish, Open, Round, Stream
 from tenantllm.structured import Schema, make_schema
 from tenantllm.tenancy import _UNSET, ResolvedTenant, ready, resolve
-from tenantllm.tools import MAX_TOOL_ROUNDS, Tool, ToolLoop, arun_loop, make_tools, run_loop, tools_json
+from tenantllm.tools import (
+    MAX_TOOL_ROUNDS,
+    Tool,
+    ToolLoop,
+    anext_round,
+    arun_loop,
+    make_tools,
+    next_round,
+    run_loop,
+    tools_json,
+)
 
 
 @dataclass(frozen=True)
@@ -332,7 +343,7 @@ class Agent:
         p = self._prepare(s, tenant, history)
         if dry_run:
             return p.dry_run(s, self._settings())
-        return p.run_tools(s, self._tool_loop()) if cls._tl_tools else p.run(s)
+        return p.run_tools(s, self._tool_loop(s)) if cls._tl_tools else p.run(s)
 
     @overload
     @classmethod
@@ -357,39 +368,42 @@ class Agent:
         p = self._prepare(s, tenant, history)
         if dry_run:
             return p.dry_run(s, self._settings())
-        return await p.arun_tools(s, self._tool_loop()) if cls._tl_tools else await p.arun(s)
+        return await p.arun_tools(s, self._tool_loop(s)) if cls._tl_tools else await p.arun(s)
 
     @classmethod
     def stream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> Stream:
         """Run the agent, streaming its reply: iterate for str pieces as they arrive, then
         `.result`. Errors before the first piece (budget, breaker, every attempt failed)
-        raise from the first `next()`; retries and fallbacks apply until the first piece."""
-        cls._no_stream_tools()
+        raise from the first `next()`; retries and fallbacks apply until the first piece.
+        With tools, each round of the loop streams and the tools run between rounds; a
+        round's errors (a budget run out between rounds) raise from the `next()` reading it."""
         self = cls(**params)
         s = settings()
         p = self._prepare(s, tenant, history)
-        return Stream(s.engine.stream(p.call()), s, p.observed(s))
+        if not cls._tl_tools:
+            return Stream(s, p.open(s), p.call(), finish=p.parsed)
+        loop = self._tool_loop(s)
+        after = functools.partial(next_round, loop, call=p.call)
+        return Stream(s, p.open(s), p.call(loop.round_args()), after, p.finish(loop))
 
     @classmethod
     def astream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> AsyncStream:
-        """Like `stream`, read with `async for`."""
-        cls._no_stream_tools()
+        """Like `stream`, read with `async for`; tools are awaited (sync ones in a thread)."""
         self = cls(**params)
         s = settings()
         p = self._prepare(s, tenant, history)
-        return AsyncStream(s.engine.stream(p.call()), s, p.observed(s))
+        if not cls._tl_tools:
+            return AsyncStream(s, p.open(s), p.call(), finish=p.parsed)
+        loop = self._tool_loop(s)
+        after = functools.partial(anext_round, loop, call=p.call)
+        return AsyncStream(s, p.open(s), p.call(loop.round_args()), after, p.finish(loop))
 
-    @classmethod
-    def _no_stream_tools(cls) -> None:
-        if cls._tl_tools or cls._tl_schema:
-            raise ConfigurationError(
-                f"{cls.__name__}: an agent with tools or a schema cannot stream yet; use call() or acall()"
-            )
-
-    def _tool_loop(self) -> ToolLoop:
+    def _tool_loop(self, s: Settings) -> ToolLoop:
         cls = type(self)
         parent, root = lineage()
-        return ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, parent, root)
+        loop = ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, parent, root)
+        loop.observe = None if s.telemetry is None else otel.tool_observer(s.telemetry)
+        return loop
 
     def _settings(self) -> dict[str, Any]:
         cls = type(self)
@@ -480,6 +494,15 @@ class Prepared:
         t = s.telemetry
         return None if t is None else otel.start(t, self.spec, self.tenant.id, self.system, self.user, self.history)
 
+    def open(self, s: Settings) -> Open:
+        """How a stream starts each round: the core streams its call, observed when
+        telemetry is on."""
+        return lambda call: Round(s.engine.stream(call), self.observed(s))
+
+    def finish(self, loop: ToolLoop) -> Finish:
+        """A streamed tool loop's result, once its last round has ended."""
+        return lambda _last: self.parsed(loop.result())
+
     def run(self, s: Settings) -> AgentResult:
         try:
             return self.parsed(self._run(s, self.call()))
@@ -493,14 +516,12 @@ class Prepared:
             deliver_alerts(s)
 
     def run_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
-        loop.observe = None if s.telemetry is None else otel.tool_observer(s.telemetry)
         try:
             return self.parsed(run_loop(loop, self.call, lambda c: self._run(s, c)))
         finally:
             deliver_alerts(s)
 
     async def arun_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
-        loop.observe = None if s.telemetry is None else otel.tool_observer(s.telemetry)
         try:
             return self.parsed(await arun_loop(loop, self.call, lambda c: self._arun(s, c)))
         finally:

@@ -6,11 +6,17 @@ client hanging up) closes the stream: the request is abandoned, the execution ro
 `cancelled`, the text received so far is billed and the rest of the reservation released.
 Closing happens on `close()`/`aclose()`, at the end of a `with`/`async with` block, or when
 the stream is garbage-collected.
+
+A stream reads one model round after another: an agent with tools streams each round of its
+tool loop, the tools running between them (in the reading thread, or awaited by
+`__anext__`), and a structured answer off its schema is asked for once more, that answer
+streaming too. The pieces are everything the model said, in order; `.result` is the last
+round's answer, with the loop's tool calls and the tokens and costs of every round.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 
 from tenantllm import _core, otel
@@ -18,68 +24,125 @@ from tenantllm._core import AgentResult
 from tenantllm.config import Settings, deliver_alerts
 
 
-def _result(core: _core.Stream, ended: bool) -> AgentResult:
-    r = core.result
-    if r is None:
-        why = "was closed before its end or failed" if ended else "has not ended yet: read it to the end first"
-        raise RuntimeError(f"no result: the stream {why}")
+class Round:
+    """One model round being read: the core's stream of its call, and its span (if traced)."""
+
+    def __init__(self, core: _core.Stream, seen: otel.Call | None) -> None:
+        self.core = core
+        self._seen = seen
+
+    def observe(self, error: BaseException | None = None) -> None:
+        """Ends the round's span, once: failed, complete, or closed early (cancelled)."""
+        seen, self._seen = self._seen, None
+        if seen is None:
+            return
+        if error is not None:
+            seen.failed(error)
+            return
+        r = self.core.result
+        if r is None:
+            seen.cancelled()
+        else:
+            seen.succeeded(r)
+
+
+# Starts a round from its call.
+Open = Callable[[_core.Call], Round]
+# After a round that ended complete: the next round's call, or None when the stream is over.
+After = Callable[[AgentResult], _core.Call | None]
+AsyncAfter = Callable[[AgentResult], Awaitable[_core.Call | None]]
+# The stream's result, from its last round's.
+Finish = Callable[[AgentResult], AgentResult]
+
+
+def _no_more(r: AgentResult) -> None:
+    return None
+
+
+async def _ano_more(r: AgentResult) -> None:
+    return None
+
+
+def _same(r: AgentResult) -> AgentResult:
     return r
 
 
-def _observe(seen: otel.Call | None, core: _core.Stream, error: BaseException | None) -> None:
-    """Ends the stream's span: failed, complete, or closed early (cancelled)."""
-    if seen is None:
-        return
-    if error is not None:
-        seen.failed(error)
-        return
-    r = core.result
-    if r is None:
-        seen.cancelled()
-    else:
-        seen.succeeded(r)
+class _Rounds:
+    """What the sync and async forms share: the round being read, and the stream's end."""
 
-
-class Stream(Iterator[str]):
-    """A streamed call, read with `for piece in stream` (blocks the thread, not the GIL)."""
-
-    def __init__(self, core: _core.Stream, s: Settings, seen: otel.Call | None = None) -> None:
-        self._core = core
+    def __init__(self, s: Settings, open: Open, first: _core.Call, finish: Finish) -> None:
         self._settings = s
+        self._open = open
+        self._finish = finish
+        self._round = open(first)  # the first request goes out now, not on the first read
         self._ended = False
-        self._seen = seen
+        self._result: AgentResult | None = None
 
-    def __next__(self) -> str:
-        if self._ended:
-            raise StopIteration
-        try:
-            piece = self._core.next()
-        except _core.TenantLLMError as e:
-            self._end(e)  # the call's own error: it has ended and its row is settled
-            raise
-        except BaseException:
-            self.close()  # KeyboardInterrupt and the like
-            raise
-        if piece is None:
+    def _round_done(self) -> AgentResult:
+        """The round being read ended complete: its result, its span ended."""
+        self._round.observe()
+        r = self._round.core.result
+        if r is None:
+            raise RuntimeError("a round of the stream ended without its result")
+        return r
+
+    def _then(self, call: _core.Call | None, last: AgentResult) -> None:
+        """Starts the next round, or, at the end, ends the stream with its result."""
+        if call is None:
+            self._result = self._finish(last)
             self._end()
-            raise StopIteration
-        return piece
+        else:
+            self._round = self._open(call)
 
     def _end(self, error: BaseException | None = None) -> None:
         self._ended = True
         deliver_alerts(self._settings)
-        _observe(self._seen, self._core, error)
-
-    def close(self) -> None:
-        """Stops reading; returns once the execution row is settled."""
-        if not self._ended:
-            self._core.close()
-            self._end()
+        self._round.observe(error)
 
     @property
     def result(self) -> AgentResult:
         """The `AgentResult`, once the stream has ended complete (else `RuntimeError`)."""
-        return _result(self._core, self._ended)
+        if self._result is None:
+            ended = self._ended
+            why = "was closed before its end or failed" if ended else "has not ended yet: read it to the end first"
+            raise RuntimeError(f"no result: the stream {why}")
+        return self._result
+
+
+class Stream(_Rounds, Iterator[str]):
+    """A streamed call, read with `for piece in stream` (blocks the thread, not the GIL)."""
+
+    def __init__(
+        self, s: Settings, open: Open, first: _core.Call, after: After = _no_more, finish: Finish = _same
+    ) -> None:
+        super().__init__(s, open, first, finish)
+        self._after = after
+
+    def __next__(self) -> str:
+        while not self._ended:
+            try:
+                piece = self._round.core.next()
+            except _core.TenantLLMError as e:
+                self._end(e)  # the call's own error: it has ended and its row is settled
+                raise
+            except BaseException:
+                self.close()  # KeyboardInterrupt and the like
+                raise
+            if piece is not None:
+                return piece
+            last = self._round_done()
+            try:
+                self._then(self._after(last), last)  # a tool loop's tools run here
+            except BaseException:
+                self._end()  # a tool raised (raise_tool_errors): every round so far is settled
+                raise
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stops reading; returns once the execution row is settled."""
+        if not self._ended:
+            self._round.core.close()
+            self._end()
 
     def __enter__(self) -> Stream:
         return self
@@ -88,49 +151,43 @@ class Stream(Iterator[str]):
         self.close()
 
 
-class AsyncStream(AsyncIterator[str]):
+class AsyncStream(_Rounds, AsyncIterator[str]):
     """A streamed call, read with `async for piece in stream`."""
 
-    def __init__(self, core: _core.Stream, s: Settings, seen: otel.Call | None = None) -> None:
-        self._core = core
-        self._settings = s
-        self._ended = False
-        self._seen = seen
+    def __init__(
+        self, s: Settings, open: Open, first: _core.Call, after: AsyncAfter = _ano_more, finish: Finish = _same
+    ) -> None:
+        super().__init__(s, open, first, finish)
+        self._after = after
 
     async def __anext__(self) -> str:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            piece = await self._core.anext()
-        except _core.TenantLLMError as e:
-            self._end(e)  # the call's own error: it has ended and its row is settled
-            raise
-        except BaseException:
-            # Cancelled: awaiting here could be cancelled again, so the stream is closed
-            # in the background and the row settles just after.
-            self._core.cancel()
-            self._end()
-            raise
-        if piece is None:
-            self._end()
-            raise StopAsyncIteration
-        return piece
-
-    def _end(self, error: BaseException | None = None) -> None:
-        self._ended = True
-        deliver_alerts(self._settings)
-        _observe(self._seen, self._core, error)
+        while not self._ended:
+            try:
+                piece = await self._round.core.anext()
+            except _core.TenantLLMError as e:
+                self._end(e)  # the call's own error: it has ended and its row is settled
+                raise
+            except BaseException:
+                # Cancelled: awaiting here could be cancelled again, so the stream is closed
+                # in the background and the row settles just after.
+                self._round.core.cancel()
+                self._end()
+                raise
+            if piece is not None:
+                return piece
+            last = self._round_done()
+            try:
+                self._then(await self._after(last), last)  # a tool loop's tools are awaited here
+            except BaseException:
+                self._end()  # cancelled while a tool ran, or it raised: every round is settled
+                raise
+        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         """Stops reading; returns once the execution row is settled."""
         if not self._ended:
-            await self._core.aclose()
+            await self._round.core.aclose()
             self._end()
-
-    @property
-    def result(self) -> AgentResult:
-        """The `AgentResult`, once the stream has ended complete (else `RuntimeError`)."""
-        return _result(self._core, self._ended)
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -5,6 +5,7 @@ the schema of its arguments derived by pydantic from the type hints (`pip instal
 'tenantllm[tools]'`). The agent runs a loop of model rounds (`max_tool_rounds`): each round is
 one budgeted call of the core, with its own reservation and row; between rounds the calls the
 model asked for run here, and their results (or errors) go back to it in the next round.
+A stream (`Agent.stream`/`astream`) runs the same loop, each round streamed.
 """
 
 from __future__ import annotations
@@ -164,25 +165,25 @@ class ToolLoop:
     # start): tracing's span per tool call (`otel.tool_observer`).
     observe: Callable[[Pending, BaseException | None, float], None] | None = None
 
-    def round_args(self, n: int) -> dict[str, Any]:
-        """What round `n` (from 0) adds to the core's call: the earlier rounds, the calls so
-        far (stored with the row), its lineage (round 1 descends from the caller's block, each
+    def round_args(self) -> dict[str, Any]:
+        """What the next round adds to the core's call: the earlier rounds, the calls so far
+        (stored with the row), its lineage (round 1 descends from the caller's block, each
         later round from the one before); the last round may not call tools."""
         parent, root = self.parent, self.root
         if self.results:
             parent, root = self.results[-1].execution_id, self.root or self.parent or self.results[0].execution_id
         return {
             "rounds": json.dumps(self.rounds) if self.rounds else None,
-            "tools_closed": n == self.max_rounds - 1,
+            "tools_closed": len(self.results) == self.max_rounds - 1,
             "tool_calls": json.dumps(self.records) if self.records else None,
             "parent_execution_id": parent,
             "root_execution_id": root,
         }
 
-    def pending(self, n: int, r: AgentResult) -> list[Pending]:
-        """The calls round `n`'s answer asks for, checked; none when the loop is over."""
+    def pending(self, r: AgentResult) -> list[Pending]:
+        """The calls a round's answer asks for, checked; none when the loop is over."""
         self.results.append(r)
-        if n == self.max_rounds - 1:
+        if len(self.results) == self.max_rounds:
             return []
         return [check_call(self.tools, req) for req in r._tool_requests]
 
@@ -244,14 +245,31 @@ class ToolLoop:
 RoundCall = Callable[[dict[str, Any]], _core.Call]
 
 
+def next_round(loop: ToolLoop, r: AgentResult, call: RoundCall) -> _core.Call | None:
+    """After a round's answer `r`: the calls it asks for run, and the next round's call comes
+    back; None when the loop is over (no calls, or the last round)."""
+    pending = loop.pending(r)
+    if not pending:
+        return None
+    loop.add_round([loop.run_sync(p) for p in pending])
+    return call(loop.round_args())
+
+
+async def anext_round(loop: ToolLoop, r: AgentResult, call: RoundCall) -> _core.Call | None:
+    """`next_round` with the tools awaited (sync ones in a thread)."""
+    pending = loop.pending(r)
+    if not pending:
+        return None
+    loop.add_round([await loop.run_async(p) for p in pending])
+    return call(loop.round_args())
+
+
 def run_loop(loop: ToolLoop, call: RoundCall, run: Callable[[_core.Call], AgentResult]) -> AgentResult:
     """The loop: a round (admitted, reserved and recorded by the core, so a budget that runs
     out stops it with BudgetExceededError), its tool calls, the next round..."""
-    for n in range(loop.max_rounds):
-        pending = loop.pending(n, run(call(loop.round_args(n))))
-        if not pending:
-            break
-        loop.add_round([loop.run_sync(p) for p in pending])
+    c: _core.Call | None = call(loop.round_args())
+    while c is not None:
+        c = next_round(loop, run(c), call)
     return loop.result()
 
 
@@ -259,9 +277,7 @@ async def arun_loop(
     loop: ToolLoop, call: RoundCall, arun: Callable[[_core.Call], Awaitable[AgentResult]]
 ) -> AgentResult:
     """`run_loop` for `acall`: the same rounds, tools awaited (sync ones in a thread)."""
-    for n in range(loop.max_rounds):
-        pending = loop.pending(n, await arun(call(loop.round_args(n))))
-        if not pending:
-            break
-        loop.add_round([await loop.run_async(p) for p in pending])
+    c: _core.Call | None = call(loop.round_args())
+    while c is not None:
+        c = await anext_round(loop, await arun(c), call)
     return loop.result()
