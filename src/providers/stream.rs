@@ -397,7 +397,7 @@ mod tests {
         let mut acc = Acc::default();
         for data in [
             r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":"{}"}}]}}]}"#,
-            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"b","function":{"name":"g","arguments":"{"x":"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"b","function":{"name":"g","arguments":"{\"x\":"}}]}}]}"#,
             r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#,
             r#"{"choices":[{"delta":{"tool_calls":[{"id":"c","function":{"name":"h"}}]},"finish_reason":"tool_calls"}]}"#,
         ] {
