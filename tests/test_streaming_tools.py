@@ -18,8 +18,8 @@ import pytest
 import raw_sql
 import tenantllm as tl
 from fake_providers import FakeProvider, Step
-from test_provider_contract import typed_dict_check
 from tenantllm.streaming import AsyncStream, Stream
+from test_provider_contract import typed_dict_check
 from test_streaming import FIXTURES, KEYS, PRICE, cost, reservations, rows, settled
 
 FINAL = "It is 3 degrees and dry."
