@@ -316,7 +316,8 @@ def broken(x: int) -> str:
     raise ValueError(f"bad x {x}")
 
 
-def test_a_tool_loop_has_a_chat_span_per_round_and_a_span_per_tool_call(otel: Otel) -> None:
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_a_tool_loop_has_a_chat_span_per_round_and_a_span_per_tool_call(otel: Otel, how: str) -> None:
     pytest.importorskip("pydantic")
 
     class Tools(tl.Agent):
@@ -325,8 +326,14 @@ def test_a_tool_loop_has_a_chat_span_per_round_and_a_span_per_tool_call(otel: Ot
         tools = (weather, broken)
 
     tracer = otel.tracer_provider.get_tracer("app")
+    q = 'Hi\n@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}\n@tool nope {}'
     with tracer.start_as_current_span("request") as request:
-        r = Tools.call(q='Hi\n@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}\n@tool nope {}', tenant="acme")
+        if how == "call":
+            r = Tools.call(q=q, tenant="acme")
+        else:
+            with Tools.stream(q=q, tenant="acme") as streamed:
+                assert "weather -> " in "".join(streamed)
+            r = streamed.result
 
     rounds = otel.calls()
     tools = sorted((s for s in otel.spans() if s.name.startswith("execute_tool ")), key=lambda s: s.start_time or 0)
