@@ -426,7 +426,7 @@ print("returned", flush=True)
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_during_a_sync_call(fp: FakeProvider, tmp_path: Path) -> None:
-    fp.script(Step(kind="slow", delay=10))
+    fp.script(Step(kind="slow", delay=60))
     db = tmp_path / "sub.db"
     env = {k: v for k, v in os.environ.items() if k not in ("TENANTLLM_DATABASE", "OPENAI_API_KEY")}
     proc = subprocess.Popen(
@@ -437,13 +437,15 @@ def test_ctrl_c_during_a_sync_call(fp: FakeProvider, tmp_path: Path) -> None:
         env=env,
     )
     try:
-        # Interrupt once the request is in flight (the server holds it for 10 s).
+        # Interrupt once the request is in flight. The server holds it for 60 s, so an exit
+        # well before that was the interrupt, not the answer; the bound is loose because the
+        # child's exit (settling its row, stopping the runtime) took over 5 s on a loaded machine.
         assert wait_until(lambda: len(fp.requests) == 1, timeout=10), "the subprocess never sent its request"
         time.sleep(0.2)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=5)
-        assert time.monotonic() - t0 < 3
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 20
     finally:
         if proc.poll() is None:
             proc.kill()
