@@ -541,6 +541,27 @@ struct Advanced {
     horizon: Micros,
 }
 
+/// A scope's running totals, if it has any, and the logged admissions stamped between their
+/// horizon and `start` (either way round: those the window's start crossed since, or those a
+/// window starting before the horizon adds), in one statement.
+fn scope_totals(tx: &Connection, scope: &str, start: Micros) -> Result<(Option<(RateUsage, Micros)>, RateUsage)> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT t.requests, t.tokens, t.horizon, COUNT(e.at), COALESCE(SUM(e.tokens), 0)
+             FROM rate_totals t LEFT JOIN rate_events e
+                 ON e.scope = t.scope AND e.at > min(t.horizon, ?2) AND e.at <= max(t.horizon, ?2)
+             WHERE t.scope = ?1",
+        )?
+        .query_row(params![scope, start], |r| {
+            let horizon: Option<Micros> = r.get(2)?;
+            let totals = match horizon {
+                Some(h) => Some((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }, h)),
+                None => None,
+            };
+            Ok((totals, RateUsage { requests: r.get(3)?, tokens: r.get(4)?, in_flight: 0 }))
+        })?)
+}
+
 /// The use of the scopes `checks` name: admissions and their tokens stamped after
 /// `now - window` (later stamps included), from each scope's running totals (see
 /// `ratelimit::step`), and calls holding a `max_concurrent` slot; and the totals this
@@ -549,26 +570,21 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
     let mut out: HashMap<String, RateUsage> = HashMap::new();
     let mut advanced = Vec::new();
     for scope in ratelimit::window_scopes(checks) {
-        let totals = tx
-            .prepare_cached("SELECT requests, tokens, horizon FROM rate_totals WHERE scope = ?1")?
-            .query_row([&scope], |r| Ok((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }, r.get::<_, Micros>(2)?)))
-            .optional()?;
+        let (totals, between) = scope_totals(tx, &scope, now - window)?;
         let mut use_ = totals.map(|t| t.0).unwrap_or_default();
         let horizon = totals.map(|t| t.1);
         match ratelimit::step(now, window, horizon) {
             ratelimit::Step::Advance { to, forget } => {
-                let crossed = logged_between(tx, &scope, horizon.unwrap_or(to), to)?;
-                use_.requests -= crossed.requests;
-                use_.tokens -= crossed.tokens;
+                use_.requests -= between.requests;
+                use_.tokens -= between.tokens;
                 if ratelimit::prune_due(horizon, to, window) {
                     tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, forget])?;
                 }
                 advanced.push(Advanced { scope: scope.clone(), totals: use_, horizon: to });
             }
-            ratelimit::Step::Behind { since } => {
-                let behind = logged_between(tx, &scope, since, horizon.unwrap_or(since))?;
-                use_.requests += behind.requests;
-                use_.tokens = use_.tokens.saturating_add(behind.tokens);
+            ratelimit::Step::Behind { .. } => {
+                use_.requests += between.requests;
+                use_.tokens = use_.tokens.saturating_add(between.tokens);
             }
         }
         out.insert(scope, use_);
@@ -618,15 +634,6 @@ fn rate_settle(tx: &Connection, scope: &str, e: &NewExecution, tokens: i64) -> R
     tx.prepare_cached("UPDATE rate_events SET tokens = ?4 WHERE scope = ?1 AND at = ?2 AND execution_id = ?3")?
         .execute(params![scope, e.started_at, e.id, tokens])?;
     Ok(())
-}
-
-/// Admissions of a scope stamped in (after, through], and their tokens.
-fn logged_between(c: &Connection, scope: &str, after: Micros, through: Micros) -> Result<RateUsage> {
-    if through <= after {
-        return Ok(RateUsage::default());
-    }
-    Ok(c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_events WHERE scope = ?1 AND at > ?2 AND at <= ?3")?
-        .query_row(params![scope, after, through], |r| Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }))?)
 }
 
 /// Admissions of a scope stamped after `since` (later stamps included), and their tokens:
