@@ -1,8 +1,9 @@
 //! Rate-limit policy: requests and tokens per minute (a sliding window over the admissions
 //! of the last minute) and calls in flight, per tenant and globally. Pure functions; the
 //! store keeps the admissions (`rate_events`), their running totals per scope
-//! (`rate_totals`) and the in-flight calls (`reservations`) and calls these inside the
-//! admission transaction, beside the budget checks.
+//! (`rate_totals`) and the in-flight calls (`reservations`; SQLite counts them in
+//! `rate_totals` too) and calls these inside the admission transaction, beside the budget
+//! checks.
 //!
 //! Why a sliding-window log and not GCRA: GCRA with a burst of `rpm` lets up to twice the
 //! limit through in some 60-second window; the log admits a call only if fewer than `rpm`
@@ -151,6 +152,14 @@ pub fn concurrency_scope(checks: &[RateCheck]) -> Option<String> {
     checks.iter().find(|c| c.kind == Kind::Concurrent).map(|c| c.scope.clone())
 }
 
+/// The scopes whose use an admission reads: the window scopes and the `max_concurrent` one,
+/// each once.
+pub fn counted_scopes(checks: &[RateCheck]) -> Vec<String> {
+    let mut out = window_scopes(checks);
+    out.extend(concurrency_scope(checks).filter(|s| !out.contains(s)));
+    out
+}
+
 /// A rate limit this call would pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateBreach {
@@ -270,6 +279,7 @@ mod tests {
         assert_eq!(names, ["global_rpm", "tenant_tpm", "tenant_concurrent"]);
         assert_eq!(window_scopes(&cs), ["global", "tenant:t"]);
         assert_eq!(concurrency_scope(&cs).as_deref(), Some("tenant:t"));
+        assert_eq!(counted_scopes(&cs), ["global", "tenant:t"]);
     }
 
     #[test]
@@ -322,6 +332,7 @@ mod tests {
         assert!(check(&cs, &[], 3, 1, 0).is_none());
         assert_eq!(check(&cs, &[], 4, 1, 0).unwrap().check.name, "tenant_concurrent");
         assert!(window_scopes(&cs).is_empty());
+        assert_eq!(counted_scopes(&cs), ["tenant:t"]);
     }
 
     #[test]

@@ -262,4 +262,26 @@ pub const MIGRATIONS: &[&str] = &[
         WHERE status IN ('error', 'timeout', 'blocked');
     CREATE INDEX IF NOT EXISTS daily_rollups_tenant ON daily_rollups (tenant_id, period);
     "#,
+    // 12: the calls holding a scope's `max_concurrent` slot, counted in its `rate_totals` row
+    // (the admission that reserves one adds it, the settlement or expiry that releases it takes
+    // it away) instead of counted from an index of the reservations: an admission reads it
+    // with the scope's totals and writes no index page. A row made only for it has no logged
+    // admissions, so any horizon will do. The table is rebuilt rather than altered so that the
+    // migration can run again (the rollups' test re-runs every migration from 9).
+    r#"
+    CREATE TABLE rate_totals_counted (
+        scope TEXT PRIMARY KEY,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        horizon INTEGER NOT NULL,
+        in_flight INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    INSERT INTO rate_totals_counted (scope, requests, tokens, horizon) SELECT scope, requests, tokens, horizon FROM rate_totals;
+    INSERT INTO rate_totals_counted (scope, requests, tokens, horizon, in_flight)
+        SELECT concurrency_scope, 0, 0, 0, COUNT(*) FROM reservations WHERE concurrency_scope IS NOT NULL GROUP BY concurrency_scope
+        ON CONFLICT (scope) DO UPDATE SET in_flight = excluded.in_flight;
+    DROP TABLE rate_totals;
+    ALTER TABLE rate_totals_counted RENAME TO rate_totals;
+    DROP INDEX IF EXISTS reservations_concurrency;
+    "#,
 ];

@@ -541,13 +541,13 @@ struct Advanced {
     horizon: Micros,
 }
 
-/// A scope's running totals, if it has any, and the logged admissions stamped between their
-/// horizon and `start` (either way round: those the window's start crossed since, or those a
-/// window starting before the horizon adds), in one statement.
+/// A scope's running totals and calls in flight, if it has a row, and the logged admissions
+/// stamped between its horizon and `start` (either way round: those the window's start crossed
+/// since, or those a window starting before the horizon adds), in one statement.
 fn scope_totals(tx: &Connection, scope: &str, start: Micros) -> Result<(Option<(RateUsage, Micros)>, RateUsage)> {
     Ok(tx
         .prepare_cached(
-            "SELECT t.requests, t.tokens, t.horizon, COUNT(e.at), COALESCE(SUM(e.tokens), 0)
+            "SELECT t.requests, t.tokens, t.horizon, t.in_flight, COUNT(e.at), COALESCE(SUM(e.tokens), 0)
              FROM rate_totals t LEFT JOIN rate_events e
                  ON e.scope = t.scope AND e.at > min(t.horizon, ?2) AND e.at <= max(t.horizon, ?2)
              WHERE t.scope = ?1",
@@ -555,10 +555,10 @@ fn scope_totals(tx: &Connection, scope: &str, start: Micros) -> Result<(Option<(
         .query_row(params![scope, start], |r| {
             let horizon: Option<Micros> = r.get(2)?;
             let totals = match horizon {
-                Some(h) => Some((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }, h)),
+                Some(h) => Some((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: r.get(3)? }, h)),
                 None => None,
             };
-            Ok((totals, RateUsage { requests: r.get(3)?, tokens: r.get(4)?, in_flight: 0 }))
+            Ok((totals, RateUsage { requests: r.get(4)?, tokens: r.get(5)?, in_flight: 0 }))
         })?)
 }
 
@@ -569,9 +569,14 @@ fn scope_totals(tx: &Connection, scope: &str, start: Micros) -> Result<(Option<(
 fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<(HashMap<String, RateUsage>, Vec<Advanced>)> {
     let mut out: HashMap<String, RateUsage> = HashMap::new();
     let mut advanced = Vec::new();
-    for scope in ratelimit::window_scopes(checks) {
+    let windows = ratelimit::window_scopes(checks);
+    for scope in ratelimit::counted_scopes(checks) {
         let (totals, between) = scope_totals(tx, &scope, now - window)?;
         let mut use_ = totals.map(|t| t.0).unwrap_or_default();
+        if !windows.contains(&scope) {
+            out.insert(scope, use_);
+            continue;
+        }
         let horizon = totals.map(|t| t.1);
         match ratelimit::step(now, window, horizon) {
             ratelimit::Step::Advance { to, forget } => {
@@ -589,16 +594,15 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
         }
         out.insert(scope, use_);
     }
-    if let Some(scope) = ratelimit::concurrency_scope(checks) {
-        out.entry(scope.clone()).or_default().in_flight = in_flight(tx, &scope)?;
-    }
     Ok((out, advanced))
 }
 
 /// Writes the totals this admission moved and logs the admission (`admitted`: execution, its
 /// stamp and estimated tokens; None when refused) in its window `scopes`: one write of each
-/// scope's totals, the admission counted in unless its clock is behind their horizon.
-fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admitted: Option<(&str, Micros, i64)>) -> Result<()> {
+/// scope's totals, the admission counted in unless its clock is behind their horizon, and the
+/// call added to the calls in flight of its `max_concurrent` scope (`slot`).
+fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admitted: Option<(&str, Micros, i64)>, slot: Option<&str>) -> Result<()> {
+    let held = |scope: &str| i64::from(admitted.is_some() && slot == Some(scope));
     for a in advanced {
         let mut t = a.totals;
         // Counted unless this call's clock is behind the horizon.
@@ -607,32 +611,48 @@ fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admit
             t.tokens = t.tokens.saturating_add(tokens);
         }
         tx.prepare_cached(
-            "INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (scope) DO UPDATE SET requests = ?2, tokens = ?3, horizon = ?4",
+            "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (scope) DO UPDATE SET requests = ?2, tokens = ?3, horizon = ?4, in_flight = in_flight + ?5",
         )?
-        .execute(params![a.scope, t.requests, t.tokens, a.horizon])?;
+        .execute(params![a.scope, t.requests, t.tokens, a.horizon, held(&a.scope)])?;
     }
     let Some((id, at, tokens)) = admitted else { return Ok(()) };
     for scope in scopes {
         tx.prepare_cached("INSERT INTO rate_events (scope, at, execution_id, tokens) VALUES (?1, ?2, ?3, ?4)")?.execute(params![scope, at, id, tokens])?;
-        if !advanced.iter().any(|a| &a.scope == scope) {
-            tx.prepare_cached("UPDATE rate_totals SET requests = requests + 1, tokens = tokens + ?2 WHERE scope = ?1 AND horizon < ?3")?
-                .execute(params![scope, tokens, at])?;
-        }
+    }
+    // The totals this admission did not move: a window scope whose horizon is ahead of this
+    // call's clock (it counts the call if stamped after it), and a `max_concurrent` scope
+    // without a window limit (a row made for it logs nothing, so its horizon is arbitrary).
+    let unmoved = scopes.iter().map(String::as_str).chain(slot.filter(|s| !scopes.iter().any(|w| w == s)));
+    for scope in unmoved.filter(|s| !advanced.iter().any(|a| a.scope == *s)) {
+        let logged = i64::from(scopes.iter().any(|w| w == scope));
+        tx.prepare_cached(
+            "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, 0, 0, ?3, ?5)
+             ON CONFLICT (scope) DO UPDATE SET requests = requests + iif(horizon < ?3, ?4, 0),
+                 tokens = tokens + iif(horizon < ?3, ?2 * ?4, 0), in_flight = in_flight + ?5",
+        )?
+        .execute(params![scope, tokens, at, logged, held(scope)])?;
     }
     Ok(())
 }
 
-/// Corrects a call's logged tokens to `tokens`, and the scope's totals if they count it.
-fn rate_settle(tx: &Connection, scope: &str, e: &NewExecution, tokens: i64) -> Result<()> {
+/// Corrects a call's logged tokens to `tokens`, and the scope's totals if they count it; with
+/// `release` (1), also takes the call from the scope's calls in flight.
+fn rate_settle(tx: &Connection, scope: &str, e: &NewExecution, tokens: i64, release: i64) -> Result<()> {
     tx.prepare_cached(
-        "UPDATE rate_totals SET tokens = tokens + ?4
-             - COALESCE((SELECT tokens FROM rate_events WHERE scope = ?1 AND at = ?2 AND execution_id = ?3), ?4)
-         WHERE scope = ?1 AND horizon < ?2",
+        "UPDATE rate_totals SET in_flight = in_flight - ?5, tokens = tokens + iif(horizon < ?2, ?4
+             - COALESCE((SELECT tokens FROM rate_events WHERE scope = ?1 AND at = ?2 AND execution_id = ?3), ?4), 0)
+         WHERE scope = ?1 AND (horizon < ?2 OR ?5 != 0)",
     )?
-    .execute(params![scope, e.started_at, e.id, tokens])?;
+    .execute(params![scope, e.started_at, e.id, tokens, release])?;
     tx.prepare_cached("UPDATE rate_events SET tokens = ?4 WHERE scope = ?1 AND at = ?2 AND execution_id = ?3")?
         .execute(params![scope, e.started_at, e.id, tokens])?;
+    Ok(())
+}
+
+/// Takes a call whose reservation was released from its `max_concurrent` scope's calls in flight.
+fn release_slot(tx: &Connection, scope: &str) -> Result<()> {
+    tx.prepare_cached("UPDATE rate_totals SET in_flight = in_flight - 1 WHERE scope = ?1")?.execute([scope])?;
     Ok(())
 }
 
@@ -644,7 +664,7 @@ fn window_use(c: &Connection, scope: &str, since: Micros) -> Result<RateUsage> {
 }
 
 fn in_flight(c: &Connection, scope: &str) -> Result<i64> {
-    Ok(c.prepare_cached("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = ?1")?.query_row([scope], |r| r.get(0))?)
+    Ok(c.prepare_cached("SELECT in_flight FROM rate_totals WHERE scope = ?1")?.query_row([scope], |r| r.get(0)).optional()?.unwrap_or(0))
 }
 
 /// A scope's admissions stamped after `since`, oldest first.
@@ -663,11 +683,15 @@ fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<(
     if !any {
         return Ok(());
     }
-    let expired: Vec<(String, (Vec<CounterKey>, budget::Usage))> = tx
-        .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions")?
-        .query_map([now], |r| Ok((r.get(0)?, release_row(r, 1)?)))?
+    type Expired = (String, (Vec<CounterKey>, budget::Usage), Option<String>); // (execution, reservation, max_concurrent scope)
+    let expired: Vec<Expired> = tx
+        .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions, concurrency_scope")?
+        .query_map([now], |r| Ok((r.get(0)?, release_row(r, 1)?, r.get(5)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for (id, (keys, est)) in expired {
+    for (id, (keys, est), slot) in expired {
+        if let Some(scope) = slot {
+            release_slot(tx, &scope)?;
+        }
         let release: Vec<Bump<'_>> = keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est.negated() }).collect();
         bump(tx, &release)?;
         let row: Option<(Option<String>, String, Micros)> = tx
@@ -1093,7 +1117,7 @@ impl Store for SqliteStore {
                 window_events(tx, s, since)
             })?;
             if let Some(b) = breach {
-                write_totals(tx, &rate_scopes, &advanced, None)?;
+                write_totals(tx, &rate_scopes, &advanced, None, None)?;
                 if req.record_rate_limited {
                     insert_execution(tx, e)?;
                     complete_execution(tx, e, &rate_limited(&b, req.now), false, req.calendar)?;
@@ -1103,7 +1127,7 @@ impl Store for SqliteStore {
             let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(tx, key, req.probe_lease, req.now))? {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
-                    write_totals(tx, &rate_scopes, &advanced, None)?;
+                    write_totals(tx, &rate_scopes, &advanced, None, None)?;
                     insert_execution(tx, e)?;
                     complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
@@ -1119,7 +1143,7 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at, concurrency])?;
             }
-            write_totals(tx, &rate_scopes, &advanced, Some((&e.id, e.started_at, est.tokens)))?;
+            write_totals(tx, &rate_scopes, &advanced, Some((&e.id, e.started_at, est.tokens)), concurrency.as_deref())?;
             insert_execution(tx, e)?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
@@ -1138,17 +1162,17 @@ impl Store for SqliteStore {
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
             // Read, then deleted: a DELETE ... RETURNING builds a temporary table for its row.
-            let released = if req.reserved {
+            let (released, slot) = if req.reserved {
                 let held = tx
-                    .prepare_cached("SELECT counters, cost, tokens, executions FROM reservations WHERE execution_id = ?1")?
-                    .query_row([&e.id], |r| release_row(r, 0))
+                    .prepare_cached("SELECT counters, cost, tokens, executions, concurrency_scope FROM reservations WHERE execution_id = ?1")?
+                    .query_row([&e.id], |r| Ok((release_row(r, 0)?, r.get::<_, Option<String>>(4)?)))
                     .optional()?;
                 if held.is_some() {
                     tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
                 }
-                held
+                held.map_or((None, None), |(r, slot)| (Some(r), slot))
             } else {
-                None
+                (None, None)
             };
             let taken_over = req.reserved && released.is_none();
             let (reserved_keys, estimate) = released.unwrap_or_default();
@@ -1164,9 +1188,14 @@ impl Store for SqliteStore {
                 })
                 .collect();
             bump(tx, &changes)?;
-            // The logged estimate becomes the real usage, in the totals too if they count it.
+            // The logged estimate becomes the real usage, in the totals too if they count it, and
+            // the call leaves its max_concurrent scope's calls in flight (in the same write when
+            // that scope is rate-limited too).
             for scope in req.rate_scopes {
-                rate_settle(tx, scope, e, budget::recorded(c).tokens)?;
+                rate_settle(tx, scope, e, budget::recorded(c).tokens, i64::from(slot.as_deref() == Some(scope)))?;
+            }
+            if let Some(scope) = slot.filter(|s| !req.rate_scopes.contains(s)) {
+                release_slot(tx, &scope)?;
             }
             let check_keys: Vec<CounterKey> = req.checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
             let after = if c.status.counts_as_usage() { totals(tx, &check_keys)? } else { HashMap::new() };
@@ -1627,7 +1656,7 @@ mod tests {
                 "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
                  ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
                  ALTER TABLE executions DROP COLUMN time_to_first_token_ms;
-                 DROP TABLE tenants; DROP TABLE rate_totals; DROP TABLE rate_events; DROP INDEX reservations_concurrency; ALTER TABLE reservations DROP COLUMN concurrency_scope;
+                 DROP TABLE tenants; DROP TABLE rate_totals; DROP TABLE rate_events; ALTER TABLE reservations DROP COLUMN concurrency_scope;
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
@@ -1654,6 +1683,80 @@ mod tests {
         assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
         assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
         assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
+    }
+
+    /// `rate_totals.in_flight` counts the calls holding a `max_concurrent` slot: an admission
+    /// adds one, its settlement or its lease's expiry (never both) takes it away, whether or
+    /// not the scope has a window limit too.
+    #[test]
+    fn calls_in_flight_are_counted_until_settled_or_expired() {
+        use crate::execution::Status;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        let cal = Calendar::new("UTC").unwrap();
+        let global = GlobalBudgets::default();
+        let t0 = 1_800_000_000_000_000;
+        for (tenant, rpm) in [("only", None), ("both", Some(1000))] {
+            let limits = TenantBudget { tenant_id: tenant.into(), limits: Limits { max_concurrent: Some(2), rpm, ..Default::default() }, ..Default::default() };
+            let scope = budget::tenant_scope(tenant);
+            let admit = |id: &str, now: Micros, expires: Micros| {
+                let e = NewExecution { tenant_id: Some(tenant.into()), ..execution(&format!("{tenant}-{id}"), now) };
+                let got = store
+                    .admit(&AdmitRequest {
+                        execution: &e,
+                        plan: Plan { global: &global, agent: "A", tenant_id: Some(tenant), tenant_override: Some(&limits) },
+                        estimate: budget::estimate(Nanos(0), 10),
+                        reservation_expires_at: expires,
+                        breaker_keys: &[],
+                        probe_lease: 1,
+                        calendar: &cal,
+                        now,
+                        rate_window: 60_000_000,
+                        record_rate_limited: true,
+                        remember_tenant: false,
+                        tenant_name: None,
+                    })
+                    .unwrap();
+                (e, got)
+            };
+            let finish = |e: &NewExecution, rate_scopes: &[String], at: Micros| {
+                let mut done = Completion::refused(Status::Success, "", String::new(), at);
+                (done.error_class, done.error_message) = (None, None);
+                let req = FinishRequest {
+                    execution: e,
+                    completion: &done,
+                    reserved: true,
+                    checks: &[],
+                    rate_scopes,
+                    breakers: &[],
+                    calendar: &cal,
+                    store_details: false,
+                };
+                store.finish(&req).unwrap();
+            };
+            let in_flight = || store.rate_usage(&scope, t0).unwrap().in_flight;
+            let scopes = |got: &Admitted| match got {
+                Admitted::Go { rate_scopes, .. } => rate_scopes.clone(),
+                other => panic!("{tenant}: not admitted: {other:?}"),
+            };
+            let (a, got_a) = admit("a", t0, t0 + 1_000);
+            let (b, got_b) = admit("b", t0 + 10, t0 + 3_600_000_000);
+            let (a_scopes, b_scopes) = (scopes(&got_a), scopes(&got_b));
+            assert_eq!(in_flight(), 2);
+            assert!(matches!(admit("c", t0 + 20, t0 + 3_600_000_000).1, Admitted::RateLimited(r) if r.check.name == "tenant_concurrent"));
+            finish(&b, &b_scopes, t0 + 30);
+            assert_eq!(in_flight(), 1);
+            let (_c, got_c) = admit("c2", t0 + 40, t0 + 3_600_000_000);
+            scopes(&got_c);
+            // a's lease ran out: the next admission releases its slot.
+            let (_d, got_d) = admit("d", t0 + 2_000, t0 + 3_600_000_000);
+            scopes(&got_d);
+            assert_eq!(in_flight(), 2);
+            // a settles after all: its slot was already released, not again.
+            finish(&a, &a_scopes, t0 + 2_010);
+            assert_eq!(in_flight(), 2);
+            assert!(matches!(admit("e", t0 + 2_020, t0 + 3_600_000_000).1, Admitted::RateLimited(_)));
+        }
     }
 
     #[test]
