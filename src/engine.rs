@@ -450,7 +450,7 @@ impl Engine {
                 execution_id: id,
             }))),
             Admitted::RateLimited(b) => Err(Error::RateLimited(Box::new(RateBlock {
-                scope: b.check.name.clone(),
+                scope: b.check.name.to_string(),
                 limit: b.check.limit,
                 current: b.current,
                 retry_after: b.retry_after,

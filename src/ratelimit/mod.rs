@@ -109,8 +109,9 @@ pub enum Kind {
 /// One rate limit that applies to a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateCheck {
-    /// Public name: "tenant_rpm", "tenant_tpm", "tenant_concurrent", "global_rpm", "global_tpm".
-    pub name: String,
+    /// Public name: "tenant_rpm", "tenant_tpm", "tenant_concurrent", "global_rpm", "global_tpm"
+    /// (static: every admission builds its checks, and formatting them was a measurable cost).
+    pub name: &'static str,
     /// The scope whose admissions or calls in flight count: "global" or "tenant:<id>".
     pub scope: String,
     pub kind: Kind,
@@ -122,16 +123,16 @@ pub struct RateCheck {
 /// (runtime dict, `tenant_config_resolver`) or else its stored budget.
 pub fn checks(plan: &Plan<'_>, stored: Option<&TenantBudget>) -> Vec<RateCheck> {
     let mut out = Vec::new();
-    let mut add = |level: &str, scope: String, l: &Limits, tenant: bool| {
-        for (kind, suffix, limit) in [(Kind::Requests, "rpm", l.rpm), (Kind::Tokens, "tpm", l.tpm), (Kind::Concurrent, "concurrent", l.max_concurrent)] {
+    let mut add = |names: [&'static str; 3], scope: String, l: &Limits, tenant: bool| {
+        for (kind, name, limit) in [(Kind::Requests, names[0], l.rpm), (Kind::Tokens, names[1], l.tpm), (Kind::Concurrent, names[2], l.max_concurrent)] {
             if let Some(limit) = limit {
-                out.push(RateCheck { name: format!("{level}_{suffix}"), scope: scope.clone(), kind, limit, tenant_budget: tenant });
+                out.push(RateCheck { name, scope: scope.clone(), kind, limit, tenant_budget: tenant });
             }
         }
     };
-    add("global", "global".into(), &plan.global.limits, false);
+    add(["global_rpm", "global_tpm", "global_concurrent"], "global".into(), &plan.global.limits, false);
     if let (Some(tid), Some(tb)) = (plan.tenant_id, plan.tenant_override.or(stored)) {
-        add("tenant", crate::budget::tenant_scope(tid), &tb.limits, true);
+        add(["tenant_rpm", "tenant_tpm", "tenant_concurrent"], crate::budget::tenant_scope(tid), &tb.limits, true);
     }
     out
 }
@@ -275,7 +276,7 @@ mod tests {
         let stored = tenant(Limits { rpm: Some(1), ..Default::default() });
         let plan = Plan { global: &g, agent: "A", tenant_id: Some("t"), tenant_override: Some(&over) };
         let cs = checks(&plan, Some(&stored));
-        let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
+        let names: Vec<&str> = cs.iter().map(|c| c.name).collect();
         assert_eq!(names, ["global_rpm", "tenant_tpm", "tenant_concurrent"]);
         assert_eq!(window_scopes(&cs), ["global", "tenant:t"]);
         assert_eq!(concurrency_scope(&cs).as_deref(), Some("tenant:t"));
@@ -288,7 +289,7 @@ mod tests {
         let now = 100 * S;
         assert!(check(&cs, &[(now - 50 * S, 1)], 0, 1, now).is_none());
         let b = check(&cs, &[(now - 50 * S, 1), (now - 10 * S, 1)], 0, 1, now).unwrap();
-        assert_eq!((b.check.name.as_str(), b.current), ("tenant_rpm", 2));
+        assert_eq!((b.check.name, b.current), ("tenant_rpm", 2));
         assert!((b.retry_after - 10.0).abs() < 1e-9, "{}", b.retry_after);
     }
 

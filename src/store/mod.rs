@@ -521,7 +521,7 @@ pub(crate) mod tests {
                 }
                 (Admitted::RateLimited(b), Some((name, current))) => {
                     refused += 1;
-                    assert_eq!((b.check.name.as_str(), b.current), (name, current), "call {i}");
+                    assert_eq!((b.check.name, b.current), (name, current), "call {i}");
                 }
                 (got, expected) => panic!("call {i}: got {got:?}, expected {expected:?}"),
             }
