@@ -39,6 +39,36 @@ pub struct SqliteStore {
     reader: ManuallyDrop<Option<Mutex<Connection>>>,
     /// Dropping it stops the background checkpointer.
     _checkpointer: Option<mpsc::Sender<()>>,
+    /// The stored timezone as the writer last read it (locked inside the writer's lock).
+    timezone: Mutex<SeenTimezone>,
+}
+
+/// The stored timezone and the data version (`data_version`) through which the writer knows
+/// it: every admission and settlement checks the zone it keys counters by against the stored
+/// one, and reads it again only when another connection has written since (a statement per
+/// transaction was ~1.3 % of a guarded call). This connection's own commits move the version
+/// on (`SqliteStore::write`); `set_timezone` forgets the zone.
+#[derive(Default)]
+struct SeenTimezone {
+    valid_at: Option<u32>,
+    zone: Option<String>,
+}
+
+/// `SQLITE_FCNTL_DATA_VERSION` (SQLite 3.26; the bindings of older headers lack it).
+const FCNTL_DATA_VERSION: std::ffi::c_int = 35;
+
+/// The main database's data version as this connection sees it inside a transaction: it
+/// changes whenever the file's content changes, by this connection's commits or by any other
+/// connection's, in this process or another (unlike `PRAGMA data_version`, which ignores this
+/// connection's). None if SQLite could not tell.
+fn data_version(conn: &Connection) -> Option<u32> {
+    let mut version: u32 = 0;
+    // SAFETY: the handle lives while `conn` is borrowed, and this file control writes one
+    // unsigned int through the pointer.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), FCNTL_DATA_VERSION, (&mut version as *mut u32).cast())
+    };
+    (rc == rusqlite::ffi::SQLITE_OK).then_some(version)
 }
 
 /// How often the background thread folds the WAL back into the database file.
@@ -307,13 +337,15 @@ impl SqliteStore {
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
         let writer = ManuallyDrop::new(Mutex::new(writer));
+        let timezone = Mutex::new(SeenTimezone::default());
         if path == ":memory:" {
-            return Ok(SqliteStore { writer, reader: ManuallyDrop::new(None), _checkpointer: None });
+            return Ok(SqliteStore { writer, reader: ManuallyDrop::new(None), _checkpointer: None, timezone });
         }
         Ok(SqliteStore {
             reader: ManuallyDrop::new(Some(Mutex::new(connect_reader(path)?))),
             _checkpointer: Some(spawn_checkpointer(path)?),
             writer,
+            timezone,
         })
     }
 
@@ -326,16 +358,35 @@ impl SqliteStore {
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction (the write lock taken up front, so it
     /// cannot fail to upgrade later). BEGIN/COMMIT are cached statements: parsing them
     /// again on every call was a measurable share of a call's cost.
+    /// The stored timezone stays known across this connection's own commits (`SeenTimezone`).
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let _quiet = quiet();
         let conn = unpoisoned(self.writer.lock());
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
+        let began = data_version(&conn);
         let out = f(&conn)?;
         conn.prepare_cached("COMMIT")?.execute([])?;
         std::mem::forget(open);
+        let mut seen = unpoisoned(self.timezone.lock());
+        if began.is_some() && seen.valid_at == began {
+            seen.valid_at = data_version(&conn);
+        }
         Ok(out)
-    }}
+    }
+
+    /// Refuses a write keyed by another timezone than the stored one (`keyed_like`), reading
+    /// the stored one only if another connection wrote since the writer last knew it.
+    fn keyed_like(&self, tx: &Connection, calendar: &Calendar) -> Result<()> {
+        let now = data_version(tx);
+        let mut seen = unpoisoned(self.timezone.lock());
+        if now.is_none() || seen.valid_at != now {
+            seen.zone = stored_timezone(tx)?;
+            seen.valid_at = now;
+        }
+        keyed_like(seen.zone.clone(), calendar)
+    }
+}
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
@@ -1078,7 +1129,7 @@ impl Store for SqliteStore {
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
         let e = req.execution;
         self.write(|tx| {
-            keyed_like(stored_timezone(tx)?, req.calendar)?;
+            self.keyed_like(tx, req.calendar)?;
             if let (true, Some(tid)) = (req.remember_tenant, req.plan.tenant_id) {
                 tx.prepare_cached(
                     "INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
@@ -1157,7 +1208,7 @@ impl Store for SqliteStore {
         let e = req.execution;
         let c = req.completion;
         self.write(|tx| {
-            keyed_like(stored_timezone(tx)?, req.calendar)?;
+            self.keyed_like(tx, req.calendar)?;
             complete_execution(tx, e, c, req.store_details, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
@@ -1352,6 +1403,7 @@ impl Store for SqliteStore {
 
     fn set_timezone(&self, cal: &Calendar) -> Result<usize> {
         self.write(|tx| {
+            unpoisoned(self.timezone.lock()).valid_at = None;
             let old = calendar_of(stored_timezone(tx)?)?;
             tx.execute(
                 "INSERT INTO settings (name, value) VALUES ('timezone', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -1615,6 +1667,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
         super::super::tests::set_timezone_moves_counters_and_refuses_stale_writers(&store);
+    }
+
+    /// The writer knows the stored timezone across its own commits, and reads it again once
+    /// another connection (here a second store on the file, as another process would be) wrote.
+    #[test]
+    fn a_timezone_set_by_another_connection_is_seen_at_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (one, other) = (SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap(), SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap());
+        let global = GlobalBudgets::default();
+        let t0 = 1_800_000_000_000_000;
+        let admit = |store: &SqliteStore, id: &str, zone: &str| {
+            let cal = Calendar::new(zone).unwrap();
+            let e = execution(id, t0);
+            store.admit(&AdmitRequest {
+                execution: &e,
+                plan: Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None },
+                estimate: budget::estimate(Nanos(600), 10),
+                reservation_expires_at: t0 + 1_000_000,
+                breaker_keys: &[],
+                probe_lease: 1,
+                calendar: &cal,
+                now: t0,
+                rate_window: 60_000_000,
+                record_rate_limited: true,
+                remember_tenant: false,
+                tenant_name: None,
+            })
+        };
+        admit(&one, "a", "UTC").unwrap();
+        admit(&one, "b", "UTC").unwrap();
+        other.set_timezone(&Calendar::new("Asia/Tokyo").unwrap()).unwrap();
+        assert!(matches!(admit(&one, "c", "UTC"), Err(Error::TimezoneChanged(z)) if z == "Asia/Tokyo"));
+        admit(&one, "c", "Asia/Tokyo").unwrap();
+        admit(&other, "d", "Asia/Tokyo").unwrap();
+        admit(&one, "e", "Asia/Tokyo").unwrap();
+        // Its own change too.
+        one.set_timezone(&Calendar::new("UTC").unwrap()).unwrap();
+        assert!(matches!(admit(&one, "f", "Asia/Tokyo"), Err(Error::TimezoneChanged(z)) if z == "UTC"));
+        assert!(matches!(admit(&other, "f", "Asia/Tokyo"), Err(Error::TimezoneChanged(z)) if z == "UTC"));
+        admit(&one, "f", "UTC").unwrap();
     }
 
     #[test]
