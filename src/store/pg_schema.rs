@@ -251,4 +251,223 @@ pub const MIGRATIONS: &[&str] = &[
         WHERE status IN ('error', 'timeout', 'blocked');
     CREATE INDEX IF NOT EXISTS daily_rollups_tenant ON daily_rollups (tenant_id, period);
     "#,
+    // 12: admission and settlement in one round trip each (store/postgres/server_side.rs).
+    // PL/pgSQL keeps each function's plans per server connection, so a call parses only its
+    // `SELECT f(...)`, and it holds its row locks only while the server runs it. The functions
+    // take the common case (the call goes ahead; a settlement that changes no breaker) and
+    // return a reason otherwise, having changed nothing a retry would not; the Rust store then
+    // runs the statement-by-statement transaction, which decides every case (see admission.rs).
+    // `tenantllm_roll` is rollups::record_sql's PostgreSQL SQL for both tables (a test pins it).
+    // OR REPLACE: a test that re-runs the rollups' migration 9 re-runs this.
+    r#"
+    CREATE OR REPLACE FUNCTION tenantllm_roll(p_day TEXT, p_month TEXT, p_sign BIGINT, p_id TEXT) RETURNS VOID
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+    INSERT INTO daily_rollups (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+             SELECT p_day, COALESCE(tenant_id, ''), agent, model_id, status, p_sign, p_sign * COALESCE(input_tokens, 0), p_sign * COALESCE(output_tokens, 0), p_sign * COALESCE(cached_tokens, 0), p_sign * COALESCE(total_tokens, 0), p_sign * COALESCE(input_cost, 0), p_sign * COALESCE(output_cost, 0), p_sign * COALESCE(total_cost, 0), p_sign * COALESCE(attempts_count, 0), p_sign * COALESCE(cache_write_tokens, 0), p_sign * COALESCE(cache_read_cost, 0), p_sign * COALESCE(cache_write_cost, 0), p_sign * COALESCE(duration_ms, 0), p_sign * COALESCE(time_to_first_token_ms, 0)
+             FROM executions WHERE id = p_id AND status <> 'running'
+             ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = daily_rollups.calls + excluded.calls, input_tokens = daily_rollups.input_tokens + excluded.input_tokens, output_tokens = daily_rollups.output_tokens + excluded.output_tokens, cached_tokens = daily_rollups.cached_tokens + excluded.cached_tokens, total_tokens = daily_rollups.total_tokens + excluded.total_tokens, input_cost = daily_rollups.input_cost + excluded.input_cost, output_cost = daily_rollups.output_cost + excluded.output_cost, total_cost = daily_rollups.total_cost + excluded.total_cost, attempts_count = daily_rollups.attempts_count + excluded.attempts_count, cache_write_tokens = daily_rollups.cache_write_tokens + excluded.cache_write_tokens, cache_read_cost = daily_rollups.cache_read_cost + excluded.cache_read_cost, cache_write_cost = daily_rollups.cache_write_cost + excluded.cache_write_cost, duration_ms = daily_rollups.duration_ms + excluded.duration_ms, time_to_first_token_ms = daily_rollups.time_to_first_token_ms + excluded.time_to_first_token_ms;
+    INSERT INTO monthly_rollups (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+             SELECT p_month, COALESCE(tenant_id, ''), agent, model_id, status, p_sign, p_sign * COALESCE(input_tokens, 0), p_sign * COALESCE(output_tokens, 0), p_sign * COALESCE(cached_tokens, 0), p_sign * COALESCE(total_tokens, 0), p_sign * COALESCE(input_cost, 0), p_sign * COALESCE(output_cost, 0), p_sign * COALESCE(total_cost, 0), p_sign * COALESCE(attempts_count, 0), p_sign * COALESCE(cache_write_tokens, 0), p_sign * COALESCE(cache_read_cost, 0), p_sign * COALESCE(cache_write_cost, 0), p_sign * COALESCE(duration_ms, 0), p_sign * COALESCE(time_to_first_token_ms, 0)
+             FROM executions WHERE id = p_id AND status <> 'running'
+             ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = monthly_rollups.calls + excluded.calls, input_tokens = monthly_rollups.input_tokens + excluded.input_tokens, output_tokens = monthly_rollups.output_tokens + excluded.output_tokens, cached_tokens = monthly_rollups.cached_tokens + excluded.cached_tokens, total_tokens = monthly_rollups.total_tokens + excluded.total_tokens, input_cost = monthly_rollups.input_cost + excluded.input_cost, output_cost = monthly_rollups.output_cost + excluded.output_cost, total_cost = monthly_rollups.total_cost + excluded.total_cost, attempts_count = monthly_rollups.attempts_count + excluded.attempts_count, cache_write_tokens = monthly_rollups.cache_write_tokens + excluded.cache_write_tokens, cache_read_cost = monthly_rollups.cache_read_cost + excluded.cache_read_cost, cache_write_cost = monthly_rollups.cache_write_cost + excluded.cache_write_cost, duration_ms = monthly_rollups.duration_ms + excluded.duration_ms, time_to_first_token_ms = monthly_rollups.time_to_first_token_ms + excluded.time_to_first_token_ms;
+    END
+    $fn$;
+
+    -- The counters (scope, period), in key order: locked, created first if missing; what they
+    -- held before this call, six numbers each (cost, tokens, executions and their reserved
+    -- amounts), or NULL when p_hard (a hard limit: scope, period, metric 0 cost, 1 tokens,
+    -- 2 executions, limit) would be passed by the estimate.
+    CREATE OR REPLACE FUNCTION tenantllm_lock_counters(p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[],
+        p_hard_periods TEXT[], p_hard_metrics INT[], p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT,
+        p_executions BIGINT) RETURNS BIGINT[]
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_locked BIGINT;
+        v_usage BIGINT[] := '{}';
+        v_row RECORD;
+    BEGIN
+        SELECT COUNT(*) INTO v_locked FROM (
+            SELECT 1 FROM usage_counters c JOIN unnest(p_scopes, p_periods) AS k(scope, period)
+                ON c.scope = k.scope AND c.period = k.period
+            ORDER BY c.scope, c.period FOR UPDATE OF c) AS l;
+        IF v_locked < cardinality(p_scopes) THEN
+            INSERT INTO usage_counters (scope, period)
+                SELECT scope, period FROM unnest(p_scopes, p_periods) WITH ORDINALITY AS k(scope, period, n) ORDER BY n
+                ON CONFLICT (scope, period) DO NOTHING;
+            PERFORM 1 FROM usage_counters c JOIN unnest(p_scopes, p_periods) AS k(scope, period)
+                ON c.scope = k.scope AND c.period = k.period
+            ORDER BY c.scope, c.period FOR UPDATE OF c;
+        END IF;
+        -- In NUMERIC, so no sum overflows; at a 64-bit limit this may refuse where Rust's
+        -- saturating sums would not, and the Rust transaction then decides.
+        IF EXISTS (
+            SELECT 1 FROM unnest(p_hard_scopes, p_hard_periods, p_hard_metrics, p_hard_limits) AS h(scope, period, metric, lim)
+            JOIN usage_counters c ON c.scope = h.scope AND c.period = h.period
+            WHERE CASE h.metric
+                WHEN 0 THEN c.cost::NUMERIC + c.reserved_cost + p_cost
+                WHEN 1 THEN c.tokens::NUMERIC + c.reserved_tokens + p_tokens
+                ELSE c.executions::NUMERIC + c.reserved_executions + p_executions
+            END > h.lim
+        ) THEN
+            RETURN NULL;
+        END IF;
+        FOR v_row IN
+            SELECT c.cost, c.tokens, c.executions, c.reserved_cost, c.reserved_tokens, c.reserved_executions
+            FROM unnest(p_scopes, p_periods) WITH ORDINALITY AS k(scope, period, n)
+            JOIN usage_counters c ON c.scope = k.scope AND c.period = k.period ORDER BY k.n
+        LOOP
+            v_usage := v_usage || ARRAY[v_row.cost, v_row.tokens, v_row.executions,
+                v_row.reserved_cost, v_row.reserved_tokens, v_row.reserved_executions];
+        END LOOP;
+        RETURN v_usage;
+    END
+    $fn$;
+
+    -- Admits a call that no rate limit applies to, in the order admission.rs takes its locks.
+    -- Returns 'go' with the counters' usage before this call (tenantllm_lock_counters), or
+    -- why the Rust transaction must decide: 'timezone' (the counters are keyed in another
+    -- zone), 'budget' (the tenant's stored budget is not the one with xmin p_budget_stamp),
+    -- 'expired' (reservations to release), 'refused' (a hard limit), 'breaker' (the first
+    -- model's breaker is not closed). Only the register of tenants may have changed then.
+    CREATE OR REPLACE FUNCTION tenantllm_admit(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[], p_hard_periods TEXT[], p_hard_metrics INT[],
+        p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_counters TEXT,
+        p_expires_at BIGINT, p_breaker TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        OUT outcome TEXT, OUT usage BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        PERFORM set_config('lock_timeout', p_lock_timeout, true);
+        -- First, as in every write (see rebuild.rs `stored_timezone`).
+        IF (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        IF p_budget_tenant IS NOT NULL AND
+            (SELECT xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = p_budget_tenant) IS DISTINCT FROM p_budget_stamp THEN
+            outcome := 'budget';
+            RETURN;
+        END IF;
+        IF EXISTS (SELECT 1 FROM reservations WHERE expires_at <= p_now) THEN
+            outcome := 'expired';
+            RETURN;
+        END IF;
+        usage := tenantllm_lock_counters(p_scopes, p_periods, p_hard_scopes, p_hard_periods, p_hard_metrics,
+            p_hard_limits, p_cost, p_tokens, p_executions);
+        IF usage IS NULL THEN
+            outcome := 'refused';
+            RETURN;
+        END IF;
+        IF EXISTS (SELECT 1 FROM breakers WHERE key = p_breaker AND phase <> 'closed') THEN
+            outcome := 'breaker';
+            usage := NULL;
+            RETURN;
+        END IF;
+        IF cardinality(p_scopes) > 0 THEN
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost + p_cost, reserved_tokens = c.reserved_tokens + p_tokens,
+                reserved_executions = c.reserved_executions + p_executions
+            FROM unnest(p_scopes, p_periods) AS k(scope, period) WHERE c.scope = k.scope AND c.period = k.period;
+            INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+            VALUES (p_id, p_counters, p_cost, p_tokens, p_executions, p_expires_at);
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        outcome := 'go';
+    END
+    $fn$;
+
+    -- Settles a call whose admission logged it in no rate limit's window and whose outcome
+    -- changes no breaker (the Rust store tells): releases its reservation, closes its row
+    -- (rollups too), adds its usage (p_scopes, p_periods: usage_keys) to the counters in key
+    -- order. Returns 'done' with the changed counters' recorded usage after, or, having
+    -- changed nothing, 'timezone' or 'taken_over' (its reservation expired: the Rust
+    -- transaction settles it).
+    CREATE OR REPLACE FUNCTION tenantllm_settle(p_lock_timeout TEXT, p_timezone TEXT, p_reserved BOOLEAN,
+        p_scopes TEXT[], p_periods TEXT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_day TEXT, p_month TEXT,
+        p_id TEXT, p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        p_store_details BOOLEAN, p_system_prompt TEXT, p_user_prompt TEXT, p_response TEXT, p_tool_calls TEXT,
+        OUT outcome TEXT, OUT scopes TEXT[], OUT periods TEXT[], OUT recorded_cost BIGINT[],
+        OUT recorded_tokens BIGINT[], OUT recorded_executions BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_counters TEXT := '';
+        v_cost BIGINT := 0;
+        v_tokens BIGINT := 0;
+        v_executions BIGINT := 0;
+    BEGIN
+        PERFORM set_config('lock_timeout', p_lock_timeout, true);
+        IF (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        IF p_reserved THEN
+            DELETE FROM reservations WHERE execution_id = p_id RETURNING counters, cost, tokens, executions
+                INTO v_counters, v_cost, v_tokens, v_executions;
+            IF NOT FOUND THEN
+                outcome := 'taken_over';
+                RETURN;
+            END IF;
+        END IF;
+        PERFORM tenantllm_roll(p_day, p_month, -1, p_id);
+        UPDATE executions SET status = p_status, error_class = p_error_class, error_message = p_error_message,
+            chosen_model_id = p_chosen_model_id, provider = COALESCE(p_provider, provider), completed_at = p_completed_at,
+            duration_ms = p_duration_ms, input_tokens = p_input_tokens, output_tokens = p_output_tokens,
+            cached_tokens = p_cached_tokens, total_tokens = p_total_tokens, input_cost = p_input_cost,
+            output_cost = p_output_cost, total_cost = p_total_cost, attempts_count = p_attempts_count,
+            attempts = p_attempts, finish_reason = p_finish_reason, cache_write_tokens = p_cache_write_tokens,
+            cache_read_cost = p_cache_read_cost, cache_write_cost = p_cache_write_cost,
+            time_to_first_token_ms = p_time_to_first_token_ms, cached = p_cached
+        WHERE id = p_id;
+        IF NOT FOUND THEN
+            -- Undone with the rest; the Rust transaction then reports it.
+            RAISE EXCEPTION 'execution % vanished before it could be completed', p_id USING ERRCODE = 'no_data_found';
+        END IF;
+        PERFORM tenantllm_roll(p_day, p_month, 1, p_id);
+        IF p_store_details THEN
+            INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
+            VALUES (p_id, p_system_prompt, p_user_prompt, p_response, p_tool_calls)
+            ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
+                user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response, tool_calls = EXCLUDED.tool_calls;
+        END IF;
+        WITH d AS (
+            SELECT k.scope, k.period, p_cost AS cost, p_tokens AS tokens, p_executions AS executions,
+                0::BIGINT AS rc, 0::BIGINT AS rt, 0::BIGINT AS re
+            FROM unnest(p_scopes, p_periods) AS k(scope, period)
+            UNION ALL
+            SELECT split_part(l, E'\t', 1), split_part(l, E'\t', 2), 0, 0, 0, -v_cost, -v_tokens, -v_executions
+            FROM unnest(string_to_array(v_counters, E'\n')) AS l
+        ), s AS (
+            SELECT scope, period, SUM(cost)::BIGINT AS cost, SUM(tokens)::BIGINT AS tokens, SUM(executions)::BIGINT AS executions,
+                SUM(rc)::BIGINT AS rc, SUM(rt)::BIGINT AS rt, SUM(re)::BIGINT AS re
+            FROM d GROUP BY scope, period
+        ), bumped AS (
+            INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+            SELECT scope, period, cost, tokens, executions, rc, rt, re FROM s ORDER BY scope COLLATE "C", period COLLATE "C"
+            ON CONFLICT (scope, period) DO UPDATE SET cost = c.cost + EXCLUDED.cost, tokens = c.tokens + EXCLUDED.tokens,
+                executions = c.executions + EXCLUDED.executions, reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost,
+                reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+            RETURNING c.scope, c.period, c.cost, c.tokens, c.executions
+        )
+        SELECT COALESCE(array_agg(b.scope), '{}'), COALESCE(array_agg(b.period), '{}'), COALESCE(array_agg(b.cost), '{}'),
+            COALESCE(array_agg(b.tokens), '{}'), COALESCE(array_agg(b.executions), '{}')
+        INTO scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM bumped AS b;
+        outcome := 'done';
+    END
+    $fn$;
+    "#,
 ];

@@ -1,18 +1,21 @@
-//! Admission and settlement: each one transaction that locks the rows its decision reads.
+//! Admission and settlement: each one transaction that locks the rows its decision reads,
+//! for every case the server-side functions leave to it (`server_side`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use super::connect::PgResult;
 use super::breakers::{breaker_admit_tx, breaker_record};
-use super::budgets::stored_budget;
+use super::budgets::stamped_budget;
 use super::counters::{bump, expire_reservations, lock_counters, reservation_at, Deltas};
 use super::db::{OnCommitLoss, Tx};
 use super::executions::{complete_execution, insert_execution};
 use super::rates::{lock_rate_scopes, rate_state, window_events};
 use super::rebuild::stored_timezone;
+use super::server_side;
 use super::PostgresStore;
 use crate::budget;
 use crate::clock::Micros;
+use crate::execution::Completion;
 use crate::error::Result;
 use crate::ratelimit;
 use crate::store::{
@@ -20,13 +23,28 @@ use crate::store::{
     FinishRequest,
 };
 
+/// Every outcome of an admission writes the execution row, so its presence tells whether a
+/// commit that lost its connection went through.
+pub(super) fn row_written(db: &mut Tx<'_>, id: &str) -> PgResult<bool> {
+    Ok(db.query_opt("SELECT 1 FROM executions WHERE id = $1", &[&id])?.is_some())
+}
+
+/// The row closed with this completion's time means a settlement went through. The lock
+/// waits out a transaction the server may still be finishing for the lost connection.
+pub(super) fn row_closed(db: &mut Tx<'_>, id: &str, c: &Completion) -> PgResult<bool> {
+    let row = db.query_opt("SELECT status, completed_at FROM executions WHERE id = $1 FOR UPDATE", &[&id])?;
+    Ok(match row {
+        Some(r) => r.try_get::<_, String>(0)? == c.status.as_str() && r.try_get::<_, Option<i64>>(1)? == Some(c.completed_at),
+        None => false,
+    })
+}
+
 pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Admitted> {
+    if let Some(admitted) = server_side::admit(store, req)? {
+        return Ok(admitted);
+    }
     let e = req.execution;
-    // Every outcome writes the execution row, so its presence tells whether a commit
-    // that lost its connection went through.
-    let check = |db: &mut Tx<'_>, _: &Admitted| -> PgResult<bool> {
-        Ok(db.query_opt("SELECT 1 FROM executions WHERE id = $1", &[&e.id])?.is_some())
-    };
+    let check = |db: &mut Tx<'_>, _: &Admitted| row_written(db, &e.id);
     store.write(OnCommitLoss::Check(&check), |db| {
         keyed_like(stored_timezone(db)?, req.calendar)?;
         if let (true, Some(tid)) = (req.remember_tenant, req.plan.tenant_id) {
@@ -39,7 +57,12 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Adm
             )?;
         }
         let stored = match (req.plan.tenant_id, req.plan.tenant_override) {
-            (Some(tid), None) => stored_budget(db, tid)?,
+            (Some(tid), None) => {
+                let (stored, stamp) = stamped_budget(db, tid)?;
+                // Read in this transaction's snapshot: a pair that stays true (see `server_side`).
+                store.budgets.remember(tid, (stored.clone(), stamp));
+                stored
+            }
             _ => None,
         };
         // Rate-limited scopes are locked first (before any row lock), so admissions of a
@@ -120,17 +143,12 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Adm
 }
 
 pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<Vec<Alert>> {
+    if let Some(alerts) = server_side::finish(store, req)? {
+        return Ok(alerts);
+    }
     let e = req.execution;
     let c = req.completion;
-    // The row closed with this completion's time means it went through. The lock waits
-    // out a transaction the server may still be finishing for the lost connection.
-    let check = |db: &mut Tx<'_>, _: &Vec<Alert>| -> PgResult<bool> {
-        let row = db.query_opt("SELECT status, completed_at FROM executions WHERE id = $1 FOR UPDATE", &[&e.id])?;
-        Ok(match row {
-            Some(r) => r.try_get::<_, String>(0)? == c.status.as_str() && r.try_get::<_, Option<i64>>(1)? == Some(c.completed_at),
-            None => false,
-        })
-    };
+    let check = |db: &mut Tx<'_>, _: &Vec<Alert>| row_closed(db, &e.id, c);
     store.write(OnCommitLoss::Check(&check), |db| {
         keyed_like(stored_timezone(db)?, req.calendar)?;
         // The reservation (if this process's lease was not taken over) is released in the
@@ -172,26 +190,31 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<V
                 &[scope, &e.started_at, &e.id, &tokens],
             )?;
         }
-        let mut alerts = Vec::new();
-        if c.status.counts_as_usage() {
-            for check in req.checks {
-                let Some(now_used) = recorded.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };
-                for t in budget::thresholds_reached(check, &now_used) {
-                    let fresh = db.execute(
-                        "INSERT INTO alerts_sent (scope, period, name, threshold) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                        &[&check.scope, &check.period_key, &check.name, &t],
-                    )?;
-                    if fresh == 1 {
-                        alerts.push(Alert::Budget { check: check.clone(), threshold: t, current: now_used });
-                    }
-                }
-            }
-        }
+        let mut alerts = if c.status.counts_as_usage() { budget_alerts(db, req.checks, &recorded)? } else { Vec::new() };
         for o in req.breakers {
             alerts.extend(breaker_record(db, o, c.completed_at)?);
         }
         Ok(alerts)
     })
+}
+
+/// The alerts of the thresholds `checks` reached with the counters' totals after a call
+/// (`recorded`) that no process has sent yet; each is marked sent.
+pub(super) fn budget_alerts(db: &mut Tx<'_>, checks: &[budget::Check], recorded: &HashMap<CounterKey, budget::Usage>) -> PgResult<Vec<Alert>> {
+    let mut alerts = Vec::new();
+    for check in checks {
+        let Some(now_used) = recorded.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };
+        for t in budget::thresholds_reached(check, &now_used) {
+            let fresh = db.execute(
+                "INSERT INTO alerts_sent (scope, period, name, threshold) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&check.scope, &check.period_key, &check.name, &t],
+            )?;
+            if fresh == 1 {
+                alerts.push(Alert::Budget { check: check.clone(), threshold: t, current: now_used });
+            }
+        }
+    }
+    Ok(alerts)
 }
 
 pub(super) fn renew_leases(store: &PostgresStore, execution_ids: &[String], expires_at: Micros) -> Result<usize> {

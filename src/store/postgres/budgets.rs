@@ -37,6 +37,16 @@ pub(super) fn stored_budget(db: &mut Db<'_, impl Sized>, tenant_id: &str) -> PgR
     db.query_opt(&sql, &[&tenant_id])?.as_ref().map(budget_from_row).transpose()
 }
 
+/// The stored budget and the `xmin` of its row (see `server_side::Stamped`).
+pub(super) fn stamped_budget(db: &mut Db<'_, impl Sized>, tenant_id: &str) -> PgResult<(Option<TenantBudget>, Option<i64>)> {
+    let sql = format!("SELECT {BUDGET_COLUMNS}, xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = $1");
+    match db.query_opt(&sql, &[&tenant_id])? {
+        // The stamp follows the budget's columns.
+        Some(r) => Ok((Some(budget_from_row(&r)?), Some(r.try_get(BUDGET_COLUMNS.split(',').count())?))),
+        None => Ok((None, None)),
+    }
+}
+
 pub(super) fn budget_get(store: &PostgresStore, tenant_id: &str) -> Result<Option<TenantBudget>> {
     store.read(|db| stored_budget(db, tenant_id))
 }

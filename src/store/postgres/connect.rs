@@ -1,5 +1,5 @@
 //! Connections: the threads that run database work (and are the pool), the URL options the
-//! store reads itself, how failures are told apart, and the retries of `read` and `write`.
+//! store reads itself, how failures are told apart, and the retries of `read`, `write` and `call`.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{mpsc, Arc};
@@ -261,8 +261,8 @@ pub(super) fn pool_size(value: Option<&str>) -> Result<u32> {
 }
 
 /// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, DEAD_PEER), and the URL's
-/// `options` (server settings) without its lock_timeout; returns how transactions begin,
-/// with that lock_timeout or LOCK_TIMEOUT_MS (see `Connect::begin`).
+/// `options` (server settings) without its lock_timeout; returns that lock_timeout or
+/// LOCK_TIMEOUT_MS, which every transaction sets for itself (see `Connect::begin`).
 pub(super) fn with_timeouts(config: &mut postgres::Config, options: Option<&str>) -> String {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -282,7 +282,7 @@ pub(super) fn with_timeouts(config: &mut postgres::Config, options: Option<&str>
             _ => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).unwrap_or(w),
         };
         match setting.strip_prefix("lock_timeout=") {
-            Some(v) => lock_timeout = format!("'{}'", v.replace('\'', "''")),
+            Some(v) => lock_timeout = v.to_string(),
             None if w == "-c" => rest.extend(["-c", setting]),
             None => rest.push(w),
         }
@@ -290,7 +290,12 @@ pub(super) fn with_timeouts(config: &mut postgres::Config, options: Option<&str>
     if !rest.is_empty() {
         config.options(&rest.join(" "));
     }
-    format!("BEGIN; SET LOCAL lock_timeout = {lock_timeout}")
+    lock_timeout
+}
+
+/// How a transaction begins, with its lock_timeout (see `Connect::begin`).
+pub(super) fn begin_sql(lock_timeout: &str) -> String {
+    format!("BEGIN; SET LOCAL lock_timeout = '{}'", lock_timeout.replace('\'', "''"))
 }
 
 /// "user@host:port/dbname" for messages: never the password.
@@ -350,14 +355,7 @@ impl PostgresStore {
                             match self.committed(slot, *check, &out) {
                                 Ok(true) => return Ok(out),
                                 Ok(false) => {}
-                                Err(f) => {
-                                    return Err(Error::Store(format!(
-                                        "PostgreSQL at {}: the connection was lost while committing ({}), and whether the change was saved could not be checked: {}",
-                                        self.target,
-                                        describe(&e),
-                                        f.describe()
-                                    )))
-                                }
+                                Err(f) => return Err(self.unknown_commit(&e, &f)),
                             }
                         }
                         last = Some(Failure::Pg(e));
@@ -366,6 +364,48 @@ impl PostgresStore {
             }
             Err(self.gave_up(last))
         })
+    }
+
+    /// Runs `body`, one statement that commits on its own (a server-side function), on a
+    /// worker thread; again on a fresh connection when it certainly did not take effect.
+    /// When the connection is lost while it runs, `took_effect` tells (asked on a fresh
+    /// connection); if it did, its result is lost with the connection: None.
+    pub(super) fn call<T: Send + 'static>(
+        &self,
+        took_effect: &(dyn Fn(&mut Tx<'_>) -> PgResult<bool> + Sync),
+        mut body: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send,
+    ) -> Result<Option<T>> {
+        self.workers.run(|slot: &mut Slot| {
+            let mut last = None;
+            for attempt in 0..ATTEMPTS {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(10 * attempt as u64));
+                }
+                let conn = slot.checkout(attempt > 0, &self.target)?;
+                match body(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
+                    Ok(v) => return Ok(Some(v)),
+                    Err(Failure::Pg(e)) if connection_lost(&e, conn.client.is_closed()) => {
+                        match self.committed(slot, &|db: &mut Tx<'_>, _: &()| took_effect(db), &()) {
+                            Ok(true) => return Ok(None),
+                            Ok(false) => last = Some(Failure::Pg(e)),
+                            Err(f) => return Err(self.unknown_commit(&e, &f)),
+                        }
+                    }
+                    Err(f) if f.retryable(conn.client.is_closed()) => last = Some(f),
+                    Err(f) => return Err(f.into_error(&self.target)),
+                }
+            }
+            Err(self.gave_up(last))
+        })
+    }
+
+    fn unknown_commit(&self, lost: &postgres::Error, check: &Failure) -> Error {
+        Error::Store(format!(
+            "PostgreSQL at {}: the connection was lost while committing ({}), and whether the change was saved could not be checked: {}",
+            self.target,
+            describe(lost),
+            check.describe()
+        ))
     }
 
     /// Whether a transaction whose commit was cut off took effect (on a fresh connection).

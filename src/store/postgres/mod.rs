@@ -22,7 +22,7 @@
 //!
 //! Modules: `connect` (threads, connections, retries), `db` (statements and transactions),
 //! `migrate`, `admission` (admit and settle, with `counters`, `rates`, `executions`,
-//! `breakers`), `budgets`, `api_keys`, `queries` (reads), `rebuild` (timezone changes), `retention`, `cache` and `tenant_list`.
+//! `breakers`; `server_side` runs the common case in one round trip), `budgets`, `api_keys`, `queries` (reads), `rebuild` (timezone changes), `retention`, `cache` and `tenant_list`.
 
 mod admission;
 mod api_keys;
@@ -38,13 +38,15 @@ mod queries;
 mod rates;
 mod rebuild;
 mod retention;
+mod server_side;
 mod tenant_list;
 #[cfg(test)]
 mod tests;
 
-use connect::{describe, pool_size, take_own_options, target, with_timeouts, Connect, Failure, Slot, Workers};
+use connect::{begin_sql, describe, pool_size, take_own_options, target, with_timeouts, Connect, Failure, Slot, Workers};
 use db::{transact, Tx, TxFailure};
 use migrate::migrate;
+use server_side::StoredBudgets;
 
 use super::{AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, FinishRequest, Purged, Store};
 use crate::breaker::{self, Admission};
@@ -66,6 +68,11 @@ pub struct PostgresStore {
     workers: Workers,
     /// Where the database is, for messages.
     target: String,
+    /// How long a statement waits for a lock (see `connect::LOCK_TIMEOUT_MS`); the
+    /// server-side functions set it for their own transactions.
+    lock_timeout: String,
+    /// The tenants' stored budgets as last read, for admissions in one round trip.
+    budgets: StoredBudgets,
 }
 
 impl PostgresStore {
@@ -82,7 +89,8 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("tenantllm");
         }
-        let begin = with_timeouts(&mut config, own.options.as_deref()).into();
+        let lock_timeout = with_timeouts(&mut config, own.options.as_deref());
+        let begin = begin_sql(&lock_timeout).into();
         let target = target(&config);
         let workers = Workers::start(pool_size, Connect { config, tls, begin })?;
         // Connect at once, so a wrong URL fails here with the server's reason.
@@ -94,7 +102,7 @@ impl PostgresStore {
                 Err(TxFailure::CommitLost(e, ())) => Err(Failure::Pg(e).into_error(&target)),
             }
         })?;
-        Ok(PostgresStore { workers, target })
+        Ok(PostgresStore { workers, target, lock_timeout, budgets: StoredBudgets::default() })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use postgres::{Client, NoTls};
 
-use super::connect::{pool_size, take_own_options, with_timeouts, OwnOptions, CONNECT_TIMEOUT, DEAD_PEER, DEFAULT_POOL_SIZE};
+use super::connect::{begin_sql, pool_size, take_own_options, with_timeouts, OwnOptions, CONNECT_TIMEOUT, DEAD_PEER, DEFAULT_POOL_SIZE};
 use super::queries::prefix_end;
 use super::*;
 use crate::breaker::Phase;
@@ -79,24 +79,28 @@ fn execution(id: &str, at: Micros) -> NewExecution {
     NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
 }
 
+/// The admission of `e` (estimated at 600 nano-USD and 10 tokens) under `global` and its
+/// tenant's stored budget.
+fn admit_request<'a>(global: &'a GlobalBudgets, e: &'a NewExecution, keys: &'a [BreakerKey], expires: Micros, cal: &'a Calendar) -> AdmitRequest<'a> {
+    AdmitRequest {
+        execution: e,
+        plan: Plan { global, agent: "A", tenant_id: e.tenant_id.as_deref(), tenant_override: None },
+        estimate: budget::estimate(Nanos(600), 10),
+        reservation_expires_at: expires,
+        breaker_keys: keys,
+        probe_lease: 1_000_000,
+        calendar: cal,
+        now: e.started_at,
+        rate_window: 60_000_000,
+        record_rate_limited: true,
+        remember_tenant: false,
+        tenant_name: None,
+    }
+}
+
 fn admit_as(store: &dyn Store, global: &GlobalBudgets, e: &NewExecution, keys: &[BreakerKey], expires: Micros) -> Admitted {
     let cal = Calendar::new("UTC").unwrap();
-    store
-        .admit(&AdmitRequest {
-            execution: e,
-            plan: Plan { global, agent: "A", tenant_id: e.tenant_id.as_deref(), tenant_override: None },
-            estimate: budget::estimate(Nanos(600), 10),
-            reservation_expires_at: expires,
-            breaker_keys: keys,
-            probe_lease: 1_000_000,
-            calendar: &cal,
-            now: e.started_at,
-            rate_window: 60_000_000,
-            record_rate_limited: true,
-            remember_tenant: false,
-            tenant_name: None,
-        })
-        .unwrap()
+    store.admit(&admit_request(global, e, keys, expires, &cal)).unwrap()
 }
 
 fn admit(store: &dyn Store, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
@@ -268,21 +272,21 @@ fn bad_urls_and_unreachable_servers_fail_clearly() {
 #[test]
 fn timeouts_default_unless_the_url_sets_them() {
     let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
-    assert_eq!(with_timeouts(&mut c, None), "BEGIN; SET LOCAL lock_timeout = 30000");
+    assert_eq!(begin_sql(&with_timeouts(&mut c, None)), "BEGIN; SET LOCAL lock_timeout = '30000'");
     assert_eq!(c.get_options(), None); // PgBouncer refuses startup options
     assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
     assert_eq!(c.get_tcp_user_timeout(), Some(&DEAD_PEER));
     let mut c: postgres::Config = "postgresql://u@h/d?connect_timeout=3&tcp_user_timeout=7".parse().unwrap();
-    assert_eq!(with_timeouts(&mut c, Some("-c lock_timeout=5s")), "BEGIN; SET LOCAL lock_timeout = '5s'");
+    assert_eq!(begin_sql(&with_timeouts(&mut c, Some("-c lock_timeout=5s"))), "BEGIN; SET LOCAL lock_timeout = '5s'");
     assert_eq!(c.get_options(), None);
     assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
     assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
     let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
-    let begin = with_timeouts(&mut c, Some("-c search_path=x --lock_timeout=1min -csynchronous_commit=off -c"));
-    assert_eq!(begin, "BEGIN; SET LOCAL lock_timeout = '1min'");
+    let lock_timeout = with_timeouts(&mut c, Some("-c search_path=x --lock_timeout=1min -csynchronous_commit=off -c"));
+    assert_eq!(lock_timeout, "1min");
     assert_eq!(c.get_options(), Some("-c search_path=x -csynchronous_commit=off"));
     let mut c: postgres::Config = "postgresql://u@h/d".parse().unwrap();
-    assert_eq!(with_timeouts(&mut c, Some("-c lock_timeout=1'; DROP")), "BEGIN; SET LOCAL lock_timeout = '1'';'");
+    assert_eq!(begin_sql(&with_timeouts(&mut c, Some("-c lock_timeout=1'; DROP"))), "BEGIN; SET LOCAL lock_timeout = '1'';'");
     assert_eq!(c.get_options(), Some("DROP"));
 }
 
@@ -543,8 +547,10 @@ impl CommitCutter {
         use std::io::{Read, Write};
         use std::net::{Shutdown, TcpListener, TcpStream};
         use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
-        // The simple-query message the client sends to commit.
+        // The simple-query message the client sends to commit, and what names the
+        // server-side functions, whose statement commits on its own (`server_side`).
         const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+        const FUNCTION: &[u8] = b"FROM tenantllm_";
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let cutter = CommitCutter {
             port: listener.local_addr().unwrap().port(),
@@ -571,7 +577,8 @@ impl CommitCutter {
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 1 << 16];
                     while let Ok(n @ 1..) = from.read(&mut buf) {
-                        let at_commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+                        let has = |m: &[u8]| buf[..n].windows(m.len()).any(|w| w == m);
+                        let at_commit = has(COMMIT) || has(FUNCTION);
                         let cut = if at_commit { mode.swap(PASS, SeqCst) } else { PASS };
                         if cut != PASS {
                             cuts.fetch_add(1, SeqCst);
@@ -628,4 +635,77 @@ fn a_commit_cut_off_is_checked_never_doubled_or_lost() {
     let row = |col: &str| db.scalar(&format!("SELECT {col} FROM usage_counters WHERE scope = 'global' AND length(period) = 10"));
     assert_eq!((row("cost"), row("executions"), row("reserved_cost"), row("reserved_executions")), (200, 2, 0, 0));
     assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 0);
+}
+
+/// `tenantllm_roll` (migration 12) runs `rollups::record_sql`'s PostgreSQL statements.
+#[test]
+fn server_side_rollups_are_record_sql() {
+    let body = MIGRATIONS.iter().rev().find(|m| m.contains("FUNCTION tenantllm_roll(")).unwrap();
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    for (sql, period) in crate::store::rollups::record_sql(crate::store::rollups::Dialect::Postgres).iter().zip(["p_day", "p_month"]) {
+        let sql = sql.replace("$1::TEXT", period).replace("$2::BIGINT", "p_sign").replace("$3::TEXT", "p_id");
+        assert!(squash(body).contains(&format!("{};", squash(&sql))), "{sql}");
+    }
+}
+
+/// The server-side admission goes ahead exactly while `budget::evaluate` would, at each
+/// metric's limit (three estimates fit); the fourth call is left to the transaction, which
+/// refuses it with the detailed breach. A settlement there changes what fits again.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn server_side_admission_agrees_with_the_policy_at_each_limit() {
+    let db = TestDb::new();
+    let store = db.open();
+    let cal = Calendar::new("UTC").unwrap();
+    let cases = [
+        ("global_daily", Limits { daily_cost: Some(Nanos(1800)), ..Default::default() }),
+        ("global_daily_tokens", Limits { daily_tokens: Some(30), ..Default::default() }),
+        ("global_daily_executions", Limits { daily_executions: Some(3), ..Default::default() }),
+    ];
+    for (day, (name, limits)) in cases.into_iter().enumerate() {
+        let global = GlobalBudgets { limits, ..Default::default() };
+        let at = T0 + day as i64 * 86_400_000_000;
+        let expires = T0 + 30 * 86_400_000_000; // no lease runs out during the test
+        let calls: Vec<NewExecution> = (0..5).map(|i| execution(&format!("{name}{i}"), at + i)).collect();
+        for e in &calls[..3] {
+            let go = server_side::admit(&store, &admit_request(&global, e, &[], expires, &cal)).unwrap();
+            assert!(matches!(go, Some(Admitted::Go { reserved: true, .. })), "{name}: {go:?}");
+        }
+        assert!(server_side::admit(&store, &admit_request(&global, &calls[3], &[], expires, &cal)).unwrap().is_none(), "{name}");
+        match store.admit(&admit_request(&global, &calls[3], &[], expires, &cal)).unwrap() {
+            Admitted::Blocked(b) => assert_eq!(b.check.name, name),
+            other => panic!("{name}: {other:?}"),
+        }
+        // Settled at no cost: only the execution still counts.
+        let free = Completion { cost: Cost::default(), usage: Usage::new(0, 0, 0), ..completion(Status::Success, at + 10, 0) };
+        finish(&store, &calls[0], &free, true, &[]);
+        let go = server_side::admit(&store, &admit_request(&global, &calls[4], &[], expires, &cal)).unwrap();
+        assert_eq!(go.is_some(), name != "global_daily_executions", "{name}: {go:?}");
+    }
+}
+
+/// A tenant's stored budget is read by the transaction the first time, then taken as known
+/// until any process changes it: the server sees its row changed and leaves the call to
+/// the transaction, which reads the new budget.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn a_budget_changed_by_another_process_applies_at_once() {
+    let db = TestDb::new();
+    let (store, other) = (db.open(), db.open());
+    let cal = Calendar::new("UTC").unwrap();
+    let global = GlobalBudgets::default();
+    let b = TenantBudget { tenant_id: "t1".into(), limits: Limits { daily_executions: Some(3), ..Default::default() }, ..Default::default() };
+    other.budget_put(&b, BudgetWrite::Create).unwrap();
+    let calls: Vec<NewExecution> = (0..3).map(|i| NewExecution { tenant_id: Some("t1".into()), ..execution(&format!("b{i}"), T0 + i) }).collect();
+    let request = |e| admit_request(&global, e, &[], T0 + 60_000_000, &cal);
+    assert!(server_side::admit(&store, &request(&calls[0])).unwrap().is_none(), "not read yet");
+    assert!(matches!(store.admit(&request(&calls[0])).unwrap(), Admitted::Go { .. }));
+    assert!(matches!(server_side::admit(&store, &request(&calls[1])).unwrap(), Some(Admitted::Go { .. })));
+    let lower = TenantBudget { limits: Limits { daily_executions: Some(2), ..Default::default() }, ..b.clone() };
+    other.budget_put(&lower, BudgetWrite::Update(&["daily_execution_limit".to_string()])).unwrap();
+    assert!(server_side::admit(&store, &request(&calls[2])).unwrap().is_none(), "changed");
+    match store.admit(&request(&calls[2])).unwrap() {
+        Admitted::Blocked(b) => assert_eq!(b.check.name, "tenant_daily_executions"),
+        other => panic!("{other:?}"),
+    }
 }

@@ -1,0 +1,283 @@
+//! Admission and settlement in one round trip each: the common case runs in the server-side
+//! functions of migration 12 (`tenantllm_admit`, `tenantllm_settle`), one statement that
+//! commits on its own, so the rows it locks stay locked only while the server works, and
+//! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements.
+//!
+//! They take the call that goes ahead and the settlement that changes no breaker. Anything
+//! else (a rate limit, a refusal, an expired lease, a breaker to change, a tenant whose stored
+//! budget this process has not read) they leave to `admission`'s transaction, which decides
+//! every case. The policy stays in Rust: this module works out the limits that apply
+//! (`budget::checks`) and the warnings; the server only compares the counters with the hard
+//! limits it is given (`tenantllm_lock_counters`, the rule of `budget::evaluate`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use postgres::error::SqlState;
+
+use super::admission::{budget_alerts, row_closed, row_written};
+use super::connect::Failure;
+use super::counters::key_arrays;
+use super::PostgresStore;
+use crate::budget::{self, Enforcement, Metric, TenantBudget};
+use crate::error::{Amount, Result};
+use crate::process::unpoisoned;
+use crate::ratelimit;
+use crate::store::rollups;
+use crate::store::{
+    encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
+};
+
+/// A tenant's stored budget (None: it has none) and the `xmin` of its row, which changes
+/// with every write to it (None: no row). `tenantllm_admit` compares the stamp, so a budget
+/// changed by any process since sends the call to the transaction, which reads it anew.
+type Stamped = (Option<TenantBudget>, Option<i64>);
+
+/// The stored budgets this process has read, by tenant.
+#[derive(Default)]
+pub(super) struct StoredBudgets(Mutex<HashMap<String, Stamped>>);
+
+/// More tenants than this and the map starts again: entries are only a shortcut.
+const MAX_REMEMBERED: usize = 10_000;
+
+impl StoredBudgets {
+    fn get(&self, tenant_id: &str) -> Option<Stamped> {
+        unpoisoned(self.0.lock()).get(tenant_id).cloned()
+    }
+
+    pub(super) fn remember(&self, tenant_id: &str, stamped: Stamped) {
+        let mut map = unpoisoned(self.0.lock());
+        if map.len() >= MAX_REMEMBERED && !map.contains_key(tenant_id) {
+            map.clear();
+        }
+        map.insert(tenant_id.to_string(), stamped);
+    }
+}
+
+fn metric_code(m: Metric) -> i32 {
+    match m {
+        Metric::Cost => 0,
+        Metric::Tokens => 1,
+        Metric::Executions => 2,
+    }
+}
+
+fn amount(a: Amount) -> i64 {
+    match a {
+        Amount::Usd(n) => n.0,
+        Amount::Count(n) => n,
+    }
+}
+
+/// Admits the call in one round trip if it goes ahead; None when the transaction must decide.
+pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Option<Admitted>> {
+    let e = req.execution;
+    let (budget_tenant, stored, stamp) = match (req.plan.tenant_id, req.plan.tenant_override) {
+        (Some(tid), None) => match store.budgets.get(tid) {
+            Some((stored, stamp)) => (Some(tid), stored, stamp),
+            None => return Ok(None),
+        },
+        _ => (None, None, None),
+    };
+    if !ratelimit::checks(&req.plan, stored.as_ref()).is_empty() {
+        return Ok(None);
+    }
+    let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
+    let checked: BTreeSet<CounterKey> = checks
+        .iter()
+        .map(|c| (c.scope.clone(), c.period_key.clone()))
+        .collect();
+    let (scopes, periods) = key_arrays(checked.iter());
+    let hard: Vec<&budget::Check> = checks
+        .iter()
+        .filter(|c| c.enforcement == Enforcement::Hard)
+        .collect();
+    let hard_scopes: Vec<&str> = hard.iter().map(|c| c.scope.as_str()).collect();
+    let hard_periods: Vec<&str> = hard.iter().map(|c| c.period_key.as_str()).collect();
+    let hard_metrics: Vec<i32> = hard.iter().map(|c| metric_code(c.metric)).collect();
+    let hard_limits: Vec<i64> = hard.iter().map(|c| amount(c.limit)).collect();
+    let est = &req.estimate;
+    let counters = encode_keys(checked.iter());
+    let breaker = req.breaker_keys.first().map(|k| k.id());
+    let remember = req.remember_tenant && req.plan.tenant_id.is_some();
+    let calendar = req.calendar.name();
+    let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
+    let answer = store.call(&took_effect, |db| {
+        let r = db.query_one(
+            "SELECT outcome, usage FROM tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                 $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)",
+            &[
+                &store.lock_timeout,
+                &calendar,
+                &req.now,
+                &remember,
+                &req.plan.tenant_id,
+                &req.tenant_name,
+                &budget_tenant,
+                &stamp,
+                &scopes,
+                &periods,
+                &hard_scopes,
+                &hard_periods,
+                &hard_metrics,
+                &hard_limits,
+                &est.cost.0,
+                &est.tokens,
+                &est.executions,
+                &counters,
+                &req.reservation_expires_at,
+                &breaker,
+                &e.id,
+                &e.agent,
+                &e.model_id,
+                &e.provider,
+                &e.tenant_id,
+                &e.started_at,
+                &e.metadata,
+                &e.parent_execution_id,
+                &e.root_execution_id,
+            ],
+        )?;
+        Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?))
+    })?;
+    let usage: HashMap<CounterKey, (budget::Usage, budget::Usage)> = match answer {
+        Some((outcome, Some(usage))) if outcome == "go" && usage.len() == 6 * checked.len() => {
+            let at = |n: &[i64], i: usize| budget::Usage {
+                cost: crate::money::Nanos(n[i]),
+                tokens: n[i + 1],
+                executions: n[i + 2],
+            };
+            checked
+                .iter()
+                .cloned()
+                .zip(usage.chunks(6))
+                .map(|(k, n)| (k, (at(n, 0), at(n, 3))))
+                .collect()
+        }
+        Some(_) => return Ok(None),
+        // Admitted, but what the counters held went with the connection: no warnings.
+        None => HashMap::new(),
+    };
+    // The server found no hard limit passed; the soft ones warn.
+    let usage_of = |c: &budget::Check| {
+        usage
+            .get(&(c.scope.clone(), c.period_key.clone()))
+            .copied()
+            .unwrap_or_default()
+    };
+    let (_, warnings) = budget::evaluate(&checks, usage_of, est);
+    let reserved = !checked.is_empty();
+    Ok(Some(Admitted::Go {
+        model_index: 0,
+        probe: false,
+        checks,
+        warnings,
+        rate_scopes: vec![],
+        reserved,
+    }))
+}
+
+/// Settles the call in one round trip unless its settlement corrects a rate limit's log or
+/// changes a breaker; None when the transaction must. A success of a call that was not the
+/// probe changes no breaker, whatever its phase (`breaker::record`).
+pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<Option<Vec<Alert>>> {
+    if !req.rate_scopes.is_empty() || !req.breakers.iter().all(|o| o.success && !o.probe) {
+        return Ok(None);
+    }
+    let (e, c) = (req.execution, req.completion);
+    let keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
+    let (scopes, periods) = key_arrays(keys.iter());
+    let used = budget::settled(c, false);
+    let [day, month] = rollups::periods(req.calendar, e.started_at);
+    let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
+    let calendar = req.calendar.name();
+    let took_effect = |db: &mut super::db::Tx<'_>| row_closed(db, &e.id, c);
+    let answer = store.call(&took_effect, |db| {
+        let r = db.query(
+            "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM tenantllm_settle($1, $2, $3,
+                 $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
+                 $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)",
+            &[
+                &store.lock_timeout,
+                &calendar,
+                &req.reserved,
+                &scopes,
+                &periods,
+                &used.cost.0,
+                &used.tokens,
+                &used.executions,
+                &day,
+                &month,
+                &e.id,
+                &c.status.as_str(),
+                &c.error_class,
+                &c.error_message,
+                &c.chosen_model_id,
+                &c.provider,
+                &c.completed_at,
+                &c.duration_ms,
+                &c.usage.input,
+                &c.usage.output,
+                &c.usage.cached,
+                &(c.usage.input + c.usage.output),
+                &c.cost.input.0,
+                &c.cost.output.0,
+                &c.cost.total().0,
+                &(c.attempts.len() as i64),
+                &attempts,
+                &c.finish_reason,
+                &c.usage.cache_writes(),
+                &c.cost.cache_read.0,
+                &c.cost.cache_write.0,
+                &c.time_to_first_token_ms,
+                &i64::from(c.cached),
+                &req.store_details,
+                &e.system_prompt,
+                &e.user_prompt,
+                &c.response,
+                &e.tool_calls,
+            ],
+        );
+        // The row vanished: nothing changed, and the transaction says so in its words.
+        let r = match r {
+            Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NO_DATA_FOUND) => return Ok(None),
+            r => r?.into_iter().next().ok_or_else(|| crate::error::Error::Store("tenantllm_settle returned no row".into()))?,
+        };
+        let outcome: String = r.try_get(0)?;
+        if outcome != "done" {
+            return Ok(None);
+        }
+        let (scopes, periods): (Vec<String>, Vec<String>) = (r.try_get(1)?, r.try_get(2)?);
+        let (cost, tokens, executions): (Vec<i64>, Vec<i64>, Vec<i64>) = (r.try_get(3)?, r.try_get(4)?, r.try_get(5)?);
+        let recorded: HashMap<CounterKey, budget::Usage> = (0..scopes.len())
+            .map(|i| {
+                let usage = budget::Usage { cost: crate::money::Nanos(cost[i]), tokens: tokens[i], executions: executions[i] };
+                ((scopes[i].clone(), periods[i].clone()), usage)
+            })
+            .collect();
+        Ok(Some(recorded))
+    })?;
+    let recorded = match answer {
+        Some(Some(recorded)) => recorded,
+        Some(None) => return Ok(None),
+        // Settled, but the counters' new totals went with the connection: a threshold this
+        // call reached alerts at the next settlement on its counters.
+        None => return Ok(Some(vec![])),
+    };
+    if !c.status.counts_as_usage()
+        || !req.checks.iter().any(|ch| {
+            recorded
+                .get(&(ch.scope.clone(), ch.period_key.clone()))
+                .is_some_and(|u| !budget::thresholds_reached(ch, u).is_empty())
+        })
+    {
+        return Ok(Some(vec![]));
+    }
+    // A threshold reached: record its alert once across processes, in a second round trip.
+    // A connection lost while it commits may swallow an alert the rerun then finds sent.
+    store
+        .write(super::db::OnCommitLoss::Rerun, |db| {
+            budget_alerts(db, req.checks, &recorded)
+        })
+        .map(Some)
+}
