@@ -18,6 +18,8 @@ use postgres::error::SqlState;
 use super::admission::{budget_alerts, row_closed, row_written};
 use super::connect::Failure;
 use super::counters::key_arrays;
+use super::db::Param;
+use super::executions::Closing;
 use super::PostgresStore;
 use crate::budget::{self, Enforcement, Metric, TenantBudget};
 use crate::error::{Amount, Result};
@@ -189,54 +191,30 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     let (scopes, periods) = key_arrays(keys.iter());
     let used = budget::settled(c, false);
     let [day, month] = rollups::periods(req.calendar, e.started_at);
-    let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
     let calendar = req.calendar.name();
+    let closing = Closing::of(c);
+    let head: [&dyn Param; 11] = [
+        &store.lock_timeout,
+        &calendar,
+        &req.reserved,
+        &scopes,
+        &periods,
+        &used.cost.0,
+        &used.tokens,
+        &used.executions,
+        &day,
+        &month,
+        &e.id,
+    ];
+    let details: [&dyn Param; 5] = [&req.store_details, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls];
+    let params: Vec<&dyn Param> = head.into_iter().chain(closing.params(c)).chain(details).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_closed(db, &e.id, c);
     let answer = store.call(&took_effect, |db| {
         let r = db.query(
             "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM tenantllm_settle($1, $2, $3,
                  $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
                  $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)",
-            &[
-                &store.lock_timeout,
-                &calendar,
-                &req.reserved,
-                &scopes,
-                &periods,
-                &used.cost.0,
-                &used.tokens,
-                &used.executions,
-                &day,
-                &month,
-                &e.id,
-                &c.status.as_str(),
-                &c.error_class,
-                &c.error_message,
-                &c.chosen_model_id,
-                &c.provider,
-                &c.completed_at,
-                &c.duration_ms,
-                &c.usage.input,
-                &c.usage.output,
-                &c.usage.cached,
-                &(c.usage.input + c.usage.output),
-                &c.cost.input.0,
-                &c.cost.output.0,
-                &c.cost.total().0,
-                &(c.attempts.len() as i64),
-                &attempts,
-                &c.finish_reason,
-                &c.usage.cache_writes(),
-                &c.cost.cache_read.0,
-                &c.cost.cache_write.0,
-                &c.time_to_first_token_ms,
-                &i64::from(c.cached),
-                &req.store_details,
-                &e.system_prompt,
-                &e.user_prompt,
-                &c.response,
-                &e.tool_calls,
-            ],
+            &params,
         );
         // The row vanished: nothing changed, and the transaction says so in its words.
         let r = match r {
