@@ -14,11 +14,11 @@ import os
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import tenantllm as tl
+from bulk_db import bench_dir, open_for_load
 
 TENANTS = 50_000
 EXECUTIONS = 10_000_000
@@ -27,31 +27,9 @@ DAYS = 90
 DATASET = f"v2-{TENANTS}-{EXECUTIONS}"
 
 
-def bench_dir() -> Path:
-    d = Path(os.environ.get("TENANTLLM_BENCH_DIR") or Path(tempfile.gettempdir()) / "tenantllm-bench")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def build(db: Path, tenants: int, executions: int) -> None:
     """Creates the schema through tenantllm, then loads rows with SQL generated inside SQLite."""
-    tmp = db.with_suffix(".building")
-    for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-        p.unlink(missing_ok=True)
-    tl.configure(reset=True, database=str(tmp))
-    tl.TenantBudget.create("bench-probe", daily_limit="1").delete()  # opens the database: migrations run
-    tl.configure(reset=True)
-    conn = sqlite3.connect(tmp, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = OFF")
-    conn.execute("PRAGMA synchronous = OFF")
-    conn.execute("PRAGMA cache_size = -1000000")
-    # Indexes are dropped for the load and made again after it: one sort each instead of
-    # 10M random inserts.
-    indexes = conn.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'executions' AND sql IS NOT NULL"
-    ).fetchall()
-    for name, _ in indexes:
-        conn.execute(f"DROP INDEX {name}")
+    tmp, conn, indexes = open_for_load(db)
     now_ms = time.time_ns() // 1_000_000
     span_ms = DAYS * 86_400_000
     t = time.perf_counter()
@@ -89,7 +67,7 @@ def build(db: Path, tenants: int, executions: int) -> None:
     conn.execute("COMMIT")
     print(f"  (inserted {executions:,} executions in {time.perf_counter() - t:.0f} s)", flush=True)
     t = time.perf_counter()
-    for _, sql in indexes:
+    for sql in indexes:
         conn.execute(sql)
     print(f"  (indexed in {time.perf_counter() - t:.0f} s)", flush=True)
     # Budgets for 9 tenants in 10 (the rest run on no limits of their own); daily limits

@@ -12,15 +12,14 @@ here is asserted by the test suite.
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import tenantllm as tl
+from bulk_db import bench_dir, load, open_for_load
 
 TENANTS = 500
 SIZES = ((1_000_000, 30), (10_000_000, 300))  # (executions, days)
@@ -31,31 +30,10 @@ ROLLED = ("input_tokens", "output_tokens", "cached_tokens", "total_tokens", "inp
           "time_to_first_token_ms")  # fmt: skip
 
 
-def bench_dir() -> Path:
-    d = Path(os.environ.get("TENANTLLM_BENCH_DIR") or Path(tempfile.gettempdir()) / "tenantllm-bench")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def build(db: Path, executions: int, days: int) -> None:
     """Creates the schema through tenantllm (a UTC database), then loads rows and their
     rollups with SQL run inside SQLite."""
-    tmp = db.with_suffix(".building")
-    for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-        p.unlink(missing_ok=True)
-    tl.configure(reset=True, database=str(tmp), timezone="UTC")
-    tl.Execution.all().count()  # opens the database: migrations run
-    tl.configure(reset=True)
-    conn = sqlite3.connect(tmp, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = OFF")
-    conn.execute("PRAGMA synchronous = OFF")
-    conn.execute("PRAGMA cache_size = -1000000")
-    # Indexes go for the load and come back after it: one sort each instead of random inserts.
-    indexes = conn.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'executions' AND sql IS NOT NULL"
-    ).fetchall()
-    for name, _ in indexes:
-        conn.execute(f"DROP INDEX {name}")
+    tmp, conn, indexes = open_for_load(db, timezone="UTC")
     t = time.perf_counter()
     conn.execute("BEGIN")
     # Row i starts at now - span + i * span / n (ascending ids: appends to the clustered key).
@@ -76,7 +54,7 @@ def build(db: Path, executions: int, days: int) -> None:
         """,
         {"n": executions, "now": time.time_ns() // 1_000_000, "span": days * 86_400_000, "tenants": TENANTS},
     )
-    for _, sql in indexes:
+    for sql in indexes:
         conn.execute(sql)
     sums = ", ".join(f"SUM(COALESCE({c}, 0))" for c in ROLLED)
     columns = "period, tenant_id, agent, model_id, status, calls, " + ", ".join(ROLLED)
@@ -137,7 +115,7 @@ def main() -> None:
         spend = tl.Execution.this_month().group_by("tenant_id").sum("total_cost")
         assert len(spend) == TENANTS, len(spend)
         for name, f in CASES.items():
-            print(f"  {name:<62} {median_ms(f, 15):>8.2f} ms")
+            print(f"  {name:<62} {median_ms(f, 15):>8.2f} ms  ({load()})", flush=True)
     tl.configure(reset=True)
 
 
