@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import tenantllm as tl
-from dashboard_data import KEYS, Sample, SupportAgent, populate
+from dashboard_data import KEYS, FlakyAgent, Sample, SupportAgent, populate
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.testclient import TestClient
@@ -402,6 +402,24 @@ def test_breakers_page_lists_open_breakers(client: TestClient) -> None:
     assert "FlakyAgent" in html and "mock/flaky" in html and "open" in html
     tl.CircuitBreaker.reset("FlakyAgent", tenant_id="globex", model="mock/flaky")
     assert "All circuit breakers are closed" in client.get("/breakers").text
+
+
+def test_breakers_are_paged(client: TestClient, sample: Sample) -> None:
+    tl.configure(database=str(sample.db), mock={"latency_ms": 0, "failure_rate": 1.0})
+    for tenant in ("hooli", "umbrella"):
+        for i in range(2):
+            with pytest.raises(tl.ProviderError):
+                FlakyAgent.call(n=i, tenant=tenant)
+    first, second = client.get("/breakers?per_page=2").text, client.get("/breakers?per_page=2&page=2").text
+    assert rows(first, "breaker") == ["globex", "hooli"] and rows(second, "breaker") == ["umbrella"]
+    assert "3 breakers open or half-open" in first and "Page 1 of 2" in first
+    assert 'href="/breakers?per_page=2&amp;page=2"' in first and 'href="/breakers?per_page=2&amp;page=1"' in second
+    assert rows(client.get("/breakers?per_page=2&page=9").text, "breaker") == ["umbrella"]  # past the end: the last
+    assert rows(client.get("/breakers?page=x").text, "breaker") == ["globex", "hooli", "umbrella"]
+    # A tenant-scoped viewer's pages hold its own breakers only.
+    h = {"X-Tenant": "hooli"}
+    for query in ("", "?page=2", "?per_page=1&page=3"):
+        assert rows(scoped_client().get(f"/breakers{query}", headers=h).text, "breaker") == ["hooli"], query
 
 
 def test_not_found(client: TestClient) -> None:

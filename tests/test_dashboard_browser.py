@@ -224,7 +224,8 @@ def test_tenant_scoped_viewer_sees_only_its_tenant_in_chromium(
         browser.get(server.url + "/")
         assert "Tenant: acme" in _text(browser)
         for path, kind in (("/executions?tenant_id=globex", "execution"), ("/tenants", "tenant"),
-                           ("/breakers", "breaker"), ("/executions?per_page=200", "execution")):
+                           ("/breakers", "breaker"), ("/breakers?per_page=1&page=2", "breaker"),
+                           ("/executions?per_page=200", "execution")):
             browser.get(server.url + path)
             page = _text(browser)
             assert "globex" not in page and "initech" not in page, path

@@ -51,6 +51,12 @@ _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|sk_[A-Za-z0-9_\-]{8,}|AIza
 REDACTED = "[redacted]"
 
 
+def page_within(page: int, per_page: int, total: int) -> tuple[int, int]:
+    """The number of pages of `total` rows (at least 1) and `page` brought within them."""
+    pages = max(1, -(-total // per_page))
+    return min(max(page, 1), pages), pages
+
+
 def tenant_ops(tenant: str | None) -> list[Op]:
     return [] if tenant is None else [("eq", "tenant_id", tenant)]
 
@@ -315,8 +321,7 @@ def tenants(engine: Engine, tenant: str | None, q: TenantQuery) -> TenantPage:
         last = max(1, -(-found["total"] // q.per_page))
         found = fetch(last) if last > 1 else found
     total = found["total"]
-    pages = max(1, -(-total // q.per_page))
-    page = min(q.page, pages)
+    page, pages = page_within(q.page, q.per_page, total)
     return TenantPage([_tenant_row(engine, r, glob) for r in found["rows"]], total, page, pages, q.per_page)
 
 
@@ -436,8 +441,7 @@ class Page:
 def executions(engine: Engine, filters: Filters, page: int, per_page: int) -> Page:
     ops = filters.ops()
     total: int = engine.query_aggregate(ops)
-    pages = max(1, -(-total // per_page))
-    page = min(max(page, 1), pages)
+    page, pages = page_within(page, per_page, total)
     newest_first: list[Op] = [("order", "started_at", True), ("order", "id", True)]
     window: list[Op] = [*newest_first, ("offset", (page - 1) * per_page), ("limit", per_page)]
     rows = engine.query_rows([*ops, *window])
@@ -493,3 +497,15 @@ def breakers(engine: Engine, tenant: str | None) -> list[dict[str, Any]]:
     if tenant is not None:
         found = [b for b in found if b.get("tenant_id") == tenant]
     return sorted(found, key=lambda b: (str(b.get("tenant_id") or ""), b["agent"], b["model"]))
+
+
+BREAKERS_PER_PAGE = 50
+
+
+def breakers_page(engine: Engine, tenant: str | None, page: int, per_page: int) -> Page:
+    """One page of `breakers` (a breaker per tenant, agent and model: at 50,000 tenants an
+    outage opens thousands)."""
+    found = breakers(engine, tenant)
+    page, pages = page_within(page, per_page, len(found))
+    start = (page - 1) * per_page
+    return Page(rows=found[start : start + per_page], total=len(found), page=page, pages=pages, per_page=per_page)

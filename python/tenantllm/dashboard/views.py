@@ -407,8 +407,13 @@ class Dashboard:
     async def breakers(self, request: Request) -> Response:
         viewer = await self.viewer(request)
         engine = self.engine()
-        rows = await run_in_threadpool(data.breakers, engine, viewer.scope)
-        return self.render(request, "breakers.html", viewer, "breakers", timezone=engine.timezone, rows=rows)
+        page_no = _int_param(request, "page", 1, 1, 1_000_000)
+        per_page = _int_param(request, "per_page", data.BREAKERS_PER_PAGE, 1, data.MAX_PER_PAGE)
+        result = await run_in_threadpool(data.breakers_page, engine, viewer.scope, page_no, per_page)
+        params = {"per_page": str(per_page)} if per_page != data.BREAKERS_PER_PAGE else {}
+        return self.render(
+            request, "breakers.html", viewer, "breakers", timezone=engine.timezone, result=result, params=params
+        )
 
 
 def build(engine: Callable[[], Engine], auth: Auth, title: str) -> Starlette:
