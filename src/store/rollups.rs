@@ -6,6 +6,11 @@
 //! read them (`plan`) instead of scanning executions: whole calendar months from the monthly
 //! table, the days around them from the daily one. Calls still running are not rolled up;
 //! a partial index finds them.
+//!
+//! At tens of thousands of tenants nearly every call is a daily rollup row of its own, so a
+//! question over all tenants would read about as many rows as there are calls. SQLite also
+//! keeps `daily_totals`, the daily rollups without the tenant (written beside them and
+//! rebuilt from them), which such questions read instead: a few rows per day.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -41,6 +46,9 @@ pub const ROLLED: &[&str] = &[
 const KEY: &str = "period, tenant_id, agent, model_id, status";
 const DAILY: &str = "daily_rollups";
 const MONTHLY: &str = "monthly_rollups";
+/// The daily rollups without the tenant (SQLite's migration 12; `totals_record_sql`).
+const TOTALS: &str = "daily_totals";
+const TOTALS_KEY: &str = "period, agent, model_id, status";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -88,23 +96,34 @@ pub fn record_sql(d: Dialect) -> &'static [String; 2] {
 }
 
 fn record(d: Dialect) -> [String; 2] {
+    [DAILY, MONTHLY].map(|table| record_into(d, table, KEY, "COALESCE(tenant_id, ''), agent, model_id, status"))
+}
+
+/// SQLite only: SQL that adds execution ?3's numbers, times ?2, to its daily total for day ?1
+/// (`record_sql`'s daily rollup without the tenant).
+pub fn totals_record_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| record_into(Dialect::Sqlite, TOTALS, TOTALS_KEY, "agent, model_id, status"));
+    &SQL
+}
+
+/// `record_sql`'s statement for `table`, whose key is `key`: the period, then `selected` (the
+/// rest of the key, from the execution row).
+fn record_into(d: Dialect, table: &str, key: &str, selected: &str) -> String {
     let (period, sign, id) = match d {
         Dialect::Sqlite => ("?1".to_string(), "?2".to_string(), "?3".to_string()),
         Dialect::Postgres => ("$1::TEXT".to_string(), "$2::BIGINT".to_string(), "$3::TEXT".to_string()),
     };
     let values: Vec<String> = ROLLED.iter().map(|c| format!("{sign} * COALESCE({c}, 0)")).collect();
-    [DAILY, MONTHLY].map(|table| {
-        let set: Vec<String> = std::iter::once("calls").chain(ROLLED.iter().copied()).map(|c| format!("{c} = {table}.{c} + excluded.{c}")).collect();
-        format!(
-            "INSERT INTO {table} ({KEY}, calls, {cols})
-             SELECT {period}, COALESCE(tenant_id, ''), agent, model_id, status, {sign}, {values}
-             FROM executions WHERE id = {id} AND status <> 'running'
-             ON CONFLICT ({KEY}) DO UPDATE SET {set}",
-            cols = rolled_columns(),
-            values = values.join(", "),
-            set = set.join(", "),
-        )
-    })
+    let set: Vec<String> = std::iter::once("calls").chain(ROLLED.iter().copied()).map(|c| format!("{c} = {table}.{c} + excluded.{c}")).collect();
+    format!(
+        "INSERT INTO {table} ({key}, calls, {cols})
+         SELECT {period}, {selected}, {sign}, {values}
+         FROM executions WHERE id = {id} AND status <> 'running'
+         ON CONFLICT ({key}) DO UPDATE SET {set}",
+        cols = rolled_columns(),
+        values = values.join(", "),
+        set = set.join(", "),
+    )
 }
 
 // ---------------------------------------------------------------- rebuilding
@@ -143,13 +162,27 @@ pub fn pg_insert_sql() -> String {
 
 /// Step 5: every monthly rollup again, summed from the daily ones (after deleting them all).
 pub fn derive_monthly_sql(d: Dialect) -> String {
-    let sums: Vec<String> = std::iter::once("calls").chain(ROLLED.iter().copied()).map(|c| d.sum(c)).collect();
     format!(
         "INSERT INTO {MONTHLY} ({}) SELECT substr(period, 1, 7), tenant_id, agent, model_id, status, {} FROM {DAILY}
          GROUP BY substr(period, 1, 7), tenant_id, agent, model_id, status",
         insert_columns(),
-        sums.join(", "),
+        sums(d),
     )
+}
+
+/// Step 6 on SQLite: every daily total again, summed from the daily rollups (after deleting
+/// them all).
+pub fn derive_totals_sql() -> String {
+    format!(
+        "INSERT INTO {TOTALS} ({TOTALS_KEY}, calls, {}) SELECT {TOTALS_KEY}, {} FROM {DAILY} GROUP BY {TOTALS_KEY}",
+        rolled_columns(),
+        sums(Dialect::Sqlite),
+    )
+}
+
+/// The sums of the calls and `ROLLED`, for a GROUP BY over rollups.
+fn sums(d: Dialect) -> String {
+    std::iter::once("calls").chain(ROLLED.iter().copied()).map(|c| d.sum(c)).collect::<Vec<_>>().join(", ")
 }
 
 /// The first day whose daily rollups a rebuild recomputes: the oldest settled call's, in
@@ -230,10 +263,15 @@ pub fn plan(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Dial
         Aggregate::Sum(f) => ROLLED.iter().find(|c| **c == f.0)?,
     };
     let mut keys = Vec::with_capacity(by.len());
+    // Whether the tenant is grouped by or filtered on: else SQLite reads the daily totals.
+    let mut by_tenant = false;
     for k in by {
         keys.push(match k {
             GroupKey::Day => "period",
-            GroupKey::Field(f) if f.0 == "tenant_id" => "NULLIF(tenant_id, '')",
+            GroupKey::Field(f) if f.0 == "tenant_id" => {
+                by_tenant = true;
+                "NULLIF(tenant_id, '')"
+            }
             GroupKey::Field(f) if key_field(f) => f.0,
             GroupKey::Field(_) => return None,
         });
@@ -242,6 +280,7 @@ pub fn plan(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Dial
     let mut conditions: Vec<(String, Vec<String>)> = Vec::new();
     let mut running = true;
     for f in &q.filters {
+        by_tenant |= matches!(f, Filter::Eq(Field("tenant_id", _), _) | Filter::In(Field("tenant_id", _), _) | Filter::IsNull(Field("tenant_id", _)) | Filter::NotNull(Field("tenant_id", _)));
         match f {
             Filter::Range(Field("started_at", _), a, b) => {
                 if let Some(a) = a {
@@ -305,6 +344,9 @@ pub fn plan(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Dial
         let select: Vec<String> = keys.iter().map(|k| k.to_string()).chain([d.sum(value)]).collect();
         (format!("SELECT {} FROM {table}{w}{group}", select.join(", ")), args)
     };
+    if d == Dialect::Sqlite && !by_tenant {
+        return Some(Plan { statements: vec![statement(TOTALS, lo.map(day_key), hi.map(day_key))], running });
+    }
     let mut statements = Vec::new();
     let days = |from: Option<NaiveDate>, until: Option<NaiveDate>| statement(DAILY, from.map(day_key), until.map(day_key));
     // Whole months in [lo, hi): from the first 1st on or after lo to the 1st of hi's month.
@@ -355,10 +397,11 @@ pub(crate) mod tests {
 
     #[test]
     fn whole_months_read_the_monthly_table_and_the_days_around_them_the_daily_one() {
+        // (PostgreSQL: SQLite reads its daily totals for queries without the tenant.)
         let cal = Calendar::new("Europe/Berlin").unwrap();
         let s = |x: &str| x.to_string();
         // Berlin midnights: Oct 15 and Jan 3 (CET, UTC+1; Oct 15 is CEST, UTC+2).
-        let p = plan(&range(Some("2026-10-14T22:00:00Z"), Some("2027-01-02T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Sqlite).unwrap();
+        let p = plan(&range(Some("2026-10-14T22:00:00Z"), Some("2027-01-02T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(
             tables_and_bounds(&p),
             vec![
@@ -369,16 +412,37 @@ pub(crate) mod tests {
         );
         assert!(p.running);
         // Inside one month, or by day: days only.
-        let p = plan(&range(Some("2026-11-01T23:00:00Z"), Some("2026-11-09T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Sqlite).unwrap();
+        let p = plan(&range(Some("2026-11-01T23:00:00Z"), Some("2026-11-09T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(tables_and_bounds(&p), vec![(s("daily_rollups"), vec![s("2026-11-02"), s("2026-11-10")])]);
-        let p = plan(&Query::default(), &[GroupKey::Day], &Aggregate::Count, &cal, Dialect::Sqlite).unwrap();
+        let p = plan(&Query::default(), &[GroupKey::Day], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(tables_and_bounds(&p), vec![(s("daily_rollups"), vec![])]);
         // Open-ended: months before the bound's month, then its days.
-        let p = plan(&range(None, Some("2026-11-04T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Sqlite).unwrap();
+        let p = plan(&range(None, Some("2026-11-04T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(
             tables_and_bounds(&p),
             vec![(s("monthly_rollups"), vec![s("2026-11")]), (s("daily_rollups"), vec![s("2026-11-01"), s("2026-11-05")])]
         );
+    }
+
+    #[test]
+    fn sqlite_reads_the_daily_totals_unless_the_tenant_is_grouped_by_or_filtered_on() {
+        let cal = Calendar::new("UTC").unwrap();
+        let s = |x: &str| x.to_string();
+        let f = |n: &str| Field::parse(n).unwrap();
+        let month = range(Some("2026-10-01T00:00:00Z"), Some("2026-12-03T00:00:00Z"));
+        let agent = [GroupKey::Field(f("agent"))];
+        let p = plan(&month, &agent, &Aggregate::Count, &cal, Dialect::Sqlite).unwrap();
+        assert_eq!(tables_and_bounds(&p), vec![(s("daily_totals"), vec![s("2026-10-01"), s("2026-12-03")])]);
+        assert!(plan(&Query::default(), &[], &Aggregate::Count, &cal, Dialect::Sqlite).unwrap().statements[0].0.contains("FROM daily_totals"));
+        let p = plan(&month, &agent, &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
+        assert_eq!(tables_and_bounds(&p)[0].0, "monthly_rollups");
+        let tenant = [GroupKey::Field(f("tenant_id"))];
+        assert_eq!(tables_and_bounds(&plan(&month, &tenant, &Aggregate::Count, &cal, Dialect::Sqlite).unwrap())[0].0, "monthly_rollups");
+        for filter in [Filter::Eq(f("tenant_id"), Value::Text("acme".into())), Filter::IsNull(f("tenant_id")), Filter::NotNull(f("tenant_id"))] {
+            let mut q = month.clone();
+            q.filters.push(filter);
+            assert_eq!(tables_and_bounds(&plan(&q, &agent, &Aggregate::Count, &cal, Dialect::Sqlite).unwrap())[0].0, "monthly_rollups", "{q:?}");
+        }
     }
 
     #[test]

@@ -261,6 +261,35 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS executions_problems ON executions(started_at, tenant_id, status)
         WHERE status IN ('error', 'timeout', 'blocked');
     CREATE INDEX IF NOT EXISTS daily_rollups_tenant ON daily_rollups (tenant_id, period);
+    "#,    // 12: the daily rollups without the tenant (store/rollups.rs), for questions over all
+    // tenants, filled from the daily rollups. IF NOT EXISTS and the DELETE: a test that re-runs
+    // the rollups' migration 9 re-runs this (and then rebuilds them all).
+    r#"
+    CREATE TABLE IF NOT EXISTS daily_totals (
+        period TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        total_tokens INTEGER NOT NULL DEFAULT 0,
+        input_cost INTEGER NOT NULL DEFAULT 0,
+        output_cost INTEGER NOT NULL DEFAULT 0,
+        total_cost INTEGER NOT NULL DEFAULT 0,
+        attempts_count INTEGER NOT NULL DEFAULT 0,
+        cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_cost INTEGER NOT NULL DEFAULT 0,
+        cache_write_cost INTEGER NOT NULL DEFAULT 0,
+        duration_ms INTEGER NOT NULL DEFAULT 0,
+        time_to_first_token_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, agent, model_id, status)
+    ) WITHOUT ROWID;
+    DELETE FROM daily_totals;
+    INSERT INTO daily_totals (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+        SELECT period, agent, model_id, status, SUM(calls), SUM(input_tokens), SUM(output_tokens), SUM(cached_tokens), SUM(total_tokens), SUM(input_cost), SUM(output_cost), SUM(total_cost), SUM(attempts_count), SUM(cache_write_tokens), SUM(cache_read_cost), SUM(cache_write_cost), SUM(duration_ms), SUM(time_to_first_token_ms)
+        FROM daily_rollups GROUP BY period, agent, model_id, status;
     "#,
     // 12: the calls holding a scope's `max_concurrent` slot, counted in its `rate_totals` row
     // (the admission that reserves one adds it, the settlement or expiry that releases it takes

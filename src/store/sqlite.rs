@@ -434,11 +434,13 @@ fn insert_execution(tx: &Connection, e: &NewExecution) -> Result<()> {
     Ok(())
 }
 
-/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`).
+/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`) and
+/// its day's totals (`rollups::totals_record_sql`).
 fn roll(tx: &Connection, id: &str, periods: &[String; 2], sign: i64) -> Result<()> {
     for (sql, period) in rollups::record_sql(Dialect::Sqlite).iter().zip(periods) {
         tx.prepare_cached(sql)?.execute(params![period, sign, id])?;
     }
+    tx.prepare_cached(rollups::totals_record_sql())?.execute(params![periods[0], sign, id])?;
     Ok(())
 }
 
@@ -819,8 +821,8 @@ fn rebuild(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<usize
 }
 
 /// Recomputes the daily rollups from the oldest settled call's day on, in `cal`'s periods,
-/// and every monthly one (see `rollups::OLDEST_SQL`); `keyed_in` is the calendar of the
-/// stored rollups.
+/// and every monthly one and daily total (see `rollups::OLDEST_SQL`); `keyed_in` is the
+/// calendar of the stored rollups.
 fn rebuild_rollups(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<()> {
     let oldest: Option<Micros> = tx.query_row(rollups::OLDEST_SQL, [], |r| r.get(0))?;
     let Some(oldest) = oldest else { return Ok(()) };
@@ -850,6 +852,8 @@ fn rebuild_rollups(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Resu
     }
     tx.execute("DELETE FROM monthly_rollups", [])?;
     tx.execute(&rollups::derive_monthly_sql(Dialect::Sqlite), [])?;
+    tx.execute("DELETE FROM daily_totals", [])?;
+    tx.execute(&rollups::derive_totals_sql(), [])?;
     Ok(())
 }
 
