@@ -263,6 +263,33 @@ pub(crate) fn sql(q: &TenantListQuery, d: &Dialect) -> (String, Vec<Arg>) {
     let offset = arg(Arg::Int(Some(q.offset)));
     let where_ = if filters.is_empty() { String::new() } else { format!("WHERE {}", filters.join(" AND ")) };
     let problems_from = d.problems_from;
+    // One tenant per row of `ids` (a CTE with a tenant_id column), with every column shown.
+    let listed = |ids: &str| {
+        format!(
+            "SELECT i.tenant_id, b.tenant_id AS b_tenant_id, b.name AS b_name,
+                    COALESCE(s.name, b.name) AS name, s.last_used_at, {monthly_limit} AS monthly_limit,
+                    b.daily_limit, b.monthly_limit AS b_monthly_limit,
+                    b.daily_token_limit, b.monthly_token_limit, b.daily_execution_limit,
+                    b.monthly_execution_limit, b.enforcement, b.rpm_limit, b.tpm_limit, b.max_concurrent,
+                    COALESCE(dc.cost, 0) AS today_cost, COALESCE(dc.tokens, 0) AS today_tokens,
+                    COALESCE(dc.executions, 0) AS today_executions,
+                    COALESCE(mc.cost, 0) AS month_cost, COALESCE(mc.tokens, 0) AS month_tokens,
+                    COALESCE(mc.executions, 0) AS month_executions,
+                    COALESCE(p.errors, 0) AS errors_today, COALESCE(p.blocked, 0) AS blocked_today,
+                    COALESCE(o.n, 0) AS breakers_open,
+                    {share} AS share
+             FROM {ids} i
+             LEFT JOIN tenant_budgets b ON b.tenant_id = i.tenant_id
+             LEFT JOIN tenants s ON s.tenant_id = i.tenant_id
+             LEFT JOIN usage_counters dc ON dc.scope = 'tenant:' || i.tenant_id AND dc.period = {day}
+             LEFT JOIN usage_counters mc ON mc.scope = 'tenant:' || i.tenant_id AND mc.period = {month}
+             LEFT JOIN problems p ON p.tenant_id = i.tenant_id
+             LEFT JOIN open_breakers o ON o.tenant_id = i.tenant_id"
+        )
+    };
+    // The page's tenants are chosen by a query that keeps only their ids (the database then
+    // reads only the columns the filters and the order need, and sorts narrow rows); its
+    // rows alone get every column.
     let sql = format!(
         "WITH ids AS ({ids}),
          problems AS (
@@ -275,34 +302,20 @@ pub(crate) fn sql(q: &TenantListQuery, d: &Dialect) -> (String, Vec<Arg>) {
          open_breakers AS (
              SELECT tenant_id, COUNT(*) AS n FROM breakers
              WHERE phase <> 'closed' AND tenant_id IS NOT NULL GROUP BY tenant_id),
-         listed AS (
-             SELECT i.tenant_id, b.tenant_id AS b_tenant_id, b.name AS b_name,
-                    COALESCE(s.name, b.name) AS name, s.last_used_at, {monthly_limit} AS monthly_limit,
-                    b.daily_limit, b.monthly_limit AS b_monthly_limit,
-                    b.daily_token_limit, b.monthly_token_limit, b.daily_execution_limit,
-                    b.monthly_execution_limit, b.enforcement, b.rpm_limit, b.tpm_limit, b.max_concurrent,
-                    COALESCE(dc.cost, 0) AS today_cost, COALESCE(dc.tokens, 0) AS today_tokens,
-                    COALESCE(dc.executions, 0) AS today_executions,
-                    COALESCE(mc.cost, 0) AS month_cost, COALESCE(mc.tokens, 0) AS month_tokens,
-                    COALESCE(mc.executions, 0) AS month_executions,
-                    COALESCE(p.errors, 0) AS errors_today, COALESCE(p.blocked, 0) AS blocked_today,
-                    COALESCE(o.n, 0) AS breakers_open,
-                    {share} AS share
-             FROM ids i
-             LEFT JOIN tenant_budgets b ON b.tenant_id = i.tenant_id
-             LEFT JOIN tenants s ON s.tenant_id = i.tenant_id
-             LEFT JOIN usage_counters dc ON dc.scope = 'tenant:' || i.tenant_id AND dc.period = {day}
-             LEFT JOIN usage_counters mc ON mc.scope = 'tenant:' || i.tenant_id AND mc.period = {month}
-             LEFT JOIN problems p ON p.tenant_id = i.tenant_id
-             LEFT JOIN open_breakers o ON o.tenant_id = i.tenant_id)
+         page AS (
+             SELECT tenant_id, COUNT(*) OVER () AS total FROM ({all}) listed {where_}
+             ORDER BY {order}, tenant_id
+             LIMIT {limit} OFFSET {offset}),
+         shown AS ({shown})
          SELECT tenant_id, b_tenant_id, b_name, daily_limit, b_monthly_limit, daily_token_limit,
                 monthly_token_limit, daily_execution_limit, monthly_execution_limit, enforcement,
                 today_cost, today_tokens, today_executions, month_cost, month_tokens, month_executions,
-                errors_today, blocked_today, breakers_open, share, COUNT(*) OVER () AS total,
+                errors_today, blocked_today, breakers_open, share, total,
                 name, last_used_at, monthly_limit, rpm_limit, tpm_limit, max_concurrent
-         FROM listed {where_}
-         ORDER BY {order}, tenant_id
-         LIMIT {limit} OFFSET {offset}"
+         FROM shown JOIN page USING (tenant_id)
+         ORDER BY {order}, tenant_id",
+        all = listed("ids"),
+        shown = listed("page"),
     );
     (sql, args)
 }
