@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import tenantllm as tl
-from bulk_db import bench_dir, open_for_load
+from bulk_db import bench_dir, load, open_for_load
 
 TENANTS = 50_000
 EXECUTIONS = 10_000_000
@@ -123,7 +123,7 @@ def build(db: Path, tenants: int, executions: int) -> None:
     tmp.rename(db)
 
 
-def measure(db: Path, repeats: int) -> list[tuple[str, float, int]]:
+def measure(db: Path, repeats: int, only: str | None) -> list[tuple[str, float, int]]:
     from starlette.testclient import TestClient
     from tenantllm import dashboard
 
@@ -159,6 +159,7 @@ def measure(db: Path, repeats: int) -> list[tuple[str, float, int]]:
         (admin, "/executions?page=1000"),
         (admin, f"/executions/{some_id}"),
         (admin, "/breakers"),
+        (admin, "/breakers?page=20"),
         (scoped, "/"),
         (scoped, "/tenants"),
         (scoped, "/tenants/tenant00042"),
@@ -166,6 +167,8 @@ def measure(db: Path, repeats: int) -> list[tuple[str, float, int]]:
     ]
     out = []
     for client, url in pages:
+        if only is not None and only not in url:
+            continue
         samples, size = [], 0
         for _ in range(repeats):
             t = time.perf_counter()
@@ -178,10 +181,12 @@ def measure(db: Path, repeats: int) -> list[tuple[str, float, int]]:
         who = "" if client is admin else " (tenant-scoped viewer)"
         out.append((url + who, statistics.median(samples), size))
         ok = "ok" if out[-1][1] < 200 and size < 300_000 else "OVER"
-        print(f"  {url + who:<58} {out[-1][1]:>9.1f} ms {size / 1000:>9.1f} KB  {ok}", flush=True)
+        print(f"  {url + who:<58} {out[-1][1]:>9.1f} ms {size / 1000:>9.1f} KB  {ok:<4}  ({load()})", flush=True)
     for client, url in ((admin, "/tenants.csv?filter=near_limit"), (admin, "/tenants.csv"),
                         (admin, "/executions.csv?tenant_id=tenant00042"), (scoped, "/tenants.csv"),
                         (scoped, "/executions.csv")):
+        if only is not None and only not in url:
+            continue
         t = time.perf_counter()
         with client.stream("GET", url) as r:
             first = None
@@ -191,7 +196,17 @@ def measure(db: Path, repeats: int) -> list[tuple[str, float, int]]:
                 size += len(chunk)
         total = (time.perf_counter() - t) * 1e3
         who = "" if client is admin else " (scoped)"
-        print(f"  {url + who:<58} first bytes {first or 0:.1f} ms, all {total:.0f} ms, {size / 1000:.0f} KB (export)")
+        print(f"  {url + who:<58} first bytes {first or 0:.1f} ms, all {total:.0f} ms, {size / 1000:.0f} KB (export)"
+              f"  ({load()})", flush=True)
+    # Issue #19's grouped total over a month, here with 50,000 groups (benches/rollups.py has 500).
+    if only is None or only in "group_by":
+        samples = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            spend = tl.Execution.this_month().group_by("tenant_id").sum("total_cost")
+            samples.append((time.perf_counter() - t) * 1e3)
+        name = f'this_month().group_by("tenant_id").sum("total_cost") ({len(spend):,} groups)'
+        print(f"  {name:<58} {statistics.median(samples):>9.1f} ms  ({load()})", flush=True)
     tl.configure(reset=True)
     return out
 
@@ -201,13 +216,14 @@ def main() -> None:
     p.add_argument("--tenants", type=int, default=TENANTS)
     p.add_argument("--executions", type=int, default=EXECUTIONS)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", help="only the pages whose URL contains this")
     args = p.parse_args()
     db = bench_dir() / f"dashboard-{DATASET.replace(f'{TENANTS}-{EXECUTIONS}', f'{args.tenants}-{args.executions}')}.db"
     print(f"\nDashboard pages, {args.tenants:,} tenants and {args.executions:,} executions on SQLite ({db})")
     print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)", flush=True)
     if not db.exists():
         build(db, args.tenants, args.executions)
-    results = measure(db, args.repeats)
+    results = measure(db, args.repeats, args.only)
     print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after", flush=True)
     over = [name for name, ms, size in results if ms >= 200 or size >= 300_000]
     print(f"  {len(results) - len(over)} of {len(results)} pages under 200 ms and 300 KB", flush=True)
