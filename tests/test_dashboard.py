@@ -308,9 +308,10 @@ def test_csv_cells_never_start_a_formula(client: TestClient, sample: Sample) -> 
 
 
 def test_long_exports_are_read_in_chunks(client: TestClient, sample: Sample, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tenantllm.dashboard import data
+    from tenantllm.dashboard import data, views
 
     monkeypatch.setattr(data, "EXPORT_CHUNK", 2)  # 15 executions, 3 tenants: several chunks each
+    monkeypatch.setattr(views, "CSV_LINES_PER_SEND", 4)  # and sent 4 lines at a time, the last fewer
     ids = [e.id for e in tl.Execution.all().order_by("-started_at", "-id")]
     assert [e[0] for e in csv_rows(client.get("/executions.csv").text)[1:]] == ids
     assert [t[0] for t in csv_rows(client.get("/tenants.csv?sort=name").text)[1:]] == ["acme", "globex", "initech"]

@@ -183,10 +183,26 @@ def _csv_line(values: list[Any]) -> str:
     return out.getvalue()
 
 
+# Lines sent at a time. Starlette takes each item of a plain iterator in its thread pool, so a
+# line per item cost a thread hop per row (most of a 50,000-tenant export's time).
+CSV_LINES_PER_SEND = 1000
+
+
+def _batched(lines: Iterator[str]) -> Iterator[str]:
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == CSV_LINES_PER_SEND:
+            yield "".join(batch)
+            batch.clear()
+    if batch:
+        yield "".join(batch)
+
+
 def _csv_response(lines: Iterator[str], filename: str) -> Response:
     """Streamed: rows are read from the database a chunk at a time as the client takes them."""
     return StreamingResponse(
-        lines,
+        _batched(lines),
         media_type="text/csv; charset=utf-8",
         headers={"content-disposition": f'attachment; filename="{filename}"'},
     )
