@@ -46,7 +46,7 @@ pub const ROLLED: &[&str] = &[
 const KEY: &str = "period, tenant_id, agent, model_id, status";
 const DAILY: &str = "daily_rollups";
 const MONTHLY: &str = "monthly_rollups";
-/// The daily rollups without the tenant (SQLite's migration 12; `totals_record_sql`).
+/// The daily rollups without the tenant (SQLite's migration 13; `totals_record_sql`).
 const TOTALS: &str = "daily_totals";
 const TOTALS_KEY: &str = "period, agent, model_id, status";
 

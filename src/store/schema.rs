@@ -261,7 +261,30 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS executions_problems ON executions(started_at, tenant_id, status)
         WHERE status IN ('error', 'timeout', 'blocked');
     CREATE INDEX IF NOT EXISTS daily_rollups_tenant ON daily_rollups (tenant_id, period);
-    "#,    // 12: the daily rollups without the tenant (store/rollups.rs), for questions over all
+    "#,
+    // 12: the calls holding a scope's `max_concurrent` slot, counted in its `rate_totals` row
+    // (the admission that reserves one adds it, the settlement or expiry that releases it takes
+    // it away) instead of counted from an index of the reservations: an admission reads it
+    // with the scope's totals and writes no index page. A row made only for it has no logged
+    // admissions, so any horizon will do. The table is rebuilt rather than altered so that the
+    // migration can run again (the rollups' test re-runs every migration from 9).
+    r#"
+    CREATE TABLE rate_totals_counted (
+        scope TEXT PRIMARY KEY,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        horizon INTEGER NOT NULL,
+        in_flight INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    INSERT INTO rate_totals_counted (scope, requests, tokens, horizon) SELECT scope, requests, tokens, horizon FROM rate_totals;
+    INSERT INTO rate_totals_counted (scope, requests, tokens, horizon, in_flight)
+        SELECT concurrency_scope, 0, 0, 0, COUNT(*) FROM reservations WHERE concurrency_scope IS NOT NULL GROUP BY concurrency_scope
+        ON CONFLICT (scope) DO UPDATE SET in_flight = excluded.in_flight;
+    DROP TABLE rate_totals;
+    ALTER TABLE rate_totals_counted RENAME TO rate_totals;
+    DROP INDEX IF EXISTS reservations_concurrency;
+    "#,
+    // 13: the daily rollups without the tenant (store/rollups.rs), for questions over all
     // tenants, filled from the daily rollups. IF NOT EXISTS and the DELETE: a test that re-runs
     // the rollups' migration 9 re-runs this (and then rebuilds them all).
     r#"
@@ -290,27 +313,5 @@ pub const MIGRATIONS: &[&str] = &[
     INSERT INTO daily_totals (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
         SELECT period, agent, model_id, status, SUM(calls), SUM(input_tokens), SUM(output_tokens), SUM(cached_tokens), SUM(total_tokens), SUM(input_cost), SUM(output_cost), SUM(total_cost), SUM(attempts_count), SUM(cache_write_tokens), SUM(cache_read_cost), SUM(cache_write_cost), SUM(duration_ms), SUM(time_to_first_token_ms)
         FROM daily_rollups GROUP BY period, agent, model_id, status;
-    "#,
-    // 12: the calls holding a scope's `max_concurrent` slot, counted in its `rate_totals` row
-    // (the admission that reserves one adds it, the settlement or expiry that releases it takes
-    // it away) instead of counted from an index of the reservations: an admission reads it
-    // with the scope's totals and writes no index page. A row made only for it has no logged
-    // admissions, so any horizon will do. The table is rebuilt rather than altered so that the
-    // migration can run again (the rollups' test re-runs every migration from 9).
-    r#"
-    CREATE TABLE rate_totals_counted (
-        scope TEXT PRIMARY KEY,
-        requests INTEGER NOT NULL,
-        tokens INTEGER NOT NULL,
-        horizon INTEGER NOT NULL,
-        in_flight INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID;
-    INSERT INTO rate_totals_counted (scope, requests, tokens, horizon) SELECT scope, requests, tokens, horizon FROM rate_totals;
-    INSERT INTO rate_totals_counted (scope, requests, tokens, horizon, in_flight)
-        SELECT concurrency_scope, 0, 0, 0, COUNT(*) FROM reservations WHERE concurrency_scope IS NOT NULL GROUP BY concurrency_scope
-        ON CONFLICT (scope) DO UPDATE SET in_flight = excluded.in_flight;
-    DROP TABLE rate_totals;
-    ALTER TABLE rate_totals_counted RENAME TO rate_totals;
-    DROP INDEX IF EXISTS reservations_concurrency;
     "#,
 ];
