@@ -1645,25 +1645,32 @@ mod tests {
         NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
     }
 
+    /// The admission of `e` under `plan`, with the fields these tests never vary.
+    fn request<'a>(e: &'a NewExecution, plan: Plan<'a>, estimate: budget::Usage, calendar: &'a Calendar, now: Micros, expires: Micros) -> AdmitRequest<'a> {
+        AdmitRequest {
+            execution: e,
+            plan,
+            estimate,
+            reservation_expires_at: expires,
+            breaker_keys: &[],
+            probe_lease: 1,
+            calendar,
+            now,
+            rate_window: 60_000_000,
+            record_rate_limited: true,
+            remember_tenant: false,
+            tenant_name: None,
+        }
+    }
+
+    fn untenanted(global: &GlobalBudgets) -> Plan<'_> {
+        Plan { global, agent: "A", tenant_id: None, tenant_override: None }
+    }
+
     fn admit(store: &SqliteStore, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
         let cal = Calendar::new("UTC").unwrap();
         let e = execution(id, now);
-        store
-            .admit(&AdmitRequest {
-                execution: &e,
-                plan: Plan { global, agent: "A", tenant_id: None, tenant_override: None },
-                estimate: budget::estimate(Nanos(600), 10),
-                reservation_expires_at: expires,
-                breaker_keys: &[],
-                probe_lease: 1,
-                calendar: &cal,
-                now,
-                rate_window: 60_000_000,
-                record_rate_limited: true,
-                remember_tenant: false,
-                tenant_name: None,
-            })
-            .unwrap()
+        store.admit(&request(&e, untenanted(global), budget::estimate(Nanos(600), 10), &cal, now, expires)).unwrap()
     }
 
     #[test]
@@ -1685,20 +1692,7 @@ mod tests {
         let admit = |store: &SqliteStore, id: &str, zone: &str| {
             let cal = Calendar::new(zone).unwrap();
             let e = execution(id, t0);
-            store.admit(&AdmitRequest {
-                execution: &e,
-                plan: Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None },
-                estimate: budget::estimate(Nanos(600), 10),
-                reservation_expires_at: t0 + 1_000_000,
-                breaker_keys: &[],
-                probe_lease: 1,
-                calendar: &cal,
-                now: t0,
-                rate_window: 60_000_000,
-                record_rate_limited: true,
-                remember_tenant: false,
-                tenant_name: None,
-            })
+            store.admit(&request(&e, untenanted(&global), budget::estimate(Nanos(600), 10), &cal, t0, t0 + 1_000_000))
         };
         admit(&one, "a", "UTC").unwrap();
         admit(&one, "b", "UTC").unwrap();
@@ -1798,22 +1792,8 @@ mod tests {
             let scope = budget::tenant_scope(tenant);
             let admit = |id: &str, now: Micros, expires: Micros| {
                 let e = NewExecution { tenant_id: Some(tenant.into()), ..execution(&format!("{tenant}-{id}"), now) };
-                let got = store
-                    .admit(&AdmitRequest {
-                        execution: &e,
-                        plan: Plan { global: &global, agent: "A", tenant_id: Some(tenant), tenant_override: Some(&limits) },
-                        estimate: budget::estimate(Nanos(0), 10),
-                        reservation_expires_at: expires,
-                        breaker_keys: &[],
-                        probe_lease: 1,
-                        calendar: &cal,
-                        now,
-                        rate_window: 60_000_000,
-                        record_rate_limited: true,
-                        remember_tenant: false,
-                        tenant_name: None,
-                    })
-                    .unwrap();
+                let plan = Plan { global: &global, agent: "A", tenant_id: Some(tenant), tenant_override: Some(&limits) };
+                let got = store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, expires)).unwrap();
                 (e, got)
             };
             let finish = |e: &NewExecution, rate_scopes: &[String], at: Micros| {
