@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import tenantllm as tl
+from tenantllm._core import lock_waits
 
 # litellm fetches its price map from the internet at import unless told not to; the bench
 # reaches nothing outside this machine.
@@ -119,13 +120,9 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
     report(f"tenantllm/{store}: hard budget added over unbudgeted", us["full"] - us["breaker"], "µs", note="difference")
     # The tail: single calls that waited (on the disk, the machine, or the checkpointer).
     tl.configure(reset=True, **budgeted)
-    each = []
-    for _ in range(n * 3):
-        t = time.perf_counter()
-        Guarded.call(text="the quarterly report", tenant="bench")
-        each.append((time.perf_counter() - t) * 1e6)
+    each, waits = timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), n * 3)
     if store == "SQLite":
-        report_tail(f"tenantllm/{store}: full guard, single calls", each, "<= 10000")
+        report_tail(f"tenantllm/{store}: full guard, single calls", each, "<= 10000", waits_us=waits)
     else:
         report_tail(f"tenantllm/{store}: full guard, single calls", each, p50_target="< 500", p99_target="< 2000")
 
@@ -154,15 +151,41 @@ def cache_hits(db: str, n: int, repeats: int) -> None:
     report("tenantllm/SQLite: full guard, answered from the cache", us["hit"], "µs")
 
 
+def timed_calls(call: Callable[[], object], k: int) -> tuple[list[float], list[float]]:
+    """`k` single calls: each one's latency and how long it waited for a database lock (µs):
+    SQLite's write lock held by another connection (the checkpointer restarting the WAL,
+    another process) or this process's writer held by another thread (a retention batch, a
+    lease renewal). It tells a call slowed by the database from one slowed by the machine."""
+    each, waits = [], []
+    for _ in range(k):
+        before = lock_waits()[1]
+        t = time.perf_counter()
+        call()
+        each.append((time.perf_counter() - t) * 1e6)
+        waits.append((lock_waits()[1] - before) * 1e6)
+    return each, waits
+
+
 def report_tail(
-    name: str, latencies_us: list[float], max_target: str = "", p50_target: str = "", p99_target: str = ""
+    name: str,
+    latencies_us: list[float],
+    max_target: str = "",
+    p50_target: str = "",
+    p99_target: str = "",
+    waits_us: list[float] | None = None,
 ) -> None:
-    """p50, p99, p99.9 and the slowest of single-call latencies (µs)."""
+    """p50, p99, p99.9 and the slowest of single-call latencies (µs); with `waits_us` (each
+    call's lock wait, from `timed_calls`), the longest lock wait and the slowest call's."""
     each = sorted(latencies_us)
     targets = {"p50": p50_target, "p99": p99_target}
     for label, i in (("p50", len(each) // 2), ("p99", len(each) * 99 // 100), ("p99.9", len(each) * 999 // 1000)):
         report(f"{name}, {label}", each[i], "µs", targets.get(label, ""))
     report(f"{name}, max", each[-1], "µs", max_target, f"of {len(each):,}")
+    if waits_us is not None:
+        waited = sum(1 for w in waits_us if w > 0)
+        report(f"{name}, longest lock wait", max(waits_us), "µs", note=f"{waited:,} of {len(waits_us):,} calls waited")
+        slowest = max(range(len(latencies_us)), key=latencies_us.__getitem__)
+        report(f"{name}, lock wait of the slowest call", waits_us[slowest], "µs")
 
 
 def rate_limit_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
@@ -696,16 +719,12 @@ def retention_under_load(db: str, rows: int, calls: int) -> None:
     conn.commit()
     conn.close()
 
-    def timed(k: int) -> list[float]:
-        each = []
-        for _ in range(k):
-            t = time.perf_counter()
-            Guarded.call(text="the quarterly report", tenant="bench")
-            each.append((time.perf_counter() - t) * 1e6)
-        return each
+    def timed(k: int) -> tuple[list[float], list[float]]:
+        return timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), k)
 
     tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
-    report_tail("tenantllm: guarded call, no purge", timed(calls))
+    each, waits = timed(calls)
+    report_tail("tenantllm: guarded call, no purge", each, waits_us=waits)
     done: dict[str, Any] = {}
 
     def purge() -> None:
@@ -716,11 +735,14 @@ def retention_under_load(db: str, rows: int, calls: int) -> None:
     worker = threading.Thread(target=purge)
     worker.start()
     during: list[float] = []
+    during_waits: list[float] = []
     while worker.is_alive():
-        during += timed(50)
+        each, waits = timed(50)
+        during += each
+        during_waits += waits
     worker.join()
     assert done["executions"] == rows, done
-    report_tail("tenantllm: guarded call, during the purge", during)
+    report_tail("tenantllm: guarded call, during the purge", during, waits_us=during_waits)
     report("tenantllm: purge of old executions (batches of 500)", rows / done["seconds"], "rows/s")
 
 

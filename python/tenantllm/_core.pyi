@@ -33,6 +33,7 @@ __all__ = [
     "TenantLLMError",
     "__version__",
     "drain_tasks",
+    "lock_waits",
 ]
 
 class TenantLLMError(Exception): ...
@@ -227,6 +228,7 @@ class Guard:
     def cancel(self) -> None: ...
 
 def drain_tasks(timeout: float) -> None: ...
+def lock_waits() -> tuple[int, float]: ...
 
 @final
 class Engine:

@@ -29,6 +29,15 @@ fn drain_tasks(py: Python<'_>, timeout: f64) -> PyResult<()> {
     Ok(())
 }
 
+/// How many times this thread's database calls waited for a lock another connection or
+/// thread held, and how long in all (seconds), since the thread began: benchmarks tell calls
+/// that waited on the database from calls the machine slowed down.
+#[pyfunction]
+fn lock_waits() -> (u64, f64) {
+    let (waits, waited) = crate::store::lock_waits();
+    (waits, waited.as_secs_f64())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -40,6 +49,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::PyStream>()?;
     m.add_class::<engine::PySettlement>()?;
     m.add_function(wrap_pyfunction!(drain_tasks, m)?)?;
+    m.add_function(wrap_pyfunction!(lock_waits, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The fields of a tenant budget / tenant limits dict, for the Python layer's checks.
     m.add("TENANT_LIMIT_KEYS", convert::TENANT_LIMIT_KEYS.to_vec())?;

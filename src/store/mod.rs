@@ -2,6 +2,7 @@
 //! provide the same guarantees. Policy lives in `budget` and `breaker`; a store only reads and
 //! writes, atomically, and calls those pure functions inside its transactions.
 
+mod lock_waits;
 mod pg_schema;
 mod pg_tls;
 mod postgres;
@@ -12,6 +13,7 @@ mod schema;
 mod sqlite;
 mod tenant_list;
 
+pub use lock_waits::so_far as lock_waits;
 pub use postgres::PostgresStore;
 pub use query::GroupValues;
 pub use tenant_list::{TenantFilter, TenantList, TenantListQuery, TenantListRow, TenantSort, MAX_LIMIT as MAX_TENANT_PAGE};

@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
+use super::lock_waits;
 use super::query::{self, GroupValues, Groups};
 use super::rollups::{self, Dialect, ROLLED};
 use super::schema::MIGRATIONS;
@@ -223,9 +224,16 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Waits for another connection's lock in short steps. SQLite's own busy handler sleeps 1, 2,
 /// 5, 10, 15, 20, 25... ms between tries, so a call that found the lock taken for 5 ms waited
 /// 8, and one behind a 20 ms transaction 43. This one tries every 250 µs for the first 50 ms,
-/// then every 2 ms, until it has slept `BUSY_TIMEOUT` in all.
+/// then every 2 ms, until it has slept `BUSY_TIMEOUT` in all. Its sleeps count as this
+/// thread's lock waits.
 fn busy_wait(tries: i32) -> bool {
-    busy_step(tries, BUSY_TIMEOUT).map(std::thread::sleep).is_some()
+    let step = busy_step(tries, BUSY_TIMEOUT);
+    if let Some(step) = step {
+        let started = Instant::now();
+        std::thread::sleep(step);
+        lock_waits::record(tries == 0, started.elapsed());
+    }
+    step.is_some()
 }
 
 thread_local! {
@@ -361,7 +369,17 @@ impl SqliteStore {
     /// The stored timezone stays known across this connection's own commits (`SeenTimezone`).
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let _quiet = quiet();
-        let conn = unpoisoned(self.writer.lock());
+        let conn = match self.writer.try_lock() {
+            Ok(conn) => conn,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // Another thread writes: a lock wait, timed only when there is one.
+                let started = Instant::now();
+                let conn = unpoisoned(self.writer.lock());
+                lock_waits::record(true, started.elapsed());
+                conn
+            }
+        };
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
         let began = data_version(&conn);
