@@ -743,7 +743,7 @@ def retention_under_load(db: str, rows: int, calls: int) -> None:
     worker.join()
     assert done["executions"] == rows, done
     report_tail("tenantllm: guarded call, during the purge", during, waits_us=during_waits)
-    report("tenantllm: purge of old executions (batches of 500)", rows / done["seconds"], "rows/s")
+    report("tenantllm: purge of old executions (batches of at most 500)", rows / done["seconds"], "rows/s")
 
 
 def import_time(repeats: int) -> None:
