@@ -19,8 +19,8 @@ pub const MAX_DAYS: i64 = 36_500;
 pub const BATCH: i64 = 500;
 /// Rows per batch at least.
 const MIN_BATCH: i64 = 20;
-/// How long a batch should hold the database: each next batch is sized from how long the last
-/// one took, so a call that comes during one waits about this long whatever the machine's
+/// How long a batch should hold SQLite's write lock: each next batch is sized from how long the
+/// last one took, so a call that comes during one waits about this long whatever the machine's
 /// speed. (500 rows took 14 ms on a loaded machine, and back to back they made calls wait up
 /// to 176 ms.)
 const BATCH_TIME: Duration = Duration::from_millis(2);
@@ -99,8 +99,9 @@ pub fn stop(timeout: Duration) {
 
 /// Clears details of executions started before `details` and deletes those started before
 /// `executions`, batch after batch, until nothing is left, `keep_going` says stop, or the
-/// process is exiting. Between two batches it pauses `pause`, and at least as long as the
-/// last batch held the database, so calls waiting for it get their turn (`tl.purge()` too,
+/// process is exiting. Between two batches it pauses `pause`. Where every write takes one lock
+/// (SQLite) batches are sized to hold it about `BATCH_TIME` and the pause lasts at least as
+/// long as the last batch held it, so calls waiting for it get their turn (`tl.purge()` too,
 /// which passes no pause). Returns what it did.
 pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: impl Fn() -> bool) -> Result<Purged> {
     let (mut details, mut executions) = cutoffs;
@@ -123,9 +124,14 @@ pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: i
         if done.executions < limit {
             executions = None;
         }
-        limit = next_batch(limit, held);
+        let pause = if store.writes_share_one_lock() {
+            limit = next_batch(limit, held);
+            pause.max(held)
+        } else {
+            pause
+        };
         if details.is_some() || executions.is_some() {
-            std::thread::sleep(pause.max(held));
+            std::thread::sleep(pause);
         }
     }
     Ok(total)

@@ -193,6 +193,12 @@ pub trait Store: Send + Sync {
     fn is_sqlite_file(&self) -> bool {
         false
     }
+
+    /// Whether every write takes one lock that calls wait for (SQLite's), so a long batch of
+    /// work (retention) holds up calls; PostgreSQL locks only the rows a batch touches.
+    fn writes_share_one_lock(&self) -> bool {
+        false
+    }
 }
 
 /// Executions whose details were (or would be) cleared, and executions deleted.

@@ -1177,6 +1177,10 @@ impl Store for SqliteStore {
         self.reader.is_some()
     }
 
+    fn writes_share_one_lock(&self) -> bool {
+        true
+    }
+
     fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admitted> {
         let e = req.execution;
         self.write(|tx| {
