@@ -34,10 +34,12 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
+
+from tenantllm.testing._server import error_body, success_body
+from tenantllm.testing._server import route as _wire
 
 KINDS = ("ok", "status", "slow", "malformed", "truncated", "reset", "empty_choices", "raw")
-_GEMINI_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent)$")
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
@@ -106,18 +108,6 @@ def _last_user_text(fmt: str, body: dict[str, Any] | None) -> str:
     return ""
 
 
-def _route(path: str) -> tuple[str, str | None] | None:
-    """Map a request path to (format, model-from-path) or None if unknown."""
-    if path.endswith("/chat/completions"):
-        return "openai", None
-    if path.endswith("/v1/messages"):
-        return "anthropic", None
-    m = _GEMINI_PATH.search(path)
-    if m:
-        return "gemini", unquote(m.group(1))
-    return None
-
-
 def _wants_stream(fmt: str, path: str, body: dict[str, Any] | None) -> bool:
     if fmt == "gemini":
         return path.endswith(":streamGenerateContent")
@@ -144,7 +134,7 @@ def sse_events(fmt: str, step: Step, model: str, text: str, body: dict[str, Any]
             return data({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
                          "model": model, "choices": [choice]})
 
-        usage = openai_response(step, model, text)["usage"]
+        usage = reply_body("openai", step, model, text)["usage"]
         events = [chunk({"role": "assistant", "content": ""})]
         events += [chunk({"content": p}) for p in pieces]
         events.append(chunk({}, step.finish_reason or "stop"))
@@ -159,7 +149,7 @@ def sse_events(fmt: str, step: Step, model: str, text: str, body: dict[str, Any]
     if fmt == "anthropic":
         block = {"type": "text", "text": ""}
         stop = {"stop_reason": step.finish_reason or "end_turn", "stop_sequence": None}
-        start = anthropic_response(step, model, "")
+        start = reply_body("anthropic", step, model, "")
         start["content"], start["stop_reason"] = [], None
         start["usage"] = {**start["usage"], "output_tokens": 1}
         return [
@@ -175,7 +165,7 @@ def sse_events(fmt: str, step: Step, model: str, text: str, body: dict[str, Any]
     events = []
     for i, p in enumerate(pieces):
         last = i == len(pieces) - 1
-        r = gemini_response(step, model, p)
+        r = reply_body("gemini", step, model, p)
         if not last:
             del r["candidates"][0]["finishReason"]
             r["usageMetadata"] = {"promptTokenCount": step.input_tokens, "totalTokenCount": step.input_tokens}
@@ -183,99 +173,10 @@ def sse_events(fmt: str, step: Step, model: str, text: str, body: dict[str, Any]
     return events
 
 
-def openai_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "finish_reason": step.finish_reason or "stop",
-    }
-    return {
-        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [] if empty else [choice],
-        "usage": {
-            "prompt_tokens": step.input_tokens,
-            "completion_tokens": step.output_tokens,
-            "total_tokens": step.input_tokens + step.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": step.cached_tokens},
-        },
-    }
-
-
-def anthropic_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
-    return {
-        "id": "msg_" + uuid.uuid4().hex[:24],
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [] if empty else [{"type": "text", "text": text}],
-        "stop_reason": step.finish_reason or "end_turn",
-        "stop_sequence": None,
-        "usage": {
-            "input_tokens": step.input_tokens,
-            "output_tokens": step.output_tokens,
-            "cache_read_input_tokens": step.cached_tokens,
-            "cache_creation_input_tokens": 0,
-        },
-    }
-
-
-def gemini_response(step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
-    candidate = {
-        "content": {"role": "model", "parts": [{"text": text}]},
-        "finishReason": step.finish_reason or "STOP",
-        "index": 0,
-    }
-    return {
-        "candidates": [] if empty else [candidate],
-        "usageMetadata": {
-            "promptTokenCount": step.input_tokens,
-            "candidatesTokenCount": step.output_tokens,
-            "totalTokenCount": step.input_tokens + step.output_tokens,
-            "cachedContentTokenCount": step.cached_tokens,
-        },
-        "modelVersion": model,
-    }
-
-
-_OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {  # status -> (type, code)
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "unsupported_country_region_territory"),
-    404: ("invalid_request_error", "model_not_found"),
-    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
-}
-_ANTHROPIC_ERRORS = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-    500: "api_error", 529: "overloaded_error",
-}
-_GEMINI_ERRORS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-    404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
-    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
-}
-
-
-def error_body(fmt: str, status: int) -> dict[str, Any]:
-    """Provider-shaped error body for an HTTP status."""
-    msg = f"fake {fmt} error (HTTP {status})"
-    if fmt == "anthropic":
-        default = "api_error" if status >= 500 else "invalid_request_error"
-        etype = _ANTHROPIC_ERRORS.get(status, default)
-        return {"type": "error", "error": {"type": etype, "message": msg}}
-    if fmt == "gemini":
-        default = "INTERNAL" if status >= 500 else "INVALID_ARGUMENT"
-        gstatus = _GEMINI_ERRORS.get(status, default)
-        return {"error": {"code": status, "message": msg, "status": gstatus}}
-    default_o = ("server_error", None) if status >= 500 else ("invalid_request_error", None)
-    otype, code = _OPENAI_ERRORS.get(status, default_o)
-    return {"error": {"message": msg, "type": otype, "param": None, "code": code}}
-
-
-_BUILDERS = {"openai": openai_response, "anthropic": anthropic_response, "gemini": gemini_response}
+def reply_body(fmt: str, step: Step, model: str, text: str, empty: bool = False) -> dict[str, Any]:
+    """The step's whole reply in the provider's format (the testing kit's bodies)."""
+    return success_body(fmt, model, text, step.input_tokens, step.output_tokens,
+                        finish_reason=step.finish_reason, cached_tokens=step.cached_tokens, empty=empty)
 
 
 class _Server(ThreadingHTTPServer):
@@ -346,12 +247,12 @@ class _Handler(BaseHTTPRequestHandler):
             raw=raw,
         ))
 
-        route = _route(url.path) if self.command == "POST" else None
+        route = _wire(url.path) if self.command == "POST" else None
         if route is None:  # unknown endpoint: does not consume a script step
             err = {"error": {"code": 404, "message": f"no route for {self.command} {url.path}"}}
             self._send(404, json.dumps(err).encode())
             return
-        fmt, path_model = route
+        fmt, path_model, _ = route
         step = provider._next_step()
         if step.delay > 0:
             time.sleep(step.delay)  # only blocks this request's thread
@@ -367,7 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if step.kind == "status":
             headers = {"Retry-After": step.retry_after} if step.retry_after is not None else {}
-            self._send(step.status, json.dumps(error_body(fmt, step.status)).encode(), headers)
+            message = f"fake {fmt} error (HTTP {step.status})"
+            self._send(step.status, json.dumps(error_body(fmt, step.status, message)).encode(), headers)
             return
 
         model = step.model or path_model or str((body or {}).get("model") or "unknown-model")
@@ -381,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
                 events = sse_events(fmt, step, model, text, body)
             self._stream(events, step)
             return
-        payload = json.dumps(_BUILDERS[fmt](step, model, text, step.kind == "empty_choices"))
+        payload = json.dumps(reply_body(fmt, step, model, text, step.kind == "empty_choices"))
         data = payload.encode()
         if step.kind == "truncated":
             # Promise the whole body, deliver half, then hang up.
