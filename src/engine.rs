@@ -580,9 +580,8 @@ impl Engine {
         (!spec.cache_ttl.is_zero()).then(|| cache::key(req.tenant.id.as_deref(), &models, &Self::request(spec, req)))
     }
 
-    /// The cached answer a call would get now (validated as the call would be), if any.
+    /// The cached answer a call would get now, if any (for a call `plan` has validated).
     pub fn cached_answer(&self, spec: &AgentSpec, req: &CallRequest) -> Result<Option<cache::Entry>> {
-        self.plan(spec, req)?;
         match Self::cache_key(spec, req) {
             Some(key) => self.store.cache_get(req.tenant.id.as_deref(), &key, now_micros()),
             None => Ok(None),
@@ -596,8 +595,9 @@ impl Engine {
     /// no attempts, and `cached_from` (the execution that paid for the answer) in its metadata.
     async fn from_cache(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, key: Option<&str>) -> Result<Option<CallOutcome>> {
         let Some(key) = key else { return Ok(None) };
-        self.plan(spec, req)?;
         let Some(entry) = self.store.cache_get(req.tenant.id.as_deref(), key, now_micros())? else { return Ok(None) };
+        // Only a call that would be sent gets an answer; a miss is validated by `start`.
+        self.plan(spec, req)?;
         let free = AgentSpec { breaker: None, ..spec.clone() };
         let req = CallRequest { metadata: with_metadata(&req.metadata, "cached_from", &entry.execution_id), ..req.clone() };
         let Admission { mut call, warnings, .. } = self.admit_waiting(&free, &req, &entry.provider, budget::estimate(Nanos(0), 0)).await?;

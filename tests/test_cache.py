@@ -75,6 +75,15 @@ def test_queries_filter_cached_rows_and_rollups_count_them_at_cost_zero(fp: Fake
     assert tl.Execution.by_tenant("acme").where("cached", True).group_by("day").count() != {}
 
 
+def test_a_call_that_would_be_refused_is_refused_on_a_hit_too(fp: FakeProvider, db_path: Path) -> None:
+    # The tenant's per-call keys are not part of the cache key: a hit must still be validated.
+    ask()
+    with pytest.raises(tl.ConfigurationError, match="nosuch"):
+        ask(tenant={"id": "acme", "api_keys": {"nosuch": "k"}})
+    assert len(fp.requests) == 1
+    assert int(raw_sql.query(db_path, "SELECT COUNT(*) FROM executions")[0][0]) == 1
+
+
 def test_two_tenants_never_share_an_entry(fp: FakeProvider, db_path: Path) -> None:
     a, b = ask(tenant="acme"), ask(tenant="globex")
     assert not a.cached and not b.cached and len(fp.requests) == 2
