@@ -72,6 +72,27 @@ fn data_version(conn: &Connection) -> Option<u32> {
     (rc == rusqlite::ffi::SQLITE_OK).then_some(version)
 }
 
+/// `SQLITE_FCNTL_FILE_POINTER` and `SQLITE_FCNTL_JOURNAL_POINTER` (in WAL mode: the WAL's).
+const FCNTL_FILE_POINTER: std::ffi::c_int = 7;
+const FCNTL_JOURNAL_POINTER: std::ffi::c_int = 28;
+
+/// Syncs the database file (`FCNTL_FILE_POINTER`) or its WAL (`FCNTL_JOURNAL_POINTER`) through
+/// the connection's own handle. (Never through a descriptor of our own: closing any descriptor
+/// of the database file drops every POSIX lock SQLite holds on it in this process.) A sync more
+/// than SQLite's own is always safe; false if it could not be made.
+fn sync_file(conn: &Connection, which: std::ffi::c_int) -> bool {
+    let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: this file control writes one pointer to a file object the connection owns; it
+    // stays open while `conn` is borrowed, and only this thread uses the connection.
+    unsafe {
+        let rc = rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), which, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast());
+        if rc != rusqlite::ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+            return false;
+        }
+        (*(*file).pMethods).xSync.is_some_and(|sync| sync(file, rusqlite::ffi::SQLITE_SYNC_NORMAL) == rusqlite::ffi::SQLITE_OK)
+    }
+}
+
 /// How often the background thread folds a WAL that is not growing back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// How soon it looks again after calls wrote: short, frequent passes keep each pass's fsync
@@ -80,9 +101,11 @@ const CATCH_UP_EVERY: Duration = Duration::from_millis(10);
 /// WAL frames (pages) past which the checkpointer makes writers start the WAL over.
 const WAL_RESTART_FRAMES: i64 = 2000;
 /// Frames a restart may find still to copy: the catch-up passes before it aim below this.
-const RESTART_LEFTOVER_FRAMES: i64 = 256;
+/// Calls wait while the restart syncs what it copies, and a sync takes longer the more it
+/// writes (on this machine's disk 1 page ~1 ms, 64 ~5 ms, 256 ~8 ms, 1024 ~19 ms, loaded).
+const RESTART_LEFTOVER_FRAMES: i64 = 64;
 /// At most this many catch-up passes: writers faster than the disk would outrun any number.
-const CATCH_UP_PASSES: usize = 4;
+const CATCH_UP_PASSES: usize = 8;
 /// How soon the checkpointer tries again after a restart could not be made (a long read was
 /// still in the WAL), so it catches the gap before the next one.
 const RESTART_RETRY_EVERY: Duration = Duration::from_millis(10);
@@ -182,6 +205,13 @@ fn spawn_checkpointer(path: &str) -> Result<mpsc::Sender<()>> {
                     }
                 }
                 let restarted = if copied == frames {
+                    // The restart syncs the WAL before it copies from it, and the database
+                    // file after (with calls waiting), and the passes that could not copy all
+                    // left the database file unsynced: syncing both here, while calls still
+                    // write, leaves the restart only what was written meanwhile to sync (it
+                    // synced 1-13 ms of WAL and 2-7 ms of database file with calls waiting).
+                    sync_file(&conn, FCNTL_JOURNAL_POINTER);
+                    sync_file(&conn, FCNTL_FILE_POINTER);
                     !checkpoint("RESTART", RESTART_WAIT).0
                 } else if frames > cap_frames && reads_turned_over && Instant::now() >= next_cap_restart {
                     let done = !checkpoint("RESTART", CAP_WAIT).0;
@@ -1690,6 +1720,17 @@ mod tests {
         assert!((1..=13).contains(&tries) && start.elapsed() >= Duration::from_millis(3), "{tries} {:?}", start.elapsed());
         CHECKPOINT_DEADLINE.set(Instant::now());
         assert!(!checkpoint_busy_wait(0));
+    }
+
+    /// The checkpointer syncs the database file and its WAL through SQLite's own handles.
+    #[test]
+    fn the_database_file_and_its_wal_sync_through_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = connect(path.to_str().unwrap()).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
+        assert!(sync_file(&conn, FCNTL_JOURNAL_POINTER));
+        assert!(sync_file(&conn, FCNTL_FILE_POINTER));
     }
 
     /// A read held open in another connection (a backup, a dashboard scan) pins the WAL while
