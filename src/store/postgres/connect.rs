@@ -160,6 +160,15 @@ impl From<Error> for Failure {
 
 pub(super) type PgResult<T> = std::result::Result<T, Failure>;
 
+/// What one try of an operation came to (see `PostgresStore::retrying`).
+enum Try<T> {
+    Done(T),
+    Failed(Failure),
+    /// The connection was lost when the operation may have taken effect; if it did, this
+    /// was its result.
+    Unsure(postgres::Error, T),
+}
+
 /// The connection is gone (closed, reset, or the server ended the session).
 pub(super) fn connection_lost(e: &postgres::Error, client_closed: bool) -> bool {
     client_closed
@@ -319,26 +328,11 @@ impl PostgresStore {
         }
     }
 
-    /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
-    pub(super) fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send) -> Result<T> {
-        self.workers.run(|slot: &mut Slot| {
-            let mut last = None;
-            for attempt in 0..ATTEMPTS {
-                let conn = slot.checkout(attempt > 0, &self.target)?;
-                match f(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
-                    Ok(v) => return Ok(v),
-                    Err(e) if e.retryable(conn.client.is_closed()) => last = Some(e),
-                    Err(e) => return Err(e.into_error(&self.target)),
-                }
-            }
-            Err(self.gave_up(last))
-        })
-    }
-
-    /// Runs `body` in one transaction on a worker thread. A transaction that did not commit
-    /// because the connection was lost or the server aborted it runs again; see
-    /// `OnCommitLoss` for a commit whose outcome is unknown.
-    pub(super) fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_>) -> PgResult<T> + Send) -> Result<T> {
+    /// Runs `once` on a worker thread, up to ATTEMPTS times: again while it fails in a way a
+    /// new try may not (`Failure::retryable`), each time after a longer pause and on a
+    /// connection that answers. When it lost the connection where it may have taken effect
+    /// (`Try::Unsure`), `on_loss` says whether to ask the database or simply run it again.
+    fn retrying<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut once: impl FnMut(&mut Conn) -> Try<T> + Send) -> Result<T> {
         self.workers.run(|slot: &mut Slot| {
             let mut last = None;
             for attempt in 0..ATTEMPTS {
@@ -346,11 +340,11 @@ impl PostgresStore {
                     std::thread::sleep(Duration::from_millis(10 * attempt as u64));
                 }
                 let conn = slot.checkout(attempt > 0, &self.target)?;
-                match transact(conn, &mut body) {
-                    Ok(out) => return Ok(out),
-                    Err(TxFailure::Failed(f)) if f.retryable(conn.client.is_closed()) => last = Some(f),
-                    Err(TxFailure::Failed(f)) => return Err(f.into_error(&self.target)),
-                    Err(TxFailure::CommitLost(e, out)) => {
+                match once(conn) {
+                    Try::Done(v) => return Ok(v),
+                    Try::Failed(f) if f.retryable(conn.client.is_closed()) => last = Some(f),
+                    Try::Failed(f) => return Err(f.into_error(&self.target)),
+                    Try::Unsure(e, out) => {
                         if let OnCommitLoss::Check(check) = &on_loss {
                             match self.committed(slot, *check, &out) {
                                 Ok(true) => return Ok(out),
@@ -366,6 +360,25 @@ impl PostgresStore {
         })
     }
 
+    /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
+    pub(super) fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send) -> Result<T> {
+        self.retrying(OnCommitLoss::Rerun, |conn| match f(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
+            Ok(v) => Try::Done(v),
+            Err(f) => Try::Failed(f),
+        })
+    }
+
+    /// Runs `body` in one transaction on a worker thread. A transaction that did not commit
+    /// because the connection was lost or the server aborted it runs again; see
+    /// `OnCommitLoss` for a commit whose outcome is unknown.
+    pub(super) fn write<T: Send + 'static>(&self, on_loss: OnCommitLoss<'_, T>, mut body: impl FnMut(&mut Tx<'_>) -> PgResult<T> + Send) -> Result<T> {
+        self.retrying(on_loss, |conn| match transact(conn, &mut body) {
+            Ok(out) => Try::Done(out),
+            Err(TxFailure::Failed(f)) => Try::Failed(f),
+            Err(TxFailure::CommitLost(e, out)) => Try::Unsure(e, out),
+        })
+    }
+
     /// Runs `body`, one statement that commits on its own (a server-side function), on a
     /// worker thread; again on a fresh connection when it certainly did not take effect.
     /// When the connection is lost while it runs, `took_effect` tells (asked on a fresh
@@ -375,27 +388,11 @@ impl PostgresStore {
         took_effect: &(dyn Fn(&mut Tx<'_>) -> PgResult<bool> + Sync),
         mut body: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send,
     ) -> Result<Option<T>> {
-        self.workers.run(|slot: &mut Slot| {
-            let mut last = None;
-            for attempt in 0..ATTEMPTS {
-                if attempt > 0 {
-                    std::thread::sleep(Duration::from_millis(10 * attempt as u64));
-                }
-                let conn = slot.checkout(attempt > 0, &self.target)?;
-                match body(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
-                    Ok(v) => return Ok(Some(v)),
-                    Err(Failure::Pg(e)) if connection_lost(&e, conn.client.is_closed()) => {
-                        match self.committed(slot, &|db: &mut Tx<'_>, _: &()| took_effect(db), &()) {
-                            Ok(true) => return Ok(None),
-                            Ok(false) => last = Some(Failure::Pg(e)),
-                            Err(f) => return Err(self.unknown_commit(&e, &f)),
-                        }
-                    }
-                    Err(f) if f.retryable(conn.client.is_closed()) => last = Some(f),
-                    Err(f) => return Err(f.into_error(&self.target)),
-                }
-            }
-            Err(self.gave_up(last))
+        let check = |db: &mut Tx<'_>, _: &Option<T>| took_effect(db);
+        self.retrying(OnCommitLoss::Check(&check), |conn| match body(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
+            Ok(v) => Try::Done(Some(v)),
+            Err(Failure::Pg(e)) if connection_lost(&e, conn.client.is_closed()) => Try::Unsure(e, None),
+            Err(f) => Try::Failed(f),
         })
     }
 
