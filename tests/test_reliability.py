@@ -307,12 +307,14 @@ async def test_cancelling_an_acall_records_it_as_cancelled(fp: FakeProvider) -> 
     fp.script(Step(kind="slow", delay=5))
 
     task = asyncio.ensure_future(make_agent().acall(q="hi"))
-    await asyncio.sleep(0.2)
+    # Cancelled while the provider answers: not after a fixed pause, which a loaded machine
+    # (or a PostgreSQL store opening its first connection) can spend before the request is sent.
+    assert await await_until(lambda: len(fp.requests) == 1, timeout=10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    assert await await_until(lambda: tl.Execution.by_status("cancelled").count() == 1)
+    assert await await_until(lambda: tl.Execution.by_status("cancelled").count() == 1, timeout=10)
     row = only_row()
     assert row.error_class == "CancelledError"
     assert row.completed_at is not None
