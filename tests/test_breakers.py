@@ -123,6 +123,11 @@ PROBE = textwrap.dedent(
         user = "ping {n}"
         circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=float(sys.argv[4]))
     tl.configure(database=sys.argv[1], mock={"failure_rate": float(sys.argv[2]), "latency_ms": float(sys.argv[3])})
+    # Started and its store opened (a read), it calls when told: how long a process takes to
+    # start on a loaded machine is then no part of the timings the test sets up.
+    tl.CircuitBreaker.status("Flaky", tenant_id="shared", model="mock/flaky")
+    print("ready", flush=True)
+    sys.stdin.readline()
     try:
         Flaky.call(n=1, tenant="shared")
         print("ok")
@@ -134,27 +139,46 @@ PROBE = textwrap.dedent(
 )
 
 
-def _run(db: str, rate: float, latency_ms: float = 0) -> subprocess.Popen[str]:
+def _ready(db: str, rate: float, latency_ms: float = 0) -> subprocess.Popen[str]:
+    """A process ready to make one call (`_call`)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen(
+    p = subprocess.Popen(
         [sys.executable, "-c", PROBE, db, str(rate), str(latency_ms), str(COOLDOWN)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _go(p: subprocess.Popen[str]) -> None:
+    assert p.stdin is not None
+    p.stdin.write("\n")
+    p.stdin.flush()
+
+
+def _call(p: subprocess.Popen[str]) -> str:
+    """What the call of a process `_ready` started came to."""
+    _go(p)
+    return p.communicate(timeout=60)[0].strip()
 
 
 def test_a_breaker_opened_by_one_process_is_seen_by_another(tmp_path: Path) -> None:
     db = str(tmp_path / "shared.db")
-    outs = [_run(db, 1.0).communicate(timeout=60)[0].strip() for _ in range(3)]
+    fresh = _ready(db, 0.0)
+    outs = [_call(_ready(db, 1.0)) for _ in range(3)]
+    opened = time.monotonic()
     assert outs == ["failed"] * 3
-    # A fresh process that never saw a failure is refused without calling the provider.
-    # (The cooldown is longer than a Python process takes to start on a loaded machine.)
-    assert _run(db, 0.0).communicate(timeout=60)[0].strip() == "open"
-    time.sleep(COOLDOWN + 0.2)
+    # A process that never saw a failure is refused without calling the provider.
+    assert _call(fresh) == "open"
     # Half-open: of two processes racing after the cooldown, exactly one is the probe; the
-    # probe's reply takes long enough for the other to start and find it claimed.
-    racers = [_run(db, 0.0, latency_ms=COOLDOWN * 1000) for _ in range(2)]
+    # probe's reply takes long enough for the other to find it claimed.
+    racers = [_ready(db, 0.0, latency_ms=COOLDOWN * 1000) for _ in range(2)]
+    time.sleep(max(0.0, opened + COOLDOWN + 0.2 - time.monotonic()))
+    for p in racers:
+        _go(p)
     assert sorted(p.communicate(timeout=60)[0].strip() for p in racers) == ["ok", "open"]
     tl.configure(database=db)
     assert tl.CircuitBreaker.status("Flaky", tenant_id="shared", model="mock/flaky")["state"] == "closed"
