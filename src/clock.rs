@@ -103,6 +103,11 @@ impl Calendar {
         (self.start_of(first), self.start_of(next))
     }
 
+    /// The calendar month before `now`'s.
+    pub fn last_month(&self, now: Micros) -> (Micros, Micros) {
+        self.this_month(self.this_month(now).0 - 1)
+    }
+
     /// Today and the n-1 calendar days before it.
     /// The last `n` calendar days up to and including today's; `n` is at most `MAX_DAYS`.
     pub fn last_n_days(&self, now: Micros, n: u32) -> (Micros, Micros) {

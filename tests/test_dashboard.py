@@ -22,7 +22,7 @@ from tenantllm import dashboard
 from tenantllm.dashboard import Viewer, charts
 from tenantllm.dashboard.views import usd
 
-PAGES = ["/", "/?period=7d", "/?period=30d", "/?period=month", "/?period=all", "/tenants", "/executions", "/breakers",
+PAGES = ["/", "/?period=month", "/?period=last_month", "/tenants", "/executions", "/breakers",
          "/tenants?sort=errors&order=asc", "/tenants?q=a&filter=near_limit&filter=no_budget", "/tenants?page=2",
          "/tenants/acme"]
 
@@ -109,8 +109,25 @@ def test_overview_shows_period_totals_charts_and_spend_by_tenant(client: TestCli
         assert f">{tenant}<" in spend.group(1)
     failures = re.search(r'id="recent-failures">(.*?)</table>', html, re.S)
     assert failures and failures.group(1).count("/executions/") == 2
-    assert client.get("/?period=30d").text.count('<rect class="bar"') >= 30
-    assert client.get("/?period=nonsense").status_code == 200  # unknown values fall back to the default
+    # This month: a bar per day so far; last month: one per day of it, and no spend (the sample's
+    # calls all ran today), so no bars by tenant.
+    today = datetime.now(UTC).date()
+    month = client.get("/?period=month").text
+    assert month.count('<rect class="bar"') - today.day == spend_bars(month) and stat(month, "calls") == "15"
+    last = client.get("/?period=last_month").text
+    last_days = calendar.monthrange(*((today.year, today.month - 1) if today.month > 1 else (today.year - 1, 12)))[1]
+    assert last.count('<rect class="bar"') == last_days and stat(last, "calls") == "0" and spend_bars(last) == 0
+    # Rolling windows and unknown values fall back to the default (today).
+    for period in ("30d", "all", "nonsense"):
+        assert stat(client.get(f"/?period={period}").text, "calls") == "15"
+
+
+def spend_bars(html: str) -> int:
+    """The bars of the overview's spend-by-tenant and spend-by-agent charts."""
+    return sum(
+        m.count('<rect class="bar"')
+        for m in re.findall(r'id="spend-by-(?:tenant|agent)">(.*?)</div>', html, re.S)
+    )
 
 
 def test_tenants_page_shows_budget_status_and_utilisation(client: TestClient, sample: Sample) -> None:
@@ -170,6 +187,17 @@ def test_tenants_are_sorted_searched_filtered_and_paged(client: TestClient, samp
     filtered = client.get("/tenants?per_page=1&filter=near_limit&filter=breaker_open&sort=name").text
     assert "filter=near_limit&amp;filter=breaker_open" in filtered  # the CSV link and pager keep both
     assert rows(client.get("/tenants?per_page=1&page=99&sort=name").text, "tenant") == ["initech"]  # the last
+
+
+def test_calls_refused_by_a_rate_limit_count_as_blocked_today(db_path: Path) -> None:
+    tl.configure(reset=True, database=str(db_path), mock={"latency_ms": 0})
+    tl.TenantBudget.create("umbrella", rpm_limit=1)
+    SupportAgent.call(query="a", company="Umbrella", tenant="umbrella")
+    with pytest.raises(tl.RateLimitedError):
+        SupportAgent.call(query="b", company="Umbrella", tenant="umbrella")
+    SupportAgent.call(query="c", company="Hooli", tenant="hooli")
+    with TestClient(dashboard.app()) as c:
+        assert rows(c.get("/tenants?filter=blocked_today").text, "tenant") == ["umbrella"]
 
 
 def _projection(spent: Decimal, limit: Decimal | None) -> tuple[Decimal, date | None]:
@@ -245,6 +273,7 @@ def test_spend_by_tenant_reads_the_counters(sample: Sample) -> None:
 
     for kind, days in (("days", 1), ("days", 30), ("all", None)):
         assert used(kind, days) == used("month"), kind
+    assert used("last_month") == []
     for args, field in ((("week", 1), "period"), (("days", 0), "limit"), (("days", 1, 0), "days"),
                         (("days", 10_001), "limit")):
         with pytest.raises(tl.ConfigurationError, match=field):

@@ -122,7 +122,7 @@ def test_overview_renders_in_chromium_with_nothing_fetched(
 
     server, _ = served
     browser.delete_all_cookies()
-    browser.get(server.url + "/?period=30d")
+    browser.get(server.url + "/?period=month")
     assert browser.title == "Overview · tenantllm"
     text = _text(browser).lower()  # the stat labels are upper-cased by CSS
     for label in ("spend", "tokens", "calls", "errors", "cost per day", "spend by tenant", "recent failures"):
@@ -134,7 +134,8 @@ def test_overview_renders_in_chromium_with_nothing_fetched(
     for chart in charts:
         assert chart.is_displayed() and chart.size["width"] > 200 and chart.size["height"] > 20
     bars = browser.find_elements(By.CSS_SELECTOR, "#cost-chart rect.bar")
-    assert len(bars) == 30 and bars[-1].size["height"] > 1  # today's spend is the tallest bar
+    # A bar per day of the month so far; today's spend is the tallest.
+    assert len(bars) == datetime.now(UTC).date().day and bars[-1].size["height"] > 1
     # The page loaded no resources at all (no CDN, fonts, scripts, stylesheets, images).
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources == []
@@ -144,6 +145,13 @@ def test_overview_renders_in_chromium_with_nothing_fetched(
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    # The other periods, by their links: last month had no calls, so no spend by tenant.
+    _click_and_wait(browser, By.LINK_TEXT, "Last month")
+    assert "period=last_month" in browser.current_url
+    assert "no data" in browser.find_element(By.ID, "spend-by-tenant").text
+    _click_and_wait(browser, By.LINK_TEXT, "Today")
+    assert "acme" in browser.find_element(By.ID, "spend-by-tenant").text
 
     # Navigate through the pages by clicking, as a user would.
     _click_and_wait(browser, By.LINK_TEXT, "Tenants")
@@ -230,6 +238,12 @@ def test_tenant_scoped_viewer_sees_only_its_tenant_in_chromium(
             page = _text(browser)
             assert "globex" not in page and "initech" not in page, path
             assert set(_row_tenants(browser, kind)) <= {"acme"}, path
+        # The overview's periods, by their links, show acme's numbers only and no spend by tenant.
+        browser.get(server.url + "/")
+        for label in ("This month", "Last month", "Today"):
+            _click_and_wait(browser, By.LINK_TEXT, label)
+            assert "globex" not in _text(browser) and "Tenant: acme" in _text(browser), label
+            assert not browser.find_elements(By.ID, "spend-by-tenant"), label
         # The tenants list's controls: search, filters, sorting and paging stay within acme.
         for query in ("q=globex", "filter=breaker_open", "sort=errors&order=asc", "per_page=1&page=2",
                       "filter=runs_out", "sort=runs_out&order=asc", "filter=no_budget&q=initech"):

@@ -901,7 +901,7 @@ impl PyEngine {
                 month: cal.period_key(Period::Monthly, now),
                 day_start: cal.last_n_days(now, 1).0,
             };
-            e.store().tenant_list(&q)
+            crate::store::tenant_list(e.store(), &q)
         })?;
         let rows = PyList::empty(py);
         for r in &list.rows {
@@ -928,14 +928,14 @@ impl PyEngine {
 
     /// The `limit` (1 to 10,000) tenants that spent most, from the counters, most first:
     /// [(tenant_id, usage dict)]. `period`: "days" (the last `days` days, 1 to MAX_DAYS,
-    /// today included), "month" (this month) or "all" (every month counted).
+    /// today included), "month" (this month), "last_month" or "all" (every month counted).
     #[pyo3(signature = (period, limit, days=None))]
     fn top_tenants<'py>(&self, py: Python<'py>, period: &Bound<'py, PyAny>, limit: AnyInt, days: Option<AnyInt>) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
         let period = string("period", period).py_err(py)?;
         let limit = limit.within("limit", 1, MAX_TENANT_PAGE).py_err(py)?;
         let days = days.map_or(Ok(1), |d| d.within("days", 1, MAX_DAYS)).py_err(py)? as u32;
-        if !["days", "month", "all"].contains(&period.as_str()) {
-            return Err(to_py(py, Error::Configuration(format!("period must be \"days\", \"month\" or \"all\", got {period:?}"))));
+        if !["days", "month", "last_month", "all"].contains(&period.as_str()) {
+            return Err(to_py(py, Error::Configuration(format!("period must be \"days\", \"month\", \"last_month\" or \"all\", got {period:?}"))));
         }
         let now = now_micros();
         let rows = self.detached(py, |e| {
@@ -943,6 +943,7 @@ impl PyEngine {
             let periods: Option<Vec<String>> = match period.as_str() {
                 "days" => Some((0..days).map(|i| cal.period_key(Period::Daily, cal.last_n_days(now, i + 1).0)).collect()),
                 "month" => Some(vec![cal.period_key(Period::Monthly, now)]),
+                "last_month" => Some(vec![cal.period_key(Period::Monthly, cal.last_month(now).0)]),
                 _ => None,
             };
             e.store().top_tenants(periods.as_deref(), limit)

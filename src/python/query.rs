@@ -77,6 +77,7 @@ pub fn parse_ops(ops: &Bound<'_, PyList>, cal: &Calendar, now: Micros) -> Result
                     "today" => cal.today(now),
                     "this_week" => cal.this_week(now),
                     "this_month" => cal.this_month(now),
+                    "last_month" => cal.last_month(now),
                     "last_n_days" => {
                         let n = positive("last_n_days", &tuple_item(t, 2, &name)?)?;
                         if n > MAX_DAYS {

@@ -16,7 +16,7 @@ mod tenant_list;
 pub use lock_waits::so_far as lock_waits;
 pub use postgres::PostgresStore;
 pub use query::GroupValues;
-pub use tenant_list::{TenantFilter, TenantList, TenantListQuery, TenantListRow, TenantSort, MAX_LIMIT as MAX_TENANT_PAGE};
+pub use tenant_list::{list as tenant_list, Problems, TenantFilter, TenantList, TenantListQuery, TenantListRow, TenantSort, MAX_LIMIT as MAX_TENANT_PAGE};
 pub use sqlite::{library_version as sqlite_library_version, shares_library as shares_sqlite_library, SqliteStore};
 
 use crate::breaker;
@@ -182,8 +182,9 @@ pub trait Store: Send + Sync {
     /// several callers that missed at once, the first to write wins and the entry stays
     /// whole), and removes up to `cache::SWEEP` expired entries, in one transaction.
     fn cache_put(&self, tenant_id: Option<&str>, key: &str, entry: &cache::Entry) -> Result<()>;
-    /// One page of the dashboard's list of tenants (`tenant_list`).
-    fn tenant_list(&self, q: &TenantListQuery) -> Result<TenantList>;
+    /// Today's failed and refused calls per tenant, those started from `day_start` on (a
+    /// partial index of such calls; the dashboard's list of tenants, `tenant_list::list`).
+    fn problems_since(&self, day_start: Micros) -> Result<Vec<tenant_list::Problems>>;
     /// The `limit` tenants that spent most over these counter periods (None: every month),
     /// with their usage summed over them, most first: the dashboard's spend by tenant.
     fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>>;

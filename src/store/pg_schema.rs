@@ -470,4 +470,10 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 13: today's refused calls include those refused by a rate limit (schema.rs, migration 14).
+    r#"
+    DROP INDEX IF EXISTS executions_problems;
+    CREATE INDEX executions_problems ON executions (started_at, tenant_id, status)
+        WHERE status IN ('error', 'timeout', 'blocked', 'rate_limited');
+    "#,
 ];

@@ -14,7 +14,7 @@ use super::lock_waits;
 use super::query::{self, GroupValues, Groups};
 use super::rollups::{self, Dialect, ROLLED};
 use super::schema::MIGRATIONS;
-use super::tenant_list::{self, TenantList, TenantListQuery};
+use super::tenant_list;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
@@ -1655,23 +1655,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn tenant_list(&self, q: &TenantListQuery) -> Result<TenantList> {
-        q.validate()?;
-        let dialect = SQLITE_LIST;
-        let (sql, args) = tenant_list::sql(q, &dialect);
-        let args: Vec<SqlValue> = args
-            .into_iter()
-            .map(|a| match a {
-                tenant_list::Arg::Text(s) => SqlValue::Text(s),
-                tenant_list::Arg::Int(i) => i.map_or(SqlValue::Null, SqlValue::Integer),
-            })
-            .collect();
+    fn problems_since(&self, day_start: Micros) -> Result<Vec<tenant_list::Problems>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&sql)?;
+            let mut stmt = c.prepare_cached(&tenant_list::problems_sql(&SQLITE_LIST))?;
             let rows = stmt
-                .query_map(params_from_iter(args.iter()), |r| tenant_list::RawRow::read(|i| r.get(i), |i| r.get(i), |i| r.get(i)))?
+                .query_map([day_start], |r| Ok(tenant_list::Problems { tenant_id: r.get(0)?, failed: r.get(1)?, refused: r.get(2)? }))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(tenant_list::assemble(rows, q.today))
+            Ok(rows)
         })
     }
 
@@ -1694,10 +1684,7 @@ impl Store for SqliteStore {
 /// The tenants list's SQL for SQLite.
 const SQLITE_LIST: tenant_list::Dialect = tenant_list::Dialect {
     placeholder: |n| format!("?{n}"),
-    greatest: "max",
-    float: "REAL",
     problems_from: "executions INDEXED BY executions_problems",
-    wide: "INTEGER",
 };
 
 #[cfg(test)]
@@ -1901,7 +1888,7 @@ mod tests {
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
                  DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running;
                  DROP TABLE response_cache; ALTER TABLE executions DROP COLUMN cached;
-                 DROP INDEX usage_counters_period; DROP INDEX executions_problems;
+                 DROP INDEX usage_counters_scope; DROP INDEX executions_problems;
                  UPDATE schema_version SET version = 1",
             )
             .unwrap();

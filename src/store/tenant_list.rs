@@ -1,15 +1,25 @@
-//! The dashboard's list of tenants: one page of tenants, filtered, searched and sorted by the
-//! database, from the register of tenants seen, the counters, the budgets, the breakers and
-//! today's failed or refused calls (a partial index, migration 11), never a scan of all
-//! executions; each with its month-end projection (`budget::projection`). The same SQL serves SQLite
-//! and PostgreSQL; `Dialect` holds their few differences.
+//! The dashboard's list of tenants: one page of tenants, filtered, searched and sorted, from
+//! the register of tenants seen, the budgets, this day's and month's counters of every tenant,
+//! the breakers not closed and today's failed or refused calls (a partial index), never a scan
+//! of all executions; each with its month-end projection (`budget::projection`).
+//!
+//! The stores read each of those in full, in one pass of its table or of one period's range of
+//! counters, and the list is joined, filtered and sorted here: at 50,000 tenants a query that
+//! joins them in the database looks every tenant up in each table (300,000 lookups, most of
+//! the 250 to 700 ms a page took), and its filters and order are computed, not indexed, so
+//! the database would read every tenant anyway.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
 
 use chrono::NaiveDate;
 
+use super::Store;
 use crate::budget::projection::{self, Projection};
 use crate::budget::{Limits, TenantBudget, Usage};
 use crate::clock::Micros;
 use crate::error::{config_err, Result};
+use crate::money::Nanos;
 
 /// What the list is sorted by; ties are broken by tenant id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +59,7 @@ impl TenantSort {
 pub enum TenantFilter {
     /// 80 % or more of any effective limit used.
     NearLimit,
-    /// At least one call refused by a budget today.
+    /// At least one call refused today, by a budget or a rate limit.
     BlockedToday,
     /// At least one of its breakers is open or half-open.
     BreakerOpen,
@@ -147,177 +157,182 @@ impl TenantListQuery {
 pub(crate) struct Dialect {
     /// Placeholder for argument `n` (1-based): "?1" or "$1".
     pub placeholder: fn(usize) -> String,
-    /// Largest of its arguments: SQLite's scalar `max`, PostgreSQL's `GREATEST`.
-    pub greatest: &'static str,
-    /// A floating-point type for `CAST`.
-    pub float: &'static str,
     /// How to read today's failed or refused calls: SQLite is told the partial index (its
     /// planner preferred scanning `executions_tenant` for the GROUP BY: 10M rows).
     pub problems_from: &'static str,
-    /// A type for `CAST` wide enough for a spend times 31 (SQLite's integers turn to REAL
-    /// on overflow; PostgreSQL's BIGINT would raise).
-    pub wide: &'static str,
 }
 
-/// An argument of the list query.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Arg {
-    Text(String),
-    Int(Option<i64>),
+/// Today's failed and refused calls per tenant since the placeholder's start of the day:
+/// columns tenant_id, failed (error, timeout), refused (blocked, rate_limited). The statuses
+/// are literals: a partial index's WHERE must appear verbatim for SQLite to use it.
+pub(crate) fn problems_sql(d: &Dialect) -> String {
+    format!(
+        "SELECT tenant_id, COUNT(CASE WHEN status IN ('error', 'timeout') THEN 1 END),
+                COUNT(CASE WHEN status IN ('blocked', 'rate_limited') THEN 1 END)
+         FROM {}
+         WHERE status IN ('error', 'timeout', 'blocked', 'rate_limited') AND started_at >= {} AND tenant_id IS NOT NULL
+         GROUP BY tenant_id",
+        d.problems_from,
+        (d.placeholder)(1)
+    )
 }
 
-/// Failed or refused calls, as literals: a partial index's WHERE must appear verbatim in the
-/// query for SQLite to use it (a bound parameter would not do).
-const PROBLEM_STATUSES: &str = "'error', 'timeout', 'blocked'";
+/// Today's failed and refused calls of one tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Problems {
+    pub tenant_id: String,
+    /// Calls that ended in error or timeout.
+    pub failed: i64,
+    /// Calls refused by a budget (blocked) or a rate limit (rate_limited).
+    pub refused: i64,
+}
 
-/// The list query and its arguments. Columns: tenant_id, the budget's tenant_id and name,
-/// its 6 limits (`BUDGET_COLUMNS` order) and enforcement (NULL without a budget), today's
-/// cost, tokens, executions, the month's, errors_today, blocked_today, breakers_open, share,
-/// total, the shown name, last_used_at, the effective monthly limit, the budget's rate limits.
-pub(crate) fn sql(q: &TenantListQuery, d: &Dialect) -> (String, Vec<Arg>) {
-    let mut args: Vec<Arg> = Vec::new();
-    let mut arg = |a: Arg| {
-        args.push(a);
-        (d.placeholder)(args.len())
-    };
-    let day = arg(Arg::Text(q.day.clone()));
-    let month = arg(Arg::Text(q.month.clone()));
-    let day_start = arg(Arg::Int(Some(q.day_start)));
-    let ids = match &q.tenant_id {
-        Some(t) => format!("SELECT CAST({} AS TEXT) AS tenant_id", arg(Arg::Text(t.clone()))),
-        // Tenants seen (the register), with a budget, or with usage this month (counters
-        // keyed by period first; usage recorded before the register existed).
-        None => format!(
-            "SELECT tenant_id FROM tenants UNION SELECT tenant_id FROM tenant_budgets \
-             UNION SELECT substr(scope, 8) FROM usage_counters \
-             WHERE period = {month} AND scope >= 'tenant:' AND scope < 'tenant;'"
-        ),
-    };
-    let g = &q.global;
-    let limits = [
-        ("daily_limit", "dc.cost", g.daily_cost.map(|n| n.0)),
-        ("monthly_limit", "mc.cost", g.monthly_cost.map(|n| n.0)),
-        ("daily_token_limit", "dc.tokens", g.daily_tokens),
-        ("monthly_token_limit", "mc.tokens", g.monthly_tokens),
-        ("daily_execution_limit", "dc.executions", g.daily_executions),
-        ("monthly_execution_limit", "mc.executions", g.monthly_executions),
-    ];
-    // -1 stands for "no such limit" (the largest of the shares ignores it; none at all: NULL).
-    let shares: Vec<String> = limits
-        .iter()
-        .map(|(col, used, global)| {
-            let limit = format!("COALESCE(b.{col}, {})", arg(Arg::Int(*global)));
-            format!(
-                "CASE WHEN {limit} IS NULL THEN -1 WHEN {limit} <= 0 THEN 1.0 \
-                 ELSE CAST(COALESCE({used}, 0) AS {f}) / {limit} END",
-                f = d.float
-            )
+/// What the list knows of one tenant before the query's filters and order.
+#[derive(Default)]
+struct Entry {
+    seen_name: Option<String>,
+    last_used_at: Option<Micros>,
+    budget: Option<TenantBudget>,
+    today: Usage,
+    month: Usage,
+    errors: i64,
+    blocked: i64,
+    breakers: i64,
+}
+
+/// One page of the list (the query's filters, search and order over every tenant seen, with a
+/// budget or with usage this month; a scoped query: that tenant alone, even if never seen).
+pub fn list(store: &dyn Store, q: &TenantListQuery) -> Result<TenantList> {
+    q.validate()?;
+    let mut tenants: HashMap<String, Entry> = HashMap::new();
+    match &q.tenant_id {
+        Some(t) => {
+            let scope = format!("tenant:{t}");
+            let seen = store.tenants()?.into_iter().find(|s| &s.id == t);
+            tenants.insert(
+                t.clone(),
+                Entry {
+                    seen_name: seen.as_ref().and_then(|s| s.name.clone()),
+                    last_used_at: seen.map(|s| s.last_used_at),
+                    budget: store.budget_get(t)?,
+                    today: store.usage(&scope, &q.day)?,
+                    month: store.usage(&scope, &q.month)?,
+                    ..Entry::default()
+                },
+            );
+        }
+        None => {
+            for s in store.tenants()? {
+                tenants.insert(s.id, Entry { seen_name: s.name, last_used_at: Some(s.last_used_at), ..Entry::default() });
+            }
+            for b in store.budget_all()? {
+                let id = b.tenant_id.clone();
+                tenants.entry(id).or_default().budget = Some(b);
+            }
+            for (t, u) in store.usage_by_scope("tenant:", &q.month)? {
+                tenants.entry(t).or_default().month = u;
+            }
+            for (t, u) in store.usage_by_scope("tenant:", &q.day)? {
+                if let Some(e) = tenants.get_mut(&t) {
+                    e.today = u;
+                }
+            }
+        }
+    }
+    for p in store.problems_since(q.day_start)? {
+        if let Some(e) = tenants.get_mut(&p.tenant_id) {
+            e.errors = p.failed;
+            e.blocked = p.refused;
+        }
+    }
+    for b in store.breakers_not_closed()? {
+        if let Some(e) = b.key.tenant_id.as_ref().and_then(|t| tenants.get_mut(t)) {
+            e.breakers += 1;
+        }
+    }
+    let needle = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_lowercase);
+    let mut rows: Vec<TenantListRow> = tenants
+        .into_iter()
+        .filter(|(id, e)| {
+            needle.as_deref().is_none_or(|n| {
+                let has = |s: Option<&str>| s.is_some_and(|s| s.to_lowercase().contains(n));
+                has(Some(id)) || has(e.seen_name.as_deref()) || has(e.budget.as_ref().and_then(|b| b.name.as_deref()))
+            })
         })
+        .map(|(id, e)| row(id, e, q))
+        .filter(|r| q.filters.iter().all(|f| keeps(*f, r)))
         .collect();
-    let share = format!("NULLIF({}({}), -1)", d.greatest, shares.join(", "));
-    let monthly_limit = format!("COALESCE(b.monthly_limit, {})", arg(Arg::Int(g.monthly_cost.map(|n| n.0))));
-    // `budget::projection::project`'s rule in SQL: out already, or the day the spend at this
-    // month's daily average reaches the limit, limit × elapsed / spent rounded up, is in the month.
-    let elapsed = arg(Arg::Int(Some(i64::from(chrono::Datelike::day(&q.today)))));
-    let days = arg(Arg::Int(Some(i64::from(projection::days_in_month(q.today)))));
-    let w = d.wide;
-    let runs_out = format!(
-        "(monthly_limit IS NOT NULL AND (month_cost >= monthly_limit OR (month_cost > 0 \
-         AND CAST(monthly_limit AS {w}) * {elapsed} <= CAST(month_cost AS {w}) * {days})))"
-    );
-    let mut filters: Vec<String> = Vec::new();
-    if let Some(s) = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        let escaped = s.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-        let p = arg(Arg::Text(format!("%{escaped}%")));
-        filters.push(format!(
-            "(lower(tenant_id) LIKE {p} ESCAPE '\\' OR lower(name) LIKE {p} ESCAPE '\\' OR lower(b_name) LIKE {p} ESCAPE '\\')"
-        ));
+    rows.sort_by(|a, b| order(q, a, b).then_with(|| a.tenant_id.cmp(&b.tenant_id)));
+    let total = rows.len() as i64;
+    let rows = rows.into_iter().skip(q.offset as usize).take(q.limit as usize).collect();
+    Ok(TenantList { total, rows })
+}
+
+/// A tenant's row: its usage against its effective limits (its own, else the global ones).
+fn row(tenant_id: String, e: Entry, q: &TenantListQuery) -> TenantListRow {
+    let own = e.budget.as_ref().map(|b| &b.limits);
+    let g = &q.global;
+    let pick = |f: fn(&Limits) -> Option<i64>| own.and_then(f).or_else(|| f(g));
+    let limits = [
+        (pick(|l| l.daily_cost.map(|n| n.0)), e.today.cost.0),
+        (pick(|l| l.monthly_cost.map(|n| n.0)), e.month.cost.0),
+        (pick(|l| l.daily_tokens), e.today.tokens),
+        (pick(|l| l.monthly_tokens), e.month.tokens),
+        (pick(|l| l.daily_executions), e.today.executions),
+        (pick(|l| l.monthly_executions), e.month.executions),
+    ];
+    // A limit of 0 allows nothing: used up whatever the use.
+    let share = limits
+        .iter()
+        .filter_map(|(limit, used)| limit.map(|l| if l <= 0 { 1.0 } else { *used as f64 / l as f64 }))
+        .reduce(f64::max);
+    TenantListRow {
+        name: e.seen_name.or_else(|| e.budget.as_ref().and_then(|b| b.name.clone())),
+        projection: projection::project(e.month.cost, limits[1].0.map(Nanos), q.today),
+        tenant_id,
+        last_used_at: e.last_used_at,
+        budget: e.budget,
+        today: e.today,
+        month: e.month,
+        errors_today: e.errors,
+        blocked_today: e.blocked,
+        breakers_open: e.breakers,
+        share,
     }
-    for f in &q.filters {
-        filters.push(
-            match f {
-                TenantFilter::NearLimit => "share >= 0.8".to_string(),
-                TenantFilter::BlockedToday => "blocked_today > 0".to_string(),
-                TenantFilter::BreakerOpen => "breakers_open > 0".to_string(),
-                TenantFilter::NoBudget => "b_tenant_id IS NULL".to_string(),
-                TenantFilter::RunsOut => runs_out.clone(),
-            },
-        );
+}
+
+fn keeps(f: TenantFilter, r: &TenantListRow) -> bool {
+    match f {
+        TenantFilter::NearLimit => r.share.is_some_and(|s| s >= 0.8),
+        TenantFilter::BlockedToday => r.blocked_today > 0,
+        TenantFilter::BreakerOpen => r.breakers_open > 0,
+        TenantFilter::NoBudget => r.budget.is_none(),
+        TenantFilter::RunsOut => r.projection.runs_out.is_some(),
     }
-    let dir = if q.descending { "DESC" } else { "ASC" };
-    let order = match q.sort {
-        TenantSort::SpendToday => format!("today_cost {dir}"),
-        TenantSort::SpendMonth => format!("month_cost {dir}"),
+}
+
+/// The query's order before the tie-break by tenant id.
+fn order(q: &TenantListQuery, a: &TenantListRow, b: &TenantListRow) -> Ordering {
+    let dir = |o: Ordering| if q.descending { o.reverse() } else { o };
+    match q.sort {
+        TenantSort::SpendToday => dir(a.today.cost.cmp(&b.today.cost)),
+        TenantSort::SpendMonth => dir(a.month.cost.cmp(&b.month.cost)),
+        TenantSort::Errors => dir(a.errors_today.cmp(&b.errors_today)),
+        TenantSort::Name => {
+            let name = |r: &TenantListRow| r.name.as_deref().unwrap_or(&r.tenant_id).to_lowercase();
+            dir(name(a).cmp(&name(b)))
+        }
         // Tenants without limits come last whichever the direction.
-        TenantSort::Share => format!("CASE WHEN share IS NULL THEN 1 ELSE 0 END, share {dir}"),
-        TenantSort::Errors => format!("errors_today {dir}"),
-        TenantSort::Name => format!("lower(COALESCE(name, tenant_id)) {dir}"),
-        // The day it runs out orders as limit / spent does (out already: at most 1).
-        TenantSort::RunsOut => format!(
-            "CASE WHEN {runs_out} THEN 0 ELSE 1 END, \
-             CASE WHEN month_cost > 0 THEN CAST(monthly_limit AS {f}) / month_cost ELSE 0 END {dir}",
-            f = d.float
-        ),
-    };
-    let limit = arg(Arg::Int(Some(q.limit)));
-    let offset = arg(Arg::Int(Some(q.offset)));
-    let where_ = if filters.is_empty() { String::new() } else { format!("WHERE {}", filters.join(" AND ")) };
-    let problems_from = d.problems_from;
-    // One tenant per row of `ids` (a CTE with a tenant_id column), with every column shown.
-    let listed = |ids: &str| {
-        format!(
-            "SELECT i.tenant_id, b.tenant_id AS b_tenant_id, b.name AS b_name,
-                    COALESCE(s.name, b.name) AS name, s.last_used_at, {monthly_limit} AS monthly_limit,
-                    b.daily_limit, b.monthly_limit AS b_monthly_limit,
-                    b.daily_token_limit, b.monthly_token_limit, b.daily_execution_limit,
-                    b.monthly_execution_limit, b.enforcement, b.rpm_limit, b.tpm_limit, b.max_concurrent,
-                    COALESCE(dc.cost, 0) AS today_cost, COALESCE(dc.tokens, 0) AS today_tokens,
-                    COALESCE(dc.executions, 0) AS today_executions,
-                    COALESCE(mc.cost, 0) AS month_cost, COALESCE(mc.tokens, 0) AS month_tokens,
-                    COALESCE(mc.executions, 0) AS month_executions,
-                    COALESCE(p.errors, 0) AS errors_today, COALESCE(p.blocked, 0) AS blocked_today,
-                    COALESCE(o.n, 0) AS breakers_open,
-                    {share} AS share
-             FROM {ids} i
-             LEFT JOIN tenant_budgets b ON b.tenant_id = i.tenant_id
-             LEFT JOIN tenants s ON s.tenant_id = i.tenant_id
-             LEFT JOIN usage_counters dc ON dc.scope = 'tenant:' || i.tenant_id AND dc.period = {day}
-             LEFT JOIN usage_counters mc ON mc.scope = 'tenant:' || i.tenant_id AND mc.period = {month}
-             LEFT JOIN problems p ON p.tenant_id = i.tenant_id
-             LEFT JOIN open_breakers o ON o.tenant_id = i.tenant_id"
-        )
-    };
-    // The page's tenants are chosen by a query that keeps only their ids (the database then
-    // reads only the columns the filters and the order need, and sorts narrow rows); its
-    // rows alone get every column.
-    let sql = format!(
-        "WITH ids AS ({ids}),
-         problems AS (
-             SELECT tenant_id,
-                    COUNT(CASE WHEN status <> 'blocked' THEN 1 END) AS errors,
-                    COUNT(CASE WHEN status = 'blocked' THEN 1 END) AS blocked
-             FROM {problems_from}
-             WHERE status IN ({PROBLEM_STATUSES}) AND started_at >= {day_start} AND tenant_id IS NOT NULL
-             GROUP BY tenant_id),
-         open_breakers AS (
-             SELECT tenant_id, COUNT(*) AS n FROM breakers
-             WHERE phase <> 'closed' AND tenant_id IS NOT NULL GROUP BY tenant_id),
-         page AS (
-             SELECT tenant_id, COUNT(*) OVER () AS total FROM ({all}) listed {where_}
-             ORDER BY {order}, tenant_id
-             LIMIT {limit} OFFSET {offset}),
-         shown AS ({shown})
-         SELECT tenant_id, b_tenant_id, b_name, daily_limit, b_monthly_limit, daily_token_limit,
-                monthly_token_limit, daily_execution_limit, monthly_execution_limit, enforcement,
-                today_cost, today_tokens, today_executions, month_cost, month_tokens, month_executions,
-                errors_today, blocked_today, breakers_open, share, total,
-                name, last_used_at, monthly_limit, rpm_limit, tpm_limit, max_concurrent
-         FROM shown JOIN page USING (tenant_id)
-         ORDER BY {order}, tenant_id",
-        all = listed("ids"),
-        shown = listed("page"),
-    );
-    (sql, args)
+        TenantSort::Share => a.share.is_none().cmp(&b.share.is_none()).then_with(|| match (a.share, b.share) {
+            (Some(x), Some(y)) => dir(x.total_cmp(&y)),
+            _ => Ordering::Equal,
+        }),
+        // Soonest first (ascending); tenants it does not run out for this month last.
+        TenantSort::RunsOut => {
+            let (x, y) = (a.projection.runs_out, b.projection.runs_out);
+            x.is_none().cmp(&y.is_none()).then_with(|| dir(x.cmp(&y)))
+        }
+    }
 }
 
 /// `Store::top_tenants`' query, with `periods` placeholders (none: every month, listed by
@@ -338,99 +353,3 @@ pub(crate) fn top_tenants_sql(periods: Option<&[String]>, d: &Dialect, sum: fn(&
     )
 }
 
-/// A row of the list query as the stores read it (see `sql` for the column order).
-pub(crate) struct RawRow {
-    pub tenant_id: String,
-    pub budget_tenant_id: Option<String>,
-    pub name: Option<String>,
-    /// daily_limit .. monthly_execution_limit, in `BUDGET_COLUMNS` order.
-    pub limits: [Option<i64>; 6],
-    pub enforcement: Option<String>,
-    /// Today's cost, tokens, executions, then the month's.
-    pub usage: [i64; 6],
-    pub errors_today: i64,
-    pub blocked_today: i64,
-    pub breakers_open: i64,
-    pub share: Option<f64>,
-    pub total: i64,
-    /// The register's name, else the budget's.
-    pub shown_name: Option<String>,
-    pub last_used_at: Option<Micros>,
-    /// The tenant's own monthly limit, else the global one.
-    pub monthly_limit: Option<i64>,
-    /// rpm_limit, tpm_limit, max_concurrent.
-    pub rates: [Option<i64>; 3],
-}
-
-impl RawRow {
-    /// Reads a row through `int`, `text` and `float` getters of column indexes.
-    pub(crate) fn read<E>(
-        int: impl Fn(usize) -> std::result::Result<Option<i64>, E>,
-        text: impl Fn(usize) -> std::result::Result<Option<String>, E>,
-        float: impl Fn(usize) -> std::result::Result<Option<f64>, E>,
-    ) -> std::result::Result<RawRow, E> {
-        let n = |i| int(i).map(Option::unwrap_or_default);
-        Ok(RawRow {
-            tenant_id: text(0)?.unwrap_or_default(),
-            budget_tenant_id: text(1)?,
-            name: text(2)?,
-            limits: [int(3)?, int(4)?, int(5)?, int(6)?, int(7)?, int(8)?],
-            enforcement: text(9)?,
-            usage: [n(10)?, n(11)?, n(12)?, n(13)?, n(14)?, n(15)?],
-            errors_today: n(16)?,
-            blocked_today: n(17)?,
-            breakers_open: n(18)?,
-            share: float(19)?,
-            total: n(20)?,
-            shown_name: text(21)?,
-            last_used_at: int(22)?,
-            monthly_limit: int(23)?,
-            rates: [int(24)?, int(25)?, int(26)?],
-        })
-    }
-}
-
-/// The list from the rows of one page (the total repeats on every row; none: no match).
-pub(crate) fn assemble(rows: Vec<RawRow>, today: NaiveDate) -> TenantList {
-    use crate::budget::Enforcement;
-    use crate::money::Nanos;
-    let total = rows.first().map_or(0, |r| r.total);
-    let rows = rows
-        .into_iter()
-        .map(|r| {
-            let [dc, dt, de, mc, mt, me] = r.usage;
-            let [daily_cost, monthly_cost, daily_tokens, monthly_tokens, daily_executions, monthly_executions] = r.limits;
-            let budget = r.budget_tenant_id.map(|tenant_id| TenantBudget {
-                tenant_id,
-                name: r.name,
-                limits: Limits {
-                    daily_cost: daily_cost.map(Nanos),
-                    monthly_cost: monthly_cost.map(Nanos),
-                    daily_tokens,
-                    monthly_tokens,
-                    daily_executions,
-                    monthly_executions,
-                    rpm: r.rates[0],
-                    tpm: r.rates[1],
-                    max_concurrent: r.rates[2],
-                },
-                // The CHECK constraint keeps this to hard/soft.
-                enforcement: if r.enforcement.as_deref() == Some("soft") { Enforcement::Soft } else { Enforcement::Hard },
-            });
-            TenantListRow {
-                tenant_id: r.tenant_id,
-                name: r.shown_name,
-                last_used_at: r.last_used_at,
-                projection: projection::project(Nanos(mc), r.monthly_limit.map(Nanos), today),
-                budget,
-                today: Usage { cost: Nanos(dc), tokens: dt, executions: de },
-                month: Usage { cost: Nanos(mc), tokens: mt, executions: me },
-                errors_today: r.errors_today,
-                blocked_today: r.blocked_today,
-                breakers_open: r.breakers_open,
-                share: r.share,
-            }
-        })
-        .collect();
-    TenantList { total, rows }
-}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import inspect
 import io
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -134,9 +134,9 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return min(max(value, lo), hi)
 
 
-def _period(request: Request, default: str) -> str:
+def _period(request: Request, default: str, choices: Iterable[str] = data.PERIODS) -> str:
     value = _param(request, "period")
-    return value if value in data.PERIODS else default
+    return value if value in choices else default
 
 
 def _execution_filters(request: Request, viewer: Viewer) -> data.Filters:
@@ -299,7 +299,7 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         viewer = await self.viewer(request)
-        period = _period(request, "today")
+        period = _period(request, "today", data.OVERVIEW_PERIODS)
         engine = self.engine()
         o = await run_in_threadpool(data.overview, engine, period, viewer.scope)
         return self.render(
@@ -310,8 +310,9 @@ class Dashboard:
             timezone=engine.timezone,
             o=o,
             period=period,
+            overview_periods=data.OVERVIEW_PERIODS,
             cost_chart=charts.column_chart(
-                o.daily, fmt=usd, label=f"Cost per day, last {len(o.daily)} days", tick=lambda day: day[5:]
+                o.daily, fmt=usd, label=f"Cost per day, {len(o.daily)} days", tick=lambda day: day[5:]
             ),
             tenant_chart=charts.bar_list(o.by_tenant, fmt=usd, label="Spend by tenant"),
             agent_chart=charts.bar_list(o.by_agent, fmt=usd, label="Spend by agent"),

@@ -59,7 +59,6 @@ use crate::ratelimit::RateUsage;
 use crate::secrets::Sealed;
 use crate::store::pg_tls;
 use crate::store::query::GroupValues;
-use crate::store::tenant_list::{TenantList, TenantListQuery};
 use crate::tenancy::SeenTenant;
 
 pub struct PostgresStore {
@@ -227,8 +226,8 @@ impl Store for PostgresStore {
         breakers::breakers_not_closed(self)
     }
 
-    fn tenant_list(&self, q: &TenantListQuery) -> Result<TenantList> {
-        tenant_list::tenant_list(self, q)
+    fn problems_since(&self, day_start: Micros) -> Result<Vec<crate::store::tenant_list::Problems>> {
+        tenant_list::problems_since(self, day_start)
     }
 
     fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>> {

@@ -1,33 +1,20 @@
-//! The dashboard's tenants list and spend by tenant (`crate::store::tenant_list`).
+//! The dashboard's tenants list (today's problems) and spend by tenant (`crate::store::tenant_list`).
 
 use super::counters::usage_at;
 use super::db::Param;
 use super::PostgresStore;
 use crate::budget;
 use crate::error::Result;
-use crate::store::tenant_list::{self, TenantList, TenantListQuery};
+use crate::clock::Micros;
+use crate::store::tenant_list::{self, Problems};
 
-pub(super) fn tenant_list(store: &PostgresStore, q: &TenantListQuery) -> Result<TenantList> {
-    q.validate()?;
-    let dialect = PG_LIST;
-    let (sql, args) = tenant_list::sql(q, &dialect);
-    let args: Vec<Box<dyn Param>> = args
-        .into_iter()
-        .map(|a| -> Box<dyn Param> {
-            match a {
-                tenant_list::Arg::Text(s) => Box::new(s),
-                tenant_list::Arg::Int(i) => Box::new(i),
-            }
-        })
-        .collect();
-    let params: Vec<&dyn Param> = args.iter().map(|a| a.as_ref()).collect();
+pub(super) fn problems_since(store: &PostgresStore, day_start: Micros) -> Result<Vec<Problems>> {
+    let sql = tenant_list::problems_sql(&PG_LIST);
     store.read(|db| {
-        let rows = db.query(&sql, &params)?;
-        let raw = rows
+        db.query(&sql, &[&day_start])?
             .iter()
-            .map(|r| tenant_list::RawRow::read(|i| r.try_get(i), |i| r.try_get(i), |i| r.try_get(i)))
-            .collect::<std::result::Result<Vec<_>, postgres::Error>>()?;
-        Ok(tenant_list::assemble(raw, q.today))
+            .map(|r| Ok(Problems { tenant_id: r.try_get(0)?, failed: r.try_get(1)?, refused: r.try_get(2)? }))
+            .collect()
     })
 }
 
@@ -41,8 +28,5 @@ pub(super) fn top_tenants(store: &PostgresStore, periods: Option<&[String]>, lim
 /// The tenants list's SQL for PostgreSQL.
 const PG_LIST: tenant_list::Dialect = tenant_list::Dialect {
     placeholder: |n| format!("${n}"),
-    greatest: "GREATEST",
-    float: "DOUBLE PRECISION",
     problems_from: "executions",
-    wide: "NUMERIC",
 };
