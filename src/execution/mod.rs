@@ -263,6 +263,9 @@ pub enum Filter {
     NotNull(Field),
     /// lo <= field < hi (time or integer)
     Range(Field, Option<i64>, Option<i64>),
+    /// Rows before this one (its started_at and id) in newest-first order, started_at then
+    /// id: the bound of a keyset page, which reads no rows before it (OFFSET reads them all).
+    Before(Micros, String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

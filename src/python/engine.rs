@@ -27,7 +27,7 @@ use crate::execution::{Aggregate, Attempt, Cell, Field, GroupKey};
 use crate::process::PerProcess;
 use crate::providers::MAX_REPLY_TOKENS;
 use crate::retry::{RetryPolicy, MAX_RETRIES};
-use crate::store::{Alert, BreakerKey, BudgetWrite, TenantFilter, TenantListQuery, TenantSort, MAX_TENANT_PAGE};
+use crate::store::{Alert, BreakerKey, BudgetWrite, TenantFilter, TenantListQuery, TenantListRow, TenantSort, MAX_TENANT_PAGE};
 use crate::tenancy::{validate_tenant_id, validate_tenant_name, TenantContext};
 
 /// An agent class's settings, built once per class by the Python layer.
@@ -861,11 +861,11 @@ impl PyEngine {
         Ok(d)
     }
 
-    /// One page of the dashboard's list of tenants, sorted, searched and filtered by the
-    /// database: {"total": matches over all pages, "rows": [{"tenant_id", "name",
-    /// "last_used_at" (aware datetime or None), "budget" (dict or None), "today", "month"
-    /// (usage dicts), "errors_today", "blocked_today", "breakers_open", "share" (float or
-    /// None), "projected_month" (Decimal), "runs_out" (date or None)}, ...]}.
+    /// One page of the dashboard's list of tenants, sorted, searched and filtered: {"total":
+    /// matches over all pages, "rows": [{"tenant_id", "name", "last_used_at" (aware datetime
+    /// or None), "budget" (dict or None), "today", "month" (usage dicts), "errors_today",
+    /// "blocked_today", "breakers_open", "share" (float or None), "projected_month" (Decimal),
+    /// "runs_out" (date or None)}, ...]}.
     #[pyo3(signature = (*, sort="spend_today", descending=true, search=None, filters=Vec::new(), tenant_id=None, offset=0, limit=50))]
     #[allow(clippy::too_many_arguments)]
     fn tenant_list<'py>(
@@ -879,51 +879,43 @@ impl PyEngine {
         offset: i64,
         limit: i64,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let parse = || -> Result<(TenantSort, Vec<TenantFilter>)> {
-            Ok((TenantSort::parse(sort)?, filters.iter().map(|f| TenantFilter::parse(f)).collect::<Result<Vec<_>>>()?))
-        };
-        let (sort, filters) = parse().py_err(py)?;
-        let now = now_micros();
-        let global = self.config.budgets.limits.clone();
         let list = self.detached(py, |e| {
-            let cal = e.current_calendar()?;
-            let q = TenantListQuery {
-                tenant_id: tenant_id.clone(),
-                search: search.clone(),
-                filters: filters.clone(),
-                sort,
-                descending,
-                offset,
-                limit,
-                global: global.clone(),
-                today: cal.local_date(now),
-                day: cal.period_key(Period::Daily, now),
-                month: cal.period_key(Period::Monthly, now),
-                day_start: cal.last_n_days(now, 1).0,
-            };
+            let q = tenant_query(e, sort, descending, search.clone(), &filters, tenant_id.clone(), offset, limit)?;
             crate::store::tenant_list(e.store(), &q)
         })?;
         let rows = PyList::empty(py);
         for r in &list.rows {
-            let d = PyDict::new(py);
-            d.set_item("tenant_id", &r.tenant_id)?;
-            d.set_item("name", &r.name)?;
-            d.set_item("last_used_at", r.last_used_at.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_micros))?;
-            d.set_item("budget", r.budget.as_ref().map(|b| budget_to_dict(py, b)).transpose()?)?;
-            d.set_item("projected_month", nanos_to_py(py, r.projection.month_end)?)?;
-            d.set_item("runs_out", r.projection.runs_out)?;
-            d.set_item("today", usage_dict(py, &r.today)?)?;
-            d.set_item("month", usage_dict(py, &r.month)?)?;
-            d.set_item("errors_today", r.errors_today)?;
-            d.set_item("blocked_today", r.blocked_today)?;
-            d.set_item("breakers_open", r.breakers_open)?;
-            d.set_item("share", r.share)?;
-            rows.append(d)?;
+            rows.append(tenant_row_dict(py, r)?)?;
         }
         let out = PyDict::new(py);
         out.set_item("total", list.total)?;
         out.set_item("rows", rows)?;
         Ok(out)
+    }
+
+    /// Every row of the list that the search and filters keep, in its order, read once: an
+    /// iterator of lists of up to `chunk` rows (`tenant_list`'s dicts), for an export.
+    #[pyo3(signature = (*, sort="spend_today", descending=true, search=None, filters=Vec::new(), tenant_id=None, chunk=1000))]
+    #[allow(clippy::too_many_arguments)]
+    fn tenant_rows(
+        &self,
+        py: Python<'_>,
+        sort: &str,
+        descending: bool,
+        search: Option<String>,
+        filters: Vec<String>,
+        tenant_id: Option<String>,
+        chunk: i64,
+    ) -> PyResult<PyTenantRows> {
+        if !(1..=MAX_TENANT_PAGE).contains(&chunk) {
+            return Err(to_py(py, Error::Configuration(format!("chunk must be between 1 and {MAX_TENANT_PAGE} (got {chunk})"))));
+        }
+        let chunk = chunk as usize;
+        let rows = self.detached(py, |e| {
+            let q = tenant_query(e, sort, descending, search.clone(), &filters, tenant_id.clone(), 0, 1)?;
+            crate::store::tenant_list_all(e.store(), &q)
+        })?;
+        Ok(PyTenantRows { rows: std::sync::Mutex::new(rows.into_iter()), chunk })
     }
 
     /// The `limit` (1 to 10,000) tenants that spent most, from the counters, most first:
@@ -1070,4 +1062,80 @@ pub fn positive(field: &str, v: &Bound<'_, PyAny>) -> Result<i64> {
 
 pub fn tuple_item<'py>(t: &Bound<'py, PyTuple>, i: usize, what: &str) -> Result<Bound<'py, PyAny>> {
     t.get_item(i).map_err(|_| Error::Configuration(format!("query operation {what}: missing argument {i}")))
+}
+
+/// The tenants list's query for the arguments of `tenant_list` and `tenant_rows`, in the
+/// database calendar's current periods.
+#[allow(clippy::too_many_arguments)]
+fn tenant_query(
+    e: &Engine,
+    sort: &str,
+    descending: bool,
+    search: Option<String>,
+    filters: &[String],
+    tenant_id: Option<String>,
+    offset: i64,
+    limit: i64,
+) -> Result<TenantListQuery> {
+    let now = now_micros();
+    let cal = e.current_calendar()?;
+    Ok(TenantListQuery {
+        tenant_id,
+        search,
+        filters: filters.iter().map(|f| TenantFilter::parse(f)).collect::<Result<Vec<_>>>()?,
+        sort: TenantSort::parse(sort)?,
+        descending,
+        offset,
+        limit,
+        global: e.config().budgets.limits.clone(),
+        today: cal.local_date(now),
+        day: cal.period_key(Period::Daily, now),
+        month: cal.period_key(Period::Monthly, now),
+        day_start: cal.last_n_days(now, 1).0,
+    })
+}
+
+/// A row of the tenants list as `tenant_list` describes it.
+fn tenant_row_dict<'py>(py: Python<'py>, r: &TenantListRow) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("tenant_id", &r.tenant_id)?;
+    d.set_item("name", &r.name)?;
+    d.set_item("last_used_at", r.last_used_at.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_micros))?;
+    d.set_item("budget", r.budget.as_ref().map(|b| budget_to_dict(py, b)).transpose()?)?;
+    d.set_item("projected_month", nanos_to_py(py, r.projection.month_end)?)?;
+    d.set_item("runs_out", r.projection.runs_out)?;
+    d.set_item("today", usage_dict(py, &r.today)?)?;
+    d.set_item("month", usage_dict(py, &r.month)?)?;
+    d.set_item("errors_today", r.errors_today)?;
+    d.set_item("blocked_today", r.blocked_today)?;
+    d.set_item("breakers_open", r.breakers_open)?;
+    d.set_item("share", r.share)?;
+    Ok(d)
+}
+
+/// The rows of the tenants list, handed out `chunk` at a time (`Engine.tenant_rows`): an
+/// export never holds every row as Python objects at once.
+#[pyclass(module = "tenantllm._core", name = "TenantRows", frozen)]
+pub struct PyTenantRows {
+    rows: std::sync::Mutex<std::vec::IntoIter<TenantListRow>>,
+    chunk: usize,
+}
+
+#[pymethods]
+impl PyTenantRows {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        let chunk: Vec<TenantListRow> = crate::process::unpoisoned(self.rows.lock()).by_ref().take(self.chunk).collect();
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        let out = PyList::empty(py);
+        for r in &chunk {
+            out.append(tenant_row_dict(py, r)?)?;
+        }
+        Ok(Some(out))
+    }
 }

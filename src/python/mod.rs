@@ -48,6 +48,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyCall>()?;
     m.add_class::<stream::PyStream>()?;
     m.add_class::<engine::PySettlement>()?;
+    m.add_class::<engine::PyTenantRows>()?;
     m.add_function(wrap_pyfunction!(drain_tasks, m)?)?;
     m.add_function(wrap_pyfunction!(lock_waits, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

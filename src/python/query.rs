@@ -71,6 +71,11 @@ pub fn parse_ops(ops: &Bound<'_, PyList>, cal: &Calendar, now: Micros) -> Result
                 let hi = micros("end", &tuple_item(t, 2, &name)?, cal)?;
                 q.filters.push(Filter::Range(Field::parse("started_at")?, lo, hi));
             }
+            "before" => {
+                let at = micros("started_at", &tuple_item(t, 1, &name)?, cal)?
+                    .ok_or_else(|| Error::Configuration("before: started_at must be a datetime".into()))?;
+                q.filters.push(Filter::Before(at, string("id", &tuple_item(t, 2, &name)?)?));
+            }
             "period" => {
                 let which = string("period", &tuple_item(t, 1, &name)?)?;
                 let (lo, hi) = match which.as_str() {

@@ -1041,6 +1041,11 @@ fn where_clause(q: &Query) -> (String, Vec<SqlValue>) {
             }
             Filter::IsNull(Field(n, _)) => parts.push(format!("{n} IS NULL")),
             Filter::NotNull(Field(n, _)) => parts.push(format!("{n} IS NOT NULL")),
+            // Time order is id order here (see `query_rows`): the id alone bounds the page.
+            Filter::Before(_, id) => {
+                args.push(SqlValue::Text(id.clone()));
+                parts.push(format!("id < ?{}", args.len()));
+            }
             Filter::Range(Field(n, _), lo, hi) => {
                 if *n == "started_at" {
                     // Narrow by the time-ordered primary key first; the exact bounds follow.

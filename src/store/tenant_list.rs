@@ -139,6 +139,7 @@ pub const MAX_SEARCH: usize = 200;
 pub const MAX_LIMIT: i64 = 10_000;
 
 impl TenantListQuery {
+    /// Checks the page (`offset`, `limit`) and the search.
     pub fn validate(&self) -> Result<()> {
         if self.offset < 0 {
             return config_err(format!("offset must be 0 or more, got {}", self.offset));
@@ -146,6 +147,10 @@ impl TenantListQuery {
         if !(1..=MAX_LIMIT).contains(&self.limit) {
             return config_err(format!("limit must be 1 to {MAX_LIMIT}, got {}", self.limit));
         }
+        self.validate_search()
+    }
+
+    fn validate_search(&self) -> Result<()> {
         if self.search.as_ref().is_some_and(|s| s.chars().count() > MAX_SEARCH) {
             return config_err(format!("search must be at most {MAX_SEARCH} characters"));
         }
@@ -204,6 +209,16 @@ struct Entry {
 /// budget or with usage this month; a scoped query: that tenant alone, even if never seen).
 pub fn list(store: &dyn Store, q: &TenantListQuery) -> Result<TenantList> {
     q.validate()?;
+    let rows = all(store, q)?;
+    let total = rows.len() as i64;
+    let rows = rows.into_iter().skip(q.offset as usize).take(q.limit as usize).collect();
+    Ok(TenantList { total, rows })
+}
+
+/// Every row the query's search and filters keep, in its order (its page ignored): an
+/// export's one pass.
+pub fn all(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<TenantListRow>> {
+    q.validate_search()?;
     let mut tenants: HashMap<String, Entry> = HashMap::new();
     match &q.tenant_id {
         Some(t) => {
@@ -263,9 +278,7 @@ pub fn list(store: &dyn Store, q: &TenantListQuery) -> Result<TenantList> {
         .filter(|r| q.filters.iter().all(|f| keeps(*f, r)))
         .collect();
     rows.sort_by(|a, b| order(q, a, b).then_with(|| a.tenant_id.cmp(&b.tenant_id)));
-    let total = rows.len() as i64;
-    let rows = rows.into_iter().skip(q.offset as usize).take(q.limit as usize).collect();
-    Ok(TenantList { total, rows })
+    Ok(rows)
 }
 
 /// A tenant's row: its usage against its effective limits (its own, else the global ones).

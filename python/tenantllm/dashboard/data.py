@@ -326,30 +326,19 @@ def tenants(engine: Engine, tenant: str | None, q: TenantQuery) -> TenantPage:
     return TenantPage([_tenant_row(engine, r, glob) for r in found["rows"]], total, page, pages, q.per_page)
 
 
-# Rows an export reads at a time (the core's largest tenants page). Each chunk of the tenants
-# list is one query that orders every tenant (its order is computed, not indexed): at 50,000
-# tenants, chunks of 1,000 made the export 50 such queries.
+# Rows an export turns into Python objects at a time (tenants) or reads at a time (executions).
 EXPORT_CHUNK = 10_000
 
 
 def tenants_export(engine: Engine, tenant: str | None, q: TenantQuery) -> Iterator[TenantRow]:
-    """Every tenant the list's search and filters select, in its order, a chunk at a time."""
+    """Every tenant the list's search and filters select, in its order: the list is built
+    once (its order is computed, not indexed) and handed over a chunk at a time."""
     glob = engine.global_limits()
-    offset = 0
-    while True:
-        found = engine.tenant_list(
-            sort=q.sort,
-            descending=q.descending,
-            search=q.search,
-            filters=q.filters,
-            tenant_id=tenant,
-            offset=offset,
-            limit=EXPORT_CHUNK,
-        )
-        yield from (_tenant_row(engine, r, glob, rates=False) for r in found["rows"])
-        offset += EXPORT_CHUNK
-        if len(found["rows"]) < EXPORT_CHUNK:
-            return
+    chunks = engine.tenant_rows(
+        sort=q.sort, descending=q.descending, search=q.search, filters=q.filters, tenant_id=tenant, chunk=EXPORT_CHUNK
+    )
+    for chunk in chunks:
+        yield from (_tenant_row(engine, r, glob, rates=False) for r in chunk)
 
 
 @dataclass
@@ -453,18 +442,17 @@ def executions(engine: Engine, filters: Filters, page: int, per_page: int) -> Pa
 
 
 def executions_export(engine: Engine, filters: Filters) -> Iterator[dict[str, Any]]:
-    """Every execution the filters select, newest first, a chunk at a time (offset paging:
-    fine for the tens of thousands of rows a filter usually selects; each chunk of a very
-    long export steps over the rows before it)."""
+    """Every execution the filters select, newest first, a chunk at a time, each chunk from
+    where the last one ended (a keyset: no chunk steps over the rows before it)."""
     ops = filters.ops()
     newest_first: list[Op] = [("order", "started_at", True), ("order", "id", True)]
-    offset = 0
+    after: list[Op] = []
     while True:
-        rows = engine.query_rows([*ops, *newest_first, ("offset", offset), ("limit", EXPORT_CHUNK)])
+        rows = engine.query_rows([*ops, *after, *newest_first, ("limit", EXPORT_CHUNK)])
         yield from (_row(r) for r in rows)
-        offset += EXPORT_CHUNK
         if len(rows) < EXPORT_CHUNK:
             return
+        after = [("before", rows[-1]["started_at"], rows[-1]["id"])]
 
 
 def execution(engine: Engine, execution_id: str, tenant: str | None) -> dict[str, Any] | None:

@@ -54,6 +54,11 @@ pub(super) fn where_clause(q: &Query) -> (String, SqlArgs) {
             }
             Filter::IsNull(Field(n, _)) => parts.push(format!("{n} IS NULL")),
             Filter::NotNull(Field(n, _)) => parts.push(format!("{n} IS NOT NULL")),
+            Filter::Before(t, id) => {
+                args.push(Box::new(*t));
+                args.push(Box::new(id.clone()));
+                parts.push(format!("(started_at, id) < (${}, ${})", args.len() - 1, args.len()));
+            }
             Filter::Range(Field(n, _), lo, hi) => {
                 if let Some(lo) = lo {
                     args.push(Box::new(*lo));
