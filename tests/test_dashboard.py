@@ -357,7 +357,8 @@ def test_tenant_list_rejects_bad_arguments_by_name(sample: Sample) -> None:
     for kwargs, field in (({"chunk": 0}, "chunk"), ({"sort": "cost"}, "sort"), ({"search": "x" * 201}, "search")):
         with pytest.raises(tl.ConfigurationError, match=field):
             e.tenant_rows(**kwargs)
-    assert [[r["tenant_id"] for r in c] for c in e.tenant_rows(sort="name", chunk=2)] == [["acme", "globex"], ["initech"]]
+    chunks = e.tenant_rows(sort="name", descending=False, chunk=2)
+    assert [[r["tenant_id"] for r in c] for c in chunks] == [["acme", "globex"], ["initech"]]
     listed = e.tenant_list(sort="name", descending=False, limit=2)
     assert listed["total"] == 3 and [r["tenant_id"] for r in listed["rows"]] == ["acme", "globex"]
     only = e.tenant_list(tenant_id="nobody")  # a scoped viewer's tenant is listed even without data
