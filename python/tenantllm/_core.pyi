@@ -31,6 +31,7 @@ __all__ = [
     "StoreError",
     "Stream",
     "TenantLLMError",
+    "TenantRows",
     "__version__",
     "drain_tasks",
     "lock_waits",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import inspect
 import io
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -134,9 +134,9 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return min(max(value, lo), hi)
 
 
-def _period(request: Request, default: str, choices: Iterable[str] = data.PERIODS) -> str:
+def _period(request: Request, default: str, choices: Collection[str] = data.PERIODS) -> str:
     value = _param(request, "period")
-    return value if value in choices else default
+    return value if value is not None and value in choices else default
 
 
 def _execution_filters(request: Request, viewer: Viewer) -> data.Filters:
