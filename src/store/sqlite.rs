@@ -8,11 +8,11 @@ use std::sync::{mpsc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, ToSql, TransactionBehavior};
 
 use super::lock_waits;
 use super::query::{self, GroupValues, Groups};
-use super::rollups::{self, Dialect, ROLLED};
+use super::rollups::{self, Dialect, Rolled, ROLLED};
 use super::schema::MIGRATIONS;
 use super::tenant_list;
 use super::{
@@ -511,8 +511,9 @@ fn insert_execution(tx: &Connection, e: &NewExecution) -> Result<()> {
     Ok(())
 }
 
-/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`) and
-/// its day's totals (`rollups::totals_record_sql`).
+/// Adds execution `id`'s numbers as its row holds them, times `sign`, to its rollups
+/// (`rollups::record_sql`) and its day's totals (`rollups::totals_record_sql`): a row whose lease
+/// expired is added as abandoned, and settlement takes such a row out (-1) before it rewrites it.
 fn roll(tx: &Connection, id: &str, periods: &[String; 2], sign: i64) -> Result<()> {
     for (sql, period) in rollups::record_sql(Dialect::Sqlite).iter().zip(periods) {
         tx.prepare_cached(sql)?.execute(params![period, sign, id])?;
@@ -521,9 +522,24 @@ fn roll(tx: &Connection, id: &str, periods: &[String; 2], sign: i64) -> Result<(
     Ok(())
 }
 
-/// Writes an execution's outcome (`COMPLETE_SQL` or `COMPLETE_RUNNING_SQL`); the rows changed.
-fn close_execution(tx: &Connection, sql: &str, e: &NewExecution, c: &Completion) -> Result<usize> {
+/// Adds a call just closed with `c` to its rollups and its day's totals from the numbers it
+/// was closed with (`rollups::add_settled_sql`), without reading its row back.
+fn add_settled(tx: &Connection, e: &NewExecution, c: &Completion, numbers: &Rolled, periods: &[String; 2]) -> Result<()> {
+    let [daily, monthly, totals] = rollups::add_settled_sql();
+    for (sql, period) in [(daily, &periods[0]), (monthly, &periods[1]), (totals, &periods[0])] {
+        let key: [&dyn ToSql; 5] = [period, &e.tenant_id.as_deref().unwrap_or(""), &e.agent, &e.model_id, &c.status.as_str()];
+        tx.prepare_cached(sql)?.execute(params_from_iter(key.into_iter().chain(numbers.iter().map(|v| v as &dyn ToSql))))?;
+    }
+    Ok(())
+}
+
+/// Writes an execution's outcome (`COMPLETE_SQL` or `COMPLETE_RUNNING_SQL`), its numbers
+/// being `rollups::settled_values(c)`; the rows changed.
+fn close_execution(tx: &Connection, sql: &str, e: &NewExecution, c: &Completion, numbers: &Rolled) -> Result<usize> {
     let attempts = serde_json::to_string(&c.attempts).unwrap_or_else(|_| "[]".into());
+    // The row keeps a call's unknown time to first token as NULL; the rollups add 0.
+    let [input, output, cached, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_writes, cache_read_cost, cache_write_cost, duration_ms, _] =
+        *numbers;
     Ok(tx.prepare_cached(sql)?.execute(params![
         e.id,
         c.status.as_str(),
@@ -532,20 +548,20 @@ fn close_execution(tx: &Connection, sql: &str, e: &NewExecution, c: &Completion)
         opt_text(&c.chosen_model_id),
         opt_text(&c.provider),
         c.completed_at,
-        c.duration_ms,
-        c.usage.input,
-        c.usage.output,
-        c.usage.cached,
-        c.usage.input + c.usage.output,
-        c.cost.input.0,
-        c.cost.output.0,
-        c.cost.total().0,
-        c.attempts.len() as i64,
+        duration_ms,
+        input,
+        output,
+        cached,
+        total_tokens,
+        input_cost,
+        output_cost,
+        total_cost,
+        attempts_count,
         attempts,
         opt_text(&c.finish_reason),
-        c.usage.cache_writes(),
-        c.cost.cache_read.0,
-        c.cost.cache_write.0,
+        cache_writes,
+        cache_read_cost,
+        cache_write_cost,
         c.time_to_first_token_ms,
         i64::from(c.cached),
     ])?)
@@ -577,13 +593,14 @@ fn complete_execution(tx: &Connection, e: &NewExecution, c: &Completion, store_d
     let periods = rollups::periods(cal, e.started_at);
     // A running row (nearly always) is in no rollup: closing it needs no subtraction first.
     // Only one that already had an outcome (its lease was taken over) is moved.
-    if close_execution(tx, COMPLETE_RUNNING_SQL, e, c)? == 0 {
+    let numbers = rollups::settled_values(c);
+    if close_execution(tx, COMPLETE_RUNNING_SQL, e, c, &numbers)? == 0 {
         roll(tx, &e.id, &periods, -1)?;
-        if close_execution(tx, COMPLETE_SQL, e, c)? != 1 {
+        if close_execution(tx, COMPLETE_SQL, e, c, &numbers)? != 1 {
             return Err(Error::Store(format!("execution {} vanished before it could be completed", e.id)));
         }
     }
-    roll(tx, &e.id, &periods, 1)?;
+    add_settled(tx, e, c, &numbers, &periods)?;
     if store_details {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
@@ -1871,6 +1888,75 @@ mod tests {
         let sql = |s: &str| Connection::open(path).unwrap().execute_batch(s).unwrap();
         let open_again = || Box::new(SqliteStore::open(path, "UTC").unwrap()) as Box<dyn Store>;
         super::super::rollups::tests::rollups_answer_like_rows(&store, &sql, &open_again);
+    }
+
+    /// Settlement adds a call to its rollups from the values it closed the row with, not by
+    /// reading the row back: every rolled field (each given a value of its own here) is what
+    /// rebuilding the rollups from the row gives, in the daily and monthly rollups and the
+    /// daily totals.
+    #[test]
+    fn rollups_added_at_settlement_are_what_the_row_rebuilds() {
+        use crate::execution::{Attempt, Status};
+        use crate::pricing::{Cost, Usage};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap();
+        let (cal, global, t0) = (Calendar::new("UTC").unwrap(), GlobalBudgets::default(), 1_800_000_000_000_000);
+        let e = NewExecution { tenant_id: Some("acme".into()), ..execution("a", t0) };
+        let plan = Plan { global: &global, agent: "A", tenant_id: Some("acme"), tenant_override: None };
+        assert!(matches!(store.admit(&request(&e, plan, budget::estimate(Nanos(600), 10), &cal, t0, t0 + 1_000_000)).unwrap(), Admitted::Go { .. }));
+        let attempt = Attempt {
+            model: "mock/x".into(),
+            provider: "mock".into(),
+            status: "success",
+            error_class: None,
+            error_message: None,
+            http_status: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            cost_nanos: 0,
+            cache_read_cost_nanos: 0,
+            cache_write_cost_nanos: 0,
+            duration_ms: 0,
+            started_at: t0,
+            finish_reason: None,
+            refusal: None,
+            dropped_params: vec![],
+        };
+        let done = Completion {
+            status: Status::Success,
+            error_class: None,
+            error_message: None,
+            chosen_model_id: Some("mock/x".into()),
+            provider: Some("mock".into()),
+            completed_at: t0 + 1000,
+            duration_ms: 29,
+            usage: Usage { cache_write: 19, cache_write_1h: 23, ..Usage::new(11, 13, 17) },
+            cost: Cost { input: Nanos(31), output: Nanos(37), cache_read: Nanos(41), cache_write: Nanos(43) },
+            attempts: vec![attempt.clone(), attempt.clone(), attempt],
+            finish_reason: None,
+            response: None,
+            time_to_first_token_ms: Some(47),
+            cached: false,
+        };
+        let finish = FinishRequest { execution: &e, completion: &done, reserved: true, checks: &[], rate_scopes: &[], breakers: &[], calendar: &cal, store_details: false };
+        store.finish(&finish).unwrap();
+        let read = || -> Vec<Vec<SqlValue>> {
+            let c = Connection::open(&path).unwrap();
+            ["daily_rollups", "monthly_rollups", "daily_totals"]
+                .iter()
+                .map(|t| c.query_row(&format!("SELECT * FROM {t}"), [], |r| (0..r.as_ref().column_count()).map(|i| r.get(i)).collect()).unwrap())
+                .collect()
+        };
+        let settled = read();
+        // calls, then every rolled field: none is 0.
+        let daily: Vec<SqlValue> = settled[0][5..].to_vec();
+        assert_eq!(daily.len(), ROLLED.len() + 1);
+        assert!(daily.iter().all(|v| *v != SqlValue::Integer(0)), "{daily:?}");
+        store.rebuild_counters().unwrap();
+        assert_eq!(read(), settled);
     }
 
     #[test]
