@@ -167,15 +167,20 @@ pub(crate) struct Dialect {
     pub problems_from: &'static str,
 }
 
+/// The failed and refused calls: the WHERE of SQLite's partial index `executions_problems`
+/// (migration 15), which a query must repeat verbatim for SQLite to use the index. ORs, not
+/// IN (...): see the migration. (PostgreSQL's index says IN; its planner proves either from
+/// the other.)
+const PROBLEM_STATUSES: &str = "(status = 'error' OR status = 'timeout' OR status = 'blocked' OR status = 'rate_limited')";
+
 /// Today's failed and refused calls per tenant since the placeholder's start of the day:
-/// columns tenant_id, failed (error, timeout), refused (blocked, rate_limited). The statuses
-/// are literals: a partial index's WHERE must appear verbatim for SQLite to use it.
+/// columns tenant_id, failed (error, timeout), refused (blocked, rate_limited).
 pub(crate) fn problems_sql(d: &Dialect) -> String {
     format!(
         "SELECT tenant_id, COUNT(CASE WHEN status IN ('error', 'timeout') THEN 1 END),
                 COUNT(CASE WHEN status IN ('blocked', 'rate_limited') THEN 1 END)
          FROM {}
-         WHERE status IN ('error', 'timeout', 'blocked', 'rate_limited') AND started_at >= {} AND tenant_id IS NOT NULL
+         WHERE {PROBLEM_STATUSES} AND started_at >= {} AND tenant_id IS NOT NULL
          GROUP BY tenant_id",
         d.problems_from,
         (d.placeholder)(1)
