@@ -99,6 +99,25 @@ def test_purge_clears_details_then_deletes_rows_and_leaves_counters(db_path: Pat
     assert (again["details"], again["executions"]) == (0, 0)
 
 
+@pytest.mark.sqlite_only
+def test_purged_prompts_and_responses_are_gone_from_the_database_file(db_path: Path) -> None:
+    marker = "purge-me-5b1e"
+    ids = [Support.call(q=f"{marker} {i}", company="Acme").execution_id for i in range(20)]
+    cleared = age(db_path, ids[:10], 40)
+    age(db_path, ids[10:], 500)  # to be deleted
+    kept = Support.call(q="kept-7c2d", company="Acme").execution_id
+    done = tl.purge(details_days=30, executions_days=400)
+    assert (done["details"], done["executions"]) == (10, 10)
+    assert tl.Execution.get(kept).user_prompt and tl.Execution.get(cleared[0]).user_prompt is None
+    assert sorted(e.id for e in tl.Execution.all()) == sorted([*cleared, kept])
+    # Every page back in the file, and the WAL emptied (retried while the checkpointer runs).
+    while raw_sql.query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] != "0":
+        time.sleep(0.05)
+    data = db_path.read_bytes()
+    assert b"kept-7c2d" in data
+    assert marker.encode() not in data
+
+
 def test_totals_of_past_days_and_months_are_unchanged_by_a_purge(db_path: Path) -> None:
     """Rows aged into past days and months (rollups rebuilt from them, as if written then):
     grouped totals over whole days read the rollups, which a purge leaves alone."""

@@ -329,7 +329,8 @@ fn connect(path: &str) -> Result<Connection> {
     // last transactions.
     // secure_delete: Debian's libsqlite3 (the one we share with Python) turns it on by
     // default, zeroing the old bytes of every row a call rewrites or deletes (counters,
-    // reservations, the rate log); SQLite's own default is off.
+    // reservations, the rate log); SQLite's own default is off. Retention's purges turn it on
+    // (`erasing`).
     // journal_size_limit: no limit (SQLite's default, said anyway): the checkpointer cuts the
     // WAL back, never a call (see `WAL_KEEP_BYTES`).
     conn.execute_batch(
@@ -474,6 +475,18 @@ impl Drop for SqliteStore {
             ManuallyDrop::drop(&mut self.writer);
         }
     }
+}
+
+/// Runs `f` (in `tx`'s transaction) with SQLite's `secure_delete` on, so that what it deletes
+/// or overwrites is zeroed, not left in the free space of the pages it leaves and in freed
+/// pages: purged prompts and responses are gone from the database file once the checkpointer
+/// has copied those pages back (README, "Retention"). Calls' connections keep it off
+/// (`connect`): they rewrite counters and reservations, nothing that must be erased.
+fn erasing<T>(tx: &Connection, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    tx.execute_batch("PRAGMA secure_delete=ON")?;
+    let out = f();
+    tx.execute_batch("PRAGMA secure_delete=OFF")?;
+    out
 }
 
 /// Rolls back a transaction that did not reach COMMIT (an error or a panic in its body).
@@ -1176,28 +1189,32 @@ impl Store for SqliteStore {
         let mut out = Purged::default();
         if let Some(t) = executions_before {
             out.executions = self.write(|tx| {
-                let (last, n): (Option<String>, i64) =
-                    tx.prepare_cached(sql::EXECUTIONS_BATCH)?.query_row(params![id_before(t), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                if let Some(last) = last {
-                    tx.prepare_cached(sql::DELETE_EXECUTION_DETAILS)?.execute(params![last])?;
-                    tx.prepare_cached(sql::DELETE_EXECUTIONS)?.execute(params![last])?;
-                }
-                Ok(n)
+                erasing(tx, || {
+                    let (last, n): (Option<String>, i64) =
+                        tx.prepare_cached(sql::EXECUTIONS_BATCH)?.query_row(params![id_before(t), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    if let Some(last) = last {
+                        tx.prepare_cached(sql::DELETE_EXECUTION_DETAILS)?.execute(params![last])?;
+                        tx.prepare_cached(sql::DELETE_EXECUTIONS)?.execute(params![last])?;
+                    }
+                    Ok(n)
+                })
             })?;
         }
         if let Some(t) = details_before {
             out.details = self.write(|tx| {
-                let cursor: String =
-                    tx.prepare_cached(sql::CURSOR_GET)?.query_row(params![CURSOR], |r| r.get(0)).optional()?.unwrap_or_default();
-                let (last, n): (Option<String>, i64) = tx
-                    .prepare_cached(sql::DETAILS_BATCH)?
-                    .query_row(params![cursor, id_before(t), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                if let Some(last) = last {
-                    tx.prepare_cached(sql::CLEAR_DETAILS)?.execute(params![cursor, last])?;
-                    tx.prepare_cached(sql::DELETE_DETAILS)?.execute(params![cursor, last])?;
-                    tx.prepare_cached(sql::CURSOR_SET)?.execute(params![CURSOR, last])?;
-                }
-                Ok(n)
+                erasing(tx, || {
+                    let cursor: String =
+                        tx.prepare_cached(sql::CURSOR_GET)?.query_row(params![CURSOR], |r| r.get(0)).optional()?.unwrap_or_default();
+                    let (last, n): (Option<String>, i64) = tx
+                        .prepare_cached(sql::DETAILS_BATCH)?
+                        .query_row(params![cursor, id_before(t), limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    if let Some(last) = last {
+                        tx.prepare_cached(sql::CLEAR_DETAILS)?.execute(params![cursor, last])?;
+                        tx.prepare_cached(sql::DELETE_DETAILS)?.execute(params![cursor, last])?;
+                        tx.prepare_cached(sql::CURSOR_SET)?.execute(params![CURSOR, last])?;
+                    }
+                    Ok(n)
+                })
             })?;
         }
         Ok(out)
