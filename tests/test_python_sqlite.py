@@ -180,3 +180,45 @@ def test_hard_execution_limit_holds_across_processes_that_use_python_sqlite(db_p
     assert seen["rows"] == procs * tries
     with pytest.raises(tl.BudgetExceededError):  # the counter says the limit is used up
         Note.call(n=0, tenant=TENANT)
+
+
+# Imports tenantllm (after sqlite3 if told to), calls, lets sqlite3 read the file, and reports
+# what the SQLite library says of its memory.
+MEMORY = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    if sys.argv[2] == "sqlite3 first":
+        import sqlite3
+    import tenantllm as tl
+    import sqlite3
+    from tenantllm._sqlite_library import _library_of_python_sqlite3
+
+    class Note(tl.Agent):
+        model = "mock/notes"
+        user = "Note {n}"
+        max_tokens = 50
+
+    tl.configure(database=sys.argv[1])
+    for n in range(3):
+        Note.call(n=n, tenant="shared")
+    conn = sqlite3.connect(sys.argv[1])
+    rows = conn.execute("SELECT count(*) FROM executions").fetchone()[0]
+    conn.close()
+    used = ctypes.CDLL(_library_of_python_sqlite3()).sqlite3_memory_used
+    used.restype = ctypes.c_int64
+    print(json.dumps({"rows": rows, "memory_used": used()}))
+    """
+)
+
+
+@pytest.mark.parametrize("first", ["tenantllm first", "sqlite3 first"])
+def test_memory_statistics_are_off_only_if_tenantllm_started_sqlite(db_path: Path, first: str) -> None:
+    """`import tenantllm` turns SQLite's memory statistics off, unless Python's sqlite3 had
+    already started SQLite (then they stay on); tenantllm and sqlite3 work either way."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY, str(db_path), first], capture_output=True, text=True, env=env(), timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["rows"] == 3
+    assert (seen["memory_used"] == 0) == (first == "tenantllm first"), seen

@@ -6,11 +6,15 @@ two SQLites in the process, whose second copy drops our locks and deletes our WA
 `sqlite3` closes the file. So before `_core` is loaded, this makes the very SQLite Python's
 `_sqlite3` extension runs on visible to later loads (`RTLD_GLOBAL`), and `_core` binds to it.
 A build from source links the system library instead; making it global changes nothing there.
+It finds that SQLite without importing `_sqlite3`, whose import starts SQLite: `_core` turns
+SQLite's memory statistics off first, which only works before (`store::sqlite`'s
+`memory_statistics_off`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 
@@ -29,18 +33,30 @@ class _DlInfo(ctypes.Structure):
     )
 
 
+def _file_of_python_sqlite3() -> tuple[bool, str | None]:
+    """Whether Python has a `_sqlite3` module, and its file (None when it is built into the
+    interpreter), found without running it if it has not been imported yet."""
+    module = sys.modules.get("_sqlite3")
+    if module is not None:
+        return True, getattr(module, "__file__", None)
+    spec = importlib.util.find_spec("_sqlite3")
+    if spec is None:
+        return False, None
+    return True, spec.origin if spec.has_location else None
+
+
 def _library_of_python_sqlite3() -> str | None:
     """The file (a libsqlite3, or `_sqlite3` itself when it exports a SQLite linked into it)
     whose `sqlite3_libversion` Python's `_sqlite3` is bound to; None if Python has no sqlite3 or
     keeps its SQLite's symbols private."""
-    try:
-        import _sqlite3
-    except ImportError:
+    found, file = _file_of_python_sqlite3()
+    if not found:
         return None
-    # dlsym on the module's handle searches the module, then the libraries it needs; a module
+    # Loading the module's file runs none of its code (Python's import of it later finds it
+    # loaded). dlsym on its handle searches the module, then the libraries it needs; a module
     # built into the interpreter has no file of its own, and the interpreter's symbols are global.
     try:
-        symbol = ctypes.cast(ctypes.CDLL(getattr(_sqlite3, "__file__", None)).sqlite3_libversion, ctypes.c_void_p)
+        symbol = ctypes.cast(ctypes.CDLL(file).sqlite3_libversion, ctypes.c_void_p)
     except (AttributeError, OSError):
         return None
     info = _DlInfo()
