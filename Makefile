@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions demo wheels wheel-test clean
+.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions bench-instructions-bundled demo wheels wheel-test clean
 
 test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
@@ -72,6 +72,18 @@ bench: develop
 # builds, e.g. BASE=/path/to/other/.venv/bin/python to measure that build in the same run.
 bench-instructions: develop
 	$(BIN)/python benches/instructions.py $(if $(BASE),--python $(BASE))
+
+# The same measure for this build beside the same code with SQLite compiled in
+# (`--features bundled-sqlite`, as the macOS and Windows wheels): what sharing the system's
+# SQLite with Python's sqlite3 costs a call (issue 14). That build lives in its own target
+# directory, so neither build undoes the other; its first build compiles every dependency again
+# (10-20 minutes), later ones only what changed.
+BUNDLED := target/bundled
+bench-instructions-bundled: develop
+	rm -rf $(BUNDLED)/wheels $(BUNDLED)/py
+	CARGO_TARGET_DIR=$(BUNDLED) $(BIN)/maturin build --release --quiet --features python,bundled-sqlite --out $(BUNDLED)/wheels
+	$(BIN)/python -m zipfile -e $(BUNDLED)/wheels/*.whl $(BUNDLED)/py
+	$(BIN)/python benches/instructions.py --build $(BUNDLED)/py
 
 demo: develop
 	$(BIN)/tenantllm demo

@@ -11,7 +11,10 @@ threads included). Cases, as benches/run.py's:
 - budget: `Guarded.call` for a tenant with hard daily budgets, global hard budgets, a breaker.
 - rate: the same plus the tenant's rpm/tpm/max_concurrent and the global rpm/tpm, after `WARM`
   calls that stay in the one-minute window (the log is full: the worst case for the check).
-Needs valgrind. Nothing here is asserted by the test suite.
+`--build DIR` measures another build of the same Python package (DIR holds a `tenantllm`
+directory), e.g. the build with SQLite compiled in that
+`make bench-instructions-bundled` makes. Needs valgrind. Nothing
+here is asserted by the test suite.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ def child(case: str, calls: int) -> None:
         Guarded.call(text="the quarterly report", tenant="bench")
 
 
-def count(python: str, case: str, calls: int, out_dir: Path) -> tuple[int, int]:
-    """Instructions of the child run: (calling thread, all threads)."""
+def count(python: str, build: str | None, case: str, calls: int, out_dir: Path) -> tuple[int, int]:
+    """Instructions of the child run (`build`: a directory holding another build's `tenantllm`
+    package, put first on the path): (calling thread, all threads)."""
     prefix = out_dir / f"{case}-{calls}"
     subprocess.run(
         ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={prefix}.%p",
@@ -58,6 +62,7 @@ def count(python: str, case: str, calls: int, out_dir: Path) -> tuple[int, int]:
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": build} if build else None,
     )
     per_thread = {}
     for f in out_dir.glob(f"{prefix.name}.*-*"):
@@ -71,26 +76,32 @@ def count(python: str, case: str, calls: int, out_dir: Path) -> tuple[int, int]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--python", action="append", default=[], help="another build's python to measure too (repeatable)")
+    p.add_argument(
+        "--build", action="append", default=[],
+        help="a directory with another build's tenantllm package, to measure with this python too (repeatable)",
+    )
     p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
-    pythons = [sys.executable, *args.python]
+    builds: list[tuple[str, str | None]] = [(sys.executable, None), *((p, None) for p in args.python)]
+    builds += [(sys.executable, b) for b in args.build]
     print(f"instructions per guarded mock call (callgrind; difference of {WARM} and {WARM + N} calls, / {N})")
-    print(f"  {'python':<44} {'case':<8} {'calling thread':>16} {'all threads':>14}")
+    print(f"  {'python (build)':<44} {'case':<8} {'calling thread':>16} {'all threads':>14}")
     with tempfile.TemporaryDirectory() as tmp:
-        for python in pythons:
+        for python, build in builds:
+            name = f"{python} ({build})" if build else python
             for case in args.cases.split(","):
                 try:
-                    lo = count(python, case, WARM, Path(tmp))
-                    hi = count(python, case, WARM + N, Path(tmp))
+                    lo = count(python, build, case, WARM, Path(tmp))
+                    hi = count(python, build, case, WARM + N, Path(tmp))
                 except subprocess.CalledProcessError:
-                    print(f"  {python:<44} {case:<8} {'(failed: does this build support it?)':>32}")
+                    print(f"  {name:<44} {case:<8} {'(failed: does this build support it?)':>32}")
                     continue
                 calling, every = ((h - lo_) / N for h, lo_ in zip(hi, lo, strict=True))
-                print(f"  {python:<44} {case:<8} {calling:>16,.0f} {every:>14,.0f}", flush=True)
+                print(f"  {name:<44} {case:<8} {calling:>16,.0f} {every:>14,.0f}", flush=True)
 
 
 if __name__ == "__main__":
