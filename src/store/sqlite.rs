@@ -181,11 +181,17 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
             let mut wait = CHECKPOINT_EVERY;
             let mut next_cap_restart = Instant::now();
             // (frames in the WAL, frames copied) as the last round left them; none before the
-            // first round and after a restart, when there is nothing to compare with.
+            // first round, when there is nothing to compare with.
             let mut last: Option<(i64, i64)> = None;
+            // The frames in the WAL when the last restart succeeded: SQLite starts it over at
+            // the next write, so until then (while that count stays) there is nothing to do.
+            let mut restarted_at = None;
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(wait) {
                 let _quiet = quiet();
                 let (_, mut frames, mut copied) = checkpoint("PASSIVE", Duration::ZERO);
+                if restarted_at == Some(frames) {
+                    (frames, copied) = (0, 0);
+                }
                 // No frames since the last round, which came `CHECKPOINT_EVERY` after a round.
                 let unchanged = last.is_some_and(|(before, _)| before == frames);
                 let paused = unchanged && wait == CHECKPOINT_EVERY;
@@ -204,12 +210,16 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
                 }
                 // Catch up without blocking anyone: each pass copies what writers appended
                 // during the previous one, so the restart has little left to copy and sync
-                // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms).
+                // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms). Until a
+                // pass leaves no fewer frames than the one before: then writers outrun the
+                // passes (on a loaded disk), and the WAL only grows while they run (by 4,500
+                // frames over 8 passes at load 8).
+                let mut appended = i64::MAX;
                 for _ in 0..CATCH_UP_PASSES {
                     let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
-                    let appended = now - frames;
+                    let before = std::mem::replace(&mut appended, now - frames);
                     (frames, copied) = (now, done);
-                    if appended < RESTART_LEFTOVER_FRAMES {
+                    if appended < RESTART_LEFTOVER_FRAMES || appended >= before {
                         break;
                     }
                 }
@@ -229,7 +239,8 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
                 } else {
                     false
                 };
-                last = (!restarted).then_some((frames, copied));
+                last = Some((frames, copied));
+                restarted_at = restarted.then_some(frames);
                 if !restarted {
                     wait = RESTART_RETRY_EVERY; // a read still uses the WAL
                 }
