@@ -1,14 +1,15 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migration 12 (`tenantllm_admit`, `tenantllm_settle`), one statement that
-//! commits on its own, so the rows it locks stay locked only while the server works, and
-//! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements.
+//! functions of migrations 12 and 14 (`tenantllm_admit`, `tenantllm_settle`), one statement
+//! that commits on its own, so the rows it locks stay locked only while the server works, and
+//! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The counters,
+//! which every call of a tenant waits for, each function locks last.
 //!
 //! They take the call that goes ahead and the settlement that changes no breaker. Anything
 //! else (a rate limit, a refusal, an expired lease, a breaker to change, a tenant whose stored
 //! budget this process has not read) they leave to `admission`'s transaction, which decides
 //! every case. The policy stays in Rust: this module works out the limits that apply
 //! (`budget::checks`) and the warnings; the server only compares the counters with the hard
-//! limits it is given (`tenantllm_lock_counters`, the rule of `budget::evaluate`).
+//! limits it is given (the rule of `budget::evaluate`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;

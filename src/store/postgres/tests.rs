@@ -709,3 +709,18 @@ fn a_budget_changed_by_another_process_applies_at_once() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The server-side settlement closes only a running row; a row closed again (its first
+/// outcome already in the rollups) is left to the transaction, which moves it there.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn a_row_closed_again_moves_in_the_rollups() {
+    let db = TestDb::new();
+    let store = db.open();
+    let e = execution("twice", T0);
+    assert!(matches!(admit_as(&store, &GlobalBudgets::default(), &e, &[], T0 + 60_000_000), Admitted::Go { reserved: false, .. }));
+    finish(&store, &e, &completion(Status::Success, T0 + 1, 1000), false, &[]);
+    finish(&store, &e, &completion(Status::Error, T0 + 2, 1000), false, &[]);
+    let calls = |status: &str| db.scalar(&format!("SELECT COALESCE(SUM(calls), 0)::BIGINT FROM daily_rollups WHERE status = '{status}'"));
+    assert_eq!((calls("success"), calls("error")), (0, 1));
+}
