@@ -136,6 +136,8 @@ pub trait Store: Send + Sync {
     fn rate_usage(&self, scope: &str, since: Micros) -> Result<crate::ratelimit::RateUsage>;
     /// Every tenant seen (the register), by id.
     fn tenants(&self) -> Result<Vec<crate::tenancy::SeenTenant>>;
+    /// One tenant of the register, if seen (a tenant-scoped page: one lookup, not the register).
+    fn tenant(&self, tenant_id: &str) -> Result<Option<crate::tenancy::SeenTenant>>;
     /// Recorded usage of every scope with the given prefix in one period ("tenant:").
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recorded usage of one scope per day, for days from `first_day` ("2026-11-01") on.
@@ -355,6 +357,9 @@ fn budget_on_conflict(write: BudgetWrite<'_>) -> Result<String> {
     set.push("updated_at = excluded.updated_at".into());
     Ok(format!("DO UPDATE SET {}", set.join(", ")))
 }
+
+/// The register's columns in `SeenTenant`'s order (`tenants`, `tenant`).
+const SEEN_COLUMNS: &str = "tenant_id, name, first_used_at, last_used_at";
 
 const BUDGET_COLUMNS: &str = "tenant_id, name, daily_limit, monthly_limit, daily_token_limit, monthly_token_limit,
      daily_execution_limit, monthly_execution_limit, enforcement, rpm_limit, tpm_limit, max_concurrent";

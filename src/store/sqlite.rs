@@ -18,7 +18,7 @@ use super::tenant_list;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
-    Store, BUDGET_COLUMNS, TIMEZONE_SQL, CACHE_GET_SQL, CACHE_PUT_SQL, CACHE_SWEEP_SQL,
+    Store, BUDGET_COLUMNS, SEEN_COLUMNS, TIMEZONE_SQL, CACHE_GET_SQL, CACHE_PUT_SQL, CACHE_SWEEP_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
 use crate::cache;
@@ -1004,6 +1004,10 @@ fn rebuild_rollups(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Resu
 
 // ---------------------------------------------------------------- budgets
 
+fn seen_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SeenTenant> {
+    Ok(SeenTenant { id: r.get(0)?, name: r.get(1)?, first_used_at: r.get(2)?, last_used_at: r.get(3)? })
+}
+
 fn budget_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantBudget> {
     let enforcement: String = r.get(8)?;
     Ok(TenantBudget {
@@ -1511,12 +1515,14 @@ impl Store for SqliteStore {
 
     fn tenants(&self) -> Result<Vec<SeenTenant>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT tenant_id, name, first_used_at, last_used_at FROM tenants ORDER BY tenant_id")?;
-            let rows = stmt
-                .query_map([], |r| Ok(SeenTenant { id: r.get(0)?, name: r.get(1)?, first_used_at: r.get(2)?, last_used_at: r.get(3)? }))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = c.prepare_cached(&format!("SELECT {SEEN_COLUMNS} FROM tenants ORDER BY tenant_id"))?;
+            let rows = stmt.query_map([], seen_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
+    }
+
+    fn tenant(&self, tenant_id: &str) -> Result<Option<SeenTenant>> {
+        self.read(|c| Ok(c.prepare_cached(&format!("SELECT {SEEN_COLUMNS} FROM tenants WHERE tenant_id = ?1"))?.query_row([tenant_id], seen_from_row).optional()?))
     }
 
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {

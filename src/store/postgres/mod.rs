@@ -150,6 +150,10 @@ impl Store for PostgresStore {
         queries::tenants(self)
     }
 
+    fn tenant(&self, tenant_id: &str) -> Result<Option<SeenTenant>> {
+        queries::tenant(self, tenant_id)
+    }
+
     fn usage_by_scope(&self, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
         queries::usage_by_scope(self, prefix, period_key)
     }

@@ -18,7 +18,7 @@ use crate::money::Nanos;
 use crate::ratelimit::RateUsage;
 use crate::store::query::{self, GroupValues, Groups};
 use crate::store::rollups::{self, Dialect};
-use crate::store::{all_columns, calendar_of};
+use crate::store::{all_columns, calendar_of, SEEN_COLUMNS};
 use crate::tenancy::SeenTenant;
 
 pub(super) type SqlArgs = Vec<Box<dyn Param + Send>>;
@@ -178,12 +178,15 @@ pub(super) fn rate_usage(store: &PostgresStore, scope: &str, since: Micros) -> R
 }
 
 pub(super) fn tenants(store: &PostgresStore) -> Result<Vec<SeenTenant>> {
-    store.read(|db| {
-        let rows = db.query("SELECT tenant_id, name, first_used_at, last_used_at FROM tenants ORDER BY tenant_id", &[])?;
-        rows.iter()
-            .map(|r| Ok(SeenTenant { id: r.try_get(0)?, name: r.try_get(1)?, first_used_at: r.try_get(2)?, last_used_at: r.try_get(3)? }))
-            .collect()
-    })
+    store.read(|db| db.query(&format!("SELECT {SEEN_COLUMNS} FROM tenants ORDER BY tenant_id"), &[])?.iter().map(seen_from_row).collect())
+}
+
+pub(super) fn tenant(store: &PostgresStore, tenant_id: &str) -> Result<Option<SeenTenant>> {
+    store.read(|db| db.query(&format!("SELECT {SEEN_COLUMNS} FROM tenants WHERE tenant_id = $1"), &[&tenant_id])?.first().map(seen_from_row).transpose())
+}
+
+fn seen_from_row(r: &PgRow) -> PgResult<SeenTenant> {
+    Ok(SeenTenant { id: r.try_get(0)?, name: r.try_get(1)?, first_used_at: r.try_get(2)?, last_used_at: r.try_get(3)? })
 }
 
 pub(super) fn usage_by_scope(store: &PostgresStore, prefix: &str, period_key: &str) -> Result<Vec<(String, budget::Usage)>> {
