@@ -189,6 +189,21 @@ def test_tenants_are_sorted_searched_filtered_and_paged(client: TestClient, samp
     assert rows(client.get("/tenants?per_page=1&page=99&sort=name").text, "tenant") == ["initech"]  # the last
 
 
+def test_the_list_joins_the_register_the_budgets_and_the_counters(client: TestClient, sample: Sample) -> None:
+    """Every tenant seen, with a budget or with usage this month is listed once: here also a
+    budget never used (its name sorts it) and a tenant seen without a budget."""
+    tl.TenantBudget.create("zz-unused", name="Aardvark Ltd", daily_limit="5")
+    SupportAgent.call(query="h", company="Hooli", tenant="hooli")
+    html = client.get("/tenants?sort=name&order=asc").text
+    assert rows(html, "tenant") == ["zz-unused", "acme", "globex", "hooli", "initech"]
+    assert tenants_total(html) == 5
+    assert rows(client.get("/tenants?filter=no_budget").text, "tenant") == ["hooli"]
+    # Equal spend (none today) is ordered by id whichever the direction.
+    assert rows(client.get("/tenants?sort=spend_today").text, "tenant")[-2:] == ["initech", "zz-unused"]
+    assert rows(client.get("/tenants?sort=spend_today&order=asc").text, "tenant")[:2] == ["initech", "zz-unused"]
+    assert rows(client.get("/tenants?q=aardvark").text, "tenant") == ["zz-unused"]
+
+
 def test_calls_refused_by_a_rate_limit_count_as_blocked_today(db_path: Path) -> None:
     tl.configure(reset=True, database=str(db_path), mock={"latency_ms": 0})
     tl.TenantBudget.create("umbrella", rpm_limit=1)
