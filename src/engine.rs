@@ -378,7 +378,7 @@ impl Engine {
     fn admit(self: &Arc<Self>, spec: &AgentSpec, req: &CallRequest, provider: &str, estimate: budget::Usage, record_rate_limited: bool) -> Result<Admission> {
         let tenant_id = req.tenant.id.as_deref();
         let now = now_micros();
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = crate::execution::new_id(now);
         let execution = NewExecution {
             id: id.clone(),
             agent: spec.name.clone(),

@@ -90,9 +90,26 @@ pub struct Attempt {
     pub dropped_params: Vec<&'static str>,
 }
 
+/// A new execution's id: a UUIDv7 whose millisecond is `started_at`'s and whose next 10 bits
+/// (of rand_a) are the microsecond within it, random bits after. Ids then sort like start
+/// times to the microsecond, and the SQLite store finds the admissions stamped in a time range
+/// by a range of ids (store/sqlite.rs `LOG_RANGE`), which needs the id's millisecond to be
+/// exactly the start's: an id minted by a later clock reading may be a millisecond or more
+/// later.
+pub fn new_id(started_at: Micros) -> String {
+    use uuid::{NoContext, Timestamp, Uuid};
+    let t = started_at.max(0) as u64;
+    let (ms, us) = (t / 1000, (t % 1000) as u16);
+    let mut b = *Uuid::new_v7(Timestamp::from_unix(NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000)).as_bytes();
+    b[6] = 0x70 | (us >> 8) as u8; // the version, then rand_a's top bits
+    b[7] = us as u8;
+    Uuid::from_bytes(b).to_string()
+}
+
 /// What is known when a call starts.
 #[derive(Debug, Clone, Default)]
 pub struct NewExecution {
+    /// `new_id(started_at)` for a call that `Store::admit` admits.
     pub id: String,
     pub agent: String,
     pub model_id: String,
@@ -317,5 +334,18 @@ mod tests {
         assert!(Field::numeric("agent").is_err());
         assert!(Field::groupable("total_cost").is_err());
         assert!(Status::parse("nope").unwrap_err().to_string().contains("short_circuited"));
+    }
+
+    #[test]
+    fn ids_carry_the_start_to_the_microsecond_and_sort_like_it() {
+        let t = 1_800_000_000_123_456;
+        let id = new_id(t);
+        let u = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(u.get_version_num(), 7);
+        assert_eq!(u.get_timestamp().unwrap().to_unix(), (1_800_000_000, 123_000_000));
+        assert_eq!(u16::from_be_bytes([u.as_bytes()[6], u.as_bytes()[7]]) & 0x0fff, 456);
+        assert_ne!(new_id(t), id);
+        let ids: Vec<String> = [t - 1000, t - 1, t, t + 1, t + 543].into_iter().map(new_id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     }
 }
