@@ -1,9 +1,10 @@
 //! Rate-limit policy: requests and tokens per minute (a sliding window over the admissions
 //! of the last minute) and calls in flight, per tenant and globally. Pure functions; the
-//! store keeps the admissions (`rate_events`), their running totals per scope
-//! (`rate_totals`) and the in-flight calls (`reservations`; SQLite counts them in
-//! `rate_totals` too) and calls these inside the admission transaction, beside the budget
-//! checks.
+//! store keeps the admissions (PostgreSQL: `rate_events`, a row per scope; SQLite: the
+//! executions rows, `rate_scopes` saying which scopes' logs each is in), their running
+//! totals per scope (`rate_totals`) and the in-flight calls (`reservations`; SQLite counts
+//! them in `rate_totals` too) and calls these inside the admission transaction, beside the
+//! budget checks.
 //!
 //! Why a sliding-window log and not GCRA: GCRA with a burst of `rpm` lets up to twice the
 //! limit through in some 60-second window; the log admits a call only if fewer than `rpm`
@@ -42,8 +43,8 @@ pub const CONCURRENCY_RETRY_AFTER_S: f64 = 1.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// The window starts after the horizon: move it to `to`, subtracting the admissions
-    /// stamped in (horizon, to]; those stamped at or before `forget` may leave the log
-    /// (when `prune_due`).
+    /// stamped in (horizon, to]; those stamped at or before `forget` may leave the log (a
+    /// log of its own: SQLite's is the executions, which retention keeps for days).
     Advance { to: Micros, forget: Micros },
     /// The window starts at or before the horizon: its use is the totals plus the
     /// admissions stamped in (since, horizon].
@@ -58,19 +59,6 @@ pub fn step(now: Micros, window: Micros, horizon: Option<Micros>) -> Step {
         // find the admissions of theirs.
         _ => Step::Advance { to: start, forget: start - window },
     }
-}
-
-/// How many prunes of the log a window holds: an admission whose `forget` entered a new
-/// eighth of a window since the previous horizon's deletes what left the log, so most
-/// admissions delete nothing (and rewrite no page of it). The log then keeps up to an eighth
-/// of a window more than it must; nothing reads that far back.
-const PRUNES_PER_WINDOW: Micros = 8;
-
-/// Whether an admission moving a scope's horizon from `horizon` to `to` (`Step::Advance`)
-/// prunes the log.
-pub fn prune_due(horizon: Option<Micros>, to: Micros, window: Micros) -> bool {
-    let every = (window / PRUNES_PER_WINDOW).max(1);
-    horizon.is_none_or(|h| (to - window).div_euclid(every) != (h - window).div_euclid(every))
 }
 
 /// Reads `WINDOW_ENV`.
@@ -312,19 +300,6 @@ mod tests {
         assert_eq!(step(100 * S, 60 * S, Some(30 * S)), Step::Advance { to: 40 * S, forget: -20 * S });
         assert_eq!(step(100 * S, 60 * S, Some(40 * S)), Step::Behind { since: 40 * S });
         assert_eq!(step(99 * S, 60 * S, Some(40 * S)), Step::Behind { since: 39 * S });
-    }
-
-    #[test]
-    fn the_log_is_pruned_once_per_eighth_of_a_window() {
-        let w = 80 * S; // pruned whenever `to - w` enters a new 10 s
-        assert!(prune_due(None, 100 * S, w));
-        assert!(!prune_due(Some(100 * S), 105 * S, w));
-        assert!(prune_due(Some(105 * S), 110 * S, w));
-        assert!(prune_due(Some(100 * S), 200 * S, w));
-        assert!(prune_due(Some(75 * S), 85 * S, w)); // -5 s and 5 s: floor, not truncation
-        let admissions = (0..8000).map(|i| i * w / 1000); // 1000 a window
-        let prunes = admissions.clone().zip(admissions.skip(1)).filter(|&(h, to)| prune_due(Some(h), to, w)).count();
-        assert_eq!(prunes, 8 * 8 - 1);
     }
 
     #[test]

@@ -29,6 +29,8 @@ use crate::execution::{Aggregate, Cell, Completion, Details, GroupKey, NewExecut
 
 /// Everything `admit` needs to decide whether a call may start.
 pub struct AdmitRequest<'a> {
+    /// The call, its id minted by `execution::new_id(started_at)` (SQLite's rate limits find
+    /// their logs by id) and `started_at` its rate limits' stamp.
     pub execution: &'a NewExecution,
     pub plan: budget::Plan<'a>,
     pub estimate: budget::Usage,
@@ -490,7 +492,7 @@ pub(crate) mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) % n) as i64
         };
-        // The model: every admission (stamp, id, tokens), as `rate_events` held them.
+        // The model: every admission (stamp, id, tokens), as the log holds them.
         let mut log: Vec<(Micros, String, i64)> = Vec::new();
         let mut in_flight: Vec<(NewExecution, Vec<String>)> = Vec::new();
         let mut clock = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z").unwrap().timestamp_micros();
@@ -510,7 +512,7 @@ pub(crate) mod tests {
             } else {
                 None
             };
-            let e = NewExecution { id: format!("c{i}"), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: now, metadata: "{}".into(), ..Default::default() };
+            let e = NewExecution { id: crate::execution::new_id(now), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: now, metadata: "{}".into(), ..Default::default() };
             let got = store
                 .admit(&AdmitRequest {
                     execution: &e,

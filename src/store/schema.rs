@@ -354,4 +354,26 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX executions_problems ON executions (started_at, tenant_id, status)
         WHERE status = 'error' OR status = 'timeout' OR status = 'blocked' OR status = 'rate_limited';
     "#,
+    // 16: the rate limits' admission log is the executions rows themselves: `rate_scopes`
+    // says which logs an admitted call is in (1: "global", 2: its tenant's, "tenant:<id>"),
+    // `rate_tokens` its tokens (the estimate, corrected at settlement); NULL for calls not
+    // logged. A scope's admissions in a time range are a range of ids (time-ordered; the
+    // global log) or of `executions_tenant` (a tenant's), pages an admission writes anyway,
+    // where `rate_events` added a row per scope (two B-tree tails written at admission and
+    // again at settlement). The logged admissions move over; their ids were minted by a
+    // clock read after their stamp, so a range of ids could miss one at its edge: every
+    // scope's totals restart empty with their horizon a second after this migration, so
+    // for the next window an admission counts the moved admissions in its window from the
+    // log (`ratelimit::Step::Behind`) and no range ever ends between a moved stamp and its id.
+    r#"
+    ALTER TABLE executions ADD COLUMN rate_scopes INTEGER;
+    ALTER TABLE executions ADD COLUMN rate_tokens INTEGER;
+    UPDATE executions SET
+        rate_scopes = (SELECT SUM(DISTINCT iif(r.scope = 'global', 1, 2)) FROM rate_events r WHERE r.execution_id = executions.id),
+        rate_tokens = (SELECT MAX(r.tokens) FROM rate_events r WHERE r.execution_id = executions.id)
+        WHERE id IN (SELECT execution_id FROM rate_events);
+    UPDATE rate_totals SET requests = 0, tokens = 0,
+        horizon = CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER) + 1000000;
+    DROP TABLE rate_events;
+    "#,
 ];

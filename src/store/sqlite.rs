@@ -544,10 +544,12 @@ fn opt_text(s: &Option<String>) -> Option<&str> {
 }
 
 const INSERT_EXECUTION_SQL: &str = "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
-         parent_execution_id, root_execution_id)
-     VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)";
+         parent_execution_id, root_execution_id, rate_scopes, rate_tokens)
+     VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9, ?10, ?11)";
 
-fn insert_execution(tx: &Connection, e: &NewExecution) -> Result<()> {
+/// Writes a call's `running` row; `logged`: the rate limits' logs it is admitted to (its
+/// `rate_scopes`, `log_bits`) and its estimated tokens.
+fn insert_execution(tx: &Connection, e: &NewExecution, logged: Option<(i64, i64)>) -> Result<()> {
     tx.prepare_cached(INSERT_EXECUTION_SQL)?.execute(params![
         e.id,
         e.agent,
@@ -558,6 +560,8 @@ fn insert_execution(tx: &Connection, e: &NewExecution) -> Result<()> {
         e.metadata,
         opt_text(&e.parent_execution_id),
         opt_text(&e.root_execution_id),
+        logged.map(|l| l.0),
+        logged.map(|l| l.1),
     ])?;
     Ok(())
 }
@@ -615,6 +619,7 @@ fn close_execution(tx: &Connection, sql: &str, e: &NewExecution, c: &Completion,
         cache_write_cost,
         c.time_to_first_token_ms,
         i64::from(c.cached),
+        budget::recorded(c).tokens,
     ])?)
 }
 
@@ -626,7 +631,8 @@ macro_rules! complete_sql {
                  output_tokens = ?10, cached_tokens = ?11, total_tokens = ?12, input_cost = ?13,
                  output_cost = ?14, total_cost = ?15, attempts_count = ?16, attempts = ?17, finish_reason = ?18,
                  cache_write_tokens = ?19, cache_read_cost = ?20, cache_write_cost = ?21,
-                 time_to_first_token_ms = ?22, cached = ?23
+                 time_to_first_token_ms = ?22, cached = ?23,
+                 rate_tokens = iif(rate_tokens IS NULL, NULL, ?24)
              WHERE id = ?1",
             $condition
         )
@@ -739,25 +745,97 @@ struct Advanced {
     horizon: Micros,
 }
 
+/// The log a scope's admissions are in (`executions.rate_scopes`, migration 16): the global
+/// one, or a tenant's.
+#[derive(Clone, Copy)]
+enum Log<'a> {
+    Global,
+    Tenant(&'a str),
+}
+
+impl<'a> Log<'a> {
+    fn of(scope: &'a str) -> Log<'a> {
+        scope.strip_prefix("tenant:").map_or(Log::Global, Log::Tenant)
+    }
+
+    /// The bit of `executions.rate_scopes` that puts a call in this log.
+    fn bit(self) -> i64 {
+        match self {
+            Log::Global => 1,
+            Log::Tenant(_) => 2,
+        }
+    }
+
+    /// `sql[0]` for the global log, `sql[1]` (whose ?3 is the tenant) for a tenant's.
+    fn pick(self, sql: [&'static str; 2]) -> (&'static str, Option<&'a str>) {
+        match self {
+            Log::Global => (sql[0], None),
+            Log::Tenant(t) => (sql[1], Some(t)),
+        }
+    }
+}
+
+/// SQL conditions on `executions e`: the rows of a log, the global one (`global`) or tenant
+/// ?3's (`tenant`, through `executions_tenant`, whose entries end in the id).
+macro_rules! in_log {
+    (global) => {
+        "e.rate_scopes & 1"
+    };
+    (tenant) => {
+        "e.tenant_id = ?3 AND e.rate_scopes & 2"
+    };
+}
+
+/// SQL conditions on `executions e`: stamped after `$lo` and, with `$hi`, at or before it (SQL
+/// expressions of micros), found through the ids: an admitted call's id is minted in its
+/// stamp's millisecond (`execution::new_id`), so these rows' ids sort from `id_prefix($lo)`
+/// to before `id_prefix($hi + 1 ms)`.
+macro_rules! stamped {
+    ($lo:literal) => {
+        concat!("e.id >= printf('%08x-%04x', (", $lo, ") / 1000 >> 16, (", $lo, ") / 1000 & 65535) AND e.started_at > ", $lo)
+    };
+    ($lo:literal, $hi:literal) => {
+        concat!(
+            stamped!($lo),
+            " AND e.id < printf('%08x-%04x', ((", $hi, ") / 1000 + 1) >> 16, ((", $hi, ") / 1000 + 1) & 65535) AND e.started_at <= ", $hi
+        )
+    };
+}
+
+/// Scope ?1's totals and calls in flight, and its logged admissions stamped between its
+/// horizon and ?2, either way round; none are read past the horizon when the totals count none
+/// (a scope given a window limit again after a while, its horizon left far behind).
+macro_rules! totals_sql {
+    ($log:ident) => {
+        concat!(
+            "SELECT t.requests, t.tokens, t.horizon, t.in_flight, COUNT(e.id), COALESCE(SUM(e.rate_tokens), 0)
+             FROM rate_totals t LEFT JOIN executions e ON (t.requests > 0 OR ?2 <= t.horizon) AND ",
+            in_log!($log),
+            " AND ",
+            stamped!("min(t.horizon, ?2)", "max(t.horizon, ?2)"),
+            " WHERE t.scope = ?1"
+        )
+    };
+}
+
 /// A scope's running totals and calls in flight, if it has a row, and the logged admissions
 /// stamped between its horizon and `start` (either way round: those the window's start crossed
 /// since, or those a window starting before the horizon adds), in one statement.
 fn scope_totals(tx: &Connection, scope: &str, start: Micros) -> Result<(Option<(RateUsage, Micros)>, RateUsage)> {
-    Ok(tx
-        .prepare_cached(
-            "SELECT t.requests, t.tokens, t.horizon, t.in_flight, COUNT(e.at), COALESCE(SUM(e.tokens), 0)
-             FROM rate_totals t LEFT JOIN rate_events e
-                 ON e.scope = t.scope AND e.at > min(t.horizon, ?2) AND e.at <= max(t.horizon, ?2)
-             WHERE t.scope = ?1",
-        )?
-        .query_row(params![scope, start], |r| {
-            let horizon: Option<Micros> = r.get(2)?;
-            let totals = match horizon {
-                Some(h) => Some((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: r.get(3)? }, h)),
-                None => None,
-            };
-            Ok((totals, RateUsage { requests: r.get(4)?, tokens: r.get(5)?, in_flight: 0 }))
-        })?)
+    let (sql, tenant) = Log::of(scope).pick([totals_sql!(global), totals_sql!(tenant)]);
+    let read = |r: &rusqlite::Row<'_>| {
+        let horizon: Option<Micros> = r.get(2)?;
+        let totals = match horizon {
+            Some(h) => Some((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: r.get(3)? }, h)),
+            None => None,
+        };
+        Ok((totals, RateUsage { requests: r.get(4)?, tokens: r.get(5)?, in_flight: 0 }))
+    };
+    let mut stmt = tx.prepare_cached(sql)?;
+    Ok(match tenant {
+        None => stmt.query_row(params![scope, start], read),
+        Some(t) => stmt.query_row(params![scope, start, t], read),
+    }?)
 }
 
 /// The use of the scopes `checks` name: admissions and their tokens stamped after
@@ -769,20 +847,20 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
     let mut advanced = Vec::new();
     let windows = ratelimit::window_scopes(checks);
     for scope in ratelimit::counted_scopes(checks) {
-        let (totals, between) = scope_totals(tx, &scope, now - window)?;
-        let mut use_ = totals.map(|t| t.0).unwrap_or_default();
+        // A scope with no window limit logs nothing: only its calls in flight count, and its
+        // horizon, never moved, would have the log read from wherever it stands.
         if !windows.contains(&scope) {
-            out.insert(scope, use_);
+            let in_flight = in_flight(tx, &scope)?;
+            out.insert(scope, RateUsage { in_flight, ..Default::default() });
             continue;
         }
-        let horizon = totals.map(|t| t.1);
-        match ratelimit::step(now, window, horizon) {
-            ratelimit::Step::Advance { to, forget } => {
+        let (totals, between) = scope_totals(tx, &scope, now - window)?;
+        let mut use_ = totals.map(|t| t.0).unwrap_or_default();
+        match ratelimit::step(now, window, totals.map(|t| t.1)) {
+            // The log is the executions rows, which retention keeps for days: nothing to forget.
+            ratelimit::Step::Advance { to, .. } => {
                 use_.requests -= between.requests;
                 use_.tokens -= between.tokens;
-                if ratelimit::prune_due(horizon, to, window) {
-                    tx.prepare_cached("DELETE FROM rate_events WHERE scope = ?1 AND at <= ?2")?.execute(params![scope, forget])?;
-                }
                 advanced.push(Advanced { scope: scope.clone(), totals: use_, horizon: to });
             }
             ratelimit::Step::Behind { .. } => {
@@ -795,16 +873,33 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros
     Ok((out, advanced))
 }
 
-/// Writes the totals this admission moved and logs the admission (`admitted`: execution, its
-/// stamp and estimated tokens; None when refused) in its window `scopes`: one write of each
-/// scope's totals, the admission counted in unless its clock is behind their horizon, and the
-/// call added to the calls in flight of its `max_concurrent` scope (`slot`).
-fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admitted: Option<(&str, Micros, i64)>, slot: Option<&str>) -> Result<()> {
+/// The `rate_scopes` of an admitted call logged in window `scopes` (migration 16), NULL if none:
+/// a tenant's log holds only its own calls.
+fn log_bits(e: &NewExecution, scopes: &[String]) -> Result<Option<i64>> {
+    let mut bits = 0;
+    for scope in scopes {
+        let log = Log::of(scope);
+        if let Log::Tenant(t) = log {
+            if e.tenant_id.as_deref() != Some(t) {
+                return Err(Error::Store(format!("execution {} of tenant {:?} cannot be logged in {scope}", e.id, e.tenant_id)));
+            }
+        }
+        bits |= log.bit();
+    }
+    Ok((bits != 0).then_some(bits))
+}
+
+/// Writes the totals this admission moved (`admitted`: its stamp and estimated tokens; None
+/// when refused; the admission itself is logged in its executions row) in its window
+/// `scopes`: one write of each scope's totals, the admission counted in unless its clock is
+/// behind their horizon, and the call added to the calls in flight of its `max_concurrent`
+/// scope (`slot`).
+fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admitted: Option<(Micros, i64)>, slot: Option<&str>) -> Result<()> {
     let held = |scope: &str| i64::from(admitted.is_some() && slot == Some(scope));
     for a in advanced {
         let mut t = a.totals;
         // Counted unless this call's clock is behind the horizon.
-        if let Some((_, _, tokens)) = admitted.filter(|&(_, at, _)| at > a.horizon) {
+        if let Some((_, tokens)) = admitted.filter(|&(at, _)| at > a.horizon) {
             t.requests += 1;
             t.tokens = t.tokens.saturating_add(tokens);
         }
@@ -814,10 +909,7 @@ fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admit
         )?
         .execute(params![a.scope, t.requests, t.tokens, a.horizon, held(&a.scope)])?;
     }
-    let Some((id, at, tokens)) = admitted else { return Ok(()) };
-    for scope in scopes {
-        tx.prepare_cached("INSERT INTO rate_events (scope, at, execution_id, tokens) VALUES (?1, ?2, ?3, ?4)")?.execute(params![scope, at, id, tokens])?;
-    }
+    let Some((at, tokens)) = admitted else { return Ok(()) };
     // The totals this admission did not move: a window scope whose horizon is ahead of this
     // call's clock (it counts the call if stamped after it), and a `max_concurrent` scope
     // without a window limit (a row made for it logs nothing, so its horizon is arbitrary).
@@ -834,17 +926,23 @@ fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admit
     Ok(())
 }
 
-/// Corrects a call's logged tokens to `tokens`, and the scope's totals if they count it; with
-/// `release` (1), also takes the call from the scope's calls in flight.
-fn rate_settle(tx: &Connection, scope: &str, e: &NewExecution, tokens: i64, release: i64) -> Result<()> {
-    tx.prepare_cached(
-        "UPDATE rate_totals SET in_flight = in_flight - ?5, tokens = tokens + iif(horizon < ?2, ?4
-             - COALESCE((SELECT tokens FROM rate_events WHERE scope = ?1 AND at = ?2 AND execution_id = ?3), ?4), 0)
-         WHERE scope = ?1 AND (horizon < ?2 OR ?5 != 0)",
-    )?
-    .execute(params![scope, e.started_at, e.id, tokens, release])?;
-    tx.prepare_cached("UPDATE rate_events SET tokens = ?4 WHERE scope = ?1 AND at = ?2 AND execution_id = ?3")?
-        .execute(params![scope, e.started_at, e.id, tokens])?;
+/// The tokens execution `id` is logged with (None: not logged), read before settlement
+/// writes the real ones (`COMPLETE_SQL`).
+fn logged_tokens(tx: &Connection, id: &str) -> Result<Option<i64>> {
+    Ok(tx.prepare_cached("SELECT rate_tokens FROM executions WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()?.flatten())
+}
+
+/// Adds `tokens_delta` (a call's real tokens less its logged estimate) to a scope's totals if
+/// they count the call (stamped at `at`, after their horizon); with `release` (1), also takes
+/// the call from the scope's calls in flight. Nothing changed, nothing written.
+fn rate_settle(tx: &Connection, scope: &str, at: Micros, tokens_delta: i64, release: i64) -> Result<()> {
+    if tokens_delta != 0 || release != 0 {
+        tx.prepare_cached(
+            "UPDATE rate_totals SET in_flight = in_flight - ?4, tokens = tokens + iif(horizon < ?2, ?3, 0)
+             WHERE scope = ?1 AND (horizon < ?2 OR ?4 != 0)",
+        )?
+        .execute(params![scope, at, tokens_delta, release])?;
+    }
     Ok(())
 }
 
@@ -857,8 +955,19 @@ fn release_slot(tx: &Connection, scope: &str) -> Result<()> {
 /// Admissions of a scope stamped after `since` (later stamps included), and their tokens:
 /// the dashboard's and CLI's view, read at any time rather than at an admission.
 fn window_use(c: &Connection, scope: &str, since: Micros) -> Result<RateUsage> {
-    Ok(c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM rate_events WHERE scope = ?1 AND at > ?2")?
-        .query_row(params![scope, since], |r| Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 }))?)
+    macro_rules! sql {
+        ($log:ident) => {
+            concat!("SELECT COUNT(*), COALESCE(SUM(e.rate_tokens), 0) FROM executions e WHERE ", in_log!($log), " AND ", stamped!("?2"))
+        };
+    }
+    let (sql, tenant) = Log::of(scope).pick([sql!(global), sql!(tenant)]);
+    let read = |r: &rusqlite::Row<'_>| Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 });
+    let mut stmt = c.prepare_cached(sql)?;
+    // ?1 (the scope) is bound but unused: the statements share `in_log!`'s ?3.
+    Ok(match tenant {
+        None => stmt.query_row(params![scope, since], read),
+        Some(t) => stmt.query_row(params![scope, since, t], read),
+    }?)
 }
 
 fn in_flight(c: &Connection, scope: &str) -> Result<i64> {
@@ -867,9 +976,19 @@ fn in_flight(c: &Connection, scope: &str) -> Result<i64> {
 
 /// A scope's admissions stamped after `since`, oldest first.
 fn window_events(c: &Connection, scope: &str, since: Micros) -> Result<Vec<(Micros, i64)>> {
-    Ok(c.prepare_cached("SELECT at, tokens FROM rate_events WHERE scope = ?1 AND at > ?2 ORDER BY at")?
-        .query_map(params![scope, since], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?)
+    macro_rules! sql {
+        ($log:ident) => {
+            concat!("SELECT e.started_at, e.rate_tokens FROM executions e WHERE ", in_log!($log), " AND ", stamped!("?2"), " ORDER BY e.started_at")
+        };
+    }
+    let (sql, tenant) = Log::of(scope).pick([sql!(global), sql!(tenant)]);
+    let read = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?));
+    let mut stmt = c.prepare_cached(sql)?;
+    let rows: rusqlite::Result<Vec<(Micros, i64)>> = match tenant {
+        None => stmt.query_map(params![scope, since], read)?.collect(),
+        Some(t) => stmt.query_map(params![scope, since, t], read)?.collect(),
+    };
+    Ok(rows?)
 }
 
 /// Releases reservations whose lease ran out (their process died) and closes their
@@ -1322,7 +1441,7 @@ impl Store for SqliteStore {
             let est = req.estimate;
             let (hard, warnings) = budget::evaluate(&checks, in_use, &est);
             if let Some(b) = hard {
-                insert_execution(tx, e)?;
+                insert_execution(tx, e, None)?;
                 complete_execution(tx, e, &blocked(&b, req.now), false, req.calendar)?;
                 return Ok(Admitted::Blocked(b));
             }
@@ -1336,7 +1455,7 @@ impl Store for SqliteStore {
             if let Some(b) = breach {
                 write_totals(tx, &rate_scopes, &advanced, None, None)?;
                 if req.record_rate_limited {
-                    insert_execution(tx, e)?;
+                    insert_execution(tx, e, None)?;
                     complete_execution(tx, e, &rate_limited(&b, req.now), false, req.calendar)?;
                 }
                 return Ok(Admitted::RateLimited(b));
@@ -1345,7 +1464,7 @@ impl Store for SqliteStore {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
                     write_totals(tx, &rate_scopes, &advanced, None, None)?;
-                    insert_execution(tx, e)?;
+                    insert_execution(tx, e, None)?;
                     complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
                 }
@@ -1360,8 +1479,8 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at, concurrency])?;
             }
-            write_totals(tx, &rate_scopes, &advanced, Some((&e.id, e.started_at, est.tokens)), concurrency.as_deref())?;
-            insert_execution(tx, e)?;
+            write_totals(tx, &rate_scopes, &advanced, Some((e.started_at, est.tokens)), concurrency.as_deref())?;
+            insert_execution(tx, e, log_bits(e, &rate_scopes)?.map(|bits| (bits, est.tokens)))?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
     }
@@ -1375,6 +1494,8 @@ impl Store for SqliteStore {
         let c = req.completion;
         self.write(|tx| {
             self.keyed_like(tx, req.calendar)?;
+            // Read before the row is closed with the real tokens.
+            let logged = if req.rate_scopes.is_empty() { None } else { logged_tokens(tx, &e.id)? };
             complete_execution(tx, e, c, req.store_details, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
@@ -1405,11 +1526,12 @@ impl Store for SqliteStore {
                 })
                 .collect();
             bump(tx, &changes)?;
-            // The logged estimate becomes the real usage, in the totals too if they count it, and
-            // the call leaves its max_concurrent scope's calls in flight (in the same write when
-            // that scope is rate-limited too).
+            // The logged estimate became the real usage as the row was closed; the totals that
+            // count the call follow, and the call leaves its max_concurrent scope's calls in
+            // flight (in the same write when that scope is rate-limited too).
+            let tokens_delta = logged.map_or(0, |l| budget::recorded(c).tokens - l);
             for scope in req.rate_scopes {
-                rate_settle(tx, scope, e, budget::recorded(c).tokens, i64::from(slot.as_deref() == Some(scope)))?;
+                rate_settle(tx, scope, e.started_at, tokens_delta, i64::from(slot.as_deref() == Some(scope)))?;
             }
             if let Some(scope) = slot.filter(|s| !req.rate_scopes.contains(s)) {
                 release_slot(tx, &scope)?;
@@ -1878,7 +2000,7 @@ mod tests {
                 let (mut n, mut longest) = (0, Duration::ZERO);
                 while started.elapsed() < run_for {
                     let waited = lock_waits::so_far().1;
-                    store.write(|tx| (0..4).try_for_each(|k| insert_execution(tx, &execution(&format!("{n:09}-{k}"), t0 + n)))).unwrap();
+                    store.write(|tx| (0..4).try_for_each(|k| insert_execution(tx, &execution(&format!("{n:09}-{k}"), t0 + n), None))).unwrap();
                     longest = longest.max(lock_waits::so_far().1 - waited);
                     n += 1;
                 }
@@ -1983,7 +2105,19 @@ mod tests {
         let path = dir.path().join("t.db");
         let path = path.to_str().unwrap();
         let store = SqliteStore::open(path, "UTC").unwrap();
-        let sql = |s: &str| Connection::open(path).unwrap().execute_batch(s).unwrap();
+        let sql = |s: &str| {
+            let c = Connection::open(path).unwrap();
+            // The database from before the rollups that the test makes last (setting the schema
+            // version back) predates migration 16 too, whose columns cannot be added twice.
+            if s.starts_with("UPDATE schema_version") {
+                c.execute_batch(
+                    "ALTER TABLE executions DROP COLUMN rate_scopes; ALTER TABLE executions DROP COLUMN rate_tokens;
+                     CREATE TABLE rate_events (scope TEXT, at INTEGER, execution_id TEXT, tokens INTEGER)",
+                )
+                .unwrap();
+            }
+            c.execute_batch(s).unwrap()
+        };
         let open_again = || Box::new(SqliteStore::open(path, "UTC").unwrap()) as Box<dyn Store>;
         super::super::rollups::tests::rollups_answer_like_rows(&store, &sql, &open_again);
     }
@@ -2071,7 +2205,8 @@ mod tests {
                 "DROP TABLE settings; ALTER TABLE executions DROP COLUMN cache_write_tokens;
                  ALTER TABLE executions DROP COLUMN cache_read_cost; ALTER TABLE executions DROP COLUMN cache_write_cost;
                  ALTER TABLE executions DROP COLUMN time_to_first_token_ms;
-                 DROP TABLE tenants; DROP TABLE rate_totals; DROP TABLE rate_events; ALTER TABLE reservations DROP COLUMN concurrency_scope;
+                 DROP TABLE tenants; DROP TABLE rate_totals; ALTER TABLE reservations DROP COLUMN concurrency_scope;
+                 ALTER TABLE executions DROP COLUMN rate_scopes; ALTER TABLE executions DROP COLUMN rate_tokens;
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
@@ -2130,6 +2265,101 @@ mod tests {
         assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
         assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
         assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
+    }
+
+    /// The rate limits' logs are the executions rows (migration 16): the global log and each
+    /// tenant's hold their own admissions only, found by ranges of the primary key and of
+    /// `executions_tenant` (never a scan of the table), across windows that move.
+    #[test]
+    fn each_log_counts_its_own_admissions_through_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap();
+        let cal = Calendar::new("UTC").unwrap();
+        let global = GlobalBudgets { limits: Limits { rpm: Some(3), ..Default::default() }, ..Default::default() };
+        let limits = |t: &str| TenantBudget { tenant_id: t.into(), limits: Limits { rpm: Some(2), ..Default::default() }, ..Default::default() };
+        let (a, b) = (limits("a"), limits("b"));
+        let t0 = 1_800_000_000_000_000;
+        let admit = |tenant: &TenantBudget, now: Micros| {
+            let e = NewExecution { tenant_id: Some(tenant.tenant_id.clone()), ..execution(&crate::execution::new_id(now), now) };
+            let plan = Plan { global: &global, agent: "A", tenant_id: Some(&tenant.tenant_id), tenant_override: Some(tenant) };
+            match store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap() {
+                Admitted::Go { .. } => "go",
+                Admitted::RateLimited(r) => r.check.name,
+                other => panic!("{other:?}"),
+            }
+        };
+        let minute = 60_000_000;
+        assert_eq!([admit(&a, t0), admit(&b, t0 + 1), admit(&a, t0 + 2), admit(&b, t0 + 3)], ["go", "go", "go", "global_rpm"]);
+        let t1 = t0 + minute + 1;
+        assert_eq!([admit(&a, t1), admit(&a, t1 + 1), admit(&a, t1 + 2), admit(&b, t1 + 3)], ["go", "go", "tenant_rpm", "go"]);
+        let t2 = t1 + minute / 2;
+        assert_eq!([admit(&b, t2), admit(&a, t2 + 1)], ["global_rpm", "global_rpm"]);
+        let t3 = t1 + minute + 2;
+        // b's admission at t1 + 3 leaves the window at t3 + 1.
+        assert_eq!([admit(&b, t3), admit(&b, t3 + 1), admit(&b, t3 + 2)], ["go", "go", "tenant_rpm"]);
+        let used = |scope: &str, now: Micros| store.rate_usage(scope, now - minute).unwrap().requests;
+        assert_eq!([used("global", t3 + 1), used("tenant:a", t3 + 1), used("tenant:b", t3 + 1)], [2, 0, 2]);
+        // Later stamps count too.
+        assert_eq!([used("global", t1 + 3), used("tenant:a", t1 + 3), used("tenant:b", t1 + 3)], [5, 2, 3]);
+        // Each statement that reads a log searches an index for it.
+        let c = Connection::open(&path).unwrap();
+        for sql in [totals_sql!(global), totals_sql!(tenant)] {
+            let mut explain = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let unbound = rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, explain.parameter_count()));
+            let plan: Vec<String> = explain.query_map(unbound, |r| r.get(3)).unwrap().collect::<rusqlite::Result<_>>().unwrap();
+            assert!(plan.iter().all(|p| p.starts_with("SEARCH")), "{sql}: {plan:?}");
+            assert!(plan.iter().any(|p| p.contains(if sql.contains("?3") { "INDEX executions_tenant (tenant_id=? AND id>? AND id<?)" } else { "PRIMARY KEY (id>? AND id<?)" })), "{plan:?}");
+        }
+    }
+
+    /// Migration 16 moves the admissions logged before it into the executions rows and
+    /// restarts the totals behind a horizon past the migration: an admission right after it
+    /// still counts them (one whose id was minted a millisecond after its stamp included),
+    /// and once the window has moved past the horizon the totals carry on from the log.
+    #[test]
+    fn the_admissions_logged_before_migration_16_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let path = path.to_str().unwrap();
+        drop(SqliteStore::open(path, "UTC").unwrap());
+        let cal = Calendar::new("UTC").unwrap();
+        let global = GlobalBudgets { limits: Limits { rpm: Some(3), ..Default::default() }, ..Default::default() };
+        let now = now_micros();
+        // What migration 15 left after three admissions: rows in the log, totals counting them.
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(
+            "ALTER TABLE executions DROP COLUMN rate_scopes; ALTER TABLE executions DROP COLUMN rate_tokens;
+             CREATE TABLE rate_events (scope TEXT NOT NULL, at INTEGER NOT NULL, execution_id TEXT NOT NULL, tokens INTEGER NOT NULL,
+                 PRIMARY KEY (scope, at, execution_id)) WITHOUT ROWID;
+             UPDATE schema_version SET version = 15",
+        )
+        .unwrap();
+        for (i, at) in [now - 3_000, now - 2_000, now - 1_500].into_iter().enumerate() {
+            let id = crate::execution::new_id(at + if i == 2 { 1_000 } else { 0 });
+            c.execute(
+                "INSERT INTO executions (id, agent, model_id, provider, status, started_at) VALUES (?1, 'A', 'mock/x', 'mock', 'success', ?2)",
+                params![id, at],
+            )
+            .unwrap();
+            c.execute("INSERT INTO rate_events VALUES ('global', ?1, ?2, 10)", params![at, id]).unwrap();
+        }
+        c.execute("INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES ('global', 3, 30, ?1)", [now - 3_000 - 60_000_000]).unwrap();
+        drop(c);
+        let store = SqliteStore::open(path, "UTC").unwrap();
+        let admit = |now: Micros| {
+            let e = execution(&crate::execution::new_id(now), now);
+            match store.admit(&request(&e, untenanted(&global), budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap() {
+                Admitted::Go { .. } => None,
+                Admitted::RateLimited(r) => Some(r.current),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(admit(now), Some(3));
+        assert_eq!(store.rate_usage("global", now - 60_000_000).unwrap(), RateUsage { requests: 3, tokens: 30, in_flight: 0 });
+        // The moved admissions left the window; the horizon is passed a window on.
+        let later = now + 62_000_000;
+        assert_eq!([admit(later), admit(later + 1), admit(later + 2), admit(later + 3)], [None, None, None, Some(3)]);
     }
 
     /// `rate_totals.in_flight` counts the calls holding a `max_concurrent` slot: an admission
