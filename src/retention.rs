@@ -185,6 +185,15 @@ mod tests {
         assert!(!Retention::default().is_set());
     }
 
+    /// SQLite's rate limits log their admissions in the executions rows and read them up to two
+    /// windows back: the shortest retention deletes none of those.
+    #[test]
+    fn no_retention_deletes_an_admission_a_rate_limit_still_reads() {
+        let now = 1_800_000_000_000_000;
+        let (_, deleted_before) = Retention::new(None, Some(1)).unwrap().cutoffs(now);
+        assert!(deleted_before.unwrap() < now - 2 * crate::ratelimit::MAX_WINDOW.as_micros() as Micros);
+    }
+
     #[test]
     fn batches_are_sized_to_hold_the_database_about_batch_time() {
         assert_eq!(next_batch(500, BATCH_TIME * 10), 50);

@@ -25,9 +25,13 @@ use crate::budget::{Limits, Plan, TenantBudget};
 use crate::clock::Micros;
 use crate::error::{config_err, Result};
 
-/// The window's length, seconds (1 to 3600); tests shorten it. Default: a minute.
+/// The window's length, seconds (1 to `MAX_WINDOW`); tests shorten it. Default: a minute.
 pub const WINDOW_ENV: &str = "TENANTLLM_RATE_WINDOW_SECONDS";
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+/// The longest window. An admission reads the log up to two windows back (`Step::Behind`), so
+/// on SQLite, whose log is the executions rows, retention (a day at the least) never deletes
+/// an admission still read.
+pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
 /// The largest `rpm_limit` / `global_rpm`.
 pub const MAX_RPM: i64 = 1_000_000_000;
 /// The largest `tpm_limit` / `global_tpm`.
@@ -66,8 +70,8 @@ pub fn window_from_env() -> Result<Duration> {
     match std::env::var(WINDOW_ENV) {
         Err(_) => Ok(DEFAULT_WINDOW),
         Ok(v) => match v.trim().parse::<f64>() {
-            Ok(s) if (1.0..=3600.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
-            _ => config_err(format!("{WINDOW_ENV} must be a number of seconds from 1 to 3600 (got {v:?})")),
+            Ok(s) if (1.0..=MAX_WINDOW.as_secs_f64()).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            _ => config_err(format!("{WINDOW_ENV} must be a number of seconds from 1 to {} (got {v:?})", MAX_WINDOW.as_secs())),
         },
     }
 }
