@@ -56,8 +56,12 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("tenantllm-pg-{i}"))
                 .spawn(move || {
-                    // A poisoned lock still holds a usable receiver (jobs run outside it).
-                    while let Ok(job) = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    loop {
+                        // The lock is held only while waiting for a job, never while one runs
+                        // (a poisoned lock still holds a usable receiver). A `while let` on
+                        // `recv()` kept its guard for the whole body: one job at a time.
+                        let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(job) = next else { break };
                         let _quiet = quiet();
                         // The connection used last: one after another, operations keep using one
                         // connection; more open only under concurrency.

@@ -724,3 +724,39 @@ fn a_row_closed_again_moves_in_the_rollups() {
     let calls = |status: &str| db.scalar(&format!("SELECT COALESCE(SUM(calls), 0)::BIGINT FROM daily_rollups WHERE status = '{status}'"));
     assert_eq!((calls("success"), calls("error")), (0, 1));
 }
+
+/// One process's operations run at once, on at most pool_size connections: with pool_size=2,
+/// each of four threads' reads waits (up to 10 s) until two are inside, and never sees three.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn operations_of_one_process_run_at_once_up_to_the_pool_size() {
+    let db = TestDb::new();
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let store = Arc::new(PostgresStore::open(&format!("{}{sep}pool_size=2", db.url), "UTC").unwrap());
+    let inside = Arc::new((std::sync::Mutex::new((0, 0)), std::sync::Condvar::new()));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, inside) = (store.clone(), inside.clone());
+            std::thread::spawn(move || {
+                store
+                    .read(|db| {
+                        db.query("SELECT 1", &[])?;
+                        let (lock, changed) = &*inside;
+                        let mut n = lock.lock().unwrap();
+                        n.0 += 1;
+                        n.1 = n.1.max(n.0);
+                        changed.notify_all();
+                        let (mut n, _) = changed.wait_timeout_while(n, Duration::from_secs(10), |n| n.1 < 2).unwrap();
+                        let met = n.1 >= 2;
+                        n.0 -= 1;
+                        Ok(met)
+                    })
+                    .unwrap()
+            })
+        })
+        .collect();
+    let met: Vec<bool> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(met, [true; 4]);
+    assert_eq!(inside.0.lock().unwrap().1, 2);
+    assert_eq!(db.scalar(&format!("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()", db.name)), 2);
+}
