@@ -1,5 +1,6 @@
-//! Connections: the threads that run database work (and are the pool), the URL options the
-//! store reads itself, how failures are told apart, and the retries of `read`, `write` and `call`.
+//! Connections: where database work runs (the calling thread or the store's own threads) and
+//! the connections it takes, the URL options the store reads itself, how failures are told
+//! apart, and the retries of `read`, `write` and `call`.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{mpsc, Arc};
@@ -33,57 +34,133 @@ pub(super) const DEAD_PEER: Duration = Duration::from_secs(30);
 
 pub(super) type Job = Box<dyn FnOnce(&mut Slot) + Send + 'static>;
 
-/// OS threads that run the store's database work, off any tokio runtime. They share the idle
-/// connections (at most one per thread), so the threads are the pool: an operation never waits
-/// for a connection, only for a thread, and no pool runs threads of its own that a fork could
+/// Where the store's database work runs. A calling thread that may block runs its operation
+/// itself (see `run`); one that must not (a tokio task, a current-thread runtime) hands it to
+/// the store's own OS threads. Either way it takes one of the shared idle connections, and no
+/// more than the pool size take one at once. No pool runs threads of its own that a fork could
 /// catch at work (r2d2's parked in parking_lot's per-process table, whose bucket locks a fork
 /// could copy held).
 pub(super) struct Workers {
-    pub(super) queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<Job>,
+    pool: Arc<Pool>,
+}
+
+/// The connections: the idle ones, and how many more operations may take one.
+struct Pool {
+    config: Arc<Connect>,
+    // std locks, not parking_lot's: waiters park in one table per process whose bucket locks a
+    // fork() can catch held (the child then hangs when it starts threads of its own).
+    idle: std::sync::Mutex<Vec<Conn>>,
+    free: std::sync::Mutex<u32>,
+    freed: std::sync::Condvar,
+}
+
+impl Pool {
+    /// Runs `f` with a connection slot: the connection used last (one operation after another
+    /// keeps using one connection; more open only under concurrency), once fewer than the pool
+    /// size hold one. Inside the fork gate (`quiet`).
+    fn with_slot<T>(&self, f: impl FnOnce(&mut Slot) -> T) -> T {
+        let _permit = self.permit();
+        let _quiet = quiet();
+        let mut lent = Lent { idle: &self.idle, slot: Slot { config: self.config.clone(), conn: unpoisoned(self.idle.lock()).pop() } };
+        f(&mut lent.slot)
+    }
+
+    fn permit(&self) -> Permit<'_> {
+        let mut free = unpoisoned(self.free.lock());
+        while *free == 0 {
+            free = unpoisoned(self.freed.wait(free));
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+/// One operation's right to a connection, given back when dropped.
+struct Permit<'a>(&'a Pool);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *unpoisoned(self.0.free.lock()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// A slot whose connection, still open, goes back to the idle ones when dropped (also when
+/// the operation panicked: its transaction, if any, was rolled back by `Open`'s drop).
+struct Lent<'a> {
+    idle: &'a std::sync::Mutex<Vec<Conn>>,
+    slot: Slot,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.slot.conn.take().filter(|c| !c.client.is_closed()) {
+            unpoisoned(self.idle.lock()).push(conn);
+        }
+    }
+}
+
+/// Closing a connection runs its client's runtime, which must not happen on a tokio thread
+/// (where a store may be dropped): a worker thread closes the idle ones.
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *unpoisoned(self.pool.idle.lock()));
+        drop(self.queue.send(Box::new(move |_: &mut Slot| drop(idle))));
+    }
 }
 
 impl Workers {
     pub(super) fn start(n: u32, connect: Connect) -> Result<Workers> {
         let (queue, jobs) = mpsc::channel::<Job>();
-        // A std mutex, not parking_lot's: idle workers wait on it, and parking_lot parks
-        // waiters in one table per process whose bucket locks a fork() can catch held (the
-        // child then hangs when it starts threads of its own).
         let jobs = Arc::new(std::sync::Mutex::new(jobs));
-        let config = Arc::new(connect);
-        let idle: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
+        let pool = Arc::new(Pool {
+            config: Arc::new(connect),
+            idle: std::sync::Mutex::default(),
+            free: std::sync::Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        });
         for i in 0..n {
-            let (jobs, config, idle) = (jobs.clone(), config.clone(), idle.clone());
+            let (jobs, pool) = (jobs.clone(), pool.clone());
             std::thread::Builder::new()
                 .name(format!("tenantllm-pg-{i}"))
                 .spawn(move || {
+                    // The lock is held only while waiting for a job, never while one runs (a
+                    // poisoned lock still holds a usable receiver). Until the store is dropped.
                     loop {
-                        // The lock is held only while waiting for a job, never while one runs
-                        // (a poisoned lock still holds a usable receiver). A `while let` on
-                        // `recv()` kept its guard for the whole body: one job at a time.
                         let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok(job) = next else { break };
-                        let _quiet = quiet();
-                        // The connection used last: one after another, operations keep using one
-                        // connection; more open only under concurrency.
-                        let mut slot = Slot { config: config.clone(), conn: unpoisoned(idle.lock()).pop() };
-                        job(&mut slot);
-                        if let Some(conn) = slot.conn.take().filter(|c| !c.client.is_closed()) {
-                            unpoisoned(idle.lock()).push(conn);
-                        }
+                        pool.with_slot(job);
                     }
-                    // The store was dropped: the last thread out closes the idle connections.
-                    let _quiet = quiet();
-                    drop(idle);
                 })
                 .map_err(|e| Error::Store(format!("cannot start the PostgreSQL store's threads: {e}")))?;
         }
-        Ok(Workers { queue })
+        Ok(Workers { queue, pool })
     }
 
-    /// Runs `f` on a worker thread, with a connection, and waits for it; a
-    /// panic in `f` continues here. Never called from a worker (it would wait on itself when
-    /// all are busy).
+    /// Runs `f` with a connection and returns its result; a panic in `f` continues here.
+    ///
+    /// The `postgres` client drives each connection with a private tokio runtime, which must
+    /// not be entered from inside another runtime. A thread outside any runtime runs `f`
+    /// itself. So does the thread of a multi-threaded runtime's `block_on` (where the engine's
+    /// sync calls run), after leaving the runtime with `block_in_place`: handing an operation
+    /// to another thread and back costs two more thread wake-ups, each a wait for a CPU on a
+    /// busy machine. A tokio task (async calls) or a current-thread runtime cannot leave its
+    /// runtime: `f` goes to a worker thread, and this thread waits for it.
     pub(super) fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Slot) -> T + Send) -> T {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current() {
+            Err(_) => self.pool.with_slot(f),
+            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread && tokio::task::try_id().is_none() => {
+                tokio::task::block_in_place(|| self.pool.with_slot(f))
+            }
+            Ok(_) => self.on_worker(f),
+        }
+    }
+
+    /// Runs `f` on a worker thread and waits for it. Never called from a worker (it would
+    /// wait on itself when all are busy).
+    fn on_worker<T: Send + 'static>(&self, f: impl FnOnce(&mut Slot) -> T + Send) -> T {
         let (done, result) = mpsc::sync_channel::<std::thread::Result<T>>(1);
         let job: Box<dyn FnOnce(&mut Slot) + Send + '_> = Box::new(move |slot: &mut Slot| {
             let _ = done.send(panic::catch_unwind(AssertUnwindSafe(|| f(slot))));

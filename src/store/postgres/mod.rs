@@ -11,8 +11,8 @@
 //!
 //! Threads: the `postgres` client drives its connection with a private tokio runtime and
 //! panics when called from inside another runtime, which is where the engine calls the store.
-//! So every database operation runs on the store's own OS threads (`Workers`); the calling
-//! thread waits for its result.
+//! So a database operation runs on the calling thread once it has left the engine's runtime
+//! (a sync call), or else on the store's own OS threads while the caller waits (`Workers`).
 //!
 //! Connection loss: a transaction interrupted before its commit was sent did not happen, so
 //! it runs again on a fresh connection. When the connection drops during the commit itself,

@@ -725,6 +725,25 @@ fn a_row_closed_again_moves_in_the_rollups() {
     assert_eq!((calls("success"), calls("error")), (0, 1));
 }
 
+/// A sync call runs its database work on its own thread: outside any runtime, and inside a
+/// multi-threaded runtime's `block_on` (where the engine runs sync calls); only a tokio task
+/// hands it to the store's threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+async fn operations_run_on_the_calling_thread_unless_it_is_a_task() {
+    let db = TestDb::new();
+    let store = Arc::new(db.open());
+    let runs_on = |store: &PostgresStore| store.read(|_| Ok(std::thread::current().id())).unwrap();
+    assert_eq!(runs_on(&store), std::thread::current().id());
+    let s = store.clone();
+    let (caller, ran) = std::thread::spawn(move || (std::thread::current().id(), runs_on(&s))).join().unwrap();
+    assert_eq!(caller, ran);
+    let s = store.clone();
+    let name = tokio::spawn(async move { s.read(|_| Ok(std::thread::current().name().map(String::from))).unwrap() }).await.unwrap();
+    assert!(name.as_deref().is_some_and(|n| n.starts_with("tenantllm-pg-")), "{name:?}");
+    tokio::spawn(async move { drop(store) }).await.unwrap();
+}
+
 /// One process's operations run at once, on at most pool_size connections: with pool_size=2,
 /// each of four threads' reads waits (up to 10 s) until two are inside, and never sees three.
 #[test]
