@@ -3,7 +3,8 @@
 //! `details_days` and are deleted after `executions_days`. Applied by `tl.purge()` and, when
 //! configured, by one background thread per engine, in batches (`store::retention`) sized to
 //! hold the database a couple of milliseconds, with a pause between them at least as long, so
-//! calls get the database in between. Counters, budgets and rollups are never touched.
+//! calls get the database in between (on SQLite a batch also stands aside, between two chunks
+//! of a few rows, for calls waiting to write). Counters, budgets and rollups are never touched.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};

@@ -173,7 +173,7 @@ pub trait Store: Send + Sync {
     fn breaker_reset(&self, key: &BreakerKey) -> Result<()>;
     fn breakers_not_closed(&self) -> Result<Vec<BreakerStatus>>;
 
-    /// One batch of retention (see `retention`), each kind in its own short transaction:
+    /// One batch of retention (see `retention`), each kind in short transactions of its own:
     /// deletes up to `limit` settled executions that started before `executions_before`,
     /// then clears the details of up to `limit` executions that started before
     /// `details_before`. Returns how many of each; fewer than `limit` means that kind is done.
