@@ -189,9 +189,9 @@ pub trait Store: Send + Sync {
     /// Today's failed and refused calls per tenant, those started from `day_start` on (a
     /// partial index of such calls; the dashboard's list of tenants, `tenant_list::list`).
     fn problems_since(&self, day_start: Micros) -> Result<Vec<tenant_list::Problems>>;
-    /// The `limit` tenants that spent most over these counter periods (None: every month),
-    /// with their usage summed over them, most first: the dashboard's spend by tenant.
-    fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>>;
+    /// The `limit` tenants that spent most in one counter period ("2026-12", "2026-12-02"),
+    /// with their usage, most first: the dashboard's spend by tenant.
+    fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>>;
 
     /// Whether this is a SQLite database file, which other SQLite users in the process (Python's
     /// `sqlite3`) may open too.

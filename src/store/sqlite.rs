@@ -1712,11 +1712,13 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt
                 .query_map(params![prefix, period_key], |r| {
-                    let scope: String = r.get(0)?;
+                    // Every scope in the range starts with the prefix: cut in place.
+                    let mut scope: String = r.get(0)?;
+                    scope.replace_range(..prefix.len(), "");
                     Ok((scope, budget::Usage { cost: Nanos(r.get(1)?), tokens: r.get(2)?, executions: r.get(3)? }))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows.into_iter().map(|(s, u)| (s[prefix.len()..].to_string(), u)).collect())
+            Ok(rows)
         })
     }
 
@@ -1926,14 +1928,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
-        let sql = tenant_list::top_tenants_sql(periods, &SQLITE_LIST, |c| format!("SUM({c})"));
-        let mut args: Vec<SqlValue> = periods.unwrap_or_default().iter().map(|p| SqlValue::Text(p.clone())).collect();
-        args.push(SqlValue::Integer(limit));
+    fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&sql)?;
+            let mut stmt = c.prepare_cached(&tenant_list::top_tenants_sql(&SQLITE_LIST))?;
             let rows = stmt
-                .query_map(params_from_iter(args.iter()), |r| {
+                .query_map(params![period_key, limit], |r| {
                     Ok((r.get(0)?, budget::Usage { cost: Nanos(r.get(1)?), tokens: r.get(2)?, executions: r.get(3)? }))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -251,8 +251,8 @@ pub fn all(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<TenantListRow>>
 }
 
 /// Every tenant the query may list, by id, with its reads joined: a scoped query reads its
-/// tenant's rows alone; otherwise each whole read, sorted by id, is merged in one pass
-/// (no hashing, no lookups).
+/// tenant's rows alone; otherwise the whole reads, each sorted by id, are merged in one pass
+/// (no hashing, no lookups, each entry built and moved once).
 fn entries(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<Entry>> {
     let mut entries = match &q.tenant_id {
         Some(t) => {
@@ -269,14 +269,45 @@ fn entries(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<Entry>> {
             }]
         }
         None => {
-            let entries = merge_in(Vec::new(), store.tenants()?, |s| &s.id, |e, s| {
-                e.seen_name = s.name;
-                e.last_used_at = Some(s.last_used_at);
-            });
-            let entries = merge_in(entries, store.budget_all()?, |b| &b.tenant_id, |e, b| e.budget = Some(b));
-            let entries = merge_in(entries, store.usage_by_scope("tenant:", &q.month)?, |(t, _)| t, |e, (_, u)| e.month = u);
-            // Today's usage is part of the month's: no tenant is added here.
-            merge_in(entries, store.usage_by_scope("tenant:", &q.day)?, |(t, _)| t, |e, (_, u)| e.today = u)
+            let mut seen = store.tenants()?;
+            let mut budgets = store.budget_all()?;
+            let mut month = store.usage_by_scope("tenant:", &q.month)?;
+            let mut today = store.usage_by_scope("tenant:", &q.day)?;
+            // A store's order may follow a collation: sorted by id here (one pass if it is).
+            seen.sort_by(|a, b| a.id.cmp(&b.id));
+            budgets.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+            month.sort_by(|a, b| a.0.cmp(&b.0));
+            today.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut seen = seen.into_iter().peekable();
+            let mut budgets = budgets.into_iter().peekable();
+            let mut month = month.into_iter().peekable();
+            let mut today = today.into_iter().peekable();
+            let mut entries = Vec::with_capacity(seen.len().max(budgets.len()).max(month.len()));
+            // Each entry is built once, for the smallest id left in the register, the budgets
+            // and the month's counters, from each that has it.
+            while let Some(id) = [seen.peek().map(|s| &s.id), budgets.peek().map(|b| &b.tenant_id), month.peek().map(|m| &m.0)]
+                .into_iter()
+                .flatten()
+                .min()
+                .cloned()
+            {
+                let mut e = Entry { id, ..Entry::default() };
+                if let Some(s) = seen.next_if(|s| s.id == e.id) {
+                    e.seen_name = s.name;
+                    e.last_used_at = Some(s.last_used_at);
+                }
+                e.budget = budgets.next_if(|b| b.tenant_id == e.id);
+                if let Some((_, u)) = month.next_if(|m| m.0 == e.id) {
+                    e.month = u;
+                }
+                // Today's usage is part of the month's: a tenant with some has an entry.
+                while today.next_if(|d| d.0 < e.id).is_some() {}
+                if let Some((_, u)) = today.next_if(|d| d.0 == e.id) {
+                    e.today = u;
+                }
+                entries.push(e);
+            }
+            entries
         }
     };
     let find = |entries: &mut [Entry], t: &str| entries.binary_search_by(|e| e.id.as_str().cmp(t)).ok();
@@ -294,25 +325,6 @@ fn entries(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// `entries` (in id order) with each of `items` set on the entry of its tenant id, a new one
-/// where there is none. The items are sorted by id first: a store's order may follow a
-/// collation, and sorting what is already sorted is one pass.
-fn merge_in<T>(entries: Vec<Entry>, mut items: Vec<T>, id: fn(&T) -> &String, set: impl Fn(&mut Entry, T)) -> Vec<Entry> {
-    items.sort_by(|a, b| id(a).cmp(id(b)));
-    let mut out = Vec::with_capacity(entries.len().max(items.len()));
-    let mut old = entries.into_iter().peekable();
-    for item in items {
-        while let Some(e) = old.next_if(|e| &e.id < id(&item)) {
-            out.push(e);
-        }
-        let mut e = old.next_if(|e| &e.id == id(&item)).unwrap_or_else(|| Entry { id: id(&item).clone(), ..Entry::default() });
-        set(&mut e, item);
-        out.push(e);
-    }
-    out.extend(old);
-    out
-}
-
 /// The entries the query's search and filters keep, in its order.
 fn ordered(entries: &[Entry], q: &TenantListQuery) -> Vec<Kept> {
     let needle = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_lowercase);
@@ -321,7 +333,7 @@ fn ordered(entries: &[Entry], q: &TenantListQuery) -> Vec<Kept> {
         .enumerate()
         .filter(|(_, e)| {
             needle.as_deref().is_none_or(|n| {
-                let has = |s: Option<&str>| s.is_some_and(|s| s.to_lowercase().contains(n));
+                let has = |s: Option<&str>| s.is_some_and(|s| contains_folded(s, n));
                 has(Some(&e.id)) || has(e.seen_name.as_deref()) || has(e.budget.as_ref().and_then(|b| b.name.as_deref()))
             })
         })
@@ -330,6 +342,19 @@ fn ordered(entries: &[Entry], q: &TenantListQuery) -> Vec<Kept> {
         .collect();
     kept.sort_by(|a, b| order(q, entries, a, b).then(a.at.cmp(&b.at)));
     kept
+}
+
+/// Whether `hay` contains `needle` (lower-cased, not empty) in any case; without allocating
+/// when both are ASCII (50,000 tenants' ids and names on every search).
+fn contains_folded(hay: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    if hay.is_ascii() && needle.is_ascii() {
+        hay.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    } else {
+        hay.to_lowercase().contains(needle)
+    }
 }
 
 /// The name the app gave (the register's), else its budget's.
@@ -411,21 +436,25 @@ fn order(q: &TenantListQuery, entries: &[Entry], a: &Kept, b: &Kept) -> Ordering
     }
 }
 
-/// `Store::top_tenants`' query, with `periods` placeholders (none: every month, listed by
-/// the global counters, which every call adds to) and the limit's.
-pub(crate) fn top_tenants_sql(periods: Option<&[String]>, d: &Dialect, sum: fn(&str) -> String) -> String {
-    let chosen = match periods {
-        Some(ps) => (1..=ps.len()).map(d.placeholder).collect::<Vec<_>>().join(", "),
-        None => "SELECT period FROM usage_counters WHERE scope = 'global' AND length(period) = 7".to_string(),
-    };
-    let limit = (d.placeholder)(periods.map_or(0, <[String]>::len) + 1);
+/// `Store::top_tenants`' query: one period's range of the tenant counters (two placeholders:
+/// the period key, the limit), one row per tenant, so nothing is summed.
+pub(crate) fn top_tenants_sql(d: &Dialect) -> String {
     format!(
-        "SELECT substr(scope, 8), {}, {}, {} FROM usage_counters \
-         WHERE period IN ({chosen}) AND scope >= 'tenant:' AND scope < 'tenant;' \
-         GROUP BY scope ORDER BY SUM(cost) DESC, scope LIMIT {limit}",
-        sum("cost"),
-        sum("tokens"),
-        sum("executions")
+        "SELECT substr(scope, 8), cost, tokens, executions FROM usage_counters \
+         WHERE period = {} AND scope >= 'tenant:' AND scope < 'tenant;' ORDER BY cost DESC, scope LIMIT {}",
+        (d.placeholder)(1),
+        (d.placeholder)(2)
     )
 }
 
+#[cfg(test)]
+mod tests {
+    use super::contains_folded;
+
+    #[test]
+    fn search_ignores_case_ascii_or_not() {
+        assert!(contains_folded("Acme Corp", "corp") && contains_folded("ACME", "acme") && contains_folded("x", ""));
+        assert!(!contains_folded("acme", "acmex") && !contains_folded("ac", "acme"));
+        assert!(contains_folded("École Ltd", "éc") && contains_folded("Straße", "straße") && !contains_folded("École", "x"));
+    }
+}

@@ -30,9 +30,9 @@ PERIODS: dict[str, tuple[str, list[Op]]] = {
     "all": ("All time", []),
 }
 # The overview's periods: those whose spend by tenant is one period of the tenant counters
-# (`Engine.top_tenants`' kind), a range of one table. A rolling window of days sums a counter
-# per tenant and day: 30 days of 50,000 tenants took seconds.
-OVERVIEW_PERIODS: dict[str, str] = {"today": "days", "month": "month", "last_month": "last_month"}
+# (`Engine.top_tenants`' periods), a range of one table. A rolling window of days sums a
+# counter per tenant and day: 30 days of 50,000 tenants took seconds.
+OVERVIEW_PERIODS = ("today", "month", "last_month")
 TOP_TENANTS = 11  # the spend-by-tenant chart's bars besides OTHER_TENANTS
 OTHER_TENANTS = "(all others)"  # other tenants and calls without one
 STATUSES = ("success", "error", "timeout", "blocked", "short_circuited", "rate_limited", "cancelled", "running")
@@ -112,7 +112,7 @@ def overview(engine: Engine, period: str, tenant: str | None) -> Overview:
     if tenant is None:
         # The biggest spenders from the counters (at 50,000 tenants nearly every call is its
         # own rollup row); the rest in one row, so the bars still add up to the period's cost.
-        by_tenant = [(t, u["cost"]) for t, u in engine.top_tenants(OVERVIEW_PERIODS[period], TOP_TENANTS, 1)]
+        by_tenant = [(t, u["cost"]) for t, u in engine.top_tenants(period, TOP_TENANTS)]
         rest = cost - sum((v for _, v in by_tenant), Decimal(0))
         if rest > 0:
             by_tenant.append((OTHER_TENANTS, rest))

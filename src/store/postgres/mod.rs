@@ -234,7 +234,7 @@ impl Store for PostgresStore {
         tenant_list::problems_since(self, day_start)
     }
 
-    fn top_tenants(&self, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
-        tenant_list::top_tenants(self, periods, limit)
+    fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
+        tenant_list::top_tenants(self, period_key, limit)
     }
 }

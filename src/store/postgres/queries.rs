@@ -200,8 +200,8 @@ pub(super) fn usage_by_scope(store: &PostgresStore, prefix: &str, period_key: &s
         )?;
         rows.iter()
             .map(|r| {
-                let scope: String = r.try_get(0)?;
-                Ok((scope[prefix.len()..].to_string(), usage_at(r, 1)?))
+                let scope: &str = r.try_get(0)?;
+                Ok((scope[prefix.len()..].to_owned(), usage_at(r, 1)?))
             })
             .collect()
     })

@@ -1,7 +1,6 @@
 //! The dashboard's tenants list (today's problems) and spend by tenant (`crate::store::tenant_list`).
 
 use super::counters::usage_at;
-use super::db::Param;
 use super::PostgresStore;
 use crate::budget;
 use crate::error::Result;
@@ -18,11 +17,9 @@ pub(super) fn problems_since(store: &PostgresStore, day_start: Micros) -> Result
     })
 }
 
-pub(super) fn top_tenants(store: &PostgresStore, periods: Option<&[String]>, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
-    let sql = tenant_list::top_tenants_sql(periods, &PG_LIST, |c| format!("SUM({c})::BIGINT"));
-    let mut params: Vec<&dyn Param> = periods.unwrap_or_default().iter().map(|p| p as &dyn Param).collect();
-    params.push(&limit);
-    store.read(|db| db.query(&sql, &params)?.iter().map(|r| Ok((r.try_get(0)?, usage_at(r, 1)?))).collect())
+pub(super) fn top_tenants(store: &PostgresStore, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
+    let sql = tenant_list::top_tenants_sql(&PG_LIST);
+    store.read(|db| db.query(&sql, &[&period_key, &limit])?.iter().map(|r| Ok((r.try_get(0)?, usage_at(r, 1)?))).collect())
 }
 
 /// The tenants list's SQL for PostgreSQL.
