@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{mpsc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
@@ -44,9 +44,6 @@ pub struct SqliteStore {
     reader: ManuallyDrop<Option<Mutex<Connection>>>,
     /// Dropping it stops the background checkpointer.
     _checkpointer: Option<mpsc::Sender<()>>,
-    /// Every write passes it, holding the writer, before it begins; the checkpointer holds it
-    /// while it restarts the WAL (`spawn_checkpointer`).
-    restarting: Arc<Mutex<()>>,
     /// The stored timezone as the writer last read it (locked inside the writer's lock).
     timezone: Mutex<SeenTimezone>,
 }
@@ -147,20 +144,17 @@ const WAL_KEEP_BYTES: u64 = 16 << 20;
 /// blocks writers or readers; several processes may each run one. Under sustained writes a
 /// passive checkpoint never catches up, so past a size a RESTART checkpoint copies the few
 /// frames the catch-up passes left and lets the WAL begin again, which keeps it (and page
-/// lookups in it) small. It holds SQLite's write lock meanwhile (writers of other processes
-/// wait in their busy handler, briefly) and `restarting` (this process's writers wait there
-/// before they begin), and waits at most `RESTART_WAIT` for locks in all; the frames left to
-/// copy and the two fsyncs that go with them are what calls wait for. (Without `restarting`
-/// it had to find SQLite's write lock free between two of this process's writes, which
-/// back-to-back calls leave free for microseconds at a time: it hardly ever did, and the WAL
-/// grew without bound.) It is only tried when the last passive pass could copy the whole
+/// lookups in it) small. It holds SQLite's write lock meanwhile (writers of every process
+/// wait in their busy handler, briefly) but no lock of this process, and waits at most
+/// `RESTART_WAIT` for locks in all; the frames left to copy and the two fsyncs that go with
+/// them are what calls wait for. It is only tried when the last passive pass could copy the whole
 /// WAL: when it could not, a read (a backup, a dashboard scan) still uses the WAL, and a
 /// restart would wait for it with every writer waiting behind (it used to, holding this
 /// process's writer, for up to SQLite's 30 s busy timeout). The WAL grows while such reads
 /// last; the checkpointer then looks every `RESTART_RETRY_EVERY` for the gap after one, and
 /// past `WAL_CAP_BYTES`, once reads turn over, it restarts the WAL waiting up to `CAP_WAIT`.
 /// Every round runs inside the fork gate (a fork waits for it, `CAP_WAIT` at most).
-fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Sender<()>> {
+fn spawn_checkpointer(path: &str) -> Result<mpsc::Sender<()>> {
     let conn = connect(path)?;
     conn.busy_handler(Some(checkpoint_busy_wait))?;
     let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
@@ -175,9 +169,6 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
             // Each returns (busy, frames in the WAL, frames copied); a busy database just
             // means: try again later. `wait` bounds the time it waits for locks in all.
             let checkpoint = |mode: &str, wait: Duration| {
-                // A restart (or truncation) takes SQLite's write lock: this process's writers
-                // wait for it before they begin, so it waits for the write under way at most.
-                let _paused = (mode != "PASSIVE").then(|| unpoisoned(restarting.lock()));
                 CHECKPOINT_DEADLINE.set(Instant::now() + wait);
                 conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
                     .unwrap_or((true, 0, 0))
@@ -185,17 +176,11 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
             let mut wait = CHECKPOINT_EVERY;
             let mut next_cap_restart = Instant::now();
             // (frames in the WAL, frames copied) as the last round left them; none before the
-            // first round, when there is nothing to compare with.
+            // first round and after a restart, when there is nothing to compare with.
             let mut last: Option<(i64, i64)> = None;
-            // The frames in the WAL when the last restart succeeded: SQLite starts it over at
-            // the next write, so until then (while that count stays) there is nothing to do.
-            let mut restarted_at = None;
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(wait) {
                 let _quiet = quiet();
                 let (_, mut frames, mut copied) = checkpoint("PASSIVE", Duration::ZERO);
-                if restarted_at == Some(frames) {
-                    (frames, copied) = (0, 0);
-                }
                 // No frames since the last round, which came `CHECKPOINT_EVERY` after a round.
                 let unchanged = last.is_some_and(|(before, _)| before == frames);
                 let paused = unchanged && wait == CHECKPOINT_EVERY;
@@ -214,16 +199,12 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
                 }
                 // Catch up without blocking anyone: each pass copies what writers appended
                 // during the previous one, so the restart has little left to copy and sync
-                // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms). Until a
-                // pass leaves no fewer frames than the one before: then writers outrun the
-                // passes (on a loaded disk), and the WAL only grows while they run (by 4,500
-                // frames over 8 passes at load 8).
-                let mut appended = i64::MAX;
+                // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms).
                 for _ in 0..CATCH_UP_PASSES {
                     let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
-                    let before = std::mem::replace(&mut appended, now - frames);
+                    let appended = now - frames;
                     (frames, copied) = (now, done);
-                    if appended < RESTART_LEFTOVER_FRAMES || appended >= before {
+                    if appended < RESTART_LEFTOVER_FRAMES {
                         break;
                     }
                 }
@@ -243,8 +224,7 @@ fn spawn_checkpointer(path: &str, restarting: Arc<Mutex<()>>) -> Result<mpsc::Se
                 } else {
                     false
                 };
-                last = Some((frames, copied));
-                restarted_at = restarted.then_some(frames);
+                last = (!restarted).then_some((frames, copied));
                 if !restarted {
                     wait = RESTART_RETRY_EVERY; // a read still uses the WAL
                 }
@@ -449,23 +429,20 @@ impl SqliteStore {
         migrate(&mut writer, path, timezone)?;
         let writer = ManuallyDrop::new(Mutex::new(writer));
         let timezone = Mutex::new(SeenTimezone::default());
-        let restarting = Arc::default();
         if path == ":memory:" {
             return Ok(SqliteStore {
                 writer,
                 writers_waiting: AtomicUsize::new(0),
                 reader: ManuallyDrop::new(None),
                 _checkpointer: None,
-                restarting,
                 timezone,
             });
         }
         Ok(SqliteStore {
             reader: ManuallyDrop::new(Some(Mutex::new(connect_reader(path)?))),
-            _checkpointer: Some(spawn_checkpointer(path, Arc::clone(&restarting))?),
+            _checkpointer: Some(spawn_checkpointer(path)?),
             writer,
             writers_waiting: AtomicUsize::new(0),
-            restarting,
             timezone,
         })
     }
@@ -483,7 +460,6 @@ impl SqliteStore {
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let _quiet = quiet();
         let conn = locked(&self.writer, Some(&self.writers_waiting));
-        drop(locked(&self.restarting, None));
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
         let began = data_version(&conn);
@@ -2034,50 +2010,6 @@ mod tests {
             std::thread::sleep(CHECKPOINT_EVERY * 2);
         }
         assert!(wal() <= WAL_KEEP_BYTES, "the WAL is still {} bytes", wal());
-    }
-
-    /// Writes back to back, with no read anywhere: the writer leaves SQLite's write lock free
-    /// for microseconds at a time (so does a busy server's thread pool), so the checkpointer's
-    /// restart, which waited up to 3 ms for it, hardly ever got it and the WAL grew without
-    /// bound (350-450 MB between restarts in a benchmark; the restart that finally came made a
-    /// call wait 505 ms). Writes now pause for it: the WAL stays near its restart size and no
-    /// write waits long. The writer writes at most every 250 µs, as fast as one caller's
-    /// back-to-back guarded calls write (two writes a call, under 2,000 calls/s). What holds is
-    /// only this much (issue 15 stays open): at that rate restarts below the cap still rarely
-    /// get through and the WAL reaches ~46 MB in the 4 s, under its 64 MB cap; a writer faster
-    /// than calls (6,500 writes/s of four rows, unpaced) passes the cap (140 MB in 12 s).
-    #[test]
-    fn writes_back_to_back_keep_the_wal_small_and_wait_little() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let path = path.to_str().unwrap();
-        let store = SqliteStore::open(path, "UTC").unwrap();
-        let wal = || std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
-        const WRITE_EVERY: Duration = Duration::from_micros(250);
-        let (t0, started, run_for) = (now_micros(), Instant::now(), Duration::from_secs(4));
-        let (largest, (writes, longest)) = std::thread::scope(|s| {
-            let writer = s.spawn(|| {
-                let (mut n, mut longest) = (0, Duration::ZERO);
-                while started.elapsed() < run_for {
-                    let due = started + WRITE_EVERY * u32::try_from(n).unwrap();
-                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                    let waited = lock_waits::so_far().1;
-                    store.write(|tx| (0..4).try_for_each(|k| insert_execution(tx, &execution(&format!("{n:09}-{k}"), t0 + n), None))).unwrap();
-                    longest = longest.max(lock_waits::so_far().1 - waited);
-                    n += 1;
-                }
-                (n, longest)
-            });
-            let mut largest = 0;
-            while !writer.is_finished() {
-                largest = largest.max(wal());
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (largest, writer.join().unwrap())
-        });
-        eprintln!("{writes} writes, largest WAL {} MB, longest wait {longest:?}", largest >> 20);
-        assert!(largest < WAL_CAP_BYTES as u64, "the WAL reached {} MB in {writes} writes", largest >> 20);
-        assert!(longest < Duration::from_millis(250), "a write waited {longest:?}");
     }
 
     /// A retention batch commits and stands aside between two chunks while a write of this
