@@ -2243,6 +2243,14 @@ mod tests {
         assert_eq!(SqliteStore::open(path, "UTC").unwrap().timezone().unwrap(), "Asia/Tokyo");
     }
 
+    /// Column `column` of `explain` (`EXPLAIN` or `EXPLAIN QUERY PLAN`) of `sql`, its
+    /// parameters unbound.
+    fn explained(c: &Connection, explain: &str, sql: &str, column: usize) -> Vec<String> {
+        let mut stmt = c.prepare(&format!("{explain} {sql}")).unwrap();
+        let unbound = params_from_iter(std::iter::repeat_n(SqlValue::Null, stmt.parameter_count()));
+        stmt.query_map(unbound, |r| r.get(column)).unwrap().collect::<rusqlite::Result<_>>().unwrap()
+    }
+
     /// A call's insert and settling update check the partial indexes' WHERE clauses with plain
     /// comparisons: no throwaway B-tree (`OpenEphemeral`, what an IN list of more than two
     /// constants compiles to) per statement. The dashboard's read of the problems still picks
@@ -2254,9 +2262,7 @@ mod tests {
         store
             .write(|c| {
                 for sql in [INSERT_EXECUTION_SQL, COMPLETE_SQL, COMPLETE_RUNNING_SQL] {
-                    let mut stmt = c.prepare(&format!("EXPLAIN {sql}"))?;
-                    let unbound = params_from_iter(std::iter::repeat_n(SqlValue::Null, stmt.parameter_count()));
-                    let ops = stmt.query_map(unbound, |r| r.get::<_, String>(1))?.collect::<rusqlite::Result<Vec<_>>>()?;
+                    let ops = explained(c, "EXPLAIN", sql, 1);
                     assert!(ops.iter().any(|op| op == "IdxInsert"), "{ops:?}");
                     assert!(!ops.iter().any(|op| op == "OpenEphemeral"), "{sql}: {ops:?}");
                 }
@@ -2327,9 +2333,7 @@ mod tests {
         // Each statement that reads a log searches an index for it.
         let c = Connection::open(&path).unwrap();
         for sql in [totals_sql!(global), totals_sql!(tenant)] {
-            let mut explain = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let unbound = rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, explain.parameter_count()));
-            let plan: Vec<String> = explain.query_map(unbound, |r| r.get(3)).unwrap().collect::<rusqlite::Result<_>>().unwrap();
+            let plan = explained(&c, "EXPLAIN QUERY PLAN", sql, 3);
             assert!(plan.iter().all(|p| p.starts_with("SEARCH")), "{sql}: {plan:?}");
             assert!(plan.iter().any(|p| p.contains(if sql.contains("?3") { "INDEX executions_tenant (tenant_id=? AND id>? AND id<?)" } else { "PRIMARY KEY (id>? AND id<?)" })), "{plan:?}");
         }
