@@ -189,6 +189,10 @@ pub trait Store: Send + Sync {
     /// Today's failed and refused calls per tenant, those started from `day_start` on (a
     /// partial index of such calls; the dashboard's list of tenants, `tenant_list::list`).
     fn problems_since(&self, day_start: Micros) -> Result<Vec<tenant_list::Problems>>;
+    /// The ids of every tenant in the register (`Holders::Register`) or with a budget
+    /// (`Holders::Budgets`), by id, each with its name when `names` (else None): the dashboard's
+    /// list of tenants when its query needs nothing else of them (`tenant_list::ids_sql`).
+    fn tenant_ids(&self, of: tenant_list::Holders, names: bool) -> Result<Vec<(String, Option<String>)>>;
     /// The `limit` tenants that spent most in one counter period ("2026-12", "2026-12-02"),
     /// with their usage, most first: the dashboard's spend by tenant.
     fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>>;

@@ -1904,6 +1904,14 @@ impl Store for SqliteStore {
         })
     }
 
+    fn tenant_ids(&self, of: tenant_list::Holders, names: bool) -> Result<Vec<(String, Option<String>)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(tenant_list::ids_sql(of, names))?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, if names { r.get(1)? } else { None })))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
     fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&tenant_list::top_tenants_sql(&SQLITE_LIST))?;

@@ -3,13 +3,16 @@
 //! the breakers not closed and today's failed or refused calls (a partial index), never a scan
 //! of all executions; each with its month-end projection (`budget::projection`).
 //!
-//! The stores read each of those in full, in one pass of its table or of one period's range of
+//! The stores read each of those in one pass of its table or of one period's range of
 //! counters, and the list is joined, filtered and sorted here: at 50,000 tenants a query that
 //! joins them in the database looks every tenant up in each table (300,000 lookups, most of
 //! the 250 to 700 ms a page took), and its filters and order are computed, not indexed, so
-//! the database would read every tenant anyway. The reads come back in id order and are
-//! merged, not hashed; the sort moves small keys, not rows; and only the page's rows are
-//! built (sorting and dropping 50,000 whole rows was most of the time a page took).
+//! the database would read every tenant anyway. Of every tenant only what the query's search,
+//! filters and order use is read (`Needs`): the ids that make the list (register, budgets,
+//! this month's counters) always, names, whole budgets and today's counters only when used;
+//! the page's rows get the rest by key (a few lookups each). The reads come back in id order
+//! and are merged, not hashed; the sort moves small keys, not rows; and only the page's rows
+//! are built (sorting and dropping 50,000 whole rows was most of the time a page took).
 
 use std::cmp::Ordering;
 
@@ -21,6 +24,7 @@ use crate::budget::{Limits, TenantBudget, Usage};
 use crate::clock::Micros;
 use crate::error::{config_err, Result};
 use crate::money::Nanos;
+use crate::tenancy::SeenTenant;
 
 /// What the list is sorted by; ties are broken by tenant id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +178,26 @@ pub(crate) struct Dialect {
 /// the other.)
 const PROBLEM_STATUSES: &str = "(status = 'error' OR status = 'timeout' OR status = 'blocked' OR status = 'rate_limited')";
 
+/// Whose ids `Store::tenant_ids` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holders {
+    /// The register of tenants seen.
+    Register,
+    /// The tenants with a budget of their own.
+    Budgets,
+}
+
+/// `Store::tenant_ids`' query (both stores): ids alone are read from the primary key's index
+/// (SQLite: a covering scan, no table rows).
+pub(crate) fn ids_sql(of: Holders, names: bool) -> &'static str {
+    match (of, names) {
+        (Holders::Register, false) => "SELECT tenant_id FROM tenants ORDER BY tenant_id",
+        (Holders::Register, true) => "SELECT tenant_id, name FROM tenants ORDER BY tenant_id",
+        (Holders::Budgets, false) => "SELECT tenant_id FROM tenant_budgets ORDER BY tenant_id",
+        (Holders::Budgets, true) => "SELECT tenant_id, name FROM tenant_budgets ORDER BY tenant_id",
+    }
+}
+
 /// Today's failed and refused calls per tenant since the placeholder's start of the day:
 /// columns tenant_id, failed (error, timeout), refused (blocked, rate_limited).
 pub(crate) fn problems_sql(d: &Dialect) -> String {
@@ -198,18 +222,52 @@ pub struct Problems {
     pub refused: i64,
 }
 
-/// What the list knows of one tenant before the query's filters and order.
+/// What the list knows of one tenant before the query's filters and order: what `Needs` read
+/// (a page's rows are then completed, `complete`).
 #[derive(Default)]
 struct Entry {
     id: String,
     seen_name: Option<String>,
     last_used_at: Option<Micros>,
+    /// Whether it has a budget; `budget` is read whole only when the query needs its limits.
+    has_budget: bool,
     budget: Option<TenantBudget>,
+    /// The budget's name, when its name but not the whole budget was read.
+    budget_name: Option<String>,
     today: Usage,
     month: Usage,
     errors: i64,
     blocked: i64,
     breakers: i64,
+}
+
+/// What a query reads of every tenant, besides the ids that make the list, this month's
+/// counters (they name tenants too) and today's problems and breakers (both small reads).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Needs {
+    /// The register's and budgets' names: a search or the name order.
+    names: bool,
+    /// Every budget whole (its limits): the share and run-out orders and filters.
+    budgets: bool,
+    /// Today's counters: the spend-today order and the share order and filter.
+    today: bool,
+    /// The register whole (names and last use): every tenant's row is built (an export, or
+    /// a scoped list of one).
+    register: bool,
+}
+
+impl Needs {
+    fn of(q: &TenantListQuery, every_row: bool) -> Needs {
+        let has = |f: TenantFilter| q.filters.contains(&f);
+        let share = q.sort == TenantSort::Share || has(TenantFilter::NearLimit);
+        let names = every_row || q.sort == TenantSort::Name || search_needle(q).is_some();
+        Needs {
+            names,
+            budgets: every_row || share || q.sort == TenantSort::RunsOut || has(TenantFilter::RunsOut),
+            today: every_row || share || q.sort == TenantSort::SpendToday,
+            register: every_row,
+        }
+    }
 }
 
 /// A tenant's use of its effective limits: what the filters and sorts need besides the reads.
@@ -231,72 +289,167 @@ struct Kept {
 
 /// One page of the list (the query's filters, search and order over every tenant seen, with a
 /// budget or with usage this month; a scoped query: that tenant alone, even if never seen).
-/// Only the page's rows are built.
+/// Only the page's rows are built, completed by key with what the query did not read.
 pub fn list(store: &dyn Store, q: &TenantListQuery) -> Result<TenantList> {
     q.validate()?;
-    let mut entries = entries(store, q)?;
+    let needs = Needs::of(q, q.tenant_id.is_some());
+    let mut entries = entries(store, q, needs)?;
     let kept = ordered(&entries, q);
     let total = kept.len() as i64;
     let page = kept.into_iter().skip(q.offset as usize).take(q.limit as usize);
-    let rows = page.map(|k| row(std::mem::take(&mut entries[k.at]), k.standing)).collect();
+    let rows = page
+        .map(|k| {
+            let mut e = std::mem::take(&mut entries[k.at]);
+            complete(store, q, needs, &mut e)?;
+            let s = standing(&e, q);
+            Ok(row(e, s))
+        })
+        .collect::<Result<_>>()?;
     Ok(TenantList { total, rows })
 }
 
 /// Every row the query's search and filters keep, in its order (its page ignored): an
-/// export's one pass.
+/// export's one pass, every tenant read whole.
 pub fn all(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<TenantListRow>> {
     q.validate_search()?;
-    let mut entries = entries(store, q)?;
+    let mut entries = entries(store, q, Needs::of(q, true))?;
     Ok(ordered(&entries, q).into_iter().map(|k| row(std::mem::take(&mut entries[k.at]), k.standing)).collect())
 }
 
-/// Every tenant the query may list, by id, with its reads joined: a scoped query reads its
-/// tenant's rows alone; otherwise the whole reads, each sorted by id, are merged in one pass
-/// (no hashing, no lookups, each entry built and moved once).
-fn entries(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<Entry>> {
+/// Reads by key what `entries` left out of a page's row for `needs`.
+fn complete(store: &dyn Store, q: &TenantListQuery, needs: Needs, e: &mut Entry) -> Result<()> {
+    if !needs.register {
+        if let Some(seen) = store.tenant(&e.id)? {
+            e.seen_name = seen.name;
+            e.last_used_at = Some(seen.last_used_at);
+        }
+    }
+    if !needs.budgets && e.has_budget {
+        // Read apart from the ids: a budget deleted since is shown as none.
+        e.budget = store.budget_get(&e.id)?;
+        e.has_budget = e.budget.is_some();
+        e.budget_name = None;
+    }
+    if !needs.today {
+        e.today = store.usage(&format!("tenant:{}", e.id), &q.day)?;
+    }
+    Ok(())
+}
+
+/// The register's part of the merge: whole (names, last use) or ids with names or not.
+enum Register {
+    Whole(std::iter::Peekable<std::vec::IntoIter<SeenTenant>>),
+    Ids(std::iter::Peekable<std::vec::IntoIter<(String, Option<String>)>>),
+}
+
+impl Register {
+    fn next_id(&mut self) -> Option<&String> {
+        match self {
+            Register::Whole(it) => it.peek().map(|s| &s.id),
+            Register::Ids(it) => it.peek().map(|s| &s.0),
+        }
+    }
+
+    fn take(&mut self, e: &mut Entry) {
+        match self {
+            Register::Whole(it) => {
+                if let Some(s) = it.next_if(|s| s.id == e.id) {
+                    e.seen_name = s.name;
+                    e.last_used_at = Some(s.last_used_at);
+                }
+            }
+            Register::Ids(it) => {
+                if let Some((_, name)) = it.next_if(|s| s.0 == e.id) {
+                    e.seen_name = name;
+                }
+            }
+        }
+    }
+}
+
+/// The budgets' part of the merge: whole or ids with names or not.
+enum Budgets {
+    Whole(std::iter::Peekable<std::vec::IntoIter<TenantBudget>>),
+    Ids(std::iter::Peekable<std::vec::IntoIter<(String, Option<String>)>>),
+}
+
+impl Budgets {
+    fn next_id(&mut self) -> Option<&String> {
+        match self {
+            Budgets::Whole(it) => it.peek().map(|b| &b.tenant_id),
+            Budgets::Ids(it) => it.peek().map(|b| &b.0),
+        }
+    }
+
+    fn take(&mut self, e: &mut Entry) {
+        match self {
+            Budgets::Whole(it) => {
+                e.budget = it.next_if(|b| b.tenant_id == e.id);
+                e.has_budget = e.budget.is_some();
+            }
+            Budgets::Ids(it) => {
+                if let Some((_, name)) = it.next_if(|b| b.0 == e.id) {
+                    e.has_budget = true;
+                    e.budget_name = name;
+                }
+            }
+        }
+    }
+}
+
+/// Every tenant the query may list, by id, with what `needs` says of it: a scoped query reads
+/// its tenant's rows alone (whole); otherwise the whole reads, each sorted by id, are merged
+/// in one pass (no hashing, no lookups, each entry built and moved once).
+fn entries(store: &dyn Store, q: &TenantListQuery, needs: Needs) -> Result<Vec<Entry>> {
     let mut entries = match &q.tenant_id {
         Some(t) => {
             let scope = format!("tenant:{t}");
             let seen = store.tenant(t)?;
+            let budget = store.budget_get(t)?;
             vec![Entry {
                 id: t.clone(),
                 seen_name: seen.as_ref().and_then(|s| s.name.clone()),
                 last_used_at: seen.map(|s| s.last_used_at),
-                budget: store.budget_get(t)?,
+                has_budget: budget.is_some(),
+                budget,
                 today: store.usage(&scope, &q.day)?,
                 month: store.usage(&scope, &q.month)?,
                 ..Entry::default()
             }]
         }
         None => {
-            let mut seen = store.tenants()?;
-            let mut budgets = store.budget_all()?;
-            let mut month = store.usage_by_scope("tenant:", &q.month)?;
-            let mut today = store.usage_by_scope("tenant:", &q.day)?;
             // A store's order may follow a collation: sorted by id here (one pass if it is).
-            seen.sort_by(|a, b| a.id.cmp(&b.id));
-            budgets.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+            let mut seen = if needs.register {
+                let mut all = store.tenants()?;
+                all.sort_by(|a, b| a.id.cmp(&b.id));
+                Register::Whole(all.into_iter().peekable())
+            } else {
+                let mut ids = store.tenant_ids(Holders::Register, needs.names)?;
+                ids.sort_by(|a, b| a.0.cmp(&b.0));
+                Register::Ids(ids.into_iter().peekable())
+            };
+            let mut budgets = if needs.budgets {
+                let mut all = store.budget_all()?;
+                all.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+                Budgets::Whole(all.into_iter().peekable())
+            } else {
+                let mut ids = store.tenant_ids(Holders::Budgets, needs.names)?;
+                ids.sort_by(|a, b| a.0.cmp(&b.0));
+                Budgets::Ids(ids.into_iter().peekable())
+            };
+            let mut month = store.usage_by_scope("tenant:", &q.month)?;
+            let mut today = if needs.today { store.usage_by_scope("tenant:", &q.day)? } else { Vec::new() };
             month.sort_by(|a, b| a.0.cmp(&b.0));
             today.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut seen = seen.into_iter().peekable();
-            let mut budgets = budgets.into_iter().peekable();
             let mut month = month.into_iter().peekable();
             let mut today = today.into_iter().peekable();
-            let mut entries = Vec::with_capacity(seen.len().max(budgets.len()).max(month.len()));
+            let mut entries = Vec::with_capacity(month.len());
             // Each entry is built once, for the smallest id left in the register, the budgets
             // and the month's counters, from each that has it.
-            while let Some(id) = [seen.peek().map(|s| &s.id), budgets.peek().map(|b| &b.tenant_id), month.peek().map(|m| &m.0)]
-                .into_iter()
-                .flatten()
-                .min()
-                .cloned()
-            {
+            while let Some(id) = [seen.next_id(), budgets.next_id(), month.peek().map(|m| &m.0)].into_iter().flatten().min().cloned() {
                 let mut e = Entry { id, ..Entry::default() };
-                if let Some(s) = seen.next_if(|s| s.id == e.id) {
-                    e.seen_name = s.name;
-                    e.last_used_at = Some(s.last_used_at);
-                }
-                e.budget = budgets.next_if(|b| b.tenant_id == e.id);
+                seen.take(&mut e);
+                budgets.take(&mut e);
                 if let Some((_, u)) = month.next_if(|m| m.0 == e.id) {
                     e.month = u;
                 }
@@ -325,16 +478,21 @@ fn entries(store: &dyn Store, q: &TenantListQuery) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
+/// The search's lower-cased needle, None without one (empty or blank searches none).
+fn search_needle(q: &TenantListQuery) -> Option<String> {
+    q.search.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_lowercase)
+}
+
 /// The entries the query's search and filters keep, in its order.
 fn ordered(entries: &[Entry], q: &TenantListQuery) -> Vec<Kept> {
-    let needle = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_lowercase);
+    let needle = search_needle(q);
     let mut kept: Vec<Kept> = entries
         .iter()
         .enumerate()
         .filter(|(_, e)| {
             needle.as_deref().is_none_or(|n| {
                 let has = |s: Option<&str>| s.is_some_and(|s| contains_folded(s, n));
-                has(Some(&e.id)) || has(e.seen_name.as_deref()) || has(e.budget.as_ref().and_then(|b| b.name.as_deref()))
+                has(Some(&e.id)) || has(e.seen_name.as_deref()) || has(budget_name(e))
             })
         })
         .map(|(at, e)| Kept { at, standing: standing(e, q), name: (q.sort == TenantSort::Name).then(|| name(e).unwrap_or(&e.id).to_lowercase()) })
@@ -359,7 +517,12 @@ fn contains_folded(hay: &str, needle: &str) -> bool {
 
 /// The name the app gave (the register's), else its budget's.
 fn name(e: &Entry) -> Option<&str> {
-    e.seen_name.as_deref().or_else(|| e.budget.as_ref().and_then(|b| b.name.as_deref()))
+    e.seen_name.as_deref().or_else(|| budget_name(e))
+}
+
+/// Its budget's name, from the whole budget or the names read with the ids.
+fn budget_name(e: &Entry) -> Option<&str> {
+    e.budget.as_ref().and_then(|b| b.name.as_deref()).or(e.budget_name.as_deref())
 }
 
 /// A tenant's usage against its effective limits (its own, else the global ones).
@@ -406,7 +569,7 @@ fn keeps(f: TenantFilter, e: &Entry, s: &Standing) -> bool {
         TenantFilter::NearLimit => s.share.is_some_and(|s| s >= 0.8),
         TenantFilter::BlockedToday => e.blocked > 0,
         TenantFilter::BreakerOpen => e.breakers > 0,
-        TenantFilter::NoBudget => e.budget.is_none(),
+        TenantFilter::NoBudget => !e.has_budget,
         TenantFilter::RunsOut => s.projection.runs_out.is_some(),
     }
 }

@@ -234,6 +234,10 @@ impl Store for PostgresStore {
         tenant_list::problems_since(self, day_start)
     }
 
+    fn tenant_ids(&self, of: crate::store::tenant_list::Holders, names: bool) -> Result<Vec<(String, Option<String>)>> {
+        tenant_list::tenant_ids(self, of, names)
+    }
+
     fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
         tenant_list::top_tenants(self, period_key, limit)
     }
