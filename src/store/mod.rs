@@ -95,6 +95,9 @@ pub struct FinishRequest<'a> {
     pub checks: &'a [Check],
     /// Scopes whose admission log holds this call's estimated tokens, to correct to its usage.
     pub rate_scopes: &'a [String],
+    /// The tokens the call was logged with in `rate_scopes`: its admission's estimate (kept by
+    /// the caller, so settlement need not read it back).
+    pub logged_tokens: i64,
     pub breakers: &'a [BreakerOutcome],
     pub calendar: &'a Calendar,
     pub store_details: bool,
@@ -447,6 +450,7 @@ pub(crate) mod tests {
                 reserved: true,
                 checks: &[],
                 rate_scopes: &[],
+                logged_tokens: 0,
                 breakers: &[],
                 calendar: cal,
                 store_details: false,
@@ -549,6 +553,7 @@ pub(crate) mod tests {
             if random(2) == 0 && !in_flight.is_empty() {
                 let (e, rate_scopes) = in_flight.remove(random(in_flight.len() as u64) as usize);
                 let entry = log.iter_mut().find(|l| l.1 == e.id).unwrap();
+                let logged_tokens = entry.2;
                 entry.2 = random(entry.2 as u64 + 1);
                 let mut done = Completion::refused(Status::Success, "", String::new(), clock);
                 (done.error_class, done.error_message) = (None, None);
@@ -560,6 +565,7 @@ pub(crate) mod tests {
                         reserved: false,
                         checks: &[],
                         rate_scopes: &rate_scopes,
+                        logged_tokens,
                         breakers: &[],
                         calendar: &cal,
                         store_details: false,

@@ -661,6 +661,7 @@ pub(crate) mod tests {
                 reserved: true,
                 checks: &[],
                 rate_scopes: &[],
+                logged_tokens: 0,
                 breakers: &[],
                 calendar: cal,
                 store_details: false,

@@ -963,12 +963,6 @@ fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admit
     Ok(())
 }
 
-/// The tokens execution `id` is logged with (None: not logged), read before settlement
-/// writes the real ones (`COMPLETE_SQL`).
-fn logged_tokens(tx: &Connection, id: &str) -> Result<Option<i64>> {
-    Ok(tx.prepare_cached("SELECT rate_tokens FROM executions WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()?.flatten())
-}
-
 /// Adds `tokens_delta` (a call's real tokens less its logged estimate) to a scope's totals if
 /// they count the call (stamped at `at`, after their horizon); with `release` (1), also takes
 /// the call from the scope's calls in flight. Nothing changed, nothing written.
@@ -1526,8 +1520,6 @@ impl Store for SqliteStore {
         let c = req.completion;
         self.write(|tx| {
             self.keyed_like(tx, req.calendar)?;
-            // Read before the row is closed with the real tokens.
-            let logged = if req.rate_scopes.is_empty() { None } else { logged_tokens(tx, &e.id)? };
             complete_execution(tx, e, c, req.store_details, req.calendar)?;
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
@@ -1561,7 +1553,7 @@ impl Store for SqliteStore {
             // The logged estimate became the real usage as the row was closed; the totals that
             // count the call follow, and the call leaves its max_concurrent scope's calls in
             // flight (in the same write when that scope is rate-limited too).
-            let tokens_delta = logged.map_or(0, |l| budget::recorded(c).tokens - l);
+            let tokens_delta = budget::recorded(c).tokens - req.logged_tokens;
             for scope in req.rate_scopes {
                 rate_settle(tx, scope, e.started_at, tokens_delta, i64::from(slot.as_deref() == Some(scope)))?;
             }
@@ -2203,7 +2195,7 @@ mod tests {
             time_to_first_token_ms: Some(47),
             cached: false,
         };
-        let finish = FinishRequest { execution: &e, completion: &done, reserved: true, checks: &[], rate_scopes: &[], breakers: &[], calendar: &cal, store_details: false };
+        let finish = FinishRequest { execution: &e, completion: &done, reserved: true, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false };
         store.finish(&finish).unwrap();
         let read = || -> Vec<Vec<SqlValue>> {
             let c = Connection::open(&path).unwrap();
@@ -2425,6 +2417,7 @@ mod tests {
                     reserved: true,
                     checks: &[],
                     rate_scopes,
+                    logged_tokens: 10,
                     breakers: &[],
                     calendar: &cal,
                     store_details: false,

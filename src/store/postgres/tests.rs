@@ -129,7 +129,7 @@ fn completion(status: Status, at: Micros, cost: i64) -> Completion {
 fn finish(store: &dyn Store, e: &NewExecution, c: &Completion, reserved: bool, breakers: &[BreakerOutcome]) -> Vec<Alert> {
     let cal = Calendar::new("UTC").unwrap();
     store
-        .finish(&FinishRequest { execution: e, completion: c, reserved, checks: &[], rate_scopes: &[], breakers, calendar: &cal, store_details: true })
+        .finish(&FinishRequest { execution: e, completion: c, reserved, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers, calendar: &cal, store_details: true })
         .unwrap()
 }
 
