@@ -774,14 +774,6 @@ fn release_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Vec<Cou
     Ok((decode_keys(&keys), est))
 }
 
-/// A scope's running totals moved to a new horizon by this admission: written once, at its
-/// end, with the admission itself counted when it was admitted (`write_totals`).
-struct Advanced {
-    scope: String,
-    totals: RateUsage,
-    horizon: Micros,
-}
-
 /// The log a scope's admissions are in (`executions.rate_scopes`, migration 16): the global
 /// one, or a tenant's.
 #[derive(Clone, Copy)]
@@ -839,75 +831,138 @@ macro_rules! stamped {
     };
 }
 
-/// Scope ?1's totals and calls in flight, and its logged admissions stamped between its
-/// horizon and ?2, either way round; none are read past the horizon when the totals count none
-/// (a scope given a window limit again after a while, its horizon left far behind).
+/// A scope's totals row, tagged `$tag` (a literal); `$scope`: a parameter holding the
+/// scope, or its literal.
 macro_rules! totals_sql {
+    ($scope:literal, $tag:literal) => {
+        concat!("SELECT ", $tag, ", requests, tokens, horizon, in_flight FROM rate_totals WHERE scope = ", $scope)
+    };
+}
+
+/// The totals rows of window scopes `scopes` (the global one, a tenant's, or both: one
+/// statement either way), in their order: (totals and calls in flight, horizon), None for a
+/// scope without a row.
+fn scope_totals(tx: &Connection, scopes: &[String]) -> Result<Vec<Option<(RateUsage, Micros)>>> {
+    const GLOBAL: &str = totals_sql!("'global'", "0");
+    const TENANT: &str = totals_sql!("?1", "1");
+    const BOTH: &str = concat!(totals_sql!("'global'", "0"), " UNION ALL ", totals_sql!("?1", "1"));
+    let tenant = scopes.iter().find(|s| matches!(Log::of(s), Log::Tenant(_)));
+    let global = scopes.iter().any(|s| matches!(Log::of(s), Log::Global));
+    let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, RateUsage { requests: r.get(1)?, tokens: r.get(2)?, in_flight: r.get(4)? }, r.get(3)?));
+    let mut stmt = tx.prepare_cached(match (global, tenant) {
+        (true, Some(_)) => BOTH,
+        (true, None) => GLOBAL,
+        (false, _) => TENANT,
+    })?;
+    let rows: Vec<(i64, RateUsage, Micros)> = match tenant {
+        Some(t) => stmt.query_map([t], read)?.collect::<rusqlite::Result<_>>()?,
+        None => stmt.query_map([], read)?.collect::<rusqlite::Result<_>>()?,
+    };
+    Ok(scopes
+        .iter()
+        .map(|s| {
+            let tag = i64::from(matches!(Log::of(s), Log::Tenant(_)));
+            rows.iter().find(|r| r.0 == tag).map(|r| (r.1, r.2))
+        })
+        .collect())
+}
+
+/// Scope ?1's logged admissions stamped in (?2, ?4] (?3: `in_log!`'s tenant), and their tokens.
+macro_rules! between_sql {
     ($log:ident) => {
-        concat!(
-            "SELECT t.requests, t.tokens, t.horizon, t.in_flight, COUNT(e.id), COALESCE(SUM(e.rate_tokens), 0)
-             FROM rate_totals t LEFT JOIN executions e ON (t.requests > 0 OR ?2 <= t.horizon) AND ",
-            in_log!($log),
-            " AND ",
-            stamped!("min(t.horizon, ?2)", "max(t.horizon, ?2)"),
-            " WHERE t.scope = ?1"
-        )
+        concat!("SELECT COUNT(*), COALESCE(SUM(e.rate_tokens), 0) FROM executions e WHERE ", in_log!($log), " AND ", stamped!("?2", "?4"))
     };
 }
 
-/// A scope's running totals and calls in flight, if it has a row, and the logged admissions
-/// stamped between its horizon and `start` (either way round: those the window's start crossed
-/// since, or those a window starting before the horizon adds), in one statement.
-fn scope_totals(tx: &Connection, scope: &str, start: Micros) -> Result<(Option<(RateUsage, Micros)>, RateUsage)> {
-    let (sql, tenant) = Log::of(scope).pick([totals_sql!(global), totals_sql!(tenant)]);
-    let read = |r: &rusqlite::Row<'_>| {
-        let horizon: Option<Micros> = r.get(2)?;
-        let totals = match horizon {
-            Some(h) => Some((RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: r.get(3)? }, h)),
-            None => None,
-        };
-        Ok((totals, RateUsage { requests: r.get(4)?, tokens: r.get(5)?, in_flight: 0 }))
-    };
-    let mut stmt = tx.prepare_cached(sql)?;
-    Ok(match tenant {
-        None => stmt.query_row(params![scope, start], read),
-        Some(t) => stmt.query_row(params![scope, start, t], read),
-    }?)
+/// A scope's logged admissions stamped in (`lo`, `hi`], and their tokens.
+fn logged_between(tx: &Connection, scope: &str, lo: Micros, hi: Micros) -> Result<RateUsage> {
+    let (sql, tenant) = Log::of(scope).pick([between_sql!(global), between_sql!(tenant)]);
+    // ?1 (the scope) is bound but unused: the statements share `in_log!`'s ?3.
+    Ok(tx.prepare_cached(sql)?.query_row(params![scope, lo, tenant.unwrap_or_default(), hi], |r| {
+        Ok(RateUsage { requests: r.get(0)?, tokens: r.get(1)?, in_flight: 0 })
+    })?)
 }
 
-/// The use of the scopes `checks` name: admissions and their tokens stamped after
-/// `now - window` (later stamps included), from each scope's running totals (see
-/// `ratelimit::step`), and calls holding a `max_concurrent` slot; and the totals this
-/// admission moved.
-fn rate_state(tx: &Connection, checks: &[RateCheck], now: Micros, window: Micros) -> Result<(HashMap<String, RateUsage>, Vec<Advanced>)> {
-    let mut out: HashMap<String, RateUsage> = HashMap::new();
-    let mut advanced = Vec::new();
+/// A scope's use as this admission counts it (`rate_state`), and what it does to its totals.
+struct ScopeUse {
+    scope: String,
+    use_: RateUsage,
+    /// A window limit applies (the call is logged in this scope), not only `max_concurrent`.
+    window: bool,
+    /// The horizon the admission moves the totals to (None: it stays).
+    moved: Option<Micros>,
+    /// The scope has a totals row.
+    stored: bool,
+}
+
+/// How far a scope's horizon may trail its window's start before an admission moves it:
+/// a quarter of the window (see `rate_state`).
+const HORIZON_LAG_DIVISOR: i64 = 4;
+
+/// The use of the scopes `checks` name for a call estimated at `tokens`: admissions and their
+/// tokens stamped after `now - window` (later stamps included), from each scope's running
+/// totals (see `ratelimit::step`), and calls holding a `max_concurrent` slot.
+///
+/// The totals count the admissions stamped after their horizon; while it is behind the
+/// window's start they count a few more than the window holds. An admission that fits every
+/// limit of a scope even so leaves the horizon where it is and reads nothing from the log; it
+/// is moved (the admissions it crosses read and taken away) only to tell a refusal exactly,
+/// or once it trails the window's start by a quarter of the window, which bounds the part of
+/// the log read then.
+///
+/// Every admission the totals count is stamped at most a window after their horizon (one that
+/// moves it moves it to its stamp less a window; one that does not is stamped before that),
+/// so once the window starts `MAX_WINDOW` or more after the horizon, all of them left it and
+/// the totals restart without reading the log (a scope after a long pause).
+fn rate_state(tx: &Connection, checks: &[RateCheck], tokens: i64, now: Micros, window: Micros) -> Result<Vec<ScopeUse>> {
+    let start = now - window;
     let windows = ratelimit::window_scopes(checks);
-    for scope in ratelimit::counted_scopes(checks) {
-        // A scope with no window limit logs nothing: only its calls in flight count, and its
-        // horizon, never moved, would have the log read from wherever it stands.
-        if !windows.contains(&scope) {
-            let in_flight = in_flight(tx, &scope)?;
-            out.insert(scope, RateUsage { in_flight, ..Default::default() });
-            continue;
-        }
-        let (totals, between) = scope_totals(tx, &scope, now - window)?;
+    let stored = if windows.is_empty() { Vec::new() } else { scope_totals(tx, &windows)? };
+    let mut out = Vec::with_capacity(windows.len() + 1);
+    for (scope, totals) in windows.into_iter().zip(stored) {
         let mut use_ = totals.map(|t| t.0).unwrap_or_default();
-        match ratelimit::step(now, window, totals.map(|t| t.1)) {
+        let horizon = totals.map(|t| t.1);
+        let moved = match (ratelimit::step(now, window, horizon), horizon) {
+            (ratelimit::Step::Behind { since }, Some(h)) => {
+                let before = logged_between(tx, &scope, since, h)?;
+                use_.requests += before.requests;
+                use_.tokens = use_.tokens.saturating_add(before.tokens);
+                None
+            }
+            (ratelimit::Step::Advance { .. }, Some(h)) if start - h < window / HORIZON_LAG_DIVISOR && fits(checks, &scope, &use_, tokens) => None,
             // The log is the executions rows, which retention keeps for days: nothing to forget.
-            ratelimit::Step::Advance { to, .. } => {
-                use_.requests -= between.requests;
-                use_.tokens -= between.tokens;
-                advanced.push(Advanced { scope: scope.clone(), totals: use_, horizon: to });
+            (_, h) => {
+                match h {
+                    Some(h) if start - h >= ratelimit::MAX_WINDOW.as_micros() as i64 => (use_.requests, use_.tokens) = (0, 0),
+                    Some(h) if use_.requests > 0 => {
+                        let crossed = logged_between(tx, &scope, h, start)?;
+                        use_.requests -= crossed.requests;
+                        use_.tokens -= crossed.tokens;
+                    }
+                    _ => {}
+                }
+                Some(start)
             }
-            ratelimit::Step::Behind { .. } => {
-                use_.requests += between.requests;
-                use_.tokens = use_.tokens.saturating_add(between.tokens);
-            }
-        }
-        out.insert(scope, use_);
+        };
+        out.push(ScopeUse { scope, use_, window: true, moved, stored: horizon.is_some() });
     }
-    Ok((out, advanced))
+    // A scope with no window limit logs nothing: only its calls in flight count, and its
+    // horizon, never moved, would have the log read from wherever it stands.
+    if let Some(scope) = ratelimit::concurrency_scope(checks).filter(|s| !out.iter().any(|u| &u.scope == s)) {
+        let in_flight = in_flight(tx, &scope)?;
+        out.push(ScopeUse { scope, use_: RateUsage { in_flight, ..Default::default() }, window: false, moved: None, stored: false });
+    }
+    Ok(out)
+}
+
+/// Whether a call estimated at `tokens` fits every window limit of `scope` with its use at
+/// `use_` (counting more admissions than the window holds, it fits the window too).
+fn fits(checks: &[RateCheck], scope: &str, use_: &RateUsage, tokens: i64) -> bool {
+    checks.iter().filter(|c| c.scope == scope).all(|c| match c.kind {
+        ratelimit::Kind::Requests => use_.requests < c.limit,
+        ratelimit::Kind::Tokens => use_.tokens.saturating_add(tokens) <= c.limit,
+        ratelimit::Kind::Concurrent => true,
+    })
 }
 
 /// The `rate_scopes` of an admitted call logged in window `scopes` (migration 16), NULL if none:
@@ -927,38 +982,41 @@ fn log_bits(e: &NewExecution, scopes: &[String]) -> Result<Option<i64>> {
 }
 
 /// Writes the totals this admission moved (`admitted`: its stamp and estimated tokens; None
-/// when refused; the admission itself is logged in its executions row) in its window
-/// `scopes`: one write of each scope's totals, the admission counted in unless its clock is
-/// behind their horizon, and the call added to the calls in flight of its `max_concurrent`
-/// scope (`slot`).
-fn write_totals(tx: &Connection, scopes: &[String], advanced: &[Advanced], admitted: Option<(Micros, i64)>, slot: Option<&str>) -> Result<()> {
+/// when refused; the admission itself is logged in its executions row): one write of each
+/// scope's totals, the admission counted in its window scopes unless its clock is behind
+/// their horizon, and the call added to the calls in flight of its `max_concurrent` scope
+/// (`slot`). An UPDATE of a row read costs less than an upsert.
+fn write_totals(tx: &Connection, scopes: &[ScopeUse], admitted: Option<(Micros, i64)>, slot: Option<&str>) -> Result<()> {
     let held = |scope: &str| i64::from(admitted.is_some() && slot == Some(scope));
-    for a in advanced {
-        let mut t = a.totals;
+    for s in scopes {
+        let Some(horizon) = s.moved else { continue };
+        let mut t = s.use_;
         // Counted unless this call's clock is behind the horizon.
-        if let Some((_, tokens)) = admitted.filter(|&(at, _)| at > a.horizon) {
+        if let Some((_, tokens)) = admitted.filter(|&(at, _)| at > horizon) {
             t.requests += 1;
             t.tokens = t.tokens.saturating_add(tokens);
         }
-        tx.prepare_cached(
-            "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (scope) DO UPDATE SET requests = ?2, tokens = ?3, horizon = ?4, in_flight = in_flight + ?5",
-        )?
-        .execute(params![a.scope, t.requests, t.tokens, a.horizon, held(&a.scope)])?;
+        let sql = if s.stored {
+            "UPDATE rate_totals SET requests = ?2, tokens = ?3, horizon = ?4, in_flight = in_flight + ?5 WHERE scope = ?1"
+        } else {
+            "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, ?2, ?3, ?4, ?5)"
+        };
+        tx.prepare_cached(sql)?.execute(params![s.scope, t.requests, t.tokens, horizon, held(&s.scope)])?;
     }
     let Some((at, tokens)) = admitted else { return Ok(()) };
-    // The totals this admission did not move: a window scope whose horizon is ahead of this
-    // call's clock (it counts the call if stamped after it), and a `max_concurrent` scope
-    // without a window limit (a row made for it logs nothing, so its horizon is arbitrary).
-    let unmoved = scopes.iter().map(String::as_str).chain(slot.filter(|s| !scopes.iter().any(|w| w == s)));
-    for scope in unmoved.filter(|s| !advanced.iter().any(|a| a.scope == *s)) {
-        let logged = i64::from(scopes.iter().any(|w| w == scope));
-        tx.prepare_cached(
+    // The totals this admission did not move: it counts there if stamped after their horizon
+    // (a `max_concurrent` scope without a window limit logs nothing, so a row made for it
+    // has an arbitrary horizon).
+    for s in scopes.iter().filter(|s| s.moved.is_none()) {
+        let sql = if s.stored {
+            "UPDATE rate_totals SET requests = requests + iif(horizon < ?3, ?4, 0), tokens = tokens + iif(horizon < ?3, ?2 * ?4, 0),
+                 in_flight = in_flight + ?5 WHERE scope = ?1"
+        } else {
             "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, 0, 0, ?3, ?5)
              ON CONFLICT (scope) DO UPDATE SET requests = requests + iif(horizon < ?3, ?4, 0),
-                 tokens = tokens + iif(horizon < ?3, ?2 * ?4, 0), in_flight = in_flight + ?5",
-        )?
-        .execute(params![scope, tokens, at, logged, held(scope)])?;
+                 tokens = tokens + iif(horizon < ?3, ?2 * ?4, 0), in_flight = in_flight + ?5"
+        };
+        tx.prepare_cached(sql)?.execute(params![s.scope, tokens, at, i64::from(s.window), held(&s.scope)])?;
     }
     Ok(())
 }
@@ -1472,14 +1530,12 @@ impl Store for SqliteStore {
                 return Ok(Admitted::Blocked(b));
             }
             let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
-            let (rates, advanced) = rate_state(tx, &rate_checks, req.now, req.rate_window)?;
-            let rate_scopes = ratelimit::window_scopes(&rate_checks);
+            let rates = rate_state(tx, &rate_checks, est.tokens, req.now, req.rate_window)?;
             let since = req.now - req.rate_window;
-            let breach = ratelimit::evaluate(&rate_checks, |s| rates.get(s).copied().unwrap_or_default(), est.tokens, req.now, req.rate_window, |s| {
-                window_events(tx, s, since)
-            })?;
+            let use_of = |s: &str| rates.iter().find(|u| u.scope == s).map_or_else(RateUsage::default, |u| u.use_);
+            let breach = ratelimit::evaluate(&rate_checks, use_of, est.tokens, req.now, req.rate_window, |s| window_events(tx, s, since))?;
             if let Some(b) = breach {
-                write_totals(tx, &rate_scopes, &advanced, None, None)?;
+                write_totals(tx, &rates, None, None)?;
                 if req.record_rate_limited {
                     insert_execution(tx, e, None)?;
                     complete_execution(tx, e, &rate_limited(&b, req.now), false, req.calendar)?;
@@ -1489,7 +1545,7 @@ impl Store for SqliteStore {
             let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(tx, key, req.probe_lease, req.now))? {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
-                    write_totals(tx, &rate_scopes, &advanced, None, None)?;
+                    write_totals(tx, &rates, None, None)?;
                     insert_execution(tx, e, None)?;
                     complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
@@ -1505,7 +1561,8 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at, concurrency])?;
             }
-            write_totals(tx, &rate_scopes, &advanced, Some((e.started_at, est.tokens)), concurrency.as_deref())?;
+            write_totals(tx, &rates, Some((e.started_at, est.tokens)), concurrency.as_deref())?;
+            let rate_scopes: Vec<String> = rates.into_iter().filter(|u| u.window).map(|u| u.scope).collect();
             insert_execution(tx, e, log_bits(e, &rate_scopes)?.map(|bits| (bits, est.tokens)))?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
@@ -2332,11 +2389,73 @@ mod tests {
         assert_eq!([used("global", t1 + 3), used("tenant:a", t1 + 3), used("tenant:b", t1 + 3)], [5, 2, 3]);
         // Each statement that reads a log searches an index for it.
         let c = Connection::open(&path).unwrap();
-        for sql in [totals_sql!(global), totals_sql!(tenant)] {
+        for sql in [between_sql!(global), between_sql!(tenant)] {
             let plan = explained(&c, "EXPLAIN QUERY PLAN", sql, 3);
             assert!(plan.iter().all(|p| p.starts_with("SEARCH")), "{sql}: {plan:?}");
             assert!(plan.iter().any(|p| p.contains(if sql.contains("?3") { "INDEX executions_tenant (tenant_id=? AND id>? AND id<?)" } else { "PRIMARY KEY (id>? AND id<?)" })), "{plan:?}");
         }
+    }
+
+    /// An admission that fits reads nothing from the log and leaves the horizon; a scope's
+    /// horizon left behind by a pause is moved by reading only the admissions it crosses, and
+    /// after a pause of `MAX_WINDOW` or more by reading nothing (every admission counted left
+    /// the window), however many calls not logged (made while the limit was lifted, say) the
+    /// range of ids it would read holds.
+    #[test]
+    fn a_horizon_behind_reads_at_most_what_it_crosses() {
+        use rusqlite::StatementStatus::VmStep;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        let cal = Calendar::new("UTC").unwrap();
+        let global = GlobalBudgets { limits: Limits { rpm: Some(2), ..Default::default() }, ..Default::default() };
+        let (minute, max) = (60_000_000, ratelimit::MAX_WINDOW.as_micros() as i64);
+        let t0 = 1_800_000_000_000_000;
+        let admit = |now: Micros| {
+            let e = execution(&crate::execution::new_id(now), now);
+            let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
+            match store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap() {
+                Admitted::Go { .. } => "go",
+                Admitted::RateLimited(r) => r.check.name,
+                other => panic!("{other:?}"),
+            }
+        };
+        // Rows between horizon and window start: unlogged calls (rate_scopes NULL), a thousand a
+        // minute from `from` for `minutes`.
+        let unlogged = |from: Micros, minutes: i64| {
+            let w = store.writer.lock().unwrap();
+            for i in 0..minutes * 1000 {
+                let at = from + i * 60_000;
+                insert_execution(&w, &execution(&crate::execution::new_id(at), at), None).unwrap();
+            }
+        };
+        // VM steps of the statement that reads the global log since asked last.
+        let log_reads = || store.writer.lock().unwrap().prepare_cached(between_sql!(global)).unwrap().reset_status(VmStep);
+        let horizon = || -> Micros { store.writer.lock().unwrap().query_row("SELECT horizon FROM rate_totals WHERE scope = 'global'", [], |r| r.get(0)).unwrap() };
+        assert_eq!([admit(t0), admit(t0 + 1_000)], ["go", "go"]);
+        assert_eq!(log_reads(), 0, "calls that fit the totals read nothing");
+        // A refusal is told exactly: the horizon moves to the window's start.
+        assert_eq!(admit(t0 + 2_000), "global_rpm");
+        assert!(log_reads() > 0);
+        assert_eq!(horizon(), t0 + 2_000 - minute);
+        // A minute on, the first admission left the window: the totals (2) refuse a call the
+        // window takes, so the horizon moves, reading the admissions crossed.
+        assert_eq!(admit(t0 + minute + 500), "go");
+        assert!(log_reads() > 0);
+        assert_eq!(horizon(), t0 + 500);
+        // A pause of half an hour with 30,000 unlogged calls: the admissions crossed are read
+        // from the index (all of those calls ahead of them too: it reads a range of ids).
+        unlogged(t0 + 2 * minute, 30);
+        let long = t0 + 35 * minute;
+        assert_eq!([admit(long), admit(long + 1_000), admit(long + 2_000)], ["go", "go", "global_rpm"]);
+        assert!(log_reads() > 30_000);
+        // Past MAX_WINDOW, though: nothing read however many calls there were.
+        unlogged(long + minute, max / minute);
+        let longer = long + max + 2 * minute;
+        assert_eq!(admit(longer), "go");
+        assert_eq!(log_reads(), 0);
+        assert_eq!(horizon(), longer - minute);
+        assert_eq!([admit(longer + 1_000), admit(longer + 2_000)], ["go", "global_rpm"]);
+        assert_eq!(store.rate_usage("global", longer - minute).unwrap().requests, 2);
     }
 
     /// Migration 16 moves the admissions logged before it into the executions rows and
