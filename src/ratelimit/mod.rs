@@ -17,7 +17,9 @@
 //! the window. An admission whose clock is behind the horizon (it read the clock, then waited
 //! for the lock) adds the few admissions between its own window's start and the horizon,
 //! which the log keeps a window longer for it. On a refusal only, the log is read to tell
-//! when the call would fit.
+//! when the call would fit. (SQLite moves the horizon lazily: while it trails the window's
+//! start by less than a quarter window, totals a call fits fit its window too; see
+//! store/sqlite.rs `rate_state`.)
 
 use std::time::Duration;
 
