@@ -133,6 +133,13 @@ const WAL_CAP_BYTES: i64 = 64 << 20;
 /// it up), so it succeeds when overlapping reads last up to about half of it each. Calls wait
 /// behind it, so this bounds their wait on the checkpointer once the WAL passed the cap.
 const CAP_WAIT: Duration = Duration::from_secs(1);
+/// How long one try of a restart past the cap waits for locks. SQLite's checkpoint waits for a
+/// read's lock slot without looking again whether the read now holding it still needs the old
+/// frames: a read that ends and begins again at once takes the same slot back (marked at the
+/// last frame now) within microseconds, so one long try waited for it until it timed out (the
+/// WAL reached 173-207 MB past its 64 MB cap under two overlapping reads). Each new try reads
+/// the slots' marks again and waits only for the reads that do need them.
+const CAP_TRY: Duration = Duration::from_millis(10);
 /// After a restart past the cap timed out (reads longer than that), the next one waits this
 /// long, so calls run at least as long as they waited.
 const CAP_RETRY_AFTER: Duration = CAP_WAIT;
@@ -249,7 +256,15 @@ fn spawn_checkpointer(path: &str, gate: Arc<WalGate>) -> Result<mpsc::Sender<()>
                     (_, frames, copied) = checkpoint("PASSIVE", Duration::ZERO);
                     restart("RESTART", RESTART_WAIT)
                 } else if frames > cap_frames && reads_turned_over && Instant::now() >= next_cap_restart {
-                    let done = gate.restart(CAP_WAIT, || !checkpoint("RESTART", CAP_WAIT).0);
+                    // In tries of `CAP_TRY` each, until one succeeds or `CAP_WAIT` has passed,
+                    // the gate closed all along (see `CAP_TRY`).
+                    let deadline = Instant::now() + CAP_WAIT;
+                    let done = gate.restart(CAP_WAIT, || loop {
+                        let done = !checkpoint("RESTART", CAP_TRY).0;
+                        if done || Instant::now() >= deadline {
+                            break done;
+                        }
+                    });
                     next_cap_restart = Instant::now() + CAP_RETRY_AFTER;
                     done
                 } else {
