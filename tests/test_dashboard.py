@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import raw_sql
 import tenantllm as tl
 from dashboard_data import KEYS, FlakyAgent, Sample, SupportAgent, populate
 from starlette.exceptions import HTTPException
@@ -313,6 +314,13 @@ def test_tenant_detail_page(client: TestClient, sample: Sample) -> None:
     globex = client.get("/tenants/globex").text
     failures = re.search(r'id="failures">(.*?)</table>', globex, re.S)
     assert failures and failures.group(1).count('class="execution"') == 2
+    # Failures older than the page's window (DETAIL_DAYS) are left out.
+    [(old,)] = raw_sql.query(sample.db, "SELECT id FROM executions WHERE tenant_id = 'globex' AND status = 'error' "
+                                        "ORDER BY id LIMIT 1")
+    month_ago = 31 * 86_400 * 10**6
+    raw_sql.query(sample.db, f"UPDATE executions SET started_at = started_at - {month_ago} WHERE id = '{old}'")
+    failures = re.search(r'id="failures">(.*?)</table>', client.get("/tenants/globex").text, re.S)
+    assert failures and failures.group(1).count('class="execution"') == 1 and old not in failures.group(1)
     assert rows(globex, "breaker") == ["globex"]
     assert re.search(r'id="errors-today">2<', globex)
     # The list links to it.

@@ -377,9 +377,10 @@ def tenant_detail(engine: Engine, tenant_id: str, viewer_scope: str | None) -> T
         calls = engine.query_grouped(ops, by)
         return sorted(((str(k), cost[k], int(calls[k])) for k in calls), key=lambda t: (-t[1], t[0]))
 
-    failures = engine.query_rows(
-        [*tenant_ops(tenant_id), ("in", "status", list(FAILED)), ("order", "started_at", True), ("limit", 20)]
-    )
+    # Within the window, like the rest of the page: the tenant's calls of DETAIL_DAYS days by
+    # its index (a range of ids), each row read to check its status; unbounded, a tenant
+    # without failures had every call it ever made read (200 rows, 1.9 s from a cold disk).
+    failures = engine.query_rows([*ops, ("in", "status", list(FAILED)), ("order", "started_at", True), ("limit", 20)])
     return TenantDetail(
         row=_tenant_row(engine, found[0], glob),
         daily=daily,
