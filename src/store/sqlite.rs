@@ -953,6 +953,10 @@ struct ScopeUse {
 /// a quarter of the window (see `rate_state`).
 const HORIZON_LAG_DIVISOR: i64 = 4;
 
+/// How far behind the window's start a horizon has every admission its totals count out of
+/// the window, whatever window each process has: `MAX_WINDOW` and a quarter (see `rate_state`).
+const RESTART_AFTER: Micros = ratelimit::MAX_WINDOW.as_micros() as i64 * (HORIZON_LAG_DIVISOR + 1) / HORIZON_LAG_DIVISOR;
+
 /// The use of the scopes `checks` name for a call estimated at `tokens`: admissions and their
 /// tokens stamped after `now - window` (later stamps included), from each scope's running
 /// totals (see `ratelimit::step`), and calls holding a `max_concurrent` slot.
@@ -964,10 +968,11 @@ const HORIZON_LAG_DIVISOR: i64 = 4;
 /// or once it trails the window's start by a quarter of the window, which bounds the part of
 /// the log read then.
 ///
-/// Every admission the totals count is stamped at most a window after their horizon (one that
-/// moves it moves it to its stamp less a window; one that does not is stamped before that),
-/// so once the window starts `MAX_WINDOW` or more after the horizon, all of them left it and
-/// the totals restart without reading the log (a scope after a long pause).
+/// Every admission the totals count is stamped at most a window and a quarter after their
+/// horizon (one that moves it moves it to its stamp less a window; one that leaves it is
+/// stamped less than a window and a quarter after it), so once the window starts
+/// `RESTART_AFTER` or more after the horizon, all of them left it and the totals restart
+/// without reading the log (a scope after a long pause).
 fn rate_state(tx: &Connection, checks: &[RateCheck], tokens: i64, now: Micros, window: Micros) -> Result<Vec<ScopeUse>> {
     let start = now - window;
     let windows = ratelimit::window_scopes(checks);
@@ -987,7 +992,7 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], tokens: i64, now: Micros, w
             // The log is the executions rows, which retention keeps for days: nothing to forget.
             (_, h) => {
                 match h {
-                    Some(h) if start - h >= ratelimit::MAX_WINDOW.as_micros() as i64 => (use_.requests, use_.tokens) = (0, 0),
+                    Some(h) if start - h >= RESTART_AFTER => (use_.requests, use_.tokens) = (0, 0),
                     Some(h) if use_.requests > 0 => {
                         let crossed = logged_between(tx, &scope, h, start)?;
                         use_.requests -= crossed.requests;
@@ -2506,7 +2511,7 @@ mod tests {
 
     /// An admission that fits reads nothing from the log and leaves the horizon; a scope's
     /// horizon left behind by a pause is moved by reading only the admissions it crosses, and
-    /// after a pause of `MAX_WINDOW` or more by reading nothing (every admission counted left
+    /// after a pause of `RESTART_AFTER` or more by reading nothing (every admission counted left
     /// the window), however many calls not logged (made while the limit was lifted, say) the
     /// range of ids it would read holds.
     #[test]
@@ -2516,7 +2521,7 @@ mod tests {
         let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
         let cal = Calendar::new("UTC").unwrap();
         let global = GlobalBudgets { limits: Limits { rpm: Some(2), ..Default::default() }, ..Default::default() };
-        let (minute, max) = (60_000_000, ratelimit::MAX_WINDOW.as_micros() as i64);
+        let minute = 60_000_000;
         let t0 = 1_800_000_000_000_000;
         let admit = |now: Micros| {
             let e = execution(&crate::execution::new_id(now), now);
@@ -2556,14 +2561,41 @@ mod tests {
         let long = t0 + 35 * minute;
         assert_eq!([admit(long), admit(long + 1_000), admit(long + 2_000)], ["go", "go", "global_rpm"]);
         assert!(log_reads() > 30_000);
-        // Past MAX_WINDOW, though: nothing read however many calls there were.
-        unlogged(long + minute, max / minute);
-        let longer = long + max + 2 * minute;
+        // Past RESTART_AFTER, though: nothing read however many calls there were.
+        unlogged(long + minute, RESTART_AFTER / minute);
+        let longer = long + RESTART_AFTER + 2 * minute;
         assert_eq!(admit(longer), "go");
         assert_eq!(log_reads(), 0);
         assert_eq!(horizon(), longer - minute);
         assert_eq!([admit(longer + 1_000), admit(longer + 2_000)], ["go", "global_rpm"]);
         assert_eq!(store.rate_usage("global", longer - minute).unwrap().requests, 2);
+    }
+
+    /// With the longest window, an admission that left the horizon where it was is stamped up
+    /// to a quarter window past `MAX_WINDOW` after it: a horizon `MAX_WINDOW` behind the
+    /// window's start does not restart the totals while it may still be in the window.
+    #[test]
+    fn a_call_admitted_behind_a_trailing_horizon_counts_in_the_longest_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        let cal = Calendar::new("UTC").unwrap();
+        let global = GlobalBudgets { limits: Limits { rpm: Some(2), ..Default::default() }, ..Default::default() };
+        let w = ratelimit::MAX_WINDOW.as_micros() as i64;
+        let t0 = 1_800_000_000_000_000;
+        let admit = |now: Micros| {
+            let e = execution(&crate::execution::new_id(now), now);
+            let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
+            let req = AdmitRequest { rate_window: w, ..request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000) };
+            match store.admit(&req).unwrap() {
+                Admitted::Go { .. } => "go",
+                Admitted::RateLimited(r) => r.check.name,
+                other => panic!("{other:?}"),
+            }
+        };
+        // The second fits the totals and leaves their horizon at t0 - w; at t0 + 1.1 w the
+        // window holds it and the third fills it.
+        let at = [t0, t0 + w / 5, t0 + w * 11 / 10, t0 + w * 11 / 10 + 1];
+        assert_eq!(at.map(admit), ["go", "go", "go", "global_rpm"]);
     }
 
     /// Migration 16 moves the admissions logged before it into the executions rows and
