@@ -12,7 +12,6 @@ mod rollups;
 mod schema;
 mod sqlite;
 mod tenant_list;
-mod wal_gate;
 
 pub use lock_waits::so_far as lock_waits;
 pub use postgres::PostgresStore;

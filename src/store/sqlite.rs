@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{mpsc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
@@ -16,7 +16,6 @@ use super::query::{self, GroupValues, Groups};
 use super::rollups::{self, Dialect, Rolled, ROLLED};
 use super::schema::MIGRATIONS;
 use super::tenant_list;
-use super::wal_gate::WalGate;
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
@@ -43,11 +42,8 @@ pub struct SqliteStore {
     /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
     /// where a second connection would be a different database.
     reader: ManuallyDrop<Option<Mutex<Connection>>>,
-    /// Dropping it (and waking the checkpointer through `gate`) stops the background checkpointer.
-    checkpointer: Option<mpsc::Sender<()>>,
-    /// Every write passes it, holding `writer`, before it begins; the checkpointer closes it to
-    /// restart the WAL. It outlives `writer`, whose commits tell it the WAL's size.
-    gate: Arc<WalGate>,
+    /// Dropping it stops the background checkpointer.
+    _checkpointer: Option<mpsc::Sender<()>>,
     /// The stored timezone as the writer last read it (locked inside the writer's lock).
     timezone: Mutex<SeenTimezone>,
 }
@@ -80,19 +76,20 @@ fn data_version(conn: &Connection) -> Option<u32> {
     (rc == rusqlite::ffi::SQLITE_OK).then_some(version)
 }
 
-/// `SQLITE_FCNTL_FILE_POINTER`: the database file's handle.
+/// `SQLITE_FCNTL_FILE_POINTER` and `SQLITE_FCNTL_JOURNAL_POINTER` (in WAL mode: the WAL's).
 const FCNTL_FILE_POINTER: std::ffi::c_int = 7;
+const FCNTL_JOURNAL_POINTER: std::ffi::c_int = 28;
 
-/// Syncs the database file through the connection's own handle. (Never through a descriptor
-/// of our own: closing any descriptor of the database file drops every POSIX lock SQLite holds
-/// on it in this process.) A sync more than SQLite's own is always safe; false if it could not
-/// be made.
-fn sync_database_file(conn: &Connection) -> bool {
+/// Syncs the database file (`FCNTL_FILE_POINTER`) or its WAL (`FCNTL_JOURNAL_POINTER`) through
+/// the connection's own handle. (Never through a descriptor of our own: closing any descriptor
+/// of the database file drops every POSIX lock SQLite holds on it in this process.) A sync more
+/// than SQLite's own is always safe; false if it could not be made.
+fn sync_file(conn: &Connection, which: std::ffi::c_int) -> bool {
     let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: this file control writes one pointer to a file object the connection owns; it
     // stays open while `conn` is borrowed, and only this thread uses the connection.
     unsafe {
-        let rc = rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), FCNTL_FILE_POINTER, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast());
+        let rc = rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), which, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast());
         if rc != rusqlite::ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
             return false;
         }
@@ -133,13 +130,6 @@ const WAL_CAP_BYTES: i64 = 64 << 20;
 /// it up), so it succeeds when overlapping reads last up to about half of it each. Calls wait
 /// behind it, so this bounds their wait on the checkpointer once the WAL passed the cap.
 const CAP_WAIT: Duration = Duration::from_secs(1);
-/// How long one try of a restart past the cap waits for locks. SQLite's checkpoint waits for a
-/// read's lock slot without looking again whether the read now holding it still needs the old
-/// frames: a read that ends and begins again at once takes the same slot back (marked at the
-/// last frame now) within microseconds, so one long try waited for it until it timed out (the
-/// WAL reached 173-207 MB past its 64 MB cap under two overlapping reads). Each new try reads
-/// the slots' marks again and waits only for the reads that do need them.
-const CAP_TRY: Duration = Duration::from_millis(10);
 /// After a restart past the cap timed out (reads longer than that), the next one waits this
 /// long, so calls run at least as long as they waited.
 const CAP_RETRY_AFTER: Duration = CAP_WAIT;
@@ -149,27 +139,22 @@ const CAP_RETRY_AFTER: Duration = CAP_WAIT;
 /// measured on the calling thread with the write lock held.
 const WAL_KEEP_BYTES: u64 = 16 << 20;
 
-/// How long a restart waits, gate closed, for this process's write under way to end (one
-/// write: well under a millisecond for a call's).
-const WRITE_UNDER_WAY_WAIT: Duration = Duration::from_millis(20);
-
 /// Checkpoints the WAL from a thread of its own, so no call pays for copying pages and the
 /// fsync that follows (calls' connections have auto-checkpointing off). PASSIVE never
 /// blocks writers or readers; several processes may each run one. Under sustained writes a
 /// passive checkpoint never catches up, so past a size a RESTART checkpoint copies the few
 /// frames the catch-up passes left and lets the WAL begin again, which keeps it (and page
-/// lookups in it) small. It closes `gate` meanwhile (this process's writes wait before they
-/// begin, `wal_gate`) and holds SQLite's write lock (other processes' writers wait in their
-/// busy handler), and waits at most `RESTART_WAIT` for SQLite's locks; the frames left to
-/// copy and the two fsyncs that go with them are what calls wait for. It is only tried when
-/// the last passive pass could copy the whole WAL: when it could not, a read (a backup, a
-/// dashboard scan) still uses the WAL, and a restart would wait for it with every writer
-/// waiting behind (it used to, holding this process's writer, for up to SQLite's 30 s busy
-/// timeout). The WAL grows while such reads last; the checkpointer then looks every
-/// `RESTART_RETRY_EVERY` for the gap after one, and past `WAL_CAP_BYTES`, once reads turn
-/// over, it restarts the WAL waiting up to `CAP_WAIT`.
+/// lookups in it) small. It holds SQLite's write lock meanwhile (writers of every process
+/// wait in their busy handler, briefly) but no lock of this process, and waits at most
+/// `RESTART_WAIT` for locks in all; the frames left to copy and the two fsyncs that go with
+/// them are what calls wait for. It is only tried when the last passive pass could copy the whole
+/// WAL: when it could not, a read (a backup, a dashboard scan) still uses the WAL, and a
+/// restart would wait for it with every writer waiting behind (it used to, holding this
+/// process's writer, for up to SQLite's 30 s busy timeout). The WAL grows while such reads
+/// last; the checkpointer then looks every `RESTART_RETRY_EVERY` for the gap after one, and
+/// past `WAL_CAP_BYTES`, once reads turn over, it restarts the WAL waiting up to `CAP_WAIT`.
 /// Every round runs inside the fork gate (a fork waits for it, `CAP_WAIT` at most).
-fn spawn_checkpointer(path: &str, gate: Arc<WalGate>) -> Result<mpsc::Sender<()>> {
+fn spawn_checkpointer(path: &str) -> Result<mpsc::Sender<()>> {
     let conn = connect(path)?;
     conn.busy_handler(Some(checkpoint_busy_wait))?;
     let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
@@ -188,18 +173,12 @@ fn spawn_checkpointer(path: &str, gate: Arc<WalGate>) -> Result<mpsc::Sender<()>
                 conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
                     .unwrap_or((true, 0, 0))
             };
-            // RESTART or TRUNCATE, with this process's writes paused at the gate.
-            let restart = |mode: &str, wait: Duration| gate.restart(WRITE_UNDER_WAY_WAIT, || !checkpoint(mode, wait).0);
             let mut wait = CHECKPOINT_EVERY;
             let mut next_cap_restart = Instant::now();
             // (frames in the WAL, frames copied) as the last round left them; none before the
-            // first round, when there is nothing to compare with.
+            // first round and after a restart, when there is nothing to compare with.
             let mut last: Option<(i64, i64)> = None;
-            loop {
-                gate.sleep(wait);
-                if !matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Empty)) {
-                    break;
-                }
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(wait) {
                 let _quiet = quiet();
                 let (_, mut frames, mut copied) = checkpoint("PASSIVE", Duration::ZERO);
                 // No frames since the last round, which came `CHECKPOINT_EVERY` after a round.
@@ -210,11 +189,9 @@ fn spawn_checkpointer(path: &str, gate: Arc<WalGate>) -> Result<mpsc::Sender<()>
                 // frames moving on since a round a read held them back: that read ended. (Not
                 // when the last round copied all: the read that holds them back now just began.)
                 let reads_turned_over = last.is_some_and(|(held, before)| before < held && before != copied);
-                // Little in the WAL, or all of it copied and nothing written since (after a
-                // restart the WAL keeps its frames until the next write starts it over).
-                if frames <= WAL_RESTART_FRAMES || (unchanged && copied == frames) {
+                if frames <= WAL_RESTART_FRAMES {
                     let oversized = std::fs::metadata(&wal_file).is_ok_and(|m| m.len() > WAL_KEEP_BYTES);
-                    if paused && copied == frames && oversized && restart("TRUNCATE", RESTART_WAIT) {
+                    if paused && copied == frames && oversized && !checkpoint("TRUNCATE", RESTART_WAIT).0 {
                         frames = 0;
                     }
                     last = Some((frames, copied.min(frames)));
@@ -222,56 +199,32 @@ fn spawn_checkpointer(path: &str, gate: Arc<WalGate>) -> Result<mpsc::Sender<()>
                 }
                 // Catch up without blocking anyone: each pass copies what writers appended
                 // during the previous one, so the restart has little left to copy and sync
-                // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms). Until a
-                // pass leaves no fewer frames than the one before (writers outrun the passes:
-                // a loaded disk), or writes wait at the gate for the restart.
-                let mut appended = i64::MAX;
+                // while writers wait (one pass left ~17 ms of it; this leaves ~2 ms).
                 for _ in 0..CATCH_UP_PASSES {
-                    if gate.holding() {
+                    let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
+                    let appended = now - frames;
+                    (frames, copied) = (now, done);
+                    if appended < RESTART_LEFTOVER_FRAMES {
                         break;
                     }
-                    let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
-                    let before = std::mem::replace(&mut appended, now - frames);
-                    (frames, copied) = (now, done);
-                    if appended < RESTART_LEFTOVER_FRAMES || appended >= before {
-                        break;
-                    }
-                }
-                if copied < frames && frames - copied < RESTART_LEFTOVER_FRAMES {
-                    // A pass that ends as the writer commits can find its read mark still taken
-                    // and copy all but that commit: a second look tells it from a read.
-                    let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
-                    (frames, copied) = (now, done);
                 }
                 let restarted = if copied == frames {
-                    // The restart syncs the WAL before it copies from it and the database file
-                    // after, with calls waiting. Passes sync the WAL but, while writers append,
-                    // never the database file (SQLite syncs it only once a pass copied the
-                    // whole WAL). So: sync the database file here, while calls still write,
-                    // then one more pass copies and syncs what they wrote meanwhile, and the
-                    // restart is left only what they write during that pass (the gate's pause:
-                    // median 1 ms, 90th percentile 10-13 ms at load 9, against 2 and 12-21
-                    // syncing both files here without that pass).
-                    sync_database_file(&conn);
-                    (_, frames, copied) = checkpoint("PASSIVE", Duration::ZERO);
-                    restart("RESTART", RESTART_WAIT)
+                    // The restart syncs the WAL before it copies from it, and the database
+                    // file after (with calls waiting), and the passes that could not copy all
+                    // left the database file unsynced: syncing both here, while calls still
+                    // write, leaves the restart only what was written meanwhile to sync (it
+                    // synced 1-13 ms of WAL and 2-7 ms of database file with calls waiting).
+                    sync_file(&conn, FCNTL_JOURNAL_POINTER);
+                    sync_file(&conn, FCNTL_FILE_POINTER);
+                    !checkpoint("RESTART", RESTART_WAIT).0
                 } else if frames > cap_frames && reads_turned_over && Instant::now() >= next_cap_restart {
-                    // In tries of `CAP_TRY` each, until one succeeds or `CAP_WAIT` has passed,
-                    // the gate closed all along (see `CAP_TRY`).
-                    let deadline = Instant::now() + CAP_WAIT;
-                    let done = gate.restart(CAP_WAIT, || loop {
-                        let done = !checkpoint("RESTART", CAP_TRY).0;
-                        if done || Instant::now() >= deadline {
-                            break done;
-                        }
-                    });
+                    let done = !checkpoint("RESTART", CAP_WAIT).0;
                     next_cap_restart = Instant::now() + CAP_RETRY_AFTER;
                     done
                 } else {
-                    gate.stall(); // a read still uses the WAL: no write waits for a restart
                     false
                 };
-                last = Some((frames, copied));
+                last = (!restarted).then_some((frames, copied));
                 if !restarted {
                     wait = RESTART_RETRY_EVERY; // a read still uses the WAL
                 }
@@ -474,8 +427,6 @@ impl SqliteStore {
         let _quiet = quiet();
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
-        let gate = Arc::new(WalGate::default());
-        gate.install(&writer);
         let writer = ManuallyDrop::new(Mutex::new(writer));
         let timezone = Mutex::new(SeenTimezone::default());
         if path == ":memory:" {
@@ -483,17 +434,15 @@ impl SqliteStore {
                 writer,
                 writers_waiting: AtomicUsize::new(0),
                 reader: ManuallyDrop::new(None),
-                checkpointer: None,
-                gate,
+                _checkpointer: None,
                 timezone,
             });
         }
         Ok(SqliteStore {
             reader: ManuallyDrop::new(Some(Mutex::new(connect_reader(path)?))),
-            checkpointer: Some(spawn_checkpointer(path, Arc::clone(&gate))?),
+            _checkpointer: Some(spawn_checkpointer(path)?),
             writer,
             writers_waiting: AtomicUsize::new(0),
-            gate,
             timezone,
         })
     }
@@ -511,7 +460,6 @@ impl SqliteStore {
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let _quiet = quiet();
         let conn = locked(&self.writer, Some(&self.writers_waiting));
-        let _writing = self.gate.pass();
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
         let began = data_version(&conn);
@@ -579,8 +527,6 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        drop(self.checkpointer.take());
-        self.gate.wake();
         let _quiet = quiet();
         // SAFETY: dropped once, here, and never used again.
         unsafe {
@@ -2061,14 +2007,15 @@ mod tests {
         assert!(!checkpoint_busy_wait(0));
     }
 
-    /// The checkpointer syncs the database file through SQLite's own handle.
+    /// The checkpointer syncs the database file and its WAL through SQLite's own handles.
     #[test]
-    fn the_database_file_syncs_through_the_connection() {
+    fn the_database_file_and_its_wal_sync_through_the_connection() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let conn = connect(path.to_str().unwrap()).unwrap();
         conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
-        assert!(sync_database_file(&conn));
+        assert!(sync_file(&conn, FCNTL_JOURNAL_POINTER));
+        assert!(sync_file(&conn, FCNTL_FILE_POINTER));
     }
 
     /// A read held open in another connection (a backup, a dashboard scan) pins the WAL while
@@ -2125,61 +2072,6 @@ mod tests {
             std::thread::sleep(CHECKPOINT_EVERY * 2);
         }
         assert!(wal() <= WAL_KEEP_BYTES, "the WAL is still {} bytes", wal());
-    }
-
-    /// One writer writing back to back, unpaced, as fast as the machine lets it: the WAL
-    /// starts over again and again and stays under its cap. Before the gate the checkpointer's
-    /// restart raced the writer for SQLite's write lock, free for microseconds between two
-    /// writes, hardly ever got it, and the WAL grew without bound (350-450 MB in a benchmark;
-    /// the restart that finally came made a call wait 505 ms). The bound holds whatever the
-    /// writer's speed: past `HOLD_FRAMES` writes wait for the restart (the file can exceed
-    /// that by one write and the WAL header). The waits counted are this thread's: the gate's
-    /// pauses (a restart's copy and syncs) and nothing else, as no other connection writes.
-    #[test]
-    fn one_writer_back_to_back_keeps_the_wal_under_its_cap_and_waits_little() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let path = path.to_str().unwrap();
-        let store = SqliteStore::open(path, "UTC").unwrap();
-        let wal = || std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
-        let (t0, started, run_for) = (now_micros(), Instant::now(), Duration::from_secs(4));
-        let (largest, (writes, appended, restarts, longest, waits)) = std::thread::scope(|s| {
-            let writer = s.spawn(|| {
-                let (mut n, mut longest, mut appended, mut restarts, mut frames) = (0, Duration::ZERO, 0, 0, 0);
-                let before = lock_waits::so_far();
-                while started.elapsed() < run_for {
-                    let waited = lock_waits::so_far().1;
-                    store.write(|tx| (0..4).try_for_each(|k| insert_execution(tx, &execution(&format!("{n:09}-{k}"), t0 + n), None))).unwrap();
-                    longest = longest.max(lock_waits::so_far().1 - waited);
-                    n += 1;
-                    let now = store.gate.frames();
-                    restarts += i32::from(now < frames);
-                    appended += if now < frames { now } else { now - frames };
-                    frames = now;
-                }
-                let after = lock_waits::so_far();
-                (n, appended, restarts, longest, (after.0 - before.0, after.1 - before.1))
-            });
-            let mut largest = 0;
-            while !writer.is_finished() {
-                largest = largest.max(wal());
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            (largest, writer.join().unwrap())
-        });
-        eprintln!(
-            "{writes} writes, {appended} frames in {restarts} restarts, largest WAL {:.1} MB, {} waits, {:?} in all, longest {longest:?}",
-            largest as f64 / f64::from(1 << 20),
-            waits.0,
-            waits.1
-        );
-        // Enough frames to have grown the WAL past twice its cap without restarts.
-        assert!(appended > 2 * (WAL_CAP_BYTES / 4096), "only {appended} frames in {writes} writes");
-        assert!(largest < WAL_CAP_BYTES as u64, "the WAL reached {} MB in {writes} writes", largest >> 20);
-        // Writes wait only when they outrun the checkpointer: its syncs, 10-50 ms each on a
-        // loaded disk (8-18 % of the run waited at load 9-12, the longest wait 25-250 ms).
-        assert!(longest < CAP_WAIT / 2, "a write waited {longest:?}");
-        assert!(waits.1 < run_for / 2, "writes waited {:?} in all", waits.1);
     }
 
     /// A retention batch commits and stands aside between two chunks while a write of this
