@@ -357,63 +357,60 @@ fn complete(store: &dyn Store, q: &TenantListQuery, needs: Needs, e: &mut Entry)
     Ok(())
 }
 
-/// The register's part of the merge: whole (names, last use) or ids with names or not.
-enum Register {
-    Whole(std::iter::Peekable<std::vec::IntoIter<SeenTenant>>),
+/// A row of a read that the merge joins by tenant id (the register's, the budgets').
+trait Keyed {
+    fn key(&self) -> &String;
+}
+
+impl Keyed for SeenTenant {
+    fn key(&self) -> &String {
+        &self.id
+    }
+}
+
+impl Keyed for TenantBudget {
+    fn key(&self) -> &String {
+        &self.tenant_id
+    }
+}
+
+/// The register's or the budgets' part of the merge, sorted by id: rows read whole, or ids
+/// with names or not (`Store::tenant_ids`).
+enum Part<W> {
+    Whole(std::iter::Peekable<std::vec::IntoIter<W>>),
     Ids(std::iter::Peekable<std::vec::IntoIter<(String, Option<String>)>>),
 }
 
-impl Register {
-    fn next_id(&mut self) -> Option<&String> {
-        match self {
-            Register::Whole(it) => it.peek().map(|s| &s.id),
-            Register::Ids(it) => it.peek().map(|s| &s.0),
-        }
-    }
-
-    fn take(&mut self, e: &mut Entry) {
-        match self {
-            Register::Whole(it) => {
-                if let Some(s) = it.next_if(|s| s.id == e.id) {
-                    e.seen_name = s.name;
-                    e.last_used_at = Some(s.last_used_at);
-                }
-            }
-            Register::Ids(it) => {
-                if let Some((_, name)) = it.next_if(|s| s.0 == e.id) {
-                    e.seen_name = name;
-                }
-            }
-        }
-    }
+/// What a part held for one tenant.
+enum Got<W> {
+    Whole(W),
+    Name(Option<String>),
 }
 
-/// The budgets' part of the merge: whole or ids with names or not.
-enum Budgets {
-    Whole(std::iter::Peekable<std::vec::IntoIter<TenantBudget>>),
-    Ids(std::iter::Peekable<std::vec::IntoIter<(String, Option<String>)>>),
-}
+impl<W: Keyed> Part<W> {
+    // A store's order may follow a collation: sorted by id here (one pass if it is).
+    fn whole(mut rows: Vec<W>) -> Self {
+        rows.sort_by(|a, b| a.key().cmp(b.key()));
+        Part::Whole(rows.into_iter().peekable())
+    }
 
-impl Budgets {
+    fn ids(mut ids: Vec<(String, Option<String>)>) -> Self {
+        ids.sort_by(|a, b| a.0.cmp(&b.0));
+        Part::Ids(ids.into_iter().peekable())
+    }
+
     fn next_id(&mut self) -> Option<&String> {
         match self {
-            Budgets::Whole(it) => it.peek().map(|b| &b.tenant_id),
-            Budgets::Ids(it) => it.peek().map(|b| &b.0),
+            Part::Whole(it) => it.peek().map(Keyed::key),
+            Part::Ids(it) => it.peek().map(|s| &s.0),
         }
     }
 
-    fn take(&mut self, e: &mut Entry) {
+    /// Its row for tenant `id`, if it is the next.
+    fn take(&mut self, id: &str) -> Option<Got<W>> {
         match self {
-            Budgets::Whole(it) => {
-                e.budget = it.next_if(|b| b.tenant_id == e.id);
-                e.has_budget = e.budget.is_some();
-            }
-            Budgets::Ids(it) => {
-                if let Some((_, name)) = it.next_if(|b| b.0 == e.id) {
-                    e.has_budget = true;
-                    e.budget_name = name;
-                }
-            }
+            Part::Whole(it) => it.next_if(|w| w.key() == id).map(Got::Whole),
+            Part::Ids(it) => it.next_if(|s| s.0 == id).map(|(_, name)| Got::Name(name)),
         }
     }
 }
@@ -439,25 +436,10 @@ fn entries(store: &dyn Store, q: &TenantListQuery, needs: Needs) -> Result<Vec<E
             }]
         }
         None => {
-            // A store's order may follow a collation: sorted by id here (one pass if it is).
-            let mut seen = if needs.register {
-                let mut all = store.tenants()?;
-                all.sort_by(|a, b| a.id.cmp(&b.id));
-                Register::Whole(all.into_iter().peekable())
-            } else {
-                let mut ids = store.tenant_ids(Holders::Register, needs.names)?;
-                ids.sort_by(|a, b| a.0.cmp(&b.0));
-                Register::Ids(ids.into_iter().peekable())
-            };
-            let mut budgets = if needs.budgets {
-                let mut all = store.budget_all()?;
-                all.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-                Budgets::Whole(all.into_iter().peekable())
-            } else {
-                let mut ids = store.tenant_ids(Holders::Budgets, needs.names)?;
-                ids.sort_by(|a, b| a.0.cmp(&b.0));
-                Budgets::Ids(ids.into_iter().peekable())
-            };
+            let mut seen =
+                if needs.register { Part::whole(store.tenants()?) } else { Part::ids(store.tenant_ids(Holders::Register, needs.names)?) };
+            let mut budgets =
+                if needs.budgets { Part::whole(store.budget_all()?) } else { Part::ids(store.tenant_ids(Holders::Budgets, needs.names)?) };
             let mut month = store.usage_by_scope("tenant:", &q.month)?;
             let mut today = if needs.today { store.usage_by_scope("tenant:", &q.day)? } else { Vec::new() };
             month.sort_by(|a, b| a.0.cmp(&b.0));
@@ -469,8 +451,25 @@ fn entries(store: &dyn Store, q: &TenantListQuery, needs: Needs) -> Result<Vec<E
             // and the month's counters, from each that has it.
             while let Some(id) = [seen.next_id(), budgets.next_id(), month.peek().map(|m| &m.0)].into_iter().flatten().min().cloned() {
                 let mut e = Entry { id, ..Entry::default() };
-                seen.take(&mut e);
-                budgets.take(&mut e);
+                match seen.take(&e.id) {
+                    Some(Got::Whole(s)) => {
+                        e.seen_name = s.name;
+                        e.last_used_at = Some(s.last_used_at);
+                    }
+                    Some(Got::Name(name)) => e.seen_name = name,
+                    None => {}
+                }
+                match budgets.take(&e.id) {
+                    Some(Got::Whole(b)) => {
+                        e.budget = Some(b);
+                        e.has_budget = true;
+                    }
+                    Some(Got::Name(name)) => {
+                        e.budget_name = name;
+                        e.has_budget = true;
+                    }
+                    None => {}
+                }
                 if let Some((_, u)) = month.next_if(|m| m.0 == e.id) {
                     e.month = u;
                 }
