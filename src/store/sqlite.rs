@@ -2107,6 +2107,16 @@ mod tests {
     }
 
     /// The admission of `e` under `plan`, with the fields these tests never vary.
+    /// An admission's outcome as the rate tests compare it: "go", or the rate limit that
+    /// refused it.
+    fn rate_outcome(a: Admitted) -> &'static str {
+        match a {
+            Admitted::Go { .. } => "go",
+            Admitted::RateLimited(r) => r.check.name,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn request<'a>(e: &'a NewExecution, plan: Plan<'a>, estimate: budget::Usage, calendar: &'a Calendar, now: Micros, expires: Micros) -> AdmitRequest<'a> {
         AdmitRequest {
             execution: e,
@@ -2373,11 +2383,7 @@ mod tests {
         let admit = |tenant: &TenantBudget, now: Micros| {
             let e = NewExecution { tenant_id: Some(tenant.tenant_id.clone()), ..execution(&crate::execution::new_id(now), now) };
             let plan = Plan { global: &global, agent: "A", tenant_id: Some(&tenant.tenant_id), tenant_override: Some(tenant) };
-            match store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap() {
-                Admitted::Go { .. } => "go",
-                Admitted::RateLimited(r) => r.check.name,
-                other => panic!("{other:?}"),
-            }
+            rate_outcome(store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap())
         };
         let minute = 60_000_000;
         assert_eq!([admit(&a, t0), admit(&b, t0 + 1), admit(&a, t0 + 2), admit(&b, t0 + 3)], ["go", "go", "go", "global_rpm"]);
@@ -2418,11 +2424,7 @@ mod tests {
         let admit = |now: Micros| {
             let e = execution(&crate::execution::new_id(now), now);
             let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
-            match store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap() {
-                Admitted::Go { .. } => "go",
-                Admitted::RateLimited(r) => r.check.name,
-                other => panic!("{other:?}"),
-            }
+            rate_outcome(store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap())
         };
         // Rows between horizon and window start: unlogged calls (rate_scopes NULL), a thousand a
         // minute from `from` for `minutes`.
@@ -2478,11 +2480,7 @@ mod tests {
             let e = execution(&crate::execution::new_id(now), now);
             let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
             let req = AdmitRequest { rate_window: w, ..request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000) };
-            match store.admit(&req).unwrap() {
-                Admitted::Go { .. } => "go",
-                Admitted::RateLimited(r) => r.check.name,
-                other => panic!("{other:?}"),
-            }
+            rate_outcome(store.admit(&req).unwrap())
         };
         // The second fits the totals and leaves their horizon at t0 - w; at t0 + 1.1 w the
         // window holds it and the third fills it.
