@@ -398,18 +398,26 @@ def throughput(
         report(f"{name}, largest WAL file", wal / 2**20, "MB", note=f"{reads} long reads" if reads else "")
 
 
+def psql_url(server: str) -> str:
+    """`server` without its query: the store's own options (`?statement_cache_size=100`),
+    which psql refuses, go only to the store."""
+    return server.split("?", 1)[0]
+
+
 @contextlib.contextmanager
 def postgres_database(server: str, synchronous_commit: str = "") -> Iterator[str]:
     """A fresh database on the PostgreSQL server at `server` (created with psql), dropped
     afterwards so runs leave nothing behind on the server; with `synchronous_commit`, the
-    database's own setting of it (a deployer's choice the library never makes for them)."""
+    database's own setting of it (a deployer's choice the library never makes for them).
+    The URL it yields keeps `server`'s query."""
+    server, query = psql_url(server), server.partition("?")[2]
     name = f"tl_bench_{os.getpid()}_{time.time_ns()}"
     subprocess.run(["psql", "-X", "-q", "-d", server, "-c", f"CREATE DATABASE {name}"], check=True)
     if synchronous_commit:
         setting = f"ALTER DATABASE {name} SET synchronous_commit = {synchronous_commit}"
         subprocess.run(["psql", "-X", "-q", "-d", server, "-c", setting], check=True)
     try:
-        yield server.rsplit("/", 1)[0] + "/" + name
+        yield server.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
     finally:
         tl.configure(reset=True, database=":memory:")  # closes this process's connections to it
         subprocess.run(["psql", "-X", "-q", "-d", server, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
@@ -794,7 +802,8 @@ def postgres_benchmarks(server: str, n: int, repeats: int, per_thread: int, guar
     settings = ["fsync", "synchronous_commit", "wal_sync_method"]
     shown = []
     for s in settings:
-        value = subprocess.run(["psql", "-XAt", "-d", server, "-c", f"SHOW {s}"], capture_output=True, text=True)
+        argv = ["psql", "-XAt", "-d", psql_url(server), "-c", f"SHOW {s}"]
+        value = subprocess.run(argv, capture_output=True, text=True)
         shown.append(f"{s}={value.stdout.strip()}")
     print("\nPostgreSQL server: " + ", ".join(shown))
     for commit in ("", "off"):
