@@ -637,17 +637,6 @@ fn a_commit_cut_off_is_checked_never_doubled_or_lost() {
     assert_eq!(db.scalar("SELECT COUNT(*) FROM reservations"), 0);
 }
 
-/// `tenantllm_roll` (migration 12) runs `rollups::record_sql`'s PostgreSQL statements.
-#[test]
-fn server_side_rollups_are_record_sql() {
-    let body = MIGRATIONS.iter().rev().find(|m| m.contains("FUNCTION tenantllm_roll(")).unwrap();
-    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-    for (sql, period) in crate::store::rollups::record_sql(crate::store::rollups::Dialect::Postgres).iter().zip(["p_day", "p_month"]) {
-        let sql = sql.replace("$1::TEXT", period).replace("$2::BIGINT", "p_sign").replace("$3::TEXT", "p_id");
-        assert!(squash(body).contains(&format!("{};", squash(&sql))), "{sql}");
-    }
-}
-
 /// The server-side admission goes ahead exactly while `budget::evaluate` would, at each
 /// metric's limit (three estimates fit); the fourth call is left to the transaction, which
 /// refuses it with the detailed breach. A settlement there changes what fits again.
