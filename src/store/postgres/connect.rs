@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use postgres::Client;
 
-use super::db::{transact, Autocommit, Db, OnCommitLoss, Tx, TxFailure};
+use super::db::{transact, Autocommit, Db, OnCommitLoss, Statements, Tx, TxFailure};
 use super::PostgresStore;
 use crate::error::{Error, Result};
 use crate::process::{quiet, unpoisoned};
@@ -190,11 +190,14 @@ pub(super) struct Connect {
     /// `SET LOCAL` in the same round trip, since PgBouncer refuses startup options and a
     /// session setting would stay on a server connection the pooler hands to others.
     pub(super) begin: Arc<str>,
+    /// The URL's `statement_cache_size` (`Statements`).
+    pub(super) statement_cache_size: usize,
 }
 
 pub(super) struct Conn {
     pub(super) client: Client,
     pub(super) begin: Arc<str>,
+    pub(super) statements: Statements,
 }
 
 /// The connection an operation runs on: an idle one, or one opened on first use or once lost.
@@ -210,11 +213,11 @@ impl Slot {
         let usable = |c: &mut Conn| !c.client.is_closed() && (!validate || c.client.simple_query("").is_ok());
         if !self.conn.as_mut().is_some_and(usable) {
             self.conn = None;
-            let Connect { config, tls, begin } = &*self.config;
+            let Connect { config, tls, begin, statement_cache_size } = &*self.config;
             let client = config
                 .connect(tls.clone())
                 .map_err(|e| Error::Store(format!("cannot connect to PostgreSQL at {target}: {}", describe(&e))))?;
-            self.conn = Some(Conn { client, begin: begin.clone() });
+            self.conn = Some(Conn { client, begin: begin.clone(), statements: Statements::new(*statement_cache_size) });
         }
         Ok(self.conn.as_mut().expect("connected above"))
     }
@@ -306,11 +309,13 @@ pub(super) fn describe(e: &postgres::Error) -> String {
     }
 }
 
-/// The URL options the store reads itself (the client refuses `pool_size` and `sslrootcert`,
-/// and knows only some `sslmode`s; `options` loses its lock_timeout, see `Connect::begin`).
+/// The URL options the store reads itself (the client refuses `pool_size`, `sslrootcert` and
+/// `statement_cache_size`, and knows only some `sslmode`s; `options` loses its lock_timeout,
+/// see `Connect::begin`).
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct OwnOptions {
     pub(super) pool_size: Option<String>,
+    pub(super) statement_cache_size: Option<String>,
     pub(super) sslmode: Option<String>,
     pub(super) sslrootcert: Option<String>,
     pub(super) options: Option<String>,
@@ -325,6 +330,7 @@ pub(super) fn take_own_options(url: &str) -> Result<(String, OwnOptions)> {
         let (name, value) = part.split_once('=').unwrap_or((part, ""));
         let slot = match name {
             "pool_size" => &mut own.pool_size,
+            "statement_cache_size" => &mut own.statement_cache_size,
             "sslmode" => &mut own.sslmode,
             "sslrootcert" => &mut own.sslrootcert,
             "options" => &mut own.options,
@@ -348,6 +354,15 @@ pub(super) fn pool_size(value: Option<&str>) -> Result<u32> {
         .ok()
         .filter(|n| (1..=1000).contains(n))
         .ok_or_else(|| Error::Configuration(format!("database: pool_size must be a whole number from 1 to 1000 (got {v:?})")))
+}
+
+/// How many statements each connection keeps prepared (`db::Statements`): 0 unless the URL
+/// says.
+pub(super) fn statement_cache_size(value: Option<&str>) -> Result<usize> {
+    let Some(v) = value else { return Ok(0) };
+    v.parse().ok().filter(|n| *n <= 10_000).ok_or_else(|| {
+        Error::Configuration(format!("database: statement_cache_size must be a whole number from 0 to 10000 (got {v:?})"))
+    })
 }
 
 /// The timeouts a URL does not set itself (see CONNECT_TIMEOUT, DEAD_PEER), and the URL's
@@ -443,7 +458,7 @@ impl PostgresStore {
 
     /// Runs reads on a worker thread, again on a fresh connection if the connection is lost.
     pub(super) fn read<T: Send + 'static>(&self, mut f: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send) -> Result<T> {
-        self.retrying(OnCommitLoss::Rerun, |conn| match f(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
+        self.retrying(OnCommitLoss::Rerun, |conn| match f(&mut Db::new(&mut conn.client, &mut conn.statements)) {
             Ok(v) => Try::Done(v),
             Err(f) => Try::Failed(f),
         })
@@ -470,7 +485,7 @@ impl PostgresStore {
         mut body: impl FnMut(&mut Db<'_, Autocommit>) -> PgResult<T> + Send,
     ) -> Result<Option<T>> {
         let check = |db: &mut Tx<'_>, _: &Option<T>| took_effect(db);
-        self.retrying(OnCommitLoss::Check(&check), |conn| match body(&mut Db { c: &mut conn.client, scope: std::marker::PhantomData }) {
+        self.retrying(OnCommitLoss::Check(&check), |conn| match body(&mut Db::new(&mut conn.client, &mut conn.statements)) {
             Ok(v) => Try::Done(Some(v)),
             Err(Failure::Pg(e)) if connection_lost(&e, conn.client.is_closed()) => Try::Unsure(e, None),
             Err(f) => Try::Failed(f),

@@ -1,18 +1,23 @@
-//! Statements and transactions: typed parameters sent with unnamed statements, the `Db`
-//! and `Tx` handles the store's operations run on, and `transact`.
+//! Statements and transactions: typed parameters sent with unnamed statements (or, where
+//! the URL allows, prepared ones kept per connection), the `Db` and `Tx` handles the store's
+//! operations run on, and `transact`.
+
+use std::collections::HashMap;
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
-use postgres::{Client, Row as PgRow};
+use postgres::{Client, Row as PgRow, Statement};
 
 use super::connect::PgResult;
 use super::connect::{connection_lost, Conn, Failure};
 
-/// A statement parameter and the type it is sent as. Statements are unnamed, sent with their
-/// parameter types and run in one round trip (`query_typed`), so nothing prepared outlives its
-/// statement: PgBouncer in transaction pooling mode may run the next one on another server
-/// connection, where a named statement would not exist (Debian 12's PgBouncer 1.18 cannot
-/// track them; 1.21's max_prepared_statements can).
+/// A statement parameter and the type it is sent as. By default statements are unnamed, sent
+/// with their parameter types and run in one round trip (`query_typed`), so nothing prepared
+/// outlives its statement: PgBouncer in transaction pooling mode may run the next one on
+/// another server connection, where a named statement would not exist or, named alike by
+/// another client, be another statement (Debian 12's PgBouncer 1.18 cannot track them; 1.21's
+/// max_prepared_statements can). On a direct connection the URL may allow prepared ones
+/// (`Statements`).
 pub(super) trait Param: ToSql + Sync {
     fn pg_type(&self) -> Type;
     fn as_sql(&self) -> &(dyn ToSql + Sync);
@@ -52,6 +57,45 @@ pub(super) fn typed<'a>(params: &'a Params<'_>) -> Vec<(&'a (dyn ToSql + Sync), 
     params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
 }
 
+fn untyped<'a>(params: &'a Params<'_>) -> Vec<&'a (dyn ToSql + Sync)> {
+    params.iter().map(|p| p.as_sql()).collect()
+}
+
+/// The URL's `?statement_cache_size=N`: statements prepared on one connection, by their text,
+/// so the server parses and plans each once per connection instead of at every run (the
+/// `SELECT ... FROM tenantllm_admit($1 .. $29)` of every call, ~17 % of the server's work
+/// per call). A statement is prepared by a round trip of its own the first time. More than N
+/// and the connection starts again (the dropped statements are closed on the server). 0, the
+/// default: none, every statement unnamed, as PgBouncer in transaction mode needs.
+pub(super) struct Statements {
+    size: usize,
+    prepared: HashMap<String, Statement>,
+}
+
+impl Statements {
+    pub(super) fn new(size: usize) -> Statements {
+        Statements { size, prepared: HashMap::new() }
+    }
+
+    /// The statement prepared for `sql` with these parameters' types; None when nothing is
+    /// prepared (the cache's size is 0).
+    fn get(&mut self, c: &mut Client, sql: &str, params: &Params<'_>) -> PgResult<Option<Statement>> {
+        if self.size == 0 {
+            return Ok(None);
+        }
+        let types: Vec<Type> = params.iter().map(|p| p.pg_type()).collect();
+        if let Some(st) = self.prepared.get(sql).filter(|st| st.params() == types.as_slice()) {
+            return Ok(Some(st.clone()));
+        }
+        let st = c.prepare_typed(sql, &types)?;
+        if self.prepared.len() >= self.size && !self.prepared.contains_key(sql) {
+            self.prepared.clear();
+        }
+        self.prepared.insert(sql.to_string(), st.clone());
+        Ok(Some(st))
+    }
+}
+
 /// Outside a transaction: each statement commits on its own.
 pub(super) struct Autocommit;
 /// Inside one (`transact`).
@@ -60,20 +104,36 @@ pub(super) struct InTransaction;
 /// A connection, in a transaction (`Tx`) or not.
 pub(super) struct Db<'a, Scope> {
     pub(super) c: &'a mut Client,
+    pub(super) statements: &'a mut Statements,
     pub(super) scope: std::marker::PhantomData<Scope>,
 }
 
-impl<S> Db<'_, S> {
+impl<'a, S> Db<'a, S> {
+    pub(super) fn new(c: &'a mut Client, statements: &'a mut Statements) -> Db<'a, S> {
+        Db { c, statements, scope: std::marker::PhantomData }
+    }
     pub(super) fn query(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Vec<PgRow>> {
-        Ok(self.c.query_typed(sql, &typed(params))?)
+        Ok(match self.statements.get(self.c, sql, params)? {
+            Some(st) => self.c.query(&st, &untyped(params))?,
+            None => self.c.query_typed(sql, &typed(params))?,
+        })
     }
     pub(super) fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Option<PgRow>> {
-        Ok(self.c.query_typed_opt(sql, &typed(params))?)
+        Ok(match self.statements.get(self.c, sql, params)? {
+            Some(st) => self.c.query_opt(&st, &untyped(params))?,
+            None => self.c.query_typed_opt(sql, &typed(params))?,
+        })
     }
     pub(super) fn query_one(&mut self, sql: &str, params: &Params<'_>) -> PgResult<PgRow> {
-        Ok(self.c.query_typed_one(sql, &typed(params))?)
+        Ok(match self.statements.get(self.c, sql, params)? {
+            Some(st) => self.c.query_one(&st, &untyped(params))?,
+            None => self.c.query_typed_one(sql, &typed(params))?,
+        })
     }
     pub(super) fn execute(&mut self, sql: &str, params: &Params<'_>) -> PgResult<u64> {
+        if let Some(st) = self.statements.get(self.c, sql, params)? {
+            return Ok(self.c.execute(&st, &untyped(params))?);
+        }
         let mut rows = self.c.query_typed_raw(sql, typed(params))?;
         while rows.next()?.is_some() {}
         Ok(rows.rows_affected().unwrap_or(0))
@@ -127,7 +187,7 @@ pub(super) enum TxFailure<T> {
 
 pub(super) fn transact<T>(conn: &mut Conn, body: &mut impl FnMut(&mut Tx<'_>) -> PgResult<T>) -> std::result::Result<T, TxFailure<T>> {
     let tx = Open::begin(&mut conn.client, &conn.begin).map_err(|e| TxFailure::Failed(e.into()))?;
-    let out = body(&mut Db { c: &mut *tx.client, scope: std::marker::PhantomData }).map_err(TxFailure::Failed)?;
+    let out = body(&mut Db::new(&mut *tx.client, &mut conn.statements)).map_err(TxFailure::Failed)?;
     match tx.commit() {
         Ok(()) => Ok(out),
         Err(e) if connection_lost(&e, conn.client.is_closed()) => Err(TxFailure::CommitLost(e, out)),

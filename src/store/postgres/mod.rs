@@ -43,7 +43,9 @@ mod tenant_list;
 #[cfg(test)]
 mod tests;
 
-use connect::{begin_sql, describe, pool_size, take_own_options, target, with_timeouts, Connect, Failure, Slot, Workers};
+use connect::{
+    begin_sql, describe, pool_size, statement_cache_size, take_own_options, target, with_timeouts, Connect, Failure, Slot, Workers,
+};
 use db::{transact, Tx, TxFailure};
 use migrate::migrate;
 use server_side::StoredBudgets;
@@ -80,6 +82,7 @@ impl PostgresStore {
     pub fn open(url: &str, timezone: &str) -> Result<PostgresStore> {
         let (url, own) = take_own_options(url)?;
         let pool_size = pool_size(own.pool_size.as_deref())?;
+        let statement_cache_size = statement_cache_size(own.statement_cache_size.as_deref())?;
         let (sslmode, tls) = pg_tls::connector(own.sslmode.as_deref(), own.sslrootcert.as_deref())?;
         let mut config: postgres::Config = url
             .parse()
@@ -91,7 +94,7 @@ impl PostgresStore {
         let lock_timeout = with_timeouts(&mut config, own.options.as_deref());
         let begin = begin_sql(&lock_timeout).into();
         let target = target(&config);
-        let workers = Workers::start(pool_size, Connect { config, tls, begin })?;
+        let workers = Workers::start(pool_size, Connect { config, tls, begin, statement_cache_size })?;
         // Connect at once, so a wrong URL fails here with the server's reason.
         workers.run(|slot: &mut Slot| -> Result<()> {
             let conn = slot.checkout(false, &target)?;
