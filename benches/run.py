@@ -173,6 +173,14 @@ def timed_calls(call: Callable[[], object], k: int) -> tuple[list[float], list[f
     return each, waits
 
 
+# The percentiles a tail reports, each as the index into `n` sorted latencies.
+TAIL: tuple[tuple[str, Callable[[int], int]], ...] = (
+    ("p50", lambda n: n // 2),
+    ("p99", lambda n: n * 99 // 100),
+    ("p99.9", lambda n: n * 999 // 1000),
+)
+
+
 def report_tail(
     name: str,
     latencies_us: list[float],
@@ -185,12 +193,13 @@ def report_tail(
     call's lock wait, from `timed_calls`), the longest lock wait and the slowest call's."""
     each = sorted(latencies_us)
     targets = {"p50": p50_target, "p99": p99_target}
-    for label, i in (("p50", len(each) // 2), ("p99", len(each) * 99 // 100), ("p99.9", len(each) * 999 // 1000)):
-        report(f"{name}, {label}", each[i], "µs", targets.get(label, ""))
+    for label, at in TAIL:
+        report(f"{name}, {label}", each[at(len(each))], "µs", targets.get(label, ""))
     report(f"{name}, max", each[-1], "µs", max_target, f"of {len(each):,}")
     if waits_us is not None:
         waited = sum(1 for w in waits_us if w > 0)
-        report(f"{name}, longest lock wait", max(waits_us), "µs", note=f"{waited:,} of {len(waits_us):,} calls waited")
+        note = f"{waited:,} of {len(waits_us):,} calls waited, {sum(waits_us) / 1e3:,.1f} ms in all"
+        report(f"{name}, longest lock wait", max(waits_us), "µs", note=note)
         slowest = max(range(len(latencies_us)), key=latencies_us.__getitem__)
         report(f"{name}, lock wait of the slowest call", waits_us[slowest], "µs")
 
@@ -716,26 +725,39 @@ def telemetry_overhead(db: str, n: int, repeats: int) -> None:
     report("tenantllm: capture_content added over on", us["content"] - us["on"], "µs", note="difference")
 
 
-def retention_under_load(db: str, rows: int, calls: int) -> None:
-    """Single-call latency while a purge deletes `rows` old executions in batches, next to the
-    same calls with no purge running: a purge must never hold the database for long."""
+# Seconds after a purge whose calls still count as during it: its pages reach the database
+# file after it ends (the checkpointer), and calls that wait for that wait for the purge.
+AFTER_PURGE = 0.5
+
+
+def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> None:
+    """Single-call latency while `tl.purge()` deletes `rows` old executions, against the same
+    calls with no purge running, in the same run and interleaved: `phases` purges, each of a
+    `phases`-th of the rows (one day's worth), with calls timed during each, and calls with no
+    purge before, between and after them (at least `calls` in all, each round as long as the
+    purge before it), so both sides see the same machine. A purge must leave calls' latency as
+    it is: the ratios say."""
     import sqlite3  # after tenantllm: see the module's docstring
 
-    print(f"\nCalls while a purge deletes {rows:,} old executions (single-call latency)")
+    print(f"\nCalls while a purge deletes {rows:,} old executions in {phases} rounds (single-call latency)")
     tl.configure(reset=True, database=db)
     conn = sqlite3.connect(db)
-    old = (time.time_ns() // 1000) - 500 * 86_400_000_000
+    # Round r's rows started 499.5 - r days ago, so `executions_days=499 - r` deletes them and
+    # none of the next round's.
+    day, now = 86_400_000_000, time.time_ns() // 1000
+    per = rows // phases
+    starts = [now - (500 - i // per) * day + day // 2 + i % per for i in range(per * phases)]
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO executions (id, agent, model_id, chosen_model_id, provider, tenant_id, status, started_at,"
         " completed_at, duration_ms, input_tokens, output_tokens, total_tokens, input_cost, output_cost, total_cost,"
         " attempts_count, metadata) VALUES (?, 'Bench', 'gpt-4o', 'gpt-4o', 'openai', 't', 'success', ?, ?, 5, 100,"
         " 20, 120, 250000, 200000, 450000, 1, '{\"plan\": \"pro\"}')",
-        ((_uuid7((old + i) // 1000, i), old + i, old + i + 5000) for i in range(rows)),
+        ((_uuid7(t // 1000, i), t, t + 5000) for i, t in enumerate(starts)),
     )
     conn.executemany(
         "INSERT INTO execution_details (execution_id, user_prompt, response) VALUES (?, 'Summarize: a report', 'ok')",
-        ((_uuid7((old + i) // 1000, i),) for i in range(rows)),
+        ((_uuid7(t // 1000, i),) for i, t in enumerate(starts)),
     )
     conn.commit()
     conn.close()
@@ -743,28 +765,53 @@ def retention_under_load(db: str, rows: int, calls: int) -> None:
     def timed(k: int) -> tuple[list[float], list[float]]:
         return timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), k)
 
-    tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
-    each, waits = timed(calls)
-    report_tail("tenantllm: guarded call, no purge", each, waits_us=waits)
-    done: dict[str, Any] = {}
-
-    def purge() -> None:
+    def purge(days: int, done: dict[str, Any]) -> None:
         t = time.perf_counter()
-        done.update(tl.purge(executions_days=400))
+        done.update(tl.purge(executions_days=days))
         done["seconds"] = time.perf_counter() - t
 
-    worker = threading.Thread(target=purge)
-    worker.start()
-    during: list[float] = []
-    during_waits: list[float] = []
-    while worker.is_alive():
-        each, waits = timed(50)
-        during += each
-        during_waits += waits
-    worker.join()
-    assert done["executions"] == rows, done
-    report_tail("tenantllm: guarded call, during the purge", during, waits_us=during_waits)
-    report("tenantllm: purge of old executions (batches of at most 500)", rows / done["seconds"], "rows/s")
+    tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
+    timed(50)  # the first calls open the database and warm its pages: in neither phase
+    quiet: tuple[list[float], list[float]] = ([], [])
+    during: tuple[list[float], list[float]] = ([], [])
+    purged, purging, busy = 0, 0.0, 0.0
+    last_purge = 0.0
+    for r in range(phases + 1):
+        started = time.perf_counter()
+        while len(quiet[0]) < calls * (r + 1) // (phases + 1) or time.perf_counter() - started < last_purge:
+            each, waits = timed(10)
+            quiet[0].extend(each)
+            quiet[1].extend(waits)
+        if r == phases:
+            break
+        done: dict[str, Any] = {}
+        worker = threading.Thread(target=purge, args=(499 - r, done))
+        cpu = time.process_time()
+        worker.start()
+        ended = float("inf")
+        while time.perf_counter() < ended + AFTER_PURGE:
+            each, waits = timed(10)
+            during[0].extend(each)
+            during[1].extend(waits)
+            if ended == float("inf") and not worker.is_alive():
+                ended = time.perf_counter()
+                busy += time.process_time() - cpu
+        worker.join()
+        assert done["executions"] == per, done
+        purged += per
+        purging += done["seconds"]
+        last_purge = done["seconds"]
+    report_tail("tenantllm: guarded call, no purge", quiet[0], waits_us=quiet[1])
+    report_tail("tenantllm: guarded call, during the purge", during[0], waits_us=during[1])
+    a, b = sorted(quiet[0]), sorted(during[0])
+    for label, at in TAIL:
+        target = "<= 1.2" if label == "p99" else ""
+        report(f"tenantllm: during / no purge, {label}", b[at(len(b))] / a[at(len(a))], "x", target)
+    report("tenantllm: during / no purge, max", b[-1] / a[-1], "x", "<= 1")
+    # Cores the process kept busy while purging (calls and purge): above 1 the purge competes
+    # with the calls for the machine's CPUs, not only for the database.
+    cores = f"{busy / purging:.2f} cores busy"
+    report("tenantllm: purge of old executions (tl.purge)", purged / purging, "rows/s", ">= 5000", cores)
 
 
 def import_time(repeats: int) -> None:
