@@ -237,7 +237,7 @@ fn spawn_checkpointer(path: &str) -> Result<mpsc::Sender<()>> {
 }
 
 /// Rows a retention batch purges between two looks for writes waiting for the writer: a batch
-/// holds it about 100 µs (`retention::BATCH_TIME`), 10 to 20 rows at 5 to 10 µs each, so a call
+/// holds it about 200 µs (`retention::BATCH_TIME`), 20 to 40 rows at 5 to 10 µs each, so a call
 /// that comes during one waits for a few rows and the commit, not for the batch.
 const PURGE_CHUNK: i64 = 4;
 /// How long a retention batch stands aside for waiting writes at most: calls back to back from
@@ -478,7 +478,7 @@ impl SqliteStore {
     /// `erasing`), in one transaction while no other write of this process waits: between two chunks, a
     /// waiting write makes it commit and stand aside until that write has the writer, then go
     /// on in a new transaction. A call then waits for one chunk at most, not for the batch
-    /// (sized to hold the lock about 100 µs, `retention::BATCH_TIME`).
+    /// (sized to hold the lock about 200 µs, `retention::BATCH_TIME`).
     fn purge_in_chunks(&self, limit: i64, chunk: impl Fn(&Connection, i64) -> Result<i64>) -> Result<i64> {
         let mut done = 0;
         loop {
