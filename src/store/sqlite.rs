@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
@@ -16,7 +16,7 @@ use super::query::{self, GroupValues, Groups};
 use super::rollups::{self, Dialect, Rolled, ROLLED};
 use super::schema::MIGRATIONS;
 use super::tenant_list;
-use checkpointer::spawn_checkpointer;
+use checkpointer::{spawn_checkpointer, Checkpointer, WalShared};
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
     rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
@@ -42,11 +42,15 @@ pub struct SqliteStore {
     /// Threads waiting for `writer` now: a retention batch lets them in between two of its
     /// chunks (`purge_in_chunks`).
     writers_waiting: AtomicUsize,
+    /// What writes share with the checkpointer: every write passes its gate before it takes
+    /// `writer` (and waits past `HOLD_FRAMES` for a restart), and its commits wake the
+    /// checkpointer when the WAL grows (`checkpointer`).
+    wal: Arc<WalShared>,
     /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
     /// where a second connection would be a different database.
     reader: ManuallyDrop<Option<Mutex<Connection>>>,
     /// Dropping it stops the background checkpointer.
-    _checkpointer: Option<mpsc::Sender<()>>,
+    _checkpointer: Option<Checkpointer>,
     /// The stored timezone as the writer last read it (locked inside the writer's lock).
     timezone: Mutex<SeenTimezone>,
 }
@@ -259,22 +263,28 @@ impl SqliteStore {
         let _quiet = quiet();
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
+        // It outlives the writer (`Drop` closes that first).
+        let wal = Arc::<WalShared>::default();
+        wal.install(&writer);
         let writer = ManuallyDrop::new(Mutex::new(writer));
         let timezone = Mutex::new(SeenTimezone::default());
         if path == ":memory:" {
             return Ok(SqliteStore {
                 writer,
                 writers_waiting: AtomicUsize::new(0),
+                wal,
                 reader: ManuallyDrop::new(None),
                 _checkpointer: None,
                 timezone,
             });
         }
+        let checkpointer = spawn_checkpointer(path, Arc::clone(&wal))?;
         Ok(SqliteStore {
             reader: ManuallyDrop::new(Some(Mutex::new(connect_reader(path)?))),
-            _checkpointer: Some(spawn_checkpointer(path)?),
+            _checkpointer: Some(checkpointer),
             writer,
             writers_waiting: AtomicUsize::new(0),
+            wal,
             timezone,
         })
     }
@@ -291,7 +301,11 @@ impl SqliteStore {
     /// The stored timezone stays known across this connection's own commits (`SeenTimezone`).
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let _quiet = quiet();
-        let conn = locked(&self.writer, Some(&self.writers_waiting));
+        self.wal.hold_back();
+        let conn = {
+            let _gate = locked(&self.wal.gate, Some(&self.writers_waiting));
+            locked(&self.writer, Some(&self.writers_waiting))
+        };
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let open = OpenTx(&conn);
         let began = data_version(&conn);
