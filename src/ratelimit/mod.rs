@@ -2,9 +2,9 @@
 //! of the last minute) and calls in flight, per tenant and globally. Pure functions; the
 //! store keeps the admissions (PostgreSQL: `rate_events`, a row per scope; SQLite: the
 //! executions rows, `rate_scopes` saying which scopes' logs each is in), their running
-//! totals per scope (`rate_totals`) and the in-flight calls (`reservations`; SQLite counts
-//! them in `rate_totals` too) and calls these inside the admission transaction, beside the
-//! budget checks.
+//! totals per scope (`rate_totals`) and the in-flight calls (`reservations`; on SQLite the
+//! totals count only the settled admissions and the reservations the ones in flight) and
+//! calls these inside the admission transaction, beside the budget checks.
 //!
 //! Why a sliding-window log and not GCRA: GCRA with a burst of `rpm` lets up to twice the
 //! limit through in some 60-second window; the log admits a call only if fewer than `rpm`

@@ -376,4 +376,41 @@ pub const MIGRATIONS: &[&str] = &[
         horizon = CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER) + 1000000;
     DROP TABLE rate_events;
     "#,
+    // 17: a rate-limited scope's calls in flight are counted from their reservations, which
+    // every call logged in a window or holding a `max_concurrent` slot has (with its stamp,
+    // its logs and its tenant), and `rate_totals` counts only the settled and abandoned
+    // admissions: an admission writes no totals (unless it moves their horizon) and a
+    // settlement writes them once, where both wrote them before (a WAL page more at each). The
+    // tables are rebuilt rather than altered so that the migration can run again (the rollups'
+    // test re-runs every migration from 9). The totals restart empty with their horizon a
+    // second after this migration, as in 16: for the next window an admission counts the
+    // admissions before it from the log, whatever the totals held.
+    r#"
+    CREATE TABLE reservations_rated (
+        execution_id TEXT PRIMARY KEY,
+        counters TEXT NOT NULL,
+        cost INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        executions INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        concurrency_scope TEXT,
+        started_at INTEGER,
+        rate_scopes INTEGER,
+        tenant_id TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO reservations_rated (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope)
+        SELECT execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope FROM reservations;
+    DROP TABLE reservations;
+    ALTER TABLE reservations_rated RENAME TO reservations;
+    CREATE TABLE rate_totals_settled (
+        scope TEXT PRIMARY KEY,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        horizon INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO rate_totals_settled (scope, requests, tokens, horizon)
+        SELECT scope, 0, 0, CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER) + 1000000 FROM rate_totals;
+    DROP TABLE rate_totals;
+    ALTER TABLE rate_totals_settled RENAME TO rate_totals;
+    "#,
 ];

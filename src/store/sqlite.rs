@@ -681,12 +681,12 @@ macro_rules! stamped {
 /// scope, or its literal.
 macro_rules! totals_sql {
     ($scope:literal, $tag:literal) => {
-        concat!("SELECT ", $tag, ", requests, tokens, horizon, in_flight FROM rate_totals WHERE scope = ", $scope)
+        concat!("SELECT ", $tag, ", requests, tokens, horizon FROM rate_totals WHERE scope = ", $scope)
     };
 }
 
 /// The totals rows of window scopes `scopes` (the global one, a tenant's, or both: one
-/// statement either way), in their order: (totals and calls in flight, horizon), None for a
+/// statement either way), in their order: (settled admissions' totals, horizon), None for a
 /// scope without a row.
 fn scope_totals(tx: &Connection, scopes: &[String]) -> Result<Vec<Option<(RateUsage, Micros)>>> {
     const GLOBAL: &str = totals_sql!("'global'", "0");
@@ -694,7 +694,7 @@ fn scope_totals(tx: &Connection, scopes: &[String]) -> Result<Vec<Option<(RateUs
     const BOTH: &str = concat!(totals_sql!("'global'", "0"), " UNION ALL ", totals_sql!("?1", "1"));
     let tenant = scopes.iter().find(|s| matches!(Log::of(s), Log::Tenant(_)));
     let global = scopes.iter().any(|s| matches!(Log::of(s), Log::Global));
-    let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, RateUsage { requests: r.get(1)?, tokens: r.get(2)?, in_flight: r.get(4)? }, r.get(3)?));
+    let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, RateUsage { requests: r.get(1)?, tokens: r.get(2)?, in_flight: 0 }, r.get(3)?));
     let mut stmt = tx.prepare_cached(match (global, tenant) {
         (true, Some(_)) => BOTH,
         (true, None) => GLOBAL,
@@ -735,8 +735,9 @@ struct ScopeUse {
     use_: RateUsage,
     /// A window limit applies (the call is logged in this scope), not only `max_concurrent`.
     window: bool,
-    /// The horizon the admission moves the totals to (None: it stays).
-    moved: Option<Micros>,
+    /// The horizon the admission moves the totals to, and the settled admissions' totals
+    /// after it (None: they stay).
+    moved: Option<(Micros, RateUsage)>,
     /// The scope has a totals row.
     stored: bool,
 }
@@ -749,16 +750,50 @@ const HORIZON_LAG_DIVISOR: i64 = 4;
 /// the window, whatever window each process has: `MAX_WINDOW` and a quarter (see `rate_state`).
 const RESTART_AFTER: Micros = ratelimit::MAX_WINDOW.as_micros() as i64 * (HORIZON_LAG_DIVISOR + 1) / HORIZON_LAG_DIVISOR;
 
+/// The calls in flight of a global and a tenant's log (admitted, neither settled nor expired:
+/// migration 17) stamped after `?1` (global) or `?2` (tenant `?3`'s), and their estimated
+/// tokens; and the calls holding `?4`'s `max_concurrent` slot (NULLs when none). Only calls in
+/// flight have a reservation, so it is a short scan (the expiry sweep's too).
+const FLYING_SQL: &str = "SELECT SUM(g), SUM(g * tokens), SUM(t), SUM(t * tokens), SUM(concurrency_scope = ?4)
+    FROM (SELECT tokens, concurrency_scope, rate_scopes & 1 AND started_at > ?1 AS g,
+              rate_scopes & 2 AND tenant_id = ?3 AND started_at > ?2 AS t FROM reservations)";
+
+/// The calls in flight of the window scopes `scopes` stamped after `after[i]`, in their order,
+/// and the calls holding `slot`'s `max_concurrent` slot.
+fn flying(tx: &Connection, scopes: &[String], after: &[Micros], slot: Option<&str>) -> Result<(Vec<RateUsage>, i64)> {
+    let (mut global, mut tenant) = (Micros::MAX, (Micros::MAX, None));
+    for (s, &a) in scopes.iter().zip(after) {
+        match Log::of(s) {
+            Log::Global => global = a,
+            Log::Tenant(t) => tenant = (a, Some(t)),
+        }
+    }
+    let sum = |r: &rusqlite::Row<'_>, i: usize| Ok::<i64, rusqlite::Error>(r.get::<_, Option<i64>>(i)?.unwrap_or(0));
+    let usage = |r: &rusqlite::Row<'_>, i: usize| Ok::<_, rusqlite::Error>(RateUsage { requests: sum(r, i)?, tokens: sum(r, i + 1)?, in_flight: 0 });
+    let (g, t, slots) =
+        tx.prepare_cached(FLYING_SQL)?.query_row(params![global, tenant.0, tenant.1, slot], |r| Ok((usage(r, 0)?, usage(r, 2)?, sum(r, 4)?)))?;
+    Ok((scopes.iter().map(|s| if matches!(Log::of(s), Log::Global) { g } else { t }).collect(), slots))
+}
+
+fn plus(a: RateUsage, b: RateUsage) -> RateUsage {
+    RateUsage { requests: a.requests + b.requests, tokens: a.tokens.saturating_add(b.tokens), in_flight: a.in_flight }
+}
+
+fn minus(a: RateUsage, b: RateUsage) -> RateUsage {
+    RateUsage { requests: a.requests - b.requests, tokens: a.tokens.saturating_sub(b.tokens), in_flight: a.in_flight }
+}
+
 /// The use of the scopes `checks` name for a call estimated at `tokens`: admissions and their
 /// tokens stamped after `now - window` (later stamps included), from each scope's running
-/// totals (see `ratelimit::step`), and calls holding a `max_concurrent` slot.
+/// totals of its settled admissions (see `ratelimit::step`) and its calls in flight, and
+/// calls holding a `max_concurrent` slot.
 ///
-/// The totals count the admissions stamped after their horizon; while it is behind the
-/// window's start they count a few more than the window holds. An admission that fits every
-/// limit of a scope even so leaves the horizon where it is and reads nothing from the log; it
-/// is moved (the admissions it crosses read and taken away) only to tell a refusal exactly,
-/// or once it trails the window's start by a quarter of the window, which bounds the part of
-/// the log read then.
+/// The totals count the settled admissions stamped after their horizon, the calls in flight
+/// those stamped after it too; while it is behind the window's start they count a few more
+/// than the window holds. An admission that fits every limit of a scope even so leaves the
+/// horizon where it is and reads nothing from the log; it is moved (the admissions it crosses
+/// read and taken away) only to tell a refusal exactly, or once it trails the window's start
+/// by a quarter of the window, which bounds the part of the log read then.
 ///
 /// Every admission the totals count is stamped at most a window and a quarter after their
 /// horizon (one that moves it moves it to its stamp less a window; one that leaves it is
@@ -768,40 +803,46 @@ const RESTART_AFTER: Micros = ratelimit::MAX_WINDOW.as_micros() as i64 * (HORIZO
 fn rate_state(tx: &Connection, checks: &[RateCheck], tokens: i64, now: Micros, window: Micros) -> Result<Vec<ScopeUse>> {
     let start = now - window;
     let windows = ratelimit::window_scopes(checks);
+    let slot = ratelimit::concurrency_scope(checks);
+    if windows.is_empty() && slot.is_none() {
+        return Ok(Vec::new());
+    }
     let stored = if windows.is_empty() { Vec::new() } else { scope_totals(tx, &windows)? };
+    let after: Vec<Micros> = stored.iter().map(|t| t.map_or(start, |t| t.1)).collect();
+    let (fly, slots) = flying(tx, &windows, &after, slot.as_deref())?;
     let mut out = Vec::with_capacity(windows.len() + 1);
-    for (scope, totals) in windows.into_iter().zip(stored) {
-        let mut use_ = totals.map(|t| t.0).unwrap_or_default();
+    for ((scope, totals), fly) in windows.iter().zip(stored).zip(fly) {
+        let settled = totals.map(|t| t.0).unwrap_or_default();
+        let mut use_ = plus(settled, fly);
         let horizon = totals.map(|t| t.1);
         let moved = match (ratelimit::step(now, window, horizon), horizon) {
             (ratelimit::Step::Behind { since }, Some(h)) => {
-                let before = logged_between(tx, &scope, since, h)?;
-                use_.requests += before.requests;
-                use_.tokens = use_.tokens.saturating_add(before.tokens);
+                use_ = plus(use_, logged_between(tx, scope, since, h)?);
                 None
             }
-            (ratelimit::Step::Advance { .. }, Some(h)) if start - h < window / HORIZON_LAG_DIVISOR && fits(checks, &scope, &use_, tokens) => None,
+            (ratelimit::Step::Advance { .. }, Some(h)) if start - h < window / HORIZON_LAG_DIVISOR && fits(checks, scope, &use_, tokens) => None,
             // The log is the executions rows, which retention keeps for days: nothing to forget.
             (_, h) => {
-                match h {
-                    Some(h) if start - h >= RESTART_AFTER => (use_.requests, use_.tokens) = (0, 0),
-                    Some(h) if use_.requests > 0 => {
-                        let crossed = logged_between(tx, &scope, h, start)?;
-                        use_.requests -= crossed.requests;
-                        use_.tokens -= crossed.tokens;
-                    }
-                    _ => {}
-                }
-                Some(start)
+                // The calls in flight the window's start leaves behind are not in the totals.
+                let later = if h.is_some() && fly.requests > 0 { flying(tx, std::slice::from_ref(scope), &[start], None)?.0[0] } else { fly };
+                let left = match h {
+                    Some(h) if start - h >= RESTART_AFTER => RateUsage::default(),
+                    // The admissions crossed, less those in flight.
+                    Some(h) if use_.requests > 0 => minus(settled, minus(logged_between(tx, scope, h, start)?, minus(fly, later))),
+                    _ => settled,
+                };
+                use_ = plus(left, later);
+                Some((start, left))
             }
         };
-        out.push(ScopeUse { scope, use_, window: true, moved, stored: horizon.is_some() });
+        out.push(ScopeUse { scope: scope.clone(), use_, window: true, moved, stored: horizon.is_some() });
     }
-    // A scope with no window limit logs nothing: only its calls in flight count, and its
-    // horizon, never moved, would have the log read from wherever it stands.
-    if let Some(scope) = ratelimit::concurrency_scope(checks).filter(|s| !out.iter().any(|u| &u.scope == s)) {
-        let in_flight = in_flight(tx, &scope)?;
-        out.push(ScopeUse { scope, use_: RateUsage { in_flight, ..Default::default() }, window: false, moved: None, stored: false });
+    // A scope with no window limit logs nothing: only its calls in flight count.
+    if let Some(slot) = slot {
+        match out.iter_mut().find(|u| u.scope == slot) {
+            Some(u) => u.use_.in_flight = slots,
+            None => out.push(ScopeUse { scope: slot, use_: RateUsage { in_flight: slots, ..Default::default() }, window: false, moved: None, stored: false }),
+        }
     }
     Ok(out)
 }
@@ -832,63 +873,46 @@ fn log_bits(e: &NewExecution, scopes: &[String]) -> Result<Option<i64>> {
     Ok((bits != 0).then_some(bits))
 }
 
-/// Writes the totals this admission moved (`admitted`: its stamp and estimated tokens; None
-/// when refused; the admission itself is logged in its executions row): one write of each
-/// scope's totals, the admission counted in its window scopes unless its clock is behind
-/// their horizon, and the call added to the calls in flight of its `max_concurrent` scope
-/// (`slot`). An UPDATE of a row read costs less than an upsert.
-fn write_totals(tx: &Connection, scopes: &[ScopeUse], admitted: Option<(Micros, i64)>, slot: Option<&str>) -> Result<()> {
-    let held = |scope: &str| i64::from(admitted.is_some() && slot == Some(scope));
+/// The window scopes of a call logged with `rate_scopes` `bits` (`log_bits`) for `tenant`.
+fn logged_scopes(bits: i64, tenant: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    if bits & Log::Global.bit() != 0 {
+        out.push("global".to_string());
+    }
+    if let (true, Some(t)) = (bits & Log::Tenant("").bit() != 0, tenant) {
+        out.push(budget::tenant_scope(t));
+    }
+    out
+}
+
+/// Writes the totals an admission moved (their horizon, and the settled admissions after
+/// it); the admission itself is counted by its reservation until it settles. An UPDATE of a
+/// row read costs less than an upsert.
+fn write_totals(tx: &Connection, scopes: &[ScopeUse]) -> Result<()> {
     for s in scopes {
-        let Some(horizon) = s.moved else { continue };
-        let mut t = s.use_;
-        // Counted unless this call's clock is behind the horizon.
-        if let Some((_, tokens)) = admitted.filter(|&(at, _)| at > horizon) {
-            t.requests += 1;
-            t.tokens = t.tokens.saturating_add(tokens);
-        }
+        let Some((horizon, t)) = s.moved else { continue };
         let sql = if s.stored {
-            "UPDATE rate_totals SET requests = ?2, tokens = ?3, horizon = ?4, in_flight = in_flight + ?5 WHERE scope = ?1"
+            "UPDATE rate_totals SET requests = ?2, tokens = ?3, horizon = ?4 WHERE scope = ?1"
         } else {
-            "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, ?2, ?3, ?4, ?5)"
+            "INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (?1, ?2, ?3, ?4)"
         };
-        tx.prepare_cached(sql)?.execute(params![s.scope, t.requests, t.tokens, horizon, held(&s.scope)])?;
-    }
-    let Some((at, tokens)) = admitted else { return Ok(()) };
-    // The totals this admission did not move: it counts there if stamped after their horizon
-    // (a `max_concurrent` scope without a window limit logs nothing, so a row made for it
-    // has an arbitrary horizon).
-    for s in scopes.iter().filter(|s| s.moved.is_none()) {
-        let sql = if s.stored {
-            "UPDATE rate_totals SET requests = requests + iif(horizon < ?3, ?4, 0), tokens = tokens + iif(horizon < ?3, ?2 * ?4, 0),
-                 in_flight = in_flight + ?5 WHERE scope = ?1"
-        } else {
-            "INSERT INTO rate_totals (scope, requests, tokens, horizon, in_flight) VALUES (?1, 0, 0, ?3, ?5)
-             ON CONFLICT (scope) DO UPDATE SET requests = requests + iif(horizon < ?3, ?4, 0),
-                 tokens = tokens + iif(horizon < ?3, ?2 * ?4, 0), in_flight = in_flight + ?5"
-        };
-        tx.prepare_cached(sql)?.execute(params![s.scope, tokens, at, i64::from(s.window), held(&s.scope)])?;
+        tx.prepare_cached(sql)?.execute(params![s.scope, t.requests, t.tokens, horizon])?;
     }
     Ok(())
 }
 
-/// Adds `tokens_delta` (a call's real tokens less its logged estimate) to a scope's totals if
-/// they count the call (stamped at `at`, after their horizon); with `release` (1), also takes
-/// the call from the scope's calls in flight. Nothing changed, nothing written.
-fn rate_settle(tx: &Connection, scope: &str, at: Micros, tokens_delta: i64, release: i64) -> Result<()> {
-    if tokens_delta != 0 || release != 0 {
-        tx.prepare_cached(
-            "UPDATE rate_totals SET in_flight = in_flight - ?4, tokens = tokens + iif(horizon < ?2, ?3, 0)
-             WHERE scope = ?1 AND (horizon < ?2 OR ?4 != 0)",
-        )?
-        .execute(params![scope, at, tokens_delta, release])?;
+/// Adds a call that left the calls in flight (settled, or its lease expired) to the totals of
+/// window `scopes` if they count it (stamped at `at`, after their horizon): `requests` (1, or
+/// 0 for a call already added when its lease expired) and `tokens` (its real tokens, or those
+/// less the estimate added then). Nothing to add, nothing written.
+fn rate_settle(tx: &Connection, scopes: &[String], at: Micros, requests: i64, tokens: i64) -> Result<()> {
+    if scopes.is_empty() || requests == 0 && tokens == 0 {
+        return Ok(());
     }
-    Ok(())
-}
-
-/// Takes a call whose reservation was released from its `max_concurrent` scope's calls in flight.
-fn release_slot(tx: &Connection, scope: &str) -> Result<()> {
-    tx.prepare_cached("UPDATE rate_totals SET in_flight = in_flight - 1 WHERE scope = ?1")?.execute([scope])?;
+    let mut stmt = tx.prepare_cached("UPDATE rate_totals SET requests = requests + ?3, tokens = tokens + ?4 WHERE scope = ?1 AND horizon < ?2")?;
+    for scope in scopes {
+        stmt.execute(params![scope, at, requests, tokens])?;
+    }
     Ok(())
 }
 
@@ -910,8 +934,9 @@ fn window_use(c: &Connection, scope: &str, since: Micros) -> Result<RateUsage> {
     }?)
 }
 
+/// The calls holding a scope's `max_concurrent` slot (their reservations say so).
 fn in_flight(c: &Connection, scope: &str) -> Result<i64> {
-    Ok(c.prepare_cached("SELECT in_flight FROM rate_totals WHERE scope = ?1")?.query_row([scope], |r| r.get(0)).optional()?.unwrap_or(0))
+    Ok(c.prepare_cached("SELECT COUNT(*) FROM reservations WHERE concurrency_scope = ?1")?.query_row([scope], |r| r.get(0))?)
 }
 
 /// A scope's admissions stamped after `since`, oldest first.
@@ -940,14 +965,21 @@ fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<(
     if !any {
         return Ok(());
     }
-    type Expired = (String, (Vec<CounterKey>, budget::Usage), Option<String>); // (execution, reservation, max_concurrent scope)
+    type Expired = (String, (Vec<CounterKey>, budget::Usage), Option<(Micros, i64, Option<String>)>); // (execution, reservation, its stamp and logs)
     let expired: Vec<Expired> = tx
-        .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions, concurrency_scope")?
-        .query_map([now], |r| Ok((r.get(0)?, release_row(r, 1)?, r.get(5)?)))?
+        .prepare_cached("DELETE FROM reservations WHERE expires_at <= ?1 RETURNING execution_id, counters, cost, tokens, executions, started_at, rate_scopes, tenant_id")?
+        .query_map([now], |r| {
+            let logged = match (r.get::<_, Option<Micros>>(5)?, r.get::<_, Option<i64>>(6)?) {
+                (Some(at), Some(bits)) => Some((at, bits, r.get(7)?)),
+                _ => None,
+            };
+            Ok((r.get(0)?, release_row(r, 1)?, logged))
+        })?
         .collect::<rusqlite::Result<_>>()?;
-    for (id, (keys, est), slot) in expired {
-        if let Some(scope) = slot {
-            release_slot(tx, &scope)?;
+    for (id, (keys, est), logged) in expired {
+        // A logged call leaves the calls in flight: its logs' totals count it at its estimate.
+        if let Some((at, bits, tenant)) = logged {
+            rate_settle(tx, &logged_scopes(bits, tenant.as_deref()), at, 1, est.tokens)?;
         }
         let release: Vec<Bump<'_>> = keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est.negated() }).collect();
         bump(tx, &release)?;
@@ -1386,7 +1418,7 @@ impl Store for SqliteStore {
             let use_of = |s: &str| rates.iter().find(|u| u.scope == s).map_or_else(RateUsage::default, |u| u.use_);
             let breach = ratelimit::evaluate(&rate_checks, use_of, est.tokens, req.now, req.rate_window, |s| window_events(tx, s, since))?;
             if let Some(b) = breach {
-                write_totals(tx, &rates, None, None)?;
+                write_totals(tx, &rates)?;
                 if req.record_rate_limited {
                     insert_execution(tx, e, None)?;
                     complete_execution(tx, e, &rate_limited(&b, req.now), false, req.calendar)?;
@@ -1396,25 +1428,38 @@ impl Store for SqliteStore {
             let (model_index, probe) = match first_admitted(req.breaker_keys, |key| breaker_admit_tx(tx, key, req.probe_lease, req.now))? {
                 Choice::Model { index, probe } => (index, probe),
                 Choice::AllOpen { retry_at } => {
-                    write_totals(tx, &rates, None, None)?;
+                    write_totals(tx, &rates)?;
                     insert_execution(tx, e, None)?;
                     complete_execution(tx, e, &short_circuited(&e.agent, retry_at, req.now), false, req.calendar)?;
                     return Ok(Admitted::ShortCircuited { retry_at });
                 }
             };
             let concurrency = ratelimit::concurrency_scope(&rate_checks);
-            let reserved = !keys.is_empty() || concurrency.is_some();
+            write_totals(tx, &rates)?;
+            let rate_scopes: Vec<String> = rates.into_iter().filter(|u| u.window).map(|u| u.scope).collect();
+            let bits = log_bits(e, &rate_scopes)?;
+            // A call logged or holding a slot is counted in flight by its reservation.
+            let reserved = !keys.is_empty() || concurrency.is_some() || bits.is_some();
             if reserved {
                 bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: est }).collect::<Vec<_>>())?;
                 tx.prepare_cached(
-                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope, started_at, rate_scopes, tenant_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
-                .execute(params![e.id, encode_keys(keys.iter()), est.cost.0, est.tokens, est.executions, req.reservation_expires_at, concurrency])?;
+                .execute(params![
+                    e.id,
+                    encode_keys(keys.iter()),
+                    est.cost.0,
+                    est.tokens,
+                    est.executions,
+                    req.reservation_expires_at,
+                    concurrency,
+                    e.started_at,
+                    bits,
+                    opt_text(&e.tenant_id)
+                ])?;
             }
-            write_totals(tx, &rates, Some((e.started_at, est.tokens)), concurrency.as_deref())?;
-            let rate_scopes: Vec<String> = rates.into_iter().filter(|u| u.window).map(|u| u.scope).collect();
-            insert_execution(tx, e, log_bits(e, &rate_scopes)?.map(|bits| (bits, est.tokens)))?;
+            insert_execution(tx, e, bits.map(|bits| (bits, est.tokens)))?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
         })
     }
@@ -1432,18 +1477,21 @@ impl Store for SqliteStore {
             // The reservation (if this process's lease was not taken over) is released in the
             // same statements that add the real usage.
             // Read, then deleted: a DELETE ... RETURNING builds a temporary table for its row.
-            let (released, slot) = if req.reserved {
+            // A logged call holds one too (the store's own; an engine's `reserved` is its
+            // budgets' and slot's).
+            let released = if req.reserved || !req.rate_scopes.is_empty() {
                 let held = tx
-                    .prepare_cached("SELECT counters, cost, tokens, executions, concurrency_scope FROM reservations WHERE execution_id = ?1")?
-                    .query_row([&e.id], |r| Ok((release_row(r, 0)?, r.get::<_, Option<String>>(4)?)))
+                    .prepare_cached("SELECT counters, cost, tokens, executions FROM reservations WHERE execution_id = ?1")?
+                    .query_row([&e.id], |r| release_row(r, 0))
                     .optional()?;
                 if held.is_some() {
                     tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
                 }
-                held.map_or((None, None), |(r, slot)| (Some(r), slot))
+                held
             } else {
-                (None, None)
+                None
             };
+            let in_flight = released.is_some();
             let taken_over = req.reserved && released.is_none();
             let (reserved_keys, estimate) = released.unwrap_or_default();
             let used = budget::settled(c, taken_over);
@@ -1458,15 +1506,13 @@ impl Store for SqliteStore {
                 })
                 .collect();
             bump(tx, &changes)?;
-            // The logged estimate became the real usage as the row was closed; the totals that
-            // count the call follow, and the call leaves its max_concurrent scope's calls in
-            // flight (in the same write when that scope is rate-limited too).
-            let tokens_delta = budget::recorded(c).tokens - req.logged_tokens;
-            for scope in req.rate_scopes {
-                rate_settle(tx, scope, e.started_at, tokens_delta, i64::from(slot.as_deref() == Some(scope)))?;
-            }
-            if let Some(scope) = slot.filter(|s| !req.rate_scopes.contains(s)) {
-                release_slot(tx, &scope)?;
+            // The logged estimate became the real usage as the row was closed, and the call left
+            // the calls in flight with its reservation: the totals that count it add it, or if
+            // its lease expired (they added its estimate then) the difference.
+            let tokens = budget::recorded(c).tokens;
+            match in_flight {
+                true => rate_settle(tx, req.rate_scopes, e.started_at, 1, tokens)?,
+                false => rate_settle(tx, req.rate_scopes, e.started_at, 0, tokens - req.logged_tokens)?,
             }
             let check_keys: Vec<CounterKey> = req.checks.iter().map(|c| (c.scope.clone(), c.period_key.clone())).collect();
             let after = if c.status.counts_as_usage() { totals(tx, &check_keys)? } else { HashMap::new() };
