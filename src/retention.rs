@@ -1,11 +1,10 @@
 //! Retention (`configure(retention={"details_days": 30, "executions_days": 400})`): old
 //! executions lose their details (prompts, response, metadata, error messages) after
 //! `details_days` and are deleted after `executions_days`. Applied by `tl.purge()` and, when
-//! configured, by one background thread per engine, in batches (`store::retention`). On SQLite,
-//! where every write takes one lock, a batch is sized to hold it about 200 µs and the pause
-//! after it is at least four times as long, so calls get the database in between and one that
-//! comes during a batch waits little (a batch also stands aside, between two chunks of a few
-//! rows, for calls waiting to write). Counters, budgets and rollups are never touched.
+//! configured, by one background thread per engine, in batches (`store::retention`) sized to
+//! hold the database a couple of milliseconds, with a pause between them at least as long, so
+//! calls get the database in between (on SQLite a batch also stands aside, between two chunks
+//! of a few rows, for calls waiting to write). Counters, budgets and rollups are never touched.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -17,30 +16,17 @@ use crate::store::{lock_waits, Purged, Store};
 
 /// The longest retention a setting may name (about 100 years).
 pub const MAX_DAYS: i64 = 36_500;
-/// Rows per batch at most (and in the first batch where writes do not share one lock).
+/// Rows per batch at most (and in the first batch).
 pub const BATCH: i64 = 500;
-/// Rows in the first batch where every write takes one lock (SQLite), before any was timed.
-const FIRST_BATCH_ONE_LOCK: i64 = 32;
 /// Rows per batch at least.
-const MIN_BATCH: i64 = 4;
+const MIN_BATCH: i64 = 20;
 /// How long a batch should hold SQLite's write lock: each next batch is sized from how long the
 /// last one took, so a call that comes during one waits about this long whatever the machine's
-/// speed. A batch is one transaction (unless a call waits, `SqliteStore::purge_in_chunks`), and
-/// a call that comes during it waits for its commit too, which writes every page it changed:
-/// batches of 2 ms made half of all calls wait, p99 1.8x (500 rows took 14 ms on a loaded
-/// machine, and back to back they made calls wait up to 176 ms). Shorter batches cost more per
-/// row: at load 5 to 10, 100 µs ones cleared 4,800-8,500 rows/s, 200 µs ones 7,300-28,000.
-const BATCH_TIME: Duration = Duration::from_micros(200);
-/// Where every write takes one lock, the pause after a batch lasts at least this many times as
-/// long as the batch held it, so a purge holds it at most a fifth of the time and most calls
-/// never find it taken (a pause as long as the batch had half of all calls wait for one).
-const PAUSE_PER_HELD: u32 = 4;
+/// speed. (500 rows took 14 ms on a loaded machine, and back to back they made calls wait up
+/// to 176 ms.)
+const BATCH_TIME: Duration = Duration::from_millis(2);
 /// The background thread's pause between two batches, during which calls write.
 const PAUSE: Duration = Duration::from_millis(20);
-/// The same where every write takes one lock (SQLite), after batches of about `BATCH_TIME`:
-/// the background holds the lock a tenth of the time at most, half as often as `tl.purge()`
-/// (20 ms after each of these batches cleared fewer than 200 rows/s on a loaded machine).
-const PAUSE_ONE_LOCK: Duration = Duration::from_millis(2);
 /// How often the background thread looks for expired rows (it also looks once at start).
 pub const INTERVAL_ENV: &str = "TENANTLLM_RETENTION_INTERVAL_SECONDS";
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -115,13 +101,13 @@ pub fn stop(timeout: Duration) {
 /// Clears details of executions started before `details` and deletes those started before
 /// `executions`, batch after batch, until nothing is left, `keep_going` says stop, or the
 /// process is exiting. Between two batches it pauses `pause`. Where every write takes one lock
-/// (SQLite) batches are sized to hold it about `BATCH_TIME` and the pause lasts at least
-/// `PAUSE_PER_HELD` times as long as the last batch held it, so calls get it most of the time
-/// (`tl.purge()` too, which passes no pause). Returns what it did.
+/// (SQLite) batches are sized to hold it about `BATCH_TIME` and the pause lasts at least as
+/// long as the last batch held it, so calls waiting for it get their turn (`tl.purge()` too,
+/// which passes no pause). Returns what it did.
 pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: impl Fn() -> bool) -> Result<Purged> {
     let (mut details, mut executions) = cutoffs;
     let mut total = Purged::default();
-    let mut limit = if store.writes_share_one_lock() { FIRST_BATCH_ONE_LOCK } else { BATCH };
+    let mut limit = BATCH;
     while (details.is_some() || executions.is_some()) && keep_going() {
         let (started, waited) = (Instant::now(), lock_waits().1);
         let done = {
@@ -141,7 +127,7 @@ pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: i
         }
         let pause = if store.writes_share_one_lock() {
             limit = next_batch(limit, held);
-            pause.max(held * PAUSE_PER_HELD)
+            pause.max(held)
         } else {
             pause
         };
@@ -178,8 +164,7 @@ pub fn start(store: Arc<dyn Store>, retention: Retention, every: Duration) -> Op
         // Engine dropped: `recv_timeout` says Disconnected and the loop ends.
         let alive = || matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Empty));
         // A failure (a busy or unreachable database) is tried again at the next interval.
-        let pause = if store.writes_share_one_lock() { PAUSE_ONE_LOCK } else { PAUSE };
-        let _ = purge(&*store, retention.cutoffs(now_micros()), pause, alive);
+        let _ = purge(&*store, retention.cutoffs(now_micros()), PAUSE, alive);
         if !matches!(stopped.recv_timeout(every), Err(mpsc::RecvTimeoutError::Timeout)) {
             break;
         }
