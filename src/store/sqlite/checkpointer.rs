@@ -142,6 +142,11 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
             // (frames in the WAL, frames copied) as the last round left them; none before the
             // first round and after a restart, when there is nothing to compare with.
             let mut last: Option<(i64, i64)> = None;
+            // The WAL's frames when this thread last restarted it. A restart leaves them in the
+            // WAL's header until the next write starts the WAL over, so until then every pass
+            // reports that many, all copied: read as such, an idle WAL would be restarted again
+            // (two fsyncs and the write gate) every `CATCH_UP_EVERY` for as long as nobody wrote.
+            let mut restarted_at: Option<i64> = None;
             loop {
                 std::thread::park_timeout(wait);
                 if shared.stopped.load(Ordering::Acquire) {
@@ -149,6 +154,11 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 }
                 let _quiet = quiet();
                 let (_, mut frames, mut copied) = checkpoint("PASSIVE", Duration::ZERO);
+                // Nothing written since this thread restarted the WAL: it is empty. (A new WAL
+                // of exactly as many frames would only wait for the next round.)
+                if restarted_at == Some(frames) && copied == frames {
+                    (frames, copied) = (0, 0);
+                }
                 // No frames since the last round, which came `CHECKPOINT_EVERY` after a round.
                 let unchanged = last.is_some_and(|(before, _)| before == frames);
                 let paused = unchanged && wait == CHECKPOINT_EVERY;
@@ -200,6 +210,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 } else {
                     false
                 };
+                restarted_at = restarted.then_some(frames);
                 last = (!restarted).then_some((frames, copied));
                 shared.seen(if restarted { 0 } else { frames }, !restarted);
                 if !restarted {
@@ -402,6 +413,24 @@ mod tests {
             std::thread::sleep(CHECKPOINT_EVERY * 2);
         }
         assert!(wal() <= WAL_KEEP_BYTES, "the WAL is still {} bytes", wal());
+    }
+
+    /// A write that leaves the WAL past the size at which the checkpointer restarts it, then
+    /// nothing: once restarted, the idle WAL is cut back (the restart leaves its frames in the
+    /// WAL's header until the next write, and the checkpointer read them as a WAL still to
+    /// restart, every `CATCH_UP_EVERY` for as long as nobody wrote, never cutting it back).
+    #[test]
+    fn an_idle_wal_restarted_is_cut_back_not_restarted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        // Past `WAL_RESTART_FRAMES` and `WAL_KEEP_BYTES` in one write.
+        put_setting(&store, "filler", &vec![7u8; 24 << 20]);
+        assert!(wal_size(&path) > WAL_KEEP_BYTES);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while wal_size(&path) > WAL_KEEP_BYTES && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(wal_size(&path) <= WAL_KEEP_BYTES, "the idle WAL is still {} bytes", wal_size(&path));
     }
 
     /// One writer writing back to back, unpaced, as fast as the machine lets it: the WAL starts
