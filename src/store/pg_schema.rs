@@ -840,4 +840,129 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 16: the daily rollups without the tenant (store/rollups.rs; SQLite's migration 13), for
+    // questions over all tenants: a few rows per day instead of one per tenant and day. Filled
+    // from the daily rollups; tenantllm_settle adds each call to its day's total in the
+    // statement that adds it to the rollups. IF NOT EXISTS and the DELETE: a test that re-runs
+    // the rollups' migration 9 re-runs this (and then rebuilds them all).
+    r#"
+    CREATE TABLE IF NOT EXISTS daily_totals (
+        period TEXT COLLATE "C" NOT NULL,
+        agent TEXT COLLATE "C" NOT NULL,
+        model_id TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        calls BIGINT NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0,
+        output_tokens BIGINT NOT NULL DEFAULT 0,
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        total_tokens BIGINT NOT NULL DEFAULT 0,
+        input_cost BIGINT NOT NULL DEFAULT 0,
+        output_cost BIGINT NOT NULL DEFAULT 0,
+        total_cost BIGINT NOT NULL DEFAULT 0,
+        attempts_count BIGINT NOT NULL DEFAULT 0,
+        cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+        cache_read_cost BIGINT NOT NULL DEFAULT 0,
+        cache_write_cost BIGINT NOT NULL DEFAULT 0,
+        duration_ms BIGINT NOT NULL DEFAULT 0,
+        time_to_first_token_ms BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, agent, model_id, status)
+    );
+    DELETE FROM daily_totals;
+    INSERT INTO daily_totals (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+        SELECT period, agent, model_id, status, SUM(calls), SUM(input_tokens), SUM(output_tokens), SUM(cached_tokens), SUM(total_tokens), SUM(input_cost), SUM(output_cost), SUM(total_cost), SUM(attempts_count), SUM(cache_write_tokens), SUM(cache_read_cost), SUM(cache_write_cost), SUM(duration_ms), SUM(time_to_first_token_ms)
+        FROM daily_rollups GROUP BY period, agent, model_id, status;
+
+    -- As migration 15's, with the call added to its day's total too (the `totals` CTE).
+    CREATE OR REPLACE FUNCTION tenantllm_settle(p_lock_timeout TEXT, p_timezone TEXT, p_reserved BOOLEAN,
+        p_scopes TEXT[], p_periods TEXT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_day TEXT, p_month TEXT,
+        p_id TEXT, p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        p_store_details BOOLEAN, p_system_prompt TEXT, p_user_prompt TEXT, p_response TEXT, p_tool_calls TEXT,
+        OUT outcome TEXT, OUT scopes TEXT[], OUT periods TEXT[], OUT recorded_cost BIGINT[],
+        OUT recorded_tokens BIGINT[], OUT recorded_executions BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_counters TEXT := '';
+        v_cost BIGINT := 0;
+        v_tokens BIGINT := 0;
+        v_executions BIGINT := 0;
+    BEGIN
+        PERFORM set_config('lock_timeout', p_lock_timeout, true);
+        IF (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        IF p_reserved THEN
+            DELETE FROM reservations WHERE execution_id = p_id RETURNING counters, cost, tokens, executions
+                INTO v_counters, v_cost, v_tokens, v_executions;
+            IF NOT FOUND THEN
+                outcome := 'taken_over';
+                RETURN;
+            END IF;
+        END IF;
+        WITH e AS (
+            UPDATE executions SET status = p_status, error_class = p_error_class, error_message = p_error_message,
+                chosen_model_id = p_chosen_model_id, provider = COALESCE(p_provider, provider), completed_at = p_completed_at,
+                duration_ms = p_duration_ms, input_tokens = p_input_tokens, output_tokens = p_output_tokens,
+                cached_tokens = p_cached_tokens, total_tokens = p_total_tokens, input_cost = p_input_cost,
+                output_cost = p_output_cost, total_cost = p_total_cost, attempts_count = p_attempts_count,
+                attempts = p_attempts, finish_reason = p_finish_reason, cache_write_tokens = p_cache_write_tokens,
+                cache_read_cost = p_cache_read_cost, cache_write_cost = p_cache_write_cost,
+                time_to_first_token_ms = p_time_to_first_token_ms, cached = p_cached
+            WHERE id = p_id AND status = 'running'
+            RETURNING *
+        ), daily AS (
+            INSERT INTO daily_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT p_day, COALESCE(e.tenant_id, ''), e.agent, e.model_id, e.status, 1, COALESCE(e.input_tokens, 0), COALESCE(e.output_tokens, 0), COALESCE(e.cached_tokens, 0), COALESCE(e.total_tokens, 0), COALESCE(e.input_cost, 0), COALESCE(e.output_cost, 0), COALESCE(e.total_cost, 0), COALESCE(e.attempts_count, 0), COALESCE(e.cache_write_tokens, 0), COALESCE(e.cache_read_cost, 0), COALESCE(e.cache_write_cost, 0), COALESCE(e.duration_ms, 0), COALESCE(e.time_to_first_token_ms, 0) FROM e
+                ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+        ), totals AS (
+            INSERT INTO daily_totals AS r (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT p_day, e.agent, e.model_id, e.status, 1, COALESCE(e.input_tokens, 0), COALESCE(e.output_tokens, 0), COALESCE(e.cached_tokens, 0), COALESCE(e.total_tokens, 0), COALESCE(e.input_cost, 0), COALESCE(e.output_cost, 0), COALESCE(e.total_cost, 0), COALESCE(e.attempts_count, 0), COALESCE(e.cache_write_tokens, 0), COALESCE(e.cache_read_cost, 0), COALESCE(e.cache_write_cost, 0), COALESCE(e.duration_ms, 0), COALESCE(e.time_to_first_token_ms, 0) FROM e
+                ON CONFLICT (period, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+        )
+        INSERT INTO monthly_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT p_month, COALESCE(e.tenant_id, ''), e.agent, e.model_id, e.status, 1, COALESCE(e.input_tokens, 0), COALESCE(e.output_tokens, 0), COALESCE(e.cached_tokens, 0), COALESCE(e.total_tokens, 0), COALESCE(e.input_cost, 0), COALESCE(e.output_cost, 0), COALESCE(e.total_cost, 0), COALESCE(e.attempts_count, 0), COALESCE(e.cache_write_tokens, 0), COALESCE(e.cache_read_cost, 0), COALESCE(e.cache_write_cost, 0), COALESCE(e.duration_ms, 0), COALESCE(e.time_to_first_token_ms, 0) FROM e
+                ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+        IF NOT FOUND THEN
+            -- Gone, or closed before (its rollups count it under its earlier outcome, which
+            -- would have to come out first): undone with the rest; the Rust transaction then
+            -- settles or reports it.
+            RAISE EXCEPTION 'execution % is not running', p_id USING ERRCODE = 'no_data_found';
+        END IF;
+        IF p_store_details THEN
+            INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
+            VALUES (p_id, p_system_prompt, p_user_prompt, p_response, p_tool_calls)
+            ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
+                user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response, tool_calls = EXCLUDED.tool_calls;
+        END IF;
+        WITH d AS (
+            SELECT k.scope, k.period, p_cost AS cost, p_tokens AS tokens, p_executions AS executions,
+                0::BIGINT AS rc, 0::BIGINT AS rt, 0::BIGINT AS re
+            FROM unnest(p_scopes, p_periods) AS k(scope, period)
+            UNION ALL
+            SELECT split_part(l, E'\t', 1), split_part(l, E'\t', 2), 0, 0, 0, -v_cost, -v_tokens, -v_executions
+            FROM unnest(string_to_array(v_counters, E'\n')) AS l
+        ), s AS (
+            SELECT scope, period, SUM(cost)::BIGINT AS cost, SUM(tokens)::BIGINT AS tokens, SUM(executions)::BIGINT AS executions,
+                SUM(rc)::BIGINT AS rc, SUM(rt)::BIGINT AS rt, SUM(re)::BIGINT AS re
+            FROM d GROUP BY scope, period
+        ), bumped AS (
+            INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+            SELECT scope, period, cost, tokens, executions, rc, rt, re FROM s ORDER BY scope COLLATE "C", period COLLATE "C"
+            ON CONFLICT (scope, period) DO UPDATE SET cost = c.cost + EXCLUDED.cost, tokens = c.tokens + EXCLUDED.tokens,
+                executions = c.executions + EXCLUDED.executions, reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost,
+                reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+            RETURNING c.scope, c.period, c.cost, c.tokens, c.executions
+        )
+        SELECT COALESCE(array_agg(b.scope), '{}'), COALESCE(array_agg(b.period), '{}'), COALESCE(array_agg(b.cost), '{}'),
+            COALESCE(array_agg(b.tokens), '{}'), COALESCE(array_agg(b.executions), '{}')
+        INTO scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM bumped AS b;
+        outcome := 'done';
+    END
+    $fn$;
+    "#,
 ];

@@ -8,8 +8,8 @@
 //! a partial index finds them.
 //!
 //! At tens of thousands of tenants nearly every call is a daily rollup row of its own, so a
-//! question over all tenants would read about as many rows as there are calls. SQLite also
-//! keeps `daily_totals`, the daily rollups without the tenant (written beside them and
+//! question over all tenants would read about as many rows as there are calls. Both stores
+//! also keep `daily_totals`, the daily rollups without the tenant (written beside them and
 //! rebuilt from them), which such questions read instead: a few rows per day.
 
 use std::collections::HashMap;
@@ -46,7 +46,8 @@ pub const ROLLED: &[&str] = &[
 const KEY: &str = "period, tenant_id, agent, model_id, status";
 const DAILY: &str = "daily_rollups";
 const MONTHLY: &str = "monthly_rollups";
-/// The daily rollups without the tenant (SQLite's migration 13; `totals_record_sql`).
+/// The daily rollups without the tenant (SQLite's migration 13, PostgreSQL's 16;
+/// `totals_record_sql`).
 const TOTALS: &str = "daily_totals";
 const TOTALS_KEY: &str = "period, agent, model_id, status";
 
@@ -99,11 +100,23 @@ fn record(d: Dialect) -> [String; 2] {
     [DAILY, MONTHLY].map(|table| record_into(d, table, KEY, "COALESCE(tenant_id, ''), agent, model_id, status"))
 }
 
-/// SQLite only: SQL that adds execution ?3's numbers, times ?2, to its daily total for day ?1
-/// (`record_sql`'s daily rollup without the tenant).
+/// SQLite's SQL that adds execution ?3's numbers, times ?2, to its daily total for day ?1
+/// (`record_sql`'s daily rollup without the tenant); `totals_record_sql_in` for PostgreSQL's.
 pub fn totals_record_sql() -> &'static str {
-    static SQL: LazyLock<String> = LazyLock::new(|| record_into(Dialect::Sqlite, TOTALS, TOTALS_KEY, "agent, model_id, status"));
-    &SQL
+    totals_record_sql_in(Dialect::Sqlite)
+}
+
+pub fn totals_record_sql_in(d: Dialect) -> &'static str {
+    static SQLITE: LazyLock<String> = LazyLock::new(|| totals_record(Dialect::Sqlite));
+    static POSTGRES: LazyLock<String> = LazyLock::new(|| totals_record(Dialect::Postgres));
+    match d {
+        Dialect::Sqlite => &SQLITE,
+        Dialect::Postgres => &POSTGRES,
+    }
+}
+
+fn totals_record(d: Dialect) -> String {
+    record_into(d, TOTALS, TOTALS_KEY, "agent, model_id, status")
 }
 
 /// `record_sql`'s statement for `table`, whose key is `key`: the period, then `selected` (the
@@ -214,8 +227,8 @@ pub fn derive_monthly_sql(d: Dialect) -> String {
     )
 }
 
-/// Step 6 on SQLite: every daily total again, summed from the daily rollups (after deleting
-/// them all).
+/// Step 6: every daily total again, summed from the daily rollups (after deleting them all).
+/// On PostgreSQL the INSERT casts the NUMERIC sums back to BIGINT.
 pub fn derive_totals_sql() -> String {
     format!(
         "INSERT INTO {TOTALS} ({TOTALS_KEY}, calls, {}) SELECT {TOTALS_KEY}, {} FROM {DAILY} GROUP BY {TOTALS_KEY}",
@@ -307,7 +320,7 @@ pub fn plan(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Dial
         Aggregate::Sum(f) => ROLLED.iter().find(|c| **c == f.0)?,
     };
     let mut keys = Vec::with_capacity(by.len());
-    // Whether the tenant is grouped by or filtered on: else SQLite reads the daily totals.
+    // Whether the tenant is grouped by or filtered on: else the daily totals answer.
     let mut by_tenant = false;
     for k in by {
         keys.push(match k {
@@ -388,7 +401,7 @@ pub fn plan(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Dial
         let select: Vec<String> = keys.iter().map(|k| k.to_string()).chain([d.sum(value)]).collect();
         (format!("SELECT {} FROM {table}{w}{group}", select.join(", ")), args)
     };
-    if d == Dialect::Sqlite && !by_tenant {
+    if !by_tenant {
         return Some(Plan { statements: vec![statement(TOTALS, lo.map(day_key), hi.map(day_key))], running });
     }
     let mut statements = Vec::new();
@@ -441,11 +454,12 @@ pub(crate) mod tests {
 
     #[test]
     fn whole_months_read_the_monthly_table_and_the_days_around_them_the_daily_one() {
-        // (PostgreSQL: SQLite reads its daily totals for queries without the tenant.)
+        // By tenant (the daily totals answer the others).
         let cal = Calendar::new("Europe/Berlin").unwrap();
         let s = |x: &str| x.to_string();
+        let tenant = [GroupKey::Field(Field::parse("tenant_id").unwrap())];
         // Berlin midnights: Oct 15 and Jan 3 (CET, UTC+1; Oct 15 is CEST, UTC+2).
-        let p = plan(&range(Some("2026-10-14T22:00:00Z"), Some("2027-01-02T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
+        let p = plan(&range(Some("2026-10-14T22:00:00Z"), Some("2027-01-02T23:00:00Z")), &tenant, &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(
             tables_and_bounds(&p),
             vec![
@@ -456,12 +470,12 @@ pub(crate) mod tests {
         );
         assert!(p.running);
         // Inside one month, or by day: days only.
-        let p = plan(&range(Some("2026-11-01T23:00:00Z"), Some("2026-11-09T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
+        let p = plan(&range(Some("2026-11-01T23:00:00Z"), Some("2026-11-09T23:00:00Z")), &tenant, &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(tables_and_bounds(&p), vec![(s("daily_rollups"), vec![s("2026-11-02"), s("2026-11-10")])]);
-        let p = plan(&Query::default(), &[GroupKey::Day], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
+        let p = plan(&Query::default(), &[GroupKey::Day, tenant[0]], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(tables_and_bounds(&p), vec![(s("daily_rollups"), vec![])]);
         // Open-ended: months before the bound's month, then its days.
-        let p = plan(&range(None, Some("2026-11-04T23:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
+        let p = plan(&range(None, Some("2026-11-04T23:00:00Z")), &tenant, &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
         assert_eq!(
             tables_and_bounds(&p),
             vec![(s("monthly_rollups"), vec![s("2026-11")]), (s("daily_rollups"), vec![s("2026-11-01"), s("2026-11-05")])]
@@ -469,23 +483,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn sqlite_reads_the_daily_totals_unless_the_tenant_is_grouped_by_or_filtered_on() {
+    fn the_daily_totals_answer_unless_the_tenant_is_grouped_by_or_filtered_on() {
         let cal = Calendar::new("UTC").unwrap();
         let s = |x: &str| x.to_string();
         let f = |n: &str| Field::parse(n).unwrap();
         let month = range(Some("2026-10-01T00:00:00Z"), Some("2026-12-03T00:00:00Z"));
         let agent = [GroupKey::Field(f("agent"))];
-        let p = plan(&month, &agent, &Aggregate::Count, &cal, Dialect::Sqlite).unwrap();
-        assert_eq!(tables_and_bounds(&p), vec![(s("daily_totals"), vec![s("2026-10-01"), s("2026-12-03")])]);
-        assert!(plan(&Query::default(), &[], &Aggregate::Count, &cal, Dialect::Sqlite).unwrap().statements[0].0.contains("FROM daily_totals"));
-        let p = plan(&month, &agent, &Aggregate::Count, &cal, Dialect::Postgres).unwrap();
-        assert_eq!(tables_and_bounds(&p)[0].0, "monthly_rollups");
         let tenant = [GroupKey::Field(f("tenant_id"))];
-        assert_eq!(tables_and_bounds(&plan(&month, &tenant, &Aggregate::Count, &cal, Dialect::Sqlite).unwrap())[0].0, "monthly_rollups");
-        for filter in [Filter::Eq(f("tenant_id"), Value::Text("acme".into())), Filter::IsNull(f("tenant_id")), Filter::NotNull(f("tenant_id"))] {
-            let mut q = month.clone();
-            q.filters.push(filter);
-            assert_eq!(tables_and_bounds(&plan(&q, &agent, &Aggregate::Count, &cal, Dialect::Sqlite).unwrap())[0].0, "monthly_rollups", "{q:?}");
+        for d in [Dialect::Sqlite, Dialect::Postgres] {
+            let p = plan(&month, &agent, &Aggregate::Count, &cal, d).unwrap();
+            assert_eq!(tables_and_bounds(&p), vec![(s("daily_totals"), vec![s("2026-10-01"), s("2026-12-03")])]);
+            assert!(plan(&Query::default(), &[], &Aggregate::Count, &cal, d).unwrap().statements[0].0.contains("FROM daily_totals"));
+            assert_eq!(tables_and_bounds(&plan(&month, &tenant, &Aggregate::Count, &cal, d).unwrap())[0].0, "monthly_rollups");
+            for filter in [Filter::Eq(f("tenant_id"), Value::Text("acme".into())), Filter::IsNull(f("tenant_id")), Filter::NotNull(f("tenant_id"))] {
+                let mut q = month.clone();
+                q.filters.push(filter);
+                assert_eq!(tables_and_bounds(&plan(&q, &agent, &Aggregate::Count, &cal, d).unwrap())[0].0, "monthly_rollups", "{q:?}");
+            }
         }
     }
 

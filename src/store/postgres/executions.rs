@@ -17,11 +17,13 @@ pub(super) fn insert_execution(db: &mut Tx<'_>, e: &NewExecution) -> PgResult<()
     Ok(())
 }
 
-/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`).
+/// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`) and
+/// its day's total (`rollups::totals_record_sql_in`).
 pub(super) fn roll(db: &mut Tx<'_>, id: &str, periods: &[String; 2], sign: i64) -> PgResult<()> {
     for (sql, period) in rollups::record_sql(Dialect::Postgres).iter().zip(periods) {
         db.execute(sql, &[period, &sign, &id])?;
     }
+    db.execute(rollups::totals_record_sql_in(Dialect::Postgres), &[&periods[0], &sign, &id])?;
     Ok(())
 }
 

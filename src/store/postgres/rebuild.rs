@@ -69,8 +69,8 @@ pub(super) fn rebuild(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> P
 }
 
 /// Recomputes the daily rollups from the oldest settled call's day on, in `cal`'s periods,
-/// and every monthly one (see `rollups::OLDEST_SQL`); `keyed_in` is the calendar of the
-/// stored rollups.
+/// and every monthly one and daily total (see `rollups::OLDEST_SQL`); `keyed_in` is the
+/// calendar of the stored rollups.
 pub(super) fn rebuild_rollups(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> PgResult<()> {
     let oldest: Option<i64> = db.query_one(rollups::OLDEST_SQL, &[])?.try_get(0)?;
     let Some(oldest) = oldest else { return Ok(()) };
@@ -93,6 +93,8 @@ pub(super) fn rebuild_rollups(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calend
     }
     db.execute("DELETE FROM monthly_rollups", &[])?;
     db.execute(&rollups::derive_monthly_sql(Dialect::Postgres), &[])?;
+    db.execute("DELETE FROM daily_totals", &[])?;
+    db.execute(&rollups::derive_totals_sql(), &[])?;
     Ok(())
 }
 

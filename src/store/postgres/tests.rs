@@ -15,6 +15,7 @@ use crate::budget::{Enforcement, Limits};
 use crate::execution::{Completion, Field, Filter, NewExecution, Value};
 use crate::money::Nanos;
 use crate::store::pg_schema::MIGRATIONS;
+use crate::store::rollups;
 use crate::store::BreakerOutcome;
 use crate::budget::{GlobalBudgets, Plan};
 use crate::clock::Period;
@@ -726,8 +727,58 @@ fn a_row_closed_again_moves_in_the_rollups() {
     assert!(matches!(admit_as(&store, &GlobalBudgets::default(), &e, &[], T0 + 60_000_000), Admitted::Go { reserved: false, .. }));
     finish(&store, &e, &completion(Status::Success, T0 + 1, 1000), false, &[]);
     finish(&store, &e, &completion(Status::Error, T0 + 2, 1000), false, &[]);
-    let calls = |status: &str| db.scalar(&format!("SELECT COALESCE(SUM(calls), 0)::BIGINT FROM daily_rollups WHERE status = '{status}'"));
-    assert_eq!((calls("success"), calls("error")), (0, 1));
+    for table in ["daily_rollups", "daily_totals"] {
+        let calls = |status: &str| db.scalar(&format!("SELECT COALESCE(SUM(calls), 0)::BIGINT FROM {table} WHERE status = '{status}'"));
+        assert_eq!((calls("success"), calls("error")), (0, 1), "{table}");
+    }
+}
+
+/// Questions over all tenants read the daily totals (a row per day, agent, model and status,
+/// not per tenant too) and answer as the rows do: calls settled in one round trip, by the
+/// transaction (closed twice), and abandoned ones closed by the next admission.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn all_tenant_group_bys_read_the_daily_totals_and_answer_like_rows() {
+    let db = TestDb::new();
+    let store = db.open();
+    let global = GlobalBudgets::default();
+    let hour = 3_600_000_000;
+    for i in 0..480i64 {
+        let at = T0 + i * hour / 2;
+        let mut e = execution(&format!("c{i:03}"), at);
+        e.tenant_id = Some(format!("t{}", i % 40));
+        e.agent = ["A", "B"][(i % 2) as usize].into();
+        e.model_id = ["mock/x", "mock/y", "mock/z"][(i % 3) as usize].into();
+        let expires = if i % 11 == 0 { at + 1 } else { at + hour };
+        assert!(matches!(admit_as(&store, &global, &e, &[], expires), Admitted::Go { .. }));
+        if i % 11 == 0 {
+            continue; // abandoned: the next admission closes it
+        }
+        let status = [Status::Success, Status::Error, Status::Timeout][(i % 3) as usize];
+        finish(&store, &e, &completion(status, at + 5, 100 + i), false, &[]);
+        if i % 7 == 0 {
+            finish(&store, &e, &completion(Status::Cancelled, at + 6, 50), false, &[]);
+        }
+    }
+    assert!(db.scalar("SELECT COUNT(*) FROM daily_totals") * 3 < db.scalar("SELECT COUNT(*) FROM daily_rollups"));
+    let f = |n: &str| Field::parse(n).unwrap();
+    let cal = Calendar::new("UTC").unwrap();
+    let day = |n: i64| cal.start_of(cal.local_date(T0 + n * 86_400_000_000));
+    let ranges = [vec![], vec![Filter::Range(f("started_at"), Some(day(1)), Some(day(4)))], vec![Filter::Eq(f("status"), Value::Text("error".into()))]];
+    let keys = [GroupKey::Field(f("agent")), GroupKey::Field(f("model_id")), GroupKey::Field(f("status")), GroupKey::Day];
+    for filters in ranges {
+        let q = Query { filters, ..Default::default() };
+        let mut rows = q.clone();
+        rows.filters.push(Filter::NotNull(f("id")));
+        for mask in 0..16 {
+            let by: Vec<GroupKey> = keys.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, k)| *k).collect();
+            for agg in [Aggregate::Count, Aggregate::Sum(f("total_cost")), Aggregate::Sum(f("duration_ms"))] {
+                let plan = rollups::plan(&q, &by, &agg, &cal, rollups::Dialect::Postgres).unwrap();
+                assert!(plan.statements.iter().all(|(sql, _)| sql.contains("FROM daily_totals")), "{plan:?}");
+                assert_eq!(store.query_grouped(&q, &by, &agg).unwrap(), store.query_grouped(&rows, &by, &agg).unwrap(), "{q:?} {by:?} {agg:?}");
+            }
+        }
+    }
 }
 
 /// A sync call runs its database work on its own thread: outside any runtime, and inside a
