@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
-use postgres::{Client, Row as PgRow, Statement};
+use postgres::{Client, Row as PgRow, RowIter, Statement};
 
 use super::connect::PgResult;
 use super::connect::{connection_lost, Conn, Failure};
+use crate::error::Error;
 
 /// A statement parameter and the type it is sent as. By default statements are unnamed, sent
 /// with their parameter types and run in one round trip (`query_typed`), so nothing prepared
@@ -57,10 +58,6 @@ pub(super) fn typed<'a>(params: &'a Params<'_>) -> Vec<(&'a (dyn ToSql + Sync), 
     params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
 }
 
-fn untyped<'a>(params: &'a Params<'_>) -> Vec<&'a (dyn ToSql + Sync)> {
-    params.iter().map(|p| p.as_sql()).collect()
-}
-
 /// The URL's `?statement_cache_size=N`: statements prepared on one connection, by their text,
 /// so the server parses and plans each once per connection instead of at every run (the
 /// `SELECT ... FROM tenantllm_admit($1 .. $29)` of every call, ~17 % of the server's work
@@ -83,16 +80,41 @@ impl Statements {
         if self.size == 0 {
             return Ok(None);
         }
-        let types: Vec<Type> = params.iter().map(|p| p.pg_type()).collect();
-        if let Some(st) = self.prepared.get(sql).filter(|st| st.params() == types.as_slice()) {
+        let same_types = |st: &&Statement| st.params().len() == params.len() && st.params().iter().zip(params).all(|(t, p)| *t == p.pg_type());
+        if let Some(st) = self.prepared.get(sql).filter(same_types) {
             return Ok(Some(st.clone()));
         }
+        let types: Vec<Type> = params.iter().map(|p| p.pg_type()).collect();
+        round_trips::add(1);
         let st = c.prepare_typed(sql, &types)?;
         if self.prepared.len() >= self.size && !self.prepared.contains_key(sql) {
             self.prepared.clear();
         }
         self.prepared.insert(sql.to_string(), st.clone());
         Ok(Some(st))
+    }
+}
+
+/// Round trips to the server on this thread (a sync call's database work runs on the calling
+/// thread), counted in tests: a statement, a statement's preparation, BEGIN, COMMIT, ROLLBACK.
+pub(super) mod round_trips {
+    #[cfg(test)]
+    thread_local! {
+        static COUNT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    #[inline]
+    pub(in super::super) fn add(n: u64) {
+        #[cfg(test)]
+        COUNT.with(|c| c.set(c.get() + n));
+        #[cfg(not(test))]
+        let _ = n;
+    }
+
+    /// The round trips since the last call.
+    #[cfg(test)]
+    pub(in super::super) fn taken() -> u64 {
+        COUNT.with(|c| c.replace(0))
     }
 }
 
@@ -112,29 +134,33 @@ impl<'a, S> Db<'a, S> {
     pub(super) fn new(c: &'a mut Client, statements: &'a mut Statements) -> Db<'a, S> {
         Db { c, statements, scope: std::marker::PhantomData }
     }
-    pub(super) fn query(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Vec<PgRow>> {
-        Ok(match self.statements.get(self.c, sql, params)? {
-            Some(st) => self.c.query(&st, &untyped(params))?,
-            None => self.c.query_typed(sql, &typed(params))?,
+    /// `sql`'s rows, as the statement prepared for it or, with none, unnamed with its
+    /// parameters' types: one round trip either way (after the first, which prepares).
+    fn rows(&mut self, sql: &str, params: &Params<'_>) -> PgResult<RowIter<'_>> {
+        let prepared = self.statements.get(self.c, sql, params)?;
+        round_trips::add(1);
+        Ok(match prepared {
+            Some(st) => self.c.query_raw(&st, params.iter().map(|p| p.as_sql()))?,
+            None => self.c.query_typed_raw(sql, params.iter().map(|p| (p.as_sql(), p.pg_type())))?,
         })
+    }
+    pub(super) fn query(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Vec<PgRow>> {
+        Ok(self.rows(sql, params)?.collect()?)
     }
     pub(super) fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> PgResult<Option<PgRow>> {
-        Ok(match self.statements.get(self.c, sql, params)? {
-            Some(st) => self.c.query_opt(&st, &untyped(params))?,
-            None => self.c.query_typed_opt(sql, &typed(params))?,
-        })
+        let mut rows = self.rows(sql, params)?;
+        // Not polled again once it has ended (the stream would report the connection closed).
+        let Some(first) = rows.next()? else { return Ok(None) };
+        match rows.next()? {
+            None => Ok(Some(first)),
+            Some(_) => Err(Error::Store(format!("more than one row from: {sql}")).into()),
+        }
     }
     pub(super) fn query_one(&mut self, sql: &str, params: &Params<'_>) -> PgResult<PgRow> {
-        Ok(match self.statements.get(self.c, sql, params)? {
-            Some(st) => self.c.query_one(&st, &untyped(params))?,
-            None => self.c.query_typed_one(sql, &typed(params))?,
-        })
+        self.query_opt(sql, params)?.ok_or_else(|| Error::Store(format!("no row from: {sql}")).into())
     }
     pub(super) fn execute(&mut self, sql: &str, params: &Params<'_>) -> PgResult<u64> {
-        if let Some(st) = self.statements.get(self.c, sql, params)? {
-            return Ok(self.c.execute(&st, &untyped(params))?);
-        }
-        let mut rows = self.c.query_typed_raw(sql, typed(params))?;
+        let mut rows = self.rows(sql, params)?;
         while rows.next()?.is_some() {}
         Ok(rows.rows_affected().unwrap_or(0))
     }
@@ -151,11 +177,13 @@ pub(super) struct Open<'a> {
 impl<'a> Open<'a> {
     pub(super) fn begin(client: &'a mut Client, begin: &str) -> std::result::Result<Open<'a>, postgres::Error> {
         let tx = Open { client, open: true };
+        round_trips::add(1);
         tx.client.batch_execute(begin)?;
         Ok(tx)
     }
     pub(super) fn commit(mut self) -> std::result::Result<(), postgres::Error> {
         self.open = false;
+        round_trips::add(1);
         self.client.batch_execute("COMMIT")
     }
 }
@@ -163,6 +191,7 @@ impl<'a> Open<'a> {
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         if self.open && !self.client.is_closed() {
+            round_trips::add(1);
             let _ = self.client.batch_execute("ROLLBACK");
         }
     }

@@ -835,3 +835,78 @@ fn operations_of_one_process_run_at_once_up_to_the_pool_size() {
     assert_eq!(inside.0.lock().unwrap().1, 2);
     assert_eq!(db.scalar(&format!("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()", db.name)), 2);
 }
+
+/// The round trips each path of a guarded call takes (`db::round_trips`): one for the common
+/// admission and settlement (`server_side`); the other paths, which the server-side functions
+/// leave to the transaction, as many as their statements plus BEGIN and COMMIT.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn round_trips_per_path() {
+    use super::db::round_trips::taken;
+    let db = TestDb::new();
+    let store = db.open();
+    let hour = 3_600_000_000;
+    let free = GlobalBudgets::default();
+    let mut counted: Vec<(&str, u64)> = vec![];
+    taken();
+    // Success.
+    let e = execution("ok", T0);
+    assert!(matches!(admit_as(&store, &free, &e, &[], T0 + hour), Admitted::Go { .. }));
+    counted.push(("admit", taken()));
+    finish(&store, &e, &completion(Status::Success, T0 + 1, 100), false, &[]);
+    counted.push(("settle", taken()));
+    // Refused by a budget: 600 of 1,000 taken, the next 600 would pass it.
+    let budget = daily_limit(1000);
+    let e = execution("within", T0 + 2);
+    let Admitted::Go { checks, reserved, .. } = admit_as(&store, &budget, &e, &[], T0 + hour) else { panic!("not admitted") };
+    taken();
+    assert!(matches!(admit_as(&store, &budget, &execution("refused", T0 + 3), &[], T0 + hour), Admitted::Blocked(_)));
+    counted.push(("refused by a budget", taken()));
+    // A threshold reached (850 of 1,000: 80 %): the alert.
+    let cal = Calendar::new("UTC").unwrap();
+    let c = completion(Status::Success, T0 + 4, 750);
+    let req = FinishRequest { execution: &e, completion: &c, reserved, checks: &checks, rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
+    assert_eq!(store.finish(&req).unwrap().len(), 1);
+    counted.push(("settle with an alert", taken()));
+    // Rate limits: one request a minute.
+    let rated = GlobalBudgets { limits: Limits { rpm: Some(1), ..Default::default() }, ..Default::default() };
+    assert!(matches!(admit_as(&store, &rated, &execution("rated", T0 + 5), &[], T0 + hour), Admitted::Go { .. }));
+    counted.push(("admit under a rate limit", taken()));
+    assert!(matches!(admit_as(&store, &rated, &execution("rate-limited", T0 + 6), &[], T0 + hour), Admitted::RateLimited(_)));
+    counted.push(("rate-limited", taken()));
+    // A lease that expired: the next admission closes the call as abandoned.
+    assert!(matches!(admit_as(&store, &budget, &execution("abandoned", 2 * T0), &[], 2 * T0 + 1), Admitted::Go { .. }));
+    taken();
+    assert!(matches!(admit_as(&store, &free, &execution("after", 2 * T0 + 2), &[], 2 * T0 + hour), Admitted::Go { .. }));
+    counted.push(("admit after an expired lease", taken()));
+    // A breaker: opened by two failures, half-open after its cooldown, closed by the probe.
+    let key = BreakerKey { agent: "A".into(), model: "mock/x".into(), tenant_id: None };
+    let policy = breaker::Policy::new(2, 60.0, 1.0).unwrap();
+    for (i, what) in [(0, "settle a failure"), (1, "settle a failure that opens the breaker")] {
+        let e = execution(&format!("fail{i}"), 3 * T0 + i);
+        admit_as(&store, &free, &e, std::slice::from_ref(&key), 3 * T0 + hour);
+        taken();
+        finish(&store, &e, &completion(Status::Error, 3 * T0 + i + 1, 0), false, &[BreakerOutcome { key: key.clone(), policy, success: false, probe: false }]);
+        counted.push((what, taken()));
+    }
+    let probe = execution("probe", 3 * T0 + 2_000_000);
+    let Admitted::Go { probe: true, .. } = admit_as(&store, &free, &probe, std::slice::from_ref(&key), 3 * T0 + hour) else { panic!("no probe") };
+    counted.push(("admit the half-open probe", taken()));
+    finish(&store, &probe, &completion(Status::Success, 3 * T0 + 2_000_001, 0), false, &[BreakerOutcome { key: key.clone(), policy, success: true, probe: true }]);
+    counted.push(("settle the probe, closing the breaker", taken()));
+    eprintln!("round trips per path: {counted:?}");
+    let expected = [
+        ("admit", 1),
+        ("settle", 1),
+        ("refused by a budget", 14),
+        ("settle with an alert", 4),
+        ("admit under a rate limit", 9),
+        ("rate-limited", 16),
+        ("admit after an expired lease", 14),
+        ("settle a failure", 17),
+        ("settle a failure that opens the breaker", 15),
+        ("admit the half-open probe", 9),
+        ("settle the probe, closing the breaker", 15),
+    ];
+    assert_eq!(counted, expected);
+}
