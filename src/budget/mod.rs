@@ -356,12 +356,23 @@ pub const ALERT_THRESHOLDS: [i64; 2] = [80, 100];
 
 /// Thresholds of `check` reached by `usage` (the recorded total after a call settled).
 pub fn thresholds_reached(check: &Check, usage: &Usage) -> Vec<i64> {
-    let (value, limit) = match (usage.of(check.metric), check.limit) {
-        (Amount::Usd(v), Amount::Usd(l)) => (v.0 as i128, l.0 as i128),
-        (Amount::Count(v), Amount::Count(l)) => (v as i128, l as i128),
+    let value = match (usage.of(check.metric), check.limit) {
+        (Amount::Usd(v), Amount::Usd(_)) => v.0,
+        (Amount::Count(v), Amount::Count(_)) => v,
         _ => return vec![],
     };
-    ALERT_THRESHOLDS.iter().copied().filter(|t| value * 100 >= limit * (*t as i128)).collect()
+    ALERT_THRESHOLDS.iter().copied().filter(|t| threshold_at(check, *t).is_some_and(|at| value >= at)).collect()
+}
+
+/// The least recorded amount of `check`'s metric that reaches threshold `t` (percent of its
+/// limit: `amount * 100 >= limit * t`); None when no 64-bit amount does.
+pub fn threshold_at(check: &Check, t: i64) -> Option<i64> {
+    let limit = match check.limit {
+        Amount::Usd(l) => l.0,
+        Amount::Count(l) => l,
+    };
+    // The ceiling of limit * t / 100.
+    i64::try_from(-(-(limit as i128 * t as i128)).div_euclid(100)).ok()
 }
 
 #[cfg(test)]

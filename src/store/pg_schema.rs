@@ -965,4 +965,132 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 17: a settlement that reaches a budget alert's threshold marks it sent in the same
+    // statement (tenantllm_settle's new p_alert_* arrays) instead of a transaction of its own
+    // after it: one round trip instead of four (the settlement, then BEGIN, INSERT, COMMIT).
+    // The function's arguments change, so the old one goes.
+    r#"
+    DROP FUNCTION IF EXISTS tenantllm_settle(TEXT, TEXT, BOOLEAN, TEXT[], TEXT[], BIGINT, BIGINT, BIGINT, TEXT, TEXT,
+        TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT,
+        BIGINT, TEXT, TEXT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT, BOOLEAN, TEXT, TEXT, TEXT, TEXT);
+
+    -- As migration 16's, with p_alert_*: the budget alerts this settlement may raise, one per
+    -- check and threshold of the call's counters (server_side.rs): its scope, period, name,
+    -- threshold (percent), metric (0 cost, 1 tokens, 2 executions) and the recorded amount at
+    -- which it is reached. Those reached and not sent yet are marked sent; `alerted` returns
+    -- their positions (1-based) in the arrays. Each alert's counter is locked by then, so no
+    -- two calls wait on each other for one.
+    CREATE OR REPLACE FUNCTION tenantllm_settle(p_lock_timeout TEXT, p_timezone TEXT, p_reserved BOOLEAN,
+        p_scopes TEXT[], p_periods TEXT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_day TEXT, p_month TEXT,
+        p_id TEXT, p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        p_store_details BOOLEAN, p_system_prompt TEXT, p_user_prompt TEXT, p_response TEXT, p_tool_calls TEXT,
+        p_alert_scopes TEXT[], p_alert_periods TEXT[], p_alert_names TEXT[], p_alert_thresholds BIGINT[],
+        p_alert_metrics INT[], p_alert_at BIGINT[],
+        OUT outcome TEXT, OUT scopes TEXT[], OUT periods TEXT[], OUT recorded_cost BIGINT[],
+        OUT recorded_tokens BIGINT[], OUT recorded_executions BIGINT[], OUT alerted BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_counters TEXT := '';
+        v_cost BIGINT := 0;
+        v_tokens BIGINT := 0;
+        v_executions BIGINT := 0;
+    BEGIN
+        PERFORM set_config('lock_timeout', p_lock_timeout, true);
+        IF (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        IF p_reserved THEN
+            DELETE FROM reservations WHERE execution_id = p_id RETURNING counters, cost, tokens, executions
+                INTO v_counters, v_cost, v_tokens, v_executions;
+            IF NOT FOUND THEN
+                outcome := 'taken_over';
+                RETURN;
+            END IF;
+        END IF;
+        WITH e AS (
+            UPDATE executions SET status = p_status, error_class = p_error_class, error_message = p_error_message,
+                chosen_model_id = p_chosen_model_id, provider = COALESCE(p_provider, provider), completed_at = p_completed_at,
+                duration_ms = p_duration_ms, input_tokens = p_input_tokens, output_tokens = p_output_tokens,
+                cached_tokens = p_cached_tokens, total_tokens = p_total_tokens, input_cost = p_input_cost,
+                output_cost = p_output_cost, total_cost = p_total_cost, attempts_count = p_attempts_count,
+                attempts = p_attempts, finish_reason = p_finish_reason, cache_write_tokens = p_cache_write_tokens,
+                cache_read_cost = p_cache_read_cost, cache_write_cost = p_cache_write_cost,
+                time_to_first_token_ms = p_time_to_first_token_ms, cached = p_cached
+            WHERE id = p_id AND status = 'running'
+            RETURNING *
+        ), daily AS (
+            INSERT INTO daily_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT p_day, COALESCE(e.tenant_id, ''), e.agent, e.model_id, e.status, 1, COALESCE(e.input_tokens, 0), COALESCE(e.output_tokens, 0), COALESCE(e.cached_tokens, 0), COALESCE(e.total_tokens, 0), COALESCE(e.input_cost, 0), COALESCE(e.output_cost, 0), COALESCE(e.total_cost, 0), COALESCE(e.attempts_count, 0), COALESCE(e.cache_write_tokens, 0), COALESCE(e.cache_read_cost, 0), COALESCE(e.cache_write_cost, 0), COALESCE(e.duration_ms, 0), COALESCE(e.time_to_first_token_ms, 0) FROM e
+                ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+        ), totals AS (
+            INSERT INTO daily_totals AS r (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT p_day, e.agent, e.model_id, e.status, 1, COALESCE(e.input_tokens, 0), COALESCE(e.output_tokens, 0), COALESCE(e.cached_tokens, 0), COALESCE(e.total_tokens, 0), COALESCE(e.input_cost, 0), COALESCE(e.output_cost, 0), COALESCE(e.total_cost, 0), COALESCE(e.attempts_count, 0), COALESCE(e.cache_write_tokens, 0), COALESCE(e.cache_read_cost, 0), COALESCE(e.cache_write_cost, 0), COALESCE(e.duration_ms, 0), COALESCE(e.time_to_first_token_ms, 0) FROM e
+                ON CONFLICT (period, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+        )
+        INSERT INTO monthly_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT p_month, COALESCE(e.tenant_id, ''), e.agent, e.model_id, e.status, 1, COALESCE(e.input_tokens, 0), COALESCE(e.output_tokens, 0), COALESCE(e.cached_tokens, 0), COALESCE(e.total_tokens, 0), COALESCE(e.input_cost, 0), COALESCE(e.output_cost, 0), COALESCE(e.total_cost, 0), COALESCE(e.attempts_count, 0), COALESCE(e.cache_write_tokens, 0), COALESCE(e.cache_read_cost, 0), COALESCE(e.cache_write_cost, 0), COALESCE(e.duration_ms, 0), COALESCE(e.time_to_first_token_ms, 0) FROM e
+                ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+        IF NOT FOUND THEN
+            -- Gone, or closed before (its rollups count it under its earlier outcome, which
+            -- would have to come out first): undone with the rest; the Rust transaction then
+            -- settles or reports it.
+            RAISE EXCEPTION 'execution % is not running', p_id USING ERRCODE = 'no_data_found';
+        END IF;
+        IF p_store_details THEN
+            INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
+            VALUES (p_id, p_system_prompt, p_user_prompt, p_response, p_tool_calls)
+            ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
+                user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response, tool_calls = EXCLUDED.tool_calls;
+        END IF;
+        WITH d AS (
+            SELECT k.scope, k.period, p_cost AS cost, p_tokens AS tokens, p_executions AS executions,
+                0::BIGINT AS rc, 0::BIGINT AS rt, 0::BIGINT AS re
+            FROM unnest(p_scopes, p_periods) AS k(scope, period)
+            UNION ALL
+            SELECT split_part(l, E'\t', 1), split_part(l, E'\t', 2), 0, 0, 0, -v_cost, -v_tokens, -v_executions
+            FROM unnest(string_to_array(v_counters, E'\n')) AS l
+        ), s AS (
+            SELECT scope, period, SUM(cost)::BIGINT AS cost, SUM(tokens)::BIGINT AS tokens, SUM(executions)::BIGINT AS executions,
+                SUM(rc)::BIGINT AS rc, SUM(rt)::BIGINT AS rt, SUM(re)::BIGINT AS re
+            FROM d GROUP BY scope, period
+        ), bumped AS (
+            INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+            SELECT scope, period, cost, tokens, executions, rc, rt, re FROM s ORDER BY scope COLLATE "C", period COLLATE "C"
+            ON CONFLICT (scope, period) DO UPDATE SET cost = c.cost + EXCLUDED.cost, tokens = c.tokens + EXCLUDED.tokens,
+                executions = c.executions + EXCLUDED.executions, reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost,
+                reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+            RETURNING c.scope, c.period, c.cost, c.tokens, c.executions
+        )
+        SELECT COALESCE(array_agg(b.scope), '{}'), COALESCE(array_agg(b.period), '{}'), COALESCE(array_agg(b.cost), '{}'),
+            COALESCE(array_agg(b.tokens), '{}'), COALESCE(array_agg(b.executions), '{}')
+        INTO scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM bumped AS b;
+        alerted := '{}';
+        IF cardinality(p_alert_scopes) > 0 THEN
+            WITH reached AS (
+                SELECT a.scope, a.period, a.name, a.threshold, a.n
+                FROM unnest(p_alert_scopes, p_alert_periods, p_alert_names, p_alert_thresholds, p_alert_metrics, p_alert_at)
+                        WITH ORDINALITY AS a(scope, period, name, threshold, metric, at, n)
+                    JOIN unnest(scopes, periods, recorded_cost, recorded_tokens, recorded_executions)
+                        AS r(scope, period, cost, tokens, executions) ON r.scope = a.scope AND r.period = a.period
+                WHERE CASE a.metric WHEN 0 THEN r.cost WHEN 1 THEN r.tokens ELSE r.executions END >= a.at
+            ), fresh AS (
+                INSERT INTO alerts_sent (scope, period, name, threshold)
+                SELECT scope, period, name, threshold FROM reached ORDER BY n
+                ON CONFLICT DO NOTHING
+                RETURNING scope, period, name, threshold
+            )
+            SELECT COALESCE(array_agg(reached.n ORDER BY reached.n), '{}') INTO alerted
+            FROM reached JOIN fresh ON fresh.scope = reached.scope AND fresh.period = reached.period
+                AND fresh.name = reached.name AND fresh.threshold = reached.threshold;
+        END IF;
+        outcome := 'done';
+    END
+    $fn$;
+    "#,
 ];

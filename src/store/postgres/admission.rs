@@ -200,7 +200,7 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<V
 
 /// The alerts of the thresholds `checks` reached with the counters' totals after a call
 /// (`recorded`) that no process has sent yet; each is marked sent.
-pub(super) fn budget_alerts(db: &mut Tx<'_>, checks: &[budget::Check], recorded: &HashMap<CounterKey, budget::Usage>) -> PgResult<Vec<Alert>> {
+fn budget_alerts(db: &mut Tx<'_>, checks: &[budget::Check], recorded: &HashMap<CounterKey, budget::Usage>) -> PgResult<Vec<Alert>> {
     let mut alerts = Vec::new();
     for check in checks {
         let Some(now_used) = recorded.get(&(check.scope.clone(), check.period_key.clone())).copied() else { continue };

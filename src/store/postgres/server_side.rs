@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12, 14 and 15 (`tenantllm_admit`, `tenantllm_settle`), one statement
+//! functions of migrations 12 and 14 to 17 (`tenantllm_admit`, `tenantllm_settle`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The counters,
 //! which every call of a tenant waits for, each function locks last.
@@ -9,14 +9,15 @@
 //! budget this process has not read) they leave to `admission`'s transaction, which decides
 //! every case. The policy stays in Rust: this module works out the limits that apply
 //! (`budget::checks`) and the warnings; the server only compares the counters with the hard
-//! limits it is given (the rule of `budget::evaluate`).
+//! limits it is given (the rule of `budget::evaluate`) and with the amounts that reach the
+//! alerts' thresholds (`budget::threshold_at`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use postgres::error::SqlState;
 
-use super::admission::{budget_alerts, row_closed, row_written};
+use super::admission::{row_closed, row_written};
 use super::connect::Failure;
 use super::counters::key_arrays;
 use super::db::Param;
@@ -182,7 +183,8 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
 
 /// Settles the call in one round trip unless its settlement corrects a rate limit's log or
 /// changes a breaker; None when the transaction must. A success of a call that was not the
-/// probe changes no breaker, whatever its phase (`breaker::record`).
+/// probe changes no breaker, whatever its phase (`breaker::record`). The budget alerts it
+/// reaches are marked sent in the same statement.
 pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<Option<Vec<Alert>>> {
     if !req.rate_scopes.is_empty() || !req.breakers.iter().all(|o| o.success && !o.probe) {
         return Ok(None);
@@ -194,6 +196,21 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     let [day, month] = rollups::periods(req.calendar, e.started_at);
     let calendar = req.calendar.name();
     let closing = Closing::of(c);
+    // Every alert this call could raise: the server marks sent those its counters reach.
+    let candidates: Vec<(&budget::Check, i64, i64)> = if c.status.counts_as_usage() {
+        req.checks
+            .iter()
+            .flat_map(|ch| budget::ALERT_THRESHOLDS.iter().filter_map(move |&t| budget::threshold_at(ch, t).map(|at| (ch, t, at))))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let alert_scopes: Vec<&str> = candidates.iter().map(|(ch, _, _)| ch.scope.as_str()).collect();
+    let alert_periods: Vec<&str> = candidates.iter().map(|(ch, _, _)| ch.period_key.as_str()).collect();
+    let alert_names: Vec<&str> = candidates.iter().map(|(ch, _, _)| ch.name.as_str()).collect();
+    let alert_thresholds: Vec<i64> = candidates.iter().map(|(_, t, _)| *t).collect();
+    let alert_metrics: Vec<i32> = candidates.iter().map(|(ch, _, _)| metric_code(ch.metric)).collect();
+    let alert_at: Vec<i64> = candidates.iter().map(|(_, _, at)| *at).collect();
     let head: [&dyn Param; 11] = [
         &store.lock_timeout,
         &calendar,
@@ -208,13 +225,14 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
         &e.id,
     ];
     let details: [&dyn Param; 5] = [&req.store_details, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls];
-    let params: Vec<&dyn Param> = head.into_iter().chain(closing.params(c)).chain(details).collect();
+    let alerts: [&dyn Param; 6] = [&alert_scopes, &alert_periods, &alert_names, &alert_thresholds, &alert_metrics, &alert_at];
+    let params: Vec<&dyn Param> = head.into_iter().chain(closing.params(c)).chain(details).chain(alerts).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_closed(db, &e.id, c);
     let answer = store.call(&took_effect, |db| {
         let r = db.query(
-            "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM tenantllm_settle($1, $2, $3,
-                 $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
-                 $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)",
+            "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted FROM tenantllm_settle($1, $2,
+                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
+                 $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44)",
             &params,
         );
         // The row vanished: nothing changed, and the transaction says so in its words.
@@ -234,29 +252,25 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
                 ((scopes[i].clone(), periods[i].clone()), usage)
             })
             .collect();
-        Ok(Some(recorded))
+        let alerted: Vec<i64> = r.try_get(6)?;
+        Ok(Some((recorded, alerted)))
     })?;
-    let recorded = match answer {
-        Some(Some(recorded)) => recorded,
+    let (recorded, alerted) = match answer {
+        Some(Some(answer)) => answer,
         Some(None) => return Ok(None),
-        // Settled, but the counters' new totals went with the connection: a threshold this
-        // call reached alerts at the next settlement on its counters.
+        // Settled, but what it recorded went with the connection: an alert it marked sent
+        // is not raised.
         None => return Ok(Some(vec![])),
     };
-    if !c.status.counts_as_usage()
-        || !req.checks.iter().any(|ch| {
-            recorded
-                .get(&(ch.scope.clone(), ch.period_key.clone()))
-                .is_some_and(|u| !budget::thresholds_reached(ch, u).is_empty())
-        })
-    {
-        return Ok(Some(vec![]));
-    }
-    // A threshold reached: record its alert once across processes, in a second round trip.
-    // A connection lost while it commits may swallow an alert the rerun then finds sent.
-    store
-        .write(super::db::OnCommitLoss::Rerun, |db| {
-            budget_alerts(db, req.checks, &recorded)
-        })
-        .map(Some)
+    Ok(Some(
+        alerted
+            .iter()
+            .filter_map(|&n| candidates.get(usize::try_from(n).ok()?.checked_sub(1)?))
+            .map(|&(check, threshold, _)| Alert::Budget {
+                check: check.clone(),
+                threshold,
+                current: recorded.get(&(check.scope.clone(), check.period_key.clone())).copied().unwrap_or_default(),
+            })
+            .collect(),
+    ))
 }

@@ -866,8 +866,16 @@ fn round_trips_per_path() {
     let cal = Calendar::new("UTC").unwrap();
     let c = completion(Status::Success, T0 + 4, 750);
     let req = FinishRequest { execution: &e, completion: &c, reserved, checks: &checks, rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
-    assert_eq!(store.finish(&req).unwrap().len(), 1);
+    let alerts = store.finish(&req).unwrap();
     counted.push(("settle with an alert", taken()));
+    assert!(matches!(alerts.as_slice(), [Alert::Budget { threshold: 80, current, .. }] if current.cost == Nanos(850)), "{alerts:?}");
+    // Sent once: another call over the threshold (860 of 1,000) raises nothing.
+    let again = execution("again", T0 + 5);
+    assert!(matches!(admit_as(&store, &free, &again, &[], T0 + hour), Admitted::Go { reserved: false, .. }));
+    let c = completion(Status::Success, T0 + 6, 10);
+    let req = FinishRequest { execution: &again, completion: &c, reserved: false, checks: &checks, rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
+    assert!(store.finish(&req).unwrap().is_empty());
+    taken();
     // Rate limits: one request a minute.
     let rated = GlobalBudgets { limits: Limits { rpm: Some(1), ..Default::default() }, ..Default::default() };
     assert!(matches!(admit_as(&store, &rated, &execution("rated", T0 + 5), &[], T0 + hour), Admitted::Go { .. }));
@@ -899,7 +907,7 @@ fn round_trips_per_path() {
         ("admit", 1),
         ("settle", 1),
         ("refused by a budget", 14),
-        ("settle with an alert", 4),
+        ("settle with an alert", 1),
         ("admit under a rate limit", 9),
         ("rate-limited", 16),
         ("admit after an expired lease", 14),
