@@ -955,6 +955,12 @@ fn window_events(c: &Connection, scope: &str, since: Micros) -> Result<Vec<(Micr
     Ok(rows?)
 }
 
+/// The reservation of a call in flight that holds nothing (no budget, log or slot): no
+/// counters, and a lease that never runs out (`i64::MAX`), as its process renews none, so the
+/// expiry sweep leaves the call alone (migration 18 writes the same rows).
+const HOLD_NOTHING_SQL: &str = "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+     VALUES (?1, '', 0, 0, 0, 9223372036854775807)";
+
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were.
 fn expire_reservations(tx: &Connection, cal: &Calendar, now: Micros) -> Result<()> {
@@ -1292,8 +1298,9 @@ fn text_ref<'a>(r: &'a rusqlite::Row<'_>, i: usize) -> Result<Option<&'a [u8]>> 
 fn scan(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, running_only: bool, groups: &mut Groups) -> Result<()> {
     let (mut w, args) = where_clause(q);
     if running_only {
-        // Looked up by id from their partial index (whatever the other filters are).
-        let running = "id IN (SELECT id FROM executions INDEXED BY executions_running WHERE status = 'running')";
+        // Looked up by id from their reservations, which every call in flight has (migration
+        // 18), whatever the other filters are.
+        let running = "status = 'running' AND id IN (SELECT execution_id FROM reservations)";
         w = format!("{w}{} {running}", if w.is_empty() { " WHERE" } else { " AND" });
     }
     let cols = query::key_columns(by);
@@ -1457,6 +1464,10 @@ impl Store for SqliteStore {
                     bits,
                     opt_text(&e.tenant_id)
                 ])?;
+            } else {
+                // Every call in flight has a row here (migration 18); one holding nothing has
+                // no counters and a lease that never runs out, as its process renews none.
+                tx.prepare_cached(HOLD_NOTHING_SQL)?.execute([&e.id])?;
             }
             insert_execution(tx, e, bits.map(|bits| (bits, est.tokens)))?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
@@ -1477,17 +1488,19 @@ impl Store for SqliteStore {
             // same statements that add the real usage.
             // Read, then deleted: a DELETE ... RETURNING builds a temporary table for its row.
             // A logged call holds one too (the store's own; an engine's `reserved` is its
-            // budgets' and slot's).
+            // budgets' and slot's); any other call's holds nothing (migration 18).
+            let delete = "DELETE FROM reservations WHERE execution_id = ?1";
             let released = if req.reserved || !req.rate_scopes.is_empty() {
                 let held = tx
                     .prepare_cached("SELECT counters, cost, tokens, executions FROM reservations WHERE execution_id = ?1")?
                     .query_row([&e.id], |r| release_row(r, 0))
                     .optional()?;
                 if held.is_some() {
-                    tx.prepare_cached("DELETE FROM reservations WHERE execution_id = ?1")?.execute([&e.id])?;
+                    tx.prepare_cached(delete)?.execute([&e.id])?;
                 }
                 held
             } else {
+                tx.prepare_cached(delete)?.execute([&e.id])?;
                 None
             };
             let in_flight = released.is_some();
@@ -2121,7 +2134,7 @@ mod tests {
                  ALTER TABLE tenant_budgets DROP COLUMN rpm_limit; ALTER TABLE tenant_budgets DROP COLUMN tpm_limit;
                  ALTER TABLE tenant_budgets DROP COLUMN max_concurrent;
                  ALTER TABLE execution_details DROP COLUMN tool_calls;
-                 DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX executions_running;
+                 DROP TABLE daily_rollups; DROP TABLE monthly_rollups;
                  DROP TABLE response_cache; ALTER TABLE executions DROP COLUMN cached;
                  DROP INDEX usage_counters_scope; DROP INDEX executions_problems;
                  UPDATE schema_version SET version = 1",
@@ -2432,6 +2445,61 @@ mod tests {
         assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
         let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
         assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    }
+
+    /// Every call in flight has a reservation (one holding nothing: `HOLD_NOTHING_SQL`),
+    /// and queries answered by rollups find the calls still running from them. Migration 18
+    /// gives one to the calls running when it is applied (an admission without budgets wrote
+    /// its row alone before it) and drops the partial index they were found from.
+    #[test]
+    fn calls_in_flight_are_found_from_their_reservations_across_migration_18() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let open = || SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap();
+        let limited = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
+        let t0 = now_micros();
+        let store = open();
+        assert!(matches!(admit(&store, &limited, "a-reserved", t0, t0 + 60_000_000), Admitted::Go { reserved: true, .. }));
+        store.write(|tx| insert_execution(tx, &execution("b-from-before", t0), None)).unwrap();
+        drop(store);
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("CREATE INDEX executions_running ON executions (started_at) WHERE status = 'running'; UPDATE schema_version SET version = 17")
+            .unwrap();
+        let store = open();
+        assert!(matches!(admit(&store, &GlobalBudgets::default(), "c-unreserved", t0, t0 + 60_000_000), Admitted::Go { reserved: false, .. }));
+        let leases = || -> Vec<(String, bool, i64, i64)> {
+            c.prepare("SELECT execution_id, counters = '', cost, expires_at FROM reservations ORDER BY execution_id")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(
+            leases(),
+            [("a-reserved".into(), false, 600, t0 + 60_000_000), ("b-from-before".into(), true, 0, Micros::MAX), ("c-unreserved".into(), true, 0, Micros::MAX)]
+        );
+        let index: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'executions_running'", [], |r| r.get(0)).unwrap();
+        assert_eq!(index, 0);
+        let by_status = || {
+            let by = [GroupKey::Field(Field::parse("status").unwrap())];
+            assert!(rollups::plan(&Query::default(), &by, &Aggregate::Count, &Calendar::new("UTC").unwrap(), Dialect::Sqlite).is_some());
+            let mut got = store.query_grouped(&Query::default(), &by, &Aggregate::Count).unwrap();
+            got.sort_by(|a, b| a.0.cmp(&b.0));
+            got
+        };
+        let status = |s: &str, n: i64| (vec![Some(s.to_string())], Cell::Int(n));
+        assert_eq!(by_status(), [status("running", 3)]);
+        // A lease that never runs out is not swept; a settlement releases it like any other.
+        let cal = Calendar::new("UTC").unwrap();
+        let far = t0 + 86_400_000_000;
+        assert!(matches!(admit(&store, &GlobalBudgets::default(), "d-later", far, far + 1), Admitted::Go { .. }));
+        let e = execution("c-unreserved", t0);
+        let done = short_circuited("A", far, far);
+        let finish = FinishRequest { execution: &e, completion: &done, reserved: false, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false };
+        store.finish(&finish).unwrap();
+        assert_eq!(leases().iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["b-from-before", "d-later"]);
+        assert_eq!(by_status(), [status("error", 1), status("running", 2), status("short_circuited", 1)]);
     }
 
     #[test]
