@@ -16,7 +16,9 @@ pub type GroupValues = Vec<Option<String>>;
 /// part) in a reused buffer and looked up by slice, so a row allocates only when its group
 /// is new.
 pub struct Groups {
-    totals: HashMap<Vec<u8>, i64, foldhash::fast::RandomState>,
+    /// Per key: the total, and the calls counted in it (a group whose calls net to none, all
+    /// of them in parts of rollups taken away again, is not in the answer).
+    totals: HashMap<Vec<u8>, (i64, i64), foldhash::fast::RandomState>,
     key: Vec<u8>,
     kind: Kind,
 }
@@ -52,12 +54,20 @@ impl Groups {
         self.part(Some(cal.period_key(Period::Daily, at).as_bytes()));
     }
 
-    /// Adds `v` to the group of the key just built.
+    /// Adds `v` to the group of the key just built: one row, or a group of rows.
     pub fn add(&mut self, v: i64) {
+        self.add_calls(v, 1);
+    }
+
+    /// Adds `v`, the total of `calls` calls (negative: a part of rollups taken away).
+    pub fn add_calls(&mut self, v: i64, calls: i64) {
         match self.totals.get_mut(self.key.as_slice()) {
-            Some(total) => *total = total.saturating_add(v),
+            Some((total, n)) => {
+                *total = total.saturating_add(v);
+                *n += calls;
+            }
             None => {
-                self.totals.insert(self.key.clone(), v);
+                self.totals.insert(self.key.clone(), (v, calls));
             }
         }
     }
@@ -66,7 +76,10 @@ impl Groups {
     pub fn finish(self) -> Result<Vec<(GroupValues, Cell)>> {
         let kind = self.kind;
         let mut out = Vec::with_capacity(self.totals.len());
-        for (k, v) in self.totals {
+        for (k, (v, calls)) in self.totals {
+            if calls == 0 {
+                continue;
+            }
             let cell = if kind == Kind::Money { Cell::Money(Nanos(v)) } else { Cell::Int(v) };
             out.push((unpack(&k)?, cell));
         }

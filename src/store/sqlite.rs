@@ -1276,7 +1276,7 @@ fn from_rollups(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal
             for i in 0..by.len() {
                 groups.part(text_ref(r, i)?);
             }
-            groups.add(r.get(by.len())?);
+            groups.add_calls(r.get(by.len())?, r.get(by.len() + 1)?);
         }
     }
     if plan.running {

@@ -124,7 +124,7 @@ pub(super) fn from_rollups(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKe
             for i in 0..by.len() {
                 groups.part(r.try_get::<_, Option<&str>>(i)?.map(str::as_bytes));
             }
-            groups.add(r.try_get(by.len())?);
+            groups.add_calls(r.try_get(by.len())?, r.try_get(by.len() + 1)?);
         }
     }
     if plan.running {
