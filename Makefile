@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test sqlite-lib cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions bench-instructions-bundled demo wheels wheel-test clean
+.PHONY: test cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions demo wheels wheel-test clean
 
 test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
@@ -16,15 +16,9 @@ $(BIN)/maturin:
 		"celery>=5.3" "psycopg[binary]>=3.1" nbconvert nbformat ipykernel "jsonschema>=4" "opentelemetry-api>=1.27" "opentelemetry-sdk>=1.27" \
 		opentelemetry-instrumentation-fastapi
 
-# The extension links the system's SQLite, the library Python's sqlite3 uses, so a process
-# has one SQLite (see Cargo.toml); .ci/run installs it on Debian.
-sqlite-lib:
-	@pkg-config --exists 'sqlite3 >= 3.35.0' || { echo "tenantllm links the system SQLite, 3.35.0 or newer:" \
-		"install pkg-config and libsqlite3-dev (Debian, Ubuntu), sqlite-devel (Fedora) or sqlite (Homebrew)" >&2; exit 1; }
-
 # The core's PostgreSQL tests are #[ignore]d (a plain `cargo test` lists them as ignored, never
 # as passed); with a server named they run too.
-cargo-test: sqlite-lib
+cargo-test:
 	@if [ -n "$$TENANTLLM_TEST_POSTGRES_URL" ]; then \
 		cargo test --quiet -- --include-ignored; \
 	else \
@@ -32,12 +26,12 @@ cargo-test: sqlite-lib
 		echo "SKIPPED: the core's PostgreSQL tests (set TENANTLLM_TEST_POSTGRES_URL to run them; .ci/run does)"; \
 	fi
 
-clippy: sqlite-lib
+clippy:
 	cargo clippy --all-targets --quiet -- -D warnings
 	cargo clippy --all-targets --quiet $(CARGO_FEATURES) -- -D warnings
 
 # Release build: the concurrency tests and benchmarks need realistic speed.
-develop: sqlite-lib $(BIN)/maturin
+develop: $(BIN)/maturin
 	$(BIN)/maturin develop --release --quiet
 
 pytest: develop
@@ -73,34 +67,17 @@ bench: develop
 bench-instructions: develop
 	$(BIN)/python benches/instructions.py $(if $(BASE),--python $(BASE))
 
-# The same measure for this build beside the same code with SQLite compiled in
-# (`--features bundled-sqlite`, as the macOS and Windows wheels): what sharing the system's
-# SQLite with Python's sqlite3 costs a call (issue 14). That build lives in its own target
-# directory, so neither build undoes the other; its first build compiles every dependency again
-# (10-20 minutes), later ones only what changed.
-BUNDLED := target/bundled
-bench-instructions-bundled: develop
-	rm -rf $(BUNDLED)/wheels $(BUNDLED)/py
-	CARGO_TARGET_DIR=$(BUNDLED) $(BIN)/maturin build --release --quiet --features python,bundled-sqlite --out $(BUNDLED)/wheels
-	$(BIN)/python -m zipfile -e $(BUNDLED)/wheels/*.whl $(BUNDLED)/py
-	$(BIN)/python benches/instructions.py --build $(BUNDLED)/py
-
 demo: develop
 	$(BIN)/tenantllm demo
 
 # dist/: an abi3 wheel (CPython 3.11+) tagged manylinux_2_17 (glibc 2.17 or newer), linked by zig
-# against that glibc, and an sdist; both checked by twine. The wheel depends on no libsqlite3.so
-# and bundles none (README, "Installing the wheel"): an empty libsqlite3.a stands in for the
-# library at link time, so SQLite's symbols stay undefined, and tenantllm/__init__.py makes
-# the SQLite Python's sqlite3 already loaded global before _core binds to it. maturin's
-# auditwheel check fails the build on any library outside the manylinux policy.
-WHEEL_SQLITE := target/wheel-sqlite
+# against that glibc, and an sdist; both checked by twine. The wheel carries its own SQLite,
+# compiled in and exporting nothing (Cargo.toml). maturin's auditwheel check fails the build on
+# any library outside the manylinux policy.
 wheels: $(BIN)/maturin
 	$(BIN)/pip install -q "ziglang>=0.13" "twine>=6.1"
 	rm -rf dist
-	mkdir -p $(WHEEL_SQLITE) && printf '!<arch>\n' >$(WHEEL_SQLITE)/libsqlite3.a
-	PATH="$(CURDIR)/$(BIN):$$PATH" CARGO_TARGET_DIR=target/wheels SQLITE3_LIB_DIR="$(CURDIR)/$(WHEEL_SQLITE)" \
-		SQLITE3_STATIC=1 SQLITE3_NO_PKG_CONFIG=1 \
+	PATH="$(CURDIR)/$(BIN):$$PATH" CARGO_TARGET_DIR=target/wheels \
 		$(BIN)/maturin build --release --quiet --zig --compatibility manylinux_2_17 --auditwheel check --out dist
 	$(BIN)/maturin sdist --out dist
 	$(BIN)/python -m twine check --strict dist/*

@@ -2,8 +2,9 @@
 budget, call an agent on the mock provider, query, and read the file with Python's sqlite3.
 
 Usage: python wheel_smoke.py ENV_DIR VERSION. Fails if tenantllm was not imported from the
-environment ENV_DIR or is not VERSION. Run it with -W error::RuntimeWarning where Python's
-sqlite3 must be the SQLite tenantllm runs on (tenantllm warns when it is another copy)."""
+environment ENV_DIR or is not VERSION. Run it with -W error::RuntimeWarning on Linux, where
+Python's sqlite3 may share the file with tenantllm's own SQLite (elsewhere tenantllm warns that
+it may not)."""
 
 import sqlite3
 import sys

@@ -12,8 +12,7 @@ threads included). Cases, as benches/run.py's:
 - rate: the same plus the tenant's rpm/tpm/max_concurrent and the global rpm/tpm, after `WARM`
   calls that stay in the one-minute window (the log is full: the worst case for the check).
 `--build DIR` measures another build of the same Python package (DIR holds a `tenantllm`
-directory), e.g. the build with SQLite compiled in that
-`make bench-instructions-bundled` makes. Needs valgrind. Nothing
+directory, e.g. an unpacked wheel). Needs valgrind. Nothing
 here is asserted by the test suite.
 """
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,43 @@ def test_a_forked_child_of_a_child_works(db_path: Path) -> None:
 
     assert _in_child(child) == 0
     assert tl.Execution.by_tenant("a").by_status("success").count() == 3
+
+
+def test_a_forked_child_and_its_parent_writing_at_once_exclude_each_other(db_path: Path) -> None:
+    """The child locks the file through descriptions of its own (on Linux our SQLite's locks
+    belong to the open file description, and the parent's are inherited): the parent's and the
+    child's writes at once exclude each other as two processes' do, so a hard limit holds,
+    no row is lost and the file stays sound."""
+    tl.configure(database=str(db_path))
+    tl.TenantBudget.create("shared", daily_execution_limit=40, enforcement="hard")
+    Echo.call(q="before", tenant="warm-up")
+
+    def tries() -> None:
+        for n in range(30):
+            try:
+                Echo.call(q=str(n), tenant="shared")
+            except tl.BudgetExceededError:
+                pass
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            tries()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    tries()
+    assert _wait(pid) == 0
+    rows = tl.Execution.by_tenant("shared")
+    assert rows.count() == 60
+    assert rows.successful().count() == 40
+    assert engine().tenant_usage("shared")["daily"]["executions"] == 40
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
 
 
 def _call(tenant: str) -> None:

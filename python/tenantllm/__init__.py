@@ -3,10 +3,6 @@ agents, with the hot path in a Rust core."""
 
 import atexit
 
-from tenantllm._sqlite_library import load_shared_sqlite
-
-load_shared_sqlite()  # before _core is loaded: it binds to the SQLite this makes global
-
 from tenantllm import _core, alerts
 from tenantllm._core import (
     AgentResult,

@@ -582,7 +582,7 @@ impl PyEngine {
         let config = catch_panic(|| config_from_dict(config)).py_err(py)?;
         let engine = py.detach(|| catch_panic(|| Engine::new(config.clone()))).py_err(py)?;
         if engine.store().is_sqlite_file() {
-            super::shared_sqlite::warn_if_separate(py)?;
+            super::second_sqlite::warn_once(py)?;
         }
         Ok(PyEngine { config, inner: PerProcess::new(Arc::new(engine)) })
     }

@@ -6,7 +6,7 @@ mod engine;
 mod errors;
 mod query;
 mod runtime;
-mod shared_sqlite;
+mod second_sqlite;
 mod stream;
 
 use pyo3::prelude::*;
@@ -40,10 +40,6 @@ fn lock_waits() -> (u64, f64) {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // First, before anything of ours starts SQLite; `import tenantllm` loads this module
-    // before Python's sqlite3 runs (tenantllm/_sqlite_library.py), so this works unless the
-    // program imported sqlite3 first, and then changes nothing.
-    crate::store::sqlite_memory_statistics_off();
     errors::register(m)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyAgentSpec>()?;

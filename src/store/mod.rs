@@ -17,7 +17,7 @@ pub use lock_waits::so_far as lock_waits;
 pub use postgres::PostgresStore;
 pub use query::GroupValues;
 pub use tenant_list::{all as tenant_list_all, list as tenant_list, Problems, TenantFilter, TenantList, TenantListQuery, TenantListRow, TenantSort, MAX_LIMIT as MAX_TENANT_PAGE};
-pub use sqlite::{library_version as sqlite_library_version, memory_statistics_off as sqlite_memory_statistics_off, shares_library as shares_sqlite_library, SqliteStore};
+pub use sqlite::SqliteStore;
 
 use crate::breaker;
 use crate::cache;

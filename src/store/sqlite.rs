@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
@@ -35,6 +35,8 @@ use crate::secrets::Sealed;
 use crate::tenancy::SeenTenant;
 
 mod checkpointer;
+#[cfg(target_os = "linux")]
+mod ofd_locks;
 
 pub struct SqliteStore {
     /// Writes (and reads inside write transactions).
@@ -90,59 +92,25 @@ const PURGE_CHUNK: i64 = 16;
 /// many threads would otherwise hold it off for ever.
 const PURGE_STAND_ASIDE: Duration = Duration::from_millis(5);
 
-/// The oldest SQLite the store's SQL runs on: `DELETE ... RETURNING` came in 3.35.0.
-const MIN_VERSION: (i32, &str) = (3_035_000, "3.35.0");
-
-/// Refuses a SQLite library older than `MIN_VERSION` (the system's, which tenantllm links).
-fn check_version(number: i32, version: &str) -> Result<()> {
-    if number < MIN_VERSION.0 {
-        return Err(Error::Store(format!(
-            "the system's SQLite library is version {version}; tenantllm needs {} or newer (upgrade libsqlite3)",
-            MIN_VERSION.1
-        )));
-    }
-    Ok(())
-}
-
-/// Whether another SQLite in this process is the same library instance as ours: `read_other`
-/// reads `PRAGMA soft_heap_limit` through it (`None` if it could not). That limit is global
-/// to a library copy, so ours is set to two marks in turn (then restored) and the other must
-/// see both. `None` when it cannot tell (a hard heap limit below the marks clamps them).
-pub fn shares_library(mut read_other: impl FnMut() -> Option<i64>) -> Result<Option<bool>> {
-    let _quiet = quiet();
-    let ours = Connection::open_in_memory()?;
-    let set = |n: i64| ours.query_row(&format!("PRAGMA soft_heap_limit={n}"), [], |r| r.get::<_, i64>(0));
-    let before: i64 = ours.query_row("PRAGMA soft_heap_limit", [], |r| r.get(0))?;
-    let mut verdict = Some(true);
-    for mark in [(1 << 62) + 12_345, (1 << 62) + 54_321] {
-        if set(mark)? != mark {
-            verdict = None;
-            break;
-        }
-        verdict = read_other().map(|seen| seen == mark);
-        if verdict != Some(true) {
-            break;
-        }
-    }
-    set(before)?;
-    Ok(verdict)
-}
-
-/// The SQLite library the store uses: its version.
-pub fn library_version() -> &'static str {
-    rusqlite::version()
-}
-
-/// Turns SQLite's memory statistics off (`SQLITE_CONFIG_MEMSTATUS`) for the whole library,
-/// which only works before anything in the process has started SQLite: false, and nothing
-/// changed (SQLite refuses with `SQLITE_MISUSE`), once something has. The statistics take a
-/// global mutex and update counters around every allocation: ~6 % of a guarded call's
-/// instructions on Debian's SQLite. Nothing of ours reads them; without them SQLite's
-/// `sqlite3_memory_used()` says 0 and its soft and hard heap limits are not enforced, for
-/// every user of the library in the process (README, "Python's sqlite3 on the same file").
-pub fn memory_statistics_off() -> bool {
-    // SAFETY: a start-time option taking one int; SQLite refuses it once initialised.
-    unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int) == rusqlite::ffi::SQLITE_OK }
+/// Our SQLite (compiled into the extension, private to it: see Cargo.toml), set up once before
+/// its first connection. Memory statistics off (`SQLITE_CONFIG_MEMSTATUS`): they take a global
+/// mutex and update counters around every allocation (~6 % of a guarded call's instructions on
+/// Debian's SQLite) and nothing of ours reads them; SQLite accepts this only before it starts,
+/// and nothing but this module starts our copy (Python's sqlite3 has its own). Then, on Linux,
+/// our locks as open file description locks, which Python's copy cannot drop (`ofd_locks`).
+fn start() -> Result<()> {
+    static STARTED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            // SAFETY: a start-time option taking one int (refused, changing nothing, if a
+            // connection opened without `start` started SQLite first: only tests do).
+            unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int) };
+            #[cfg(target_os = "linux")]
+            ofd_locks::install()?;
+            Ok(())
+        })
+        .clone()
+        .map_err(|e| Error::Store(format!("cannot set up SQLite: {e}")))
 }
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -173,6 +141,7 @@ fn busy_step(tries: i32, limit: Duration) -> Option<Duration> {
 }
 
 fn connect(path: &str) -> Result<Connection> {
+    start()?;
     let conn = Connection::open(path).map_err(|e| Error::Store(format!("cannot open database {path:?}: {e}")))?;
     conn.busy_handler(Some(busy_wait))?;
     if path != ":memory:" {
@@ -185,10 +154,9 @@ fn connect(path: &str) -> Result<Connection> {
     }
     // NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the
     // last transactions.
-    // secure_delete: Debian's libsqlite3 (the one we share with Python) turns it on by
-    // default, zeroing the old bytes of every row a call rewrites or deletes (counters,
-    // reservations, the rate log); SQLite's own default is off. Retention's purges turn it on
-    // (`erasing`).
+    // secure_delete: off, SQLite's own default, said anyway: on, it zeroes the old bytes of
+    // every row a call rewrites or deletes (counters, reservations, the rate log); Debian's
+    // libsqlite3 turns it on by default. Retention's purges turn it on (`erasing`).
     // journal_size_limit: no limit (SQLite's default, said anyway): the checkpointer cuts the
     // WAL back, never a call (see `WAL_KEEP_BYTES`).
     conn.execute_batch(
@@ -258,7 +226,6 @@ impl SqliteStore {
         if path.trim().is_empty() {
             return crate::error::config_err("database must be a file path, \":memory:\" or \"sqlite:///path\"");
         }
-        check_version(rusqlite::version_number(), rusqlite::version())?;
         let _quiet = quiet();
         let mut writer = connect(path)?;
         migrate(&mut writer, path, timezone)?;
@@ -2174,15 +2141,6 @@ mod tests {
         assert!(store.problems_since(0).unwrap().is_empty());
     }
 
-    /// Too late once SQLite has started (here: by the connection): refused, nothing changed.
-    #[test]
-    fn memory_statistics_stay_on_once_sqlite_has_started() {
-        let conn = Connection::open_in_memory().unwrap();
-        assert!(!memory_statistics_off());
-        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1)").unwrap();
-        assert!(unsafe { rusqlite::ffi::sqlite3_memory_used() } > 0);
-    }
-
     #[test]
     fn a_renewed_lease_outlives_its_first_expiry() {
         let dir = tempfile::tempdir().unwrap();
@@ -2521,25 +2479,5 @@ mod tests {
         Connection::open(&newer).unwrap().execute("UPDATE schema_version SET version = 999", []).unwrap();
         let e = SqliteStore::open(newer.to_str().unwrap(), "UTC").err().unwrap().to_string();
         assert!(e.contains("newer"), "{e}");
-    }
-
-    #[test]
-    fn too_old_a_library_is_refused_by_name() {
-        let e = check_version(3_034_001, "3.34.1").unwrap_err().to_string();
-        assert!(e.contains("3.34.1") && e.contains("3.35.0"), "{e}");
-        check_version(3_035_000, "3.35.0").unwrap();
-        check_version(rusqlite::version_number(), rusqlite::version()).unwrap();
-    }
-
-    #[test]
-    fn one_library_is_told_apart_from_another_and_the_limit_is_restored() {
-        let other = Connection::open_in_memory().unwrap();
-        let limit = |c: &Connection| c.query_row("PRAGMA soft_heap_limit", [], |r| r.get::<_, i64>(0)).unwrap();
-        let before = limit(&other);
-        assert_eq!(shares_library(|| Some(limit(&other))).unwrap(), Some(true));
-        // A copy of its own keeps its own limit, whatever ours is set to.
-        assert_eq!(shares_library(|| Some(before)).unwrap(), Some(false));
-        assert_eq!(shares_library(|| None).unwrap(), None);
-        assert_eq!(limit(&other), before);
     }
 }

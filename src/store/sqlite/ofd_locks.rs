@@ -1,0 +1,251 @@
+//! Our SQLite's file locks as Linux open file description (OFD) locks.
+//!
+//! The extension carries its own SQLite; Python's `sqlite3` runs on another copy in the same
+//! process. SQLite's unix VFS locks with POSIX `fcntl` record locks, which belong to the
+//! *process*: two copies of SQLite in one process do not exclude each other (same owner), and
+//! when Python's copy closes its last connection to the file it drops our locks (any `close()`
+//! of the file does), takes an EXCLUSIVE lock no one contests, checkpoints and deletes the WAL
+//! we still write to. OFD locks (`F_OFD_SETLK`, Linux 3.15+) belong to the open file
+//! description they were taken through instead, and they conflict with POSIX locks even inside
+//! one process. So our copy takes OFD locks: Python's copy and ours then exclude each other
+//! exactly as two processes do, and nothing Python's copy closes can drop ours.
+//!
+//! SQLite keeps one lock state per inode for the whole process and may take a lock through one
+//! connection's descriptor and release it through another's (with POSIX locks both are the
+//! same owner). With OFD locks the owner is the description, so every lock operation of our
+//! copy on an inode goes through ONE description, the inode's *owner*: a description of our own
+//! (reopened through `/proc/self/fd`, since `dup` would share the caller's), opened on the first
+//! lock operation on the inode and closed when SQLite has closed every descriptor it locked
+//! through. (Making SQLite's own opens share one description would also tie their file
+//! offsets and access modes together; a separate owner touches nothing SQLite sees.)
+//!
+//! A child made by `fork()` inherits the parent's descriptions, and OFD locks taken through an
+//! inherited one would be the parent's. So the owners are kept per process (`PerProcess`): a
+//! child opens its own on its first lock operation; the parent's stay open in the child and
+//! are never used there (as `process` leaks the parent's connections).
+//!
+//! Installed into our copy's unix VFS (`xSetSystemCall`, which every unix VFS variant shares)
+//! once, before our first connection: SQLite reads its system call table without a lock.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::ffi::{c_int, c_void};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use rusqlite::ffi;
+
+use crate::process::{unpoisoned, PerProcess};
+
+/// `(st_dev, st_ino)`: what SQLite keys its per-file lock state by.
+type Inode = (u64, u64);
+
+struct Owner {
+    fd: c_int,
+    /// SQLite's descriptors on the inode that have locked through this owner and are open.
+    users: usize,
+}
+
+#[derive(Default)]
+struct Owners {
+    by_inode: HashMap<Inode, Owner, foldhash::fast::RandomState>,
+    inode_of: HashMap<c_int, Inode, foldhash::fast::RandomState>,
+    /// Descriptors SQLite closed (or owners no longer used) while this process held POSIX
+    /// locks on their file: closed once it holds none (`close`).
+    parked: Vec<(c_int, Inode)>,
+}
+
+static OWNERS: PerProcess<Mutex<Owners>> = PerProcess::empty();
+
+fn owners() -> MutexGuard<'static, Owners> {
+    let Ok(owners) = OWNERS.get_or_try_init(|| Ok::<_, Infallible>(Mutex::default()));
+    unpoisoned(owners.lock())
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Opens a new description of the file `fd` is open on (read-write if allowed: write locks
+/// need it), close-on-exec.
+fn reopen(fd: c_int) -> Result<c_int, c_int> {
+    let path = format!("/proc/self/fd/{fd}\0");
+    for flags in [libc::O_RDWR, libc::O_RDONLY] {
+        // SAFETY: a NUL-terminated path.
+        let owner = unsafe { libc::open(path.as_ptr().cast(), flags | libc::O_CLOEXEC) };
+        if owner >= 0 {
+            return Ok(owner);
+        }
+        if !matches!(errno(), libc::EACCES | libc::EROFS) {
+            break;
+        }
+    }
+    Err(errno())
+}
+
+/// The description this process locks `fd`'s inode through, registering `fd` as its user.
+fn owner_of(fd: c_int) -> Result<c_int, c_int> {
+    let mut owners = owners();
+    let owners = &mut *owners;
+    if let Some(inode) = owners.inode_of.get(&fd) {
+        if let Some(owner) = owners.by_inode.get(inode) {
+            return Ok(owner.fd);
+        }
+    }
+    let inode = inode_of_fd(fd).ok_or_else(errno)?;
+    let owner = match owners.by_inode.get_mut(&inode) {
+        Some(owner) => {
+            owner.users += 1;
+            owner.fd
+        }
+        None => {
+            let owner = reopen(fd)?;
+            owners.by_inode.insert(inode, Owner { fd: owner, users: 1 });
+            owner
+        }
+    };
+    owners.inode_of.insert(fd, inode);
+    Ok(owner)
+}
+
+/// SQLite's `fcntl`: its lock commands become OFD commands through the inode's owner.
+/// Declared with a fixed third argument (stable Rust cannot define a variadic function): on
+/// x86_64 and aarch64 Linux a variadic call passes it in the same register.
+unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: *mut c_void) -> c_int {
+    let ofd = match cmd {
+        libc::F_SETLK => libc::F_OFD_SETLK,
+        libc::F_SETLKW => libc::F_OFD_SETLKW,
+        libc::F_GETLK => libc::F_OFD_GETLK,
+        // SAFETY: SQLite's own call, passed on as it came.
+        _ => return unsafe { libc::fcntl(fd, cmd, arg) },
+    };
+    match owner_of(fd) {
+        Ok(owner) => {
+            let lock = arg.cast::<libc::flock>();
+            // SAFETY: SQLite passes a `struct flock` with every lock command; OFD commands
+            // require `l_pid` 0.
+            unsafe {
+                (*lock).l_pid = 0;
+                libc::fcntl(owner, ofd, lock)
+            }
+        }
+        Err(e) => {
+            // SAFETY: this thread's errno.
+            unsafe { *libc::__errno_location() = e };
+            -1
+        }
+    }
+}
+
+/// Releases every lock taken through the description `fd` (ours only: POSIX locks of the
+/// process are another owner's).
+fn unlock_all(fd: c_int) {
+    // SAFETY: plain data; whole file (l_len 0), l_pid 0 as OFD commands require.
+    let mut all: libc::flock = unsafe { std::mem::zeroed() };
+    all.l_type = libc::F_UNLCK as _;
+    all.l_whence = libc::SEEK_SET as _;
+    // SAFETY: our own descriptor and a valid `flock`.
+    unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut all) };
+}
+
+fn inode_of_fd(fd: c_int) -> Option<Inode> {
+    // SAFETY: `stat` is plain data, filled by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev as u64, st.st_ino as u64))
+}
+
+/// The files this process holds POSIX locks on (from `/proc/locks`; none if it cannot be read).
+fn posix_locked() -> Vec<Inode> {
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return Vec::new() };
+    let pid = std::process::id().to_string();
+    // "1: POSIX  ADVISORY  READ 4242 fe:00:10346613 128 128" (major and minor in hex); lines
+    // of waiters have "->" after the number.
+    locks
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (kind, _, _, owner, file) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+            if kind != "POSIX" || owner != pid {
+                return None;
+            }
+            let mut parts = file.split(':');
+            let major = u32::from_str_radix(parts.next()?, 16).ok()?;
+            let minor = u32::from_str_radix(parts.next()?, 16).ok()?;
+            Some((libc::makedev(major, minor) as u64, parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// SQLite's `close`. The inode's owner is closed with the last descriptor that used it. But
+/// closing any descriptor of a file drops every POSIX lock the process holds on it: Python's
+/// sqlite3's, when it has the file open (our connections closing, e.g. on `configure()` of
+/// another database, would leave its connection unprotected). So a descriptor of a file this
+/// process holds POSIX locks on is kept open (`parked`) and closed on a later close once the
+/// process holds none there (closes are rare: connections and their journals).
+unsafe extern "C" fn close(fd: c_int) -> c_int {
+    let mut owners = owners();
+    let owners = &mut *owners;
+    if let Some(inode) = owners.inode_of.remove(&fd) {
+        if let Some(owner) = owners.by_inode.get_mut(&inode) {
+            owner.users -= 1;
+            if owner.users == 0 {
+                // SQLite counts on the close of the last descriptor it locked through to drop
+                // what it still holds there (the shared memory's locks): an owner parked open
+                // must hold nothing.
+                unlock_all(owner.fd);
+                owners.parked.push((owner.fd, inode));
+                owners.by_inode.remove(&inode);
+            }
+        }
+    }
+    let ours = inode_of_fd(fd).map(|inode| (fd, inode));
+    owners.parked.extend(ours);
+    let locked = posix_locked();
+    let mut result = 0;
+    owners.parked.retain(|&(parked, inode)| {
+        if locked.contains(&inode) {
+            return true;
+        }
+        // SAFETY: SQLite closed it or it is an owner no one uses: ours to close.
+        let r = unsafe { libc::close(parked) };
+        if parked == fd {
+            result = r;
+        }
+        false
+    });
+    if ours.is_none() {
+        // Not a file (fstat failed): closed as SQLite asked, errors and all.
+        // SAFETY: SQLite's descriptor.
+        result = unsafe { libc::close(fd) };
+    }
+    result
+}
+
+/// Installs the wrappers into our SQLite's unix VFS; call before our first connection (and
+/// after anything that must precede SQLite's initialisation: finding the VFS initialises it).
+/// An error names what failed: without them our locks would not exclude Python's.
+pub fn install() -> Result<(), String> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            type Fcntl = unsafe extern "C" fn(c_int, c_int, *mut c_void) -> c_int;
+            type Close = unsafe extern "C" fn(c_int) -> c_int;
+            // SAFETY: the default VFS lives as long as the library; xSetSystemCall takes a
+            // function pointer of any type (SQLite casts it back to the call's real type), and
+            // it runs once, before any connection of ours reads the table.
+            unsafe {
+                let vfs = ffi::sqlite3_vfs_find(std::ptr::null());
+                let set = vfs.as_ref().and_then(|v| v.xSetSystemCall).ok_or("SQLite has no default VFS with system calls")?;
+                let wrappers = [
+                    (c"fcntl", std::mem::transmute::<Fcntl, unsafe extern "C" fn()>(fcntl)),
+                    (c"close", std::mem::transmute::<Close, unsafe extern "C" fn()>(close)),
+                ];
+                for (name, wrapper) in wrappers {
+                    if set(vfs, name.as_ptr(), Some(wrapper)) != ffi::SQLITE_OK {
+                        return Err(format!("SQLite's VFS refused a wrapper for {name:?}"));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .clone()
+}
