@@ -73,6 +73,13 @@ impl<T> PerProcess<T> {
             }
         }
     }
+
+    /// The value the parent built, in a child made by `fork()` that has not built its own yet:
+    /// for the child to let go of what it inherited (`None` in the process that built it).
+    pub fn inherited(&self) -> Option<&T> {
+        // SAFETY: as in `get_or_try_init`: an entry outlives `&self`.
+        unsafe { self.slot.load(Ordering::Acquire).as_ref() }.filter(|e| e.pid != std::process::id()).map(|e| &e.value)
+    }
 }
 
 impl<T> Drop for PerProcess<T> {

@@ -170,6 +170,62 @@ def test_a_forked_child_and_its_parent_writing_at_once_exclude_each_other(db_pat
     conn.close()
 
 
+KILLED_PARENT = textwrap.dedent(
+    """
+    import os, sys, time
+    import tenantllm as tl
+
+    class Echo(tl.Agent):
+        model = "mock/echo"
+        user = "Echo {q}"
+
+    tl.configure(database=sys.argv[1])
+    Echo.call(q="before the fork", tenant="t")
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)  # alive, never touching the database, until the test kills it
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)  # killed here, its connections open
+    """
+)
+
+
+def _ofd_locks_on(*paths: Path) -> list[str]:
+    """/proc/locks' OFD lock lines on these files (by device and inode)."""
+    keys = set()
+    for p in paths:
+        st = p.stat()
+        keys.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    lines = Path("/proc/locks").read_text().splitlines()
+    return [line for line in lines if "OFDLCK" in line and any(f" {k} " in line for k in keys)]
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OFD locks are Linux's")
+def test_a_parent_killed_while_its_child_lives_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """A child closes its copies of the parent's lock descriptions as it is forked, so the
+    parent's locks end with the parent, as POSIX locks did: kept in the child, the locks of a
+    parent killed inside a transaction would shut every other process out until the child
+    exited. Checked in /proc/locks while the child lives on (a file this process has not
+    opened, so every lock on it is theirs)."""
+    db = tmp_path / "killed.db"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(db)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    try:
+        shm = Path(f"{db}-shm")
+        assert _ofd_locks_on(db, shm), "the parent holds its connection's locks"
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _ofd_locks_on(db, shm) == []
+        tl.configure(database=str(db))
+        Echo.call(q="after", tenant="t")
+        assert tl.Execution.by_tenant("t").count() == 2
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def _call(tenant: str) -> None:
     Echo.call(q="child", tenant=tenant)
 

@@ -21,8 +21,11 @@
 //!
 //! A child made by `fork()` inherits the parent's descriptions, and OFD locks taken through an
 //! inherited one would be the parent's. So the owners are kept per process (`PerProcess`): a
-//! child opens its own on its first lock operation; the parent's stay open in the child and
-//! are never used there (as `process` leaks the parent's connections).
+//! child opens its own on its first lock operation. As it is forked, the child closes its
+//! copies of the parent's owners (`close_inherited_owners`): the parent's locks live on through
+//! the parent's own copies, and end with the parent as POSIX locks did. Kept open in the child,
+//! a parent killed inside a transaction would leave its write lock held, every other process
+//! shut out, until the child exited.
 //!
 //! Installed into our copy's unix VFS (`xSetSystemCall`, which every unix VFS variant shares)
 //! once, before our first connection: SQLite reads its system call table without a lock.
@@ -220,6 +223,23 @@ unsafe extern "C" fn close(fd: c_int) -> c_int {
     result
 }
 
+/// In a child made by `fork()`: closes the child's copies of the parent's owners (module
+/// comment). The parent's locks are not touched: an OFD lock ends when the last descriptor of
+/// its description closes, and the parent holds its own. Runs in the forking thread before
+/// anything else in the child: no allocation, and a map left locked by a thread the fork
+/// caught inside a wrapper (only if the fork gate gave up waiting) is left as it is.
+extern "C" fn close_inherited_owners() {
+    let Some(owners) = OWNERS.inherited() else { return };
+    let Ok(mut owners) = owners.try_lock() else { return };
+    // Drained (no allocation): a child of this child that never used SQLite inherits this
+    // map too, and must not close these numbers again (they may name other files by then).
+    for (_, owner) in owners.by_inode.drain() {
+        // SAFETY: this process's copy of a descriptor only the parent's map names; the child
+        // builds its own map and never uses these numbers.
+        unsafe { libc::close(owner.fd) };
+    }
+}
+
 /// Installs the wrappers into our SQLite's unix VFS; call before our first connection (and
 /// after anything that must precede SQLite's initialisation: finding the VFS initialises it).
 /// An error names what failed: without them our locks would not exclude Python's.
@@ -227,6 +247,8 @@ pub fn install() -> Result<(), String> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
+            // SAFETY: the handler only closes descriptors (see it).
+            unsafe { libc::pthread_atfork(None, None, Some(close_inherited_owners)) };
             type Fcntl = unsafe extern "C" fn(c_int, c_int, *mut c_void) -> c_int;
             type Close = unsafe extern "C" fn(c_int) -> c_int;
             // SAFETY: the default VFS lives as long as the library; xSetSystemCall takes a
