@@ -57,8 +57,8 @@ def _wait(pid: int, timeout: float = 60) -> int:
     pytest.fail(f"the forked child {pid} hung")
 
 
-def _in_child(body: Callable[[], None], timeout: float = 60) -> int:
-    """Runs `body` in a child made by os.fork(); 0 if it returned."""
+def _forked(body: Callable[[], None]) -> int:
+    """Starts `body` in a child made by os.fork(), which exits 0 if it returned; its pid."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
@@ -69,7 +69,12 @@ def _in_child(body: Callable[[], None], timeout: float = 60) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
-    return _wait(pid, timeout)
+    return pid
+
+
+def _in_child(body: Callable[[], None], timeout: float = 60) -> int:
+    """Runs `body` in a child made by os.fork(); 0 if it returned."""
+    return _wait(_forked(body), timeout)
 
 
 @pytest.fixture
@@ -149,16 +154,7 @@ def test_a_forked_child_and_its_parent_writing_at_once_exclude_each_other(db_pat
             except tl.BudgetExceededError:
                 pass
 
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            tries()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+    pid = _forked(tries)
     tries()
     assert _wait(pid) == 0
     rows = tl.Execution.by_tenant("shared")
