@@ -419,9 +419,12 @@ fn plan_on(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Diale
     let statements = match months_and_days(lo, hi, today) {
         Some(parts) if !by.contains(&GroupKey::Day) => parts
             .into_iter()
-            .map(|Part { monthly, from, until, minus }| match monthly {
-                true => statement(MONTHLY, (from.map(month_key), until.map(month_key)), minus),
-                false => statement(DAILY, days(from, until), minus),
+            .map(|Part { monthly, from, until, minus }| {
+                if monthly {
+                    statement(MONTHLY, (from.map(month_key), until.map(month_key)), minus)
+                } else {
+                    statement(DAILY, days(from, until), minus)
+                }
             })
             .collect(),
         _ => vec![statement(DAILY, days(lo, hi), false)],
