@@ -419,9 +419,13 @@ impl Engine {
             Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved } => Ok(Admission {
                 call: InFlight {
                     engine: self.clone(),
-                    reserved: reserved && {
+                    reserved: {
+                        // Every call's lease is renewed, budget or none: a call without one is
+                        // found running for ever once its process dies (a SQLite store gives
+                        // it an empty reservation to expire; renewing a call with no row there
+                        // changes nothing).
                         self.leases.hold(&self.store, &id, Instant::now() + Self::worst_case(spec));
-                        true
+                        reserved
                     },
                     execution,
                     checks,
@@ -1059,9 +1063,7 @@ impl InFlight {
     fn finish(&mut self, completion: &Completion) -> Result<()> {
         self.done = true;
         let e = &self.engine;
-        if self.reserved {
-            e.leases.release(&self.execution.id);
-        }
+        e.leases.release(&self.execution.id);
         let alerts = e.keyed(|calendar| {
             e.store.finish(&FinishRequest {
                 execution: &self.execution,

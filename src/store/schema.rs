@@ -425,4 +425,15 @@ pub const MIGRATIONS: &[&str] = &[
         SELECT id, '', 0, 0, 0, 9223372036854775807 FROM executions WHERE status = 'running';
     DROP INDEX IF EXISTS executions_running;
     "#,
+    // 19: a call holding nothing has a lease renewed like any other (`sqlite::HOLD_NOTHING_SQL`),
+    // so a crashed process's call is closed as abandoned instead of running for ever. The
+    // reservations written with a lease that never runs out (migration 18 and admissions since)
+    // get one ending an hour after this migration: calls of processes that crashed are closed
+    // then, and a call that a process of an earlier version (which renews none) is still
+    // running has an hour to finish. Once here, not at each expiry sweep, which then needs no
+    // case for them; an earlier version still running may write more until it stops.
+    r#"
+    UPDATE reservations SET expires_at = CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER) + 3600000000
+        WHERE expires_at = 9223372036854775807;
+    "#,
 ];

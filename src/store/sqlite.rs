@@ -923,10 +923,11 @@ fn window_events(c: &Connection, scope: &str, since: Micros) -> Result<Vec<(Micr
 }
 
 /// The reservation of a call in flight that holds nothing (no budget, log or slot): no
-/// counters, and a lease that never runs out (`i64::MAX`), as its process renews none, so the
-/// expiry sweep leaves the call alone (migration 18 writes the same rows).
+/// counters, and a lease (?2) renewed like any other, so a call whose process died is closed
+/// as abandoned by the expiry sweep (migration 19 gives one to the rows migration 18 wrote
+/// with a lease that never ran out).
 const HOLD_NOTHING_SQL: &str = "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
-     VALUES (?1, '', 0, 0, 0, 9223372036854775807)";
+     VALUES (?1, '', 0, 0, 0, ?2)";
 
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were.
@@ -1433,8 +1434,8 @@ impl Store for SqliteStore {
                 ])?;
             } else {
                 // Every call in flight has a row here (migration 18); one holding nothing has
-                // no counters and a lease that never runs out, as its process renews none.
-                tx.prepare_cached(HOLD_NOTHING_SQL)?.execute([&e.id])?;
+                // no counters, and its lease.
+                tx.prepare_cached(HOLD_NOTHING_SQL)?.execute(params![e.id, req.reservation_expires_at])?;
             }
             insert_execution(tx, e, bits.map(|bits| (bits, est.tokens)))?;
             Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
@@ -1455,9 +1456,11 @@ impl Store for SqliteStore {
             // same statements that add the real usage.
             // Read, then deleted: a DELETE ... RETURNING builds a temporary table for its row.
             // A logged call holds one too (the store's own; an engine's `reserved` is its
-            // budgets' and slot's); any other call's holds nothing (migration 18).
+            // budgets' and slot's); any other call's holds nothing (migration 18). Every
+            // call's has a lease, so one gone was taken over: its row was closed as abandoned
+            // and counted.
             let delete = "DELETE FROM reservations WHERE execution_id = ?1";
-            let released = if req.reserved || !req.rate_scopes.is_empty() {
+            let (released, taken_over) = if req.reserved || !req.rate_scopes.is_empty() {
                 let held = tx
                     .prepare_cached("SELECT counters, cost, tokens, executions FROM reservations WHERE execution_id = ?1")?
                     .query_row([&e.id], |r| release_row(r, 0))
@@ -1465,13 +1468,12 @@ impl Store for SqliteStore {
                 if held.is_some() {
                     tx.prepare_cached(delete)?.execute([&e.id])?;
                 }
-                held
+                let gone = held.is_none();
+                (held, gone)
             } else {
-                tx.prepare_cached(delete)?.execute([&e.id])?;
-                None
+                (None, tx.prepare_cached(delete)?.execute([&e.id])? == 0)
             };
             let in_flight = released.is_some();
-            let taken_over = req.reserved && released.is_none();
             let (reserved_keys, estimate) = released.unwrap_or_default();
             let used = budget::settled(c, taken_over);
             let mut keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
@@ -1860,6 +1862,7 @@ const SQLITE_LIST: tenant_list::Dialect = tenant_list::Dialect {
 mod tests {
     use super::*;
     use crate::budget::{GlobalBudgets, Plan};
+    use crate::clock::Period;
     use crate::execution::Field;
 
     #[test]
@@ -2405,12 +2408,43 @@ mod tests {
         assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
     }
 
+    /// A call holding nothing has a lease too: once it runs out, its row is closed as
+    /// abandoned and counted as one execution at no cost, as a budgeted call's is, and its
+    /// late settlement records its usage without a second execution.
+    #[test]
+    fn an_unbudgeted_call_s_lease_runs_out_and_its_late_settlement_counts_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        let (cal, none) = (Calendar::new("UTC").unwrap(), GlobalBudgets::default());
+        let t0 = 1_800_000_000_000_000;
+        assert!(matches!(admit(&store, &none, "a", t0, t0 + 1_000), Admitted::Go { reserved: false, .. }));
+        let status = |id: &str| store.execution(id).unwrap().unwrap().0.into_iter().find(|(n, _)| *n == "status").unwrap().1;
+        let executions = || store.usage("global", &cal.period_key(Period::Daily, t0)).unwrap();
+        // Renewed, it outlives its first expiry; then it runs out.
+        assert_eq!(store.renew_leases(&["a".to_string()], t0 + 5_000).unwrap(), 1);
+        assert!(matches!(admit(&store, &none, "b", t0 + 2_000, t0 + 1_000_000), Admitted::Go { .. }));
+        assert_eq!(status("a"), Cell::Text("running".into()));
+        assert!(matches!(admit(&store, &none, "c", t0 + 6_000, t0 + 1_000_000), Admitted::Go { .. }));
+        assert_eq!(status("a"), Cell::Text("error".into()));
+        assert_eq!(executions(), budget::estimate(Nanos::ZERO, 0));
+        let mut done = Completion::refused(crate::execution::Status::Success, "", String::new(), t0 + 7_000);
+        (done.error_class, done.error_message) = (None, None);
+        done.usage = crate::pricing::Usage::new(3, 4, 0);
+        let e = execution("a", t0);
+        store
+            .finish(&FinishRequest { execution: &e, completion: &done, reserved: false, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false })
+            .unwrap();
+        assert_eq!(status("a"), Cell::Text("success".into()));
+        assert_eq!(executions(), budget::estimate(Nanos::ZERO, 7));
+    }
+
     /// Every call in flight has a reservation (one holding nothing: `HOLD_NOTHING_SQL`),
     /// and queries answered by rollups find the calls still running from them. Migration 18
     /// gives one to the calls running when it is applied (an admission without budgets wrote
-    /// its row alone before it) and drops the partial index they were found from.
+    /// its row alone before it) and drops the partial index they were found from; migration
+    /// 19 gives those a lease, ending an hour after it runs.
     #[test]
-    fn calls_in_flight_are_found_from_their_reservations_across_migration_18() {
+    fn calls_in_flight_are_found_from_their_reservations_across_migrations_18_and_19() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let open = || SqliteStore::open(path.to_str().unwrap(), "UTC").unwrap();
@@ -2424,7 +2458,7 @@ mod tests {
         c.execute_batch("CREATE INDEX executions_running ON executions (started_at) WHERE status = 'running'; UPDATE schema_version SET version = 17")
             .unwrap();
         let store = open();
-        assert!(matches!(admit(&store, &GlobalBudgets::default(), "c-unreserved", t0, t0 + 60_000_000), Admitted::Go { reserved: false, .. }));
+        assert!(matches!(admit(&store, &GlobalBudgets::default(), "c-unreserved", t0, t0 + 120_000_000), Admitted::Go { reserved: false, .. }));
         let leases = || -> Vec<(String, bool, i64, i64)> {
             c.prepare("SELECT execution_id, counters = '', cost, expires_at FROM reservations ORDER BY execution_id")
                 .unwrap()
@@ -2433,9 +2467,13 @@ mod tests {
                 .collect::<rusqlite::Result<_>>()
                 .unwrap()
         };
+        let mut got = leases();
+        let migrated = got[1].3;
+        assert!((t0 + 3_600_000_000..=now_micros() + 3_600_000_000).contains(&migrated), "{migrated}");
+        got[1].3 = 0;
         assert_eq!(
-            leases(),
-            [("a-reserved".into(), false, 600, t0 + 60_000_000), ("b-from-before".into(), true, 0, Micros::MAX), ("c-unreserved".into(), true, 0, Micros::MAX)]
+            got,
+            [("a-reserved".into(), false, 600, t0 + 60_000_000), ("b-from-before".into(), true, 0, 0), ("c-unreserved".into(), true, 0, t0 + 120_000_000)]
         );
         let index: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'executions_running'", [], |r| r.get(0)).unwrap();
         assert_eq!(index, 0);
@@ -2448,16 +2486,20 @@ mod tests {
         };
         let status = |s: &str, n: i64| (vec![Some(s.to_string())], Cell::Int(n));
         assert_eq!(by_status(), [status("running", 3)]);
-        // A lease that never runs out is not swept; a settlement releases it like any other.
+        // Only a lease that ran out is swept; a settlement releases one like any other.
         let cal = Calendar::new("UTC").unwrap();
-        let far = t0 + 86_400_000_000;
-        assert!(matches!(admit(&store, &GlobalBudgets::default(), "d-later", far, far + 1), Admitted::Go { .. }));
+        let later = t0 + 90_000_000;
+        assert!(matches!(admit(&store, &GlobalBudgets::default(), "d-later", later, later + 1), Admitted::Go { .. }));
         let e = execution("c-unreserved", t0);
-        let done = short_circuited("A", far, far);
+        let done = short_circuited("A", later, later);
         let finish = FinishRequest { execution: &e, completion: &done, reserved: false, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false };
         store.finish(&finish).unwrap();
         assert_eq!(leases().iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["b-from-before", "d-later"]);
         assert_eq!(by_status(), [status("error", 1), status("running", 2), status("short_circuited", 1)]);
+        // Once its lease has run out, the call from before is closed as abandoned.
+        assert!(matches!(admit(&store, &GlobalBudgets::default(), "e-after", migrated, migrated + 1), Admitted::Go { .. }));
+        assert_eq!(leases().iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["e-after"]);
+        assert_eq!(by_status(), [status("error", 3), status("running", 1), status("short_circuited", 1)]);
     }
 
     #[test]
