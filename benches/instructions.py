@@ -11,6 +11,7 @@ threads included). Cases, as benches/run.py's:
 - budget: `Guarded.call` for a tenant with hard daily budgets, global hard budgets, a breaker.
 - rate: the same plus the tenant's rpm/tpm/max_concurrent and the global rpm/tpm, after `WARM`
   calls that stay in the one-minute window (the log is full: the worst case for the check).
+- none: the same call with no budget or limit at all (its reservation holds nothing).
 `--build DIR` measures another build of the same Python package (DIR holds a `tenantllm`
 directory, e.g. an unpacked wheel). Needs valgrind. Nothing
 here is asserted by the test suite.
@@ -41,12 +42,15 @@ def child(case: str, calls: int) -> None:
         circuit_breaker = tl.BreakerPolicy(errors=10, within=60, cooldown=300)
 
     budgets: dict[str, object] = {"global_daily": 1_000_000, "global_monthly": 10_000_000, "enforcement": "hard"}
+    if case == "none":
+        budgets = {}
     limits: dict[str, object] = {"daily_limit": 1_000_000, "daily_token_limit": 10**12, "enforcement": "hard"}
     if case == "rate":
         budgets.update(global_rpm=10**9, global_tpm=10**15)
         limits.update(rpm_limit=10**9, tpm_limit=10**15, max_concurrent=1000)
     tl.configure(database=os.path.join(tempfile.mkdtemp(), "cg.db"), budgets=budgets)
-    tl.TenantBudget.find_or_create("bench", **limits)
+    if case != "none":
+        tl.TenantBudget.find_or_create("bench", **limits)
     for _ in range(calls):
         Guarded.call(text="the quarterly report", tenant="bench")
 
@@ -79,7 +83,7 @@ def main() -> None:
         "--build", action="append", default=[],
         help="a directory with another build's tenantllm package, to measure with this python too (repeatable)",
     )
-    p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate")
+    p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate, none")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

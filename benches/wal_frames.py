@@ -2,7 +2,7 @@
 
 Each page a transaction changes is one frame (24-byte header and 4 KB page) appended to the WAL,
 a cost in the kernel and in the checkpointer's copying that instruction counts do not show. It
-runs benches/instructions.py's cases (budget, rate) under strace, which logs each pwrite64 to
+runs benches/instructions.py's cases (budget, rate, none) under strace, which logs each pwrite64 to
 the -wal file (a frame's header starts with its page number), once with `WARM` calls and once
 with `WARM + N`; the difference divided by N is one call's frames, mapped to the tables and
 indexes owning the pages with dbstat at the end. Needs strace and a Python sqlite3 with dbstat.
@@ -56,7 +56,7 @@ def frames(build: str | None, case: str, calls: int) -> collections.Counter[str]
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--build", help="a directory with another build's tenantllm package, to measure instead")
-    p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate")
+    p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate, none")
     args = p.parse_args()
     print(f"WAL frames per guarded mock call (strace; difference of {WARM} and {WARM + N} calls, / {N})")
     for case in args.cases.split(","):
