@@ -54,7 +54,8 @@ impl Groups {
         self.part(Some(cal.period_key(Period::Daily, at).as_bytes()));
     }
 
-    /// Adds `v` to the group of the key just built: one row, or a group of rows.
+    /// Adds `v`, one execution row's value, to the group of the key just built (a rollup row,
+    /// which stands for several calls, goes through `add_calls`).
     pub fn add(&mut self, v: i64) {
         self.add_calls(v, 1);
     }
