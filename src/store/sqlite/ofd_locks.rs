@@ -240,6 +240,33 @@ extern "C" fn close_inherited_owners() {
     }
 }
 
+/// Whether the kernel has OFD locks, asked through `getlk` (`F_OFD_GETLK`) on a pipe (any open
+/// file takes the query). Kernels before Linux 3.15 refuse the commands with EINVAL, which
+/// SQLite would report at every lock as a bare disk I/O error: the error names the kernel
+/// instead. Any other answer is left to SQLite's own locks to report.
+fn check_kernel(getlk: impl FnOnce(c_int, *mut libc::flock) -> c_int) -> Result<(), String> {
+    let mut pipe = [0; 2];
+    // SAFETY: room for the two descriptors.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Ok(());
+    }
+    // SAFETY: plain data; l_pid 0 as OFD commands require.
+    let mut query: libc::flock = unsafe { std::mem::zeroed() };
+    query.l_type = libc::F_WRLCK as _;
+    query.l_whence = libc::SEEK_SET as _;
+    let refused = getlk(pipe[0], &mut query) != 0 && errno() == libc::EINVAL;
+    for fd in pipe {
+        // SAFETY: our own descriptors, closed once.
+        unsafe { libc::close(fd) };
+    }
+    if refused {
+        return Err("tenantllm's SQLite locks its files with open file description locks (F_OFD_SETLK), which need \
+                    Linux 3.15 or later; this kernel refused them (EINVAL)"
+            .into());
+    }
+    Ok(())
+}
+
 /// Installs the wrappers into our SQLite's unix VFS; call before our first connection (and
 /// after anything that must precede SQLite's initialisation: finding the VFS initialises it).
 /// An error names what failed: without them our locks would not exclude Python's.
@@ -247,6 +274,8 @@ pub fn install() -> Result<(), String> {
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
+            // SAFETY: our own descriptor and a valid `flock`.
+            check_kernel(|fd, query| unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, query) })?;
             // SAFETY: the handler only closes descriptors (see it).
             unsafe { libc::pthread_atfork(None, None, Some(close_inherited_owners)) };
             type Fcntl = unsafe extern "C" fn(c_int, c_int, *mut c_void) -> c_int;
@@ -270,4 +299,26 @@ pub fn install() -> Result<(), String> {
             Ok(())
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failing_with(e: c_int) -> impl FnOnce(c_int, *mut libc::flock) -> c_int {
+        move |_, _| {
+            // SAFETY: this thread's errno.
+            unsafe { *libc::__errno_location() = e };
+            -1
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_ofd_locks_is_named_instead_of_an_io_error_at_every_lock() {
+        // SAFETY: the pipe's descriptor and a valid `flock`.
+        assert_eq!(check_kernel(|fd, query| unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, query) }), Ok(()));
+        let refused = check_kernel(failing_with(libc::EINVAL)).unwrap_err();
+        assert!(refused.contains("Linux 3.15 or later") && refused.contains("EINVAL"), "{refused}");
+        assert_eq!(check_kernel(failing_with(libc::EBADF)), Ok(()));
+    }
 }
