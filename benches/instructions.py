@@ -12,6 +12,10 @@ threads included). Cases, as benches/run.py's:
 - rate: the same plus the tenant's rpm/tpm/max_concurrent and the global rpm/tpm, after `WARM`
   calls that stay in the one-minute window (the log is full: the worst case for the check).
 - none: the same call with no budget or limit at all (its reservation holds nothing).
+- otel-missing: budget with the `otel` extra not installed (importing `opentelemetry` fails).
+- otel-on: budget with `opentelemetry` on (the SDK's tracer and meter, spans dropped by an
+  exporter that does nothing). budget is the same call with it off: "no cost when disabled"
+  compares budget with otel-missing (`--cases budget,otel-missing,otel-on`).
 `--build DIR` measures another build of the same Python package (DIR holds a `tenantllm`
 directory, e.g. an unpacked wheel). Needs valgrind. Nothing
 here is asserted by the test suite.
@@ -33,6 +37,8 @@ N = 300
 
 def child(case: str, calls: int) -> None:
     """The measured program (run under valgrind): `calls` guarded calls in `case`."""
+    if case == "otel-missing":
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]  # import fails, as if not installed
     import tenantllm as tl
 
     class Guarded(tl.Agent):
@@ -48,11 +54,30 @@ def child(case: str, calls: int) -> None:
     if case == "rate":
         budgets.update(global_rpm=10**9, global_tpm=10**15)
         limits.update(rpm_limit=10**9, tpm_limit=10**15, max_concurrent=1000)
-    tl.configure(database=os.path.join(tempfile.mkdtemp(), "cg.db"), budgets=budgets)
+    options: dict[str, object] = {}
+    if case == "otel-on":
+        options["opentelemetry"] = telemetry_on()
+    tl.configure(database=os.path.join(tempfile.mkdtemp(), "cg.db"), budgets=budgets, **options)
     if case != "none":
         tl.TenantBudget.find_or_create("bench", **limits)
     for _ in range(calls):
         Guarded.call(text="the quarterly report", tenant="bench")
+
+
+def telemetry_on() -> dict[str, object]:
+    """`opentelemetry=` options with the SDK's providers and spans dropped as they end."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropped(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(Dropped()))
+    return {"tracer_provider": tp, "meter_provider": MeterProvider(metric_readers=[InMemoryMetricReader()])}
 
 
 def count(python: str, build: str | None, case: str, calls: int, out_dir: Path) -> tuple[int, int]:
@@ -83,7 +108,7 @@ def main() -> None:
         "--build", action="append", default=[],
         help="a directory with another build's tenantllm package, to measure with this python too (repeatable)",
     )
-    p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate, none")
+    p.add_argument("--cases", default="budget,rate", help="comma-separated: budget, rate, none, otel-missing, otel-on")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

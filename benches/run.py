@@ -689,23 +689,13 @@ def telemetry_overhead(db: str, n: int, repeats: int) -> None:
     exporter), and on with content capture. Off must cost nothing: compare it with the same
     case on main (`unbudgeted call` in sync_overhead, same machine, same run)."""
     print("\nOpenTelemetry, mock provider with zero latency (µs per call, median)")
+    from instructions import telemetry_on
+
     try:
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+        on = telemetry_on()
     except ImportError:
         print("  (skipped: pip install opentelemetry-sdk)")
         return
-
-    class Dropped(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    tp = TracerProvider()
-    tp.add_span_processor(SimpleSpanProcessor(Dropped()))
-    mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    on = {"tracer_provider": tp, "meter_provider": mp}
 
     def call() -> object:
         return Bare.call(text="the quarterly report")
@@ -728,15 +718,62 @@ def telemetry_overhead(db: str, n: int, repeats: int) -> None:
 # Seconds after a purge whose calls still count as during it: its pages reach the database
 # file after it ends (the checkpointer), and calls that wait for that wait for the purge.
 AFTER_PURGE = 0.5
+# How fast the first phase assumes a purge goes (rows/s; about what it does on a loaded
+# machine), to make it about as long as a purge phase.
+PURGE_ROWS_PER_S = 25_000
+
+
+def wal_restarts(db: str) -> int:
+    """How many times the WAL of `db` has been started over: the checkpoint sequence number in
+    its header (bytes 12-15), which SQLite counts up at each restart and writes with the first
+    frame after it."""
+    with contextlib.suppress(FileNotFoundError), open(db + "-wal", "rb") as f:
+        header = f.read(16)
+        if len(header) == 16:
+            return int.from_bytes(header[12:16], "big")
+    return 0
+
+
+class Phases:
+    """The calls of one kind of phase (several phases, one after another with others between):
+    each call's latency and lock wait (µs), and the phases' seconds and WAL restarts."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.waits: list[float] = []
+        self.seconds = 0.0
+        self.restarts = 0
+        self.count = 0
+
+    def start(self, db: str) -> None:
+        self._began, self._restarts = time.perf_counter(), wal_restarts(db)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._began
+
+    def add(self, latencies: list[float], waits: list[float]) -> None:
+        self.latencies.extend(latencies)
+        self.waits.extend(waits)
+
+    def stop(self, db: str) -> None:
+        self.seconds += self.elapsed()
+        self.restarts += wal_restarts(db) - self._restarts
+        self.count += 1
+
+    def describe(self) -> str:
+        calls, restarts = len(self.latencies), self.restarts
+        return f"{self.count} phases, {self.seconds:.1f} s, {calls:,} calls, {restarts} restarts"
 
 
 def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> None:
     """Single-call latency while `tl.purge()` deletes `rows` old executions, against the same
     calls with no purge running, in the same run and interleaved: `phases` purges, each of a
     `phases`-th of the rows (one day's worth), with calls timed during each, and calls with no
-    purge before, between and after them (at least `calls` in all, each round as long as the
-    purge before it), so both sides see the same machine. A purge must leave calls' latency as
-    it is: the ratios say."""
+    purge before the first, between them and after the last (at least `calls` in all, each
+    phase about as long as a purge phase), so all see the same machine. Each kind of phase
+    reports its tail, the calls that waited for a lock, and its WAL restarts a second (the
+    purge's own frames add restarts, and restarts are when calls wait). A purge must leave
+    calls' latency as it is: the ratios to the calls before any purge say."""
     import sqlite3  # after tenantllm: see the module's docstring
 
     print(f"\nCalls while a purge deletes {rows:,} old executions in {phases} rounds (single-call latency)")
@@ -771,52 +808,51 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> No
         done["seconds"] = time.perf_counter() - t
 
     tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
-    timed(50)  # the first calls open the database and warm its pages: in neither phase
-    quiet: tuple[list[float], list[float]] = ([], [])
-    during: tuple[list[float], list[float]] = ([], [])
+    timed(50)  # the first calls open the database and warm its pages: in no phase
+    kinds = ("no purge yet", "during a purge", "no purge, after one")
+    seen = {kind: Phases() for kind in kinds}
     purged, purging, busy = 0, 0.0, 0.0
-    last_purge = 0.0
+    # Every phase lasts as long as the purge phases before it did on average (the first as
+    # long as a purge at `PURGE_ROWS_PER_S` would), and has at least its share of `calls`.
+    length = per / PURGE_ROWS_PER_S + AFTER_PURGE
     for r in range(phases + 1):
-        started = time.perf_counter()
-        while len(quiet[0]) < calls * (r + 1) // (phases + 1) or time.perf_counter() - started < last_purge:
-            each, waits = timed(10)
-            quiet[0].extend(each)
-            quiet[1].extend(waits)
-        if r == 0:
-            before_any = len(quiet[0])
+        quiet = seen[kinds[0] if r == 0 else kinds[2]]
+        quiet.start(db)
+        while len(quiet.latencies) < calls * (r + 1) // (phases + 1) or quiet.elapsed() < length:
+            quiet.add(*timed(10))
+        quiet.stop(db)
         if r == phases:
             break
+        during = seen[kinds[1]]
         done: dict[str, Any] = {}
         worker = threading.Thread(target=purge, args=(499 - r, done))
         cpu = time.process_time()
+        during.start(db)
         worker.start()
         ended = float("inf")
         while time.perf_counter() < ended + AFTER_PURGE:
-            each, waits = timed(10)
-            during[0].extend(each)
-            during[1].extend(waits)
+            during.add(*timed(10))
             if ended == float("inf") and not worker.is_alive():
                 ended = time.perf_counter()
                 busy += time.process_time() - cpu
+        during.stop(db)
         worker.join()
         assert done["executions"] == per, done
         purged += per
         purging += done["seconds"]
-        last_purge = done["seconds"]
-    report_tail("tenantllm: guarded call, no purge", quiet[0], waits_us=quiet[1])
-    report_tail("tenantllm: guarded call, during the purge", during[0], waits_us=during[1])
-    # A purge must not slow the calls after it either: the calls before the first purge against
-    # those after one (the checkpointer copies a purge's pages and syncs them after it ends).
-    first, later = sorted(quiet[0][:before_any]), sorted(quiet[0][before_any:])
-    p99 = TAIL[1][1]
-    name = "tenantllm: no purge, after / before the first purge"
-    report(f"{name}, p99", later[p99(len(later))] / first[p99(len(first))], "x", "<= 1.2")
-    report(f"{name}, max", later[-1] / first[-1], "x", "<= 1", f"{len(first):,} calls before")
-    a, b = sorted(quiet[0]), sorted(during[0])
-    for label, at in TAIL:
-        target = "<= 1.2" if label == "p99" else ""
-        report(f"tenantllm: during / no purge, {label}", b[at(len(b))] / a[at(len(a))], "x", target)
-    report("tenantllm: during / no purge, max", b[-1] / a[-1], "x", "<= 1")
+        length = during.seconds / (r + 1)
+    for kind, p in seen.items():
+        report_tail(f"tenantllm: guarded call, {kind}", p.latencies, waits_us=p.waits)
+        report(f"tenantllm: {kind}, WAL restarts", p.restarts / p.seconds, "/s", note=p.describe())
+    # A purge must slow neither the calls during it nor those after it (the checkpointer copies
+    # its pages and syncs them after it ends): both against the calls before any purge.
+    first = sorted(seen[kinds[0]].latencies)
+    for kind in kinds[1:]:
+        other = sorted(seen[kind].latencies)
+        for label, at in (*TAIL, ("max", lambda n: n - 1)):
+            target = {"p99": "<= 1.2", "max": "<= 1"}.get(label, "")
+            ratio = other[at(len(other))] / first[at(len(first))]
+            report(f"tenantllm: {kind} / no purge yet, {label}", ratio, "x", target)
     # Cores the process kept busy while purging (calls and purge): above 1 the purge competes
     # with the calls for the machine's CPUs, not only for the database.
     cores = f"{busy / purging:.2f} cores busy"
