@@ -264,9 +264,17 @@ def test_group_by_week_and_month_fold_the_days(data: Data, db_path: Path) -> Non
     days = [today - timedelta(days=n) for n in (0, 1, 6, 7, 13, 31, 45, 400)]
     for execution_id, day in zip(ids, days, strict=True):
         noon = int(datetime.combine(day, datetime.min.time(), UTC).timestamp() + 12 * 3600) * 1_000_000  # µs
+        # Ids sort like start times (UUIDv7: the first 48 bits are the start in ms), and a
+        # range's rows are found by id: a moved row gets the id of its new time.
+        ms = noon // 1000
+        moved = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}{execution_id[13:]}"
         raw_sql.query(
-            db_path, f"UPDATE executions SET started_at = {noon}, completed_at = {noon} WHERE id = '{execution_id}'"
+            db_path,
+            f"UPDATE executions SET id = '{moved}', started_at = {noon}, completed_at = {noon}"
+            f" WHERE id = '{execution_id}'",
         )
+        details = f"UPDATE execution_details SET execution_id = '{moved}' WHERE execution_id = '{execution_id}'"
+        raw_sql.query(db_path, details)
     tl.rebuild_counters()
     rows = tl.Execution.all().to_dicts()
     assert sorted(r["started_at"].date() for r in rows) == sorted(days)
@@ -287,7 +295,7 @@ def test_group_by_week_and_month_fold_the_days(data: Data, db_path: Path) -> Non
     assert list(by_month) == sorted(by_month, key=lambda k: (k[0], k[1] is not None, k[1] or ""))
     weeks = tl.Execution.all().group_by("week").count()
     assert sum(weeks.values()) == 8 and all(k.weekday() == 0 for k in weeks)
-    # A bound inside a day reads rows instead of rollups; the folding is the same.
+    # A bound inside a day reads the rest of that day from the rows; the folding is the same.
     since = datetime.combine(today - timedelta(days=13), datetime.min.time(), UTC) + timedelta(hours=1)
     recent = [r for r in rows if r["started_at"] >= since]
     got = tl.Execution.between(since, None).group_by("week").count()

@@ -159,8 +159,8 @@ pub trait Store: Send + Sync {
 
     fn query_rows(&self, q: &Query) -> Result<Vec<Row>>;
     /// Totals and grouped totals over tenant, agent, model, status and whole days read the
-    /// rollups (`rollups::plan`); others scan the rows. Both give the same answer while no
-    /// row has been purged.
+    /// rollups (`rollups::plan`), plus the rows of the parts of days at a range's ends;
+    /// others scan the rows. Both give the same answer while no row has been purged.
     fn query_aggregate(&self, q: &Query, agg: &Aggregate) -> Result<Cell>;
     /// One total per group, sorted by key.
     fn query_grouped(&self, q: &Query, by: &[GroupKey], agg: &Aggregate) -> Result<Vec<(GroupValues, Cell)>>;

@@ -106,6 +106,29 @@ fn unpack(mut k: &[u8]) -> Result<GroupValues> {
     Ok(out)
 }
 
+/// Which of the matching rows a scan reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    All,
+    /// Calls still running (which rollups leave out).
+    Running,
+    /// Settled calls (the ones rollups hold), for the parts of days at a range's ends.
+    Settled,
+}
+
+impl Rows {
+    /// `w` (a WHERE clause or nothing) narrowed to these rows; `running` is the store's
+    /// condition for the running ones.
+    pub fn narrow(self, w: String, running: &str) -> String {
+        let only = match self {
+            Rows::All => return w,
+            Rows::Running => running,
+            Rows::Settled => "status <> 'running'",
+        };
+        format!("{w}{} {only}", if w.is_empty() { " WHERE" } else { " AND" })
+    }
+}
+
 /// The columns a row-path grouped query selects before its value: the key fields, and
 /// `started_at` when grouping by day (the day is computed here, in the database's timezone).
 pub fn key_columns(by: &[GroupKey]) -> Vec<&'static str> {

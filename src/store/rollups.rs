@@ -5,8 +5,9 @@
 //! days and months survive purges). Grouped and total queries over these keys and whole days
 //! read them (`plan`) instead of scanning executions: whole calendar months from the monthly
 //! table, the days around them from the daily one (added, or taken away from a whole month
-//! when that reads fewer rows, `months_and_days`). Calls still running are not rolled up;
-//! a partial index finds them.
+//! when that reads fewer rows, `months_and_days`). A range whose ends are inside days reads
+//! the whole days so, and the parts of days at its ends from the executions (`Plan::edges`).
+//! Calls still running are not rolled up; a partial index finds them.
 //!
 //! At tens of thousands of tenants nearly every call is a daily rollup row of its own, so a
 //! question over all tenants would read about as many rows as there are calls. Both stores
@@ -277,11 +278,14 @@ impl Totals {
 
 /// How a query reads rollups: one statement per part of its time range (whole months from
 /// the monthly table, other days from the daily one), each giving key columns then a total
-/// and the calls per group (both negated for a part taken away); and whether calls still
-/// running must be added from the executions table.
+/// and the calls per group (both negated for a part taken away); the parts of a day at
+/// either end of the range (`between` two times), whose settled calls are read from the
+/// executions table (a range of its time-ordered key); and whether calls still running must
+/// be added from the executions table.
 #[derive(Debug)]
 pub struct Plan {
     pub statements: Vec<(String, Vec<String>)>,
+    pub edges: Vec<Query>,
     pub running: bool,
 }
 
@@ -314,8 +318,8 @@ fn month_key(d: NaiveDate) -> String {
 }
 
 /// The plan for a total (`by` empty) or grouped query, or None when rollups cannot answer it
-/// exactly: a filter on another field, a time bound inside a day, a sum of a field not rolled
-/// up, or a tenant id of "" (which the tables use for "no tenant").
+/// exactly (a filter on another field, a sum of a field not rolled up, or a tenant id of "",
+/// which the tables use for "no tenant") or would save nothing (a range without a whole day).
 pub fn plan(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Dialect) -> Option<Plan> {
     plan_on(q, by, agg, cal, d, cal.local_date(crate::clock::now_micros()))
 }
@@ -340,21 +344,23 @@ fn plan_on(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Diale
             GroupKey::Field(_) => return None,
         });
     }
-    let (mut lo, mut hi): (Option<NaiveDate>, Option<NaiveDate>) = (None, None);
+    // The time range's bounds, and the filters other than it (which the edges' scans keep).
+    let (mut from, mut until): (Option<Micros>, Option<Micros>) = (None, None);
+    let mut others = Vec::with_capacity(q.filters.len());
     let mut conditions: Vec<(String, Vec<String>)> = Vec::new();
     let mut running = true;
     for f in &q.filters {
         by_tenant |= matches!(f, Filter::Eq(Field("tenant_id", _), _) | Filter::In(Field("tenant_id", _), _) | Filter::IsNull(Field("tenant_id", _)) | Filter::NotNull(Field("tenant_id", _)));
+        if !matches!(f, Filter::Range(..)) {
+            others.push(f.clone());
+        }
         match f {
             Filter::Range(Field("started_at", _), a, b) => {
-                if let Some(a) = a {
-                    let a = day_start(cal, *a)?;
-                    lo = Some(lo.map_or(a, |l| l.max(a)));
-                }
-                if let Some(b) = b {
-                    let b = day_start(cal, *b)?;
-                    hi = Some(hi.map_or(b, |h| h.min(b)));
-                }
+                from = from.max(*a);
+                until = match (until, b) {
+                    (Some(u), Some(b)) => Some(u.min(*b)),
+                    (u, b) => u.or(*b),
+                };
             }
             Filter::Eq(field, v) if key_field(field) => {
                 let v = text(v);
@@ -385,6 +391,7 @@ fn plan_on(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Diale
             _ => return None,
         }
     }
+    let (lo, hi, edges) = whole_days(cal, from, until, &others)?;
     // One statement over `table` between two period keys, each row the group's keys, its total
     // and its calls; `minus`: both negated, for a part read to be taken away.
     let statement = |table: &str, (from, until): (Option<String>, Option<String>), minus: bool| {
@@ -413,7 +420,7 @@ fn plan_on(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Diale
         (format!("SELECT {} FROM {table}{w}{group}", select.join(", ")), args)
     };
     if !by_tenant {
-        return Some(Plan { statements: vec![statement(TOTALS, (lo.map(day_key), hi.map(day_key)), false)], running });
+        return Some(Plan { statements: vec![statement(TOTALS, (lo.map(day_key), hi.map(day_key)), false)], edges, running });
     }
     let days = |from: Option<NaiveDate>, until: Option<NaiveDate>| (from.map(day_key), until.map(day_key));
     let statements = match months_and_days(lo, hi, today) {
@@ -429,7 +436,29 @@ fn plan_on(q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, d: Diale
             .collect(),
         _ => vec![statement(DAILY, days(lo, hi), false)],
     };
-    Some(Plan { statements, running })
+    Some(Plan { statements, edges, running })
+}
+
+/// The whole days [lo, hi) of the time range [from, until) (None: unbounded), and a query per
+/// part of a day at either end (`Plan::edges`: `others` and that part); None when the range
+/// holds no whole day, so rollups would save nothing over reading its rows.
+fn whole_days(cal: &Calendar, from: Option<Micros>, until: Option<Micros>, others: &[Filter]) -> Option<(Option<NaiveDate>, Option<NaiveDate>, Vec<Query>)> {
+    let started_at = Field::parse("started_at").ok()?;
+    let edge = |a: Micros, b: Micros| {
+        let mut filters = others.to_vec();
+        filters.push(Filter::Range(started_at, Some(a), Some(b)));
+        Query { filters, ..Default::default() }
+    };
+    // The first whole day from `from` on, and the day after the last whole day before `until`.
+    let lo = from.map(|a| day_start(cal, a).unwrap_or_else(|| cal.local_date(a) + Days::new(1)));
+    let hi = until.map(|b| day_start(cal, b).unwrap_or_else(|| cal.local_date(b)));
+    let lo_edge = from.zip(lo).filter(|(a, l)| cal.start_of(*l) != *a).map(|(a, l)| edge(a, cal.start_of(l)));
+    let hi_edge = until.zip(hi).filter(|(b, h)| cal.start_of(*h) != *b).map(|(b, h)| edge(cal.start_of(h), b));
+    let edges: Vec<Query> = lo_edge.into_iter().chain(hi_edge).collect();
+    if !edges.is_empty() && lo.zip(hi).is_some_and(|(l, h)| l >= h) {
+        return None;
+    }
+    Some((lo, hi, edges))
 }
 
 /// What reading a month of monthly rollups costs, in days of daily ones: a month has a row per
@@ -576,7 +605,7 @@ pub(crate) mod tests {
             let (lo, hi) = cal.last_n_days(cal.start_of(day), 30);
             let q = Query { filters: vec![Filter::Range(Field::parse("started_at").unwrap(), Some(lo), Some(hi))], ..Default::default() };
             let p = plan_on(&q, &tenant, &Aggregate::Sum(Field::parse("total_cost").unwrap()), &cal, Dialect::Sqlite, day).unwrap();
-            p.statements.iter().map(|(sql, args)| (sql.starts_with("SELECT NULLIF(tenant_id, ''), -"), tables_and_bounds(&Plan { statements: vec![(sql.clone(), args.clone())], running: false }).remove(0))).collect::<Vec<_>>()
+            p.statements.iter().map(|(sql, args)| (sql.starts_with("SELECT NULLIF(tenant_id, ''), -"), tables_and_bounds(&Plan { statements: vec![(sql.clone(), args.clone())], edges: vec![], running: false }).remove(0))).collect::<Vec<_>>()
         };
         assert_eq!(
             last_30("2026-12-03"),
@@ -597,6 +626,35 @@ pub(crate) mod tests {
         // Taken away: the total and the calls, so a group left with none is left out.
         let p = plan_on(&range(Some("2026-11-04T00:00:00Z"), Some("2026-12-04T00:00:00Z")), &tenant, &Aggregate::Count, &cal, Dialect::Postgres, later()).unwrap();
         assert!(p.statements[1].0.starts_with("SELECT NULLIF(tenant_id, ''), -(COALESCE(SUM(calls), 0)::BIGINT), -(COALESCE(SUM(calls), 0)::BIGINT) FROM daily_rollups"), "{:?}", p.statements);
+    }
+
+    /// A bound inside a day: the whole days read rollups, and the part of the day at that end
+    /// is read from the rows (the settled ones; the running ones come with the others).
+    #[test]
+    fn the_parts_of_days_at_the_ends_of_a_range_are_read_from_the_rows() {
+        let cal = Calendar::new("Europe/Berlin").unwrap();
+        let s = |x: &str| x.to_string();
+        let tenant = Field::parse("tenant_id").unwrap();
+        let mut q = range(Some("2026-10-14T08:30:00Z"), Some("2027-01-02T10:00:00Z"));
+        q.filters.insert(0, Filter::Eq(tenant, Value::Text("acme".into())));
+        let p = plan_on(&q, &[GroupKey::Field(tenant)], &Aggregate::Count, &cal, Dialect::Sqlite, later()).unwrap();
+        // Berlin's Oct 15 began at 22:00 UTC on the 14th, Jan 2 at 23:00 UTC on Jan 1.
+        assert_eq!(
+            tables_and_bounds(&p),
+            vec![
+                (s("monthly_rollups"), vec![s("2026-10"), s("2027-01"), s("acme")]),
+                (s("daily_rollups"), vec![s("2026-10-01"), s("2026-10-15"), s("acme")]),
+                (s("daily_rollups"), vec![s("2027-01-01"), s("2027-01-02"), s("acme")]),
+            ]
+        );
+        let edge = |a: &str, b: &str| Query { filters: vec![q.filters[0].clone(), range(Some(a), Some(b)).filters.remove(0)], ..Default::default() };
+        assert_eq!(p.edges, vec![edge("2026-10-14T08:30:00Z", "2026-10-14T22:00:00Z"), edge("2027-01-01T23:00:00Z", "2027-01-02T10:00:00Z")]);
+        assert!(p.running);
+        // Open at one end; bounds at the start of a day have no edge.
+        let p = plan_on(&range(None, Some("2026-11-04T12:00:00Z")), &[], &Aggregate::Count, &cal, Dialect::Sqlite, later()).unwrap();
+        assert_eq!(tables_and_bounds(&p), vec![(s("daily_totals"), vec![s("2026-11-04")])]);
+        assert_eq!(p.edges, vec![range(Some("2026-11-03T23:00:00Z"), Some("2026-11-04T12:00:00Z"))]);
+        assert!(plan_on(&range(Some("2026-11-03T23:00:00Z"), None), &[], &Aggregate::Count, &cal, Dialect::Sqlite, later()).unwrap().edges.is_empty());
     }
 
     #[test]
@@ -625,8 +683,9 @@ pub(crate) mod tests {
         let cal = Calendar::new("UTC").unwrap();
         let f = |n: &str| Field::parse(n).unwrap();
         let count = Aggregate::Count;
-        // A bound inside a day, another field, a sum not rolled up, the empty tenant id.
-        assert!(plan(&range(Some("2026-11-01T00:00:01Z"), None), &[], &count, &cal, Dialect::Sqlite).is_none());
+        // A range without a whole day, another field, a sum not rolled up, the empty tenant id.
+        assert!(plan(&range(Some("2026-11-01T00:00:01Z"), Some("2026-11-02T05:00:00Z")), &[], &count, &cal, Dialect::Sqlite).is_none());
+        assert!(plan(&range(Some("2026-11-01T00:00:01Z"), Some("2026-11-02T00:00:00Z")), &[], &count, &cal, Dialect::Sqlite).is_none());
         let q = |filter: Filter| Query { filters: vec![filter], ..Default::default() };
         assert!(plan(&q(Filter::Eq(f("provider"), Value::Text("x".into()))), &[], &count, &cal, Dialect::Sqlite).is_none());
         assert!(plan(&Query::default(), &[GroupKey::Field(f("provider"))], &count, &cal, Dialect::Sqlite).is_none());
@@ -832,6 +891,13 @@ pub(crate) mod tests {
                     filters.push(Filter::Range(f("started_at"), Some(a), Some(b)));
                 }
                 3 => filters.push(Filter::Range(f("started_at"), Some(day(lo)), Some(day(hi + 10)))),
+                // Bounds inside days (one end or both) at least a whole day apart.
+                _ if i % 10 == 4 => {
+                    let inside = |d: i64, rng: &mut fastrand::Rng| day(d) + rng.i64(1..20 * 3_600_000_000);
+                    let a = (rng.u8(..3) > 0).then(|| inside(lo, rng));
+                    let b = if a.is_none() || rng.bool() { inside(lo + 2 + rng.i64(0..20), rng) } else { day(lo + 2) };
+                    filters.push(Filter::Range(f("started_at"), a, Some(b)));
+                }
                 _ => {}
             }
             let keys = [GroupKey::Field(f("tenant_id")), GroupKey::Field(f("agent")), GroupKey::Field(f("model_id")), GroupKey::Field(f("status")), GroupKey::Day];
@@ -851,6 +917,8 @@ pub(crate) mod tests {
             plan(q, by, agg, cal, Dialect::Postgres).is_some_and(|p| p.statements.iter().any(|(sql, _)| sql.contains("-(COALESCE")))
         };
         assert!(out.iter().filter(|q| takes_away(q)).count() >= 5);
+        // Some read the parts of days at their ends from the rows.
+        assert!(out.iter().filter(|(q, by, agg)| plan(q, by, agg, cal, Dialect::Sqlite).is_some_and(|p| !p.edges.is_empty())).count() >= 10);
         out
     }
 }

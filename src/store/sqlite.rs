@@ -12,7 +12,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, ToSql, TransactionBehavior};
 
 use super::lock_waits;
-use super::query::{self, GroupValues, Groups};
+use super::query::{self, GroupValues, Groups, Rows};
 use super::rollups::{self, Dialect, Rolled, ROLLED};
 use super::schema::MIGRATIONS;
 use super::tenant_list;
@@ -1247,8 +1247,11 @@ fn from_rollups(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal
             groups.add_calls(r.get(by.len())?, r.get(by.len() + 1)?);
         }
     }
+    for edge in &plan.edges {
+        scan(c, edge, by, agg, cal, Rows::Settled, &mut groups)?;
+    }
     if plan.running {
-        scan(c, q, by, agg, cal, true, &mut groups)?;
+        scan(c, q, by, agg, cal, Rows::Running, &mut groups)?;
     }
     groups.finish()
 }
@@ -1260,17 +1263,14 @@ fn text_ref<'a>(r: &'a rusqlite::Row<'_>, i: usize) -> Result<Option<&'a [u8]>> 
     })
 }
 
-/// Adds the matching rows to `groups`, in one streaming scan (SQLite's GROUP BY sorts every
-/// row through a temporary B-tree first, which was most of the time). `running_only`: just
-/// the calls still running, through their partial index.
-fn scan(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, running_only: bool, groups: &mut Groups) -> Result<()> {
-    let (mut w, args) = where_clause(q);
-    if running_only {
-        // Looked up by id from their reservations, which every call in flight has (migration
-        // 18), whatever the other filters are.
-        let running = "status = 'running' AND id IN (SELECT execution_id FROM reservations)";
-        w = format!("{w}{} {running}", if w.is_empty() { " WHERE" } else { " AND" });
-    }
+/// Adds the matching rows (`rows`: all, or the running or settled ones) to `groups`, in one
+/// streaming scan (SQLite's GROUP BY sorts every row through a temporary B-tree first, which
+/// was most of the time).
+fn scan(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, rows: Rows, groups: &mut Groups) -> Result<()> {
+    let (w, args) = where_clause(q);
+    // Running calls are looked up by id from their reservations, which every call in flight
+    // has (migration 18), whatever the other filters are.
+    let w = rows.narrow(w, "status = 'running' AND id IN (SELECT execution_id FROM reservations)");
     let cols = query::key_columns(by);
     let day = by.contains(&GroupKey::Day).then(|| cols.len() - 1);
     let value = cols.len();
@@ -1706,7 +1706,7 @@ impl Store for SqliteStore {
                 return from_rollups(c, q, by, agg, &cal, &plan);
             }
             let mut groups = Groups::new(agg);
-            scan(c, q, by, agg, &cal, false, &mut groups)?;
+            scan(c, q, by, agg, &cal, Rows::All, &mut groups)?;
             groups.finish()
         })
     }

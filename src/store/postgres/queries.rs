@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::execution::{Aggregate, Cell, Details, Field, Filter, GroupKey, Kind, Query, Row, Value, FIELDS};
 use crate::money::Nanos;
 use crate::ratelimit::RateUsage;
-use crate::store::query::{self, GroupValues, Groups};
+use crate::store::query::{self, GroupValues, Groups, Rows};
 use crate::store::rollups::{self, Dialect};
 use crate::store::{all_columns, calendar_of, SEEN_COLUMNS};
 use crate::tenancy::SeenTenant;
@@ -127,20 +127,21 @@ pub(super) fn from_rollups(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKe
             groups.add_calls(r.try_get(by.len())?, r.try_get(by.len() + 1)?);
         }
     }
+    for edge in &plan.edges {
+        scan(db, edge, by, agg, cal, Rows::Settled, &mut groups)?;
+    }
     if plan.running {
-        scan(db, q, by, agg, cal, true, &mut groups)?;
+        scan(db, q, by, agg, cal, Rows::Running, &mut groups)?;
     }
     Ok(groups.finish()?)
 }
 
 /// Adds the matching rows' totals to `groups`: grouped by the server, or streamed when the
-/// day (in the database's timezone, computed here) is a key. `running_only`: just the calls
-/// still running (a partial index has them).
-pub(super) fn scan(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, running_only: bool, groups: &mut Groups) -> PgResult<()> {
-    let (mut w, args) = where_clause(q);
-    if running_only {
-        w = format!("{w}{} status = 'running'", if w.is_empty() { " WHERE" } else { " AND" });
-    }
+/// day (in the database's timezone, computed here) is a key. `rows`: all, or just the calls
+/// still running (a partial index has them) or the settled ones.
+pub(super) fn scan(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, rows: Rows, groups: &mut Groups) -> PgResult<()> {
+    let (w, args) = where_clause(q);
+    let w = rows.narrow(w, "status = 'running'");
     let cols = query::key_columns(by);
     let day = by.contains(&GroupKey::Day).then(|| cols.len() - 1);
     let sql = if day.is_some() {
@@ -256,7 +257,7 @@ pub(super) fn query_grouped(store: &PostgresStore, q: &Query, by: &[GroupKey], a
             return from_rollups(db, q, by, agg, &cal, &plan);
         }
         let mut groups = Groups::new(agg);
-        scan(db, q, by, agg, &cal, false, &mut groups)?;
+        scan(db, q, by, agg, &cal, Rows::All, &mut groups)?;
         Ok(groups.finish()?)
     })
 }
