@@ -26,7 +26,7 @@ from bulk_db import bench_dir, load, open_for_load
 TENANTS = 500
 SIZES = ((1_000_000, 30), (10_000_000, 300))  # (executions, days)
 # Bump when the generated data changes, so a cached database of an older shape is rebuilt.
-DATASET = "rollups-v1"
+DATASET = "rollups-v2"  # v2: with daily_totals (v1 left them empty, so counts over all tenants read nothing)
 ROLLED = ("input_tokens", "output_tokens", "cached_tokens", "total_tokens", "input_cost", "output_cost", "total_cost",
           "attempts_count", "cache_write_tokens", "cache_read_cost", "cache_write_cost", "duration_ms",
           "time_to_first_token_ms")  # fmt: skip
@@ -69,6 +69,12 @@ def build(db: Path, executions: int, days: int) -> None:
     conn.execute(
         f"INSERT INTO monthly_rollups ({columns}) SELECT substr(period, 1, 7), tenant_id, agent, model_id, status,"
         f" {monthly} FROM daily_rollups GROUP BY 1, 2, 3, 4, 5"
+    )
+    # The daily rollups without the tenant, which questions over all tenants read.
+    totals = columns.replace("tenant_id, ", "")
+    conn.execute(
+        f"INSERT INTO daily_totals ({totals}) SELECT period, agent, model_id, status, {monthly} FROM daily_rollups"
+        " GROUP BY 1, 2, 3, 4"
     )
     conn.execute("COMMIT")
     conn.execute("PRAGMA journal_mode = WAL")
