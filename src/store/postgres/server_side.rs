@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12 and 14 to 17 (`tenantllm_admit`, `tenantllm_settle`), one statement
+//! functions of migrations 12 and 14 to 18 (`tenantllm_admit`, `tenantllm_settle`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The counters,
 //! which every call of a tenant waits for, each function locks last.
@@ -141,11 +141,16 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
                 &e.parent_execution_id,
                 &e.root_execution_id,
             ],
-        )?;
-        Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?))
+        );
+        // A counter's sum past 64 bits: nothing changed, and the transaction decides.
+        let r = match r {
+            Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => return Ok(None),
+            r => r?,
+        };
+        Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?)))
     })?;
     let usage: HashMap<CounterKey, (budget::Usage, budget::Usage)> = match answer {
-        Some((outcome, Some(usage))) if outcome == "go" && usage.len() == 6 * checked.len() => {
+        Some(Some((outcome, Some(usage)))) if outcome == "go" && usage.len() == 6 * checked.len() => {
             let at = |n: &[i64], i: usize| budget::Usage {
                 cost: crate::money::Nanos(n[i]),
                 tokens: n[i + 1],
@@ -190,7 +195,8 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
         return Ok(None);
     }
     let (e, c) = (req.execution, req.completion);
-    let keys = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at);
+    // Sorted: the function locks the counters in the order it gets them.
+    let keys: BTreeSet<CounterKey> = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at).into_iter().collect();
     let (scopes, periods) = key_arrays(keys.iter());
     let used = budget::settled(c, false);
     let [day, month] = rollups::periods(req.calendar, e.started_at);
