@@ -247,7 +247,7 @@ impl Engine {
         if !r.is_set() {
             return config_err("purge: no retention given or configured; name details_days and/or executions_days");
         }
-        let cutoffs = r.cutoffs(now_micros());
+        let cutoffs = r.cutoffs(now_micros(), &self.current_calendar()?);
         let done = if dry_run {
             self.store.purge_preview(cutoffs.0, cutoffs.1)?
         } else {

@@ -4,13 +4,14 @@
 //! configured, by one background thread per engine, in batches (`store::retention`) sized to
 //! hold the database a couple of milliseconds, with a pause between them at least as long, so
 //! calls get the database in between (on SQLite a batch also stands aside, between two chunks
-//! of a few rows, for calls waiting to write). Counters, budgets and rollups are never touched.
+//! of a few rows, for calls waiting to write). Executions go by whole days of the database's
+//! calendar. Counters, budgets and rollups are never touched.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::clock::{now_micros, Micros};
+use crate::clock::{now_micros, Calendar, Micros};
 use crate::error::{config_err, Result};
 use crate::store::{lock_waits, Purged, Store};
 
@@ -58,9 +59,13 @@ impl Retention {
         self.details_days.is_some() || self.executions_days.is_some()
     }
 
-    /// (details before, executions before) as of `now`.
-    pub fn cutoffs(&self, now: Micros) -> Cutoffs {
-        (self.details_days.map(|d| now - d * DAY), self.executions_days.map(|d| now - d * DAY))
+    /// (details before, executions before) as of `now`. Executions are deleted by whole days
+    /// of the database's calendar `cal`: up to the start of the day `executions_days` ago, so
+    /// the rows of a day are all kept or all gone (the store rounds the same way and records
+    /// the day, `store::retention::Horizon`).
+    pub fn cutoffs(&self, now: Micros, cal: &Calendar) -> Cutoffs {
+        let day_start = |t: Micros| cal.start_of(cal.local_date(t));
+        (self.details_days.map(|d| now - d * DAY), self.executions_days.map(|d| day_start(now - d * DAY)))
     }
 }
 
@@ -164,7 +169,7 @@ pub fn start(store: Arc<dyn Store>, retention: Retention, every: Duration) -> Op
         // Engine dropped: `recv_timeout` says Disconnected and the loop ends.
         let alive = || matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Empty));
         // A failure (a busy or unreachable database) is tried again at the next interval.
-        let _ = purge(&*store, retention.cutoffs(now_micros()), PAUSE, alive);
+        let _ = store.timezone().and_then(|zone| Calendar::new(&zone)).and_then(|cal| purge(&*store, retention.cutoffs(now_micros(), &cal), PAUSE, alive));
         if !matches!(stopped.recv_timeout(every), Err(mpsc::RecvTimeoutError::Timeout)) {
             break;
         }
@@ -191,7 +196,7 @@ mod tests {
     #[test]
     fn no_retention_deletes_an_admission_a_rate_limit_still_reads() {
         let now = 1_800_000_000_000_000;
-        let (_, deleted_before) = Retention::new(None, Some(1)).unwrap().cutoffs(now);
+        let (_, deleted_before) = Retention::new(None, Some(1)).unwrap().cutoffs(now, &Calendar::new("UTC").unwrap());
         assert!(deleted_before.unwrap() < now - 2 * crate::ratelimit::MAX_WINDOW.as_micros() as Micros);
     }
 
@@ -204,8 +209,13 @@ mod tests {
     }
 
     #[test]
-    fn cutoffs_are_whole_days_before_now() {
-        let r = Retention::new(Some(30), None).unwrap();
-        assert_eq!(r.cutoffs(100 * DAY), (Some(70 * DAY), None));
+    fn cutoffs_are_whole_days_before_now_and_executions_go_by_whole_days() {
+        let r = Retention::new(Some(30), Some(3)).unwrap();
+        let hours = |h: i64| h * 3_600_000_000;
+        assert_eq!(r.cutoffs(100 * DAY + hours(5), &Calendar::new("UTC").unwrap()), (Some(70 * DAY + hours(5)), Some(97 * DAY)));
+        // The day starts at midnight in the database's zone (UTC-5 in January).
+        let t = chrono::DateTime::parse_from_rfc3339("2027-01-10T03:00:00Z").unwrap().timestamp_micros();
+        let ny = chrono::DateTime::parse_from_rfc3339("2027-01-06T05:00:00Z").unwrap().timestamp_micros();
+        assert_eq!(r.cutoffs(t, &Calendar::new("America/New_York").unwrap()).1, Some(ny));
     }
 }

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +30,31 @@ class Support(tl.Agent):
         return {"plan": "pro"}
 
 
-def aged_id(execution_id: str, days: int) -> str:
+def aged_id(execution_id: str, days: float) -> str:
     """The UUIDv7 `execution_id` would have had `days` earlier: its 48-bit millisecond prefix moved."""
     hexdigits = execution_id.replace("-", "")
-    ms = int(hexdigits[:12], 16) - days * DAY_MS
+    ms = int(hexdigits[:12], 16) - round(days * DAY_MS)
     moved = f"{ms:012x}" + hexdigits[12:]
     return f"{moved[:8]}-{moved[8:12]}-{moved[12:16]}-{moved[16:20]}-{moved[20:]}"
 
 
-def age(db: Path, ids: list[str], days: int) -> list[str]:
+def age(db: Path, ids: list[str], days: float) -> list[str]:
     """Moves these executions (and their details) `days` into the past; returns their new ids."""
     return [n for at in range(0, len(ids), 200) for n in _age(db, ids[at : at + 200], days)]
 
 
-def _age(db: Path, ids: list[str], days: int) -> list[str]:
+def move_to(db: Path, ids: list[str], when: datetime) -> list[str]:
+    """Moves each of these executions to start at `when` (to the millisecond)."""
+    started_ms = [int(i.replace("-", "")[:12], 16) for i in ids]
+    return [age(db, [i], (ms - when.timestamp() * 1000) / DAY_MS)[0] for i, ms in zip(ids, started_ms, strict=True)]
+
+
+def _age(db: Path, ids: list[str], days: float) -> list[str]:
     new = [aged_id(i, days) for i in ids]
     cases = " ".join(f"WHEN '{old}' THEN '{n}'" for old, n in zip(ids, new, strict=True))
     listed = ", ".join(f"'{i}'" for i in ids)
     raw_sql.query(db, f"UPDATE executions SET id = CASE id {cases} END, "
-                      f"started_at = started_at - {days * DAY_MS * 1000} WHERE id IN ({listed})")
+                      f"started_at = started_at - {round(days * DAY_MS) * 1000} WHERE id IN ({listed})")
     raw_sql.query(db, f"UPDATE execution_details SET execution_id = CASE execution_id {cases} END "
                       f"WHERE execution_id IN ({listed})")
     return new
@@ -139,6 +146,53 @@ def test_totals_of_past_days_and_months_are_unchanged_by_a_purge(db_path: Path) 
     assert (done["details"], done["executions"]) == (2, 2)
     assert len(list(tl.Execution.all())) == 3
     assert [f() for f in totals] == before
+
+
+def test_rebuild_counters_after_a_purge_keeps_totals_budgets_and_counters(db_path: Path) -> None:
+    """Issue 19: a purge deletes whole days (its cutoff moves back to the start of its day), and
+    `rebuild_counters()` afterwards keeps what only the rollups still know: whole-day totals,
+    daily totals, today's and this month's counters, and a hard monthly limit still refusing.
+    (The days deleted are in this month from the 3rd on.)"""
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(days=1)
+    yesterday = datetime.combine(cutoff.date(), datetime.min.time(), UTC)
+    two_days_ago = yesterday - timedelta(hours=12)
+    acme = calls(12)
+    move_to(db_path, acme[:4], two_days_ago)  # a whole day that goes
+    move_to(db_path, acme[4:8], yesterday + (cutoff - yesterday) / 2)  # before the cutoff, in its day
+    move_to(db_path, acme[8:], cutoff + (yesterday + timedelta(days=1) - cutoff) / 2)  # after it
+    calls(3, tenant="beta")  # today
+    tl.rebuild_counters()  # the rollups of the rows as moved
+    monthly = tl.spend_by_tenant("monthly")["acme"]["cost"]
+    tl.TenantBudget.create("acme", monthly_limit=monthly, enforcement="hard")
+    whole_days = [
+        lambda: tl.Execution.between(two_days_ago.date(), now.date() + timedelta(days=1)).group_by("tenant_id").count(),
+        lambda: tl.Execution.all().group_by("day", "tenant_id").sum("total_cost"),
+        lambda: tl.Execution.all().group_by("day", "agent").sum("total_tokens"),  # daily_totals
+        lambda: tl.spend_by_tenant("monthly"),
+        lambda: tl.spend_by_tenant("daily"),
+    ]
+    before, counters = [f() for f in whole_days], raw_sql.counters(db_path)
+    assert before[0] == {"acme": 12, "beta": 3}
+
+    plan = tl.purge(executions_days=1, dry_run=True)
+    assert (plan["executions"], plan["executions_before"]) == (4, yesterday)
+    done = tl.purge(executions_days=1)
+    assert (done["executions"], done["executions_before"]) == (4, yesterday)
+    assert len(list(tl.Execution.all())) == 11  # yesterday's rows all stay
+    for rebuilt in (False, True, True):
+        if rebuilt:
+            assert tl.rebuild_counters() > 0
+        assert [f() for f in whole_days] == before
+        assert raw_sql.counters(db_path) == counters
+        tl.purge(executions_days=400)  # a longer retention deletes nothing and moves nothing back
+    with pytest.raises(tl.BudgetExceededError) as e:
+        Support.call(q="more", company="Acme", tenant="acme")
+    assert e.value.scope == "tenant_monthly"
+    # Rows deleted by hand, with no purge behind them, come out of the counters.
+    raw_sql.query(db_path, "DELETE FROM executions WHERE tenant_id = 'beta' AND status = 'success'")
+    tl.rebuild_counters()
+    assert "beta" not in tl.spend_by_tenant("daily")
 
 
 def test_error_messages_in_attempts_are_cleared_too(db_path: Path) -> None:

@@ -193,7 +193,7 @@ class TenantBudget:
 def rebuild_counters() -> int:
     """Recompute every usage counter (per scope and period) from the execution rows, in one
     transaction; returns how many counters were written. Use after restoring a backup or
-    deleting executions by hand."""
+    deleting executions by hand. The days a purge deleted count with their daily rollups."""
     return engine().rebuild_counters()
 
 

@@ -12,14 +12,16 @@ def purge(
     *, details_days: int | None = None, executions_days: int | None = None, dry_run: bool = False
 ) -> dict[str, Any]:
     """Clears the details (prompts, response, metadata, error messages) of executions that
-    started more than `details_days` ago and deletes those that started more than
-    `executions_days` ago, in small batches; with neither given, applies the configured
+    started more than `details_days` ago and deletes those of the days (in the database's
+    timezone) before the day that began `executions_days` ago, in small batches, so a day is
+    never half deleted; with neither given, applies the configured
     `retention`. Counters, budgets and daily totals are unaffected; calls still running are
     kept. With `dry_run=True`, changes nothing and only counts.
 
     Returns {"details": n, "executions": n, "details_before": datetime | None,
     "executions_before": datetime | None, "dry_run": bool}: how many executions had (or
-    would have) their details cleared and were (or would be) deleted, and the cutoffs."""
+    would have) their details cleared and were (or would be) deleted, and the cutoffs
+    (`executions_before` is the start of a day)."""
     if not isinstance(dry_run, bool):
         raise ConfigurationError(f"dry_run must be True or False, got {type(dry_run).__name__}")
     given = {k: v for k, v in (("details_days", details_days), ("executions_days", executions_days)) if v is not None}

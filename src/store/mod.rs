@@ -26,6 +26,7 @@ use crate::clock::{Calendar, Micros, Period, DEFAULT_TIMEZONE};
 use crate::error::{config_err, Result};
 use crate::secrets::Sealed;
 use crate::execution::{Aggregate, Cell, Completion, Details, GroupKey, NewExecution, Query, Row, Status, FIELDS};
+use rollups::Dialect;
 
 /// Everything `admit` needs to decide whether a call may start.
 pub struct AdmitRequest<'a> {
@@ -149,7 +150,8 @@ pub trait Store: Send + Sync {
     fn usage_daily(&self, scope: &str, first_day: &str) -> Result<Vec<(String, budget::Usage)>>;
     /// Recomputes every counter from the execution rows, in the database's timezone, and the
     /// rollups of the days from the oldest row's on (earlier days' rows were purged: their
-    /// rollups stay); returns how many counters it wrote.
+    /// rollups stay); the days a purge deleted count in the counters with their rollups' usage
+    /// (`rollups::rebuild_plan`). Returns how many counters it wrote.
     fn rebuild_counters(&self) -> Result<usize>;
     /// The timezone the database keeps its calendar periods in.
     fn timezone(&self) -> Result<String>;
@@ -329,7 +331,12 @@ type CounterKey = (String, String);
 /// The counters one settled call adds to: global, agent and tenant, for the day and month
 /// it started in.
 fn usage_keys(cal: &Calendar, tenant: Option<&str>, agent: &str, at: Micros) -> Vec<CounterKey> {
-    let periods = [cal.period_key(Period::Daily, at), cal.period_key(Period::Monthly, at)];
+    day_usage_keys(tenant, agent, &cal.period_key(Period::Daily, at))
+}
+
+/// `usage_keys` of the day keyed `day` ("2026-11-28") and its month.
+fn day_usage_keys(tenant: Option<&str>, agent: &str, day: &str) -> Vec<CounterKey> {
+    let periods = [day.to_string(), day[..7].to_string()];
     budget::scopes_of(tenant, agent).into_iter().flat_map(|s| periods.iter().map(move |p| (s.clone(), p.clone()))).collect()
 }
 
@@ -396,12 +403,32 @@ fn all_columns() -> String {
 /// total_cost, total_tokens): those that count as usage. Calls still running are left out;
 /// their reservations stand for them.
 fn counted_executions_sql() -> String {
+    format!("SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions WHERE status NOT IN ({})", not_counted())
+}
+
+/// What the daily rollups of the days before ?1 ($1) hold of the calls `counted_executions_sql`
+/// would count, as (day, tenant_id, agent, calls, total_cost, total_tokens): the usage of
+/// purged days (`rollups::Rebuild::usage_before`).
+fn kept_usage_sql(d: Dialect) -> String {
+    let (before, sum) = match d {
+        Dialect::Sqlite => ("?1", ""),
+        Dialect::Postgres => ("$1", "::BIGINT"),
+    };
+    format!(
+        "SELECT period, NULLIF(tenant_id, ''), agent, SUM(calls){sum}, SUM(total_cost){sum}, SUM(total_tokens){sum}
+         FROM daily_rollups WHERE period < {before} AND status NOT IN ({}) GROUP BY period, tenant_id, agent",
+        not_counted()
+    )
+}
+
+/// The statuses of calls that are not counted as usage, quoted for an IN list (running too).
+fn not_counted() -> String {
     let left_out: Vec<String> = Status::ALL
         .iter()
         .filter(|s| !s.counts_as_usage() || **s == Status::Running)
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
-    format!("SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions WHERE status NOT IN ({})", left_out.join(", "))
+    left_out.join(", ")
 }
 
 #[cfg(test)]

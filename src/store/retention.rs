@@ -8,14 +8,56 @@
 //!   its metadata and the error messages and refusals in its `attempts` are cleared; its
 //!   status, model, tokens, cost and timing stay. A cursor in `settings` remembers how far
 //!   clearing has got, so a batch never reads rows already cleared.
-//! - executions: rows are deleted (with their details). Calls still `running` are kept.
+//! - executions: rows are deleted (with their details), whole days of the database's calendar
+//!   at a time: the cutoff is moved back to the start of its day (`Horizon::of`). Calls still
+//!   `running` are kept. The batch that deletes rows records how far deletion has got
+//!   (`HORIZON`), so that `rebuild_counters` knows which days only the rollups still hold.
 //!
 //! Nothing here touches counters, budgets or rollups: totals survive purges.
 
-use crate::clock::Micros;
+use chrono::NaiveDate;
+
+use crate::clock::{Calendar, Micros};
 
 /// How far (inclusive) details have been cleared: the last id of the last batch.
 pub const CURSOR: &str = "retention_details_cleared_to";
+/// The settings row of the latest `Horizon`, as `Horizon::encode` writes it.
+pub const HORIZON: &str = "retention_executions_deleted_before";
+
+/// How far purges have deleted executions: every settled call that started before `before`,
+/// the start of `day` in the database's timezone when it was purged. The rollups of the days
+/// before `day` are all that is left of those calls, so a rebuild keeps them and counts them
+/// in the counters of their days and months (`rollups::rebuild_plan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    pub before: Micros,
+    pub day: NaiveDate,
+}
+
+impl Horizon {
+    /// The horizon of a purge of the executions started before `t`: the start of `t`'s day,
+    /// so a purge never leaves a day half in the rows and half only in the rollups.
+    pub fn of(cal: &Calendar, t: Micros) -> Horizon {
+        let day = cal.local_date(t);
+        Horizon { before: cal.start_of(day), day }
+    }
+
+    /// "<before> <day>", e.g. "1795737600000000 2026-11-28".
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.before, self.day)
+    }
+
+    pub fn decode(s: &str) -> Option<Horizon> {
+        let (before, day) = s.split_once(' ')?;
+        Some(Horizon { before: before.parse().ok()?, day: day.parse().ok()? })
+    }
+
+    /// Whether a batch that deleted rows up to this horizon must record it over `stored` (a
+    /// later purge with a longer retention deletes nothing new and moves nothing back).
+    pub fn advances(&self, stored: Option<&str>) -> bool {
+        stored.and_then(Horizon::decode).is_none_or(|s| s.before < self.before)
+    }
+}
 
 /// The id of the first execution that may have started at `t` or later: ids below it started
 /// before `t` (see `sqlite::id_prefix`).
@@ -33,6 +75,7 @@ pub mod sqlite {
                          FROM json_each(executions.attempts))
          WHERE id > ?1 AND id <= ?2";
     pub const DELETE_DETAILS: &str = "DELETE FROM execution_details WHERE execution_id > ?1 AND execution_id <= ?2";
+    /// ?1 the setting's name (`CURSOR`, `HORIZON`).
     pub const CURSOR_GET: &str = "SELECT value FROM settings WHERE name = ?1";
     pub const CURSOR_SET: &str =
         "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = excluded.value";

@@ -19,6 +19,7 @@ use std::sync::LazyLock;
 
 use chrono::{Datelike, Days, Months, NaiveDate};
 
+use super::retention::Horizon;
 use crate::clock::{Calendar, Micros, Period};
 use crate::execution::{Aggregate, Completion, Field, Filter, GroupKey, Query, Value};
 
@@ -189,19 +190,20 @@ pub fn settled_values(c: &Completion) -> Rolled {
 // ---------------------------------------------------------------- rebuilding
 
 /// Rebuilding (the store's `rebuild_counters`, a timezone change, the migration's backfill),
-/// step 1: the start of the oldest settled call. The daily rollups of the days before its day
-/// (in the calendar they are keyed in) stay as they are: those days' rows were all purged,
-/// and the rollups are all that is left of them (after a timezone change they keep the old
-/// zone's days).
+/// step 1: the start of the oldest settled call, for `rebuild_plan`. The daily rollups of the
+/// days before its day (in the calendar they are keyed in) and before a purge's horizon stay as
+/// they are: those days' rows were purged, and the rollups are all that is left of them (after
+/// a timezone change they keep the old zone's days).
 pub const OLDEST_SQL: &str = "SELECT MIN(started_at) FROM executions WHERE status <> 'running'";
 
-/// Step 2: every settled call, for `Totals::add_row`.
+/// Step 2: every settled call, for `Totals::add_row` (those started from `Rebuild::rollups`'
+/// time on).
 pub fn source_sql() -> String {
     let values: Vec<String> = ROLLED.iter().map(|c| format!("COALESCE({c}, 0)")).collect();
     format!("SELECT started_at, COALESCE(tenant_id, ''), agent, model_id, status, {} FROM executions WHERE status <> 'running'", values.join(", "))
 }
 
-/// Step 3 deletes the daily rollups from the oldest call's day on (`kept_before`); step 4 adds
+/// Step 3 deletes the daily rollups from `Rebuild::rollups`' day on; step 4 adds
 /// `Totals::rows` to daily_rollups with these columns (a kept day of the old zone may have
 /// the key of a day of the new one).
 pub fn insert_columns() -> String {
@@ -244,10 +246,39 @@ fn sums(d: Dialect) -> String {
     std::iter::once("calls").chain(ROLLED.iter().copied()).map(|c| d.sum(c)).collect::<Vec<_>>().join(", ")
 }
 
-/// The first day whose daily rollups a rebuild recomputes: the oldest settled call's, in
-/// `keyed_in`, the calendar the stored rollups are keyed in.
-pub fn kept_before(keyed_in: &Calendar, oldest: Micros) -> String {
-    keyed_in.period_key(Period::Daily, oldest)
+/// What a rebuild (`rebuild_counters`, a timezone change, the migration's backfill) keeps and
+/// what it recomputes from the rows. After a purge (`Horizon`) every settled call that started
+/// from its horizon on is rolled up on its day or a later one, and the days before hold only
+/// calls that started before it, so each call is counted once: from its row or from the kept
+/// rollups. (A call that ran through both a purge and a timezone change may be rolled up on the
+/// wrong side of the horizon's day; no call runs that long.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    /// The daily rollups from this day on (a key in the calendar they are keyed in until now)
+    /// are recomputed from the settled calls started from `rows_from` on (None: no row is
+    /// left, the rollups stay as they are). The days before keep their rollups: their rows
+    /// were purged, or deleted by hand before the oldest row left.
+    pub rollups: Option<String>,
+    /// The counters are the usage in the daily rollups of the days before the horizon's
+    /// (nothing else knows those days' calls any more), plus that of the counted calls started
+    /// from `rows_from` on. Without a purge, counters are the rows' alone.
+    pub usage_before: Option<String>,
+    pub rows_from: Micros,
+}
+
+impl Rebuild {
+    /// The totals of the rows to roll up: on their days in `cal`, but none before the horizon's
+    /// day (a zone behind the purge's puts its first hours on the day before).
+    pub fn totals(&self) -> Totals {
+        Totals { days_from: self.usage_before.clone(), ..Totals::default() }
+    }
+}
+
+/// The plan of a rebuild after purges up to `horizon` (if any), when the oldest settled call
+/// started at `oldest` (if any); `keyed_in` is the calendar the stored rollups are keyed in.
+pub fn rebuild_plan(horizon: Option<Horizon>, oldest: Option<Micros>, keyed_in: &Calendar) -> Rebuild {
+    let rollups = oldest.map(|oldest| day_key(keyed_in.local_date(oldest).max(horizon.map_or(NaiveDate::MIN, |h| h.day))));
+    Rebuild { rollups, usage_before: horizon.map(|h| day_key(h.day)), rows_from: horizon.map_or(Micros::MIN, |h| h.before) }
 }
 
 /// (day, tenant ('' for none), agent, model, status)
@@ -255,22 +286,28 @@ pub type RollupKey = [String; 5];
 /// calls, then `ROLLED` in order.
 pub type RollupValues = Vec<i64>;
 
-/// Daily totals accumulated from execution rows (`source_sql`).
+/// Daily totals accumulated from execution rows (`source_sql`), on no day before `days_from`.
 #[derive(Default)]
-pub struct Totals(HashMap<RollupKey, RollupValues>);
+pub struct Totals {
+    days: HashMap<RollupKey, RollupValues>,
+    days_from: Option<String>,
+}
 
 impl Totals {
     pub fn add_row(&mut self, cal: &Calendar, started_at: Micros, key: [String; 4], values: &[i64]) {
         let [tenant, agent, model, status] = key;
-        let k = [cal.period_key(Period::Daily, started_at), tenant, agent, model, status];
-        let t = self.0.entry(k).or_insert_with(|| vec![0; ROLLED.len() + 1]);
+        let day = match (cal.period_key(Period::Daily, started_at), &self.days_from) {
+            (day, Some(from)) if day < *from => from.clone(),
+            (day, _) => day,
+        };
+        let t = self.days.entry([day, tenant, agent, model, status]).or_insert_with(|| vec![0; ROLLED.len() + 1]);
         t[0] += 1;
         for (t, v) in t[1..].iter_mut().zip(values) {
             *t = t.saturating_add(*v);
         }
     }
     pub fn rows(self) -> impl Iterator<Item = (RollupKey, RollupValues)> {
-        self.0.into_iter()
+        self.days.into_iter()
     }
 }
 
@@ -742,24 +779,7 @@ pub(crate) mod tests {
                 metadata: "{}".into(),
                 ..Default::default()
             };
-            let global = if rng.u8(..10) == 0 { &closed } else { &open };
-            let admitted = store
-                .admit(&AdmitRequest {
-                    execution: &e,
-                    plan: budget::Plan { global, agent: &e.agent, tenant_id: e.tenant_id.as_deref(), tenant_override: None },
-                    estimate: budget::estimate(Nanos(1000), 10),
-                    reservation_expires_at: t + 3_600_000_000,
-                    breaker_keys: &[],
-                    probe_lease: 1,
-                    calendar: &cal,
-                    now: t,
-                    rate_window: 60_000_000,
-                    record_rate_limited: true,
-                    remember_tenant: false,
-                    tenant_name: None,
-                })
-                .unwrap();
-            if !matches!(admitted, Admitted::Go { .. }) {
+            if !admit(store, &e, &cal, if rng.u8(..10) == 0 { &closed } else { &open }) {
                 continue;
             }
             // One call in ten is left unsettled for now: the next admission after its lease
@@ -818,6 +838,113 @@ pub(crate) mod tests {
             if !by.is_empty() {
                 assert_eq!(reopened.query_grouped(q, by, agg).unwrap(), reopened.query_grouped(&rows, by, agg).unwrap(), "{q:?} {by:?} {agg:?}");
             }
+        }
+    }
+
+    /// Admits `e` under `global` at its start (a lease of an hour); whether it may go.
+    fn admit(store: &dyn Store, e: &NewExecution, cal: &Calendar, global: &GlobalBudgets) -> bool {
+        let admitted = store
+            .admit(&AdmitRequest {
+                execution: e,
+                plan: budget::Plan { global, agent: &e.agent, tenant_id: e.tenant_id.as_deref(), tenant_override: None },
+                estimate: budget::estimate(Nanos(1000), 10),
+                reservation_expires_at: e.started_at + 3_600_000_000,
+                breaker_keys: &[],
+                probe_lease: 1,
+                calendar: cal,
+                now: e.started_at,
+                rate_window: 60_000_000,
+                record_rate_limited: true,
+                remember_tenant: false,
+                tenant_name: None,
+            })
+            .unwrap();
+        matches!(admitted, Admitted::Go { .. })
+    }
+
+    /// Shared by both stores' tests (issue 19): a purge whose cutoff falls inside a day deletes
+    /// the whole days before it, and `rebuild_counters` afterwards leaves every whole-day total,
+    /// daily total and counter (this month's too) as it was, also for a call that ran through
+    /// the purge and was settled after it; after zone changes each call is still counted once.
+    pub(crate) fn rebuild_after_a_purge_keeps_totals_and_counters(store: &dyn Store) {
+        let cal = Calendar::new("America/New_York").unwrap();
+        store.set_timezone(&cal).unwrap();
+        let mut rng = fastrand::Rng::with_seed(19);
+        let v7 = |t: Micros| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, (t / 1_000_000) as u64, (t % 1_000_000 * 1000) as u32)).to_string();
+        let day = |d: u32| cal.start_of(NaiveDate::from_ymd_opt(2026, 11, d).unwrap());
+        let hour = 3_600_000_000;
+        let open = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(i64::MAX / 4)), ..Default::default() }, ..Default::default() };
+        let closed = GlobalBudgets { limits: Limits { daily_executions: Some(0), ..Default::default() }, ..Default::default() };
+        let execution = |t: Micros, i: usize| NewExecution {
+            id: v7(t),
+            agent: ["A", "B"][i % 2].into(),
+            model_id: "mock/x".into(),
+            provider: "mock".into(),
+            tenant_id: [None, Some("acme"), Some("beta")][i % 3].map(str::to_string),
+            started_at: t,
+            metadata: "{}".into(),
+            ..Default::default()
+        };
+        // Every hour from Nov 8 to Nov 11 (New York), one call in eight refused.
+        for i in 0..96 {
+            let e = execution(day(8) + (i as i64) * hour + hour / 2, i);
+            if admit(store, &e, &cal, if i % 8 == 0 { &closed } else { &open }) {
+                settle(store, &e, &cal, &mut rng);
+            }
+        }
+        // Started on Nov 9, still running when the purge comes.
+        let late = execution(day(9) + 5 * hour, 1);
+        assert!(admit(store, &late, &cal, &open));
+
+        let f = |n: &str| Field::parse(n).unwrap();
+        let whole_days = Filter::Range(f("started_at"), Some(day(8)), Some(day(12)));
+        let queries: Vec<(Query, Vec<GroupKey>, Aggregate)> = vec![
+            (Query { filters: vec![whole_days.clone()], ..Default::default() }, vec![GroupKey::Field(f("tenant_id"))], Aggregate::Count),
+            (Query { filters: vec![whole_days.clone()], ..Default::default() }, vec![GroupKey::Day, GroupKey::Field(f("status"))], Aggregate::Sum(f("total_cost"))),
+            (Query { filters: vec![whole_days], ..Default::default() }, vec![GroupKey::Field(f("agent"))], Aggregate::Sum(f("total_tokens"))),
+            (Query::default(), vec![GroupKey::Day], Aggregate::Count),
+        ];
+        let scopes = ["global", "agent:A", "agent:B", "tenant:acme", "tenant:beta"];
+        let counters = || -> Vec<(String, String, budget::Usage)> {
+            let mut out = Vec::new();
+            for scope in scopes {
+                out.push((scope.to_string(), "2026-11".to_string(), store.usage(scope, "2026-11").unwrap()));
+                out.extend(store.usage_daily(scope, "2026-11-01").unwrap().into_iter().map(|(d, u)| (scope.to_string(), d, u)));
+            }
+            out
+        };
+        let (answers_before, counters_before) = (answers(store, &queries), counters());
+        assert!(counters_before.iter().any(|(s, p, u)| s == "tenant:acme" && p == "2026-11-08" && u.executions > 0));
+
+        // Executions older than Nov 10, 13:00: the whole days before Nov 10 go, Nov 10 stays.
+        let rows = |from: Micros| {
+            let q = Query { filters: vec![Filter::Range(f("started_at"), Some(from), None)], ..Default::default() };
+            store.query_rows(&q).unwrap().len()
+        };
+        let (all, kept) = (rows(day(1)), rows(day(10)));
+        let done = store.purge_batch(None, Some(day(10) + 13 * hour), 500).unwrap();
+        assert_eq!(done.executions as usize, all - kept - 1);
+        assert_eq!(rows(day(10)), kept);
+        assert_eq!(rows(day(1)), kept + 1, "only the running call is left of the purged days");
+        assert_eq!((answers(store, &queries), counters()), (answers_before, counters_before));
+
+        settle(store, &late, &cal, &mut rng);
+        let (answers_before, counters_before) = (answers(store, &queries), counters());
+        store.rebuild_counters().unwrap();
+        assert_eq!(answers(store, &queries), answers_before);
+        assert_eq!(counters(), counters_before);
+        store.rebuild_counters().unwrap();
+        assert_eq!(counters(), counters_before);
+
+        // Other zones move calls between days and keep the purged days' keys; a month's counter
+        // still counts each call once, whichever way the zone moves.
+        let month = |scope: &str| store.usage(scope, "2026-11").unwrap();
+        let months: Vec<budget::Usage> = scopes.iter().map(|s| month(s)).collect();
+        for zone in ["America/Los_Angeles", "Asia/Kolkata", "America/New_York"] {
+            store.set_timezone(&Calendar::new(zone).unwrap()).unwrap();
+            assert_eq!(scopes.iter().map(|s| month(s)).collect::<Vec<_>>(), months, "{zone}");
+            store.rebuild_counters().unwrap();
+            assert_eq!(scopes.iter().map(|s| month(s)).collect::<Vec<_>>(), months, "{zone}");
         }
     }
 

@@ -19,7 +19,7 @@ use super::tenant_list;
 use checkpointer::{spawn_checkpointer, Checkpointer, WalShared};
 use super::{
     all_columns, blocked, budget_on_conflict, calendar_of, counted_executions_sql, decode_keys, encode_keys, first_admitted, keyed_like, rate_limited,
-    rekey, short_circuited, usage_keys, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
+    rekey, short_circuited, usage_keys, day_usage_keys, kept_usage_sql, AdmitRequest, Admitted, Alert, BreakerKey, BreakerStatus, BudgetWrite, Choice, CounterKey, FinishRequest, Purged,
     Store, BUDGET_COLUMNS, SEEN_COLUMNS, TIMEZONE_SQL, CACHE_GET_SQL, CACHE_PUT_SQL, CACHE_SWEEP_SQL,
 };
 use crate::breaker::{self, Admission, Phase};
@@ -210,7 +210,7 @@ fn migrate(conn: &mut Connection, path: &str, timezone: &str) -> Result<()> {
     tx.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('timezone', ?1)", [timezone])?;
     if (current as usize) < rollups::MIGRATION {
         let cal = calendar_of(stored_timezone(&tx)?)?;
-        rebuild_rollups(&tx, &cal, &cal)?;
+        rebuild_rollups(&tx, &rebuild_plan(&tx, &cal)?, &cal)?;
     }
     tx.commit()?;
     Ok(())
@@ -984,15 +984,33 @@ fn stored_timezone(c: &Connection) -> Result<Option<String>> {
 /// Recomputes every counter and the rollups from the executions in `cal`'s periods (see
 /// `Store::rebuild_counters`); `keyed_in` is the calendar they were keyed in until now.
 fn rebuild(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<usize> {
+    let plan = rebuild_plan(tx, keyed_in)?;
+    rebuild_rollups(tx, &plan, cal)?;
     let mut totals: HashMap<CounterKey, budget::Usage> = HashMap::new();
+    if let Some(before) = &plan.usage_before {
+        let mut stmt = tx.prepare(&kept_usage_sql(Dialect::Sqlite))?;
+        let mut rows = stmt.query([before])?;
+        while let Some(r) = rows.next()? {
+            let (day, tenant, agent): (String, Option<String>, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let u = budget::Usage { executions: r.get(3)?, cost: Nanos(r.get(4)?), tokens: r.get(5)? };
+            for key in day_usage_keys(tenant.as_deref(), &agent, &day) {
+                let t = totals.entry(key).or_default();
+                *t = t.plus(&u);
+            }
+        }
+    }
     {
         let mut stmt = tx.prepare(&counted_executions_sql())?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
+            let started_at: Micros = r.get(2)?;
+            if started_at < plan.rows_from {
+                continue;
+            }
             let tenant: Option<String> = r.get(0)?;
             let agent: String = r.get(1)?;
             let u = budget::estimate(Nanos(r.get(3)?), r.get(4)?);
-            for key in usage_keys(cal, tenant.as_deref(), &agent, r.get(2)?) {
+            for key in usage_keys(cal, tenant.as_deref(), &agent, started_at) {
                 let t = totals.entry(key).or_default();
                 *t = t.plus(&u);
             }
@@ -1025,29 +1043,38 @@ fn rebuild(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<usize
         };
         bump(tx, &keys.iter().map(|key| Bump { key, used: budget::Usage::default(), reserve: *est }).collect::<Vec<_>>())?;
     }
-    rebuild_rollups(tx, keyed_in, cal)?;
     Ok(totals.len())
 }
 
-/// Recomputes the daily rollups from the oldest settled call's day on, in `cal`'s periods,
-/// and every monthly one and daily total (see `rollups::OLDEST_SQL`); `keyed_in` is the
-/// calendar of the stored rollups.
-fn rebuild_rollups(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<()> {
+/// What a rebuild of rollups keyed in `keyed_in` keeps (`rollups::rebuild_plan`).
+fn rebuild_plan(tx: &Connection, keyed_in: &Calendar) -> Result<rollups::Rebuild> {
+    use super::retention::{sqlite::CURSOR_GET, Horizon, HORIZON};
+    let horizon: Option<String> = tx.prepare_cached(CURSOR_GET)?.query_row([HORIZON], |r| r.get(0)).optional()?;
     let oldest: Option<Micros> = tx.query_row(rollups::OLDEST_SQL, [], |r| r.get(0))?;
-    let Some(oldest) = oldest else { return Ok(()) };
-    let mut totals = rollups::Totals::default();
+    Ok(rollups::rebuild_plan(horizon.as_deref().and_then(Horizon::decode), oldest, keyed_in))
+}
+
+/// Recomputes the daily rollups `plan` says, in `cal`'s periods, and every monthly one and
+/// daily total (see `rollups::OLDEST_SQL`).
+fn rebuild_rollups(tx: &Connection, plan: &rollups::Rebuild, cal: &Calendar) -> Result<()> {
+    let Some(first_day) = &plan.rollups else { return Ok(()) };
+    let mut totals = plan.totals();
     {
         let mut stmt = tx.prepare(&rollups::source_sql())?;
         let mut rows = stmt.query([])?;
         let mut values = vec![0; ROLLED.len()];
         while let Some(r) = rows.next()? {
+            let started_at: Micros = r.get(0)?;
+            if started_at < plan.rows_from {
+                continue;
+            }
             for (i, v) in values.iter_mut().enumerate() {
                 *v = r.get(5 + i)?;
             }
-            totals.add_row(cal, r.get(0)?, [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?], &values);
+            totals.add_row(cal, started_at, [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?], &values);
         }
     }
-    tx.execute("DELETE FROM daily_rollups WHERE period >= ?1", [rollups::kept_before(keyed_in, oldest)])?;
+    tx.execute("DELETE FROM daily_rollups WHERE period >= ?1", [first_day])?;
     let placeholders: Vec<String> = (1..=ROLLED.len() + 6).map(|i| format!("?{i}")).collect();
     let mut insert = tx.prepare(&format!(
         "INSERT INTO daily_rollups ({}) VALUES ({}) {}",
@@ -1293,15 +1320,21 @@ fn scan(c: &Connection, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calen
 
 impl Store for SqliteStore {
     fn purge_batch(&self, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged> {
-        use super::retention::{id_before, sqlite as sql, CURSOR};
+        use super::retention::{id_before, sqlite as sql, Horizon, CURSOR, HORIZON};
         let mut out = Purged::default();
         if let Some(t) = executions_before {
             out.executions = self.purge_in_chunks(limit, |tx, n| {
-                let (last, n): (Option<String>, i64) =
-                    tx.prepare_cached(sql::EXECUTIONS_BATCH)?.query_row(params![id_before(t), n], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let horizon = Horizon::of(&calendar_of(stored_timezone(tx)?)?, t);
+                let (last, n): (Option<String>, i64) = tx
+                    .prepare_cached(sql::EXECUTIONS_BATCH)?
+                    .query_row(params![id_before(horizon.before), n], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 if let Some(last) = last {
                     tx.prepare_cached(sql::DELETE_EXECUTION_DETAILS)?.execute(params![last])?;
                     tx.prepare_cached(sql::DELETE_EXECUTIONS)?.execute(params![last])?;
+                    let stored: Option<String> = tx.prepare_cached(sql::CURSOR_GET)?.query_row(params![HORIZON], |r| r.get(0)).optional()?;
+                    if horizon.advances(stored.as_deref()) {
+                        tx.prepare_cached(sql::CURSOR_SET)?.execute(params![HORIZON, horizon.encode()])?;
+                    }
                 }
                 Ok(n)
             })?;
@@ -1324,9 +1357,10 @@ impl Store for SqliteStore {
     }
 
     fn purge_preview(&self, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged> {
-        use super::retention::{id_before, sqlite as sql, CURSOR};
+        use super::retention::{id_before, sqlite as sql, Horizon, CURSOR};
         self.read(|c| {
-            let deleted = executions_before.map(id_before);
+            let cal = calendar_of(stored_timezone(c)?)?;
+            let deleted = executions_before.map(|t| id_before(Horizon::of(&cal, t).before));
             let executions = match &deleted {
                 Some(id) => c.prepare_cached(sql::COUNT_EXECUTIONS)?.query_row(params![id], |r| r.get(0))?,
                 None => 0,
@@ -1890,7 +1924,8 @@ mod tests {
             .unwrap();
         let purge = |limit| {
             let waits = lock_waits::so_far().0;
-            let done = store.purge_batch(None, Some(old + 1000), limit).unwrap();
+            // Purges go by whole days: up to the start of today, after every row.
+            let done = store.purge_batch(None, Some(now_micros()), limit).unwrap();
             (done.executions, lock_waits::so_far().0 - waits)
         };
         // As if a call waited all along: 100 rows in chunks of 16, standing aside after each
@@ -2014,6 +2049,13 @@ mod tests {
         };
         let open_again = || Box::new(SqliteStore::open(path, "UTC").unwrap()) as Box<dyn Store>;
         super::super::rollups::tests::rollups_answer_like_rows(&store, &sql, &open_again);
+    }
+
+    #[test]
+    fn rebuild_after_a_purge_keeps_totals_and_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
+        super::super::rollups::tests::rebuild_after_a_purge_keeps_totals_and_counters(&store);
     }
 
     /// Settlement adds a call to its rollups from the values it closed the row with, not by

@@ -2,7 +2,7 @@
 
 use super::connect::PgResult;
 use super::db::Tx;
-use super::rebuild::{rebuild_rollups, stored_timezone};
+use super::rebuild::{rebuild_plan, rebuild_rollups, stored_timezone};
 use crate::error::Error;
 use crate::store::pg_schema::MIGRATIONS;
 use crate::store::{calendar_of, rollups};
@@ -46,7 +46,8 @@ pub(super) fn migrate(tx: &mut Tx<'_>, timezone: &str) -> PgResult<()> {
     tx.execute("INSERT INTO settings (name, value) VALUES ('timezone', $1) ON CONFLICT (name) DO NOTHING", &[&timezone])?;
     if (current.max(0) as usize) < rollups::MIGRATION {
         let cal = calendar_of(stored_timezone(tx)?)?;
-        rebuild_rollups(tx, &cal, &cal)?;
+        let plan = rebuild_plan(tx, &cal)?;
+        rebuild_rollups(tx, &plan, &cal)?;
     }
     Ok(())
 }

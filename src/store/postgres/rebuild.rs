@@ -12,7 +12,7 @@ use crate::clock::{Calendar, DEFAULT_TIMEZONE};
 use crate::error::Result;
 use crate::money::Nanos;
 use crate::store::rollups::{self, Dialect, ROLLED};
-use crate::store::{calendar_of, counted_executions_sql, encode_keys, rekey, usage_keys, TIMEZONE_SQL};
+use crate::store::{calendar_of, counted_executions_sql, day_usage_keys, encode_keys, kept_usage_sql, rekey, usage_keys, TIMEZONE_SQL};
 
 /// The stored timezone. In a write it must be the first statement: `set_timezone` holds the
 /// settings table exclusively while it rebuilds, so a write that read the old zone finishes
@@ -27,14 +27,30 @@ pub(super) fn rebuild(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> P
     // No call is admitted or settled meanwhile (plain reads go on). Same table order as
     // `admit` and `finish` take them in.
     db.c.batch_execute("LOCK TABLE reservations, usage_counters IN EXCLUSIVE MODE")?;
+    let plan = rebuild_plan(db, keyed_in)?;
+    rebuild_rollups(db, &plan, cal)?;
     let mut deltas = Deltas::new();
+    if let Some(before) = &plan.usage_before {
+        for r in db.query(&kept_usage_sql(Dialect::Postgres), &[before])? {
+            let (day, tenant, agent): (String, Option<String>, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let u = budget::Usage { executions: r.try_get(3)?, cost: Nanos(r.try_get(4)?), tokens: r.try_get(5)? };
+            for key in day_usage_keys(tenant.as_deref(), &agent, &day) {
+                let d = deltas.entry(key).or_default();
+                d.used = d.used.plus(&u);
+            }
+        }
+    }
     {
         let mut rows = db.c.query_typed_raw(&counted_executions_sql(), std::iter::empty::<(&(dyn ToSql + Sync), Type)>())?;
         while let Some(r) = rows.next()? {
+            let started_at: i64 = r.try_get(2)?;
+            if started_at < plan.rows_from {
+                continue;
+            }
             let tenant: Option<String> = r.try_get(0)?;
             let agent: String = r.try_get(1)?;
             let u = budget::estimate(Nanos(r.try_get(3)?), r.try_get(4)?);
-            for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
+            for key in usage_keys(cal, tenant.as_deref(), &agent, started_at) {
                 let d = deltas.entry(key).or_default();
                 d.used = d.used.plus(&u);
             }
@@ -64,25 +80,34 @@ pub(super) fn rebuild(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> P
         }
     }
     bump(db, &deltas)?;
-    rebuild_rollups(db, keyed_in, cal)?;
     Ok(written)
 }
 
-/// Recomputes the daily rollups from the oldest settled call's day on, in `cal`'s periods,
-/// and every monthly one and daily total (see `rollups::OLDEST_SQL`); `keyed_in` is the
-/// calendar of the stored rollups.
-pub(super) fn rebuild_rollups(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> PgResult<()> {
+/// What a rebuild of rollups keyed in `keyed_in` keeps (`rollups::rebuild_plan`).
+pub(super) fn rebuild_plan(db: &mut Tx<'_>, keyed_in: &Calendar) -> PgResult<rollups::Rebuild> {
+    use crate::store::retention::{postgres::CURSOR_GET, Horizon, HORIZON};
+    let horizon: Option<String> = db.query_opt(CURSOR_GET, &[&HORIZON])?.map(|r| r.try_get(0)).transpose()?;
     let oldest: Option<i64> = db.query_one(rollups::OLDEST_SQL, &[])?.try_get(0)?;
-    let Some(oldest) = oldest else { return Ok(()) };
-    let mut totals = rollups::Totals::default();
+    Ok(rollups::rebuild_plan(horizon.as_deref().and_then(Horizon::decode), oldest, keyed_in))
+}
+
+/// Recomputes the daily rollups `plan` says, in `cal`'s periods, and every monthly one and
+/// daily total (see `rollups::OLDEST_SQL`).
+pub(super) fn rebuild_rollups(db: &mut Tx<'_>, plan: &rollups::Rebuild, cal: &Calendar) -> PgResult<()> {
+    let Some(first_day) = &plan.rollups else { return Ok(()) };
+    let mut totals = plan.totals();
     {
         let mut rows = db.c.query_typed_raw(&rollups::source_sql(), std::iter::empty::<(&(dyn ToSql + Sync), Type)>())?;
         while let Some(r) = rows.next()? {
+            let started_at: i64 = r.try_get(0)?;
+            if started_at < plan.rows_from {
+                continue;
+            }
             let values = (0..ROLLED.len()).map(|i| r.try_get(5 + i)).collect::<std::result::Result<Vec<i64>, _>>()?;
-            totals.add_row(cal, r.try_get(0)?, [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?], &values);
+            totals.add_row(cal, started_at, [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?], &values);
         }
     }
-    db.execute("DELETE FROM daily_rollups WHERE period >= $1", &[&rollups::kept_before(keyed_in, oldest)])?;
+    db.execute("DELETE FROM daily_rollups WHERE period >= $1", &[first_day])?;
     let rows: Vec<_> = totals.rows().collect();
     for chunk in rows.chunks(10_000) {
         let texts: Vec<Vec<&str>> = (0..5).map(|i| chunk.iter().map(|(k, _)| k[i].as_str()).collect()).collect();

@@ -1,23 +1,28 @@
 //! Retention: purging old executions and their details in batches (`crate::retention`).
 
 use super::db::OnCommitLoss;
+use super::rebuild::stored_timezone;
 use super::PostgresStore;
 use crate::clock::Micros;
 use crate::error::Result;
-use crate::store::Purged;
+use crate::store::{calendar_of, Purged};
 
 pub(super) fn purge_batch(store: &PostgresStore, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged> {
-    use crate::store::retention::{id_before, postgres as sql, CURSOR};
+    use crate::store::retention::{id_before, postgres as sql, Horizon, CURSOR, HORIZON};
     let mut out = Purged::default();
     if let Some(t) = executions_before {
-        let cutoff = id_before(t);
         // Deleting what is already deleted deletes nothing: running it again is safe.
         out.executions = store.write(OnCommitLoss::Rerun, |db| {
-            let r = db.query_one(sql::EXECUTIONS_BATCH, &[&cutoff, &limit])?;
+            let horizon = Horizon::of(&calendar_of(stored_timezone(db)?)?, t);
+            let r = db.query_one(sql::EXECUTIONS_BATCH, &[&id_before(horizon.before), &limit])?;
             let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
             if let Some(last) = last {
                 db.execute(sql::DELETE_EXECUTION_DETAILS, &[&last])?;
                 db.execute(sql::DELETE_EXECUTIONS, &[&last])?;
+                let stored: Option<String> = db.query_opt(sql::CURSOR_GET, &[&HORIZON])?.map(|r| r.try_get(0)).transpose()?;
+                if horizon.advances(stored.as_deref()) {
+                    db.execute(sql::CURSOR_SET, &[&HORIZON, &horizon.encode()])?;
+                }
             }
             Ok(n)
         })?;
@@ -43,10 +48,11 @@ pub(super) fn purge_batch(store: &PostgresStore, details_before: Option<Micros>,
 }
 
 pub(super) fn purge_preview(store: &PostgresStore, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged> {
-    use crate::store::retention::{id_before, postgres as sql, CURSOR};
-    let deleted = executions_before.map(id_before);
+    use crate::store::retention::{id_before, postgres as sql, Horizon, CURSOR};
     let details_cutoff = details_before.map(id_before);
     store.read(move |db| {
+        let cal = calendar_of(stored_timezone(db)?)?;
+        let deleted = executions_before.map(|t| id_before(Horizon::of(&cal, t).before));
         let executions: i64 = match &deleted {
             Some(id) => db.query_one(sql::COUNT_EXECUTIONS, &[id])?.try_get(0)?,
             None => 0,

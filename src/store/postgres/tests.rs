@@ -504,6 +504,13 @@ fn queries_match_the_sqlite_store() {
 
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn rebuild_after_a_purge_keeps_totals_and_counters() {
+    let db = TestDb::new();
+    super::super::rollups::tests::rebuild_after_a_purge_keeps_totals_and_counters(&db.open());
+}
+
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn rollups_answer_like_rows_and_survive_purges() {
     let db = TestDb::new();
     let store = db.open();
