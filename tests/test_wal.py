@@ -150,7 +150,7 @@ def test_calls_in_bursts_with_pauses_never_wait_on_the_checkpointer(db_path: Pat
     for _ in range(4):
         for n in range(250):
             Writer.call(n=n, tenant="w")
-        # Long enough for a pass and its syncs on a loaded machine (20-50 ms sufficed at load 5).
+        # Long enough for a pass and its syncs on a loaded machine (50 ms mostly was, 20 ms not).
         time.sleep(0.5)
     count, total = tl._core.lock_waits()
     count, total = count - waits, total - waited

@@ -41,11 +41,12 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// small, and the restart that follows has little left to copy.
 const CATCH_UP_EVERY: Duration = Duration::from_millis(10);
 /// WAL frames (pages) past which the checkpointer makes writers start the WAL over (~31 MB of
-/// 4 kB pages). Writes that pause for a pass and its syncs (20-50 ms sufficed here, loaded) let
-/// SQLite start the WAL over by itself, with no call waiting, as long as they pause before this.
+/// 4 kB pages). Writes that pause for a pass and its syncs (most 50 ms pauses here, loaded; few
+/// 20 ms ones) let SQLite start the WAL over by itself, with no call waiting, as long as they
+/// pause before this.
 /// Under writes that never pause each restart makes one call wait (1-8 ms here): no restart can
 /// hold writes for less than its copy and two fsyncs. At 2,000 frames one call in ~150 waited,
-/// and bursts of 100 calls with 50 ms pauses had 3-18 of 6,000 wait; here one in ~570, and
+/// and bursts of 100 calls with 50 ms pauses had 3-19 of 6,000 wait; here one in ~570, and
 /// none. What it costs: SQLite's WAL index hashes each frame by its page, and the pages every
 /// call rewrites make probe chains that grow with the frames since the WAL started over
 /// (`walIndexAppend` ~11K instructions a call at 2,000 frames, ~39K at 8,000), so while the WAL
