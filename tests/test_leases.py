@@ -199,17 +199,7 @@ GUARDED_CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "budgeted",
-    [
-        True,
-        pytest.param(
-            False,
-            # tenantllm_admit writes no reservation for a call without budget counters, so
-            # nothing closes the row (NOTES.md, leases: what the functions need).
-            marks=pytest.mark.xfail(
-                pg_everywhere.ACTIVE, strict=True, reason="PostgreSQL: an unbudgeted call has no reservation"
-            ),
-        ),
-    ],
+    [True, False],
     ids=["budgeted", "unbudgeted"],
 )
 def test_a_killed_process_s_guarded_call_is_closed_when_its_lease_ends(short_lease: Path, budgeted: bool) -> None:

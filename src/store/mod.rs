@@ -69,8 +69,10 @@ impl BreakerKey {
 pub enum Admitted {
     /// Reservation and a `running` execution row are written; start with model `model_index`.
     /// `rate_scopes` are the scopes whose admission log has this call (its tokens are
-    /// corrected at settlement); `reserved` tells whether a reservation was written (budget
-    /// counters or `max_concurrent` apply), which settlement must release.
+    /// corrected at settlement); `reserved` tells whether settlement must release the
+    /// call's reservation as one that may hold something (budget counters, a `max_concurrent`
+    /// slot) and may have been taken over. Every call has a reservation; SQLite settles one
+    /// that holds nothing by a plain delete, PostgreSQL settles every one alike (always true).
     Go { model_index: usize, probe: bool, checks: Vec<Check>, warnings: Vec<Breach>, rate_scopes: Vec<String>, reserved: bool },
     /// A hard limit would be passed; a `blocked` row is written.
     Blocked(Breach),

@@ -1329,4 +1329,108 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 19: every call in flight has a reservation, as on SQLite (its migration 19): a call with
+    // no budget counters got none, so when its process died (OOM killer, SIGKILL) nothing
+    // closed its row, which stayed 'running' for ever. Now its empty reservation's lease, renewed
+    // while the process lives, expires and the next admission closes the row as abandoned.
+    // Calls running now get a lease ending an hour after the migration, so calls of processes
+    // still on the earlier version can finish.
+    r#"
+    -- As migration 18's, with the reservation written before the calls without counters return.
+    CREATE OR REPLACE FUNCTION tenantllm_admit(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[], p_hard_periods TEXT[], p_hard_metrics INT[],
+        p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_counters TEXT,
+        p_expires_at BIGINT, p_breaker TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        OUT outcome TEXT, OUT usage BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_row BIGINT[];
+        v_refused BOOLEAN := false;
+        v_set TEXT;
+    BEGIN
+        -- Before any statement that could wait for a lock (the settings table is locked
+        -- while the timezone changes: rebuild.rs).
+        -- An assignment, not PERFORM: PL/pgSQL evaluates it without starting an executor.
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        -- The timezone first, as in every write (see rebuild.rs `stored_timezone`).
+        outcome := CASE
+            WHEN (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN 'timezone'
+            WHEN p_budget_tenant IS NOT NULL AND (SELECT xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = p_budget_tenant)
+                IS DISTINCT FROM p_budget_stamp THEN 'budget'
+            WHEN EXISTS (SELECT 1 FROM reservations WHERE expires_at <= p_now) THEN 'expired'
+            WHEN EXISTS (SELECT 1 FROM breakers WHERE key = p_breaker AND phase <> 'closed') THEN 'breaker'
+        END;
+        IF outcome IS NOT NULL THEN
+            RETURN;
+        END IF;
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        outcome := 'go';
+        usage := '{}';
+        -- Every call in flight has a reservation, holding nothing when it has no counters:
+        -- its lease, renewed while its process lives, is what closes its row once that
+        -- process dies.
+        INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+        VALUES (p_id, p_counters, p_cost, p_tokens, p_executions, p_expires_at);
+        IF cardinality(p_scopes) = 0 THEN
+            RETURN;
+        END IF;
+        -- One counter at a time, in the order admission.rs locks them (counters.rs
+        -- `lock_counters`), so no two calls wait on each other in a cycle: each UPDATE locks its
+        -- row and adds the estimate; the first use of a counter creates it. usage gets the
+        -- counter's values before this call's estimate. A sum past 64 bits raises an error,
+        -- undoing everything: the Rust transaction then decides (server_side.rs).
+        FOR i IN 1..cardinality(p_scopes) LOOP
+            UPDATE usage_counters SET reserved_cost = reserved_cost + p_cost, reserved_tokens = reserved_tokens + p_tokens,
+                reserved_executions = reserved_executions + p_executions
+            WHERE scope = p_scopes[i] AND period = p_periods[i]
+            RETURNING ARRAY[cost, tokens, executions, reserved_cost - p_cost, reserved_tokens - p_tokens,
+                reserved_executions - p_executions] INTO v_row;
+            IF NOT FOUND THEN
+                INSERT INTO usage_counters AS c (scope, period, reserved_cost, reserved_tokens, reserved_executions)
+                VALUES (p_scopes[i], p_periods[i], p_cost, p_tokens, p_executions)
+                ON CONFLICT (scope, period) DO UPDATE SET reserved_cost = c.reserved_cost + p_cost,
+                    reserved_tokens = c.reserved_tokens + p_tokens, reserved_executions = c.reserved_executions + p_executions
+                RETURNING ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost - p_cost, c.reserved_tokens - p_tokens,
+                    c.reserved_executions - p_executions] INTO v_row;
+            END IF;
+            usage := usage || v_row;
+            -- In NUMERIC, so no sum overflows; at a 64-bit limit this may refuse where Rust's
+            -- saturating sums would not, and the Rust transaction then decides.
+            FOR h IN 1..cardinality(p_hard_scopes) LOOP
+                IF p_hard_scopes[h] = p_scopes[i] AND p_hard_periods[h] = p_periods[i]
+                    AND v_row[1 + p_hard_metrics[h]]::NUMERIC + v_row[4 + p_hard_metrics[h]]
+                        + (CASE p_hard_metrics[h] WHEN 0 THEN p_cost WHEN 1 THEN p_tokens ELSE p_executions END) > p_hard_limits[h] THEN
+                    v_refused := true;
+                END IF;
+            END LOOP;
+        END LOOP;
+        IF v_refused THEN
+            -- The estimates come off again: a refusal leaves the counters as they were.
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(p_scopes, p_periods) AS k(scope, period) WHERE c.scope = k.scope AND c.period = k.period;
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := 'refused';
+            usage := NULL;
+        END IF;
+    END
+    $fn$;
+
+    INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+    SELECT id, '', 0, 0, 0, (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT + 3600000000
+    FROM executions WHERE status = 'running'
+    ON CONFLICT (execution_id) DO NOTHING;
+    "#,
 ];

@@ -116,16 +116,15 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Adm
             d.reserved = d.reserved.plus(&req.estimate);
         }
         bump(db, &deltas)?;
+        // Every call in flight has a reservation, holding nothing when it has no counters or
+        // slot: its lease is what closes its row once its process dies.
         let concurrency = ratelimit::concurrency_scope(&rate_checks);
-        let reserved = !checked.is_empty() || concurrency.is_some();
-        if reserved {
-            let est = &req.estimate;
-            db.execute(
-                "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[&e.id, &encode_keys(checked.iter()), &est.cost.0, &est.tokens, &est.executions, &req.reservation_expires_at, &concurrency],
-            )?;
-        }
+        let est = &req.estimate;
+        db.execute(
+            "INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at, concurrency_scope)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&e.id, &encode_keys(checked.iter()), &est.cost.0, &est.tokens, &est.executions, &req.reservation_expires_at, &concurrency],
+        )?;
         let rate_scopes = ratelimit::window_scopes(&rate_checks);
         if !rate_scopes.is_empty() {
             // Counted in the totals unless this call's clock is behind their horizon.
@@ -138,7 +137,7 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Adm
             )?;
         }
         insert_execution(db, e)?;
-        Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved })
+        Ok(Admitted::Go { model_index, probe, checks, warnings, rate_scopes, reserved: true })
     })
 }
 

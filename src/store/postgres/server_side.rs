@@ -175,14 +175,14 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
             .unwrap_or_default()
     };
     let (_, warnings) = budget::evaluate(&checks, usage_of, est);
-    let reserved = !checked.is_empty();
     Ok(Some(Admitted::Go {
         model_index: 0,
         probe: false,
         checks,
         warnings,
         rate_scopes: vec![],
-        reserved,
+        // The function writes every call's reservation (migration 19).
+        reserved: true,
     }))
 }
 

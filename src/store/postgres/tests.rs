@@ -731,9 +731,9 @@ fn a_row_closed_again_moves_in_the_rollups() {
     let db = TestDb::new();
     let store = db.open();
     let e = execution("twice", T0);
-    assert!(matches!(admit_as(&store, &GlobalBudgets::default(), &e, &[], T0 + 60_000_000), Admitted::Go { reserved: false, .. }));
-    finish(&store, &e, &completion(Status::Success, T0 + 1, 1000), false, &[]);
-    finish(&store, &e, &completion(Status::Error, T0 + 2, 1000), false, &[]);
+    assert!(matches!(admit_as(&store, &GlobalBudgets::default(), &e, &[], T0 + 60_000_000), Admitted::Go { reserved: true, .. }));
+    finish(&store, &e, &completion(Status::Success, T0 + 1, 1000), true, &[]);
+    finish(&store, &e, &completion(Status::Error, T0 + 2, 1000), true, &[]);
     for table in ["daily_rollups", "daily_totals"] {
         let calls = |status: &str| db.scalar(&format!("SELECT COALESCE(SUM(calls), 0)::BIGINT FROM {table} WHERE status = '{status}'"));
         assert_eq!((calls("success"), calls("error")), (0, 1), "{table}");
@@ -860,7 +860,7 @@ fn round_trips_per_path() {
     let e = execution("ok", T0);
     assert!(matches!(admit_as(&store, &free, &e, &[], T0 + hour), Admitted::Go { .. }));
     counted.push(("admit", taken()));
-    finish(&store, &e, &completion(Status::Success, T0 + 1, 100), false, &[]);
+    finish(&store, &e, &completion(Status::Success, T0 + 1, 100), true, &[]);
     counted.push(("settle", taken()));
     // Refused by a budget: 600 of 1,000 taken, the next 600 would pass it.
     let budget = daily_limit(1000);
@@ -878,9 +878,9 @@ fn round_trips_per_path() {
     assert!(matches!(alerts.as_slice(), [Alert::Budget { threshold: 80, current, .. }] if current.cost == Nanos(850)), "{alerts:?}");
     // Sent once: another call over the threshold (860 of 1,000) raises nothing.
     let again = execution("again", T0 + 5);
-    assert!(matches!(admit_as(&store, &free, &again, &[], T0 + hour), Admitted::Go { reserved: false, .. }));
+    assert!(matches!(admit_as(&store, &free, &again, &[], T0 + hour), Admitted::Go { reserved: true, .. }));
     let c = completion(Status::Success, T0 + 6, 10);
-    let req = FinishRequest { execution: &again, completion: &c, reserved: false, checks: &checks, rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
+    let req = FinishRequest { execution: &again, completion: &c, reserved: true, checks: &checks, rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
     assert!(store.finish(&req).unwrap().is_empty());
     taken();
     // Rate limits: one request a minute.
@@ -901,13 +901,13 @@ fn round_trips_per_path() {
         let e = execution(&format!("fail{i}"), 3 * T0 + i);
         admit_as(&store, &free, &e, std::slice::from_ref(&key), 3 * T0 + hour);
         taken();
-        finish(&store, &e, &completion(Status::Error, 3 * T0 + i + 1, 0), false, &[BreakerOutcome { key: key.clone(), policy, success: false, probe: false }]);
+        finish(&store, &e, &completion(Status::Error, 3 * T0 + i + 1, 0), true, &[BreakerOutcome { key: key.clone(), policy, success: false, probe: false }]);
         counted.push((what, taken()));
     }
     let probe = execution("probe", 3 * T0 + 2_000_000);
     let Admitted::Go { probe: true, .. } = admit_as(&store, &free, &probe, std::slice::from_ref(&key), 3 * T0 + hour) else { panic!("no probe") };
     counted.push(("admit the half-open probe", taken()));
-    finish(&store, &probe, &completion(Status::Success, 3 * T0 + 2_000_001, 0), false, &[BreakerOutcome { key: key.clone(), policy, success: true, probe: true }]);
+    finish(&store, &probe, &completion(Status::Success, 3 * T0 + 2_000_001, 0), true, &[BreakerOutcome { key: key.clone(), policy, success: true, probe: true }]);
     counted.push(("settle the probe, closing the breaker", taken()));
     eprintln!("round trips per path: {counted:?}");
     let expected = [
@@ -915,13 +915,15 @@ fn round_trips_per_path() {
         ("settle", 1),
         ("refused by a budget", 14),
         ("settle with an alert", 1),
-        ("admit under a rate limit", 9),
+        // The transaction's paths write and release every call's reservation (migration
+        // 19), one round trip each, budget or none.
+        ("admit under a rate limit", 10),
         ("rate-limited", 16),
-        ("admit after an expired lease", 14),
-        ("settle a failure", 17),
-        ("settle a failure that opens the breaker", 15),
-        ("admit the half-open probe", 9),
-        ("settle the probe, closing the breaker", 15),
+        ("admit after an expired lease", 15),
+        ("settle a failure", 18),
+        ("settle a failure that opens the breaker", 16),
+        ("admit the half-open probe", 10),
+        ("settle the probe, closing the breaker", 16),
     ];
     assert_eq!(counted, expected);
 }
