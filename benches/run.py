@@ -779,11 +779,13 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> No
     print(f"\nCalls while a purge deletes {rows:,} old executions in {phases} rounds (single-call latency)")
     tl.configure(reset=True, database=db)
     conn = sqlite3.connect(db)
-    # Round r's rows started 499.5 - r days ago, so `executions_days=499 - r` deletes them and
-    # none of the next round's.
+    # Round r's rows started at noon (UTC, the store's calendar) 500 - r days before today, so
+    # `executions_days=499 - r`, whose cutoff a purge moves back to the start of its day,
+    # deletes them and none of the next round's.
     day, now = 86_400_000_000, time.time_ns() // 1000
     per = rows // phases
-    starts = [now - (500 - i // per) * day + day // 2 + i % per for i in range(per * phases)]
+    today = now - now % day
+    starts = [today - (500 - i // per) * day + day // 2 + i % per for i in range(per * phases)]
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO executions (id, agent, model_id, chosen_model_id, provider, tenant_id, status, started_at,"
