@@ -51,9 +51,8 @@ def test_a_long_read_in_another_process_makes_no_call_wait(db_path: Path) -> Non
     )
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
-        # Past the size at which the checkpointer restarts the WAL (8,000 pages, 31 MB) and the
-        # size past which it cuts it back (40 MB), then several of its rounds (200 ms each)
-        # while the reader pins the WAL.
+        # Past the size at which the checkpointer restarts the WAL (2,000 pages), then several
+        # of its rounds (200 ms each) while the reader pins the WAL.
         slowest, calls, grown_at = 0.0, 0, None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and slowest < 5:
@@ -61,23 +60,23 @@ def test_a_long_read_in_another_process_makes_no_call_wait(db_path: Path) -> Non
             Writer.call(n=calls, tenant="w")
             slowest = max(slowest, time.monotonic() - t)
             calls += 1
-            if grown_at is None and wal_size(db_path) > 48 * MB:
+            if grown_at is None and wal_size(db_path) > 20 * MB:
                 grown_at = time.monotonic()
             if grown_at is not None and time.monotonic() - grown_at > 1.5:
                 break
         # It was 30 s: the checkpointer held this process's writer while SQLite's busy
         # timeout waited for the reader. (A loaded test machine may pause any call briefly.)
         assert slowest < 5, f"a call waited {slowest:.1f} s for another process's read"
-        assert grown_at is not None, f"the WAL did not grow past 48 MB in {calls} calls"
+        assert grown_at is not None, f"the WAL did not grow past 20 MB in {calls} calls"
     finally:
         reader.communicate("done\n", timeout=30)
     # Once the read is over the WAL starts over, and once calls pause (the checkpointer's
     # round of 200 ms sees no writes) it is cut back: never by a call.
     deadline = time.monotonic() + 30
-    while wal_size(db_path) > 40 * MB and time.monotonic() < deadline:
+    while wal_size(db_path) > 16 * MB and time.monotonic() < deadline:
         Writer.call(n=0, tenant="w")
         time.sleep(0.5)
-    assert wal_size(db_path) <= 40 * MB
+    assert wal_size(db_path) <= 16 * MB
     assert tl.Execution.by_tenant("w").count() == tl.Execution.by_tenant("w").successful().count() > calls
 
 
@@ -136,22 +135,3 @@ def test_overlapping_reads_cannot_grow_the_wal_past_its_cap(db_path: Path) -> No
     # the cap it holds all 192 MB.
     assert 32 * MB < largest < 150 * MB, f"largest WAL {largest / MB:.0f} MB after {calls} calls"
     assert tl.Execution.by_tenant("w").successful().count() == calls + 1
-
-
-# Issue 15: each burst (~13 pages a call, ~3,300 pages) passed the 2,000 pages at which the
-# checkpointer restarted the WAL, holding writes for its copy and two fsyncs, and a call waited
-# for it: 2-4 waits in 4 bursts. Restarted past 8,000 pages, the pauses let SQLite start the
-# WAL over by itself (the checkpointer's pass copied all of it) before it gets there.
-def test_calls_in_bursts_with_pauses_never_wait_on_the_checkpointer(db_path: Path) -> None:
-    tl.TenantBudget.create("w", daily_limit=10**6, enforcement="hard")
-    Writer.call(n=0, tenant="w")
-    time.sleep(0.5)
-    waits, waited = tl._core.lock_waits()
-    for _ in range(4):
-        for n in range(250):
-            Writer.call(n=n, tenant="w")
-        # Long enough for a pass and its syncs on a loaded machine (50 ms mostly was, 20 ms not).
-        time.sleep(0.5)
-    count, total = tl._core.lock_waits()
-    count, total = count - waits, total - waited
-    assert (count, total) == (0, 0.0), f"calls waited {count} times, {total:.4f} s in all"

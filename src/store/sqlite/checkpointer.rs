@@ -40,19 +40,15 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// How soon it looks again after calls wrote: short, frequent passes keep each pass's fsync
 /// small, and the restart that follows has little left to copy.
 const CATCH_UP_EVERY: Duration = Duration::from_millis(10);
-/// WAL frames (pages) past which the checkpointer makes writers start the WAL over (~31 MB of
-/// 4 kB pages). Writes that pause for a pass and its syncs (most 50 ms pauses here, loaded; few
-/// 20 ms ones) let SQLite start the WAL over by itself, with no call waiting, as long as they
-/// pause before this.
-/// Under writes that never pause each restart makes one call wait (1-8 ms here): no restart can
-/// hold writes for less than its copy and two fsyncs. At 2,000 frames one call in ~150 waited,
-/// and bursts of 100 calls with 50 ms pauses had 3-19 of 6,000 wait; here one in ~570, and
-/// none. What it costs: SQLite's WAL index hashes each frame by its page, and the pages every
-/// call rewrites make probe chains that grow with the frames since the WAL started over
-/// (`walIndexAppend` ~11K instructions a call at 2,000 frames, ~39K at 8,000), so while the WAL
-/// holds more than 2,000 frames (writes that never pause, bursts longer than that) a guarded
-/// call runs 3-10 % more instructions.
-const WAL_RESTART_FRAMES: i64 = 8000;
+/// WAL frames (pages) past which the checkpointer makes writers start the WAL over. Under
+/// writes that never pause each restart makes one call wait (1-8 ms here): no restart can
+/// hold writes for less than its copy and two fsyncs. Restarting less often would make fewer
+/// calls wait (at 8,000 frames one in ~570, not ~150), but every write would pay more: SQLite's
+/// WAL index hashes each frame by its page, and the pages every call rewrites make probe chains
+/// that grow with the frames since the WAL started over (`walIndexAppend` ran ~11K instructions
+/// a call at 2,000 frames, ~39K at 8,000: +5 % a call). A pause in the writes as long as a pass
+/// and its syncs lets SQLite start the WAL over by itself, with no call waiting.
+const WAL_RESTART_FRAMES: i64 = 2000;
 /// Frames a restart may find still to copy: the catch-up passes before it aim below this.
 /// Calls wait while the restart syncs what it copies, and a sync takes longer the more it
 /// writes (on this machine's disk 1 page ~1 ms, 64 ~5 ms, 256 ~8 ms, 1024 ~19 ms, loaded).
@@ -94,9 +90,8 @@ const CAP_RETRY_AFTER: Duration = CAP_WAIT;
 /// A WAL file larger than this (bytes) is cut back (to nothing) once writes pause for a round:
 /// long reads make it grow. Never while calls write: SQLite's own limit (`journal_size_limit`)
 /// makes the first call after each restart cut the file back, an ftruncate of 4 to 84 ms
-/// measured on the calling thread with the write lock held. Above the WAL's size at a restart
-/// (`WAL_RESTART_FRAMES` and what writers add during the catch-up passes), which is kept.
-const WAL_KEEP_BYTES: u64 = 40 << 20;
+/// measured on the calling thread with the write lock held.
+const WAL_KEEP_BYTES: u64 = 16 << 20;
 
 /// Checkpoints the WAL from a thread of its own, so no call pays for copying pages and the
 /// fsync that follows (calls' connections have auto-checkpointing off). PASSIVE never
@@ -238,11 +233,10 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
 }
 
 /// WAL frames past which this process's writes wait for the checkpointer to restart the WAL
-/// (~47 MB of 4 kB pages, below the cap), while restarts succeed. The checkpointer's passes
-/// sync what they copy, and a writer faster than that grows the WAL while one does (one sync of
-/// 330 ms on a loaded disk let one unpaced writer grow it to 71 MB): writes waiting here bound
-/// it whatever the disk.
-const HOLD_FRAMES: i64 = 3 * WAL_RESTART_FRAMES / 2;
+/// (~31 MB of 4 kB pages), while restarts succeed. The checkpointer's passes sync what they copy,
+/// and a writer faster than that grows the WAL while one does (one sync of 330 ms on a loaded
+/// disk let one unpaced writer grow it to 71 MB): writes waiting here bound it whatever the disk.
+const HOLD_FRAMES: i64 = 4 * WAL_RESTART_FRAMES;
 /// How long a write waits for that at most.
 const HOLD_WAIT: Duration = CAP_WAIT;
 /// How often a waiting write looks whether the WAL started over.
@@ -437,7 +431,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, path) = open_in(&dir);
         // Past `WAL_RESTART_FRAMES` and `WAL_KEEP_BYTES` in one write.
-        put_setting(&store, "filler", &vec![7u8; 44 << 20]);
+        put_setting(&store, "filler", &vec![7u8; 24 << 20]);
         assert!(wal_size(&path) > WAL_KEEP_BYTES);
         let deadline = Instant::now() + Duration::from_secs(10);
         while wal_size(&path) > WAL_KEEP_BYTES && Instant::now() < deadline {
@@ -486,10 +480,9 @@ mod tests {
             waits.0,
             waits.1
         );
-        // `HOLD_FRAMES` and a write, more after a failed restart (39-47 MB seen at load 4-6; with
-        // `HOLD_FRAMES` at 8,000, 15-39 MB in 4-8x the cap written at load 8-10); without writes
-        // waiting past it, 23-71 MB at load 8-10 (the WAL grows while a pass syncs, 330 ms once
-        // on a loaded disk).
+        // `HOLD_FRAMES` and a write, more after a failed restart (15-39 MB seen in 4-8x the cap
+        // written at load 8-10); without writes waiting past it, 23-71 MB at load 8-10 (the
+        // WAL grows while a pass syncs, 330 ms once on a loaded disk).
         assert!(largest < WAL_CAP_BYTES as u64, "the WAL reached {} MB in {writes} writes", largest >> 20);
         // Loose, so a loaded machine cannot fail it (at load 8-10 the longest was 31-73 ms).
         assert!(longest < CAP_WAIT, "a write took {longest:?}");
