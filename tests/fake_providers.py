@@ -77,6 +77,10 @@ class Step:
     sse: str | None = None
     sse_delay: float = 0.0
     sse_cut: int | None = None
+    # Answer only once the test calls `release()` (or the server is reset or stopped), waiting
+    # at most `delay` seconds (a minute if 0): a call stays in flight for as long as the test
+    # needs, however slow a loaded machine is, instead of racing a fixed delay.
+    held: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -254,7 +258,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         fmt, path_model, _ = route
         step = provider._next_step()
-        if step.delay > 0:
+        if step.held:
+            provider._released.wait(step.delay or 60)
+        elif step.delay > 0:
             time.sleep(step.delay)  # only blocks this request's thread
 
         if step.kind == "reset":
@@ -340,6 +346,7 @@ class FakeProvider:
         self.max_in_flight = 0
         self.default: Step = Step()
         self._script: deque[Step] = deque()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -360,6 +367,7 @@ class FakeProvider:
         return self
 
     def stop(self) -> None:
+        self.release()
         server, self._server = self._server, None
         if server is None:
             return
@@ -387,9 +395,17 @@ class FakeProvider:
         with self._lock:
             self._script.extend(steps)
 
+    def release(self) -> None:
+        """Let the requests held by `Step(held=True)` (those waiting now, and later ones until
+        the next reset) be answered."""
+        self._released.set()
+
     def reset(self) -> None:
-        """Forget recorded requests and any queued steps; answer successfully by default again."""
+        """Forget recorded requests and any queued steps; answer successfully by default again.
+        Held requests of an earlier test are released."""
+        self.release()
         with self._lock:
+            self._released = threading.Event()
             self.requests.clear()
             self.max_in_flight = self.in_flight
             self._script.clear()
