@@ -18,7 +18,9 @@ import tenantllm as tl
 class Flaky(tl.Agent):
     model = "mock/flaky"
     user = "ping {n}"
-    circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=0.5)
+    # Long enough for a loaded machine to check an open breaker before it half-opens; tests
+    # wait for its retry_at rather than a fixed time.
+    circuit_breaker = tl.BreakerPolicy(errors=3, within=60, cooldown=3)
 
 
 class WithFallback(tl.Agent):
@@ -36,6 +38,12 @@ def _trip(agent: type[tl.Agent], tenant: str, n: int) -> None:
     for i in range(n):
         with pytest.raises(tl.ProviderError):
             agent.call(n=i, tenant=tenant)
+
+
+def _cooled_down(agent: type[tl.Agent], tenant: str) -> None:
+    """Sleeps until the open breaker lets its probe through."""
+    retry_at = tl.CircuitBreaker.status(agent, tenant_id=tenant)["retry_at"]
+    time.sleep(max(0.0, retry_at.timestamp() - time.time()) + 0.05)
 
 
 def test_opens_per_tenant_then_probes_once_and_closes(tmp_path: Path) -> None:
@@ -60,7 +68,7 @@ def test_opens_per_tenant_then_probes_once_and_closes(tmp_path: Path) -> None:
     with pytest.raises(tl.ProviderError):
         Flaky.call(n=1, tenant="good")
 
-    time.sleep(0.6)  # cooldown over: the next call is the probe; success closes the breaker
+    _cooled_down(Flaky, "bad")  # the next call is the probe; success closes the breaker
     _fail(tmp_path, 0.0, on_alert=alerts.append)
     assert Flaky.call(n=2, tenant="bad").content
     assert tl.CircuitBreaker.status(Flaky, tenant_id="bad")["state"] == "closed"
@@ -70,7 +78,7 @@ def test_opens_per_tenant_then_probes_once_and_closes(tmp_path: Path) -> None:
 def test_failed_probe_reopens(tmp_path: Path) -> None:
     _fail(tmp_path, 1.0)
     _trip(Flaky, "t", 3)
-    time.sleep(0.6)
+    _cooled_down(Flaky, "t")
     with pytest.raises(tl.ProviderError):
         Flaky.call(n=0, tenant="t")  # the probe fails
     assert tl.CircuitBreaker.status(Flaky, tenant_id="t")["state"] == "open"
