@@ -106,6 +106,11 @@ fn unpack(mut k: &[u8]) -> Result<GroupValues> {
     Ok(out)
 }
 
+/// The calls still running, looked up by id from their reservations, which every call in
+/// flight has (SQLite's migration 18, PostgreSQL's 19), whatever the other filters are: no
+/// index on `status` (SQLite's migration 18, PostgreSQL's 20 dropped the partial ones).
+pub const RUNNING: &str = "status = 'running' AND id IN (SELECT execution_id FROM reservations)";
+
 /// Which of the matching rows a scan reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rows {
@@ -117,12 +122,11 @@ pub enum Rows {
 }
 
 impl Rows {
-    /// `w` (a WHERE clause or nothing) narrowed to these rows; `running` is the store's
-    /// condition for the running ones.
-    pub fn narrow(self, w: String, running: &str) -> String {
+    /// `w` (a WHERE clause or nothing) narrowed to these rows.
+    pub fn narrow(self, w: String) -> String {
         let only = match self {
             Rows::All => return w,
-            Rows::Running => running,
+            Rows::Running => RUNNING,
             Rows::Settled => "status <> 'running'",
         };
         format!("{w}{} {only}", if w.is_empty() { " WHERE" } else { " AND" })

@@ -1,7 +1,7 @@
 //! The dashboard's list of tenants: one page of tenants, filtered, searched and sorted, from
 //! the register of tenants seen, the budgets, this day's and month's counters of every tenant,
-//! the breakers not closed and today's failed or refused calls (a partial index), never a scan
-//! of all executions; each with its month-end projection (`budget::projection`).
+//! the breakers not closed and today's failed or refused calls (`Store::problems_today`),
+//! never a scan of all executions; each with its month-end projection (`budget::projection`).
 //!
 //! The stores read each of those in one pass of its table or of one period's range of
 //! counters, and the list is joined, filtered and sorted here: at 50,000 tenants a query that
@@ -167,16 +167,7 @@ impl TenantListQuery {
 pub(crate) struct Dialect {
     /// Placeholder for argument `n` (1-based): "?1" or "$1".
     pub placeholder: fn(usize) -> String,
-    /// How to read today's failed or refused calls: SQLite is told the partial index (its
-    /// planner preferred scanning `executions_tenant` for the GROUP BY: 10M rows).
-    pub problems_from: &'static str,
 }
-
-/// The failed and refused calls: the WHERE of SQLite's partial index `executions_problems`
-/// (migration 15), which a query must repeat verbatim for SQLite to use the index. ORs, not
-/// IN (...): see the migration. (PostgreSQL's index says IN; its planner proves either from
-/// the other.)
-const PROBLEM_STATUSES: &str = "(status = 'error' OR status = 'timeout' OR status = 'blocked' OR status = 'rate_limited')";
 
 /// Whose ids `Store::tenant_ids` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,20 +187,6 @@ pub(crate) fn ids_sql(of: Holders, names: bool) -> &'static str {
         (Holders::Budgets, false) => "SELECT tenant_id FROM tenant_budgets ORDER BY tenant_id",
         (Holders::Budgets, true) => "SELECT tenant_id, name FROM tenant_budgets ORDER BY tenant_id",
     }
-}
-
-/// Today's failed and refused calls per tenant since the placeholder's start of the day:
-/// columns tenant_id, failed (error, timeout), refused (blocked, rate_limited).
-pub(crate) fn problems_sql(d: &Dialect) -> String {
-    format!(
-        "SELECT tenant_id, COUNT(CASE WHEN status IN ('error', 'timeout') THEN 1 END),
-                COUNT(CASE WHEN status IN ('blocked', 'rate_limited') THEN 1 END)
-         FROM {}
-         WHERE {PROBLEM_STATUSES} AND started_at >= {} AND tenant_id IS NOT NULL
-         GROUP BY tenant_id",
-        d.problems_from,
-        (d.placeholder)(1)
-    )
 }
 
 /// Today's failed and refused calls of one tenant.
@@ -484,7 +461,7 @@ fn entries(store: &dyn Store, q: &TenantListQuery, needs: Needs) -> Result<Vec<E
         }
     };
     let find = |entries: &mut [Entry], t: &str| entries.binary_search_by(|e| e.id.as_str().cmp(t)).ok();
-    for p in store.problems_since(q.day_start)? {
+    for p in store.problems_today(q.day_start, &q.day)? {
         if let Some(i) = find(&mut entries, &p.tenant_id) {
             entries[i].errors = p.failed;
             entries[i].blocked = p.refused;

@@ -233,8 +233,8 @@ impl Store for PostgresStore {
         breakers::breakers_not_closed(self)
     }
 
-    fn problems_since(&self, day_start: Micros) -> Result<Vec<crate::store::tenant_list::Problems>> {
-        tenant_list::problems_since(self, day_start)
+    fn problems_today(&self, _day_start: Micros, day: &str) -> Result<Vec<crate::store::tenant_list::Problems>> {
+        tenant_list::problems_today(self, day)
     }
 
     fn tenant_ids(&self, of: crate::store::tenant_list::Holders, names: bool) -> Result<Vec<(String, Option<String>)>> {

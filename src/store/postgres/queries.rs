@@ -138,10 +138,10 @@ pub(super) fn from_rollups(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKe
 
 /// Adds the matching rows' totals to `groups`: grouped by the server, or streamed when the
 /// day (in the database's timezone, computed here) is a key. `rows`: all, or just the calls
-/// still running (a partial index has them) or the settled ones.
+/// still running or the settled ones.
 pub(super) fn scan(db: &mut Db<'_, Autocommit>, q: &Query, by: &[GroupKey], agg: &Aggregate, cal: &Calendar, rows: Rows, groups: &mut Groups) -> PgResult<()> {
     let (w, args) = where_clause(q);
-    let w = rows.narrow(w, "status = 'running'");
+    let w = rows.narrow(w);
     let cols = query::key_columns(by);
     let day = by.contains(&GroupKey::Day).then(|| cols.len() - 1);
     let sql = if day.is_some() {

@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12 and 14 to 18 (`tenantllm_admit`, `tenantllm_settle`), one statement
+//! functions of migrations 12 and 14 to 20 (`tenantllm_admit`, `tenantllm_settle`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The counters,
 //! which every call of a tenant waits for, each function locks last.

@@ -4,13 +4,23 @@ use super::counters::usage_at;
 use super::PostgresStore;
 use crate::budget;
 use crate::error::Result;
-use crate::clock::Micros;
 use crate::store::tenant_list::{self, Problems};
 
-pub(super) fn problems_since(store: &PostgresStore, day_start: Micros) -> Result<Vec<Problems>> {
-    let sql = tenant_list::problems_sql(&PG_LIST);
+/// Today's failed and refused calls per tenant, from the day's rollups (their key starts with
+/// the day): every call is in its start's day's rollup once it has an outcome, and running
+/// ones are neither failed nor refused. Not from the rows: an index on `status` (migration 11's
+/// `executions_problems` was partial on it) made every settlement's UPDATE of its row a new
+/// row version in all the table's indexes instead of a heap-only one (migration 20).
+const PROBLEMS_SQL: &str = "SELECT tenant_id,
+        COALESCE(SUM(calls) FILTER (WHERE status IN ('error', 'timeout')), 0)::BIGINT,
+        COALESCE(SUM(calls) FILTER (WHERE status IN ('blocked', 'rate_limited')), 0)::BIGINT
+    FROM daily_rollups
+    WHERE period = $1 AND status IN ('error', 'timeout', 'blocked', 'rate_limited') AND tenant_id <> ''
+    GROUP BY tenant_id";
+
+pub(super) fn problems_today(store: &PostgresStore, day: &str) -> Result<Vec<Problems>> {
     store.read(|db| {
-        db.query(&sql, &[&day_start])?
+        db.query(PROBLEMS_SQL, &[&day])?
             .iter()
             .map(|r| Ok(Problems { tenant_id: r.try_get(0)?, failed: r.try_get(1)?, refused: r.try_get(2)? }))
             .collect()
@@ -28,7 +38,4 @@ pub(super) fn top_tenants(store: &PostgresStore, period_key: &str, limit: i64) -
 }
 
 /// The tenants list's SQL for PostgreSQL.
-const PG_LIST: tenant_list::Dialect = tenant_list::Dialect {
-    placeholder: |n| format!("${n}"),
-    problems_from: "executions",
-};
+const PG_LIST: tenant_list::Dialect = tenant_list::Dialect { placeholder: |n| format!("${n}") };
