@@ -440,6 +440,60 @@ pub(crate) mod tests {
     use super::*;
     use crate::budget::{GlobalBudgets, Limits, Plan};
     use crate::error::Error;
+    use crate::execution::{Field, Filter, Value};
+    use crate::money::Nanos;
+
+    /// A call of agent "A" on "mock/x" started at `at`, as the stores' tests admit them.
+    pub(crate) fn execution(id: &str, at: Micros) -> NewExecution {
+        NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
+    }
+
+    /// The admission of `e` at its start under `plan`, with its lease until `expires` and the
+    /// fields the stores' tests rarely vary (no breakers, a minute's rate window); a test that
+    /// varies one sets it with `..`.
+    pub(crate) fn admit_request<'a>(e: &'a NewExecution, plan: Plan<'a>, estimate: budget::Usage, calendar: &'a Calendar, expires: Micros) -> AdmitRequest<'a> {
+        AdmitRequest {
+            execution: e,
+            plan,
+            estimate,
+            reservation_expires_at: expires,
+            breaker_keys: &[],
+            probe_lease: 1,
+            calendar,
+            now: e.started_at,
+            rate_window: 60_000_000,
+            record_rate_limited: true,
+            remember_tenant: false,
+            tenant_name: None,
+        }
+    }
+
+    /// Admits call `id` at `now` (no tenant, estimated at 600 nano-USD and 10 tokens) under
+    /// `global`, in UTC, with its lease until `expires`.
+    pub(crate) fn admit(store: &dyn Store, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
+        let e = execution(id, now);
+        let plan = Plan { global, agent: "A", tenant_id: None, tenant_override: None };
+        store.admit(&admit_request(&e, plan, budget::estimate(Nanos(600), 10), &Calendar::new("UTC").unwrap(), expires)).unwrap()
+    }
+
+    /// Shared by both stores' tests: a call whose process died keeps its reservation until its
+    /// lease runs out; the next admission after that releases it and closes its row as
+    /// abandoned. Returns when only the last call admitted ("c") holds a reservation.
+    pub(crate) fn reservations_of_a_dead_process_expire(store: &dyn Store) {
+        let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
+        let t0 = 1_800_000_000_000_000;
+        assert!(matches!(admit(store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
+        // "a" never finishes; while its lease runs, a second estimate does not fit.
+        assert!(matches!(admit(store, &global, "b", t0 + 500, t0 + 10_000), Admitted::Blocked(_)));
+        // After the lease, "a" is released and closed as abandoned.
+        assert!(matches!(admit(store, &global, "c", t0 + 2_000, t0 + 10_000), Admitted::Go { .. }));
+        let (row, _) = store.execution("a").unwrap().unwrap();
+        let get = |name: &str| row.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        assert_eq!(get("status"), Cell::Text("error".into()));
+        assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
+        let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
+        assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    }
 
     /// Shared by both stores' tests: `set_timezone` moves settled usage and in-flight
     /// reservations to the new zone's periods, and a write keyed by the old zone is refused.
@@ -448,35 +502,14 @@ pub(crate) mod tests {
         let global = GlobalBudgets { limits: Limits { daily_executions: Some(2), ..Default::default() }, ..Default::default() };
         // 23:30 UTC on Nov 30 is Dec 1 in Berlin.
         let t = chrono::DateTime::parse_from_rfc3339("2026-11-30T23:30:00Z").unwrap().timestamp_micros();
-        let execution = |id: &str| NewExecution {
-            id: id.into(),
-            agent: "A".into(),
-            model_id: "mock/x".into(),
-            provider: "mock".into(),
-            started_at: t,
-            metadata: "{}".into(),
-            ..Default::default()
-        };
         let admit = |id: &str, cal: &Calendar| {
-            store.admit(&AdmitRequest {
-                execution: &execution(id),
-                plan: Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None },
-                estimate: budget::estimate(crate::money::Nanos(600), 10),
-                reservation_expires_at: t + 3_600_000_000,
-                breaker_keys: &[],
-                probe_lease: 1,
-                calendar: cal,
-                now: t,
-                rate_window: 60_000_000,
-                record_rate_limited: true,
-                remember_tenant: false,
-                tenant_name: None,
-            })
+            let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
+            store.admit(&admit_request(&execution(id, t), plan, budget::estimate(Nanos(600), 10), cal, t + 3_600_000_000))
         };
         let settle = |id: &str, cal: &Calendar| {
             let done = Completion::refused(Status::Success, "", String::new(), t + 1);
             store.finish(&FinishRequest {
-                execution: &execution(id),
+                execution: &execution(id, t),
                 completion: &done,
                 reserved: true,
                 checks: &[],
@@ -551,23 +584,10 @@ pub(crate) mod tests {
             } else {
                 None
             };
-            let e = NewExecution { id: crate::execution::new_id(now), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: now, metadata: "{}".into(), ..Default::default() };
-            let got = store
-                .admit(&AdmitRequest {
-                    execution: &e,
-                    plan: Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None },
-                    estimate: budget::estimate(crate::money::Nanos(0), tokens),
-                    reservation_expires_at: now + 3_600_000_000,
-                    breaker_keys: &[],
-                    probe_lease: 1,
-                    calendar: &cal,
-                    now,
-                    rate_window: window,
-                    record_rate_limited: true,
-                    remember_tenant: false,
-                    tenant_name: None,
-                })
-                .unwrap();
+            let e = execution(&crate::execution::new_id(now), now);
+            let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
+            let req = admit_request(&e, plan, budget::estimate(Nanos(0), tokens), &cal, now + 3_600_000_000);
+            let got = store.admit(&AdmitRequest { rate_window: window, ..req }).unwrap();
             match (got, expected) {
                 (Admitted::Go { rate_scopes, .. }, None) => {
                     admitted += 1;

@@ -576,7 +576,8 @@ pub(crate) mod tests {
     use crate::execution::{Cell, Completion, NewExecution, Status};
     use crate::money::Nanos;
     use crate::pricing::{Cost, Usage};
-    use crate::store::{AdmitRequest, Admitted, FinishRequest, Store};
+    use crate::store::tests::admit_request;
+    use crate::store::{Admitted, FinishRequest, Store};
 
     fn at(s: &str) -> Micros {
         chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros()
@@ -843,22 +844,8 @@ pub(crate) mod tests {
 
     /// Admits `e` under `global` at its start (a lease of an hour); whether it may go.
     fn admit(store: &dyn Store, e: &NewExecution, cal: &Calendar, global: &GlobalBudgets) -> bool {
-        let admitted = store
-            .admit(&AdmitRequest {
-                execution: e,
-                plan: budget::Plan { global, agent: &e.agent, tenant_id: e.tenant_id.as_deref(), tenant_override: None },
-                estimate: budget::estimate(Nanos(1000), 10),
-                reservation_expires_at: e.started_at + 3_600_000_000,
-                breaker_keys: &[],
-                probe_lease: 1,
-                calendar: cal,
-                now: e.started_at,
-                rate_window: 60_000_000,
-                record_rate_limited: true,
-                remember_tenant: false,
-                tenant_name: None,
-            })
-            .unwrap();
+        let plan = budget::Plan { global, agent: &e.agent, tenant_id: e.tenant_id.as_deref(), tenant_override: None };
+        let admitted = store.admit(&admit_request(e, plan, budget::estimate(Nanos(1000), 10), cal, e.started_at + 3_600_000_000)).unwrap();
         matches!(admitted, Admitted::Go { .. })
     }
 

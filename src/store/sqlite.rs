@@ -1901,6 +1901,7 @@ const PROBLEMS_SQL: &str = "SELECT tenant_id, COUNT(CASE WHEN status IN ('error'
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{admit, admit_request, execution};
     use super::*;
     use crate::budget::{GlobalBudgets, Plan};
     use crate::clock::Period;
@@ -1944,11 +1945,6 @@ mod tests {
         assert_eq!(purge(100), (0, 0));
     }
 
-    fn execution(id: &str, at: Micros) -> NewExecution {
-        NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
-    }
-
-    /// The admission of `e` under `plan`, with the fields these tests never vary.
     /// An admission's outcome as the rate tests compare it: "go", or the rate limit that
     /// refused it.
     fn rate_outcome(a: Admitted) -> &'static str {
@@ -1959,31 +1955,8 @@ mod tests {
         }
     }
 
-    fn request<'a>(e: &'a NewExecution, plan: Plan<'a>, estimate: budget::Usage, calendar: &'a Calendar, now: Micros, expires: Micros) -> AdmitRequest<'a> {
-        AdmitRequest {
-            execution: e,
-            plan,
-            estimate,
-            reservation_expires_at: expires,
-            breaker_keys: &[],
-            probe_lease: 1,
-            calendar,
-            now,
-            rate_window: 60_000_000,
-            record_rate_limited: true,
-            remember_tenant: false,
-            tenant_name: None,
-        }
-    }
-
     fn untenanted(global: &GlobalBudgets) -> Plan<'_> {
         Plan { global, agent: "A", tenant_id: None, tenant_override: None }
-    }
-
-    fn admit(store: &SqliteStore, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
-        let cal = Calendar::new("UTC").unwrap();
-        let e = execution(id, now);
-        store.admit(&request(&e, untenanted(global), budget::estimate(Nanos(600), 10), &cal, now, expires)).unwrap()
     }
 
     #[test]
@@ -2005,7 +1978,7 @@ mod tests {
         let admit = |store: &SqliteStore, id: &str, zone: &str| {
             let cal = Calendar::new(zone).unwrap();
             let e = execution(id, t0);
-            store.admit(&request(&e, untenanted(&global), budget::estimate(Nanos(600), 10), &cal, t0, t0 + 1_000_000))
+            store.admit(&admit_request(&e, untenanted(&global), budget::estimate(Nanos(600), 10), &cal, t0 + 1_000_000))
         };
         admit(&one, "a", "UTC").unwrap();
         admit(&one, "b", "UTC").unwrap();
@@ -2079,7 +2052,7 @@ mod tests {
         let (cal, global, t0) = (Calendar::new("UTC").unwrap(), GlobalBudgets::default(), 1_800_000_000_000_000);
         let e = NewExecution { tenant_id: Some("acme".into()), ..execution("a", t0) };
         let plan = Plan { global: &global, agent: "A", tenant_id: Some("acme"), tenant_override: None };
-        assert!(matches!(store.admit(&request(&e, plan, budget::estimate(Nanos(600), 10), &cal, t0, t0 + 1_000_000)).unwrap(), Admitted::Go { .. }));
+        assert!(matches!(store.admit(&admit_request(&e, plan, budget::estimate(Nanos(600), 10), &cal, t0 + 1_000_000)).unwrap(), Admitted::Go { .. }));
         let attempt = Attempt {
             model: "mock/x".into(),
             provider: "mock".into(),
@@ -2223,7 +2196,7 @@ mod tests {
         let admit = |tenant: &TenantBudget, now: Micros| {
             let e = NewExecution { tenant_id: Some(tenant.tenant_id.clone()), ..execution(&crate::execution::new_id(now), now) };
             let plan = Plan { global: &global, agent: "A", tenant_id: Some(&tenant.tenant_id), tenant_override: Some(tenant) };
-            rate_outcome(store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap())
+            rate_outcome(store.admit(&admit_request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now + 3_600_000_000)).unwrap())
         };
         let minute = 60_000_000;
         assert_eq!([admit(&a, t0), admit(&b, t0 + 1), admit(&a, t0 + 2), admit(&b, t0 + 3)], ["go", "go", "go", "global_rpm"]);
@@ -2264,7 +2237,7 @@ mod tests {
         let admit = |now: Micros| {
             let e = execution(&crate::execution::new_id(now), now);
             let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
-            rate_outcome(store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap())
+            rate_outcome(store.admit(&admit_request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now + 3_600_000_000)).unwrap())
         };
         // Rows between horizon and window start: unlogged calls (rate_scopes NULL), a thousand a
         // minute from `from` for `minutes`.
@@ -2319,7 +2292,7 @@ mod tests {
         let admit = |now: Micros| {
             let e = execution(&crate::execution::new_id(now), now);
             let plan = Plan { global: &global, agent: "A", tenant_id: None, tenant_override: None };
-            let req = AdmitRequest { rate_window: w, ..request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000) };
+            let req = AdmitRequest { rate_window: w, ..admit_request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now + 3_600_000_000) };
             rate_outcome(store.admit(&req).unwrap())
         };
         // The second fits the totals and leaves their horizon at t0 - w; at t0 + 1.1 w the
@@ -2364,7 +2337,7 @@ mod tests {
         let store = SqliteStore::open(path, "UTC").unwrap();
         let admit = |now: Micros| {
             let e = execution(&crate::execution::new_id(now), now);
-            match store.admit(&request(&e, untenanted(&global), budget::estimate(Nanos(0), 10), &cal, now, now + 3_600_000_000)).unwrap() {
+            match store.admit(&admit_request(&e, untenanted(&global), budget::estimate(Nanos(0), 10), &cal, now + 3_600_000_000)).unwrap() {
                 Admitted::Go { .. } => None,
                 Admitted::RateLimited(r) => Some(r.current),
                 other => panic!("{other:?}"),
@@ -2394,7 +2367,7 @@ mod tests {
             let admit = |id: &str, now: Micros, expires: Micros| {
                 let e = NewExecution { tenant_id: Some(tenant.into()), ..execution(&format!("{tenant}-{id}"), now) };
                 let plan = Plan { global: &global, agent: "A", tenant_id: Some(tenant), tenant_override: Some(&limits) };
-                let got = store.admit(&request(&e, plan, budget::estimate(Nanos(0), 10), &cal, now, expires)).unwrap();
+                let got = store.admit(&admit_request(&e, plan, budget::estimate(Nanos(0), 10), &cal, expires)).unwrap();
                 (e, got)
             };
             let finish = |e: &NewExecution, rate_scopes: &[String], at: Micros| {
@@ -2442,19 +2415,7 @@ mod tests {
     fn reservations_of_a_dead_process_expire() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
-        let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
-        let t0 = 1_800_000_000_000_000;
-        assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
-        // "a" never finishes; while its lease runs, a second estimate does not fit.
-        assert!(matches!(admit(&store, &global, "b", t0 + 500, t0 + 10_000), Admitted::Blocked(_)));
-        // After the lease, "a" is released and closed as abandoned.
-        assert!(matches!(admit(&store, &global, "c", t0 + 2_000, t0 + 10_000), Admitted::Go { .. }));
-        let (row, _) = store.execution("a").unwrap().unwrap();
-        let get = |name: &str| row.iter().find(|(n, _)| *n == name).unwrap().1.clone();
-        assert_eq!(get("status"), Cell::Text("error".into()));
-        assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
-        let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
-        assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+        super::super::tests::reservations_of_a_dead_process_expire(&store);
     }
 
     /// A call holding nothing has a lease too: once it runs out, its row is closed as

@@ -21,6 +21,7 @@ use crate::budget::{GlobalBudgets, Plan};
 use crate::clock::Period;
 use crate::execution::Status;
 use crate::pricing::{Cost, Usage};
+use crate::store::tests::{self as store_tests, admit, execution};
 use crate::store::SqliteStore;
 
 const URL_ENV: &str = "TENANTLLM_TEST_POSTGRES_URL";
@@ -80,36 +81,16 @@ impl Drop for TestDb {
     }
 }
 
-fn execution(id: &str, at: Micros) -> NewExecution {
-    NewExecution { id: id.into(), agent: "A".into(), model_id: "mock/x".into(), provider: "mock".into(), started_at: at, metadata: "{}".into(), ..Default::default() }
-}
-
 /// The admission of `e` (estimated at 600 nano-USD and 10 tokens) under `global` and its
-/// tenant's stored budget.
+/// tenant's stored budget, through `keys`' breakers.
 fn admit_request<'a>(global: &'a GlobalBudgets, e: &'a NewExecution, keys: &'a [BreakerKey], expires: Micros, cal: &'a Calendar) -> AdmitRequest<'a> {
-    AdmitRequest {
-        execution: e,
-        plan: Plan { global, agent: "A", tenant_id: e.tenant_id.as_deref(), tenant_override: None },
-        estimate: budget::estimate(Nanos(600), 10),
-        reservation_expires_at: expires,
-        breaker_keys: keys,
-        probe_lease: 1_000_000,
-        calendar: cal,
-        now: e.started_at,
-        rate_window: 60_000_000,
-        record_rate_limited: true,
-        remember_tenant: false,
-        tenant_name: None,
-    }
+    let plan = Plan { global, agent: "A", tenant_id: e.tenant_id.as_deref(), tenant_override: None };
+    AdmitRequest { breaker_keys: keys, probe_lease: 1_000_000, ..store_tests::admit_request(e, plan, budget::estimate(Nanos(600), 10), cal, expires) }
 }
 
 fn admit_as(store: &dyn Store, global: &GlobalBudgets, e: &NewExecution, keys: &[BreakerKey], expires: Micros) -> Admitted {
     let cal = Calendar::new("UTC").unwrap();
     store.admit(&admit_request(global, e, keys, expires, &cal)).unwrap()
-}
-
-fn admit(store: &dyn Store, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
-    admit_as(store, global, &execution(id, now), &[], expires)
 }
 
 fn completion(status: Status, at: Micros, cost: i64) -> Completion {
@@ -164,18 +145,7 @@ fn a_renewed_lease_outlives_its_first_expiry() {
 fn reservations_of_a_dead_process_expire() {
     let db = TestDb::new();
     let store = db.open();
-    let global = daily_limit(1000);
-    assert!(matches!(admit(&store, &global, "a", T0, T0 + 1_000), Admitted::Go { .. }));
-    // "a" never finishes; while its lease runs, a second estimate does not fit.
-    assert!(matches!(admit(&store, &global, "b", T0 + 500, T0 + 10_000), Admitted::Blocked(_)));
-    // After the lease, "a" is released and closed as abandoned.
-    assert!(matches!(admit(&store, &global, "c", T0 + 2_000, T0 + 10_000), Admitted::Go { .. }));
-    let (row, _) = store.execution("a").unwrap().unwrap();
-    let get = |name: &str| row.iter().find(|(n, _)| *n == name).unwrap().1.clone();
-    assert_eq!(get("status"), Cell::Text("error".into()));
-    assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
-    let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
-    assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    store_tests::reservations_of_a_dead_process_expire(&store);
     // Only "c" holds a reservation; "a" counts as one execution.
     assert_eq!(db.scalar("SELECT reserved_cost FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 600);
     assert_eq!(db.scalar("SELECT executions FROM usage_counters WHERE scope = 'global' AND length(period) = 10"), 1);
