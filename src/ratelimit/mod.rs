@@ -180,6 +180,19 @@ pub struct RateUsage {
     pub in_flight: i64,
 }
 
+impl RateUsage {
+    /// The admissions and tokens of both parts of a window (or of a window and more
+    /// admissions), saturating; calls in flight are this one's, never summed.
+    pub fn plus(&self, o: &RateUsage) -> RateUsage {
+        RateUsage { requests: self.requests + o.requests, tokens: self.tokens.saturating_add(o.tokens), in_flight: self.in_flight }
+    }
+
+    /// The admissions and tokens left when `o`'s leave (`plus` undone).
+    pub fn minus(&self, o: &RateUsage) -> RateUsage {
+        RateUsage { requests: self.requests - o.requests, tokens: self.tokens.saturating_sub(o.tokens), in_flight: self.in_flight }
+    }
+}
+
 /// The first rate limit that admitting a call estimated at `tokens` at `now` would pass,
 /// given each scope's use (`state_of`: admissions and tokens stamped after `now - window`,
 /// later stamps included, and calls in flight). Counting the admissions stamped later too

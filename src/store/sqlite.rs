@@ -741,14 +741,6 @@ fn flying(tx: &Connection, scopes: &[String], after: &[Micros], slot: Option<&st
     Ok((scopes.iter().map(|s| if matches!(Log::of(s), Log::Global) { g } else { t }).collect(), slots))
 }
 
-fn plus(a: RateUsage, b: RateUsage) -> RateUsage {
-    RateUsage { requests: a.requests + b.requests, tokens: a.tokens.saturating_add(b.tokens), in_flight: a.in_flight }
-}
-
-fn minus(a: RateUsage, b: RateUsage) -> RateUsage {
-    RateUsage { requests: a.requests - b.requests, tokens: a.tokens.saturating_sub(b.tokens), in_flight: a.in_flight }
-}
-
 /// The use of the scopes `checks` name for a call estimated at `tokens`: admissions and their
 /// tokens stamped after `now - window` (later stamps included), from each scope's running
 /// totals of its settled admissions (see `ratelimit::step`) and its calls in flight, and
@@ -779,11 +771,11 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], tokens: i64, now: Micros, w
     let mut out = Vec::with_capacity(windows.len() + 1);
     for ((scope, totals), fly) in windows.iter().zip(stored).zip(fly) {
         let settled = totals.map(|t| t.0).unwrap_or_default();
-        let mut use_ = plus(settled, fly);
+        let mut use_ = settled.plus(&fly);
         let horizon = totals.map(|t| t.1);
         let moved = match (ratelimit::step(now, window, horizon), horizon) {
             (ratelimit::Step::Behind { since }, Some(h)) => {
-                use_ = plus(use_, logged_between(tx, scope, since, h)?);
+                use_ = use_.plus(&logged_between(tx, scope, since, h)?);
                 None
             }
             (ratelimit::Step::Advance { .. }, Some(h)) if start - h < window / HORIZON_LAG_DIVISOR && fits(checks, scope, &use_, tokens) => None,
@@ -794,10 +786,10 @@ fn rate_state(tx: &Connection, checks: &[RateCheck], tokens: i64, now: Micros, w
                 let left = match h {
                     Some(h) if start - h >= RESTART_AFTER => RateUsage::default(),
                     // The admissions crossed, less those in flight.
-                    Some(h) if use_.requests > 0 => minus(settled, minus(logged_between(tx, scope, h, start)?, minus(fly, later))),
+                    Some(h) if use_.requests > 0 => settled.minus(&logged_between(tx, scope, h, start)?.minus(&fly.minus(&later))),
                     _ => settled,
                 };
-                use_ = plus(left, later);
+                use_ = left.plus(&later);
                 Some((start, left))
             }
         };
