@@ -404,10 +404,15 @@ fn all_columns() -> String {
 }
 
 /// The settled executions `rebuild_counters` sums, as (tenant_id, agent, started_at,
-/// total_cost, total_tokens): those that count as usage. Calls still running are left out;
-/// their reservations stand for them.
-fn counted_executions_sql() -> String {
-    format!("SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions WHERE status NOT IN ({})", not_counted())
+/// total_cost, total_tokens): those that count as usage, started at ?1 ($1) or later
+/// (`rollups::Rebuild::rows_from`). Calls still running are left out; their reservations
+/// stand for them.
+fn counted_executions_sql(d: Dialect) -> String {
+    format!(
+        "SELECT tenant_id, agent, started_at, total_cost, total_tokens FROM executions WHERE status NOT IN ({}) AND started_at >= {}",
+        not_counted(),
+        d.param(1)
+    )
 }
 
 /// What the daily rollups of the days before ?1 ($1) hold of the calls `counted_executions_sql`
@@ -712,9 +717,9 @@ pub(crate) mod tests {
     #[test]
     fn rebuild_leaves_out_calls_never_admitted_and_calls_in_flight() {
         assert!(
-            counted_executions_sql().ends_with("WHERE status NOT IN ('running', 'blocked', 'short_circuited', 'rate_limited')"),
+            counted_executions_sql(Dialect::Sqlite).contains("WHERE status NOT IN ('running', 'blocked', 'short_circuited', 'rate_limited')"),
             "{}",
-            counted_executions_sql()
+            counted_executions_sql(Dialect::Sqlite)
         );
     }
 }

@@ -61,7 +61,7 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    fn param(self, i: usize) -> String {
+    pub(crate) fn param(self, i: usize) -> String {
         match self {
             Dialect::Sqlite => format!("?{i}"),
             Dialect::Postgres => format!("${i}"),
@@ -196,11 +196,15 @@ pub fn settled_values(c: &Completion) -> Rolled {
 /// a timezone change they keep the old zone's days).
 pub const OLDEST_SQL: &str = "SELECT MIN(started_at) FROM executions WHERE status <> 'running'";
 
-/// Step 2: every settled call, for `Totals::add_row` (those started from `Rebuild::rollups`'
-/// time on).
-pub fn source_sql() -> String {
+/// Step 2: every settled call started at ?1 ($1, `Rebuild::rows_from`) or later, for
+/// `Totals::add_row`.
+pub fn source_sql(d: Dialect) -> String {
     let values: Vec<String> = ROLLED.iter().map(|c| format!("COALESCE({c}, 0)")).collect();
-    format!("SELECT started_at, COALESCE(tenant_id, ''), agent, model_id, status, {} FROM executions WHERE status <> 'running'", values.join(", "))
+    format!(
+        "SELECT started_at, COALESCE(tenant_id, ''), agent, model_id, status, {} FROM executions WHERE status <> 'running' AND started_at >= {}",
+        values.join(", "),
+        d.param(1)
+    )
 }
 
 /// Step 3 deletes the daily rollups from `Rebuild::rollups`' day on; step 4 adds

@@ -992,13 +992,10 @@ fn rebuild(tx: &Connection, keyed_in: &Calendar, cal: &Calendar) -> Result<usize
         }
     }
     {
-        let mut stmt = tx.prepare(&counted_executions_sql())?;
-        let mut rows = stmt.query([])?;
+        let mut stmt = tx.prepare(&counted_executions_sql(Dialect::Sqlite))?;
+        let mut rows = stmt.query([plan.rows_from])?;
         while let Some(r) = rows.next()? {
             let started_at: Micros = r.get(2)?;
-            if started_at < plan.rows_from {
-                continue;
-            }
             let tenant: Option<String> = r.get(0)?;
             let agent: String = r.get(1)?;
             let u = budget::estimate(Nanos(r.get(3)?), r.get(4)?);
@@ -1052,14 +1049,11 @@ fn rebuild_rollups(tx: &Connection, plan: &rollups::Rebuild, cal: &Calendar) -> 
     let Some(first_day) = &plan.rollups else { return Ok(()) };
     let mut totals = plan.totals();
     {
-        let mut stmt = tx.prepare(&rollups::source_sql())?;
-        let mut rows = stmt.query([])?;
+        let mut stmt = tx.prepare(&rollups::source_sql(Dialect::Sqlite))?;
+        let mut rows = stmt.query([plan.rows_from])?;
         let mut values = vec![0; ROLLED.len()];
         while let Some(r) = rows.next()? {
             let started_at: Micros = r.get(0)?;
-            if started_at < plan.rows_from {
-                continue;
-            }
             for (i, v) in values.iter_mut().enumerate() {
                 *v = r.get(5 + i)?;
             }

@@ -1,7 +1,7 @@
 //! The stored timezone, and rebuilding counters and rollups when it changes.
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::{ToSql, Type};
+use postgres::types::Type;
 
 use super::connect::PgResult;
 use super::counters::{bump, reservation_at, Deltas};
@@ -41,12 +41,9 @@ pub(super) fn rebuild(db: &mut Tx<'_>, keyed_in: &Calendar, cal: &Calendar) -> P
         }
     }
     {
-        let mut rows = db.c.query_typed_raw(&counted_executions_sql(), std::iter::empty::<(&(dyn ToSql + Sync), Type)>())?;
+        let mut rows = db.c.query_typed_raw(&counted_executions_sql(Dialect::Postgres), [(plan.rows_from, Type::INT8)])?;
         while let Some(r) = rows.next()? {
             let started_at: i64 = r.try_get(2)?;
-            if started_at < plan.rows_from {
-                continue;
-            }
             let tenant: Option<String> = r.try_get(0)?;
             let agent: String = r.try_get(1)?;
             let u = budget::estimate(Nanos(r.try_get(3)?), r.try_get(4)?);
@@ -97,12 +94,9 @@ pub(super) fn rebuild_rollups(db: &mut Tx<'_>, plan: &rollups::Rebuild, cal: &Ca
     let Some(first_day) = &plan.rollups else { return Ok(()) };
     let mut totals = plan.totals();
     {
-        let mut rows = db.c.query_typed_raw(&rollups::source_sql(), std::iter::empty::<(&(dyn ToSql + Sync), Type)>())?;
+        let mut rows = db.c.query_typed_raw(&rollups::source_sql(Dialect::Postgres), [(plan.rows_from, Type::INT8)])?;
         while let Some(r) = rows.next()? {
             let started_at: i64 = r.try_get(0)?;
-            if started_at < plan.rows_from {
-                continue;
-            }
             let values = (0..ROLLED.len()).map(|i| r.try_get(5 + i)).collect::<std::result::Result<Vec<i64>, _>>()?;
             totals.add_row(cal, started_at, [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?], &values);
         }
