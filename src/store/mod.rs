@@ -481,11 +481,16 @@ pub(crate) mod tests {
         store.admit(&admit_request(&e, plan, budget::estimate(Nanos(600), 10), &Calendar::new("UTC").unwrap(), expires)).unwrap()
     }
 
+    /// 1,000 nano-USD a day for all calls: room for one estimate of `admit`'s (600), not two.
+    fn one_call_a_day() -> GlobalBudgets {
+        GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() }
+    }
+
     /// Shared by both stores' tests: a call whose process died keeps its reservation until its
     /// lease runs out; the next admission after that releases it and closes its row as
     /// abandoned. Returns when only the last call admitted ("c") holds a reservation.
     pub(crate) fn reservations_of_a_dead_process_expire(store: &dyn Store) {
-        let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
+        let global = one_call_a_day();
         let t0 = 1_800_000_000_000_000;
         assert!(matches!(admit(store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
         // "a" never finishes; while its lease runs, a second estimate does not fit.
@@ -498,6 +503,19 @@ pub(crate) mod tests {
         assert_eq!(get("error_class"), Cell::Text("Abandoned".into()));
         let q = Query { filters: vec![Filter::Eq(Field::parse("status").unwrap(), Value::Text("blocked".into()))], ..Default::default() };
         assert_eq!(store.query_aggregate(&q, &Aggregate::Count).unwrap(), Cell::Int(1));
+    }
+
+    /// Shared by both stores' tests: a renewed lease keeps the call's reservation past its
+    /// first expiry, until the renewed one; renewing a call that has none changes nothing.
+    pub(crate) fn a_renewed_lease_outlives_its_first_expiry(store: &dyn Store) {
+        let global = one_call_a_day();
+        let t0 = 1_800_000_000_000_000;
+        assert!(matches!(admit(store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
+        assert_eq!(store.renew_leases(&["a".to_string(), "gone".to_string()], t0 + 5_000).unwrap(), 1);
+        // Past the first expiry, "a" still holds its reservation.
+        assert!(matches!(admit(store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
+        assert!(matches!(admit(store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
+        assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
     }
 
     /// Shared by both stores' tests: `set_timezone` moves settled usage and in-flight

@@ -2156,14 +2156,7 @@ mod tests {
     fn a_renewed_lease_outlives_its_first_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("t.db").to_str().unwrap(), "UTC").unwrap();
-        let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(1000)), ..Default::default() }, ..Default::default() };
-        let t0 = 1_800_000_000_000_000;
-        assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
-        assert_eq!(store.renew_leases(&["a".to_string(), "gone".to_string()], t0 + 5_000).unwrap(), 1);
-        // Past the first expiry, "a" still holds its reservation.
-        assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
-        assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
-        assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
+        super::super::tests::a_renewed_lease_outlives_its_first_expiry(&store);
     }
 
     /// The rate limits' logs are the executions rows (migration 16): the global log and each

@@ -129,15 +129,7 @@ const T0: Micros = 1_800_000_000_000_000;
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn a_renewed_lease_outlives_its_first_expiry() {
     let db = TestDb::new();
-    let store = db.open();
-    let global = daily_limit(1000);
-    let t0 = T0;
-    assert!(matches!(admit(&store, &global, "a", t0, t0 + 1_000), Admitted::Go { .. }));
-    assert_eq!(store.renew_leases(&["a".to_string(), "gone".to_string()], t0 + 5_000).unwrap(), 1);
-    // Past the first expiry, "a" still holds its reservation.
-    assert!(matches!(admit(&store, &global, "b", t0 + 2_000, t0 + 10_000), Admitted::Blocked(_)));
-    assert!(matches!(admit(&store, &global, "c", t0 + 6_000, t0 + 10_000), Admitted::Go { .. }));
-    assert_eq!(store.renew_leases(&[], t0).unwrap(), 0);
+    store_tests::a_renewed_lease_outlives_its_first_expiry(&db.open());
 }
 
 #[test]
