@@ -473,6 +473,12 @@ pub(crate) mod tests {
         }
     }
 
+    /// The settlement of `e` with `done` (`reserved`: it holds a reservation), with the fields
+    /// the stores' tests rarely vary (no budget checks, rate scopes or breakers; no details).
+    pub(crate) fn finish_request<'a>(e: &'a NewExecution, done: &'a Completion, calendar: &'a Calendar, reserved: bool) -> FinishRequest<'a> {
+        FinishRequest { execution: e, completion: done, reserved, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar, store_details: false }
+    }
+
     /// Admits call `id` at `now` (no tenant, estimated at 600 nano-USD and 10 tokens) under
     /// `global`, in UTC, with its lease until `expires`.
     pub(crate) fn admit(store: &dyn Store, global: &GlobalBudgets, id: &str, now: Micros, expires: Micros) -> Admitted {
@@ -531,17 +537,7 @@ pub(crate) mod tests {
         };
         let settle = |id: &str, cal: &Calendar| {
             let done = Completion::refused(Status::Success, "", String::new(), t + 1);
-            store.finish(&FinishRequest {
-                execution: &execution(id, t),
-                completion: &done,
-                reserved: true,
-                checks: &[],
-                rate_scopes: &[],
-                logged_tokens: 0,
-                breakers: &[],
-                calendar: cal,
-                store_details: false,
-            })
+            store.finish(&finish_request(&execution(id, t), &done, cal, true))
         };
         // "a" settles and "b" stays in flight, both on UTC's Nov 30.
         assert!(matches!(admit("a", &utc).unwrap(), Admitted::Go { .. }));
@@ -632,19 +628,7 @@ pub(crate) mod tests {
                 let mut done = Completion::refused(Status::Success, "", String::new(), clock);
                 (done.error_class, done.error_message) = (None, None);
                 done.usage = crate::pricing::Usage::new(entry.2, 0, 0);
-                store
-                    .finish(&FinishRequest {
-                        execution: &e,
-                        completion: &done,
-                        reserved: false,
-                        checks: &[],
-                        rate_scopes: &rate_scopes,
-                        logged_tokens,
-                        breakers: &[],
-                        calendar: &cal,
-                        store_details: false,
-                    })
-                    .unwrap();
+                store.finish(&FinishRequest { rate_scopes: &rate_scopes, logged_tokens, ..finish_request(&e, &done, &cal, false) }).unwrap();
             }
         }
         assert!(admitted > 100 && refused > 100 && lagging > 100, "{admitted} admitted, {refused} refused, {lagging} lagging");

@@ -580,8 +580,8 @@ pub(crate) mod tests {
     use crate::execution::{Cell, Completion, NewExecution, Status};
     use crate::money::Nanos;
     use crate::pricing::{Cost, Usage};
-    use crate::store::tests::admit_request;
-    use crate::store::{Admitted, FinishRequest, Store};
+    use crate::store::tests::{admit_request, finish_request};
+    use crate::store::{Admitted, Store};
 
     fn at(s: &str) -> Micros {
         chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros()
@@ -964,19 +964,7 @@ pub(crate) mod tests {
             time_to_first_token_ms: rng.bool().then(|| rng.i64(1..500)),
             cached: false,
         };
-        store
-            .finish(&FinishRequest {
-                execution: e,
-                completion: &done,
-                reserved: true,
-                checks: &[],
-                rate_scopes: &[],
-                logged_tokens: 0,
-                breakers: &[],
-                calendar: cal,
-                store_details: false,
-            })
-            .unwrap();
+        store.finish(&finish_request(e, &done, cal, true)).unwrap();
     }
 
     fn random_queries(cal: &Calendar, t0: Micros, rng: &mut fastrand::Rng) -> Vec<(Query, Vec<GroupKey>, Aggregate)> {

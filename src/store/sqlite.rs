@@ -1887,7 +1887,7 @@ const PROBLEMS_SQL: &str = "SELECT tenant_id, COUNT(CASE WHEN status IN ('error'
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{admit, admit_request, execution};
+    use super::super::tests::{admit, admit_request, execution, finish_request};
     use super::*;
     use crate::budget::{GlobalBudgets, Plan};
     use crate::clock::Period;
@@ -2075,7 +2075,7 @@ mod tests {
             time_to_first_token_ms: Some(47),
             cached: false,
         };
-        let finish = FinishRequest { execution: &e, completion: &done, reserved: true, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false };
+        let finish = finish_request(&e, &done, &cal, true);
         store.finish(&finish).unwrap();
         let read = || -> Vec<Vec<SqlValue>> {
             let c = Connection::open(&path).unwrap();
@@ -2352,17 +2352,7 @@ mod tests {
             let finish = |e: &NewExecution, rate_scopes: &[String], at: Micros| {
                 let mut done = Completion::refused(Status::Success, "", String::new(), at);
                 (done.error_class, done.error_message) = (None, None);
-                let req = FinishRequest {
-                    execution: e,
-                    completion: &done,
-                    reserved: true,
-                    checks: &[],
-                    rate_scopes,
-                    logged_tokens: 10,
-                    breakers: &[],
-                    calendar: &cal,
-                    store_details: false,
-                };
+                let req = FinishRequest { rate_scopes, logged_tokens: 10, ..finish_request(e, &done, &cal, true) };
                 store.finish(&req).unwrap();
             };
             let in_flight = || store.rate_usage(&scope, t0).unwrap().in_flight;
@@ -2421,7 +2411,7 @@ mod tests {
         done.usage = crate::pricing::Usage::new(3, 4, 0);
         let e = execution("a", t0);
         store
-            .finish(&FinishRequest { execution: &e, completion: &done, reserved: false, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false })
+            .finish(&finish_request(&e, &done, &cal, false))
             .unwrap();
         assert_eq!(status("a"), Cell::Text("success".into()));
         assert_eq!(executions(), budget::estimate(Nanos::ZERO, 7));
@@ -2481,7 +2471,7 @@ mod tests {
         assert!(matches!(admit(&store, &GlobalBudgets::default(), "d-later", later, later + 1), Admitted::Go { .. }));
         let e = execution("c-unreserved", t0);
         let done = short_circuited("A", later, later);
-        let finish = FinishRequest { execution: &e, completion: &done, reserved: false, checks: &[], rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: false };
+        let finish = finish_request(&e, &done, &cal, false);
         store.finish(&finish).unwrap();
         assert_eq!(leases().iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["b-from-before", "d-later"]);
         assert_eq!(by_status(), [status("error", 1), status("running", 2), status("short_circuited", 1)]);
