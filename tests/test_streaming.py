@@ -277,11 +277,12 @@ def test_a_budget_refusal_raises_from_the_first_next(fp: FakeProvider) -> None:
 
 
 def test_a_slow_first_piece_times_out_and_a_slow_stream_is_cut(fp: FakeProvider) -> None:
-    agent = setup(fp, "gpt-4o", timeout=0.5)
-    fp.script(Step(content=TEXT, delay=1.0))
+    # 1.5 s: a loaded machine still gets the first piece in time; the stream takes 3.2 s.
+    agent = setup(fp, "gpt-4o", timeout=1.5)
+    fp.script(Step(content=TEXT, held=True))  # no first piece until the test is over
     with pytest.raises(tl.ProviderTimeoutError):
         list(agent.stream(q="hi", tenant="acme"))
-    fp.script(Step(content=TEXT, sse_delay=0.2))
+    fp.script(Step(content=TEXT, sse_delay=0.4))
     received = ""
     with pytest.raises(tl.ProviderTimeoutError):
         for piece in agent.stream(q="hi", tenant="acme"):
