@@ -169,6 +169,76 @@ def test_a_lock_held_elsewhere_fails_the_call_clearly_and_changes_nothing(pg: st
     raw_sql.assert_counters_match_rows(pg)
 
 
+def test_a_settlement_locks_its_counters_in_key_order(pg: str) -> None:
+    # Deadlock freedom rests on every transaction taking the counters it writes in one order,
+    # sorted by (scope, period) bytewise. The settlement writes its counters in one INSERT ...
+    # ON CONFLICT over the sorted keys (migration 20), which keeps that order only because the
+    # server runs it row by row; and deadlocks are retried silently, so a wrong order would only
+    # show as stalls. So: another session holds the middle counter, and while the settlement
+    # waits for it, the counters before it must be locked by the settlement and those after free.
+    tl.TenantBudget.create("order", daily_limit=100, monthly_limit=1000)
+    Capped.call(topic="first", tenant="order")
+    in_order = 'SELECT scope || \'|\' || period FROM usage_counters ORDER BY scope COLLATE "C", period COLLATE "C"'
+    keys = [tuple(k.split("|")) for k in psql(pg, in_order).split()]
+    assert len(keys) == 6, keys  # global, tenant and agent, each daily and monthly
+
+    def where(key: tuple[str, ...]) -> str:
+        return f"scope = '{key[0]}' AND period = '{key[1]}'"
+
+    middle = len(keys) // 2
+    admitted, settle = threading.Event(), threading.Event()
+
+    def call() -> None:
+        with tl.guarded(tenant="order", agent="Capped", model="mock/capped") as guard:
+            guard.record(input_tokens=10, output_tokens=5)
+            admitted.set()
+            settle.wait(timeout=60)
+
+    settling = threading.Thread(target=call)
+    settling.start()
+    assert admitted.wait(timeout=60)
+    hold = f"BEGIN; SELECT 1 FROM usage_counters WHERE {where(keys[middle])} FOR UPDATE; SELECT pg_sleep(60); COMMIT;"
+    holder = subprocess.Popen(
+        [psql_exe(), "-X", "-q", "-d", pg, "-c", hold],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PGAPPNAME": "tl-key-holder"},
+    )
+    try:
+        held = "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'tl-key-holder'"
+        held += " AND state = 'active' AND wait_event = 'PgSleep'"
+        deadline = time.monotonic() + 20
+        while scalar(pg, held) == 0:
+            assert time.monotonic() < deadline, "the key holder never got its lock"
+            time.sleep(0.05)
+        settle.set()
+        waiting = "SELECT COUNT(*) FROM pg_stat_activity"
+        waiting += " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        while scalar(pg, waiting) == 0:
+            assert time.monotonic() < deadline, "the settlement never waited for the held counter"
+            time.sleep(0.05)
+        for i, key in enumerate(keys):
+            if i == middle:
+                continue
+            nowait = f"SELECT 1 FROM usage_counters WHERE {where(key)} FOR UPDATE NOWAIT"
+            probe = subprocess.run(
+                [psql_exe(), "-X", "-q", "-d", pg, "-c", nowait],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            locked = "could not obtain lock" in probe.stderr
+            assert locked == (i < middle), (key, probe.stderr)
+    finally:
+        psql(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tl-key-holder'")
+        holder.wait(timeout=30)
+        settle.set()
+        settling.join(timeout=60)
+    assert tl.Execution.by_tenant("order").count() == 2
+    assert reserved(pg) == 0
+    raw_sql.assert_counters_match_rows(pg)
+
+
 def _kill_connections(url: str) -> int:
     """Ends the server's other sessions on `url`'s database (on the server itself: through
     PgBouncer, they are its server connections)."""

@@ -7,7 +7,8 @@
 //! table, the days around them from the daily one (added, or taken away from a whole month
 //! when that reads fewer rows, `months_and_days`). A range whose ends are inside days reads
 //! the whole days so, and the parts of days at its ends from the executions (`Plan::edges`).
-//! Calls still running are not rolled up; a partial index finds them.
+//! Calls still running are not rolled up; their reservations find them (every call in flight
+//! has one, on both stores).
 //!
 //! At tens of thousands of tenants nearly every call is a daily rollup row of its own, so a
 //! question over all tenants would read about as many rows as there are calls. Both stores
@@ -830,8 +831,8 @@ pub(crate) mod tests {
             }
         }
         // A database from before rollups: the migration fills them from the rows that are left.
-        // IF EXISTS: SQLite's migration 18 dropped the index (its calls in flight are found from
-        // their reservations); PostgreSQL keeps it.
+        // IF EXISTS: SQLite's migration 18 and PostgreSQL's 20 dropped the index (calls in flight
+        // are found from their reservations).
         sql("DROP TABLE daily_rollups; DROP TABLE monthly_rollups; DROP INDEX IF EXISTS executions_running;
              DROP TABLE response_cache; ALTER TABLE executions DROP COLUMN cached");
         sql(&format!("UPDATE schema_version SET version = {}", MIGRATION - 1));
