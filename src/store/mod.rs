@@ -224,6 +224,9 @@ pub trait Store: Send + Sync {
 pub struct Purged {
     pub details: i64,
     pub executions: i64,
+    /// Other writes came during or just before a batch (SQLite: `writes_share_one_lock`), so
+    /// retention pauses longer after it. Always false elsewhere.
+    pub in_use: bool,
 }
 
 /// Which model of a chain a call starts with, decided by the models' breakers in order.

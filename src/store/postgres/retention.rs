@@ -68,6 +68,6 @@ pub(super) fn purge_preview(store: &PostgresStore, details_before: Option<Micros
             }
             None => 0,
         };
-        Ok(Purged { details, executions })
+        Ok(Purged { details, executions, in_use: false })
     })
 }
