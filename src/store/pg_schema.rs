@@ -1664,4 +1664,131 @@ pub const MIGRATIONS: &[&str] = &[
     DROP INDEX IF EXISTS executions_running;
     DROP INDEX IF EXISTS executions_problems;
     "#,
+    // 21: a call refused by a hard budget in 2 round trips instead of 14 (counted by
+    // postgres/tests.rs `round_trips_per_path`): `tenantllm_admit` returns the usage it read
+    // with its refusal, Rust's `budget::evaluate` names the breach from it (server_side.rs),
+    // and `tenantllm_block` writes the blocked row and its rollups in one call. Where the two
+    // disagree (a sum at 64 bits) the transaction decides, as before.
+    r#"
+    -- As migration 20's, but a refusal returns the usage it read, as a call that goes ahead does.
+    CREATE OR REPLACE FUNCTION tenantllm_admit(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[], p_hard_periods TEXT[], p_hard_metrics INT[],
+        p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_counters TEXT,
+        p_expires_at BIGINT, p_breaker TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        OUT outcome TEXT, OUT usage BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_row BIGINT[];
+        v_refused BOOLEAN := false;
+        v_key RECORD;
+        v_set TEXT;
+    BEGIN
+        -- Before any statement that could wait for a lock (the settings table is locked
+        -- while the timezone changes: rebuild.rs).
+        -- An assignment, not PERFORM: PL/pgSQL evaluates it without starting an executor.
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        -- The timezone first, as in every write (see rebuild.rs `stored_timezone`).
+        outcome := CASE
+            WHEN (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN 'timezone'
+            WHEN p_budget_tenant IS NOT NULL AND (SELECT xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = p_budget_tenant)
+                IS DISTINCT FROM p_budget_stamp THEN 'budget'
+            WHEN EXISTS (SELECT 1 FROM reservations WHERE expires_at <= p_now) THEN 'expired'
+            WHEN EXISTS (SELECT 1 FROM breakers WHERE key = p_breaker AND phase <> 'closed') THEN 'breaker'
+        END;
+        IF outcome IS NOT NULL THEN
+            RETURN;
+        END IF;
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        outcome := 'go';
+        usage := '{}';
+        -- Every call in flight has a reservation, holding nothing when it has no counters:
+        -- its lease, renewed while its process lives, is what closes its row once that
+        -- process dies.
+        INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+        VALUES (p_id, p_counters, p_cost, p_tokens, p_executions, p_expires_at);
+        IF cardinality(p_scopes) = 0 THEN
+            RETURN;
+        END IF;
+        -- The counters in one statement, one row after another in the order admission.rs locks
+        -- them (counters.rs `lock_counters`: the arrays come sorted), so no two calls wait on
+        -- each other in a cycle: each row is locked and gets the estimate, the first use of a
+        -- counter creates it, and RETURNING gives the rows in that order with their values
+        -- before this call's estimate. A sum past 64 bits raises an error, undoing everything:
+        -- the Rust transaction then decides (server_side.rs).
+        FOR v_key IN
+            INSERT INTO usage_counters AS c (scope, period, reserved_cost, reserved_tokens, reserved_executions)
+            SELECT k.scope, k.period, p_cost, p_tokens, p_executions FROM unnest(p_scopes, p_periods) AS k(scope, period)
+            ON CONFLICT (scope, period) DO UPDATE SET reserved_cost = c.reserved_cost + p_cost,
+                reserved_tokens = c.reserved_tokens + p_tokens, reserved_executions = c.reserved_executions + p_executions
+            RETURNING c.scope, c.period, ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost - p_cost, c.reserved_tokens - p_tokens,
+                c.reserved_executions - p_executions] AS v
+        LOOP
+            v_row := v_key.v;
+            usage := usage || v_row;
+            -- In NUMERIC, so no sum overflows; at a 64-bit limit this may refuse where Rust's
+            -- saturating sums would not, and the Rust transaction then decides.
+            FOR h IN 1..cardinality(p_hard_scopes) LOOP
+                IF p_hard_scopes[h] = v_key.scope AND p_hard_periods[h] = v_key.period
+                    AND v_row[1 + p_hard_metrics[h]]::NUMERIC + v_row[4 + p_hard_metrics[h]]
+                        + (CASE p_hard_metrics[h] WHEN 0 THEN p_cost WHEN 1 THEN p_tokens ELSE p_executions END) > p_hard_limits[h] THEN
+                    v_refused := true;
+                END IF;
+            END LOOP;
+        END LOOP;
+        IF v_refused THEN
+            -- The estimates come off again: a refusal leaves the counters as they were.
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(p_scopes, p_periods) AS k(scope, period) WHERE c.scope = k.scope AND c.period = k.period;
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := 'refused';
+        END IF;
+    END
+    $fn$;
+
+    -- The blocked row of a refused call: inserted running, then closed by `tenantllm_settle`
+    -- (its rollups, no counters: a blocked call uses nothing, and it holds no reservation),
+    -- so it lands as admission.rs's transaction writes it. 'timezone' when the stored timezone
+    -- is not the caller's, changing nothing.
+    CREATE OR REPLACE FUNCTION tenantllm_block(p_lock_timeout TEXT, p_timezone TEXT, p_day TEXT, p_month TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_closed_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        OUT outcome TEXT)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_set TEXT;
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        IF (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        SELECT s.outcome INTO outcome FROM tenantllm_settle(p_lock_timeout, p_timezone, false, '{}', '{}', 0, 0, 0, p_day, p_month,
+            p_id, p_status, p_error_class, p_error_message, p_chosen_model_id, p_closed_provider, p_completed_at, p_duration_ms,
+            p_input_tokens, p_output_tokens, p_cached_tokens, p_total_tokens, p_input_cost, p_output_cost, p_total_cost,
+            p_attempts_count, p_attempts, p_finish_reason, p_cache_write_tokens, p_cache_read_cost, p_cache_write_cost,
+            p_time_to_first_token_ms, p_cached, false, NULL, NULL, NULL, NULL, '{}', '{}', '{}', '{}', '{}', '{}') AS s;
+    END
+    $fn$;
+    "#,
 ];

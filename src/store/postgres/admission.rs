@@ -43,6 +43,11 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Adm
     if let Some(admitted) = server_side::admit(store, req)? {
         return Ok(admitted);
     }
+    transaction(store, req)
+}
+
+/// The admission that decides every case, in one transaction.
+pub(super) fn transaction(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Admitted> {
     let e = req.execution;
     let check = |db: &mut Tx<'_>, _: &Admitted| row_written(db, &e.id);
     store.write(OnCommitLoss::Check(&check), |db| {

@@ -12,9 +12,15 @@ pub(super) fn insert_execution(db: &mut Tx<'_>, e: &NewExecution) -> PgResult<()
         "INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
              parent_execution_id, root_execution_id)
          VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9)",
-        &[&e.id, &e.agent, &e.model_id, &e.provider, &e.tenant_id, &e.started_at, &e.metadata, &e.parent_execution_id, &e.root_execution_id],
+        &new_row(e),
     )?;
     Ok(())
+}
+
+/// A new row's values, in the order of `insert_execution`'s parameters (and of the server-side
+/// functions' from p_id: `tenantllm_admit`, `tenantllm_block`).
+pub(super) fn new_row(e: &NewExecution) -> [&dyn Param; 9] {
+    [&e.id, &e.agent, &e.model_id, &e.provider, &e.tenant_id, &e.started_at, &e.metadata, &e.parent_execution_id, &e.root_execution_id]
 }
 
 /// Adds execution `id`'s numbers, times `sign`, to its rollups (`rollups::record_sql`) and

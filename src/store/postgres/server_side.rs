@@ -1,14 +1,15 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12 and 14 to 20 (`tenantllm_admit`, `tenantllm_settle`), one statement
+//! functions of migrations 12 and 14 to 21 (`tenantllm_admit`, `tenantllm_settle`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The counters,
 //! which every call of a tenant waits for, each function locks last.
 //!
-//! They take the call that goes ahead and the settlement that changes no breaker. Anything
-//! else (a rate limit, a refusal, an expired lease, a breaker to change, a tenant whose stored
+//! They take the call that goes ahead, the call a hard budget refuses (in two round trips: the
+//! refusal, then its row) and the settlement that changes no breaker. Anything
+//! else (a rate limit, an expired lease, a breaker to change, a tenant whose stored
 //! budget this process has not read) they leave to `admission`'s transaction, which decides
 //! every case. The policy stays in Rust: this module works out the limits that apply
-//! (`budget::checks`) and the warnings; the server only compares the counters with the hard
+//! (`budget::checks`), the warnings and a refusal's breach; the server only compares the counters with the hard
 //! limits it is given (the rule of `budget::evaluate`) and with the amounts that reach the
 //! alerts' thresholds (`budget::threshold_at`).
 
@@ -21,7 +22,7 @@ use super::admission::{row_closed, row_written};
 use super::connect::Failure;
 use super::counters::key_arrays;
 use super::db::Param;
-use super::executions::Closing;
+use super::executions::{new_row, Closing};
 use super::PostgresStore;
 use crate::budget::{self, Enforcement, Metric, TenantBudget};
 use crate::error::{Amount, Result};
@@ -29,7 +30,7 @@ use crate::process::unpoisoned;
 use crate::ratelimit;
 use crate::store::rollups;
 use crate::store::{
-    encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
+    blocked, encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
 };
 
 /// A tenant's stored budget (None: it has none) and the `xmin` of its row, which changes
@@ -105,42 +106,35 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     let breaker = req.breaker_keys.first().map(|k| k.id());
     let remember = req.remember_tenant && req.plan.tenant_id.is_some();
     let calendar = req.calendar.name();
+    let head: [&dyn Param; 20] = [
+        &store.lock_timeout,
+        &calendar,
+        &req.now,
+        &remember,
+        &req.plan.tenant_id,
+        &req.tenant_name,
+        &budget_tenant,
+        &stamp,
+        &scopes,
+        &periods,
+        &hard_scopes,
+        &hard_periods,
+        &hard_metrics,
+        &hard_limits,
+        &est.cost.0,
+        &est.tokens,
+        &est.executions,
+        &counters,
+        &req.reservation_expires_at,
+        &breaker,
+    ];
+    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
     let answer = store.call(&took_effect, |db| {
         let r = db.query_one(
             "SELECT outcome, usage FROM tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
                  $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)",
-            &[
-                &store.lock_timeout,
-                &calendar,
-                &req.now,
-                &remember,
-                &req.plan.tenant_id,
-                &req.tenant_name,
-                &budget_tenant,
-                &stamp,
-                &scopes,
-                &periods,
-                &hard_scopes,
-                &hard_periods,
-                &hard_metrics,
-                &hard_limits,
-                &est.cost.0,
-                &est.tokens,
-                &est.executions,
-                &counters,
-                &req.reservation_expires_at,
-                &breaker,
-                &e.id,
-                &e.agent,
-                &e.model_id,
-                &e.provider,
-                &e.tenant_id,
-                &e.started_at,
-                &e.metadata,
-                &e.parent_execution_id,
-                &e.root_execution_id,
-            ],
+            &params,
         );
         // A counter's sum past 64 bits: nothing changed, and the transaction decides.
         let r = match r {
@@ -149,32 +143,44 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         };
         Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?)))
     })?;
-    let usage: HashMap<CounterKey, (budget::Usage, budget::Usage)> = match answer {
-        Some(Some((outcome, Some(usage)))) if outcome == "go" && usage.len() == 6 * checked.len() => {
+    // What the counters held when the server went ahead or refused (migration 21).
+    let (go, usage): (bool, HashMap<CounterKey, (budget::Usage, budget::Usage)>) = match answer {
+        Some(Some((outcome, Some(usage)))) if (outcome == "go" || outcome == "refused") && usage.len() == 6 * checked.len() => {
             let at = |n: &[i64], i: usize| budget::Usage {
                 cost: crate::money::Nanos(n[i]),
                 tokens: n[i + 1],
                 executions: n[i + 2],
             };
-            checked
+            let usage = checked
                 .iter()
                 .cloned()
                 .zip(usage.chunks(6))
                 .map(|(k, n)| (k, (at(n, 0), at(n, 3))))
-                .collect()
+                .collect();
+            (outcome == "go", usage)
         }
         Some(_) => return Ok(None),
-        // Admitted, but what the counters held went with the connection: no warnings.
-        None => HashMap::new(),
+        // Admitted (a refusal leaves no row), but what the counters held went with the
+        // connection: no warnings.
+        None => (true, HashMap::new()),
     };
-    // The server found no hard limit passed; the soft ones warn.
     let usage_of = |c: &budget::Check| {
         usage
             .get(&(c.scope.clone(), c.period_key.clone()))
             .copied()
             .unwrap_or_default()
     };
-    let (_, warnings) = budget::evaluate(&checks, usage_of, est);
+    let (hard, warnings) = budget::evaluate(&checks, usage_of, est);
+    if !go {
+        // Refused: the breach is the policy's to name, from the same usage. Where it finds
+        // none (the server's NUMERIC sums against its saturating ones at 64 bits) the
+        // transaction decides.
+        return match hard {
+            Some(b) => block(store, req, b),
+            None => Ok(None),
+        };
+    }
+    // The server found no hard limit passed; the soft ones warn.
     Ok(Some(Admitted::Go {
         model_index: 0,
         probe: false,
@@ -184,6 +190,33 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         // The function writes every call's reservation (migration 19).
         reserved: true,
     }))
+}
+
+/// Writes the blocked row of a call the server refused, with its rollups, in one round trip
+/// (`tenantllm_block`, migration 21): what admission.rs's transaction writes for it. None
+/// when the transaction must (the timezone changed since the refusal).
+fn block(store: &PostgresStore, req: &AdmitRequest<'_>, b: budget::Breach) -> Result<Option<Admitted>> {
+    let e = req.execution;
+    let c = blocked(&b, req.now);
+    let [day, month] = rollups::periods(req.calendar, e.started_at);
+    let calendar = req.calendar.name();
+    let closing = Closing::of(&c);
+    let head: [&dyn Param; 4] = [&store.lock_timeout, &calendar, &day, &month];
+    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).chain(closing.params(&c)).collect();
+    let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
+    let outcome = store.call(&took_effect, |db| {
+        let r = db.query_one(
+            "SELECT outcome FROM tenantllm_block($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)",
+            &params,
+        )?;
+        Ok(r.try_get::<_, String>(0)?)
+    })?;
+    // None: the connection went after the row was written.
+    Ok(match outcome {
+        Some(o) if o != "done" => None,
+        _ => Some(Admitted::Blocked(b)),
+    })
 }
 
 /// Settles the call in one round trip unless its settlement corrects a rate limit's log or

@@ -624,8 +624,8 @@ fn a_commit_cut_off_is_checked_never_doubled_or_lost() {
 }
 
 /// The server-side admission goes ahead exactly while `budget::evaluate` would, at each
-/// metric's limit (three estimates fit); the fourth call is left to the transaction, which
-/// refuses it with the detailed breach. A settlement there changes what fits again.
+/// metric's limit (three estimates fit); the fourth call it refuses, with the breach the
+/// policy names. A settlement there changes what fits again.
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn server_side_admission_agrees_with_the_policy_at_each_limit() {
@@ -646,17 +646,64 @@ fn server_side_admission_agrees_with_the_policy_at_each_limit() {
             let go = server_side::admit(&store, &admit_request(&global, e, &[], expires, &cal)).unwrap();
             assert!(matches!(go, Some(Admitted::Go { reserved: true, .. })), "{name}: {go:?}");
         }
-        assert!(server_side::admit(&store, &admit_request(&global, &calls[3], &[], expires, &cal)).unwrap().is_none(), "{name}");
-        match store.admit(&admit_request(&global, &calls[3], &[], expires, &cal)).unwrap() {
-            Admitted::Blocked(b) => assert_eq!(b.check.name, name),
+        match server_side::admit(&store, &admit_request(&global, &calls[3], &[], expires, &cal)).unwrap() {
+            Some(Admitted::Blocked(b)) => assert_eq!(b.check.name, name),
             other => panic!("{name}: {other:?}"),
         }
         // Settled at no cost: only the execution still counts.
         let free = Completion { cost: Cost::default(), usage: Usage::new(0, 0, 0), ..completion(Status::Success, at + 10, 0) };
         finish(&store, &calls[0], &free, true, &[]);
         let go = server_side::admit(&store, &admit_request(&global, &calls[4], &[], expires, &cal)).unwrap();
-        assert_eq!(go.is_some(), name != "global_daily_executions", "{name}: {go:?}");
+        assert_eq!(matches!(go, Some(Admitted::Go { .. })), name != "global_daily_executions", "{name}: {go:?}");
+        assert_eq!(matches!(go, Some(Admitted::Blocked(_))), name == "global_daily_executions", "{name}: {go:?}");
     }
+}
+
+/// A call a hard budget refuses takes 2 round trips (the refusal, then its row) and leaves
+/// what the transaction leaves: the same breach (the error the caller gets), row, rollups,
+/// counters, reservations, alerts sent and tenants, on two databases that saw the same calls.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn a_refusal_in_two_round_trips_writes_what_the_transaction_does() {
+    use super::db::round_trips::taken;
+    let cal = Calendar::new("UTC").unwrap();
+    let global = GlobalBudgets { limits: Limits { daily_cost: Some(Nanos(5000)), ..Default::default() }, ..Default::default() };
+    let budget = TenantBudget { tenant_id: "t1".into(), limits: Limits { daily_cost: Some(Nanos(2000)), ..Default::default() }, ..Default::default() };
+    let hour = 3_600_000_000;
+    let call = |id: &str, at: Micros| NewExecution { tenant_id: Some("t1".into()), ..execution(id, at) };
+    let refused = call("refused", T0 + 3);
+    let mut seen = vec![];
+    for server_side in [true, false] {
+        let db = TestDb::new();
+        let store = db.open();
+        store.budget_put(&budget, BudgetWrite::Create).unwrap();
+        // 1,700 of the tenant's 2,000 used (its 80 % alert sent), one call of 600 in flight.
+        let (running, done) = (call("running", T0), call("done", T0 + 1));
+        assert!(matches!(admit_as(&store, &global, &running, &[], T0 + hour), Admitted::Go { .. }));
+        let Admitted::Go { checks, .. } = admit_as(&store, &global, &done, &[], T0 + hour) else { panic!("not admitted") };
+        let c = completion(Status::Success, T0 + 2, 1700);
+        let req = FinishRequest { execution: &done, completion: &c, reserved: true, checks: &checks, rate_scopes: &[], logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
+        assert_eq!(store.finish(&req).unwrap().len(), 1);
+        let request = admit_request(&global, &refused, &[], T0 + hour, &cal);
+        taken();
+        let answer = if server_side { store.admit(&request) } else { admission::transaction(&store, &request) }.unwrap();
+        let trips = taken();
+        let Admitted::Blocked(breach) = answer else { panic!("not refused: {answer:?}") };
+        if server_side {
+            assert_eq!(trips, 2);
+        }
+        let tables = ["executions", "execution_details", "daily_rollups", "daily_totals", "monthly_rollups", "usage_counters", "reservations", "alerts_sent", "tenants"];
+        let dump: Vec<String> = tables
+            .iter()
+            .map(|t| {
+                let sql = format!("SELECT COALESCE(string_agg(r::TEXT, E'\\n' ORDER BY r::TEXT), '') FROM {t} r");
+                on_server(&db.url, move |c| c.query_one(sql.as_str(), &[]).unwrap().get::<_, String>(0))
+            })
+            .collect();
+        assert!(dump[0].contains("blocked"), "{}", dump[0]);
+        seen.push((breach, dump));
+    }
+    assert_eq!(seen[0], seen[1]);
 }
 
 /// A tenant's stored budget is read by the transaction the first time, then taken as known
@@ -875,7 +922,7 @@ fn round_trips_per_path() {
     let expected = [
         ("admit", 1),
         ("settle", 1),
-        ("refused by a budget", 14),
+        ("refused by a budget", 2),
         ("settle with an alert", 1),
         // The transaction's paths write and release every call's reservation (migration
         // 19), one round trip each, budget or none.
