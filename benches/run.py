@@ -719,7 +719,7 @@ def telemetry_overhead(db: str, n: int, repeats: int) -> None:
 # file after it ends (the checkpointer), and calls that wait for that wait for the purge.
 AFTER_PURGE = 0.5
 # How fast the first phase assumes a purge goes (rows/s; about what it does on a loaded
-# machine while calls write back to back: it has SQLite's write lock 1/20 of the time), to make
+# machine while calls write back to back: it has SQLite's write lock 1/50 of the time), to make
 # it about as long as a purge phase.
 PURGE_ROWS_PER_S = 2_000
 

@@ -16,7 +16,7 @@ def purge(
     timezone) before the day that began `executions_days` ago, in small batches, so a day is
     never half deleted; with neither given, applies the configured
     `retention`. Counters, budgets and daily totals are unaffected; calls still running are
-    kept. While calls write to a SQLite database, the purge has its write lock 1/20 of the
+    kept. While calls write to a SQLite database, the purge has its write lock 1/50 of the
     time (thousands of rows a second, not the ~100,000 of an idle database), so calls are not
     held up. With `dry_run=True`, changes nothing and only counts.
 
