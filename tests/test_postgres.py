@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -84,6 +85,33 @@ def reserved(url: str) -> int:
     )
 
 
+def wait_for(url: str, count_sql: str, what: str, deadline: float) -> None:
+    """Polls `count_sql` until it counts something; fails naming `what` past `deadline`."""
+    while scalar(url, count_sql) == 0:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@contextmanager
+def held_elsewhere(url: str, lock_sql: str) -> Iterator[None]:
+    """Another session runs `lock_sql` in a transaction it keeps open; entered once it holds
+    what that took, ended (the session killed) on exit."""
+    holder = subprocess.Popen(
+        [psql_exe(), "-X", "-q", "-d", url, "-c", f"BEGIN; {lock_sql}; SELECT pg_sleep(60); COMMIT;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PGAPPNAME": "tl-lock-holder"},
+    )
+    try:
+        holding = "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'tl-lock-holder'"
+        holding += " AND state = 'active' AND wait_event = 'PgSleep'"
+        wait_for(url, holding, "the lock holder never got its lock", time.monotonic() + 20)
+        yield
+    finally:
+        psql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tl-lock-holder'")
+        holder.wait(timeout=30)
+
+
 class Capped(tl.Agent):
     model = "mock/capped"
     user = "Tell me about {topic}"
@@ -142,27 +170,12 @@ def test_a_lock_held_elsewhere_fails_the_call_clearly_and_changes_nothing(pg: st
     tl.TenantBudget.create("locked", daily_limit=1)
     Capped.call(topic="before", tenant="locked")
     spent = tl.TenantBudget.get("locked").current_daily_spending
-    holder = subprocess.Popen(
-        [psql_exe(), "-X", "-q", "-d", pg, "-c", "BEGIN; LOCK TABLE usage_counters; SELECT pg_sleep(30); COMMIT;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PGAPPNAME": "tl-lock-holder"},
-    )
-    try:
-        granted = "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-        granted += " WHERE c.relname = 'usage_counters' AND l.mode = 'AccessExclusiveLock' AND l.granted"
-        deadline = time.monotonic() + 20
-        while scalar(pg, granted) == 0:
-            assert time.monotonic() < deadline, "the lock holder never got its lock"
-            time.sleep(0.05)
+    with held_elsewhere(pg, "LOCK TABLE usage_counters"):
         tl.configure(database=pg + "?options=-c%20lock_timeout%3D500")
         started = time.monotonic()
         with pytest.raises(tl.StoreError, match="lock timeout"):
             Capped.call(topic="while locked", tenant="locked")
         assert time.monotonic() - started < 10
-    finally:
-        psql(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tl-lock-holder'")
-        holder.wait(timeout=30)
     assert tl.Execution.by_tenant("locked").count() == 1
     assert tl.TenantBudget.get("locked").current_daily_spending == spent
     assert reserved(pg) == 0
@@ -197,41 +210,25 @@ def test_a_settlement_locks_its_counters_in_key_order(pg: str) -> None:
     settling = threading.Thread(target=call)
     settling.start()
     assert admitted.wait(timeout=60)
-    hold = f"BEGIN; SELECT 1 FROM usage_counters WHERE {where(keys[middle])} FOR UPDATE; SELECT pg_sleep(60); COMMIT;"
-    holder = subprocess.Popen(
-        [psql_exe(), "-X", "-q", "-d", pg, "-c", hold],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PGAPPNAME": "tl-key-holder"},
-    )
     try:
-        held = "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'tl-key-holder'"
-        held += " AND state = 'active' AND wait_event = 'PgSleep'"
-        deadline = time.monotonic() + 20
-        while scalar(pg, held) == 0:
-            assert time.monotonic() < deadline, "the key holder never got its lock"
-            time.sleep(0.05)
-        settle.set()
-        waiting = "SELECT COUNT(*) FROM pg_stat_activity"
-        waiting += " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        while scalar(pg, waiting) == 0:
-            assert time.monotonic() < deadline, "the settlement never waited for the held counter"
-            time.sleep(0.05)
-        for i, key in enumerate(keys):
-            if i == middle:
-                continue
-            nowait = f"SELECT 1 FROM usage_counters WHERE {where(key)} FOR UPDATE NOWAIT"
-            probe = subprocess.run(
-                [psql_exe(), "-X", "-q", "-d", pg, "-c", nowait],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            locked = "could not obtain lock" in probe.stderr
-            assert locked == (i < middle), (key, probe.stderr)
+        with held_elsewhere(pg, f"SELECT 1 FROM usage_counters WHERE {where(keys[middle])} FOR UPDATE"):
+            settle.set()
+            waiting = "SELECT COUNT(*) FROM pg_stat_activity"
+            waiting += " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            wait_for(pg, waiting, "the settlement never waited for the held counter", time.monotonic() + 20)
+            for i, key in enumerate(keys):
+                if i == middle:
+                    continue
+                nowait = f"SELECT 1 FROM usage_counters WHERE {where(key)} FOR UPDATE NOWAIT"
+                probe = subprocess.run(
+                    [psql_exe(), "-X", "-q", "-d", pg, "-c", nowait],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                locked = "could not obtain lock" in probe.stderr
+                assert locked == (i < middle), (key, probe.stderr)
     finally:
-        psql(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tl-key-holder'")
-        holder.wait(timeout=30)
         settle.set()
         settling.join(timeout=60)
     assert tl.Execution.by_tenant("order").count() == 2
