@@ -1875,7 +1875,7 @@ impl Store for SqliteStore {
 
     fn top_tenants(&self, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&tenant_list::top_tenants_sql(&SQLITE_LIST))?;
+            let mut stmt = c.prepare_cached(&tenant_list::top_tenants_sql(Dialect::Sqlite))?;
             let rows = stmt
                 .query_map(params![period_key, limit], |r| {
                     Ok((r.get(0)?, budget::Usage { cost: Nanos(r.get(1)?), tokens: r.get(2)?, executions: r.get(3)? }))
@@ -1885,9 +1885,6 @@ impl Store for SqliteStore {
         })
     }
 }
-
-/// The tenants list's SQL for SQLite.
-const SQLITE_LIST: tenant_list::Dialect = tenant_list::Dialect { placeholder: |n| format!("?{n}") };
 
 /// Today's failed and refused calls per tenant since ?1, the start of the day: columns
 /// tenant_id, failed (error, timeout), refused (blocked, rate_limited). The WHERE repeats the

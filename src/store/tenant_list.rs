@@ -18,6 +18,7 @@ use std::cmp::Ordering;
 
 use chrono::NaiveDate;
 
+use super::rollups::Dialect;
 use super::Store;
 use crate::budget::projection::{self, Projection};
 use crate::budget::{Limits, TenantBudget, Usage};
@@ -161,12 +162,6 @@ impl TenantListQuery {
         }
         Ok(())
     }
-}
-
-/// The SQL differences between the stores.
-pub(crate) struct Dialect {
-    /// Placeholder for argument `n` (1-based): "?1" or "$1".
-    pub placeholder: fn(usize) -> String,
 }
 
 /// Whose ids `Store::tenant_ids` reads.
@@ -596,12 +591,12 @@ fn order(q: &TenantListQuery, entries: &[Entry], a: &Kept, b: &Kept) -> Ordering
 
 /// `Store::top_tenants`' query: one period's range of the tenant counters (two placeholders:
 /// the period key, the limit), one row per tenant, so nothing is summed.
-pub(crate) fn top_tenants_sql(d: &Dialect) -> String {
+pub(crate) fn top_tenants_sql(d: Dialect) -> String {
     format!(
         "SELECT substr(scope, 8), cost, tokens, executions FROM usage_counters \
          WHERE period = {} AND scope >= 'tenant:' AND scope < 'tenant;' ORDER BY cost DESC, scope LIMIT {}",
-        (d.placeholder)(1),
-        (d.placeholder)(2)
+        d.param(1),
+        d.param(2)
     )
 }
 

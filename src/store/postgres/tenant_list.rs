@@ -4,6 +4,7 @@ use super::counters::usage_at;
 use super::PostgresStore;
 use crate::budget;
 use crate::error::Result;
+use crate::store::rollups::Dialect;
 use crate::store::tenant_list::{self, Problems};
 
 /// Today's failed and refused calls per tenant, from the day's rollups (their key starts with
@@ -33,9 +34,6 @@ pub(super) fn tenant_ids(store: &PostgresStore, of: tenant_list::Holders, names:
 }
 
 pub(super) fn top_tenants(store: &PostgresStore, period_key: &str, limit: i64) -> Result<Vec<(String, budget::Usage)>> {
-    let sql = tenant_list::top_tenants_sql(&PG_LIST);
+    let sql = tenant_list::top_tenants_sql(Dialect::Postgres);
     store.read(|db| db.query(&sql, &[&period_key, &limit])?.iter().map(|r| Ok((r.try_get(0)?, usage_at(r, 1)?))).collect())
 }
-
-/// The tenants list's SQL for PostgreSQL.
-const PG_LIST: tenant_list::Dialect = tenant_list::Dialect { placeholder: |n| format!("${n}") };
