@@ -1,17 +1,19 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12 and 14 to 21 (`tenantllm_admit`, `tenantllm_settle`), one statement
-//! that commits on its own, so the rows it locks stay locked only while the server works, and
-//! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The counters,
-//! which every call of a tenant waits for, each function locks last.
+//! functions of migrations 12 and 14 to 22 (`tenantllm_admit`, `tenantllm_admit_rated`,
+//! `tenantllm_settle`), one statement that commits on its own, so the rows it locks stay
+//! locked only while the server works, and PL/pgSQL's cached plans spare the parsing and
+//! planning of a dozen statements. The counters, which every call of a tenant waits for, each
+//! function locks last but for a rate limit's totals, which the transaction locks after them too.
 //!
-//! They take the call that goes ahead, the call a hard budget refuses (in two round trips: the
-//! refusal, then its row) and the settlement that changes no breaker. Anything
-//! else (a rate limit, an expired lease, a breaker to change, a tenant whose stored
-//! budget this process has not read) they leave to `admission`'s transaction, which decides
-//! every case. The policy stays in Rust: this module works out the limits that apply
-//! (`budget::checks`), the warnings and a refusal's breach; the server only compares the counters with the hard
-//! limits it is given (the rule of `budget::evaluate`) and with the amounts that reach the
-//! alerts' thresholds (`budget::threshold_at`).
+//! They take the call that goes ahead, under rate limits or none, the call a hard budget or a
+//! rate limit refuses (in two round trips: the refusal, then its row) and the settlement that
+//! corrects no rate limit's log and changes no breaker. Anything else (an expired lease, a
+//! breaker to change, a tenant whose stored budget this process has not read) they leave to
+//! `admission`'s transaction, which decides every case. The policy stays in Rust: this module
+//! works out the limits that apply (`budget::checks`, `ratelimit::checks`), the warnings and a
+//! refusal's breach; the server only compares the counters and the windows with the limits it
+//! is given (the rules of `budget::evaluate` and `ratelimit::evaluate`) and the counters with
+//! the amounts that reach the alerts' thresholds (`budget::threshold_at`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -29,8 +31,10 @@ use crate::error::{Amount, Result};
 use crate::process::unpoisoned;
 use crate::ratelimit;
 use crate::store::rollups;
+use crate::clock::Micros;
+use crate::execution::Completion;
 use crate::store::{
-    blocked, encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
+    self, blocked, encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
 };
 
 /// A tenant's stored budget (None: it has none) and the `xmin` of its row, which changes
@@ -74,7 +78,8 @@ fn amount(a: Amount) -> i64 {
     }
 }
 
-/// Admits the call in one round trip if it goes ahead; None when the transaction must decide.
+/// Admits the call in one round trip if it goes ahead, refuses it in two (one when a rate
+/// limit's refusal writes no row); None when the transaction must decide.
 pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Option<Admitted>> {
     let e = req.execution;
     let (budget_tenant, stored, stamp) = match (req.plan.tenant_id, req.plan.tenant_override) {
@@ -84,9 +89,7 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         },
         _ => (None, None, None),
     };
-    if !ratelimit::checks(&req.plan, stored.as_ref()).is_empty() {
-        return Ok(None);
-    }
+    let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());
     let checks = budget::checks(&req.plan, stored.as_ref(), req.calendar, req.now);
     let checked: BTreeSet<CounterKey> = checks
         .iter()
@@ -128,24 +131,40 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         &req.reservation_expires_at,
         &breaker,
     ];
-    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).collect();
+    // The rate limits' arguments (`tenantllm_admit_rated`, migration 22): the scopes to lock,
+    // the windows to count and the checks in the policy's order.
+    let lock_scopes: Vec<&str> = rate_checks.iter().map(|c| c.scope.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+    let window_scopes = ratelimit::window_scopes(&rate_checks);
+    let check_scopes: Vec<&str> = rate_checks.iter().map(|c| c.scope.as_str()).collect();
+    let check_kinds: Vec<i32> = rate_checks.iter().map(|c| kind_code(c.kind)).collect();
+    let check_limits: Vec<i64> = rate_checks.iter().map(|c| c.limit).collect();
+    let concurrency = ratelimit::concurrency_scope(&rate_checks);
+    let rated: [&dyn Param; 7] = [&req.rate_window, &lock_scopes, &window_scopes, &check_scopes, &check_kinds, &check_limits, &concurrency];
+    let (sql, rated) = if rate_checks.is_empty() {
+        (ADMIT, &rated[..0])
+    } else {
+        (ADMIT_RATED, &rated[..])
+    };
+    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).chain(rated.iter().copied()).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
     let answer = store.call(&took_effect, |db| {
-        let r = db.query_one(
-            "SELECT outcome, usage FROM tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                 $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)",
-            &params,
-        );
+        let r = db.query_one(sql, &params);
         // A counter's sum past 64 bits: nothing changed, and the transaction decides.
         let r = match r {
             Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => return Ok(None),
             r => r?,
         };
-        Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?)))
+        let rate = if rated.is_empty() { None } else { Some(RateAnswer::of(&r)?) };
+        Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?, rate)))
     })?;
+    if let Some(Some((outcome, _, Some(rate)))) = &answer {
+        if outcome == "rate_limited" {
+            return rate_limited(store, req, &rate_checks, rate);
+        }
+    }
     // What the counters held when the server went ahead or refused (migration 21).
     let (go, usage): (bool, HashMap<CounterKey, (budget::Usage, budget::Usage)>) = match answer {
-        Some(Some((outcome, Some(usage)))) if (outcome == "go" || outcome == "refused") && usage.len() == 6 * checked.len() => {
+        Some(Some((outcome, Some(usage), _))) if (outcome == "go" || outcome == "refused") && usage.len() == 6 * checked.len() => {
             let at = |n: &[i64], i: usize| budget::Usage {
                 cost: crate::money::Nanos(n[i]),
                 tokens: n[i + 1],
@@ -176,7 +195,7 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         // none (the server's NUMERIC sums against its saturating ones at 64 bits) the
         // transaction decides.
         return match hard {
-            Some(b) => block(store, req, b),
+            Some(b) => write_refused(store, req, &blocked(&b, req.now), Admitted::Blocked(b)),
             None => Ok(None),
         };
     }
@@ -186,23 +205,90 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         probe: false,
         checks,
         warnings,
-        rate_scopes: vec![],
+        rate_scopes: window_scopes,
         // The function writes every call's reservation (migration 19).
         reserved: true,
     }))
 }
 
-/// Writes the blocked row of a call the server refused, with its rollups, in one round trip
-/// (`tenantllm_block`, migration 21): what admission.rs's transaction writes for it. None
-/// when the transaction must (the timezone changed since the refusal).
-fn block(store: &PostgresStore, req: &AdmitRequest<'_>, b: budget::Breach) -> Result<Option<Admitted>> {
+const ADMIT: &str = "SELECT outcome, usage FROM tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+     $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)";
+
+const ADMIT_RATED: &str = "SELECT outcome, usage, requests, tokens, in_flight, breached, events_at, events_tokens
+     FROM tenantllm_admit_rated($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+     $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36)";
+
+fn kind_code(k: ratelimit::Kind) -> i32 {
+    match k {
+        ratelimit::Kind::Requests => 0,
+        ratelimit::Kind::Tokens => 1,
+        ratelimit::Kind::Concurrent => 2,
+    }
+}
+
+/// What `tenantllm_admit_rated` counted in the windows (in `window_scopes`' order) and in
+/// flight, and with a refusal the check it found breached (from 1) and that scope's log.
+struct RateAnswer {
+    requests: Vec<i64>,
+    tokens: Vec<i64>,
+    in_flight: i64,
+    breached: Option<i32>,
+    events: Vec<(Micros, i64)>,
+}
+
+impl RateAnswer {
+    fn of(r: &postgres::Row) -> super::connect::PgResult<RateAnswer> {
+        let at: Option<Vec<i64>> = r.try_get(6)?;
+        let tokens: Option<Vec<i64>> = r.try_get(7)?;
+        Ok(RateAnswer {
+            requests: r.try_get::<_, Option<Vec<i64>>>(2)?.unwrap_or_default(),
+            tokens: r.try_get::<_, Option<Vec<i64>>>(3)?.unwrap_or_default(),
+            in_flight: r.try_get::<_, Option<i64>>(4)?.unwrap_or_default(),
+            breached: r.try_get(5)?,
+            events: at.unwrap_or_default().into_iter().zip(tokens.unwrap_or_default()).collect(),
+        })
+    }
+}
+
+/// A call a rate limit refused on the server: the policy names the breach from what the
+/// server counted (as admission.rs's transaction does from what it reads), and its row is
+/// written as a hard budget's refusal is. None when the policy finds another check breached
+/// than the server, or the timezone changed since: the transaction decides.
+fn rate_limited(store: &PostgresStore, req: &AdmitRequest<'_>, checks: &[ratelimit::RateCheck], rate: &RateAnswer) -> Result<Option<Admitted>> {
+    let Some(breached) = rate.breached.and_then(|i| checks.get(usize::try_from(i).ok()?.checked_sub(1)?)) else { return Ok(None) };
+    let window_scopes = ratelimit::window_scopes(checks);
+    let concurrency = ratelimit::concurrency_scope(checks);
+    let state_of = |scope: &str| {
+        let w = window_scopes.iter().position(|s| s == scope);
+        ratelimit::RateUsage {
+            requests: w.and_then(|i| rate.requests.get(i)).copied().unwrap_or_default(),
+            tokens: w.and_then(|i| rate.tokens.get(i)).copied().unwrap_or_default(),
+            in_flight: if concurrency.as_deref() == Some(scope) { rate.in_flight } else { 0 },
+        }
+    };
+    let events_of = |scope: &str| if scope == breached.scope { Ok(rate.events.clone()) } else { Err(()) };
+    let b = match ratelimit::evaluate(checks, state_of, req.estimate.tokens, req.now, req.rate_window, events_of) {
+        Ok(Some(b)) if b.check == *breached => b,
+        _ => return Ok(None),
+    };
+    if !req.record_rate_limited {
+        return Ok(Some(Admitted::RateLimited(b)));
+    }
+    let c = store::rate_limited(&b, req.now);
+    write_refused(store, req, &c, Admitted::RateLimited(b))
+}
+
+/// Writes the row of a call the server refused (closed with `c`: blocked or rate-limited),
+/// with its rollups, in one round trip (`tenantllm_block`, migration 21): what admission.rs's
+/// transaction writes for it; then the call is `refused`. None when the transaction must
+/// (the timezone changed since the refusal).
+fn write_refused(store: &PostgresStore, req: &AdmitRequest<'_>, c: &Completion, refused: Admitted) -> Result<Option<Admitted>> {
     let e = req.execution;
-    let c = blocked(&b, req.now);
     let [day, month] = rollups::periods(req.calendar, e.started_at);
     let calendar = req.calendar.name();
-    let closing = Closing::of(&c);
+    let closing = Closing::of(c);
     let head: [&dyn Param; 4] = [&store.lock_timeout, &calendar, &day, &month];
-    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).chain(closing.params(&c)).collect();
+    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).chain(closing.params(c)).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
     let outcome = store.call(&took_effect, |db| {
         let r = db.query_one(
@@ -215,7 +301,7 @@ fn block(store: &PostgresStore, req: &AdmitRequest<'_>, b: budget::Breach) -> Re
     // None: the connection went after the row was written.
     Ok(match outcome {
         Some(o) if o != "done" => None,
-        _ => Some(Admitted::Blocked(b)),
+        _ => Some(refused),
     })
 }
 
