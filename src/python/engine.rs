@@ -1089,7 +1089,6 @@ fn tenant_query(
         today: cal.local_date(now),
         day: cal.period_key(Period::Daily, now),
         month: cal.period_key(Period::Monthly, now),
-        day_start: cal.last_n_days(now, 1).0,
     })
 }
 

@@ -193,11 +193,9 @@ pub trait Store: Send + Sync {
     /// several callers that missed at once, the first to write wins and the entry stays
     /// whole), and removes up to `cache::SWEEP` expired entries, in one transaction.
     fn cache_put(&self, tenant_id: Option<&str>, key: &str, entry: &cache::Entry) -> Result<()>;
-    /// Today's failed and refused calls per tenant, those started from `day_start` on, the
-    /// start of the day keyed `day` (the dashboard's list of tenants, `tenant_list::list`):
-    /// SQLite reads a partial index of such calls, PostgreSQL the day's rollups (an index on
-    /// `status` would make every settlement's UPDATE write all the row's indexes).
-    fn problems_today(&self, day_start: Micros, day: &str) -> Result<Vec<tenant_list::Problems>>;
+    /// Today's failed and refused calls per tenant, from the rollups of the day keyed `day`
+    /// (the dashboard's list of tenants, `tenant_list::list`; `tenant_list::problems_sql`).
+    fn problems_today(&self, day: &str) -> Result<Vec<tenant_list::Problems>>;
     /// The ids of every tenant in the register (`Holders::Register`) or with a budget
     /// (`Holders::Budgets`), by id, each with its name when `names` (else None): the dashboard's
     /// list of tenants when its query needs nothing else of them (`tenant_list::ids_sql`).

@@ -69,7 +69,7 @@ impl Dialect {
         }
     }
     /// A SUM that stays a 64-bit integer (PostgreSQL's SUM of BIGINT is NUMERIC).
-    fn sum(self, expr: &str) -> String {
+    pub(crate) fn sum(self, expr: &str) -> String {
         match self {
             Dialect::Sqlite => format!("COALESCE(SUM({expr}), 0)"),
             Dialect::Postgres => format!("COALESCE(SUM({expr}), 0)::BIGINT"),

@@ -233,7 +233,7 @@ impl Store for PostgresStore {
         breakers::breakers_not_closed(self)
     }
 
-    fn problems_today(&self, _day_start: Micros, day: &str) -> Result<Vec<crate::store::tenant_list::Problems>> {
+    fn problems_today(&self, day: &str) -> Result<Vec<crate::store::tenant_list::Problems>> {
         tenant_list::problems_today(self, day)
     }
 
