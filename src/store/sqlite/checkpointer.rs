@@ -1,6 +1,7 @@
 //! The SQLite store's background checkpointer: it folds the WAL back into the database file
 //! and starts it over, so that no call pays for it (issue 15).
 
+use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -116,6 +117,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
     conn.busy_handler(Some(checkpoint_busy_wait))?;
     let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let cap_frames = WAL_CAP_BYTES / page.max(512);
+    wal.cap_frames.store(cap_frames, Ordering::Relaxed);
     let wal_file = format!("{path}-wal");
     // Closed inside the fork gate like every other use of SQLite.
     let conn = ManuallyDrop::new(conn);
@@ -123,12 +125,21 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
     let thread = std::thread::Builder::new()
         .name("tenantllm-checkpoint".into())
         .spawn(move || {
+            // Whether the next checkpoint is expected to copy frames, and what the last one had
+            // copied: it is unless a read pins the WAL (the last one left frames and copied none
+            // more), and once reads turned over past the cap, until the WAL is under it again
+            // (each pass may be the one that finds a read ended and copies what it held back).
+            let (folds, copied_before) = (Cell::new(true), Cell::new(0));
             // Each returns (busy, frames in the WAL, frames copied); a busy database just
             // means: try again later. `wait` bounds the time it waits for locks in all.
             let checkpoint = |mode: &str, wait: Duration| {
                 CHECKPOINT_DEADLINE.set(Instant::now() + wait);
-                conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
-                    .unwrap_or((true, 0, 0))
+                shared.copying.store(folds.get(), Ordering::Relaxed);
+                let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+                shared.copying.store(false, Ordering::Relaxed);
+                let (busy, frames, copied) = done.unwrap_or((true, 0, 0));
+                folds.set(copied == frames || copied > copied_before.replace(copied) || (folds.get() && frames > cap_frames));
+                (busy, frames, copied)
             };
             // A restart with this process's writes held (`gate`), tried again (each try
             // waiting `wait` for locks at most) until `tries_for` has passed: true once made.
@@ -257,6 +268,13 @@ pub(super) struct WalShared {
     /// The checkpointer's last restart failed or could not be tried (a read still uses the
     /// WAL): writes do not wait past `HOLD_FRAMES`, the WAL's cap handles reads.
     stalled: AtomicBool,
+    /// The WAL's cap in frames (`WAL_CAP_BYTES`); none until the checkpointer starts.
+    cap_frames: AtomicI64,
+    /// The checkpointer is copying the WAL (a checkpoint under way, unless a read pins the WAL
+    /// and it can copy nothing): past the cap writes wait for it to end. Not while a read pins
+    /// it: the writes would wait for nothing (a pass that copies nothing is over in
+    /// microseconds, but a write that found the checkpointer preempted in one waited ~36 ms).
+    copying: AtomicBool,
     /// The checkpointer's thread. A commit that grows the WAL past `WAL_RESTART_FRAMES` wakes
     /// it: writes that begin after a pause would otherwise have all its pause between two rounds
     /// (`CHECKPOINT_EVERY`; one unpaced writer grew the WAL to 89 MB in that time).
@@ -267,15 +285,22 @@ pub(super) struct WalShared {
 
 impl WalShared {
     /// Before a write begins: past `HOLD_FRAMES`, unless restarts are stalled, waits until the
-    /// checkpointer restarted the WAL, `HOLD_WAIT` at most (a lock wait), and then writes anyway.
+    /// checkpointer restarted the WAL, `HOLD_WAIT` at most; past the WAL's cap, while the
+    /// checkpointer copies (`copying`), waits for the copy to end, `CAP_WAIT` at most (lock
+    /// waits), and then writes anyway. A pass copies and syncs at the disk's pace (3.2 s once,
+    /// loaded), the cap can act only between two, and writers faster than the disk grew the
+    /// WAL meanwhile to three times its cap and more: this bounds it whatever the disk. (Not
+    /// the pass that finds a read that pinned the WAL ended: it was not expected to copy.)
     pub(super) fn hold_back(&self) {
-        let must_wait = || self.frames.load(Ordering::Relaxed) > HOLD_FRAMES && !self.stalled.load(Ordering::Relaxed);
-        if !must_wait() {
+        let frames = || self.frames.load(Ordering::Relaxed);
+        let behind = || frames() > HOLD_FRAMES && !self.stalled.load(Ordering::Relaxed);
+        let past_cap = || self.copying.load(Ordering::Relaxed) && frames() > self.cap_frames.load(Ordering::Relaxed);
+        if !behind() && !past_cap() {
             return;
         }
         self.thread.get().map(Thread::unpark);
         let started = Instant::now();
-        while must_wait() && started.elapsed() < HOLD_WAIT {
+        while (behind() && started.elapsed() < HOLD_WAIT) || (past_cap() && started.elapsed() < CAP_WAIT) {
             std::thread::sleep(HOLD_STEP);
         }
         lock_waits::record(true, started.elapsed());
@@ -443,7 +468,7 @@ mod tests {
         assert!(wal_size(&path) <= WAL_KEEP_BYTES, "the idle WAL is still {} bytes", wal_size(&path));
     }
 
-    /// A write that leaves the WAL far past `HOLD_FRAMES` (a purge, a large prompt): the
+    /// A write that leaves the WAL far past `HOLD_FRAMES`, under its cap (a purge, a large prompt): the
     /// checkpointer's pass then copies and syncs it for a long time (0.3-0.8 s here at load 4-8,
     /// seconds on a busy disk), and a write after it waited in `hold_back` until the pass and the
     /// restart after it ended, up to 1 s (2 s for a call's admission and settlement). Now each
@@ -452,8 +477,9 @@ mod tests {
     fn a_long_pass_holds_no_write_past_a_few_ms() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = open_in(&dir);
-        // ~3 times `HOLD_FRAMES`: the pass copies and syncs ~96 MB.
-        put_setting(&store, "filler", &vec![1u8; 96 << 20]);
+        // ~1.5 times `HOLD_FRAMES`, under the cap (past it writes wait for the pass, see
+        // `no_write_grows_the_wal_past_its_cap_while_a_pass_runs`): the pass copies and syncs ~48 MB.
+        put_setting(&store, "filler", &vec![1u8; 48 << 20]);
         assert!(store.wal.frames.load(Ordering::Relaxed) > HOLD_FRAMES);
         let (mut longest, mut holds) = (Duration::ZERO, 0);
         let t = Instant::now();
@@ -470,6 +496,34 @@ mod tests {
         assert!(holds >= 3, "{holds} holds before the WAL started over");
         assert!(longest < Duration::from_millis(200), "a write was held {longest:?}");
         put_setting(&store, "small", b"written");
+    }
+
+    /// A WAL past its cap while the checkpointer's pass copies and syncs it (seconds on a busy
+    /// disk): writes went on at full speed meanwhile, held 2 ms each at most and not at all
+    /// once a restart had failed, and the cap could only act between two passes (one pass of
+    /// 3.2 s let calls grow the WAL from 26 to 190 MB in `test_wal.py`, whose bound is 150).
+    /// Now past the cap a write waits for the pass to end (`CAP_WAIT` at most): the WAL grows
+    /// by a few writes, not by what the writers manage in a pass.
+    #[test]
+    fn no_write_grows_the_wal_past_its_cap_while_a_pass_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open_in(&dir);
+        // ~1.25 times the cap in one write: the pass copies and syncs ~80 MB.
+        put_setting(&store, "filler", &vec![1u8; 80 << 20]);
+        let first = store.wal.frames.load(Ordering::Relaxed);
+        let (mut largest, mut writes, mut written) = (first, 0, 0u8);
+        let t = Instant::now();
+        // 64-page writes, other bytes each time, until the checkpointer started the WAL over.
+        while store.wal.frames.load(Ordering::Relaxed) > WAL_RESTART_FRAMES && t.elapsed() < Duration::from_secs(60) {
+            written = written.wrapping_add(1);
+            put_setting(&store, "small", &vec![written; 256 << 10]);
+            largest = largest.max(store.wal.frames.load(Ordering::Relaxed));
+            writes += 1;
+        }
+        eprintln!("{writes} writes in {:?} until the WAL started over, from {first} frames to {largest} at most", t.elapsed());
+        // A write waits `CAP_WAIT` at most, then goes on: 10 writes of 64 pages is a pass of
+        // 10 s. Before, the WAL grew by ~200 writes (13,000 frames) while the pass ran.
+        assert!(largest - first <= 10 * 64 + 64, "the WAL grew from {first} to {largest} frames in {writes} writes");
     }
 
     /// One writer writing back to back, unpaced, as fast as the machine lets it: the WAL starts
