@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import os
@@ -127,11 +128,16 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
     tl.configure(reset=True, **budgeted)
     first, _ = timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), 1)
     report(f"tenantllm/{store}: full guard, first call after configure (opens the database)", first[0], "µs")
-    each, waits = timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), n * 3)
+    name = f"tenantllm/{store}: full guard, single calls"
+    spans: list[Span] = []
+    with machine_stalls() as stalls:
+        each, waits = timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), n * 3, spans)
     if store == "SQLite":
-        report_tail(f"tenantllm/{store}: full guard, single calls", each, "<= 10000", waits_us=waits)
+        report_tail(name, each, "<= 10000", waits_us=waits)
+        report_unstalled(name, each, spans, stalls, "<= 10000")
     else:
-        report_tail(f"tenantllm/{store}: full guard, single calls", each, p50_target="< 500", p99_target="< 2000")
+        report_tail(name, each, p50_target="< 500", p99_target="< 2000")
+        report_unstalled(name, each, spans, stalls, "")
 
 
 class Cached(Guarded):
@@ -158,19 +164,82 @@ def cache_hits(db: str, n: int, repeats: int) -> None:
     report("tenantllm/SQLite: full guard, answered from the cache", us["hit"], "µs")
 
 
-def timed_calls(call: Callable[[], object], k: int) -> tuple[list[float], list[float]]:
+# A call's or a stall's start and end (`time.monotonic`, s).
+Span = tuple[float, float]
+
+
+def timed_calls(call: Callable[[], object], k: int, spans: list[Span] | None = None) -> tuple[list[float], list[float]]:
     """`k` single calls: each one's latency and how long it waited for a database lock (µs):
     SQLite's write lock held by another connection (the checkpointer restarting the WAL,
     another process) or this process's writer held by another thread (a retention batch, a
-    lease renewal). It tells a call slowed by the database from one slowed by the machine."""
+    lease renewal). It tells a call slowed by the database from one slowed by the machine.
+    With `spans`, each call's start and end (`time.monotonic`, s) are appended to it."""
     each, waits = [], []
     for _ in range(k):
         before = lock_waits()[1]
         t = time.perf_counter()
+        start = time.monotonic()
         call()
         each.append((time.perf_counter() - t) * 1e6)
         waits.append((lock_waits()[1] - before) * 1e6)
+        if spans is not None:
+            spans.append((start, time.monotonic()))
     return each, waits
+
+
+# A wake-up this late (s) after a sleep of 1 ms: the machine did not run the sentinel.
+STALL_S = 0.002
+# The sentinel: a process of its own (a thread would wait for the GIL a call holds) that only
+# sleeps 1 ms at a time until its stdin closes, then prints each late wake-up's span
+# (`time.monotonic`, the same clock in every process).
+SENTINEL = textwrap.dedent(
+    """
+    import select, sys, time
+    late, stalls = float(sys.argv[1]), []
+    print("ready", flush=True)
+    last = time.monotonic()
+    while not select.select([sys.stdin], [], [], 0.001)[0]:
+        now = time.monotonic()
+        if now - last > late:
+            stalls.append((last, now))
+        last = now
+    for a, b in stalls:
+        print(a, b)
+    """
+)
+
+
+@contextlib.contextmanager
+def machine_stalls() -> Iterator[list[Span]]:
+    """The spans (`time.monotonic`, s) in which a sentinel process that only sleeps 1 ms at a
+    time woke more than `STALL_S` late: the VM paused, or the host ran something else. A call
+    that overlapped none was not slowed by the machine that way; what it spent is its own."""
+    stalls: list[Span] = []
+    sentinel = subprocess.Popen(
+        [sys.executable, "-c", SENTINEL, str(STALL_S + 0.001)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert sentinel.stdout is not None and sentinel.stdout.readline().strip() == "ready"
+    try:
+        yield stalls
+    finally:
+        out, _ = sentinel.communicate("", timeout=60)
+        stalls.extend((float(a), float(b)) for a, b in (line.split() for line in out.splitlines()))
+
+
+def report_unstalled(name: str, latencies_us: list[float], spans: list[Span], stalls: list[Span], target: str) -> None:
+    """The slowest of the calls (`spans`, from `timed_calls`) that no stall of the machine
+    (`machine_stalls`) overlapped: beside the max, it tells a slow call from a paused VM."""
+    # Stalls follow one another, so their ends are sorted too: the first that ends after a
+    # call began is the only one that can overlap it without an earlier one doing so.
+    ends = [b for _, b in stalls]
+    overlapped = [(i := bisect.bisect_right(ends, start)) < len(stalls) and stalls[i][0] < end for start, end in spans]
+    clear = [us for us, hit in zip(latencies_us, overlapped, strict=True) if not hit]
+    longest = max((b - a for a, b in stalls), default=0.0) * 1e3
+    note = (
+        f"{sum(overlapped):,} of {len(spans):,} calls overlapped one of {len(stalls):,} stalls"
+        f" (a sentinel sleeping 1 ms woke > {STALL_S * 1e3:.0f} ms late; longest {longest:,.1f} ms)"
+    )
+    report(f"{name}, max of calls no machine stall overlapped", max(clear, default=0.0), "µs", target, note)
 
 
 # The percentiles a tail reports, each as the index into `n` sorted latencies.
