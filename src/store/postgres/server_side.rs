@@ -1,31 +1,37 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12 and 14 to 22 (`tenantllm_admit`, `tenantllm_admit_rated`,
+//! functions of migrations 12 and 14 to 23 (`tenantllm_admit`, `tenantllm_admit_full`,
 //! `tenantllm_settle`), one statement that commits on its own, so the rows it locks stay
 //! locked only while the server works, and PL/pgSQL's cached plans spare the parsing and
 //! planning of a dozen statements. The counters, which every call of a tenant waits for, each
-//! function locks last but for a rate limit's totals, which the transaction locks after them too.
+//! function locks last but for a rate limit's totals and a breaker whose probe it claims,
+//! which the transaction locks after them too.
 //!
-//! They take the call that goes ahead, under rate limits or none, the call a hard budget or a
-//! rate limit refuses (in two round trips: the refusal, then its row) and the settlement that
-//! corrects no rate limit's log and changes no breaker. Anything else (an expired lease, a
-//! breaker to change, a tenant whose stored budget this process has not read) they leave to
-//! `admission`'s transaction, which decides every case. The policy stays in Rust: this module
+//! They take the call that goes ahead, under rate limits or none, through whichever model's
+//! breaker lets it (claiming the half-open probe), the call a hard budget, a rate limit or
+//! every breaker refuses (in two round trips: the refusal, then its row) and the settlement
+//! that corrects no rate limit's log and changes no breaker. Anything else (an expired lease,
+//! a settlement that moves a breaker, a tenant whose stored budget this process has not read)
+//! they leave to `admission`'s transaction, which decides every case. The policy stays in Rust: this module
 //! works out the limits that apply (`budget::checks`, `ratelimit::checks`), the warnings and a
 //! refusal's breach; the server only compares the counters and the windows with the limits it
-//! is given (the rules of `budget::evaluate` and `ratelimit::evaluate`) and the counters with
-//! the amounts that reach the alerts' thresholds (`budget::threshold_at`).
+//! is given (the rules of `budget::evaluate` and `ratelimit::evaluate`), the breakers with
+//! `breaker::admit`'s rule, and the counters with the amounts that reach the alerts'
+//! thresholds (`budget::threshold_at`).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use postgres::error::SqlState;
 
 use super::admission::{row_closed, row_written};
+use super::breakers::breaker_status;
 use super::connect::Failure;
 use super::counters::key_arrays;
 use super::db::Param;
 use super::executions::{new_row, Closing};
 use super::PostgresStore;
+use crate::breaker::Phase;
 use crate::budget::{self, Enforcement, Metric, TenantBudget};
 use crate::error::{Amount, Result};
 use crate::process::unpoisoned;
@@ -139,28 +145,56 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     let check_kinds: Vec<i32> = rate_checks.iter().map(|c| kind_code(c.kind)).collect();
     let check_limits: Vec<i64> = rate_checks.iter().map(|c| c.limit).collect();
     let concurrency = ratelimit::concurrency_scope(&rate_checks);
-    let rated: [&dyn Param; 7] = [&req.rate_window, &lock_scopes, &window_scopes, &check_scopes, &check_kinds, &check_limits, &concurrency];
-    let (sql, rated) = if rate_checks.is_empty() {
-        (ADMIT, &rated[..0])
-    } else {
-        (ADMIT_RATED, &rated[..])
-    };
-    let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).chain(rated.iter().copied()).collect();
+    let breakers: Vec<String> = req.breaker_keys.iter().map(|k| k.id()).collect();
+    let rated: [&dyn Param; 9] =
+        [&req.rate_window, &lock_scopes, &window_scopes, &check_scopes, &check_kinds, &check_limits, &concurrency, &breakers, &req.probe_lease];
+    let simple: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).collect();
+    // The full function makes the breakers' choice itself: it gets no first breaker to check.
+    let no_breaker: Option<String> = None;
+    let full: Vec<&dyn Param> = head[..19].iter().copied().chain([&no_breaker as &dyn Param]).chain(new_row(e)).chain(rated).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
-    let answer = store.call(&took_effect, |db| {
-        let r = db.query_one(sql, &params);
-        // A counter's sum past 64 bits: nothing changed, and the transaction decides.
-        let r = match r {
-            Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => return Ok(None),
-            r => r?,
-        };
-        let rate = if rated.is_empty() { None } else { Some(RateAnswer::of(&r)?) };
-        Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?, rate)))
-    })?;
-    if let Some(Some((outcome, _, Some(rate)))) = &answer {
-        if outcome == "rate_limited" {
-            return rate_limited(store, req, &rate_checks, rate);
-        }
+    let run = |full_check: bool| {
+        store.call(&took_effect, |db| {
+            let r = if full_check { db.query_one(ADMIT_FULL, &full) } else { db.query_one(ADMIT, &simple) };
+            // A counter's sum past 64 bits: nothing changed, and the transaction decides.
+            let r = match r {
+                Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => return Ok(None),
+                r => r?,
+            };
+            let more = if full_check { Some(FullAnswer::of(&r)?) } else { None };
+            Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?, more)))
+        })
+    };
+    // Calls under rate limits, and while a first model's breaker is not closed those with
+    // breakers, go to the full function; the others to `tenantllm_admit`, and to the full
+    // function after it if their first model's breaker is not closed.
+    let seen = &store.breakers_not_closed;
+    let through_breakers = !req.breaker_keys.is_empty();
+    let mut answer = run(!rate_checks.is_empty() || (through_breakers && seen.load(Ordering::Relaxed)))?;
+    if matches!(&answer, Some(Some((outcome, _, None))) if outcome == "breaker") && through_breakers {
+        seen.store(true, Ordering::Relaxed);
+        answer = run(true)?;
+    }
+    let mut choice = (0, false);
+    match &answer {
+        Some(Some((outcome, _, Some(more)))) => match outcome.as_str() {
+            "rate_limited" => return rate_limited(store, req, &rate_checks, more),
+            "short_circuited" => {
+                let retry_at = more.retry_at.unwrap_or(Micros::MAX);
+                let c = store::short_circuited(&e.agent, retry_at, req.now);
+                return write_refused(store, req, &c, Admitted::ShortCircuited { retry_at });
+            }
+            "go" => {
+                choice = (usize::try_from(more.model_index.unwrap_or(0)).unwrap_or(0), more.probe.unwrap_or(false));
+                if through_breakers {
+                    seen.store(choice != (0, false), Ordering::Relaxed);
+                }
+            }
+            _ => {}
+        },
+        // Admitted, but which model went with the connection: the breakers tell.
+        None if through_breakers => choice = lost_choice(store, req)?,
+        _ => {}
     }
     // What the counters held when the server went ahead or refused (migration 21).
     let (go, usage): (bool, HashMap<CounterKey, (budget::Usage, budget::Usage)>) = match answer {
@@ -201,8 +235,8 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     }
     // The server found no hard limit passed; the soft ones warn.
     Ok(Some(Admitted::Go {
-        model_index: 0,
-        probe: false,
+        model_index: choice.0,
+        probe: choice.1,
         checks,
         warnings,
         rate_scopes: window_scopes,
@@ -214,9 +248,9 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
 const ADMIT: &str = "SELECT outcome, usage FROM tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
      $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)";
 
-const ADMIT_RATED: &str = "SELECT outcome, usage, requests, tokens, in_flight, breached, events_at, events_tokens
-     FROM tenantllm_admit_rated($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-     $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36)";
+const ADMIT_FULL: &str = "SELECT outcome, usage, requests, tokens, in_flight, breached, events_at, events_tokens, model_index, probe,
+     retry_at FROM tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+     $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)";
 
 fn kind_code(k: ratelimit::Kind) -> i32 {
     match k {
@@ -226,35 +260,58 @@ fn kind_code(k: ratelimit::Kind) -> i32 {
     }
 }
 
-/// What `tenantllm_admit_rated` counted in the windows (in `window_scopes`' order) and in
-/// flight, and with a refusal the check it found breached (from 1) and that scope's log.
-struct RateAnswer {
+/// What `tenantllm_admit_full` counted in the windows (in `window_scopes`' order) and in
+/// flight; with a refusal the check it found breached (from 1) and that scope's log; the
+/// model that goes and whether it is the probe, or when every breaker is open the earliest
+/// retry time.
+struct FullAnswer {
     requests: Vec<i64>,
     tokens: Vec<i64>,
     in_flight: i64,
     breached: Option<i32>,
     events: Vec<(Micros, i64)>,
+    model_index: Option<i32>,
+    probe: Option<bool>,
+    retry_at: Option<Micros>,
 }
 
-impl RateAnswer {
-    fn of(r: &postgres::Row) -> super::connect::PgResult<RateAnswer> {
+impl FullAnswer {
+    fn of(r: &postgres::Row) -> super::connect::PgResult<FullAnswer> {
         let at: Option<Vec<i64>> = r.try_get(6)?;
         let tokens: Option<Vec<i64>> = r.try_get(7)?;
-        Ok(RateAnswer {
+        Ok(FullAnswer {
             requests: r.try_get::<_, Option<Vec<i64>>>(2)?.unwrap_or_default(),
             tokens: r.try_get::<_, Option<Vec<i64>>>(3)?.unwrap_or_default(),
             in_flight: r.try_get::<_, Option<i64>>(4)?.unwrap_or_default(),
             breached: r.try_get(5)?,
             events: at.unwrap_or_default().into_iter().zip(tokens.unwrap_or_default()).collect(),
+            model_index: r.try_get(8)?,
+            probe: r.try_get(9)?,
+            retry_at: r.try_get(10)?,
         })
     }
+}
+
+/// The model an admission whose answer was lost with its connection went ahead with, from
+/// the breakers as they are now: the first whose probe it claimed (its claim is the one that
+/// ends at `now` plus the lease) or that is closed.
+fn lost_choice(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<(usize, bool)> {
+    for (index, key) in req.breaker_keys.iter().enumerate() {
+        let s = breaker_status(store, key)?;
+        match s.phase {
+            Phase::Closed => return Ok((index, false)),
+            Phase::HalfOpen if s.retry_at == req.now + req.probe_lease => return Ok((index, true)),
+            _ => {}
+        }
+    }
+    Ok((0, false))
 }
 
 /// A call a rate limit refused on the server: the policy names the breach from what the
 /// server counted (as admission.rs's transaction does from what it reads), and its row is
 /// written as a hard budget's refusal is. None when the policy finds another check breached
 /// than the server, or the timezone changed since: the transaction decides.
-fn rate_limited(store: &PostgresStore, req: &AdmitRequest<'_>, checks: &[ratelimit::RateCheck], rate: &RateAnswer) -> Result<Option<Admitted>> {
+fn rate_limited(store: &PostgresStore, req: &AdmitRequest<'_>, checks: &[ratelimit::RateCheck], rate: &FullAnswer) -> Result<Option<Admitted>> {
     let Some(breached) = rate.breached.and_then(|i| checks.get(usize::try_from(i).ok()?.checked_sub(1)?)) else { return Ok(None) };
     let window_scopes = ratelimit::window_scopes(checks);
     let concurrency = ratelimit::concurrency_scope(checks);

@@ -725,6 +725,73 @@ fn dump_tables(url: &str) -> Vec<String> {
         .collect()
 }
 
+/// Calls through two models' breakers, each admitted or refused in 1 or 2 round trips, answer
+/// and write what the transaction does: the next model when the first's breaker is open, the
+/// short-circuit (also under a rate limit) with the earliest retry time, the half-open probe
+/// claimed once its cooldown is over; the same outcomes, rows, rollups, counters, breakers and
+/// rate logs, on two databases that saw the same calls, the second through the transaction.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn breaker_choices_in_two_round_trips_write_what_the_transaction_does() {
+    use super::db::round_trips::taken;
+    const S: Micros = 1_000_000;
+    let cal = Calendar::new("UTC").unwrap();
+    let keys: Vec<BreakerKey> = ["mock/x", "mock/y"].map(|m| BreakerKey { agent: "A".into(), model: m.into(), tenant_id: None }).to_vec();
+    let policy = breaker::Policy::new(1, 60.0, 60.0).unwrap();
+    let free = daily_limit(1_000_000);
+    let rated = GlobalBudgets { limits: Limits { rpm: Some(100), ..free.limits }, ..Default::default() };
+    // (call, microseconds after T0, under the rate limit, how it ends: fails, succeeds or
+    // stays in flight)
+    let (fails, succeeds, stays) = (Some(false), Some(true), None);
+    let script: [(&str, Micros, bool, Option<bool>); 9] = [
+        ("c1", 0, false, fails),
+        ("next model", 2 * S, false, fails),
+        ("all open", 3 * S, false, succeeds),
+        ("all open, rated", 4 * S, true, succeeds),
+        ("probe", 61 * S, false, stays),
+        ("probe taken", 61 * S + 1, false, succeeds),
+        ("probe taken, rated", 61 * S + 2, true, succeeds),
+        ("lapsed probe claimed again", 63 * S, false, fails),
+        ("second model's probe", 64 * S, false, succeeds),
+    ];
+    let mut seen = vec![];
+    for server_side in [true, false] {
+        let db = TestDb::new();
+        let store = db.open();
+        let mut outcomes = vec![];
+        for (id, after, under_rate, ends) in script {
+            let e = execution(id, T0 + after);
+            let global = if under_rate { &rated } else { &free };
+            let request = AdmitRequest { probe_lease: S, ..admit_request(global, &e, &keys, T0 + 3_600 * S, &cal) };
+            taken();
+            let answer = if server_side { store.admit(&request) } else { admission::transaction(&store, &request) }.unwrap();
+            let trips = taken();
+            if server_side {
+                assert!(trips <= 2, "{id}: {trips} round trips, {answer:?}");
+            }
+            outcomes.push(format!("{id}: {answer:?}"));
+            if let (Admitted::Go { model_index, probe, reserved, .. }, Some(success)) = (answer, ends) {
+                let c = completion(if success { Status::Success } else { Status::Error }, T0 + after + 500_000, 100);
+                let o = BreakerOutcome { key: keys[model_index].clone(), policy, success, probe };
+                finish(&store, &e, &c, reserved, &[o]);
+            }
+        }
+        seen.push((outcomes, dump_tables(&db.url), on_server(&db.url, |c| {
+            c.query("SELECT key, phase, failures, retry_at, updated_at FROM breakers ORDER BY key", &[]).unwrap().iter()
+                .map(|r| format!("{} {} {} {} {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, i64>(3), r.get::<_, i64>(4)))
+                .collect::<Vec<String>>()
+        })));
+    }
+    let outcomes = &seen[0].0;
+    for (i, expected) in ["model_index: 0, probe: false", "model_index: 1, probe: false", "ShortCircuited", "ShortCircuited", "model_index: 0, probe: true", "ShortCircuited", "ShortCircuited", "model_index: 0, probe: true", "model_index: 1, probe: true"]
+        .iter()
+        .enumerate()
+    {
+        assert!(outcomes[i].contains(expected), "{expected}: {outcomes:#?}");
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
 /// Calls under a tenant's rate limits (requests, tokens, calls in flight) and a global one,
 /// admitted in 1 round trip and refused in 2 (1 when the refusal writes no row), answer and
 /// write what the transaction does: the same outcome (the breach, with its retry time, is the
@@ -1014,6 +1081,8 @@ fn round_trips_per_path() {
     let probe = execution("probe", 3 * T0 + 2_000_000);
     let Admitted::Go { probe: true, .. } = admit_as(&store, &free, &probe, std::slice::from_ref(&key), 3 * T0 + hour) else { panic!("no probe") };
     counted.push(("admit the half-open probe", taken()));
+    assert!(matches!(admit_as(&store, &free, &execution("short", 3 * T0 + 2_000_001), std::slice::from_ref(&key), 3 * T0 + hour), Admitted::ShortCircuited { .. }));
+    counted.push(("short-circuited", taken()));
     finish(&store, &probe, &completion(Status::Success, 3 * T0 + 2_000_001, 0), true, &[BreakerOutcome { key: key.clone(), policy, success: true, probe: true }]);
     counted.push(("settle the probe, closing the breaker", taken()));
     eprintln!("round trips per path: {counted:?}");
@@ -1029,7 +1098,8 @@ fn round_trips_per_path() {
         ("admit after an expired lease", 15),
         ("settle a failure", 18),
         ("settle a failure that opens the breaker", 16),
-        ("admit the half-open probe", 10),
+        ("admit the half-open probe", 2),
+        ("short-circuited", 2),
         ("settle the probe, closing the breaker", 16),
     ];
     assert_eq!(counted, expected);
