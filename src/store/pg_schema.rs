@@ -2107,4 +2107,18 @@ pub const MIGRATIONS: &[&str] = &[
             p_check_limits, p_concurrency_scope, '{}', NULL) AS f
     $fn$;
     "#,
+    // 24: room in each page of `executions` for its calls in flight to be settled heap-only.
+    // A call's row is inserted running (about 220 bytes) and its settlement rewrites it
+    // completed (about 560); since migration 20 no index covers a column the settlement
+    // changes, so the new version stays heap-only (no entry in the table's four indexes,
+    // about 200k fewer server instructions per settlement, callgrind) whenever it fits in the
+    // same page. With pages filled to the brim by inserts, the calls still running when their
+    // page fills did not fit: with 32 calls in flight held 1 s, 68-80 % of settlements were
+    // heap-only; leaving 10 % of each page to updates, 82-94 % (held 0 s: 91 % and 99 %).
+    // The price is at most a tenth more heap, where every call ends before its page fills;
+    // the runs above used fewer pages, as non-HOT updates leave dead versions behind. Only
+    // pages written from now on keep the room; SHARE UPDATE EXCLUSIVE: calls go on meanwhile.
+    r#"
+    ALTER TABLE executions SET (fillfactor = 90);
+    "#,
 ];

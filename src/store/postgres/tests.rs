@@ -914,6 +914,46 @@ fn a_row_closed_again_moves_in_the_rollups() {
     }
 }
 
+/// A settlement rewrites its call's row heap-only (no new entry in the table's indexes) with
+/// other calls in flight: no index covers a column it changes (migration 20), and each page
+/// keeps room for its rows still running when inserts fill it (migration 24). A transaction
+/// held open meanwhile keeps the server from pruning any version a settlement leaves dead, so
+/// a new version fits only in the room the inserts left, whatever other tests run: without
+/// migration 24, 28 of these 300 were settled into another page (about two a page).
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn settlements_are_heap_only_with_calls_in_flight() {
+    const CALLS: i64 = 300;
+    const IN_FLIGHT: usize = 2;
+    let db = TestDb::new();
+    let store = db.open();
+    let mut holder = Client::connect(&db.url, NoTls).unwrap();
+    let mut open = holder.transaction().unwrap();
+    open.query_one("SELECT txid_current()", &[]).unwrap();
+    let settle = |e: &NewExecution| finish(&store, e, &completion(Status::Success, e.started_at + 1, 1000), true, &[]);
+    let mut running = std::collections::VecDeque::new();
+    for i in 0..CALLS {
+        let e = execution(&format!("call-{i:04}"), T0 + i);
+        assert!(matches!(admit_as(&store, &GlobalBudgets::default(), &e, &[], T0 + 60_000_000), Admitted::Go { reserved: true, .. }));
+        running.push_back(e);
+        if running.len() > IN_FLIGHT {
+            settle(&running.pop_front().unwrap());
+        }
+    }
+    for e in &running {
+        settle(e);
+    }
+    open.rollback().unwrap();
+    // Its server connections report their statistics as they close.
+    drop(store);
+    let stat = |column: &str| db.scalar(&format!("SELECT {column} FROM pg_stat_user_tables WHERE relname = 'executions'"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stat("n_tup_upd") < CALLS && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!((stat("n_tup_upd"), stat("n_tup_hot_upd")), (CALLS, CALLS), "settlements, of which heap-only");
+}
+
 /// Questions over all tenants read the daily totals (a row per day, agent, model and status,
 /// not per tenant too) and answer as the rows do: calls settled in one round trip, by the
 /// transaction (closed twice), and abandoned ones closed by the next admission.
