@@ -2121,4 +2121,41 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE executions SET (fillfactor = 90);
     "#,
+    // 25: the settlement of a call under a rate limit (every call of a tenant or app with rate
+    // limits) in 1 round trip instead of a transaction of 13 plus 2 a rate-limited scope
+    // (counted by postgres/tests.rs `round_trips_per_path`), so it holds its row locks only while the
+    // server works. Rust's statement runs `tenantllm_settle`, then on its answer
+    // `tenantllm_settle_rates`: what admission.rs's `finish` writes after the counters to correct
+    // the rate limits' logs. The logged estimate becomes the call's tokens in each scope's log
+    // entry, and in its totals if they count it, scope by scope in scope order, as the
+    // transaction does and admissions lock them. `tenantllm_settle` is unchanged: processes of
+    // the previous version settle as before. OR REPLACE: a test that re-runs the rollups'
+    // migration 9 re-runs this.
+    r#"
+    -- Returns `tenantllm_settle`'s outcome, having changed nothing unless it is 'done'.
+    CREATE OR REPLACE FUNCTION tenantllm_settle_rates(p_outcome TEXT, p_id TEXT, p_started_at BIGINT, p_rate_scopes TEXT[],
+        p_rate_tokens BIGINT)
+    RETURNS TEXT
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_scope TEXT;
+    BEGIN
+        IF p_outcome IS DISTINCT FROM 'done' THEN
+            RETURN p_outcome;
+        END IF;
+        -- Totals first, then the log (rates.rs `rate_state` locks a scope's totals before it
+        -- reads its log); the scopes come sorted. The alerts `tenantllm_settle` marked sent,
+        -- before the totals where the transaction marks them after, change no lock order: only
+        -- a process holding their counter's lock, as this one does, writes them.
+        FOREACH v_scope IN ARRAY p_rate_scopes LOOP
+            UPDATE rate_totals r SET tokens = r.tokens + p_rate_tokens
+                - COALESCE((SELECT e.tokens FROM rate_events e WHERE e.scope = v_scope AND e.at = p_started_at
+                    AND e.execution_id = p_id), p_rate_tokens)
+            WHERE r.scope = v_scope AND r.horizon < p_started_at;
+            UPDATE rate_events e SET tokens = p_rate_tokens WHERE e.scope = v_scope AND e.at = p_started_at AND e.execution_id = p_id;
+        END LOOP;
+        RETURN p_outcome;
+    END
+    $fn$;
+    "#,
 ];

@@ -150,6 +150,11 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<V
     if let Some(alerts) = server_side::finish(store, req)? {
         return Ok(alerts);
     }
+    settlement(store, req)
+}
+
+/// The settlement that decides every case, in one transaction.
+pub(super) fn settlement(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<Vec<Alert>> {
     let e = req.execution;
     let c = req.completion;
     let check = |db: &mut Tx<'_>, _: &Vec<Alert>| row_closed(db, &e.id, c);

@@ -1,17 +1,18 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12 and 14 to 23 (`tenantllm_admit`, `tenantllm_admit_full`,
-//! `tenantllm_settle`), one statement that commits on its own, so the rows it locks stay
-//! locked only while the server works, and PL/pgSQL's cached plans spare the parsing and
-//! planning of a dozen statements. The counters, which every call of a tenant waits for, each
-//! function locks last but for a rate limit's totals and a breaker whose probe it claims,
-//! which the transaction locks after them too.
+//! functions of migrations 12, 14 to 23 and 25 (`tenantllm_admit`, `tenantllm_admit_full`,
+//! `tenantllm_settle`, `tenantllm_settle_rates`), one statement that commits on its
+//! own, so the rows it locks stay locked only while the server works, and PL/pgSQL's cached
+//! plans spare the parsing and planning of a dozen statements. The counters, which every call
+//! of a tenant waits for, each function locks last but for a rate limit's totals and a breaker
+//! whose probe it claims, which the transactions lock after them too.
 //!
 //! They take the call that goes ahead, under rate limits or none, through whichever model's
 //! breaker lets it (claiming the half-open probe), the call a hard budget, a rate limit or
 //! every breaker refuses (in two round trips: the refusal, then its row) and the settlement
-//! that corrects no rate limit's log and changes no breaker. Anything else (an expired lease,
-//! a settlement that moves a breaker, a tenant whose stored budget this process has not read)
-//! they leave to `admission`'s transaction, which decides every case. The policy stays in Rust: this module
+//! of a running row that changes no breaker, correcting its rate limits' logs
+//! (`tenantllm_settle_rates`). Anything else (an expired lease, a settlement that moves a
+//! breaker, a tenant whose stored budget this process has not read, a row closed before)
+//! they leave to `admission`'s transactions, which decide every case. The policy stays in Rust: this module
 //! works out the limits that apply (`budget::checks`, `ratelimit::checks`), the warnings and a
 //! refusal's breach; the server only compares the counters and the windows with the limits it
 //! is given (the rules of `budget::evaluate` and `ratelimit::evaluate`), the breakers with
@@ -362,12 +363,12 @@ fn write_refused(store: &PostgresStore, req: &AdmitRequest<'_>, c: &Completion, 
     })
 }
 
-/// Settles the call in one round trip unless its settlement corrects a rate limit's log or
-/// changes a breaker; None when the transaction must. A success of a call that was not the
-/// probe changes no breaker, whatever its phase (`breaker::record`). The budget alerts it
-/// reaches are marked sent in the same statement.
+/// Settles the call in one round trip unless its settlement changes a breaker, correcting its
+/// rate limits' logs in the same statement; None when the transaction must. A success of a
+/// call that was not the probe changes no breaker, whatever its phase (`breaker::record`).
+/// The budget alerts it reaches are marked sent in the same statement.
 pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<Option<Vec<Alert>>> {
-    if !req.rate_scopes.is_empty() || !req.breakers.iter().all(|o| o.success && !o.probe) {
+    if !req.breakers.iter().all(|o| o.success && !o.probe) {
         return Ok(None);
     }
     let (e, c) = (req.execution, req.completion);
@@ -408,15 +409,20 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     ];
     let details: [&dyn Param; 5] = [&req.store_details, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls];
     let alerts: [&dyn Param; 6] = [&alert_scopes, &alert_periods, &alert_names, &alert_thresholds, &alert_metrics, &alert_at];
-    let params: Vec<&dyn Param> = head.into_iter().chain(closing.params(c)).chain(details).chain(alerts).collect();
+    // The rate limits' logs to correct, in scope order (the order admissions lock their
+    // totals in).
+    let mut rate_scopes: Vec<&str> = req.rate_scopes.iter().map(String::as_str).collect();
+    rate_scopes.sort_unstable();
+    let rate_tokens = budget::recorded(c).tokens;
+    let rated: [&dyn Param; 3] = [&e.started_at, &rate_scopes, &rate_tokens];
+    let mut params: Vec<&dyn Param> = head.into_iter().chain(closing.params(c)).chain(details).chain(alerts).collect();
+    let sql = if rate_scopes.is_empty() { SETTLE } else { SETTLE_RATED };
+    if sql == SETTLE_RATED {
+        params.extend(rated);
+    }
     let took_effect = |db: &mut super::db::Tx<'_>| row_closed(db, &e.id, c);
     let answer = store.call(&took_effect, |db| {
-        let r = db.query(
-            "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted FROM tenantllm_settle($1, $2,
-                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
-                 $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44)",
-            &params,
-        );
+        let r = db.query(sql, &params);
         // The row vanished: nothing changed, and the transaction says so in its words.
         let r = match r {
             Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NO_DATA_FOUND) => return Ok(None),
@@ -456,3 +462,14 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
             .collect(),
     ))
 }
+
+const SETTLE: &str = "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted FROM tenantllm_settle($1,
+     $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
+     $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44)";
+
+/// `SETTLE` and, on its answer, the rate limits' logs corrected (`tenantllm_settle_rates`,
+/// migration 25): one statement.
+const SETTLE_RATED: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
+     tenantllm_settle_rates(s.outcome, $11, $45, $46, $47) FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+     $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38,
+     $39, $40, $41, $42, $43, $44) AS s";

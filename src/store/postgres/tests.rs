@@ -700,6 +700,19 @@ fn a_refusal_in_two_round_trips_writes_what_the_transaction_does() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// Settles through the server (`store.finish`, which must take 1 round trip) or through
+/// the transaction; the alerts raised.
+fn settle_through(store: &PostgresStore, req: &FinishRequest<'_>, server_side: bool) -> Vec<Alert> {
+    use super::db::round_trips::taken;
+    if !server_side {
+        return admission::settlement(store, req).unwrap();
+    }
+    taken();
+    let alerts = store.finish(req).unwrap();
+    assert_eq!(taken(), 1, "{}: {alerts:?}", req.execution.id);
+    alerts
+}
+
 /// Every row of the tables an admission or settlement writes, table by table, in a fixed
 /// order: two databases that hold the same rows dump the same.
 fn dump_tables(url: &str) -> Vec<String> {
@@ -793,12 +806,13 @@ fn breaker_choices_in_two_round_trips_write_what_the_transaction_does() {
 }
 
 /// Calls under a tenant's rate limits (requests, tokens, calls in flight) and a global one,
-/// admitted in 1 round trip and refused in 2 (1 when the refusal writes no row), answer and
-/// write what the transaction does: the same outcome (the breach, with its retry time, is the
-/// error the caller gets), rows, rollups, counters, reservations, rate logs and totals, on
-/// two databases that saw the same calls, the second admitting each through the transaction.
-/// The window moves past the first calls (its totals step up and forget them) and one call's
-/// clock is behind the window's horizon.
+/// admitted in 1 round trip and refused in 2 (1 when the refusal writes no row), and settled
+/// in 1, answer and write what the transaction does: the same outcome (the breach, with its
+/// retry time, is the error the caller gets; a settlement's alerts), rows, rollups, counters,
+/// reservations, alerts sent, rate logs and totals, on two databases that saw the same calls,
+/// the second admitting and settling each through the transactions. The window moves past the
+/// first calls (its totals step up and forget them; two calls are settled after it no longer
+/// counts them) and one call's clock is behind the window's horizon.
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn rate_limited_calls_in_two_round_trips_write_what_the_transaction_does() {
@@ -833,9 +847,11 @@ fn rate_limited_calls_in_two_round_trips_write_what_the_transaction_does() {
             for done in settle {
                 let (e, a) = &admitted[*done];
                 let Admitted::Go { checks, rate_scopes, .. } = a else { panic!("{done} not admitted") };
-                let c = completion(Status::Success, T0 + after * S - 1, 100);
+                // c3 brings the tenant's day to 3,900 of 5,000, c5 to its 80 % alert; c4 fails.
+                let (status, cost) = match *done { "c3" => (Status::Success, 3_600), "c4" => (Status::Error, 100), _ => (Status::Success, 100) };
+                let c = completion(status, T0 + after * S - 1, cost);
                 let req = FinishRequest { execution: e, completion: &c, reserved: true, checks, rate_scopes, logged_tokens: 0, breakers: &[], calendar: &cal, store_details: true };
-                store.finish(&req).unwrap();
+                outcomes.push(format!("{done} settled: {:?}", settle_through(&store, &req, server_side)));
             }
             let e = NewExecution { tenant_id: Some("t1".into()), ..execution(id, T0 + after * S) };
             let plan = Plan { global: &global, agent: "A", tenant_id: Some("t1"), tenant_override: None };
@@ -864,6 +880,7 @@ fn rate_limited_calls_in_two_round_trips_write_what_the_transaction_does() {
     }
     let refused: Vec<&String> = seen[0].0.iter().filter(|o| o.contains("RateLimited")).collect();
     assert_eq!(refused.len(), 5, "{:#?}", seen[0].0);
+    assert!(seen[0].0.iter().any(|o| o.starts_with("c5 settled") && o.contains("threshold: 80")), "{:#?}", seen[0].0);
     for (name, id) in [("tenant_concurrent", "concurrent"), ("tenant_tpm", "tokens"), ("tenant_rpm", "requests"), ("tenant_rpm", "unrecorded"), ("tenant_tpm", "behind")] {
         assert!(refused.iter().any(|o| o.starts_with(&format!("{id}: RateLimited")) && o.contains(name)), "{id}: {refused:#?}");
     }
@@ -1099,10 +1116,15 @@ fn round_trips_per_path() {
     taken();
     // Rate limits: one request a minute.
     let rated = GlobalBudgets { limits: Limits { rpm: Some(1), ..Default::default() }, ..Default::default() };
-    assert!(matches!(admit_as(&store, &rated, &execution("rated", T0 + 5), &[], T0 + hour), Admitted::Go { .. }));
+    let e = execution("rated", T0 + 5);
+    let Admitted::Go { rate_scopes, .. } = admit_as(&store, &rated, &e, &[], T0 + hour) else { panic!("not admitted") };
     counted.push(("admit under a rate limit", taken()));
     assert!(matches!(admit_as(&store, &rated, &execution("rate-limited", T0 + 6), &[], T0 + hour), Admitted::RateLimited(_)));
     counted.push(("rate-limited", taken()));
+    let c = completion(Status::Success, T0 + 7, 100);
+    store.finish(&FinishRequest { rate_scopes: &rate_scopes, ..store_tests::finish_request(&e, &c, &cal, true) }).unwrap();
+    counted.push(("settle under a rate limit", taken()));
+    assert_eq!(db.scalar("SELECT tokens FROM rate_events WHERE execution_id = 'rated'"), 7);
     // A lease that expired: the next admission closes the call as abandoned.
     assert!(matches!(admit_as(&store, &budget, &execution("abandoned", 2 * T0), &[], 2 * T0 + 1), Admitted::Go { .. }));
     taken();
@@ -1133,6 +1155,7 @@ fn round_trips_per_path() {
         ("settle with an alert", 1),
         ("admit under a rate limit", 1),
         ("rate-limited", 2),
+        ("settle under a rate limit", 1),
         // The transaction's paths write and release every call's reservation (migration
         // 19), one round trip each, budget or none.
         ("admit after an expired lease", 15),
