@@ -2158,4 +2158,370 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 26: an admission that finds leases run out (a worker killed) in 2 round trips instead
+    // of 15, the first short-circuit of a process with no rate limits in 2 instead of 3
+    // (counted by postgres/tests.rs `round_trips_per_path`). `tenantllm_admit` and
+    // `tenantllm_admit_full` get new overloads: asked with no expired lease keyed, they answer
+    // 'expired' with the ids of the reservations whose lease ran out and when each call still
+    // running started; asked again with each call's day (its usage and rollups are keyed by the
+    // caller's calendar, which the server does not have), they release those reservations,
+    // close their calls as abandoned with their rollups, and add the changes to the counters in
+    // the statement that locks and reserves the call's own, in one key order, as admission.rs's
+    // transaction does (counters.rs `expire_reservations`). A first model's breaker not closed
+    // no longer answers 'breaker' to the caller: `tenantllm_admit` makes the breakers' choice
+    // through `tenantllm_admit_full` in the same statement. The previous overloads stay as they
+    // were, for processes of the previous version. OR REPLACE: a test that re-runs the rollups'
+    // migration 9 re-runs this.
+    r#"
+    CREATE OR REPLACE FUNCTION tenantllm_admit(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[], p_hard_periods TEXT[], p_hard_metrics INT[],
+        p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_counters TEXT,
+        p_expires_at BIGINT, p_breaker TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_breakers TEXT[], p_probe_lease BIGINT, p_expired_ids TEXT[], p_expired_days TEXT[],
+        OUT outcome TEXT, OUT usage BIGINT[], OUT model_index INT, OUT probe BOOLEAN, OUT retry_at BIGINT,
+        OUT expired_ids TEXT[], OUT expired_started BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_key RECORD;
+        v_row BIGINT[];
+        v_set TEXT;
+        v_own INT := 1;
+        v_refused BOOLEAN := false;
+        v_m INT;
+        v_scopes TEXT[];
+        v_periods TEXT[];
+        v_used BIGINT[];
+        v_cost BIGINT[];
+        v_tokens BIGINT[];
+        v_executions BIGINT[];
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        -- Expired leases other than those the caller has keyed send it back for their keys.
+        outcome := CASE
+            WHEN (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN 'timezone'
+            WHEN p_budget_tenant IS NOT NULL AND (SELECT xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = p_budget_tenant)
+                IS DISTINCT FROM p_budget_stamp THEN 'budget'
+            WHEN EXISTS (SELECT 1 FROM reservations WHERE expires_at <= p_now AND execution_id <> ALL(p_expired_ids)) THEN 'expired'
+            WHEN EXISTS (SELECT 1 FROM breakers WHERE key = p_breaker AND phase <> 'closed') THEN 'breaker'
+        END;
+        IF outcome = 'expired' THEN
+            -- Every reservation whose lease ran out, and when its call started if it is still
+            -- running: the caller keys that call's usage and rollups by its day (in its
+            -- calendar, which the timezone check above holds to) and asks again with them.
+            SELECT array_agg(r.execution_id ORDER BY r.execution_id), array_agg(e.started_at ORDER BY r.execution_id)
+            INTO expired_ids, expired_started
+            FROM reservations r LEFT JOIN executions e ON e.id = r.execution_id AND e.status = 'running'
+            WHERE r.expires_at <= p_now;
+            RETURN;
+        ELSIF outcome = 'breaker' AND cardinality(p_breakers) > 0 THEN
+            -- The first model's breaker is not closed: the full function makes the breakers'
+            -- choice, in this same statement (the register of tenants is its to write).
+            SELECT f.outcome, f.usage, f.model_index, f.probe, f.retry_at, f.expired_ids, f.expired_started
+            INTO outcome, usage, model_index, probe, retry_at, expired_ids, expired_started
+            FROM tenantllm_admit_full(p_lock_timeout, p_timezone, p_now, p_remember, p_tenant, p_tenant_name, p_budget_tenant,
+                p_budget_stamp, p_scopes, p_periods, p_hard_scopes, p_hard_periods, p_hard_metrics, p_hard_limits, p_cost, p_tokens,
+                p_executions, p_counters, p_expires_at, NULL, p_id, p_agent, p_model_id, p_provider, p_exec_tenant, p_started_at,
+                p_metadata, p_parent, p_root, 0, '{}', '{}', '{}', '{}', '{}', NULL, p_breakers, p_probe_lease, p_expired_ids,
+                p_expired_days) AS f;
+            RETURN;
+        ELSIF outcome IS NOT NULL THEN
+            RETURN;
+        END IF;
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        outcome := 'go';
+        usage := '{}';
+        INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+        VALUES (p_id, p_counters, p_cost, p_tokens, p_executions, p_expires_at);
+        IF cardinality(p_expired_ids) > 0 THEN
+            -- The expired reservations the caller keyed and still here (counters.rs
+            -- `expire_reservations`): released, their calls closed as abandoned and added to
+            -- the rollups, rows locked in the transaction's order (reservations, executions,
+            -- rollups, then counters); what that changes on the counters is collected for the
+            -- one statement below that locks them all.
+            WITH gone AS (
+                DELETE FROM reservations r WHERE r.execution_id = ANY(p_expired_ids) AND r.expires_at <= p_now
+                RETURNING r.execution_id, r.counters, r.cost, r.tokens, r.executions
+            ), abandoned AS (
+                UPDATE executions e SET status = 'error', error_class = 'Abandoned',
+                    error_message = 'the process running this call stopped before it finished', completed_at = p_now
+                FROM gone WHERE e.id = gone.execution_id AND e.status = 'running'
+                RETURNING p_expired_days[array_position(p_expired_ids, e.id)] AS day, e.tenant_id, e.agent, e.model_id, e.status,
+                    e.input_tokens, e.output_tokens, e.cached_tokens, e.total_tokens, e.input_cost, e.output_cost, e.total_cost,
+                    e.attempts_count, e.cache_write_tokens, e.cache_read_cost, e.cache_write_cost, e.duration_ms,
+                    e.time_to_first_token_ms
+            ), rolled AS (
+                SELECT a.day, COALESCE(a.tenant_id, '') AS tenant_id, a.agent, a.model_id, a.status, COUNT(*) AS calls,
+                    SUM(a.input_tokens)::BIGINT AS input_tokens, SUM(a.output_tokens)::BIGINT AS output_tokens,
+                    SUM(a.cached_tokens)::BIGINT AS cached_tokens, SUM(a.total_tokens)::BIGINT AS total_tokens,
+                    SUM(a.input_cost)::BIGINT AS input_cost, SUM(a.output_cost)::BIGINT AS output_cost,
+                    SUM(a.total_cost)::BIGINT AS total_cost, SUM(a.attempts_count)::BIGINT AS attempts_count,
+                    SUM(a.cache_write_tokens)::BIGINT AS cache_write_tokens, SUM(a.cache_read_cost)::BIGINT AS cache_read_cost,
+                    SUM(a.cache_write_cost)::BIGINT AS cache_write_cost, COALESCE(SUM(a.duration_ms), 0)::BIGINT AS duration_ms,
+                    COALESCE(SUM(a.time_to_first_token_ms), 0)::BIGINT AS time_to_first_token_ms
+                FROM abandoned a GROUP BY a.day, COALESCE(a.tenant_id, ''), a.agent, a.model_id, a.status
+            ), daily AS (
+                INSERT INTO daily_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT * FROM rolled
+                ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+            ), monthly AS (
+                INSERT INTO monthly_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT left(d.day, 7), d.tenant_id, d.agent, d.model_id, d.status, SUM(d.calls)::BIGINT, SUM(d.input_tokens)::BIGINT, SUM(d.output_tokens)::BIGINT, SUM(d.cached_tokens)::BIGINT, SUM(d.total_tokens)::BIGINT, SUM(d.input_cost)::BIGINT, SUM(d.output_cost)::BIGINT, SUM(d.total_cost)::BIGINT, SUM(d.attempts_count)::BIGINT, SUM(d.cache_write_tokens)::BIGINT, SUM(d.cache_read_cost)::BIGINT, SUM(d.cache_write_cost)::BIGINT, SUM(d.duration_ms)::BIGINT, SUM(d.time_to_first_token_ms)::BIGINT
+                FROM rolled d GROUP BY left(d.day, 7), d.tenant_id, d.agent, d.model_id, d.status
+                ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+            ), totals AS (
+                INSERT INTO daily_totals AS r (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+                SELECT d.day, d.agent, d.model_id, d.status, SUM(d.calls)::BIGINT, SUM(d.input_tokens)::BIGINT, SUM(d.output_tokens)::BIGINT, SUM(d.cached_tokens)::BIGINT, SUM(d.total_tokens)::BIGINT, SUM(d.input_cost)::BIGINT, SUM(d.output_cost)::BIGINT, SUM(d.total_cost)::BIGINT, SUM(d.attempts_count)::BIGINT, SUM(d.cache_write_tokens)::BIGINT, SUM(d.cache_read_cost)::BIGINT, SUM(d.cache_write_cost)::BIGINT, SUM(d.duration_ms)::BIGINT, SUM(d.time_to_first_token_ms)::BIGINT
+                FROM rolled d GROUP BY d.day, d.agent, d.model_id, d.status
+                ON CONFLICT (period, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms
+            )
+            -- Each released reservation gives back its estimate on its counters ("scope<TAB>period"
+            -- lines); each abandoned call counts as one execution on its usage keys
+            -- (store::usage_keys: the global, agent and tenant scopes, by day and month).
+            SELECT array_agg(k.scope), array_agg(k.period), array_agg(k.used), array_agg(k.cost), array_agg(k.tokens),
+                array_agg(k.executions)
+            INTO v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions
+            FROM (
+                SELECT split_part(l, E'\t', 1), substr(l, strpos(l, E'\t') + 1), 0::BIGINT, -g.cost, -g.tokens, -g.executions
+                FROM gone g, regexp_split_to_table(g.counters, E'\n') AS l WHERE strpos(l, E'\t') > 0
+                UNION ALL
+                SELECT s, p, 1::BIGINT, 0::BIGINT, 0::BIGINT, 0::BIGINT
+                FROM abandoned a,
+                    unnest(ARRAY['global', 'agent:' || a.agent] || CASE WHEN a.tenant_id IS NULL THEN '{}' ELSE ARRAY['tenant:' || a.tenant_id] END) AS s,
+                    unnest(ARRAY[a.day, left(a.day, 7)]) AS p
+            ) AS k(scope, period, used, cost, tokens, executions);
+        END IF;
+        IF cardinality(v_scopes) > 0 THEN
+            -- The call's own counters and those the expiry changed, in one statement in key
+            -- order (as admission.rs locks them together); the call's own come back in its
+            -- order, with its estimate taken off again for the checks below.
+            FOR v_key IN
+                INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+                SELECT d.scope, d.period, 0, 0, SUM(d.used)::BIGINT, SUM(d.cost)::BIGINT, SUM(d.tokens)::BIGINT, SUM(d.executions)::BIGINT
+                FROM (
+                    SELECT k.scope, k.period, 0::BIGINT, p_cost, p_tokens, p_executions FROM unnest(p_scopes, p_periods) AS k(scope, period)
+                    UNION ALL
+                    SELECT * FROM unnest(v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions)
+                ) AS d(scope, period, used, cost, tokens, executions)
+                GROUP BY d.scope, d.period
+                ORDER BY d.scope COLLATE "C", d.period COLLATE "C"
+                ON CONFLICT (scope, period) DO UPDATE SET executions = c.executions + EXCLUDED.executions,
+                    reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost, reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                    reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+                RETURNING c.scope, c.period, ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost, c.reserved_tokens,
+                    c.reserved_executions] AS v
+            LOOP
+                IF v_own <= cardinality(p_scopes) AND v_key.scope = p_scopes[v_own] AND v_key.period = p_periods[v_own] THEN
+                    v_row := v_key.v;
+                    usage := usage || ARRAY[v_row[1], v_row[2], v_row[3], v_row[4] - p_cost, v_row[5] - p_tokens, v_row[6] - p_executions];
+                    v_own := v_own + 1;
+                END IF;
+            END LOOP;
+        ELSIF cardinality(p_scopes) > 0 THEN
+            -- As migration 20's: the call's own counters, each locked and given the estimate.
+            FOR v_key IN
+                INSERT INTO usage_counters AS c (scope, period, reserved_cost, reserved_tokens, reserved_executions)
+                SELECT k.scope, k.period, p_cost, p_tokens, p_executions FROM unnest(p_scopes, p_periods) AS k(scope, period)
+                ON CONFLICT (scope, period) DO UPDATE SET reserved_cost = c.reserved_cost + p_cost,
+                    reserved_tokens = c.reserved_tokens + p_tokens, reserved_executions = c.reserved_executions + p_executions
+                RETURNING ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost - p_cost, c.reserved_tokens - p_tokens,
+                    c.reserved_executions - p_executions] AS v
+            LOOP
+                usage := usage || v_key.v;
+            END LOOP;
+        END IF;
+        -- Each hard limit against its counter, in NUMERIC so no sum overflows (at a 64-bit
+        -- limit this may refuse where Rust's saturating sums would not, and the Rust
+        -- transaction then decides).
+        FOR i IN 1..cardinality(p_scopes) LOOP
+            FOR h IN 1..cardinality(p_hard_scopes) LOOP
+                v_m := p_hard_metrics[h];
+                IF p_hard_scopes[h] = p_scopes[i] AND p_hard_periods[h] = p_periods[i]
+                    AND usage[6 * i - 5 + v_m]::NUMERIC + usage[6 * i - 2 + v_m]
+                        + (CASE v_m WHEN 0 THEN p_cost WHEN 1 THEN p_tokens ELSE p_executions END) > p_hard_limits[h] THEN
+                    v_refused := true;
+                END IF;
+            END LOOP;
+        END LOOP;
+        IF v_refused THEN
+            -- The estimates come off again: a refusal leaves the counters as they were, but for
+            -- the expired reservations it released, which stay released (as the transaction's),
+            -- and returns the usage it read (migration 21).
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(p_scopes, p_periods) AS k(scope, period) WHERE c.scope = k.scope AND c.period = k.period;
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := 'refused';
+        END IF;
+    END
+    $fn$;
+
+    CREATE OR REPLACE FUNCTION tenantllm_admit_full(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[], p_hard_periods TEXT[], p_hard_metrics INT[],
+        p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_counters TEXT,
+        p_expires_at BIGINT, p_breaker TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_window BIGINT, p_lock_scopes TEXT[], p_window_scopes TEXT[], p_check_scopes TEXT[], p_check_kinds INT[],
+        p_check_limits BIGINT[], p_concurrency_scope TEXT, p_breakers TEXT[], p_probe_lease BIGINT,
+        p_expired_ids TEXT[], p_expired_days TEXT[],
+        OUT outcome TEXT, OUT usage BIGINT[], OUT requests BIGINT[], OUT tokens BIGINT[], OUT in_flight BIGINT,
+        OUT breached INT, OUT events_at BIGINT[], OUT events_tokens BIGINT[], OUT model_index INT, OUT probe BOOLEAN,
+        OUT retry_at BIGINT, OUT expired_ids TEXT[], OUT expired_started BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_set TEXT;
+        v_scope TEXT;
+        v_start BIGINT := p_now - p_window;
+        v_requests BIGINT;
+        v_tokens BIGINT;
+        v_horizon BIGINT;
+        v_n BIGINT;
+        v_t BIGINT;
+        v_w INT;
+        v_over BOOLEAN;
+        v_phase TEXT;
+        v_retry_at BIGINT;
+        v_lost BOOLEAN := false;
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        IF (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        -- The register of tenants before the scopes' locks, as the transaction writes it.
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        -- Admissions of a scope take turns (rates.rs `lock_rate_scopes`: the same keys, in
+        -- scope order, before any row lock).
+        FOREACH v_scope IN ARRAY p_lock_scopes LOOP
+            PERFORM pg_advisory_xact_lock(hashtextextended('tenantllm rate ' || v_scope, 0));
+        END LOOP;
+        SELECT a.outcome, a.usage, a.expired_ids, a.expired_started INTO outcome, usage, expired_ids, expired_started
+        FROM tenantllm_admit(p_lock_timeout, p_timezone, p_now, false, p_tenant, p_tenant_name, p_budget_tenant, p_budget_stamp,
+            p_scopes, p_periods, p_hard_scopes, p_hard_periods, p_hard_metrics, p_hard_limits, p_cost, p_tokens, p_executions,
+            p_counters, p_expires_at, p_breaker, p_id, p_agent, p_model_id, p_provider, p_exec_tenant, p_started_at, p_metadata,
+            p_parent, p_root, '{}', NULL, p_expired_ids, p_expired_days) AS a;
+        IF outcome <> 'go' THEN
+            RETURN;
+        END IF;
+        -- Each window's use (rates.rs `rate_state`): its totals row, created with this
+        -- window's start as its horizon, moved up to it, or read with the log behind it.
+        requests := '{}';
+        tokens := '{}';
+        FOREACH v_scope IN ARRAY p_window_scopes LOOP
+            INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (v_scope, 0, 0, v_start)
+            ON CONFLICT (scope) DO UPDATE SET scope = EXCLUDED.scope
+            RETURNING rate_totals.requests, rate_totals.tokens, rate_totals.horizon INTO v_requests, v_tokens, v_horizon;
+            IF v_start <= v_horizon THEN
+                SELECT COUNT(*), COALESCE(SUM(e.tokens), 0)::BIGINT INTO v_n, v_t FROM rate_events e
+                WHERE e.scope = v_scope AND e.at > v_start AND e.at <= v_horizon;
+                v_requests := v_requests + v_n;
+                v_tokens := LEAST(v_tokens::NUMERIC + v_t, 9223372036854775807)::BIGINT;
+            ELSE
+                WITH crossed AS (
+                    SELECT COUNT(*) AS n, COALESCE(SUM(e.tokens), 0)::BIGINT AS t FROM rate_events e
+                    WHERE e.scope = v_scope AND e.at > v_horizon AND e.at <= v_start
+                ), forgotten AS (DELETE FROM rate_events e WHERE e.scope = v_scope AND e.at <= v_start - p_window)
+                UPDATE rate_totals r SET requests = r.requests - crossed.n, tokens = r.tokens - crossed.t, horizon = v_start
+                FROM crossed WHERE r.scope = v_scope RETURNING r.requests, r.tokens INTO v_requests, v_tokens;
+            END IF;
+            requests := requests || v_requests;
+            tokens := tokens || v_tokens;
+        END LOOP;
+        in_flight := 0;
+        IF p_concurrency_scope IS NOT NULL THEN
+            SELECT COUNT(*) INTO in_flight FROM reservations WHERE concurrency_scope = p_concurrency_scope;
+        END IF;
+        -- The first check breached, in the policy's order (`ratelimit::evaluate`).
+        FOR i IN 1..cardinality(p_check_scopes) LOOP
+            v_w := array_position(p_window_scopes, p_check_scopes[i]);
+            v_over := CASE p_check_kinds[i]
+                WHEN 0 THEN requests[v_w] >= p_check_limits[i]
+                WHEN 1 THEN tokens[v_w]::NUMERIC + p_tokens > p_check_limits[i]
+                ELSE in_flight >= p_check_limits[i]
+            END;
+            IF v_over THEN
+                breached := i;
+                EXIT;
+            END IF;
+        END LOOP;
+        -- The breakers, once the budgets and rate limits let the call go (store::first_admitted
+        -- with breaker::admit): the first model whose breaker is closed goes, or the first
+        -- whose cooldown is over claims the half-open probe, decided again on its locked row
+        -- (breakers.rs `breaker_admit_tx`) so that of racing processes exactly one claims it.
+        -- A row gone under the lock is left to the transaction ('breaker').
+        IF breached IS NULL THEN
+            IF cardinality(p_breakers) = 0 THEN
+                model_index := 0;
+                probe := false;
+            END IF;
+            FOR i IN 1..cardinality(p_breakers) LOOP
+                SELECT b.phase, b.retry_at INTO v_phase, v_retry_at FROM breakers b WHERE b.key = p_breakers[i];
+                IF NOT FOUND OR v_phase = 'closed' THEN
+                    model_index := i - 1;
+                    probe := false;
+                    EXIT;
+                END IF;
+                IF p_now >= v_retry_at THEN
+                    SELECT b.phase, b.retry_at INTO v_phase, v_retry_at FROM breakers b WHERE b.key = p_breakers[i] FOR UPDATE;
+                    IF NOT FOUND THEN
+                        v_lost := true;
+                        EXIT;
+                    END IF;
+                    IF v_phase = 'closed' OR p_now >= v_retry_at THEN
+                        model_index := i - 1;
+                        probe := v_phase <> 'closed';
+                        IF probe THEN
+                            UPDATE breakers b SET phase = 'half_open', failures = '', retry_at = p_now + p_probe_lease, updated_at = p_now
+                            WHERE b.key = p_breakers[i];
+                        END IF;
+                        EXIT;
+                    END IF;
+                END IF;
+                retry_at := LEAST(COALESCE(retry_at, v_retry_at), v_retry_at);
+            END LOOP;
+        END IF;
+        IF breached IS NOT NULL OR model_index IS NULL THEN
+            -- Undone as `tenantllm_admit` undoes a refusal; the window's steps stay.
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(p_scopes, p_periods) AS k(scope, period) WHERE c.scope = k.scope AND c.period = k.period;
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := CASE WHEN breached IS NOT NULL THEN 'rate_limited' WHEN v_lost THEN 'breaker' ELSE 'short_circuited' END;
+            -- The breached scope's admissions in the window, oldest first, for its retry time.
+            IF p_check_kinds[breached] <> 2 THEN
+                SELECT COALESCE(array_agg(e.at ORDER BY e.at), '{}'), COALESCE(array_agg(e.tokens ORDER BY e.at), '{}')
+                INTO events_at, events_tokens FROM rate_events e WHERE e.scope = p_check_scopes[breached] AND e.at > v_start;
+            END IF;
+            RETURN;
+        END IF;
+        -- Admitted: logged in each window (counted in its totals unless this call's clock is
+        -- behind their horizon), and in flight in its concurrency scope.
+        INSERT INTO rate_events (scope, at, execution_id, tokens) SELECT s, p_started_at, p_id, p_tokens FROM unnest(p_window_scopes) AS s;
+        UPDATE rate_totals r SET requests = r.requests + 1, tokens = r.tokens + p_tokens
+        WHERE r.scope = ANY(p_window_scopes) AND r.horizon < p_started_at;
+        IF p_concurrency_scope IS NOT NULL THEN
+            UPDATE reservations SET concurrency_scope = p_concurrency_scope WHERE execution_id = p_id;
+        END IF;
+    END
+    $fn$;
+    "#,
 ];

@@ -96,7 +96,8 @@ pub(super) fn reservation_at(r: &PgRow, first: usize) -> PgResult<(Vec<CounterKe
 
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were. The counter changes
-/// go into `deltas`, to be applied with the caller's own in key order.
+/// go into `deltas`, to be applied with the caller's own in key order. Migration 26's
+/// `tenantllm_admit` does the same on the server (`server_side`): a change here goes there too.
 pub(super) fn expire_reservations(db: &mut Tx<'_>, cal: &Calendar, now: Micros, deltas: &mut Deltas) -> PgResult<()> {
     let expired = db.query("DELETE FROM reservations WHERE expires_at <= $1 RETURNING execution_id, counters, cost, tokens, executions", &[&now])?;
     if expired.is_empty() {

@@ -74,9 +74,6 @@ pub struct PostgresStore {
     lock_timeout: String,
     /// The tenants' stored budgets as last read, for admissions in one round trip.
     budgets: StoredBudgets,
-    /// Whether this process's last admission through breakers found a first model's breaker
-    /// not closed: its next one goes to `tenantllm_admit_full` at once (`server_side`).
-    breakers_not_closed: std::sync::atomic::AtomicBool,
 }
 
 impl PostgresStore {
@@ -107,7 +104,7 @@ impl PostgresStore {
                 Err(TxFailure::CommitLost(e, ())) => Err(Failure::Pg(e).into_error(&target)),
             }
         })?;
-        Ok(PostgresStore { workers, target, lock_timeout, budgets: StoredBudgets::default(), breakers_not_closed: Default::default() })
+        Ok(PostgresStore { workers, target, lock_timeout, budgets: StoredBudgets::default() })
     }
 }
 

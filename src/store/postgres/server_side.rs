@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12, 14 to 23 and 25 (`tenantllm_admit`, `tenantllm_admit_full`,
+//! functions of migrations 12, 14 to 23, 25 and 26 (`tenantllm_admit`, `tenantllm_admit_full`,
 //! `tenantllm_settle`, `tenantllm_settle_rates`), one statement that commits on its
 //! own, so the rows it locks stay locked only while the server works, and PL/pgSQL's cached
 //! plans spare the parsing and planning of a dozen statements. The counters, which every call
@@ -8,19 +8,20 @@
 //!
 //! They take the call that goes ahead, under rate limits or none, through whichever model's
 //! breaker lets it (claiming the half-open probe), the call a hard budget, a rate limit or
-//! every breaker refuses (in two round trips: the refusal, then its row) and the settlement
-//! of a running row that changes no breaker, correcting its rate limits' logs
-//! (`tenantllm_settle_rates`). Anything else (an expired lease, a settlement that moves a
-//! breaker, a tenant whose stored budget this process has not read, a row closed before)
-//! they leave to `admission`'s transactions, which decide every case. The policy stays in Rust: this module
-//! works out the limits that apply (`budget::checks`, `ratelimit::checks`), the warnings and a
-//! refusal's breach; the server only compares the counters and the windows with the limits it
-//! is given (the rules of `budget::evaluate` and `ratelimit::evaluate`), the breakers with
+//! every breaker refuses (in two round trips: the refusal, then its row), the call that finds
+//! leases run out (in two: the server names them, then closes them with the call, as
+//! `counters::expire_reservations` does) and the settlement of a running row that changes no
+//! breaker, correcting its rate limits' logs (`tenantllm_settle_rates`). Anything else (a
+//! settlement that moves a breaker, a tenant whose stored budget this process has not read, a
+//! row closed before) they leave to `admission`'s transactions, which decide every case. The
+//! policy stays in Rust: this module works out the limits that apply (`budget::checks`,
+//! `ratelimit::checks`), the warnings, a refusal's breach and the days abandoned calls are
+//! counted in; the server only compares the counters and the windows with the limits it is
+//! given (the rules of `budget::evaluate` and `ratelimit::evaluate`), the breakers with
 //! `breaker::admit`'s rule, and the counters with the amounts that reach the alerts'
 //! thresholds (`budget::threshold_at`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use postgres::error::SqlState;
@@ -38,7 +39,7 @@ use crate::error::{Amount, Result};
 use crate::process::unpoisoned;
 use crate::ratelimit;
 use crate::store::rollups;
-use crate::clock::Micros;
+use crate::clock::{Calendar, Micros, Period};
 use crate::execution::Completion;
 use crate::store::{
     self, blocked, encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
@@ -86,7 +87,8 @@ fn amount(a: Amount) -> i64 {
 }
 
 /// Admits the call in one round trip if it goes ahead, refuses it in two (one when a rate
-/// limit's refusal writes no row); None when the transaction must decide.
+/// limit's refusal writes no row); one more when leases ran out (the server names them, then
+/// closes them with this call). None when the transaction must decide.
 pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Option<Admitted>> {
     let e = req.execution;
     let (budget_tenant, stored, stamp) = match (req.plan.tenant_id, req.plan.tenant_override) {
@@ -138,8 +140,8 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         &req.reservation_expires_at,
         &breaker,
     ];
-    // The rate limits' arguments (`tenantllm_admit_rated`, migration 22): the scopes to lock,
-    // the windows to count and the checks in the policy's order.
+    // The rate limits' arguments (`tenantllm_admit_full`): the scopes to lock, the windows to
+    // count and the checks in the policy's order.
     let lock_scopes: Vec<&str> = rate_checks.iter().map(|c| c.scope.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
     let window_scopes = ratelimit::window_scopes(&rate_checks);
     let check_scopes: Vec<&str> = rate_checks.iter().map(|c| c.scope.as_str()).collect();
@@ -149,48 +151,50 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     let breakers: Vec<String> = req.breaker_keys.iter().map(|k| k.id()).collect();
     let rated: [&dyn Param; 9] =
         [&req.rate_window, &lock_scopes, &window_scopes, &check_scopes, &check_kinds, &check_limits, &concurrency, &breakers, &req.probe_lease];
-    let simple: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).collect();
     // The full function makes the breakers' choice itself: it gets no first breaker to check.
     let no_breaker: Option<String> = None;
-    let full: Vec<&dyn Param> = head[..19].iter().copied().chain([&no_breaker as &dyn Param]).chain(new_row(e)).chain(rated).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
-    let run = |full_check: bool| {
+    // Calls under rate limits go to the full function, the others to `tenantllm_admit`, which
+    // hands them to the full one if their first model's breaker is not closed. `expired`: the
+    // expired leases the call closes (their ids, and each call's day).
+    let full_check = !rate_checks.is_empty();
+    let run = |expired: &Expired| {
+        let keyed: [&dyn Param; 2] = [&expired.ids, &expired.days];
+        let params: Vec<&dyn Param> = if full_check {
+            head[..19].iter().copied().chain([&no_breaker as &dyn Param]).chain(new_row(e)).chain(rated).chain(keyed).collect()
+        } else {
+            head.into_iter().chain(new_row(e)).chain([&breakers as &dyn Param, &req.probe_lease]).chain(keyed).collect()
+        };
         store.call(&took_effect, |db| {
-            let r = if full_check { db.query_one(ADMIT_FULL, &full) } else { db.query_one(ADMIT, &simple) };
+            let r = db.query_one(if full_check { ADMIT_FULL } else { ADMIT }, &params);
             // A counter's sum past 64 bits: nothing changed, and the transaction decides.
             let r = match r {
                 Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => return Ok(None),
                 r => r?,
             };
-            let more = if full_check { Some(FullAnswer::of(&r)?) } else { None };
-            Ok(Some((r.try_get::<_, String>(0)?, r.try_get::<_, Option<Vec<i64>>>(1)?, more)))
+            Ok(Some(Answer::of(&r, full_check)?))
         })
     };
-    // Calls under rate limits, and while a first model's breaker is not closed those with
-    // breakers, go to the full function; the others to `tenantllm_admit`, and to the full
-    // function after it if their first model's breaker is not closed.
-    let seen = &store.breakers_not_closed;
-    let through_breakers = !req.breaker_keys.is_empty();
-    let mut answer = run(!rate_checks.is_empty() || (through_breakers && seen.load(Ordering::Relaxed)))?;
-    if matches!(&answer, Some(Some((outcome, _, None))) if outcome == "breaker") && through_breakers {
-        seen.store(true, Ordering::Relaxed);
-        answer = run(true)?;
+    let mut answer = run(&Expired::default())?;
+    let expired = match &answer {
+        Some(Some(a)) if a.outcome == "expired" => Some(Expired::keyed(a, req.calendar)),
+        _ => None,
+    };
+    if let Some(expired) = expired {
+        // Once: leases that run out meanwhile are the transaction's.
+        answer = run(&expired)?;
     }
     let mut choice = (0, false);
+    let through_breakers = !req.breaker_keys.is_empty();
     match &answer {
-        Some(Some((outcome, _, Some(more)))) => match outcome.as_str() {
-            "rate_limited" => return rate_limited(store, req, &rate_checks, more),
+        Some(Some(a)) => match a.outcome.as_str() {
+            "rate_limited" => return rate_limited(store, req, &rate_checks, a),
             "short_circuited" => {
-                let retry_at = more.retry_at.unwrap_or(Micros::MAX);
+                let retry_at = a.retry_at.unwrap_or(Micros::MAX);
                 let c = store::short_circuited(&e.agent, retry_at, req.now);
                 return write_refused(store, req, &c, Admitted::ShortCircuited { retry_at });
             }
-            "go" => {
-                choice = (usize::try_from(more.model_index.unwrap_or(0)).unwrap_or(0), more.probe.unwrap_or(false));
-                if through_breakers {
-                    seen.store(choice != (0, false), Ordering::Relaxed);
-                }
-            }
+            "go" => choice = (usize::try_from(a.model_index.unwrap_or(0)).unwrap_or(0), a.probe.unwrap_or(false)),
             _ => {}
         },
         // Admitted, but which model went with the connection: the breakers tell.
@@ -199,7 +203,7 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     }
     // What the counters held when the server went ahead or refused (migration 21).
     let (go, usage): (bool, HashMap<CounterKey, (budget::Usage, budget::Usage)>) = match answer {
-        Some(Some((outcome, Some(usage), _))) if (outcome == "go" || outcome == "refused") && usage.len() == 6 * checked.len() => {
+        Some(Some(Answer { outcome, usage: Some(usage), .. })) if (outcome == "go" || outcome == "refused") && usage.len() == 6 * checked.len() => {
             let at = |n: &[i64], i: usize| budget::Usage {
                 cost: crate::money::Nanos(n[i]),
                 tokens: n[i + 1],
@@ -246,12 +250,14 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     }))
 }
 
-const ADMIT: &str = "SELECT outcome, usage FROM tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-     $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)";
+// Migration 26's overloads: with the breakers (`tenantllm_admit`) and the expired leases keyed.
+const ADMIT: &str = "SELECT outcome, usage, model_index, probe, retry_at, expired_ids, expired_started FROM tenantllm_admit($1, $2, $3,
+     $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30,
+     $31, $32, $33)";
 
-const ADMIT_FULL: &str = "SELECT outcome, usage, requests, tokens, in_flight, breached, events_at, events_tokens, model_index, probe,
-     retry_at FROM tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-     $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)";
+const ADMIT_FULL: &str = "SELECT outcome, usage, model_index, probe, retry_at, expired_ids, expired_started, requests, tokens, in_flight,
+     breached, events_at, events_tokens FROM tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+     $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40)";
 
 fn kind_code(k: ratelimit::Kind) -> i32 {
     match k {
@@ -261,35 +267,68 @@ fn kind_code(k: ratelimit::Kind) -> i32 {
     }
 }
 
-/// What `tenantllm_admit_full` counted in the windows (in `window_scopes`' order) and in
-/// flight; with a refusal the check it found breached (from 1) and that scope's log; the
-/// model that goes and whether it is the probe, or when every breaker is open the earliest
-/// retry time.
-struct FullAnswer {
+/// A server-side admission's answer: its outcome and what the counters held (migration
+/// 21); the model that goes and whether it is the probe, or when every breaker is open the
+/// earliest retry time; with 'expired' the expired leases' reservations and when each call
+/// still running started; from the full function, what it counted in the windows (in
+/// `window_scopes`' order) and in flight, and with a refusal the check it found breached
+/// (from 1) and that scope's log.
+struct Answer {
+    outcome: String,
+    usage: Option<Vec<i64>>,
+    model_index: Option<i32>,
+    probe: Option<bool>,
+    retry_at: Option<Micros>,
+    expired_ids: Vec<String>,
+    expired_started: Vec<Option<Micros>>,
     requests: Vec<i64>,
     tokens: Vec<i64>,
     in_flight: i64,
     breached: Option<i32>,
     events: Vec<(Micros, i64)>,
-    model_index: Option<i32>,
-    probe: Option<bool>,
-    retry_at: Option<Micros>,
 }
 
-impl FullAnswer {
-    fn of(r: &postgres::Row) -> super::connect::PgResult<FullAnswer> {
-        let at: Option<Vec<i64>> = r.try_get(6)?;
-        let tokens: Option<Vec<i64>> = r.try_get(7)?;
-        Ok(FullAnswer {
-            requests: r.try_get::<_, Option<Vec<i64>>>(2)?.unwrap_or_default(),
-            tokens: r.try_get::<_, Option<Vec<i64>>>(3)?.unwrap_or_default(),
-            in_flight: r.try_get::<_, Option<i64>>(4)?.unwrap_or_default(),
-            breached: r.try_get(5)?,
-            events: at.unwrap_or_default().into_iter().zip(tokens.unwrap_or_default()).collect(),
-            model_index: r.try_get(8)?,
-            probe: r.try_get(9)?,
-            retry_at: r.try_get(10)?,
-        })
+impl Answer {
+    fn of(r: &postgres::Row, full: bool) -> super::connect::PgResult<Answer> {
+        let mut a = Answer {
+            outcome: r.try_get(0)?,
+            usage: r.try_get(1)?,
+            model_index: r.try_get(2)?,
+            probe: r.try_get(3)?,
+            retry_at: r.try_get(4)?,
+            expired_ids: r.try_get::<_, Option<Vec<String>>>(5)?.unwrap_or_default(),
+            expired_started: r.try_get::<_, Option<Vec<Option<Micros>>>>(6)?.unwrap_or_default(),
+            requests: vec![],
+            tokens: vec![],
+            in_flight: 0,
+            breached: None,
+            events: vec![],
+        };
+        if full {
+            let at: Option<Vec<i64>> = r.try_get(11)?;
+            let tokens: Option<Vec<i64>> = r.try_get(12)?;
+            a.requests = r.try_get::<_, Option<Vec<i64>>>(7)?.unwrap_or_default();
+            a.tokens = r.try_get::<_, Option<Vec<i64>>>(8)?.unwrap_or_default();
+            a.in_flight = r.try_get::<_, Option<i64>>(9)?.unwrap_or_default();
+            a.breached = r.try_get(10)?;
+            a.events = at.unwrap_or_default().into_iter().zip(tokens.unwrap_or_default()).collect();
+        }
+        Ok(a)
+    }
+}
+
+/// The expired leases an admission closes: the reservations' ids, and the day each call
+/// still running started (in the calendar the call keys its counters in; '' for the others).
+#[derive(Default)]
+struct Expired {
+    ids: Vec<String>,
+    days: Vec<String>,
+}
+
+impl Expired {
+    fn keyed(a: &Answer, calendar: &Calendar) -> Expired {
+        let day = |at: &Option<Micros>| at.map(|at| calendar.period_key(Period::Daily, at)).unwrap_or_default();
+        Expired { ids: a.expired_ids.clone(), days: a.expired_started.iter().map(day).collect() }
     }
 }
 
@@ -312,7 +351,7 @@ fn lost_choice(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<(usize, 
 /// server counted (as admission.rs's transaction does from what it reads), and its row is
 /// written as a hard budget's refusal is. None when the policy finds another check breached
 /// than the server, or the timezone changed since: the transaction decides.
-fn rate_limited(store: &PostgresStore, req: &AdmitRequest<'_>, checks: &[ratelimit::RateCheck], rate: &FullAnswer) -> Result<Option<Admitted>> {
+fn rate_limited(store: &PostgresStore, req: &AdmitRequest<'_>, checks: &[ratelimit::RateCheck], rate: &Answer) -> Result<Option<Admitted>> {
     let Some(breached) = rate.breached.and_then(|i| checks.get(usize::try_from(i).ok()?.checked_sub(1)?)) else { return Ok(None) };
     let window_scopes = ratelimit::window_scopes(checks);
     let concurrency = ratelimit::concurrency_scope(checks);
