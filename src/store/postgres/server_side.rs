@@ -11,9 +11,10 @@
 //! every breaker refuses (in two round trips: the refusal, then its row), the call that finds
 //! leases run out (in two: the server names them, then closes them with the call, as
 //! `counters::expire_reservations` does) and the settlement of a running row that changes no
-//! breaker, correcting its rate limits' logs (`tenantllm_settle_rates`). Anything else (a
-//! settlement that moves a breaker, a tenant whose stored budget this process has not read, a
-//! row closed before) they leave to `admission`'s transactions, which decide every case. The
+//! breaker, correcting its rate limits' logs (`tenantllm_settle_rates`). A tenant's stored
+//! budget this process has not read yet is read in a round trip of its own first. Anything
+//! else (a settlement that moves a breaker, a budget changed meanwhile, a row closed before)
+//! they leave to `admission`'s transactions, which decide every case. The
 //! policy stays in Rust: this module works out the limits that apply (`budget::checks`,
 //! `ratelimit::checks`), the warnings, a refusal's breach and the days abandoned calls are
 //! counted in; the server only compares the counters and the windows with the limits it is
@@ -28,6 +29,7 @@ use postgres::error::SqlState;
 
 use super::admission::{row_closed, row_written};
 use super::breakers::breaker_status;
+use super::budgets::stamped_budget;
 use super::connect::Failure;
 use super::counters::key_arrays;
 use super::db::Param;
@@ -88,14 +90,23 @@ fn amount(a: Amount) -> i64 {
 
 /// Admits the call in one round trip if it goes ahead, refuses it in two (one when a rate
 /// limit's refusal writes no row); one more when leases ran out (the server names them, then
-/// closes them with this call). None when the transaction must decide.
+/// closes them with this call) or the tenant's stored budget is not read yet. None when the
+/// transaction must decide.
 pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Option<Admitted>> {
     let e = req.execution;
     let (budget_tenant, stored, stamp) = match (req.plan.tenant_id, req.plan.tenant_override) {
-        (Some(tid), None) => match store.budgets.get(tid) {
-            Some((stored, stamp)) => (Some(tid), stored, stamp),
-            None => return Ok(None),
-        },
+        (Some(tid), None) => {
+            let (stored, stamp) = match store.budgets.get(tid) {
+                Some(known) => known,
+                // Read in one statement, so the pair is true; the function checks the stamp.
+                None => {
+                    let read = store.read(|db| stamped_budget(db, tid))?;
+                    store.budgets.remember(tid, read.clone());
+                    read
+                }
+            };
+            (Some(tid), stored, stamp)
+        }
         _ => (None, None, None),
     };
     let rate_checks = ratelimit::checks(&req.plan, stored.as_ref());

@@ -904,9 +904,9 @@ fn rate_limited_calls_in_two_round_trips_write_what_the_transaction_does() {
             taken();
             let answer = if server_side { store.admit(&request) } else { admission::transaction(&store, &request) }.unwrap();
             let trips = taken();
-            // The first call reads the tenant's budget in the transaction.
-            if server_side && id != "c1" {
-                let expected = match answer {
+            // The first call reads the tenant's budget first.
+            if server_side {
+                let expected = u64::from(id == "c1") + match answer {
                     Admitted::Go { .. } => 1,
                     Admitted::RateLimited(_) if record => 2,
                     _ => 1,
@@ -948,18 +948,17 @@ fn expired_leases_closed_in_two_round_trips_write_what_the_transaction_does() {
     let limits = Limits { rpm: Some(100), max_concurrent: Some(4), daily_cost: Some(Nanos(3_000)), ..Default::default() };
     let budget = TenantBudget { tenant_id: "t1".into(), limits, ..Default::default() };
     // (call, when, tenant, agent, under the global budget, estimated cost, lease until, whether
-    // it is settled (as a failure) before the next call, round trips on the server, 0 for a
-    // tenant's first call, which reads its budget in the transaction); a call not settled
-    // whose lease runs out was abandoned.
+    // it is settled (as a failure) before the next call, round trips on the server); a call
+    // not settled whose lease runs out was abandoned.
     let (fails, stays) = (true, false);
     type Line = (&'static str, Micros, Option<&'static str>, &'static str, bool, i64, Micros, bool, u64);
     let script: [Line; 14] = [
-        ("december", T0 - 15 * DAY, Some("t1"), "A", true, 600, T0 + 5 * S, stays, 0),
+        ("december", T0 - 15 * DAY, Some("t1"), "A", true, 600, T0 + 5 * S, stays, 2),
         ("yesterday", T0 - DAY, None, "B", true, 600, T0 + 5 * S, stays, 1),
         ("today", T0, Some("t1"), "A", true, 600, T0 + 5 * S, stays, 1),
         ("today too", T0 + 1, Some("t1"), "A", true, 600, T0 + 5 * S, stays, 1),
         ("failed", T0 + 2, Some("t1"), "A", true, 600, T0 + 3_600 * S, fails, 1),
-        ("in flight", T0 + 3, Some("t2"), "B", true, 600, T0 + 3_600 * S, stays, 0),
+        ("in flight", T0 + 3, Some("t2"), "B", true, 600, T0 + 3_600 * S, stays, 2),
         ("after", T0 + 10 * S, Some("t2"), "A", true, 600, T0 + 3_600 * S, stays, 2),
         ("dies again", T0 + 20 * S, Some("t1"), "B", true, 600, T0 + 25 * S, stays, 1),
         ("refused after", T0 + 30 * S, Some("t1"), "A", true, 3_000, T0 + 3_600 * S, stays, 3),
@@ -982,7 +981,7 @@ fn expired_leases_closed_in_two_round_trips_write_what_the_transaction_does() {
             taken();
             let answer = if server_side { store.admit(&request) } else { admission::transaction(&store, &request) }.unwrap();
             let trips = taken();
-            if server_side && expected > 0 {
+            if server_side {
                 assert_eq!(trips, expected, "{id}: {answer:?}");
             }
             outcomes.push(format!("{id}: {answer:?}"));
@@ -1000,12 +999,13 @@ fn expired_leases_closed_in_two_round_trips_write_what_the_transaction_does() {
     assert_eq!(seen[0], seen[1]);
 }
 
-/// A tenant's stored budget is read by the transaction the first time, then taken as known
-/// until any process changes it: the server sees its row changed and leaves the call to
-/// the transaction, which reads the new budget.
+/// A tenant's stored budget is read (with its stamp) before the first call's admission, then
+/// taken as known until any process changes it: the server sees its row changed and leaves
+/// the call to the transaction, which reads the new budget.
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn a_budget_changed_by_another_process_applies_at_once() {
+    use super::db::round_trips::taken;
     let db = TestDb::new();
     let (store, other) = (db.open(), db.open());
     let cal = Calendar::new("UTC").unwrap();
@@ -1014,9 +1014,12 @@ fn a_budget_changed_by_another_process_applies_at_once() {
     other.budget_put(&b, BudgetWrite::Create).unwrap();
     let calls: Vec<NewExecution> = (0..3).map(|i| NewExecution { tenant_id: Some("t1".into()), ..execution(&format!("b{i}"), T0 + i) }).collect();
     let request = |e| admit_request(&global, e, &[], T0 + 60_000_000, &cal);
-    assert!(server_side::admit(&store, &request(&calls[0])).unwrap().is_none(), "not read yet");
-    assert!(matches!(store.admit(&request(&calls[0])).unwrap(), Admitted::Go { .. }));
+    // Not read yet: read in a round trip of its own, then the server admits the call.
+    taken();
+    assert!(matches!(server_side::admit(&store, &request(&calls[0])).unwrap(), Some(Admitted::Go { .. })));
+    assert_eq!(taken(), 2);
     assert!(matches!(server_side::admit(&store, &request(&calls[1])).unwrap(), Some(Admitted::Go { .. })));
+    assert_eq!(taken(), 1);
     let lower = TenantBudget { limits: Limits { daily_executions: Some(2), ..Default::default() }, ..b.clone() };
     other.budget_put(&lower, BudgetWrite::Update(&["daily_execution_limit".to_string()])).unwrap();
     assert!(server_side::admit(&store, &request(&calls[2])).unwrap().is_none(), "changed");
@@ -1205,6 +1208,15 @@ fn round_trips_per_path() {
     counted.push(("admit", taken()));
     finish(&store, &e, &completion(Status::Success, T0 + 1, 100), true, &[]);
     counted.push(("settle", taken()));
+    // A tenant's first call in this process: its stored budget is read first.
+    let tenant_budget = TenantBudget { tenant_id: "t1".into(), limits: Limits { daily_executions: Some(100), ..Default::default() }, ..Default::default() };
+    store.budget_put(&tenant_budget, BudgetWrite::Create).unwrap();
+    let e = NewExecution { tenant_id: Some("t1".into()), ..execution("tenant", T0) };
+    taken();
+    assert!(matches!(admit_as(&store, &free, &e, &[], T0 + hour), Admitted::Go { .. }));
+    counted.push(("a tenant's first admission", taken()));
+    finish(&store, &e, &completion(Status::Success, T0 + 1, 0), true, &[]);
+    taken();
     // Refused by a budget: 600 of 1,000 taken, the next 600 would pass it.
     let budget = daily_limit(1000);
     let e = execution("within", T0 + 2);
@@ -1263,6 +1275,7 @@ fn round_trips_per_path() {
     let expected = [
         ("admit", 1),
         ("settle", 1),
+        ("a tenant's first admission", 2),
         ("refused by a budget", 2),
         ("settle with an alert", 1),
         ("admit under a rate limit", 1),
