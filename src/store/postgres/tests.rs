@@ -1269,6 +1269,11 @@ fn round_trips_per_path() {
     counted.push(("admit the half-open probe", taken()));
     assert!(matches!(admit_as(&store, &free, &execution("short", 3 * T0 + 2_000_001), std::slice::from_ref(&key), 3 * T0 + hour), Admitted::ShortCircuited { .. }));
     counted.push(("short-circuited", taken()));
+    // The same in a process that has not seen the breaker before.
+    let fresh = db.open();
+    taken();
+    assert!(matches!(admit_as(&fresh, &free, &execution("short again", 3 * T0 + 2_000_002), std::slice::from_ref(&key), 3 * T0 + hour), Admitted::ShortCircuited { .. }));
+    counted.push(("short-circuited, a process's first", taken()));
     finish(&store, &probe, &completion(Status::Success, 3 * T0 + 2_000_001, 0), true, &[BreakerOutcome { key: key.clone(), policy, success: true, probe: true }]);
     counted.push(("settle the probe, closing the breaker", taken()));
     eprintln!("round trips per path: {counted:?}");
@@ -1289,6 +1294,7 @@ fn round_trips_per_path() {
         ("settle a failure that opens the breaker", 16),
         ("admit the half-open probe", 1),
         ("short-circuited", 2),
+        ("short-circuited, a process's first", 2),
         ("settle the probe, closing the breaker", 16),
     ];
     assert_eq!(counted, expected);
