@@ -47,9 +47,9 @@ pub struct SqliteStore {
     /// The writer's data version once the last retention transaction has committed
     /// (`u64::MAX`: none yet), so the next one can tell whether another write came in between.
     purged_at_version: AtomicU64,
-    /// What writes share with the checkpointer: every write passes its gate before it takes
-    /// `writer` (and waits past `HOLD_FRAMES` for a restart), and its commits wake the
-    /// checkpointer when the WAL grows (`checkpointer`).
+    /// What writes share with the checkpointer: every write holds its gate while it runs (and
+    /// waits past `HOLD_FRAMES` for a restart before), and its commits wake the checkpointer
+    /// when the WAL grows (`checkpointer`).
     wal: Arc<WalShared>,
     /// Analytics and listing, so long queries do not hold up calls. `None` for ":memory:",
     /// where a second connection would be a different database.
@@ -269,10 +269,8 @@ impl SqliteStore {
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let _quiet = quiet();
         self.wal.hold_back();
-        let conn = {
-            let _gate = locked(&self.wal.gate, Some(&self.writers_waiting));
-            locked(&self.writer, Some(&self.writers_waiting))
-        };
+        let _gate = locked(&self.wal.gate, Some(&self.writers_waiting));
+        let conn = locked(&self.writer, Some(&self.writers_waiting));
         self.transaction(&conn, f)
     }
 
@@ -286,10 +284,10 @@ impl SqliteStore {
         self.wal.hold_back();
         let started = Instant::now();
         let mut polls = 0;
-        let conn = loop {
+        let (_gate, conn) = loop {
             let free = self.writers_waiting.load(Ordering::SeqCst) == 0;
-            if let Some(conn) = free.then(|| try_locked(&self.wal.gate)).flatten().and_then(|_gate| try_locked(&self.writer)) {
-                break conn;
+            if let Some(held) = free.then(|| try_locked(&self.wal.gate)).flatten().and_then(|gate| Some((gate, try_locked(&self.writer)?))) {
+                break held;
             }
             std::thread::sleep(FREE_POLL);
             polls += 1;
