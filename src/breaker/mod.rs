@@ -42,6 +42,21 @@ impl Policy {
     fn cooldown(&self) -> i64 {
         (self.cooldown_s * MICROS as f64) as i64
     }
+    /// The numbers `record` applies to an outcome at `now`.
+    pub fn at(&self, now: Micros) -> Thresholds {
+        Thresholds { since: now - self.within(), errors: self.errors, open_until: now + self.cooldown() }
+    }
+}
+
+/// What `record` applies to an outcome at a given time besides the stored state: the
+/// failures after `since` count, `errors` of them open the breaker, and an opened breaker
+/// cools down until `open_until`. PostgreSQL's settlement passes them to the server, which
+/// applies `record`'s rule on the locked row (store/postgres/server_side.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub since: Micros,
+    pub errors: u32,
+    pub open_until: Micros,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,18 +139,18 @@ pub enum Event {
 
 /// Applies an outcome; returns the new state (when changed) and the event to alert on.
 pub fn record(s: &State, p: &Policy, success: bool, was_probe: bool, now: Micros) -> (Option<State>, Option<Event>) {
-    let open = |now: Micros| State { phase: Phase::Open, failures: vec![], retry_at: now + p.cooldown() };
+    let t = p.at(now);
+    let open = State { phase: Phase::Open, failures: vec![], retry_at: t.open_until };
     match (s.phase, success) {
         (Phase::HalfOpen, true) if was_probe => (Some(State::default()), Some(Event::Closed)),
-        (Phase::HalfOpen, false) if was_probe => (Some(open(now)), Some(Event::Opened)),
+        (Phase::HalfOpen, false) if was_probe => (Some(open), Some(Event::Opened)),
         (Phase::Closed, false) => {
-            let mut failures: Vec<Micros> = s.failures.iter().copied().filter(|t| *t > now - p.within()).collect();
+            let mut failures: Vec<Micros> = s.failures.iter().copied().filter(|f| *f > t.since).collect();
             failures.push(now);
-            if failures.len() >= p.errors as usize {
-                (Some(open(now)), Some(Event::Opened))
+            if failures.len() >= t.errors as usize {
+                (Some(open), Some(Event::Opened))
             } else {
-                let keep = failures.len().saturating_sub(p.errors as usize);
-                (Some(State { phase: Phase::Closed, failures: failures[keep..].to_vec(), retry_at: 0 }), None)
+                (Some(State { phase: Phase::Closed, failures, retry_at: 0 }), None)
             }
         }
         // Successes while closed change nothing (no write on the hot path); outcomes of

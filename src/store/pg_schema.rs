@@ -2524,4 +2524,89 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 27: a settlement that may move a breaker (a failure under a breaker, the half-open
+    // probe's result) in 1 round trip instead of a transaction of 16 to 18 (counted by
+    // postgres/tests.rs `round_trips_per_path`). Rust's statement runs `tenantllm_settle`, then
+    // on its answer `tenantllm_settle_rates` and `tenantllm_settle_breakers`: each breaker
+    // outcome as breakers.rs `breaker_record` applies it after the rate limits, the row read
+    // without a lock, and locked and written only when the outcome changes it. The policy's
+    // numbers come from Rust (breaker::Policy::at); the server applies breaker::record's rule
+    // to the row it locks and returns the events Rust raises as alerts. OR REPLACE: a test that
+    // re-runs the rollups' migration 9 re-runs this.
+    r#"
+    -- The event of each outcome (0: none, 1: opened, 2: closed); NULL, having changed
+    -- nothing, unless `tenantllm_settle`'s outcome is 'done'.
+    CREATE OR REPLACE FUNCTION tenantllm_settle_breakers(p_outcome TEXT, p_now BIGINT, p_breakers TEXT[],
+        p_breaker_agents TEXT[], p_breaker_models TEXT[], p_breaker_tenants TEXT[], p_breaker_success BOOLEAN[],
+        p_breaker_probe BOOLEAN[], p_breaker_since BIGINT[], p_breaker_errors INT[], p_breaker_open_until BIGINT[],
+        OUT breaker_events INT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_phase TEXT;
+        v_failures TEXT;
+        v_retry_at BIGINT;
+        v_kept BIGINT[];
+        v_event INT;
+        v_moves BOOLEAN;
+    BEGIN
+        IF p_outcome IS DISTINCT FROM 'done' THEN
+            RETURN;
+        END IF;
+        -- Each breaker outcome, in the order given (breakers.rs `breaker_record`): read without
+        -- a lock, and only when breaker::record would change the row, locked (created closed
+        -- first when there is none) and decided again on it. Event 1: opened, 2: closed.
+        breaker_events := '{}';
+        FOR i IN 1..cardinality(p_breakers) LOOP
+            v_event := 0;
+            SELECT b.phase INTO v_phase FROM breakers b WHERE b.key = p_breakers[i];
+            v_phase := COALESCE(v_phase, 'closed');
+            IF (v_phase = 'half_open' AND p_breaker_probe[i]) OR (v_phase = 'closed' AND NOT p_breaker_success[i]) THEN
+                SELECT b.phase, b.failures INTO v_phase, v_failures FROM breakers b WHERE b.key = p_breakers[i] FOR UPDATE;
+                IF NOT FOUND THEN
+                    INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
+                    VALUES (p_breakers[i], p_breaker_agents[i], p_breaker_models[i], p_breaker_tenants[i], 'closed', '', 0, p_now)
+                    ON CONFLICT (key) DO NOTHING;
+                    SELECT b.phase, b.failures INTO v_phase, v_failures FROM breakers b WHERE b.key = p_breakers[i] FOR UPDATE;
+                END IF;
+                v_phase := COALESCE(v_phase, 'closed');
+                v_moves := true;
+                IF v_phase = 'half_open' AND p_breaker_probe[i] THEN
+                    -- The probe's result: closed again, or open for another cooldown.
+                    v_event := CASE WHEN p_breaker_success[i] THEN 2 ELSE 1 END;
+                    v_phase := CASE WHEN p_breaker_success[i] THEN 'closed' ELSE 'open' END;
+                    v_failures := '';
+                    v_retry_at := CASE WHEN p_breaker_success[i] THEN 0 ELSE p_breaker_open_until[i] END;
+                ELSIF v_phase = 'closed' AND NOT p_breaker_success[i] THEN
+                    -- The failures still in the window (State::decode_failures skips what does
+                    -- not parse) and this one; enough of them open it.
+                    SELECT COALESCE(array_agg(f::BIGINT ORDER BY n), '{}') INTO v_kept
+                    FROM unnest(string_to_array(COALESCE(v_failures, ''), ',')) WITH ORDINALITY AS u(f, n)
+                    WHERE CASE WHEN f ~ '^[+-]?[0-9]{1,18}$' THEN f::BIGINT > p_breaker_since[i] ELSE false END;
+                    v_kept := v_kept || p_now;
+                    IF cardinality(v_kept) >= p_breaker_errors[i] THEN
+                        v_event := 1;
+                        v_phase := 'open';
+                        v_failures := '';
+                        v_retry_at := p_breaker_open_until[i];
+                    ELSE
+                        v_failures := array_to_string(v_kept, ',');
+                        v_retry_at := 0;
+                    END IF;
+                ELSE
+                    -- Moved by another process meanwhile: this outcome changes it no more.
+                    v_moves := false;
+                END IF;
+                IF v_moves THEN
+                    INSERT INTO breakers (key, agent, model, tenant_id, phase, failures, retry_at, updated_at)
+                    VALUES (p_breakers[i], p_breaker_agents[i], p_breaker_models[i], p_breaker_tenants[i], v_phase, v_failures,
+                        v_retry_at, p_now)
+                    ON CONFLICT (key) DO UPDATE SET phase = EXCLUDED.phase, failures = EXCLUDED.failures,
+                        retry_at = EXCLUDED.retry_at, updated_at = EXCLUDED.updated_at;
+                END IF;
+            END IF;
+            breaker_events := breaker_events || v_event;
+        END LOOP;
+    END
+    $fn$;
+    "#,
 ];

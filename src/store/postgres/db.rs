@@ -42,7 +42,8 @@ macro_rules! typed {
     ($($t:ty => $pg:ident),* $(,)?) => { $(impl Typed for $t { const TYPE: Type = Type::$pg; })* };
 }
 typed!(i64 => INT8, i32 => INT4, bool => BOOL, f64 => FLOAT8, String => TEXT, str => TEXT, Vec<u8> => BYTEA, [u8] => BYTEA,
-       Vec<String> => TEXT_ARRAY, [String] => TEXT_ARRAY, Vec<&str> => TEXT_ARRAY, Vec<i64> => INT8_ARRAY, Vec<i32> => INT4_ARRAY);
+       Vec<String> => TEXT_ARRAY, [String] => TEXT_ARRAY, Vec<&str> => TEXT_ARRAY, Vec<Option<&str>> => TEXT_ARRAY, Vec<i64> => INT8_ARRAY, Vec<i32> => INT4_ARRAY,
+       Vec<bool> => BOOL_ARRAY);
 
 impl<T: Typed> Typed for Option<T> {
     const TYPE: Type = T::TYPE;

@@ -1,25 +1,26 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12, 14 to 23, 25 and 26 (`tenantllm_admit`, `tenantllm_admit_full`,
-//! `tenantllm_settle`, `tenantllm_settle_rates`), one statement that commits on its
-//! own, so the rows it locks stay locked only while the server works, and PL/pgSQL's cached
-//! plans spare the parsing and planning of a dozen statements. The counters, which every call
-//! of a tenant waits for, each function locks last but for a rate limit's totals and a breaker
-//! whose probe it claims, which the transactions lock after them too.
+//! functions of migrations 12, 14 to 23 and 25 to 27 (`tenantllm_admit`, `tenantllm_admit_full`,
+//! `tenantllm_settle`, `tenantllm_settle_rates`, `tenantllm_settle_breakers`), one statement
+//! that commits on its own, so the rows it locks stay locked only while the server works, and
+//! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The
+//! counters, which every call of a tenant waits for, each function locks last but for a rate
+//! limit's totals and a breaker whose probe it claims or that it moves, which the
+//! transactions lock after them too.
 //!
 //! They take the call that goes ahead, under rate limits or none, through whichever model's
 //! breaker lets it (claiming the half-open probe), the call a hard budget, a rate limit or
 //! every breaker refuses (in two round trips: the refusal, then its row), the call that finds
 //! leases run out (in two: the server names them, then closes them with the call, as
-//! `counters::expire_reservations` does) and the settlement of a running row that changes no
-//! breaker, correcting its rate limits' logs (`tenantllm_settle_rates`). A tenant's stored
-//! budget this process has not read yet is read in a round trip of its own first. Anything
-//! else (a settlement that moves a breaker, a budget changed meanwhile, a row closed before)
-//! they leave to `admission`'s transactions, which decide every case. The
-//! policy stays in Rust: this module works out the limits that apply (`budget::checks`,
-//! `ratelimit::checks`), the warnings, a refusal's breach and the days abandoned calls are
-//! counted in; the server only compares the counters and the windows with the limits it is
-//! given (the rules of `budget::evaluate` and `ratelimit::evaluate`), the breakers with
-//! `breaker::admit`'s rule, and the counters with the amounts that reach the alerts'
+//! `counters::expire_reservations` does) and the settlement of a running row, correcting its
+//! rate limits' logs and moving its breakers. A tenant's stored budget this process has not
+//! read yet is read in a round trip of its own first. Anything else (a budget changed
+//! meanwhile, a row closed before) they leave to `admission`'s transactions, which decide
+//! every case. The policy stays in Rust: this module works out the limits that apply
+//! (`budget::checks`, `ratelimit::checks`), the warnings, a refusal's breach and the days
+//! abandoned calls are counted in; the server only compares the counters and the windows
+//! with the limits it is given (the rules of `budget::evaluate` and `ratelimit::evaluate`),
+//! the breakers with `breaker::admit`'s and `breaker::record`'s rules and the numbers
+//! `breaker::Policy::at` gives, and the counters with the amounts that reach the alerts'
 //! thresholds (`budget::threshold_at`).
 
 use std::collections::{BTreeSet, HashMap};
@@ -35,7 +36,7 @@ use super::counters::key_arrays;
 use super::db::Param;
 use super::executions::{new_row, Closing};
 use super::PostgresStore;
-use crate::breaker::Phase;
+use crate::breaker::{self, Phase};
 use crate::budget::{self, Enforcement, Metric, TenantBudget};
 use crate::error::{Amount, Result};
 use crate::process::unpoisoned;
@@ -44,7 +45,7 @@ use crate::store::rollups;
 use crate::clock::{Calendar, Micros, Period};
 use crate::execution::Completion;
 use crate::store::{
-    self, blocked, encode_keys, usage_keys, AdmitRequest, Admitted, Alert, CounterKey, FinishRequest,
+    self, blocked, encode_keys, usage_keys, AdmitRequest, Admitted, Alert, BreakerOutcome, CounterKey, FinishRequest,
 };
 
 /// A tenant's stored budget (None: it has none) and the `xmin` of its row, which changes
@@ -413,14 +414,12 @@ fn write_refused(store: &PostgresStore, req: &AdmitRequest<'_>, c: &Completion, 
     })
 }
 
-/// Settles the call in one round trip unless its settlement changes a breaker, correcting its
-/// rate limits' logs in the same statement; None when the transaction must. A success of a
-/// call that was not the probe changes no breaker, whatever its phase (`breaker::record`).
-/// The budget alerts it reaches are marked sent in the same statement.
+/// Settles the call in one round trip, correcting its rate limits' logs and moving its
+/// breakers in the same statement; None when the transaction must (the row is not running,
+/// the reservation was taken over or is on other counters, the timezone changed). The budget
+/// alerts it reaches are marked sent in the same statement; the breakers it opens or closes
+/// are raised as the transaction raises them.
 pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<Option<Vec<Alert>>> {
-    if !req.breakers.iter().all(|o| o.success && !o.probe) {
-        return Ok(None);
-    }
     let (e, c) = (req.execution, req.completion);
     // Sorted: the function locks the counters in the order it gets them.
     let keys: BTreeSet<CounterKey> = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at).into_iter().collect();
@@ -464,11 +463,33 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     let mut rate_scopes: Vec<&str> = req.rate_scopes.iter().map(String::as_str).collect();
     rate_scopes.sort_unstable();
     let rate_tokens = budget::recorded(c).tokens;
+    // The breaker outcomes that may move one: a success of a call that was not the probe
+    // changes none, whatever its phase (`breaker::record`). The policy's numbers come from
+    // here (`Policy::at`); the server applies `record`'s rule on the locked row.
+    let moving: Vec<&BreakerOutcome> = req.breakers.iter().filter(|o| !o.success || o.probe).collect();
+    let at: Vec<breaker::Thresholds> = moving.iter().map(|o| o.policy.at(c.completed_at)).collect();
+    let breaker_keys: Vec<String> = moving.iter().map(|o| o.key.id()).collect();
+    let agents: Vec<&str> = moving.iter().map(|o| o.key.agent.as_str()).collect();
+    let models: Vec<&str> = moving.iter().map(|o| o.key.model.as_str()).collect();
+    let tenants: Vec<Option<&str>> = moving.iter().map(|o| o.key.tenant_id.as_deref()).collect();
+    let success: Vec<bool> = moving.iter().map(|o| o.success).collect();
+    let probe: Vec<bool> = moving.iter().map(|o| o.probe).collect();
+    let since: Vec<i64> = at.iter().map(|t| t.since).collect();
+    let errors: Vec<i32> = at.iter().map(|t| i32::try_from(t.errors).unwrap_or(i32::MAX)).collect();
+    let open_until: Vec<i64> = at.iter().map(|t| t.open_until).collect();
     let rated: [&dyn Param; 3] = [&e.started_at, &rate_scopes, &rate_tokens];
+    let moves: [&dyn Param; 9] = [&breaker_keys, &agents, &models, &tenants, &success, &probe, &since, &errors, &open_until];
     let mut params: Vec<&dyn Param> = head.into_iter().chain(closing.params(c)).chain(details).chain(alerts).collect();
-    let sql = if rate_scopes.is_empty() { SETTLE } else { SETTLE_RATED };
-    if sql == SETTLE_RATED {
+    let sql = match (rate_scopes.is_empty(), moving.is_empty()) {
+        (true, true) => SETTLE,
+        (false, true) => SETTLE_RATED,
+        (_, false) => SETTLE_MOVING,
+    };
+    if sql != SETTLE {
         params.extend(rated);
+    }
+    if sql == SETTLE_MOVING {
+        params.extend(moves);
     }
     let took_effect = |db: &mut super::db::Tx<'_>| row_closed(db, &e.id, c);
     let answer = store.call(&took_effect, |db| {
@@ -491,26 +512,30 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
             })
             .collect();
         let alerted: Vec<i64> = r.try_get(6)?;
-        Ok(Some((recorded, alerted)))
+        let events: Vec<i32> = if sql == SETTLE_MOVING { r.try_get(7)? } else { Vec::new() };
+        Ok(Some((recorded, alerted, events)))
     })?;
-    let (recorded, alerted) = match answer {
+    let (recorded, alerted, events) = match answer {
         Some(Some(answer)) => answer,
         Some(None) => return Ok(None),
         // Settled, but what it recorded went with the connection: an alert it marked sent
-        // is not raised.
+        // is not raised, nor a breaker it opened or closed.
         None => return Ok(Some(vec![])),
     };
-    Ok(Some(
-        alerted
-            .iter()
-            .filter_map(|&n| candidates.get(usize::try_from(n).ok()?.checked_sub(1)?))
-            .map(|&(check, threshold, _)| Alert::Budget {
-                check: check.clone(),
-                threshold,
-                current: recorded.get(&(check.scope.clone(), check.period_key.clone())).copied().unwrap_or_default(),
-            })
-            .collect(),
-    ))
+    let budget_alerts = alerted.iter().filter_map(|&n| candidates.get(usize::try_from(n).ok()?.checked_sub(1)?)).map(|&(check, threshold, _)| {
+        Alert::Budget {
+            check: check.clone(),
+            threshold,
+            current: recorded.get(&(check.scope.clone(), check.period_key.clone())).copied().unwrap_or_default(),
+        }
+    });
+    // As breakers.rs `breaker_record` raises them, after the budget's.
+    let breaker_alerts = moving.iter().zip(&at).zip(&events).filter_map(|((o, t), event)| match event {
+        1 => Some(Alert::BreakerOpened { key: o.key.clone(), retry_at: t.open_until }),
+        2 => Some(Alert::BreakerClosed { key: o.key.clone() }),
+        _ => None,
+    });
+    Ok(Some(budget_alerts.chain(breaker_alerts).collect()))
 }
 
 const SETTLE: &str = "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted FROM tenantllm_settle($1,
@@ -523,3 +548,10 @@ const SETTLE_RATED: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_co
      tenantllm_settle_rates(s.outcome, $11, $45, $46, $47) FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
      $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38,
      $39, $40, $41, $42, $43, $44) AS s";
+
+/// `SETTLE_RATED` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), the
+/// rate limits first as the transaction takes them: one statement.
+const SETTLE_MOVING: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
+     tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $11, $45, $46, $47), $17, $48, $49, $50, $51, $52, $53, $54, $55, $56)
+     FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24,
+     $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44) AS s";
