@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -139,9 +139,9 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
             // means: try again later. `wait` bounds the time it waits for locks in all.
             let checkpoint = |mode: &str, wait: Duration| {
                 CHECKPOINT_DEADLINE.set(Instant::now() + wait);
-                shared.copying.store(folds.get(), Ordering::Relaxed);
+                shared.pass.store(if folds.get() { COPIES } else { MAY_COPY }, Ordering::Relaxed);
                 let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
-                shared.copying.store(false, Ordering::Relaxed);
+                shared.pass.store(NO_PASS, Ordering::Relaxed);
                 let (busy, frames, copied) = done.unwrap_or((true, 0, 0));
                 folds.set(copied == frames || copied > copied_before.replace(copied) || (folds.get() && frames > cap_frames));
                 (busy, frames, copied)
@@ -297,6 +297,30 @@ const HOLD_WAIT: Duration = Duration::from_millis(2);
 /// How often a waiting write looks whether the WAL started over.
 const HOLD_STEP: Duration = Duration::from_micros(250);
 
+/// `WalShared::pass`: no checkpoint under way.
+const NO_PASS: u8 = 0;
+/// A checkpoint expected to copy frames: the last one copied some, or the WAL was past its cap.
+const COPIES: u8 = 1;
+/// A checkpoint after one that a read pinned the WAL for (it copied nothing more): it copies
+/// nothing if that read still runs, and all the read held back if it has ended.
+const MAY_COPY: u8 = 2;
+
+/// How long a write past the WAL's cap waits for the checkpoint under way (`pass`) to end.
+/// For one expected to copy, `CAP_WAIT`: the cap can act only between two passes, and a pass
+/// copies and syncs at the disk's pace (3.2 s once, loaded), so writers faster than the disk
+/// grew the WAL meanwhile to three times its cap and more. For one that may copy, `HOLD_WAIT`:
+/// one that a read still pins is over in microseconds, and a write waits for nothing (a write
+/// that found the checkpointer preempted in one waited ~36 ms); but the one that finds the read
+/// ended copies all it held back, and writes that did not wait at all grew the WAL to 177 MB
+/// against the 64 MB cap meanwhile, next to CPU hogs.
+fn cap_hold(pass: u8) -> Duration {
+    match pass {
+        COPIES => CAP_WAIT,
+        MAY_COPY => HOLD_WAIT,
+        _ => Duration::ZERO,
+    }
+}
+
 /// What this process's writes share with its checkpointer.
 #[derive(Default)]
 pub(super) struct WalShared {
@@ -315,11 +339,8 @@ pub(super) struct WalShared {
     stalled: AtomicBool,
     /// The WAL's cap in frames (`WAL_CAP_BYTES`); none until the checkpointer starts.
     cap_frames: AtomicI64,
-    /// The checkpointer is copying the WAL (a checkpoint under way, unless a read pins the WAL
-    /// and it can copy nothing): past the cap writes wait for it to end. Not while a read pins
-    /// it: the writes would wait for nothing (a pass that copies nothing is over in
-    /// microseconds, but a write that found the checkpointer preempted in one waited ~36 ms).
-    copying: AtomicBool,
+    /// The checkpoint under way, if any: `COPIES` or `MAY_COPY` (`cap_hold`).
+    pass: AtomicU8,
     /// The checkpointer's thread. A commit that grows the WAL past `WAL_RESTART_FRAMES` wakes
     /// it: writes that begin after a pause would otherwise have all its pause between two rounds
     /// (`CHECKPOINT_EVERY`; one unpaced writer grew the WAL to 89 MB in that time).
@@ -334,22 +355,19 @@ pub(super) struct WalShared {
 
 impl WalShared {
     /// Before a write begins: past `HOLD_FRAMES`, unless restarts are stalled, waits until the
-    /// checkpointer restarted the WAL, `HOLD_WAIT` at most; past the WAL's cap, while the
-    /// checkpointer copies (`copying`), waits for the copy to end, `CAP_WAIT` at most (lock
-    /// waits), and then writes anyway. A pass copies and syncs at the disk's pace (3.2 s once,
-    /// loaded), the cap can act only between two, and writers faster than the disk grew the
-    /// WAL meanwhile to three times its cap and more: this bounds it whatever the disk. (Not
-    /// the pass that finds a read that pinned the WAL ended: it was not expected to copy.)
+    /// checkpointer restarted the WAL, `HOLD_WAIT` at most; past the WAL's cap, while a
+    /// checkpoint runs, waits for it to end, `cap_hold` at most (lock waits), and then writes
+    /// anyway.
     pub(super) fn hold_back(&self) {
         let frames = || self.frames.load(Ordering::Relaxed);
         let behind = || frames() > HOLD_FRAMES && !self.stalled.load(Ordering::Relaxed);
-        let past_cap = || self.copying.load(Ordering::Relaxed) && frames() > self.cap_frames.load(Ordering::Relaxed);
-        if !behind() && !past_cap() {
+        let past_cap = |waited| frames() > self.cap_frames.load(Ordering::Relaxed) && waited < cap_hold(self.pass.load(Ordering::Relaxed));
+        if !behind() && !past_cap(Duration::ZERO) {
             return;
         }
         self.thread.get().map(Thread::unpark);
         let started = Instant::now();
-        while (behind() && started.elapsed() < HOLD_WAIT) || (past_cap() && started.elapsed() < CAP_WAIT) {
+        while (behind() && started.elapsed() < HOLD_WAIT) || past_cap(started.elapsed()) {
             std::thread::sleep(HOLD_STEP);
         }
         lock_waits::record(true, started.elapsed());
@@ -461,6 +479,74 @@ mod tests {
         let gate_held = || Ok(store.wal.gate.try_lock().is_err());
         assert!(store.write(|_| gate_held()).unwrap());
         assert!(store.write_when_free(|_| gate_held()).unwrap());
+    }
+
+    /// Past the cap a write waits for a checkpoint that may copy (a read pinned the WAL at the
+    /// last one), `HOLD_WAIT` at most: it waited for none, and the one that found the read
+    /// ended copied and synced all it had held back while writes grew the WAL on (to 177 MB
+    /// against the 64 MB cap next to CPU hogs). Below the cap, and with no checkpoint under way,
+    /// it waits for nothing. (No checkpointer here: nothing ends the pass.)
+    #[test]
+    fn past_the_cap_a_write_waits_a_little_for_a_pass_that_may_copy() {
+        let wal = WalShared::default();
+        wal.cap_frames.store(100, Ordering::Relaxed);
+        let waits = || lock_waits::so_far().0;
+        let held = |frames: i64, pass: u8| {
+            wal.frames.store(frames, Ordering::Relaxed);
+            wal.pass.store(pass, Ordering::Relaxed);
+            let (before, t) = (waits(), Instant::now());
+            wal.hold_back();
+            (waits() > before).then(|| t.elapsed())
+        };
+        assert_eq!(held(101, NO_PASS), None);
+        assert_eq!(held(100, MAY_COPY), None);
+        let waited = held(101, MAY_COPY).expect("a write past the cap did not wait for a pass that may copy");
+        assert!(waited >= HOLD_WAIT, "it waited {waited:?}");
+    }
+
+    /// A read pins the WAL while writes grow it to half as much again as its cap, then ends:
+    /// the checkpointer's next pass copies and syncs all the read held back (~100 MB), and
+    /// writes past the cap did not wait for it (it was not expected to copy), so the WAL grew
+    /// by all they wrote meanwhile (to 177 MB against the 64 MB cap next to CPU hogs). Now each
+    /// waits for it, `HOLD_WAIT` at most. Counted, not timed: the writes that began while that
+    /// pass ran, and those of them that waited (no other wait is possible then: the read left
+    /// restarts stalled, so none waits past `HOLD_FRAMES`, and a pass takes no lock a write needs).
+    #[test]
+    fn the_pass_after_a_pinning_read_holds_writes_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        let frames = || store.wal.frames.load(Ordering::Relaxed);
+        let cap = store.wal.cap_frames.load(Ordering::Relaxed);
+        put_setting(&store, "small", b"0");
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN; SELECT count(*) FROM settings;").unwrap();
+        let mut written = 0u8;
+        while frames() < cap * 3 / 2 {
+            written = written.wrapping_add(1);
+            put_setting(&store, "filler", &vec![written; 8 << 20]);
+        }
+        // Rounds of the checkpointer (10 ms apart) that the read pins.
+        std::thread::sleep(CHECKPOINT_EVERY);
+        reader.execute_batch("COMMIT").unwrap();
+        let first = frames();
+        let (t, mut largest, mut writes, mut during, mut held) = (Instant::now(), first, 0u64, 0, 0);
+        // One-page writes until the checkpointer started the WAL over.
+        while frames() > WAL_RESTART_FRAMES {
+            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
+            let (in_pass, waits) = (store.wal.pass.load(Ordering::Relaxed) == MAY_COPY && frames() > cap, lock_waits::so_far().0);
+            put_setting(&store, "small", &writes.to_le_bytes());
+            if in_pass {
+                during += 1;
+                held += u64::from(lock_waits::so_far().0 > waits);
+            }
+            largest = largest.max(frames());
+            writes += 1;
+        }
+        eprintln!("{writes} writes in {:?} until the WAL started over, {held} of {during} held during the pass, from {first} frames to {largest} at most", t.elapsed());
+        // The pass copies ~25,000 frames, a write one: many begin during it. (The last may find
+        // it ended.)
+        assert!(during >= 3, "{during} writes began during the pass");
+        assert!(held + 1 >= during, "{held} of the {during} writes that began during the pass waited for it");
     }
 
     /// A read held open in another connection (a backup, a dashboard scan) pins the WAL while
