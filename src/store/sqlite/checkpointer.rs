@@ -143,8 +143,21 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
                 shared.pass.store(NO_PASS, Ordering::Relaxed);
                 let (busy, frames, copied) = done.unwrap_or((true, 0, 0));
-                folds.set(copied == frames || copied > copied_before.replace(copied) || (folds.get() && frames > cap_frames));
+                if frames >= 0 {
+                    folds.set(copied == frames || copied > copied_before.replace(copied) || (folds.get() && frames > cap_frames));
+                }
                 (busy, frames, copied)
+            };
+            // A passive checkpoint: (frames in the WAL, frames copied), or none while another
+            // connection's checkpoint holds SQLite's checkpoint lock (another process's
+            // checkpointer in a pass). SQLite then says -1 and -1, which read as counts made a
+            // WAL of -1 frames: this process's count went to -1 between its commits, and the
+            // restart took the gate, deferred and synced the database file 8 times a round,
+            // then let writes wait past `HOLD_FRAMES` for a restart it could not make (with two
+            // processes calling back to back, all of 68-95 deferrals a process in 6,000 calls).
+            let pass = || {
+                let (_, frames, copied) = checkpoint("PASSIVE", Duration::ZERO);
+                (frames >= 0).then_some((frames, copied))
             };
             // A restart, with this process's writes held (`gate`) by the caller, tried again
             // (each try waiting `wait` for locks at most) until `tries_for` has passed: the
@@ -177,7 +190,13 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                     break;
                 }
                 let _quiet = quiet();
-                let (_, mut frames, mut copied) = checkpoint("PASSIVE", Duration::ZERO);
+                // Another process's checkpointer is at work: no restart of ours could be made
+                // meanwhile, so no write waits for one.
+                let Some((mut frames, mut copied)) = pass() else {
+                    shared.stalled.store(true, Ordering::Relaxed);
+                    wait = RESTART_RETRY_EVERY;
+                    continue;
+                };
                 // Nothing written since this thread restarted the WAL: it is empty. (A new WAL
                 // of exactly as many frames would only wait for the next round.)
                 if restarted_at == Some(frames) && copied == frames {
@@ -207,7 +226,9 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 // with a writer faster than their copies and syncs, and the WAL grows meanwhile.
                 let mut appended = i64::MAX;
                 for _ in 0..CATCH_UP_PASSES {
-                    let (_, now, done) = checkpoint("PASSIVE", Duration::ZERO);
+                    let Some((now, done)) = pass() else {
+                        break;
+                    };
                     let before = std::mem::replace(&mut appended, now - frames);
                     (frames, copied) = (now, done);
                     if appended < RESTART_LEFTOVER_FRAMES || appended >= before {
@@ -236,7 +257,10 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                         // (Syncing both files, then holding the writes, left it what was written
                         // during both syncs: 1,881 ms once after a long pass on a busy disk.)
                         sync_database_file(&conn);
-                        (_, frames, copied) = checkpoint("PASSIVE", Duration::ZERO);
+                        let Some(now) = pass() else {
+                            break (None, true); // another process's checkpointer
+                        };
+                        (frames, copied) = now;
                         if frames - copied >= RESTART_LEFTOVER_FRAMES {
                             break (None, true); // a read began
                         }
@@ -547,6 +571,56 @@ mod tests {
         // it ended.)
         assert!(during >= 3, "{during} writes began during the pass");
         assert!(held + 1 >= during, "{held} of the {during} writes that began during the pass waited for it");
+    }
+
+    /// Another process's checkpointer in a pass on the database at `path`, for as long as the
+    /// file lives: it holds SQLite's checkpoint lock (byte 121 of the WAL index; an OFD lock,
+    /// which SQLite's locks in this process conflict with as with another process's).
+    fn checkpoint_lock_held_elsewhere(path: &str) -> std::fs::File {
+        use std::os::fd::AsRawFd;
+        let shm = std::fs::OpenOptions::new().read(true).write(true).open(format!("{path}-shm")).unwrap();
+        // SAFETY: a plain C struct, all zeroes a valid value.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        (lock.l_type, lock.l_whence, lock.l_start, lock.l_len) = (libc::F_WRLCK as _, libc::SEEK_SET as _, 121, 1);
+        // SAFETY: an open descriptor and a valid flock.
+        assert_eq!(unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0, "{}", std::io::Error::last_os_error());
+        shm
+    }
+
+    /// While another process's checkpointer is in a pass, each of this one's is busy (SQLite
+    /// says -1 frames): no write waits for a restart this process cannot make, and once the
+    /// other's pass ends the WAL starts over. (The -1 was read as a WAL of -1 frames: after
+    /// each round this process's count said -1, after each commit the WAL's real size, past
+    /// `HOLD_FRAMES`, and a write then waited for the checkpointer's next round.)
+    #[test]
+    fn no_write_waits_while_another_processs_checkpointer_is_at_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        let frames = || store.wal.frames.load(Ordering::Relaxed);
+        let written = std::cell::Cell::new(0u8);
+        let write = |bytes: usize| {
+            written.set(written.get().wrapping_add(1));
+            put_setting(&store, "filler", &vec![written.get(); bytes]);
+        };
+        write(1);
+        let other = checkpoint_lock_held_elsewhere(&path);
+        while frames() <= HOLD_FRAMES {
+            write(256 << 10);
+        }
+        // Small writes back to back, while the checkpointer's rounds go on.
+        let (before, t) = (lock_waits::so_far(), Instant::now());
+        while t.elapsed() < 10 * RESTART_RETRY_EVERY {
+            write(100);
+        }
+        let (waits, waited) = (lock_waits::so_far().0 - before.0, lock_waits::so_far().1 - before.1);
+        assert_eq!(waits, 0, "writes waited {waited:?} in all ({waits} waits) while another checkpointer worked");
+        drop(other);
+        let t = Instant::now();
+        while frames() > WAL_RESTART_FRAMES {
+            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
+            write(100);
+            std::thread::sleep(RESTART_RETRY_EVERY);
+        }
     }
 
     /// A read held open in another connection (a backup, a dashboard scan) pins the WAL while
