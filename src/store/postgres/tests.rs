@@ -1190,6 +1190,53 @@ fn a_row_closed_again_moves_in_the_rollups() {
     }
 }
 
+/// Settlements lock a call's rollups in one order, through the server or the transaction:
+/// its daily rollup, its monthly rollup, then its day's total (executions.rs `roll`). While
+/// another session holds the daily rollup's row, as a settlement of a call with the same
+/// tenant, agent, model and status does before it takes the others, a settlement waiting for
+/// it holds neither of the others, so that session can go on to take them. (In the order the
+/// CTEs of migration 20's `tenantllm_settle` ran, monthly rollup, day's total, daily rollup,
+/// the function held both: the two settlements deadlocked and one was retried after a second.)
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn settlements_lock_the_rollups_in_one_order() {
+    let db = TestDb::new();
+    let store = db.open();
+    let cal = Calendar::new("UTC").unwrap();
+    let free = GlobalBudgets::default();
+    // A first call makes the rows, so the next settlements of its key wait for their locks.
+    let first = execution("first", T0);
+    assert!(matches!(admit_as(&store, &free, &first, &[], T0 + 60_000_000), Admitted::Go { .. }));
+    finish(&store, &first, &completion(Status::Success, T0 + 1, 100), true, &[]);
+    for (id, server_side) in [("through the server", true), ("through the transaction", false)] {
+        let e = execution(id, T0 + 2);
+        let Admitted::Go { reserved, .. } = admit_as(&store, &free, &e, &[], T0 + 60_000_000) else { panic!("{id} not admitted") };
+        let c = completion(Status::Success, T0 + 3, 100);
+        let req = FinishRequest { reserved, ..store_tests::finish_request(&e, &c, &cal, true) };
+        let (holder, release) = hold_rows(&db.url, "SELECT 1 FROM daily_rollups FOR UPDATE");
+        let free_while_waiting = std::thread::scope(|scope| {
+            let settling = scope.spawn(|| settle_through(&store, &req, server_side));
+            for _ in 0..1000 {
+                if db.scalar(LOCK_WAITERS) == 1 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(db.scalar(LOCK_WAITERS), 1, "{id}: the settlement never waited for the daily rollup");
+            let free = on_server(&db.url, |c| {
+                ["monthly_rollups", "daily_totals"].map(|t| c.query(&format!("SELECT 1 FROM {t} FOR UPDATE NOWAIT"), &[]).is_ok())
+            });
+            release.send(()).unwrap();
+            settling.join().unwrap();
+            free
+        });
+        holder.join().unwrap();
+        assert_eq!(free_while_waiting, [true, true], "{id}: the monthly rollup's and the day's total's rows locked while waiting");
+    }
+    assert_eq!(db.scalar("SELECT calls FROM monthly_rollups"), 3);
+    assert_eq!(db.scalar("SELECT calls FROM daily_totals"), 3);
+}
+
 /// A settlement rewrites its call's row heap-only (no new entry in the table's indexes) with
 /// other calls in flight: no index covers a column it changes (migration 20), and each page
 /// keeps room for its rows still running when inserts fill it (migration 24). A transaction
