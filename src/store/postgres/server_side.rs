@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12, 14 to 23 and 25 to 27 (`tenantllm_admit`, `tenantllm_admit_full`,
+//! functions of migrations 12, 14 to 23 and 25 to 28 (`tenantllm_admit`, `tenantllm_admit_full`,
 //! `tenantllm_settle`, `tenantllm_settle_rates`, `tenantllm_settle_breakers`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The
@@ -423,32 +423,34 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     let (e, c) = (req.execution, req.completion);
     // Sorted: the function locks the counters in the order it gets them.
     let keys: BTreeSet<CounterKey> = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at).into_iter().collect();
-    let (scopes, periods) = key_arrays(keys.iter());
+    let counters = encode_keys(keys.iter());
     let used = budget::settled(c, false);
     let [day, month] = rollups::periods(req.calendar, e.started_at);
     let calendar = req.calendar.name();
     let closing = Closing::of(c);
     // Every alert this call could raise: the server marks sent those its counters reach.
-    let candidates: Vec<(&budget::Check, i64, i64)> = if c.status.counts_as_usage() {
+    // Each with its counter's place among the call's (from 1); a check on a counter that is not
+    // the call's is reached by nothing the call adds.
+    let counter_of = |ch: &budget::Check| keys.iter().position(|(s, p)| *s == ch.scope && *p == ch.period_key).and_then(|i| i32::try_from(i + 1).ok());
+    let candidates: Vec<(&budget::Check, i64, i64, i32)> = if c.status.counts_as_usage() {
         req.checks
             .iter()
-            .flat_map(|ch| budget::ALERT_THRESHOLDS.iter().filter_map(move |&t| budget::threshold_at(ch, t).map(|at| (ch, t, at))))
+            .filter_map(|ch| Some((ch, counter_of(ch)?)))
+            .flat_map(|(ch, n)| budget::ALERT_THRESHOLDS.iter().filter_map(move |&t| budget::threshold_at(ch, t).map(|at| (ch, t, at, n))))
             .collect()
     } else {
         Vec::new()
     };
-    let alert_scopes: Vec<&str> = candidates.iter().map(|(ch, _, _)| ch.scope.as_str()).collect();
-    let alert_periods: Vec<&str> = candidates.iter().map(|(ch, _, _)| ch.period_key.as_str()).collect();
-    let alert_names: Vec<&str> = candidates.iter().map(|(ch, _, _)| ch.name.as_str()).collect();
-    let alert_thresholds: Vec<i64> = candidates.iter().map(|(_, t, _)| *t).collect();
-    let alert_metrics: Vec<i32> = candidates.iter().map(|(ch, _, _)| metric_code(ch.metric)).collect();
-    let alert_at: Vec<i64> = candidates.iter().map(|(_, _, at)| *at).collect();
-    let head: [&dyn Param; 11] = [
+    let alert_counters: Vec<i32> = candidates.iter().map(|(_, _, _, n)| *n).collect();
+    let alert_names: Vec<&str> = candidates.iter().map(|(ch, _, _, _)| ch.name.as_str()).collect();
+    let alert_thresholds: Vec<i64> = candidates.iter().map(|(_, t, _, _)| *t).collect();
+    let alert_metrics: Vec<i32> = candidates.iter().map(|(ch, _, _, _)| metric_code(ch.metric)).collect();
+    let alert_at: Vec<i64> = candidates.iter().map(|(_, _, at, _)| *at).collect();
+    let head: [&dyn Param; 10] = [
         &store.lock_timeout,
         &calendar,
         &req.reserved,
-        &scopes,
-        &periods,
+        &counters,
         &used.cost.0,
         &used.tokens,
         &used.executions,
@@ -457,7 +459,7 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
         &e.id,
     ];
     let details: [&dyn Param; 5] = [&req.store_details, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls];
-    let alerts: [&dyn Param; 6] = [&alert_scopes, &alert_periods, &alert_names, &alert_thresholds, &alert_metrics, &alert_at];
+    let alerts: [&dyn Param; 5] = [&alert_counters, &alert_names, &alert_thresholds, &alert_metrics, &alert_at];
     // The rate limits' logs to correct, in scope order (the order admissions lock their
     // totals in).
     let mut rate_scopes: Vec<&str> = req.rate_scopes.iter().map(String::as_str).collect();
@@ -522,7 +524,7 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
         // is not raised, nor a breaker it opened or closed.
         None => return Ok(Some(vec![])),
     };
-    let budget_alerts = alerted.iter().filter_map(|&n| candidates.get(usize::try_from(n).ok()?.checked_sub(1)?)).map(|&(check, threshold, _)| {
+    let budget_alerts = alerted.iter().filter_map(|&n| candidates.get(usize::try_from(n).ok()?.checked_sub(1)?)).map(|&(check, threshold, _, _)| {
         Alert::Budget {
             check: check.clone(),
             threshold,
@@ -540,18 +542,18 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
 
 const SETTLE: &str = "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted FROM tenantllm_settle($1,
      $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-     $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44)";
+     $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42)";
 
 /// `SETTLE` and, on its answer, the rate limits' logs corrected (`tenantllm_settle_rates`,
 /// migration 25): one statement.
 const SETTLE_RATED: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_rates(s.outcome, $11, $45, $46, $47) FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+     tenantllm_settle_rates(s.outcome, $10, $43, $44, $45) FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
      $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38,
-     $39, $40, $41, $42, $43, $44) AS s";
+     $39, $40, $41, $42) AS s";
 
 /// `SETTLE_RATED` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), the
 /// rate limits first as the transaction takes them: one statement.
 const SETTLE_MOVING: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $11, $45, $46, $47), $17, $48, $49, $50, $51, $52, $53, $54, $55, $56)
+     tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54)
      FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24,
-     $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44) AS s";
+     $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) AS s";
