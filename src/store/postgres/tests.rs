@@ -1237,6 +1237,43 @@ fn settlements_lock_the_rollups_in_one_order() {
     assert_eq!(db.scalar("SELECT calls FROM daily_totals"), 3);
 }
 
+/// A process of the previous version settles through the previous overload of
+/// `tenantllm_settle` (the counters as two arrays, each alert by its counter's scope and
+/// period), which hands over to migration 28's: the reservation released, the usage added,
+/// the alert its counter reaches marked sent once, the counters' values returned in order.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn the_previous_settle_overload_hands_over() {
+    let db = TestDb::new();
+    let store = db.open();
+    let e = execution("old", T0);
+    let Admitted::Go { checks, .. } = admit_as(&store, &daily_limit(1000), &e, &[], T0 + 60_000_000) else { panic!("not admitted") };
+    let cal = Calendar::new("UTC").unwrap();
+    let keys: std::collections::BTreeSet<crate::store::CounterKey> = crate::store::usage_keys(&cal, None, "A", T0).into_iter().collect();
+    let (scopes, periods): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+    let [day, month] = rollups::periods(&cal, T0);
+    let check = checks[0].clone();
+    let at = budget::threshold_at(&check, 80).unwrap();
+    let settle = move |c: &mut Client| {
+        let r = c
+            .query_one(
+                "SELECT outcome, alerted, scopes, recorded_cost FROM tenantllm_settle('1s', 'UTC', $1, $2, $3, 850, 7, 1, $4, $5, 'old',
+                     'success', NULL, NULL, 'mock/x', NULL, 1, 5, 3, 4, 0, 7, 425, 425, 850, 0, '[]', NULL, 0, 0, 0, NULL, 0, false,
+                     NULL, NULL, NULL, NULL, $6, $7, $8, '{80}', '{0}', $9)",
+                &[&true, &scopes, &periods, &day, &month, &vec![&check.scope], &vec![&check.period_key], &vec![&check.name], &vec![at]],
+            )
+            .unwrap();
+        (r.get::<_, String>(0), r.get::<_, Vec<i64>>(1), r.get::<_, Vec<String>>(2), r.get::<_, Vec<i64>>(3), scopes.clone())
+    };
+    let (outcome, alerted, returned, cost, scopes) = on_server(&db.url, settle);
+    assert_eq!((outcome.as_str(), alerted), ("done", vec![1]));
+    assert_eq!(cost, vec![850; scopes.len()]);
+    assert_eq!(returned, scopes);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM alerts_sent"), 1);
+    assert_eq!(db.scalar("SELECT SUM(reserved_cost)::BIGINT FROM usage_counters"), 0);
+    assert_eq!(db.scalar("SELECT calls FROM daily_totals"), 1);
+}
+
 /// A settlement rewrites its call's row heap-only (no new entry in the table's indexes) with
 /// other calls in flight: no index covers a column it changes (migration 20), and each page
 /// keeps room for its rows still running when inserts fill it (migration 24). A transaction
