@@ -353,6 +353,17 @@ fn exactly_one_half_open_probe_across_stores() {
 const LOCK_WAITERS: &str =
     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'tenantllm' AND wait_event_type = 'Lock'";
 
+/// How many of the stores' sessions wait for a lock, once `n` do or after 10 s.
+fn lock_waiters(db: &TestDb, n: i64) -> i64 {
+    for _ in 0..1000 {
+        if db.scalar(LOCK_WAITERS) == n {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    db.scalar(LOCK_WAITERS)
+}
+
 /// Another session holding the rows `sql` locks until the sender is sent to; returns once
 /// they are locked.
 fn hold_rows(url: &str, sql: &'static str) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
@@ -394,13 +405,7 @@ fn racing_failures_are_each_counted_once() {
     let alerts = std::thread::scope(|scope| {
         let (stores, fail) = (&stores, &fail);
         let threads: Vec<_> = (0..8).map(|t| scope.spawn(move || fail(stores[t % 2].as_ref(), &format!("t{t}"), 1 + t as i64))).collect();
-        for _ in 0..1000 {
-            if db.scalar(LOCK_WAITERS) == 8 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(db.scalar(LOCK_WAITERS), 8, "the settlements never all waited for the breaker");
+        assert_eq!(lock_waiters(&db, 8), 8, "the settlements never all waited for the breaker");
         release.send(()).unwrap();
         threads.into_iter().flat_map(|t| t.join().unwrap()).collect::<Vec<Alert>>()
     });
@@ -1216,13 +1221,7 @@ fn settlements_lock_the_rollups_in_one_order() {
         let (holder, release) = hold_rows(&db.url, "SELECT 1 FROM daily_rollups FOR UPDATE");
         let free_while_waiting = std::thread::scope(|scope| {
             let settling = scope.spawn(|| settle_through(&store, &req, server_side));
-            for _ in 0..1000 {
-                if db.scalar(LOCK_WAITERS) == 1 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            assert_eq!(db.scalar(LOCK_WAITERS), 1, "{id}: the settlement never waited for the daily rollup");
+            assert_eq!(lock_waiters(&db, 1), 1, "{id}: the settlement never waited for the daily rollup");
             let free = on_server(&db.url, |c| {
                 ["monthly_rollups", "daily_totals"].map(|t| c.query(&format!("SELECT 1 FROM {t} FOR UPDATE NOWAIT"), &[]).is_ok())
             });
