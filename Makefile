@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CARGO_FEATURES := --features python
 
-.PHONY: test cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions demo wheels wheel-test clean
+.PHONY: test cargo-test clippy develop pytest pytest-postgres ruff stubtest mypy bench bench-instructions bench-pg-instructions demo wheels wheel-test clean
 
 test: cargo-test clippy develop pytest ruff stubtest mypy pytest-postgres
 
@@ -66,6 +66,12 @@ bench: develop
 # builds, e.g. BASE=/path/to/other/.venv/bin/python to measure that build in the same run.
 bench-instructions: develop
 	$(BIN)/python benches/instructions.py $(if $(BASE),--python $(BASE))
+
+# The same for the PostgreSQL server's side: instructions its backends run per guarded call,
+# on a private PostgreSQL 15 it starts under callgrind (needs valgrind and PostgreSQL 15's
+# server binaries; see the script's docstring), e.g. with BASE as above.
+bench-pg-instructions: develop
+	$(BIN)/python benches/pg_instructions.py $(if $(BASE),--python $(BASE))
 
 demo: develop
 	$(BIN)/tenantllm demo

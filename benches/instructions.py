@@ -35,8 +35,9 @@ WARM = 300
 N = 300
 
 
-def child(case: str, calls: int) -> None:
-    """The measured program (run under valgrind): `calls` guarded calls in `case`."""
+def child(case: str, calls: int, database: str | None = None) -> None:
+    """The measured program (run under valgrind): `calls` guarded calls in `case`, on a new
+    SQLite database or on `database` (benches/pg_instructions.py: a PostgreSQL URL)."""
     if case == "otel-missing":
         sys.modules["opentelemetry"] = None  # type: ignore[assignment]  # import fails, as if not installed
     import tenantllm as tl
@@ -57,7 +58,7 @@ def child(case: str, calls: int) -> None:
     options: dict[str, object] = {}
     if case == "otel-on":
         options["opentelemetry"] = telemetry_on()
-    tl.configure(database=os.path.join(tempfile.mkdtemp(), "cg.db"), budgets=budgets, **options)
+    tl.configure(database=database or os.path.join(tempfile.mkdtemp(), "cg.db"), budgets=budgets, **options)
     if case != "none":
         tl.TenantBudget.find_or_create("bench", **limits)
     for _ in range(calls):
