@@ -2797,4 +2797,206 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 29: the rollup rows of calls an admission closes as abandoned (their leases ran out) are
+    // locked in the one order every write takes them in: daily rollups, then monthly rollups,
+    // then daily totals, each table's rows in key order. Migration 26 wrote the three in one
+    // statement, whose data-modifying parts PostgreSQL runs in no promised order (in practice
+    // the totals first), so with a settlement of the same key (which locks a daily rollup,
+    // then the rest) it could deadlock. `tenantllm_admit` (migration 26's overload; the full
+    // function reaches it too) now runs the expiry statement by statement: reservations,
+    // executions, each rollup table sorted by its key, then the counters with the call's own,
+    // as counters.rs `expire_reservations` does. The common path tests that no check sent the
+    // call elsewhere first, and checks the hard limits on each counter as it comes back, as
+    // migration 21's did (no expiry to add first). Same arguments and results. OR REPLACE: a
+    // test that re-runs the rollups' migration 9 re-runs this.
+    r#"
+    CREATE OR REPLACE FUNCTION tenantllm_admit(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_scopes TEXT[], p_periods TEXT[], p_hard_scopes TEXT[], p_hard_periods TEXT[], p_hard_metrics INT[],
+        p_hard_limits BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_counters TEXT,
+        p_expires_at BIGINT, p_breaker TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_breakers TEXT[], p_probe_lease BIGINT, p_expired_ids TEXT[], p_expired_days TEXT[],
+        OUT outcome TEXT, OUT usage BIGINT[], OUT model_index INT, OUT probe BOOLEAN, OUT retry_at BIGINT,
+        OUT expired_ids TEXT[], OUT expired_started BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_key RECORD;
+        v_row BIGINT[];
+        v_set TEXT;
+        v_own INT := 1;
+        v_refused BOOLEAN := false;
+        v_gone TEXT[];
+        v_abandoned TEXT[];
+        v_scopes TEXT[];
+        v_periods TEXT[];
+        v_used BIGINT[];
+        v_cost BIGINT[];
+        v_tokens BIGINT[];
+        v_executions BIGINT[];
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        -- Expired leases other than those the caller has keyed send it back for their keys.
+        outcome := CASE
+            WHEN (SELECT value FROM settings WHERE name = 'timezone') IS DISTINCT FROM p_timezone THEN 'timezone'
+            WHEN p_budget_tenant IS NOT NULL AND (SELECT xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = p_budget_tenant)
+                IS DISTINCT FROM p_budget_stamp THEN 'budget'
+            WHEN EXISTS (SELECT 1 FROM reservations WHERE expires_at <= p_now AND execution_id <> ALL(p_expired_ids)) THEN 'expired'
+            WHEN EXISTS (SELECT 1 FROM breakers WHERE key = p_breaker AND phase <> 'closed') THEN 'breaker'
+        END;
+        IF outcome IS NOT NULL THEN
+            IF outcome = 'expired' THEN
+                -- Every reservation whose lease ran out, and when its call started if it is still
+                -- running: the caller keys that call's usage and rollups by its day (in its
+                -- calendar, which the timezone check above holds to) and asks again with them.
+                SELECT array_agg(r.execution_id ORDER BY r.execution_id), array_agg(e.started_at ORDER BY r.execution_id)
+                INTO expired_ids, expired_started
+                FROM reservations r LEFT JOIN executions e ON e.id = r.execution_id AND e.status = 'running'
+                WHERE r.expires_at <= p_now;
+            ELSIF outcome = 'breaker' AND cardinality(p_breakers) > 0 THEN
+                -- The first model's breaker is not closed: the full function makes the breakers'
+                -- choice, in this same statement (the register of tenants is its to write).
+                SELECT f.outcome, f.usage, f.model_index, f.probe, f.retry_at, f.expired_ids, f.expired_started
+                INTO outcome, usage, model_index, probe, retry_at, expired_ids, expired_started
+                FROM tenantllm_admit_full(p_lock_timeout, p_timezone, p_now, p_remember, p_tenant, p_tenant_name, p_budget_tenant,
+                    p_budget_stamp, p_scopes, p_periods, p_hard_scopes, p_hard_periods, p_hard_metrics, p_hard_limits, p_cost, p_tokens,
+                    p_executions, p_counters, p_expires_at, NULL, p_id, p_agent, p_model_id, p_provider, p_exec_tenant, p_started_at,
+                    p_metadata, p_parent, p_root, 0, '{}', '{}', '{}', '{}', '{}', NULL, p_breakers, p_probe_lease, p_expired_ids,
+                    p_expired_days) AS f;
+            END IF;
+            RETURN;
+        END IF;
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        outcome := 'go';
+        usage := '{}';
+        INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+        VALUES (p_id, p_counters, p_cost, p_tokens, p_executions, p_expires_at);
+        IF cardinality(p_expired_ids) > 0 THEN
+            -- The expired reservations the caller keyed and still here (counters.rs
+            -- `expire_reservations`), each table in a statement of its own, in the order every
+            -- write locks them: the reservations released (what each gave back on its counters
+            -- collected for the statement below that locks them all) ...
+            WITH gone AS (
+                DELETE FROM reservations r WHERE r.execution_id = ANY(p_expired_ids) AND r.expires_at <= p_now
+                RETURNING r.execution_id, r.counters, r.cost, r.tokens, r.executions
+            )
+            SELECT (SELECT array_agg(g.execution_id) FROM gone g), array_agg(k.scope), array_agg(k.period), array_agg(0::BIGINT),
+                array_agg(-k.cost), array_agg(-k.tokens), array_agg(-k.executions)
+            INTO v_gone, v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions
+            FROM (
+                SELECT split_part(l, E'\t', 1), substr(l, strpos(l, E'\t') + 1), g.cost, g.tokens, g.executions
+                FROM gone g, regexp_split_to_table(g.counters, E'\n') AS l WHERE strpos(l, E'\t') > 0
+            ) AS k(scope, period, cost, tokens, executions);
+            -- ... their calls still running closed as abandoned ...
+            WITH abandoned AS (
+                UPDATE executions e SET status = 'error', error_class = 'Abandoned',
+                    error_message = 'the process running this call stopped before it finished', completed_at = p_now
+                WHERE e.id = ANY(v_gone) AND e.status = 'running'
+                RETURNING e.id
+            )
+            SELECT array_agg(a.id) INTO v_abandoned FROM abandoned a;
+            -- ... and added to the daily rollups, the monthly ones and the daily totals, each
+            -- table's rows in key order (as rollups::record_sql adds a row, on its call's day) ...
+            INSERT INTO daily_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            SELECT * FROM (
+                SELECT p_expired_days[array_position(p_expired_ids, e.id)] AS day, COALESCE(e.tenant_id, '') AS tenant_id, e.agent, e.model_id, e.status, COUNT(*), SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cached_tokens)::BIGINT, SUM(e.total_tokens)::BIGINT, SUM(e.input_cost)::BIGINT, SUM(e.output_cost)::BIGINT, SUM(e.total_cost)::BIGINT, SUM(e.attempts_count)::BIGINT, SUM(e.cache_write_tokens)::BIGINT, SUM(e.cache_read_cost)::BIGINT, SUM(e.cache_write_cost)::BIGINT, COALESCE(SUM(e.duration_ms), 0)::BIGINT, COALESCE(SUM(e.time_to_first_token_ms), 0)::BIGINT
+                FROM executions e WHERE e.id = ANY(v_abandoned) GROUP BY 1, 2, 3, 4, 5
+            ) AS d ORDER BY d.day COLLATE "C", d.tenant_id, d.agent, d.model_id, d.status
+            ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+            INSERT INTO monthly_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            SELECT * FROM (
+                SELECT left(p_expired_days[array_position(p_expired_ids, e.id)], 7) AS month, COALESCE(e.tenant_id, '') AS tenant_id, e.agent, e.model_id, e.status, COUNT(*), SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cached_tokens)::BIGINT, SUM(e.total_tokens)::BIGINT, SUM(e.input_cost)::BIGINT, SUM(e.output_cost)::BIGINT, SUM(e.total_cost)::BIGINT, SUM(e.attempts_count)::BIGINT, SUM(e.cache_write_tokens)::BIGINT, SUM(e.cache_read_cost)::BIGINT, SUM(e.cache_write_cost)::BIGINT, COALESCE(SUM(e.duration_ms), 0)::BIGINT, COALESCE(SUM(e.time_to_first_token_ms), 0)::BIGINT
+                FROM executions e WHERE e.id = ANY(v_abandoned) GROUP BY 1, 2, 3, 4, 5
+            ) AS d ORDER BY d.month COLLATE "C", d.tenant_id, d.agent, d.model_id, d.status
+            ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+            INSERT INTO daily_totals AS r (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            SELECT * FROM (
+                SELECT p_expired_days[array_position(p_expired_ids, e.id)] AS day, e.agent, e.model_id, e.status, COUNT(*), SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cached_tokens)::BIGINT, SUM(e.total_tokens)::BIGINT, SUM(e.input_cost)::BIGINT, SUM(e.output_cost)::BIGINT, SUM(e.total_cost)::BIGINT, SUM(e.attempts_count)::BIGINT, SUM(e.cache_write_tokens)::BIGINT, SUM(e.cache_read_cost)::BIGINT, SUM(e.cache_write_cost)::BIGINT, COALESCE(SUM(e.duration_ms), 0)::BIGINT, COALESCE(SUM(e.time_to_first_token_ms), 0)::BIGINT
+                FROM executions e WHERE e.id = ANY(v_abandoned) GROUP BY 1, 2, 3, 4
+            ) AS d ORDER BY d.day COLLATE "C", d.agent, d.model_id, d.status
+            ON CONFLICT (period, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+            -- ... and each abandoned call counted as one execution on its usage keys
+            -- (store::usage_keys: the global, agent and tenant scopes, by day and month).
+            SELECT v_scopes || array_agg(s), v_periods || array_agg(p), v_used || array_agg(1::BIGINT), v_cost || array_agg(0::BIGINT),
+                v_tokens || array_agg(0::BIGINT), v_executions || array_agg(0::BIGINT)
+            INTO v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions
+            FROM executions e,
+                unnest(ARRAY['global', 'agent:' || e.agent] || CASE WHEN e.tenant_id IS NULL THEN '{}' ELSE ARRAY['tenant:' || e.tenant_id] END) AS s,
+                unnest(ARRAY[p_expired_days[array_position(p_expired_ids, e.id)], left(p_expired_days[array_position(p_expired_ids, e.id)], 7)]) AS p
+            WHERE e.id = ANY(v_abandoned);
+        END IF;
+        IF cardinality(v_scopes) > 0 THEN
+            -- The call's own counters and those the expiry changed, in one statement in key
+            -- order (as admission.rs locks them together); the call's own come back in its
+            -- order, with its estimate taken off again for the checks below.
+            FOR v_key IN
+                INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+                SELECT d.scope, d.period, 0, 0, SUM(d.used)::BIGINT, SUM(d.cost)::BIGINT, SUM(d.tokens)::BIGINT, SUM(d.executions)::BIGINT
+                FROM (
+                    SELECT k.scope, k.period, 0::BIGINT, p_cost, p_tokens, p_executions FROM unnest(p_scopes, p_periods) AS k(scope, period)
+                    UNION ALL
+                    SELECT * FROM unnest(v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions)
+                ) AS d(scope, period, used, cost, tokens, executions)
+                GROUP BY d.scope, d.period
+                ORDER BY d.scope COLLATE "C", d.period COLLATE "C"
+                ON CONFLICT (scope, period) DO UPDATE SET executions = c.executions + EXCLUDED.executions,
+                    reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost, reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                    reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+                RETURNING c.scope, c.period, ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost, c.reserved_tokens,
+                    c.reserved_executions] AS v
+            LOOP
+                IF v_own <= cardinality(p_scopes) AND v_key.scope = p_scopes[v_own] AND v_key.period = p_periods[v_own] THEN
+                    v_row := v_key.v;
+                    usage := usage || ARRAY[v_row[1], v_row[2], v_row[3], v_row[4] - p_cost, v_row[5] - p_tokens, v_row[6] - p_executions];
+                    v_own := v_own + 1;
+                END IF;
+            END LOOP;
+        ELSIF cardinality(p_scopes) > 0 THEN
+            -- As migration 20's: the call's own counters, each locked and given the estimate.
+            FOR v_key IN
+                INSERT INTO usage_counters AS c (scope, period, reserved_cost, reserved_tokens, reserved_executions)
+                SELECT k.scope, k.period, p_cost, p_tokens, p_executions FROM unnest(p_scopes, p_periods) AS k(scope, period)
+                ON CONFLICT (scope, period) DO UPDATE SET reserved_cost = c.reserved_cost + p_cost,
+                    reserved_tokens = c.reserved_tokens + p_tokens, reserved_executions = c.reserved_executions + p_executions
+                RETURNING ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost - p_cost, c.reserved_tokens - p_tokens,
+                    c.reserved_executions - p_executions] AS v
+            LOOP
+                usage := usage || v_key.v;
+            END LOOP;
+        END IF;
+        -- Each hard limit against its counter, in NUMERIC so no sum overflows (at a 64-bit
+        -- limit this may refuse where Rust's saturating sums would not, and the Rust
+        -- transaction then decides).
+        FOR i IN 1..cardinality(p_scopes) LOOP
+            FOR h IN 1..cardinality(p_hard_scopes) LOOP
+                IF p_hard_scopes[h] = p_scopes[i] AND p_hard_periods[h] = p_periods[i]
+                    AND usage[6 * i - 5 + p_hard_metrics[h]]::NUMERIC + usage[6 * i - 2 + p_hard_metrics[h]]
+                        + (CASE p_hard_metrics[h] WHEN 0 THEN p_cost WHEN 1 THEN p_tokens ELSE p_executions END) > p_hard_limits[h] THEN
+                    v_refused := true;
+                END IF;
+            END LOOP;
+        END LOOP;
+        IF v_refused THEN
+            -- The estimates come off again: a refusal leaves the counters as they were, but for
+            -- the expired reservations it released, which stay released (as the transaction's),
+            -- and returns the usage it read (migration 21).
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(p_scopes, p_periods) AS k(scope, period) WHERE c.scope = k.scope AND c.period = k.period;
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := 'refused';
+        END IF;
+    END
+    $fn$;
+    "#,
 ];

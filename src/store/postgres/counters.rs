@@ -6,11 +6,11 @@ use postgres::Row as PgRow;
 
 use super::connect::PgResult;
 use super::db::Tx;
-use super::executions::roll;
 use crate::budget;
 use crate::clock::{Calendar, Micros};
 use crate::money::Nanos;
-use crate::store::{decode_keys, rollups, usage_keys, CounterKey};
+use crate::store::rollups::{self, Dialect};
+use crate::store::{decode_keys, usage_keys, CounterKey};
 
 /// A change to one counter: recorded usage and in-flight reservations (negative to release).
 #[derive(Debug, Clone, Copy, Default)]
@@ -96,7 +96,7 @@ pub(super) fn reservation_at(r: &PgRow, first: usize) -> PgResult<(Vec<CounterKe
 
 /// Releases reservations whose lease ran out (their process died) and closes their
 /// executions as abandoned, counting them as the executions they were. The counter changes
-/// go into `deltas`, to be applied with the caller's own in key order. Migration 26's
+/// go into `deltas`, to be applied with the caller's own in key order. Migration 29's
 /// `tenantllm_admit` does the same on the server (`server_side`): a change here goes there too.
 pub(super) fn expire_reservations(db: &mut Tx<'_>, cal: &Calendar, now: Micros, deltas: &mut Deltas) -> PgResult<()> {
     let expired = db.query("DELETE FROM reservations WHERE expires_at <= $1 RETURNING execution_id, counters, cost, tokens, executions", &[&now])?;
@@ -116,16 +116,49 @@ pub(super) fn expire_reservations(db: &mut Tx<'_>, cal: &Calendar, now: Micros, 
         "UPDATE executions SET status = 'error', error_class = 'Abandoned',
              error_message = 'the process running this call stopped before it finished', completed_at = $2
          WHERE id = ANY($1) AND status = 'running'
-         RETURNING tenant_id, agent, started_at, id",
+         RETURNING tenant_id, agent, started_at, id, model_id",
         &[&ids, &now],
     )?;
+    let mut calls = Vec::with_capacity(abandoned.len());
     for r in &abandoned {
         let tenant: Option<String> = r.try_get(0)?;
         let agent: String = r.try_get(1)?;
-        roll(db, r.try_get(3)?, &rollups::periods(cal, r.try_get(2)?), 1)?;
         for key in usage_keys(cal, tenant.as_deref(), &agent, r.try_get(2)?) {
             let d = deltas.entry(key).or_default();
             d.used = d.used.plus(&budget::estimate(Nanos::ZERO, 0));
+        }
+        calls.push(Abandoned { id: r.try_get(3)?, periods: rollups::periods(cal, r.try_get(2)?), tenant: tenant.unwrap_or_default(), agent, model: r.try_get(4)? });
+    }
+    roll_abandoned(db, &mut calls)
+}
+
+/// A call closed as abandoned, with what its rollup rows are keyed by (its status: 'error').
+struct Abandoned {
+    id: String,
+    periods: [String; 2],
+    tenant: String,
+    agent: String,
+    model: String,
+}
+
+impl Abandoned {
+    /// Its row's key in the rollup table of `periods[period]`, with or without the tenant.
+    fn key(&self, period: usize, tenant: bool) -> (&str, &str, &str, &str) {
+        (&self.periods[period], if tenant { &self.tenant } else { "" }, &self.agent, &self.model)
+    }
+}
+
+/// Adds the abandoned calls to their rollups (as executions.rs `roll` adds one) a table at a
+/// time, in the one order every write locks rollup rows in, so none waits for another in a
+/// cycle: the daily rollups, the monthly ones, then the daily totals, each table's rows in key
+/// order.
+fn roll_abandoned(db: &mut Tx<'_>, calls: &mut [Abandoned]) -> PgResult<()> {
+    let [daily, monthly] = rollups::record_sql(Dialect::Postgres);
+    let tables = [(daily.as_str(), 0, true), (monthly.as_str(), 1, true), (rollups::totals_record_sql_in(Dialect::Postgres), 0, false)];
+    for (sql, period, tenant) in tables {
+        calls.sort_by(|a, b| a.key(period, tenant).cmp(&b.key(period, tenant)));
+        for c in calls.iter() {
+            db.execute(sql, &[&c.periods[period], &1i64, &c.id])?;
         }
     }
     Ok(())
