@@ -37,6 +37,7 @@ mod migrate;
 mod queries;
 mod rates;
 mod rebuild;
+mod record;
 mod retention;
 mod server_side;
 mod tenant_list;

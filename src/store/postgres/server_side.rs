@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12, 14 to 23 and 25 to 28 (`tenantllm_admit`, `tenantllm_admit_full`,
+//! functions of migrations 12, 14 to 23 and 25 to 29 (`tenantllm_admit`, `tenantllm_admit_full`,
 //! `tenantllm_settle`, `tenantllm_settle_rates`, `tenantllm_settle_breakers`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The
@@ -35,6 +35,7 @@ use super::connect::Failure;
 use super::counters::key_arrays;
 use super::db::Param;
 use super::executions::{new_row, Closing};
+use super::record::Record;
 use super::PostgresStore;
 use crate::breaker::{self, Phase};
 use crate::budget::{self, Enforcement, Metric, TenantBudget};
@@ -262,14 +263,14 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     }))
 }
 
-// Migration 26's overloads: with the breakers (`tenantllm_admit`) and the expired leases keyed.
-const ADMIT: &str = "SELECT outcome, usage, model_index, probe, retry_at, expired_ids, expired_started FROM tenantllm_admit($1, $2, $3,
-     $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30,
-     $31, $32, $33)";
+// Migration 26's overloads (tenantllm_admit's restated by migration 29): with the breakers
+// (`tenantllm_admit`) and the expired leases keyed. Their answer is one record (`record`), its
+// fields in the order of their OUT parameters.
+const ADMIT: &str = "SELECT tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+     $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33)";
 
-const ADMIT_FULL: &str = "SELECT outcome, usage, model_index, probe, retry_at, expired_ids, expired_started, requests, tokens, in_flight,
-     breached, events_at, events_tokens FROM tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-     $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40)";
+const ADMIT_FULL: &str = "SELECT tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+     $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40)";
 
 fn kind_code(k: ratelimit::Kind) -> i32 {
     match k {
@@ -301,15 +302,20 @@ struct Answer {
 }
 
 impl Answer {
+    /// From `ADMIT`'s record (outcome, usage, model_index, probe, retry_at, expired_ids,
+    /// expired_started) or `ADMIT_FULL`'s (outcome, usage, requests, tokens, in_flight,
+    /// breached, events_at, events_tokens, then the same five).
     fn of(r: &postgres::Row, full: bool) -> super::connect::PgResult<Answer> {
+        let r: Record<'_> = r.try_get(0)?;
+        let last = if full { 8 } else { 2 };
         let mut a = Answer {
-            outcome: r.try_get(0)?,
-            usage: r.try_get(1)?,
-            model_index: r.try_get(2)?,
-            probe: r.try_get(3)?,
-            retry_at: r.try_get(4)?,
-            expired_ids: r.try_get::<_, Option<Vec<String>>>(5)?.unwrap_or_default(),
-            expired_started: r.try_get::<_, Option<Vec<Option<Micros>>>>(6)?.unwrap_or_default(),
+            outcome: r.get(0)?,
+            usage: r.get(1)?,
+            model_index: r.get(last)?,
+            probe: r.get(last + 1)?,
+            retry_at: r.get(last + 2)?,
+            expired_ids: r.get::<Option<Vec<String>>>(last + 3)?.unwrap_or_default(),
+            expired_started: r.get::<Option<Vec<Option<Micros>>>>(last + 4)?.unwrap_or_default(),
             requests: vec![],
             tokens: vec![],
             in_flight: 0,
@@ -317,12 +323,12 @@ impl Answer {
             events: vec![],
         };
         if full {
-            let at: Option<Vec<i64>> = r.try_get(11)?;
-            let tokens: Option<Vec<i64>> = r.try_get(12)?;
-            a.requests = r.try_get::<_, Option<Vec<i64>>>(7)?.unwrap_or_default();
-            a.tokens = r.try_get::<_, Option<Vec<i64>>>(8)?.unwrap_or_default();
-            a.in_flight = r.try_get::<_, Option<i64>>(9)?.unwrap_or_default();
-            a.breached = r.try_get(10)?;
+            let at: Option<Vec<i64>> = r.get(6)?;
+            let tokens: Option<Vec<i64>> = r.get(7)?;
+            a.requests = r.get::<Option<Vec<i64>>>(2)?.unwrap_or_default();
+            a.tokens = r.get::<Option<Vec<i64>>>(3)?.unwrap_or_default();
+            a.in_flight = r.get::<Option<i64>>(4)?.unwrap_or_default();
+            a.breached = r.get(5)?;
             a.events = at.unwrap_or_default().into_iter().zip(tokens.unwrap_or_default()).collect();
         }
         Ok(a)
@@ -400,9 +406,10 @@ fn write_refused(store: &PostgresStore, req: &AdmitRequest<'_>, c: &Completion, 
     let params: Vec<&dyn Param> = head.into_iter().chain(new_row(e)).chain(closing.params(c)).collect();
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
     let outcome = store.call(&took_effect, |db| {
+        // Its one OUT parameter is its value: no function scan to plan (see `record`).
         let r = db.query_one(
-            "SELECT outcome FROM tenantllm_block($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)",
+            "SELECT tenantllm_block($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+                 $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)",
             &params,
         )?;
         Ok(r.try_get::<_, String>(0)?)

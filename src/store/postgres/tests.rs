@@ -599,9 +599,10 @@ impl CommitCutter {
         use std::net::{Shutdown, TcpListener, TcpStream};
         use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
         // The simple-query message the client sends to commit, and what names the
-        // server-side functions, whose statement commits on its own (`server_side`).
+        // server-side functions, whose statement commits on its own (`server_side`): no
+        // table's name starts so.
         const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
-        const FUNCTION: &[u8] = b"FROM tenantllm_";
+        const FUNCTION: &[u8] = b"tenantllm_";
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let cutter = CommitCutter {
             port: listener.local_addr().unwrap().port(),
