@@ -492,12 +492,13 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     let sql = match (rate_scopes.is_empty(), moving.is_empty()) {
         (true, true) => SETTLE,
         (false, true) => SETTLE_RATED,
-        (_, false) => SETTLE_MOVING,
+        (true, false) => SETTLE_MOVING,
+        (false, false) => SETTLE_RATED_MOVING,
     };
-    if sql != SETTLE {
+    if !rate_scopes.is_empty() {
         params.extend(rated);
     }
-    if sql == SETTLE_MOVING {
+    if !moving.is_empty() {
         params.extend(moves);
     }
     let took_effect = |db: &mut super::db::Tx<'_>| row_closed(db, &e.id, c);
@@ -521,7 +522,7 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
             })
             .collect();
         let alerted: Vec<i64> = r.try_get(6)?;
-        let events: Vec<i32> = if sql == SETTLE_MOVING { r.try_get(7)? } else { Vec::new() };
+        let events: Vec<i32> = if moving.is_empty() { Vec::new() } else { r.try_get(7)? };
         Ok(Some((recorded, alerted, events)))
     })?;
     let (recorded, alerted, events) = match answer {
@@ -547,20 +548,38 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     Ok(Some(budget_alerts.chain(breaker_alerts).collect()))
 }
 
-const SETTLE: &str = "SELECT outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted FROM tenantllm_settle($1,
-     $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-     $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42)";
+/// `tenantllm_settle`'s call, which every settlement's statement reads from.
+macro_rules! settled {
+    () => {
+        "FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
+         $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) AS s"
+    };
+}
+
+const SETTLE: &str =
+    concat!("SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted ", settled!());
 
 /// `SETTLE` and, on its answer, the rate limits' logs corrected (`tenantllm_settle_rates`,
 /// migration 25): one statement.
-const SETTLE_RATED: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_rates(s.outcome, $10, $43, $44, $45) FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-     $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38,
-     $39, $40, $41, $42) AS s";
+const SETTLE_RATED: &str = concat!(
+    "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
+     tenantllm_settle_rates(s.outcome, $10, $43, $44, $45) ",
+    settled!()
+);
 
-/// `SETTLE_RATED` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), the
-/// rate limits first as the transaction takes them: one statement.
-const SETTLE_MOVING: &str = "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54)
-     FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24,
-     $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) AS s";
+/// `SETTLE` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), for a
+/// call with no rate limit's log to correct: a call of `tenantllm_settle_rates` with none costs
+/// the server about 30k instructions. One statement.
+const SETTLE_MOVING: &str = concat!(
+    "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
+     tenantllm_settle_breakers(s.outcome, $16, $43, $44, $45, $46, $47, $48, $49, $50, $51) ",
+    settled!()
+);
+
+/// `SETTLE_RATED` and then the breakers moved, the rate limits first as the transaction takes
+/// them: one statement.
+const SETTLE_RATED_MOVING: &str = concat!(
+    "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
+     tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54) ",
+    settled!()
+);
