@@ -843,41 +843,64 @@ class Phases:
         return f"{self.count} phases, {self.seconds:.1f} s, {calls:,} calls, {restarts} restarts"
 
 
-def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> None:
+def load_old_executions(db: str, starts: list[int], tenants: int = 1) -> None:
+    """Bulk-loads settled executions (with their details) that started at `starts` (UTC micros),
+    of `tenants` tenants in turn, into the SQLite file or PostgreSQL database `db`."""
+    columns = (
+        "id, agent, model_id, chosen_model_id, provider, tenant_id, status, started_at, completed_at, duration_ms,"
+        " input_tokens, output_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, metadata"
+    )
+    model = ("Bench", "gpt-4o", "gpt-4o", "openai")
+    usage = (5, 100, 20, 120, 250000, 200000, 450000, 1, '{"plan": "pro"}')
+    ids = [_uuid7(t // 1000, i) for i, t in enumerate(starts)]
+    rows = [(ids[i], *model, f"t{i % tenants}", "success", t, t + 5000, *usage) for i, t in enumerate(starts)]
+    details = [(id, "Summarize: a report", "ok") for id in ids]
+    if db.startswith("postgresql://"):
+        import psycopg  # only on PostgreSQL runs
+
+        with psycopg.connect(psql_url(db)) as conn, conn.cursor() as cur:
+            for table, names, values in (
+                ("executions", columns, rows),
+                ("execution_details", "execution_id, user_prompt, response", details),
+            ):
+                with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                    for row in values:
+                        copy.write_row(row)
+        return
+    import sqlite3  # after tenantllm: see the module's docstring
+
+    conn = sqlite3.connect(db)
+    conn.execute("BEGIN")
+    conn.executemany(f"INSERT INTO executions ({columns}) VALUES ({', '.join('?' * len(rows[0]))})", rows)
+    conn.executemany("INSERT INTO execution_details (execution_id, user_prompt, response) VALUES (?, ?, ?)", details)
+    conn.commit()
+    conn.close()
+
+
+def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenants: int = 1) -> None:
     """Single-call latency while `tl.purge()` deletes `rows` old executions, against the same
     calls with no purge running, in the same run and interleaved: `phases` purges, each of a
     `phases`-th of the rows (one day's worth), with calls timed during each, and calls with no
     purge before the first, between them and after the last (at least `calls` in all, each
     phase about as long as a purge phase), so all see the same machine. Each kind of phase
-    reports its tail, the calls that waited for a lock, and its WAL restarts a second (the
-    purge's own frames add restarts, and restarts are when calls wait). A purge must leave
-    calls' latency as it is: the ratios to the calls before any purge say."""
-    import sqlite3  # after tenantllm: see the module's docstring
-
-    print(f"\nCalls while a purge deletes {rows:,} old executions in {phases} rounds (single-call latency)")
+    reports its tail, the calls that waited for a lock, and (SQLite) its WAL restarts a second
+    (the purge's own frames add restarts, and restarts are when calls wait). A purge must
+    leave calls' latency as it is: the ratios to the calls before any purge say. `db` is a
+    SQLite file or a PostgreSQL database's URL (where calls wait for no lock of the purge's:
+    its batches compete with them for the server). The old rows are of `tenants` tenants in
+    turn: on SQLite a deleted row's entry in the tenants' index is on a page of its own when
+    a batch deletes fewer rows than there are tenants, so each row costs more to delete."""
+    postgres = db.startswith("postgresql://")
+    store = "PostgreSQL" if postgres else "SQLite"
+    print(f"\nCalls while a purge deletes {rows:,} old executions in {phases} rounds on {store} (single-call latency)")
     tl.configure(reset=True, database=db)
-    conn = sqlite3.connect(db)
     # Round r's rows started at noon (UTC, the store's calendar) 500 - r days before today, so
     # `executions_days=499 - r`, whose cutoff a purge moves back to the start of its day,
     # deletes them and none of the next round's.
     day, now = 86_400_000_000, time.time_ns() // 1000
     per = rows // phases
     today = now - now % day
-    starts = [today - (500 - i // per) * day + day // 2 + i % per for i in range(per * phases)]
-    conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT INTO executions (id, agent, model_id, chosen_model_id, provider, tenant_id, status, started_at,"
-        " completed_at, duration_ms, input_tokens, output_tokens, total_tokens, input_cost, output_cost, total_cost,"
-        " attempts_count, metadata) VALUES (?, 'Bench', 'gpt-4o', 'gpt-4o', 'openai', 't', 'success', ?, ?, 5, 100,"
-        " 20, 120, 250000, 200000, 450000, 1, '{\"plan\": \"pro\"}')",
-        ((_uuid7(t // 1000, i), t, t + 5000) for i, t in enumerate(starts)),
-    )
-    conn.executemany(
-        "INSERT INTO execution_details (execution_id, user_prompt, response) VALUES (?, 'Summarize: a report', 'ok')",
-        ((_uuid7(t // 1000, i),) for i, t in enumerate(starts)),
-    )
-    conn.commit()
-    conn.close()
+    load_old_executions(db, [today - (500 - i // per) * day + day // 2 + i % per for i in range(per * phases)], tenants)
 
     def timed(k: int) -> tuple[list[float], list[float]]:
         return timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), k)
@@ -921,9 +944,11 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> No
         purged += per
         purging += done["seconds"]
         length = during.seconds / (r + 1)
+    name = "tenantllm/PostgreSQL" if postgres else "tenantllm"
     for kind, p in seen.items():
-        report_tail(f"tenantllm: guarded call, {kind}", p.latencies, waits_us=p.waits)
-        report(f"tenantllm: {kind}, WAL restarts", p.restarts / p.seconds, "/s", note=p.describe())
+        report_tail(f"{name}: guarded call, {kind}", p.latencies, waits_us=None if postgres else p.waits)
+        if not postgres:
+            report(f"{name}: {kind}, WAL restarts", p.restarts / p.seconds, "/s", note=p.describe())
     # A purge must slow neither the calls during it nor those after it (the checkpointer copies
     # its pages and syncs them after it ends): both against the calls before any purge, and the
     # calls during purges against all calls with none (about as many calls, so the slowest of
@@ -941,15 +966,25 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10) -> No
         for label, at in (*TAIL, ("max", lambda n: n - 1)):
             target = {"p99": "<= 1.2", "max": "<= 1"}.get(label, "")
             ratio = other[at(len(other))] / first[at(len(first))]
-            report(f"tenantllm: {kind} / {against}, {label}", ratio, "x", target)
+            report(f"{name}: {kind} / {against}, {label}", ratio, "x", target)
+        if postgres:
+            continue
         for label, per_call in (("calls that waited", Phases.waited_share), ("lock wait per call", Phases.mean_wait)):
             ratio = per_call(seen[kind]) / max(per_call(base), 1e-9)
             note = f"{per_call(seen[kind]):.4g} against {per_call(base):.4g}"
-            report(f"tenantllm: {kind} / {against}, {label}", ratio, "x", note=note)
+            report(f"{name}: {kind} / {against}, {label}", ratio, "x", note=note)
     # Cores the process kept busy while purging (calls and purge): above 1 the purge competes
     # with the calls for the machine's CPUs, not only for the database.
     cores = f"{busy / purging:.2f} cores busy"
-    report("tenantllm: purge of old executions (tl.purge)", purged / purging, "rows/s", ">= 1000", cores)
+    report(f"{name}: purge of old executions (tl.purge)", purged / purging, "rows/s", ">= 1000", cores)
+
+
+def purges_under_load(d: Path, postgres: str | None, quick: bool) -> None:
+    rows, calls = (20_000, 300) if quick else (200_000, 2000)
+    retention_under_load(str(d / "purge.db"), rows, calls)
+    if postgres:
+        with postgres_database(postgres) as url:
+            retention_under_load(url, rows, calls)
 
 
 def import_time(repeats: int) -> None:
@@ -1017,11 +1052,21 @@ def main() -> None:
         action="store_true",
         help="only the guarded call on SQLite and PostgreSQL side by side (latency, throughput), no peers or analytics",
     )
+    p.add_argument(
+        "--retention",
+        action="store_true",
+        help="only calls during and between purges, on SQLite and (with --postgres) PostgreSQL",
+    )
     args = p.parse_args()
     n, repeats = (300, 3) if args.quick else (3000, 7)
     per_thread = 100 if args.quick else 1000
     print(f"tenantllm {tl.__version__} benchmarks, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"  {'measure':<68} {'median':>12} {'unit':<8} {'target':<10} {'load':>5}")
+    if args.retention:
+        with tempfile.TemporaryDirectory() as tmp:
+            purges_under_load(Path(tmp), args.postgres, args.quick)
+        write_results()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         os.chdir(d)  # litellm's BudgetManager writes user_cost.json into the working directory
@@ -1046,8 +1091,12 @@ def main() -> None:
             streams(str(d / "stream.db"), 50 if args.quick else 300, 1000, 3 if args.quick else 5)
             spend_queries(str(d / "big.db"), 50_000 if args.quick else 1_000_000, 1000, 20)
             telemetry_overhead(str(d / "otel.db"), n, repeats)
-            retention_under_load(str(d / "purge.db"), 20_000 if args.quick else 200_000, 300 if args.quick else 2000)
+            purges_under_load(d, args.postgres, args.quick)
             import_time(3 if args.quick else 7)
+    write_results()
+
+
+def write_results() -> None:
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(RESULTS, indent=2))
