@@ -2,11 +2,14 @@
 //! executions lose their details (prompts, response, metadata, error messages) after
 //! `details_days` and are deleted after `executions_days`. Applied by `tl.purge()` and, when
 //! configured, by one background thread per engine, in batches (`store::retention`), each its
-//! own short transaction. On SQLite, where every write takes one lock, a batch takes it only
-//! when no write holds or waits for it, holds it about 4 ms (the longest a call waits for the
-//! purge) and, while calls write, the pause after it is 49 times as long, so the purge has the
-//! lock 2 % of the time and calls the rest (`pause_after`). Executions go by whole
-//! days of the database's calendar. Counters, budgets and rollups are never touched.
+//! own short transaction, with a pause after each sized from what the batch took
+//! (`pause_after`). On SQLite, where every write takes one lock, a batch takes it only when no
+//! write holds or waits for it, holds it about 4 ms (the longest a call waits for the purge)
+//! and, while calls write, the pause after it is 49 times as long, so the purge has the lock
+//! 2 % of the time and calls the rest. On PostgreSQL a batch locks only its own rows, but it
+//! competes with calls for the server: the pause after it is 9 times what it took, so the
+//! purge keeps the server busy a tenth of the time. Executions go by whole days of the
+//! database's calendar. Counters, budgets and rollups are never touched.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -40,6 +43,11 @@ const PAUSE: Duration = Duration::from_millis(20);
 /// as with none, and p99 rose 1.2-3x; at 1/20, on an idle machine, p99 still rose 1.9-2.2x,
 /// at 1/50 1.5-1.6x.) On an idle database it goes over 10x as fast.
 const IN_USE_PAUSE_PER_HELD: u32 = 49;
+/// Where writes do not share one lock (PostgreSQL), the pause after a batch is this many times
+/// what it took: the purge keeps the server busy 1/10 of the time, about 3,000 rows/s here.
+/// Unpaced, its batches ran back to back (16,000-31,000 rows/s) and calls' p50 during a purge
+/// was up to 5.7x that before it, 1.9x that with none (`benches/run.py --retention`).
+const SERVER_PAUSE_PER_HELD: u32 = 9;
 /// How often the background thread looks for expired rows (it also looks once at start).
 pub const INTERVAL_ENV: &str = "TENANTLLM_RETENTION_INTERVAL_SECONDS";
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -117,11 +125,16 @@ pub fn stop(timeout: Duration) {
 
 /// Clears details of executions started before `details` and deletes those started before
 /// `executions`, batch after batch, until nothing is left, `keep_going` says stop, or the
-/// process is exiting. Between two batches it pauses `pause`. Where every write takes one lock
-/// (SQLite) batches are sized to hold it about `BATCH_TIME` and the pause is longer still
-/// (`pause_after`), so calls waiting for it get their turn (`tl.purge()` too, which passes no
-/// pause). Returns what it did.
+/// process is exiting. Between two batches it pauses at least `pause`, and longer after a batch
+/// that took long (`pause_after`), so calls get the database (`tl.purge()` too, which passes
+/// no pause). Where every write takes one lock (SQLite) batches are sized to hold it about
+/// `BATCH_TIME`. Returns what it did.
 pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: impl Fn() -> bool) -> Result<Purged> {
+    paced(store, cutoffs, pause, keep_going, std::thread::sleep)
+}
+
+/// `purge`, pausing between two batches with `sleep`.
+fn paced(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: impl Fn() -> bool, mut sleep: impl FnMut(Duration)) -> Result<Purged> {
     let (mut details, mut executions) = cutoffs;
     let mut total = Purged::default();
     let shares_one_lock = store.writes_share_one_lock();
@@ -146,25 +159,28 @@ pub fn purge(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: i
         if done.executions < limit {
             executions = None;
         }
-        let pause = if shares_one_lock {
+        if shares_one_lock {
             limit = next_batch(limit, held);
-            pause_after(pause, held, done.in_use)
-        } else {
-            pause
-        };
+        }
         if details.is_some() || executions.is_some() {
-            std::thread::sleep(pause);
+            sleep(pause_after(pause, held, shares_one_lock, done.in_use));
         }
     }
     Ok(total)
 }
 
-/// The pause after a batch that held the one write lock for `held`: at least `pause`, and at
-/// least as long as the batch held it, so that other writers (another process's calls, which
-/// this process cannot see waiting) get the lock at least half the time; while the database is
-/// in use, `IN_USE_PAUSE_PER_HELD` times as long.
-fn pause_after(pause: Duration, held: Duration, in_use: bool) -> Duration {
-    pause.max(held * if in_use { IN_USE_PAUSE_PER_HELD } else { 1 })
+/// The pause after a batch that held the database for `held`: at least `pause`. Where writes
+/// share one lock, at least as long as the batch held it, so that other writers (another
+/// process's calls, which this process cannot see waiting) get the lock at least half the
+/// time, and while the database is in use `IN_USE_PAUSE_PER_HELD` times as long. Elsewhere
+/// `SERVER_PAUSE_PER_HELD` times as long.
+fn pause_after(pause: Duration, held: Duration, shares_one_lock: bool, in_use: bool) -> Duration {
+    let per_held = match (shares_one_lock, in_use) {
+        (false, _) => SERVER_PAUSE_PER_HELD,
+        (true, true) => IN_USE_PAUSE_PER_HELD,
+        (true, false) => 1,
+    };
+    pause.max(held * per_held)
 }
 
 /// The size of the batch after one of `limit` rows that held the database for `held`.
@@ -202,8 +218,27 @@ pub fn start(store: Arc<dyn Store>, retention: Retention, every: Duration) -> Op
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// For a store whose writes do not share one lock: a purge of `rows` old executions
+    /// (already in `store`, all settled and started before `before`), in batches of `BATCH`,
+    /// pauses after every full batch, `per_held` times as long as the batch before it took. A
+    /// batch's time is what `sleep` sees between two pauses (a little more than the purge
+    /// measured, more on a busy machine), so the pauses must add up to half that at least.
+    pub(crate) fn batches_pause_per_held(store: &dyn Store, rows: i64, before: Micros, per_held: u32) {
+        let mut pauses: Vec<(Duration, Duration)> = Vec::new();
+        let mut since = Instant::now();
+        let done = paced(store, (None, Some(before)), Duration::ZERO, || true, |pause| {
+            pauses.push((since.elapsed(), pause));
+            since = Instant::now();
+        })
+        .unwrap();
+        assert_eq!(done.executions, rows);
+        assert_eq!(pauses.len() as i64, rows / BATCH, "{pauses:?}");
+        let (took, paused) = pauses.iter().fold((Duration::ZERO, Duration::ZERO), |(t, p), (took, pause)| (t + *took, p + *pause));
+        assert!(paused >= took * per_held / 2, "(batch, pause after it): {pauses:?}");
+    }
 
     #[test]
     fn days_out_of_range_are_refused_by_name() {
@@ -232,15 +267,18 @@ mod tests {
         assert_eq!(next_batch(MIN_BATCH, Duration::from_secs(1)), MIN_BATCH);
     }
 
-    /// While calls write, the purge has the lock 1/50 of the time; on an idle database half.
+    /// While calls write to SQLite, the purge has the lock 1/50 of the time; on an idle
+    /// database half. PostgreSQL's server is busy with it 1/10 of the time.
     #[test]
-    fn the_pause_after_a_batch_is_49_times_what_it_held_while_the_database_is_in_use() {
+    fn the_pause_after_a_batch_is_sized_from_what_it_held() {
         let held = Duration::from_micros(300);
-        assert_eq!(pause_after(Duration::ZERO, held, true), held * 49);
-        assert_eq!(pause_after(Duration::ZERO, held, false), held);
+        assert_eq!(pause_after(Duration::ZERO, held, true, true), held * 49);
+        assert_eq!(pause_after(Duration::ZERO, held, true, false), held);
+        assert_eq!(pause_after(Duration::ZERO, held, false, false), held * 9);
         // The background thread's own pause is the least.
-        assert_eq!(pause_after(PAUSE, held, true), PAUSE);
-        assert_eq!(pause_after(PAUSE, held * 100, true), held * 4900);
+        assert_eq!(pause_after(PAUSE, held, true, true), PAUSE);
+        assert_eq!(pause_after(PAUSE, held * 100, true, true), held * 4900);
+        assert_eq!(pause_after(PAUSE, held, false, false), PAUSE);
     }
 
     #[test]

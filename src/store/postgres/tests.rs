@@ -526,6 +526,25 @@ fn rebuild_after_a_purge_keeps_totals_and_counters() {
     super::super::rollups::tests::rebuild_after_a_purge_keeps_totals_and_counters(&db.open());
 }
 
+/// Issue 19: a purge pauses after each batch 9 times as long as the batch took, so that it
+/// keeps the server busy a tenth of the time (unpaced, calls' p50 rose up to 5.7x during one).
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn purge_batches_pause_for_nine_times_what_they_took() {
+    let db = TestDb::new();
+    let store = db.open();
+    let old = crate::clock::now_micros() - 10 * 86_400_000_000;
+    let prefix = crate::store::retention::id_before(old);
+    on_server(&db.url, move |c| {
+        c.batch_execute(&format!(
+            "INSERT INTO executions (id, agent, model_id, provider, status, started_at)
+             SELECT '{prefix}-' || lpad(n::text, 5, '0'), 'A', 'mock/x', 'mock', 'success', {old} FROM generate_series(1, 1600) n"
+        ))
+        .unwrap()
+    });
+    crate::retention::tests::batches_pause_per_held(&store, 1600, crate::clock::now_micros(), 9);
+}
+
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn rollups_answer_like_rows_and_survive_purges() {
