@@ -548,38 +548,31 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     Ok(Some(budget_alerts.chain(breaker_alerts).collect()))
 }
 
-/// `tenantllm_settle`'s call, which every settlement's statement reads from.
-macro_rules! settled {
-    () => {
-        "FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-         $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) AS s"
+/// A settlement's statement: `tenantllm_settle`'s answer and, computed on it, `$then` if given
+/// (the rate limits' logs corrected, the breakers moved): one statement.
+macro_rules! settle_sql {
+    ($($then:literal)?) => {
+        concat!(
+            "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted",
+            $(", ", $then,)?
+            " FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
+             $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) AS s"
+        )
     };
 }
 
-const SETTLE: &str =
-    concat!("SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted ", settled!());
+const SETTLE: &str = settle_sql!();
 
 /// `SETTLE` and, on its answer, the rate limits' logs corrected (`tenantllm_settle_rates`,
-/// migration 25): one statement.
-const SETTLE_RATED: &str = concat!(
-    "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_rates(s.outcome, $10, $43, $44, $45) ",
-    settled!()
-);
+/// migration 25).
+const SETTLE_RATED: &str = settle_sql!("tenantllm_settle_rates(s.outcome, $10, $43, $44, $45)");
 
 /// `SETTLE` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), for a
 /// call with no rate limit's log to correct: a call of `tenantllm_settle_rates` with none costs
-/// the server about 30k instructions. One statement.
-const SETTLE_MOVING: &str = concat!(
-    "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_breakers(s.outcome, $16, $43, $44, $45, $46, $47, $48, $49, $50, $51) ",
-    settled!()
-);
+/// the server about 30k instructions.
+const SETTLE_MOVING: &str = settle_sql!("tenantllm_settle_breakers(s.outcome, $16, $43, $44, $45, $46, $47, $48, $49, $50, $51)");
 
 /// `SETTLE_RATED` and then the breakers moved, the rate limits first as the transaction takes
-/// them: one statement.
-const SETTLE_RATED_MOVING: &str = concat!(
-    "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted,
-     tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54) ",
-    settled!()
-);
+/// them.
+const SETTLE_RATED_MOVING: &str =
+    settle_sql!("tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54)");
