@@ -35,7 +35,9 @@ impl<'a> FromSql<'a> for Record<'a> {
     fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Record<'a>, Failed> {
         let mut buf = raw;
         let n = int(&mut buf)?;
-        let mut fields = Vec::with_capacity(usize::try_from(n)?);
+        // Each field takes 8 bytes at least: a count the bytes cannot hold (a corrupt answer)
+        // is refused below, not allocated for here.
+        let mut fields = Vec::with_capacity(usize::try_from(n)?.min(buf.len() / 8));
         for _ in 0..n {
             let oid = int(&mut buf)? as u32;
             let ty = Type::from_oid(oid).ok_or_else(|| format!("a record field of unknown type {oid}"))?;
@@ -64,5 +66,30 @@ impl<'a> Record<'a> {
             None => T::from_sql_null(ty),
         }
         .map_err(field)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_read_field_by_field_and_a_corrupt_one_refused() {
+        // Two fields: int8 7, then a NULL text.
+        let mut raw = 2i32.to_be_bytes().to_vec();
+        raw.extend(Type::INT8.oid().to_be_bytes());
+        raw.extend(8i32.to_be_bytes());
+        raw.extend(7i64.to_be_bytes());
+        raw.extend(Type::TEXT.oid().to_be_bytes());
+        raw.extend((-1i32).to_be_bytes());
+        let r = Record::from_sql(&Type::RECORD, &raw).unwrap();
+        assert_eq!(r.get::<i64>(0).ok(), Some(7));
+        assert_eq!(r.get::<Option<String>>(1).ok(), Some(None));
+        assert!(r.get::<String>(0).is_err());
+        assert!(r.get::<i64>(2).is_err());
+        // A count of fields the bytes cannot hold, and a field cut short.
+        let huge = [i32::MAX.to_be_bytes().as_slice(), &raw[4..]].concat();
+        assert!(Record::from_sql(&Type::RECORD, &huge).is_err());
+        assert!(Record::from_sql(&Type::RECORD, &raw[..raw.len() - 5]).is_err());
     }
 }
