@@ -316,27 +316,105 @@ def broken(x: int) -> str:
     raise ValueError(f"bad x {x}")
 
 
-@pytest.mark.parametrize("how", ["call", "stream"])
-def test_a_tool_loop_has_a_chat_span_per_round_and_a_span_per_tool_call(otel: Otel, how: str) -> None:
+class Tools(tl.Agent):
+    model = "mock/fast"
+    user = "{q}"
+    tools = (weather, broken)
+
+
+# Round 1 asks for three calls (one fine, one raising, one unknown tool); round 2 answers.
+TOOL_CALLS = 'Hi\n@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}\n@tool nope {}'
+WAYS = ["call", "acall", "stream", "astream"]
+
+
+def run(a: type[tl.Agent], how: str, q: str = TOOL_CALLS, tenant: str = "acme") -> tl.AgentResult:
+    """The agent called one of the four ways; streams read to their end."""
+    if how == "call":
+        return a.call(q=q, tenant=tenant)
+    if how == "acall":
+        return asyncio.run(a.acall(q=q, tenant=tenant))
+    if how == "stream":
+        with a.stream(q=q, tenant=tenant) as streamed:
+            "".join(streamed)
+        return streamed.result
+
+    async def read() -> tl.AgentResult:
+        async with a.astream(q=q, tenant=tenant) as streamed:
+            "".join([piece async for piece in streamed])
+        return streamed.result
+
+    return asyncio.run(read())
+
+
+def agent_span(o: Otel) -> ReadableSpan:
+    [span] = [s for s in o.spans() if s.name.startswith("invoke_agent ")]
+    return span
+
+
+def tool_spans(o: Otel) -> list[ReadableSpan]:
+    return sorted((s for s in o.spans() if s.name.startswith("execute_tool ")), key=lambda s: s.start_time or 0)
+
+
+def parent_id(s: ReadableSpan) -> int | None:
+    return None if s.parent is None else s.parent.span_id
+
+
+def span_id(s: ReadableSpan) -> int:
+    assert s.context is not None
+    return int(s.context.span_id)
+
+
+def check_within(parent: ReadableSpan, spans: Sequence[ReadableSpan]) -> None:
+    assert parent.start_time is not None and parent.end_time is not None
+    for s in spans:
+        assert s.start_time is not None and s.end_time is not None
+        assert parent.start_time <= s.start_time <= s.end_time <= parent.end_time, s.name
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_a_tool_loop_with_no_current_span_is_one_trace_under_its_agent_span(otel: Otel, how: str) -> None:
     pytest.importorskip("pydantic")
+    agent("mock/fast").call(q="no tools", tenant="acme")  # a call without tools: its chat span alone
+    assert [s.name for s in otel.spans() if s.parent is None] == ["chat mock/fast"]
+    otel.exporter.clear()
 
-    class Tools(tl.Agent):
-        model = "mock/fast"
-        user = "{q}"
-        tools = (weather, broken)
+    r = run(Tools, how, tenant="acme")
 
+    top = agent_span(otel)
+    assert (top.name, top.kind, top.parent) == ("invoke_agent Tools", SpanKind.INTERNAL, None)
+    assert top.status.status_code == StatusCode.UNSET  # the tool's error went back to the model
+    a = dict(top.attributes or {})
+    assert a["gen_ai.operation.name"] == "invoke_agent"
+    assert (a["gen_ai.agent.name"], a["gen_ai.request.model"]) == ("Tools", "mock/fast")
+    assert a["tenantllm.tenant_id"] == "acme"
+    assert a["gen_ai.provider.name"] == r.provider and a["gen_ai.response.model"] == r.chosen_model_id
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (r.input_tokens, r.output_tokens)
+    assert a["tenantllm.execution_id"] == r.execution_id and a["tenantllm.cost_usd"] == float(r.total_cost)
+    # One trace, one root: the rounds and the tool calls are the agent span's children, each
+    # round's attempts the round's.
+    assert top.context is not None
+    assert {s.context.trace_id for s in otel.spans() if s.context is not None} == {top.context.trace_id}
+    assert [s for s in otel.spans() if s.parent is None] == [top]
+    rounds, tools = otel.calls(), tool_spans(otel)
+    assert len(rounds) == 2 and [s.name for s in tools] == ["execute_tool weather", "execute_tool broken",
+                                                            "execute_tool nope"]
+    assert {parent_id(s) for s in [*rounds, *tools]} == {span_id(top)}
+    attempts = [s for s in otel.spans() if s.name.startswith("attempt ")]
+    assert len(attempts) == 2 and {parent_id(s) for s in attempts} == {span_id(s) for s in rounds}
+    check_within(top, [*rounds, *tools])
+    assert len(otel.spans()) == 1 + 2 + 3 + 2
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_under_an_app_span_the_agent_span_is_its_child(otel: Otel, how: str) -> None:
+    pytest.importorskip("pydantic")
     tracer = otel.tracer_provider.get_tracer("app")
-    q = 'Hi\n@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}\n@tool nope {}'
     with tracer.start_as_current_span("request") as request:
-        if how == "call":
-            r = Tools.call(q=q, tenant="acme")
-        else:
-            with Tools.stream(q=q, tenant="acme") as streamed:
-                assert "weather -> " in "".join(streamed)
-            r = streamed.result
+        r = run(Tools, how, tenant="acme")
 
-    rounds = otel.calls()
-    tools = sorted((s for s in otel.spans() if s.name.startswith("execute_tool ")), key=lambda s: s.start_time or 0)
+    top = agent_span(otel)
+    assert parent_id(top) == request.get_span_context().span_id
+    rounds, tools = otel.calls(), tool_spans(otel)
     assert len(rounds) == 2
     assert dict(rounds[-1].attributes or {})["tenantllm.execution_id"] == r.execution_id
     assert [s.name for s in tools] == ["execute_tool weather", "execute_tool broken", "execute_tool nope"]
@@ -344,11 +422,61 @@ def test_a_tool_loop_has_a_chat_span_per_round_and_a_span_per_tool_call(otel: Ot
     assert [s.status.status_code for s in tools] == [StatusCode.UNSET, StatusCode.ERROR, StatusCode.ERROR]
     assert dict(tools[0].attributes or {})["gen_ai.operation.name"] == "execute_tool"
     assert "gen_ai.tool.call.arguments" not in dict(tools[0].attributes or {})
-    # All in the request's trace, in order: round 1, its tools, round 2.
-    for s in [*rounds, *tools]:
-        assert s.parent is not None and s.parent.span_id == request.get_span_context().span_id
+    # All in the request's trace, under the agent span, in order: round 1, its tools, round 2.
+    assert {parent_id(s) for s in [*rounds, *tools]} == {span_id(top)}
     assert rounds[0].end_time is not None and tools[-1].end_time is not None and rounds[1].start_time is not None
     assert rounds[0].end_time <= tools[0].start_time and tools[-1].end_time <= rounds[1].start_time  # type: ignore[operator]
+    check_within(top, [*rounds, *tools])
     # The combined result spans both rounds and carries both rounds' requests.
     first = tl.Execution.get(str(dict(rounds[0].attributes or {})["tenantllm.execution_id"]))
     assert r.started_at == first.started_at and len(r.attempts) == 2
+
+
+def error_type(s: ReadableSpan) -> str | None:
+    return None if s.attributes is None else s.attributes.get("error.type")  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_a_tool_that_raises_ends_the_agent_span_with_its_class(otel: Otel, how: str) -> None:
+    pytest.importorskip("pydantic")
+    raising = type("Raising", (Tools,), {"raise_tool_errors": True})
+    with pytest.raises(ValueError, match="bad x 1"):
+        run(raising, how, q='@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}', tenant="acme")
+
+    top = agent_span(otel)
+    assert top.name == "invoke_agent Raising" and top.end_time is not None
+    assert (error_type(top), top.status.status_code) == ("ValueError", StatusCode.ERROR)
+    [only_round] = otel.calls()  # the round asking for the calls succeeded
+    assert error_type(only_round) is None and only_round.status.status_code == StatusCode.UNSET
+    assert [(s.name, error_type(s)) for s in tool_spans(otel)] == [("execute_tool weather", None),
+                                                                   ("execute_tool broken", "ValueError")]
+    assert {parent_id(s) for s in [only_round, *tool_spans(otel)]} == {span_id(top)}
+    assert [s for s in otel.spans() if s.parent is None] == [top]
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_a_budget_that_runs_out_between_rounds_ends_the_agent_span_with_it(otel: Otel, how: str) -> None:
+    pytest.importorskip("pydantic")
+    looping = type("Looping", (Tools,), {"max_tool_rounds": 50, "max_tokens": 50})
+    tl.TenantBudget.create("acme", daily_limit="0.0003", enforcement="hard")
+    with pytest.raises(tl.BudgetExceededError):
+        run(looping, how, q='@loop weather {"city": "Oslo"}', tenant="acme")
+
+    top = agent_span(otel)
+    assert (error_type(top), top.status.status_code) == ("BudgetExceededError", StatusCode.ERROR)
+    rounds = otel.calls()
+    assert len(rounds) >= 3 and [error_type(s) for s in rounds] == [None] * (len(rounds) - 1) + ["BudgetExceededError"]
+    tools = tool_spans(otel)
+    assert len(tools) == len(rounds) - 1 and not any(error_type(s) for s in tools)
+    assert {parent_id(s) for s in [*rounds, *tools]} == {span_id(top)}
+    assert [s for s in otel.spans() if s.parent is None] == [top]
+
+
+def test_a_tool_stream_closed_early_ends_the_agent_span_as_cancelled(otel: Otel, server: FakeProvider) -> None:
+    pytest.importorskip("pydantic")
+    with Tools.stream(q=TOOL_CALLS, tenant="acme") as streamed:
+        next(streamed)
+    top = agent_span(otel)
+    assert (error_type(top), top.status.status_code) == ("CancelledError", StatusCode.ERROR)
+    assert [s for s in otel.spans() if s.parent is None] == [top]
+    assert {parent_id(s) for s in [*otel.calls(), *tool_spans(otel)]} == {span_id(top)}

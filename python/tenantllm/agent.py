@@ -343,7 +343,7 @@ class Agent:
         p = self._prepare(s, tenant, history)
         if dry_run:
             return p.dry_run(s, self._settings())
-        return p.run_tools(s, self._tool_loop(s)) if cls._tl_tools else p.run(s)
+        return p.run_tools(s, self._tool_loop(s, p)) if cls._tl_tools else p.run(s)
 
     @overload
     @classmethod
@@ -368,7 +368,7 @@ class Agent:
         p = self._prepare(s, tenant, history)
         if dry_run:
             return p.dry_run(s, self._settings())
-        return await p.arun_tools(s, self._tool_loop(s)) if cls._tl_tools else await p.arun(s)
+        return await p.arun_tools(s, self._tool_loop(s, p)) if cls._tl_tools else await p.arun(s)
 
     @classmethod
     def stream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> Stream:
@@ -382,9 +382,9 @@ class Agent:
         p = self._prepare(s, tenant, history)
         if not cls._tl_tools:
             return Stream(s, p.open(s), p.call(), finish=p.parsed)
-        loop = self._tool_loop(s)
+        loop = self._tool_loop(s, p)
         after = functools.partial(next_round, loop, call=p.call)
-        return Stream(s, p.open(s), p.call(loop.round_args()), after, p.finish(loop))
+        return Stream(s, p.open(s), p.call(loop.round_args()), after, p.finish(loop), loop.trace)
 
     @classmethod
     def astream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> AsyncStream:
@@ -394,15 +394,15 @@ class Agent:
         p = self._prepare(s, tenant, history)
         if not cls._tl_tools:
             return AsyncStream(s, p.open(s), p.call(), finish=p.parsed)
-        loop = self._tool_loop(s)
+        loop = self._tool_loop(s, p)
         after = functools.partial(anext_round, loop, call=p.call)
-        return AsyncStream(s, p.open(s), p.call(loop.round_args()), after, p.finish(loop))
+        return AsyncStream(s, p.open(s), p.call(loop.round_args()), after, p.finish(loop), loop.trace)
 
-    def _tool_loop(self, s: Settings) -> ToolLoop:
+    def _tool_loop(self, s: Settings, p: Prepared) -> ToolLoop:
         cls = type(self)
         parent, root = lineage()
         loop = ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, parent, root)
-        loop.observe = None if s.telemetry is None else otel.tool_observer(s.telemetry)
+        loop.trace = None if s.telemetry is None else otel.AgentRun(s.telemetry, p.spec, p.tenant.id)
         return loop
 
     def _settings(self) -> dict[str, Any]:

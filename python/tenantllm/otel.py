@@ -3,10 +3,13 @@ GenAI semantic conventions; needs `pip install 'tenantllm[otel]'`.
 
 Each call is a CLIENT span named "chat {model}" in the caller's current trace, with a child
 span per provider request (retries, fallbacks). Spans are made when the call has ended, with
-the start and end times the core measured. Metrics: `gen_ai.client.token.usage` (by
-`gen_ai.token.type`), `gen_ai.client.operation.duration` (seconds) and `tenantllm.cost`
-(USD, by tenant). Prompts and replies are span attributes only with
-`opentelemetry={"capture_content": True}`; API keys never are.
+the start and end times the core measured. A call with tools runs a loop of such calls: it is
+an INTERNAL span `invoke_agent {agent}` whose children are each round's chat span and an
+`execute_tool {name}` span per tool call, so the loop is one trace even with no span current.
+Metrics: `gen_ai.client.token.usage` (by `gen_ai.token.type`),
+`gen_ai.client.operation.duration` (seconds) and `tenantllm.cost` (USD, by tenant). Prompts
+and replies are span attributes only with `opentelemetry={"capture_content": True}`; API keys
+never are.
 
 Options (`opentelemetry=` True or a dict): `capture_content` (bool, default False),
 `tracer_provider` and `meter_provider` (default: the global ones).
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -234,28 +238,98 @@ def start(
     return Call(t, spec.name, spec.model, tenant_id, messages, context.get_current(), time.time_ns())
 
 
-def tool_observer(t: Telemetry) -> Callable[[Pending, BaseException | None, float], None]:
-    """For a tool loop: an `execute_tool {name}` span per tool call, in the caller's trace
-    beside the rounds' chat spans. A call the model got wrong (unknown tool, bad arguments)
-    has `error.type` ToolCallRejected; a tool that raised, its exception's class."""
-    from opentelemetry import context
-    from opentelemetry.trace import SpanKind, Status, StatusCode
+class AgentRun:
+    """A call that runs a tool loop: its `invoke_agent {agent}` span, INTERNAL as the GenAI
+    conventions ask of an agent run in the caller's process, started in the caller's current
+    trace when the call starts and ended with the loop. Each round's chat span and each tool
+    call's `execute_tool` span are its children."""
 
-    parent = context.get_current()
+    def __init__(self, t: Telemetry, spec: _core.AgentSpec, tenant_id: str | None) -> None:
+        from opentelemetry.trace import SpanKind, set_span_in_context
 
-    def observe(p: Pending, error: BaseException | None, started: float) -> None:
+        a: dict[str, Any] = {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": spec.name,
+            "gen_ai.request.model": spec.model,
+        }
+        if tenant_id is not None:
+            a["tenantllm.tenant_id"] = tenant_id
+        self.telemetry = t
+        self.span = t.tracer.start_span(f"invoke_agent {spec.name}", kind=SpanKind.INTERNAL, attributes=a)
+        self.context = set_span_in_context(self.span)
+        self.done = False
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        """The rounds started in the block are children of the agent span (a round's span
+        takes the context current when it starts); an exception leaving the block ends the
+        run with it."""
+        from opentelemetry import context
+
+        token = context.attach(self.context)
+        try:
+            yield
+        except BaseException as e:
+            self.failed(e)
+            raise
+        finally:
+            context.detach(token)
+
+    def tool(self, p: Pending, error: BaseException | None, started: float) -> None:
+        """A tool call that ended: its `execute_tool {name}` span. A call the model got wrong
+        (unknown tool, bad arguments) has `error.type` ToolCallRejected; a tool that raised,
+        its exception's class."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
         end = time.time_ns()
         a: dict[str, Any] = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": p.name,
                              "gen_ai.tool.call.id": p.id}
-        if t.capture_content:
+        if self.telemetry.capture_content:
             a["gen_ai.tool.call.arguments"] = p.arguments
         start = end - int((time.monotonic() - started) * 1e9)
-        span = t.tracer.start_span(f"execute_tool {p.name}", context=parent, kind=SpanKind.INTERNAL,
-                                   attributes=a, start_time=start)
+        span = self.telemetry.tracer.start_span(f"execute_tool {p.name}", context=self.context,
+                                                kind=SpanKind.INTERNAL, attributes=a, start_time=start)
         kind = type(error).__name__ if error is not None else "ToolCallRejected" if p.error else None
         if kind is not None:
             span.set_attribute("error.type", kind)
             span.set_status(Status(StatusCode.ERROR, kind))
         span.end(end_time=end)
 
-    return observe
+    def succeeded(self, r: AgentResult) -> None:
+        """Ends the run with the loop's result (tokens and cost of every round)."""
+        if self.done:
+            return
+        self.done = True
+        self.span.set_attributes({
+            "gen_ai.provider.name": _provider(r.provider),
+            "gen_ai.response.model": r.chosen_model_id,
+            "gen_ai.usage.input_tokens": r.input_tokens,
+            "gen_ai.usage.output_tokens": r.output_tokens,
+            "tenantllm.cost_usd": float(r.total_cost),
+            "tenantllm.execution_id": r.execution_id,
+        })
+        if r.finish_reason is not None:
+            self.span.set_attribute("gen_ai.response.finish_reasons", [r.finish_reason])
+        self.span.end()
+
+    def failed(self, e: BaseException) -> None:
+        """Ends the run with what stopped the loop: a round's error (its span has the same
+        `error.type`), a tool's exception (`raise_tool_errors`), a cancellation."""
+        provider = getattr(e, "provider", None)
+        if not self.done and isinstance(provider, str) and provider:
+            self.span.set_attribute("gen_ai.provider.name", _provider(provider))
+        self._failed(type(e).__name__)
+
+    def cancelled(self) -> None:
+        """Ends the run of a stream closed before its end."""
+        self._failed("CancelledError")
+
+    def _failed(self, kind: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        from opentelemetry.trace import Status, StatusCode
+
+        self.span.set_attribute("error.type", kind)
+        self.span.set_status(Status(StatusCode.ERROR, kind))
+        self.span.end()

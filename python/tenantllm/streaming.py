@@ -70,13 +70,22 @@ def _same(r: AgentResult) -> AgentResult:
 class _Rounds:
     """What the sync and async forms share: the round being read, and the stream's end."""
 
-    def __init__(self, s: Settings, open: Open, first: _core.Call, finish: Finish) -> None:
+    def __init__(self, s: Settings, open: Open, first: _core.Call, finish: Finish, trace: otel.AgentRun | None) -> None:
         self._settings = s
         self._open = open
         self._finish = finish
-        self._round = open(first)  # the first request goes out now, not on the first read
+        self._trace = trace
+        self._round = self._opened(first)  # the first request goes out now, not on the first read
         self._ended = False
         self._result: AgentResult | None = None
+
+    def _opened(self, call: _core.Call) -> Round:
+        """Starts a round; with tools and tracing, inside the call's agent span, so the
+        round's span is its child whichever context reads the stream."""
+        if self._trace is None:
+            return self._open(call)
+        with self._trace.inside():
+            return self._open(call)
 
     def _round_done(self) -> AgentResult:
         """The round being read ended complete: its result, its span ended."""
@@ -92,12 +101,17 @@ class _Rounds:
             self._result = self._finish(last)
             self._end()
         else:
-            self._round = self._open(call)
+            self._round = self._opened(call)
 
     def _end(self, error: BaseException | None = None) -> None:
         self._ended = True
         deliver_alerts(self._settings)
         self._round.observe(error)
+        # The agent span of a tool loop: one that ended complete has ended it already.
+        if self._trace is not None and error is not None:
+            self._trace.failed(error)
+        elif self._trace is not None:
+            self._trace.cancelled()
 
     @property
     def result(self) -> AgentResult:
@@ -113,9 +127,10 @@ class Stream(_Rounds, Iterator[str]):
     """A streamed call, read with `for piece in stream` (blocks the thread, not the GIL)."""
 
     def __init__(
-        self, s: Settings, open: Open, first: _core.Call, after: After = _no_more, finish: Finish = _same
+        self, s: Settings, open: Open, first: _core.Call, after: After = _no_more, finish: Finish = _same,
+        trace: otel.AgentRun | None = None,
     ) -> None:
-        super().__init__(s, open, first, finish)
+        super().__init__(s, open, first, finish, trace)
         self._after = after
 
     def __next__(self) -> str:
@@ -133,8 +148,8 @@ class Stream(_Rounds, Iterator[str]):
             last = self._round_done()
             try:
                 self._then(self._after(last), last)  # a tool loop's tools run here
-            except BaseException:
-                self._end()  # a tool raised (raise_tool_errors): every round so far is settled
+            except BaseException as e:
+                self._end(e)  # a tool raised (raise_tool_errors): every round so far is settled
                 raise
         raise StopIteration
 
@@ -155,9 +170,10 @@ class AsyncStream(_Rounds, AsyncIterator[str]):
     """A streamed call, read with `async for piece in stream`."""
 
     def __init__(
-        self, s: Settings, open: Open, first: _core.Call, after: AsyncAfter = _ano_more, finish: Finish = _same
+        self, s: Settings, open: Open, first: _core.Call, after: AsyncAfter = _ano_more, finish: Finish = _same,
+        trace: otel.AgentRun | None = None,
     ) -> None:
-        super().__init__(s, open, first, finish)
+        super().__init__(s, open, first, finish, trace)
         self._after = after
 
     async def __anext__(self) -> str:
@@ -178,8 +194,8 @@ class AsyncStream(_Rounds, AsyncIterator[str]):
             last = self._round_done()
             try:
                 self._then(await self._after(last), last)  # a tool loop's tools are awaited here
-            except BaseException:
-                self._end()  # cancelled while a tool ran, or it raised: every round is settled
+            except BaseException as e:
+                self._end(e)  # cancelled while a tool ran, or it raised: every round is settled
                 raise
         raise StopAsyncIteration
 

@@ -16,12 +16,16 @@ import json
 import time
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenantllm import _core
 from tenantllm._core import AgentResult, ConfigurationError
 from tenantllm.structured import describe
+
+if TYPE_CHECKING:
+    from tenantllm.otel import AgentRun
 
 # The most model rounds an agent may run (each one is a billed call).
 MAX_TOOL_ROUNDS = 50
@@ -161,9 +165,9 @@ class ToolLoop:
     records: list[dict[str, Any]] = field(default_factory=list)
     results: list[AgentResult] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    # Told of each tool call as it ends (its pending call, its exception, its monotonic
-    # start): tracing's span per tool call (`otel.tool_observer`).
-    observe: Callable[[Pending, BaseException | None, float], None] | None = None
+    # The call's `invoke_agent` span when tracing is on: told of each tool call as it ends,
+    # and of the loop's result.
+    trace: AgentRun | None = None
 
     def round_args(self) -> dict[str, Any]:
         """What the next round adds to the core's call: the earlier rounds, the calls so far
@@ -189,8 +193,8 @@ class ToolLoop:
 
     def finish_call(self, p: Pending, value: Any, error: BaseException | None, t0: float) -> dict[str, Any]:
         """Records one call's outcome; returns its answer for the next round."""
-        if self.observe is not None:
-            self.observe(p, error, t0)
+        if self.trace is not None:
+            self.trace.tool(p, error, t0)
         record: dict[str, Any] = {"name": p.name, "arguments": p.recorded_arguments}
         if error is not None:
             if self.raise_errors:
@@ -211,7 +215,14 @@ class ToolLoop:
     def result(self) -> AgentResult:
         last = self.results[-1]
         duration = int((time.monotonic() - self.started) * 1000)
-        return last._completed(list(self.records), None, self.results[:-1], duration)
+        r = last._completed(list(self.records), None, self.results[:-1], duration)
+        if self.trace is not None:
+            self.trace.succeeded(r)
+        return r
+
+    def traced(self) -> AbstractContextManager[None]:
+        """Where a call or acall runs its rounds: inside the agent span, when tracing is on."""
+        return nullcontext() if self.trace is None else self.trace.inside()
 
     def run_sync(self, p: Pending) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -267,17 +278,19 @@ async def anext_round(loop: ToolLoop, r: AgentResult, call: RoundCall) -> _core.
 def run_loop(loop: ToolLoop, call: RoundCall, run: Callable[[_core.Call], AgentResult]) -> AgentResult:
     """The loop: a round (admitted, reserved and recorded by the core, so a budget that runs
     out stops it with BudgetExceededError), its tool calls, the next round..."""
-    c: _core.Call | None = call(loop.round_args())
-    while c is not None:
-        c = next_round(loop, run(c), call)
-    return loop.result()
+    with loop.traced():
+        c: _core.Call | None = call(loop.round_args())
+        while c is not None:
+            c = next_round(loop, run(c), call)
+        return loop.result()
 
 
 async def arun_loop(
     loop: ToolLoop, call: RoundCall, arun: Callable[[_core.Call], Awaitable[AgentResult]]
 ) -> AgentResult:
     """`run_loop` for `acall`: the same rounds, tools awaited (sync ones in a thread)."""
-    c: _core.Call | None = call(loop.round_args())
-    while c is not None:
-        c = await anext_round(loop, await arun(c), call)
-    return loop.result()
+    with loop.traced():
+        c: _core.Call | None = call(loop.round_args())
+        while c is not None:
+            c = await anext_round(loop, await arun(c), call)
+        return loop.result()
