@@ -17,7 +17,8 @@ $(BIN)/maturin:
 		opentelemetry-instrumentation-fastapi
 
 # The core's PostgreSQL tests are #[ignore]d (a plain `cargo test` lists them as ignored, never
-# as passed); with a server named they run too.
+# as passed); with a server named they run too. Then the bindings' own tests (src/python/), on
+# an interpreter embedded in the test binary.
 cargo-test:
 	@if [ -n "$$TENANTLLM_TEST_POSTGRES_URL" ]; then \
 		cargo test --quiet -- --include-ignored; \
@@ -25,6 +26,7 @@ cargo-test:
 		cargo test --quiet; \
 		echo "SKIPPED: the core's PostgreSQL tests (set TENANTLLM_TEST_POSTGRES_URL to run them; .ci/run does)"; \
 	fi
+	cargo test --quiet --lib $(CARGO_FEATURES) python::
 
 clippy:
 	cargo clippy --all-targets --quiet -- -D warnings

@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 
 use super::config::config_from_dict;
 use super::convert::{budget_to_dict, cell_to_py, count, nanos_to_py, row_to_dict, string, string_map, tenant_budget, AnyInt};
-use super::errors::{to_py, IntoPy};
+use super::errors::{call_core, to_py, IntoPy};
 use super::query::{parse_ops, Ops};
 use super::runtime::{runtime, Tokio};
 use crate::breaker;
@@ -365,24 +365,21 @@ impl PyGuard {
             cache_write: cache_write_tokens.or_max(),
             cache_write_1h: cache_write_1h_tokens.or_max(),
         };
-        Ok(py.detach(|| catch_panic(|| guard.succeed(model.as_deref(), usage))).py_err(py)?.into())
+        Ok(call_core(py, || guard.succeed(model.as_deref(), usage))?.into())
     }
 
     fn fail(&self, py: Python<'_>, error_class: String, message: String) -> PyResult<()> {
         let guard = self.take(py)?;
-        py.detach(|| catch_panic(|| guard.fail(&error_class, &message))).py_err(py)
+        call_core(py, || guard.fail(&error_class, &message))
     }
 
     /// The block was interrupted (KeyboardInterrupt, task cancelled): record it as cancelled.
     fn cancel(&self, py: Python<'_>) -> PyResult<()> {
         let guard = self.take(py)?;
-        py.detach(|| {
-            catch_panic(|| {
-                drop(guard);
-                Ok(())
-            })
+        call_core(py, || {
+            drop(guard);
+            Ok(())
         })
-        .py_err(py)
     }
 }
 
@@ -559,13 +556,13 @@ fn alert_dict<'py>(py: Python<'py>, a: &Alert) -> PyResult<Bound<'py, PyDict>> {
 impl PyEngine {
     /// This process's engine: the one `configure()` built, or in a forked child a new one.
     fn engine(&self, py: Python<'_>) -> PyResult<&Arc<Engine>> {
-        self.inner.get_or_try_init(|| py.detach(|| Engine::new(self.config.clone())).map(Arc::new)).py_err(py)
+        self.inner.get_or_try_init(|| call_core(py, || Engine::new(self.config.clone())).map(Arc::new))
     }
 
     /// Runs `f` on the core with the GIL released, converting its error.
     fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&Engine) -> Result<T> + Send) -> PyResult<T> {
         let engine = self.engine(py)?;
-        py.detach(|| catch_panic(|| f(engine))).py_err(py)
+        call_core(py, || f(engine))
     }
 
     /// A query's operations; calendar ranges (`today()`, ...) in the database's timezone.
@@ -580,7 +577,7 @@ impl PyEngine {
     #[new]
     fn new(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
         let config = catch_panic(|| config_from_dict(config)).py_err(py)?;
-        let engine = py.detach(|| catch_panic(|| Engine::new(config.clone()))).py_err(py)?;
+        let engine = call_core(py, || Engine::new(config.clone()))?;
         if engine.store().is_sqlite_file() {
             super::second_sqlite::warn_once(py)?;
         }
@@ -648,7 +645,7 @@ impl PyEngine {
     fn begin_guard(&self, py: Python<'_>, call: &PyCall, estimated_input_tokens: AnyInt) -> PyResult<PyGuard> {
         let estimated_input_tokens = estimated_input_tokens.within("input_tokens", 0, MAX_REPLY_TOKENS).py_err(py)?;
         let engine = self.engine(py)?.clone();
-        let guard = py.detach(|| catch_panic(|| engine.begin_guard(&call.spec, &call.req, estimated_input_tokens))).py_err(py)?;
+        let guard = call_core(py, || engine.begin_guard(&call.spec, &call.req, estimated_input_tokens))?;
         Ok(PyGuard {
             execution_id: guard.execution_id().to_string(),
             warnings: guard.warnings().to_vec(),

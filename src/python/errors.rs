@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::convert::{amount_to_py, failure_to_py};
-use crate::error::{Error, ProviderErrorKind, ProviderFailure};
+use crate::error::{catch_panic, Error, ProviderErrorKind, ProviderFailure};
 
 create_exception!(tenantllm, TenantLLMError, PyException, "Base class of every tenantllm error.");
 create_exception!(tenantllm, BudgetExceededError, TenantLLMError, "A hard budget would be exceeded; no request was sent.");
@@ -136,5 +136,31 @@ pub trait IntoPy<T> {
 impl<T> IntoPy<T> for crate::error::Result<T> {
     fn py_err(self, py: Python<'_>) -> PyResult<T> {
         self.map_err(|e| to_py(py, e))
+    }
+}
+
+/// Runs core code `f` with the GIL released, as every entry point that does work in the core
+/// does: its error becomes the Python exception, and a panic in it `InternalError` (the last
+/// line of defence, `catch_panic`), never a `PanicException` that `except Exception` misses.
+pub fn call_core<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::error::Result<T> + Send) -> PyResult<T> {
+    py.detach(|| catch_panic(f)).py_err(py)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_the_core_is_an_internal_error_and_an_error_its_exception() {
+        Python::initialize();
+        Python::attach(|py| {
+            let e = call_core::<()>(py, || panic!("index out of bounds")).unwrap_err();
+            assert!(e.is_instance_of::<InternalError>(py), "{e}");
+            assert!(e.is_instance_of::<TenantLLMError>(py), "{e}");
+            assert!(e.value(py).to_string().contains("index out of bounds"), "{e}");
+            let e = call_core::<()>(py, || Err(Error::Configuration("timeout must be from 0 to 60".into()))).unwrap_err();
+            assert!(e.is_instance_of::<ConfigurationError>(py), "{e}");
+            assert_eq!(call_core(py, || Ok(7)).unwrap(), 7);
+        });
     }
 }

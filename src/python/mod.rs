@@ -21,12 +21,12 @@ fn drain_tasks(py: Python<'_>, timeout: f64) -> PyResult<()> {
     if !(0.0..=60.0).contains(&timeout) {
         return Err(crate::error::Error::Configuration(format!("timeout must be from 0 to 60 seconds (got {timeout})"))).py_err(py);
     }
-    py.detach(|| {
+    errors::call_core(py, || {
         runtime::drain(std::time::Duration::from_secs_f64(timeout));
         // No retention batch starts after this; one under way gets a second to commit.
         crate::retention::stop(std::time::Duration::from_secs(1));
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 /// How many times this thread's database calls waited for a lock another connection or
