@@ -1,10 +1,9 @@
 //! The SQLite store's background checkpointer: it folds the WAL back into the database file
 //! and starts it over, so that no call pays for it (issue 15).
 
-use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -67,30 +66,16 @@ const RESTART_RETRY_EVERY: Duration = Duration::from_millis(10);
 /// SQLite's write lock meanwhile, so this bounds how long any call can wait behind it (with
 /// the copy and syncs of the frames left).
 const RESTART_WAIT: Duration = Duration::from_millis(3);
-/// The WAL's cap (bytes). Reads that overlap (two dashboards, a backup next to a scan) may
-/// leave no moment when nothing reads from the WAL, so restarts that wait for nobody never
-/// happen and the WAL would grow without bound (358 MB in `make bench`). Past the cap the
-/// checkpointer restarts it anyway, holding this process's writes up to `CAP_WAIT` while the
-/// reads that still use it end, but only once the read that held the WAL back has ended: reads
-/// are coming and going, so the ones running will end too. While one read stays (a long
-/// backup) no restart could succeed, and trying would only make calls wait `CAP_WAIT` for
-/// nothing; the WAL grows until it ends.
+/// The WAL's cap (bytes). Past it, writes are held while a checkpoint runs in any process
+/// (`hold_back`, `HOLD_WAIT` at most each time), and a restart is tried once the frames a read
+/// pins are few (`RESTART_COPY_FRAMES`, a read that just began), not only when no read pins
+/// any. No write waits longer on it: reads that overlap with no gap between them (two
+/// dashboards, a backup next to a scan, a scan begun again as the last one ends) leave no
+/// moment when no read uses the WAL, and SQLite cannot start over a WAL a read uses. Only
+/// holding every write until a whole read has ended would restart it: that made calls wait up
+/// to 1 s (1.1-1.6 s under back-to-back reads of 1 s, which foil it anyway). The WAL grows while
+/// such reads go on, and starts over in the first gap between them that the passes reach.
 const WAL_CAP_BYTES: i64 = 64 << 20;
-/// How long a restart past the cap may hold this process's writes in all. With the WAL's last
-/// frame held still, the reads older than it end, the restart's tries copy the WAL whole, the
-/// reads that began before that end too, and reads that begin after it read the database file
-/// and hold nothing up: it succeeds when overlapping reads last up to about half of it each.
-/// Calls wait meanwhile, so this bounds their wait on the checkpointer once the WAL passed the cap.
-const CAP_WAIT: Duration = Duration::from_secs(1);
-/// How long each of those tries waits for locks. SQLite's restart looks at the reads' marks
-/// once, then waits on the lock of each read older than the last frame: a read that ends and
-/// begins again at once takes that lock back, now safe, and one long wait would wait on it
-/// until its deadline for nothing (the cap did not hold: 160-198 MB against 64). Short tries
-/// each look at the marks afresh.
-const CAP_TRY_WAIT: Duration = Duration::from_millis(5);
-/// After a restart past the cap timed out (reads longer than that), the next one waits this
-/// long, so calls run at least as long as they waited.
-const CAP_RETRY_AFTER: Duration = CAP_WAIT;
 /// A WAL file larger than this (bytes) is cut back (to nothing) once writes pause for a round:
 /// long reads make it grow. Never while calls write: SQLite's own limit (`journal_size_limit`)
 /// makes the first call after each restart cut the file back, an ftruncate of 4 to 84 ms
@@ -107,16 +92,19 @@ const WAL_KEEP_BYTES: u64 = 16 << 20;
 /// bound, 350-450 MB); so it holds `WalShared::gate` (every write of this process holds it
 /// while it runs), which it gets once the write under way has ended, and no other begins. Other processes'
 /// writers wait in their busy handler. It waits at most `RESTART_WAIT` for locks in all; the frames left to
-/// copy and the two fsyncs that go with them are what calls wait for, so below the cap it copies
+/// copy and the two fsyncs that go with them are what calls wait for, so it copies
 /// `RESTART_COPY_FRAMES` at most (more were written while a long pass ran: another pass copies
 /// them first, with no call waiting). It is only tried when the
 /// last passive pass could copy nearly the whole WAL: when it could not, a read (a backup, a
 /// dashboard scan) still uses the WAL, and a restart would wait for it with every writer waiting
 /// behind (it used to, holding this process's writer, for up to SQLite's 30 s busy timeout). The
 /// WAL grows while such reads last; the checkpointer then looks every `RESTART_RETRY_EVERY` for
-/// the gap after one, and past `WAL_CAP_BYTES`, once reads turn over, it holds writes and tries
-/// to restart the WAL until it can, `CAP_WAIT` at most.
-/// Every round runs inside the fork gate (a fork waits for it, `CAP_WAIT` at most).
+/// the gap after one (past `WAL_CAP_BYTES`, also for a read that pins few frames). A restart
+/// that found a read still in the WAL is not tried again until the reads turn over.
+/// So no write waits on the checkpointer longer than `HOLD_WAIT` before it begins, and then
+/// `RESTART_WAIT` for locks, the copy of `RESTART_COPY_FRAMES` frames at most and two fsyncs
+/// if a restart holds the gate: 3-12 ms on this machine's disk.
+/// Every round runs inside the fork gate (a fork waits for it, as long at most).
 pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Checkpointer> {
     let conn = connect(path)?;
     conn.busy_handler(Some(checkpoint_busy_wait))?;
@@ -130,39 +118,29 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
     let thread = std::thread::Builder::new()
         .name("tenantllm-checkpoint".into())
         .spawn(move || {
-            // Whether the next checkpoint is expected to copy frames, and what the last one had
-            // copied: it is unless a read pins the WAL (the last one left frames and copied none
-            // more), and once reads turned over past the cap, until the WAL is under it again
-            // (each pass may be the one that finds a read ended and copies what it held back).
-            let (folds, copied_before) = (Cell::new(true), Cell::new(0));
             // SQLite's answer (`news`); `wait` bounds the time it waits for locks in all.
             let checkpoint = |mode: &str, wait: Duration| {
                 CHECKPOINT_DEADLINE.set(Instant::now() + wait);
-                shared.pass.store(if folds.get() { COPIES } else { MAY_COPY }, Ordering::Relaxed);
+                shared.in_pass.store(true, Ordering::Relaxed);
                 let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
-                shared.pass.store(NO_PASS, Ordering::Relaxed);
-                let (busy, frames, copied) = news(done)?;
-                folds.set(copied == frames || copied > copied_before.replace(copied) || (folds.get() && frames > cap_frames));
-                Some((busy, frames, copied))
+                shared.in_pass.store(false, Ordering::Relaxed);
+                news(done)
             };
             // A passive checkpoint: (frames in the WAL, frames copied), or no news.
             let pass = || checkpoint("PASSIVE", Duration::ZERO).map(|(_, frames, copied)| (frames, copied));
-            // A restart, with this process's writes held (`gate`) by the caller, tried again
-            // (each try waiting `wait` for locks at most) until `tries_for` has passed: the
-            // frames the WAL held once made.
-            let restart = |mode: &str, wait: Duration, tries_for: Duration| {
-                let until = Instant::now() + tries_for;
-                loop {
-                    if let Some((false, frames, _)) = checkpoint(mode, wait) {
-                        return Some(frames);
-                    }
-                    if Instant::now() >= until {
-                        return None;
-                    }
+            // A restart, with this process's writes held (`gate`) by the caller: one try,
+            // `RESTART_WAIT` for locks at most; the frames the WAL held once made.
+            let restart = || {
+                match checkpoint("RESTART", RESTART_WAIT) {
+                    Some((false, frames, _)) => Some(frames),
+                    _ => None,
                 }
             };
             let mut wait = CHECKPOINT_EVERY;
-            let mut next_cap_restart = Instant::now();
+            // The frames copied when a restart last found a read still in the WAL: no restart
+            // is tried again until the copied frames move on (that read ended), so that writes
+            // are not held every round for a read that goes on.
+            let mut failed_at: Option<i64> = None;
             // (frames in the WAL, frames copied) as the last round left them; none before the
             // first round and after a restart, when there is nothing to compare with.
             let mut last: Option<(i64, i64)> = None;
@@ -193,16 +171,13 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 let unchanged = last.is_some_and(|(before, _)| before == frames);
                 let paused = unchanged && wait == CHECKPOINT_EVERY;
                 wait = if unchanged { CHECKPOINT_EVERY } else { CATCH_UP_EVERY };
-                // Fewer frames copied than the WAL held: a read still used the WAL. Copied
-                // frames moving on since a round a read held them back: that read ended. (Not
-                // when the last round copied all: the read that holds them back now just began.)
-                let reads_turned_over = last.is_some_and(|(held, before)| before < held && before != copied);
                 if frames <= WAL_RESTART_FRAMES {
                     let oversized = std::fs::metadata(&wal_file).is_ok_and(|m| m.len() > WAL_KEEP_BYTES);
                     if paused && copied == frames && oversized && checkpoint("TRUNCATE", RESTART_WAIT).is_some_and(|(busy, ..)| !busy) {
                         frames = 0;
                     }
                     last = Some((frames, copied.min(frames)));
+                    failed_at = None;
                     shared.seen(frames, false);
                     continue;
                 }
@@ -223,15 +198,17 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                     }
                 }
                 // All copied but what a write under way (or just committed: its read mark is
-                // still taken as a pass ends) or a read that just began holds back.
-                let (restarted, stalled) = if frames - copied < RESTART_LEFTOVER_FRAMES {
+                // still taken as a pass ends) or a read that just began holds back; past the
+                // cap, up to `RESTART_COPY_FRAMES` of it (a read that began a little earlier).
+                let leftover = if frames > cap_frames { RESTART_COPY_FRAMES } else { RESTART_LEFTOVER_FRAMES };
+                let (restarted, stalled) = if frames - copied < leftover && failed_at != Some(copied) {
                     // Whether a restart now would copy few enough frames, with the gate held.
                     // The WAL holds as many as this process's last commit left (exact: no
                     // write of this process is under way), or as the last pass saw (another
                     // process's commits).
                     let small = |frames: i64, copied: i64| {
                         let frames = shared.frames.load(Ordering::Relaxed).max(frames);
-                        frames - copied <= RESTART_COPY_FRAMES || frames > cap_frames
+                        frames - copied <= RESTART_COPY_FRAMES
                     };
                     let mut passes = CATCH_UP_PASSES;
                     loop {
@@ -248,18 +225,22 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                             break (None, true); // another process's checkpointer
                         };
                         (frames, copied) = now;
-                        if frames - copied >= RESTART_LEFTOVER_FRAMES {
+                        if frames - copied >= leftover {
                             break (None, true); // a read began
                         }
                         let held = unpoisoned(shared.gate.lock());
                         // More than `RESTART_COPY_FRAMES` were written during that pass (a long
-                        // one): another pass copies them first, with no call waiting. Past the
-                        // cap the restart is made anyway, so that writers faster than the disk
-                        // cannot grow the WAL for ever (past `HOLD_FRAMES` they are held).
+                        // one): another pass copies them first, with no call waiting (writers
+                        // faster than the disk are held past `HOLD_FRAMES`, and past the cap
+                        // during every pass). Past the cap too: calls would wait for the copy.
                         if small(frames, copied) {
-                            let made = restart("RESTART", RESTART_WAIT, Duration::ZERO);
+                            let made = restart();
+                            #[cfg(test)]
+                            unpoisoned(shared.held_lock_waits.lock()).push(RESTART_WAIT);
                             #[cfg(test)]
                             let _ = made.map(|made| unpoisoned(shared.restart_copies.lock()).push((made, made - copied)));
+                            // A read in the WAL: not again until it ended.
+                            failed_at = made.is_none().then_some(copied);
                             break (made, made.is_none());
                         }
                         drop(held);
@@ -270,13 +251,6 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                         }
                         passes -= 1;
                     }
-                } else if frames > cap_frames && reads_turned_over && Instant::now() >= next_cap_restart {
-                    let _held = unpoisoned(shared.gate.lock());
-                    let made = restart("RESTART", CAP_TRY_WAIT, CAP_WAIT);
-                    if made.is_none() {
-                        next_cap_restart = Instant::now() + CAP_RETRY_AFTER;
-                    }
-                    (made, true)
                 } else {
                     (None, true)
                 };
@@ -312,37 +286,14 @@ fn news(answer: rusqlite::Result<(bool, i64, i64)>) -> Option<(bool, i64, i64)> 
 /// and a writer faster than that grows the WAL while one does (one sync of 330 ms on a loaded
 /// disk let one unpaced writer grow it to 71 MB): writes waiting here bound it whatever the disk.
 const HOLD_FRAMES: i64 = 4 * WAL_RESTART_FRAMES;
-/// How long a write waits for that at most: a few ms, so past `HOLD_FRAMES` writes are slowed
-/// (to ~500 a second while the checkpointer is behind), not stopped for a pass. A pass that
-/// copies and syncs a large WAL takes 0.1 s to seconds on a busy disk, and writes waited for
-/// it, and for the restart after it, up to 1 s each (2 s for a call's admission and settlement).
+/// How long a write waits for that (and past the cap for a checkpoint under way) at most: a few
+/// ms, so writes are slowed (to ~500 a second while the checkpointer is behind), not stopped
+/// for a pass. A pass that copies and syncs a large WAL takes 0.1 s to seconds on a busy disk,
+/// and writes waited for it, and for the restart after it, up to 1 s each (2 s for a call's
+/// admission and settlement).
 const HOLD_WAIT: Duration = Duration::from_millis(2);
 /// How often a waiting write looks whether the WAL started over.
 const HOLD_STEP: Duration = Duration::from_micros(250);
-
-/// `WalShared::pass`: no checkpoint under way.
-const NO_PASS: u8 = 0;
-/// A checkpoint expected to copy frames: the last one copied some, or the WAL was past its cap.
-const COPIES: u8 = 1;
-/// A checkpoint after one that a read pinned the WAL for (it copied nothing more): it copies
-/// nothing if that read still runs, and all the read held back if it has ended.
-const MAY_COPY: u8 = 2;
-
-/// How long a write past the WAL's cap waits for the checkpoint under way (`pass`) to end.
-/// For one expected to copy, `CAP_WAIT`: the cap can act only between two passes, and a pass
-/// copies and syncs at the disk's pace (3.2 s once, loaded), so writers faster than the disk
-/// grew the WAL meanwhile to three times its cap and more. For one that may copy, `HOLD_WAIT`:
-/// one that a read still pins is over in microseconds, and a write waits for nothing (a write
-/// that found the checkpointer preempted in one waited ~36 ms); but the one that finds the read
-/// ended copies all it held back, and writes that did not wait at all grew the WAL to 177 MB
-/// against the 64 MB cap meanwhile, next to CPU hogs.
-fn cap_hold(pass: u8) -> Duration {
-    match pass {
-        COPIES => CAP_WAIT,
-        MAY_COPY => HOLD_WAIT,
-        _ => Duration::ZERO,
-    }
-}
 
 /// What this process's writes share with its checkpointer.
 #[derive(Default)]
@@ -362,8 +313,8 @@ pub(super) struct WalShared {
     stalled: AtomicBool,
     /// The WAL's cap in frames (`WAL_CAP_BYTES`); none until the checkpointer starts.
     cap_frames: AtomicI64,
-    /// The checkpoint under way, if any: `COPIES` or `MAY_COPY` (`cap_hold`).
-    pass: AtomicU8,
+    /// A checkpoint of this process's checkpointer is under way.
+    in_pass: AtomicBool,
     /// The checkpointer's thread. A commit that grows the WAL past `WAL_RESTART_FRAMES` wakes
     /// it: writes that begin after a pause would otherwise have all its pause between two rounds
     /// (`CHECKPOINT_EVERY`; one unpaced writer grew the WAL to 89 MB in that time).
@@ -374,23 +325,29 @@ pub(super) struct WalShared {
     /// with writes held.
     #[cfg(test)]
     restart_copies: Mutex<Vec<(i64, i64)>>,
+    /// How long each checkpoint made with writes held (`gate`) could wait for locks.
+    #[cfg(test)]
+    held_lock_waits: Mutex<Vec<Duration>>,
 }
 
 impl WalShared {
     /// Before a write begins: past `HOLD_FRAMES`, unless restarts are stalled, waits until the
-    /// checkpointer restarted the WAL, `HOLD_WAIT` at most; past the WAL's cap, while a
-    /// checkpoint runs, waits for it to end, `cap_hold` at most (lock waits), and then writes
-    /// anyway.
+    /// checkpointer restarted the WAL; past the WAL's cap, while a checkpoint runs, waits for
+    /// it to end; `HOLD_WAIT` at most in all (a lock wait), then writes anyway. Held a few ms
+    /// each time, again and again while the checkpointer is behind, writers are slowed (to
+    /// ~500 writes a second each), not stopped for a pass: a pass past the cap copies and syncs
+    /// at the disk's pace (3.2 s once, loaded), and writes waited for it up to 1 s each (for a
+    /// pass a read pinned, for nothing: it could copy nothing).
     pub(super) fn hold_back(&self) {
         let frames = || self.frames.load(Ordering::Relaxed);
         let behind = || frames() > HOLD_FRAMES && !self.stalled.load(Ordering::Relaxed);
-        let past_cap = |waited| frames() > self.cap_frames.load(Ordering::Relaxed) && waited < cap_hold(self.pass.load(Ordering::Relaxed));
-        if !behind() && !past_cap(Duration::ZERO) {
+        let past_cap = || frames() > self.cap_frames.load(Ordering::Relaxed) && self.in_pass.load(Ordering::Relaxed);
+        if !behind() && !past_cap() {
             return;
         }
         self.thread.get().map(Thread::unpark);
         let started = Instant::now();
-        while (behind() && started.elapsed() < HOLD_WAIT) || past_cap(started.elapsed()) {
+        while (behind() || past_cap()) && started.elapsed() < HOLD_WAIT {
             std::thread::sleep(HOLD_STEP);
         }
         lock_waits::record(true, started.elapsed());
@@ -515,26 +472,24 @@ mod tests {
         assert!(store.write_when_free(|_| gate_held()).unwrap());
     }
 
-    /// Past the cap a write waits for a checkpoint that may copy (a read pinned the WAL at the
-    /// last one), `HOLD_WAIT` at most: it waited for none, and the one that found the read
-    /// ended copied and synced all it had held back while writes grew the WAL on (to 177 MB
-    /// against the 64 MB cap next to CPU hogs). Below the cap, and with no checkpoint under way,
-    /// it waits for nothing. (No checkpointer here: nothing ends the pass.)
+    /// Past the cap a write waits for a checkpoint under way, `HOLD_WAIT` at most, whatever
+    /// the checkpoint (one expected to copy held writes up to 1 s). Below the cap, and with no
+    /// checkpoint under way, it waits for nothing. (No checkpointer here: nothing ends the pass.)
     #[test]
-    fn past_the_cap_a_write_waits_a_little_for_a_pass_that_may_copy() {
+    fn past_the_cap_a_write_waits_a_little_for_a_checkpoint_under_way() {
         let wal = WalShared::default();
         wal.cap_frames.store(100, Ordering::Relaxed);
         let waits = || lock_waits::so_far().0;
-        let held = |frames: i64, pass: u8| {
+        let held = |frames: i64, in_pass: bool| {
             wal.frames.store(frames, Ordering::Relaxed);
-            wal.pass.store(pass, Ordering::Relaxed);
+            wal.in_pass.store(in_pass, Ordering::Relaxed);
             let (before, t) = (waits(), Instant::now());
             wal.hold_back();
             (waits() > before).then(|| t.elapsed())
         };
-        assert_eq!(held(101, NO_PASS), None);
-        assert_eq!(held(100, MAY_COPY), None);
-        let waited = held(101, MAY_COPY).expect("a write past the cap did not wait for a pass that may copy");
+        assert_eq!(held(101, false), None);
+        assert_eq!(held(100, true), None);
+        let waited = held(101, true).expect("a write past the cap did not wait for the checkpoint under way");
         assert!(waited >= HOLD_WAIT, "it waited {waited:?}");
     }
 
@@ -567,7 +522,7 @@ mod tests {
         // One-page writes until the checkpointer started the WAL over.
         while frames() > WAL_RESTART_FRAMES {
             assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
-            let (in_pass, waits) = (store.wal.pass.load(Ordering::Relaxed) == MAY_COPY && frames() > cap, lock_waits::so_far().0);
+            let (in_pass, waits) = (store.wal.in_pass.load(Ordering::Relaxed) && frames() > cap, lock_waits::so_far().0);
             put_setting(&store, "small", &writes.to_le_bytes());
             if in_pass {
                 during += 1;
@@ -659,7 +614,7 @@ mod tests {
         let (mut slowest, mut past_cap) = (Duration::ZERO, None);
         // Past the cap, then long enough for several of the checkpointer's tries.
         let deadline = Instant::now() + Duration::from_secs(120);
-        while past_cap.is_none_or(|t: Instant| t.elapsed() < 2 * CAP_RETRY_AFTER) {
+        while past_cap.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(2)) {
             assert!(Instant::now() < deadline, "the WAL did not pass its cap in 2 minutes ({} bytes)", wal());
             slowest = slowest.max(write());
             if past_cap.is_none() && wal() > WAL_CAP_BYTES as u64 + (8 << 20) {
@@ -671,7 +626,7 @@ mod tests {
         }
         let (waits, waited) = (lock_waits::so_far().0 - waits, lock_waits::so_far().1 - waited);
         assert!(waited < Duration::from_millis(100), "writes waited {waited:?} for locks in all ({waits} waits)");
-        assert!(slowest < CAP_WAIT / 2, "the slowest write took {slowest:?}");
+        assert!(slowest < Duration::from_millis(500), "the slowest write took {slowest:?}");
         reader.execute_batch("COMMIT").unwrap();
         // The WAL starts over, then writes pause and it is cut back.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -733,31 +688,90 @@ mod tests {
     }
 
     /// A WAL past its cap while the checkpointer's pass copies and syncs it (seconds on a busy
-    /// disk): writes went on at full speed meanwhile, held 2 ms each at most and not at all
-    /// once a restart had failed, and the cap could only act between two passes (one pass of
-    /// 3.2 s let calls grow the WAL from 26 to 190 MB in `test_wal.py`, whose bound is 150).
-    /// Now past the cap a write waits for the pass to end (`CAP_WAIT` at most): the WAL grows
-    /// by a few writes, not by what the writers manage in a pass.
+    /// disk): writes went on at full speed meanwhile, and the cap could only act between two
+    /// passes (one pass of 3.2 s let calls grow the WAL from 26 to 190 MB in `test_wal.py`).
+    /// Then past the cap a write waited for the pass to end, up to 1 s. Now each waits
+    /// `HOLD_WAIT` at most, again and again while the pass runs. Counted, not timed: the writes
+    /// that began during that pass, and those of them that waited.
     #[test]
-    fn no_write_grows_the_wal_past_its_cap_while_a_pass_runs() {
+    fn writes_past_the_cap_are_held_a_little_each_while_a_pass_runs() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = open_in(&dir);
+        let frames = || store.wal.frames.load(Ordering::Relaxed);
+        let cap = store.wal.cap_frames.load(Ordering::Relaxed);
         // ~1.25 times the cap in one write: the pass copies and syncs ~80 MB.
         put_setting(&store, "filler", &vec![1u8; 80 << 20]);
-        let first = store.wal.frames.load(Ordering::Relaxed);
-        let (mut largest, mut writes, mut written) = (first, 0, 0u8);
+        let first = frames();
+        let (mut largest, mut writes, mut during, mut held, mut written) = (first, 0, 0, 0, 0u8);
         let t = Instant::now();
-        // 64-page writes, other bytes each time, until the checkpointer started the WAL over.
-        while store.wal.frames.load(Ordering::Relaxed) > WAL_RESTART_FRAMES && t.elapsed() < Duration::from_secs(60) {
+        // One-page writes, other bytes each time, until the checkpointer started the WAL over.
+        while frames() > WAL_RESTART_FRAMES && t.elapsed() < Duration::from_secs(60) {
+            let (in_pass, waits) = (store.wal.in_pass.load(Ordering::Relaxed) && frames() > cap, lock_waits::so_far().0);
             written = written.wrapping_add(1);
-            put_setting(&store, "small", &vec![written; 256 << 10]);
-            largest = largest.max(store.wal.frames.load(Ordering::Relaxed));
+            put_setting(&store, "small", &[written; 100]);
+            if in_pass {
+                during += 1;
+                held += u64::from(lock_waits::so_far().0 > waits);
+            }
+            largest = largest.max(frames());
             writes += 1;
         }
-        eprintln!("{writes} writes in {:?} until the WAL started over, from {first} frames to {largest} at most", t.elapsed());
-        // A write waits `CAP_WAIT` at most, then goes on: 10 writes of 64 pages is a pass of
-        // 10 s. Before, the WAL grew by ~200 writes (13,000 frames) while the pass ran.
-        assert!(largest - first <= 10 * 64 + 64, "the WAL grew from {first} to {largest} frames in {writes} writes");
+        eprintln!("{writes} writes in {:?} until the WAL started over, {held} of {during} held during a pass, from {first} frames to {largest} at most", t.elapsed());
+        assert!(during >= 3, "{during} writes began during the pass");
+        // (The last may find it ended.)
+        assert!(held + 1 >= during, "{held} of the {during} writes that began during the pass waited for it");
+    }
+
+    /// Reads held back to back in another connection (a dashboard that scans again as soon as
+    /// its last scan ends): at every moment one uses the WAL, and no restart can be made while
+    /// writes go on. Past the cap the checkpointer held this process's writes up to 1 s at a
+    /// time, trying again and again to restart a WAL that a read it could not outwait used
+    /// (calls waited 1.1-1.6 s in `make bench`). Now each time it holds the writes it makes one
+    /// try with `RESTART_WAIT` for locks, and tries again only after the reads turned over;
+    /// once they stop, the WAL starts over. Counted, not timed: what each hold let SQLite wait.
+    #[test]
+    fn back_to_back_reads_hold_no_write_for_more_than_one_short_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        let frames = || store.wal.frames.load(Ordering::Relaxed);
+        let cap = store.wal.cap_frames.load(Ordering::Relaxed);
+        put_setting(&store, "small", b"0");
+        let reading = std::sync::atomic::AtomicBool::new(true);
+        let reads = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let reader = Connection::open(&path).unwrap();
+                let mut reads = 0;
+                while reading.load(Ordering::Relaxed) {
+                    reader.execute_batch("BEGIN; SELECT count(*) FROM settings;").unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                    reader.execute_batch("COMMIT").unwrap();
+                    reads += 1;
+                }
+                reads
+            });
+            let mut written = 0u8;
+            // Past the cap, then small writes while reads turn over (30 or more).
+            while frames() < cap + cap / 4 {
+                written = written.wrapping_add(1);
+                put_setting(&store, "filler", &vec![written; 8 << 20]);
+            }
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(3) {
+                written = written.wrapping_add(1);
+                put_setting(&store, "small", &[written; 4096]);
+            }
+            reading.store(false, Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        let holds = unpoisoned(store.wal.held_lock_waits.lock()).clone();
+        eprintln!("{reads} reads; the lock waits the checkpointer's holds of the writes allowed: {holds:?}");
+        assert!(holds.iter().all(|&wait| wait <= RESTART_WAIT), "holds of the writes let SQLite wait for locks {holds:?}");
+        let t = Instant::now();
+        while frames() > WAL_RESTART_FRAMES {
+            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
+            put_setting(&store, "small", b"after");
+            std::thread::sleep(RESTART_RETRY_EVERY);
+        }
     }
 
     /// A read pins the WAL while writes grow it (to 6,000 frames), then ends, and writes go on
@@ -856,7 +870,7 @@ mod tests {
         // WAL grows while a pass syncs, 330 ms once on a loaded disk).
         assert!(largest < WAL_CAP_BYTES as u64, "the WAL reached {} MB in {writes} writes", largest >> 20);
         // Loose, so a loaded machine cannot fail it (at load 8-10 the longest was 31-73 ms).
-        assert!(longest < CAP_WAIT, "a write took {longest:?}");
+        assert!(longest < Duration::from_secs(1), "a write took {longest:?}");
         assert!(waits.1 < took / 2, "writes waited {:?} in all", waits.1);
     }
 }
