@@ -111,6 +111,8 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
     let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let cap_frames = WAL_CAP_BYTES / page.max(512);
     wal.cap_frames.store(cap_frames, Ordering::Relaxed);
+    #[cfg(target_os = "linux")]
+    let _ = super::ofd_locks::inode_of_path(&format!("{path}-shm")).map(|shm| wal.shm.set(shm));
     let wal_file = format!("{path}-wal");
     // Closed inside the fork gate like every other use of SQLite.
     let conn = ManuallyDrop::new(conn);
@@ -295,6 +297,11 @@ const HOLD_WAIT: Duration = Duration::from_millis(2);
 /// How often a waiting write looks whether the WAL started over.
 const HOLD_STEP: Duration = Duration::from_micros(250);
 
+/// SQLite's checkpoint lock: byte 121 of the WAL index (`WALINDEX_LOCK_OFFSET` 120, plus
+/// `WAL_CKPT_LOCK` 1), held by every checkpoint while it runs.
+#[cfg(target_os = "linux")]
+const CHECKPOINT_LOCK_BYTE: i64 = 121;
+
 /// What this process's writes share with its checkpointer.
 #[derive(Default)]
 pub(super) struct WalShared {
@@ -315,6 +322,10 @@ pub(super) struct WalShared {
     cap_frames: AtomicI64,
     /// A checkpoint of this process's checkpointer is under way.
     in_pass: AtomicBool,
+    /// The WAL index (`-shm`) file's inode, whose `CHECKPOINT_LOCK_BYTE` tells whether another
+    /// process's checkpoint is under way; none until the checkpointer starts.
+    #[cfg(target_os = "linux")]
+    shm: OnceLock<super::ofd_locks::Inode>,
     /// The checkpointer's thread. A commit that grows the WAL past `WAL_RESTART_FRAMES` wakes
     /// it: writes that begin after a pause would otherwise have all its pause between two rounds
     /// (`CHECKPOINT_EVERY`; one unpaced writer grew the WAL to 89 MB in that time).
@@ -341,7 +352,7 @@ impl WalShared {
     pub(super) fn hold_back(&self) {
         let frames = || self.frames.load(Ordering::Relaxed);
         let behind = || frames() > HOLD_FRAMES && !self.stalled.load(Ordering::Relaxed);
-        let past_cap = || frames() > self.cap_frames.load(Ordering::Relaxed) && self.in_pass.load(Ordering::Relaxed);
+        let past_cap = || frames() > self.cap_frames.load(Ordering::Relaxed) && self.checkpoint_under_way();
         if !behind() && !past_cap() {
             return;
         }
@@ -351,6 +362,18 @@ impl WalShared {
             std::thread::sleep(HOLD_STEP);
         }
         lock_waits::record(true, started.elapsed());
+    }
+
+    /// A checkpoint is under way: this process's checkpointer's, or another's (another process's
+    /// checkpointer, which holds SQLite's checkpoint lock while it copies and syncs). Past the cap
+    /// writes wait for either: while another process's pass ran, this one's were busy and writes
+    /// past the cap went on at full speed, each process holding only its own.
+    fn checkpoint_under_way(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        let elsewhere = || self.shm.get().is_some_and(|&shm| super::ofd_locks::locked_elsewhere(shm, CHECKPOINT_LOCK_BYTE));
+        #[cfg(not(target_os = "linux"))]
+        let elsewhere = || false;
+        self.in_pass.load(Ordering::Relaxed) || elsewhere()
     }
 
     /// The checkpointer saw `frames` in the WAL at the end of a round; `stalled`: it could not
@@ -538,9 +561,8 @@ mod tests {
         assert!(held + 1 >= during, "{held} of the {during} writes that began during the pass waited for it");
     }
 
-    /// Another process's checkpointer in a pass on the database at `path`, for as long as the
-    /// file lives: it holds SQLite's checkpoint lock (byte 121 of the WAL index; an OFD lock,
-    /// which SQLite's locks in this process conflict with as with another process's).
+    /// SQLite's checkpoint lock on the database at `path` (byte 121 of the WAL index), as a
+    /// checkpointer in a pass holds it, for as long as the file lives (an OFD lock).
     fn checkpoint_lock_held_elsewhere(path: &str) -> std::fs::File {
         use std::os::fd::AsRawFd;
         let shm = std::fs::OpenOptions::new().read(true).write(true).open(format!("{path}-shm")).unwrap();
@@ -550,6 +572,91 @@ mod tests {
         // SAFETY: an open descriptor and a valid flock.
         assert_eq!(unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0, "{}", std::io::Error::last_os_error());
         shm
+    }
+
+    /// The database whose checkpoint lock `a_checkpoint_lock_held_in_a_child_process` takes.
+    const LOCK_HOLDER_DB: &str = "TENANTLLM_TEST_CHECKPOINT_LOCK_OF";
+
+    /// Another process whose checkpointer is in a pass on the database at `path`, until the
+    /// child is dropped with its stdin: this test binary run again for
+    /// `a_checkpoint_lock_held_in_a_child_process`, once it holds the lock.
+    struct CheckpointInAnotherProcess(std::process::Child, std::io::BufReader<std::process::ChildStdout>);
+
+    impl CheckpointInAnotherProcess {
+        fn start(path: &str) -> Self {
+            use std::io::BufRead;
+            use std::process::{Command, Stdio};
+            let name = "store::sqlite::checkpointer::tests::a_checkpoint_lock_held_in_a_child_process";
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--include-ignored", "--nocapture", "--test-threads=1"])
+                .env(LOCK_HOLDER_DB, path)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            while !line.contains("checkpoint lock held") {
+                line.clear();
+                assert!(out.read_line(&mut line).unwrap() > 0, "the child process ended without taking the lock");
+            }
+            Self(child, out)
+        }
+    }
+
+    impl Drop for CheckpointInAnotherProcess {
+        fn drop(&mut self) {
+            use std::io::Read;
+            drop(self.0.stdin.take());
+            // Read to the end, so the child's test harness can report before it exits.
+            let _ = self.1.read_to_end(&mut Vec::new());
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Run by `CheckpointInAnotherProcess` in a child process (otherwise it does nothing): holds
+    /// the checkpoint lock of the database named in `LOCK_HOLDER_DB` until stdin closes.
+    #[test]
+    #[ignore = "a helper run in a child process by other tests"]
+    fn a_checkpoint_lock_held_in_a_child_process() {
+        let Ok(path) = std::env::var(LOCK_HOLDER_DB) else { return };
+        let _held = checkpoint_lock_held_elsewhere(&path);
+        println!("checkpoint lock held");
+        let _ = std::io::stdin().read_line(&mut String::new());
+    }
+
+    /// While another process's checkpointer is in a pass (a real process holding SQLite's
+    /// checkpoint lock), this one's passes are busy: a write past the WAL's cap waited for none
+    /// of them (the cap's state was this process's own: it waited only while its own
+    /// checkpointer was in a pass) and went on at full speed while the other copied and synced
+    /// at the disk's pace. Now it waits for a checkpoint under way in any process, `HOLD_WAIT`
+    /// at most. Counted: the writes that waited.
+    #[test]
+    fn past_the_cap_writes_wait_a_little_for_another_processs_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        let frames = || store.wal.frames.load(Ordering::Relaxed);
+        let cap = store.wal.cap_frames.load(Ordering::Relaxed);
+        put_setting(&store, "small", b"0");
+        let other = CheckpointInAnotherProcess::start(&path);
+        let mut written = 0u8;
+        while frames() <= cap {
+            written = written.wrapping_add(1);
+            put_setting(&store, "filler", &vec![written; 8 << 20]);
+        }
+        let before = lock_waits::so_far().0;
+        for n in 0..20u8 {
+            put_setting(&store, "small", &[n; 100]);
+        }
+        let waited = lock_waits::so_far().0 - before;
+        assert_eq!(waited, 20, "{waited} of 20 writes past the cap waited for the other process's checkpoint");
+        drop(other);
+        let t = Instant::now();
+        while frames() > WAL_RESTART_FRAMES {
+            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
+            put_setting(&store, "small", b"after");
+            std::thread::sleep(RESTART_RETRY_EVERY);
+        }
     }
 
     /// While another process's checkpointer is in a pass, each of this one's is busy (SQLite
@@ -568,7 +675,7 @@ mod tests {
             put_setting(&store, "filler", &vec![written.get(); bytes]);
         };
         write(1);
-        let other = checkpoint_lock_held_elsewhere(&path);
+        let other = CheckpointInAnotherProcess::start(&path);
         while frames() <= HOLD_FRAMES {
             write(256 << 10);
         }

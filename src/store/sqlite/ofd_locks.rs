@@ -40,7 +40,7 @@ use rusqlite::ffi;
 use crate::process::{unpoisoned, PerProcess};
 
 /// `(st_dev, st_ino)`: what SQLite keys its per-file lock state by.
-type Inode = (u64, u64);
+pub type Inode = (u64, u64);
 
 struct Owner {
     fd: c_int,
@@ -137,6 +137,28 @@ unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: *mut c_void) -> c_int {
             -1
         }
     }
+}
+
+/// The inode of the file at `path` as SQLite keys its lock state (none if it cannot be read).
+pub fn inode_of_path(path: &str) -> Option<Inode> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether byte `at` of the file `inode` is locked through another description than the one our
+/// copy locks that file through: by another process (its SQLite), or by Python's copy in this
+/// one. Asked through our owner (`F_OFD_GETLK`), so our copy's own locks never count; false
+/// when no connection of ours has locked the file (there is no owner) or the kernel says no.
+pub fn locked_elsewhere(inode: Inode, at: i64) -> bool {
+    let owners = owners();
+    let Some(owner) = owners.by_inode.get(&inode) else { return false };
+    // SAFETY: plain data; l_pid 0 as OFD commands require.
+    let mut query: libc::flock = unsafe { std::mem::zeroed() };
+    query.l_type = libc::F_WRLCK as _;
+    query.l_whence = libc::SEEK_SET as _;
+    (query.l_start, query.l_len) = (at as _, 1);
+    // SAFETY: our owner's descriptor (open while the map is locked) and a valid `flock`.
+    (unsafe { libc::fcntl(owner.fd, libc::F_OFD_GETLK, &mut query) }) == 0 && query.l_type != libc::F_UNLCK as libc::c_short
 }
 
 /// Releases every lock taken through the description `fd` (ours only: POSIX locks of the
