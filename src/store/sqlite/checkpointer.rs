@@ -14,24 +14,30 @@ use super::{busy_step, connect, lock_waits, BUSY_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::process::{quiet, unpoisoned};
 
-/// `SQLITE_FCNTL_FILE_POINTER`.
-const FCNTL_FILE_POINTER: std::ffi::c_int = 7;
+/// `SQLITE_FCNTL_FILE_POINTER`: the database file's file object.
+const FCNTL_FILE_POINTER: c_int = 7;
+/// `SQLITE_FCNTL_JOURNAL_POINTER`: the WAL's file object (in WAL mode).
+const FCNTL_JOURNAL_POINTER: c_int = 28;
 
-/// Syncs the database file through the connection's own handle. (Never through a descriptor of
-/// our own: closing any descriptor of the database file drops every POSIX lock SQLite holds on
-/// it in this process.) A sync more than SQLite's own is always safe; false if it could not be
-/// made.
-fn sync_database_file(conn: &Connection) -> bool {
+/// Syncs the file `which` names (`FCNTL_FILE_POINTER`, `FCNTL_JOURNAL_POINTER`) through the
+/// connection's own handle. (Never through a descriptor of our own: closing any descriptor of
+/// the database file drops every POSIX lock SQLite holds on it in this process.) A sync more
+/// than SQLite's own is always safe; false if it could not be made.
+fn sync_file(conn: &Connection, which: c_int) -> bool {
     let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: this file control writes one pointer to a file object the connection owns; it
     // stays open while `conn` is borrowed, and only this thread uses the connection.
     unsafe {
-        let rc = rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), FCNTL_FILE_POINTER, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast());
+        let rc = rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), which, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast());
         if rc != rusqlite::ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
             return false;
         }
         (*(*file).pMethods).xSync.is_some_and(|sync| sync(file, rusqlite::ffi::SQLITE_SYNC_NORMAL) == rusqlite::ffi::SQLITE_OK)
     }
+}
+
+fn sync_database_file(conn: &Connection) -> bool {
+    sync_file(conn, FCNTL_FILE_POINTER)
 }
 
 /// How often the background thread folds a WAL that is not growing back into the database file.
@@ -254,6 +260,12 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                         passes -= 1;
                     }
                 } else {
+                    // A read pins the WAL. Once it ends, the restart must come before the next
+                    // read begins (back-to-back reads leave a few ms), so the pass that copies
+                    // what was written meanwhile must be short, and SQLite's sync of the WAL
+                    // (all written since its last pass: up to 100 MB a second of reads) was
+                    // most of it: sync it now, a little each round.
+                    sync_file(&conn, FCNTL_JOURNAL_POINTER);
                     (None, true)
                 };
                 restarted_at = restarted;
@@ -347,8 +359,7 @@ impl WalShared {
     /// it to end; `HOLD_WAIT` at most in all (a lock wait), then writes anyway. Held a few ms
     /// each time, again and again while the checkpointer is behind, writers are slowed (to
     /// ~500 writes a second each), not stopped for a pass: a pass past the cap copies and syncs
-    /// at the disk's pace (3.2 s once, loaded), and writes waited for it up to 1 s each (for a
-    /// pass a read pinned, for nothing: it could copy nothing).
+    /// at the disk's pace (3.2 s once, loaded), and writes waited for it up to 1 s each.
     pub(super) fn hold_back(&self) {
         let frames = || self.frames.load(Ordering::Relaxed);
         let behind = || frames() > HOLD_FRAMES && !self.stalled.load(Ordering::Relaxed);
