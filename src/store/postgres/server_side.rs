@@ -509,20 +509,23 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
             Err(Failure::Pg(e)) if e.code() == Some(&SqlState::NO_DATA_FOUND) => return Ok(None),
             r => r?.into_iter().next().ok_or_else(|| crate::error::Error::Store("tenantllm_settle returned no row".into()))?,
         };
-        let outcome: String = r.try_get(0)?;
+        // The function's OUT parameters in order: outcome, scopes, periods, recorded_cost,
+        // recorded_tokens, recorded_executions, alerted.
+        let s: Record<'_> = r.try_get(0)?;
+        let outcome: String = s.get(0)?;
         if outcome != "done" {
             return Ok(None);
         }
-        let (scopes, periods): (Vec<String>, Vec<String>) = (r.try_get(1)?, r.try_get(2)?);
-        let (cost, tokens, executions): (Vec<i64>, Vec<i64>, Vec<i64>) = (r.try_get(3)?, r.try_get(4)?, r.try_get(5)?);
+        let (scopes, periods): (Vec<String>, Vec<String>) = (s.get(1)?, s.get(2)?);
+        let (cost, tokens, executions): (Vec<i64>, Vec<i64>, Vec<i64>) = (s.get(3)?, s.get(4)?, s.get(5)?);
         let recorded: HashMap<CounterKey, budget::Usage> = (0..scopes.len())
             .map(|i| {
                 let usage = budget::Usage { cost: crate::money::Nanos(cost[i]), tokens: tokens[i], executions: executions[i] };
                 ((scopes[i].clone(), periods[i].clone()), usage)
             })
             .collect();
-        let alerted: Vec<i64> = r.try_get(6)?;
-        let events: Vec<i32> = if moving.is_empty() { Vec::new() } else { r.try_get(7)? };
+        let alerted: Vec<i64> = s.get(6)?;
+        let events: Vec<i32> = if moving.is_empty() { Vec::new() } else { r.try_get(1)? };
         Ok(Some((recorded, alerted, events)))
     })?;
     let (recorded, alerted, events) = match answer {
@@ -548,16 +551,20 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     Ok(Some(budget_alerts.chain(breaker_alerts).collect()))
 }
 
-/// A settlement's statement: `tenantllm_settle`'s answer and, computed on it, `$then` if given
-/// (the rate limits' logs corrected, the breakers moved): one statement.
+/// A settlement's statement: `tenantllm_settle`'s answer as one record (`record`: no function
+/// scan to plan, materialize and describe) and, computed on it, `$then` if given (the rate
+/// limits' logs corrected, the breakers moved): one statement. The function is volatile, so
+/// the subquery is not pulled up into its caller: it runs once, `(q.s).outcome` reads its answer.
 macro_rules! settle_sql {
-    ($($then:literal)?) => {
-        concat!(
-            "SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted",
-            $(", ", $then,)?
-            " FROM tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-             $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) AS s"
-        )
+    (@call) => {
+        "tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
+         $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42)"
+    };
+    () => {
+        concat!("SELECT ", settle_sql!(@call))
+    };
+    ($then:literal) => {
+        concat!("SELECT q.s, ", $then, " FROM (SELECT ", settle_sql!(@call), " AS s) AS q")
     };
 }
 
@@ -565,14 +572,14 @@ const SETTLE: &str = settle_sql!();
 
 /// `SETTLE` and, on its answer, the rate limits' logs corrected (`tenantllm_settle_rates`,
 /// migration 25).
-const SETTLE_RATED: &str = settle_sql!("tenantllm_settle_rates(s.outcome, $10, $43, $44, $45)");
+const SETTLE_RATED: &str = settle_sql!("tenantllm_settle_rates((q.s).outcome, $10, $43, $44, $45)");
 
 /// `SETTLE` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), for a
 /// call with no rate limit's log to correct: a call of `tenantllm_settle_rates` with none costs
 /// the server about 30k instructions.
-const SETTLE_MOVING: &str = settle_sql!("tenantllm_settle_breakers(s.outcome, $16, $43, $44, $45, $46, $47, $48, $49, $50, $51)");
+const SETTLE_MOVING: &str = settle_sql!("tenantllm_settle_breakers((q.s).outcome, $16, $43, $44, $45, $46, $47, $48, $49, $50, $51)");
 
 /// `SETTLE_RATED` and then the breakers moved, the rate limits first as the transaction takes
 /// them.
 const SETTLE_RATED_MOVING: &str =
-    settle_sql!("tenantllm_settle_breakers(tenantllm_settle_rates(s.outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54)");
+    settle_sql!("tenantllm_settle_breakers(tenantllm_settle_rates((q.s).outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54)");
