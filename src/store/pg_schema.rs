@@ -2999,4 +2999,433 @@ pub const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 30: fewer arguments for the server to bind per guarded call. Each argument a function
+    // takes costs its call about 1.1k server instructions (a scalar, NULL or not), an array
+    // about 3k more and 1.2k an element, one text of many values about as little as a scalar
+    // (callgrind, empty PL/pgSQL functions called prepared). New overloads of
+    // `tenantllm_settle` (38 arguments instead of 42) and `tenantllm_admit` (27 instead of 33)
+    // take what they can derive or pack: the month from the day; the alerts as one array of
+    // numbers and one of names, instead of five; the call's counters only as the text its
+    // reservation stores (the scopes and periods split from it), the hard limits as one array
+    // of numbers by the counter's place, instead of six arrays; the first model's breaker as
+    // the first of the breakers; NULL for expired leases not keyed. On the way: the stored
+    // timezone read into a variable (a comparison with a subquery is a query of its own); the
+    // call's row and reservation written in one statement; the hard limits checked in one loop
+    // over the limits (was every limit for every counter). The previous `tenantllm_settle`
+    // overload hands its arguments over (processes of the previous version), and
+    // `tenantllm_block` settles through the new one. The previous `tenantllm_admit` stays as
+    // migration 29 wrote it: `tenantllm_admit_full` (calls under rate limits) and processes of
+    // the previous version call it. A full-guard call with prepared statements: 1,878k server
+    // instructions before, 1,838k after (benches/pg_instructions.py). OR REPLACE: a test that
+    // re-runs the rollups' migration 9 re-runs this.
+    r#"
+    -- The call's counters in `p_counters` as reservations store them ("scope<TAB>period" lines,
+    -- sorted: they are locked in that order); the month's rollup is keyed by `p_day`'s month;
+    -- each alert in `p_alerts` as four numbers: its counter's place among the call's (from 1),
+    -- its metric (0 cost, 1 tokens, 2 executions), the amount that reaches it and its threshold,
+    -- its name in `p_alert_names` (both NULL when there is none).
+    CREATE OR REPLACE FUNCTION tenantllm_settle(p_lock_timeout TEXT, p_timezone TEXT, p_reserved BOOLEAN,
+        p_counters TEXT, p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_day TEXT,
+        p_id TEXT, p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        p_store_details BOOLEAN, p_system_prompt TEXT, p_user_prompt TEXT, p_response TEXT, p_tool_calls TEXT,
+        p_alerts BIGINT[], p_alert_names TEXT[],
+        OUT outcome TEXT, OUT scopes TEXT[], OUT periods TEXT[], OUT recorded_cost BIGINT[],
+        OUT recorded_tokens BIGINT[], OUT recorded_executions BIGINT[], OUT alerted BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_counters TEXT := '';
+        v_cost BIGINT := 0;
+        v_tokens BIGINT := 0;
+        v_executions BIGINT := 0;
+        v_keys TEXT[];
+        v_set TEXT;
+        v_tenant TEXT;
+        v_agent TEXT;
+        v_model TEXT;
+        v_timezone TEXT;
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        -- Read into a variable: a comparison with a subquery is a query of its own.
+        SELECT value INTO v_timezone FROM settings WHERE name = 'timezone';
+        IF v_timezone IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        IF p_reserved THEN
+            DELETE FROM reservations WHERE execution_id = p_id RETURNING counters, cost, tokens, executions
+                INTO v_counters, v_cost, v_tokens, v_executions;
+            IF NOT FOUND THEN
+                outcome := 'taken_over';
+                RETURN;
+            END IF;
+        END IF;
+        -- The details row is this call's alone: no lock order to keep.
+        WITH details AS (
+            INSERT INTO execution_details (execution_id, system_prompt, user_prompt, response, tool_calls)
+            SELECT p_id, p_system_prompt, p_user_prompt, p_response, p_tool_calls WHERE p_store_details
+            ON CONFLICT (execution_id) DO UPDATE SET system_prompt = EXCLUDED.system_prompt,
+                user_prompt = EXCLUDED.user_prompt, response = EXCLUDED.response, tool_calls = EXCLUDED.tool_calls
+        )
+        UPDATE executions SET status = p_status, error_class = p_error_class, error_message = p_error_message,
+            chosen_model_id = p_chosen_model_id, provider = COALESCE(p_provider, provider), completed_at = p_completed_at,
+            duration_ms = p_duration_ms, input_tokens = p_input_tokens, output_tokens = p_output_tokens,
+            cached_tokens = p_cached_tokens, total_tokens = p_total_tokens, input_cost = p_input_cost,
+            output_cost = p_output_cost, total_cost = p_total_cost, attempts_count = p_attempts_count,
+            attempts = p_attempts, finish_reason = p_finish_reason, cache_write_tokens = p_cache_write_tokens,
+            cache_read_cost = p_cache_read_cost, cache_write_cost = p_cache_write_cost,
+            time_to_first_token_ms = p_time_to_first_token_ms, cached = p_cached
+        WHERE id = p_id AND status = 'running'
+        RETURNING COALESCE(tenant_id, ''), agent, model_id INTO v_tenant, v_agent, v_model;
+        IF NOT FOUND THEN
+            -- Gone, or closed before (its rollups count it under its earlier outcome, which
+            -- would have to come out first): undone with the rest; the Rust transaction then
+            -- settles or reports it.
+            RAISE EXCEPTION 'execution % is not running', p_id USING ERRCODE = 'no_data_found';
+        END IF;
+        -- The rollups one statement each, in the order every write locks them (executions.rs
+        -- `roll`): the daily rollup, the monthly one, then the day's total; each created by
+        -- the first call of its key.
+        UPDATE daily_rollups SET calls = calls + 1, input_tokens = input_tokens + COALESCE(p_input_tokens, 0), output_tokens = output_tokens + COALESCE(p_output_tokens, 0), cached_tokens = cached_tokens + COALESCE(p_cached_tokens, 0), total_tokens = total_tokens + COALESCE(p_total_tokens, 0), input_cost = input_cost + COALESCE(p_input_cost, 0), output_cost = output_cost + COALESCE(p_output_cost, 0), total_cost = total_cost + COALESCE(p_total_cost, 0), attempts_count = attempts_count + COALESCE(p_attempts_count, 0), cache_write_tokens = cache_write_tokens + COALESCE(p_cache_write_tokens, 0), cache_read_cost = cache_read_cost + COALESCE(p_cache_read_cost, 0), cache_write_cost = cache_write_cost + COALESCE(p_cache_write_cost, 0), duration_ms = duration_ms + COALESCE(p_duration_ms, 0), time_to_first_token_ms = time_to_first_token_ms + COALESCE(p_time_to_first_token_ms, 0)
+        WHERE period = p_day AND tenant_id = v_tenant AND agent = v_agent AND model_id = v_model AND status = p_status;
+        IF NOT FOUND THEN
+            INSERT INTO daily_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            VALUES (p_day, v_tenant, v_agent, v_model, p_status, 1, COALESCE(p_input_tokens, 0), COALESCE(p_output_tokens, 0), COALESCE(p_cached_tokens, 0), COALESCE(p_total_tokens, 0), COALESCE(p_input_cost, 0), COALESCE(p_output_cost, 0), COALESCE(p_total_cost, 0), COALESCE(p_attempts_count, 0), COALESCE(p_cache_write_tokens, 0), COALESCE(p_cache_read_cost, 0), COALESCE(p_cache_write_cost, 0), COALESCE(p_duration_ms, 0), COALESCE(p_time_to_first_token_ms, 0))
+            ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+        END IF;
+        UPDATE monthly_rollups SET calls = calls + 1, input_tokens = input_tokens + COALESCE(p_input_tokens, 0), output_tokens = output_tokens + COALESCE(p_output_tokens, 0), cached_tokens = cached_tokens + COALESCE(p_cached_tokens, 0), total_tokens = total_tokens + COALESCE(p_total_tokens, 0), input_cost = input_cost + COALESCE(p_input_cost, 0), output_cost = output_cost + COALESCE(p_output_cost, 0), total_cost = total_cost + COALESCE(p_total_cost, 0), attempts_count = attempts_count + COALESCE(p_attempts_count, 0), cache_write_tokens = cache_write_tokens + COALESCE(p_cache_write_tokens, 0), cache_read_cost = cache_read_cost + COALESCE(p_cache_read_cost, 0), cache_write_cost = cache_write_cost + COALESCE(p_cache_write_cost, 0), duration_ms = duration_ms + COALESCE(p_duration_ms, 0), time_to_first_token_ms = time_to_first_token_ms + COALESCE(p_time_to_first_token_ms, 0)
+        WHERE period = left(p_day, 7) AND tenant_id = v_tenant AND agent = v_agent AND model_id = v_model AND status = p_status;
+        IF NOT FOUND THEN
+            INSERT INTO monthly_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            VALUES (left(p_day, 7), v_tenant, v_agent, v_model, p_status, 1, COALESCE(p_input_tokens, 0), COALESCE(p_output_tokens, 0), COALESCE(p_cached_tokens, 0), COALESCE(p_total_tokens, 0), COALESCE(p_input_cost, 0), COALESCE(p_output_cost, 0), COALESCE(p_total_cost, 0), COALESCE(p_attempts_count, 0), COALESCE(p_cache_write_tokens, 0), COALESCE(p_cache_read_cost, 0), COALESCE(p_cache_write_cost, 0), COALESCE(p_duration_ms, 0), COALESCE(p_time_to_first_token_ms, 0))
+            ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+        END IF;
+        UPDATE daily_totals SET calls = calls + 1, input_tokens = input_tokens + COALESCE(p_input_tokens, 0), output_tokens = output_tokens + COALESCE(p_output_tokens, 0), cached_tokens = cached_tokens + COALESCE(p_cached_tokens, 0), total_tokens = total_tokens + COALESCE(p_total_tokens, 0), input_cost = input_cost + COALESCE(p_input_cost, 0), output_cost = output_cost + COALESCE(p_output_cost, 0), total_cost = total_cost + COALESCE(p_total_cost, 0), attempts_count = attempts_count + COALESCE(p_attempts_count, 0), cache_write_tokens = cache_write_tokens + COALESCE(p_cache_write_tokens, 0), cache_read_cost = cache_read_cost + COALESCE(p_cache_read_cost, 0), cache_write_cost = cache_write_cost + COALESCE(p_cache_write_cost, 0), duration_ms = duration_ms + COALESCE(p_duration_ms, 0), time_to_first_token_ms = time_to_first_token_ms + COALESCE(p_time_to_first_token_ms, 0)
+        WHERE period = p_day AND agent = v_agent AND model_id = v_model AND status = p_status;
+        IF NOT FOUND THEN
+            INSERT INTO daily_totals AS r (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            VALUES (p_day, v_agent, v_model, p_status, 1, COALESCE(p_input_tokens, 0), COALESCE(p_output_tokens, 0), COALESCE(p_cached_tokens, 0), COALESCE(p_total_tokens, 0), COALESCE(p_input_cost, 0), COALESCE(p_output_cost, 0), COALESCE(p_total_cost, 0), COALESCE(p_attempts_count, 0), COALESCE(p_cache_write_tokens, 0), COALESCE(p_cache_read_cost, 0), COALESCE(p_cache_write_cost, 0), COALESCE(p_duration_ms, 0), COALESCE(p_time_to_first_token_ms, 0))
+            ON CONFLICT (period, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+        END IF;
+        -- The counters of the reservation are among the call's own (admission reserves on
+        -- those it checks, at the time the call starts) unless the call started on one side of
+        -- midnight and was admitted on the other: then, undone with the rest, the Rust
+        -- transaction settles it.
+        v_keys := string_to_array(v_counters, E'\n');
+        IF NOT v_keys <@ string_to_array(p_counters, E'\n') THEN
+            RAISE EXCEPTION 'execution % reserved on other counters', p_id USING ERRCODE = 'no_data_found';
+        END IF;
+        -- The counters in one statement, one row after another in the order every write locks
+        -- them (the keys come sorted), so no two calls wait on each other in a cycle: each gets
+        -- the call's usage and gives back what the reservation held on it; the first use of a
+        -- counter creates it. They come back in that order: RETURNING gives the rows as they
+        -- are written, and the aggregates read them so.
+        WITH written AS (
+            INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+            SELECT split_part(k.key, E'\t', 1), split_part(k.key, E'\t', 2), p_cost, p_tokens, p_executions,
+                CASE WHEN k.released THEN -v_cost ELSE 0 END, CASE WHEN k.released THEN -v_tokens ELSE 0 END,
+                CASE WHEN k.released THEN -v_executions ELSE 0 END
+            FROM (SELECT u.key, u.key = ANY(v_keys) AS released FROM unnest(string_to_array(p_counters, E'\n')) AS u(key)) AS k
+            ON CONFLICT (scope, period) DO UPDATE SET cost = c.cost + EXCLUDED.cost, tokens = c.tokens + EXCLUDED.tokens,
+                executions = c.executions + EXCLUDED.executions, reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost,
+                reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+            RETURNING c.scope, c.period, c.cost, c.tokens, c.executions
+        )
+        SELECT COALESCE(array_agg(w.scope), '{}'), COALESCE(array_agg(w.period), '{}'), COALESCE(array_agg(w.cost), '{}'),
+            COALESCE(array_agg(w.tokens), '{}'), COALESCE(array_agg(w.executions), '{}')
+        INTO scopes, periods, recorded_cost, recorded_tokens, recorded_executions FROM written w;
+        -- Each alert its counter now reaches, marked sent while the counters are locked.
+        alerted := '{}';
+        FOR a IN 1..COALESCE(cardinality(p_alert_names), 0) LOOP
+            IF (CASE p_alerts[4 * a - 2] WHEN 0 THEN recorded_cost[p_alerts[4 * a - 3]] WHEN 1 THEN recorded_tokens[p_alerts[4 * a - 3]]
+                ELSE recorded_executions[p_alerts[4 * a - 3]] END) >= p_alerts[4 * a - 1] THEN
+                INSERT INTO alerts_sent (scope, period, name, threshold)
+                VALUES (scopes[p_alerts[4 * a - 3]], periods[p_alerts[4 * a - 3]], p_alert_names[a], p_alerts[4 * a])
+                ON CONFLICT DO NOTHING;
+                IF FOUND THEN
+                    alerted := alerted || a::BIGINT;
+                END IF;
+            END IF;
+        END LOOP;
+        outcome := 'done';
+    END
+    $fn$;
+
+
+    -- The previous overload (migration 28's), as the one above takes its arguments: `p_month`
+    -- is `p_day`'s month, as every caller sends it.
+    CREATE OR REPLACE FUNCTION tenantllm_settle(p_lock_timeout TEXT, p_timezone TEXT, p_reserved BOOLEAN,
+        p_counters TEXT, p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT, p_day TEXT, p_month TEXT,
+        p_id TEXT, p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        p_store_details BOOLEAN, p_system_prompt TEXT, p_user_prompt TEXT, p_response TEXT, p_tool_calls TEXT,
+        p_alert_counters INT[], p_alert_names TEXT[], p_alert_thresholds BIGINT[],
+        p_alert_metrics INT[], p_alert_at BIGINT[],
+        OUT outcome TEXT, OUT scopes TEXT[], OUT periods TEXT[], OUT recorded_cost BIGINT[],
+        OUT recorded_tokens BIGINT[], OUT recorded_executions BIGINT[], OUT alerted BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        SELECT s.outcome, s.scopes, s.periods, s.recorded_cost, s.recorded_tokens, s.recorded_executions, s.alerted
+        INTO outcome, scopes, periods, recorded_cost, recorded_tokens, recorded_executions, alerted
+        FROM tenantllm_settle(
+            p_lock_timeout, p_timezone, p_reserved, p_counters, p_cost, p_tokens, p_executions, p_day, p_id, p_status,
+            p_error_class, p_error_message, p_chosen_model_id, p_provider, p_completed_at, p_duration_ms, p_input_tokens,
+            p_output_tokens, p_cached_tokens, p_total_tokens, p_input_cost, p_output_cost, p_total_cost, p_attempts_count,
+            p_attempts, p_finish_reason, p_cache_write_tokens, p_cache_read_cost, p_cache_write_cost,
+            p_time_to_first_token_ms, p_cached, p_store_details, p_system_prompt, p_user_prompt, p_response, p_tool_calls,
+            ARRAY(SELECT x FROM generate_subscripts(p_alert_names, 1) AS a,
+                unnest(ARRAY[p_alert_counters[a], p_alert_metrics[a], p_alert_at[a], p_alert_thresholds[a]]) WITH ORDINALITY AS u(x, j)
+                ORDER BY a, j),
+            p_alert_names) AS s;
+    END
+    $fn$;
+
+    -- Migration 21's, settling through the overload above (`p_month`: as there).
+    CREATE OR REPLACE FUNCTION tenantllm_block(p_lock_timeout TEXT, p_timezone TEXT, p_day TEXT, p_month TEXT,
+        p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_status TEXT, p_error_class TEXT, p_error_message TEXT, p_chosen_model_id TEXT, p_closed_provider TEXT,
+        p_completed_at BIGINT, p_duration_ms BIGINT, p_input_tokens BIGINT, p_output_tokens BIGINT,
+        p_cached_tokens BIGINT, p_total_tokens BIGINT, p_input_cost BIGINT, p_output_cost BIGINT, p_total_cost BIGINT,
+        p_attempts_count BIGINT, p_attempts TEXT, p_finish_reason TEXT, p_cache_write_tokens BIGINT,
+        p_cache_read_cost BIGINT, p_cache_write_cost BIGINT, p_time_to_first_token_ms BIGINT, p_cached BIGINT,
+        OUT outcome TEXT)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_set TEXT;
+        v_timezone TEXT;
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        SELECT value INTO v_timezone FROM settings WHERE name = 'timezone';
+        IF v_timezone IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        SELECT (tenantllm_settle(p_lock_timeout, p_timezone, false, '', 0, 0, 0, p_day, p_id, p_status, p_error_class,
+            p_error_message, p_chosen_model_id, p_closed_provider, p_completed_at, p_duration_ms, p_input_tokens, p_output_tokens,
+            p_cached_tokens, p_total_tokens, p_input_cost, p_output_cost, p_total_cost, p_attempts_count, p_attempts,
+            p_finish_reason, p_cache_write_tokens, p_cache_read_cost, p_cache_write_cost, p_time_to_first_token_ms, p_cached,
+            false, NULL, NULL, NULL, NULL, NULL, NULL)).outcome INTO outcome;
+    END
+    $fn$;
+
+    -- The call's counters in `p_counters` as its reservation stores them ("scope<TAB>period"
+    -- lines, sorted: they are locked in that order); each hard limit in `p_hard` as three
+    -- numbers: its counter's place among them (from 1), its metric (0 cost, 1 tokens, 2
+    -- executions) and the limit (NULL: none). The first of `p_breakers` is the first model's.
+    -- The expired leases keyed, NULL when none.
+    CREATE OR REPLACE FUNCTION tenantllm_admit(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_counters TEXT, p_hard BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT,
+        p_expires_at BIGINT, p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_breakers TEXT[], p_probe_lease BIGINT, p_expired_ids TEXT[], p_expired_days TEXT[],
+        OUT outcome TEXT, OUT usage BIGINT[], OUT model_index INT, OUT probe BOOLEAN, OUT retry_at BIGINT,
+        OUT expired_ids TEXT[], OUT expired_started BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_key RECORD;
+        v_row BIGINT[];
+        v_set TEXT;
+        v_own INT := 1;
+        v_refused BOOLEAN := false;
+        v_timezone TEXT;
+        v_keys TEXT[];
+        v_own_scopes TEXT[];
+        v_own_periods TEXT[];
+        v_gone TEXT[];
+        v_abandoned TEXT[];
+        v_scopes TEXT[];
+        v_periods TEXT[];
+        v_used BIGINT[];
+        v_cost BIGINT[];
+        v_tokens BIGINT[];
+        v_executions BIGINT[];
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        -- Read into a variable: a comparison with a subquery is a query of its own.
+        SELECT value INTO v_timezone FROM settings WHERE name = 'timezone';
+        -- Expired leases other than those the caller has keyed send it back for their keys.
+        outcome := CASE
+            WHEN v_timezone IS DISTINCT FROM p_timezone THEN 'timezone'
+            WHEN p_budget_tenant IS NOT NULL AND (SELECT xmin::TEXT::BIGINT FROM tenant_budgets WHERE tenant_id = p_budget_tenant)
+                IS DISTINCT FROM p_budget_stamp THEN 'budget'
+            WHEN EXISTS (SELECT 1 FROM reservations WHERE expires_at <= p_now AND execution_id <> ALL(COALESCE(p_expired_ids, '{}'))) THEN 'expired'
+            WHEN EXISTS (SELECT 1 FROM breakers WHERE key = p_breakers[1] AND phase <> 'closed') THEN 'breaker'
+        END;
+        IF outcome IS NOT NULL THEN
+            IF outcome = 'expired' THEN
+                -- Every reservation whose lease ran out, and when its call started if it is still
+                -- running: the caller keys that call's usage and rollups by its day (in its
+                -- calendar, which the timezone check above holds to) and asks again with them.
+                SELECT array_agg(r.execution_id ORDER BY r.execution_id), array_agg(e.started_at ORDER BY r.execution_id)
+                INTO expired_ids, expired_started
+                FROM reservations r LEFT JOIN executions e ON e.id = r.execution_id AND e.status = 'running'
+                WHERE r.expires_at <= p_now;
+            ELSIF outcome = 'breaker' AND cardinality(p_breakers) > 0 THEN
+                -- The first model's breaker is not closed: the full function makes the breakers'
+                -- choice, in this same statement (the register of tenants is its to write), given
+                -- the counters and hard limits as its arguments spell them.
+                SELECT array_agg(split_part(k, E'\t', 1)), array_agg(split_part(k, E'\t', 2))
+                INTO v_own_scopes, v_own_periods FROM unnest(string_to_array(p_counters, E'\n')) AS k;
+                SELECT f.outcome, f.usage, f.model_index, f.probe, f.retry_at, f.expired_ids, f.expired_started
+                INTO outcome, usage, model_index, probe, retry_at, expired_ids, expired_started
+                FROM tenantllm_admit_full(p_lock_timeout, p_timezone, p_now, p_remember, p_tenant, p_tenant_name, p_budget_tenant,
+                    p_budget_stamp, COALESCE(v_own_scopes, '{}'), COALESCE(v_own_periods, '{}'),
+                    ARRAY(SELECT v_own_scopes[p_hard[3 * h - 2]] FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
+                    ARRAY(SELECT v_own_periods[p_hard[3 * h - 2]] FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
+                    ARRAY(SELECT p_hard[3 * h - 1]::INT FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
+                    ARRAY(SELECT p_hard[3 * h] FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
+                    p_cost, p_tokens, p_executions, p_counters, p_expires_at, NULL, p_id, p_agent, p_model_id, p_provider,
+                    p_exec_tenant, p_started_at, p_metadata, p_parent, p_root, 0, '{}', '{}', '{}', '{}', '{}', NULL, p_breakers,
+                    p_probe_lease, COALESCE(p_expired_ids, '{}'), COALESCE(p_expired_days, '{}')) AS f;
+            END IF;
+            RETURN;
+        END IF;
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        -- The call's row and its reservation, one statement (two new rows: no lock order).
+        WITH reserved AS (
+            INSERT INTO reservations (execution_id, counters, cost, tokens, executions, expires_at)
+            VALUES (p_id, p_counters, p_cost, p_tokens, p_executions, p_expires_at)
+        )
+        INSERT INTO executions (id, agent, model_id, provider, tenant_id, status, started_at, metadata,
+            parent_execution_id, root_execution_id)
+        VALUES (p_id, p_agent, p_model_id, p_provider, p_exec_tenant, 'running', p_started_at, p_metadata, p_parent, p_root);
+        outcome := 'go';
+        usage := '{}';
+        IF cardinality(p_expired_ids) > 0 THEN
+            -- The expired reservations the caller keyed and still here (counters.rs
+            -- `expire_reservations`), each table in a statement of its own, in the order every
+            -- write locks them: the reservations released (what each gave back on its counters
+            -- collected for the statement below that locks them all) ...
+            WITH gone AS (
+                DELETE FROM reservations r WHERE r.execution_id = ANY(p_expired_ids) AND r.expires_at <= p_now
+                RETURNING r.execution_id, r.counters, r.cost, r.tokens, r.executions
+            )
+            SELECT (SELECT array_agg(g.execution_id) FROM gone g), array_agg(k.scope), array_agg(k.period), array_agg(0::BIGINT),
+                array_agg(-k.cost), array_agg(-k.tokens), array_agg(-k.executions)
+            INTO v_gone, v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions
+            FROM (
+                SELECT split_part(l, E'\t', 1), substr(l, strpos(l, E'\t') + 1), g.cost, g.tokens, g.executions
+                FROM gone g, regexp_split_to_table(g.counters, E'\n') AS l WHERE strpos(l, E'\t') > 0
+            ) AS k(scope, period, cost, tokens, executions);
+            -- ... their calls still running closed as abandoned ...
+            WITH abandoned AS (
+                UPDATE executions e SET status = 'error', error_class = 'Abandoned',
+                    error_message = 'the process running this call stopped before it finished', completed_at = p_now
+                WHERE e.id = ANY(v_gone) AND e.status = 'running'
+                RETURNING e.id
+            )
+            SELECT array_agg(a.id) INTO v_abandoned FROM abandoned a;
+            -- ... and added to the daily rollups, the monthly ones and the daily totals, each
+            -- table's rows in key order (as rollups::record_sql adds a row, on its call's day) ...
+            INSERT INTO daily_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            SELECT * FROM (
+                SELECT p_expired_days[array_position(p_expired_ids, e.id)] AS day, COALESCE(e.tenant_id, '') AS tenant_id, e.agent, e.model_id, e.status, COUNT(*), SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cached_tokens)::BIGINT, SUM(e.total_tokens)::BIGINT, SUM(e.input_cost)::BIGINT, SUM(e.output_cost)::BIGINT, SUM(e.total_cost)::BIGINT, SUM(e.attempts_count)::BIGINT, SUM(e.cache_write_tokens)::BIGINT, SUM(e.cache_read_cost)::BIGINT, SUM(e.cache_write_cost)::BIGINT, COALESCE(SUM(e.duration_ms), 0)::BIGINT, COALESCE(SUM(e.time_to_first_token_ms), 0)::BIGINT
+                FROM executions e WHERE e.id = ANY(v_abandoned) GROUP BY 1, 2, 3, 4, 5
+            ) AS d ORDER BY d.day COLLATE "C", d.tenant_id, d.agent, d.model_id, d.status
+            ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+            INSERT INTO monthly_rollups AS r (period, tenant_id, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            SELECT * FROM (
+                SELECT left(p_expired_days[array_position(p_expired_ids, e.id)], 7) AS month, COALESCE(e.tenant_id, '') AS tenant_id, e.agent, e.model_id, e.status, COUNT(*), SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cached_tokens)::BIGINT, SUM(e.total_tokens)::BIGINT, SUM(e.input_cost)::BIGINT, SUM(e.output_cost)::BIGINT, SUM(e.total_cost)::BIGINT, SUM(e.attempts_count)::BIGINT, SUM(e.cache_write_tokens)::BIGINT, SUM(e.cache_read_cost)::BIGINT, SUM(e.cache_write_cost)::BIGINT, COALESCE(SUM(e.duration_ms), 0)::BIGINT, COALESCE(SUM(e.time_to_first_token_ms), 0)::BIGINT
+                FROM executions e WHERE e.id = ANY(v_abandoned) GROUP BY 1, 2, 3, 4, 5
+            ) AS d ORDER BY d.month COLLATE "C", d.tenant_id, d.agent, d.model_id, d.status
+            ON CONFLICT (period, tenant_id, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+            INSERT INTO daily_totals AS r (period, agent, model_id, status, calls, input_tokens, output_tokens, cached_tokens, total_tokens, input_cost, output_cost, total_cost, attempts_count, cache_write_tokens, cache_read_cost, cache_write_cost, duration_ms, time_to_first_token_ms)
+            SELECT * FROM (
+                SELECT p_expired_days[array_position(p_expired_ids, e.id)] AS day, e.agent, e.model_id, e.status, COUNT(*), SUM(e.input_tokens)::BIGINT, SUM(e.output_tokens)::BIGINT, SUM(e.cached_tokens)::BIGINT, SUM(e.total_tokens)::BIGINT, SUM(e.input_cost)::BIGINT, SUM(e.output_cost)::BIGINT, SUM(e.total_cost)::BIGINT, SUM(e.attempts_count)::BIGINT, SUM(e.cache_write_tokens)::BIGINT, SUM(e.cache_read_cost)::BIGINT, SUM(e.cache_write_cost)::BIGINT, COALESCE(SUM(e.duration_ms), 0)::BIGINT, COALESCE(SUM(e.time_to_first_token_ms), 0)::BIGINT
+                FROM executions e WHERE e.id = ANY(v_abandoned) GROUP BY 1, 2, 3, 4
+            ) AS d ORDER BY d.day COLLATE "C", d.agent, d.model_id, d.status
+            ON CONFLICT (period, agent, model_id, status) DO UPDATE SET calls = r.calls + EXCLUDED.calls, input_tokens = r.input_tokens + EXCLUDED.input_tokens, output_tokens = r.output_tokens + EXCLUDED.output_tokens, cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens, total_tokens = r.total_tokens + EXCLUDED.total_tokens, input_cost = r.input_cost + EXCLUDED.input_cost, output_cost = r.output_cost + EXCLUDED.output_cost, total_cost = r.total_cost + EXCLUDED.total_cost, attempts_count = r.attempts_count + EXCLUDED.attempts_count, cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens, cache_read_cost = r.cache_read_cost + EXCLUDED.cache_read_cost, cache_write_cost = r.cache_write_cost + EXCLUDED.cache_write_cost, duration_ms = r.duration_ms + EXCLUDED.duration_ms, time_to_first_token_ms = r.time_to_first_token_ms + EXCLUDED.time_to_first_token_ms;
+            -- ... and each abandoned call counted as one execution on its usage keys
+            -- (store::usage_keys: the global, agent and tenant scopes, by day and month).
+            SELECT v_scopes || array_agg(s), v_periods || array_agg(p), v_used || array_agg(1::BIGINT), v_cost || array_agg(0::BIGINT),
+                v_tokens || array_agg(0::BIGINT), v_executions || array_agg(0::BIGINT)
+            INTO v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions
+            FROM executions e,
+                unnest(ARRAY['global', 'agent:' || e.agent] || CASE WHEN e.tenant_id IS NULL THEN '{}' ELSE ARRAY['tenant:' || e.tenant_id] END) AS s,
+                unnest(ARRAY[p_expired_days[array_position(p_expired_ids, e.id)], left(p_expired_days[array_position(p_expired_ids, e.id)], 7)]) AS p
+            WHERE e.id = ANY(v_abandoned);
+        END IF;
+        IF cardinality(v_scopes) > 0 THEN
+            SELECT array_agg(split_part(k, E'\t', 1)), array_agg(split_part(k, E'\t', 2))
+            INTO v_own_scopes, v_own_periods FROM unnest(string_to_array(p_counters, E'\n')) AS k;
+            -- The call's own counters and those the expiry changed, in one statement in key
+            -- order (as admission.rs locks them together); the call's own come back in its
+            -- order, with its estimate taken off again for the checks below.
+            FOR v_key IN
+                INSERT INTO usage_counters AS c (scope, period, cost, tokens, executions, reserved_cost, reserved_tokens, reserved_executions)
+                SELECT d.scope, d.period, 0, 0, SUM(d.used)::BIGINT, SUM(d.cost)::BIGINT, SUM(d.tokens)::BIGINT, SUM(d.executions)::BIGINT
+                FROM (
+                    SELECT k.scope, k.period, 0::BIGINT, p_cost, p_tokens, p_executions FROM unnest(v_own_scopes, v_own_periods) AS k(scope, period)
+                    UNION ALL
+                    SELECT * FROM unnest(v_scopes, v_periods, v_used, v_cost, v_tokens, v_executions)
+                ) AS d(scope, period, used, cost, tokens, executions)
+                GROUP BY d.scope, d.period
+                ORDER BY d.scope COLLATE "C", d.period COLLATE "C"
+                ON CONFLICT (scope, period) DO UPDATE SET executions = c.executions + EXCLUDED.executions,
+                    reserved_cost = c.reserved_cost + EXCLUDED.reserved_cost, reserved_tokens = c.reserved_tokens + EXCLUDED.reserved_tokens,
+                    reserved_executions = c.reserved_executions + EXCLUDED.reserved_executions
+                RETURNING c.scope, c.period, ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost, c.reserved_tokens,
+                    c.reserved_executions] AS v
+            LOOP
+                IF v_own <= cardinality(v_own_scopes) AND v_key.scope = v_own_scopes[v_own] AND v_key.period = v_own_periods[v_own] THEN
+                    v_row := v_key.v;
+                    usage := usage || ARRAY[v_row[1], v_row[2], v_row[3], v_row[4] - p_cost, v_row[5] - p_tokens, v_row[6] - p_executions];
+                    v_own := v_own + 1;
+                END IF;
+            END LOOP;
+        ELSIF p_counters <> '' THEN
+            -- As migration 20's: the call's own counters, each locked and given the estimate.
+            FOR v_key IN
+                INSERT INTO usage_counters AS c (scope, period, reserved_cost, reserved_tokens, reserved_executions)
+                SELECT split_part(k, E'\t', 1), split_part(k, E'\t', 2), p_cost, p_tokens, p_executions
+                FROM unnest(string_to_array(p_counters, E'\n')) AS k
+                ON CONFLICT (scope, period) DO UPDATE SET reserved_cost = c.reserved_cost + p_cost,
+                    reserved_tokens = c.reserved_tokens + p_tokens, reserved_executions = c.reserved_executions + p_executions
+                RETURNING ARRAY[c.cost, c.tokens, c.executions, c.reserved_cost - p_cost, c.reserved_tokens - p_tokens,
+                    c.reserved_executions - p_executions] AS v
+            LOOP
+                usage := usage || v_key.v;
+            END LOOP;
+        END IF;
+        -- Each hard limit against its counter (its place from 1, so its six numbers in `usage`
+        -- start at 6 * place - 5), in NUMERIC so no sum overflows (at a 64-bit limit this may
+        -- refuse where Rust's saturating sums would not, and the Rust transaction then decides).
+        FOR h IN 1..COALESCE(cardinality(p_hard), 0) / 3 LOOP
+            IF usage[6 * p_hard[3 * h - 2] - 5 + p_hard[3 * h - 1]]::NUMERIC + usage[6 * p_hard[3 * h - 2] - 2 + p_hard[3 * h - 1]]
+                    + (CASE p_hard[3 * h - 1] WHEN 0 THEN p_cost WHEN 1 THEN p_tokens ELSE p_executions END) > p_hard[3 * h] THEN
+                v_refused := true;
+            END IF;
+        END LOOP;
+        IF v_refused THEN
+            -- The estimates come off again: a refusal leaves the counters as they were, but for
+            -- the expired reservations it released, which stay released (as the transaction's),
+            -- and returns the usage it read (migration 21).
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(string_to_array(p_counters, E'\n')) AS k WHERE c.scope = split_part(k, E'\t', 1)
+                AND c.period = split_part(k, E'\t', 2);
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := 'refused';
+        END IF;
+    END
+    $fn$;
+    "#,
 ];

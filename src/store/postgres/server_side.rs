@@ -1,5 +1,5 @@
 //! Admission and settlement in one round trip each: the common case runs in the server-side
-//! functions of migrations 12, 14 to 23 and 25 to 29 (`tenantllm_admit`, `tenantllm_admit_full`,
+//! functions of migrations 12, 14 to 23 and 25 to 30 (`tenantllm_admit`, `tenantllm_admit_full`,
 //! `tenantllm_settle`, `tenantllm_settle_rates`, `tenantllm_settle_breakers`), one statement
 //! that commits on its own, so the rows it locks stay locked only while the server works, and
 //! PL/pgSQL's cached plans spare the parsing and planning of a dozen statements. The
@@ -131,6 +131,33 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     let breaker = req.breaker_keys.first().map(|k| k.id());
     let remember = req.remember_tenant && req.plan.tenant_id.is_some();
     let calendar = req.calendar.name();
+    // `tenantllm_admit`'s (migration 30): each hard limit by its counter's place among the
+    // checked (from 1), its metric and the limit; NULL when none, as the expired leases.
+    let hard_limits_by_place: Option<Vec<i64>> = (!hard.is_empty()).then(|| {
+        hard.iter()
+            .flat_map(|c| {
+                let place = checked.iter().position(|(s, p)| *s == c.scope && *p == c.period_key).map_or(0, |i| i as i64 + 1);
+                [place, i64::from(metric_code(c.metric)), amount(c.limit)]
+            })
+            .collect()
+    });
+    let narrow: [&dyn Param; 14] = [
+        &store.lock_timeout,
+        &calendar,
+        &req.now,
+        &remember,
+        &req.plan.tenant_id,
+        &req.tenant_name,
+        &budget_tenant,
+        &stamp,
+        &counters,
+        &hard_limits_by_place,
+        &est.cost.0,
+        &est.tokens,
+        &est.executions,
+        &req.reservation_expires_at,
+    ];
+    // `tenantllm_admit_full`'s (migration 26).
     let head: [&dyn Param; 20] = [
         &store.lock_timeout,
         &calendar,
@@ -172,11 +199,12 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     // expired leases the call closes (their ids, and each call's day).
     let full_check = !rate_checks.is_empty();
     let run = |expired: &Expired| {
-        let keyed: [&dyn Param; 2] = [&expired.ids, &expired.days];
         let params: Vec<&dyn Param> = if full_check {
+            let keyed: [&dyn Param; 2] = [&expired.ids, &expired.days];
             head[..19].iter().copied().chain([&no_breaker as &dyn Param]).chain(new_row(e)).chain(rated).chain(keyed).collect()
         } else {
-            head.into_iter().chain(new_row(e)).chain([&breakers as &dyn Param, &req.probe_lease]).chain(keyed).collect()
+            let keyed: [&dyn Param; 2] = [&expired.ids_or_null, &expired.days_or_null];
+            narrow.into_iter().chain(new_row(e)).chain([&breakers as &dyn Param, &req.probe_lease]).chain(keyed).collect()
         };
         store.call(&took_effect, |db| {
             let r = db.query_one(if full_check { ADMIT_FULL } else { ADMIT }, &params);
@@ -263,11 +291,11 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     }))
 }
 
-// Migration 26's overloads (tenantllm_admit's restated by migration 29): with the breakers
-// (`tenantllm_admit`) and the expired leases keyed. Their answer is one record (`record`), its
-// fields in the order of their OUT parameters.
+// Migration 30's `tenantllm_admit` and migration 26's `tenantllm_admit_full`: with the breakers
+// and the expired leases keyed. Their answer is one record (`record`), its fields in the order
+// of their OUT parameters.
 const ADMIT: &str = "SELECT tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-     $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33)";
+     $21, $22, $23, $24, $25, $26, $27)";
 
 const ADMIT_FULL: &str = "SELECT tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
      $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40)";
@@ -337,16 +365,22 @@ impl Answer {
 
 /// The expired leases an admission closes: the reservations' ids, and the day each call
 /// still running started (in the calendar the call keys its counters in; '' for the others).
+/// `tenantllm_admit` takes none as NULL (an argument costs less to bind than an empty
+/// array), `tenantllm_admit_full` as empty arrays.
 #[derive(Default)]
 struct Expired {
     ids: Vec<String>,
     days: Vec<String>,
+    ids_or_null: Option<Vec<String>>,
+    days_or_null: Option<Vec<String>>,
 }
 
 impl Expired {
     fn keyed(a: &Answer, calendar: &Calendar) -> Expired {
         let day = |at: &Option<Micros>| at.map(|at| calendar.period_key(Period::Daily, at)).unwrap_or_default();
-        Expired { ids: a.expired_ids.clone(), days: a.expired_started.iter().map(day).collect() }
+        let (ids, days): (Vec<String>, Vec<String>) = (a.expired_ids.clone(), a.expired_started.iter().map(day).collect());
+        let (ids_or_null, days_or_null) = if ids.is_empty() { (None, None) } else { (Some(ids.clone()), Some(days.clone())) };
+        Expired { ids, days, ids_or_null, days_or_null }
     }
 }
 
@@ -432,7 +466,8 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     let keys: BTreeSet<CounterKey> = usage_keys(req.calendar, e.tenant_id.as_deref(), &e.agent, e.started_at).into_iter().collect();
     let counters = encode_keys(keys.iter());
     let used = budget::settled(c, false);
-    let [day, month] = rollups::periods(req.calendar, e.started_at);
+    // The month's rollup is keyed by the day's month (`rollups::periods`): the server derives it.
+    let [day, _] = rollups::periods(req.calendar, e.started_at);
     let calendar = req.calendar.name();
     let closing = Closing::of(c);
     // Every alert this call could raise: the server marks sent those its counters reach.
@@ -448,12 +483,12 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
     } else {
         Vec::new()
     };
-    let alert_counters: Vec<i32> = candidates.iter().map(|(_, _, _, n)| *n).collect();
-    let alert_names: Vec<&str> = candidates.iter().map(|(ch, _, _, _)| ch.name.as_str()).collect();
-    let alert_thresholds: Vec<i64> = candidates.iter().map(|(_, t, _, _)| *t).collect();
-    let alert_metrics: Vec<i32> = candidates.iter().map(|(ch, _, _, _)| metric_code(ch.metric)).collect();
-    let alert_at: Vec<i64> = candidates.iter().map(|(_, _, at, _)| *at).collect();
-    let head: [&dyn Param; 10] = [
+    // Each alert as four numbers (its counter's place, metric, the amount that reaches it and
+    // its threshold) and its name; NULL when there is none (migration 30).
+    let alerts: Option<Vec<i64>> = (!candidates.is_empty())
+        .then(|| candidates.iter().flat_map(|&(ch, t, at, n)| [i64::from(n), i64::from(metric_code(ch.metric)), at, t]).collect());
+    let alert_names: Option<Vec<&str>> = (!candidates.is_empty()).then(|| candidates.iter().map(|(ch, _, _, _)| ch.name.as_str()).collect());
+    let head: [&dyn Param; 9] = [
         &store.lock_timeout,
         &calendar,
         &req.reserved,
@@ -462,11 +497,10 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
         &used.tokens,
         &used.executions,
         &day,
-        &month,
         &e.id,
     ];
     let details: [&dyn Param; 5] = [&req.store_details, &e.system_prompt, &e.user_prompt, &c.response, &e.tool_calls];
-    let alerts: [&dyn Param; 5] = [&alert_counters, &alert_names, &alert_thresholds, &alert_metrics, &alert_at];
+    let alerts: [&dyn Param; 2] = [&alerts, &alert_names];
     // The rate limits' logs to correct, in scope order (the order admissions lock their
     // totals in).
     let mut rate_scopes: Vec<&str> = req.rate_scopes.iter().map(String::as_str).collect();
@@ -554,11 +588,11 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
 /// A settlement's statement: `tenantllm_settle`'s answer as one record (`record`: no function
 /// scan to plan, materialize and describe) and, computed on it, `$then` if given (the rate
 /// limits' logs corrected, the breakers moved): one statement. The function is volatile, so
-/// the subquery is not pulled up into its caller: it runs once, `(q.s).outcome` reads its answer.
+/// the subquery is not pulled up into its caller: it runs once, `(s).outcome` reads its answer.
 macro_rules! settle_sql {
     (@call) => {
         "tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
-         $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42)"
+         $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)"
     };
     () => {
         concat!("SELECT ", settle_sql!(@call))
@@ -572,14 +606,14 @@ const SETTLE: &str = settle_sql!();
 
 /// `SETTLE` and, on its answer, the rate limits' logs corrected (`tenantllm_settle_rates`,
 /// migration 25).
-const SETTLE_RATED: &str = settle_sql!("tenantllm_settle_rates((q.s).outcome, $10, $43, $44, $45)");
+const SETTLE_RATED: &str = settle_sql!("tenantllm_settle_rates((q.s).outcome, $9, $39, $40, $41)");
 
 /// `SETTLE` and then the breakers moved (`tenantllm_settle_breakers`, migration 27), for a
 /// call with no rate limit's log to correct: a call of `tenantllm_settle_rates` with none costs
 /// the server about 30k instructions.
-const SETTLE_MOVING: &str = settle_sql!("tenantllm_settle_breakers((q.s).outcome, $16, $43, $44, $45, $46, $47, $48, $49, $50, $51)");
+const SETTLE_MOVING: &str = settle_sql!("tenantllm_settle_breakers((q.s).outcome, $15, $39, $40, $41, $42, $43, $44, $45, $46, $47)");
 
 /// `SETTLE_RATED` and then the breakers moved, the rate limits first as the transaction takes
 /// them.
 const SETTLE_RATED_MOVING: &str =
-    settle_sql!("tenantllm_settle_breakers(tenantllm_settle_rates((q.s).outcome, $10, $43, $44, $45), $16, $46, $47, $48, $49, $50, $51, $52, $53, $54)");
+    settle_sql!("tenantllm_settle_breakers(tenantllm_settle_rates((q.s).outcome, $9, $39, $40, $41), $15, $42, $43, $44, $45, $46, $47, $48, $49, $50)");

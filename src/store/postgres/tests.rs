@@ -1458,6 +1458,56 @@ fn the_previous_settle_overload_hands_over() {
     assert_eq!(db.scalar("SELECT calls FROM daily_totals"), 1);
 }
 
+/// A settlement through migration 28's `tenantllm_settle` (the month sent, each alert in five
+/// arrays), as processes of the previous version call it, which hands over to migration 30's:
+/// the month's rollup keyed by the day's month, the alerts its counter reaches marked sent with
+/// their own thresholds (each alert's four numbers in their places), the one it does not reach
+/// left, the reservation released.
+#[test]
+#[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
+fn the_migration_28_settle_overload_hands_over() {
+    let db = TestDb::new();
+    let store = db.open();
+    let e = execution("old", T0);
+    let Admitted::Go { checks, .. } = admit_as(&store, &daily_limit(1000), &e, &[], T0 + 60_000_000) else { panic!("not admitted") };
+    let cal = Calendar::new("UTC").unwrap();
+    let keys: std::collections::BTreeSet<crate::store::CounterKey> = crate::store::usage_keys(&cal, None, "A", T0).into_iter().collect();
+    let counters = crate::store::encode_keys(keys.iter());
+    let [day, month] = rollups::periods(&cal, T0);
+    let check = checks[0].clone();
+    let place = keys.iter().position(|(s, p)| *s == check.scope && *p == check.period_key).unwrap() as i32 + 1;
+    let at = |t| budget::threshold_at(&check, t).unwrap();
+    // 850 of 1,000 reaches 50 % and 80 %, not 100 %.
+    let (thresholds, at): (Vec<i64>, Vec<i64>) = [50, 80, 100].into_iter().map(|t| (t, at(t))).unzip();
+    let names = vec![check.name.clone(); 3];
+    let sent_month = month.clone();
+    let settle = move |c: &mut Client| {
+        let r = c
+            .query_one(
+                "SELECT outcome, alerted FROM tenantllm_settle('1s', 'UTC', true, $1, 850, 7, 1, $2, $3, 'old',
+                     'success', NULL, NULL, 'mock/x', NULL, 1, 5, 3, 4, 0, 7, 425, 425, 850, 0, '[]', NULL, 0, 0, 0, NULL, 0, false,
+                     NULL, NULL, NULL, NULL, $4, $5, $6, '{0,0,0}', $7)",
+                &[&counters, &day, &month, &vec![place; 3], &names, &thresholds, &at],
+            )
+            .unwrap();
+        (r.get::<_, String>(0), r.get::<_, Vec<i64>>(1))
+    };
+    let (outcome, alerted) = on_server(&db.url, settle);
+    assert_eq!((outcome.as_str(), alerted), ("done", vec![1, 2]));
+    let sent = on_server(&db.url, |c: &mut Client| {
+        c.query("SELECT scope || ' ' || period || ' ' || threshold FROM alerts_sent ORDER BY threshold", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    });
+    let key = format!("{} {}", check.scope, check.period_key);
+    assert_eq!(sent, vec![format!("{key} 50"), format!("{key} 80")]);
+    assert_eq!(db.scalar("SELECT SUM(reserved_cost)::BIGINT FROM usage_counters"), 0);
+    assert_eq!(db.scalar(&format!("SELECT calls FROM monthly_rollups WHERE period = '{sent_month}'")), 1);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM monthly_rollups"), 1);
+}
+
 /// A settlement rewrites its call's row heap-only (no new entry in the table's indexes) with
 /// other calls in flight: no index covers a column it changes (migration 20), and each page
 /// keeps room for its rows still running when inserts fill it (migration 24). A transaction
