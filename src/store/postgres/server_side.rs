@@ -136,6 +136,7 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     let hard_limits_by_place: Option<Vec<i64>> = (!hard.is_empty()).then(|| {
         hard.iter()
             .flat_map(|c| {
+                // Every check's counter is among the checked; 0 (no counter) would never refuse.
                 let place = checked.iter().position(|(s, p)| *s == c.scope && *p == c.period_key).map_or(0, |i| i as i64 + 1);
                 [place, i64::from(metric_code(c.metric)), amount(c.limit)]
             })
@@ -199,11 +200,13 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     // expired leases the call closes (their ids, and each call's day).
     let full_check = !rate_checks.is_empty();
     let run = |expired: &Expired| {
+        // `tenantllm_admit` takes none keyed as NULL, which costs less to bind than an empty array.
+        let (ids, days) = if expired.ids.is_empty() { (None, None) } else { (Some(&expired.ids), Some(&expired.days)) };
         let params: Vec<&dyn Param> = if full_check {
             let keyed: [&dyn Param; 2] = [&expired.ids, &expired.days];
             head[..19].iter().copied().chain([&no_breaker as &dyn Param]).chain(new_row(e)).chain(rated).chain(keyed).collect()
         } else {
-            let keyed: [&dyn Param; 2] = [&expired.ids_or_null, &expired.days_or_null];
+            let keyed: [&dyn Param; 2] = [&ids, &days];
             narrow.into_iter().chain(new_row(e)).chain([&breakers as &dyn Param, &req.probe_lease]).chain(keyed).collect()
         };
         store.call(&took_effect, |db| {
@@ -365,22 +368,16 @@ impl Answer {
 
 /// The expired leases an admission closes: the reservations' ids, and the day each call
 /// still running started (in the calendar the call keys its counters in; '' for the others).
-/// `tenantllm_admit` takes none as NULL (an argument costs less to bind than an empty
-/// array), `tenantllm_admit_full` as empty arrays.
 #[derive(Default)]
 struct Expired {
     ids: Vec<String>,
     days: Vec<String>,
-    ids_or_null: Option<Vec<String>>,
-    days_or_null: Option<Vec<String>>,
 }
 
 impl Expired {
     fn keyed(a: &Answer, calendar: &Calendar) -> Expired {
         let day = |at: &Option<Micros>| at.map(|at| calendar.period_key(Period::Daily, at)).unwrap_or_default();
-        let (ids, days): (Vec<String>, Vec<String>) = (a.expired_ids.clone(), a.expired_started.iter().map(day).collect());
-        let (ids_or_null, days_or_null) = if ids.is_empty() { (None, None) } else { (Some(ids.clone()), Some(days.clone())) };
-        Expired { ids, days, ids_or_null, days_or_null }
+        Expired { ids: a.expired_ids.clone(), days: a.expired_started.iter().map(day).collect() }
     }
 }
 
@@ -588,7 +585,7 @@ pub(super) fn finish(store: &PostgresStore, req: &FinishRequest<'_>) -> Result<O
 /// A settlement's statement: `tenantllm_settle`'s answer as one record (`record`: no function
 /// scan to plan, materialize and describe) and, computed on it, `$then` if given (the rate
 /// limits' logs corrected, the breakers moved): one statement. The function is volatile, so
-/// the subquery is not pulled up into its caller: it runs once, `(s).outcome` reads its answer.
+/// the subquery is not pulled up into its caller: it runs once, `(q.s).outcome` reads its answer.
 macro_rules! settle_sql {
     (@call) => {
         "tenantllm_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
