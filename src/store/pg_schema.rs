@@ -3003,21 +3003,21 @@ pub const MIGRATIONS: &[&str] = &[
     // takes costs its call about 1.1k server instructions (a scalar, NULL or not), an array
     // about 3k more and 1.2k an element, one text of many values about as little as a scalar
     // (callgrind, empty PL/pgSQL functions called prepared). New overloads of
-    // `tenantllm_settle` (38 arguments instead of 42) and `tenantllm_admit` (27 instead of 33)
-    // take what they can derive or pack: the month from the day; the alerts as one array of
-    // numbers and one of names, instead of five; the call's counters only as the text its
-    // reservation stores (the scopes and periods split from it), the hard limits as one array
-    // of numbers by the counter's place, instead of six arrays; the first model's breaker as
-    // the first of the breakers; NULL for expired leases not keyed. On the way: the stored
-    // timezone read into a variable (a comparison with a subquery is a query of its own); the
-    // call's row and reservation written in one statement; the hard limits checked in one loop
-    // over the limits (was every limit for every counter). The previous `tenantllm_settle`
-    // overload hands its arguments over (processes of the previous version), and
-    // `tenantllm_block` settles through the new one. The previous `tenantllm_admit` stays as
-    // migration 29 wrote it: `tenantllm_admit_full` (calls under rate limits) and processes of
-    // the previous version call it. A full-guard call with prepared statements: 1,878k server
-    // instructions before, 1,838k after (benches/pg_instructions.py). OR REPLACE: a test that
-    // re-runs the rollups' migration 9 re-runs this.
+    // `tenantllm_settle` (38 arguments instead of 42), `tenantllm_admit` (27 instead of 33)
+    // and `tenantllm_admit_full` (34 instead of 40) take what they can derive or pack: the
+    // month from the day; the alerts as one array of numbers and one of names, instead of
+    // five; the call's counters only as the text its reservation stores (the scopes and
+    // periods split from it), the hard limits as one array of numbers by the counter's place,
+    // instead of six arrays; the first model's breaker as the first of the breakers; NULL for
+    // expired leases not keyed. On the way: the stored timezone read into a variable (a
+    // comparison with a subquery is a query of its own); the call's row and reservation
+    // written in one statement; the hard limits checked in one loop over the limits (was every
+    // limit for every counter). The previous `tenantllm_settle` overload hands its arguments
+    // over (processes of the previous version), and `tenantllm_block` settles through the new
+    // one. The previous `tenantllm_admit` and `tenantllm_admit_full` stay as migrations 29 and
+    // 26 wrote them, for processes of the previous version. A full-guard call with prepared
+    // statements: 1,878k server instructions before, 1,838k after (benches/pg_instructions.py).
+    // OR REPLACE: a test that re-runs the rollups' migration 9 re-runs this.
     r#"
     -- The call's counters in `p_counters` as reservations store them ("scope<TAB>period" lines,
     -- sorted: they are locked in that order); the month's rollup is keyed by `p_day`'s month;
@@ -3274,21 +3274,13 @@ pub const MIGRATIONS: &[&str] = &[
                 WHERE r.expires_at <= p_now;
             ELSIF outcome = 'breaker' AND cardinality(p_breakers) > 0 THEN
                 -- The first model's breaker is not closed: the full function makes the breakers'
-                -- choice, in this same statement (the register of tenants is its to write), given
-                -- the counters and hard limits as its arguments spell them.
-                SELECT array_agg(split_part(k, E'\t', 1)), array_agg(split_part(k, E'\t', 2))
-                INTO v_own_scopes, v_own_periods FROM unnest(string_to_array(p_counters, E'\n')) AS k;
+                -- choice, in this same statement (the register of tenants is its to write).
                 SELECT f.outcome, f.usage, f.model_index, f.probe, f.retry_at, f.expired_ids, f.expired_started
                 INTO outcome, usage, model_index, probe, retry_at, expired_ids, expired_started
                 FROM tenantllm_admit_full(p_lock_timeout, p_timezone, p_now, p_remember, p_tenant, p_tenant_name, p_budget_tenant,
-                    p_budget_stamp, COALESCE(v_own_scopes, '{}'), COALESCE(v_own_periods, '{}'),
-                    ARRAY(SELECT v_own_scopes[p_hard[3 * h - 2]] FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
-                    ARRAY(SELECT v_own_periods[p_hard[3 * h - 2]] FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
-                    ARRAY(SELECT p_hard[3 * h - 1]::INT FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
-                    ARRAY(SELECT p_hard[3 * h] FROM generate_series(1, cardinality(p_hard) / 3) AS h ORDER BY h),
-                    p_cost, p_tokens, p_executions, p_counters, p_expires_at, NULL, p_id, p_agent, p_model_id, p_provider,
-                    p_exec_tenant, p_started_at, p_metadata, p_parent, p_root, 0, '{}', '{}', '{}', '{}', '{}', NULL, p_breakers,
-                    p_probe_lease, COALESCE(p_expired_ids, '{}'), COALESCE(p_expired_days, '{}')) AS f;
+                    p_budget_stamp, p_counters, p_hard, p_cost, p_tokens, p_executions, p_expires_at, p_id, p_agent, p_model_id,
+                    p_provider, p_exec_tenant, p_started_at, p_metadata, p_parent, p_root, 0, '{}', '{}', '{}', '{}', '{}', NULL,
+                    p_breakers, p_probe_lease, p_expired_ids, p_expired_days) AS f;
             END IF;
             RETURN;
         END IF;
@@ -3424,6 +3416,166 @@ pub const MIGRATIONS: &[&str] = &[
             DELETE FROM reservations WHERE execution_id = p_id;
             DELETE FROM executions WHERE id = p_id;
             outcome := 'refused';
+        END IF;
+    END
+    $fn$;
+
+    -- Migration 26's, with the counters, hard limits and expired leases as the overload above
+    -- takes them (no first breaker: this function makes the breakers' choice), admitting
+    -- through it.
+    CREATE OR REPLACE FUNCTION tenantllm_admit_full(p_lock_timeout TEXT, p_timezone TEXT, p_now BIGINT,
+        p_remember BOOLEAN, p_tenant TEXT, p_tenant_name TEXT, p_budget_tenant TEXT, p_budget_stamp BIGINT,
+        p_counters TEXT, p_hard BIGINT[], p_cost BIGINT, p_tokens BIGINT, p_executions BIGINT,
+        p_expires_at BIGINT, p_id TEXT, p_agent TEXT, p_model_id TEXT, p_provider TEXT, p_exec_tenant TEXT, p_started_at BIGINT,
+        p_metadata TEXT, p_parent TEXT, p_root TEXT,
+        p_window BIGINT, p_lock_scopes TEXT[], p_window_scopes TEXT[], p_check_scopes TEXT[], p_check_kinds INT[],
+        p_check_limits BIGINT[], p_concurrency_scope TEXT, p_breakers TEXT[], p_probe_lease BIGINT,
+        p_expired_ids TEXT[], p_expired_days TEXT[],
+        OUT outcome TEXT, OUT usage BIGINT[], OUT requests BIGINT[], OUT tokens BIGINT[], OUT in_flight BIGINT,
+        OUT breached INT, OUT events_at BIGINT[], OUT events_tokens BIGINT[], OUT model_index INT, OUT probe BOOLEAN,
+        OUT retry_at BIGINT, OUT expired_ids TEXT[], OUT expired_started BIGINT[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_set TEXT;
+        v_scope TEXT;
+        v_start BIGINT := p_now - p_window;
+        v_requests BIGINT;
+        v_tokens BIGINT;
+        v_horizon BIGINT;
+        v_n BIGINT;
+        v_t BIGINT;
+        v_w INT;
+        v_over BOOLEAN;
+        v_phase TEXT;
+        v_retry_at BIGINT;
+        v_lost BOOLEAN := false;
+        v_timezone TEXT;
+    BEGIN
+        v_set := set_config('lock_timeout', p_lock_timeout, true);
+        SELECT value INTO v_timezone FROM settings WHERE name = 'timezone';
+        IF v_timezone IS DISTINCT FROM p_timezone THEN
+            outcome := 'timezone';
+            RETURN;
+        END IF;
+        -- The register of tenants before the scopes' locks, as the transaction writes it.
+        IF p_remember THEN
+            INSERT INTO tenants (tenant_id, name, first_used_at, last_used_at) VALUES (p_tenant, p_tenant_name, p_now, p_now)
+            ON CONFLICT (tenant_id) DO UPDATE SET name = COALESCE(EXCLUDED.name, tenants.name),
+                first_used_at = LEAST(tenants.first_used_at, EXCLUDED.first_used_at),
+                last_used_at = GREATEST(tenants.last_used_at, EXCLUDED.last_used_at);
+        END IF;
+        -- Admissions of a scope take turns (rates.rs `lock_rate_scopes`: the same keys, in
+        -- scope order, before any row lock).
+        FOREACH v_scope IN ARRAY p_lock_scopes LOOP
+            PERFORM pg_advisory_xact_lock(hashtextextended('tenantllm rate ' || v_scope, 0));
+        END LOOP;
+        SELECT a.outcome, a.usage, a.expired_ids, a.expired_started INTO outcome, usage, expired_ids, expired_started
+        FROM tenantllm_admit(p_lock_timeout, p_timezone, p_now, false, p_tenant, p_tenant_name, p_budget_tenant, p_budget_stamp,
+            p_counters, p_hard, p_cost, p_tokens, p_executions, p_expires_at, p_id, p_agent, p_model_id, p_provider, p_exec_tenant,
+            p_started_at, p_metadata, p_parent, p_root, '{}', NULL, p_expired_ids, p_expired_days) AS a;
+        IF outcome <> 'go' THEN
+            RETURN;
+        END IF;
+        -- Each window's use (rates.rs `rate_state`): its totals row, created with this
+        -- window's start as its horizon, moved up to it, or read with the log behind it.
+        requests := '{}';
+        tokens := '{}';
+        FOREACH v_scope IN ARRAY p_window_scopes LOOP
+            INSERT INTO rate_totals (scope, requests, tokens, horizon) VALUES (v_scope, 0, 0, v_start)
+            ON CONFLICT (scope) DO UPDATE SET scope = EXCLUDED.scope
+            RETURNING rate_totals.requests, rate_totals.tokens, rate_totals.horizon INTO v_requests, v_tokens, v_horizon;
+            IF v_start <= v_horizon THEN
+                SELECT COUNT(*), COALESCE(SUM(e.tokens), 0)::BIGINT INTO v_n, v_t FROM rate_events e
+                WHERE e.scope = v_scope AND e.at > v_start AND e.at <= v_horizon;
+                v_requests := v_requests + v_n;
+                v_tokens := LEAST(v_tokens::NUMERIC + v_t, 9223372036854775807)::BIGINT;
+            ELSE
+                WITH crossed AS (
+                    SELECT COUNT(*) AS n, COALESCE(SUM(e.tokens), 0)::BIGINT AS t FROM rate_events e
+                    WHERE e.scope = v_scope AND e.at > v_horizon AND e.at <= v_start
+                ), forgotten AS (DELETE FROM rate_events e WHERE e.scope = v_scope AND e.at <= v_start - p_window)
+                UPDATE rate_totals r SET requests = r.requests - crossed.n, tokens = r.tokens - crossed.t, horizon = v_start
+                FROM crossed WHERE r.scope = v_scope RETURNING r.requests, r.tokens INTO v_requests, v_tokens;
+            END IF;
+            requests := requests || v_requests;
+            tokens := tokens || v_tokens;
+        END LOOP;
+        in_flight := 0;
+        IF p_concurrency_scope IS NOT NULL THEN
+            SELECT COUNT(*) INTO in_flight FROM reservations WHERE concurrency_scope = p_concurrency_scope;
+        END IF;
+        -- The first check breached, in the policy's order (`ratelimit::evaluate`).
+        FOR i IN 1..cardinality(p_check_scopes) LOOP
+            v_w := array_position(p_window_scopes, p_check_scopes[i]);
+            v_over := CASE p_check_kinds[i]
+                WHEN 0 THEN requests[v_w] >= p_check_limits[i]
+                WHEN 1 THEN tokens[v_w]::NUMERIC + p_tokens > p_check_limits[i]
+                ELSE in_flight >= p_check_limits[i]
+            END;
+            IF v_over THEN
+                breached := i;
+                EXIT;
+            END IF;
+        END LOOP;
+        -- The breakers, once the budgets and rate limits let the call go (store::first_admitted
+        -- with breaker::admit): the first model whose breaker is closed goes, or the first
+        -- whose cooldown is over claims the half-open probe, decided again on its locked row
+        -- (breakers.rs `breaker_admit_tx`) so that of racing processes exactly one claims it.
+        -- A row gone under the lock is left to the transaction ('breaker').
+        IF breached IS NULL THEN
+            IF cardinality(p_breakers) = 0 THEN
+                model_index := 0;
+                probe := false;
+            END IF;
+            FOR i IN 1..cardinality(p_breakers) LOOP
+                SELECT b.phase, b.retry_at INTO v_phase, v_retry_at FROM breakers b WHERE b.key = p_breakers[i];
+                IF NOT FOUND OR v_phase = 'closed' THEN
+                    model_index := i - 1;
+                    probe := false;
+                    EXIT;
+                END IF;
+                IF p_now >= v_retry_at THEN
+                    SELECT b.phase, b.retry_at INTO v_phase, v_retry_at FROM breakers b WHERE b.key = p_breakers[i] FOR UPDATE;
+                    IF NOT FOUND THEN
+                        v_lost := true;
+                        EXIT;
+                    END IF;
+                    IF v_phase = 'closed' OR p_now >= v_retry_at THEN
+                        model_index := i - 1;
+                        probe := v_phase <> 'closed';
+                        IF probe THEN
+                            UPDATE breakers b SET phase = 'half_open', failures = '', retry_at = p_now + p_probe_lease, updated_at = p_now
+                            WHERE b.key = p_breakers[i];
+                        END IF;
+                        EXIT;
+                    END IF;
+                END IF;
+                retry_at := LEAST(COALESCE(retry_at, v_retry_at), v_retry_at);
+            END LOOP;
+        END IF;
+        IF breached IS NOT NULL OR model_index IS NULL THEN
+            -- Undone as `tenantllm_admit` undoes a refusal; the window's steps stay.
+            UPDATE usage_counters c SET reserved_cost = c.reserved_cost - p_cost, reserved_tokens = c.reserved_tokens - p_tokens,
+                reserved_executions = c.reserved_executions - p_executions
+            FROM unnest(string_to_array(p_counters, E'\n')) AS k WHERE c.scope = split_part(k, E'\t', 1)
+                AND c.period = split_part(k, E'\t', 2);
+            DELETE FROM reservations WHERE execution_id = p_id;
+            DELETE FROM executions WHERE id = p_id;
+            outcome := CASE WHEN breached IS NOT NULL THEN 'rate_limited' WHEN v_lost THEN 'breaker' ELSE 'short_circuited' END;
+            -- The breached scope's admissions in the window, oldest first, for its retry time.
+            IF p_check_kinds[breached] <> 2 THEN
+                SELECT COALESCE(array_agg(e.at ORDER BY e.at), '{}'), COALESCE(array_agg(e.tokens ORDER BY e.at), '{}')
+                INTO events_at, events_tokens FROM rate_events e WHERE e.scope = p_check_scopes[breached] AND e.at > v_start;
+            END IF;
+            RETURN;
+        END IF;
+        -- Admitted: logged in each window (counted in its totals unless this call's clock is
+        -- behind their horizon), and in flight in its concurrency scope.
+        INSERT INTO rate_events (scope, at, execution_id, tokens) SELECT s, p_started_at, p_id, p_tokens FROM unnest(p_window_scopes) AS s;
+        UPDATE rate_totals r SET requests = r.requests + 1, tokens = r.tokens + p_tokens
+        WHERE r.scope = ANY(p_window_scopes) AND r.horizon < p_started_at;
+        IF p_concurrency_scope IS NOT NULL THEN
+            UPDATE reservations SET concurrency_scope = p_concurrency_scope WHERE execution_id = p_id;
         END IF;
     END
     $fn$;

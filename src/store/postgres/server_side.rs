@@ -32,7 +32,6 @@ use super::admission::{row_closed, row_written};
 use super::breakers::breaker_status;
 use super::budgets::stamped_budget;
 use super::connect::Failure;
-use super::counters::key_arrays;
 use super::db::Param;
 use super::executions::{new_row, Closing};
 use super::record::Record;
@@ -117,22 +116,17 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         .iter()
         .map(|c| (c.scope.clone(), c.period_key.clone()))
         .collect();
-    let (scopes, periods) = key_arrays(checked.iter());
     let hard: Vec<&budget::Check> = checks
         .iter()
         .filter(|c| c.enforcement == Enforcement::Hard)
         .collect();
-    let hard_scopes: Vec<&str> = hard.iter().map(|c| c.scope.as_str()).collect();
-    let hard_periods: Vec<&str> = hard.iter().map(|c| c.period_key.as_str()).collect();
-    let hard_metrics: Vec<i32> = hard.iter().map(|c| metric_code(c.metric)).collect();
-    let hard_limits: Vec<i64> = hard.iter().map(|c| amount(c.limit)).collect();
     let est = &req.estimate;
     let counters = encode_keys(checked.iter());
-    let breaker = req.breaker_keys.first().map(|k| k.id());
     let remember = req.remember_tenant && req.plan.tenant_id.is_some();
     let calendar = req.calendar.name();
-    // `tenantllm_admit`'s (migration 30): each hard limit by its counter's place among the
-    // checked (from 1), its metric and the limit; NULL when none, as the expired leases.
+    // Migration 30's `tenantllm_admit` and `tenantllm_admit_full` take each hard limit by its
+    // counter's place among the checked (from 1), its metric and the limit; NULL when none, as
+    // the expired leases.
     let hard_limits_by_place: Option<Vec<i64>> = (!hard.is_empty()).then(|| {
         hard.iter()
             .flat_map(|c| {
@@ -158,29 +152,6 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
         &est.executions,
         &req.reservation_expires_at,
     ];
-    // `tenantllm_admit_full`'s (migration 26).
-    let head: [&dyn Param; 20] = [
-        &store.lock_timeout,
-        &calendar,
-        &req.now,
-        &remember,
-        &req.plan.tenant_id,
-        &req.tenant_name,
-        &budget_tenant,
-        &stamp,
-        &scopes,
-        &periods,
-        &hard_scopes,
-        &hard_periods,
-        &hard_metrics,
-        &hard_limits,
-        &est.cost.0,
-        &est.tokens,
-        &est.executions,
-        &counters,
-        &req.reservation_expires_at,
-        &breaker,
-    ];
     // The rate limits' arguments (`tenantllm_admit_full`): the scopes to lock, the windows to
     // count and the checks in the policy's order.
     let lock_scopes: Vec<&str> = rate_checks.iter().map(|c| c.scope.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
@@ -192,21 +163,18 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     let breakers: Vec<String> = req.breaker_keys.iter().map(|k| k.id()).collect();
     let rated: [&dyn Param; 9] =
         [&req.rate_window, &lock_scopes, &window_scopes, &check_scopes, &check_kinds, &check_limits, &concurrency, &breakers, &req.probe_lease];
-    // The full function makes the breakers' choice itself: it gets no first breaker to check.
-    let no_breaker: Option<String> = None;
     let took_effect = |db: &mut super::db::Tx<'_>| row_written(db, &e.id);
     // Calls under rate limits go to the full function, the others to `tenantllm_admit`, which
     // hands them to the full one if their first model's breaker is not closed. `expired`: the
     // expired leases the call closes (their ids, and each call's day).
     let full_check = !rate_checks.is_empty();
     let run = |expired: &Expired| {
-        // `tenantllm_admit` takes none keyed as NULL, which costs less to bind than an empty array.
+        // None keyed: NULL, which costs less to bind than an empty array.
         let (ids, days) = if expired.ids.is_empty() { (None, None) } else { (Some(&expired.ids), Some(&expired.days)) };
+        let keyed: [&dyn Param; 2] = [&ids, &days];
         let params: Vec<&dyn Param> = if full_check {
-            let keyed: [&dyn Param; 2] = [&expired.ids, &expired.days];
-            head[..19].iter().copied().chain([&no_breaker as &dyn Param]).chain(new_row(e)).chain(rated).chain(keyed).collect()
+            narrow.into_iter().chain(new_row(e)).chain(rated).chain(keyed).collect()
         } else {
-            let keyed: [&dyn Param; 2] = [&ids, &days];
             narrow.into_iter().chain(new_row(e)).chain([&breakers as &dyn Param, &req.probe_lease]).chain(keyed).collect()
         };
         store.call(&took_effect, |db| {
@@ -294,14 +262,14 @@ pub(super) fn admit(store: &PostgresStore, req: &AdmitRequest<'_>) -> Result<Opt
     }))
 }
 
-// Migration 30's `tenantllm_admit` and migration 26's `tenantllm_admit_full`: with the breakers
-// and the expired leases keyed. Their answer is one record (`record`), its fields in the order
-// of their OUT parameters.
+// Migration 30's `tenantllm_admit` and `tenantllm_admit_full`: with the breakers and the expired
+// leases keyed. Their answer is one record (`record`), its fields in the order of their OUT
+// parameters.
 const ADMIT: &str = "SELECT tenantllm_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
      $21, $22, $23, $24, $25, $26, $27)";
 
 const ADMIT_FULL: &str = "SELECT tenantllm_admit_full($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-     $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40)";
+     $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34)";
 
 fn kind_code(k: ratelimit::Kind) -> i32 {
     match k {
