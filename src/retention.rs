@@ -7,9 +7,10 @@
 //! write holds or waits for it, holds it about 4 ms (the longest a call waits for the purge)
 //! and, while calls write, the pause after it is 49 times as long, so the purge has the lock
 //! 2 % of the time and calls the rest. On PostgreSQL a batch locks only its own rows, but it
-//! competes with calls for the server: the pause after it is 9 times what it took, so the
-//! purge keeps the server busy a tenth of the time. Executions go by whole days of the
-//! database's calendar. Counters, budgets and rollups are never touched.
+//! competes with calls for the server: while calls are admitted (the newest execution moved
+//! since the last batch) the pause after it is 9 times what it took, so the purge keeps the
+//! server busy a tenth of the time; when none are, batches follow one another. Executions go
+//! by whole days of the database's calendar. Counters, budgets and rollups are never touched.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -44,9 +45,12 @@ const PAUSE: Duration = Duration::from_millis(20);
 /// at 1/50 1.5-1.6x.) On an idle database it goes over 10x as fast.
 const IN_USE_PAUSE_PER_HELD: u32 = 49;
 /// Where writes do not share one lock (PostgreSQL), the pause after a batch is this many times
-/// what it took: the purge keeps the server busy 1/10 of the time, about 3,000 rows/s here.
-/// Unpaced, its batches ran back to back (16,000-31,000 rows/s) and calls' p50 during a purge
-/// was up to 5.7x that before it, 1.9x that with none (`benches/run.py --retention`).
+/// what it took while calls are admitted (`Purged::in_use`): the purge keeps the server busy
+/// 1/10 of the time, about 3,000 rows/s here. Unpaced, its batches ran back to back
+/// (16,000-31,000 rows/s) and calls' p50 during a purge was up to 5.7x that before it, 1.9x
+/// that with none (`benches/run.py --retention`). With no calls there is nobody to make room
+/// for and the batches follow one another (less the background thread's `PAUSE`): a call that
+/// comes then shares the server with one batch, and the next batch sees it and slows down.
 const SERVER_PAUSE_PER_HELD: u32 = 9;
 /// How often the background thread looks for expired rows (it also looks once at start).
 pub const INTERVAL_ENV: &str = "TENANTLLM_RETENTION_INTERVAL_SECONDS";
@@ -173,12 +177,13 @@ fn paced(store: &dyn Store, cutoffs: Cutoffs, pause: Duration, keep_going: impl 
 /// share one lock, at least as long as the batch held it, so that other writers (another
 /// process's calls, which this process cannot see waiting) get the lock at least half the
 /// time, and while the database is in use `IN_USE_PAUSE_PER_HELD` times as long. Elsewhere
-/// `SERVER_PAUSE_PER_HELD` times as long.
+/// `SERVER_PAUSE_PER_HELD` times as long while calls are admitted, and no longer otherwise.
 fn pause_after(pause: Duration, held: Duration, shares_one_lock: bool, in_use: bool) -> Duration {
     let per_held = match (shares_one_lock, in_use) {
-        (false, _) => SERVER_PAUSE_PER_HELD,
         (true, true) => IN_USE_PAUSE_PER_HELD,
         (true, false) => 1,
+        (false, true) => SERVER_PAUSE_PER_HELD,
+        (false, false) => 0,
     };
     pause.max(held * per_held)
 }
@@ -223,20 +228,31 @@ pub(crate) mod tests {
 
     /// For a store whose writes do not share one lock: a purge of `rows` old executions
     /// (already in `store`, all settled and started before `before`), in batches of `BATCH`,
-    /// pauses after every full batch, `per_held` times as long as the batch before it took. A
-    /// batch's time is what `sleep` sees between two pauses (a little more than the purge
-    /// measured, more on a busy machine), so the pauses must add up to half that at least.
-    pub(crate) fn batches_pause_per_held(store: &dyn Store, rows: i64, before: Micros, per_held: u32) {
+    /// while `admit_call` (another session admitting a call) runs during the pauses after the
+    /// batches `calls_after` lists (from 0). The pause after a batch is `per_held` times what
+    /// it took when calls were admitted since the batch before it (or there is none: not known),
+    /// and none otherwise. What `sleep` sees is no time (nothing here is timed) but the pauses
+    /// asked for: zero, or not. A batch's time is what `sleep` sees between two pauses, less
+    /// `admit_call`'s (a little more than the purge measured, more on a busy machine), so the
+    /// long pauses must add up to half `per_held` times that at least.
+    pub(crate) fn pauses_follow_calls(store: &dyn Store, rows: i64, before: Micros, per_held: u32, calls_after: &[usize], mut admit_call: impl FnMut()) {
         let mut pauses: Vec<(Duration, Duration)> = Vec::new();
         let mut since = Instant::now();
         let done = paced(store, (None, Some(before)), Duration::ZERO, || true, |pause| {
             pauses.push((since.elapsed(), pause));
+            if calls_after.contains(&(pauses.len() - 1)) {
+                admit_call();
+            }
             since = Instant::now();
         })
         .unwrap();
         assert_eq!(done.executions, rows);
         assert_eq!(pauses.len() as i64, rows / BATCH, "{pauses:?}");
-        let (took, paused) = pauses.iter().fold((Duration::ZERO, Duration::ZERO), |(t, p), (took, pause)| (t + *took, p + *pause));
+        for (i, (_, pause)) in pauses.iter().enumerate() {
+            let long = i == 0 || calls_after.contains(&(i - 1));
+            assert_eq!(!pause.is_zero(), long, "after batch {i} (calls after batches {calls_after:?}), (batch, pause after it): {pauses:?}");
+        }
+        let (took, paused) = pauses.iter().filter(|(_, p)| !p.is_zero()).fold((Duration::ZERO, Duration::ZERO), |(t, p), (took, pause)| (t + *took, p + *pause));
         assert!(paused >= took * per_held / 2, "(batch, pause after it): {pauses:?}");
     }
 
@@ -268,17 +284,20 @@ pub(crate) mod tests {
     }
 
     /// While calls write to SQLite, the purge has the lock 1/50 of the time; on an idle
-    /// database half. PostgreSQL's server is busy with it 1/10 of the time.
+    /// database half. PostgreSQL's server is busy with it 1/10 of the time while calls are
+    /// admitted, and all of it when none are.
     #[test]
     fn the_pause_after_a_batch_is_sized_from_what_it_held() {
         let held = Duration::from_micros(300);
         assert_eq!(pause_after(Duration::ZERO, held, true, true), held * 49);
         assert_eq!(pause_after(Duration::ZERO, held, true, false), held);
-        assert_eq!(pause_after(Duration::ZERO, held, false, false), held * 9);
+        assert_eq!(pause_after(Duration::ZERO, held, false, true), held * 9);
+        assert_eq!(pause_after(Duration::ZERO, held, false, false), Duration::ZERO);
         // The background thread's own pause is the least.
         assert_eq!(pause_after(PAUSE, held, true, true), PAUSE);
         assert_eq!(pause_after(PAUSE, held * 100, true, true), held * 4900);
-        assert_eq!(pause_after(PAUSE, held, false, false), PAUSE);
+        assert_eq!(pause_after(PAUSE, held, false, true), PAUSE);
+        assert_eq!(pause_after(PAUSE, held * 100, false, false), PAUSE);
     }
 
     #[test]

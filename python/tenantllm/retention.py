@@ -18,9 +18,9 @@ def purge(
     `retention`. Counters, budgets and daily totals are unaffected; calls still running are
     kept. While calls write to a SQLite database, the purge has its write lock 1/50 of the
     time (thousands of rows a second, not the ~100,000 of an idle database), so calls are not
-    held up; on PostgreSQL it pauses after each batch 9 times as long as the batch took, so
-    it keeps the server busy a tenth of the time. With `dry_run=True`, changes nothing and
-    only counts.
+    held up; on PostgreSQL, while calls are admitted, it pauses after each batch 9 times as
+    long as the batch took, so it keeps the server busy a tenth of the time (with no calls,
+    batches follow one another). With `dry_run=True`, changes nothing and only counts.
 
     Returns {"details": n, "executions": n, "details_before": datetime | None,
     "executions_before": datetime | None, "dry_run": bool}: how many executions had (or

@@ -222,8 +222,9 @@ pub trait Store: Send + Sync {
 pub struct Purged {
     pub details: i64,
     pub executions: i64,
-    /// Other writes came during or just before a batch (SQLite: `writes_share_one_lock`), so
-    /// retention pauses longer after it. Always false elsewhere.
+    /// The database is in use, so retention pauses longer after the batch: other writes came
+    /// during or just before it (SQLite), calls were admitted since the batch before it
+    /// (PostgreSQL).
     pub in_use: bool,
 }
 

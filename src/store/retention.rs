@@ -92,9 +92,13 @@ pub mod sqlite {
     pub const COUNT_DETAILS: &str = "SELECT count(*) FROM executions WHERE id > ?1 AND id < ?2 AND id >= ?3";
 }
 
+/// A batch's query also reads the newest execution's id: every admitted call inserts one, so
+/// when it moved between two batches calls are running and the purge paces itself for them
+/// (`Purged::in_use`), where SQLite's `data_version` says any write came.
 pub mod postgres {
-    pub const DETAILS_BATCH: &str =
-        "SELECT max(id), count(*) FROM (SELECT id FROM executions WHERE id > $1 AND id < $2 ORDER BY id LIMIT $3) b";
+    /// $1 cursor, $2 cutoff id, $3 batch size -> (last id, how many, newest id).
+    pub const DETAILS_BATCH: &str = "SELECT max(id), count(*), (SELECT max(id) FROM executions) FROM
+         (SELECT id FROM executions WHERE id > $1 AND id < $2 ORDER BY id LIMIT $3) b";
     pub const CLEAR_DETAILS: &str = "UPDATE executions SET error_message = NULL, metadata = '{}',
              attempts = (SELECT COALESCE(jsonb_agg(a.value - 'error_message' - 'refusal' ORDER BY a.n), '[]'::jsonb)::text
                          FROM jsonb_array_elements(executions.attempts::jsonb) WITH ORDINALITY AS a(value, n))
@@ -103,7 +107,8 @@ pub mod postgres {
     pub const CURSOR_GET: &str = "SELECT value FROM settings WHERE name = $1";
     pub const CURSOR_SET: &str =
         "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value";
-    pub const EXECUTIONS_BATCH: &str = "SELECT max(id), count(*) FROM
+    /// $1 cutoff id, $2 batch size -> (last id, how many, newest id).
+    pub const EXECUTIONS_BATCH: &str = "SELECT max(id), count(*), (SELECT max(id) FROM executions) FROM
          (SELECT id FROM executions WHERE id < $1 AND status <> 'running' ORDER BY id LIMIT $2) b";
     pub const DELETE_EXECUTION_DETAILS: &str = "DELETE FROM execution_details WHERE execution_id <= $1";
     pub const DELETE_EXECUTIONS: &str = "DELETE FROM executions WHERE id <= $1 AND status <> 'running'";

@@ -75,6 +75,9 @@ pub struct PostgresStore {
     lock_timeout: String,
     /// The tenants' stored budgets as last read, for admissions in one round trip.
     budgets: StoredBudgets,
+    /// The newest execution's id ("" when none) as the last purge batch read it: retention
+    /// compares it with the next one's to tell whether calls are running (`retention.rs`).
+    purged_at_newest: std::sync::Mutex<Option<String>>,
 }
 
 impl PostgresStore {
@@ -105,7 +108,7 @@ impl PostgresStore {
                 Err(TxFailure::CommitLost(e, ())) => Err(Failure::Pg(e).into_error(&target)),
             }
         })?;
-        Ok(PostgresStore { workers, target, lock_timeout, budgets: StoredBudgets::default() })
+        Ok(PostgresStore { workers, target, lock_timeout, budgets: StoredBudgets::default(), purged_at_newest: Default::default() })
     }
 }
 

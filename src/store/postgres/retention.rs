@@ -5,6 +5,7 @@ use super::rebuild::stored_timezone;
 use super::PostgresStore;
 use crate::clock::Micros;
 use crate::error::Result;
+use crate::process::unpoisoned;
 use crate::store::{calendar_of, Purged};
 
 pub(super) fn purge_batch(store: &PostgresStore, details_before: Option<Micros>, executions_before: Option<Micros>, limit: i64) -> Result<Purged> {
@@ -12,10 +13,10 @@ pub(super) fn purge_batch(store: &PostgresStore, details_before: Option<Micros>,
     let mut out = Purged::default();
     if let Some(t) = executions_before {
         // Deleting what is already deleted deletes nothing: running it again is safe.
-        out.executions = store.write(OnCommitLoss::Rerun, |db| {
+        let (n, newest) = store.write(OnCommitLoss::Rerun, |db| {
             let horizon = Horizon::of(&calendar_of(stored_timezone(db)?)?, t);
             let r = db.query_one(sql::EXECUTIONS_BATCH, &[&id_before(horizon.before), &limit])?;
-            let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
+            let (last, n, newest): (Option<String>, i64, Option<String>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
             if let Some(last) = last {
                 db.execute(sql::DELETE_EXECUTION_DETAILS, &[&last])?;
                 db.execute(sql::DELETE_EXECUTIONS, &[&last])?;
@@ -24,27 +25,41 @@ pub(super) fn purge_batch(store: &PostgresStore, details_before: Option<Micros>,
                     db.execute(sql::CURSOR_SET, &[&HORIZON, &horizon.encode()])?;
                 }
             }
-            Ok(n)
+            Ok((n, newest))
         })?;
+        out.executions = n;
+        out.in_use |= store.calls_since_last_batch(newest);
     }
     if let Some(t) = details_before {
         let cutoff = id_before(t);
-        out.details = store.write(OnCommitLoss::Rerun, |db| {
+        let (n, newest) = store.write(OnCommitLoss::Rerun, |db| {
             let cursor: String = match db.query_opt(sql::CURSOR_GET, &[&CURSOR])? {
                 Some(r) => r.try_get(0)?,
                 None => String::new(),
             };
             let r = db.query_one(sql::DETAILS_BATCH, &[&cursor, &cutoff, &limit])?;
-            let (last, n): (Option<String>, i64) = (r.try_get(0)?, r.try_get(1)?);
+            let (last, n, newest): (Option<String>, i64, Option<String>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
             if let Some(last) = last {
                 db.execute(sql::CLEAR_DETAILS, &[&cursor, &last])?;
                 db.execute(sql::DELETE_DETAILS, &[&cursor, &last])?;
                 db.execute(sql::CURSOR_SET, &[&CURSOR, &last])?;
             }
-            Ok(n)
+            Ok((n, newest))
         })?;
+        out.details = n;
+        out.in_use |= store.calls_since_last_batch(newest);
     }
     Ok(out)
+}
+
+impl PostgresStore {
+    /// Whether calls were admitted since this store's last purge batch: the newest execution
+    /// (`newest`, its id, None in an empty table) is not the one that batch saw. Before the
+    /// store's first batch that is not known: taken as yes, so a purge starts paced for calls.
+    fn calls_since_last_batch(&self, newest: Option<String>) -> bool {
+        let newest = newest.unwrap_or_default();
+        unpoisoned(self.purged_at_newest.lock()).replace(newest.clone()).is_none_or(|seen| seen != newest)
+    }
 }
 
 pub(super) fn purge_preview(store: &PostgresStore, details_before: Option<Micros>, executions_before: Option<Micros>) -> Result<Purged> {
