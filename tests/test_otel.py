@@ -480,3 +480,16 @@ def test_a_tool_stream_closed_early_ends_the_agent_span_as_cancelled(otel: Otel,
     assert (error_type(top), top.status.status_code) == ("CancelledError", StatusCode.ERROR)
     assert [s for s in otel.spans() if s.parent is None] == [top]
     assert {parent_id(s) for s in [*otel.calls(), *tool_spans(otel)]} == {span_id(top)}
+
+
+@pytest.mark.parametrize("how", ["stream", "astream"])
+def test_a_tool_stream_whose_first_call_is_refused_ends_its_agent_span(otel: Otel, how: str) -> None:
+    """The first round's call is refused as it is built (here a bad history): the agent span,
+    started just before, ends with the error instead of never."""
+    pytest.importorskip("pydantic")
+    bad = [{"role": "tool", "content": "x"}]
+    with pytest.raises(tl.ConfigurationError):
+        Tools.stream(q=TOOL_CALLS, tenant="acme", history=bad) if how == "stream" else Tools.astream(
+            q=TOOL_CALLS, tenant="acme", history=bad)
+    top = agent_span(otel)
+    assert (error_type(top), top.status.status_code) == ("ConfigurationError", StatusCode.ERROR)
