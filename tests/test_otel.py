@@ -6,6 +6,7 @@ FastAPI instrumentation."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -480,6 +481,27 @@ def test_a_tool_stream_closed_early_ends_the_agent_span_as_cancelled(otel: Otel,
     assert (error_type(top), top.status.status_code) == ("CancelledError", StatusCode.ERROR)
     assert [s for s in otel.spans() if s.parent is None] == [top]
     assert {parent_id(s) for s in [*otel.calls(), *tool_spans(otel)]} == {span_id(top)}
+
+
+@pytest.mark.parametrize("how", ["stream", "astream"])
+def test_a_tool_stream_left_unclosed_ends_the_agent_span_when_collected(otel: Otel, how: str) -> None:
+    """`for piece in Agent.stream(...): break` closes the stream when it is garbage-collected
+    (no `with`): the agent span ends then too, as cancelled. (It was never ended: its rounds'
+    and tools' spans were exported with a parent that never was.)"""
+    pytest.importorskip("pydantic")
+    if how == "stream":
+        for _ in Tools.stream(q=TOOL_CALLS, tenant="acme"):
+            break
+    else:
+
+        async def read() -> None:
+            async for _ in Tools.astream(q=TOOL_CALLS, tenant="acme"):
+                break
+
+        asyncio.run(read())
+    gc.collect()
+    top = agent_span(otel)
+    assert (error_type(top), top.status.status_code) == ("CancelledError", StatusCode.ERROR)
 
 
 @pytest.mark.parametrize("how", ["stream", "astream"])

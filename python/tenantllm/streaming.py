@@ -16,6 +16,7 @@ round's answer, with the loop's tool calls and the tokens and costs of every rou
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 
@@ -78,6 +79,12 @@ class _Rounds:
         self._round = self._opened(first)  # the first request goes out now, not on the first read
         self._ended = False
         self._result: AgentResult | None = None
+        if trace is not None:
+            # A stream left unclosed (`break` out of a `for` with no `with`) is closed when it is
+            # collected: its agent span ends then, cancelled (once: it is a no-op after `_end`).
+            # Never ended, it was never exported, and its rounds' and tools' spans named a
+            # parent no backend got.
+            weakref.finalize(self, trace.cancelled)
 
     def _opened(self, call: _core.Call) -> Round:
         """Starts a round; with tools and tracing, inside the call's agent span, so the
