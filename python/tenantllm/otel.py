@@ -134,16 +134,7 @@ class Call:
 
         t = self.telemetry
         a = self._attributes()
-        a.update({
-            "gen_ai.provider.name": _provider(r.provider),
-            "gen_ai.response.model": r.chosen_model_id,
-            "gen_ai.usage.input_tokens": r.input_tokens,
-            "gen_ai.usage.output_tokens": r.output_tokens,
-            "tenantllm.cost_usd": float(r.total_cost),
-            "tenantllm.execution_id": r.execution_id,
-        })
-        if r.finish_reason is not None:
-            a["gen_ai.response.finish_reasons"] = [r.finish_reason]
+        a.update(_outcome(r))
         if t.capture_content:
             a["gen_ai.output.messages"] = json.dumps(
                 [{"role": "assistant", "parts": [{"type": "text", "content": r.content}],
@@ -238,6 +229,21 @@ def start(
     return Call(t, spec.name, spec.model, tenant_id, messages, context.get_current(), time.time_ns())
 
 
+def _outcome(r: AgentResult) -> dict[str, Any]:
+    """What a call's chat span and a tool loop's agent span say of its result."""
+    a: dict[str, Any] = {
+        "gen_ai.provider.name": _provider(r.provider),
+        "gen_ai.response.model": r.chosen_model_id,
+        "gen_ai.usage.input_tokens": r.input_tokens,
+        "gen_ai.usage.output_tokens": r.output_tokens,
+        "tenantllm.cost_usd": float(r.total_cost),
+        "tenantllm.execution_id": r.execution_id,
+    }
+    if r.finish_reason is not None:
+        a["gen_ai.response.finish_reasons"] = [r.finish_reason]
+    return a
+
+
 class AgentRun:
     """A call that runs a tool loop: its `invoke_agent {agent}` span, INTERNAL as the GenAI
     conventions ask of an agent run in the caller's process, started in the caller's current
@@ -300,16 +306,7 @@ class AgentRun:
         if self.done:
             return
         self.done = True
-        self.span.set_attributes({
-            "gen_ai.provider.name": _provider(r.provider),
-            "gen_ai.response.model": r.chosen_model_id,
-            "gen_ai.usage.input_tokens": r.input_tokens,
-            "gen_ai.usage.output_tokens": r.output_tokens,
-            "tenantllm.cost_usd": float(r.total_cost),
-            "tenantllm.execution_id": r.execution_id,
-        })
-        if r.finish_reason is not None:
-            self.span.set_attribute("gen_ai.response.finish_reasons", [r.finish_reason])
+        self.span.set_attributes(_outcome(r))
         self.span.end()
 
     def failed(self, e: BaseException) -> None:
