@@ -4,16 +4,20 @@
 //! a copy of the parent's memory but only the thread that forked: a tokio runtime's workers,
 //! the SQLite checkpointer, the PostgreSQL store's threads and the lease renewer are gone,
 //! and locks they held stay held forever. So each such value is kept with the id of the
-//! process that built it, checked on every use (one `getpid`, no lock): a child builds its
-//! own on first use. The parent's copy is leaked in the child, never dropped, because
-//! dropping it would wait for threads that do not exist there, or close the parent's SQLite
-//! file and so drop the POSIX locks the parent still holds on it.
+//! process that built it, checked on every use (`pid()`: no system call, no lock): a child
+//! builds its own on first use. The parent's copy is leaked in the child, never dropped,
+//! because dropping it would wait for threads that do not exist there, or close the parent's
+//! SQLite file and so drop the POSIX locks the parent still holds on it.
 //!
-//! A pid check rather than an `at_fork` hook: it also covers forks that run no hooks, and
-//! it keeps the rebuilding next to the values it rebuilds.
+//! A pid check rather than rebuilding in an `at_fork` hook: it keeps the rebuilding next to
+//! the values it rebuilds, and it happens on the child's first use, in its own time. The pid
+//! itself is cached, and forgotten in the child by a `pthread_atfork` handler: glibc's
+//! `getpid` is a system call, and a SQLite call checks the pid at each of its ~15 file locks.
+//! Every `fork()` runs the handlers (Python's `os.fork`, multiprocessing, Celery, gunicorn),
+//! and so does the fork gate below, which the database libraries already rely on.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{LockResult, Once};
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,24 @@ use std::time::{Duration, Instant};
 /// table, and a fork while another thread is inside it leaves that table locked in the child.
 pub fn unpoisoned<G>(r: LockResult<G>) -> G {
     r.unwrap_or_else(|e| e.into_inner())
+}
+
+/// This process's id, cached: 0 until first asked, and again in a child made by `fork()`
+/// (`after_fork_in_child`), which then asks the kernel once.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// This process's id, without a system call once known (see the module comment).
+pub fn pid() -> u32 {
+    let cached = PID.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    // The handler that forgets the pid is in place before the pid is remembered: a fork after
+    // this store runs it.
+    fork_hooks();
+    let pid = std::process::id();
+    PID.store(pid, Ordering::Relaxed);
+    pid
 }
 
 struct Entry<T> {
@@ -44,12 +66,12 @@ impl<T> PerProcess<T> {
 
     /// Holds `value`, built by this process.
     pub fn new(value: T) -> Self {
-        PerProcess { slot: AtomicPtr::new(Box::into_raw(Box::new(Entry { pid: std::process::id(), value }))) }
+        PerProcess { slot: AtomicPtr::new(Box::into_raw(Box::new(Entry { pid: pid(), value }))) }
     }
 
     /// This process's value, built with `make` if this process has none yet.
     pub fn get_or_try_init<E>(&self, make: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
-        let pid = std::process::id();
+        let pid = pid();
         let current = self.slot.load(Ordering::Acquire);
         // SAFETY: a non-null slot points to an Entry that is freed only by `Drop` (which has
         // `&mut self`, so no borrow handed out here is alive); replacing it leaks the old
@@ -76,6 +98,8 @@ impl<T> PerProcess<T> {
 
     /// The value the parent built, in a child made by `fork()` that has not built its own yet:
     /// for the child to let go of what it inherited (`None` in the process that built it).
+    /// Asks the kernel for the pid: it runs in `pthread_atfork` child handlers, which may run
+    /// before the one that forgets the cached pid.
     pub fn inherited(&self) -> Option<&T> {
         // SAFETY: as in `get_or_try_init`: an entry outlives `&self`.
         unsafe { self.slot.load(Ordering::Acquire).as_ref() }.filter(|e| e.pid != std::process::id()).map(|e| &e.value)
@@ -119,12 +143,7 @@ pub struct Quiet(());
 
 /// Enters the gate (waits while a fork is under way).
 pub fn quiet() -> Quiet {
-    static HOOKS: Once = Once::new();
-    HOOKS.call_once(|| {
-        // SAFETY: the handlers only touch atomics and sleep, all async-signal-safe enough for
-        // `fork()` (no allocation, no locks).
-        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
-    });
+    fork_hooks();
     if DEPTH.get() == 0 {
         loop {
             while FORKING.load(Ordering::SeqCst) {
@@ -151,6 +170,17 @@ impl Drop for Quiet {
     }
 }
 
+/// Installs the fork gate's handlers and the pid cache's, once per process (a child inherits
+/// them).
+fn fork_hooks() {
+    static HOOKS: Once = Once::new();
+    HOOKS.call_once(|| {
+        // SAFETY: the handlers only touch atomics and sleep, all async-signal-safe enough for
+        // `fork()` (no allocation, no locks).
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
+    });
+}
+
 extern "C" fn before_fork() {
     FORKING.store(true, Ordering::SeqCst);
     // The forking thread itself may be inside (a fork from code called in a query): not waited for.
@@ -166,6 +196,8 @@ extern "C" fn after_fork_in_parent() {
 }
 
 extern "C" fn after_fork_in_child() {
+    // A new process: `pid()` asks the kernel again on its first use.
+    PID.store(0, Ordering::Relaxed);
     // Only this thread came along: threads still inside when the wait gave up are gone.
     INSIDE.store(usize::from(DEPTH.get() > 0), Ordering::SeqCst);
     FORKING.store(false, Ordering::SeqCst);
@@ -187,6 +219,24 @@ mod tests {
         assert_eq!(*cell.get_or_try_init(|| Ok::<_, ()>(2)).unwrap(), 1);
         assert_eq!(PerProcess::<i32>::empty().get_or_try_init(|| Err("no")), Err("no"));
         assert_eq!(*PerProcess::new(3).get_or_try_init(|| Ok::<_, ()>(4)).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_forked_child_knows_its_own_pid() {
+        let parent = pid();
+        assert_eq!(parent, std::process::id());
+        // SAFETY: the child only reads atomics, asks for its pid and exits without unwinding.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let ok = pid() == std::process::id() && pid() != parent;
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child saw its parent's pid");
+        assert_eq!(pid(), parent);
     }
 
     #[test]

@@ -313,7 +313,7 @@ pub struct PyGuard {
 
 impl PyGuard {
     fn take(&self, py: Python<'_>) -> PyResult<Guard> {
-        if self.pid != std::process::id() {
+        if self.pid != crate::process::pid() {
             return Err(to_py(py, Error::Configuration("this guarded block was started in another process (before a fork); finish it there".into())));
         }
         crate::process::unpoisoned(self.inner.lock()).take().ok_or_else(|| to_py(py, Error::Configuration("this guarded block is already finished".into())))
@@ -324,7 +324,7 @@ impl Drop for PyGuard {
     fn drop(&mut self) {
         // In a forked child the block belongs to the parent: recording it as cancelled here
         // would write through the parent's connections. Leak it; the parent settles it.
-        if self.pid != std::process::id() {
+        if self.pid != crate::process::pid() {
             std::mem::forget(crate::process::unpoisoned(self.inner.get_mut()).take());
         }
     }
@@ -650,7 +650,7 @@ impl PyEngine {
             execution_id: guard.execution_id().to_string(),
             warnings: guard.warnings().to_vec(),
             inner: std::sync::Mutex::new(Some(guard)),
-            pid: std::process::id(),
+            pid: crate::process::pid(),
         })
     }
 

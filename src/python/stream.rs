@@ -84,11 +84,11 @@ impl PyStream {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = spawn(rt, async move { catch_panic_async(engine.run_stream(spec, req, &tx)).await });
         let shared = Shared { rx: AsyncMutex::new(Some(rx)), task: AsyncMutex::new(Some(task)), result: Mutex::new(None) };
-        Ok(PyStream { shared: Arc::new(shared), pid: std::process::id() })
+        Ok(PyStream { shared: Arc::new(shared), pid: crate::process::pid() })
     }
 
     fn check_process(&self, py: Python<'_>) -> PyResult<()> {
-        if self.pid != std::process::id() {
+        if self.pid != crate::process::pid() {
             return Err(to_py(py, Error::Configuration("this stream was started in another process (before a fork); read it there".into())));
         }
         Ok(())
@@ -98,7 +98,7 @@ impl PyStream {
 impl Drop for PyStream {
     fn drop(&mut self) {
         // In a forked child the task and channel are the parent's: leave them alone.
-        if self.pid != std::process::id() {
+        if self.pid != crate::process::pid() {
             std::mem::forget(self.shared.clone());
         }
     }
