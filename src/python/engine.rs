@@ -394,6 +394,14 @@ pub struct PyEngine {
 /// How often a blocked sync call checks for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
+/// The engine's call future, boxed where it is made. It is tens of kilobytes, and each move
+/// by value copies all of it, whichever state it is in: moved into `catch_panic_async`'s
+/// future, then into `block_interruptibly` and its box, it was the largest single cost of a
+/// call in the core (memcpy, under callgrind). Boxed first, the moves after it move a pointer.
+pub fn boxed<F: std::future::Future>(fut: F) -> std::pin::Pin<Box<F>> {
+    Box::pin(fut)
+}
+
 /// Runs `fut` on the runtime with the GIL released, checking for Ctrl-C meanwhile: on a
 /// signal `fut` is dropped and the signal's exception raised.
 pub fn block_interruptibly<F: std::future::Future + Send>(py: Python<'_>, fut: F) -> PyResult<F::Output>
@@ -401,9 +409,7 @@ where
     F::Output: Send,
 {
     let rt = runtime().py_err(py)?;
-    // Boxed once here, so the moves below move a pointer: the engine's call future is tens of
-    // kilobytes, and copying it into the closure, the async block and `block_on` was the
-    // largest single cost of a call in the core (memcpy, under callgrind).
+    // Boxed once here, so the moves below move a pointer (see `boxed`).
     let mut fut = Box::pin(fut);
     py.detach(move || {
         rt.tokio.block_on(async move {
@@ -611,7 +617,7 @@ impl PyEngine {
     /// drops the call, which records it as cancelled, then KeyboardInterrupt propagates.
     fn run(&self, py: Python<'_>, call: &PyCall) -> PyResult<PyAgentResult> {
         let (engine, spec, req) = (self.engine(py)?.clone(), call.spec.clone(), call.req.clone());
-        let outcome = block_interruptibly(py, catch_panic_async(engine.run(spec, req)))?;
+        let outcome = block_interruptibly(py, catch_panic_async(boxed(engine.run(spec, req))))?;
         Ok(outcome.py_err(py)?.into())
     }
 
@@ -630,7 +636,7 @@ impl PyEngine {
         let awaitable = pyo3_async_runtimes::generic::future_into_py::<Tokio, _, _>(py, async move {
             // Declared first, so dropped last: after the call, whose drop records a cancellation.
             let _settled = on_drop;
-            let call = catch_panic_async(engine.run(spec, req));
+            let call = catch_panic_async(boxed(engine.run(spec, req)));
             match call.await {
                 Ok(o) => Ok(PyAgentResult::from(o)),
                 Err(e) => Err(Python::attach(|py| to_py(py, e))),

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::task::JoinHandle;
 
-use super::engine::{block_interruptibly, PyAgentResult};
+use super::engine::{block_interruptibly, boxed, PyAgentResult};
 use super::errors::{to_py, IntoPy};
 use super::runtime::{runtime, spawn, Tokio};
 use crate::engine::{AgentSpec, CallOutcome, CallRequest, Engine};
@@ -82,7 +82,7 @@ impl PyStream {
     pub fn start(py: Python<'_>, engine: Arc<Engine>, spec: Arc<AgentSpec>, req: CallRequest) -> PyResult<PyStream> {
         let rt = runtime().py_err(py)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = spawn(rt, async move { catch_panic_async(engine.run_stream(spec, req, &tx)).await });
+        let task = spawn(rt, async move { catch_panic_async(boxed(engine.run_stream(spec, req, &tx))).await });
         let shared = Shared { rx: AsyncMutex::new(Some(rx)), task: AsyncMutex::new(Some(task)), result: Mutex::new(None) };
         Ok(PyStream { shared: Arc::new(shared), pid: crate::process::pid() })
     }
