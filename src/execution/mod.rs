@@ -97,13 +97,44 @@ pub struct Attempt {
 /// exactly the start's: an id minted by a later clock reading may be a millisecond or more
 /// later.
 pub fn new_id(started_at: Micros) -> String {
-    use uuid::{NoContext, Timestamp, Uuid};
+    use uuid::{Builder, NoContext, Timestamp, Uuid};
     let t = started_at.max(0) as u64;
     let (ms, us) = (t / 1000, (t % 1000) as u16);
-    let mut b = *Uuid::new_v7(Timestamp::from_unix(NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000)).as_bytes();
+    let mut b = match random_bytes() {
+        Some(random) => *Builder::from_unix_timestamp_millis(ms, &random).as_uuid().as_bytes(),
+        // The kernel refused random bytes: the uuid crate asks it again, as it always did.
+        None => *Uuid::new_v7(Timestamp::from_unix(NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000)).as_bytes(),
+    };
     b[6] = 0x70 | (us >> 8) as u8; // the version, then rand_a's top bits
     b[7] = us as u8;
     Uuid::from_bytes(b).to_string()
+}
+
+/// Random bytes for new ids, drawn from the kernel `POOL` bytes at a time: the uuid crate
+/// asks for 16 at each id, a system call each, one a call. Per process (`PerProcess`): a
+/// child made by `fork()` starts with a copy of its parent's bytes, and drawing from them
+/// would give it ids its parent gives too; it draws its own instead.
+struct RandomPool {
+    bytes: [u8; POOL],
+    used: usize,
+}
+
+/// 25 ids' worth (10 random bytes each); 256 bytes or fewer are never cut short by a signal.
+const POOL: usize = 250;
+
+static RANDOM: crate::process::PerProcess<std::sync::Mutex<RandomPool>> = crate::process::PerProcess::empty();
+
+/// The next 10 random bytes of this process's pool; None if the kernel refuses to refill it.
+fn random_bytes() -> Option<[u8; 10]> {
+    let Ok(pool) = RANDOM.get_or_try_init(|| Ok::<_, std::convert::Infallible>(std::sync::Mutex::new(RandomPool { bytes: [0; POOL], used: POOL })));
+    let mut pool = crate::process::unpoisoned(pool.lock());
+    if pool.used == POOL {
+        getrandom::fill(&mut pool.bytes).ok()?;
+        pool.used = 0;
+    }
+    let at = pool.used;
+    pool.used += 10;
+    pool.bytes[at..at + 10].try_into().ok()
 }
 
 /// What is known when a call starts.
@@ -325,6 +356,32 @@ pub struct Details {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_unique_and_a_forked_child_draws_its_own_random_bytes() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_id(1_700_000_000_000_000)).collect();
+        assert_eq!(ids.len(), 1000, "ids of one microsecond repeated");
+        random_bytes().unwrap(); // the parent's pool is drawn from: the child inherits a copy
+        let mut pipe = [0; 2];
+        // SAFETY: room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        // SAFETY: the child draws bytes (a lock no other thread of the child holds, a
+        // getrandom call), writes them and exits without unwinding.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let drawn = random_bytes().unwrap_or_default();
+            unsafe {
+                libc::write(pipe[1], drawn.as_ptr().cast(), drawn.len());
+                libc::_exit(0);
+            }
+        }
+        let mut childs = [0u8; 10];
+        // SAFETY: our pipe and a buffer of its length.
+        assert_eq!(unsafe { libc::read(pipe[0], childs.as_mut_ptr().cast(), childs.len()) }, 10);
+        unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+        assert_ne!(random_bytes().unwrap(), childs, "the child drew its parent's next bytes");
+    }
 
     #[test]
     fn fields_are_a_closed_set() {
