@@ -183,12 +183,15 @@ def _check_dry_run(dry_run: Any) -> None:
         raise ConfigurationError(f"dry_run must be True or False, got {type(dry_run).__name__}")
 
 
-def _render(template: str, params: Mapping[str, Any], where: str) -> str:
+def _render(template: str, params: Mapping[str, Any], where: str | Agent, part: str = "") -> str:
+    """`where` names the template in errors: a name, or an agent and its template's `part`
+    (the name is then built only if rendering fails)."""
     try:
         return template.format_map(params)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
         # A format spec or attribute the given value does not support ({x:.2f} with a str...).
-        raise ConfigurationError(f"{where}: cannot render the template with these parameters: {e}") from None
+        name = where if isinstance(where, str) else f"{type(where).__name__}.{part}"
+        raise ConfigurationError(f"{name}: cannot render the template with these parameters: {e}") from None
 
 
 def metadata_json(where: str, metadata: Any) -> str:
@@ -237,6 +240,7 @@ class Agent:
     cache_ttl: ClassVar[float | None] = None
 
     _tl_params: ClassVar[tuple[str, ...]] = ()
+    _tl_param_set: ClassVar[frozenset[str]] = frozenset()
     _tl_spec: ClassVar[_core.AgentSpec | None] = None
     _tl_tools: ClassVar[dict[str, Tool]] = {}
     _tl_schema: ClassVar[Schema | None] = None
@@ -249,6 +253,7 @@ class Agent:
         params = placeholders(cls.system, f"{cls.__name__}.system")
         params += [p for p in placeholders(cls.user, f"{cls.__name__}.user") if p not in params]
         cls._tl_params = tuple(params)
+        cls._tl_param_set = frozenset(params)
         cls._tl_spec = None  # built on first call, once per class
         cls._tl_tools = make_tools(cls.tools, f"{cls.__name__}.tools")
         cls._tl_schema = make_schema(cls.schema, f"{cls.__name__}.schema")
@@ -260,6 +265,9 @@ class Agent:
 
     def __init__(self, **params: Any) -> None:
         cls = type(self)
+        if params.keys() == cls._tl_param_set:  # the common case, checked without building sets
+            self.params: dict[str, Any] = params
+            return
         unexpected = sorted(set(params) - set(cls._tl_params))
         if unexpected:
             raise TypeError(
@@ -269,7 +277,7 @@ class Agent:
         missing = [p for p in cls._tl_params if p not in params]
         if missing:
             raise MissingParameterError(f"{cls.__name__}.call() is missing required parameter(s): {', '.join(missing)}")
-        self.params: dict[str, Any] = params
+        self.params = params
 
     def execution_metadata(self) -> Mapping[str, Any]:
         """Override to attach data (plan, request id...) to this call's execution row."""
@@ -300,20 +308,22 @@ class Agent:
         return spec
 
     def render(self) -> tuple[str | None, str]:
-        name = type(self).__name__
-        return (
-            None if self.system is None else _render(self.system, self.params, f"{name}.system"),
-            _render(self.user, self.params, f"{name}.user"),
-        )
+        # The templates' names for errors are built only when one is raised.
+        system = None if self.system is None else _render(self.system, self.params, self, "system")
+        return system, _render(self.user, self.params, self, "user")
 
     def _prepare(self, s: Settings, tenant: Any, history: Any) -> Prepared:
         system, user = self.render()
+        metadata = self.execution_metadata()
         return Prepared(
             spec=self._spec(),
             system=system,
             user=user,
             tenant=resolve(s, tenant),
-            metadata=metadata_json(f"{type(self).__name__}.execution_metadata()", self.execution_metadata()),
+            # The common case, without a trip through metadata_json and the name it is given.
+            metadata="{}"
+            if type(metadata) is dict and not metadata
+            else metadata_json(f"{type(self).__name__}.execution_metadata()", metadata),
             history=history,
             schema=type(self)._tl_schema,
         )
@@ -459,7 +469,9 @@ async def _arun(s: Settings, call: _core.Call) -> AgentResult:
         raise
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, a
+# measurable share of the Python layer's work per call. Never changed once built.
+@dataclass(slots=True)
 class Prepared:
     """One call, rendered and resolved, ready for the core."""
 
@@ -476,9 +488,11 @@ class Prepared:
         `tool_round`: a tool loop's round (`ToolLoop.round_args`), with its own lineage."""
         t = self.tenant
         parent, root = lineage()
-        extra = dict(tool_round or {})
-        parent = extra.pop("parent_execution_id", parent)
-        root = extra.pop("root_execution_id", root)
+        extra: dict[str, Any] = {}
+        if tool_round is not None:
+            extra = dict(tool_round)
+            parent = extra.pop("parent_execution_id", parent)
+            root = extra.pop("root_execution_id", root)
         if self.schema is not None:
             extra["validator"] = self.schema.check
         return _core.Call(

@@ -22,7 +22,9 @@ _current: contextvars.ContextVar[Any] = contextvars.ContextVar("tenantllm_tenant
 LIMIT_KEYS = frozenset(_core.TENANT_LIMIT_KEYS)
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, and
+# one is built for each call. Never changed once built.
+@dataclass(slots=True)
 class ResolvedTenant:
     id: str | None
     limits: dict[str, Any] | None = None
