@@ -244,7 +244,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                         if small(frames, copied) {
                             let made = restart();
                             #[cfg(test)]
-                            unpoisoned(shared.held_lock_waits.lock()).push(RESTART_WAIT);
+                            shared.restart_holds.fetch_add(1, Ordering::Relaxed);
                             #[cfg(test)]
                             let _ = made.map(|made| unpoisoned(shared.restart_copies.lock()).push((made, made - copied)));
                             // A read in the WAL: not again until it ended.
@@ -354,9 +354,9 @@ pub(super) struct WalShared {
     /// with writes held.
     #[cfg(test)]
     restart_copies: Mutex<Vec<(i64, i64)>>,
-    /// How long each checkpoint made with writes held (`gate`) could wait for locks.
+    /// The restarts tried with writes held (`gate`).
     #[cfg(test)]
-    held_lock_waits: Mutex<Vec<Duration>>,
+    restart_holds: std::sync::atomic::AtomicUsize,
     /// The checkpointer's syncs of the WAL while a read pinned it.
     #[cfg(test)]
     wal_syncs: std::sync::atomic::AtomicUsize,
@@ -650,8 +650,10 @@ mod tests {
     /// of them (the cap's state was this process's own: it waited only while its own
     /// checkpointer was in a pass) and went on at full speed while the other copied and synced
     /// at the disk's pace. Now it waits for a checkpoint under way in any process, `HOLD_WAIT`
-    /// at most. Counted: the writes that waited.
+    /// at most. Counted: the writes that waited. Linux only: elsewhere another process's
+    /// checkpoint lock is not seen (`ofd_locks`).
     #[test]
+    #[cfg(target_os = "linux")]
     fn past_the_cap_writes_wait_a_little_for_another_processs_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (store, path) = open_in(&dir);
@@ -854,10 +856,11 @@ mod tests {
     /// writes go on. Past the cap the checkpointer held this process's writes up to 1 s at a
     /// time, trying again and again to restart a WAL that a read it could not outwait used
     /// (calls waited 1.1-1.6 s in `make bench`). Now each time it holds the writes it makes one
-    /// try with `RESTART_WAIT` for locks, and tries again only after the reads turned over;
-    /// once they stop, the WAL starts over. Counted, not timed: what each hold let SQLite wait.
+    /// try (`restart` holds the gate for one `checkpoint` call: one try a hold by construction;
+    /// one try per read, not per round, is `a_read_that_stays_is_met_by_one_restart_try_not_one_a_round`).
+    /// Here: writes go on past the cap while reads turn over, and once they stop the WAL starts over.
     #[test]
-    fn back_to_back_reads_hold_no_write_for_more_than_one_short_restart() {
+    fn back_to_back_reads_then_none_the_wal_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let (store, path) = open_in(&dir);
         let frames = || store.wal.frames.load(Ordering::Relaxed);
@@ -890,9 +893,8 @@ mod tests {
             reading.store(false, Ordering::Relaxed);
             reader.join().unwrap()
         });
-        let holds = unpoisoned(store.wal.held_lock_waits.lock()).clone();
-        eprintln!("{reads} reads; the lock waits the checkpointer's holds of the writes allowed: {holds:?}");
-        assert!(holds.iter().all(|&wait| wait <= RESTART_WAIT), "holds of the writes let SQLite wait for locks {holds:?}");
+        let holds = store.wal.restart_holds.load(Ordering::Relaxed);
+        eprintln!("{reads} reads; restarts tried with the writes held: {holds}");
         let t = Instant::now();
         while frames() > WAL_RESTART_FRAMES {
             assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
@@ -912,7 +914,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, path) = open_in(&dir);
         let frames = || store.wal.frames.load(Ordering::Relaxed);
-        let holds = || unpoisoned(store.wal.held_lock_waits.lock()).len();
+        let holds = || store.wal.restart_holds.load(Ordering::Relaxed);
         let cap = store.wal.cap_frames.load(Ordering::Relaxed);
         put_setting(&store, "small", b"0");
         // An earlier read pins the WAL while it grows past the cap, so that the read that stays
