@@ -334,6 +334,13 @@ impl Engine {
         }
     }
 
+    /// The provider a model's requests go to ("openai", "mock", a configured compatible
+    /// name), as a call routes them; None for a model no provider takes (the call will say
+    /// why). Telemetry names an agent run's provider before any round has answered.
+    pub fn provider_of(&self, model: &str) -> Option<String> {
+        providers::route(model, &self.prices, &self.config.base_urls).ok().map(|r| r.provider)
+    }
+
     /// Validates a call and works out what it would send and reserve; `run` starts here too,
     /// so a dry run refuses exactly what a real call refuses.
     pub fn plan(&self, spec: &AgentSpec, req: &CallRequest) -> Result<CallPlan> {

@@ -447,6 +447,7 @@ def test_a_tool_that_raises_ends_the_agent_span_with_its_class(otel: Otel, how: 
     top = agent_span(otel)
     assert top.name == "invoke_agent Raising" and top.end_time is not None
     assert (error_type(top), top.status.status_code) == ("ValueError", StatusCode.ERROR)
+    assert dict(top.attributes or {})["gen_ai.provider.name"] == "mock"  # required; no round's error carries it
     [only_round] = otel.calls()  # the round asking for the calls succeeded
     assert error_type(only_round) is None and only_round.status.status_code == StatusCode.UNSET
     assert [(s.name, error_type(s)) for s in tool_spans(otel)] == [("execute_tool weather", None),

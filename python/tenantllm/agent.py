@@ -416,7 +416,8 @@ class Agent:
         cls = type(self)
         parent, root = lineage()
         loop = ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, parent, root)
-        loop.trace = None if s.telemetry is None else otel.AgentRun(s.telemetry, p.spec, p.tenant.id)
+        t = s.telemetry
+        loop.trace = None if t is None else otel.AgentRun(t, p.spec, p.tenant.id, s.engine.provider_of(p.spec.model))
         return loop
 
     def _settings(self) -> dict[str, Any]:

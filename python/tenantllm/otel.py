@@ -250,7 +250,7 @@ class AgentRun:
     trace when the call starts and ended with the loop. Each round's chat span and each tool
     call's `execute_tool` span are its children."""
 
-    def __init__(self, t: Telemetry, spec: _core.AgentSpec, tenant_id: str | None) -> None:
+    def __init__(self, t: Telemetry, spec: _core.AgentSpec, tenant_id: str | None, provider: str | None) -> None:
         from opentelemetry.trace import SpanKind, set_span_in_context
 
         a: dict[str, Any] = {
@@ -258,6 +258,10 @@ class AgentRun:
             "gen_ai.agent.name": spec.name,
             "gen_ai.request.model": spec.model,
         }
+        # Required by the conventions, so set now (`provider`: where the model's requests go)
+        # for a run that ends before any round answers; a fallback's answer replaces it.
+        if provider is not None:
+            a["gen_ai.provider.name"] = _provider(provider)
         if tenant_id is not None:
             a["tenantllm.tenant_id"] = tenant_id
         self.telemetry = t

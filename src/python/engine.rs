@@ -621,6 +621,11 @@ impl PyEngine {
         Ok(outcome.py_err(py)?.into())
     }
 
+    /// The provider a model's requests go to, or None if no provider takes it.
+    fn provider_of(&self, py: Python<'_>, model: &str) -> PyResult<Option<String>> {
+        self.detached(py, |e| Ok(e.provider_of(model)))
+    }
+
     /// Starts a streamed call; its pieces of text are read from the returned `Stream`.
     fn stream(&self, py: Python<'_>, call: &PyCall) -> PyResult<super::stream::PyStream> {
         let engine = self.engine(py)?.clone();
