@@ -328,19 +328,19 @@ TOOL_CALLS = 'Hi\n@tool weather {"city": "Oslo"}\n@tool broken {"x": 1}\n@tool n
 WAYS = ["call", "acall", "stream", "astream"]
 
 
-def run(a: type[tl.Agent], how: str, q: str = TOOL_CALLS, tenant: str = "acme") -> tl.AgentResult:
+def run(a: type[tl.Agent], how: str, q: str = TOOL_CALLS, tenant: str = "acme", history: Any = None) -> tl.AgentResult:
     """The agent called one of the four ways; streams read to their end."""
     if how == "call":
-        return a.call(q=q, tenant=tenant)
+        return a.call(q=q, tenant=tenant, history=history)
     if how == "acall":
-        return asyncio.run(a.acall(q=q, tenant=tenant))
+        return asyncio.run(a.acall(q=q, tenant=tenant, history=history))
     if how == "stream":
-        with a.stream(q=q, tenant=tenant) as streamed:
+        with a.stream(q=q, tenant=tenant, history=history) as streamed:
             "".join(streamed)
         return streamed.result
 
     async def read() -> tl.AgentResult:
-        async with a.astream(q=q, tenant=tenant) as streamed:
+        async with a.astream(q=q, tenant=tenant, history=history) as streamed:
             "".join([piece async for piece in streamed])
         return streamed.result
 
@@ -516,3 +516,24 @@ def test_a_tool_stream_whose_first_call_is_refused_ends_its_agent_span(otel: Ote
             q=TOOL_CALLS, tenant="acme", history=bad)
     top = agent_span(otel)
     assert (error_type(top), top.status.status_code) == ("ConfigurationError", StatusCode.ERROR)
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_a_tool_loop_refused_before_its_first_round_answers_ends_the_agent_span_with_it(otel: Otel, how: str) -> None:
+    pytest.importorskip("pydantic")
+    bare = type("Bare", (Tools,), {"model": "gpt-4o"})  # its provider told by the name; no request goes out
+    with pytest.raises(tl.ConfigurationError, match="role must be"):  # refused building round 1
+        run(bare, how, history=[{"role": "robot", "content": "x"}])
+    tl.TenantBudget.create("poor", daily_limit="0.000001")
+    with pytest.raises(tl.BudgetExceededError):  # refused at round 1's admission
+        run(bare, how, tenant="poor")
+
+    runs = [s for s in otel.spans() if s.name == "invoke_agent Bare"]
+    refused, blocked = sorted(runs, key=lambda s: s.start_time or 0)
+    for span, kind in [(refused, "ConfigurationError"), (blocked, "BudgetExceededError")]:
+        assert (error_type(span), span.status.status_code) == (kind, StatusCode.ERROR)
+        assert dict(span.attributes or {})["gen_ai.provider.name"] == "openai"
+    # The refused call never became a round; the blocked one is a failed round of its run.
+    [round1] = otel.calls()
+    assert (error_type(round1), parent_id(round1)) == ("BudgetExceededError", span_id(blocked))
+    assert [s for s in otel.spans() if s.parent is None] == [refused, blocked]

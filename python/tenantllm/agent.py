@@ -394,9 +394,7 @@ class Agent:
             return Stream(s, p.open(s), p.call(), finish=p.parsed)
         loop = self._tool_loop(s, p)
         after = functools.partial(next_round, loop, call=p.call)
-        with loop.traced():  # a first call refused as it is built ends the agent span
-            first = p.call(loop.round_args())
-        return Stream(s, p.open(s), first, after, p.finish(loop), loop.trace)
+        return Stream(s, p.open(s), loop.first_round(p.call), after, p.finish(loop), loop.trace)
 
     @classmethod
     def astream(cls, *, tenant: Any = _UNSET, history: History = None, **params: Any) -> AsyncStream:
@@ -408,9 +406,7 @@ class Agent:
             return AsyncStream(s, p.open(s), p.call(), finish=p.parsed)
         loop = self._tool_loop(s, p)
         after = functools.partial(anext_round, loop, call=p.call)
-        with loop.traced():  # a first call refused as it is built ends the agent span
-            first = p.call(loop.round_args())
-        return AsyncStream(s, p.open(s), first, after, p.finish(loop), loop.trace)
+        return AsyncStream(s, p.open(s), loop.first_round(p.call), after, p.finish(loop), loop.trace)
 
     def _tool_loop(self, s: Settings, p: Prepared) -> ToolLoop:
         cls = type(self)

@@ -220,6 +220,12 @@ class ToolLoop:
             self.trace.succeeded(r)
         return r
 
+    def first_round(self, call: RoundCall) -> _core.Call:
+        """A stream's round 1, built inside the agent span: a call the core refuses
+        (ConfigurationError) ends the run with it, as in `run_loop`."""
+        with self.traced():
+            return call(self.round_args())
+
     def traced(self) -> AbstractContextManager[None]:
         """Where a call or acall runs its rounds: inside the agent span, when tracing is on."""
         return nullcontext() if self.trace is None else self.trace.inside()
