@@ -537,3 +537,50 @@ def test_a_tool_loop_refused_before_its_first_round_answers_ends_the_agent_span_
     [round1] = otel.calls()
     assert (error_type(round1), parent_id(round1)) == ("BudgetExceededError", span_id(blocked))
     assert [s for s in otel.spans() if s.parent is None] == [refused, blocked]
+
+
+def test_an_acall_cancelled_while_a_tool_runs_ends_its_spans_and_gives_the_context_back(otel: Otel) -> None:
+    pytest.importorskip("pydantic")
+    from opentelemetry import trace
+
+    started = asyncio.Event()
+
+    async def wait(x: int) -> str:
+        """Waits until cancelled."""
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    waiting: type[tl.Agent] = type("Waiting", (tl.Agent,), {"model": "mock/fast", "user": "{q}", "tools": (wait,)})
+    tracer = otel.tracer_provider.get_tracer("app")
+    seen: list[tuple[Any, Any]] = []
+
+    async def app() -> None:
+        with tracer.start_as_current_span("request") as request:
+            try:
+                await waiting.acall(q='@tool wait {"x": 1}', tenant="acme")
+            except asyncio.CancelledError:
+                seen.append((trace.get_current_span(), request))  # in the cancelled task itself
+                raise
+
+    async def main() -> None:
+        task = asyncio.create_task(app())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    [(current, request)] = seen
+    assert current is request
+    top = agent_span(otel)
+    assert parent_id(top) == request.get_span_context().span_id and top.end_time is not None
+    # As a cancelled call's chat span says it (Call.failed/cancelled): the class, ERROR.
+    assert (error_type(top), top.status.status_code) == ("CancelledError", StatusCode.ERROR)
+    [round1] = otel.calls()
+    [tool] = tool_spans(otel)
+    assert error_type(round1) is None
+    assert (tool.name, error_type(tool), tool.status.status_code) == ("execute_tool wait", "CancelledError",
+                                                                     StatusCode.ERROR)
+    assert {parent_id(s) for s in [round1, tool]} == {span_id(top)}
+    check_within(top, [round1, tool])

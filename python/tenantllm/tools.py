@@ -209,6 +209,12 @@ class ToolLoop:
         call = {"id": p.id, "name": p.name, "arguments": p.arguments, "signature": p.signature}
         return {"call": call, "content": content, "is_error": p.error is not None}
 
+    def interrupted(self, p: Pending, e: BaseException, t0: float) -> None:
+        """A tool stopped by the caller (the call cancelled, Ctrl-C): its span still ends, with
+        that class, before the loop stops."""
+        if self.trace is not None:
+            self.trace.tool(p, e, t0)
+
     def add_round(self, answers: list[dict[str, Any]]) -> None:
         self.rounds.append({"text": self.results[-1].content, "answers": answers})
 
@@ -240,6 +246,9 @@ class ToolLoop:
                 value = asyncio.run(fn(**p.kwargs)) if inspect.iscoroutinefunction(fn) else fn(**p.kwargs)
             except Exception as e:
                 error = e
+            except BaseException as e:
+                self.interrupted(p, e, t0)
+                raise
         return self.finish_call(p, value, error, t0)
 
     async def run_async(self, p: Pending) -> dict[str, Any]:
@@ -256,6 +265,9 @@ class ToolLoop:
                     value = await asyncio.to_thread(fn, **p.kwargs)
             except Exception as e:
                 error = e
+            except BaseException as e:
+                self.interrupted(p, e, t0)
+                raise
         return self.finish_call(p, value, error, t0)
 
 
