@@ -584,3 +584,65 @@ def test_an_acall_cancelled_while_a_tool_runs_ends_its_spans_and_gives_the_conte
                                                                      StatusCode.ERROR)
     assert {parent_id(s) for s in [round1, tool]} == {span_id(top)}
     check_within(top, [round1, tool])
+
+
+@pytest.mark.parametrize("how", ["call", "acall"])
+def test_a_nested_agent_that_raises_gives_each_context_back_in_order(otel: Otel, how: str) -> None:
+    pytest.importorskip("pydantic")
+    from opentelemetry import trace
+
+    inner: type[tl.Agent] = type("Inner", (Tools,), {"raise_tool_errors": True})
+    ask = '@tool broken {"x": 2}'
+    if how == "call":
+        def consult(topic: str) -> str:
+            """Asks the inner agent."""
+            return str(inner.call(q=ask, tenant="acme").content)
+    else:
+        async def consult(topic: str) -> str:  # type: ignore[misc]
+            """Asks the inner agent."""
+            return str((await inner.acall(q=ask, tenant="acme")).content)
+
+    outer: type[tl.Agent] = type("Outer", (tl.Agent,), {"model": "mock/fast", "user": "{q}", "tools": (consult,)})
+    q = '@tool consult {"topic": "x"}'
+
+    async def acall() -> Any:
+        await outer.acall(q=q, tenant="acme")
+        return trace.get_current_span()  # in the task that ran the call
+
+    with otel.tracer_provider.get_tracer("app").start_as_current_span("request") as request:
+        if how == "call":
+            outer.call(q=q, tenant="acme")
+            current = trace.get_current_span()
+        else:
+            current = asyncio.run(acall())
+    assert current is request
+
+    [outer_top] = [s for s in otel.spans() if s.name == "invoke_agent Outer"]
+    [inner_top] = [s for s in otel.spans() if s.name == "invoke_agent Inner"]
+    assert parent_id(outer_top) == request.get_span_context().span_id and error_type(outer_top) is None
+    # The inner run raised out of its block inside the outer one's: its span ended with it,
+    # and the outer run's context was current again for its tool span and its round 2.
+    assert parent_id(inner_top) == span_id(outer_top) and error_type(inner_top) == "ValueError"
+    assert [error_type(s) for s in otel.calls() if parent_id(s) == span_id(outer_top)] == [None, None]
+    assert [error_type(s) for s in otel.calls() if parent_id(s) == span_id(inner_top)] == [None]
+    assert [(s.name, parent_id(s), error_type(s)) for s in tool_spans(otel)] == [
+        ("execute_tool consult", span_id(outer_top), "ValueError"),  # by start: the outer tool ran the inner agent
+        ("execute_tool broken", span_id(inner_top), "ValueError"),
+    ]
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_with_telemetry_off_a_tool_loop_attaches_no_context(otel: Otel, how: str, monkeypatch: Any) -> None:
+    pytest.importorskip("pydantic")
+    from opentelemetry import context
+
+    tl.configure(opentelemetry=False)
+    attached: list[Any] = []
+    real = context.attach
+    def attach(c: Any) -> Any:
+        attached.append(c)
+        return real(c)
+
+    monkeypatch.setattr(context, "attach", attach)
+    assert len(run(Tools, how).tool_calls) == 3
+    assert attached == [] and list(otel.spans()) == []
