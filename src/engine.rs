@@ -533,7 +533,9 @@ impl Engine {
 
     /// `spec`, or for a tenant past `budget_fallback.at` of one of its cost limits, `spec`
     /// on the cheaper model, with the request's metadata saying so.
-    fn downgraded(&self, spec: &Arc<AgentSpec>, req: CallRequest) -> Result<(Arc<AgentSpec>, CallRequest)> {
+    /// The request is shared with its Python `Call` (which may be run again), so it is
+    /// copied only when the downgrade changes its metadata.
+    fn downgraded(&self, spec: &Arc<AgentSpec>, req: Arc<CallRequest>) -> Result<(Arc<AgentSpec>, Arc<CallRequest>)> {
         let (Some(d), Some(tid)) = (&spec.downgrade, req.tenant.id.as_deref()) else { return Ok((spec.clone(), req)) };
         let stored;
         let limits = match &req.tenant.limits {
@@ -565,14 +567,14 @@ impl Engine {
             ..(**spec).clone()
         };
         let metadata = with_metadata(&req.metadata, "downgraded_from", &spec.model);
-        Ok((Arc::new(cheap), CallRequest { metadata, ..req }))
+        Ok((Arc::new(cheap), Arc::new(CallRequest { metadata, ..(*req).clone() })))
     }
 
     /// A call: from the response cache when the agent has one and it holds this call's
     /// answer, else from the provider. A structured answer off its schema is asked for once
     /// more, as a call of its own (admitted, recorded and billed again, its metadata's
     /// `retry_of` naming the first); a second one off its schema is the error.
-    pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest) -> Result<CallOutcome> {
+    pub async fn run(self: Arc<Self>, spec: Arc<AgentSpec>, req: Arc<CallRequest>) -> Result<CallOutcome> {
         let (spec, req) = self.downgraded(&spec, req)?;
         let key = Self::cache_key(&spec, &req);
         if let Some(hit) = self.from_cache(&spec, &req, key.as_deref()).await? {
@@ -661,7 +663,7 @@ impl Engine {
     /// An answer from the response cache comes as one piece. A structured answer off its
     /// schema is asked for once more, as `run` does, and that answer streams too: its pieces
     /// follow the first one's.
-    pub async fn run_stream(self: Arc<Self>, spec: Arc<AgentSpec>, req: CallRequest, out: &UnboundedSender<String>) -> Result<CallOutcome> {
+    pub async fn run_stream(self: Arc<Self>, spec: Arc<AgentSpec>, req: Arc<CallRequest>, out: &UnboundedSender<String>) -> Result<CallOutcome> {
         let (spec, req) = self.downgraded(&spec, req)?;
         let key = Self::cache_key(&spec, &req);
         if let Some(hit) = self.from_cache(&spec, &req, key.as_deref()).await? {

@@ -429,7 +429,8 @@ where
 #[pyclass(module = "tenantllm._core", name = "Call", frozen)]
 pub struct PyCall {
     spec: Arc<AgentSpec>,
-    req: CallRequest,
+    // Shared, not copied, with each run of this call.
+    req: Arc<CallRequest>,
 }
 
 #[pymethods]
@@ -484,7 +485,7 @@ impl PyCall {
                 validator: validator.map(answer_validator),
             })
         };
-        Ok(PyCall { spec: spec.inner.clone(), req: catch_panic(build).py_err(py)? })
+        Ok(PyCall { spec: spec.inner.clone(), req: Arc::new(catch_panic(build).py_err(py)?) })
     }
 }
 

@@ -79,7 +79,7 @@ pub struct PyStream {
 }
 
 impl PyStream {
-    pub fn start(py: Python<'_>, engine: Arc<Engine>, spec: Arc<AgentSpec>, req: CallRequest) -> PyResult<PyStream> {
+    pub fn start(py: Python<'_>, engine: Arc<Engine>, spec: Arc<AgentSpec>, req: Arc<CallRequest>) -> PyResult<PyStream> {
         let rt = runtime().py_err(py)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let task = spawn(rt, async move { catch_panic_async(boxed(engine.run_stream(spec, req, &tx))).await });
