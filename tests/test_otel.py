@@ -17,6 +17,7 @@ import httpx
 import pytest
 import tenantllm as tl
 from fake_providers import FakeProvider, Step
+from tenantllm.streaming import AsyncStream
 
 pytest.importorskip("opentelemetry.sdk", reason="needs opentelemetry-sdk (`make develop` installs it)")
 from opentelemetry.sdk.metrics import MeterProvider
@@ -620,13 +621,15 @@ def test_a_nested_agent_that_raises_gives_each_context_back_in_order(otel: Otel,
     [outer_top] = [s for s in otel.spans() if s.name == "invoke_agent Outer"]
     [inner_top] = [s for s in otel.spans() if s.name == "invoke_agent Inner"]
     assert parent_id(outer_top) == request.get_span_context().span_id and error_type(outer_top) is None
-    # The inner run raised out of its block inside the outer one's: its span ended with it,
-    # and the outer run's context was current again for its tool span and its round 2.
-    assert parent_id(inner_top) == span_id(outer_top) and error_type(inner_top) == "ValueError"
+    # The inner run, started by the outer run's tool (a child of its span), raised out of its
+    # block inside the tool's: its span ended with it, and the outer run's context was
+    # current again for its round 2.
+    consult, broken = tool_spans(otel)  # by start: the outer tool ran the inner agent
+    assert parent_id(inner_top) == span_id(consult) and error_type(inner_top) == "ValueError"
     assert [error_type(s) for s in otel.calls() if parent_id(s) == span_id(outer_top)] == [None, None]
     assert [error_type(s) for s in otel.calls() if parent_id(s) == span_id(inner_top)] == [None]
-    assert [(s.name, parent_id(s), error_type(s)) for s in tool_spans(otel)] == [
-        ("execute_tool consult", span_id(outer_top), "ValueError"),  # by start: the outer tool ran the inner agent
+    assert [(s.name, parent_id(s), error_type(s)) for s in (consult, broken)] == [
+        ("execute_tool consult", span_id(outer_top), "ValueError"),
         ("execute_tool broken", span_id(inner_top), "ValueError"),
     ]
 
@@ -646,3 +649,140 @@ def test_with_telemetry_off_a_tool_loop_attaches_no_context(otel: Otel, how: str
     monkeypatch.setattr(context, "attach", attach)
     assert len(run(Tools, how).tool_calls) == 3
     assert attached == [] and list(otel.spans()) == []
+
+
+def span_making_tool(tracer: Any, kind: str) -> Any:
+    """A tool whose own code starts a span, as an app's tool querying its database does; sync
+    or async (awaiting in between, so the span stays current across an await)."""
+    if kind == "sync":
+        def lookup(city: str) -> str:
+            """Looks the city up."""
+            with tracer.start_as_current_span(f"lookup {city}"):
+                return "3"
+        return lookup
+
+    async def lookup(city: str) -> str:  # type: ignore[misc]
+        """Looks the city up."""
+        with tracer.start_as_current_span(f"lookup {city}"):
+            await asyncio.sleep(0)
+            return "3"
+    return lookup
+
+
+def looking(tracer: Any, kind: str) -> type[tl.Agent]:
+    """An agent whose tool starts a span of its own."""
+    tools = (span_making_tool(tracer, kind),)
+    return type("Looking", (tl.Agent,), {"model": "mock/fast", "user": "{q}", "tools": tools})
+
+
+async def through_app_generator(streamed: AsyncStream) -> Any:
+    """The pieces of a stream as an app hands them on (a web framework's streamed response):
+    an async generator of its own, read across awaits."""
+    async with streamed:
+        async for piece in streamed:
+            yield piece
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("how", WAYS)
+def test_a_span_the_tools_own_code_starts_is_a_child_of_its_execute_tool_span(otel: Otel, how: str, kind: str) -> None:
+    """Each tool call's `execute_tool` span is current while the tool runs, whichever of the
+    four ways runs the loop (a stream's tools run in the reader's `next()`), and the caller's
+    current span is its own again after each piece, at the end and after the call."""
+    pytest.importorskip("pydantic")
+    from opentelemetry import trace
+
+    tracer = otel.tracer_provider.get_tracer("app")
+    a = looking(tracer, kind)
+    q = '@tool lookup {"city": "Oslo"}\n@tool lookup {"city": "Bergen"}'
+    seen: list[bool] = []  # after each piece and at the end: is the caller's span current?
+
+    def read() -> None:
+        with tracer.start_as_current_span("request") as request:
+            if how == "call":
+                a.call(q=q, tenant="acme")
+            else:
+                with a.stream(q=q, tenant="acme") as streamed:
+                    for _ in streamed:
+                        seen.append(trace.get_current_span() is request)
+            seen.append(trace.get_current_span() is request)
+
+    async def aread() -> None:
+        with tracer.start_as_current_span("request") as request:
+            if how == "acall":
+                await a.acall(q=q, tenant="acme")
+            else:
+                async for _ in through_app_generator(a.astream(q=q, tenant="acme")):
+                    seen.append(trace.get_current_span() is request)
+                    await asyncio.sleep(0)
+            seen.append(trace.get_current_span() is request)
+
+    if how in ("call", "stream"):
+        read()
+    else:
+        asyncio.run(aread())
+    assert seen and all(seen)
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+    top = agent_span(otel)
+    [request] = [s for s in otel.spans() if s.name == "request"]
+    assert parent_id(top) == span_id(request)
+    tools = tool_spans(otel)
+    assert [s.name for s in tools] == ["execute_tool lookup"] * 2
+    assert {parent_id(s) for s in tools} == {span_id(top)}
+    own = {s.name: s for s in otel.spans() if s.name.startswith("lookup ")}
+    assert sorted(own) == ["lookup Bergen", "lookup Oslo"]
+    # Each tool call's own span is a child of that call's execute_tool span, within it.
+    for tool, city in zip(tools, ["Oslo", "Bergen"], strict=True):
+        assert parent_id(own[f"lookup {city}"]) == span_id(tool)
+        check_within(tool, [own[f"lookup {city}"]])
+    check_within(top, tools)
+    assert [error_type(s) for s in tools] == [None, None]
+
+
+def tool_ran(o: Otel) -> bool:
+    return any(s.name == "lookup Oslo" for s in o.spans())
+
+
+@pytest.mark.parametrize("how", ["stream", "astream"])
+def test_a_tool_stream_closed_early_after_its_tools_gives_the_callers_context_back(otel: Otel, how: str) -> None:
+    """Closed in round 2, after the tools ran in a `next()`: the tool's span was its
+    execute_tool span's child, and the caller's span is current again, also when the stream is
+    read through an app's async generator closed by `break`."""
+    pytest.importorskip("pydantic")
+    from opentelemetry import trace
+
+    tracer = otel.tracer_provider.get_tracer("app")
+    a = looking(tracer, "sync")
+    q = 'Checking\n@tool lookup {"city": "Oslo"}'
+    seen: list[bool] = []
+    with tracer.start_as_current_span("request") as request:
+        if how == "stream":
+            with a.stream(q=q, tenant="acme") as streamed:
+                for _ in streamed:
+                    seen.append(trace.get_current_span() is request)
+                    if tool_ran(otel):  # a piece of round 2
+                        break
+            seen.append(trace.get_current_span() is request)
+        else:
+
+            async def aread() -> None:
+                with tracer.start_as_current_span("task") as task:
+                    gen = through_app_generator(a.astream(q=q, tenant="acme"))
+                    async for _ in gen:
+                        seen.append(trace.get_current_span() is task)
+                        if tool_ran(otel):
+                            break
+                    await gen.aclose()
+                    seen.append(trace.get_current_span() is task)
+
+            asyncio.run(aread())
+        seen.append(trace.get_current_span() is request)
+    assert len(seen) >= 3 and all(seen)
+
+    top = agent_span(otel)
+    assert (error_type(top), top.status.status_code) == ("CancelledError", StatusCode.ERROR)
+    [tool] = tool_spans(otel)
+    [own] = [s for s in otel.spans() if s.name == "lookup Oslo"]
+    assert parent_id(tool) == span_id(top) and parent_id(own) == span_id(tool)
+

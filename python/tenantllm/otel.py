@@ -285,25 +285,38 @@ class AgentRun:
         finally:
             context.detach(token)
 
-    def tool(self, p: Pending, error: BaseException | None, started: float) -> None:
-        """A tool call that ended: its `execute_tool {name}` span. A call the model got wrong
-        (unknown tool, bad arguments) has `error.type` ToolCallRejected; a tool that raised,
-        its exception's class."""
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+    @contextmanager
+    def tool(self, p: Pending) -> Iterator[None]:
+        """A tool call running in the block: its `execute_tool {name}` span, a child of the
+        agent span and current in the block, so spans the tool's own code starts are its
+        children whichever context runs it (a stream's reader: its `next()` runs the tools).
+        A call the model got wrong (unknown tool, bad arguments) has `error.type`
+        ToolCallRejected; an exception leaving the block (the tool raised, the call was
+        cancelled, Ctrl-C) its class."""
+        from opentelemetry import context
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
-        end = time.time_ns()
         a: dict[str, Any] = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": p.name,
                              "gen_ai.tool.call.id": p.id}
         if self.telemetry.capture_content:
             a["gen_ai.tool.call.arguments"] = p.arguments
-        start = end - int((time.monotonic() - started) * 1e9)
         span = self.telemetry.tracer.start_span(f"execute_tool {p.name}", context=self.context,
-                                                kind=SpanKind.INTERNAL, attributes=a, start_time=start)
-        kind = type(error).__name__ if error is not None else "ToolCallRejected" if p.error else None
-        if kind is not None:
-            span.set_attribute("error.type", kind)
-            span.set_status(Status(StatusCode.ERROR, kind))
-        span.end(end_time=end)
+                                                kind=SpanKind.INTERNAL, attributes=a)
+        kind = "ToolCallRejected" if p.error else None
+        # Detached on the way out of the block, so in the context it was attached in even when
+        # the block awaits (a stream's `__anext__`): nothing leaks into the stream's reader.
+        token = context.attach(set_span_in_context(span, self.context))
+        try:
+            yield
+        except BaseException as e:
+            kind = type(e).__name__
+            raise
+        finally:
+            context.detach(token)
+            if kind is not None:
+                span.set_attribute("error.type", kind)
+                span.set_status(Status(StatusCode.ERROR, kind))
+            span.end()
 
     def succeeded(self, r: AgentResult) -> None:
         """Ends the run with the loop's result (tokens and cost of every round)."""

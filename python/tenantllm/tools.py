@@ -193,8 +193,6 @@ class ToolLoop:
 
     def finish_call(self, p: Pending, value: Any, error: BaseException | None, t0: float) -> dict[str, Any]:
         """Records one call's outcome; returns its answer for the next round."""
-        if self.trace is not None:
-            self.trace.tool(p, error, t0)
         record: dict[str, Any] = {"name": p.name, "arguments": p.recorded_arguments}
         if error is not None:
             if self.raise_errors:
@@ -208,12 +206,6 @@ class ToolLoop:
         self.records.append(record)
         call = {"id": p.id, "name": p.name, "arguments": p.arguments, "signature": p.signature}
         return {"call": call, "content": content, "is_error": p.error is not None}
-
-    def interrupted(self, p: Pending, e: BaseException, t0: float) -> None:
-        """A tool stopped by the caller (the call cancelled, Ctrl-C): its span still ends, with
-        that class, before the loop stops."""
-        if self.trace is not None:
-            self.trace.tool(p, e, t0)
 
     def add_round(self, answers: list[dict[str, Any]]) -> None:
         self.rounds.append({"text": self.results[-1].content, "answers": answers})
@@ -236,19 +228,21 @@ class ToolLoop:
         """Where a call or acall runs its rounds: inside the agent span, when tracing is on."""
         return nullcontext() if self.trace is None else self.trace.inside()
 
+    def executing(self, p: Pending) -> AbstractContextManager[None]:
+        """Where a tool call runs: inside its `execute_tool` span, when tracing is on."""
+        return nullcontext() if self.trace is None else self.trace.tool(p)
+
     def run_sync(self, p: Pending) -> dict[str, Any]:
         t0 = time.monotonic()
         value: Any = None
         error: Exception | None = None
-        if p.kwargs is not None:
-            fn = self.tools[p.name].fn
-            try:
-                value = asyncio.run(fn(**p.kwargs)) if inspect.iscoroutinefunction(fn) else fn(**p.kwargs)
-            except Exception as e:
-                error = e
-            except BaseException as e:
-                self.interrupted(p, e, t0)
-                raise
+        try:
+            with self.executing(p):
+                if p.kwargs is not None:
+                    fn = self.tools[p.name].fn
+                    value = asyncio.run(fn(**p.kwargs)) if inspect.iscoroutinefunction(fn) else fn(**p.kwargs)
+        except Exception as e:  # not KeyboardInterrupt and the like: those stop the loop
+            error = e
         return self.finish_call(p, value, error, t0)
 
     async def run_async(self, p: Pending) -> dict[str, Any]:
@@ -256,18 +250,17 @@ class ToolLoop:
         t0 = time.monotonic()
         value: Any = None
         error: Exception | None = None
-        if p.kwargs is not None:
-            fn = self.tools[p.name].fn
-            try:
-                if inspect.iscoroutinefunction(fn):
-                    value = await fn(**p.kwargs)
-                else:
-                    value = await asyncio.to_thread(fn, **p.kwargs)
-            except Exception as e:
-                error = e
-            except BaseException as e:
-                self.interrupted(p, e, t0)
-                raise
+        try:
+            with self.executing(p):
+                if p.kwargs is not None:
+                    fn = self.tools[p.name].fn
+                    if inspect.iscoroutinefunction(fn):
+                        value = await fn(**p.kwargs)
+                    else:
+                        # The thread runs in a copy of this context: the tool's span is current there too.
+                        value = await asyncio.to_thread(fn, **p.kwargs)
+        except Exception as e:  # not a cancellation: that stops the loop
+            error = e
         return self.finish_call(p, value, error, t0)
 
 
