@@ -786,3 +786,32 @@ def test_a_tool_stream_closed_early_after_its_tools_gives_the_callers_context_ba
     [own] = [s for s in otel.spans() if s.name == "lookup Oslo"]
     assert parent_id(tool) == span_id(top) and parent_id(own) == span_id(tool)
 
+
+@pytest.mark.parametrize("how", WAYS)
+def test_a_tool_loops_answer_off_its_schema_ends_the_agent_span_with_the_error(
+    otel: Otel, server: FakeProvider, how: str
+) -> None:
+    """The answer is parsed before the run ends: one that fails its schema raises, and the
+    agent span says so (it ended OK before). Here the last round, told to answer, asks for
+    tools anyway, so nothing checked the answer before the loop parsed it."""
+    pydantic = pytest.importorskip("pydantic")
+    from fake_providers import tool_call_step
+    from test_streaming import FIXTURES
+
+    class Invoice(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        number: int
+
+    invoicing = type("Invoicing", (Tools,), {"model": "gpt-4o", "schema": Invoice, "max_tool_rounds": 1})
+    if how in ("call", "acall"):
+        server.script(tool_call_step("openai", [("weather", {"city": "Oslo"})]))
+    else:
+        server.script(Step(sse=(FIXTURES / "openai_chat_parallel_tool_calls.sse").read_text()))
+    with pytest.raises(pydantic.ValidationError) as raised:
+        run(invoicing, how, q="Invoice?")
+
+    top = agent_span(otel)
+    kind = type(raised.value).__name__
+    assert (error_type(top), top.status.status_code) == (kind, StatusCode.ERROR)
+    [round1] = otel.calls()
+    assert error_type(round1) is None and parent_id(round1) == span_id(top)
+

@@ -411,7 +411,7 @@ class Agent:
     def _tool_loop(self, s: Settings, p: Prepared) -> ToolLoop:
         cls = type(self)
         parent, root = lineage()
-        loop = ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, parent, root)
+        loop = ToolLoop(cls._tl_tools, cls.max_tool_rounds, cls.raise_tool_errors, p.parsed, parent, root)
         t = s.telemetry
         loop.trace = None if t is None else otel.AgentRun(t, p.spec, p.tenant.id, s.engine.provider_of(p.spec.model))
         return loop
@@ -516,7 +516,7 @@ class Prepared:
 
     def finish(self, loop: ToolLoop) -> Finish:
         """A streamed tool loop's result, once its last round has ended."""
-        return lambda _last: self.parsed(loop.result())
+        return lambda _last: loop.result()
 
     def run(self, s: Settings) -> AgentResult:
         try:
@@ -532,13 +532,13 @@ class Prepared:
 
     def run_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
         try:
-            return self.parsed(run_loop(loop, self.call, lambda c: self._run(s, c)))
+            return run_loop(loop, self.call, lambda c: self._run(s, c))
         finally:
             deliver_alerts(s)
 
     async def arun_tools(self, s: Settings, loop: ToolLoop) -> AgentResult:
         try:
-            return self.parsed(await arun_loop(loop, self.call, lambda c: self._arun(s, c)))
+            return await arun_loop(loop, self.call, lambda c: self._arun(s, c))
         finally:
             deliver_alerts(s)
 

@@ -158,6 +158,9 @@ class ToolLoop:
     tools: Mapping[str, Tool]
     max_rounds: int
     raise_errors: bool
+    # Reads the answer (a schema's): before the agent span ends, so an answer that fails it
+    # ends the run with its error.
+    parse: Callable[[AgentResult], AgentResult]
     # The caller's lineage (a guarded block around the call), for round 1.
     parent: str | None = None
     root: str | None = None
@@ -213,7 +216,7 @@ class ToolLoop:
     def result(self) -> AgentResult:
         last = self.results[-1]
         duration = int((time.monotonic() - self.started) * 1000)
-        r = last._completed(list(self.records), None, self.results[:-1], duration)
+        r = self.parse(last._completed(list(self.records), None, self.results[:-1], duration))
         if self.trace is not None:
             self.trace.succeeded(r)
         return r
