@@ -815,3 +815,41 @@ def test_a_tool_loops_answer_off_its_schema_ends_the_agent_span_with_the_error(
     [round1] = otel.calls()
     assert error_type(round1) is None and parent_id(round1) == span_id(top)
 
+
+@pytest.mark.parametrize("read_one", [False, True])
+@pytest.mark.parametrize("tools", [False, True])
+@pytest.mark.parametrize("how", ["stream", "astream"])
+def test_a_stream_collected_unread_or_half_read_ends_its_rounds_span(
+    otel: Otel, how: str, tools: bool, read_one: bool
+) -> None:
+    """A stream dropped without closing (never read, or `break` with no `with`) is closed
+    when collected, its row cancelled: the round it was reading gets its chat span then,
+    cancelled (it got none), ended within its agent span (a tool loop's)."""
+    pytest.importorskip("pydantic")
+    a = Tools if tools else agent("mock/fast")
+    q = TOOL_CALLS if tools else "one two three four"
+    if how == "stream":
+        s = a.stream(q=q, tenant="acme")
+        if read_one:
+            next(s)
+    else:
+
+        async def start() -> Any:
+            s = a.astream(q=q, tenant="acme")
+            if read_one:
+                await s.__anext__()
+            return s
+
+        s = asyncio.run(start())
+    del s
+    gc.collect()
+    # The mock's round 1 asking for tools has no text: the first piece read is round 2's.
+    *done, chat = otel.calls()
+    assert [error_type(s) for s in done] == [None] * (tools and read_one)
+    assert (error_type(chat), chat.status.status_code) == ("CancelledError", StatusCode.ERROR)
+    if tools:
+        top = agent_span(otel)
+        assert (error_type(top), {parent_id(s) for s in otel.calls()}) == ("CancelledError", {span_id(top)})
+        check_within(top, otel.calls())
+    else:
+        assert chat.parent is None and not any(s.name.startswith("invoke_agent ") for s in otel.spans())

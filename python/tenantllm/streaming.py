@@ -68,6 +68,25 @@ def _same(r: AgentResult) -> AgentResult:
     return r
 
 
+class _Reading:
+    """The round a stream is reading and its tool loop's agent span (if traced): what the
+    stream's end ends, and its finalizer if it is collected unclosed (it holds no reference
+    to the stream)."""
+
+    def __init__(self, round: Round, trace: otel.AgentRun | None) -> None:
+        self.round = round
+        self.trace = trace
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Ends the round's span, then the agent span (each once: no-ops if ended already):
+        failed with `error`, else cancelled unless the loop's result ended it already."""
+        self.round.observe(error)
+        if self.trace is not None and error is not None:
+            self.trace.failed(error)
+        elif self.trace is not None:
+            self.trace.cancelled()
+
+
 class _Rounds:
     """What the sync and async forms share: the round being read, and the stream's end."""
 
@@ -76,15 +95,16 @@ class _Rounds:
         self._open = open
         self._finish = finish
         self._trace = trace
-        self._round = self._opened(first)  # the first request goes out now, not on the first read
+        # The first request goes out now, not on the first read.
+        self._reading = _Reading(self._opened(first), trace)
         self._ended = False
         self._result: AgentResult | None = None
-        if trace is not None:
-            # A stream left unclosed (`break` out of a `for` with no `with`) is closed when it is
-            # collected: its agent span ends then, cancelled (once: it is a no-op after `_end`).
-            # Never ended, it was never exported, and its rounds' and tools' spans named a
-            # parent no backend got.
-            weakref.finalize(self, trace.cancelled)
+        if s.telemetry is not None:
+            # A stream left unclosed (never read, or `break` out of a `for` with no `with`) is
+            # closed when it is collected, its row cancelled: its round's and agent span end
+            # then, cancelled. Else the round never had a span, and the agent span was never
+            # exported while its rounds' and tools' spans named it as their parent.
+            weakref.finalize(self, self._reading.end)
 
     def _opened(self, call: _core.Call) -> Round:
         """Starts a round; with tools and tracing, inside the call's agent span, so the
@@ -96,8 +116,8 @@ class _Rounds:
 
     def _round_done(self) -> AgentResult:
         """The round being read ended complete: its result, its span ended."""
-        self._round.observe()
-        r = self._round.core.result
+        self._reading.round.observe()
+        r = self._reading.round.core.result
         if r is None:
             raise RuntimeError("a round of the stream ended without its result")
         return r
@@ -108,17 +128,12 @@ class _Rounds:
             self._result = self._finish(last)
             self._end()
         else:
-            self._round = self._opened(call)
+            self._reading.round = self._opened(call)
 
     def _end(self, error: BaseException | None = None) -> None:
         self._ended = True
         deliver_alerts(self._settings)
-        self._round.observe(error)
-        # The agent span of a tool loop: one that ended complete has ended it already.
-        if self._trace is not None and error is not None:
-            self._trace.failed(error)
-        elif self._trace is not None:
-            self._trace.cancelled()
+        self._reading.end(error)
 
     @property
     def result(self) -> AgentResult:
@@ -143,7 +158,7 @@ class Stream(_Rounds, Iterator[str]):
     def __next__(self) -> str:
         while not self._ended:
             try:
-                piece = self._round.core.next()
+                piece = self._reading.round.core.next()
             except _core.TenantLLMError as e:
                 self._end(e)  # the call's own error: it has ended and its row is settled
                 raise
@@ -163,7 +178,7 @@ class Stream(_Rounds, Iterator[str]):
     def close(self) -> None:
         """Stops reading; returns once the execution row is settled."""
         if not self._ended:
-            self._round.core.close()
+            self._reading.round.core.close()
             self._end()
 
     def __enter__(self) -> Stream:
@@ -186,14 +201,14 @@ class AsyncStream(_Rounds, AsyncIterator[str]):
     async def __anext__(self) -> str:
         while not self._ended:
             try:
-                piece = await self._round.core.anext()
+                piece = await self._reading.round.core.anext()
             except _core.TenantLLMError as e:
                 self._end(e)  # the call's own error: it has ended and its row is settled
                 raise
             except BaseException:
                 # Cancelled: awaiting here could be cancelled again, so the stream is closed
                 # in the background and the row settles just after.
-                self._round.core.cancel()
+                self._reading.round.core.cancel()
                 self._end()
                 raise
             if piece is not None:
@@ -209,7 +224,7 @@ class AsyncStream(_Rounds, AsyncIterator[str]):
     async def aclose(self) -> None:
         """Stops reading; returns once the execution row is settled."""
         if not self._ended:
-            await self._round.core.aclose()
+            await self._reading.round.core.aclose()
             self._end()
 
     async def __aenter__(self) -> AsyncStream:
