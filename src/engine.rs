@@ -1147,12 +1147,14 @@ impl InFlight {
     }
 
     /// Settles a call whose reply came whole: a success, or for a structured answer that
-    /// does not follow the schema (a reply asking for tools is not the answer yet) an error
-    /// row that still bills it, and `Invalid`.
+    /// does not follow the schema an error row that still bills it, and `Invalid`. A reply
+    /// asking for tools is not the answer yet only when its tools will run (the agent has
+    /// tools, and this is not the last round, told to answer); else it is the answer, checked
+    /// like any other, so a structured call does not succeed with text its schema refuses.
     #[allow(clippy::too_many_arguments)]
     fn answered(&mut self, spec: &AgentSpec, req: &CallRequest, to: &AttemptOf, reply: Reply, cost: Cost, elapsed: i64, warnings: Vec<String>) -> Result<Answered> {
-        let asked_tools = !reply.tool_calls.is_empty();
-        if let Some(why) = spec.schema.as_ref().filter(|_| !asked_tools).and_then(|_| providers::check_answer(&reply.content, req.validator.as_ref()).err()) {
+        let tools_run = !reply.tool_calls.is_empty() && !spec.tools.is_empty() && !req.tools_closed;
+        if let Some(why) = spec.schema.as_ref().filter(|_| !tools_run).and_then(|_| providers::check_answer(&reply.content, req.validator.as_ref()).err()) {
             let f = ProviderFailure {
                 kind: ProviderErrorKind::InvalidResponse,
                 provider: to.provider.clone(),

@@ -402,3 +402,20 @@ async def test_tools_and_a_schema_stream_together(mode: str) -> None:
     r = s.result
     assert r.parsed == Invoice(number=42, total=9.5) and r.tool_calls[0]["name"] == "get_weather"
     assert [e.finish_reason for e in rows()] == ["tool_calls", "stop"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_last_round_asking_for_tools_anyway_is_off_its_schema_and_asked_again(
+    fp: FakeProvider, mode: str, db_path: Path
+) -> None:
+    """The last round (told to answer) streams tool calls anyway: that is its answer, off the
+    schema, so it is asked for once more, as `call`'s; the calls are not run."""
+    fp.script(sse("openai_chat_parallel_tool_calls.sse"), Step(content=json.dumps(ANSWER)))
+    s = start(agent("gpt-4o", schema=Invoice, max_tool_rounds=1), mode, q="Invoice 42")
+    assert "".join(await read(s)) == json.dumps(ANSWER)
+    assert s.result.parsed == Invoice(number=42, total=9.5) and s.result.tool_calls == [] and SEEN == []
+    bad, good = rows()
+    assert (bad.status, bad.error_class, bad.finish_reason) == ("error", "InvalidResponseError", "tool_calls")
+    assert (good.status, good.metadata) == ("success", {"retry_of": bad.id})
+    assert [q.body["tool_choice"] for q in fp.requests if q.body] == ["none", "none"]
+    assert reservations(db_path) == 0

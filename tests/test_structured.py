@@ -141,3 +141,48 @@ def test_bad_schemas_fail_at_class_definition() -> None:
     ]:
         with pytest.raises(tl.ConfigurationError, match=why):
             type("Bad", (tl.Agent,), {"model": "mock/x", "user": "{q}", "schema": schema})
+
+
+SEEN: list[int] = []
+
+
+def lookup(number: int) -> dict[str, Any]:
+    """The invoice with this number."""
+    SEEN.append(number)
+    return {"number": number, "total": 9.5}
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+def test_a_last_round_asking_for_tools_anyway_is_an_answer_off_its_schema(fp: FakeProvider, fmt: str) -> None:
+    """The last round is told to answer (tool_choice none, Anthropic's answer tool forced); a
+    reply asking for tools anyway is its answer, checked like any: off the schema, an error
+    row, asked once more; the calls it asks for are not run."""
+    SEEN.clear()
+    model = "claude-sonnet-4-5" if fmt == "anthropic" else "gpt-4o-mini"
+    looking = type("Looking", (Extract,), {"model": model, "tools": [lookup], "max_tool_rounds": 2})
+    again = tool_call_step(fmt, [("lookup", {"number": 42})], text="Let me look again.")
+    good = tool_call_step(fmt, [("Invoice", ANSWER)]) if fmt == "anthropic" else Step(content=json.dumps(ANSWER))
+    fp.script(tool_call_step(fmt, [("lookup", {"number": 42})]), again, good)
+    r = looking.call(text="Invoice 42", tenant="acme")
+    assert r.parsed == Invoice(number=42, total=9.5) and SEEN == [42] and len(r.tool_calls) == 1
+    first, bad, retried = tl.Execution.all().order_by("started_at")
+    assert (first.status, first.finish_reason) == ("success", "tool_calls")
+    assert (bad.status, bad.error_class, bad.finish_reason) == ("error", "InvalidResponseError", "tool_calls")
+    assert "structured output" in (bad.error_message or "") and bad.total_cost > 0
+    assert (retried.status, retried.id, retried.metadata) == ("success", r.execution_id, {"retry_of": bad.id})
+    assert fp.requests[1].body == fp.requests[2].body, "the same last round again"
+
+    # Asking for tools twice in the last round: the call raises (both rows billed errors).
+    fp.script(again, again)
+    with pytest.raises(tl.InvalidResponseError, match="structured output"):
+        type("Closed", (looking,), {"max_tool_rounds": 1}).call(text="Invoice 42", tenant="acme")
+    assert SEEN == [42] and tl.Execution.by_status("error").count() == 3
+
+
+def test_an_agent_without_tools_whose_answer_asks_for_tools_is_off_its_schema(fp: FakeProvider) -> None:
+    """A server that sends tool calls to an agent that offered none: not an answer either."""
+    fp.script(tool_call_step("openai", [("lookup", {"number": 42})]), Step(content=json.dumps(ANSWER)))
+    r = Extract.call(text="Invoice 42", tenant="acme")
+    assert r.parsed == Invoice(number=42, total=9.5)
+    bad, good = tl.Execution.all().order_by("started_at")
+    assert (bad.status, bad.error_class, good.metadata) == ("error", "InvalidResponseError", {"retry_of": bad.id})

@@ -152,6 +152,19 @@ def test_the_last_round_is_told_to_answer(fp: FakeProvider) -> None:
     assert [q.body.get("tool_choice") for q in fp.requests if q.body] == [None, "none"]
 
 
+def test_a_last_round_asking_for_tools_anyway_is_the_answer(fp: FakeProvider) -> None:
+    """Without a schema any text is an answer: the last round's reply is the result as it
+    came (its finish reason says it asked for tools), the calls it asks for are not run.
+    With a schema it is checked like any answer (tests/test_structured.py)."""
+    agent = type("Looping", (Weather,), {"max_tool_rounds": 2})
+    fp.script(tool_call_step("openai", [("get_weather", {"city": "Oslo"})]),
+              tool_call_step("openai", [("get_weather", {"city": "Bergen"})], text="And Bergen?"))
+    r = agent.call(question="x", tenant="acme")
+    assert (r.content, r.finish_reason) == ("And Bergen?", "tool_calls")
+    assert SEEN == [("Oslo", "c")] and [c["arguments"] for c in r.tool_calls] == [{"city": "Oslo"}]
+    assert [(e.status, e.finish_reason) for e in rows()] == [("success", "tool_calls")] * 2
+
+
 def test_errors_unknown_tools_and_bad_arguments_go_back_to_the_model() -> None:
     class Mocked(tl.Agent):
         model = "mock/fast"
