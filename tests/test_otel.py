@@ -819,6 +819,34 @@ def test_a_tool_loops_answer_off_its_schema_ends_the_agent_span_with_the_error(o
     assert [error_type(s) for s in rounds] == [None, None] and {parent_id(s) for s in rounds} == {span_id(top)}
 
 
+def opaque(x: int) -> object:
+    """Returns something JSON cannot hold."""
+    return object()
+
+
+async def async_opaque(x: int) -> object:
+    """Returns something JSON cannot hold."""
+    return object()
+
+
+@pytest.mark.parametrize("tool", [opaque, async_opaque])
+@pytest.mark.parametrize("how", WAYS)
+def test_a_tool_result_json_cannot_hold_fails_its_execute_tool_span(otel: Otel, how: str, tool: Any) -> None:
+    """The ConfigurationError is raised while the tool's span is open: it has the error (it
+    ended OK, only the agent span had it), and nothing goes back to the model."""
+    pytest.importorskip("pydantic")
+    a = type("Opaque", (Tools,), {"tools": [tool]})
+    with pytest.raises(tl.ConfigurationError, match="not JSON-serialisable"):
+        run(a, how, q=f'@tool {tool.__name__} {{"x": 1}}')
+
+    [span] = tool_spans(otel)
+    assert (error_type(span), span.status.status_code) == ("ConfigurationError", StatusCode.ERROR)
+    top = agent_span(otel)
+    assert error_type(top) == "ConfigurationError" and parent_id(span) == span_id(top)
+    check_within(top, [span])
+    assert len(otel.calls()) == 1
+
+
 @pytest.mark.parametrize("read_one", [False, True])
 @pytest.mark.parametrize("tools", [False, True])
 @pytest.mark.parametrize("how", ["stream", "astream"])

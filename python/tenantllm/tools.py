@@ -238,21 +238,25 @@ class ToolLoop:
     def run_sync(self, p: Pending) -> dict[str, Any]:
         t0 = time.monotonic()
         value: Any = None
-        error: Exception | None = None
+        returned = False
         try:
             with self.executing(p):
                 if p.kwargs is not None:
                     fn = self.tools[p.name].fn
                     value = asyncio.run(fn(**p.kwargs)) if inspect.iscoroutinefunction(fn) else fn(**p.kwargs)
+                returned = True
+                # Recorded in the tool's span: a value JSON cannot hold fails it too.
+                return self.finish_call(p, value, None, t0)
         except Exception as e:  # not KeyboardInterrupt and the like: those stop the loop
-            error = e
-        return self.finish_call(p, value, error, t0)
+            if returned:
+                raise  # that value's ConfigurationError: not the tool's error, for the model
+            return self.finish_call(p, None, e, t0)
 
     async def run_async(self, p: Pending) -> dict[str, Any]:
         """Async tools are awaited; sync ones run in a thread, so the event loop keeps going."""
         t0 = time.monotonic()
         value: Any = None
-        error: Exception | None = None
+        returned = False
         try:
             with self.executing(p):
                 if p.kwargs is not None:
@@ -262,9 +266,12 @@ class ToolLoop:
                     else:
                         # The thread runs in a copy of this context: the tool's span is current there too.
                         value = await asyncio.to_thread(fn, **p.kwargs)
+                returned = True
+                return self.finish_call(p, value, None, t0)  # in the span, as `run_sync`'s
         except Exception as e:  # not a cancellation: that stops the loop
-            error = e
-        return self.finish_call(p, value, error, t0)
+            if returned:
+                raise
+            return self.finish_call(p, None, e, t0)
 
 
 RoundCall = Callable[[dict[str, Any]], _core.Call]
