@@ -1448,6 +1448,27 @@ fn settlements_lock_the_rollups_in_one_order() {
     assert_eq!(db.scalar("SELECT calls FROM daily_totals"), 3);
 }
 
+/// Where the settle hand-over tests start: call "old" of agent A at T0 admitted under a daily
+/// limit of 1,000 nanos, with its counters' keys (sorted, as settlements lock them), its day and
+/// month, and the limit's check.
+struct HandOver {
+    db: TestDb,
+    keys: std::collections::BTreeSet<crate::store::CounterKey>,
+    day: String,
+    month: String,
+    check: crate::budget::Check,
+}
+
+fn admitted_under_a_daily_limit() -> HandOver {
+    let db = TestDb::new();
+    let e = execution("old", T0);
+    let Admitted::Go { checks, .. } = admit_as(&db.open(), &daily_limit(1000), &e, &[], T0 + 60_000_000) else { panic!("not admitted") };
+    let cal = Calendar::new("UTC").unwrap();
+    let keys = crate::store::usage_keys(&cal, None, "A", T0).into_iter().collect();
+    let [day, month] = rollups::periods(&cal, T0);
+    HandOver { db, keys, day, month, check: checks[0].clone() }
+}
+
 /// A process of the previous version settles through the previous overload of
 /// `tenantllm_settle` (the counters as two arrays, each alert by its counter's scope and
 /// period), which hands over to migration 28's: the reservation released, the usage added,
@@ -1455,15 +1476,8 @@ fn settlements_lock_the_rollups_in_one_order() {
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn the_previous_settle_overload_hands_over() {
-    let db = TestDb::new();
-    let store = db.open();
-    let e = execution("old", T0);
-    let Admitted::Go { checks, .. } = admit_as(&store, &daily_limit(1000), &e, &[], T0 + 60_000_000) else { panic!("not admitted") };
-    let cal = Calendar::new("UTC").unwrap();
-    let keys: std::collections::BTreeSet<crate::store::CounterKey> = crate::store::usage_keys(&cal, None, "A", T0).into_iter().collect();
+    let HandOver { db, keys, day, month, check } = admitted_under_a_daily_limit();
     let (scopes, periods): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
-    let [day, month] = rollups::periods(&cal, T0);
-    let check = checks[0].clone();
     let at = budget::threshold_at(&check, 80).unwrap();
     let settle = move |c: &mut Client| {
         let r = c
@@ -1493,15 +1507,8 @@ fn the_previous_settle_overload_hands_over() {
 #[test]
 #[ignore = "needs a PostgreSQL server: TENANTLLM_TEST_POSTGRES_URL"]
 fn the_migration_28_settle_overload_hands_over() {
-    let db = TestDb::new();
-    let store = db.open();
-    let e = execution("old", T0);
-    let Admitted::Go { checks, .. } = admit_as(&store, &daily_limit(1000), &e, &[], T0 + 60_000_000) else { panic!("not admitted") };
-    let cal = Calendar::new("UTC").unwrap();
-    let keys: std::collections::BTreeSet<crate::store::CounterKey> = crate::store::usage_keys(&cal, None, "A", T0).into_iter().collect();
+    let HandOver { db, keys, day, month, check } = admitted_under_a_daily_limit();
     let counters = crate::store::encode_keys(keys.iter());
-    let [day, month] = rollups::periods(&cal, T0);
-    let check = checks[0].clone();
     let place = keys.iter().position(|(s, p)| *s == check.scope && *p == check.period_key).unwrap() as i32 + 1;
     let at = |t| budget::threshold_at(&check, t).unwrap();
     // 850 of 1,000 reaches 50 % and 80 %, not 100 %.
