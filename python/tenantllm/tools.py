@@ -168,8 +168,8 @@ class ToolLoop:
     records: list[dict[str, Any]] = field(default_factory=list)
     results: list[AgentResult] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    # The call's `invoke_agent` span when tracing is on: told of each tool call as it ends,
-    # and of the loop's result.
+    # The call's `invoke_agent` span when tracing is on: each tool call runs in a span of its
+    # own under it (`executing`), and the loop's result ends it.
     trace: AgentRun | None = None
 
     def round_args(self) -> dict[str, Any]:
