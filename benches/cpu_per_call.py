@@ -17,7 +17,6 @@ Nothing here is asserted by the test suite.
 
 from __future__ import annotations
 
-import glob
 import os
 import resource
 import sys
@@ -26,24 +25,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tenantllm as tl
-from run import Guarded
+from run import Guarded, postgres_ticks
 
 WARM = 300  # calls before the measured ones: the store opened, statements prepared, pages cached
 
 
 def postgres_cpu_seconds() -> float:
     """User + system CPU time of every process named postgres on this machine."""
-    ticks = 0
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                s = f.read()
-        except OSError:  # the process ended meanwhile
-            continue
-        if s[s.index("(") + 1 : s.rindex(")")].startswith("postgres"):
-            fields = s[s.rindex(")") + 2 :].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(postgres_ticks().values()) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -16,8 +16,10 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import glob
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -814,6 +816,10 @@ class Phases:
         self.seconds = 0.0
         self.restarts = 0
         self.count = 0
+        # PostgreSQL (`ServerSide`): per call, whether an autovacuum worker worked on the
+        # database around it; CPU seconds of each of `CPU_PARTS` in all of this kind's phases.
+        self.autovacuum: list[bool] = []
+        self.cpu = dict.fromkeys(CPU_PARTS, 0.0)
 
     def start(self, db: str) -> None:
         self._began, self._restarts = time.perf_counter(), wal_restarts(db)
@@ -841,6 +847,106 @@ class Phases:
     def describe(self) -> str:
         calls, restarts = len(self.latencies), self.restarts
         return f"{self.count} phases, {self.seconds:.1f} s, {calls:,} calls, {restarts} restarts"
+
+
+def postgres_ticks() -> dict[int, int]:
+    """User + system CPU time (clock ticks) of every process named postgres on this machine, by pid."""
+    ticks = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                s = f.read()
+        except OSError:  # the process ended meanwhile
+            continue
+        if s[s.index("(") + 1 : s.rindex(")")].startswith("postgres"):
+            fields = s[s.rindex(")") + 2 :].split()
+            ticks[int(s[: s.index(" ")])] = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks
+
+
+def machine_ticks() -> int:
+    """Clock ticks all cores of this machine spent busy since boot (/proc/stat: all but idle, iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+# Where a PostgreSQL server's CPU time goes during a phase, as `ServerSide` splits it.
+CPU_PARTS = ("bench process", "its database's backends", "its autovacuum", "other postgres", "rest of machine")
+
+
+class ServerSide:
+    """What the PostgreSQL server does beside a phase's timed calls, for a server on this
+    machine: whether autovacuum works on the bench's database (its workers, sampled between
+    chunks of calls: a worker that starts and ends between two samples is seen only in the
+    tables' `autovacuum_count`), the purged tables' dead rows, and the CPU time of the bench
+    process, of the database's backends (calls and purge), of its autovacuum workers, of the
+    server's other processes (other databases, the checkpointer, the WAL writer) and of the
+    rest of the machine. On a machine whose cores carry both calls and server, that says
+    whether a slower phase lost its CPU to the purge, to autovacuum or to something else."""
+
+    TABLES = ("executions", "execution_details")
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # only on PostgreSQL runs
+
+        self.conn = psycopg.connect(psql_url(url), autocommit=True)
+        self.autovacuum_ticks: dict[int, int] = {}  # worker pid -> its ticks when last seen
+        self.working: list[str] = []  # what the workers said at the last sample
+
+    def sample(self) -> bool:
+        """Whether an autovacuum worker works on this database now (and what on, `working`)."""
+        rows = self.conn.execute(
+            "SELECT pid, query FROM pg_stat_activity"
+            " WHERE backend_type = 'autovacuum worker' AND datname = current_database()"
+        ).fetchall()
+        self.working = [q.removeprefix("autovacuum: ") for _, q in rows]
+        for pid, _ in rows:
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                self.autovacuum_ticks[pid] = int(fields[11]) + int(fields[12])
+        return bool(rows)
+
+    def tables(self) -> dict[str, tuple[int, int, int]]:
+        """(dead rows, autovacuums, autoanalyzes) of each purged table, as the statistics say."""
+        rows = self.conn.execute(
+            "SELECT relname, n_dead_tup, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
+            " WHERE relname = ANY(%s)",
+            (list(self.TABLES),),
+        ).fetchall()
+        return {name: (dead, vacuums, analyzes) for name, dead, vacuums, analyzes in rows}
+
+    def backends(self) -> set[int]:
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            " AND datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+        return {pid for (pid,) in rows}
+
+    def begin(self) -> tuple[Any, ...]:
+        self.autovacuum_ticks.clear()
+        self.sample()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return (usage.ru_utime + usage.ru_stime, postgres_ticks(), dict(self.autovacuum_ticks), machine_ticks())
+
+    def end(self, began: tuple[Any, ...]) -> dict[str, float]:
+        """CPU seconds of each of `CPU_PARTS` since `began` (`begin`)."""
+        self.sample()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        own0, server0, workers0, machine0 = began
+        server, backends, tick = postgres_ticks(), self.backends(), os.sysconf("SC_CLK_TCK")
+        # A process seen now counts from its ticks at the start (0 if it started since); a
+        # worker gone since counts up to its last sample.
+        since = {pid: t - server0.get(pid, 0) for pid, t in server.items()}
+        for pid, t in self.autovacuum_ticks.items():
+            since[pid] = max(since.get(pid, 0), t - workers0.get(pid, 0))
+        ours = sum(since.get(pid, 0) for pid in backends) / tick
+        autovacuum = sum(since[pid] for pid in self.autovacuum_ticks) / tick
+        postgres = sum(since.values()) / tick
+        own = usage.ru_utime + usage.ru_stime - own0
+        rest = (machine_ticks() - machine0) / tick - own - postgres
+        return dict(zip(CPU_PARTS, (own, ours, autovacuum, postgres - ours - autovacuum, rest), strict=True))
 
 
 def load_old_executions(db: str, starts: list[int], tenants: int = 1) -> None:
@@ -883,11 +989,14 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
     """Single-call latency while `tl.purge()` deletes `rows` old executions, against the same
     calls with no purge running, in the same run and interleaved: `phases` purges, each of a
     `phases`-th of the rows (one day's worth), with calls timed during each, and calls with no
-    purge before the first, between them and after the last (at least `calls` in all, each
-    phase about as long as a purge phase), so all see the same machine. Each kind of phase
+    purge before the first (`calls` of them), between them and after the last (`calls` in all,
+    each phase about as long as a purge phase), so all see the same machine. Each kind of phase
     reports its tail, the calls that waited for a lock, and (SQLite) its WAL restarts a second
     (the purge's own frames add restarts, and restarts are when calls wait). A purge must
-    leave calls' latency as it is: the ratios to the calls before any purge say. `db` is a
+    leave calls' latency as it is: the ratios to the calls before any purge say, and those of
+    each purge to the calls just before and after it (their median over the rounds). On
+    PostgreSQL each phase also prints a line: whether autovacuum worked on the database, the
+    purged tables' dead rows and where the machine's CPU went (`ServerSide`). `db` is a
     SQLite file or a PostgreSQL database's URL (where calls wait for no lock of the purge's:
     its batches compete with them for the server). The old rows are of `tenants` tenants in
     turn: on SQLite a deleted row's entry in the tenants' index is on a page of its own when
@@ -908,43 +1017,91 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
         return timed_calls(lambda: Guarded.call(text="the quarterly report", tenant="bench"), k)
 
     def purge(days: int, done: dict[str, Any]) -> None:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         done.update(tl.purge(executions_days=days))
-        done["seconds"] = time.perf_counter() - t
+        done["seconds"], done["cpu"] = time.perf_counter() - t, time.thread_time() - cpu
+
+    server = ServerSide(db) if postgres else None
+    around: list[bool] = [False]  # whether autovacuum worked at the last sample
+
+    def chunk(phase: Phases) -> None:
+        """10 timed calls; on PostgreSQL, each marked as with autovacuum if a worker worked on
+        the database at the sample before or after them."""
+        phase.add(*timed(10))
+        if server:
+            now = server.sample()
+            phase.autovacuum.extend([now or around[0]] * 10)
+            around[0] = now
+
+    def phase_done(phase: Phases, kind: str, began: tuple[Any, ...], first: int, tables: dict[str, Any]) -> None:
+        """On PostgreSQL, one line on the phase just ended: its calls, autovacuum, CPU split."""
+        if not server:
+            return
+        cpu, seconds = server.end(began), phase.elapsed()
+        for part, t in cpu.items():
+            phase.cpu[part] += t
+        each = sorted(phase.latencies[first:])
+        vacuumed = sum(phase.autovacuum[first:]) / max(len(each), 1)
+        after = server.tables()
+        counts = " ".join(
+            f"{t.removeprefix('execution_')}: dead {dead:,}, +{vacuums - tables[t][1]}v +{analyzes - tables[t][2]}a"
+            for t, (dead, vacuums, analyzes) in after.items()
+        )
+        cores = " ".join(f"{c / seconds:.2f}" for c in cpu.values())
+        print(
+            f"    {kind:<20} {seconds:5.1f} s {len(each):6,} calls p50 {each[len(each) // 2]:7,.0f} p99"
+            f" {each[len(each) * 99 // 100]:7,.0f} µs, autovacuum {vacuumed:4.0%} {','.join(server.working)}"
+            f" | {counts} | cores {cores}",
+            flush=True,
+        )
 
     tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, enforcement="hard")
     timed(50)  # the first calls open the database and warm its pages: in no phase
     kinds = ("no purge yet", "during a purge", "no purge, after one")
     seen = {kind: Phases() for kind in kinds}
-    purged, purging, busy = 0, 0.0, 0.0
+    purged, purging, busy, purge_cpu = 0, 0.0, 0.0, 0.0
+    each_phase: tuple[list[list[float]], list[list[float]]] = ([], [])  # (with no purge, during one)
+    if server:
+        parts = ", ".join(CPU_PARTS)
+        print(f"    per phase: calls | per purged table: dead rows, +autovacuums v +autoanalyzes a | cores: {parts}")
     # Every phase lasts as long as the purge phases before it did on average (the first as
     # long as a purge at `PURGE_ROWS_PER_S` would), and has at least its share of `calls`.
     length = per / PURGE_ROWS_PER_S + AFTER_PURGE
     for r in range(phases + 1):
-        quiet = seen[kinds[0] if r == 0 else kinds[2]]
+        kind = kinds[0] if r == 0 else kinds[2]
+        quiet, start = seen[kind], len(seen[kind].latencies)
+        tables, began = (server.tables(), server.begin()) if server else ({}, ())
         quiet.start(db)
-        while len(quiet.latencies) < calls * (r + 1) // (phases + 1) or quiet.elapsed() < length:
-            quiet.add(*timed(10))
+        # The calls before any purge are all in one phase: as many as each other kind.
+        while len(quiet.latencies) < (calls if r == 0 else calls * r // phases) or quiet.elapsed() < length:
+            chunk(quiet)
+        phase_done(quiet, kind, began, start, tables)
         quiet.stop(db)
+        each_phase[0].append(quiet.latencies[start:])
         if r == phases:
             break
         during = seen[kinds[1]]
         done: dict[str, Any] = {}
         worker = threading.Thread(target=purge, args=(499 - r, done))
+        start = len(during.latencies)
+        tables, began = (server.tables(), server.begin()) if server else ({}, ())
         cpu = time.process_time()
         during.start(db)
         worker.start()
         ended = float("inf")
         while time.perf_counter() < ended + AFTER_PURGE:
-            during.add(*timed(10))
+            chunk(during)
             if ended == float("inf") and not worker.is_alive():
                 ended = time.perf_counter()
                 busy += time.process_time() - cpu
+        phase_done(during, kinds[1], began, start, tables)
         during.stop(db)
+        each_phase[1].append(during.latencies[start:])
         worker.join()
         assert done["executions"] == per, done
         purged += per
         purging += done["seconds"]
+        purge_cpu += done["cpu"]
         length = during.seconds / (r + 1)
     name = "tenantllm/PostgreSQL" if postgres else "tenantllm"
     for kind, p in seen.items():
@@ -959,6 +1116,7 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
     quiet = Phases()
     for kind in (kinds[0], kinds[2]):
         quiet.add(seen[kind].latencies, seen[kind].waits)
+        quiet.autovacuum += seen[kind].autovacuum
     for kind, against, base in (
         (kinds[1], "no purge yet", seen[kinds[0]]),
         (kinds[2], "no purge yet", seen[kinds[0]]),
@@ -975,14 +1133,74 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
             ratio = per_call(seen[kind]) / max(per_call(base), 1e-9)
             note = f"{per_call(seen[kind]):.4g} against {per_call(base):.4g}"
             report(f"{name}: {kind} / {against}, {label}", ratio, "x", note=note)
+    if server:
+        server_split(name, seen, quiet, purge_cpu / purging)
+        server.conn.close()
+    # Each purge against the calls just before and just after it: the machine's load changes
+    # over a run (other processes come and go), and these pairs see nearly the same machine,
+    # where the ratios of all calls compare tails from different minutes.
+    quiets, durings = each_phase
+    for label, at in TAIL[:2]:
+        ratios = sorted(
+            sorted(d)[at(len(d))] / sorted(q)[at(len(q))]
+            for d, q in ((durings[r], quiets[r] + quiets[r + 1]) for r in range(phases))
+        )
+        note = f"{phases} rounds, {ratios[0]:.2f} to {ratios[-1]:.2f}, {min(map(len, durings)):,}+ calls during each"
+        target = "<= 1.2" if label == "p99" else ""
+        median = statistics.median(ratios)
+        report(f"{name}: during a purge / just before and after, {label}, median", median, "x", target, note)
     # Cores the process kept busy while purging (calls and purge): above 1 the purge competes
     # with the calls for the machine's CPUs, not only for the database.
     cores = f"{busy / purging:.2f} cores busy"
     report(f"{name}: purge of old executions (tl.purge)", purged / purging, "rows/s", ">= 1000", cores)
 
 
+def server_split(name: str, seen: dict[str, Phases], quiet: Phases, purge_thread: float) -> None:
+    """On PostgreSQL: where the machine's CPU went in each kind of phase (cores: CPU seconds a
+    second, split as `CPU_PARTS`), the purge's duty cycle (the cores its batches add to the
+    database's backends, with its own thread's), and the calls with and without autovacuum
+    working on the database around them, so a slower phase can be put down to the purge's
+    batches, to autovacuum or to the machine."""
+    during, quiets = seen["during a purge"], [p for kind, p in seen.items() if kind != "during a purge"]
+    for kind, p in seen.items():
+        note = ", ".join(f"{part} {t / p.seconds:.2f}" for part, t in p.cpu.items())
+        report(f"{name}: {kind}, cores busy", sum(p.cpu.values()) / p.seconds, "cores", note=note)
+    backends = "its database's backends"
+    quiet_s = sum(p.seconds for p in quiets)
+    per_call = {
+        label: sum(p.cpu[backends] for p in ps) / sum(len(p.latencies) for p in ps)
+        for label, ps in (("during", [during]), ("quiet", quiets))
+    }
+    # The backends' CPU time beyond what the calls of the phase would have cost at the quiet
+    # phases' rate per call: the purge's batches.
+    batches = during.cpu[backends] - per_call["quiet"] * len(during.latencies)
+    note = f"backends {batches / during.seconds:.3f} + its thread {purge_thread:.3f} cores"
+    report(f"{name}: purge's duty cycle", batches / during.seconds + purge_thread, "cores", note=note)
+    report(
+        f"{name}: database's backends per call, during / no purge",
+        per_call["during"] / per_call["quiet"],
+        "x",
+        note=f"{per_call['during'] * 1e6:,.0f} against {per_call['quiet'] * 1e6:,.0f} µs ({quiet_s:.0f} s quiet)",
+    )
+    split: dict[tuple[str, bool], list[float]] = {}
+    for kind, p in (("during a purge", during), ("no purge", quiet)):
+        for latency, vacuumed in zip(p.latencies, p.autovacuum, strict=True):
+            split.setdefault((kind, vacuumed), []).append(latency)
+    for (kind, vacuumed), each in sorted(split.items()):
+        each.sort()
+        label = f"{kind}, {'with' if vacuumed else 'no'} autovacuum"
+        for tail, at in TAIL[:2]:
+            report(f"{name}: {label}, {tail}", each[at(len(each))], "µs", note=f"of {len(each):,} calls")
+    for tail, at in TAIL[:2]:
+        both = [sorted(split.get((kind, False), [])) for kind in ("during a purge", "no purge")]
+        if all(both):
+            ratio = both[0][at(len(both[0]))] / both[1][at(len(both[1]))]
+            report(f"{name}: during a purge / no purge, both without autovacuum, {tail}", ratio, "x", "<= 1.2")
+
+
 def purges_under_load(d: Path, postgres: str | None, quick: bool) -> None:
-    rows, calls = (20_000, 300) if quick else (200_000, 2000)
+    # Enough calls of each kind for a p99 of 30 calls or more (report_tail says how many).
+    rows, calls = (40_000, 3000) if quick else (200_000, 3000)
     retention_under_load(str(d / "purge.db"), rows, calls)
     if postgres:
         with postgres_database(postgres) as url:
