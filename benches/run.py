@@ -820,6 +820,7 @@ class Phases:
         # database around it; CPU seconds of each of `CPU_PARTS` in all of this kind's phases.
         self.autovacuum: list[bool] = []
         self.cpu = dict.fromkeys(CPU_PARTS, 0.0)
+        self.wal = 0.0  # bytes of WAL the server wrote (all its databases)
 
     def start(self, db: str) -> None:
         self._began, self._restarts = time.perf_counter(), wal_restarts(db)
@@ -883,7 +884,9 @@ class ServerSide:
     process, of the database's backends (calls and purge), of its autovacuum workers, of the
     server's other processes (other databases, the checkpointer, the WAL writer) and of the
     rest of the machine. On a machine whose cores carry both calls and server, that says
-    whether a slower phase lost its CPU to the purge, to autovacuum or to something else."""
+    whether a slower phase lost its CPU to the purge, to autovacuum or to something else. And
+    the WAL the server wrote (all its databases): a call's commit waits for the WAL to reach
+    the disk, the purge's and autovacuum's records before it too."""
 
     TABLES = ("executions", "execution_details")
 
@@ -928,13 +931,19 @@ class ServerSide:
         self.autovacuum_ticks.clear()
         self.sample()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return (usage.ru_utime + usage.ru_stime, postgres_ticks(), dict(self.autovacuum_ticks), machine_ticks())
+        lsn = self.conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        return (usage.ru_utime + usage.ru_stime, postgres_ticks(), dict(self.autovacuum_ticks), machine_ticks(), lsn)
+
+    def wal_since(self, began: tuple[Any, ...]) -> float:
+        """Bytes of WAL the server wrote since `began` (`begin`)."""
+        row = self.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", began[-1]).fetchone()
+        return float(row[0]) if row else 0.0
 
     def end(self, began: tuple[Any, ...]) -> dict[str, float]:
         """CPU seconds of each of `CPU_PARTS` since `began` (`begin`)."""
         self.sample()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        own0, server0, workers0, machine0 = began
+        own0, server0, workers0, machine0, _ = began
         server, backends, tick = postgres_ticks(), self.backends(), os.sysconf("SC_CLK_TCK")
         # A process seen now counts from its ticks at the start (0 if it started since); a
         # worker gone since counts up to its last sample.
@@ -1037,9 +1046,10 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
         """On PostgreSQL, one line on the phase just ended: its calls, autovacuum, CPU split."""
         if not server:
             return
-        cpu, seconds = server.end(began), phase.elapsed()
+        cpu, wal, seconds = server.end(began), server.wal_since(began), phase.elapsed()
         for part, t in cpu.items():
             phase.cpu[part] += t
+        phase.wal += wal
         each = sorted(phase.latencies[first:])
         vacuumed = sum(phase.autovacuum[first:]) / max(len(each), 1)
         after = server.tables()
@@ -1051,7 +1061,7 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
         print(
             f"    {kind:<20} {seconds:5.1f} s {len(each):6,} calls p50 {each[len(each) // 2]:7,.0f} p99"
             f" {each[len(each) * 99 // 100]:7,.0f} µs, autovacuum {vacuumed:4.0%} {','.join(server.working)}"
-            f" | {counts} | cores {cores}",
+            f" | {counts} | WAL {wal / seconds / 1e6:.2f} MB/s | cores {cores}",
             flush=True,
         )
 
@@ -1063,7 +1073,7 @@ def retention_under_load(db: str, rows: int, calls: int, phases: int = 10, tenan
     each_phase: tuple[list[list[float]], list[list[float]]] = ([], [])  # (with no purge, during one)
     if server:
         parts = ", ".join(CPU_PARTS)
-        print(f"    per phase: calls | per purged table: dead rows, +autovacuums v +autoanalyzes a | cores: {parts}")
+        print(f"    calls | each purged table: dead rows, +autovacuums v +autoanalyzes a | WAL | cores: {parts}")
     # Every phase lasts as long as the purge phases before it did on average (the first as
     # long as a purge at `PURGE_ROWS_PER_S` would), and has at least its share of `calls`.
     length = per / PURGE_ROWS_PER_S + AFTER_PURGE
@@ -1165,6 +1175,8 @@ def server_split(name: str, seen: dict[str, Phases], quiet: Phases, purge_thread
     for kind, p in seen.items():
         note = ", ".join(f"{part} {t / p.seconds:.2f}" for part, t in p.cpu.items())
         report(f"{name}: {kind}, cores busy", sum(p.cpu.values()) / p.seconds, "cores", note=note)
+        note = f"{p.wal / len(p.latencies) / 1e3:.1f} KB per call"
+        report(f"{name}: {kind}, WAL written (whole server)", p.wal / p.seconds / 1e6, "MB/s", note=note)
     backends = "its database's backends"
     quiet_s = sum(p.seconds for p in quiets)
     per_call = {
