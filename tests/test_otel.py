@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -884,3 +885,27 @@ def test_a_stream_collected_unread_or_half_read_ends_its_rounds_span(
         check_within(top, otel.calls())
     else:
         assert chat.parent is None and not any(s.name.startswith("invoke_agent ") for s in otel.spans())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_collecting_an_inherited_stream_ends_none_of_its_spans(otel: Otel) -> None:
+    """A child forked while a stream is open (a fork pool started by a request handler)
+    collects its copy unclosed without ending the parent's spans: only the parent ends
+    them, once, and exports them."""
+    pytest.importorskip("pydantic")
+    s = Tools.stream(q=TOOL_CALLS, tenant="acme")
+    before = len(otel.spans())
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            del s
+            gc.collect()
+            code = 0 if len(otel.spans()) == before else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child ended the parent's spans"
+    del s
+    gc.collect()
+    assert error_type(agent_span(otel)) == "CancelledError"

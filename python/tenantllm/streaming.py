@@ -16,6 +16,7 @@ round's answer, with the loop's tool calls and the tokens and costs of every rou
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
@@ -76,6 +77,7 @@ class _Reading:
     def __init__(self, round: Round, trace: otel.AgentRun | None) -> None:
         self.round = round
         self.trace = trace
+        self.pid = os.getpid()
 
     def end(self, error: BaseException | None = None) -> None:
         """Ends the round's span, then the agent span (each once: no-ops if ended already):
@@ -85,6 +87,13 @@ class _Reading:
             self.trace.failed(error)
         elif self.trace is not None:
             self.trace.cancelled()
+
+    def collected(self) -> None:
+        """The finalizer's end: only in the process that opened the stream. A forked child
+        collecting the copy it inherited would end and export the parent's spans as its own,
+        which the parent still ends (each span twice, the child's cancelled)."""
+        if os.getpid() == self.pid:
+            self.end()
 
 
 class _Rounds:
@@ -104,7 +113,7 @@ class _Rounds:
             # closed when it is collected, its row cancelled: its round's and agent span end
             # then, cancelled. Else the round never had a span, and the agent span was never
             # exported while its rounds' and tools' spans named it as their parent.
-            weakref.finalize(self, self._reading.end)
+            weakref.finalize(self, self._reading.collected)
 
     def _opened(self, call: _core.Call) -> Round:
         """Starts a round; with tools and tracing, inside the call's agent span, so the
