@@ -320,6 +320,30 @@ async def test_tool_errors_go_back_to_the_model_or_raise_from_the_stream(mode: s
     assert reservations(db_path) == 0
 
 
+def stops(x: int) -> str:
+    """Raises what ends a `for` loop."""
+    raise StopIteration(x)
+
+
+async def astops(x: int) -> str:
+    """Raises what ends an `async for` loop."""
+    raise StopAsyncIteration(x)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_tool_raising_what_ends_a_loop_does_not_end_the_stream_as_if_complete(mode: str, db_path: Path) -> None:
+    """With raise_tool_errors, a tool's StopIteration (StopAsyncIteration in astream) leaving
+    the stream as it is would end the reader's loop quietly, the answer missing: it is a
+    RuntimeError, its cause the tool's exception, as PEP 479 does for generators."""
+    tool, ends = (stops, "StopIteration") if mode == "sync" else (astops, "StopAsyncIteration")
+    raising = agent("mock/fast", tools=(tool,), raise_tool_errors=True)
+    with pytest.raises(RuntimeError, match=f"a tool raised {ends}") as e:
+        await read(start(raising, mode, q=f'@tool {tool.__name__} {{"x": 1}}'))
+    assert isinstance(e.value.__cause__, (StopIteration, StopAsyncIteration))
+    assert [r.status for r in rows()] == ["success"]
+    assert reservations(db_path) == 0
+
+
 # ---------------------------------------------------------------- schema
 
 

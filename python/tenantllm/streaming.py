@@ -69,6 +69,13 @@ def _same(r: AgentResult) -> AgentResult:
     return r
 
 
+def _ends_loops(e: BaseException) -> RuntimeError:
+    """What the stream raises for a tool's StopIteration (from `__next__`) or
+    StopAsyncIteration (from `__anext__`): raised as they are, they would end the reader's loop
+    as if the stream had ended complete; so a RuntimeError, as PEP 479 makes it for generators."""
+    return RuntimeError(f"a tool raised {type(e).__name__}, which would end the stream as if complete")
+
+
 class _Reading:
     """The round a stream is reading and its tool loop's agent span (if traced): what the
     stream's end ends, and its finalizer if it is collected unclosed (it holds no reference
@@ -181,6 +188,8 @@ class Stream(_Rounds, Iterator[str]):
                 self._then(self._after(last), last)  # a tool loop's tools run here
             except BaseException as e:
                 self._end(e)  # a tool raised (raise_tool_errors): every round so far is settled
+                if isinstance(e, StopIteration):
+                    raise _ends_loops(e) from e
                 raise
         raise StopIteration
 
@@ -227,6 +236,8 @@ class AsyncStream(_Rounds, AsyncIterator[str]):
                 self._then(await self._after(last), last)  # a tool loop's tools are awaited here
             except BaseException as e:
                 self._end(e)  # cancelled while a tool ran, or it raised: every round is settled
+                if isinstance(e, StopAsyncIteration):
+                    raise _ends_loops(e) from e
                 raise
         raise StopAsyncIteration
 
