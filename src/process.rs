@@ -161,6 +161,12 @@ pub fn quiet() -> Quiet {
     Quiet(())
 }
 
+/// How deep this thread is in the fork gate (1: its outermost entry, which a fork waits for).
+#[cfg(test)]
+pub fn quiet_depth() -> usize {
+    DEPTH.get()
+}
+
 impl Drop for Quiet {
     fn drop(&mut self) {
         DEPTH.set(DEPTH.get() - 1);

@@ -19,21 +19,24 @@ const FCNTL_FILE_POINTER: c_int = 7;
 /// `SQLITE_FCNTL_JOURNAL_POINTER`: the WAL's file object (in WAL mode).
 const FCNTL_JOURNAL_POINTER: c_int = 28;
 
-/// Syncs the file `which` names (`FCNTL_FILE_POINTER`, `FCNTL_JOURNAL_POINTER`) through the
-/// connection's own handle. (Never through a descriptor of our own: closing any descriptor of
-/// the database file drops every POSIX lock SQLite holds on it in this process.) A sync more
+/// The file object of the file `which` names (`FCNTL_FILE_POINTER`, `FCNTL_JOURNAL_POINTER`):
+/// the connection's own handle. (Never a descriptor of our own: closing any descriptor of the
+/// database file drops every POSIX lock SQLite holds on it in this process.) It stays open
+/// while `conn` is borrowed, and only the thread that owns `conn` may use it.
+fn file_of(conn: &Connection, which: c_int) -> Option<*mut rusqlite::ffi::sqlite3_file> {
+    let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: this file control writes one pointer to a file object the connection owns.
+    let rc = unsafe { rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), which, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast()) };
+    // SAFETY: a file object SQLite returned is valid; `pMethods` is null once it is closed.
+    (rc == rusqlite::ffi::SQLITE_OK && !file.is_null() && unsafe { !(*file).pMethods.is_null() }).then_some(file)
+}
+
+/// Syncs the file `which` names through the connection's own handle (`file_of`). A sync more
 /// than SQLite's own is always safe; false if it could not be made.
 fn sync_file(conn: &Connection, which: c_int) -> bool {
-    let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
-    // SAFETY: this file control writes one pointer to a file object the connection owns; it
-    // stays open while `conn` is borrowed, and only this thread uses the connection.
-    unsafe {
-        let rc = rusqlite::ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), which, (&mut file as *mut *mut rusqlite::ffi::sqlite3_file).cast());
-        if rc != rusqlite::ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
-            return false;
-        }
-        (*(*file).pMethods).xSync.is_some_and(|sync| sync(file, rusqlite::ffi::SQLITE_SYNC_NORMAL) == rusqlite::ffi::SQLITE_OK)
-    }
+    let _quiet = quiet();
+    // SAFETY: `file_of`'s object, used by the thread that owns `conn`.
+    file_of(conn, which).is_some_and(|file| unsafe { (*(*file).pMethods).xSync.is_some_and(|sync| sync(file, rusqlite::ffi::SQLITE_SYNC_NORMAL) == rusqlite::ffi::SQLITE_OK) })
 }
 
 fn sync_database_file(conn: &Connection) -> bool {
@@ -82,11 +85,177 @@ const RESTART_WAIT: Duration = Duration::from_millis(3);
 /// to 1 s (1.1-1.6 s under back-to-back reads of 1 s, which foil it anyway). The WAL grows while
 /// such reads go on, and starts over in the first gap between them that the passes reach.
 const WAL_CAP_BYTES: i64 = 64 << 20;
-/// A WAL file larger than this (bytes) is cut back (to nothing) once writes pause for a round:
-/// long reads make it grow. Never while calls write: SQLite's own limit (`journal_size_limit`)
-/// makes the first call after each restart cut the file back, an ftruncate of 4 to 84 ms
-/// measured on the calling thread with the write lock held.
+/// A WAL file larger than this (bytes) is cut back to it once writes pause for a round
+/// (`cut_back`): long reads make it grow. Never while calls write: SQLite's own limit
+/// (`journal_size_limit`) makes the first call after each restart cut the file back, an
+/// ftruncate of 4 to 84 ms measured on the calling thread with the write lock held.
 const WAL_KEEP_BYTES: u64 = 16 << 20;
+/// The most a step of a cut back cuts off the WAL file (bytes), with writes held. An ftruncate
+/// on this machine's disk takes 2-8 ms whatever it frees (ext4's journal), and more the more it
+/// frees: the whole file at once (`wal_checkpoint(TRUNCATE)`, which the cut back was) took 3-8 ms
+/// for 8 MB, 11-47 ms for 32 and 64 MB, 67-84 ms for 200 MB (load 2.5); 4 MB at a time at most
+/// 4-10 ms a step, 1 or 2 MB no less.
+const CUT_STEP_BYTES: i64 = 4 << 20;
+/// Writes are free this long between two steps of a cut back.
+const CUT_PAUSE: Duration = Duration::from_millis(2);
+/// The WAL file's header and each frame's header (bytes): frame n (from 1) ends at
+/// `WAL_HEADER + n * (FRAME_HEADER + page size)`.
+const WAL_HEADER: i64 = 32;
+const FRAME_HEADER: i64 = 24;
+/// The first region of SQLite's WAL index (`WALINDEX_PGSZ`, bytes), which begins with its
+/// header: two copies of 48 bytes, each with the frames in the WAL (`mxFrame`, a u32 in the
+/// machine's order) at byte 16 (the WAL format, documented and stable: `walformat.html`).
+const WAL_INDEX_REGION: c_int = 32768;
+const WAL_INDEX_HEADER: usize = 48;
+const WAL_INDEX_FRAMES: usize = 16;
+
+/// SQLite's answer (`news`) to `PRAGMA wal_checkpoint(mode)` on the checkpointer's connection;
+/// `wait` bounds the time it waits for locks in all. Inside the fork gate (a fork waits for one
+/// checkpoint at most, not for a round of them).
+fn run_checkpoint(conn: &Connection, shared: &WalShared, mode: &str, wait: Duration) -> Option<(bool, i64, i64)> {
+    let _quiet = quiet();
+    CHECKPOINT_DEADLINE.set(Instant::now() + wait);
+    shared.in_pass.store(true, Ordering::Relaxed);
+    let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+    shared.in_pass.store(false, Ordering::Relaxed);
+    news(done)
+}
+
+/// The frames in the WAL by SQLite's WAL index (its header's `mxFrame`), read through the
+/// connection's own mapping of the index: nothing is opened or closed. Exact while the caller
+/// holds SQLite's write lock: SQLite adds frames and starts the WAL over only with it held.
+/// None if it could not be read or its two copies differ.
+fn frames_in_use(conn: &Connection) -> Option<i64> {
+    let file = file_of(conn, FCNTL_FILE_POINTER)?;
+    let mut region: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `file_of`'s object, used by the thread that owns `conn`. `xShmMap` (methods of
+    // version 2 and later) with `extend` 0 returns the mapping the connection has in WAL mode,
+    // which stays mapped while the connection lives; both reads are inside its first region,
+    // aligned (the mapping is page-aligned, the offsets multiples of 4).
+    unsafe {
+        let methods = &*(*file).pMethods;
+        let map = methods.xShmMap.filter(|_| methods.iVersion >= 2)?;
+        if map(file, 0, WAL_INDEX_REGION, 0, &mut region) != rusqlite::ffi::SQLITE_OK || region.is_null() {
+            return None;
+        }
+        let at = |offset: usize| std::ptr::read_volatile(region.cast::<u8>().add(offset).cast::<u32>());
+        let (first, second) = (at(WAL_INDEX_FRAMES), at(WAL_INDEX_HEADER + WAL_INDEX_FRAMES));
+        (first == second).then_some(i64::from(first))
+    }
+}
+
+/// What one step of a cut back found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Step {
+    /// It cut this many bytes off the WAL file (0: it started the WAL over).
+    Cut(i64),
+    /// The file ends at `WAL_KEEP_BYTES` or at the frames in use: nothing more to cut.
+    Done,
+    /// The frames in use (the WAL's last run, all copied) reach past `WAL_KEEP_BYTES`: the WAL
+    /// must start over before they can be cut.
+    InUse,
+    /// SQLite's write lock could not be had in time, or a write came since the last step: the
+    /// rest waits for the next pause.
+    Stop,
+}
+
+/// Cuts an idle WAL file back to `WAL_KEEP_BYTES`, `CUT_STEP_BYTES` at a time, each step with
+/// this process's writes held (`gate`) and SQLite's write lock taken (`RESTART_WAIT` at most to
+/// get it) and inside the fork gate, `CUT_PAUSE` apart. So no write, and no fork, waits for
+/// more than one step, whatever the WAL's size: `wal_checkpoint(TRUNCATE)` cut the whole file
+/// at once with SQLite's write lock held (the first call after it 14 ms, others 1-9).
+/// Safe as SQLite's own `journal_size_limit` (`walLimitSize`): it cuts only past the frames in
+/// use, read from the WAL index with the write lock held. Readers read no frame past those
+/// (a read's frames are the WAL's as the read began, at most those now); no writer can add one
+/// while the lock is held; recovery reads frames from the start and stops at the first that is
+/// cut or of an earlier run. Frames of the WAL's last run, all copied, that reach past the size
+/// kept are only cut once the WAL started over (`start_over`). Stops when a write comes, also
+/// before the first step: `frames`, the frames the round found all copied. (A write under way
+/// grows the file before its frames count: a restart then would copy them with writes held.)
+/// True if it started the WAL over.
+fn cut_back(conn: &Connection, shared: &WalShared, page: i64, frames: i64) -> bool {
+    let (mut seen, mut started_over) = (Some(frames), false);
+    loop {
+        let step = {
+            let _quiet = quiet();
+            let _held = unpoisoned(shared.gate.lock());
+            let step = match cut_step(conn, page, &mut seen) {
+                Step::InUse if !started_over => {
+                    started_over = start_over(conn, shared);
+                    seen = None;
+                    if started_over { Step::Cut(0) } else { Step::Stop }
+                }
+                step => step,
+            };
+            #[cfg(test)]
+            if let Step::Cut(bytes) = step {
+                unpoisoned(shared.cut_steps.lock()).push((bytes, crate::process::quiet_depth()));
+            }
+            step
+        };
+        if !matches!(step, Step::Cut(_)) || shared.stopped.load(Ordering::Acquire) {
+            return started_over;
+        }
+        std::thread::sleep(CUT_PAUSE);
+    }
+}
+
+/// One step of `cut_back`, the write gate held: takes SQLite's write lock, cuts at most
+/// `CUT_STEP_BYTES` off the WAL file's end, never into the frames in use nor below
+/// `WAL_KEEP_BYTES`, and lets the lock go (nothing was written). `seen`: the frames in use at
+/// the last step, which a write since would have changed.
+fn cut_step(conn: &Connection, page: i64, seen: &mut Option<i64>) -> Step {
+    CHECKPOINT_DEADLINE.set(Instant::now() + RESTART_WAIT);
+    if conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+        return Step::Stop;
+    }
+    let step = (|| {
+        let in_use = frames_in_use(conn)?;
+        if seen.replace(in_use).is_some_and(|before| before != in_use) {
+            return Some(Step::Stop);
+        }
+        let (end, keep) = (WAL_HEADER + in_use * (FRAME_HEADER + page), WAL_KEEP_BYTES as i64);
+        let wal = file_of(conn, FCNTL_JOURNAL_POINTER)?;
+        let mut size: i64 = 0;
+        // SAFETY: `file_of`'s object, used by the thread that owns `conn`.
+        let methods = unsafe { &*(*wal).pMethods };
+        (unsafe { methods.xFileSize?(wal, &mut size) } == rusqlite::ffi::SQLITE_OK).then_some(())?;
+        if size <= end.max(keep) {
+            return Some(if size > keep { Step::InUse } else { Step::Done });
+        }
+        let to = end.max(keep).max(size - CUT_STEP_BYTES);
+        // SAFETY: as above; SQLite truncates the WAL file through the same call (`walLimitSize`).
+        (unsafe { methods.xTruncate?(wal, to) } == rusqlite::ffi::SQLITE_OK).then_some(Step::Cut(size - to))
+    })()
+    .unwrap_or(Step::Stop);
+    let _ = conn.execute_batch("ROLLBACK");
+    step
+}
+
+/// Starts an idle WAL over, the write gate held, so that `cut_back` can cut the frames of its
+/// last run: a restart (one try, `RESTART_WAIT` for locks at most; all is copied, so it copies
+/// nothing) makes sure no read uses the WAL, then a write that changes nothing (the database's
+/// `user_version` set to itself) begins the WAL's next run, as SQLite begins one for any write
+/// once the WAL is copied whole and no read uses it (`walRestartLog`); the reads that began
+/// since then read the database file, not the WAL. Not if a write came in between. True if it
+/// wrote.
+fn start_over(conn: &Connection, shared: &WalShared) -> bool {
+    let Some((false, frames, copied)) = run_checkpoint(conn, shared, "RESTART", RESTART_WAIT) else {
+        return false;
+    };
+    CHECKPOINT_DEADLINE.set(Instant::now() + RESTART_WAIT);
+    if copied != frames || conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+        return false;
+    }
+    let written = (frames_in_use(conn) == Some(frames))
+        .then(|| conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)))
+        .and_then(|version| version.ok())
+        .is_some_and(|version| conn.execute_batch(&format!("PRAGMA user_version = {version}; COMMIT")).is_ok());
+    if !written {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    written
+}
 
 /// Checkpoints the WAL from a thread of its own, so no call pays for copying pages and the
 /// fsync that follows (calls' connections have auto-checkpointing off). PASSIVE never
@@ -126,14 +295,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
     let thread = std::thread::Builder::new()
         .name("tenantllm-checkpoint".into())
         .spawn(move || {
-            // SQLite's answer (`news`); `wait` bounds the time it waits for locks in all.
-            let checkpoint = |mode: &str, wait: Duration| {
-                CHECKPOINT_DEADLINE.set(Instant::now() + wait);
-                shared.in_pass.store(true, Ordering::Relaxed);
-                let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
-                shared.in_pass.store(false, Ordering::Relaxed);
-                news(done)
-            };
+            let checkpoint = |mode: &str, wait: Duration| run_checkpoint(&conn, &shared, mode, wait);
             // A passive checkpoint: (frames in the WAL, frames copied), or no news.
             let pass = || checkpoint("PASSIVE", Duration::ZERO).map(|(_, frames, copied)| (frames, copied));
             // A restart, with this process's writes held (`gate`) by the caller: one try,
@@ -162,7 +324,6 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 if shared.stopped.load(Ordering::Acquire) {
                     break;
                 }
-                let _quiet = quiet();
                 // Another process's checkpointer is at work: no restart of ours could be made
                 // meanwhile, so no write waits for one.
                 let Some((mut frames, mut copied)) = pass() else {
@@ -170,6 +331,8 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                     wait = RESTART_RETRY_EVERY;
                     continue;
                 };
+                // The frames SQLite's header says the WAL holds, for the cut back.
+                let in_header = frames;
                 // Nothing written since this thread restarted the WAL: it is empty. (A new WAL
                 // of exactly as many frames would only wait for the next round.)
                 if restarted_at == Some(frames) && copied == frames {
@@ -181,8 +344,11 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 wait = if unchanged { CHECKPOINT_EVERY } else { CATCH_UP_EVERY };
                 if frames <= WAL_RESTART_FRAMES {
                     let oversized = std::fs::metadata(&wal_file).is_ok_and(|m| m.len() > WAL_KEEP_BYTES);
-                    if paused && copied == frames && oversized && checkpoint("TRUNCATE", RESTART_WAIT).is_some_and(|(busy, ..)| !busy) {
-                        frames = 0;
+                    if paused && copied == frames && oversized && cut_back(&conn, &shared, page, in_header) {
+                        // It started the WAL over with a write of its own: the next rounds
+                        // copy it, then find the WAL paused again.
+                        (last, restarted_at) = (None, None);
+                        continue;
                     }
                     last = Some((frames, copied.min(frames)));
                     failed_at = None;
@@ -236,6 +402,8 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                         if frames - copied >= leftover {
                             break (None, true); // a read began
                         }
+                        // The fork gate before the write gate, as writes take them.
+                        let inside = quiet();
                         let held = unpoisoned(shared.gate.lock());
                         // More than `RESTART_COPY_FRAMES` were written during that pass (a long
                         // one): another pass copies them first, with no call waiting (writers
@@ -252,6 +420,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                             break (made, made.is_none());
                         }
                         drop(held);
+                        drop(inside);
                         // Not a read that holds the WAL back: writes past `HOLD_FRAMES` wait.
                         shared.stalled.store(false, Ordering::Relaxed);
                         if passes == 0 {
@@ -360,6 +529,9 @@ pub(super) struct WalShared {
     /// The checkpointer's syncs of the WAL while a read pinned it.
     #[cfg(test)]
     wal_syncs: std::sync::atomic::AtomicUsize,
+    /// Each step of a cut back that cut: (bytes cut, how deep the fork gate was entered).
+    #[cfg(test)]
+    cut_steps: Mutex<Vec<(i64, usize)>>,
 }
 
 impl WalShared {
@@ -467,6 +639,17 @@ mod tests {
     fn put_setting(store: &SqliteStore, name: &str, value: &[u8]) {
         let sql = "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = excluded.value";
         store.write(|tx| Ok(tx.execute(sql, rusqlite::params![name, value]).map(drop)?)).unwrap();
+    }
+
+    /// Writes a small setting every `RESTART_RETRY_EVERY` until the checkpointer started the
+    /// WAL over, 60 s at most.
+    fn assert_the_wal_starts_over(store: &SqliteStore) {
+        let t = Instant::now();
+        while store.wal.frames.load(Ordering::Relaxed) > WAL_RESTART_FRAMES {
+            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
+            put_setting(store, "small", b"after");
+            std::thread::sleep(RESTART_RETRY_EVERY);
+        }
     }
 
     /// The checkpointer's busy handler waits in the same steps as calls', until its deadline.
@@ -673,12 +856,7 @@ mod tests {
         let waited = lock_waits::so_far().0 - before;
         assert_eq!(waited, 20, "{waited} of 20 writes past the cap waited for the other process's checkpoint");
         drop(other);
-        let t = Instant::now();
-        while frames() > WAL_RESTART_FRAMES {
-            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
-            put_setting(&store, "small", b"after");
-            std::thread::sleep(RESTART_RETRY_EVERY);
-        }
+        assert_the_wal_starts_over(&store);
     }
 
     /// While another process's checkpointer is in a pass, each of this one's is busy (SQLite
@@ -709,12 +887,7 @@ mod tests {
         let (waits, waited) = (lock_waits::so_far().0 - before.0, lock_waits::so_far().1 - before.1);
         assert_eq!(waits, 0, "writes waited {waited:?} in all ({waits} waits) while another checkpointer worked");
         drop(other);
-        let t = Instant::now();
-        while frames() > WAL_RESTART_FRAMES {
-            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
-            write(100);
-            std::thread::sleep(RESTART_RETRY_EVERY);
-        }
+        assert_the_wal_starts_over(&store);
     }
 
     /// A read held open in another connection (a backup, a dashboard scan) pins the WAL while
@@ -782,6 +955,41 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(wal_size(&path) <= WAL_KEEP_BYTES, "the idle WAL is still {} bytes", wal_size(&path));
+    }
+
+    /// An idle WAL file far past `WAL_KEEP_BYTES` (one write of 48 MB, which the checkpointer
+    /// copied and restarted: frames of the WAL's last run, all copied, reach to its end), then
+    /// nothing: it is cut back to `WAL_KEEP_BYTES`, `CUT_STEP_BYTES` at most with writes held
+    /// and each step inside a fork-gate entry of its own (the first step starts the WAL over,
+    /// cutting nothing). `wal_checkpoint(TRUNCATE)` cut the whole file at once with SQLite's
+    /// write lock held, inside the round's fork-gate entry. Counted, not timed: the bytes each
+    /// step cut. The data and the database's `user_version` are as they were.
+    #[test]
+    fn an_idle_wal_is_cut_back_a_few_mb_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
+        put_setting(&store, "filler", &vec![9u8; 48 << 20]);
+        let grown = wal_size(&path) as i64;
+        let cut = || unpoisoned(store.wal.cut_steps.lock()).iter().map(|&(bytes, _)| bytes).sum::<i64>();
+        // Until the WAL is cut back and every step that cut it is counted (a step counts what
+        // it cut once the file is cut).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (wal_size(&path) > WAL_KEEP_BYTES || cut() < grown - wal_size(&path) as i64) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(wal_size(&path) <= WAL_KEEP_BYTES, "the idle WAL is still {} bytes", wal_size(&path));
+        let steps = unpoisoned(store.wal.cut_steps.lock()).clone();
+        let cut = cut();
+        eprintln!("{} steps cut {cut} bytes: {steps:?}", steps.len());
+        assert!(cut >= (32 << 20), "the steps cut {cut} bytes");
+        // A few MB a step (the bound, not `CUT_STEP_BYTES`, which a change could raise).
+        assert!(steps.iter().all(|&(bytes, depth)| bytes <= 4 << 20 && depth == 1), "(bytes cut, fork-gate depth) a step: {steps:?}");
+        let reader = Connection::open(&path).unwrap();
+        let (version, length): (i64, i64) = reader
+            .query_row("SELECT (SELECT user_version FROM pragma_user_version), length(value) FROM settings WHERE name = 'filler'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!((version, length), (7, 48 << 20));
     }
 
     /// A write that leaves the WAL far past `HOLD_FRAMES`, under its cap (a purge, a large prompt): the
@@ -895,12 +1103,7 @@ mod tests {
         });
         let holds = store.wal.restart_holds.load(Ordering::Relaxed);
         eprintln!("{reads} reads; restarts tried with the writes held: {holds}");
-        let t = Instant::now();
-        while frames() > WAL_RESTART_FRAMES {
-            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
-            put_setting(&store, "small", b"after");
-            std::thread::sleep(RESTART_RETRY_EVERY);
-        }
+        assert_the_wal_starts_over(&store);
     }
 
     /// Past the cap a read stays open (a backup begun as writes paused) with a few frames
@@ -946,12 +1149,7 @@ mod tests {
         assert!(tries <= 1, "{tries} more restarts held the writes while the read stayed");
         // Nothing was written since: the WAL needed no sync.
         assert!(synced <= 1, "the WAL, unchanged, was synced {synced} times");
-        let t = Instant::now();
-        while frames() > WAL_RESTART_FRAMES {
-            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
-            put_setting(&store, "small", b"after");
-            std::thread::sleep(RESTART_RETRY_EVERY);
-        }
+        assert_the_wal_starts_over(&store);
     }
 
     /// A read pins the WAL while writes grow it (to 6,000 frames), then ends, and writes go on
