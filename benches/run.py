@@ -142,6 +142,71 @@ def sync_overhead(db: str, n: int, repeats: int, store: str = "SQLite") -> None:
         report_unstalled(name, each, spans, stalls, "")
 
 
+def after_cut_back(db: str, rounds: int, mb: int = 48) -> None:
+    """An idle WAL of `mb` MB cut back, `rounds` times: each time one write of that much (another
+    connection, Python's sqlite3) that the checkpointer copies and restarts, then nothing. While
+    the checkpointer cuts the idle WAL back, a writer in another connection that only takes
+    SQLite's write lock (`BEGIN IMMEDIATE`, then `ROLLBACK`: it writes nothing, so the WAL stays
+    idle) every ms, trying again every 100 µs while it is taken (SQLite's own busy handler sleeps
+    1, 2, 5, 10 ms...), tells how long the cut back holds writes; once the file is cut back, 20
+    guarded calls: the first against the rest."""
+    import sqlite3
+
+    print(f"\nCalls after the checkpointer cut back an idle WAL of {mb} MB ({rounds} times)")
+    tl.configure(reset=True, database=db, budgets={"global_daily": 1_000_000, "enforcement": "hard"})
+    tl.TenantBudget.find_or_create("bench", daily_limit=1_000_000, daily_token_limit=10**12, enforcement="hard")
+
+    def call() -> object:
+        return Guarded.call(text="the quarterly report", tenant="bench")
+
+    timed_calls(call, 100)  # warm
+    other = sqlite3.connect(db, isolation_level=None, timeout=30)
+    other.execute("CREATE TABLE IF NOT EXISTS bench_filler (v BLOB)")
+    prober = sqlite3.connect(db, isolation_level=None, timeout=0)
+
+    def write_lock_wait() -> float:
+        t = time.perf_counter()
+        while True:
+            try:
+                prober.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError:
+                time.sleep(0.0001)
+        prober.execute("ROLLBACK")
+        return time.perf_counter() - t
+
+    wal = f"{db}-wal"
+    holds: list[float] = []
+    firsts: list[float] = []
+    rest: list[float] = []
+    for n in range(rounds):
+        other.execute("DELETE FROM bench_filler")
+        other.execute("INSERT INTO bench_filler VALUES (?)", (bytes([n % 256]) * (mb << 20),))
+        longest, deadline = 0.0, time.monotonic() + 30
+        # The cut back ends once the file is 16 MB at most (`WAL_KEEP_BYTES`).
+        while os.path.getsize(wal) > 16 << 20 and time.monotonic() < deadline:
+            longest = max(longest, write_lock_wait())
+            time.sleep(0.001)
+        holds.append(longest * 1e6)
+        each, _ = timed_calls(call, 20)
+        firsts.append(each[0])
+        rest.extend(each[1:])
+    other.close()
+    prober.close()
+    name = f"tenantllm/SQLite: idle {mb} MB WAL cut back"
+    report(
+        f"{name}, longest write-lock wait of another connection",
+        max(holds),
+        "µs",
+        "<= 10000",
+        f"median of rounds {statistics.median(holds):,.0f} µs",
+    )
+    report(f"{name}, first call after it, median", statistics.median(firsts), "µs")
+    report(f"{name}, first call after it, max", max(firsts), "µs", "<= 10000", f"of {len(firsts)}")
+    report(f"{name}, the 19 calls after the first, median", statistics.median(rest), "µs")
+    report(f"{name}, the 19 calls after the first, max", max(rest), "µs", "", f"of {len(rest)}")
+
+
 class Cached(Guarded):
     cache_ttl = 3600
 
@@ -1285,6 +1350,11 @@ def main() -> None:
         help="only the guarded call on SQLite and PostgreSQL side by side (latency, throughput), no peers or analytics",
     )
     p.add_argument(
+        "--cut-back",
+        action="store_true",
+        help="only calls after the checkpointer cut an idle WAL back (and how long it held writes)",
+    )
+    p.add_argument(
         "--retention",
         action="store_true",
         help="only calls during and between purges, on SQLite and (with --postgres) PostgreSQL",
@@ -1294,6 +1364,11 @@ def main() -> None:
     per_thread = 100 if args.quick else 1000
     print(f"tenantllm {tl.__version__} benchmarks, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"  {'measure':<68} {'median':>12} {'unit':<8} {'target':<10} {'load':>5}")
+    if args.cut_back:
+        with tempfile.TemporaryDirectory() as tmp:
+            after_cut_back(str(Path(tmp) / "cut.db"), 3 if args.quick else 10)
+        write_results()
+        return
     if args.retention:
         with tempfile.TemporaryDirectory() as tmp:
             purges_under_load(Path(tmp), args.postgres, args.quick)
@@ -1303,6 +1378,7 @@ def main() -> None:
         d = Path(tmp)
         os.chdir(d)  # litellm's BudgetManager writes user_cost.json into the working directory
         sync_overhead(str(d / "sync.db"), n, repeats)
+        after_cut_back(str(d / "cut.db"), 3 if args.quick else 10)
         if not args.guard:
             rate_limit_overhead(str(d / "rate.db"), n, repeats)
             sqlite_insert_peer(str(d / "peer.db"), n, repeats)
