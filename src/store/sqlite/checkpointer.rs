@@ -172,13 +172,15 @@ enum Step {
 /// kept are only cut once the WAL started over (`start_over`). Stops when a write comes, also
 /// before the first step: `frames`, the frames the round found all copied. (A write under way
 /// grows the file before its frames count: a restart then would copy them with writes held.)
-/// True if it started the WAL over.
-fn cut_back(conn: &Connection, shared: &WalShared, page: i64, frames: i64) -> bool {
+/// Nor does it wait for a write of this process under way: the WAL is not idle.
+fn cut_back(conn: &Connection, shared: &WalShared, page: i64, frames: i64) {
     let (mut seen, mut started_over) = (Some(frames), false);
     loop {
         let step = {
             let _quiet = quiet();
-            let _held = unpoisoned(shared.gate.lock());
+            let Some(_held) = super::try_locked(&shared.gate) else {
+                return;
+            };
             let step = match cut_step(conn, page, &mut seen) {
                 Step::InUse if !started_over => {
                     started_over = start_over(conn, shared);
@@ -194,7 +196,7 @@ fn cut_back(conn: &Connection, shared: &WalShared, page: i64, frames: i64) -> bo
             step
         };
         if !matches!(step, Step::Cut(_)) || shared.stopped.load(Ordering::Acquire) {
-            return started_over;
+            return;
         }
         std::thread::sleep(CUT_PAUSE);
     }
@@ -344,9 +346,12 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 wait = if unchanged { CHECKPOINT_EVERY } else { CATCH_UP_EVERY };
                 if frames <= WAL_RESTART_FRAMES {
                     let oversized = std::fs::metadata(&wal_file).is_ok_and(|m| m.len() > WAL_KEEP_BYTES);
-                    if paused && copied == frames && oversized && cut_back(&conn, &shared, page, in_header) {
-                        // It started the WAL over with a write of its own: the next rounds
-                        // copy it, then find the WAL paused again.
+                    if paused && copied == frames && oversized {
+                        // Whether it cut all, stopped for a write or started the WAL over with
+                        // a write of its own, the next rounds look again: what this round saw
+                        // may be stale (a write may have committed meanwhile, and told the
+                        // writes how many frames the WAL holds).
+                        cut_back(&conn, &shared, page, in_header);
                         (last, restarted_at) = (None, None);
                         continue;
                     }
