@@ -4,6 +4,7 @@ running for months would have written); counters and budgets must not move."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,38 @@ def test_totals_of_past_days_and_months_are_unchanged_by_a_purge(db_path: Path) 
     assert (done["details"], done["executions"]) == (2, 2)
     assert len(list(tl.Execution.all())) == 3
     assert [f() for f in totals] == before
+
+
+def test_the_dashboards_figures_of_purged_days_are_unchanged(db_path: Path) -> None:
+    """The overview's last month and a tenant's page read rollups and counters: rows of those
+    days purged, their figures, charts and spend bars stay what they were."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+    from tenantllm import dashboard
+
+    today = datetime.now(UTC).date()
+    back = today.day + 3  # a few days into last month, within a tenant page's 30 days
+    age(db_path, calls(3) + calls(2, tenant="beta"), back)
+    tl.rebuild_counters()
+
+    def figures() -> list[str]:
+        with TestClient(dashboard.app()) as c:
+            overview, tenant = c.get("/?period=last_month").text, c.get("/tenants/acme").text
+        stats = [re.search(rf'id="stat-{n}">.*?<div class="value">([^<]*)</div>', overview, re.S) for n in
+                 ("spend", "tokens", "calls")]
+        cards = [re.search(rf'id="{n}">(.*?)</div>', page, re.S) for n, page in
+                 (("cost-chart", overview), ("spend-by-tenant", overview), ("spend-by-agent", overview),
+                  ("by-agent", tenant), ("by-model", tenant))]
+        found = [m.group(1) for m in stats + cards if m is not None]
+        assert len(found) == len(stats) + len(cards)
+        return found
+
+    before = figures()
+    assert before[2] == "5" and ">beta<" in before[4] and before[3].count('<rect class="bar"') > 0
+    assert ">Support<" in before[6] and "mock/support" in before[7]
+    assert tl.purge(executions_days=back - 1)["executions"] == 5
+    assert len(list(tl.Execution.all())) == 0
+    assert figures() == before
 
 
 def test_rebuild_counters_after_a_purge_keeps_totals_budgets_and_counters(db_path: Path) -> None:
