@@ -16,8 +16,8 @@
 //! Every `fork()` runs the handlers (Python's `os.fork`, multiprocessing, Celery, gunicorn),
 //! and so does the fork gate below, which the database libraries already rely on.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LockResult, Once};
 use std::time::{Duration, Instant};
 
@@ -193,6 +193,9 @@ extern "C" fn before_fork() {
     let own = usize::from(DEPTH.get() > 0);
     let deadline = Instant::now() + FORK_WAIT;
     while INSIDE.load(Ordering::SeqCst) > own && Instant::now() < deadline {
+        // Again at every look, not once: a long operation that began its work after the last
+        // call (e.g. after an interrupt that came too early to count) is stopped too.
+        HOOKS.interrupt_all();
         std::thread::sleep(Duration::from_micros(50));
     }
 }
@@ -204,9 +207,90 @@ extern "C" fn after_fork_in_parent() {
 extern "C" fn after_fork_in_child() {
     // A new process: `pid()` asks the kernel again on its first use.
     PID.store(0, Ordering::Relaxed);
+    // The parent's operations are not the child's to interrupt.
+    HOOKS.forget_inherited();
     // Only this thread came along: threads still inside when the wait gave up are gone.
     INSIDE.store(usize::from(DEPTH.get() > 0), Ordering::SeqCst);
     FORKING.store(false, Ordering::SeqCst);
+}
+
+// ---------------------------------------------------------------- interrupting for a fork
+
+/// Calls that stop a long operation inside the gate (a database library's work that can be
+/// interrupted and tried again later), so that a fork waits for a moment, not for the whole
+/// operation. `before_fork` calls every one while it waits; each must return at once, never
+/// enter the gate nor wait for a thread inside it, and only stop work that is safe to stop.
+type Hook = Box<dyn Fn() + Send + Sync>;
+
+struct Hooks {
+    /// A spin lock rather than a std lock: a fork whose wait gave up may copy it held, and the
+    /// child, whose only thread is the forking one, then takes it back by storing false.
+    locked: AtomicBool,
+    /// Guarded by `locked`: the hooks by the id `on_fork` gave them.
+    list: UnsafeCell<Vec<(u64, Hook)>>,
+    next: AtomicU64,
+}
+
+// SAFETY: `list` is only used with `locked` taken (or in a forked child, with one thread).
+unsafe impl Sync for Hooks {}
+
+static HOOKS: Hooks = Hooks { locked: AtomicBool::new(false), list: UnsafeCell::new(Vec::new()), next: AtomicU64::new(0) };
+
+impl Hooks {
+    /// Runs `f` on the list with the lock taken. The lock is only taken inside the gate (by
+    /// `on_fork` and `OnFork`'s drop) or by `before_fork` while no thread can enter it, and is
+    /// held for no wait: so once no other thread is inside, nobody holds it as the fork goes on.
+    fn with<R>(&self, f: impl FnOnce(&mut Vec<(u64, Hook)>) -> R) -> R {
+        while self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            std::thread::yield_now();
+        }
+        // SAFETY: the lock is ours.
+        let r = f(unsafe { &mut *self.list.get() });
+        self.locked.store(false, Ordering::Release);
+        r
+    }
+
+    fn interrupt_all(&self) {
+        self.with(|list| {
+            for (_, hook) in list.iter() {
+                // A panic must not unwind out of the fork handler (an abort): the hook is
+                // then simply not run.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook));
+            }
+        });
+    }
+
+    /// In a forked child: an empty list, unlocked. The parent's hooks are leaked, not dropped
+    /// (they belong to the parent's threads and handles; see the module comment), and the list
+    /// is not read: a thread the fork's wait gave up on may have been changing it.
+    fn forget_inherited(&self) {
+        // SAFETY: the child has one thread, this one, and nothing of the list is read.
+        unsafe { std::ptr::write(self.list.get(), Vec::new()) };
+        self.locked.store(false, Ordering::Release);
+    }
+}
+
+/// A hook registered by `on_fork`: dropping it removes the hook (dropped in this process).
+#[must_use = "the hook is removed when this is dropped"]
+pub struct OnFork(u64);
+
+/// Makes every fork of this process call `hook` before (and while) it waits for the threads
+/// inside the gate; see `Hook`.
+pub fn on_fork(hook: impl Fn() + Send + Sync + 'static) -> OnFork {
+    let _quiet = quiet();
+    let id = HOOKS.next.fetch_add(1, Ordering::Relaxed);
+    let hook: Hook = Box::new(hook);
+    HOOKS.with(|list| list.push((id, hook)));
+    OnFork(id)
+}
+
+impl Drop for OnFork {
+    fn drop(&mut self) {
+        let _quiet = quiet();
+        // Dropped once the lock is let go: dropping a hook may take the time a drop takes.
+        let gone = HOOKS.with(|list| list.iter().position(|(id, _)| *id == self.0).map(|at| list.swap_remove(at)));
+        drop(gone);
+    }
 }
 
 // SAFETY: the cell hands out `&T` to any thread and may drop `T` on any thread, like a
@@ -256,5 +340,50 @@ mod tests {
         drop(cell);
         // Neither the parent's value nor the "child's" was dropped.
         assert_eq!(std::sync::Arc::strong_count(&parents), 2);
+    }
+
+    /// A fork calls the hooks while it waits for a thread inside the gate, which the hook lets
+    /// go (without it the fork would wait `FORK_WAIT`, and the hook's count stay 0); a dropped
+    /// hook is not called again.
+    #[test]
+    fn a_fork_calls_the_hooks_while_it_waits_for_the_gate() {
+        use std::sync::Arc;
+        let (calls, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let hook = on_fork({
+            let (calls, release) = (Arc::clone(&calls), Arc::clone(&release));
+            move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                release.store(true, Ordering::SeqCst);
+            }
+        });
+        let (entered, inside) = (Arc::new(AtomicBool::new(false)), Arc::clone(&release));
+        let thread = std::thread::spawn({
+            let entered = Arc::clone(&entered);
+            move || {
+                let _quiet = quiet();
+                entered.store(true, Ordering::SeqCst);
+                while !inside.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        });
+        while !entered.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // SAFETY: the child only exits, without unwinding.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        thread.join().unwrap();
+        let called = calls.load(Ordering::SeqCst);
+        assert!(called >= 1, "the hook was not called");
+        drop(hook);
+        HOOKS.interrupt_all();
+        assert_eq!(calls.load(Ordering::SeqCst), called, "a dropped hook was called");
     }
 }
