@@ -75,6 +75,9 @@ const RESTART_RETRY_EVERY: Duration = Duration::from_millis(10);
 /// SQLite's write lock meanwhile, so this bounds how long any call can wait behind it (with
 /// the copy and syncs of the frames left).
 const RESTART_WAIT: Duration = Duration::from_millis(3);
+/// How long forks may interrupt the checkpointer's passes with none made whole: then one is,
+/// and the forks meanwhile wait for it (`run_checkpoint`).
+const FORK_INTERRUPTS_FOR: Duration = Duration::from_secs(1);
 /// The WAL's cap (bytes). Past it, writes are held while a checkpoint runs in any process
 /// (`hold_back`, `HOLD_WAIT` at most each time), and a restart is tried once the frames a read
 /// pins are few (`RESTART_COPY_FRAMES`, a read that just began), not only when no read pins
@@ -111,15 +114,50 @@ const WAL_INDEX_FRAMES: usize = 16;
 
 /// SQLite's answer (`news`) to `PRAGMA wal_checkpoint(mode)` on the checkpointer's connection;
 /// `wait` bounds the time it waits for locks in all. Inside the fork gate: a fork waits for one
-/// checkpoint at most, not for a round of them; that is still long for a pass that copies a
-/// large WAL (seconds on a busy disk after a long read), which SQLite cannot copy in parts.
+/// checkpoint at most, not for a round of them. A passive pass that copies a large WAL (seconds
+/// on a busy disk after a long read; SQLite cannot copy it in parts) is interrupted by a fork
+/// instead (`interrupt_for_fork`): the fork waits for one page's copy, or for the sync of the
+/// WAL before the copy or of the database file after it, which SQLite does not interrupt. The
+/// pass then answers an error, no news, and its copy counts for nothing (SQLite records what a
+/// pass copied only once it copied all): the next round copies again. Not once passes were
+/// interrupted for `FORK_INTERRUPTS_FOR` with none made whole: forks that come again and again
+/// (a pool whose workers each run one task) would otherwise stop every pass, and the WAL would
+/// never be copied; a burst of forks (a pool starting its workers) waits for no pass. Not a
+/// restart either: it holds this process's writes for a few frames' copy, and interrupted would
+/// have held them for nothing.
 fn run_checkpoint(conn: &Connection, shared: &WalShared, mode: &str, wait: Duration) -> Option<(bool, i64, i64)> {
     let _quiet = quiet();
     CHECKPOINT_DEADLINE.set(Instant::now() + wait);
     shared.in_pass.store(true, Ordering::Relaxed);
+    let interruptible = mode == "PASSIVE" && INTERRUPTED_SINCE.get().is_none_or(|since| since.elapsed() < FORK_INTERRUPTS_FOR);
+    *unpoisoned(shared.interruptible.lock()) = interruptible;
     let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+    // From here on no fork interrupts this connection: an interrupt that came as the pass
+    // ended leaves SQLite's flag set, and the next statement clears it as it begins.
+    *unpoisoned(shared.interruptible.lock()) = false;
     shared.in_pass.store(false, Ordering::Relaxed);
+    let interrupted = matches!(&done, Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted));
+    INTERRUPTED_SINCE.set(if interrupted { INTERRUPTED_SINCE.get().or(Some(Instant::now())) } else { None });
+    #[cfg(test)]
+    shared.interrupted_passes.fetch_add(usize::from(interrupted), Ordering::Relaxed);
     news(done)
+}
+
+/// Makes every fork of this process interrupt the checkpointer's passive pass under way, if
+/// any (see `run_checkpoint`), through `conn`'s interrupt handle: it outlives the connection
+/// safely (an interrupt after the close does nothing) and takes no lock a fork could wait for
+/// long (`WalShared::interruptible` is held for no wait; the handle's own lock for the close).
+/// The checkpoint's own statement only: `interruptible` is true only around it, and SQLite
+/// clears an interrupt as the connection's next statement begins.
+fn interrupt_for_fork(conn: &Connection, wal: &Arc<WalShared>) -> crate::process::OnFork {
+    let handle = conn.get_interrupt_handle();
+    let wal = Arc::clone(wal);
+    crate::process::on_fork(move || {
+        let interruptible = unpoisoned(wal.interruptible.lock());
+        if *interruptible {
+            handle.interrupt();
+        }
+    })
 }
 
 /// The frames in the WAL by SQLite's WAL index (its header's `mxFrame`), read through the
@@ -283,7 +321,8 @@ fn start_over(conn: &Connection, shared: &WalShared) -> bool {
 /// `RESTART_WAIT` for locks, the copy of `RESTART_COPY_FRAMES` frames at most and two fsyncs
 /// if a restart holds the gate: 3-12 ms on this machine's disk.
 /// Each checkpoint, sync and step of a cut back runs inside the fork gate, not the whole round
-/// (a fork waited for a round: 29-45 ms after an 80 MB write; now 5-19 ms).
+/// (a fork waited for a round: 29-45 ms after an 80 MB write; now 5-19 ms), and a fork
+/// interrupts a passive pass under way (`run_checkpoint`).
 pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Checkpointer> {
     let conn = connect(path)?;
     conn.busy_handler(Some(checkpoint_busy_wait))?;
@@ -293,6 +332,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
     #[cfg(target_os = "linux")]
     let _ = super::ofd_locks::inode_of_path(&format!("{path}-shm")).map(|shm| wal.shm.set(shm));
     let wal_file = format!("{path}-wal");
+    let on_fork = interrupt_for_fork(&conn, &wal);
     // Closed inside the fork gate like every other use of SQLite.
     let conn = ManuallyDrop::new(conn);
     let shared = Arc::clone(&wal);
@@ -329,7 +369,8 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                     break;
                 }
                 // Another process's checkpointer is at work: no restart of ours could be made
-                // meanwhile, so no write waits for one.
+                // meanwhile, so no write waits for one. (Or a fork interrupted the pass: the
+                // next round, `RESTART_RETRY_EVERY` on, copies again.)
                 let Some((mut frames, mut copied)) = pass() else {
                     shared.stalled.store(true, Ordering::Relaxed);
                     wait = RESTART_RETRY_EVERY;
@@ -457,6 +498,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                     wait = RESTART_RETRY_EVERY; // a read still uses the WAL, or writes outran the passes
                 }
             }
+            drop(on_fork);
             let _quiet = quiet();
             drop(ManuallyDrop::into_inner(conn));
         })
@@ -516,6 +558,9 @@ pub(super) struct WalShared {
     cap_frames: AtomicI64,
     /// A checkpoint of this process's checkpointer is under way.
     in_pass: AtomicBool,
+    /// A passive pass is under way that a fork may interrupt (`run_checkpoint`). A lock, not
+    /// an atomic: a fork's interrupt must not land after the pass (on the next statement).
+    interruptible: Mutex<bool>,
     /// The WAL index (`-shm`) file's inode, whose `CHECKPOINT_LOCK_BYTE` tells whether another
     /// process's checkpoint is under way; none until the checkpointer starts.
     #[cfg(target_os = "linux")]
@@ -530,6 +575,9 @@ pub(super) struct WalShared {
     /// with writes held.
     #[cfg(test)]
     restart_copies: Mutex<Vec<(i64, i64)>>,
+    /// The checkpoints a fork interrupted.
+    #[cfg(test)]
+    interrupted_passes: std::sync::atomic::AtomicUsize,
     /// The restarts tried with writes held (`gate`).
     #[cfg(test)]
     restart_holds: std::sync::atomic::AtomicUsize,
@@ -616,6 +664,8 @@ impl Drop for Checkpointer {
 thread_local! {
     /// When the checkpointer's current checkpoint stops waiting for locks.
     static CHECKPOINT_DEADLINE: std::cell::Cell<Instant> = std::cell::Cell::new(Instant::now());
+    /// Since when forks interrupted every checkpoint of the checkpointer (`run_checkpoint`).
+    static INTERRUPTED_SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
 /// The checkpointer's: the same steps, until `CHECKPOINT_DEADLINE`.
@@ -1257,5 +1307,77 @@ mod tests {
         // Loose, so a loaded machine cannot fail it (at load 8-10 the longest was 31-73 ms).
         assert!(longest < Duration::from_secs(1), "a write took {longest:?}");
         assert!(waits.1 < took / 2, "writes waited {:?} in all", waits.1);
+    }
+
+    /// Set in the process `a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again` runs.
+    const FORKING_PROCESS: &str = "TENANTLLM_TEST_FORKS_INTERRUPT_A_PASS";
+
+    /// A fork while the checkpointer's passive pass copies a large WAL: the fork waited for the
+    /// whole pass (seconds on a busy disk), and every call entering the fork gate behind it.
+    /// Now the fork interrupts it, and the next rounds copy again. In a process of its own (this
+    /// test binary run again): its forks would also wait for the other tests' checkpoints and
+    /// writes inside the gate and interrupt their passes (a write of another test waited 0.4 s
+    /// for a fork once, and that test failed).
+    #[test]
+    fn a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again() {
+        let name = "store::sqlite::checkpointer::tests::forks_interrupt_a_long_pass_in_a_process_of_their_own";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--include-ignored", "--nocapture", "--test-threads=1"])
+            .env(FORKING_PROCESS, "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!("{stderr}");
+        assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}");
+    }
+
+    /// Run by `a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again` in a process of
+    /// its own (otherwise it does nothing). Counted, not timed: forks made from this thread while
+    /// a pass that may be interrupted is under way (each child exits at once), until one
+    /// interrupted a pass or the WAL started over anyway.
+    #[test]
+    #[ignore = "run in a process of its own by another test"]
+    fn forks_interrupt_a_long_pass_in_a_process_of_their_own() {
+        if std::env::var_os(FORKING_PROCESS).is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = open_in(&dir);
+        let frames = || store.wal.frames.load(Ordering::Relaxed);
+        let size = 128 << 20;
+        let reader = Connection::open(&path).unwrap();
+        let count = || reader.query_row("SELECT count(*) FROM settings", [], |r| r.get::<_, i64>(0)).unwrap();
+        let before = count();
+        // One write of ~128 MB: it wakes the checkpointer, whose pass copies and syncs it all.
+        put_setting(&store, "filler", &vec![7u8; size]);
+        let (t, mut forks) = (Instant::now(), 0);
+        while store.wal.interrupted_passes.load(Ordering::Relaxed) == 0 && frames() > WAL_RESTART_FRAMES {
+            assert!(t.elapsed() < Duration::from_secs(60), "the WAL did not start over in 60 s");
+            if !*unpoisoned(store.wal.interruptible.lock()) {
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            // SAFETY: the child only exits, without unwinding.
+            let child = unsafe { libc::fork() };
+            assert!(child >= 0, "fork failed");
+            if child == 0 {
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: our own child.
+            assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child did not exit");
+            forks += 1;
+        }
+        let interrupted = store.wal.interrupted_passes.load(Ordering::Relaxed);
+        eprintln!("{forks} forks in {:?}, {interrupted} passes interrupted", t.elapsed());
+        assert!(forks >= 1 && interrupted >= 1, "{forks} forks during a pass, {interrupted} passes interrupted");
+        // The next rounds copy it all and start the WAL over; nothing was lost meanwhile.
+        assert_the_wal_starts_over(&store);
+        let filler: bool = reader.query_row("SELECT value = ?1 FROM settings WHERE name = 'filler'", [vec![7u8; size]], |r| r.get(0)).unwrap();
+        assert!(filler, "the filler changed");
+        // The filler and the small setting `assert_the_wal_starts_over` wrote.
+        assert_eq!(count(), before + 2);
+        assert_eq!(reader.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)).unwrap(), "ok");
     }
 }
