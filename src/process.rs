@@ -298,6 +298,21 @@ impl Drop for OnFork {
 unsafe impl<T: Send + Sync> Sync for PerProcess<T> {}
 unsafe impl<T: Send> Send for PerProcess<T> {}
 
+/// Forks a child that exits at once, and reaps it: what a test's fork runs the handlers with.
+#[cfg(test)]
+pub(crate) fn fork_a_child_that_exits() {
+    // SAFETY: the child only exits, without unwinding.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    if child == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child did not exit");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,15 +385,7 @@ mod tests {
         while !entered.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_micros(100));
         }
-        // SAFETY: the child only exits, without unwinding.
-        let child = unsafe { libc::fork() };
-        assert!(child >= 0, "fork failed");
-        if child == 0 {
-            unsafe { libc::_exit(0) };
-        }
-        let mut status = 0;
-        // SAFETY: our own child.
-        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        fork_a_child_that_exits();
         thread.join().unwrap();
         let called = calls.load(Ordering::SeqCst);
         assert!(called >= 1, "the hook was not called");

@@ -1363,16 +1363,7 @@ mod tests {
                 std::thread::sleep(Duration::from_micros(100));
                 continue;
             }
-            // SAFETY: the child only exits, without unwinding.
-            let child = unsafe { libc::fork() };
-            assert!(child >= 0, "fork failed");
-            if child == 0 {
-                unsafe { libc::_exit(0) };
-            }
-            let mut status = 0;
-            // SAFETY: our own child.
-            assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child did not exit");
+            crate::process::fork_a_child_that_exits();
             forks += 1;
         }
         let interrupted = store.wal.interrupted_passes.load(Ordering::Relaxed);
