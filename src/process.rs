@@ -181,8 +181,10 @@ impl Drop for Quiet {
 fn fork_hooks() {
     static HOOKS: Once = Once::new();
     HOOKS.call_once(|| {
-        // SAFETY: the handlers only touch atomics and sleep, all async-signal-safe enough for
-        // `fork()` (no allocation, no locks).
+        // SAFETY: the handlers touch atomics, sleep, and call the fork hooks (`on_fork`) under
+        // a spin flag held for no wait; the hooks take short locks of their own. All of it
+        // happens before the fork in the parent, and the child handler only resets atomics and
+        // replaces its copy of the hooks unread, so the child inherits no lock held.
         unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
     });
 }

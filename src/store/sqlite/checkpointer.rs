@@ -120,9 +120,10 @@ const WAL_INDEX_FRAMES: usize = 16;
 /// WAL before the copy or of the database file after it, which SQLite does not interrupt. The
 /// pass then answers an error, no news, and its copy counts for nothing (SQLite records what a
 /// pass copied only once it copied all): the next round copies again. Not once passes were
-/// interrupted for `FORK_INTERRUPTS_FOR` with none made whole: forks that come again and again
-/// (a pool whose workers each run one task) would otherwise stop every pass, and the WAL would
-/// never be copied; a burst of forks (a pool starting its workers) waits for no pass. Not a
+/// interrupted for `FORK_INTERRUPTS_FOR`, until the WAL starts over or is small again: forks
+/// that come again and again (a pool whose workers each run one task) would otherwise stop
+/// every pass, and the WAL would never be copied or start over; a burst of forks (a pool
+/// starting its workers) waits for no pass. Not a
 /// restart either: it holds this process's writes for a few frames' copy, and interrupted would
 /// have held them for nothing.
 fn run_checkpoint(conn: &Connection, shared: &WalShared, mode: &str, wait: Duration) -> Option<(bool, i64, i64)> {
@@ -142,7 +143,15 @@ fn run_checkpoint(conn: &Connection, shared: &WalShared, mode: &str, wait: Durat
     *unpoisoned(shared.interruptible.lock()) = false;
     shared.in_pass.store(false, Ordering::Relaxed);
     let interrupted = matches!(&done, Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted));
-    INTERRUPTED_SINCE.set(if interrupted { INTERRUPTED_SINCE.get().or(Some(Instant::now())) } else { None });
+    // Forks may interrupt passes again only once the WAL started over or is small: ended by any
+    // pass made whole, forks that come faster than a pass (a pool forking per task, at steady
+    // writes) would interrupt every catch-up pass after it, and the WAL would never start over.
+    let settled = matches!(&done, Ok((busy, frames, _)) if (mode != "PASSIVE" && !busy) || (0..=WAL_RESTART_FRAMES).contains(frames));
+    INTERRUPTED_SINCE.set(match (interrupted, settled) {
+        (true, _) => INTERRUPTED_SINCE.get().or(Some(Instant::now())),
+        (false, true) => None,
+        (false, false) => INTERRUPTED_SINCE.get(),
+    });
     #[cfg(test)]
     shared.interrupted_passes.fetch_add(usize::from(interrupted), Ordering::Relaxed);
     news(done)
