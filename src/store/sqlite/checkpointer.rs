@@ -385,6 +385,8 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 // Another process's checkpointer is at work: no restart of ours could be made
                 // meanwhile, so no write waits for one. (Or a fork interrupted the pass: the
                 // next round, `RESTART_RETRY_EVERY` on, copies again.)
+                // What this round sees goes with the commits made before it looked.
+                let mut commits = shared.commits();
                 let Some((mut frames, mut copied)) = pass() else {
                     shared.stalled.store(true, Ordering::Relaxed);
                     wait = RESTART_RETRY_EVERY;
@@ -414,7 +416,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                     }
                     last = Some((frames, copied.min(frames)));
                     failed_at = None;
-                    shared.seen(frames, false);
+                    shared.seen(frames, false, commits);
                     continue;
                 }
                 // Catch up without blocking anyone: each pass copies what writers appended
@@ -473,6 +475,11 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                         // during every pass). Past the cap too: calls would wait for the copy.
                         if small(frames, copied) {
                             let made = restart();
+                            if made.is_some() {
+                                // No commit of this process while the gate is held: the
+                                // restart's empty WAL goes with the commits made so far.
+                                commits = shared.commits();
+                            }
                             #[cfg(test)]
                             shared.restart_holds.fetch_add(1, Ordering::Relaxed);
                             #[cfg(test)]
@@ -507,7 +514,7 @@ pub(super) fn spawn_checkpointer(path: &str, wal: Arc<WalShared>) -> Result<Chec
                 };
                 restarted_at = restarted;
                 last = restarted.is_none().then_some((frames, copied));
-                shared.seen(if restarted.is_some() { 0 } else { frames }, stalled);
+                shared.seen(if restarted.is_some() { 0 } else { frames }, stalled, commits);
                 if restarted.is_none() {
                     wait = RESTART_RETRY_EVERY; // a read still uses the WAL, or writes outran the passes
                 }
@@ -565,6 +572,9 @@ pub(super) struct WalShared {
     /// Frames in the WAL after the writer's last commit (SQLite's WAL hook, `install`) or as
     /// the checkpointer last saw them (0 once it restarted the WAL).
     frames: AtomicI64,
+    /// This process's commits so far (the WAL hook), held while `frames` is written: the
+    /// checkpointer's view of `frames` is stored only if no commit came since it looked (`seen`).
+    commits: Mutex<u64>,
     /// The checkpointer's last restart failed or could not be tried (a read still uses the
     /// WAL): writes do not wait past `HOLD_FRAMES`, the WAL's cap handles reads.
     stalled: AtomicBool,
@@ -637,11 +647,22 @@ impl WalShared {
         self.in_pass.load(Ordering::Relaxed) || elsewhere()
     }
 
-    /// The checkpointer saw `frames` in the WAL at the end of a round; `stalled`: it could not
-    /// restart it.
-    fn seen(&self, frames: i64, stalled: bool) {
-        self.frames.store(frames, Ordering::Relaxed);
+    /// The checkpointer saw `frames` in the WAL at the end of a round, as it was when this
+    /// process had made `commits` commits; `stalled`: it could not restart it. A commit since
+    /// told the writes the frames after it, which the checkpointer's view must not replace: a
+    /// 48 MB write's count replaced by a round's stale 2 frames let the next writes go unheld.
+    fn seen(&self, frames: i64, stalled: bool, commits: u64) {
+        let made = unpoisoned(self.commits.lock());
+        if *made == commits {
+            self.frames.store(frames, Ordering::Relaxed);
+        }
+        drop(made);
         self.stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// This process's commits so far: what a round's view of the WAL goes with (`seen`).
+    fn commits(&self) -> u64 {
+        *unpoisoned(self.commits.lock())
     }
 
     /// Makes `conn`'s commits wake the checkpointer (`thread`). `self` must outlive `conn`, and
@@ -658,8 +679,12 @@ unsafe extern "C" fn on_commit(wal: *mut c_void, _db: *mut rusqlite::ffi::sqlite
     // SAFETY: `install` was given a `WalShared` that outlives the connection.
     let wal = unsafe { &*(wal as *const WalShared) };
     let frames = i64::from(frames);
+    let mut commits = unpoisoned(wal.commits.lock());
+    *commits += 1;
+    let before = wal.frames.swap(frames, Ordering::Relaxed);
+    drop(commits);
     // Once as it passes (it falls back when the WAL starts over), not at every commit after.
-    if wal.frames.swap(frames, Ordering::Relaxed) <= WAL_RESTART_FRAMES && frames > WAL_RESTART_FRAMES {
+    if before <= WAL_RESTART_FRAMES && frames > WAL_RESTART_FRAMES {
         wal.thread.get().map(Thread::unpark);
     }
     rusqlite::ffi::SQLITE_OK
