@@ -315,9 +315,34 @@ pub(crate) fn fork_a_child_that_exits() {
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child did not exit");
 }
 
+/// Runs the ignored test `name` of this test binary in a process of its own, with `env` set
+/// (the test does nothing without it): a fork waits until no thread is inside the gate and
+/// holds every thread at its door meanwhile, so a test that forks stalls the tests running
+/// beside it (a checkpointer test counting the writes that began during a pass saw too few).
+#[cfg(test)]
+pub(crate) fn run_alone(name: &str, env: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{stderr}");
+    assert!(out.status.success() && stdout.contains("1 passed"), "{name}: {stdout}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set in the processes the tests that fork run in (`run_alone`).
+    const FORKS: &str = "TENANTLLM_TEST_FORKS_ALONE";
+
+    #[test]
+    fn the_tests_that_fork_run_alone() {
+        run_alone("process::tests::a_forked_child_knows_its_own_pid", FORKS);
+        run_alone("process::tests::a_fork_calls_the_hooks_while_it_waits_for_the_gate", FORKS);
+    }
 
     #[test]
     fn builds_once_per_process_and_keeps_the_first_value() {
@@ -329,7 +354,11 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "run in a process of its own by the_tests_that_fork_run_alone"]
     fn a_forked_child_knows_its_own_pid() {
+        if std::env::var_os(FORKS).is_none() {
+            return;
+        }
         let parent = pid();
         assert_eq!(parent, std::process::id());
         // SAFETY: the child only reads atomics, asks for its pid and exits without unwinding.
@@ -363,7 +392,11 @@ mod tests {
     /// go (without it the fork would wait `FORK_WAIT`, and the hook's count stay 0); a dropped
     /// hook is not called again.
     #[test]
+    #[ignore = "run in a process of its own by the_tests_that_fork_run_alone"]
     fn a_fork_calls_the_hooks_while_it_waits_for_the_gate() {
+        if std::env::var_os(FORKS).is_none() {
+            return;
+        }
         use std::sync::Arc;
         let (calls, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let hook = on_fork({

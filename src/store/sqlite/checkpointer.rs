@@ -1361,14 +1361,7 @@ mod tests {
     #[test]
     fn a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again() {
         let name = "store::sqlite::checkpointer::tests::forks_interrupt_a_long_pass_in_a_process_of_their_own";
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([name, "--exact", "--include-ignored", "--nocapture", "--test-threads=1"])
-            .env(FORKING_PROCESS, "1")
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        eprintln!("{stderr}");
-        assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}");
+        crate::process::run_alone(name, FORKING_PROCESS);
     }
 
     /// Run by `a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again` in a process of
