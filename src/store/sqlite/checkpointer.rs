@@ -131,11 +131,6 @@ fn run_checkpoint(conn: &Connection, shared: &WalShared, mode: &str, wait: Durat
     CHECKPOINT_DEADLINE.set(Instant::now() + wait);
     shared.in_pass.store(true, Ordering::Relaxed);
     let interruptible = mode == "PASSIVE" && INTERRUPTED_SINCE.get().is_none_or(|since| since.elapsed() < FORK_INTERRUPTS_FOR);
-    // In the test binary, the forks of one test (process.rs's) would interrupt the passes of
-    // the others, which count what their passes do: only the test made for it, in a process
-    // of its own, lets forks interrupt.
-    #[cfg(test)]
-    let interruptible = interruptible && std::env::var_os(tests::FORKING_PROCESS).is_some();
     *unpoisoned(shared.interruptible.lock()) = interruptible;
     let done = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
     // From here on no fork interrupts this connection: an interrupt that came as the pass
@@ -1348,9 +1343,8 @@ mod tests {
         assert!(waits.1 < took / 2, "writes waited {:?} in all", waits.1);
     }
 
-    /// Set in the process `a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again` runs:
-    /// only there do forks interrupt passes (`run_checkpoint`).
-    pub(super) const FORKING_PROCESS: &str = "TENANTLLM_TEST_FORKS_INTERRUPT_A_PASS";
+    /// Set in the process `a_fork_interrupts_a_long_pass_which_the_next_rounds_make_again` runs.
+    const FORKING_PROCESS: &str = "TENANTLLM_TEST_FORKS_INTERRUPT_A_PASS";
 
     /// A fork while the checkpointer's passive pass copies a large WAL: the fork waited for the
     /// whole pass (seconds on a busy disk), and every call entering the fork gate behind it.
